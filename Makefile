@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine with Python 3.10+: `make demo` and `make test`.
+# Both build .venv first. crypten 0.4.1 is installed with --no-deps because its
+# wheel declares the uninstallable `sklearn` package; pyproject.toml declares
+# crypten's real runtime needs instead.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# Keep a torch that is already there; otherwise take the pinned CPU build.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet --no-deps crypten==0.4.1
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/mpcfl run configs/breast_cancer_lr.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

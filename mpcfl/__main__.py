@@ -1,0 +1,5 @@
+import sys
+
+from mpcfl.cli import main
+
+sys.exit(main())

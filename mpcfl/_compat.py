@@ -1,0 +1,141 @@
+"""Every adaptation of crypten 0.4.1 to the torch we run on, in one place.
+
+Import crypten only through :func:`import_crypten`: it applies the patches below
+first, once per process. Each patch names what upstream breaks and has a test in
+``tests/test_compat.py`` that fails if it regresses. No other module patches
+crypten or torch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import sys
+import types
+from typing import Any
+
+from mpcfl.errors import MpcflError
+
+CRYPTEN_VERSION = "0.4.1"
+
+_state: dict[str, Any] = {"crypten": None, "timeout": datetime.timedelta(seconds=60)}
+
+
+def _alias_onnx_registration() -> None:
+    """crypten.nn.onnx_converter imports ``torch.onnx._internal.registration``.
+
+    torch >= 2.9 moved that module to
+    ``torch.onnx._internal.torchscript_exporter.registration``; without an alias
+    ``import crypten`` fails with ModuleNotFoundError.
+    """
+    old = "torch.onnx._internal.registration"
+    if old in sys.modules:
+        return
+    try:
+        importlib.import_module(old)
+        return
+    except ModuleNotFoundError:
+        pass
+    moved = importlib.import_module("torch.onnx._internal.torchscript_exporter.registration")
+    sys.modules[old] = moved
+
+
+def _force_legacy_onnx_exporter(crypten: types.ModuleType) -> None:
+    """``crypten.nn.from_pytorch`` calls ``torch.onnx.export`` with TorchScript-only
+    arguments (operator_export_type, custom symbolic registry).
+
+    torch >= 2.9 defaults to the dynamo exporter, which ignores that registry and
+    emits graphs crypten cannot read; ask for the legacy exporter explicitly.
+    """
+    converter = crypten.nn.onnx_converter
+    if getattr(converter._export_pytorch_model, "_mpcfl_patched", False):
+        return
+    import torch
+
+    def export_legacy(f, pytorch_model, dummy_input):
+        torch.onnx.export(
+            pytorch_model,
+            dummy_input,
+            f,
+            do_constant_folding=False,
+            export_params=True,
+            input_names=["input"],
+            operator_export_type=torch.onnx.OperatorExportTypes.ONNX,
+            output_names=["output"],
+            opset_version=converter._OPSET_VERSION,
+            dynamo=False,
+        )
+        return f
+
+    export_legacy._mpcfl_patched = True  # type: ignore[attr-defined]
+    converter._export_pytorch_model = export_legacy
+
+
+class _DistWithTimeout(types.ModuleType):
+    """A view of ``torch.distributed`` whose group constructors carry our timeout.
+
+    crypten's DistributedCommunicator calls ``dist.init_process_group`` and
+    ``dist.new_group`` without a timeout, so gloo's 30-minute default applies and a
+    hung peer blocks everyone for half an hour. crypten also refuses to finish its
+    own set-up if the group already exists, so we cannot create it ourselves.
+    Only crypten's module-level ``dist`` name is replaced; torch is untouched.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("torch.distributed")
+        import torch.distributed as dist
+
+        self._dist = dist
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dist, name)
+
+    def init_process_group(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", _state["timeout"])
+        return self._dist.init_process_group(*args, **kwargs)
+
+    def new_group(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", _state["timeout"])
+        return self._dist.new_group(*args, **kwargs)
+
+
+def _inject_process_group_timeout(crypten: types.ModuleType) -> None:
+    module = crypten.communicator.distributed_communicator
+    if not isinstance(module.dist, _DistWithTimeout):
+        module.dist = _DistWithTimeout()
+
+
+def set_process_group_timeout(seconds: float) -> None:
+    """Sets the timeout of the process groups crypten creates from now on."""
+    _state["timeout"] = datetime.timedelta(seconds=seconds)
+
+
+def process_group_timeout() -> datetime.timedelta:
+    """The timeout crypten's process groups get."""
+    return _state["timeout"]
+
+
+def import_crypten() -> types.ModuleType:
+    """Imports crypten with every adaptation applied.
+
+    Raises:
+        MpcflError: crypten is missing or is not the version these patches target.
+    """
+    if _state["crypten"] is not None:
+        return _state["crypten"]
+    _alias_onnx_registration()
+    try:
+        crypten = importlib.import_module("crypten")
+    except ModuleNotFoundError as err:
+        raise MpcflError(
+            f"crypten is not installed ({err}); run `make install`, or "
+            f"`pip install crypten=={CRYPTEN_VERSION} --no-deps`"
+        ) from err
+    if crypten.__version__ != CRYPTEN_VERSION:
+        raise MpcflError(
+            f"mpcfl needs crypten {CRYPTEN_VERSION}, found {crypten.__version__}"
+        )
+    _force_legacy_onnx_exporter(crypten)
+    _inject_process_group_timeout(crypten)
+    _state["crypten"] = crypten
+    return crypten

@@ -1,0 +1,98 @@
+"""The same job trained in plaintext PyTorch, as the accuracy reference for secure training.
+
+This reads every party's files in one process, so it is a measurement tool for
+public or test data, never part of a secure run. It mirrors the secure path:
+the same standardisation, initial weights, batch order, optimiser and loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mpcfl.config import JobSpec
+from mpcfl.data import PartyData, apply_scaler, check_range, load_party_data, standardize_locally
+from mpcfl.models import build_torch_model
+from mpcfl.train import batches
+
+
+@dataclass
+class PlainResult:
+    model: torch.nn.Sequential
+    history: list[dict[str, float]]
+
+
+def _joined(job: JobSpec, parts: list[PartyData], which: str) -> tuple[np.ndarray, np.ndarray] | None:
+    splits = [getattr(p, which) for p in parts]
+    if any(s is None for s in splits):
+        return None
+    if job.partition == "vertical":
+        owner = job.rank_of(job.labels.party)
+        return np.hstack([s.x for s in splits]), splits[owner].y
+    return np.vstack([s.x for s in splits]), np.concatenate([s.y for s in splits])
+
+
+def _standardize(job: JobSpec, parts: list[PartyData]) -> None:
+    if job.partition == "vertical":
+        for part in parts:
+            standardize_locally(part)
+        return
+    rows = np.vstack([p.train.x for p in parts])
+    for part in parts:
+        apply_scaler(part, rows.mean(axis=0), rows.std(axis=0))
+
+
+def _targets(job: JobSpec, y: np.ndarray) -> torch.Tensor:
+    if job.model.num_classes == 2:
+        return torch.from_numpy(y).float().reshape(-1, 1)
+    return torch.from_numpy(y).long()
+
+
+def _evaluate(job: JobSpec, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    with torch.no_grad():
+        logits = model(x)
+        if job.model.num_classes == 2:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+            correct = ((logits > 0).float() == y).float().mean()
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            correct = (logits.argmax(dim=1) == y).float().mean()
+    return float(loss), float(correct)
+
+
+def train_plaintext(job: JobSpec) -> PlainResult:
+    """Trains the job's model in plaintext on all parties' data joined.
+
+    Raises:
+        DataError: a party's files are unusable.
+    """
+    parts = [load_party_data(job, name) for name in job.party_names]
+    if job.data.standardize:
+        _standardize(job, parts)
+    for part in parts:
+        check_range(part, job.data.max_abs)
+    x_np, y_np = _joined(job, parts, "train")
+    x, y = torch.tensor(x_np, dtype=torch.float32), _targets(job, y_np)
+    test = _joined(job, parts, "test")
+    x_test = y_test = None
+    if test is not None:
+        x_test, y_test = torch.tensor(test[0], dtype=torch.float32), _targets(job, test[1])
+    spec = job.training
+    model = build_torch_model(job.model, n_features=x.shape[1], seed=spec.seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)
+    loss_fn = torch.nn.BCEWithLogitsLoss() if job.model.num_classes == 2 else torch.nn.CrossEntropyLoss()
+    history = []
+    for epoch in range(spec.epochs):
+        for rows in batches(len(x), batch_size=spec.batch_size, seed=spec.seed, epoch=epoch, shuffle=spec.shuffle):
+            index = torch.from_numpy(rows)
+            optimizer.zero_grad()
+            loss_fn(model(x[index]), y[index]).backward()
+            optimizer.step()
+        loss, accuracy = _evaluate(job, model, x, y)
+        record = {"epoch": epoch + 1, "loss": loss, "train_accuracy": accuracy}
+        if x_test is not None:
+            record["test_loss"], record["test_accuracy"] = _evaluate(job, model, x_test, y_test)
+        history.append(record)
+    return PlainResult(model=model, history=history)

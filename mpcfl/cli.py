@@ -1,0 +1,103 @@
+"""The ``mpcfl`` command: ``run``, ``party``, ``dealer``, ``validate`` and ``baseline``.
+
+Errors a user can act on print as one line, ``mpcfl: error: ...``, and exit 1;
+``--debug`` shows the traceback instead. A party that lost a peer exits 3, so the
+launcher can tell the process that failed first from those that followed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from mpcfl.errors import MpcflError, PeerFailure
+
+EXIT_ERROR = 1
+EXIT_PEER_FAILURE = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpcfl", description="Secure multi-party training on CrypTen.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run every party and the dealer of a job on this machine")
+    run.add_argument("job", help="the YAML job file")
+
+    party = sub.add_parser("party", help="run one party of a job (one per host)")
+    party.add_argument("job")
+    party.add_argument("--party", required=True, help="this process's party name")
+    party.add_argument("--rendezvous", help="tcp://HOST:PORT shared by all processes (default: $RENDEZVOUS)")
+
+    dealer = sub.add_parser("dealer", help="run the job's Beaver-triple dealer (TTP)")
+    dealer.add_argument("job")
+    dealer.add_argument("--rendezvous", help="tcp://HOST:PORT shared by all processes (default: $RENDEZVOUS)")
+
+    baseline = sub.add_parser(
+        "baseline", help="train the same job in plaintext PyTorch (reads every party's files; for measurement)"
+    )
+    baseline.add_argument("job")
+
+    validate = sub.add_parser("validate", help="check a job file without running it")
+    validate.add_argument("job")
+    validate.add_argument("--party", help="also load and check this party's data files")
+    return parser
+
+
+def _setup_logging(debug: bool) -> None:
+    # crypten logs chatter on the root logger at INFO; keep ours at INFO, its at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("mpcfl").setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from mpcfl.config import load_job
+
+    job = load_job(args.job)
+    if args.command == "run":
+        from mpcfl.launch import run_local
+
+        return run_local(job, debug=args.debug)
+    if args.command == "party":
+        from mpcfl.party import run_party
+
+        run_party(job, args.party, rendezvous=args.rendezvous)
+    elif args.command == "dealer":
+        from mpcfl.runtime import run_dealer
+
+        run_dealer(job, rendezvous=args.rendezvous)
+    elif args.command == "baseline":
+        from mpcfl.baseline import train_plaintext
+
+        for record in train_plaintext(job).history:
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    elif args.command == "validate":
+        if args.party:
+            from mpcfl.data import load_party_data
+
+            loaded = load_party_data(job, job.party_names[job.rank_of(args.party)])
+            print(f"{args.party}: {loaded.train.x.shape[0]} training rows, {loaded.train.x.shape[1]} feature columns")
+        print(f"{args.job}: valid job {job.name!r}: {job.world_size} parties, {job.partition} partition, {job.model.type}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    _setup_logging(args.debug)
+    try:
+        return _dispatch(args)
+    except MpcflError as err:
+        if args.debug:
+            raise
+        print(f"mpcfl: error: {err}", file=sys.stderr)
+        return EXIT_PEER_FAILURE if isinstance(err, PeerFailure) else EXIT_ERROR
+    except KeyboardInterrupt:
+        print("mpcfl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""The job schema: one YAML file describes parties, data, model, training and outputs.
+
+:func:`load_job` turns a file into an immutable :class:`JobSpec` or raises a
+:class:`~mpcfl.errors.ConfigError` that names the file and the key. Unknown keys
+are errors, so typos are caught. Relative paths are resolved against the folder
+of the job file, so a job runs the same from any working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mpcfl.errors import ConfigError
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class PartyData(_Strict):
+    """One party's own files; only that party's process reads them."""
+
+    train: Path
+    test: Path | None = None
+
+
+class PartySpec(_Strict):
+    name: Name
+    data: PartyData
+
+
+class LabelSpec(_Strict):
+    """Where the labels are: a CSV column name, or a column index for .npy files."""
+
+    column: str | int
+    party: Name | None = Field(
+        default=None, description="vertical only: the one party that holds the labels"
+    )
+
+
+class DataSpec(_Strict):
+    standardize: bool = True
+    max_abs: float = Field(
+        default=1e4,
+        gt=0,
+        description="refuse feature values beyond this (after standardisation): "
+        "16 fractional bits in a 64-bit ring overflow on products above ~2^31",
+    )
+
+
+class ModelSpec(_Strict):
+    type: Literal["logistic_regression", "mlp"]
+    hidden: list[PositiveInt] = Field(default_factory=list)
+    activation: Literal["relu", "sigmoid"] = "relu"
+    num_classes: Annotated[int, Field(ge=2)] = 2
+
+    @model_validator(mode="after")
+    def _hidden_matches_type(self) -> ModelSpec:
+        if self.type == "mlp" and not self.hidden:
+            raise ValueError("model.hidden: an mlp needs at least one hidden layer size")
+        if self.type == "logistic_regression" and self.hidden:
+            raise ValueError("model.hidden: logistic_regression has no hidden layers")
+        return self
+
+
+class TrainingSpec(_Strict):
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 32
+    learning_rate: float = Field(default=0.1, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    loss: Literal["bce", "cross_entropy"] = "bce"
+    seed: int = 0
+    shuffle: bool = True
+
+
+class OutputSpec(_Strict):
+    dir: Path
+    model_to: list[Name] | Literal["none"] = "none"
+    metrics_to: list[Name] | Literal["all", "none"] = "all"
+
+
+class RuntimeSpec(_Strict):
+    timeout_s: float = Field(default=60, gt=0, description="process-group timeout")
+    device: Literal["cpu", "cuda"] = "cpu"
+    insecure_dealer: bool = Field(
+        default=False,
+        description="use CrypTen's TFP: party 0 generates every triple and can see all "
+        "secrets. For tests only.",
+    )
+
+
+class JobSpec(_Strict):
+    """A validated job. Build it with :func:`load_job`."""
+
+    name: Name
+    task: Literal["train"] = "train"
+    partition: Literal["vertical", "horizontal"]
+    parties: list[PartySpec] = Field(min_length=2)
+    labels: LabelSpec
+    data: DataSpec = DataSpec()
+    model: ModelSpec
+    training: TrainingSpec = TrainingSpec()
+    outputs: OutputSpec
+    runtime: RuntimeSpec = RuntimeSpec()
+    source: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("parties")
+    @classmethod
+    def _unique_names(cls, parties: list[PartySpec]) -> list[PartySpec]:
+        seen: set[str] = set()
+        for party in parties:
+            if party.name in seen:
+                raise ValueError(f"duplicate party name {party.name!r}")
+            seen.add(party.name)
+        return parties
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        names = set(self.party_names)
+        if self.partition == "vertical":
+            if self.labels.party is None:
+                raise ValueError("labels.party: a vertical job names the party that holds the labels")
+            if self.labels.party not in names:
+                raise ValueError(f"labels.party: {self.labels.party!r} is not a party of this job")
+        elif self.labels.party is not None:
+            raise ValueError("labels.party: in a horizontal job every party holds its own labels")
+        for key in ("model_to", "metrics_to"):
+            value = getattr(self.outputs, key)
+            if isinstance(value, list):
+                for name in value:
+                    if name not in names:
+                        raise ValueError(f"outputs.{key}: {name!r} is not a party of this job")
+        given = [p.data.test is not None for p in self.parties]
+        if any(given) and not all(given):
+            missing = given.index(False)
+            raise ValueError(f"parties.{missing}.data.test: give test data for every party or for none")
+        binary = self.model.num_classes == 2
+        if binary and self.training.loss != "bce":
+            raise ValueError("training.loss: two classes train with 'bce'")
+        if not binary and self.training.loss != "cross_entropy":
+            raise ValueError("training.loss: more than two classes train with 'cross_entropy'")
+        return self
+
+    @property
+    def party_names(self) -> list[str]:
+        return [p.name for p in self.parties]
+
+    @property
+    def world_size(self) -> int:
+        """Number of data parties (the dealer is one more process, rank world_size)."""
+        return len(self.parties)
+
+    def rank_of(self, name: str) -> int:
+        """Rank of a party, in job order.
+
+        Raises:
+            ConfigError: no party has that name.
+        """
+        try:
+            return self.party_names.index(name)
+        except ValueError:
+            raise ConfigError(
+                f"{self.source}: no party named {name!r} (parties: {', '.join(self.party_names)})"
+            ) from None
+
+    def ranks(self, names: list[str] | str) -> list[int]:
+        """Ranks for an ``outputs`` receiver list: names, ``all`` or ``none``."""
+        if names == "all":
+            return list(range(self.world_size))
+        if names == "none":
+            return []
+        return [self.rank_of(n) for n in names]
+
+    def party_dir(self, name: str) -> Path:
+        """The output folder only this party writes to."""
+        return self.outputs.dir / name
+
+    def has_test_data(self) -> bool:
+        return all(p.data.test is not None for p in self.parties)
+
+
+def _resolve(base: Path, raw: dict) -> dict:
+    """Makes the job's relative paths relative to the job file's folder."""
+
+    def fix(value: object) -> object:
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            return str((base / value).resolve())
+        return value
+
+    for party in raw.get("parties") or []:
+        data = party.get("data") if isinstance(party, dict) else None
+        if isinstance(data, dict):
+            for key in ("train", "test"):
+                if key in data:
+                    data[key] = fix(data[key])
+    outputs = raw.get("outputs")
+    if isinstance(outputs, dict) and "dir" in outputs:
+        outputs["dir"] = fix(outputs["dir"])
+    return raw
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    more = len(err.errors()) - 1
+    suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+    return f"{path}: {key}: {message}{suffix}"
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Reads and validates a job file.
+
+    Args:
+        path: the YAML job file.
+
+    Returns:
+        The validated, immutable job.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not YAML, or not a valid job;
+            the message names the file and the first offending key.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: job file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read job file: {err}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a job file is a YAML mapping of keys, got {type(raw).__name__}")
+    if "source" in raw:
+        raise ConfigError(f"{path}: source: unknown key")
+    raw = _resolve(path.resolve().parent, raw)
+    try:
+        job = JobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(path, err)) from None
+    return job.model_copy(update={"source": path})

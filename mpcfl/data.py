@@ -1,0 +1,367 @@
+"""Party-local data: loading, validation, standardisation, and sharing by partition.
+
+A party process calls :func:`load_party_data` on its own files only. What the
+other parties learn before sharing is public shape metadata (row and column
+counts, a hash of the column names), exchanged by :func:`share_dataset`, which
+then secret-shares the features and labels into CrypTen.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from mpcfl.errors import MpcflError
+
+if TYPE_CHECKING:
+    from mpcfl.config import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+class DataError(MpcflError):
+    """A party's data file cannot be used; the message names party, file and column."""
+
+
+@dataclass(frozen=True)
+class Table:
+    """A numeric table read from one file."""
+
+    path: Path
+    columns: list[str]
+    values: np.ndarray  # float64, shape (rows, len(columns))
+
+
+def _csv_error(path: Path, party: str) -> DataError:
+    """Finds the first bad cell of a CSV that numpy refused, for a precise message."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        for line, row in enumerate(reader, start=2):
+            if len(row) != len(header):
+                return DataError(
+                    f"party {party}: {path}: line {line} has {len(row)} cells, the header has {len(header)}"
+                )
+            for name, cell in zip(header, row):
+                try:
+                    float(cell)
+                except ValueError:
+                    return DataError(
+                        f"party {party}: {path}: line {line}, column {name!r}: {cell!r} is not a number"
+                    )
+    return DataError(f"party {party}: {path}: not a numeric CSV file")
+
+
+def load_table(path: Path, *, party: str) -> Table:
+    """Reads a numeric CSV (with a header row) or a 2-D ``.npy`` file.
+
+    Args:
+        path: the file.
+        party: the owning party, for error messages.
+
+    Raises:
+        DataError: missing, unreadable, empty, non-numeric, NaN or infinite data.
+    """
+    if not path.is_file():
+        raise DataError(f"party {party}: {path}: data file not found")
+    try:
+        if path.suffix == ".npy":
+            values = np.load(path, allow_pickle=False)
+            if values.ndim != 2:
+                raise DataError(f"party {party}: {path}: expected a 2-D array, got shape {values.shape}")
+            if not np.issubdtype(values.dtype, np.number):
+                raise DataError(f"party {party}: {path}: expected numbers, got dtype {values.dtype}")
+            columns = [str(i) for i in range(values.shape[1])]
+        elif path.suffix == ".csv":
+            with path.open(newline="", encoding="utf-8") as handle:
+                header = next(csv.reader(handle), None)
+            if not header:
+                raise DataError(f"party {party}: {path}: empty file")
+            columns = [c.strip() for c in header]
+            try:
+                values = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
+            except ValueError:
+                raise _csv_error(path, party) from None
+            if values.size and values.shape[1] != len(columns):
+                raise _csv_error(path, party)
+        else:
+            raise DataError(f"party {party}: {path}: unsupported file type (use .csv or .npy)")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"party {party}: {path}: cannot read: {err}") from None
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape[0] == 0:
+        raise DataError(f"party {party}: {path}: no data rows")
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, col = map(int, np.argwhere(bad)[0])
+        raise DataError(
+            f"party {party}: {path}: column {columns[col]!r}, data row {row + 1}: "
+            f"{values[row, col]} is not a finite number"
+        )
+    return Table(path=path, columns=columns, values=values)
+
+
+@dataclass
+class Split:
+    """Features (and labels, if this party holds them) of one split."""
+
+    path: Path
+    columns: list[str]
+    x: np.ndarray
+    y: np.ndarray | None
+
+
+@dataclass
+class PartyData:
+    """What one party holds: its train split, optional test split, and its scaler."""
+
+    party: str
+    train: Split
+    test: Split | None
+    scaler: dict[str, Any] = field(default_factory=dict)
+
+
+def _label_index(table: Table, column: str | int, party: str) -> int:
+    if isinstance(column, int):
+        if not -len(table.columns) <= column < len(table.columns):
+            raise DataError(
+                f"party {party}: {table.path}: label column index {column} is out of range "
+                f"({len(table.columns)} columns)"
+            )
+        return column % len(table.columns)
+    if column not in table.columns:
+        raise DataError(f"party {party}: {table.path}: no label column {column!r}")
+    return table.columns.index(column)
+
+
+def _split(table: Table, *, job: JobSpec, party: str, holds_labels: bool) -> Split:
+    if not holds_labels:
+        return Split(table.path, table.columns, table.values, None)
+    index = _label_index(table, job.labels.column, party)
+    y = table.values[:, index]
+    classes = job.model.num_classes
+    bad = (y != np.round(y)) | (y < 0) | (y >= classes)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DataError(
+            f"party {party}: {table.path}: label column {table.columns[index]!r}, data row {row + 1}: "
+            f"{y[row]} is not a class label in 0..{classes - 1}"
+        )
+    x = np.delete(table.values, index, axis=1)
+    columns = [c for i, c in enumerate(table.columns) if i != index]
+    if x.shape[1] == 0 and job.partition == "horizontal":
+        raise DataError(f"party {party}: {table.path}: no feature columns besides the label")
+    return Split(table.path, columns, x, y.astype(np.int64))
+
+
+def holds_labels(job: JobSpec, party: str) -> bool:
+    return job.partition == "horizontal" or job.labels.party == party
+
+
+def load_party_data(job: JobSpec, party: str) -> PartyData:
+    """Loads and checks one party's own files (train, and test if the job has it).
+
+    Raises:
+        DataError: the files are unusable or disagree with each other.
+    """
+    spec = job.parties[job.rank_of(party)].data
+    labels = holds_labels(job, party)
+    train = _split(load_table(spec.train, party=party), job=job, party=party, holds_labels=labels)
+    test = None
+    if spec.test is not None:
+        test = _split(load_table(spec.test, party=party), job=job, party=party, holds_labels=labels)
+        if test.columns != train.columns:
+            raise DataError(
+                f"party {party}: {spec.test}: columns differ from the train file {spec.train}"
+            )
+    return PartyData(party=party, train=train, test=test)
+
+
+def _column_stats(data: PartyData) -> tuple[np.ndarray, np.ndarray]:
+    mean = data.train.x.mean(axis=0)
+    std = data.train.x.std(axis=0)
+    return mean, std
+
+
+def apply_scaler(data: PartyData, mean: np.ndarray, std: np.ndarray) -> None:
+    """Standardises train and test with the given statistics, in place.
+
+    A constant column (std 0) is only centred.
+    """
+    std = np.where(std > 0, std, 1.0)
+    for split in (data.train, data.test):
+        if split is not None and split.x.shape[1]:
+            split.x = (split.x - mean) / std
+    data.scaler = {"columns": data.train.columns, "mean": mean.tolist(), "std": std.tolist()}
+
+
+def standardize_locally(data: PartyData) -> None:
+    """Vertical partition: a party owns whole columns, so its own statistics are exact."""
+    if data.train.x.shape[1]:
+        apply_scaler(data, *_column_stats(data))
+
+
+def check_range(data: PartyData, max_abs: float) -> None:
+    """Refuses values that could overflow CrypTen's fixed-point ring.
+
+    Raises:
+        DataError: names the party, the file and the column.
+    """
+    for split in (data.train, data.test):
+        if split is None or not split.x.size:
+            continue
+        peak = np.abs(split.x).max(axis=0)
+        worst = int(np.argmax(peak))
+        if peak[worst] > max_abs:
+            raise DataError(
+                f"party {data.party}: {split.path}: column {split.columns[worst]!r} reaches "
+                f"{peak[worst]:.4g}, beyond data.max_abs={max_abs:g}; fixed point (16 fractional "
+                f"bits, 64-bit ring) would overflow. Enable data.standardize or rescale the column"
+            )
+
+
+def columns_hash(columns: list[str]) -> int:
+    """A public fingerprint of column names, as a signed 64-bit integer."""
+    digest = hashlib.blake2b(json.dumps(columns).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+@dataclass
+class SharedData:
+    """Secret-shared features and labels of the whole (virtual) dataset."""
+
+    x_train: Any
+    y_train: Any
+    x_test: Any | None
+    y_test: Any | None
+    n_features: int
+
+
+def _public_shapes(job: JobSpec, data: PartyData) -> list[list[int]]:
+    """Every party's public shape metadata: [train rows, test rows, columns, hash]."""
+    from mpcfl.runtime import all_gather_public
+
+    mine = [
+        data.train.x.shape[0],
+        -1 if data.test is None else data.test.x.shape[0],
+        data.train.x.shape[1],
+        columns_hash(data.train.columns),
+    ]
+    shapes = all_gather_public(mine)
+    names = job.party_names
+    if job.partition == "vertical":
+        for r, other in enumerate(shapes):
+            for i, what in ((0, "train"), (1, "test")):
+                if other[i] != shapes[0][i]:
+                    raise DataError(
+                        f"party {names[r]}: its {what} file has {other[i]} rows, party {names[0]} has "
+                        f"{shapes[0][i]}; a vertical partition needs the same rows at every party"
+                    )
+    else:
+        for r, other in enumerate(shapes):
+            if other[2:] != shapes[0][2:]:
+                raise DataError(
+                    f"party {names[r]}: its columns differ from party {names[0]}'s; a horizontal "
+                    f"partition needs the same columns at every party"
+                )
+    return shapes
+
+
+def _standardize_jointly(job: JobSpec, data: PartyData, shapes: list[list[int]]) -> None:
+    """Horizontal partition: column statistics over all rows, computed under MPC.
+
+    Two passes (mean, then mean squared deviation) avoid the cancellation of
+    E[x^2] - E[x]^2 in fixed point. Only the aggregate statistics are revealed.
+    """
+    crypten = _crypten()
+    from mpcfl.reveal import reveal
+
+    total = sum(s[0] for s in shapes)
+    everyone = list(range(job.world_size))
+
+    def joint_sum(local: np.ndarray, what: str) -> np.ndarray:
+        summed = None
+        for r in everyone:
+            part = crypten.cryptensor(torch.tensor(local / total), src=r)
+            summed = part if summed is None else summed + part
+        return reveal(summed, to=everyone, what=what).double().numpy()
+
+    mean = joint_sum(data.train.x.sum(axis=0), "column means for standardisation")
+    var = joint_sum(((data.train.x - mean) ** 2).sum(axis=0), "column variances for standardisation")
+    apply_scaler(data, mean, np.sqrt(np.clip(var, 0.0, None)))
+
+
+def _crypten() -> Any:
+    from mpcfl._compat import import_crypten
+
+    return import_crypten()
+
+
+def _targets(job: JobSpec, y: np.ndarray | None, rows: int) -> torch.Tensor:
+    """Labels as the loss wants them: a column of 0/1, or one-hot rows."""
+    if job.model.num_classes == 2:
+        out = torch.zeros(rows, 1)
+        if y is not None:
+            out[:, 0] = torch.from_numpy(y).float()
+        return out
+    out = torch.zeros(rows, job.model.num_classes)
+    if y is not None:
+        out[torch.arange(rows), torch.from_numpy(y)] = 1.0
+    return out
+
+
+def share_dataset(job: JobSpec, data: PartyData, *, rank: int, device: str = "cpu") -> SharedData:
+    """Agrees on shapes with the other parties, prepares the data and secret-shares it.
+
+    Every party calls this at the same point with its own :class:`PartyData`.
+
+    Raises:
+        DataError: shapes disagree across parties, or values are out of range.
+    """
+    crypten = _crypten()
+    shapes = _public_shapes(job, data)
+    if job.data.standardize:
+        if job.partition == "vertical":
+            standardize_locally(data)
+        else:
+            _standardize_jointly(job, data, shapes)
+    check_range(data, job.data.max_abs)
+
+    def share(local: Split | None, which: int) -> tuple[Any, Any]:
+        if job.partition == "vertical":
+            rows = shapes[0][which]
+            parts = []
+            for r, shape in enumerate(shapes):
+                if shape[2] == 0:
+                    continue
+                x = torch.tensor(local.x, dtype=torch.float32) if r == rank else torch.zeros(rows, shape[2])
+                parts.append(crypten.cryptensor(x, src=r, device=device))
+            x_enc = crypten.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            owner = job.rank_of(job.labels.party)
+            y = _targets(job, local.y if rank == owner else None, rows)
+            y_enc = crypten.cryptensor(y, src=owner, device=device)
+            return x_enc, y_enc
+        xs, ys = [], []
+        for r, shape in enumerate(shapes):
+            rows = shape[which]
+            mine = r == rank
+            x = torch.tensor(local.x, dtype=torch.float32) if mine else torch.zeros(rows, shape[2])
+            xs.append(crypten.cryptensor(x, src=r, device=device))
+            ys.append(crypten.cryptensor(_targets(job, local.y if mine else None, rows), src=r, device=device))
+        return crypten.cat(xs, dim=0), crypten.cat(ys, dim=0)
+
+    x_train, y_train = share(data.train, 0)
+    x_test = y_test = None
+    if shapes[0][1] >= 0:
+        x_test, y_test = share(data.test, 1)
+    n_features = sum(s[2] for s in shapes) if job.partition == "vertical" else shapes[0][2]
+    log.info("shared %d training rows x %d features", x_train.size(0), n_features)
+    return SharedData(x_train, y_train, x_test, y_test, n_features)

@@ -1,0 +1,204 @@
+"""The local launcher: every party and the dealer of a job as processes on this machine.
+
+Each child runs ``python -m mpcfl party|dealer`` on a free loopback port. Its
+output lines are prefixed with its name. If any child fails, the others are
+stopped and the launcher reports the child that failed first. Children die
+with the launcher (PR_SET_PDEATHSIG) and are killed as process groups, so no
+process is left behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from mpcfl.cli import EXIT_PEER_FAILURE
+from mpcfl.config import JobSpec
+
+log = logging.getLogger(__name__)
+
+_GRACE_S = 5.0
+_POLL_S = 0.05
+_write_lock = threading.Lock()
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGKILL it if the launcher dies."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+@dataclass
+class Child:
+    """One supervised process and what it last said."""
+
+    name: str
+    process: subprocess.Popen
+    error_line: str = ""
+    ended_at: float | None = None
+    pump: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def failed(self) -> bool:
+        return self.process.returncode not in (None, 0)
+
+
+def _pump(child: Child, stream: IO[bytes], sink: IO[str]) -> None:
+    """Copies a child's output to ``sink``, each line or progress update prefixed."""
+    prefix = f"[{child.name}] "
+    pending = b""
+    while chunk := stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096):
+        pending += chunk
+        while True:
+            cut = min((i for i in (pending.find(b"\n"), pending.find(b"\r")) if i >= 0), default=-1)
+            if cut < 0:
+                break
+            segment, end, pending = pending[:cut], pending[cut : cut + 1], pending[cut + 1 :]
+            text = segment.decode("utf-8", "replace")
+            if not text.strip():
+                continue
+            if text.startswith("mpcfl: error: "):
+                child.error_line = text.removeprefix("mpcfl: error: ")
+            with _write_lock:
+                sink.write(prefix + text + end.decode())
+                sink.flush()
+    if pending:
+        with _write_lock:
+            sink.write(prefix + pending.decode("utf-8", "replace") + "\n")
+            sink.flush()
+
+
+def _spawn(name: str, argv: list[str], *, sink: IO[str]) -> Child:
+    env = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "RENDEZVOUS", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env["PYTHONUNBUFFERED"] = "1"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mpcfl", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+    child = Child(name=name, process=process)
+    child.pump = threading.Thread(target=_pump, args=(child, process.stdout, sink), daemon=True)
+    child.pump.start()
+    return child
+
+
+def _kill_group(child: Child, sig: int) -> None:
+    try:
+        os.killpg(child.process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_all(children: list[Child]) -> None:
+    """SIGTERM every live child's process group, then SIGKILL what is left after a grace period."""
+    for child in children:
+        if child.process.poll() is None:
+            _kill_group(child, signal.SIGTERM)
+    deadline = time.monotonic() + _GRACE_S
+    for child in children:
+        try:
+            child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for child in children:
+        # Kill the group even if the leader exited: a grandchild may still hold it.
+        _kill_group(child, signal.SIGKILL)
+        child.process.wait()
+        if child.pump is not None:
+            child.pump.join(timeout=2)
+
+
+def _culprit(children: list[Child]) -> Child:
+    """The child that failed first, preferring one that failed on its own over one that lost a peer."""
+    failed = sorted((c for c in children if c.failed), key=lambda c: c.ended_at or float("inf"))
+    own = [c for c in failed if c.process.returncode != EXIT_PEER_FAILURE]
+    return (own or failed)[0]
+
+
+def supervise(children: list[Child], *, sink: IO[str]) -> int:
+    """Waits for all children; on the first failure stops the rest. Returns the exit code."""
+    try:
+        while True:
+            now = time.monotonic()
+            for child in children:
+                if child.ended_at is None and child.process.poll() is not None:
+                    child.ended_at = now
+            if any(c.failed for c in children):
+                # Let a peer's own error surface before blaming: its exit may trail by a poll.
+                time.sleep(0.2)
+                for child in children:
+                    if child.ended_at is None and child.process.poll() is not None:
+                        child.ended_at = time.monotonic()
+                culprit = _culprit(children)
+                stop_all(children)
+                code = culprit.process.returncode
+                reason = culprit.error_line or (
+                    f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+                )
+                print(f"mpcfl: error: {culprit.name} failed: {reason}", file=sys.stderr)
+                return 1
+            if all(c.ended_at is not None for c in children):
+                for child in children:
+                    if child.pump is not None:
+                        child.pump.join(timeout=2)
+                return 0
+            time.sleep(_POLL_S)
+    except BaseException:
+        stop_all(children)
+        raise
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM to the launcher stops the job like Ctrl-C: children are stopped, not orphaned."""
+    raise KeyboardInterrupt
+
+
+def run_local(job: JobSpec, *, debug: bool = False, sink: IO[str] | None = None) -> int:
+    """Runs every party (and the dealer, unless the job is insecure) on this machine.
+
+    Returns:
+        0 when every process succeeded, 1 otherwise.
+    """
+    sink = sink or sys.stdout
+    rendezvous = f"tcp://127.0.0.1:{free_port()}"
+    job_file = str(Path(job.source).resolve())
+    common = ["--debug"] if debug else []
+    children: list[Child] = []
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if not job.runtime.insecure_dealer:
+            children.append(_spawn("dealer", [*common, "dealer", job_file, "--rendezvous", rendezvous], sink=sink))
+        for name in job.party_names:
+            children.append(
+                _spawn(name, [*common, "party", job_file, "--party", name, "--rendezvous", rendezvous], sink=sink)
+            )
+        code = supervise(children, sink=sink)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code == 0:
+        print(f"mpcfl: job {job.name} finished; outputs in {job.outputs.dir}", file=sink)
+    return code

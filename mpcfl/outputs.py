@@ -1,0 +1,63 @@
+"""What a party writes into its own output folder, always atomically.
+
+Each file is written to a temporary name in the same folder and renamed into
+place, so a crash never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool = False) -> None:
+    """Calls ``write(handle)`` on a temporary file, then renames it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: Any) -> None:
+    atomic_write(path, lambda handle: json.dump(payload, handle, indent=2, sort_keys=True))
+
+
+def write_torch(path: Path, payload: Any) -> None:
+    """Saves tensors (and plain containers of them) loadable with ``weights_only=True``."""
+    atomic_write(path, lambda handle: torch.save(payload, handle), binary=True)
+
+
+def plot_history(path: Path, history: list[dict[str, float]], *, title: str) -> None:
+    """A PNG of loss and accuracy per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for key, axis in (("loss", ax_loss), ("test_loss", ax_loss), ("train_accuracy", ax_acc), ("test_accuracy", ax_acc)):
+        if all(key in row for row in history):
+            axis.plot(epochs, [row[key] for row in history], marker="o", label=key.replace("_", " "))
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for axis in (ax_loss, ax_acc):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110), binary=True)
+    plt.close(fig)

@@ -1,0 +1,135 @@
+"""Secure training: mini-batch SGD under MPC on secret-shared data.
+
+The batch order is a public permutation from the job's seed, so every party
+indexes the same rows. Per-epoch metrics are computed under MPC over whole
+splits and leave MPC only as aggregates, through :func:`mpcfl.reveal.reveal`,
+to the job's metric receivers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mpcfl._compat import import_crypten
+from mpcfl.config import JobSpec
+from mpcfl.data import SharedData
+from mpcfl.models import build_torch_model, to_crypten
+from mpcfl.reveal import reveal
+from mpcfl.runtime import communication_stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What one party ends training with."""
+
+    model: Any  # the encrypted crypten model; its parameters are this party's shares
+    torch_model: torch.nn.Sequential  # the architecture, for receivers to load weights into
+    history: list[dict[str, float]] = field(default_factory=list)
+    state_dict: dict[str, torch.Tensor] | None = None  # revealed weights, receivers only
+
+
+def batches(n_rows: int, *, batch_size: int, seed: int, epoch: int, shuffle: bool) -> list[np.ndarray]:
+    """Row indices of each batch in one epoch; the same at every party (and in plaintext)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_rows) if shuffle else np.arange(n_rows)
+    return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
+
+
+def _criterion(job: JobSpec, crypten: Any, *, skip_forward: bool) -> Any:
+    if job.training.loss == "bce":
+        return crypten.nn.BCEWithLogitsLoss(skip_forward=skip_forward)
+    return crypten.nn.CrossEntropyLoss(skip_forward=skip_forward)
+
+
+def _loss_and_correct(job: JobSpec, crypten: Any, model: Any, x: Any, y: Any) -> list[Any]:
+    """Mean loss and number of correct predictions over a whole split, still encrypted."""
+    logits = model(x)
+    loss = _criterion(job, crypten, skip_forward=False)(logits, y)
+    if job.model.num_classes == 2:
+        # Predictions and labels are 0/1, so each squared difference counts one error.
+        errors = (logits.gt(0.0) - y).square().sum()
+        correct = errors.neg() + y.size(0)
+    else:
+        correct = (logits.argmax(dim=1, one_hot=True) * y).sum()
+    return [loss.reshape(1), correct.reshape(1)]
+
+
+def train(job: JobSpec, shared: SharedData, *, rank: int) -> TrainResult:
+    """Trains the job's model on secret-shared data; every party calls it together.
+
+    Returns:
+        The encrypted model, the per-epoch history (metrics only on metric
+        receivers; communication figures on every party), and the revealed
+        ``state_dict`` on model receivers.
+    """
+    crypten = import_crypten()
+    spec = job.training
+    torch_model = build_torch_model(job.model, n_features=shared.n_features, seed=spec.seed)
+    model = to_crypten(torch_model).encrypt(src=0)
+    if job.runtime.device == "cuda":
+        model = model.cuda()
+    model.train()
+    optimizer = crypten.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)
+    step_loss = _criterion(job, crypten, skip_forward=True)
+    metric_ranks = job.ranks(job.outputs.metrics_to)
+    n_rows = shared.x_train.size(0)
+    result = TrainResult(model=model, torch_model=torch_model)
+
+    for epoch in range(spec.epochs):
+        started, comm_before = time.perf_counter(), communication_stats()
+        plan = batches(n_rows, batch_size=spec.batch_size, seed=spec.seed, epoch=epoch, shuffle=spec.shuffle)
+        bar = tqdm(plan, desc=f"epoch {epoch + 1}/{spec.epochs}", unit="batch", disable=rank != 0, mininterval=1.0)
+        for rows in bar:
+            index = torch.from_numpy(rows)
+            optimizer.zero_grad()
+            step_loss(model(shared.x_train[index]), shared.y_train[index]).backward()
+            optimizer.step()
+        record: dict[str, float] = {"epoch": epoch + 1}
+        if metric_ranks:
+            with crypten.no_grad():
+                parts = _loss_and_correct(job, crypten, model, shared.x_train, shared.y_train)
+                if shared.x_test is not None:
+                    parts += _loss_and_correct(job, crypten, model, shared.x_test, shared.y_test)
+            opened = reveal(crypten.cat(parts), to=metric_ranks, what=f"epoch {epoch + 1} loss and accuracy")
+            if opened is not None:
+                record.update(loss=float(opened[0]), train_accuracy=float(opened[1]) / n_rows)
+                if shared.x_test is not None:
+                    record.update(test_loss=float(opened[2]), test_accuracy=float(opened[3]) / shared.x_test.size(0))
+        comm_after = communication_stats()
+        record.update(
+            seconds=time.perf_counter() - started,
+            rounds=comm_after["rounds"] - comm_before["rounds"],
+            bytes=comm_after["bytes"] - comm_before["bytes"],
+        )
+        result.history.append(record)
+        log.info("epoch %s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    model_ranks = job.ranks(job.outputs.model_to)
+    if model_ranks:
+        result.state_dict = reveal_state_dict(model, torch_model, to=model_ranks)
+    return result
+
+
+def reveal_state_dict(model: Any, torch_model: torch.nn.Module, *, to: list[int]) -> dict[str, torch.Tensor] | None:
+    """Opens all parameters in one reveal; receivers get a plain torch ``state_dict``."""
+    crypten = import_crypten()
+    named = list(model.named_parameters())
+    flat = crypten.cat([param.flatten() for _, param in named])
+    opened = reveal(flat, to=to, what="trained model parameters")
+    if opened is None:
+        return None
+    state, offset = {}, 0
+    reference = torch_model.state_dict()
+    for name, param in named:
+        size = param.nelement()
+        state[name] = opened[offset : offset + size].reshape(reference[name].shape).float().cpu()
+        offset += size
+    return state
