@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,7 +88,9 @@ def load_table(path: Path, *, party: str) -> Table:
                 raise DataError(f"party {party}: {path}: empty file")
             columns = [c.strip() for c in header]
             try:
-                values = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # "no data": reported below
+                    values = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
             except ValueError:
                 raise _csv_error(path, party) from None
             if values.size and values.shape[1] != len(columns):

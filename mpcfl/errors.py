@@ -10,4 +10,4 @@ class ConfigError(MpcflError):
 
 
 class PeerFailure(MpcflError):
-    """Another process of the job died, hung past the timeout, or cut the link."""
+    """Another process of the job failed, died, hung past the timeout, or cut the link."""

@@ -130,12 +130,12 @@ def agree(ok: bool, *, job: JobSpec, stage: str) -> None:
     """All parties learn whether each one finished ``stage``; a failure stops everyone.
 
     Raises:
-        MpcflError: another party reported failure (its own process reports why).
+        PeerFailure: another party reported failure (its own process reports why).
     """
     flags = all_gather_public([int(ok)])
     failed = [job.party_names[r] for r, (flag,) in enumerate(flags) if not flag]
     if failed and ok:
-        raise MpcflError(f"party {', '.join(failed)} failed during {stage}; see its log")
+        raise PeerFailure(f"party {', '.join(failed)} failed during {stage}; see its log")
 
 
 def communication_stats() -> dict[str, float]:

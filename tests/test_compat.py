@@ -1,0 +1,87 @@
+"""Each adaptation in mpcfl._compat, tested so that a regression fails here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, base_job, mpcfl, vertical_parties, write_job
+from mpcfl import _compat
+
+
+def test_crypten_imports_on_current_torch() -> None:
+    # Without the alias, `import crypten` fails on torch >= 2.9 (the registration module moved).
+    code = "from mpcfl._compat import import_crypten; c = import_crypten(); print(c.__version__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == _compat.CRYPTEN_VERSION
+
+
+def test_registration_alias_points_at_the_moved_module() -> None:
+    _compat.import_crypten()
+    from torch.onnx._internal.torchscript_exporter import registration
+
+    assert sys.modules["torch.onnx._internal.registration"] is registration
+
+
+def test_from_pytorch_uses_the_legacy_exporter() -> None:
+    crypten = _compat.import_crypten()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)).eval()
+    converted = crypten.nn.from_pytorch(model, torch.zeros(1, 4))
+    converted.eval()
+    x = torch.randn(5, 4)
+    # An unencrypted crypten model evaluates in plaintext, so this needs no parties.
+    with torch.no_grad():
+        assert torch.allclose(converted(x), model(x), atol=1e-5)
+
+
+def test_crypten_groups_get_the_job_timeout() -> None:
+    crypten = _compat.import_crypten()
+    dist_view = crypten.communicator.distributed_communicator.dist
+    assert isinstance(dist_view, _compat._DistWithTimeout)
+    seen: dict[str, object] = {}
+
+    class Recorder:
+        def init_process_group(self, *args: object, **kwargs: object) -> None:
+            seen["init"] = kwargs["timeout"]
+
+        def new_group(self, *args: object, **kwargs: object) -> None:
+            seen["group"] = kwargs["timeout"]
+
+    original, dist_view._dist = dist_view._dist, Recorder()
+    try:
+        _compat.set_process_group_timeout(7)
+        dist_view.init_process_group(backend="gloo")
+        dist_view.new_group([0])
+    finally:
+        dist_view._dist = original
+        _compat.set_process_group_timeout(60)
+    assert seen["init"].total_seconds() == 7 and seen["group"].total_seconds() == 7
+    # Only crypten's reference is wrapped: torch itself is untouched.
+    import torch.distributed
+
+    assert not isinstance(torch.distributed, _compat._DistWithTimeout)
+
+
+def test_a_party_without_peers_gives_up_at_the_job_timeout(tmp_path: Path) -> None:
+    parties = vertical_parties(tmp_path, [["mean_radius"], ["mean_texture"]], label_party=1)
+    job = write_job(tmp_path, base_job(parties=parties, labels={"party": "p1", "column": "malignant"},
+                                       runtime={"timeout_s": 3}))
+    started = time.monotonic()
+    done = mpcfl("party", str(job), "--party", "p0", "--rendezvous", "tcp://127.0.0.1:29599", timeout=60)
+    elapsed = time.monotonic() - started
+    assert done.returncode != 0
+    assert elapsed < 30, f"took {elapsed:.0f}s: the 3 s job timeout did not apply"
+    assert "mpcfl: error: party p0" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["configs", "examples", "benchmarks", "test"])
+def test_our_folders_never_shadow_crypten_top_level_packages(name: str) -> None:
+    assert not (REPO / name / "__init__.py").exists()
+    offenders = [p for p in (REPO / "mpcfl").rglob("*.py") if f"from {name}" in p.read_text() or f"import {name}\n" in p.read_text()]
+    assert offenders == []

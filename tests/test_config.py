@@ -1,0 +1,121 @@
+"""Job validation: every error names the file and the key, and `validate` exits non-zero."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import DEMO, mpcfl
+from mpcfl.config import load_job
+from mpcfl.errors import ConfigError
+
+
+def demo() -> dict[str, Any]:
+    return yaml.safe_load(DEMO.read_text())
+
+
+def write(tmp_path: Path, spec: Any) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec) if not isinstance(spec, str) else spec)
+    return path
+
+
+def test_demo_job_is_valid_and_paths_resolve_against_the_job_file() -> None:
+    job = load_job(DEMO)
+    assert job.party_names == ["hospital_a", "hospital_b"]
+    assert job.world_size == 2
+    assert job.parties[0].data.train.is_file()
+    assert job.outputs.dir == (DEMO.parent / "../runs/breast_cancer_lr").resolve()
+    assert job.ranks("all") == [0, 1] and job.ranks(["hospital_b"]) == [1] and job.ranks("none") == []
+
+
+def edit(path: str, value: Any) -> dict[str, Any]:
+    spec = copy.deepcopy(demo())
+    node = spec
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node[int(key)] if key.isdigit() else node[key]
+    if value is _DELETE:
+        del node[keys[-1]]
+    else:
+        node[int(keys[-1]) if keys[-1].isdigit() else keys[-1]] = value
+    # keep data paths valid from tmp_path
+    for party in spec["parties"]:
+        for key in ("train", "test"):
+            if key in party["data"] and not str(party["data"][key]).startswith("/"):
+                party["data"][key] = str((DEMO.parent / party["data"][key]).resolve())
+    return spec
+
+
+_DELETE = object()
+
+CASES = [
+    ("training.epoch", 3, "training.epoch: unknown key"),
+    ("training.epochs", "ten", "training.epochs: Input should be a valid integer"),
+    ("training.epochs", 0, "training.epochs: Input should be greater than 0"),
+    ("training.learning_rate", -1, "training.learning_rate"),
+    ("model.type", "svm", "model.type"),
+    ("model.hidden", [8], "logistic_regression has no hidden layers"),
+    ("partition", "diagonal", "partition"),
+    ("parties.1.name", "hospital_a", "duplicate party name 'hospital_a'"),
+    ("parties.0.nickname", "a", "parties.0.nickname: unknown key"),
+    ("labels.party", "hospital_c", "labels.party: 'hospital_c' is not a party"),
+    ("labels.party", _DELETE, "labels.party: a vertical job names the party"),
+    ("outputs.model_to", ["nobody"], "outputs.model_to: 'nobody' is not a party"),
+    ("outputs.dir", _DELETE, "outputs.dir: Field required"),
+    ("runtime.timeout_s", 0, "runtime.timeout_s"),
+    ("training.loss", "cross_entropy", "two classes train with 'bce'"),
+    ("parties.1.data.test", _DELETE, "give test data for every party or for none"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "message"), CASES, ids=[c[0] + "-" + c[2][:20] for c in CASES])
+def test_invalid_jobs_name_the_file_and_key(tmp_path: Path, path: str, value: Any, message: str) -> None:
+    job = write(tmp_path, edit(path, value))
+    with pytest.raises(ConfigError) as caught:
+        load_job(job)
+    text = str(caught.value)
+    assert text.startswith(str(job)), text
+    assert message in text
+    assert "\n" not in text
+
+
+def test_one_party_is_not_a_multi_party_job(tmp_path: Path) -> None:
+    spec = edit("labels.party", "hospital_a")
+    spec["parties"] = spec["parties"][:1]
+    with pytest.raises(ConfigError, match="parties: List should have at least 2 items"):
+        load_job(write(tmp_path, spec))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: [unclosed", "malformed YAML"),
+        ("- just\n- a list\n", "a job file is a YAML mapping"),
+        ("", "a job file is a YAML mapping"),
+    ],
+)
+def test_malformed_files(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_job(write(tmp_path, text))
+
+
+def test_missing_job_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="job file not found"):
+        load_job(tmp_path / "nope.yaml")
+
+
+def test_validate_command_exit_codes(tmp_path: Path) -> None:
+    good = mpcfl("validate", str(DEMO), "--party", "hospital_b", timeout=60)
+    assert good.returncode == 0, good.stderr
+    assert "valid job 'breast-cancer-lr'" in good.stdout
+    assert "hospital_b: 456 training rows, 10 feature columns" in good.stdout
+    bad = mpcfl("validate", str(write(tmp_path, edit("training.epoch", 3))), timeout=60)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().count("\n") == 0
+    assert "training.epoch: unknown key" in bad.stderr
+    assert "Traceback" not in bad.stderr

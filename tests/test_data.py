@@ -1,0 +1,92 @@
+"""Party-local loading and checks: every bad file gets an error naming party, file and column."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import base_job, write_csv
+from mpcfl.config import JobSpec
+from mpcfl.data import DataError, check_range, load_party_data, load_table, standardize_locally
+
+
+def job_for(tmp_path: Path, train_a: Path, train_b: Path, **model: object) -> JobSpec:
+    spec = base_job(
+        parties=[{"name": "a", "data": {"train": str(train_a)}}, {"name": "b", "data": {"train": str(train_b)}}],
+        labels={"party": "b", "column": "y"},
+        model={"type": "logistic_regression", **model},
+    )
+    spec["outputs"]["dir"] = str(tmp_path / "out")
+    return JobSpec.model_validate(spec)
+
+
+def test_csv_loads_with_header(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "a.csv", ["x1", "x2"], [[1, 2.5], [3, -4]])
+    table = load_table(path, party="a")
+    assert table.columns == ["x1", "x2"]
+    np.testing.assert_array_equal(table.values, [[1, 2.5], [3, -4]])
+
+
+def test_npy_loads(tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.arange(6, dtype=np.float32).reshape(3, 2))
+    table = load_table(tmp_path / "a.npy", party="a")
+    assert table.values.shape == (3, 2) and table.columns == ["0", "1"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("x1,x2\n1,2\n3,abc\n", "line 3, column 'x2': 'abc' is not a number"),
+        ("x1,x2\n1,2\n3\n", "line 3 has 1 cells, the header has 2"),
+        ("x1,x2\n1,nan\n", "column 'x2', data row 1: nan is not a finite number"),
+        ("x1,x2\n1,2\ninf,2\n", "column 'x1', data row 2: inf is not a finite number"),
+        ("", "empty file"),
+        ("x1,x2\n", "no data rows"),
+    ],
+)
+def test_bad_csv_files(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(DataError) as caught:
+        load_table(path, party="clinic")
+    assert str(caught.value).startswith(f"party clinic: {path}")
+    assert message in str(caught.value)
+
+
+def test_missing_and_unsupported_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="data file not found"):
+        load_table(tmp_path / "nope.csv", party="a")
+    (tmp_path / "a.parquet").write_text("x")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_table(tmp_path / "a.parquet", party="a")
+
+
+def test_labels_split_off_and_checked(tmp_path: Path) -> None:
+    a = write_csv(tmp_path / "a.csv", ["x1"], [[1], [2]])
+    b = write_csv(tmp_path / "b.csv", ["x2", "y"], [[5, 0], [6, 1]])
+    job = job_for(tmp_path, a, b)
+    data_b = load_party_data(job, "b")
+    assert data_b.train.columns == ["x2"] and data_b.train.y.tolist() == [0, 1]
+    assert load_party_data(job, "a").train.y is None
+    bad = write_csv(tmp_path / "b2.csv", ["x2", "y"], [[5, 0], [6, 2]])
+    with pytest.raises(DataError, match=r"label column 'y', data row 2: 2.0 is not a class label in 0..1"):
+        load_party_data(job_for(tmp_path, a, bad), "b")
+    missing = write_csv(tmp_path / "b3.csv", ["x2", "z"], [[5, 0]])
+    with pytest.raises(DataError, match="no label column 'y'"):
+        load_party_data(job_for(tmp_path, a, missing), "b")
+
+
+def test_standardisation_and_range_check(tmp_path: Path) -> None:
+    a = write_csv(tmp_path / "a.csv", ["area", "constant"], [[1000, 1], [3000, 1], [2000, 1]])
+    b = write_csv(tmp_path / "b.csv", ["x2", "y"], [[5, 0], [6, 1], [7, 1]])
+    job = job_for(tmp_path, a, b)
+    data = load_party_data(job, "a")
+    with pytest.raises(DataError, match=r"party a: .*a.csv: column 'area' reaches 3000, beyond data.max_abs=100"):
+        check_range(data, 100)
+    standardize_locally(data)
+    np.testing.assert_allclose(data.train.x[:, 0], [-1.2247449, 1.2247449, 0], rtol=1e-6)
+    np.testing.assert_array_equal(data.train.x[:, 1], [0, 0, 0])
+    check_range(data, 100)
+    assert data.scaler["columns"] == ["area", "constant"]

@@ -1,0 +1,119 @@
+"""The local launcher under failure: it stops everyone, names the culprit, and leaves no process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_no_leftovers, base_job, live_processes, mpcfl, vertical_parties, write_job
+
+
+def small_job(tmp_path: Path, **runtime: object) -> Path:
+    parties = vertical_parties(tmp_path, [["mean_radius", "mean_texture"], ["worst_radius", "worst_area"]], label_party=1)
+    spec = base_job(parties=parties, labels={"party": "p1", "column": "malignant"})
+    spec["training"]["epochs"] = 200
+    spec["runtime"].update(runtime)
+    return write_job(tmp_path, spec)
+
+
+def start(job: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mpcfl", "run", str(job)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for_line(process: subprocess.Popen, needle: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return
+    os.killpg(process.pid, signal.SIGKILL)
+    pytest.fail(f"never saw {needle!r}:\n{''.join(seen[-30:])}")
+
+
+def party_pid(job: Path, party: str) -> int:
+    pids = [p for p in live_processes(str(job)) if p in live_processes(f"--party {party} ")]
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+@pytest.mark.parametrize("victim", ["p1", "dealer"])
+def test_a_party_dying_mid_training_stops_the_job(tmp_path: Path, victim: str) -> None:
+    job = small_job(tmp_path)
+    launcher = start(job)
+    wait_for_line(launcher, "[p1] INFO mpcfl.data: shared")
+    time.sleep(1.0)  # now inside the training loop
+    pid = party_pid(job, victim) if victim != "dealer" else [
+        p for p in live_processes(str(job)) if p in live_processes(" dealer ")
+    ][0]
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    try:
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    elapsed = time.monotonic() - killed_at
+    assert launcher.returncode == 1
+    assert elapsed < 15, f"took {elapsed:.1f}s to stop"
+    assert f"mpcfl: error: {victim} failed: killed by signal 9" in err
+    assert_no_leftovers(str(job))
+    assert not (tmp_path / "out").exists(), "a failed job wrote outputs"
+
+
+def test_launcher_terminated_takes_its_children_along(tmp_path: Path) -> None:
+    job = small_job(tmp_path)
+    launcher = start(job)
+    wait_for_line(launcher, "[p0] INFO mpcfl.data: shared")
+    assert len(live_processes(str(job))) == 4  # launcher, dealer, two parties
+    launcher.send_signal(signal.SIGTERM)
+    launcher.communicate(timeout=30)
+    assert launcher.returncode == 130
+    assert_no_leftovers(str(job))
+
+
+def test_bad_data_at_one_party_fails_every_party_with_its_name(tmp_path: Path) -> None:
+    job = small_job(tmp_path)
+    bad = tmp_path / "p0_train.csv"
+    bad.write_text(bad.read_text().replace("\n17.99,", "\nseventeen,", 1))
+    done = mpcfl("run", str(job), timeout=120)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("mpcfl: error: p0 failed: party p0: ")
+    assert "p0_train.csv: line 2, column 'mean_radius': 'seventeen' is not a number" in last
+    assert "[p1] mpcfl: error: party p0 failed during data loading" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not (tmp_path / "out").exists()
+    assert_no_leftovers(str(job))
+
+
+def test_world_size_from_the_environment_must_match_the_job(tmp_path: Path) -> None:
+    job = small_job(tmp_path)
+    env = dict(os.environ, WORLD_SIZE="3")
+    done = subprocess.run(
+        [sys.executable, "-m", "mpcfl", "party", str(job), "--party", "p0", "--rendezvous", "tcp://127.0.0.1:1"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert done.returncode == 1
+    assert "mpcfl: error: party p0: environment WORLD_SIZE=3 does not match the job" in done.stderr
+
+
+def test_unknown_party_name(tmp_path: Path) -> None:
+    done = mpcfl("party", str(small_job(tmp_path)), "--party", "p9", timeout=60)
+    assert done.returncode == 1
+    assert "no party named 'p9' (parties: p0, p1)" in done.stderr

@@ -1,0 +1,137 @@
+"""Secure training end to end: real party and dealer processes started by the launcher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import DEMO, assert_no_leftovers, base_job, horizontal_parties, mpcfl, vertical_parties, write_job
+from mpcfl.baseline import train_plaintext
+from mpcfl.config import load_job
+from mpcfl.models import build_torch_model
+
+
+def run_job(path: Path, timeout: float = 240) -> Any:
+    done = mpcfl("run", str(path), timeout=timeout)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert_no_leftovers(str(path))
+    return done
+
+
+def metrics(job_path: Path, party: str) -> dict[str, Any]:
+    job = load_job(job_path)
+    return json.loads((job.party_dir(party) / "metrics.json").read_text())
+
+
+def test_demo_matches_plaintext_pytorch_within_two_points(tmp_path: Path) -> None:
+    spec = yaml.safe_load(DEMO.read_text())
+    for party in spec["parties"]:
+        for key, value in party["data"].items():
+            party["data"][key] = str((DEMO.parent / value).resolve())
+    spec["outputs"]["dir"] = str(tmp_path / "out")
+    path = write_job(tmp_path, spec)
+    run_job(path)
+    job = load_job(path)
+    secure = metrics(path, "hospital_b")["final"]["test_accuracy"]
+    plain = train_plaintext(job).history[-1]["test_accuracy"]
+    assert secure > 0.9
+    assert abs(secure - plain) <= 0.02, (secure, plain)
+    # Only the named receiver gets the model; it loads into the plain torch model.
+    assert not (job.party_dir("hospital_a") / "model.pt").exists()
+    state = torch.load(job.party_dir("hospital_b") / "model.pt", weights_only=True)
+    model = build_torch_model(job.model, n_features=30)
+    model.load_state_dict(state)
+    assert (job.party_dir("hospital_b") / "metrics.png").stat().st_size > 1000
+    # Every party records its own communication, and what it saw revealed.
+    for party in ("hospital_a", "hospital_b"):
+        record = metrics(path, party)
+        assert record["communication"]["bytes"] > 0 and record["communication"]["rounds"] > 0
+        assert {r["what"] for r in record["reveals"]} >= {"trained model parameters", "epoch 10 loss and accuracy"}
+
+
+@pytest.mark.parametrize(
+    ("partition", "n_parties", "model"),
+    [
+        ("vertical", 3, {"type": "mlp", "hidden": [8]}),
+        ("horizontal", 2, {"type": "logistic_regression"}),
+        ("horizontal", 3, {"type": "mlp", "hidden": [8]}),
+    ],
+)
+def test_partitions_and_models(tmp_path: Path, partition: str, n_parties: int, model: dict[str, Any]) -> None:
+    if partition == "vertical":
+        groups = [["mean_radius", "mean_texture", "mean_area"], ["worst_radius", "worst_area"], ["mean_concavity", "worst_concave_points"]]
+        parties = vertical_parties(tmp_path, groups, label_party=2)
+        labels = {"party": "p2", "column": "malignant"}
+    else:
+        parties = horizontal_parties(tmp_path, n_parties)
+        labels = {"column": "malignant"}
+    spec = base_job(partition=partition, parties=parties, labels=labels, model=model)
+    spec["outputs"]["model_to"] = ["p0"]
+    spec["outputs"]["metrics_to"] = ["p0"]
+    path = write_job(tmp_path, spec)
+    run_job(path)
+    job = load_job(path)
+    final = metrics(path, "p0")["final"]
+    plain = train_plaintext(job).history[-1]
+    assert final["test_accuracy"] > 0.85
+    assert abs(final["test_accuracy"] - plain["test_accuracy"]) <= 0.05
+    # Metrics go only to their receivers; the others keep only their own comm figures.
+    others = metrics(path, "p1")["final"]
+    assert "test_accuracy" not in others and others["bytes"] > 0
+    n_features = 7 if partition == "vertical" else 30
+    build_torch_model(job.model, n_features=n_features).load_state_dict(
+        torch.load(job.party_dir("p0") / "model.pt", weights_only=True)
+    )
+
+
+def test_multiclass_mlp_on_digits(tmp_path: Path) -> None:
+    from conftest import REPO, write_csv
+
+    data = np.loadtxt(REPO / "examples" / "data" / "digits8x8.csv", delimiter=",", skiprows=1)[:600]
+    header = [f"p{i}" for i in range(64)] + ["target"]
+    data[:, :64] /= 16.0
+    parties = []
+    for i, rows in enumerate(np.array_split(data, 2)):
+        train = write_csv(tmp_path / f"d{i}_train.csv", header, rows[:240])
+        test = write_csv(tmp_path / f"d{i}_test.csv", header, rows[240:])
+        parties.append({"name": f"p{i}", "data": {"train": str(train), "test": str(test)}})
+    spec = base_job(
+        partition="horizontal",
+        parties=parties,
+        labels={"column": "target"},
+        model={"type": "mlp", "hidden": [16], "num_classes": 10},
+        data={"standardize": False},
+    )
+    spec["training"].update(loss="cross_entropy", epochs=3, batch_size=32, learning_rate=0.2)
+    path = write_job(tmp_path, spec)
+    run_job(path)
+    final = metrics(path, "p1")["final"]
+    plain = train_plaintext(load_job(path)).history[-1]
+    assert final["test_accuracy"] > 0.7
+    assert abs(final["test_accuracy"] - plain["test_accuracy"]) <= 0.05
+
+
+def test_model_kept_secret_shared_when_nobody_receives_it(tmp_path: Path) -> None:
+    parties = vertical_parties(tmp_path, [["mean_radius", "mean_texture"], ["worst_radius", "worst_area"]], label_party=1)
+    spec = base_job(parties=parties, labels={"party": "p1", "column": "malignant"})
+    spec["runtime"]["insecure_dealer"] = True
+    path = write_job(tmp_path, spec)
+    done = run_job(path)
+    # Every party warns when the insecure TFP dealer is in use.
+    for party in ("p0", "p1"):
+        assert f"[{party}] WARNING mpcfl.runtime: INSECURE" in done.stdout
+    assert "[dealer]" not in done.stdout
+    job = load_job(path)
+    shares = [torch.load(job.party_dir(p) / "model_shares.pt", weights_only=True) for p in ("p0", "p1")]
+    assert not any((job.party_dir(p) / "model.pt").exists() for p in ("p0", "p1"))
+    assert [s["rank"] for s in shares] == [0, 1]
+    # Neither share alone is the model, but their ring sum decodes to a working one.
+    weight = (shares[0]["shares"]["0.weight"] + shares[1]["shares"]["0.weight"]).double() / 2 ** shares[0]["precision_bits"]
+    assert weight.abs().max() < 50
+    assert shares[0]["shares"]["0.weight"].double().abs().max() > 1e6
