@@ -64,6 +64,22 @@ def _translate(err: RuntimeError, who: str, job: JobSpec) -> MpcflError:
 
 
 @contextlib.contextmanager
+def _crypten_session(crypten: Any, job: JobSpec, who: str) -> Iterator[None]:
+    """Turns gloo's errors into one-line ones and always leaves the process group.
+
+    A process that exits without ``crypten.uninit()`` can abort in gloo's threads.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        raise _translate(err, who, job) from err
+    finally:
+        if crypten.is_initialized():
+            with contextlib.suppress(RuntimeError):
+                crypten.uninit()
+
+
+@contextlib.contextmanager
 def party_session(job: JobSpec, party: str, *, rendezvous: str | None = None) -> Iterator[int]:
     """Joins the job's process group as ``party`` and yields its rank.
 
@@ -82,16 +98,10 @@ def party_session(job: JobSpec, party: str, *, rendezvous: str | None = None) ->
         )
     if job.runtime.device == "cuda" and not torch.cuda.is_available():
         raise MpcflError(f"{who}: runtime.device is cuda but torch sees no GPU")
-    try:
+    with _crypten_session(crypten, job, who):
         crypten.init()
         log.info("joined job %s as rank %d of %d", job.name, rank, job.world_size)
         yield rank
-    except RuntimeError as err:
-        raise _translate(err, who, job) from err
-    finally:
-        if crypten.is_initialized():
-            with contextlib.suppress(RuntimeError):
-                crypten.uninit()
 
 
 def run_dealer(job: JobSpec, *, rendezvous: str | None = None) -> None:
@@ -105,14 +115,8 @@ def run_dealer(job: JobSpec, *, rendezvous: str | None = None) -> None:
         raise MpcflError(f"{who}: job {job.source} sets runtime.insecure_dealer, so it runs without a dealer")
     _set_env(job, rank=job.world_size, rendezvous=rendezvous, who=who)
     crypten = _configure(job)
-    try:
-        crypten.mpc.provider.TTPServer()
-    except RuntimeError as err:
-        raise _translate(err, who, job) from err
-    finally:
-        if crypten.is_initialized():
-            with contextlib.suppress(RuntimeError):
-                crypten.uninit()
+    with _crypten_session(crypten, job, who):
+        crypten.mpc.provider.TTPServer()  # returns when party 0 sends "terminate"
     log.info("dealer finished")
 
 
