@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mpcfl.config import JobSpec
+from mpcfl.config import TrainJob
 from mpcfl.data import PartyData, apply_scaler, check_range, load_party_data, standardize_locally
 from mpcfl.models import build_torch_model
 from mpcfl.train import batches
@@ -24,7 +24,7 @@ class PlainResult:
     history: list[dict[str, float]]
 
 
-def _joined(job: JobSpec, parts: list[PartyData], which: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _joined(job: TrainJob, parts: list[PartyData], which: str) -> tuple[np.ndarray, np.ndarray] | None:
     splits = [getattr(p, which) for p in parts]
     if any(s is None for s in splits):
         return None
@@ -34,7 +34,7 @@ def _joined(job: JobSpec, parts: list[PartyData], which: str) -> tuple[np.ndarra
     return np.vstack([s.x for s in splits]), np.concatenate([s.y for s in splits])
 
 
-def _standardize(job: JobSpec, parts: list[PartyData]) -> None:
+def _standardize(job: TrainJob, parts: list[PartyData]) -> None:
     if job.partition == "vertical":
         for part in parts:
             standardize_locally(part)
@@ -44,13 +44,13 @@ def _standardize(job: JobSpec, parts: list[PartyData]) -> None:
         apply_scaler(part, rows.mean(axis=0), rows.std(axis=0))
 
 
-def _targets(job: JobSpec, y: np.ndarray) -> torch.Tensor:
+def _targets(job: TrainJob, y: np.ndarray) -> torch.Tensor:
     if job.model.num_classes == 2:
         return torch.from_numpy(y).float().reshape(-1, 1)
     return torch.from_numpy(y).long()
 
 
-def _evaluate(job: JobSpec, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def _evaluate(job: TrainJob, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     with torch.no_grad():
         logits = model(x)
         if job.model.num_classes == 2:
@@ -62,7 +62,7 @@ def _evaluate(job: JobSpec, model: torch.nn.Module, x: torch.Tensor, y: torch.Te
     return float(loss), float(correct)
 
 
-def train_plaintext(job: JobSpec) -> PlainResult:
+def train_plaintext(job: TrainJob) -> PlainResult:
     """Trains the job's model in plaintext on all parties' data joined.
 
     Raises:

@@ -65,9 +65,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         run_party(job, args.party, rendezvous=args.rendezvous)
     elif args.command == "dealer":
-        from mpcfl.runtime import run_dealer
+        from mpcfl.runtime import Session, run_dealer
 
-        run_dealer(job, rendezvous=args.rendezvous)
+        run_dealer(Session.of_job(job, rendezvous=args.rendezvous))
     elif args.command == "baseline":
         from mpcfl.baseline import train_plaintext
 

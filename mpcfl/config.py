@@ -1,6 +1,7 @@
-"""The job schema: one YAML file describes parties, data, model, training and outputs.
+"""The job schema: one YAML file describes parties, data, model, the task and outputs.
 
-:func:`load_job` turns a file into an immutable :class:`JobSpec` or raises a
+A job's ``task`` is ``train`` (the default; :class:`TrainJob`) or ``inference``
+(:class:`InferenceJob`). :func:`load_job` turns a file into an immutable job or raises a
 :class:`~mpcfl.errors.ConfigError` that names the file and the key. Unknown keys
 are errors, so typos are caught. Relative paths are resolved against the folder
 of the job file, so a job runs the same from any working directory.
@@ -9,13 +10,14 @@ of the job file, so a job runs the same from any working directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -40,7 +42,7 @@ class PartyData(_Strict):
 
 class PartySpec(_Strict):
     name: Name
-    data: PartyData
+    data: PartyData | None = None
 
 
 class LabelSpec(_Strict):
@@ -103,18 +105,11 @@ class RuntimeSpec(_Strict):
     )
 
 
-class JobSpec(_Strict):
-    """A validated job. Build it with :func:`load_job`."""
+class JobBase(_Strict):
+    """What every job has: a name, the parties in rank order, and runtime settings."""
 
     name: Name
-    task: Literal["train"] = "train"
-    partition: Literal["vertical", "horizontal"]
     parties: list[PartySpec] = Field(min_length=2)
-    labels: LabelSpec
-    data: DataSpec = DataSpec()
-    model: ModelSpec
-    training: TrainingSpec = TrainingSpec()
-    outputs: OutputSpec
     runtime: RuntimeSpec = RuntimeSpec()
     source: Path | None = Field(default=None, exclude=True)
 
@@ -128,32 +123,9 @@ class JobSpec(_Strict):
             seen.add(party.name)
         return parties
 
-    @model_validator(mode="after")
-    def _consistent(self) -> JobSpec:
-        names = set(self.party_names)
-        if self.partition == "vertical":
-            if self.labels.party is None:
-                raise ValueError("labels.party: a vertical job names the party that holds the labels")
-            if self.labels.party not in names:
-                raise ValueError(f"labels.party: {self.labels.party!r} is not a party of this job")
-        elif self.labels.party is not None:
-            raise ValueError("labels.party: in a horizontal job every party holds its own labels")
-        for key in ("model_to", "metrics_to"):
-            value = getattr(self.outputs, key)
-            if isinstance(value, list):
-                for name in value:
-                    if name not in names:
-                        raise ValueError(f"outputs.{key}: {name!r} is not a party of this job")
-        given = [p.data.test is not None for p in self.parties]
-        if any(given) and not all(given):
-            missing = given.index(False)
-            raise ValueError(f"parties.{missing}.data.test: give test data for every party or for none")
-        binary = self.model.num_classes == 2
-        if binary and self.training.loss != "bce":
-            raise ValueError("training.loss: two classes train with 'bce'")
-        if not binary and self.training.loss != "cross_entropy":
-            raise ValueError("training.loss: more than two classes train with 'cross_entropy'")
-        return self
+    def _check_party(self, key: str, name: str) -> None:
+        if name not in self.party_names:
+            raise ValueError(f"{key}: {name!r} is not a party of this job")
 
     @property
     def party_names(self) -> list[str]:
@@ -178,7 +150,7 @@ class JobSpec(_Strict):
             ) from None
 
     def ranks(self, names: list[str] | str) -> list[int]:
-        """Ranks for an ``outputs`` receiver list: names, ``all`` or ``none``."""
+        """Ranks for a receiver list: names, ``all`` or ``none``."""
         if names == "all":
             return list(range(self.world_size))
         if names == "none":
@@ -187,10 +159,91 @@ class JobSpec(_Strict):
 
     def party_dir(self, name: str) -> Path:
         """The output folder only this party writes to."""
-        return self.outputs.dir / name
+        return self.outputs.dir / name  # type: ignore[attr-defined]
 
-    def has_test_data(self) -> bool:
-        return all(p.data.test is not None for p in self.parties)
+
+class TrainJob(JobBase):
+    """A secure training job. Build it with :func:`load_job`."""
+
+    task: Literal["train"] = "train"
+    partition: Literal["vertical", "horizontal"]
+    labels: LabelSpec
+    data: DataSpec = DataSpec()
+    model: ModelSpec
+    training: TrainingSpec = TrainingSpec()
+    outputs: OutputSpec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainJob:
+        for i, party in enumerate(self.parties):
+            if party.data is None:
+                raise ValueError(f"parties.{i}.data: a training job gives every party its data files")
+        if self.partition == "vertical":
+            if self.labels.party is None:
+                raise ValueError("labels.party: a vertical job names the party that holds the labels")
+            self._check_party("labels.party", self.labels.party)
+        elif self.labels.party is not None:
+            raise ValueError("labels.party: in a horizontal job every party holds its own labels")
+        for key in ("model_to", "metrics_to"):
+            value = getattr(self.outputs, key)
+            if isinstance(value, list):
+                for name in value:
+                    self._check_party(f"outputs.{key}", name)
+        given = [p.data.test is not None for p in self.parties]
+        if any(given) and not all(given):
+            missing = given.index(False)
+            raise ValueError(f"parties.{missing}.data.test: give test data for every party or for none")
+        binary = self.model.num_classes == 2
+        if binary and self.training.loss != "bce":
+            raise ValueError("training.loss: two classes train with 'bce'")
+        if not binary and self.training.loss != "cross_entropy":
+            raise ValueError("training.loss: more than two classes train with 'cross_entropy'")
+        return self
+
+
+class ImportedModelSpec(_Strict):
+    """A torch model from code plus a weights file only its owner reads."""
+
+    factory: str = Field(
+        pattern=r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$",
+        description="`package.module:function` or `path/to/file.py:function`, called with no arguments",
+    )
+    weights: Path = Field(description="a state_dict saved with torch.save; read only by the owner")
+    owner: Name
+
+
+class InputSpec(_Strict):
+    file: Path = Field(description=".npy or header-less numeric .csv; read only by the owner")
+    owner: Name
+
+
+class InferenceOutputSpec(_Strict):
+    dir: Path
+
+
+class InferenceJob(JobBase):
+    """Secure inference: one party's model on another party's inputs."""
+
+    task: Literal["inference"]
+    model: ImportedModelSpec
+    inputs: InputSpec
+    batch_size: PositiveInt = 64
+    outputs: InferenceOutputSpec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InferenceJob:
+        self._check_party("model.owner", self.model.owner)
+        self._check_party("inputs.owner", self.inputs.owner)
+        if self.model.owner == self.inputs.owner:
+            raise ValueError("inputs.owner: the data owner and the model owner must be different parties")
+        for i, party in enumerate(self.parties):
+            if party.data is not None:
+                raise ValueError(f"parties.{i}.data: an inference job takes its files from model and inputs")
+        return self
+
+
+Job = Annotated[Union[TrainJob, InferenceJob], Field(discriminator="task")]
+_JOB = TypeAdapter(Job)
 
 
 def _resolve(base: Path, raw: dict) -> dict:
@@ -207,15 +260,26 @@ def _resolve(base: Path, raw: dict) -> dict:
             for key in ("train", "test"):
                 if key in data:
                     data[key] = fix(data[key])
-    outputs = raw.get("outputs")
-    if isinstance(outputs, dict) and "dir" in outputs:
-        outputs["dir"] = fix(outputs["dir"])
+    for section, key in (("outputs", "dir"), ("model", "weights"), ("inputs", "file")):
+        node = raw.get(section)
+        if isinstance(node, dict) and key in node:
+            node[key] = fix(node[key])
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("factory"), str):
+        where, _, function = model["factory"].rpartition(":")
+        if where.endswith(".py"):
+            model["factory"] = f"{fix(where)}:{function}"
     return raw
 
 
 def _format_error(path: Path, err: ValidationError) -> str:
     first = err.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    loc = list(first["loc"])
+    if loc and loc[0] in ("train", "inference"):
+        loc = loc[1:]  # the union's tag, not a key of the file
+    if first["type"].startswith("union_tag"):
+        loc = ["task"]
+    key = ".".join(str(part) for part in loc) or "(top level)"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"
@@ -224,7 +288,7 @@ def _format_error(path: Path, err: ValidationError) -> str:
     return f"{path}: {key}: {message}{suffix}"
 
 
-def load_job(path: str | Path) -> JobSpec:
+def load_job(path: str | Path) -> TrainJob | InferenceJob:
     """Reads and validates a job file.
 
     Args:
@@ -255,8 +319,9 @@ def load_job(path: str | Path) -> JobSpec:
     if "source" in raw:
         raise ConfigError(f"{path}: source: unknown key")
     raw = _resolve(path.resolve().parent, raw)
+    raw.setdefault("task", "train")
     try:
-        job = JobSpec.model_validate(raw)
+        job = _JOB.validate_python(raw)
     except ValidationError as err:
         raise ConfigError(_format_error(path, err)) from None
     return job.model_copy(update={"source": path})

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from mpcfl.errors import MpcflError
+from mpcfl.runtime import agreed, all_gather_public
 
 if TYPE_CHECKING:
-    from mpcfl.config import JobSpec
+    from mpcfl.config import TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def _label_index(table: Table, column: str | int, party: str) -> int:
     return table.columns.index(column)
 
 
-def _split(table: Table, *, job: JobSpec, party: str, holds_labels: bool) -> Split:
+def _split(table: Table, *, job: TrainJob, party: str, holds_labels: bool) -> Split:
     if not holds_labels:
         return Split(table.path, table.columns, table.values, None)
     index = _label_index(table, job.labels.column, party)
@@ -165,11 +166,11 @@ def _split(table: Table, *, job: JobSpec, party: str, holds_labels: bool) -> Spl
     return Split(table.path, columns, x, y.astype(np.int64))
 
 
-def holds_labels(job: JobSpec, party: str) -> bool:
+def holds_labels(job: TrainJob, party: str) -> bool:
     return job.partition == "horizontal" or job.labels.party == party
 
 
-def load_party_data(job: JobSpec, party: str) -> PartyData:
+def load_party_data(job: TrainJob, party: str) -> PartyData:
     """Loads and checks one party's own files (train, and test if the job has it).
 
     Raises:
@@ -248,10 +249,8 @@ class SharedData:
     n_features: int
 
 
-def _public_shapes(job: JobSpec, data: PartyData) -> list[list[int]]:
+def _public_shapes(job: TrainJob, data: PartyData) -> list[list[int]]:
     """Every party's public shape metadata: [train rows, test rows, columns, hash]."""
-    from mpcfl.runtime import all_gather_public
-
     mine = [
         data.train.x.shape[0],
         -1 if data.test is None else data.test.x.shape[0],
@@ -278,7 +277,7 @@ def _public_shapes(job: JobSpec, data: PartyData) -> list[list[int]]:
     return shapes
 
 
-def _standardize_jointly(job: JobSpec, data: PartyData, shapes: list[list[int]]) -> None:
+def _standardize_jointly(job: TrainJob, data: PartyData, shapes: list[list[int]]) -> None:
     """Horizontal partition: column statistics over all rows, computed under MPC.
 
     Two passes (mean, then mean squared deviation) avoid the cancellation of
@@ -308,7 +307,7 @@ def _crypten() -> Any:
     return import_crypten()
 
 
-def _targets(job: JobSpec, y: np.ndarray | None, rows: int) -> torch.Tensor:
+def _targets(job: TrainJob, y: np.ndarray | None, rows: int) -> torch.Tensor:
     """Labels as the loss wants them: a column of 0/1, or one-hot rows."""
     if job.model.num_classes == 2:
         out = torch.zeros(rows, 1)
@@ -321,7 +320,7 @@ def _targets(job: JobSpec, y: np.ndarray | None, rows: int) -> torch.Tensor:
     return out
 
 
-def share_dataset(job: JobSpec, data: PartyData, *, rank: int, device: str = "cpu") -> SharedData:
+def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: str = "cpu") -> SharedData:
     """Agrees on shapes with the other parties, prepares the data and secret-shares it.
 
     Every party calls this at the same point with its own :class:`PartyData`.
@@ -336,7 +335,7 @@ def share_dataset(job: JobSpec, data: PartyData, *, rank: int, device: str = "cp
             standardize_locally(data)
         else:
             _standardize_jointly(job, data, shapes)
-    check_range(data, job.data.max_abs)
+    agreed("range check", job.party_names, lambda: check_range(data, job.data.max_abs))
 
     def share(local: Split | None, which: int) -> tuple[Any, Any]:
         if job.partition == "vertical":

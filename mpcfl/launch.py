@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from mpcfl.cli import EXIT_PEER_FAILURE
-from mpcfl.config import JobSpec
+from mpcfl.config import TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_local(job: JobSpec, *, debug: bool = False, sink: IO[str] | None = None) -> int:
+def run_local(job: TrainJob, *, debug: bool = False, sink: IO[str] | None = None) -> int:
     """Runs every party (and the dealer, unless the job is insecure) on this machine.
 
     Returns:

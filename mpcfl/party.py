@@ -5,17 +5,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from mpcfl.config import JobSpec
-from mpcfl.data import DataError, PartyData, load_party_data, share_dataset
+from mpcfl.config import TrainJob
+from mpcfl.data import PartyData, load_party_data, share_dataset
 from mpcfl.outputs import plot_history, write_json, write_torch
 from mpcfl.reveal import ledger
-from mpcfl.runtime import agree, communication_stats, party_session
+from mpcfl.runtime import Session, agreed, communication_stats, party_session
 from mpcfl.train import TrainResult, train
 
 log = logging.getLogger(__name__)
 
 
-def run_party(job: JobSpec, party: str, *, rendezvous: str | None = None) -> None:
+def run_party(job: TrainJob, party: str, *, rendezvous: str | None = None) -> None:
     """Runs ``party``'s side of the job to the end.
 
     Args:
@@ -26,15 +26,8 @@ def run_party(job: JobSpec, party: str, *, rendezvous: str | None = None) -> Non
     Raises:
         MpcflError: bad data, a peer failure, or the environment contradicts the job.
     """
-    with party_session(job, party, rendezvous=rendezvous) as rank:
-        failure: DataError | None = None
-        try:
-            data = load_party_data(job, party)
-        except DataError as err:
-            failure = err
-        agree(failure is None, job=job, stage="data loading")
-        if failure is not None:
-            raise failure
+    with party_session(Session.of_job(job, rendezvous=rendezvous), party) as rank:
+        data = agreed("data loading", job.party_names, lambda: load_party_data(job, party))
         shared = share_dataset(job, data, rank=rank, device=job.runtime.device)
         result = train(job, shared, rank=rank)
         shares = {name: param.share.cpu() for name, param in result.model.named_parameters()}
@@ -43,7 +36,7 @@ def run_party(job: JobSpec, party: str, *, rendezvous: str | None = None) -> Non
 
 
 def _write_outputs(
-    job: JobSpec,
+    job: TrainJob,
     party: str,
     rank: int,
     data: PartyData,

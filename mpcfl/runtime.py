@@ -1,8 +1,9 @@
 """Party and dealer process set-up: the environment contract, CrypTen's start and stop.
 
 CrypTen reads RANK, WORLD_SIZE, RENDEZVOUS and DISTRIBUTED_BACKEND from the
-environment. Parties take ranks 0..n-1 in job order; the dealer (CrypTen's TTP)
-is rank n of a process group of n+1. Everything here runs inside one process.
+environment. Parties take ranks 0..n-1 in the order a :class:`Session` lists
+them; the dealer (CrypTen's TTP) is rank n of a process group of n+1.
+Everything here runs inside one process.
 """
 
 from __future__ import annotations
@@ -10,31 +11,98 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
 from mpcfl._compat import import_crypten, set_process_group_timeout
-from mpcfl.config import JobSpec
+from mpcfl.config import JobBase
 from mpcfl.errors import MpcflError, PeerFailure
 
 log = logging.getLogger(__name__)
 
 _PEER_FAILURES = ("Connection reset", "Connection closed", "Broken pipe", "Timed out", "timed out", "Timeout")
+T = TypeVar("T")
+
+# Set by `mpcfl launch` for party scripts, beside CrypTen's own variables.
+ENV_PARTIES = "MPCFL_PARTIES"
+ENV_PARTY = "MPCFL_PARTY"
+ENV_TIMEOUT = "MPCFL_TIMEOUT_S"
+ENV_INSECURE = "MPCFL_INSECURE_DEALER"
 
 
-def _set_env(job: JobSpec, *, rank: int, rendezvous: str | None, who: str) -> None:
-    """Fills CrypTen's environment contract, refusing values that contradict the job."""
-    for key, expected in (("RANK", rank), ("WORLD_SIZE", job.world_size)):
+@dataclass(frozen=True)
+class Session:
+    """Who takes part in a computation and how the processes find each other.
+
+    Args:
+        parties: party names; a party's rank is its position.
+        rendezvous: ``tcp://HOST:PORT`` shared by all processes; ``None`` reads ``$RENDEZVOUS``.
+        timeout_s: process-group timeout: a peer silent this long fails the job.
+        insecure_dealer: CrypTen's TFP instead of a dealer process: party 0 makes
+            every Beaver triple and can see all secrets. For tests only.
+        device: ``cpu`` or ``cuda``.
+        label: names the job in error messages.
+    """
+
+    parties: tuple[str, ...]
+    rendezvous: str | None = None
+    timeout_s: float = 60.0
+    insecure_dealer: bool = False
+    device: str = "cpu"
+    label: str = "mpcfl"
+
+    @classmethod
+    def of_job(cls, job: JobBase, *, rendezvous: str | None = None) -> Session:
+        return cls(
+            parties=tuple(job.party_names),
+            rendezvous=rendezvous,
+            timeout_s=job.runtime.timeout_s,
+            insecure_dealer=job.runtime.insecure_dealer,
+            device=job.runtime.device,
+            label=f"job {job.name} ({job.source})",
+        )
+
+    @classmethod
+    def from_env(cls) -> Session:
+        """The session ``mpcfl launch`` describes in the environment.
+
+        Raises:
+            MpcflError: the process was not started by ``mpcfl launch``.
+        """
+        names = os.environ.get(ENV_PARTIES)
+        if not names:
+            raise MpcflError(f"{ENV_PARTIES} is not set: start party scripts with `mpcfl launch`, or pass parties=")
+        return cls(
+            parties=tuple(names.split(",")),
+            timeout_s=float(os.environ.get(ENV_TIMEOUT, "60")),
+            insecure_dealer=os.environ.get(ENV_INSECURE) == "1",
+        )
+
+    @property
+    def world_size(self) -> int:
+        return len(self.parties)
+
+    def rank_of(self, name: str) -> int:
+        """Raises MpcflError for a name that is not a party."""
+        if name not in self.parties:
+            raise MpcflError(f"{self.label}: no party named {name!r} (parties: {', '.join(self.parties)})")
+        return self.parties.index(name)
+
+
+def _set_env(session: Session, *, rank: int, who: str) -> None:
+    """Fills CrypTen's environment contract, refusing values that contradict the session."""
+    for key, expected in (("RANK", rank), ("WORLD_SIZE", session.world_size)):
         given = os.environ.get(key)
         if given is not None and given != str(expected):
             raise MpcflError(
-                f"{who}: environment {key}={given} does not match the job {job.source} "
-                f"({key.lower()} {expected}; {job.world_size} parties plus the dealer)"
+                f"{who}: environment {key}={given} does not match {session.label} "
+                f"({key.lower()} {expected}; {session.world_size} parties plus the dealer)"
             )
         os.environ[key] = str(expected)
-    rendezvous = rendezvous or os.environ.get("RENDEZVOUS")
+    rendezvous = session.rendezvous or os.environ.get("RENDEZVOUS")
     if not rendezvous:
         raise MpcflError(f"{who}: no rendezvous: pass --rendezvous tcp://HOST:PORT or set RENDEZVOUS")
     if not rendezvous.startswith(("tcp://", "file://", "env://")):
@@ -43,28 +111,28 @@ def _set_env(job: JobSpec, *, rank: int, rendezvous: str | None, who: str) -> No
     os.environ["DISTRIBUTED_BACKEND"] = "gloo"
 
 
-def _configure(job: JobSpec) -> Any:
+def _configure(session: Session) -> Any:
     crypten = import_crypten()
     from crypten.config import cfg
 
-    set_process_group_timeout(job.runtime.timeout_s)
-    cfg.mpc.provider = "TFP" if job.runtime.insecure_dealer else "TTP"
+    set_process_group_timeout(session.timeout_s)
+    cfg.mpc.provider = "TFP" if session.insecure_dealer else "TTP"
     cfg.communicator.verbose = True
     return crypten
 
 
-def _translate(err: RuntimeError, who: str, job: JobSpec) -> MpcflError:
+def _translate(err: RuntimeError, who: str, session: Session) -> MpcflError:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if any(marker in str(err) for marker in _PEER_FAILURES):
         return PeerFailure(
-            f"{who}: lost a peer of job {job.name} (it died, hung past "
-            f"runtime.timeout_s={job.runtime.timeout_s:g}s, or the link was cut): {text}"
+            f"{who}: lost a peer of {session.label} (it died, hung past "
+            f"timeout_s={session.timeout_s:g}s, or the link was cut): {text}"
         )
     return MpcflError(f"{who}: {text}")
 
 
 @contextlib.contextmanager
-def _crypten_session(crypten: Any, job: JobSpec, who: str) -> Iterator[None]:
+def _crypten_session(crypten: Any, session: Session, who: str) -> Iterator[None]:
     """Turns gloo's errors into one-line ones and always leaves the process group.
 
     A process that exits without ``crypten.uninit()`` can abort in gloo's threads.
@@ -72,7 +140,7 @@ def _crypten_session(crypten: Any, job: JobSpec, who: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as err:
-        raise _translate(err, who, job) from err
+        raise _translate(err, who, session) from err
     finally:
         if crypten.is_initialized():
             with contextlib.suppress(RuntimeError):
@@ -80,42 +148,42 @@ def _crypten_session(crypten: Any, job: JobSpec, who: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def party_session(job: JobSpec, party: str, *, rendezvous: str | None = None) -> Iterator[int]:
-    """Joins the job's process group as ``party`` and yields its rank.
+def party_session(session: Session, party: str) -> Iterator[int]:
+    """Joins the session's process group as ``party`` and yields its rank.
 
     Raises:
-        MpcflError: the environment contradicts the job.
+        MpcflError: the environment contradicts the session.
         PeerFailure: a peer failed while the session was open.
     """
-    rank = job.rank_of(party)
+    rank = session.rank_of(party)
     who = f"party {party}"
-    _set_env(job, rank=rank, rendezvous=rendezvous, who=who)
-    crypten = _configure(job)
-    if job.runtime.insecure_dealer:
+    _set_env(session, rank=rank, who=who)
+    crypten = _configure(session)
+    if session.insecure_dealer:
         log.warning(
-            "INSECURE: runtime.insecure_dealer is set, so party %s generates every Beaver "
-            "triple and can see all secrets. Use only for tests.", job.party_names[0]
+            "INSECURE: the insecure dealer is on, so party %s generates every Beaver "
+            "triple and can see all secrets. Use only for tests.", session.parties[0]
         )
-    if job.runtime.device == "cuda" and not torch.cuda.is_available():
-        raise MpcflError(f"{who}: runtime.device is cuda but torch sees no GPU")
-    with _crypten_session(crypten, job, who):
+    if session.device == "cuda" and not torch.cuda.is_available():
+        raise MpcflError(f"{who}: device is cuda but torch sees no GPU")
+    with _crypten_session(crypten, session, who):
         crypten.init()
-        log.info("joined job %s as rank %d of %d", job.name, rank, job.world_size)
+        log.info("joined %s as rank %d of %d", session.label, rank, session.world_size)
         yield rank
 
 
-def run_dealer(job: JobSpec, *, rendezvous: str | None = None) -> None:
-    """Serves Beaver triples to the parties until party 0 ends the job.
+def run_dealer(session: Session) -> None:
+    """Serves Beaver triples to the parties until party 0 ends the session.
 
     Raises:
-        MpcflError: the job runs without a dealer, or the environment contradicts it.
+        MpcflError: the session runs without a dealer, or the environment contradicts it.
     """
     who = "dealer"
-    if job.runtime.insecure_dealer:
-        raise MpcflError(f"{who}: job {job.source} sets runtime.insecure_dealer, so it runs without a dealer")
-    _set_env(job, rank=job.world_size, rendezvous=rendezvous, who=who)
-    crypten = _configure(job)
-    with _crypten_session(crypten, job, who):
+    if session.insecure_dealer:
+        raise MpcflError(f"{who}: {session.label} uses the insecure dealer, so it runs without a dealer process")
+    _set_env(session, rank=session.world_size, who=who)
+    crypten = _configure(session)
+    with _crypten_session(crypten, session, who):
         crypten.mpc.provider.TTPServer()  # returns when party 0 sends "terminate"
     log.info("dealer finished")
 
@@ -130,16 +198,29 @@ def all_gather_public(values: list[int]) -> list[list[int]]:
     return [t.tolist() for t in gathered]
 
 
-def agree(ok: bool, *, job: JobSpec, stage: str) -> None:
-    """All parties learn whether each one finished ``stage``; a failure stops everyone.
+def agreed(stage: str, parties: Sequence[str], action: Callable[[], T]) -> T:
+    """Runs a local step that every party must finish; if one fails, all stop.
+
+    Without this, a party that fails alone leaves the others waiting for it
+    until the timeout.
 
     Raises:
-        PeerFailure: another party reported failure (its own process reports why).
+        MpcflError: this party's own error from ``action``.
+        PeerFailure: another party failed (its own process reports why).
     """
-    flags = all_gather_public([int(ok)])
-    failed = [job.party_names[r] for r, (flag,) in enumerate(flags) if not flag]
-    if failed and ok:
+    error: MpcflError | None = None
+    result: Any = None
+    try:
+        result = action()
+    except MpcflError as err:
+        error = err
+    flags = all_gather_public([int(error is None)])
+    if error is not None:
+        raise error
+    failed = [parties[r] for r, (flag,) in enumerate(flags) if not flag]
+    if failed:
         raise PeerFailure(f"party {', '.join(failed)} failed during {stage}; see its log")
+    return result
 
 
 def communication_stats() -> dict[str, float]:

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from mpcfl._compat import import_crypten
-from mpcfl.config import JobSpec
+from mpcfl.config import TrainJob
 from mpcfl.data import SharedData
 from mpcfl.models import build_torch_model, to_crypten
 from mpcfl.reveal import reveal
@@ -43,7 +43,7 @@ def batches(n_rows: int, *, batch_size: int, seed: int, epoch: int, shuffle: boo
     return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
 
 
-def _step_criterion(job: JobSpec, crypten: Any) -> Any:
+def _step_criterion(job: TrainJob, crypten: Any) -> Any:
     """The training loss, for its gradient only: the forward value is never used,
     so skip computing it (it costs a log per example)."""
     if job.training.loss == "bce":
@@ -61,7 +61,7 @@ def _min_with(a: Any, cap: float) -> Any:
     return a - (a - cap).relu()
 
 
-def _mean_loss(job: JobSpec, logits: Any, y: Any) -> Any:
+def _mean_loss(job: TrainJob, logits: Any, y: Any) -> Any:
     """The mean loss for reporting, accurate to about 1e-3.
 
     CrypTen's own losses take log(p) of a probability with its ``input_in_01``
@@ -81,7 +81,7 @@ def _mean_loss(job: JobSpec, logits: Any, y: Any) -> Any:
     return (logsumexp - (logits * y).sum(dim=1)).mean()
 
 
-def _loss_and_correct(job: JobSpec, model: Any, x: Any, y: Any) -> list[Any]:
+def _loss_and_correct(job: TrainJob, model: Any, x: Any, y: Any) -> list[Any]:
     """Mean loss and number of correct predictions over a whole split, still encrypted."""
     logits = model(x)
     loss = _mean_loss(job, logits, y)
@@ -94,7 +94,7 @@ def _loss_and_correct(job: JobSpec, model: Any, x: Any, y: Any) -> list[Any]:
     return [loss.reshape(1), correct.reshape(1)]
 
 
-def train(job: JobSpec, shared: SharedData, *, rank: int) -> TrainResult:
+def train(job: TrainJob, shared: SharedData, *, rank: int) -> TrainResult:
     """Trains the job's model on secret-shared data; every party calls it together.
 
     Returns:

@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 
 from conftest import base_job, write_csv
-from mpcfl.config import JobSpec
+from mpcfl.config import TrainJob
 from mpcfl.data import DataError, check_range, load_party_data, load_table, standardize_locally
 
 
-def job_for(tmp_path: Path, train_a: Path, train_b: Path, **model: object) -> JobSpec:
+def job_for(tmp_path: Path, train_a: Path, train_b: Path, **model: object) -> TrainJob:
     spec = base_job(
         parties=[{"name": "a", "data": {"train": str(train_a)}}, {"name": "b", "data": {"train": str(train_b)}}],
         labels={"party": "b", "column": "y"},
         model={"type": "logistic_regression", **model},
     )
     spec["outputs"]["dir"] = str(tmp_path / "out")
-    return JobSpec.model_validate(spec)
+    return TrainJob.model_validate(spec)
 
 
 def test_csv_loads_with_header(tmp_path: Path) -> None:

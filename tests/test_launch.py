@@ -110,7 +110,7 @@ def test_world_size_from_the_environment_must_match_the_job(tmp_path: Path) -> N
         capture_output=True, text=True, env=env, timeout=60,
     )
     assert done.returncode == 1
-    assert "mpcfl: error: party p0: environment WORLD_SIZE=3 does not match the job" in done.stderr
+    assert "mpcfl: error: party p0: environment WORLD_SIZE=3 does not match job test-job" in done.stderr
 
 
 def test_unknown_party_name(tmp_path: Path) -> None:
