@@ -1,0 +1,40 @@
+"""mpcfl: secure multi-party training and inference on CrypTen.
+
+The Python API, for party scripts and notebooks::
+
+    import mpcfl
+
+    # one call, everything on this machine (for trying things out)
+    predictions = mpcfl.secure_predict_local(model, inputs)
+
+    # in a party script started by `mpcfl launch --parties bank,clinic script.py`
+    with mpcfl.join() as me:
+        predictions = mpcfl.secure_predict(model, inputs if me.name == "clinic" else None,
+                                           model_owner="bank", data_owner="clinic")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Imported on first use: `mpcfl validate` and the launcher should not pay for torch.
+_API = {
+    "join": "mpcfl.runtime",
+    "Session": "mpcfl.runtime",
+    "secure_predict": "mpcfl.inference",
+    "secure_predict_local": "mpcfl.inference",
+    "load_job": "mpcfl.config",
+    "MpcflError": "mpcfl.errors",
+    "UnsupportedModelError": "mpcfl.convert",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'mpcfl' has no attribute {name!r}")

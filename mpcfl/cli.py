@@ -1,4 +1,4 @@
-"""The ``mpcfl`` command: ``run``, ``party``, ``dealer``, ``validate`` and ``baseline``.
+"""The ``mpcfl`` command: ``run``, ``party``, ``dealer``, ``launch``, ``validate`` and ``baseline``.
 
 Errors a user can act on print as one line, ``mpcfl: error: ...``, and exit 1;
 ``--debug`` shows the traceback instead. A party that lost a peer exits 3, so the
@@ -31,14 +31,20 @@ def _parser() -> argparse.ArgumentParser:
     party.add_argument("--party", required=True, help="this process's party name")
     party.add_argument("--rendezvous", help="tcp://HOST:PORT shared by all processes (default: $RENDEZVOUS)")
 
-    dealer = sub.add_parser("dealer", help="run the job's Beaver-triple dealer (TTP)")
-    dealer.add_argument("job")
+    dealer = sub.add_parser("dealer", help="run the Beaver-triple dealer (TTP) of a job, or of `mpcfl launch`")
+    dealer.add_argument("job", nargs="?", help="the job file (default: the session `mpcfl launch` describes)")
     dealer.add_argument("--rendezvous", help="tcp://HOST:PORT shared by all processes (default: $RENDEZVOUS)")
 
     baseline = sub.add_parser(
         "baseline", help="train the same job in plaintext PyTorch (reads every party's files; for measurement)"
     )
     baseline.add_argument("job")
+
+    launch = sub.add_parser("launch", help="run a party script once per party, plus the dealer, on this machine")
+    launch.add_argument("--parties", required=True, help="comma-separated party names, in rank order")
+    launch.add_argument("--timeout-s", type=float, default=60.0, help="process-group timeout (default 60)")
+    launch.add_argument("--insecure-dealer", action="store_true", help="no dealer: party 0 makes the triples (tests only)")
+    launch.add_argument("script", nargs=argparse.REMAINDER, help="SCRIPT.py [ARGS...]")
 
     validate = sub.add_parser("validate", help="check a job file without running it")
     validate.add_argument("job")
@@ -52,34 +58,60 @@ def _setup_logging(debug: bool) -> None:
     logging.getLogger("mpcfl").setLevel(logging.DEBUG if debug else logging.INFO)
 
 
+def _launch(args: argparse.Namespace) -> int:
+    from mpcfl.launch import launch_script
+
+    parties = [name.strip() for name in args.parties.split(",") if name.strip()]
+    if len(parties) < 2 or len(set(parties)) != len(parties):
+        raise MpcflError(f"--parties: give at least two distinct names, got {args.parties!r}")
+    if not args.script:
+        raise MpcflError("launch: name the party script to run")
+    return launch_script(args.script, parties=parties, timeout_s=args.timeout_s, insecure_dealer=args.insecure_dealer)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from mpcfl.config import load_job
 
+    if args.command == "launch":
+        return _launch(args)
+    if args.command == "dealer" and args.job is None:
+        from mpcfl.runtime import Session, run_dealer
+
+        run_dealer(Session.from_env())
+        return 0
     job = load_job(args.job)
     if args.command == "run":
         from mpcfl.launch import run_local
 
         return run_local(job, debug=args.debug)
     if args.command == "party":
-        from mpcfl.party import run_party
+        if job.task == "inference":
+            from mpcfl.inference import run_inference_party
 
-        run_party(job, args.party, rendezvous=args.rendezvous)
+            run_inference_party(job, args.party, rendezvous=args.rendezvous)
+        else:
+            from mpcfl.party import run_party
+
+            run_party(job, args.party, rendezvous=args.rendezvous)
     elif args.command == "dealer":
         from mpcfl.runtime import Session, run_dealer
 
         run_dealer(Session.of_job(job, rendezvous=args.rendezvous))
     elif args.command == "baseline":
+        if job.task != "train":
+            raise MpcflError(f"{args.job}: baseline compares training jobs; this one is task: {job.task}")
         from mpcfl.baseline import train_plaintext
 
         for record in train_plaintext(job).history:
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
     elif args.command == "validate":
-        if args.party:
+        if args.party and job.task == "train":
             from mpcfl.data import load_party_data
 
             loaded = load_party_data(job, job.party_names[job.rank_of(args.party)])
             print(f"{args.party}: {loaded.train.x.shape[0]} training rows, {loaded.train.x.shape[1]} feature columns")
-        print(f"{args.job}: valid job {job.name!r}: {job.world_size} parties, {job.partition} partition, {job.model.type}")
+        what = f"{job.partition} partition, {job.model.type}" if job.task == "train" else f"inference, model {job.model.factory}"
+        print(f"{args.job}: valid job {job.name!r}: {job.world_size} parties, {what}")
     return 0
 
 

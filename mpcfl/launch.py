@@ -1,6 +1,8 @@
-"""The local launcher: every party and the dealer of a job as processes on this machine.
+"""The local launcher: every party and the dealer as processes on this machine.
 
-Each child runs ``python -m mpcfl party|dealer`` on a free loopback port. Its
+For a job, each child runs ``python -m mpcfl party|dealer``; for a party script
+(:func:`launch_script`), each party runs the script with its role in the
+environment. All meet on a free loopback port. A child's
 output lines are prefixed with its name. If any child fails, the others are
 stopped and the launcher reports the child that failed first. Children die
 with the launcher (PR_SET_PDEATHSIG) and are killed as process groups, so no
@@ -18,12 +20,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from mpcfl.cli import EXIT_PEER_FAILURE
-from mpcfl.config import TrainJob
+from mpcfl.config import JobBase
+from mpcfl.runtime import ENV_INSECURE, ENV_PARTIES, ENV_PARTY, ENV_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +90,22 @@ def _pump(child: Child, stream: IO[bytes], sink: IO[str]) -> None:
             sink.flush()
 
 
-def _spawn(name: str, argv: list[str], *, sink: IO[str]) -> Child:
-    env = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "RENDEZVOUS", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    env["PYTHONUNBUFFERED"] = "1"
+def _mpcfl(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "mpcfl", *argv]
+
+
+def _spawn(name: str, command: list[str], *, sink: IO[str], env: dict[str, str] | None = None) -> Child:
+    """Starts one supervised child in its own process group; ``env`` adds to a clean environment."""
+    full_env = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "RENDEZVOUS", "MASTER_ADDR", "MASTER_PORT", ENV_PARTY, ENV_PARTIES):
+        full_env.pop(key, None)
+    full_env.update(env or {}, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "mpcfl", *argv],
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-        env=env,
+        env=full_env,
         start_new_session=True,
         preexec_fn=_die_with_parent,
     )
@@ -177,7 +186,16 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_local(job: TrainJob, *, debug: bool = False, sink: IO[str] | None = None) -> int:
+def _run(children_of: Callable[[], list[Child]], *, sink: IO[str]) -> int:
+    """Starts the children, supervises them, and turns SIGTERM into a clean stop."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return supervise(children_of(), sink=sink)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_local(job: JobBase, *, debug: bool = False, sink: IO[str] | None = None) -> int:
     """Runs every party (and the dealer, unless the job is insecure) on this machine.
 
     Returns:
@@ -187,18 +205,54 @@ def run_local(job: TrainJob, *, debug: bool = False, sink: IO[str] | None = None
     rendezvous = f"tcp://127.0.0.1:{free_port()}"
     job_file = str(Path(job.source).resolve())
     common = ["--debug"] if debug else []
-    children: list[Child] = []
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
+
+    def children() -> list[Child]:
+        started = []
         if not job.runtime.insecure_dealer:
-            children.append(_spawn("dealer", [*common, "dealer", job_file, "--rendezvous", rendezvous], sink=sink))
+            started.append(_spawn("dealer", _mpcfl(*common, "dealer", job_file, "--rendezvous", rendezvous), sink=sink))
         for name in job.party_names:
-            children.append(
-                _spawn(name, [*common, "party", job_file, "--party", name, "--rendezvous", rendezvous], sink=sink)
-            )
-        code = supervise(children, sink=sink)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+            command = _mpcfl(*common, "party", job_file, "--party", name, "--rendezvous", rendezvous)
+            started.append(_spawn(name, command, sink=sink))
+        return started
+
+    code = _run(children, sink=sink)
     if code == 0:
         print(f"mpcfl: job {job.name} finished; outputs in {job.outputs.dir}", file=sink)
     return code
+
+
+def launch_script(
+    script: list[str],
+    *,
+    parties: list[str],
+    timeout_s: float = 60.0,
+    insecure_dealer: bool = False,
+    sink: IO[str] | None = None,
+) -> int:
+    """Runs ``python SCRIPT ...`` once per party, plus the dealer, on this machine.
+
+    Each copy finds its role in the environment (``MPCFL_PARTY``, ``MPCFL_PARTIES``,
+    ``RANK``, ``WORLD_SIZE``, ``RENDEZVOUS``) and joins with :func:`mpcfl.join`.
+
+    Returns:
+        0 when every process succeeded, 1 otherwise.
+    """
+    sink = sink or sys.stdout
+    shared = {
+        ENV_PARTIES: ",".join(parties),
+        ENV_TIMEOUT: str(timeout_s),
+        ENV_INSECURE: "1" if insecure_dealer else "0",
+        "WORLD_SIZE": str(len(parties)),
+        "RENDEZVOUS": f"tcp://127.0.0.1:{free_port()}",
+    }
+
+    def children() -> list[Child]:
+        started = []
+        if not insecure_dealer:
+            started.append(_spawn("dealer", _mpcfl("dealer"), sink=sink, env={**shared, "RANK": str(len(parties))}))
+        for rank, name in enumerate(parties):
+            env = {**shared, "RANK": str(rank), ENV_PARTY: name}
+            started.append(_spawn(name, [sys.executable, *script], sink=sink, env=env))
+        return started
+
+    return _run(children, sink=sink)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -33,6 +34,10 @@ def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool = Fal
 
 def write_json(path: Path, payload: Any) -> None:
     atomic_write(path, lambda handle: json.dump(payload, handle, indent=2, sort_keys=True))
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda handle: np.save(handle, array, allow_pickle=False), binary=True)
 
 
 def write_torch(path: Path, payload: Any) -> None:

@@ -92,6 +92,18 @@ class Session:
         return self.parties.index(name)
 
 
+@dataclass(frozen=True)
+class Party:
+    """This process's place in a joined session."""
+
+    name: str
+    rank: int
+    session: Session
+
+
+_joined: list[Party] = []
+
+
 def _set_env(session: Session, *, rank: int, who: str) -> None:
     """Fills CrypTen's environment contract, refusing values that contradict the session."""
     for key, expected in (("RANK", rank), ("WORLD_SIZE", session.world_size)):
@@ -169,7 +181,11 @@ def party_session(session: Session, party: str) -> Iterator[int]:
     with _crypten_session(crypten, session, who):
         crypten.init()
         log.info("joined %s as rank %d of %d", session.label, rank, session.world_size)
-        yield rank
+        _joined.append(Party(name=party, rank=rank, session=session))
+        try:
+            yield rank
+        finally:
+            _joined.pop()
 
 
 def run_dealer(session: Session) -> None:
@@ -227,3 +243,36 @@ def communication_stats() -> dict[str, float]:
     """This process's communication so far: rounds, bytes sent, seconds in comms."""
     stats = import_crypten().comm.get().get_communication_stats()
     return {"rounds": int(stats["rounds"]), "bytes": int(stats["bytes"]), "comm_time_s": float(stats["time"])}
+
+
+@contextlib.contextmanager
+def join(session: Session | None = None, *, party: str | None = None) -> Iterator[Party]:
+    """Joins a secure session as one party, for party scripts.
+
+    With no arguments it reads the role ``mpcfl launch`` put in the environment.
+
+    Args:
+        session: the parties and how to reach them; default ``Session.from_env()``.
+        party: this process's party name; default ``$MPCFL_PARTY``.
+
+    Raises:
+        MpcflError: no role is given or found, or the environment contradicts it.
+        PeerFailure: a peer failed while the session was open.
+    """
+    session = session or Session.from_env()
+    party = party or os.environ.get(ENV_PARTY)
+    if not party:
+        raise MpcflError(f"{ENV_PARTY} is not set: pass party= or start the script with `mpcfl launch`")
+    with party_session(session, party):
+        yield current_party()
+
+
+def current_party() -> Party:
+    """The party this process joined as.
+
+    Raises:
+        MpcflError: called outside :func:`join` (or a job's party process).
+    """
+    if not _joined:
+        raise MpcflError("not inside a secure session: use `with mpcfl.join():` in a script started by `mpcfl launch`")
+    return _joined[-1]

@@ -1,0 +1,284 @@
+"""torch.nn models to secure models, straight from the torch.fx graph.
+
+CrypTen's own ``from_pytorch`` goes through the ONNX exporter, which torch keeps
+changing and whose ``Identity`` nodes CrypTen cannot read. Here the model is
+traced with ``torch.fx`` and each node is run with CrypTen's tensor operations,
+so the graph never leaves torch. Every node is checked before anything is
+shared: an unsupported layer or function is refused by name, never guessed at.
+
+The model is always evaluated as in ``model.eval()`` (as ``torch.onnx.export``
+does): dropout is the identity and batch norm uses its running statistics, which
+the owner folds into one scale and shift per channel before sharing.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from mpcfl.errors import MpcflError
+
+
+class UnsupportedModelError(MpcflError):
+    """The model uses a layer, function or construct that cannot run under MPC here."""
+
+
+def _pair(value: Any) -> Any:
+    return value if isinstance(value, int) else tuple(value)
+
+
+def _channel_view(t: Any, x: Any) -> Any:
+    """A per-channel vector shaped to broadcast against ``x`` of shape (N, C, ...)."""
+    return t.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _no_params(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {}
+
+
+def _own_params(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t.detach() for name, t in m.named_parameters(recurse=False)}
+
+
+def _linear(m: nn.Linear, x: Any, p: dict[str, Any]) -> Any:
+    out = x.matmul(p["weight"].t())
+    return out + p["bias"] if "bias" in p else out
+
+
+def _conv_params(m: nn.Conv1d | nn.Conv2d) -> dict[str, torch.Tensor]:
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        raise UnsupportedModelError(f"{type(m).__name__} with padding={m.padding!r}, padding_mode={m.padding_mode!r}")
+    return _own_params(m)
+
+
+def _conv(m: nn.Conv1d | nn.Conv2d, x: Any, p: dict[str, Any]) -> Any:
+    conv = x.conv1d if isinstance(m, nn.Conv1d) else x.conv2d
+    out = conv(p["weight"], stride=_pair(m.stride), padding=_pair(m.padding), dilation=_pair(m.dilation), groups=m.groups)
+    return out + _channel_view(p["bias"], out) if "bias" in p else out
+
+
+def _batchnorm_params(m: nn.modules.batchnorm._BatchNorm) -> dict[str, torch.Tensor]:
+    """Eval-mode batch norm as y = x * scale + shift, folded in plaintext by the owner."""
+    if m.running_mean is None or m.running_var is None:
+        raise UnsupportedModelError(f"{type(m).__name__} without running statistics (track_running_stats=False)")
+    scale = torch.rsqrt(m.running_var + m.eps)
+    if m.weight is not None:
+        scale = scale * m.weight
+    shift = -m.running_mean * scale
+    if m.bias is not None:
+        shift = shift + m.bias
+    return {"scale": scale.detach(), "shift": shift.detach()}
+
+
+def _batchnorm(m: nn.Module, x: Any, p: dict[str, Any]) -> Any:
+    return x * _channel_view(p["scale"], x) + _channel_view(p["shift"], x)
+
+
+def _max_pool_params(m: nn.MaxPool2d) -> dict[str, torch.Tensor]:
+    if m.return_indices:
+        raise UnsupportedModelError("MaxPool2d with return_indices=True")
+    return {}
+
+
+def _max_pool(m: nn.MaxPool2d, x: Any, p: dict[str, Any]) -> Any:
+    return x.max_pool2d(
+        _pair(m.kernel_size), padding=_pair(m.padding), stride=_pair(m.stride),
+        dilation=_pair(m.dilation), ceil_mode=m.ceil_mode,
+    )
+
+
+def _avg_pool_params(m: nn.AvgPool2d) -> dict[str, torch.Tensor]:
+    if m.ceil_mode or not m.count_include_pad or m.divisor_override is not None:
+        raise UnsupportedModelError("AvgPool2d with ceil_mode, count_include_pad=False or divisor_override")
+    return {}
+
+
+def _avg_pool(m: nn.AvgPool2d, x: Any, p: dict[str, Any]) -> Any:
+    return x.avg_pool2d(_pair(m.kernel_size), stride=_pair(m.stride), padding=_pair(m.padding))
+
+
+def _adaptive_size(m: nn.AdaptiveAvgPool2d) -> tuple[int, int]:
+    size = m.output_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if None in size:
+        raise UnsupportedModelError("AdaptiveAvgPool2d with a None output size")
+    return size
+
+
+def _adaptive_avg_pool_params(m: nn.AdaptiveAvgPool2d) -> dict[str, torch.Tensor]:
+    _adaptive_size(m)
+    return {}
+
+
+# layer type -> (the plaintext tensors its owner shares, how to run it on a CrypTensor)
+_LAYERS: dict[type, tuple[Callable[[Any], dict[str, torch.Tensor]], Callable[[Any, Any, dict[str, Any]], Any]]] = {
+    nn.Linear: (_own_params, _linear),
+    nn.Conv1d: (_conv_params, _conv),
+    nn.Conv2d: (_conv_params, _conv),
+    nn.BatchNorm1d: (_batchnorm_params, _batchnorm),
+    nn.BatchNorm2d: (_batchnorm_params, _batchnorm),
+    nn.ReLU: (_no_params, lambda m, x, p: x.relu()),
+    nn.Sigmoid: (_no_params, lambda m, x, p: x.sigmoid()),
+    nn.Tanh: (_no_params, lambda m, x, p: x.tanh()),
+    nn.MaxPool2d: (_max_pool_params, _max_pool),
+    nn.AvgPool2d: (_avg_pool_params, _avg_pool),
+    nn.AdaptiveAvgPool2d: (_adaptive_avg_pool_params, lambda m, x, p: x.adaptive_avg_pool2d(_adaptive_size(m))),
+    nn.Flatten: (_no_params, lambda m, x, p: x.flatten(m.start_dim, m.end_dim)),
+    nn.Dropout: (_no_params, lambda m, x, p: x),
+    nn.Identity: (_no_params, lambda m, x, p: x),
+    nn.Softmax: (_no_params, lambda m, x, p: x.softmax(m.dim)),
+    nn.LogSoftmax: (_no_params, lambda m, x, p: x.log_softmax(m.dim)),
+}
+
+
+def _dim_of(args: tuple, kwargs: dict, position: int = 1) -> int:
+    dim = kwargs.get("dim", args[position] if len(args) > position else None)
+    if dim is None:
+        raise UnsupportedModelError("softmax without an explicit dim")
+    return dim
+
+
+# functions a traced forward() may call -> how to run them (CrypTensors and plain values mixed)
+_FUNCTIONS: dict[Any, Callable[..., Any]] = {
+    operator.add: operator.add,
+    operator.sub: operator.sub,
+    operator.mul: operator.mul,
+    operator.truediv: operator.truediv,
+    operator.getitem: operator.getitem,
+    torch.add: lambda a, b: a + b,
+    torch.flatten: lambda x, start_dim=0, end_dim=-1: x.flatten(start_dim, end_dim),
+    torch.relu: lambda x: x.relu(),
+    F.relu: lambda x, inplace=False: x.relu(),
+    torch.sigmoid: lambda x: x.sigmoid(),
+    torch.tanh: lambda x: x.tanh(),
+    F.softmax: lambda x, *a, **k: x.softmax(_dim_of((x, *a), k)),
+    F.log_softmax: lambda x, *a, **k: x.log_softmax(_dim_of((x, *a), k)),
+}
+
+_METHODS = {
+    "view", "reshape", "flatten", "size", "relu", "sigmoid", "tanh", "mean", "sum",
+    "permute", "transpose", "squeeze", "unsqueeze", "add", "sub", "mul", "dim",
+}
+_IDENTITY_METHODS = {"contiguous"}
+
+
+def _describe(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+    if node.op == "call_module":
+        return f"layer {node.target!r} ({type(gm.get_submodule(node.target)).__name__})"
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"{node.op.replace('call_', '')} {name!r} (node {node.name})"
+
+
+def trace(model: nn.Module) -> torch.fx.GraphModule:
+    """Traces an eval-mode copy of ``model`` and checks that every node can run securely.
+
+    Raises:
+        UnsupportedModelError: names the first unsupported layer, function or method.
+    """
+    model = copy.deepcopy(model).eval()
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as err:  # fx raises many types for data-dependent control flow
+        raise UnsupportedModelError(
+            f"{type(model).__name__} cannot be traced with torch.fx: {str(err).splitlines()[0]}"
+        ) from None
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise UnsupportedModelError(f"{type(model).__name__}.forward takes {len(inputs)} inputs; one is supported")
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            layer = gm.get_submodule(node.target)
+            if type(layer) not in _LAYERS:
+                supported = ", ".join(sorted(t.__name__ for t in _LAYERS))
+                raise UnsupportedModelError(
+                    f"{_describe(gm, node)} is not supported under MPC (supported layers: {supported})"
+                )
+            _LAYERS[type(layer)][0](layer)  # refuses unsupported settings early
+        elif node.op == "call_function" and node.target not in _FUNCTIONS:
+            raise UnsupportedModelError(f"{_describe(gm, node)} is not supported under MPC")
+        elif node.op == "call_method" and node.target not in _METHODS | _IDENTITY_METHODS:
+            raise UnsupportedModelError(f"{_describe(gm, node)} is not supported under MPC")
+    return gm
+
+
+def plain_parameters(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every tensor the model owner shares, by name, in graph order (batch norm folded)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            layer = gm.get_submodule(node.target)
+            for name, value in _LAYERS[type(layer)][0](layer).items():
+                tensors.setdefault(f"{node.target}.{name}", value.float())
+        elif node.op == "get_attr":
+            tensors.setdefault(node.target, _fetch_attr(gm, node.target).detach().float())
+    return tensors
+
+
+def _fetch_attr(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    if not torch.is_tensor(value):
+        raise UnsupportedModelError(f"attribute {target!r} is not a tensor")
+    return value
+
+
+@dataclass
+class SecureModel:
+    """A traced model whose tensors are secret-shared; call it on a CrypTensor."""
+
+    graph_module: torch.fx.GraphModule
+    tensors: dict[str, Any]  # shared tensors by name, as plain_parameters names them
+
+    def _layer_tensors(self, target: str) -> dict[str, Any]:
+        prefix = f"{target}."
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.rpartition(".")[0] == target}
+
+    def __call__(self, x: Any) -> Any:
+        env: dict[str, Any] = {}
+        gm = self.graph_module
+
+        def load(arg: Any) -> Any:
+            return torch.fx.node.map_arg(arg, lambda n: env[n.name])
+
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                env[node.name] = x
+            elif node.op == "get_attr":
+                env[node.name] = self.tensors[node.target]
+            elif node.op == "call_module":
+                layer = gm.get_submodule(node.target)
+                (arg,) = load(node.args)
+                env[node.name] = _LAYERS[type(layer)][1](layer, arg, self._layer_tensors(node.target))
+            elif node.op == "call_function":
+                env[node.name] = _FUNCTIONS[node.target](*load(node.args), **load(node.kwargs))
+            elif node.op == "call_method":
+                target, *rest = load(node.args)
+                if node.target in _IDENTITY_METHODS:
+                    env[node.name] = target
+                else:
+                    env[node.name] = getattr(target, node.target)(*rest, **load(node.kwargs))
+            elif node.op == "output":
+                return load(node.args[0])
+        raise UnsupportedModelError("the traced graph has no output")
+
+
+def encrypt_model(gm: torch.fx.GraphModule, *, src: int, device: str = "cpu") -> SecureModel:
+    """Secret-shares the traced model's tensors from rank ``src``.
+
+    Every party calls this with a model of the same architecture; only ``src``'s
+    tensor values matter, the others' are placeholders of the right shape.
+    """
+    from mpcfl._compat import import_crypten
+
+    crypten = import_crypten()
+    tensors = {name: crypten.cryptensor(t, src=src, device=device) for name, t in plain_parameters(gm).items()}
+    return SecureModel(graph_module=gm, tensors=tensors)
