@@ -76,14 +76,14 @@ def _exchange_shape(inputs: torch.Tensor | None, owner: int) -> tuple[int, ...]:
     return tuple(row[1 : 1 + row[0]])
 
 
-def _dry_run(gm: torch.fx.GraphModule, shape: tuple[int, ...], where: str) -> None:
+def _dry_run(gm: torch.fx.GraphModule, shape: tuple[int, ...], *, where: str, data_owner: str) -> None:
     """Runs the architecture in plaintext on zeros, so a shape mismatch fails clearly, before sharing."""
     try:
         with torch.no_grad():
             gm(torch.zeros(min(shape[0], 2), *shape[1:]))
     except Exception as err:  # torch raises RuntimeError, ValueError, IndexError... for bad shapes
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MpcflError(f"{where}: inputs of shape {shape} do not fit the model: {first}") from None
+        raise MpcflError(f"{where}: party {data_owner}'s inputs of shape {shape} do not fit the model: {first}") from None
 
 
 def secure_predict(
@@ -127,7 +127,7 @@ def secure_predict(
         agreed("input checks", session.parties, lambda: None)
     gm = agreed("model checks", session.parties, lambda: trace(model))
     shape = _exchange_shape(inputs if me.rank == data_rank else None, data_rank)
-    agreed("shape checks", session.parties, lambda: _dry_run(gm, shape, f"{where}: party {data_owner}'s"))
+    agreed("shape checks", session.parties, lambda: _dry_run(gm, shape, where=where, data_owner=data_owner))
 
     crypten = import_crypten()
     device = session.device

@@ -87,6 +87,7 @@ CASES = {
     "tanh": (lambda: nn.Sequential(nn.Linear(4, 4), nn.Tanh()), (5, 4), APPROX),
     "softmax": (lambda: nn.Sequential(nn.Linear(4, 5), nn.Softmax(dim=1)), (5, 4), APPROX),
     "log_softmax": (lambda: nn.Sequential(nn.Linear(4, 5), nn.LogSoftmax(dim=1)), (5, 4), APPROX),
+    "relu_then_maxpool": (lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2, padding=1)), (2, 1, 7, 7), EXACT),
     "resnet_block": (lambda: _randomise_batchnorm(TinyResNet()), (2, 1, 8, 8), EXACT),
 }
 
@@ -150,3 +151,22 @@ class Branchy(nn.Module):
 def test_unsupported_models_are_refused_by_name(model: nn.Module, message: str) -> None:
     with pytest.raises(UnsupportedModelError, match=message):
         trace(model)
+
+
+def test_relu_before_max_pool_is_reordered_exactly() -> None:
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.pool = nn.MaxPool2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.pool(torch.relu(self.conv(x))) + 1
+
+    torch.manual_seed(0)
+    model = Functional().eval()
+    gm = trace(model)
+    order = [n.target for n in gm.graph.nodes if n.op in ("call_module", "call_function")]
+    assert order[:3] == ["conv", "pool", torch.relu]
+    x = torch.randn(4, 1, 9, 9)
+    assert torch.equal(gm(x), model(x))

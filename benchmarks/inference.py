@@ -1,0 +1,99 @@
+"""Secure inference benchmark: mpcfl against raw CrypTen, same processes, same run.
+
+    python benchmarks/inference.py [--repeats 5] [--batch 64]
+
+Runs with 2 parties (model owner, data owner) plus the TTP dealer on this
+machine. For an MLP 784-128-128-10 and a LeNet-5 on a batch of 1x28x28 inputs,
+each side does the whole job per batch: share the weights, share the inputs,
+run the network, reveal the outputs to the data owner. Raw CrypTen imports the
+model with ``crypten.nn.from_pytorch`` (through mpcfl's compat patches; it does
+not import on current torch otherwise). Prints median seconds per batch, and
+bytes and rounds summed over both parties, per batch.
+
+This folder is not a package: crypten's wheel installs a top-level `benchmarks`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import mpcfl
+from mpcfl._compat import import_crypten
+from mpcfl.launch import launch_script
+from mpcfl.runtime import all_gather_public, communication_stats
+from mpcfl.zoo import lenet5, mlp_784
+
+PARTIES = ["model_owner", "data_owner"]
+MODELS = {"MLP 784-128-128-10": mlp_784, "LeNet-5": lenet5}
+
+
+def mpcfl_batch(model: torch.nn.Module, x: torch.Tensor | None) -> None:
+    mpcfl.secure_predict(model, x, model_owner="model_owner", data_owner="data_owner", batch_size=x.shape[0] if x is not None else 64)
+
+
+def raw_crypten_batch(model: torch.nn.Module, x: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    crypten = import_crypten()
+    secure = crypten.nn.from_pytorch(model, torch.zeros(1, *shape[1:])).encrypt(src=0)
+    secure.eval()
+    with crypten.no_grad():
+        x_enc = crypten.cryptensor(x if x is not None else torch.zeros(*shape), src=1)
+        secure(x_enc).get_plain_text(dst=1)
+
+
+def measure(run, repeats: int) -> dict[str, float]:
+    """Median seconds per batch, and bytes and rounds of both parties together."""
+    run()  # warm-up: first calls pay for imports and allocator growth
+    seconds, sent, rounds = [], [], []
+    for _ in range(repeats):
+        before = communication_stats()
+        started = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - started)
+        after = communication_stats()
+        both = all_gather_public([after["bytes"] - before["bytes"], after["rounds"] - before["rounds"]])
+        sent.append(sum(b for b, _ in both))
+        rounds.append(sum(r for _, r in both))
+    return {"seconds": statistics.median(seconds), "bytes": statistics.median(sent), "rounds": statistics.median(rounds)}
+
+
+def party(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    shape = (args.batch, 1, 28, 28)
+    with mpcfl.join() as me:
+        rows = []
+        for name, make in MODELS.items():
+            model = make().eval()
+            x = torch.rand(*shape) if me.name == "data_owner" else None
+            ours = measure(lambda: mpcfl_batch(model, x), args.repeats)
+            raw = measure(lambda: raw_crypten_batch(model, x, shape), args.repeats)
+            rows.append((name, ours, raw))
+    if me.name != "data_owner":
+        return
+    print(f"\nsecure inference, batch of {args.batch} x 1x28x28, 2 parties + TTP dealer, "
+          f"{torch.get_num_threads()} thread(s) per party, median of {args.repeats}")
+    print(f"| model | mpcfl s/batch | raw CrypTen s/batch | ratio | mpcfl MB | raw MB | mpcfl rounds | raw rounds |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, ours, raw in rows:
+        print(f"| {name} | {ours['seconds']:.3f} | {raw['seconds']:.3f} | {ours['seconds'] / raw['seconds']:.2f} | "
+              f"{ours['bytes'] / 1e6:.2f} | {raw['bytes'] / 1e6:.2f} | {ours['rounds']:.0f} | {raw['rounds']:.0f} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    if os.environ.get("MPCFL_PARTY"):
+        party(args)
+        return 0
+    return launch_script([os.path.abspath(__file__), *sys.argv[1:]], parties=PARTIES, timeout_s=300)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

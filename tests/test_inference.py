@@ -1,0 +1,130 @@
+"""Secure inference on real processes: jobs, party scripts, the one-call API, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, assert_no_leftovers, mpcfl, write_job
+from mpcfl.errors import MpcflError
+from mpcfl.zoo import digits_mlp
+
+DATA = REPO / "examples" / "data" / "digits_inference"
+DEMO = REPO / "configs" / "digits_inference.yaml"
+
+
+def plaintext(inputs: np.ndarray) -> torch.Tensor:
+    model = digits_mlp()
+    model.load_state_dict(torch.load(DATA / "bank_weights.pt", weights_only=True))
+    with torch.no_grad():
+        return model.eval()(torch.from_numpy(inputs))
+
+
+def job(tmp_path: Path, **changes: Any) -> Path:
+    spec = yaml.safe_load(DEMO.read_text())
+    spec["model"]["weights"] = str(DATA / "bank_weights.pt")
+    spec["inputs"]["file"] = str(DATA / "clinic_inputs.npy")
+    spec["outputs"]["dir"] = str(tmp_path / "out")
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        spec[section][field] = value
+    return write_job(tmp_path, spec)
+
+
+def test_job_predictions_match_plaintext_and_reach_only_the_data_owner(tmp_path: Path) -> None:
+    path = job(tmp_path)
+    done = mpcfl("run", str(path), timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert_no_leftovers(str(path))
+    out = tmp_path / "out"
+    predictions = np.load(out / "clinic" / "predictions.npy")
+    expected = plaintext(np.load(DATA / "clinic_inputs.npy")).numpy()
+    assert predictions.shape == (197, 10)
+    assert np.abs(predictions - expected).max() < 1e-2
+    assert (predictions.argmax(1) == expected.argmax(1)).all()
+    # The model owner holds no prediction: not in its folder, its metrics or its log lines.
+    assert sorted(p.name for p in (out / "bank").iterdir()) == ["metrics.json"]
+    bank = json.loads((out / "bank" / "metrics.json").read_text())
+    assert "predictions" not in bank
+    assert [r for r in bank["reveals"] if r["what"] == "predictions"] == [
+        {"what": "predictions", "shape": [197, 10], "to": [1]}
+    ]
+    bank_log = "\n".join(line for line in done.stdout.splitlines() if line.startswith("[bank]"))
+    for value in expected[:5].ravel():
+        assert f"{value:.3f}" not in bank_log
+
+
+def test_party_script_through_mpcfl_launch() -> None:
+    done = mpcfl("launch", "--parties", "bank,clinic", str(REPO / "examples" / "secure_inference_party.py"), timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "[clinic] clinic: 197 predictions, accuracy 0.9188" in done.stdout
+    assert "[bank] bank: done; predictions went to the clinic only (received: None)" in done.stdout
+    assert_no_leftovers("secure_inference_party.py")
+
+
+def test_one_call_local_api_matches_plaintext() -> None:
+    import mpcfl as api
+
+    inputs = np.load(DATA / "clinic_inputs.npy")[:40]
+    model = digits_mlp()
+    model.load_state_dict(torch.load(DATA / "bank_weights.pt", weights_only=True))
+    secure = api.secure_predict_local(model, torch.from_numpy(inputs), batch_size=16, timeout_s=30)
+    expected = plaintext(inputs)
+    assert secure.shape == expected.shape
+    assert (secure - expected).abs().max() < 1e-2
+
+
+def test_one_call_refuses_an_unsupported_model_before_starting_anything() -> None:
+    import mpcfl as api
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.GELU())
+    with pytest.raises(api.UnsupportedModelError, match=r"layer '1' \(GELU\) is not supported"):
+        api.secure_predict_local(model, torch.zeros(2, 64))
+    with pytest.raises(MpcflError, match="inputs contain NaN"):
+        api.secure_predict_local(digits_mlp(), torch.full((2, 64), float("nan")))
+
+
+def test_wrong_input_shape(tmp_path: Path) -> None:
+    np.save(tmp_path / "narrow.npy", np.zeros((5, 63), dtype=np.float32))
+    path = job(tmp_path, inputs__file=str(tmp_path / "narrow.npy"))
+    done = mpcfl("run", str(path), timeout=120)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert "party clinic's inputs of shape (5, 63) do not fit the model" in last
+    assert not (tmp_path / "out" / "clinic" / "predictions.npy").exists()
+    assert_no_leftovers(str(path))
+
+
+def test_missing_weights_file(tmp_path: Path) -> None:
+    path = job(tmp_path, model__weights=str(tmp_path / "nope.pt"))
+    done = mpcfl("run", str(path), timeout=120)
+    assert done.returncode == 1
+    assert f"mpcfl: error: bank failed: party bank: {tmp_path / 'nope.pt'}: weights file not found" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_that_do_not_fit_the_architecture(tmp_path: Path) -> None:
+    torch.save(torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)).state_dict(),
+               tmp_path / "other.pt")
+    path = job(tmp_path, model__weights=str(tmp_path / "other.pt"))
+    done = mpcfl("run", str(path), timeout=120)
+    assert done.returncode == 1
+    assert "other.pt: weights do not fit the model: size mismatch for 0.weight" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_inference_job_schema_errors(tmp_path: Path) -> None:
+    path = job(tmp_path, inputs__owner="bank")
+    done = mpcfl("validate", str(path), timeout=60)
+    assert done.returncode == 1
+    assert "inputs.owner: the data owner and the model owner must be different parties" in done.stderr
+    path = job(tmp_path, model__factory="mpcfl.zoo:no_such_model")
+    done = mpcfl("run", str(path), timeout=120)
+    assert done.returncode == 1
+    assert "model.factory: 'mpcfl.zoo' has no function 'no_such_model'" in done.stderr
