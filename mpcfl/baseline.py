@@ -7,6 +7,7 @@ the same standardisation, initial weights, batch order, optimiser and loss.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 
 from mpcfl.config import TrainJob
 from mpcfl.data import PartyData, apply_scaler, check_range, load_party_data, standardize_locally
+from mpcfl.dp.sgd import clip_rows, feature_parties
 from mpcfl.models import build_torch_model
 from mpcfl.train import batches
 
@@ -62,8 +64,8 @@ def _evaluate(job: TrainJob, model: torch.nn.Module, x: torch.Tensor, y: torch.T
     return float(loss), float(correct)
 
 
-def train_plaintext(job: TrainJob) -> PlainResult:
-    """Trains the job's model in plaintext on all parties' data joined.
+def prepared_data(job: TrainJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """All parties' train and test data, joined and preprocessed as the secure run does.
 
     Raises:
         DataError: a party's files are unusable.
@@ -71,14 +73,40 @@ def train_plaintext(job: TrainJob) -> PlainResult:
     parts = [load_party_data(job, name) for name in job.party_names]
     if job.data.standardize:
         _standardize(job, parts)
+    if job.dp is not None:
+        k = feature_parties(job, [p.train.x.shape[1] for p in parts])
+        for part in parts:
+            for split in (part.train, part.test):
+                if split is not None and split.x.shape[1]:
+                    split.x = clip_rows(split.x, job.dp.clip / math.sqrt(k))
     for part in parts:
         check_range(part, job.data.max_abs)
     x_np, y_np = _joined(job, parts, "train")
     x, y = torch.tensor(x_np, dtype=torch.float32), _targets(job, y_np)
     test = _joined(job, parts, "test")
-    x_test = y_test = None
-    if test is not None:
-        x_test, y_test = torch.tensor(test[0], dtype=torch.float32), _targets(job, test[1])
+    if test is None:
+        return x, y, None, None
+    return x, y, torch.tensor(test[0], dtype=torch.float32), _targets(job, test[1])
+
+
+def evaluate_state_dict(job: TrainJob, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Loss and accuracy of revealed weights on the job's (joined) train and test data."""
+    x, y, x_test, y_test = prepared_data(job)
+    model = build_torch_model(job.model, n_features=x.shape[1])
+    model.load_state_dict(state_dict)
+    record = dict(zip(("loss", "train_accuracy"), _evaluate(job, model, x, y)))
+    if x_test is not None:
+        record.update(zip(("test_loss", "test_accuracy"), _evaluate(job, model, x_test, y_test)))
+    return record
+
+
+def train_plaintext(job: TrainJob) -> PlainResult:
+    """Trains the job's model in plaintext on all parties' data joined (without DP noise).
+
+    Raises:
+        DataError: a party's files are unusable.
+    """
+    x, y, x_test, y_test = prepared_data(job)
     spec = job.training
     model = build_torch_model(job.model, n_features=x.shape[1], seed=spec.seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)

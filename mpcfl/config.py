@@ -89,6 +89,30 @@ class TrainingSpec(_Strict):
     shuffle: bool = True
 
 
+class DPSpec(_Strict):
+    """Differential privacy for the trained model: DP-SGD under MPC."""
+
+    epsilon: float = Field(gt=0, description="the privacy budget for the whole job")
+    delta: float = Field(gt=0, lt=1)
+    accountant: Literal["rdp", "pld"] = "rdp"
+    clip: float = Field(
+        default=1.0,
+        gt=0,
+        description="bound on each example's feature-vector L2 norm; each party clips its own "
+        "slice of a row to clip/sqrt(parties holding features)",
+    )
+    collusion_threshold: int | None = Field(
+        default=None,
+        ge=0,
+        description="t: parties that may pool their noise shares (receivers included); default n-1",
+    )
+    sampling: Literal["shuffle"] = Field(
+        default="shuffle",
+        description="disjoint batches from a public permutation each epoch; accounted without "
+        "amplification by subsampling, as the batch of a record is public",
+    )
+
+
 class OutputSpec(_Strict):
     dir: Path
     model_to: list[Name] | Literal["none"] = "none"
@@ -172,6 +196,7 @@ class TrainJob(JobBase):
     model: ModelSpec
     training: TrainingSpec = TrainingSpec()
     outputs: OutputSpec
+    dp: DPSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainJob:
@@ -198,7 +223,34 @@ class TrainJob(JobBase):
             raise ValueError("training.loss: two classes train with 'bce'")
         if not binary and self.training.loss != "cross_entropy":
             raise ValueError("training.loss: more than two classes train with 'cross_entropy'")
+        if self.dp is not None:
+            self._check_dp(self.dp)
         return self
+
+    def _check_dp(self, dp: DPSpec) -> None:
+        if self.model.type != "logistic_regression":
+            raise ValueError(
+                "dp: DP-SGD bounds each example's gradient by clipping its features, which holds for "
+                "logistic_regression; per-example gradient clipping for an mlp is not implemented"
+            )
+        if self.outputs.metrics_to != "none":
+            raise ValueError("outputs.metrics_to: with dp, per-epoch metrics would spend budget; set it to none")
+        if self.partition == "horizontal" and self.data.standardize:
+            raise ValueError(
+                "data.standardize: with dp, a horizontal job would reveal column statistics outside the "
+                "budget; pre-scale the data with public constants and set standardize: false"
+            )
+        if dp.collusion_threshold is not None and dp.collusion_threshold >= self.world_size:
+            raise ValueError(
+                f"dp.collusion_threshold: must be below the number of parties ({self.world_size}), "
+                "or no party's noise is honest"
+            )
+
+    @property
+    def colluders(self) -> int:
+        """t for the DP noise: the job's collusion threshold, default n-1 (one honest party)."""
+        assert self.dp is not None
+        return self.world_size - 1 if self.dp.collusion_threshold is None else self.dp.collusion_threshold
 
 
 class ImportedModelSpec(_Strict):

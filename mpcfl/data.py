@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,6 +302,16 @@ def _standardize_jointly(job: TrainJob, data: PartyData, shapes: list[list[int]]
     apply_scaler(data, mean, np.sqrt(np.clip(var, 0.0, None)))
 
 
+def _clip_for_dp(job: TrainJob, data: PartyData, shapes: list[list[int]]) -> None:
+    """Bounds every row's norm by ``dp.clip``: each party clips its own slice, exactly."""
+    from mpcfl.dp.sgd import clip_rows, feature_parties
+
+    bound = job.dp.clip / math.sqrt(feature_parties(job, [s[2] for s in shapes]))
+    for split in (data.train, data.test):
+        if split is not None and split.x.shape[1]:
+            split.x = clip_rows(split.x, bound)
+
+
 def _crypten() -> Any:
     from mpcfl._compat import import_crypten
 
@@ -335,6 +346,8 @@ def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: str = "c
             standardize_locally(data)
         else:
             _standardize_jointly(job, data, shapes)
+    if job.dp is not None:
+        _clip_for_dp(job, data, shapes)
     agreed("range check", job.party_names, lambda: check_range(data, job.data.max_abs))
 
     def share(local: Split | None, which: int) -> tuple[Any, Any]:

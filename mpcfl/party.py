@@ -8,7 +8,8 @@ from typing import Any
 from mpcfl.config import TrainJob
 from mpcfl.data import PartyData, load_party_data, share_dataset
 from mpcfl.outputs import plot_history, write_json, write_torch
-from mpcfl.reveal import ledger
+from mpcfl.dp.budget import Budget
+from mpcfl.reveal import install_budget, ledger
 from mpcfl.runtime import Session, agreed, communication_stats, party_session
 from mpcfl.train import TrainResult, train
 
@@ -26,13 +27,17 @@ def run_party(job: TrainJob, party: str, *, rendezvous: str | None = None) -> No
     Raises:
         MpcflError: bad data, a peer failure, or the environment contradicts the job.
     """
+    budget = None
+    if job.dp is not None:
+        budget = Budget.create(epsilon=job.dp.epsilon, delta=job.dp.delta, accountant=job.dp.accountant)
+    install_budget(budget)
     with party_session(Session.of_job(job, rendezvous=rendezvous), party) as rank:
         data = agreed("data loading", job.party_names, lambda: load_party_data(job, party))
         shared = share_dataset(job, data, rank=rank, device=job.runtime.device)
         result = train(job, shared, rank=rank)
         shares = {name: param.share.cpu() for name, param in result.model.named_parameters()}
         totals = communication_stats()
-    _write_outputs(job, party, rank, data, result, shares, totals)
+    _write_outputs(job, party, rank, data, result, shares, totals, budget)
 
 
 def _write_outputs(
@@ -43,6 +48,7 @@ def _write_outputs(
     result: TrainResult,
     shares: dict[str, Any],
     totals: dict[str, float],
+    budget: Budget | None,
 ) -> None:
     out = job.party_dir(party)
     sees_metrics = rank in job.ranks(job.outputs.metrics_to)
@@ -80,3 +86,5 @@ def _write_outputs(
             "reveals": ledger(),
         },
     )
+    if budget is not None:
+        write_json(out / "privacy.json", {**budget.state_dict(), "dp_sgd": result.privacy, "spent": budget.spent()})

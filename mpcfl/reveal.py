@@ -1,9 +1,15 @@
 """The one way out of MPC: every plaintext value leaves through :func:`reveal`.
 
 It enforces who may see a value (only the ranks the caller names, which the
-job's ``outputs`` section decides) and keeps a ledger of what was revealed to
-whom, which each party saves with its outputs. No other module calls
-``get_plain_text``; ``tests/test_reveal.py`` scans the package for it.
+job's ``outputs`` section decides), applies the DP layer, and keeps a ledger of
+what was revealed to whom, which each party saves with its outputs. No other
+module calls ``get_plain_text``; ``tests/test_reveal.py`` scans the package for it.
+
+When a privacy budget is installed (a job with ``dp``), every reveal must say
+what it costs: the charge is checked against the budget first, and a reveal that
+would exceed it is refused before anything is opened. If the reveal itself adds
+noise (output perturbation), each party adds its integer noise share to its own
+arithmetic share just before opening.
 """
 
 from __future__ import annotations
@@ -15,11 +21,32 @@ from typing import Any
 
 import torch
 
+from mpcfl.dp.accountant import Charge
+from mpcfl.dp.budget import Budget
+from mpcfl.errors import MpcflError
+
 log = logging.getLogger(__name__)
 
 
-class RevealPolicyError(ValueError):
-    """A reveal names no receiver, or a rank that is not a party."""
+class RevealPolicyError(MpcflError):
+    """A reveal names no receiver or a non-party, or skips the privacy budget."""
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """What a reveal costs, and the noise (if any) it adds before opening.
+
+    Args:
+        charge: the mechanism charged to the budget for this reveal.
+        sigma: standard deviation of the Gaussian-like noise to add now, in the
+            value's units; 0 when the noise went in earlier (DP-SGD steps).
+        colluders: t, parties that may pool their noise shares; the shares are
+            sized so the other n - t parties' noise alone reaches ``sigma``.
+    """
+
+    charge: Charge
+    sigma: float = 0.0
+    colluders: int = 0
 
 
 @dataclass(frozen=True)
@@ -29,12 +56,21 @@ class RevealRecord:
     what: str
     shape: tuple[int, ...]
     to: tuple[int, ...]
+    epsilon_after: float | None = None
 
 
 _ledger: list[RevealRecord] = []
+_budget: list[Budget] = []
 
 
-def reveal(value: Any, *, to: Sequence[int], what: str) -> torch.Tensor | None:
+def install_budget(budget: Budget | None) -> None:
+    """Makes ``budget`` govern every later reveal in this process (``None`` removes it)."""
+    _budget.clear()
+    if budget is not None:
+        _budget.append(budget)
+
+
+def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None = None) -> torch.Tensor | None:
     """Decrypts a secret-shared value for the receiving ranks only.
 
     Every party must call it at the same point with the same arguments.
@@ -42,22 +78,36 @@ def reveal(value: Any, *, to: Sequence[int], what: str) -> torch.Tensor | None:
     Args:
         value: the ``CrypTensor`` to open.
         to: ranks that receive the plaintext; the others learn nothing.
-        what: a description for the ledger and the logs.
+        what: a description for the ledgers and the logs.
+        privacy: the reveal's DP charge and noise; required when a budget is installed.
 
     Returns:
         The plaintext on a receiving rank, ``None`` on every other rank.
 
     Raises:
-        RevealPolicyError: ``to`` is empty, repeats a rank, or names a non-party.
+        RevealPolicyError: bad receivers, or no privacy charge under a budget.
+        BudgetExceeded: the charge would exceed the budget; nothing is revealed.
     """
     from mpcfl._compat import import_crypten
+    from mpcfl.dp.noise import add_noise_share, secure_generator, share_variance, skellam
 
-    comm = import_crypten().comm.get()
+    crypten = import_crypten()
+    comm = crypten.comm.get()
     world, me = comm.get_world_size(), comm.get_rank()
     receivers = tuple(sorted(set(to)))
     if not receivers or len(receivers) != len(to) or not all(0 <= r < world for r in receivers):
         raise RevealPolicyError(f"reveal of {what}: invalid receivers {list(to)} for {world} parties")
-    _ledger.append(RevealRecord(what=what, shape=tuple(value.size()), to=receivers))
+    epsilon = None
+    if _budget:
+        if privacy is None:
+            raise RevealPolicyError(f"reveal of {what}: the job has a privacy budget, and this reveal declares no charge")
+        epsilon = _budget[0].charge(what, privacy.charge)
+    if privacy is not None and privacy.sigma > 0:
+        value = value.clone()
+        scale = value.encoder.scale
+        variance = share_variance(privacy.sigma, parties=world, colluders=privacy.colluders, scale=scale)
+        add_noise_share(value, skellam(tuple(value.size()), variance, secure_generator()))
+    _ledger.append(RevealRecord(what=what, shape=tuple(value.size()), to=receivers, epsilon_after=epsilon))
     log.debug("revealing %s %s to ranks %s", what, tuple(value.size()), receivers)
     if len(receivers) == world:
         return value.get_plain_text()

@@ -21,7 +21,8 @@ from mpcfl._compat import import_crypten
 from mpcfl.config import TrainJob
 from mpcfl.data import SharedData
 from mpcfl.models import build_torch_model, to_crypten
-from mpcfl.reveal import reveal
+from mpcfl.dp.sgd import DpSgd
+from mpcfl.reveal import Privacy, reveal
 from mpcfl.runtime import communication_stats
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class TrainResult:
     torch_model: torch.nn.Sequential  # the architecture, for receivers to load weights into
     history: list[dict[str, float]] = field(default_factory=list)
     state_dict: dict[str, torch.Tensor] | None = None  # revealed weights, receivers only
+    privacy: dict[str, float] = field(default_factory=dict)  # DP-SGD's noise multiplier and sensitivity
 
 
 def batches(n_rows: int, *, batch_size: int, seed: int, epoch: int, shuffle: bool) -> list[np.ndarray]:
@@ -114,6 +116,9 @@ def train(job: TrainJob, shared: SharedData, *, rank: int) -> TrainResult:
     metric_ranks = job.ranks(job.outputs.metrics_to)
     n_rows = shared.x_train.size(0)
     result = TrainResult(model=model, torch_model=torch_model)
+    dp_sgd = DpSgd(job) if job.dp is not None else None
+    if dp_sgd is not None:
+        result.privacy = dp_sgd.summary()
 
     for epoch in range(spec.epochs):
         started, comm_before = time.perf_counter(), communication_stats()
@@ -123,6 +128,8 @@ def train(job: TrainJob, shared: SharedData, *, rank: int) -> TrainResult:
             index = torch.from_numpy(rows)
             optimizer.zero_grad()
             step_loss(model(shared.x_train[index]), shared.y_train[index]).backward()
+            if dp_sgd is not None:
+                dp_sgd.noise_gradients(list(model.parameters()), len(rows))
             optimizer.step()
         record: dict[str, float] = {"epoch": epoch + 1}
         if metric_ranks:
@@ -146,16 +153,19 @@ def train(job: TrainJob, shared: SharedData, *, rank: int) -> TrainResult:
 
     model_ranks = job.ranks(job.outputs.model_to)
     if model_ranks:
-        result.state_dict = reveal_state_dict(model, torch_model, to=model_ranks)
+        privacy = dp_sgd.model_privacy() if dp_sgd is not None else None
+        result.state_dict = reveal_state_dict(model, torch_model, to=model_ranks, privacy=privacy)
     return result
 
 
-def reveal_state_dict(model: Any, torch_model: torch.nn.Module, *, to: list[int]) -> dict[str, torch.Tensor] | None:
+def reveal_state_dict(
+    model: Any, torch_model: torch.nn.Module, *, to: list[int], privacy: Privacy | None = None
+) -> dict[str, torch.Tensor] | None:
     """Opens all parameters in one reveal; receivers get a plain torch ``state_dict``."""
     crypten = import_crypten()
     named = list(model.named_parameters())
     flat = crypten.cat([param.flatten() for _, param in named])
-    opened = reveal(flat, to=to, what="trained model parameters")
+    opened = reveal(flat, to=to, what="trained model parameters", privacy=privacy)
     if opened is None:
         return None
     state, offset = {}, 0

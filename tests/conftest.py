@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -122,3 +123,21 @@ def assert_no_leftovers(marker: str, within: float = 10.0) -> None:
     while live_processes(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert live_processes(marker) == [], f"processes left behind: {live_processes(marker)}"
+
+
+@pytest.fixture(scope="module")
+def crypten_single() -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "RENDEZVOUS", "DISTRIBUTED_BACKEND")}
+    os.environ.update(RANK="0", WORLD_SIZE="1", DISTRIBUTED_BACKEND="gloo")
+    os.environ["RENDEZVOUS"] = f"file:///tmp/mpcfl-test-convert-{os.getpid()}"
+    from mpcfl._compat import import_crypten
+
+    crypten = import_crypten()
+    crypten.init()
+    yield
+    crypten.uninit()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -17,22 +14,6 @@ from mpcfl.reveal import reveal
 # iterative approximations (sigmoid, tanh, softmax, log) within these bounds.
 EXACT = 5e-3
 APPROX = 3e-2
-
-
-@pytest.fixture(scope="module")
-def crypten_single() -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "RENDEZVOUS", "DISTRIBUTED_BACKEND")}
-    os.environ.update(RANK="0", WORLD_SIZE="1", DISTRIBUTED_BACKEND="gloo")
-    os.environ["RENDEZVOUS"] = f"file:///tmp/mpcfl-test-convert-{os.getpid()}"
-    crypten = import_crypten()
-    crypten.init()
-    yield
-    crypten.uninit()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 class Residual(nn.Module):

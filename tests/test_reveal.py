@@ -14,3 +14,24 @@ def test_only_the_reveal_module_opens_secrets() -> None:
         if re.search(r"get_plain_text|\.reveal\(\)", path.read_text())
     )
     assert callers == ["mpcfl/reveal.py"]
+
+
+def test_under_a_budget_every_reveal_must_declare_its_charge(crypten_single: None) -> None:
+    import pytest
+    import torch
+
+    from mpcfl._compat import import_crypten
+    from mpcfl.dp import Budget
+    from mpcfl.reveal import RevealPolicyError, install_budget, reveal
+
+    crypten = import_crypten()
+    value = crypten.cryptensor(torch.ones(3))
+    install_budget(Budget.create(epsilon=1.0, delta=1e-5, accountant="rdp"))
+    try:
+        with pytest.raises(RevealPolicyError, match="reveal of x: the job has a privacy budget, and this reveal declares no charge"):
+            reveal(value, to=[0], what="x")
+        with pytest.raises(RevealPolicyError, match="invalid receivers"):
+            reveal(value, to=[0, 0], what="x")
+    finally:
+        install_budget(None)
+    assert torch.equal(reveal(value, to=[0], what="x"), torch.ones(3))

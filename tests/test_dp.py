@@ -1,0 +1,154 @@
+"""Differential privacy: accounting against dp-accounting, budgets, joint noise on real processes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import dp_accounting
+import numpy as np
+import pytest
+import torch
+import yaml
+from dp_accounting import pld, rdp
+
+from conftest import DEMO, REPO, assert_no_leftovers, mpcfl, write_job
+from mpcfl.config import load_job
+from mpcfl.dp import Budget, BudgetExceeded, Charge, calibrate_noise_multiplier, create_accountant
+from mpcfl.dp.noise import secure_generator, share_variance, skellam
+from mpcfl.dp.sgd import clip_rows
+from mpcfl.errors import ConfigError
+
+SCALE = 2**16
+
+
+@pytest.mark.parametrize(("name", "reference"), [("rdp", rdp.RdpAccountant), ("pld", pld.PLDAccountant)])
+def test_epsilon_equals_dp_accounting_for_the_same_events(name: str, reference: type) -> None:
+    charges = [Charge("gaussian", 3.0, 10), Charge("gaussian", 8.0, 1)]
+    ours = create_accountant(name)
+    for charge in charges:
+        ours.compose(charge)
+    theirs = reference()
+    theirs.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(3.0), 10))
+    theirs.compose(dp_accounting.GaussianDpEvent(8.0))
+    assert ours.epsilon(1e-5) == pytest.approx(theirs.get_epsilon(1e-5), rel=1e-9)
+    restored = create_accountant(name)
+    restored.load_state_dict(ours.state_dict())
+    assert restored.epsilon(1e-5) == ours.epsilon(1e-5)
+
+
+def test_calibration_meets_the_target_tightly() -> None:
+    z = calibrate_noise_multiplier(epsilon=3.0, delta=1e-5, count=10, accountant="rdp")
+    accountant = create_accountant("rdp")
+    accountant.compose(Charge("gaussian", z, 10))
+    assert 2.99 < accountant.epsilon(1e-5) <= 3.0
+
+
+def test_budget_refuses_before_anything_is_spent() -> None:
+    budget = Budget.create(epsilon=1.0, delta=1e-5, accountant="rdp")
+    budget.charge("first", Charge("gaussian", 10.0, 1))
+    spent = budget.spent()
+    with pytest.raises(BudgetExceeded, match=r"reveal of second refused: it would spend epsilon .* beyond the budget of 1"):
+        budget.charge("second", Charge("gaussian", 0.5, 1))
+    assert [entry["what"] for entry in budget.ledger] == ["first"]
+    assert budget.spent() == spent
+
+
+def test_skellam_noise_is_integer_with_the_right_moments() -> None:
+    variance = share_variance(0.5, parties=3, colluders=1, scale=SCALE)
+    assert variance == pytest.approx((0.5 * SCALE) ** 2 / 2)
+    noise = skellam((200_000,), variance, secure_generator())
+    assert noise.dtype == np.int64
+    assert abs(noise.mean()) < 4 * math.sqrt(variance / noise.size)
+    assert noise.var() / variance == pytest.approx(1.0, abs=0.02)
+    with pytest.raises(ValueError, match="collusion threshold must be in 0..2"):
+        share_variance(0.5, parties=3, colluders=3, scale=SCALE)
+
+
+def test_rows_are_clipped_exactly() -> None:
+    x = np.array([[3.0, 4.0], [0.3, 0.4]])
+    clipped = clip_rows(x, 1.0)
+    np.testing.assert_allclose(np.linalg.norm(clipped, axis=1), [1.0, 0.5])
+
+
+def test_joint_noise_on_real_processes(tmp_path: Path) -> None:
+    script = REPO / "tests" / "dp_noise_party.py"
+    done = mpcfl("launch", "--parties", "a,b,c", str(script), str(tmp_path), timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert_no_leftovers("dp_noise_party.py")
+    n, t, sigma = 3, 1, 0.5
+    target = sigma**2 * n / (n - t)  # every party adds sigma^2/(n-t); honest ones alone reach sigma^2
+    through = np.load(tmp_path / "through_a.npy")
+    assert abs(through.mean()) < 4 * math.sqrt(target / through.size)
+    assert through.var() / target == pytest.approx(1.0, abs=0.05)
+    # Integer support in the fixed-point encoding: every value is a whole number of 2^-16 units.
+    units = through * SCALE
+    assert np.abs(units - np.round(units)).max() < 1e-6
+    # One party's view does not reconstruct the total: its own share explains about 1/n of it.
+    total = np.load(tmp_path / "total_a.npy") * SCALE
+    shares = [np.load(tmp_path / f"own_{p}.npy") for p in "abc"]
+    np.testing.assert_allclose(total, sum(shares), atol=2)
+    for own in shares:
+        rest = total - own
+        assert rest.var() / total.var() == pytest.approx((n - 1) / n, abs=0.05)
+    # The budget refused the expensive reveal at every party, and its ledger never recorded it.
+    for party in "abc":
+        assert (tmp_path / f"refused_{party}.txt").read_text().startswith("reveal of too expensive refused")
+    assert (tmp_path / "ledger.txt").read_text() == "['noise test', 'manual noise test']"
+
+
+def test_dp_training_job_records_a_ledger_that_matches_dp_accounting(tmp_path: Path) -> None:
+    spec = yaml.safe_load((REPO / "configs" / "breast_cancer_dp.yaml").read_text())
+    for party in spec["parties"]:
+        party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
+    spec["outputs"]["dir"] = str(tmp_path / "out")
+    spec["training"]["epochs"] = 3
+    path = write_job(tmp_path, spec)
+    done = mpcfl("run", str(path), timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    job = load_job(path)
+    privacy = json.loads((job.party_dir("hospital_b") / "privacy.json").read_text())
+    z = privacy["dp_sgd"]["noise_multiplier"]
+    reference = rdp.RdpAccountant()
+    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 3))
+    assert privacy["spent"] == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
+    assert privacy["spent"] <= 3.0
+    assert [e["what"] for e in privacy["ledger"]] == ["trained model parameters"]
+    # Both parties keep the same ledger; no per-epoch metric left MPC.
+    assert json.loads((job.party_dir("hospital_a") / "privacy.json").read_text())["ledger"] == privacy["ledger"]
+    metrics = json.loads((job.party_dir("hospital_b") / "metrics.json").read_text())
+    assert all("loss" not in row and "test_accuracy" not in row for row in metrics["history"])
+    state = torch.load(job.party_dir("hospital_b") / "model.pt", weights_only=True)
+    assert set(state) == {"0.weight", "0.bias"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"epsilon": 0}, "dp.epsilon: Input should be greater than 0"),
+        ({"epsilon": -1}, "dp.epsilon: Input should be greater than 0"),
+        ({"delta": 1.5}, "dp.delta: Input should be less than 1"),
+        ({"collusion_threshold": 2}, "dp.collusion_threshold: must be below the number of parties (2)"),
+    ],
+)
+def test_dp_config_errors(tmp_path: Path, change: dict, message: str) -> None:
+    spec = yaml.safe_load((REPO / "configs" / "breast_cancer_dp.yaml").read_text())
+    for party in spec["parties"]:
+        party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
+    spec["dp"].update(change)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_job(write_job(tmp_path, spec))
+
+
+def test_dp_refuses_metrics_and_mlp(tmp_path: Path) -> None:
+    spec = yaml.safe_load((REPO / "configs" / "breast_cancer_dp.yaml").read_text())
+    for party in spec["parties"]:
+        party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
+    spec["outputs"]["metrics_to"] = "all"
+    with pytest.raises(ConfigError, match="per-epoch metrics would spend budget"):
+        load_job(write_job(tmp_path, spec))
+    spec["outputs"]["metrics_to"] = "none"
+    spec["model"] = {"type": "mlp", "hidden": [4]}
+    with pytest.raises(ConfigError, match="per-example gradient clipping for an mlp is not implemented"):
+        load_job(write_job(tmp_path, spec))
