@@ -15,7 +15,7 @@ import torch
 
 from mpcfl.config import TrainJob
 from mpcfl.data import PartyData, apply_scaler, check_range, load_party_data, standardize_locally
-from mpcfl.dp.sgd import clip_rows, feature_parties
+from mpcfl.dp.sgd import calibration, clip_rows, feature_parties
 from mpcfl.models import build_torch_model
 from mpcfl.train import batches
 
@@ -100,23 +100,42 @@ def evaluate_state_dict(job: TrainJob, state_dict: dict[str, torch.Tensor]) -> d
     return record
 
 
-def train_plaintext(job: TrainJob) -> PlainResult:
-    """Trains the job's model in plaintext on all parties' data joined (without DP noise).
+def train_plaintext(
+    job: TrainJob,
+    *,
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None,
+    seed: int | None = None,
+) -> PlainResult:
+    """Trains the job's model in plaintext on all parties' data joined.
+
+    With ``job.dp`` it simulates DP-SGD: the same clipping, and Gaussian noise of the
+    same multiplier and sensitivity on each step's gradient.
+
+    Args:
+        job: the training job.
+        data: already prepared ``(x, y, x_test, y_test)``; default :func:`prepared_data`.
+        seed: overrides ``training.seed`` (initial weights, batch order, noise).
 
     Raises:
         DataError: a party's files are unusable.
     """
-    x, y, x_test, y_test = prepared_data(job)
+    x, y, x_test, y_test = data if data is not None else prepared_data(job)
     spec = job.training
-    model = build_torch_model(job.model, n_features=x.shape[1], seed=spec.seed)
+    seed = spec.seed if seed is None else seed
+    model = build_torch_model(job.model, n_features=x.shape[1], seed=seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)
     loss_fn = torch.nn.BCEWithLogitsLoss() if job.model.num_classes == 2 else torch.nn.CrossEntropyLoss()
+    noise_std = math.prod(calibration(job)) if job.dp is not None else 0.0
+    generator = torch.Generator().manual_seed(seed)
     history = []
     for epoch in range(spec.epochs):
-        for rows in batches(len(x), batch_size=spec.batch_size, seed=spec.seed, epoch=epoch, shuffle=spec.shuffle):
+        for rows in batches(len(x), batch_size=spec.batch_size, seed=seed, epoch=epoch, shuffle=spec.shuffle):
             index = torch.from_numpy(rows)
             optimizer.zero_grad()
             loss_fn(model(x[index]), y[index]).backward()
+            if noise_std:
+                for param in model.parameters():
+                    param.grad += torch.randn(param.shape, generator=generator) * noise_std / len(rows)
             optimizer.step()
         loss, accuracy = _evaluate(job, model, x, y)
         record = {"epoch": epoch + 1, "loss": loss, "train_accuracy": accuracy}

@@ -1,4 +1,4 @@
-"""The ``mpcfl`` command: ``run``, ``party``, ``dealer``, ``launch``, ``validate`` and ``baseline``.
+"""The ``mpcfl`` command: ``run``, ``party``, ``dealer``, ``launch``, ``validate``, ``baseline`` and ``audit``.
 
 Errors a user can act on print as one line, ``mpcfl: error: ...``, and exit 1;
 ``--debug`` shows the traceback instead. A party that lost a peer exits 3, so the
@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--timeout-s", type=float, default=60.0, help="process-group timeout (default 60)")
     launch.add_argument("--insecure-dealer", action="store_true", help="no dealer: party 0 makes the triples (tests only)")
     launch.add_argument("script", nargs=argparse.REMAINDER, help="SCRIPT.py [ARGS...]")
+
+    audit = sub.add_parser("audit", help="membership-inference attacks on a trained model (reads every party's files)")
+    audit.add_argument("job", help="the training job whose model to audit")
+    audit.add_argument("--party", help="the receiver whose model.pt to audit (default: the first in model_to)")
+    audit.add_argument("--shadows", type=int, default=16, help="shadow models for the LiRA attack (0 skips it)")
 
     validate = sub.add_parser("validate", help="check a job file without running it")
     validate.add_argument("job")
@@ -104,6 +109,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         for record in train_plaintext(job).history:
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    elif args.command == "audit":
+        from mpcfl.audit import audit, print_report
+
+        if job.task != "train":
+            raise MpcflError(f"{args.job}: audit inspects training jobs; this one is task: {job.task}")
+        receivers = job.outputs.model_to if isinstance(job.outputs.model_to, list) else []
+        party = args.party or (receivers[0] if receivers else None)
+        if party is None:
+            raise MpcflError(f"{args.job}: outputs.model_to is none, so no party holds a model to audit")
+        print_report(audit(job, job.party_dir(job.party_names[job.rank_of(party)]) / "model.pt", shadows=args.shadows))
     elif args.command == "validate":
         if args.party and job.task == "train":
             from mpcfl.data import load_party_data

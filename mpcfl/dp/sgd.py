@@ -45,18 +45,25 @@ def feature_parties(job: TrainJob, columns: list[int]) -> int:
     return sum(1 for c in columns if c > 0) if job.partition == "vertical" else 1
 
 
+def calibration(job: TrainJob) -> tuple[float, float]:
+    """DP-SGD's noise multiplier (from the job's epsilon and delta) and per-example L2 sensitivity."""
+    assert job.dp is not None
+    sensitivity = _APPROXIMATION_MARGIN * math.sqrt(job.dp.clip**2 + 1)
+    if job.model.num_classes > 2:
+        sensitivity *= math.sqrt(2)
+    noise_multiplier = calibrate_noise_multiplier(
+        epsilon=job.dp.epsilon, delta=job.dp.delta, count=job.training.epochs, accountant=job.dp.accountant
+    )
+    return noise_multiplier, sensitivity
+
+
 class DpSgd:
     """Noise for each step and the charge for revealing the trained model."""
 
     def __init__(self, job: TrainJob) -> None:
         assert job.dp is not None
         self.job = job
-        self.sensitivity = _APPROXIMATION_MARGIN * math.sqrt(job.dp.clip**2 + 1)
-        if job.model.num_classes > 2:
-            self.sensitivity *= math.sqrt(2)
-        self.noise_multiplier = calibrate_noise_multiplier(
-            epsilon=job.dp.epsilon, delta=job.dp.delta, count=job.training.epochs, accountant=job.dp.accountant
-        )
+        self.noise_multiplier, self.sensitivity = calibration(job)
         self.generator = secure_generator()
         log.info(
             "DP-SGD: noise multiplier %.4g for epsilon %g, delta %g over %d epochs; sensitivity %.4g",

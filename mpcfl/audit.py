@@ -1,0 +1,222 @@
+"""Privacy audit: membership-inference attacks on a revealed model.
+
+Given a training job and the model a receiver saved, the auditor asks how well an
+attacker holding the model can tell the training records (members) from the
+held-out ones (non-members):
+
+- **loss threshold** (Yeom et al., 2018): a record with a low loss is guessed a member;
+- **shadow models, LiRA-style** (Carlini et al., 2022): shadow models trained in
+  plaintext, the same way, on random halves of all the records give, for each record,
+  the distribution of its model confidence when it was in the training set and when
+  it was not; the score is the likelihood ratio of the target model's confidence.
+
+For each attack it reports the ROC AUC, the TPR at 1% and 0.1% FPR, and an empirical
+lower bound on epsilon: the largest ln((TPR_low - delta) / FPR_high) over thresholds,
+with Clopper-Pearson 95% bounds on both rates, so the bound holds with that
+confidence for any (epsilon, delta)-DP training.
+
+The auditor reads every party's files: it is a measurement on data you may pool,
+never part of a secure run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+
+from mpcfl.baseline import prepared_data, train_plaintext
+from mpcfl.config import TrainJob
+from mpcfl.errors import MpcflError
+from mpcfl.models import build_torch_model
+from mpcfl.outputs import atomic_write, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    name: str
+    auc: float
+    tpr_at_1pct: float
+    tpr_at_01pct: float
+    epsilon_lower_bound: float
+    members: int
+    non_members: int
+    fpr: np.ndarray
+    tpr: np.ndarray
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "auc": self.auc,
+            "tpr_at_1pct_fpr": self.tpr_at_1pct,
+            "tpr_at_0.1pct_fpr": self.tpr_at_01pct,
+            "epsilon_lower_bound": self.epsilon_lower_bound,
+        }
+
+
+def _confidence(job: TrainJob, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Per-example logit-scaled confidence in the true label, log(p / (1 - p)) (LiRA's statistic)."""
+    with torch.no_grad():
+        logits = model(x)
+        if job.model.num_classes == 2:
+            signed = torch.where(y > 0.5, logits, -logits).squeeze(1)
+            return signed.double().numpy()  # log(p/(1-p)) of the true label is its signed logit
+        log_p = torch.log_softmax(logits.double(), dim=1).gather(1, y.view(-1, 1)).squeeze(1)
+        return (log_p - torch.log(-torch.expm1(log_p).clamp_min(1e-300))).numpy()
+
+
+def _loss(job: TrainJob, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        logits = model(x)
+        if job.model.num_classes == 2:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").squeeze(1)
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    return loss.double().numpy()
+
+
+def roc(scores: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """False and true positive rates, and the counts behind them, at every threshold (high score = member)."""
+    order = np.argsort(-scores, kind="stable")
+    hits = members[order].astype(np.int64)
+    tp = np.concatenate([[0], np.cumsum(hits)])
+    fp = np.concatenate([[0], np.cumsum(1 - hits)])
+    return fp / max(fp[-1], 1), tp / max(tp[-1], 1), fp, tp
+
+
+def epsilon_lower_bound(fp: np.ndarray, tp: np.ndarray, *, delta: float, confidence: float = 0.95) -> float:
+    """max over thresholds of ln((TPR_low - delta) / FPR_high), with Clopper-Pearson bounds."""
+    negatives, positives = int(fp[-1]), int(tp[-1])
+    alpha = (1 - confidence) / 2
+    tpr_low = np.where(tp > 0, stats.beta.ppf(alpha, np.maximum(tp, 1), positives - tp + 1), 0.0)
+    fpr_high = np.where(fp < negatives, stats.beta.ppf(1 - alpha, fp + 1, np.maximum(negatives - fp, 1)), 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bounds = np.log((tpr_low - delta) / fpr_high)
+    bounds = bounds[np.isfinite(bounds)]
+    return float(max(0.0, bounds.max())) if bounds.size else 0.0
+
+
+def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
+    within = tpr[fpr <= target]
+    return float(within.max()) if within.size else 0.0
+
+
+def evaluate_attack(name: str, scores: np.ndarray, members: np.ndarray, *, delta: float) -> AttackResult:
+    fpr, tpr, fp, tp = roc(scores, members)
+    auc = float(np.trapezoid(tpr, fpr))
+    return AttackResult(
+        name=name,
+        auc=auc,
+        tpr_at_1pct=_tpr_at(fpr, tpr, 0.01),
+        tpr_at_01pct=_tpr_at(fpr, tpr, 0.001),
+        epsilon_lower_bound=epsilon_lower_bound(fp, tp, delta=delta),
+        members=int(tp[-1]),
+        non_members=int(fp[-1]),
+        fpr=fpr,
+        tpr=tpr,
+    )
+
+
+def _shadow_confidences(job: TrainJob, x: torch.Tensor, y: torch.Tensor, *, shadows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each record's confidence under each shadow model, and whether that shadow trained on it."""
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    confidences = np.zeros((shadows, n))
+    included = np.zeros((shadows, n), dtype=bool)
+    for s in range(shadows):
+        keep = rng.permutation(n)[: n // 2]
+        included[s, keep] = True
+        index = torch.from_numpy(keep)
+        model = train_plaintext(job, data=(x[index], y[index], None, None), seed=int(rng.integers(2**31))).model
+        confidences[s] = _confidence(job, model, x, y)
+    return confidences, included
+
+
+def lira_scores(target: np.ndarray, confidences: np.ndarray, included: np.ndarray) -> np.ndarray:
+    """Online LiRA: log N(c; mu_in, s_in) - log N(c; mu_out, s_out) per record."""
+    scores = np.zeros(target.shape[0])
+    for i in range(target.shape[0]):
+        inside, outside = confidences[included[:, i], i], confidences[~included[:, i], i]
+        if inside.size < 2 or outside.size < 2:
+            continue
+        spread = max(np.sqrt((inside.var() + outside.var()) / 2), 1e-6)  # pooled: few shadows per side
+        scores[i] = stats.norm.logpdf(target[i], inside.mean(), spread) - stats.norm.logpdf(target[i], outside.mean(), spread)
+    return scores
+
+
+def run_attacks(job: TrainJob, model_path: Path, *, shadows: int = 16, seed: int = 0) -> list[AttackResult]:
+    """Both attacks on the model at ``model_path``: train rows are members, test rows are not.
+
+    Raises:
+        MpcflError: no model file, or the job has no test split to serve as non-members.
+    """
+    if not model_path.is_file():
+        raise MpcflError(f"{model_path}: no model to audit (run the job with outputs.model_to naming a party)")
+    x, y, x_test, y_test = prepared_data(job)
+    if x_test is None:
+        raise MpcflError(f"{job.source}: the audit needs test files as non-members")
+    model = build_torch_model(job.model, n_features=x.shape[1])
+    model.load_state_dict(torch.load(model_path, weights_only=True))
+    x_all, y_all = torch.cat([x, x_test]), torch.cat([y, y_test])
+    members = np.concatenate([np.ones(len(x), dtype=bool), np.zeros(len(x_test), dtype=bool)])
+    delta = job.dp.delta if job.dp is not None else 1e-5
+    results = [evaluate_attack("loss threshold", -_loss(job, model, x_all, y_all), members, delta=delta)]
+    if shadows >= 4:
+        confidences, included = _shadow_confidences(job, x_all, y_all, shadows=shadows, seed=seed)
+        target = _confidence(job, model, x_all, y_all)
+        scores = lira_scores(target, confidences, included)
+        results.append(evaluate_attack(f"LiRA ({shadows} shadows)", scores, members, delta=delta))
+    return results
+
+
+def audit(job: TrainJob, model_path: Path, *, shadows: int = 16, seed: int = 0) -> dict[str, Any]:
+    """Runs :func:`run_attacks` and writes ``audit.json`` and ``audit_roc.png`` beside the model."""
+    results = run_attacks(job, model_path, shadows=shadows, seed=seed)
+    report = {
+        "job": job.name,
+        "model": str(model_path),
+        "members": results[0].members,
+        "non_members": results[0].non_members,
+        "dp": None if job.dp is None else {"epsilon": job.dp.epsilon, "delta": job.dp.delta},
+        "attacks": {r.name: r.summary() for r in results},
+    }
+    write_json(model_path.parent / "audit.json", report)
+    plot_roc(model_path.parent / "audit_roc.png", {"": results}, title=f"{job.name}: membership inference")
+    return report
+
+
+def plot_roc(path: Path, groups: dict[str, list[AttackResult]], *, title: str) -> None:
+    """A log-log ROC plot of attacks; ``groups`` labels sets of results (e.g. per model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    floor = 1e-3
+    for group, results in groups.items():
+        for result in results:
+            label = f"{group}{': ' if group else ''}{result.name} (AUC {result.auc:.3f})"
+            ax.plot(np.maximum(result.fpr, floor), np.maximum(result.tpr, floor), label=label)
+    ax.plot([floor, 1], [floor, 1], "k--", linewidth=0.8, label="chance")
+    ax.set(xscale="log", yscale="log", xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110), binary=True)
+    plt.close(fig)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    privacy = "no DP" if report["dp"] is None else f"DP epsilon {report['dp']['epsilon']:g}"
+    print(f"{report['job']} ({privacy}): {report['members']} members, {report['non_members']} non-members")
+    print("| attack | AUC | TPR @ 1% FPR | TPR @ 0.1% FPR | empirical epsilon lower bound |")
+    print("|---|---|---|---|---|")
+    for name, r in report["attacks"].items():
+        print(f"| {name} | {r['auc']:.3f} | {r['tpr_at_1pct_fpr']:.3f} | {r['tpr_at_0.1pct_fpr']:.3f} | {r['epsilon_lower_bound']:.2f} |")

@@ -1,0 +1,71 @@
+"""The membership-inference audit: its statistics, and `mpcfl audit` end to end (no MPC needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import DEMO, mpcfl, write_job
+from mpcfl.audit import epsilon_lower_bound, evaluate_attack, lira_scores, roc
+from mpcfl.baseline import train_plaintext
+from mpcfl.config import load_job
+
+
+def test_perfect_separation() -> None:
+    members = np.array([True] * 500 + [False] * 500)
+    scores = np.where(members, 1.0, 0.0) + np.linspace(0, 0.1, 1000)
+    result = evaluate_attack("oracle", scores, members, delta=1e-5)
+    assert result.auc == pytest.approx(1.0)
+    assert result.tpr_at_1pct == 1.0 and result.tpr_at_01pct == 1.0
+    # 500 non-members with no false positive bound the FPR at ~0.0074 with 95% confidence.
+    assert result.epsilon_lower_bound == pytest.approx(math.log((0.99264 - 1e-5) / 0.0073508), rel=1e-3)
+
+
+def test_random_scores_give_no_evidence() -> None:
+    rng = np.random.default_rng(0)
+    members = rng.random(4000) < 0.5
+    result = evaluate_attack("coin", rng.random(4000), members, delta=1e-5)
+    assert abs(result.auc - 0.5) < 0.03
+    assert result.epsilon_lower_bound < 0.3
+
+
+def test_roc_counts_and_bound_edges() -> None:
+    fpr, tpr, fp, tp = roc(np.array([3.0, 2.0, 1.0]), np.array([True, False, True]))
+    assert fp.tolist() == [0, 0, 1, 1] and tp.tolist() == [0, 1, 1, 2]
+    assert fpr.tolist() == [0, 0, 1, 1] and tpr.tolist() == [0, 0.5, 0.5, 1]
+    assert epsilon_lower_bound(np.array([0, 0]), np.array([0, 0]), delta=0.0) == 0.0
+
+
+def test_lira_scores_favour_the_in_distribution() -> None:
+    confidences = np.array([[5.0, 0.0], [5.2, 0.1], [0.0, 5.0], [0.1, 5.1], [4.9, -0.1], [0.2, 4.8]])
+    included = np.array([[True, False], [True, False], [False, True], [False, True], [True, False], [False, True]])
+    scores = lira_scores(np.array([5.0, 0.0]), confidences, included)
+    assert scores[0] > 0 > scores[1]
+
+
+def test_audit_command_writes_report_and_plot(tmp_path: Path) -> None:
+    spec = yaml.safe_load(DEMO.read_text())
+    for party in spec["parties"]:
+        party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
+    spec["outputs"]["dir"] = str(tmp_path / "out")
+    path = write_job(tmp_path, spec)
+    job = load_job(path)
+    receiver = job.party_dir("hospital_b")
+    receiver.mkdir(parents=True)
+    torch.save(train_plaintext(job).model.state_dict(), receiver / "model.pt")
+    done = mpcfl("audit", str(path), "--shadows", "4", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "| loss threshold |" in done.stdout and "| LiRA (4 shadows) |" in done.stdout
+    report = json.loads((receiver / "audit.json").read_text())
+    assert report["members"] == 456 and report["non_members"] == 113
+    for attack in report["attacks"].values():
+        assert 0.0 <= attack["auc"] <= 1.0 and attack["epsilon_lower_bound"] >= 0.0
+    assert (receiver / "audit_roc.png").stat().st_size > 1000
+    missing = mpcfl("audit", str(path), "--party", "hospital_a", timeout=60)
+    assert missing.returncode == 1 and "no model to audit" in missing.stderr
