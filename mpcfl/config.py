@@ -89,8 +89,18 @@ class TrainingSpec(_Strict):
     shuffle: bool = True
 
 
+class DPMetricsSpec(_Strict):
+    """Per-epoch metrics released with output perturbation, charged to the budget."""
+
+    mechanism: Literal["gaussian", "laplace"] = "gaussian"
+    noise_multiplier: float = Field(gt=0, description="noise scale over the metrics' sensitivity")
+    loss_bound: float = Field(
+        default=2.0, gt=0, description="each example's loss is clipped to [0, loss_bound] inside MPC"
+    )
+
+
 class DPSpec(_Strict):
-    """Differential privacy for the trained model: DP-SGD under MPC."""
+    """Differential privacy for the trained model (DP-SGD under MPC) and, optionally, the metrics."""
 
     epsilon: float = Field(gt=0, description="the privacy budget for the whole job")
     delta: float = Field(gt=0, lt=1)
@@ -105,6 +115,9 @@ class DPSpec(_Strict):
         default=None,
         ge=0,
         description="t: parties that may pool their noise shares (receivers included); default n-1",
+    )
+    metrics: DPMetricsSpec | None = Field(
+        default=None, description="release per-epoch metrics with noise, charged; without it they are not revealed"
     )
     sampling: Literal["shuffle"] = Field(
         default="shuffle",
@@ -233,8 +246,10 @@ class TrainJob(JobBase):
                 "dp: DP-SGD bounds each example's gradient by clipping its features, which holds for "
                 "logistic_regression; per-example gradient clipping for an mlp is not implemented"
             )
-        if self.outputs.metrics_to != "none":
-            raise ValueError("outputs.metrics_to: with dp, per-epoch metrics would spend budget; set it to none")
+        if self.outputs.metrics_to != "none" and dp.metrics is None:
+            raise ValueError(
+                "outputs.metrics_to: with dp, per-epoch metrics spend budget; set it to none, or add dp.metrics"
+            )
         if self.partition == "horizontal" and self.data.standardize:
             raise ValueError(
                 "data.standardize: with dp, a horizontal job would reveal column statistics outside the "

@@ -37,15 +37,16 @@ class Privacy:
     """What a reveal costs, and the noise (if any) it adds before opening.
 
     Args:
-        charge: the mechanism charged to the budget for this reveal.
-        sigma: standard deviation of the Gaussian-like noise to add now, in the
-            value's units; 0 when the noise went in earlier (DP-SGD steps).
+        charge: the mechanism charged to the budget for this reveal; its
+            ``mechanism`` also picks the noise (``gaussian`` or ``laplace``).
+        scale: the noise to add now, in the value's units (standard deviation, or
+            Laplace b); 0 when the noise went in earlier (DP-SGD steps).
         colluders: t, parties that may pool their noise shares; the shares are
-            sized so the other n - t parties' noise alone reaches ``sigma``.
+            sized so the other n - t parties' noise alone reaches ``scale``.
     """
 
     charge: Charge
-    sigma: float = 0.0
+    scale: float = 0.0
     colluders: int = 0
 
 
@@ -89,7 +90,7 @@ def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None 
         BudgetExceeded: the charge would exceed the budget; nothing is revealed.
     """
     from mpcfl._compat import import_crypten
-    from mpcfl.dp.noise import add_noise_share, secure_generator, share_variance, skellam
+    from mpcfl.dp.noise import add_noise_share, noise_share, secure_generator
 
     crypten = import_crypten()
     comm = crypten.comm.get()
@@ -102,11 +103,13 @@ def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None 
         if privacy is None:
             raise RevealPolicyError(f"reveal of {what}: the job has a privacy budget, and this reveal declares no charge")
         epsilon = _budget[0].charge(what, privacy.charge)
-    if privacy is not None and privacy.sigma > 0:
+    if privacy is not None and privacy.scale > 0:
         value = value.clone()
-        scale = value.encoder.scale
-        variance = share_variance(privacy.sigma, parties=world, colluders=privacy.colluders, scale=scale)
-        add_noise_share(value, skellam(tuple(value.size()), variance, secure_generator()))
+        share = noise_share(
+            privacy.charge.mechanism, tuple(value.size()), privacy.scale, parties=world,
+            colluders=privacy.colluders, fixed_point=value.encoder.scale, generator=secure_generator(),
+        )
+        add_noise_share(value, share)
     _ledger.append(RevealRecord(what=what, shape=tuple(value.size()), to=receivers, epsilon_after=epsilon))
     log.debug("revealing %s %s to ranks %s", what, tuple(value.size()), receivers)
     if len(receivers) == world:

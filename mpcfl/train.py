@@ -63,8 +63,8 @@ def _min_with(a: Any, cap: float) -> Any:
     return a - (a - cap).relu()
 
 
-def _mean_loss(job: TrainJob, logits: Any, y: Any) -> Any:
-    """The mean loss for reporting, accurate to about 1e-3.
+def _example_losses(job: TrainJob, logits: Any, y: Any) -> Any:
+    """Each example's loss for reporting, accurate to about 1e-3.
 
     CrypTen's own losses take log(p) of a probability with its ``input_in_01``
     approximation, which is off by ~0.04 at p=1, so a well-fitted model reports
@@ -76,24 +76,40 @@ def _mean_loss(job: TrainJob, logits: Any, y: Any) -> Any:
         magnitude = logits.abs()
         relu = (logits + magnitude).div(2)
         tail = (_min_with(magnitude, _EXP_FLOOR).neg().exp() + 1).log()
-        return (relu - y * logits + tail).mean()
+        return (relu - y * logits + tail).squeeze(1)
     top = logits.max(dim=1, keepdim=True)[0]
     shifted = _min_with(top - logits, _EXP_FLOOR).neg()
     logsumexp = top.squeeze(1) + shifted.exp().sum(dim=1).log()
-    return (logsumexp - (logits * y).sum(dim=1)).mean()
+    return logsumexp - (logits * y).sum(dim=1)
 
 
-def _loss_and_correct(job: TrainJob, model: Any, x: Any, y: Any) -> list[Any]:
-    """Mean loss and number of correct predictions over a whole split, still encrypted."""
+def _loss_and_correct(job: TrainJob, model: Any, x: Any, y: Any, *, loss_bound: float | None) -> list[Any]:
+    """Summed loss and number of correct predictions over a whole split, still encrypted.
+
+    With ``loss_bound`` each example's loss is clipped to [0, loss_bound] first, so one
+    record moves the sum by at most that much (the sensitivity DP metrics rely on).
+    """
     logits = model(x)
-    loss = _mean_loss(job, logits, y)
+    losses = _example_losses(job, logits, y)
+    if loss_bound is not None:
+        losses = losses.relu() - (losses - loss_bound).relu()
     if job.model.num_classes == 2:
         # Predictions and labels are 0/1, so each squared difference counts one error.
         errors = (logits.gt(0.0) - y).square().sum()
         correct = errors.neg() + y.size(0)
     else:
         correct = (logits.argmax(dim=1, one_hot=True) * y).sum()
-    return [loss.reshape(1), correct.reshape(1)]
+    return [losses.sum().reshape(1), correct.reshape(1)]
+
+
+def _metrics(opened: torch.Tensor, n_train: int, n_test: int | None) -> dict[str, float]:
+    """Means from the revealed sums. DP noise can push them out of range; clamping them
+    back is post-processing, so it costs no privacy."""
+    sums = opened.double().tolist()
+    record = {"loss": max(sums[0] / n_train, 0.0), "train_accuracy": min(max(sums[1] / n_train, 0.0), 1.0)}
+    if n_test is not None:
+        record.update(test_loss=max(sums[2] / n_test, 0.0), test_accuracy=min(max(sums[3] / n_test, 0.0), 1.0))
+    return record
 
 
 def train(job: TrainJob, shared: SharedData, *, rank: int) -> TrainResult:
@@ -133,15 +149,17 @@ def train(job: TrainJob, shared: SharedData, *, rank: int) -> TrainResult:
             optimizer.step()
         record: dict[str, float] = {"epoch": epoch + 1}
         if metric_ranks:
+            privacy = dp_sgd.metrics_privacy() if dp_sgd is not None else None
+            bound = job.dp.metrics.loss_bound if privacy is not None else None
             with crypten.no_grad():
-                parts = _loss_and_correct(job, model, shared.x_train, shared.y_train)
+                parts = _loss_and_correct(job, model, shared.x_train, shared.y_train, loss_bound=bound)
                 if shared.x_test is not None:
-                    parts += _loss_and_correct(job, model, shared.x_test, shared.y_test)
-            opened = reveal(crypten.cat(parts), to=metric_ranks, what=f"epoch {epoch + 1} loss and accuracy")
+                    parts += _loss_and_correct(job, model, shared.x_test, shared.y_test, loss_bound=bound)
+            opened = reveal(
+                crypten.cat(parts), to=metric_ranks, what=f"epoch {epoch + 1} loss and accuracy", privacy=privacy
+            )
             if opened is not None:
-                record.update(loss=float(opened[0]), train_accuracy=float(opened[1]) / n_rows)
-                if shared.x_test is not None:
-                    record.update(test_loss=float(opened[2]), test_accuracy=float(opened[3]) / shared.x_test.size(0))
+                record.update(_metrics(opened, n_rows, None if shared.x_test is None else shared.x_test.size(0)))
         comm_after = communication_stats()
         record.update(
             seconds=time.perf_counter() - started,

@@ -30,7 +30,7 @@ with mpcfl.join() as me:
     # A: noise through the chokepoint, charged to the budget.
     zeros = crypten.cryptensor(torch.zeros(N), src=0)
     charge = Charge("gaussian", 2.0, 1)
-    through = reveal(zeros, to=[0], what="noise test", privacy=Privacy(charge, sigma=SIGMA, colluders=COLLUDERS))
+    through = reveal(zeros, to=[0], what="noise test", privacy=Privacy(charge, scale=SIGMA, colluders=COLLUDERS))
     # B: the same mechanism by hand, keeping this party's own share.
     manual = crypten.cryptensor(torch.zeros(N), src=0)
     variance = share_variance(SIGMA, parties=world, colluders=COLLUDERS, scale=manual.encoder.scale)

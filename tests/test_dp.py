@@ -66,6 +66,20 @@ def test_skellam_noise_is_integer_with_the_right_moments() -> None:
         share_variance(0.5, parties=3, colluders=3, scale=SCALE)
 
 
+def test_discrete_laplace_shares_sum_to_the_target() -> None:
+    from mpcfl.dp.noise import noise_share
+
+    b = 3.0 / SCALE  # a scale of 3 ring units
+    honest = sum(
+        noise_share("laplace", (400_000,), b, parties=4, colluders=1, fixed_point=SCALE, generator=secure_generator())
+        for _ in range(3)
+    )
+    expected = 2 * math.exp(-1 / 3) / (1 - math.exp(-1 / 3)) ** 2
+    assert honest.dtype == np.int64
+    assert honest.var() / expected == pytest.approx(1.0, abs=0.03)
+    assert abs(honest.mean()) < 4 * math.sqrt(expected / honest.size)
+
+
 def test_rows_are_clipped_exactly() -> None:
     x = np.array([[3.0, 4.0], [0.3, 0.4]])
     clipped = clip_rows(x, 1.0)
@@ -103,7 +117,9 @@ def test_dp_training_job_records_a_ledger_that_matches_dp_accounting(tmp_path: P
     for party in spec["parties"]:
         party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
     spec["outputs"]["dir"] = str(tmp_path / "out")
+    spec["outputs"]["metrics_to"] = ["hospital_b"]
     spec["training"]["epochs"] = 3
+    spec["dp"]["metrics"] = {"mechanism": "laplace", "noise_multiplier": 20.0, "loss_bound": 2.0}
     path = write_job(tmp_path, spec)
     done = mpcfl("run", str(path), timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
@@ -111,14 +127,19 @@ def test_dp_training_job_records_a_ledger_that_matches_dp_accounting(tmp_path: P
     privacy = json.loads((job.party_dir("hospital_b") / "privacy.json").read_text())
     z = privacy["dp_sgd"]["noise_multiplier"]
     reference = rdp.RdpAccountant()
+    for _ in range(3):
+        reference.compose(dp_accounting.LaplaceDpEvent(20.0))
     reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 3))
     assert privacy["spent"] == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
-    assert privacy["spent"] <= 3.0
-    assert [e["what"] for e in privacy["ledger"]] == ["trained model parameters"]
-    # Both parties keep the same ledger; no per-epoch metric left MPC.
+    assert 2.99 < privacy["spent"] <= 3.0
+    whats = [e["what"] for e in privacy["ledger"]]
+    assert whats == [f"epoch {i} loss and accuracy" for i in (1, 2, 3)] + ["trained model parameters"]
+    # Both parties keep the same ledger; only the metric receiver sees the (noisy) metrics.
     assert json.loads((job.party_dir("hospital_a") / "privacy.json").read_text())["ledger"] == privacy["ledger"]
-    metrics = json.loads((job.party_dir("hospital_b") / "metrics.json").read_text())
-    assert all("loss" not in row and "test_accuracy" not in row for row in metrics["history"])
+    history = json.loads((job.party_dir("hospital_b") / "metrics.json").read_text())["history"]
+    assert all(0.0 <= row["test_accuracy"] <= 1.0 for row in history)
+    others = json.loads((job.party_dir("hospital_a") / "metrics.json").read_text())["history"]
+    assert all("loss" not in row for row in others)
     state = torch.load(job.party_dir("hospital_b") / "model.pt", weights_only=True)
     assert set(state) == {"0.weight", "0.bias"}
 
@@ -130,6 +151,7 @@ def test_dp_training_job_records_a_ledger_that_matches_dp_accounting(tmp_path: P
         ({"epsilon": -1}, "dp.epsilon: Input should be greater than 0"),
         ({"delta": 1.5}, "dp.delta: Input should be less than 1"),
         ({"collusion_threshold": 2}, "dp.collusion_threshold: must be below the number of parties (2)"),
+        ({"metrics": {"noise_multiplier": 0}}, "dp.metrics.noise_multiplier: Input should be greater than 0"),
     ],
 )
 def test_dp_config_errors(tmp_path: Path, change: dict, message: str) -> None:
@@ -146,9 +168,23 @@ def test_dp_refuses_metrics_and_mlp(tmp_path: Path) -> None:
     for party in spec["parties"]:
         party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
     spec["outputs"]["metrics_to"] = "all"
-    with pytest.raises(ConfigError, match="per-epoch metrics would spend budget"):
+    with pytest.raises(ConfigError, match="per-epoch metrics spend budget; set it to none, or add dp.metrics"):
         load_job(write_job(tmp_path, spec))
     spec["outputs"]["metrics_to"] = "none"
     spec["model"] = {"type": "mlp", "hidden": [4]}
     with pytest.raises(ConfigError, match="per-example gradient clipping for an mlp is not implemented"):
         load_job(write_job(tmp_path, spec))
+
+
+def test_metrics_that_alone_exceed_the_budget_are_refused(tmp_path: Path) -> None:
+    from mpcfl.dp.sgd import calibration
+    from mpcfl.errors import MpcflError
+
+    spec = yaml.safe_load((REPO / "configs" / "breast_cancer_dp.yaml").read_text())
+    for party in spec["parties"]:
+        party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
+    spec["outputs"]["metrics_to"] = "all"
+    spec["dp"]["metrics"] = {"mechanism": "gaussian", "noise_multiplier": 0.2}
+    job = load_job(write_job(tmp_path, spec))
+    with pytest.raises(MpcflError, match=r"dp.metrics: the other charges alone spend epsilon .* of 3; raise dp.metrics.noise_multiplier"):
+        calibration(job)

@@ -20,8 +20,9 @@ class Charge:
     """One privacy-consuming release, as plain data.
 
     Args:
-        mechanism: ``gaussian`` (noise standard deviation = ``noise_multiplier`` x sensitivity).
-        noise_multiplier: noise standard deviation over the L2 sensitivity.
+        mechanism: ``gaussian`` (standard deviation = ``noise_multiplier`` x L2 sensitivity)
+            or ``laplace`` (scale b = ``noise_multiplier`` x L1 sensitivity).
+        noise_multiplier: the noise scale over the sensitivity.
         count: how many times the mechanism is applied to any one record
             (e.g. once per epoch for DP-SGD over disjoint public batches).
     """
@@ -31,9 +32,12 @@ class Charge:
     count: int = 1
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
-        if self.mechanism != "gaussian":
+        if self.mechanism == "gaussian":
+            event = dp_accounting.GaussianDpEvent(self.noise_multiplier)
+        elif self.mechanism == "laplace":
+            event = dp_accounting.LaplaceDpEvent(self.noise_multiplier)
+        else:
             raise ValueError(f"unknown mechanism {self.mechanism!r}")
-        event = dp_accounting.GaussianDpEvent(self.noise_multiplier)
         return event if self.count == 1 else dp_accounting.SelfComposedDpEvent(event, self.count)
 
     def as_dict(self) -> dict[str, Any]:
@@ -96,12 +100,27 @@ def create_accountant(name: str) -> Accountant:
         raise ValueError(f"unknown accountant {name!r} (known: {', '.join(ACCOUNTANTS)})") from None
 
 
-def calibrate_noise_multiplier(*, epsilon: float, delta: float, count: int, accountant: str) -> float:
-    """The smallest Gaussian noise multiplier whose ``count``-fold composition stays within (epsilon, delta)."""
+def calibrate_noise_multiplier(
+    *, epsilon: float, delta: float, count: int, accountant: str, extra: list[Charge] | None = None
+) -> float:
+    """The smallest Gaussian noise multiplier whose ``count``-fold composition, together
+    with the ``extra`` charges, stays within (epsilon, delta).
+
+    Raises:
+        ValueError: the extra charges alone spend the budget.
+    """
     factory = ACCOUNTANTS[accountant]
+    extra = extra or []
+    if extra:
+        alone = factory()
+        for charge in extra:
+            alone.compose(charge)
+        if alone.epsilon(delta) >= epsilon:
+            raise ValueError(f"the other charges alone spend epsilon {alone.epsilon(delta):.4g} of {epsilon:g}")
 
     def make(noise_multiplier: float) -> dp_accounting.DpEvent:
-        return Charge("gaussian", noise_multiplier, count).to_dp_event()
+        events = [Charge("gaussian", noise_multiplier, count).to_dp_event(), *(c.to_dp_event() for c in extra)]
+        return dp_accounting.ComposedDpEvent(events)
 
     return float(
         dp_accounting.calibrate_dp_mechanism(

@@ -5,12 +5,16 @@ and adds it to its own arithmetic share of the value, in ring units (2^-16),
 just before the reveal: no communication, and the revealed value carries the sum
 of all parties' shares while each party knows only its own.
 
-The noise is Skellam: the difference of two Poisson draws. Skellam variables
-are integers and the sum of Skellams is Skellam, so the honest parties' shares
-add up to exactly the mechanism the accountant assumes. With n parties and a
+Gaussian-like noise is Skellam: the difference of two Poisson draws. Skellam
+variables are integers and the sum of Skellams is Skellam. With n parties and a
 collusion threshold t (colluders pool their own shares and subtract them; the
 receivers count among them), each share has variance sigma^2 / (n - t), so the
 n - t honest shares alone reach the target sigma^2.
+
+Laplace noise is discrete Laplace, built the same way from infinitely divisible
+parts: a geometric variable is the sum of m negative-binomial(1/m) variables, so
+each party adds NB(1/(n-t), p) - NB(1/(n-t), p) and any n - t honest shares sum
+to exactly a discrete Laplace of the target scale.
 """
 
 from __future__ import annotations
@@ -47,6 +51,36 @@ def share_variance(sigma: float, *, parties: int, colluders: int, scale: int) ->
     if not 0 <= colluders < parties:
         raise ValueError(f"collusion threshold must be in 0..{parties - 1}, got {colluders}")
     return (sigma * scale) ** 2 / (parties - colluders)
+
+
+def discrete_laplace_parts(shape: tuple[int, ...], scale: float, parts: int, generator: np.random.Generator) -> np.ndarray:
+    """One of ``parts`` shares whose sum is discrete Laplace: P(k) proportional to exp(-|k| / scale)."""
+    if scale <= 0 or parts < 1:
+        raise ValueError(f"need a positive scale and parts, got {scale}, {parts}")
+    p = -np.expm1(-1.0 / scale)  # success probability of the geometric: 1 - exp(-1/scale)
+    draw = lambda: generator.negative_binomial(1.0 / parts, p, size=shape).astype(np.int64)  # noqa: E731
+    return draw() - draw()
+
+
+def noise_share(
+    mechanism: str, shape: tuple[int, ...], scale: float, *, parties: int, colluders: int, fixed_point: int,
+    generator: np.random.Generator,
+) -> np.ndarray:
+    """This party's integer share, in ring units, of noise whose honest part has the target ``scale``.
+
+    Args:
+        mechanism: ``gaussian`` (``scale`` = standard deviation) or ``laplace`` (``scale`` = b).
+        shape: the value's shape.
+        scale: in the value's real units.
+        parties: n; colluders: t; fixed_point: the encoder's scale (2^16).
+    """
+    if not 0 <= colluders < parties:
+        raise ValueError(f"collusion threshold must be in 0..{parties - 1}, got {colluders}")
+    if mechanism == "gaussian":
+        return skellam(shape, share_variance(scale, parties=parties, colluders=colluders, scale=fixed_point), generator)
+    if mechanism == "laplace":
+        return discrete_laplace_parts(shape, scale * fixed_point, parties - colluders, generator)
+    raise ValueError(f"unknown mechanism {mechanism!r}")
 
 
 def add_noise_share(value: object, noise: np.ndarray) -> None:

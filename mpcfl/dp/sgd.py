@@ -26,7 +26,8 @@ import numpy as np
 
 from mpcfl.config import TrainJob
 from mpcfl.dp.accountant import Charge, calibrate_noise_multiplier
-from mpcfl.dp.noise import add_noise_share, secure_generator, share_variance, skellam
+from mpcfl.dp.noise import add_noise_share, noise_share, secure_generator
+from mpcfl.errors import MpcflError
 from mpcfl.reveal import Privacy
 
 log = logging.getLogger(__name__)
@@ -45,15 +46,44 @@ def feature_parties(job: TrainJob, columns: list[int]) -> int:
     return sum(1 for c in columns if c > 0) if job.partition == "vertical" else 1
 
 
+def metrics_charge(job: TrainJob) -> tuple[Charge, float] | None:
+    """The charge for one epoch's metrics and the noise scale it pays for, if the job releases them.
+
+    One record moves the revealed [loss sums, correct counts] by at most the clipped
+    loss bound L in one loss entry and 1 in one count: L2 sensitivity sqrt(L^2 + 1),
+    L1 sensitivity L + 1 (it is a train or a test record, never both).
+    """
+    assert job.dp is not None
+    spec = job.dp.metrics
+    if spec is None:
+        return None
+    bound = spec.loss_bound
+    sensitivity = math.sqrt(bound**2 + 1) if spec.mechanism == "gaussian" else bound + 1
+    return Charge(spec.mechanism, spec.noise_multiplier), spec.noise_multiplier * sensitivity
+
+
 def calibration(job: TrainJob) -> tuple[float, float]:
-    """DP-SGD's noise multiplier (from the job's epsilon and delta) and per-example L2 sensitivity."""
+    """DP-SGD's noise multiplier and per-example L2 sensitivity.
+
+    The multiplier is the smallest that keeps the model, plus any per-epoch metrics,
+    within the job's (epsilon, delta).
+
+    Raises:
+        MpcflError: the metrics alone would spend the whole budget.
+    """
     assert job.dp is not None
     sensitivity = _APPROXIMATION_MARGIN * math.sqrt(job.dp.clip**2 + 1)
     if job.model.num_classes > 2:
         sensitivity *= math.sqrt(2)
-    noise_multiplier = calibrate_noise_multiplier(
-        epsilon=job.dp.epsilon, delta=job.dp.delta, count=job.training.epochs, accountant=job.dp.accountant
-    )
+    metrics = metrics_charge(job)
+    epochs = job.training.epochs
+    extra = [] if metrics is None else [Charge(metrics[0].mechanism, metrics[0].noise_multiplier, epochs)]
+    try:
+        noise_multiplier = calibrate_noise_multiplier(
+            epsilon=job.dp.epsilon, delta=job.dp.delta, count=epochs, accountant=job.dp.accountant, extra=extra
+        )
+    except ValueError as err:
+        raise MpcflError(f"{job.source}: dp.metrics: {err}; raise dp.metrics.noise_multiplier") from None
     return noise_multiplier, sensitivity
 
 
@@ -75,10 +105,18 @@ class DpSgd:
         sigma = self.noise_multiplier * self.sensitivity / batch_size
         for param in parameters:
             grad = param.grad
-            variance = share_variance(
-                sigma, parties=self.job.world_size, colluders=self.job.colluders, scale=grad.encoder.scale
+            share = noise_share(
+                "gaussian", tuple(grad.size()), sigma, parties=self.job.world_size, colluders=self.job.colluders,
+                fixed_point=grad.encoder.scale, generator=self.generator,
             )
-            add_noise_share(grad, skellam(tuple(grad.size()), variance, self.generator))
+            add_noise_share(grad, share)
+
+    def metrics_privacy(self) -> Privacy | None:
+        """Noise and charge for one epoch's metrics, or None when the job does not release them."""
+        metrics = metrics_charge(self.job)
+        if metrics is None:
+            return None
+        return Privacy(charge=metrics[0], scale=metrics[1], colluders=self.job.colluders)
 
     def model_privacy(self) -> Privacy:
         """The model is post-processing of the noisy steps: it charges, but adds no noise."""
