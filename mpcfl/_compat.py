@@ -12,6 +12,7 @@ import datetime
 import importlib
 import sys
 import types
+from collections.abc import Callable
 from typing import Any
 
 from mpcfl.errors import MpcflError
@@ -113,6 +114,24 @@ def set_process_group_timeout(seconds: float) -> None:
 def process_group_timeout() -> datetime.timedelta:
     """The timeout crypten's process groups get."""
     return _state["timeout"]
+
+
+def init_crypten(crypten: types.ModuleType, on_group_ready: Callable[[], None]) -> None:
+    """``crypten.init()`` (0.4.1) with a hook between forming the process group and using it.
+
+    crypten.init forms the group, then at once exchanges PRNG seeds with the other
+    parties and receives its seed from the dealer. Authentication has to run in
+    between, before anything but its own round crosses the wire, so the same steps
+    are taken here with the hook inserted. The dealer's TTPServer later calls
+    crypten.init() itself, which returns early on an initialised communicator.
+    """
+    comm = crypten.comm
+    comm._init(use_threads=False, init_ttp=crypten.mpc.ttp_required())
+    on_group_ready()
+    if comm.get().get_rank() < comm.get().get_world_size():
+        crypten._setup_prng()
+        if crypten.mpc.ttp_required():
+            crypten.mpc.provider.ttp_provider.TTPClient._init()
 
 
 def import_crypten() -> types.ModuleType:

@@ -9,6 +9,8 @@ of the job file, so a job runs the same from any working directory.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -140,6 +142,10 @@ class RuntimeSpec(_Strict):
         description="use CrypTen's TFP: party 0 generates every triple and can see all "
         "secrets. For tests only.",
     )
+    secret_file: Path | None = Field(
+        default=None,
+        description="the job secret every process must prove it knows (else $MPCFL_JOB_SECRET)",
+    )
 
 
 class JobBase(_Strict):
@@ -193,6 +199,22 @@ class JobBase(_Strict):
         if names == "none":
             return []
         return [self.rank_of(n) for n in names]
+
+    def fingerprint(self) -> str:
+        """A digest of what every party's copy of the job must agree on.
+
+        Local paths (data files, weights, inputs, outputs, the secret file) may differ
+        between hosts and are left out.
+        """
+        data = self.model_dump(mode="json")
+        for party in data["parties"]:
+            party.pop("data", None)
+        data["outputs"].pop("dir", None)
+        data["runtime"].pop("secret_file", None)
+        for section, key in (("model", "weights"), ("inputs", "file")):
+            if isinstance(data.get(section), dict):
+                data[section].pop(key, None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def party_dir(self, name: str) -> Path:
         """The output folder only this party writes to."""

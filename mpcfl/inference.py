@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from mpcfl._compat import import_crypten
 from mpcfl.config import InferenceJob
+from mpcfl.auth import new_secret
 from mpcfl.convert import encrypt_model, trace
 from mpcfl.errors import MpcflError
 from mpcfl.outputs import write_json, write_npy
@@ -314,6 +315,8 @@ def secure_predict_local(
         timeout_s=timeout_s,
         insecure_dealer=insecure_dealer,
         label="local secure inference",
+        secret=new_secret().encode(),
+        fingerprint="local secure inference",
     )
     context = multiprocessing.get_context("fork")
     errors = context.SimpleQueue()

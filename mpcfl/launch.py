@@ -27,6 +27,7 @@ from typing import IO
 
 from mpcfl.cli import EXIT_PEER_FAILURE
 from mpcfl.config import JobBase
+from mpcfl.auth import ENV_SECRET, new_secret
 from mpcfl.runtime import ENV_INSECURE, ENV_PARTIES, ENV_PARTY, ENV_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 _GRACE_S = 5.0
 _POLL_S = 0.05
 _write_lock = threading.Lock()
+_run_secret = new_secret()
 
 
 def free_port() -> int:
@@ -100,6 +102,8 @@ def _spawn(name: str, command: list[str], *, sink: IO[str], env: dict[str, str] 
     for key in ("RANK", "WORLD_SIZE", "RENDEZVOUS", "MASTER_ADDR", "MASTER_PORT", ENV_PARTY, ENV_PARTIES):
         full_env.pop(key, None)
     full_env.update(env or {}, PYTHONUNBUFFERED="1")
+    # Every local run authenticates its processes, with the user's secret if set, else a fresh one.
+    full_env.setdefault(ENV_SECRET, _run_secret)
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,

@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 
-from mpcfl._compat import import_crypten, set_process_group_timeout
+from mpcfl._compat import import_crypten, init_crypten, set_process_group_timeout
+from mpcfl.auth import ENV_SECRET, authenticate, load_secret
 from mpcfl.config import JobBase
 from mpcfl.errors import MpcflError, PeerFailure
 
@@ -53,6 +55,8 @@ class Session:
     insecure_dealer: bool = False
     device: str = "cpu"
     label: str = "mpcfl"
+    secret: bytes | None = field(default=None, repr=False)
+    fingerprint: str = ""
 
     @classmethod
     def of_job(cls, job: JobBase, *, rendezvous: str | None = None) -> Session:
@@ -63,6 +67,8 @@ class Session:
             insecure_dealer=job.runtime.insecure_dealer,
             device=job.runtime.device,
             label=f"job {job.name} ({job.source})",
+            secret=load_secret(job.runtime.secret_file),
+            fingerprint=job.fingerprint(),
         )
 
     @classmethod
@@ -79,11 +85,29 @@ class Session:
             parties=tuple(names.split(",")),
             timeout_s=float(os.environ.get(ENV_TIMEOUT, "60")),
             insecure_dealer=os.environ.get(ENV_INSECURE) == "1",
+            secret=load_secret(None),
+            fingerprint=f"script session {names}",
         )
 
     @property
     def world_size(self) -> int:
         return len(self.parties)
+
+    @property
+    def process_names(self) -> list[str]:
+        """Names by rank of every process in the group: the parties, then the dealer."""
+        return [*self.parties, *([] if self.insecure_dealer else ["dealer"])]
+
+    def authenticate(self, crypten: Any, rank: int) -> None:
+        """Proves this process knows the secret and checks every peer (see :mod:`mpcfl.auth`)."""
+        if self.secret is None:
+            log.warning("no job secret: peers are not authenticated (set %s or runtime.secret_file)", ENV_SECRET)
+            return
+        authenticate(
+            self.secret, fingerprint=self.fingerprint, rank=rank, names=self.process_names,
+            group=crypten.comm.get().ttp_group,
+        )
+        log.info("authenticated all %d peers", len(self.process_names) - 1)
 
     def rank_of(self, name: str) -> int:
         """Raises MpcflError for a name that is not a party."""
@@ -179,7 +203,7 @@ def party_session(session: Session, party: str) -> Iterator[int]:
     if session.device == "cuda" and not torch.cuda.is_available():
         raise MpcflError(f"{who}: device is cuda but torch sees no GPU")
     with _crypten_session(crypten, session, who):
-        crypten.init()
+        init_crypten(crypten, lambda: session.authenticate(crypten, rank))
         log.info("joined %s as rank %d of %d", session.label, rank, session.world_size)
         _joined.append(Party(name=party, rank=rank, session=session))
         try:
@@ -200,7 +224,10 @@ def run_dealer(session: Session) -> None:
     _set_env(session, rank=session.world_size, who=who)
     crypten = _configure(session)
     with _crypten_session(crypten, session, who):
-        crypten.mpc.provider.TTPServer()  # returns when party 0 sends "terminate"
+        init_crypten(crypten, lambda: session.authenticate(crypten, session.world_size))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "CrypTen is already initialized": on purpose
+            crypten.mpc.provider.TTPServer()  # returns when party 0 sends "terminate"
     log.info("dealer finished")
 
 

@@ -85,3 +85,23 @@ def test_our_folders_never_shadow_crypten_top_level_packages(name: str) -> None:
     assert not (REPO / name / "__init__.py").exists()
     offenders = [p for p in (REPO / "mpcfl").rglob("*.py") if f"from {name}" in p.read_text() or f"import {name}\n" in p.read_text()]
     assert offenders == []
+
+
+def test_init_runs_the_hook_after_the_group_forms_and_before_any_seed_exchange() -> None:
+    from types import SimpleNamespace
+
+    calls: list[str] = []
+    communicator = SimpleNamespace(get_rank=lambda: 0, get_world_size=lambda: 2)
+    fake = SimpleNamespace(
+        comm=SimpleNamespace(_init=lambda **kwargs: calls.append("group"), get=lambda: communicator),
+        mpc=SimpleNamespace(
+            ttp_required=lambda: True,
+            provider=SimpleNamespace(ttp_provider=SimpleNamespace(TTPClient=SimpleNamespace(_init=lambda: calls.append("dealer seed")))),
+        ),
+        _setup_prng=lambda: calls.append("party seeds"),
+    )
+    _compat.init_crypten(fake, lambda: calls.append("hook"))
+    assert calls == ["group", "hook", "party seeds", "dealer seed"]
+    # The names it relies on exist in the crypten it targets.
+    crypten = _compat.import_crypten()
+    assert callable(crypten._setup_prng) and callable(crypten.mpc.provider.ttp_provider.TTPClient._init)
