@@ -145,34 +145,52 @@ def stop_all(children: list[Child]) -> None:
             child.pump.join(timeout=2)
 
 
-def _culprit(children: list[Child]) -> Child:
-    """The child that failed first, preferring one that failed on its own over one that lost a peer."""
+_SETTLE_S = 3.0
+
+
+def _blame(children: list[Child]) -> str:
+    """Who failed first, and how: a child that failed on its own beats one that lost a peer,
+    and if every failure is a lost peer, the children still running are the ones that hung."""
     failed = sorted((c for c in children if c.failed), key=lambda c: c.ended_at or float("inf"))
     own = [c for c in failed if c.process.returncode != EXIT_PEER_FAILURE]
-    return (own or failed)[0]
+    if own:
+        culprit = own[0]
+        code = culprit.process.returncode
+        reason = culprit.error_line or (f"killed by signal {-code}" if code < 0 else f"exited with status {code}")
+        return f"{culprit.name} failed: {reason}"
+    silent = [c.name for c in children if c.process.poll() is None]
+    if silent:
+        return (
+            f"{', '.join(silent)} stopped responding (hung, stopped, or cut off from the network); "
+            f"the others gave up: {failed[0].error_line or 'lost a peer'}"
+        )
+    return f"{failed[0].name} failed: {failed[0].error_line or 'lost a peer'}"
 
 
 def supervise(children: list[Child], *, sink: IO[str]) -> int:
     """Waits for all children; on the first failure stops the rest. Returns the exit code."""
+
+    def note_exits() -> None:
+        for child in children:
+            if child.ended_at is None and child.process.poll() is not None:
+                child.ended_at = time.monotonic()
+
     try:
         while True:
-            now = time.monotonic()
-            for child in children:
-                if child.ended_at is None and child.process.poll() is not None:
-                    child.ended_at = now
+            note_exits()
             if any(c.failed for c in children):
-                # Let a peer's own error surface before blaming: its exit may trail by a poll.
-                time.sleep(0.2)
-                for child in children:
-                    if child.ended_at is None and child.process.poll() is not None:
-                        child.ended_at = time.monotonic()
-                culprit = _culprit(children)
+                # Let the other processes report before blaming: a peer's own error may trail
+                # by a poll, and the peers of a hung process give up at about the same time.
+                settle = time.monotonic() + _SETTLE_S
+                while time.monotonic() < settle:
+                    note_exits()
+                    own_failure = any(c.failed and c.process.returncode != EXIT_PEER_FAILURE for c in children)
+                    if own_failure or all(c.ended_at is not None for c in children):
+                        break
+                    time.sleep(_POLL_S)
+                message = _blame(children)
                 stop_all(children)
-                code = culprit.process.returncode
-                reason = culprit.error_line or (
-                    f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
-                )
-                print(f"mpcfl: error: {culprit.name} failed: {reason}", file=sys.stderr)
+                print(f"mpcfl: error: {message}", file=sys.stderr)
                 return 1
             if all(c.ended_at is not None for c in children):
                 for child in children:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,3 +118,23 @@ def test_unknown_party_name(tmp_path: Path) -> None:
     done = mpcfl("party", str(small_job(tmp_path)), "--party", "p9", timeout=60)
     assert done.returncode == 1
     assert "no party named 'p9' (parties: p0, p1)" in done.stderr
+
+
+def test_a_stopped_party_is_named_once_its_peers_time_out(tmp_path: Path) -> None:
+    job = small_job(tmp_path, timeout_s=5)
+    launcher = start(job)
+    wait_for_line(launcher, "[p1] INFO mpcfl.data: shared")
+    time.sleep(1.0)
+    stopped_at = time.monotonic()
+    os.kill(party_pid(job, "p1"), signal.SIGSTOP)
+    try:
+        _, err = launcher.communicate(timeout=90)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    elapsed = time.monotonic() - stopped_at
+    assert launcher.returncode == 1
+    assert elapsed < 5 + 15, f"took {elapsed:.1f}s to stop"
+    # p1 is named; the dealer, idle while the parties wait on p1, may be named with it.
+    assert re.search(r"mpcfl: error: (dealer, )?p1(, dealer)? stopped responding \(hung, stopped, or cut off", err), err
+    assert_no_leftovers(str(job))
