@@ -1,4 +1,4 @@
-"""The ``mpcfl`` command: ``run``, ``party``, ``dealer``, ``launch``, ``validate``, ``baseline`` and ``audit``.
+"""The ``mpcfl`` command: ``run``, ``party``, ``dealer``, ``worker``, ``launch``, ``validate``, ``baseline``, ``audit``.
 
 Errors a user can act on print as one line, ``mpcfl: error: ...``, and exit 1;
 ``--debug`` shows the traceback instead. A party that lost a peer exits 3, so the
@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     dealer = sub.add_parser("dealer", help="run the Beaver-triple dealer (TTP) of a job, or of `mpcfl launch`")
     dealer.add_argument("job", nargs="?", help="the job file (default: the session `mpcfl launch` describes)")
     dealer.add_argument("--rendezvous", help="tcp://HOST:PORT shared by all processes (default: $RENDEZVOUS)")
+
+    worker = sub.add_parser(
+        "worker", help="run whichever role torchrun or srun gave this process (rank n = the dealer)"
+    )
+    worker.add_argument("job")
 
     baseline = sub.add_parser(
         "baseline", help="train the same job in plaintext PyTorch (reads every party's files; for measurement)"
@@ -85,6 +90,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_dealer(Session.from_env())
         return 0
     job = load_job(args.job)
+    if args.command == "worker":
+        from mpcfl.runtime import role_from_launcher_env
+
+        role, rendezvous = role_from_launcher_env(job)
+        args.command, args.party, args.rendezvous = ("dealer" if role == "dealer" else "party"), role, rendezvous
     if args.command == "run":
         from mpcfl.launch import run_local
 
