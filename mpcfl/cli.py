@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -63,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(debug: bool) -> None:
+    # torch's C++ side logs each socket error it then raises; the raise becomes our one
+    # line, so show the C++ lines only with --debug. Read once, when torch loads.
+    if not debug:
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     # crypten logs chatter on the root logger at INFO; keep ours at INFO, its at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("mpcfl").setLevel(logging.DEBUG if debug else logging.INFO)

@@ -196,6 +196,14 @@ def _configure(session: Session) -> Any:
 
 def _translate(err: RuntimeError, who: str, session: Session) -> MpcflError:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    rendezvous = os.environ.get("RENDEZVOUS", "the rendezvous")
+    if "EADDRINUSE" in str(err) or "address already in use" in str(err):
+        return MpcflError(f"{who}: cannot host the rendezvous {rendezvous}: the port is already in use; pick another port")
+    if "while trying to connect to" in str(err):
+        return MpcflError(
+            f"{who}: cannot reach the rendezvous {rendezvous} within timeout_s={session.timeout_s:g}s: "
+            f"is rank 0 ({session.parties[0]}) running there, and can this host reach it?"
+        )
     if any(marker in str(err) for marker in _PEER_FAILURES):
         return PeerFailure(
             f"{who}: lost a peer of {session.label} (it died, hung past "

@@ -138,3 +138,44 @@ def test_a_stopped_party_is_named_once_its_peers_time_out(tmp_path: Path) -> Non
     # p1 is named; the dealer, idle while the parties wait on p1, may be named with it.
     assert re.search(r"mpcfl: error: (dealer, )?p1(, dealer)? stopped responding \(hung, stopped, or cut off", err), err
     assert_no_leftovers(str(job))
+
+
+def test_rendezvous_port_in_use_and_unreachable(tmp_path: Path) -> None:
+    import socket
+
+    job = small_job(tmp_path, timeout_s=3)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = mpcfl("party", str(job), "--party", "p0", "--rendezvous", f"tcp://127.0.0.1:{port}", timeout=60)
+    assert done.returncode == 1
+    assert f"party p0: cannot host the rendezvous tcp://127.0.0.1:{port}: the port is already in use" in done.stderr
+    done = mpcfl("party", str(job), "--party", "p1", "--rendezvous", "tcp://127.0.0.1:9", timeout=60)
+    assert done.returncode == 1
+    assert "party p1: cannot reach the rendezvous tcp://127.0.0.1:9 within timeout_s=3s: is rank 0 (p0) running" in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("partition", ["vertical", "horizontal"])
+def test_parties_whose_shapes_disagree(tmp_path: Path, partition: str) -> None:
+    from conftest import horizontal_parties
+
+    if partition == "vertical":
+        job = small_job(tmp_path)
+        short = tmp_path / "p1_train.csv"
+        short.write_text("\n".join(short.read_text().splitlines()[:-5]) + "\n")
+        expected = "party p1: its train file has 450 rows, party p0 has 455; a vertical partition needs the same rows"
+    else:
+        parties = horizontal_parties(tmp_path, 2)
+        for key in ("train", "test"):
+            narrow = Path(parties[1]["data"][key])
+            lines = [",".join(line.split(",")[1:]) for line in narrow.read_text().splitlines()]
+            narrow.write_text("\n".join(lines) + "\n")
+        job = write_job(tmp_path, base_job(partition="horizontal", parties=parties, labels={"column": "malignant"}))
+        expected = "party p1: its columns differ from party p0's; a horizontal partition needs the same columns"
+    done = mpcfl("run", str(job), timeout=120)
+    assert done.returncode == 1
+    assert expected in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+    assert_no_leftovers(str(job))
