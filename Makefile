@@ -26,5 +26,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+bench: install
+	$(BIN)/python benchmarks/inference.py
+	$(BIN)/python benchmarks/soak.py
+
 clean:
 	rm -rf $(VENV) runs

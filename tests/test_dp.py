@@ -23,6 +23,14 @@ from mpcfl.errors import ConfigError
 SCALE = 2**16
 
 
+def dp_demo() -> dict:
+    """The DP demo job as a dict, its data paths made absolute."""
+    spec = yaml.safe_load((REPO / "configs" / "breast_cancer_dp.yaml").read_text())
+    for party in spec["parties"]:
+        party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
+    return spec
+
+
 @pytest.mark.parametrize(("name", "reference"), [("rdp", rdp.RdpAccountant), ("pld", pld.PLDAccountant)])
 def test_epsilon_equals_dp_accounting_for_the_same_events(name: str, reference: type) -> None:
     charges = [Charge("gaussian", 3.0, 10), Charge("gaussian", 8.0, 1)]
@@ -113,9 +121,7 @@ def test_joint_noise_on_real_processes(tmp_path: Path) -> None:
 
 
 def test_dp_training_job_records_a_ledger_that_matches_dp_accounting(tmp_path: Path) -> None:
-    spec = yaml.safe_load((REPO / "configs" / "breast_cancer_dp.yaml").read_text())
-    for party in spec["parties"]:
-        party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
+    spec = dp_demo()
     spec["outputs"]["dir"] = str(tmp_path / "out")
     spec["outputs"]["metrics_to"] = ["hospital_b"]
     spec["training"]["epochs"] = 3
@@ -155,18 +161,14 @@ def test_dp_training_job_records_a_ledger_that_matches_dp_accounting(tmp_path: P
     ],
 )
 def test_dp_config_errors(tmp_path: Path, change: dict, message: str) -> None:
-    spec = yaml.safe_load((REPO / "configs" / "breast_cancer_dp.yaml").read_text())
-    for party in spec["parties"]:
-        party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
+    spec = dp_demo()
     spec["dp"].update(change)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_job(write_job(tmp_path, spec))
 
 
 def test_dp_refuses_metrics_and_mlp(tmp_path: Path) -> None:
-    spec = yaml.safe_load((REPO / "configs" / "breast_cancer_dp.yaml").read_text())
-    for party in spec["parties"]:
-        party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
+    spec = dp_demo()
     spec["outputs"]["metrics_to"] = "all"
     with pytest.raises(ConfigError, match="per-epoch metrics spend budget; set it to none, or add dp.metrics"):
         load_job(write_job(tmp_path, spec))
@@ -180,9 +182,7 @@ def test_metrics_that_alone_exceed_the_budget_are_refused(tmp_path: Path) -> Non
     from mpcfl.dp.sgd import calibration
     from mpcfl.errors import MpcflError
 
-    spec = yaml.safe_load((REPO / "configs" / "breast_cancer_dp.yaml").read_text())
-    for party in spec["parties"]:
-        party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
+    spec = dp_demo()
     spec["outputs"]["metrics_to"] = "all"
     spec["dp"]["metrics"] = {"mechanism": "gaussian", "noise_multiplier": 0.2}
     job = load_job(write_job(tmp_path, spec))

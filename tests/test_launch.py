@@ -47,6 +47,18 @@ def wait_for_line(process: subprocess.Popen, needle: str, timeout: float = 120) 
     pytest.fail(f"never saw {needle!r}:\n{''.join(seen[-30:])}")
 
 
+def signal_and_wait(launcher: subprocess.Popen, pid: int, sig: int, timeout: float) -> tuple[str, float]:
+    """Sends ``sig`` to one child, waits for the launcher; returns its stderr and how long it took."""
+    sent_at = time.monotonic()
+    os.kill(pid, sig)
+    try:
+        _, err = launcher.communicate(timeout=timeout)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    return err, time.monotonic() - sent_at
+
+
 def party_pid(job: Path, party: str) -> int:
     pids = [p for p in live_processes(str(job)) if p in live_processes(f"--party {party} ")]
     assert len(pids) == 1, pids
@@ -62,14 +74,7 @@ def test_a_party_dying_mid_training_stops_the_job(tmp_path: Path, victim: str) -
     pid = party_pid(job, victim) if victim != "dealer" else [
         p for p in live_processes(str(job)) if p in live_processes(" dealer ")
     ][0]
-    killed_at = time.monotonic()
-    os.kill(pid, signal.SIGKILL)
-    try:
-        _, err = launcher.communicate(timeout=60)
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-    elapsed = time.monotonic() - killed_at
+    err, elapsed = signal_and_wait(launcher, pid, signal.SIGKILL, timeout=60)
     assert launcher.returncode == 1
     assert elapsed < 15, f"took {elapsed:.1f}s to stop"
     assert f"mpcfl: error: {victim} failed: killed by signal 9" in err
@@ -125,14 +130,7 @@ def test_a_stopped_party_is_named_once_its_peers_time_out(tmp_path: Path) -> Non
     launcher = start(job)
     wait_for_line(launcher, "[p1] INFO mpcfl.data: shared")
     time.sleep(1.0)
-    stopped_at = time.monotonic()
-    os.kill(party_pid(job, "p1"), signal.SIGSTOP)
-    try:
-        _, err = launcher.communicate(timeout=90)
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-    elapsed = time.monotonic() - stopped_at
+    err, elapsed = signal_and_wait(launcher, party_pid(job, "p1"), signal.SIGSTOP, timeout=90)
     assert launcher.returncode == 1
     assert elapsed < 5 + 15, f"took {elapsed:.1f}s to stop"
     # p1 is named; the dealer, idle while the parties wait on p1, may be named with it.
