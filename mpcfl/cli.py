@@ -26,11 +26,13 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run every party and the dealer of a job on this machine")
     run.add_argument("job", help="the YAML job file")
+    run.add_argument("--resume", action="store_true", help="continue training from the parties' checkpoints")
 
     party = sub.add_parser("party", help="run one party of a job (one per host)")
     party.add_argument("job")
     party.add_argument("--party", required=True, help="this process's party name")
     party.add_argument("--rendezvous", help="tcp://HOST:PORT shared by all processes (default: $RENDEZVOUS)")
+    party.add_argument("--resume", action="store_true", help="continue training from this party's checkpoints")
 
     dealer = sub.add_parser("dealer", help="run the Beaver-triple dealer (TTP) of a job, or of `mpcfl launch`")
     dealer.add_argument("job", nargs="?", help="the job file (default: the session `mpcfl launch` describes)")
@@ -40,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         "worker", help="run whichever role torchrun or srun gave this process (rank n = the dealer)"
     )
     worker.add_argument("job")
+    worker.add_argument("--resume", action="store_true", help="continue training from the checkpoints")
 
     baseline = sub.add_parser(
         "baseline", help="train the same job in plaintext PyTorch (reads every party's files; for measurement)"
@@ -95,6 +98,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_dealer(Session.from_env())
         return 0
     job = load_job(args.job)
+    if getattr(args, "resume", False) and job.task != "train":
+        raise MpcflError(f"{args.job}: --resume continues training jobs; this one is task: {job.task}")
     if args.command == "worker":
         from mpcfl.runtime import role_from_launcher_env
 
@@ -103,7 +108,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from mpcfl.launch import run_local
 
-        return run_local(job, debug=args.debug)
+        return run_local(job, debug=args.debug, resume=args.resume)
     if args.command == "party":
         if job.task == "inference":
             from mpcfl.inference import run_inference_party
@@ -112,7 +117,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             from mpcfl.party import run_party
 
-            run_party(job, args.party, rendezvous=args.rendezvous)
+            run_party(job, args.party, rendezvous=args.rendezvous, resume=args.resume)
     elif args.command == "dealer":
         from mpcfl.runtime import Session, run_dealer
 

@@ -217,8 +217,10 @@ def _run(children_of: Callable[[], list[Child]], *, sink: IO[str]) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_local(job: JobBase, *, debug: bool = False, sink: IO[str] | None = None) -> int:
+def run_local(job: JobBase, *, debug: bool = False, resume: bool = False, sink: IO[str] | None = None) -> int:
     """Runs every party (and the dealer, unless the job is insecure) on this machine.
+
+    With ``resume``, the parties continue a training job from their checkpoints.
 
     Returns:
         0 when every process succeeded, 1 otherwise.
@@ -234,6 +236,8 @@ def run_local(job: JobBase, *, debug: bool = False, sink: IO[str] | None = None)
             started.append(_spawn("dealer", _mpcfl(*common, "dealer", job_file, "--rendezvous", rendezvous), sink=sink))
         for name in job.party_names:
             command = _mpcfl(*common, "party", job_file, "--party", name, "--rendezvous", rendezvous)
+            if resume:
+                command.append("--resume")
             started.append(_spawn(name, command, sink=sink))
         return started
 

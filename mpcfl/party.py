@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
+from mpcfl import checkpoint
 from mpcfl.config import TrainJob
 from mpcfl.data import PartyData, load_party_data, share_dataset
-from mpcfl.outputs import plot_history, write_json, write_torch
 from mpcfl.dp.budget import Budget
+from mpcfl.errors import MpcflError
+from mpcfl.outputs import plot_history, write_json, write_torch
 from mpcfl.reveal import install_budget, ledger
 from mpcfl.runtime import Session, agreed, communication_stats, party_session
 from mpcfl.train import TrainResult, train
@@ -16,25 +19,49 @@ from mpcfl.train import TrainResult, train
 log = logging.getLogger(__name__)
 
 
-def run_party(job: TrainJob, party: str, *, rendezvous: str | None = None) -> None:
+def _budget(job: TrainJob, party: str, *, resume: bool) -> Budget | None:
+    """The job's privacy budget, persisted on every charge; on resume, the ledger so far."""
+    if job.dp is None:
+        return None
+    budget = Budget.create(epsilon=job.dp.epsilon, delta=job.dp.delta, accountant=job.dp.accountant)
+    budget.path = job.party_dir(party) / "privacy.json"
+    if resume and budget.path.is_file():
+        try:
+            budget.load_state_dict(json.loads(budget.path.read_text()))
+        except (ValueError, KeyError) as err:
+            raise MpcflError(f"party {party}: {budget.path}: cannot resume its privacy ledger: {err}") from None
+        log.info("resumed the privacy ledger: epsilon %.4g spent of %g", budget.spent(), budget.epsilon)
+    return budget
+
+
+def _resume_point(job: TrainJob, party: str, rank: int) -> checkpoint.Checkpoint | None:
+    """The checkpoint of the newest epoch every party holds."""
+    epoch = checkpoint.common_epoch(job, checkpoint.available_epochs(job, party))
+    log.info("resuming after epoch %d", epoch)
+    return checkpoint.load(job, party, rank, epoch)
+
+
+def run_party(job: TrainJob, party: str, *, rendezvous: str | None = None, resume: bool = False) -> None:
     """Runs ``party``'s side of the job to the end.
 
     Args:
         job: the validated job.
         party: this process's party name.
         rendezvous: ``tcp://HOST:PORT`` of the process group; else ``$RENDEZVOUS``.
+        resume: continue from the newest checkpoint all parties hold.
 
     Raises:
-        MpcflError: bad data, a peer failure, or the environment contradicts the job.
+        MpcflError: bad data or checkpoints, a peer failure, or the environment contradicts the job.
     """
-    budget = None
-    if job.dp is not None:
-        budget = Budget.create(epsilon=job.dp.epsilon, delta=job.dp.delta, accountant=job.dp.accountant)
-    install_budget(budget)
     with party_session(Session.of_job(job, rendezvous=rendezvous), party) as rank:
+        budget = agreed("privacy ledger", job.party_names, lambda: _budget(job, party, resume=resume))
+        install_budget(budget)
+        start = None
+        if resume:
+            start = agreed("checkpoint loading", job.party_names, lambda: _resume_point(job, party, rank))
         data = agreed("data loading", job.party_names, lambda: load_party_data(job, party))
         shared = share_dataset(job, data, rank=rank, device=job.runtime.device)
-        result = train(job, shared, rank=rank)
+        result = train(job, shared, rank=rank, party=party, resume=start, budget=budget)
         shares = {name: param.share.cpu() for name, param in result.model.named_parameters()}
         totals = communication_stats()
     _write_outputs(job, party, rank, data, result, shares, totals, budget)
@@ -87,4 +114,4 @@ def _write_outputs(
         },
     )
     if budget is not None:
-        write_json(out / "privacy.json", {**budget.state_dict(), "dp_sgd": result.privacy, "spent": budget.spent()})
+        budget.persist()

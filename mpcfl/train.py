@@ -17,10 +17,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mpcfl import checkpoint
 from mpcfl._compat import import_crypten
 from mpcfl.config import TrainJob
 from mpcfl.data import SharedData
 from mpcfl.models import build_torch_model, to_crypten
+from mpcfl.dp.budget import Budget
 from mpcfl.dp.sgd import DpSgd
 from mpcfl.reveal import Privacy, reveal
 from mpcfl.runtime import communication_stats
@@ -36,7 +38,6 @@ class TrainResult:
     torch_model: torch.nn.Sequential  # the architecture, for receivers to load weights into
     history: list[dict[str, float]] = field(default_factory=list)
     state_dict: dict[str, torch.Tensor] | None = None  # revealed weights, receivers only
-    privacy: dict[str, float] = field(default_factory=dict)  # DP-SGD's noise multiplier and sensitivity
 
 
 def batches(n_rows: int, *, batch_size: int, seed: int, epoch: int, shuffle: bool) -> list[np.ndarray]:
@@ -112,8 +113,19 @@ def _metrics(opened: torch.Tensor, n_train: int, n_test: int | None) -> dict[str
     return record
 
 
-def train(job: TrainJob, shared: SharedData, *, rank: int) -> TrainResult:
+def train(
+    job: TrainJob,
+    shared: SharedData,
+    *,
+    rank: int,
+    party: str,
+    resume: checkpoint.Checkpoint | None = None,
+    budget: Budget | None = None,
+) -> TrainResult:
     """Trains the job's model on secret-shared data; every party calls it together.
+
+    After each epoch the party checkpoints its shares (see :mod:`mpcfl.checkpoint`);
+    with ``resume`` it continues after the checkpoint's epoch.
 
     Returns:
         The encrypted model, the per-epoch history (metrics only on metric
@@ -133,10 +145,14 @@ def train(job: TrainJob, shared: SharedData, *, rank: int) -> TrainResult:
     n_rows = shared.x_train.size(0)
     result = TrainResult(model=model, torch_model=torch_model)
     dp_sgd = DpSgd(job) if job.dp is not None else None
-    if dp_sgd is not None:
-        result.privacy = dp_sgd.summary()
+    if dp_sgd is not None and budget is not None:
+        budget.notes["dp_sgd"] = dp_sgd.summary()
+    first = 0
+    if resume is not None:
+        checkpoint.restore(model, optimizer, resume)
+        result.history, first = list(resume.history), resume.epoch
 
-    for epoch in range(spec.epochs):
+    for epoch in range(first, spec.epochs):
         started, comm_before = time.perf_counter(), communication_stats()
         plan = batches(n_rows, batch_size=spec.batch_size, seed=spec.seed, epoch=epoch, shuffle=spec.shuffle)
         bar = tqdm(plan, desc=f"epoch {epoch + 1}/{spec.epochs}", unit="batch", disable=rank != 0, mininterval=1.0)
@@ -167,6 +183,8 @@ def train(job: TrainJob, shared: SharedData, *, rank: int) -> TrainResult:
             bytes=comm_after["bytes"] - comm_before["bytes"],
         )
         result.history.append(record)
+        params, momentum = checkpoint.state_of(model, optimizer)
+        checkpoint.save(job, party, rank, checkpoint.Checkpoint(epoch + 1, params, momentum, result.history))
         log.info("epoch %s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
     model_ranks = job.ranks(job.outputs.model_to)

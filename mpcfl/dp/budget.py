@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mpcfl.dp.accountant import Accountant, Charge, create_accountant
 from mpcfl.errors import MpcflError
+from mpcfl.outputs import write_json
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,8 @@ class Budget:
     delta: float
     accountant: Accountant
     ledger: list[dict[str, Any]] = field(default_factory=list)
+    path: Path | None = None  # where every charge is persisted at once, so a crash loses none
+    notes: dict[str, Any] = field(default_factory=dict)  # mechanism details saved with the ledger
 
     @classmethod
     def create(cls, *, epsilon: float, delta: float, accountant: str) -> Budget:
@@ -54,8 +58,14 @@ class Budget:
             )
         self.accountant.compose(charge)
         self.ledger.append({"what": what, **charge.as_dict(), "epsilon_after": after})
+        self.persist()
         log.info("privacy: %s costs epsilon %.4g of %g (delta %g)", what, after, self.epsilon, self.delta)
         return after
+
+    def persist(self) -> None:
+        """Writes the budget and ledger to ``path`` (atomically), if it has one."""
+        if self.path is not None:
+            write_json(self.path, {**self.state_dict(), "spent": self.spent()})
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -63,9 +73,11 @@ class Budget:
             "delta": self.delta,
             "accountant": self.accountant.state_dict(),
             "ledger": list(self.ledger),
+            "notes": dict(self.notes),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Raises ValueError for a budget with another epsilon, delta or accountant."""
         if (state["epsilon"], state["delta"]) != (self.epsilon, self.delta):
             raise ValueError("the saved budget has a different epsilon or delta")
         self.accountant.load_state_dict(state["accountant"])

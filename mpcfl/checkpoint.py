@@ -1,0 +1,154 @@
+"""Per-party checkpoints of secure training, and resuming from them.
+
+After every epoch each party writes, atomically, its own arithmetic shares of the
+model and of the optimizer's momentum, the history so far, and the epoch, into ``<outputs>/<party>/checkpoints/epoch-NNNN.pt``. Shares
+are plain int64 tensors with metadata, so ``torch.load(weights_only=True)`` reads
+them without unpickling code. The last two checkpoints are kept: a crash can hit
+after one party saved epoch k and before another did, and resuming then uses the
+newest epoch every party holds.
+
+Randomness is not restored on purpose: share masks, Beaver triples and DP noise
+are drawn fresh after a resume (restoring a noise generator's state from disk
+would make the noise predictable to whoever reads the file). The batch order is
+a function of the public seed and the epoch, so it continues exactly. The DP
+ledger is not in the checkpoint: it lives in ``privacy.json``, rewritten at every
+charge, so a release made after the last checkpoint is never lost, and one that
+is repeated after a resume (new noise, a new release) is charged again. The
+resumed model therefore equals an uninterrupted run's up to fixed point's
+probabilistic truncation (and, with DP, up to the fresh noise).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpcfl.config import TrainJob
+from mpcfl.errors import MpcflError
+from mpcfl.outputs import write_torch
+
+log = logging.getLogger(__name__)
+
+_KEEP = 2
+_NAME = re.compile(r"^epoch-(\d{4,})\.pt$")
+
+
+@dataclass
+class Checkpoint:
+    """One party's state after ``epoch`` completed epochs."""
+
+    epoch: int
+    params: dict[str, torch.Tensor]  # this party's shares, by parameter name
+    momentum: dict[str, torch.Tensor]  # shares of the optimizer's momentum buffers
+    history: list[dict[str, float]]
+
+
+def folder(job: TrainJob, party: str) -> Path:
+    return job.party_dir(party) / "checkpoints"
+
+
+def available_epochs(job: TrainJob, party: str) -> list[int]:
+    """Epochs this party holds checkpoints for, newest first."""
+    where = folder(job, party)
+    if not where.is_dir():
+        return []
+    epochs = [int(m.group(1)) for p in where.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(epochs, reverse=True)
+
+
+def save(job: TrainJob, party: str, rank: int, checkpoint: Checkpoint) -> None:
+    """Writes this party's checkpoint atomically and prunes older ones."""
+    payload = {
+        "fingerprint": job.fingerprint(),
+        "job": job.name,
+        "party": party,
+        "rank": rank,
+        "epoch": checkpoint.epoch,
+        "params": checkpoint.params,
+        "momentum": checkpoint.momentum,
+        "history": checkpoint.history,
+    }
+    write_torch(folder(job, party) / f"epoch-{checkpoint.epoch:04d}.pt", payload)
+    for old in available_epochs(job, party)[_KEEP:]:
+        (folder(job, party) / f"epoch-{old:04d}.pt").unlink(missing_ok=True)
+
+
+def load(job: TrainJob, party: str, rank: int, epoch: int) -> Checkpoint:
+    """Reads this party's checkpoint for ``epoch``, refusing one of another job or party.
+
+    Raises:
+        MpcflError: unreadable, or written by another job, config or party.
+    """
+    path = folder(job, party) / f"epoch-{epoch:04d}.pt"
+    try:
+        data = torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged file
+        raise MpcflError(f"party {party}: {path}: cannot read checkpoint: {str(err).splitlines()[0]}") from None
+    if data.get("fingerprint") != job.fingerprint():
+        raise MpcflError(
+            f"party {party}: {path}: written by job {data.get('job')!r} with a different configuration; "
+            f"refusing to resume from it (delete it to start afresh)"
+        )
+    if (data.get("party"), data.get("rank")) != (party, rank):
+        raise MpcflError(f"party {party}: {path}: belongs to party {data.get('party')!r} (rank {data.get('rank')})")
+    return Checkpoint(
+        epoch=data["epoch"], params=data["params"], momentum=data["momentum"], history=data["history"]
+    )
+
+
+def common_epoch(job: TrainJob, mine: list[int]) -> int:
+    """The newest epoch every party holds a checkpoint for (exchanged as public integers).
+
+    Raises:
+        MpcflError: some party has no checkpoint in common with the others.
+    """
+    from mpcfl.runtime import all_gather_public
+
+    padded = (mine + [-1] * _KEEP)[:_KEEP]
+    everyone = all_gather_public(padded)
+    common = set(everyone[0]) - {-1}
+    for held in everyone[1:]:
+        common &= set(held)
+    if not common:
+        empty = [job.party_names[r] for r, held in enumerate(everyone) if max(held) < 0]
+        detail = f"party {', '.join(empty)} has none" if empty else "the parties hold different epochs"
+        raise MpcflError(f"cannot resume job {job.name}: no checkpoint common to all parties ({detail})")
+    return max(common)
+
+
+def state_of(model: Any, optimizer: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """This party's shares of the parameters and of the momentum buffers."""
+    params, momentum = {}, {}
+    for name, param in model.named_parameters():
+        params[name] = param.share.detach().cpu().clone()
+        buffer = optimizer.state.get(id(param), {}).get("momentum_buffer")
+        if buffer is not None:
+            momentum[name] = buffer.share.detach().cpu().clone()
+    return params, momentum
+
+
+def restore(model: Any, optimizer: Any, checkpoint: Checkpoint) -> None:
+    """Puts the checkpoint's shares back into the (already encrypted) model and optimizer.
+
+    Raises:
+        MpcflError: the checkpoint's parameters do not match the model.
+    """
+    from mpcfl._compat import import_crypten
+
+    crypten = import_crypten()
+    named = dict(model.named_parameters())
+    if set(named) != set(checkpoint.params):
+        raise MpcflError(f"checkpoint parameters {sorted(checkpoint.params)} do not match the model's {sorted(named)}")
+    for name, param in named.items():
+        share = checkpoint.params[name].to(param.share.device)
+        if share.shape != param.share.shape:
+            raise MpcflError(f"checkpoint parameter {name} has shape {tuple(share.shape)}, the model {tuple(param.share.shape)}")
+        param.share = share
+        if name in checkpoint.momentum:
+            buffer = crypten.mpc.MPCTensor.from_shares(checkpoint.momentum[name].to(share.device))
+            optimizer.state[id(param)]["momentum_buffer"] = buffer

@@ -1,0 +1,100 @@
+"""Checkpoint and resume on real processes: a crash mid-training, then `mpcfl run --resume`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, DEMO, assert_no_leftovers, base_job, live_processes, mpcfl, vertical_parties, write_job
+
+
+def job_spec(tmp_path: Path, **training: Any) -> dict[str, Any]:
+    parties = vertical_parties(tmp_path, [["mean_radius", "mean_texture", "mean_area"], ["worst_radius", "worst_area"]], label_party=1)
+    spec = base_job(parties=parties, labels={"party": "p1", "column": "malignant"})
+    spec["training"].update(epochs=5, **training)
+    spec["outputs"]["model_to"] = ["p0"]
+    return spec
+
+
+def crash_after_epoch(job: Path, epoch: int) -> None:
+    """Runs the job and SIGKILLs party p1 right after it logs the given epoch."""
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "mpcfl", "run", str(job)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )
+    try:
+        for line in launcher.stdout:
+            if line.startswith("[p1] INFO mpcfl.train: epoch epoch=" + str(epoch) + " "):
+                pid = [p for p in live_processes(str(job)) if p in live_processes("--party p1 ")][0]
+                os.kill(pid, signal.SIGKILL)
+                break
+        launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 1
+    assert_no_leftovers(str(job))
+
+
+def test_resumed_model_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    whole = write_job(tmp_path / "whole", job_spec(tmp_path / "whole"))
+    assert mpcfl("run", str(whole), timeout=180).returncode == 0
+    broken = write_job(tmp_path / "broken", job_spec(tmp_path / "broken"))
+    crash_after_epoch(broken, 2)
+    out = tmp_path / "broken" / "out"
+    assert not (out / "p0" / "model.pt").exists()
+    assert sorted(p.name for p in (out / "p1" / "checkpoints").iterdir()) == ["epoch-0001.pt", "epoch-0002.pt"]
+    done = mpcfl("run", str(broken), "--resume", timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "[p0] INFO mpcfl.party: resuming after epoch 2" in done.stdout
+    expected = torch.load(tmp_path / "whole" / "out" / "p0" / "model.pt", weights_only=True)
+    resumed = torch.load(out / "p0" / "model.pt", weights_only=True)
+    for name, value in expected.items():
+        assert torch.allclose(resumed[name], value, atol=2e-3), (name, (resumed[name] - value).abs().max())
+    history = json.loads((out / "p0" / "metrics.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
+
+
+def test_a_changed_config_refuses_the_checkpoint(tmp_path: Path) -> None:
+    spec = job_spec(tmp_path)
+    job = write_job(tmp_path, spec)
+    crash_after_epoch(job, 1)
+    spec["training"]["learning_rate"] = 0.5
+    write_job(tmp_path, spec)
+    done = mpcfl("run", str(job), "--resume", timeout=120)
+    assert done.returncode == 1
+    assert "written by job 'test-job' with a different configuration; refusing to resume from it" in done.stderr
+    fresh = write_job(tmp_path / "fresh", job_spec(tmp_path / "fresh"))
+    done = mpcfl("run", str(fresh), "--resume", timeout=120)
+    assert done.returncode == 1
+    assert "cannot resume job test-job: no checkpoint common to all parties (party p0, p1 has none)" in done.stderr
+
+
+def test_the_privacy_ledger_survives_a_crash_without_double_counting(tmp_path: Path) -> None:
+    spec = yaml.safe_load((REPO / "configs" / "breast_cancer_dp.yaml").read_text())
+    for party in spec["parties"]:
+        party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
+    spec["parties"][1]["name"] = "p1"
+    spec["labels"]["party"] = "p1"
+    spec["outputs"] = {"dir": str(tmp_path / "out"), "model_to": ["p1"], "metrics_to": ["p1"]}
+    spec["training"]["epochs"] = 4
+    spec["dp"]["metrics"] = {"mechanism": "gaussian", "noise_multiplier": 30.0}
+    job = write_job(tmp_path, spec)
+    crash_after_epoch(job, 2)
+    ledger = json.loads((tmp_path / "out" / "p1" / "privacy.json").read_text())["ledger"]
+    assert [e["what"] for e in ledger] == ["epoch 1 loss and accuracy", "epoch 2 loss and accuracy"]
+    done = mpcfl("run", str(job), "--resume", timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    privacy = json.loads((tmp_path / "out" / "p1" / "privacy.json").read_text())
+    whats = [e["what"] for e in privacy["ledger"]]
+    assert whats == [f"epoch {i} loss and accuracy" for i in (1, 2, 3, 4)] + ["trained model parameters"]
+    assert privacy["spent"] <= 3.0
