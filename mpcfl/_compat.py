@@ -134,6 +134,34 @@ def init_crypten(crypten: types.ModuleType, on_group_ready: Callable[[], None]) 
             crypten.mpc.provider.ttp_provider.TTPClient._init()
 
 
+def run_ttp_server(crypten: types.ModuleType) -> None:
+    """Runs CrypTen's TTPServer, re-raising the communication error it swallows.
+
+    TTPServer catches RuntimeError in its serving loop, logs it at INFO and
+    returns, so a dealer whose link to the parties died would exit as if the job
+    had finished. The communicator calls it makes are wrapped to remember such an
+    error, which is raised once the server returns.
+    """
+    communicator = crypten.comm.get()
+    errors: list[RuntimeError] = []
+
+    def recording(method: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except RuntimeError as err:
+                errors.append(err)
+                raise
+
+        return call
+
+    for name in ("recv_obj", "send_obj", "broadcast"):
+        setattr(communicator, name, recording(getattr(communicator, name)))
+    crypten.mpc.provider.TTPServer()
+    if errors:
+        raise errors[0]
+
+
 def import_crypten() -> types.ModuleType:
     """Imports crypten with every adaptation applied.
 

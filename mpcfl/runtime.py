@@ -18,14 +18,14 @@ from typing import Any, TypeVar
 
 import torch
 
-from mpcfl._compat import import_crypten, init_crypten, set_process_group_timeout
+from mpcfl._compat import import_crypten, init_crypten, run_ttp_server, set_process_group_timeout
 from mpcfl.auth import ENV_SECRET, authenticate, load_secret
 from mpcfl.config import JobBase
 from mpcfl.errors import MpcflError, PeerFailure
 
 log = logging.getLogger(__name__)
 
-_PEER_FAILURES = ("Connection reset", "Connection closed", "Broken pipe", "Timed out", "timed out", "Timeout")
+_PEER_FAILURES = ("Connection reset", "Connection closed", "Broken pipe", "Timed out", "timed out", "Timeout", "timeout", "pair closure")
 T = TypeVar("T")
 
 # Set by `mpcfl launch` for party scripts, beside CrypTen's own variables.
@@ -272,7 +272,7 @@ def run_dealer(session: Session) -> None:
         init_crypten(crypten, lambda: session.authenticate(crypten, session.world_size))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # "CrypTen is already initialized": on purpose
-            crypten.mpc.provider.TTPServer()  # returns when party 0 sends "terminate"
+            run_ttp_server(crypten)  # returns when party 0 sends "terminate"
     log.info("dealer finished")
 
 
