@@ -1,6 +1,6 @@
 """Secure inference benchmark: mpcfl against raw CrypTen, same processes, same run.
 
-    python benchmarks/inference.py [--repeats 5] [--batch 64]
+    python benchmarks/inference.py [--repeats 5] [--batch 64] [--device cuda]
 
 Runs with 2 parties (model owner, data owner) plus the TTP dealer on this
 machine. For an MLP 784-128-128-10 and a LeNet-5 on a batch of 1x28x28 inputs,
@@ -37,12 +37,14 @@ def mpcfl_batch(model: torch.nn.Module, x: torch.Tensor | None) -> None:
     mpcfl.secure_predict(model, x, model_owner="model_owner", data_owner="data_owner", batch_size=x.shape[0] if x is not None else 64)
 
 
-def raw_crypten_batch(model: torch.nn.Module, x: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+def raw_crypten_batch(model: torch.nn.Module, x: torch.Tensor | None, shape: tuple[int, ...], device: str) -> None:
     crypten = import_crypten()
     secure = crypten.nn.from_pytorch(model, torch.zeros(1, *shape[1:])).encrypt(src=0)
+    if device == "cuda":
+        secure = secure.cuda()
     secure.eval()
     with crypten.no_grad():
-        x_enc = crypten.cryptensor(x if x is not None else torch.zeros(*shape), src=1)
+        x_enc = crypten.cryptensor(x if x is not None else torch.zeros(*shape), src=1, device=device)
         secure(x_enc).get_plain_text(dst=1)
 
 
@@ -71,11 +73,11 @@ def party(args: argparse.Namespace) -> None:
             model = make().eval()
             x = torch.rand(*shape) if me.name == "data_owner" else None
             ours = measure(lambda: mpcfl_batch(model, x), args.repeats)
-            raw = measure(lambda: raw_crypten_batch(model, x, shape), args.repeats)
+            raw = measure(lambda: raw_crypten_batch(model, x, shape, me.session.device), args.repeats)
             rows.append((name, ours, raw))
     if me.name != "data_owner":
         return
-    print(f"\nsecure inference, batch of {args.batch} x 1x28x28, 2 parties + TTP dealer, "
+    print(f"\nsecure inference on {me.session.device}, batch of {args.batch} x 1x28x28, 2 parties + TTP dealer, "
           f"{torch.get_num_threads()} thread(s) per party, median of {args.repeats}")
     print(f"| model | mpcfl s/batch | raw CrypTen s/batch | ratio | mpcfl MB | raw MB | mpcfl rounds | raw rounds |")
     print("|---|---|---|---|---|---|---|---|")
@@ -88,11 +90,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     if os.environ.get("MPCFL_PARTY"):
         party(args)
         return 0
-    return launch_script([os.path.abspath(__file__), *sys.argv[1:]], parties=PARTIES, timeout_s=300)
+    return launch_script([os.path.abspath(__file__), *sys.argv[1:]], parties=PARTIES, timeout_s=300, device=args.device)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--parties", required=True, help="comma-separated party names, in rank order")
     launch.add_argument("--timeout-s", type=float, default=60.0, help="process-group timeout (default 60)")
     launch.add_argument("--insecure-dealer", action="store_true", help="no dealer: party 0 makes the triples (tests only)")
+    launch.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the parties compute")
     launch.add_argument("script", nargs=argparse.REMAINDER, help="SCRIPT.py [ARGS...]")
 
     audit = sub.add_parser("audit", help="membership-inference attacks on a trained model (reads every party's files)")
@@ -84,7 +85,9 @@ def _launch(args: argparse.Namespace) -> int:
         raise MpcflError(f"--parties: give at least two distinct names, got {args.parties!r}")
     if not args.script:
         raise MpcflError("launch: name the party script to run")
-    return launch_script(args.script, parties=parties, timeout_s=args.timeout_s, insecure_dealer=args.insecure_dealer)
+    return launch_script(
+        args.script, parties=parties, timeout_s=args.timeout_s, insecure_dealer=args.insecure_dealer, device=args.device
+    )
 
 
 def _dispatch(args: argparse.Namespace) -> int:

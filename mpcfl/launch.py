@@ -28,7 +28,7 @@ from typing import IO
 from mpcfl.cli import EXIT_PEER_FAILURE
 from mpcfl.config import JobBase
 from mpcfl.auth import ENV_SECRET, new_secret
-from mpcfl.runtime import ENV_INSECURE, ENV_PARTIES, ENV_PARTY, ENV_TIMEOUT
+from mpcfl.runtime import ENV_DEVICE, ENV_INSECURE, ENV_PARTIES, ENV_PARTY, ENV_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class Child:
     name: str
     process: subprocess.Popen
     error_line: str = ""
+    last_line: str = ""  # a script's traceback ends with its exception
     ended_at: float | None = None
     pump: threading.Thread | None = field(default=None, repr=False)
 
@@ -83,6 +84,7 @@ def _pump(child: Child, stream: IO[bytes], sink: IO[str]) -> None:
                 continue
             if text.startswith("mpcfl: error: "):
                 child.error_line = text.removeprefix("mpcfl: error: ")
+            child.last_line = text.strip()
             with _write_lock:
                 sink.write(prefix + text + end.decode())
                 sink.flush()
@@ -156,7 +158,10 @@ def _blame(children: list[Child]) -> str:
     if own:
         culprit = own[0]
         code = culprit.process.returncode
-        reason = culprit.error_line or (f"killed by signal {-code}" if code < 0 else f"exited with status {code}")
+        if code < 0:
+            reason = f"killed by signal {-code}"
+        else:
+            reason = culprit.error_line or f"exited with status {code}" + (f": {culprit.last_line}" if culprit.last_line else "")
         return f"{culprit.name} failed: {reason}"
     silent = [c.name for c in children if c.process.poll() is None]
     if silent:
@@ -253,6 +258,7 @@ def launch_script(
     parties: list[str],
     timeout_s: float = 60.0,
     insecure_dealer: bool = False,
+    device: str = "cpu",
     sink: IO[str] | None = None,
 ) -> int:
     """Runs ``python SCRIPT ...`` once per party, plus the dealer, on this machine.
@@ -268,6 +274,7 @@ def launch_script(
         ENV_PARTIES: ",".join(parties),
         ENV_TIMEOUT: str(timeout_s),
         ENV_INSECURE: "1" if insecure_dealer else "0",
+        ENV_DEVICE: device,
         "WORLD_SIZE": str(len(parties)),
         "RENDEZVOUS": f"tcp://127.0.0.1:{free_port()}",
     }

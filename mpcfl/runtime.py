@@ -33,6 +33,7 @@ ENV_PARTIES = "MPCFL_PARTIES"
 ENV_PARTY = "MPCFL_PARTY"
 ENV_TIMEOUT = "MPCFL_TIMEOUT_S"
 ENV_INSECURE = "MPCFL_INSECURE_DEALER"
+ENV_DEVICE = "MPCFL_DEVICE"
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class Session:
             parties=tuple(names.split(",")),
             timeout_s=float(os.environ.get(ENV_TIMEOUT, "60")),
             insecure_dealer=os.environ.get(ENV_INSECURE) == "1",
+            device=os.environ.get(ENV_DEVICE, "cpu"),
             secret=load_secret(None),
             fingerprint=f"script session {names}",
         )

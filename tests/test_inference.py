@@ -128,3 +128,11 @@ def test_inference_job_schema_errors(tmp_path: Path) -> None:
     done = mpcfl("run", str(path), timeout=120)
     assert done.returncode == 1
     assert "model.factory: 'mpcfl.zoo' has no function 'no_such_model'" in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error() -> None:
+    done = mpcfl("launch", "--parties", "bank,clinic", "--device", "cuda",
+                 str(REPO / "examples" / "secure_inference_party.py"), timeout=120)
+    assert done.returncode == 1
+    assert "device is cuda but torch sees no GPU" in done.stderr

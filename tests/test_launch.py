@@ -84,6 +84,20 @@ def test_a_party_dying_mid_training_stops_the_job(tmp_path: Path, victim: str) -
     assert written == [], f"a failed job wrote outputs: {written}"
 
 
+def test_a_party_dying_at_start_up_stops_the_job(tmp_path: Path) -> None:
+    job = small_job(tmp_path)
+    launcher = start(job)
+    deadline = time.monotonic() + 30
+    while not [p for p in live_processes(str(job)) if p in live_processes("--party p1 ")]:
+        assert time.monotonic() < deadline, "p1 never started"
+        time.sleep(0.02)
+    err, elapsed = signal_and_wait(launcher, party_pid(job, "p1"), signal.SIGKILL, timeout=60)
+    assert launcher.returncode == 1
+    assert elapsed < 15, f"took {elapsed:.1f}s to stop"
+    assert "mpcfl: error: p1 failed: killed by signal 9" in err
+    assert_no_leftovers(str(job))
+
+
 def test_launcher_terminated_takes_its_children_along(tmp_path: Path) -> None:
     job = small_job(tmp_path)
     launcher = start(job)
