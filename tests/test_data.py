@@ -90,3 +90,18 @@ def test_standardisation_and_range_check(tmp_path: Path) -> None:
     np.testing.assert_array_equal(data.train.x[:, 1], [0, 0, 0])
     check_range(data, 100)
     assert data.scaler["columns"] == ["area", "constant"]
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.csv"
+    garbage.write_bytes(b"x1,x2\n\xff\xfe\x00\x01,2\n")
+    with pytest.raises(DataError, match=r"party a: .*garbage.csv: (cannot read|line 2)"):
+        load_table(garbage, party="a")
+    pickled = tmp_path / "objects.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match=r"party a: .*objects.npy: cannot read: .*pickle"):
+        load_table(pickled, party="a")
+    folder = tmp_path / "folder.csv"
+    folder.mkdir()
+    with pytest.raises(DataError, match="data file not found"):
+        load_table(folder, party="a")
