@@ -62,7 +62,7 @@ def main() -> None:
             state = torch.load(receiver / "model.pt", weights_only=True)
             accuracies.append(evaluate_state_dict(job, state)["test_accuracy"])
             if job.dp is not None:
-                multiplier = json.loads((receiver / "privacy.json").read_text())["dp_sgd"]["noise_multiplier"]
+                multiplier = json.loads((receiver / "privacy.json").read_text())["notes"]["dp_sgd"]["noise_multiplier"]
         rows.append((epsilon, accuracies, multiplier))
     print("| epsilon | test accuracy, median | min - max | noise multiplier |")
     print("|---|---|---|---|")

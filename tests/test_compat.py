@@ -114,6 +114,11 @@ def test_the_dealer_reports_the_link_error_its_server_swallows() -> None:
         def recv_obj(self, src: int, group: object) -> object:
             raise RuntimeError("Connection reset by peer")
 
+        def send_obj(self, obj: object, dst: int, group: object) -> None:
+            raise AssertionError("not reached")
+
+        broadcast = send_obj
+
     communicator = Communicator()
 
     def server() -> None:  # shaped like crypten's TTPServer loop

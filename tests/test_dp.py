@@ -131,7 +131,7 @@ def test_dp_training_job_records_a_ledger_that_matches_dp_accounting(tmp_path: P
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     job = load_job(path)
     privacy = json.loads((job.party_dir("hospital_b") / "privacy.json").read_text())
-    z = privacy["dp_sgd"]["noise_multiplier"]
+    z = privacy["notes"]["dp_sgd"]["noise_multiplier"]
     reference = rdp.RdpAccountant()
     for _ in range(3):
         reference.compose(dp_accounting.LaplaceDpEvent(20.0))
