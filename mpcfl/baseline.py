@@ -15,7 +15,7 @@ import torch
 
 from mpcfl.config import TrainJob
 from mpcfl.data import PartyData, apply_scaler, check_range, load_party_data, standardize_locally
-from mpcfl.dp.sgd import calibration, clip_rows, feature_parties
+from mpcfl.dp.sgd import calibration, clip_rows, clips_features, feature_parties
 from mpcfl.models import build_torch_model
 from mpcfl.train import batches
 
@@ -73,7 +73,7 @@ def prepared_data(job: TrainJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     parts = [load_party_data(job, name) for name in job.party_names]
     if job.data.standardize:
         _standardize(job, parts)
-    if job.dp is not None:
+    if job.dp is not None and clips_features(job):
         k = feature_parties(job, [p.train.x.shape[1] for p in parts])
         for part in parts:
             for split in (part.train, part.test):
@@ -98,6 +98,20 @@ def evaluate_state_dict(job: TrainJob, state_dict: dict[str, torch.Tensor]) -> d
     if x_test is not None:
         record.update(zip(("test_loss", "test_accuracy"), _evaluate(job, model, x_test, y_test)))
     return record
+
+
+def _clipped_sum_gradients(model: torch.nn.Module, loss_fn: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, clip: float) -> None:
+    """Sets each parameter's gradient to the batch mean of per-example gradients clipped to ``clip``."""
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(len(x)):
+        grads = torch.autograd.grad(loss_fn(model(x[i : i + 1]), y[i : i + 1]), params)
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        scale = min(1.0, clip / max(float(norm), 1e-12))
+        for acc, grad in zip(total, grads):
+            acc += grad * scale
+    for param, acc in zip(params, total):
+        param.grad = acc / len(x)
 
 
 def train_plaintext(
@@ -132,7 +146,10 @@ def train_plaintext(
         for rows in batches(len(x), batch_size=spec.batch_size, seed=seed, epoch=epoch, shuffle=spec.shuffle):
             index = torch.from_numpy(rows)
             optimizer.zero_grad()
-            loss_fn(model(x[index]), y[index]).backward()
+            if job.dp is not None and not clips_features(job):
+                _clipped_sum_gradients(model, loss_fn, x[index], y[index], clip=job.dp.clip)
+            else:
+                loss_fn(model(x[index]), y[index]).backward()
             if noise_std:
                 for param in model.parameters():
                     param.grad += torch.randn(param.shape, generator=generator) * noise_std / len(rows)

@@ -110,8 +110,9 @@ class DPSpec(_Strict):
     clip: float = Field(
         default=1.0,
         gt=0,
-        description="bound on each example's feature-vector L2 norm; each party clips its own "
-        "slice of a row to clip/sqrt(parties holding features)",
+        description="logistic_regression: bound on each example's feature-vector L2 norm (each party "
+        "clips its own slice of a row to clip/sqrt(parties holding features)); mlp: bound on each "
+        "example's gradient L2 norm, clipped inside MPC",
     )
     collusion_threshold: int | None = Field(
         default=None,
@@ -263,11 +264,6 @@ class TrainJob(JobBase):
         return self
 
     def _check_dp(self, dp: DPSpec) -> None:
-        if self.model.type != "logistic_regression":
-            raise ValueError(
-                "dp: DP-SGD bounds each example's gradient by clipping its features, which holds for "
-                "logistic_regression; per-example gradient clipping for an mlp is not implemented"
-            )
         if self.outputs.metrics_to != "none" and dp.metrics is None:
             raise ValueError(
                 "outputs.metrics_to: with dp, per-epoch metrics spend budget; set it to none, or add dp.metrics"

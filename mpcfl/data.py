@@ -346,7 +346,7 @@ def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: str = "c
             standardize_locally(data)
         else:
             _standardize_jointly(job, data, shapes)
-    if job.dp is not None:
+    if job.dp is not None and job.model.type == "logistic_regression":
         _clip_for_dp(job, data, shapes)
     agreed("range check", job.party_names, lambda: check_range(data, job.data.max_abs))
 

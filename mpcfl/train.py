@@ -23,7 +23,8 @@ from mpcfl.config import TrainJob
 from mpcfl.data import SharedData
 from mpcfl.models import build_torch_model, to_crypten
 from mpcfl.dp.budget import Budget
-from mpcfl.dp.sgd import DpSgd
+from mpcfl.dp.clipping import clipped_gradient_sum
+from mpcfl.dp.sgd import DpSgd, clips_features
 from mpcfl.reveal import Privacy, reveal
 from mpcfl.runtime import communication_stats
 
@@ -159,9 +160,17 @@ def train(
         for rows in bar:
             index = torch.from_numpy(rows)
             optimizer.zero_grad()
-            step_loss(model(shared.x_train[index]), shared.y_train[index]).backward()
-            if dp_sgd is not None:
-                dp_sgd.noise_gradients(list(model.parameters()), len(rows))
+            if dp_sgd is not None and not clips_features(job):
+                with crypten.no_grad():  # gradients by hand: see mpcfl.dp.clipping
+                    sums = clipped_gradient_sum(
+                        model, torch_model, shared.x_train[index], shared.y_train[index],
+                        clip=job.dp.clip, binary=job.model.num_classes == 2,
+                    )
+                    dp_sgd.set_noisy_mean(dict(model.named_parameters()), sums, len(rows))
+            else:
+                step_loss(model(shared.x_train[index]), shared.y_train[index]).backward()
+                if dp_sgd is not None:
+                    dp_sgd.noise_gradients(list(model.parameters()), len(rows))
             optimizer.step()
         record: dict[str, float] = {"epoch": epoch + 1}
         if metric_ranks:

@@ -167,15 +167,35 @@ def test_dp_config_errors(tmp_path: Path, change: dict, message: str) -> None:
         load_job(write_job(tmp_path, spec))
 
 
-def test_dp_refuses_metrics_and_mlp(tmp_path: Path) -> None:
+def test_dp_refuses_free_metrics(tmp_path: Path) -> None:
     spec = dp_demo()
     spec["outputs"]["metrics_to"] = "all"
     with pytest.raises(ConfigError, match="per-epoch metrics spend budget; set it to none, or add dp.metrics"):
         load_job(write_job(tmp_path, spec))
-    spec["outputs"]["metrics_to"] = "none"
-    spec["model"] = {"type": "mlp", "hidden": [4]}
-    with pytest.raises(ConfigError, match="per-example gradient clipping for an mlp is not implemented"):
-        load_job(write_job(tmp_path, spec))
+
+
+def test_dp_sgd_for_an_mlp_clips_each_example_inside_mpc(tmp_path: Path) -> None:
+    from mpcfl.baseline import evaluate_state_dict, train_plaintext
+    from mpcfl.dp.clipping import sensitivity
+
+    spec = dp_demo()
+    spec["model"] = {"type": "mlp", "hidden": [8]}
+    spec["training"]["epochs"] = 2
+    spec["dp"]["epsilon"] = 8.0
+    spec["outputs"]["dir"] = str(tmp_path / "out")
+    path = write_job(tmp_path, spec)
+    done = mpcfl("run", str(path), timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    job = load_job(path)
+    privacy = json.loads((job.party_dir("hospital_b") / "privacy.json").read_text())
+    assert privacy["notes"]["dp_sgd"]["sensitivity"] == pytest.approx(sensitivity(1.0))
+    z = privacy["notes"]["dp_sgd"]["noise_multiplier"]
+    reference = rdp.RdpAccountant()
+    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 2))
+    assert privacy["spent"] == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
+    state = torch.load(job.party_dir("hospital_b") / "model.pt", weights_only=True)
+    assert evaluate_state_dict(job, state)["test_accuracy"] > 0.6
+    assert len(train_plaintext(job).history) == 2  # the plaintext simulation clips per example too
 
 
 def test_metrics_that_alone_exceed_the_budget_are_refused(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""DP-SGD under MPC for generalised linear models.
+"""DP-SGD under MPC: logistic regression by feature clipping, MLPs by per-example clipping.
 
 Sensitivity without per-step clipping: each party scales its own slice of every
 row to L2 norm at most ``clip / sqrt(k)`` (k = parties holding feature columns),
@@ -14,6 +14,10 @@ the summed gradient has standard deviation ``noise_multiplier x sensitivity``.
 Batches are disjoint slices of a public permutation, so any one record is in one
 step per epoch and nobody's batch membership is secret: the accountant composes
 one Gaussian mechanism per epoch, with no amplification by subsampling.
+
+An MLP's gradients are not bounded by its features, so each example's gradient
+is clipped to ``clip`` inside MPC instead (:mod:`mpcfl.dp.clipping`), and the
+noise goes on the clipped sum.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from mpcfl.config import TrainJob
+from mpcfl.dp import clipping
 from mpcfl.dp.accountant import Charge, calibrate_noise_multiplier
 from mpcfl.dp.noise import add_noise_share, noise_share, secure_generator
 from mpcfl.errors import MpcflError
@@ -39,6 +44,12 @@ def clip_rows(x: np.ndarray, bound: float) -> np.ndarray:
     """Scales each row down to L2 norm ``bound`` if it is longer; shorter rows are untouched."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x * np.minimum(1.0, bound / np.maximum(norms, 1e-300))
+
+
+def clips_features(job: TrainJob) -> bool:
+    """Logistic regression bounds its gradients by clipping features before sharing;
+    an MLP clips each example's gradient inside MPC (:mod:`mpcfl.dp.clipping`)."""
+    return job.model.type == "logistic_regression"
 
 
 def feature_parties(job: TrainJob, columns: list[int]) -> int:
@@ -72,9 +83,12 @@ def calibration(job: TrainJob) -> tuple[float, float]:
         MpcflError: the metrics alone would spend the whole budget.
     """
     assert job.dp is not None
-    sensitivity = _APPROXIMATION_MARGIN * math.sqrt(job.dp.clip**2 + 1)
-    if job.model.num_classes > 2:
-        sensitivity *= math.sqrt(2)
+    if clips_features(job):
+        sensitivity = _APPROXIMATION_MARGIN * math.sqrt(job.dp.clip**2 + 1)
+        if job.model.num_classes > 2:
+            sensitivity *= math.sqrt(2)
+    else:
+        sensitivity = clipping.sensitivity(job.dp.clip)
     metrics = metrics_charge(job)
     epochs = job.training.epochs
     extra = [] if metrics is None else [Charge(metrics[0].mechanism, metrics[0].noise_multiplier, epochs)]
@@ -101,15 +115,23 @@ class DpSgd:
         )
 
     def noise_gradients(self, parameters: list[Any], batch_size: int) -> None:
-        """Adds this party's noise share to each parameter's (mean) gradient, in place."""
-        sigma = self.noise_multiplier * self.sensitivity / batch_size
+        """Adds this party's noise share to each parameter's mean gradient, in place."""
         for param in parameters:
-            grad = param.grad
-            share = noise_share(
-                "gaussian", tuple(grad.size()), sigma, parties=self.job.world_size, colluders=self.job.colluders,
-                fixed_point=grad.encoder.scale, generator=self.generator,
-            )
-            add_noise_share(grad, share)
+            self._add_noise(param.grad, self.noise_multiplier * self.sensitivity / batch_size)
+
+    def set_noisy_mean(self, parameters: dict[str, Any], sums: dict[str, Any], batch_size: int) -> None:
+        """Sets each parameter's gradient to its noisy clipped sum over the batch, divided by the batch size."""
+        for name, param in parameters.items():
+            total = sums[name]
+            self._add_noise(total, self.noise_multiplier * self.sensitivity)
+            param.grad = total.div(batch_size)
+
+    def _add_noise(self, value: Any, sigma: float) -> None:
+        share = noise_share(
+            "gaussian", tuple(value.size()), sigma, parties=self.job.world_size, colluders=self.job.colluders,
+            fixed_point=value.encoder.scale, generator=self.generator,
+        )
+        add_noise_share(value, share)
 
     def metrics_privacy(self) -> Privacy | None:
         """Noise and charge for one epoch's metrics, or None when the job does not release them."""
