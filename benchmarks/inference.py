@@ -79,7 +79,7 @@ def party(args: argparse.Namespace) -> None:
         return
     print(f"\nsecure inference on {me.session.device}, batch of {args.batch} x 1x28x28, 2 parties + TTP dealer, "
           f"{torch.get_num_threads()} thread(s) per party, median of {args.repeats}")
-    print(f"| model | mpcfl s/batch | raw CrypTen s/batch | ratio | mpcfl MB | raw MB | mpcfl rounds | raw rounds |")
+    print("| model | mpcfl s/batch | raw CrypTen s/batch | ratio | mpcfl MB | raw MB | mpcfl rounds | raw rounds |")
     print("|---|---|---|---|---|---|---|---|")
     for name, ours, raw in rows:
         print(f"| {name} | {ours['seconds']:.3f} | {raw['seconds']:.3f} | {ours['seconds'] / raw['seconds']:.2f} | "
