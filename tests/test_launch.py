@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import assert_no_leftovers, base_job, live_processes, mpcfl, vertical_parties, write_job
 
@@ -95,6 +96,25 @@ def test_a_party_dying_at_start_up_stops_the_job(tmp_path: Path) -> None:
     assert launcher.returncode == 1
     assert elapsed < 15, f"took {elapsed:.1f}s to stop"
     assert "mpcfl: error: p1 failed: killed by signal 9" in err
+    assert_no_leftovers(str(job))
+
+
+def test_a_party_dying_around_the_final_reveal_stops_the_job(tmp_path: Path) -> None:
+    parties = vertical_parties(tmp_path, [["mean_radius", "mean_texture"], ["worst_radius", "worst_area"]], label_party=1)
+    spec = base_job(parties=parties, labels={"party": "p1", "column": "malignant"})
+    spec["training"]["epochs"] = 1
+    spec["outputs"]["model_to"] = ["p1"]
+    job = write_job(tmp_path, spec)
+    launcher = start(job)
+    wait_for_line(launcher, "[p0] INFO mpcfl.train: epoch epoch=1 ")  # next: revealing the model
+    err, elapsed = signal_and_wait(launcher, party_pid(job, "p0"), signal.SIGKILL, timeout=60)
+    assert launcher.returncode == 1
+    assert elapsed < 15, f"took {elapsed:.1f}s to stop"
+    assert "mpcfl: error: p0 failed: killed by signal 9" in err
+    # Whether p1 got the model first is a race; if it did, its file is whole (atomic write).
+    model = tmp_path / "out" / "p1" / "model.pt"
+    if model.exists():
+        torch.load(model, weights_only=True)
     assert_no_leftovers(str(job))
 
 
