@@ -20,48 +20,51 @@ EXIT_PEER_FAILURE = 3
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mpcfl", description="Secure multi-party training on CrypTen.")
+    parser = argparse.ArgumentParser(prog="mpcfl", description="Secure multi-party training and inference on CrypTen.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    # --debug is accepted after the subcommand too; SUPPRESS keeps a subcommand from resetting it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run every party and the dealer of a job on this machine")
+    run = sub.add_parser("run", parents=[common], help="run every party and the dealer of a job on this machine")
     run.add_argument("job", help="the YAML job file")
     run.add_argument("--resume", action="store_true", help="continue training from the parties' checkpoints")
 
-    party = sub.add_parser("party", help="run one party of a job (one per host)")
+    party = sub.add_parser("party", parents=[common], help="run one party of a job (one per host)")
     party.add_argument("job")
     party.add_argument("--party", required=True, help="this process's party name")
     party.add_argument("--rendezvous", help="tcp://HOST:PORT shared by all processes (default: $RENDEZVOUS)")
     party.add_argument("--resume", action="store_true", help="continue training from this party's checkpoints")
 
-    dealer = sub.add_parser("dealer", help="run the Beaver-triple dealer (TTP) of a job, or of `mpcfl launch`")
+    dealer = sub.add_parser("dealer", parents=[common], help="run the Beaver-triple dealer (TTP) of a job, or of `mpcfl launch`")
     dealer.add_argument("job", nargs="?", help="the job file (default: the session `mpcfl launch` describes)")
     dealer.add_argument("--rendezvous", help="tcp://HOST:PORT shared by all processes (default: $RENDEZVOUS)")
 
     worker = sub.add_parser(
-        "worker", help="run whichever role torchrun or srun gave this process (rank n = the dealer)"
+        "worker", parents=[common], help="run whichever role torchrun or srun gave this process (rank n = the dealer)"
     )
     worker.add_argument("job")
     worker.add_argument("--resume", action="store_true", help="continue training from the checkpoints")
 
     baseline = sub.add_parser(
-        "baseline", help="train the same job in plaintext PyTorch (reads every party's files; for measurement)"
+        "baseline", parents=[common], help="train the same job in plaintext PyTorch (reads every party's files; for measurement)"
     )
     baseline.add_argument("job")
 
-    launch = sub.add_parser("launch", help="run a party script once per party, plus the dealer, on this machine")
+    launch = sub.add_parser("launch", parents=[common], help="run a party script once per party, plus the dealer, on this machine")
     launch.add_argument("--parties", required=True, help="comma-separated party names, in rank order")
     launch.add_argument("--timeout-s", type=float, default=60.0, help="process-group timeout (default 60)")
     launch.add_argument("--insecure-dealer", action="store_true", help="no dealer: party 0 makes the triples (tests only)")
     launch.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the parties compute")
     launch.add_argument("script", nargs=argparse.REMAINDER, help="SCRIPT.py [ARGS...]")
 
-    audit = sub.add_parser("audit", help="membership-inference attacks on a trained model (reads every party's files)")
+    audit = sub.add_parser("audit", parents=[common], help="membership-inference attacks on a trained model (reads every party's files)")
     audit.add_argument("job", help="the training job whose model to audit")
     audit.add_argument("--party", help="the receiver whose model.pt to audit (default: the first in model_to)")
     audit.add_argument("--shadows", type=int, default=16, help="shadow models for the LiRA attack (0 skips it)")
 
-    validate = sub.add_parser("validate", help="check a job file without running it")
+    validate = sub.add_parser("validate", parents=[common], help="check a job file without running it")
     validate.add_argument("job")
     validate.add_argument("--party", help="also load and check this party's data files")
     return parser
