@@ -34,7 +34,7 @@ def _budget(job: TrainJob, party: str, *, resume: bool) -> Budget | None:
     return budget
 
 
-def _resume_point(job: TrainJob, party: str, rank: int) -> checkpoint.Checkpoint | None:
+def _resume_point(job: TrainJob, party: str, rank: int) -> checkpoint.Checkpoint:
     """The checkpoint of the newest epoch every party holds."""
     epoch = checkpoint.common_epoch(job, checkpoint.available_epochs(job, party))
     log.info("resuming after epoch %d", epoch)
