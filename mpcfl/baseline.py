@@ -15,7 +15,7 @@ import torch
 
 from mpcfl.config import TrainJob
 from mpcfl.data import PartyData, apply_scaler, check_range, load_party_data, standardize_locally
-from mpcfl.dp.sgd import calibration, clip_rows, clips_features, feature_parties
+from mpcfl.dp.sgd import calibration, clip_party_features, clips_features
 from mpcfl.models import build_torch_model
 from mpcfl.train import batches
 
@@ -74,11 +74,8 @@ def prepared_data(job: TrainJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     if job.data.standardize:
         _standardize(job, parts)
     if job.dp is not None and clips_features(job):
-        k = feature_parties(job, [p.train.x.shape[1] for p in parts])
         for part in parts:
-            for split in (part.train, part.test):
-                if split is not None and split.x.shape[1]:
-                    split.x = clip_rows(split.x, job.dp.clip / math.sqrt(k))
+            clip_party_features(job, part, [p.train.x.shape[1] for p in parts])
     for part in parts:
         check_range(part, job.data.max_abs)
     x_np, y_np = _joined(job, parts, "train")

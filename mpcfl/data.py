@@ -12,7 +12,6 @@ import csv
 import hashlib
 import json
 import logging
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +62,23 @@ def _csv_error(path: Path, party: str) -> DataError:
     return DataError(f"party {party}: {path}: not a numeric CSV file")
 
 
+def load_array(path: Path, *, party: str, what: str = "data") -> np.ndarray:
+    """Reads a numeric ``.npy`` file of any shape, refusing pickled objects.
+
+    Raises:
+        DataError: missing, unreadable or not numeric.
+    """
+    if not path.is_file():
+        raise DataError(f"party {party}: {path}: {what} file not found")
+    try:
+        values = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"party {party}: {path}: cannot read: {err}") from None
+    if not np.issubdtype(values.dtype, np.number):
+        raise DataError(f"party {party}: {path}: expected numbers, got dtype {values.dtype}")
+    return values
+
+
 def load_table(path: Path, *, party: str) -> Table:
     """Reads a numeric CSV (with a header row) or a 2-D ``.npy`` file.
 
@@ -77,11 +93,9 @@ def load_table(path: Path, *, party: str) -> Table:
         raise DataError(f"party {party}: {path}: data file not found")
     try:
         if path.suffix == ".npy":
-            values = np.load(path, allow_pickle=False)
+            values = load_array(path, party=party)
             if values.ndim != 2:
                 raise DataError(f"party {party}: {path}: expected a 2-D array, got shape {values.shape}")
-            if not np.issubdtype(values.dtype, np.number):
-                raise DataError(f"party {party}: {path}: expected numbers, got dtype {values.dtype}")
             columns = [str(i) for i in range(values.shape[1])]
         elif path.suffix == ".csv":
             with path.open(newline="", encoding="utf-8") as handle:
@@ -302,16 +316,6 @@ def _standardize_jointly(job: TrainJob, data: PartyData, shapes: list[list[int]]
     apply_scaler(data, mean, np.sqrt(np.clip(var, 0.0, None)))
 
 
-def _clip_for_dp(job: TrainJob, data: PartyData, shapes: list[list[int]]) -> None:
-    """Bounds every row's norm by ``dp.clip``: each party clips its own slice, exactly."""
-    from mpcfl.dp.sgd import clip_rows, feature_parties
-
-    bound = job.dp.clip / math.sqrt(feature_parties(job, [s[2] for s in shapes]))
-    for split in (data.train, data.test):
-        if split is not None and split.x.shape[1]:
-            split.x = clip_rows(split.x, bound)
-
-
 def _crypten() -> Any:
     from mpcfl._compat import import_crypten
 
@@ -346,8 +350,11 @@ def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: str = "c
             standardize_locally(data)
         else:
             _standardize_jointly(job, data, shapes)
-    if job.dp is not None and job.model.type == "logistic_regression":
-        _clip_for_dp(job, data, shapes)
+    if job.dp is not None:
+        from mpcfl.dp.sgd import clip_party_features, clips_features
+
+        if clips_features(job):
+            clip_party_features(job, data, [s[2] for s in shapes])
     agreed("range check", job.party_names, lambda: check_range(data, job.data.max_abs))
 
     def share(local: Split | None, which: int) -> tuple[Any, Any]:

@@ -211,18 +211,10 @@ def load_inputs(path: Path, *, party: str) -> torch.Tensor:
     Raises:
         MpcflError: the file is missing or not numeric.
     """
-    if path.suffix == ".npy":
-        if not path.is_file():
-            raise MpcflError(f"party {party}: {path}: inputs file not found")
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise MpcflError(f"party {party}: {path}: cannot read: {err}") from None
-        if not np.issubdtype(array.dtype, np.number):
-            raise MpcflError(f"party {party}: {path}: expected numbers, got dtype {array.dtype}")
-        return torch.from_numpy(np.asarray(array, dtype=np.float32))
-    from mpcfl.data import load_table
+    from mpcfl.data import load_array, load_table
 
+    if path.suffix == ".npy":
+        return torch.from_numpy(np.asarray(load_array(path, party=party, what="inputs"), dtype=np.float32))
     return torch.from_numpy(load_table(path, party=party).values.astype(np.float32))
 
 

@@ -46,6 +46,19 @@ def clip_rows(x: np.ndarray, bound: float) -> np.ndarray:
     return x * np.minimum(1.0, bound / np.maximum(norms, 1e-300))
 
 
+def clip_party_features(job: TrainJob, part: Any, feature_counts: list[int]) -> None:
+    """Clips one party's slice of every train and test row to ``dp.clip / sqrt(k)``, in place.
+
+    Args:
+        part: the party's :class:`mpcfl.data.PartyData`.
+        feature_counts: every party's number of feature columns (public).
+    """
+    bound = job.dp.clip / math.sqrt(feature_parties(job, feature_counts))
+    for split in (part.train, part.test):
+        if split is not None and split.x.shape[1]:
+            split.x = clip_rows(split.x, bound)
+
+
 def clips_features(job: TrainJob) -> bool:
     """Logistic regression bounds its gradients by clipping features before sharing;
     an MLP clips each example's gradient inside MPC (:mod:`mpcfl.dp.clipping`)."""
