@@ -134,32 +134,82 @@ def init_crypten(crypten: types.ModuleType, on_group_ready: Callable[[], None]) 
             crypten.mpc.provider.ttp_provider.TTPClient._init()
 
 
-def run_ttp_server(crypten: types.ModuleType) -> None:
-    """Runs CrypTen's TTPServer, re-raising the communication error it swallows.
+def run_dealer_server(crypten: types.ModuleType) -> None:
+    """Serves triples as the dealer (:class:`mpcfl.mpc.providers.ttp.Dealer`) until party 0 ends the session.
 
-    TTPServer catches RuntimeError in its serving loop, logs it at INFO and
-    returns, so a dealer whose link to the parties died would exit as if the job
-    had finished. The communicator calls it makes are wrapped to remember such an
-    error, which is raised once the server returns.
+    CrypTen's own TTPServer is not used: it dispatches any method party 0 names and
+    swallows link errors, so a dealer whose parties died would exit as if the job
+    had finished. The Dealer raises both.
     """
-    communicator = crypten.comm.get()
-    errors: list[RuntimeError] = []
+    from mpcfl.mpc.providers.ttp import Dealer
 
-    def recording(method: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return method(*args, **kwargs)
-            except RuntimeError as err:
-                errors.append(err)
-                raise
+    Dealer.start(crypten.comm.get()).serve()
 
-        return call
 
-    for name in ("recv_obj", "send_obj", "broadcast"):
-        setattr(communicator, name, recording(getattr(communicator, name)))
-    crypten.mpc.provider.TTPServer()
-    if errors:
-        raise errors[0]
+def _route_randomness(crypten: types.ModuleType) -> None:
+    """Every mask, zero-sharing and triple share comes from AES-CTR, never ``torch.Generator``.
+
+    crypten 0.4.1 draws them with ``torch.randint`` on Mersenne Twister generators
+    seeded with 64-bit values of which the CPU keeps 32 (``crypten._setup_prng``,
+    the TTP's seeds). Its modules import the two drawing functions of
+    ``crypten.common.rng`` by name, so each importer's reference is replaced; the
+    generator set-up of the parties and of the TTP client is replaced too.
+    """
+    from mpcfl.mpc.generators import make_drawers, setup_party_generators
+    from mpcfl.mpc.providers.ttp import receive_dealer_key
+
+    rng = crypten.common.rng
+    if getattr(rng.generate_random_ring_element, "_mpcfl_patched", False):
+        return
+    ring_element, kbit_tensor = make_drawers(crypten)
+    ring_element._mpcfl_patched = True  # type: ignore[attr-defined]
+    provider = crypten.mpc.provider
+    importers = (
+        rng, crypten.mpc.primitives.arithmetic, crypten.mpc.primitives.binary,
+        provider.ttp_provider, provider.tfp_provider,
+    )
+    for module in importers:
+        for name, replacement in (("generate_random_ring_element", ring_element), ("generate_kbit_random_tensor", kbit_tensor)):
+            if hasattr(module, name):
+                setattr(module, name, replacement)
+    crypten._setup_prng = lambda: setup_party_generators(crypten)
+    provider.ttp_provider.TTPClient._TTPClient__TTPClient._setup_generators = receive_dealer_key
+
+
+def _fix_negative_decoding(crypten: types.ModuleType) -> None:
+    """crypten 0.4.1 decodes a negative fixed-point value with ``floor(t / (2^16 - 1))``.
+
+    The integer part is then off by one whenever ``t / 2^32`` pushes the quotient
+    across an integer: about 1.5% of values near -1000 come back 1.0 too low
+    (measured on an opened -989.469 read as -990.469). Decode as floor division
+    by the scale plus the non-negative remainder instead.
+    """
+    encoder = crypten.encoder.FixedPointEncoder
+    if getattr(encoder.decode, "_mpcfl_patched", False):
+        return
+    original = encoder.decode
+
+    def decode(self: Any, tensor: Any) -> Any:
+        if tensor is None or self._scale <= 1:
+            return original(self, tensor)
+        whole = tensor.div(self._scale, rounding_mode="floor")
+        fraction = tensor - whole * self._scale  # in [0, scale)
+        return (whole.float() + fraction.float() / self._scale).data
+
+    decode._mpcfl_patched = True  # type: ignore[attr-defined]
+    encoder.decode = decode
+
+
+def _open_point_to_point(crypten: types.ModuleType) -> None:
+    """Opening toward one party sends shares point-to-point (see :mod:`mpcfl.mpc.opening`).
+
+    crypten's ``get_plain_text(dst=r)`` and ``reveal(dst=r)`` call the
+    communicator's ``reduce``; gloo's reduce is a ring that leaves partial sums,
+    i.e. slices of the plaintext, with the parties that are not r.
+    """
+    from mpcfl.mpc.opening import reduce_point_to_point
+
+    crypten.communicator.distributed_communicator.DistributedCommunicator.reduce = reduce_point_to_point
 
 
 def import_crypten() -> types.ModuleType:
@@ -184,5 +234,8 @@ def import_crypten() -> types.ModuleType:
         )
     _force_legacy_onnx_exporter(crypten)
     _inject_process_group_timeout(crypten)
+    _route_randomness(crypten)
+    _open_point_to_point(crypten)
+    _fix_negative_decoding(crypten)
     _state["crypten"] = crypten
     return crypten

@@ -90,7 +90,8 @@ def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None 
         BudgetExceeded: the charge would exceed the budget; nothing is revealed.
     """
     from mpcfl._compat import import_crypten
-    from mpcfl.dp.noise import add_noise_share, noise_share, secure_generator
+    from mpcfl.dp.noise import add_noise_share, noise_share
+    from mpcfl.mpc.prng import numpy_generator
 
     crypten = import_crypten()
     comm = crypten.comm.get()
@@ -107,7 +108,7 @@ def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None 
         value = value.clone()
         share = noise_share(
             privacy.charge.mechanism, tuple(value.size()), privacy.scale, parties=world,
-            colluders=privacy.colluders, fixed_point=value.encoder.scale, generator=secure_generator(),
+            colluders=privacy.colluders, fixed_point=value.encoder.scale, generator=numpy_generator(),
         )
         add_noise_share(value, share)
     _ledger.append(RevealRecord(what=what, shape=tuple(value.size()), to=receivers, epsilon_after=epsilon))

@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 
-from mpcfl._compat import import_crypten, init_crypten, run_ttp_server, set_process_group_timeout
+from mpcfl._compat import import_crypten, init_crypten, run_dealer_server, set_process_group_timeout
 from mpcfl.auth import ENV_SECRET, authenticate, load_secret
 from mpcfl.config import JobBase
 from mpcfl.errors import MpcflError, PeerFailure
@@ -272,9 +271,7 @@ def run_dealer(session: Session) -> None:
     crypten = _configure(session)
     with _crypten_session(crypten, session, who):
         init_crypten(crypten, lambda: session.authenticate(crypten, session.world_size))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # "CrypTen is already initialized": on purpose
-            run_ttp_server(crypten)  # returns when party 0 sends "terminate"
+        run_dealer_server(crypten)  # returns when party 0 sends "terminate"
     log.info("dealer finished")
 
 

@@ -16,7 +16,8 @@ import torch
 import mpcfl
 from mpcfl._compat import import_crypten
 from mpcfl.dp import Budget, BudgetExceeded, Charge
-from mpcfl.dp.noise import add_noise_share, secure_generator, share_variance, skellam
+from mpcfl.dp.noise import add_noise_share, share_variance, skellam
+from mpcfl.mpc.prng import numpy_generator
 from mpcfl.reveal import Privacy, install_budget, reveal
 
 OUT = Path(sys.argv[1])
@@ -34,7 +35,7 @@ with mpcfl.join() as me:
     # B: the same mechanism by hand, keeping this party's own share.
     manual = crypten.cryptensor(torch.zeros(N), src=0)
     variance = share_variance(SIGMA, parties=world, colluders=COLLUDERS, scale=manual.encoder.scale)
-    own = skellam((N,), variance, secure_generator())
+    own = skellam((N,), variance, numpy_generator())
     add_noise_share(manual, own)
     total = reveal(manual, to=[0], what="manual noise test", privacy=Privacy(Charge("gaussian", 50.0, 1)))
     np.save(OUT / f"own_{me.name}.npy", own)

@@ -16,7 +16,8 @@ from dp_accounting import pld, rdp
 from conftest import DEMO, REPO, assert_no_leftovers, mpcfl, write_job
 from mpcfl.config import load_job
 from mpcfl.dp import Budget, BudgetExceeded, Charge, calibrate_noise_multiplier, create_accountant
-from mpcfl.dp.noise import secure_generator, share_variance, skellam
+from mpcfl.dp.noise import share_variance, skellam
+from mpcfl.mpc.prng import numpy_generator
 from mpcfl.dp.sgd import clip_rows
 from mpcfl.errors import ConfigError
 
@@ -66,7 +67,7 @@ def test_budget_refuses_before_anything_is_spent() -> None:
 def test_skellam_noise_is_integer_with_the_right_moments() -> None:
     variance = share_variance(0.5, parties=3, colluders=1, scale=SCALE)
     assert variance == pytest.approx((0.5 * SCALE) ** 2 / 2)
-    noise = skellam((200_000,), variance, secure_generator())
+    noise = skellam((200_000,), variance, numpy_generator())
     assert noise.dtype == np.int64
     assert abs(noise.mean()) < 4 * math.sqrt(variance / noise.size)
     assert noise.var() / variance == pytest.approx(1.0, abs=0.02)
@@ -79,7 +80,7 @@ def test_discrete_laplace_shares_sum_to_the_target() -> None:
 
     b = 3.0 / SCALE  # a scale of 3 ring units
     honest = sum(
-        noise_share("laplace", (400_000,), b, parties=4, colluders=1, fixed_point=SCALE, generator=secure_generator())
+        noise_share("laplace", (400_000,), b, parties=4, colluders=1, fixed_point=SCALE, generator=numpy_generator())
         for _ in range(3)
     )
     expected = 2 * math.exp(-1 / 3) / (1 - math.exp(-1 / 3)) ** 2

@@ -1,6 +1,7 @@
 """Integer noise for DP in CrypTen's fixed-point encoding, drawn jointly by the parties.
 
 Each party draws a share of the noise from a cryptographically secure generator
+(the caller passes one: :func:`mpcfl.mpc.prng.numpy_generator`)
 and adds it to its own arithmetic share of the value, in ring units (2^-16),
 just before the reveal: no communication, and the revealed value carries the sum
 of all parties' shares while each party knows only its own.
@@ -19,16 +20,8 @@ to exactly a discrete Laplace of the target scale.
 
 from __future__ import annotations
 
-import secrets
-
 import numpy as np
-import randomgen
 import torch
-
-
-def secure_generator() -> np.random.Generator:
-    """numpy's Generator over ChaCha20 keyed from the OS's CSPRNG (256-bit key)."""
-    return np.random.Generator(randomgen.ChaCha(key=secrets.randbits(256), rounds=20))
 
 
 def skellam(shape: tuple[int, ...], variance: float, generator: np.random.Generator) -> np.ndarray:

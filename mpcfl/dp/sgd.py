@@ -31,7 +31,8 @@ import numpy as np
 from mpcfl.config import TrainJob
 from mpcfl.dp import clipping
 from mpcfl.dp.accountant import Charge, calibrate_noise_multiplier
-from mpcfl.dp.noise import add_noise_share, noise_share, secure_generator
+from mpcfl.dp.noise import add_noise_share, noise_share
+from mpcfl.mpc.prng import numpy_generator
 from mpcfl.errors import MpcflError
 from mpcfl.reveal import Privacy
 
@@ -121,7 +122,7 @@ class DpSgd:
         assert job.dp is not None
         self.job = job
         self.noise_multiplier, self.sensitivity = calibration(job)
-        self.generator = secure_generator()
+        self.generator = numpy_generator()
         log.info(
             "DP-SGD: noise multiplier %.4g for epsilon %g, delta %g over %d epochs; sensitivity %.4g",
             self.noise_multiplier, job.dp.epsilon, job.dp.delta, job.training.epochs, self.sensitivity,

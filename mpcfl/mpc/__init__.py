@@ -1,0 +1,1 @@
+"""The engine boundary: cryptographic randomness, triple providers and communication helpers around CrypTen."""

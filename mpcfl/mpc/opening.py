@@ -1,0 +1,64 @@
+"""Opening a shared value toward some parties only: shares go point-to-point to each receiver.
+
+CrypTen opens toward one party with ``torch.distributed.reduce``. gloo's CPU
+reduce is a ring (reduce-scatter, then gather), so every non-receiving party ends
+up holding the fully summed plaintext of a 1/n slice in its own buffer. Here each
+party sends its whole share straight to the receiver and the receiver alone
+combines them: no partial sum of two or more shares ever exists outside it.
+The compat module installs :func:`reduce_point_to_point` as the communicator's
+``reduce``, so every CrypTen path that opens toward a subset (arithmetic and
+binary shares, batched or not) goes through it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_COMBINE = {"SUM": torch.add, "BXOR": torch.bitwise_xor}
+
+
+def _op_name(op: Any) -> str:
+    name = getattr(op, "name", None) or str(op).rsplit(".", 1)[-1]
+    if name not in _COMBINE:
+        raise ValueError(f"mpcfl opens shares by SUM or BXOR only, not {op}")
+    return name
+
+
+def _open_to(communicator: Any, share: Any, dst: int, combine: Any) -> Any:
+    """Sends this party's share to ``dst``; on ``dst``, returns the combination of all shares."""
+    me, world = communicator.get_rank(), communicator.get_world_size()
+    data = share.data
+    if me != dst:
+        # gloo's send works on host memory: a CUDA share is copied out first.
+        dist.send(data.detach().cpu().contiguous(), dst, group=communicator.main_group)
+        return None
+    total = data.detach().cpu().clone()
+    incoming = torch.empty_like(total)
+    for peer in range(world):
+        if peer != dst:
+            dist.recv(incoming, src=peer, group=communicator.main_group)
+            total = combine(total, incoming)
+    result = share.clone()
+    result.data.copy_(total.to(data.device))
+    return result
+
+
+def reduce_point_to_point(self: Any, input: Any, dst: int, op: Any = dist.ReduceOp.SUM, batched: bool = False) -> Any:
+    """``DistributedCommunicator.reduce`` without partial sums at non-receivers.
+
+    Same signature and result as CrypTen's: the combined value on ``dst``, ``None``
+    elsewhere. Communication statistics count what this party sends.
+    """
+    combine = _COMBINE[_op_name(op)]
+    shares = list(input) if batched else [input]
+    results = [_open_to(self, share, dst, combine) for share in shares]
+    from crypten.config import cfg
+
+    if cfg.communicator.verbose:
+        self._log_communication(0 if self.get_rank() == dst else sum(s.nelement() for s in shares))
+    if self.get_rank() != dst:
+        return None
+    return results if batched else results[0]

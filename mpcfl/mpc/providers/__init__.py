@@ -1,0 +1,1 @@
+"""Where Beaver triples and other correlated randomness come from, one module per provider."""

@@ -1,0 +1,126 @@
+"""An attacker's recorder, loaded into every process of a test job through PYTHONPATH.
+
+Active only when ``MPCFL_SPY_DIR`` is set. It records what this process actually
+holds, not what the code means to do:
+
+- ``seen``: every int64 buffer that passes through ``torch.distributed`` (sent,
+  received, reduced, gathered, broadcast), read after the job, when in-place
+  collectives have filled them;
+- ``opened``: what CrypTen's ``reveal(dst=...)`` returned here, i.e. the ring
+  values this process received as the sole receiver (ground truth for the test);
+- ``draws``: calls of torch's random functions made from inside crypten.
+
+At exit each process writes ``rank<R>-<pid>.npz`` to ``MPCFL_SPY_DIR``. A party
+script may call ``sitecustomize.phase("control")`` to tag later records.
+"""
+
+from __future__ import annotations
+
+import os
+
+_DIR = os.environ.get("MPCFL_SPY_DIR")
+_records: dict[str, list] = {"seen": [], "opened": [], "draws": []}
+_phase = ["protocol"]
+
+
+def phase(name: str) -> None:
+    """Tags the records from now on (e.g. ``control`` for a deliberately leaky opening)."""
+    _phase[0] = name
+
+
+def _tensors(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _install() -> None:
+    import atexit
+    import sys
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    def record_buffers(name):
+        original = getattr(dist, name)
+
+        def spy(*args, **kwargs):
+            for value in (*args, *kwargs.values()):
+                for tensor in _tensors(value):
+                    if tensor.dtype == torch.int64:
+                        # Sends: a copy now. Everything: the buffer itself, read at exit.
+                        _records["seen"].append((_phase[0], tensor.detach().cpu().clone().reshape(-1)))
+                        _records["seen"].append((_phase[0], tensor))
+            return original(*args, **kwargs)
+
+        setattr(dist, name, spy)
+
+    for name in ("send", "recv", "isend", "irecv", "reduce", "all_reduce", "broadcast", "all_gather",
+                 "gather", "scatter", "reduce_scatter", "all_to_all", "reduce_scatter_tensor",
+                 "all_gather_into_tensor", "all_to_all_single", "batch_isend_irecv"):
+        if hasattr(dist, name):
+            record_buffers(name)
+
+    def record_draws(name):
+        original = getattr(torch, name)
+
+        def spy(*args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if f"{os.sep}crypten{os.sep}" in caller:
+                _records["draws"].append((_phase[0], name, caller))
+            return original(*args, **kwargs)
+
+        setattr(torch, name, spy)
+
+    for name in ("randint", "rand", "randn", "randperm", "normal", "bernoulli", "multinomial", "rand_like", "randint_like"):
+        record_draws(name)
+
+    import mpcfl._compat as compat
+
+    original_import = compat.import_crypten
+
+    def import_crypten():
+        crypten = original_import()
+        for cls in (crypten.mpc.primitives.ArithmeticSharedTensor, crypten.mpc.primitives.BinarySharedTensor):
+            if not getattr(cls.reveal, "_spy", False):
+                cls.reveal = _record_opened(cls.reveal)
+        return crypten
+
+    compat.import_crypten = import_crypten
+
+    def dump() -> None:
+        def flat(kind):
+            parts = [(p, t.detach().cpu().reshape(-1).numpy()) for p, t in _records[kind] if t is not None]
+            out = {}
+            for label in {p for p, _ in parts}:
+                out[f"{kind}_{label}"] = np.concatenate([a for p, a in parts if p == label])
+            return out
+
+        rank = os.environ.get("RANK", "x")
+        np.savez(
+            os.path.join(_DIR, f"rank{rank}-{os.getpid()}.npz"),
+            **flat("seen"), **flat("opened"),
+            draws=np.array([f"{p}:{n}:{c}" for p, n, c in _records["draws"]], dtype=str),
+        )
+
+    atexit.register(dump)
+
+
+def _record_opened(reveal):
+    def spy(self, dst=None):
+        result = reveal(self, dst=dst)
+        if dst is not None and result is not None:
+            _records["opened"].append((_phase[0], getattr(result, "data", result)))
+        return result
+
+    spy._spy = True
+    return spy
+
+
+if _DIR:
+    _install()

@@ -1,0 +1,92 @@
+"""An attacker's view: what a party that is not a receiver actually holds after a reveal.
+
+Every process of these jobs runs with the recorder of ``tests/spy`` loaded, which
+keeps every int64 buffer that passed through torch.distributed in that process
+and, at the receiver, the ring values it opened. A leak is any opened value found
+in a non-receiver's buffers. The control phase of ``leak_party.py`` opens the
+same value with gloo's ring reduce, as CrypTen's ``get_plain_text(dst=)`` does,
+and must be caught: that shows the recorder can see a leak.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, assert_no_leftovers, base_job, mpcfl, vertical_parties, write_job
+
+SPY = REPO / "tests" / "spy"
+# Ring values below this magnitude can be public small integers (shapes, flags,
+# counts); any opened value above it found in a buffer is a leak.
+SMALLEST_TELLING = 1 << 12
+
+
+@pytest.fixture
+def spied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "spy"
+    folder.mkdir()
+    monkeypatch.setenv("MPCFL_SPY_DIR", str(folder))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SPY), os.environ.get("PYTHONPATH")])))
+    return folder
+
+
+def _views(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    """What each process recorded, by rank ("x" is the launcher)."""
+    views: dict[str, dict[str, np.ndarray]] = {}
+    for path in folder.glob("rank*.npz"):
+        rank = path.name.split("-")[0].removeprefix("rank")
+        with np.load(path) as data:
+            views[rank] = {key: data[key] for key in data.files}
+    return views
+
+
+def _leaked(view: dict[str, np.ndarray], opened: np.ndarray, phase: str) -> int:
+    """How many of the opened ring values sit in this process's buffers of ``phase``."""
+    telling = opened[np.abs(opened) >= SMALLEST_TELLING]
+    seen = view.get(f"seen_{phase}", np.empty(0, dtype=np.int64))
+    return int(np.isin(seen, telling).sum())
+
+
+@pytest.mark.parametrize("parties", [2, 3])
+def test_a_reveal_to_one_party_reaches_no_other(parties: int, spied: Path) -> None:
+    names = ",".join(f"p{i}" for i in range(parties))
+    result = mpcfl("launch", "--timeout-s", "30", "--parties", names, str(REPO / "tests" / "leak_party.py"), timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "receiver: all values correct" in result.stdout
+    views = _views(spied)
+    receiver = views[str(parties - 1)]
+    opened = receiver["opened_protocol"]
+    assert opened.size == 2 * 1000 + 32 * 4  # arithmetic, binary, predictions
+    for rank in [*map(str, range(parties - 1)), str(parties)]:  # the other parties and the dealer
+        assert _leaked(views[rank], opened, "protocol") == 0, f"rank {rank} holds revealed values"
+    for rank in map(str, range(parties - 1)):
+        # gloo's ring reduce leaves about 1/n of the value with each non-receiver: the spy must see it.
+        caught = _leaked(views[rank], receiver["opened_control"], "control")
+        assert caught >= 1000 // (parties + 1), f"the spy missed the ring reduce's leak at rank {rank}"
+    for rank, view in views.items():
+        assert view["draws"].size == 0, f"rank {rank} drew from torch's generators inside crypten: {view['draws'][:3]}"
+    assert_no_leftovers(str(REPO / "tests" / "leak_party.py"))
+
+
+def test_training_reveals_model_and_metrics_to_their_receiver_only(tmp_path: Path, spied: Path) -> None:
+    groups = [["mean_radius", "mean_texture"], ["worst_radius", "worst_area"], ["mean_smoothness"]]
+    parties = vertical_parties(tmp_path, groups, label_party=2)
+    job = write_job(tmp_path, base_job(
+        parties=parties, labels={"party": "p2", "column": "malignant"},
+        outputs={"dir": str(tmp_path / "out"), "model_to": ["p2"], "metrics_to": ["p2"]},
+    ))
+    result = mpcfl("run", str(job), timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    views = _views(spied)
+    opened = views["2"]["opened_protocol"]
+    weights = torch.load(tmp_path / "out" / "p2" / "model.pt", weights_only=True)
+    encoded = torch.cat([w.reshape(-1) for w in weights.values()]).double().mul(2**16).round().long().numpy()
+    assert np.isin(encoded[np.abs(encoded) >= SMALLEST_TELLING], opened).all(), "the model was not opened to p2"
+    for rank in ("0", "1", "3"):
+        assert _leaked(views[rank], opened, "protocol") == 0, f"rank {rank} holds values revealed to p2"
+        assert views[rank]["draws"].size == 0
+    assert_no_leftovers(str(job))

@@ -1,0 +1,122 @@
+"""Masks and triples come from AES-CTR keyed from the OS; the dealer answers only known requests."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from mpcfl import _compat
+from mpcfl.mpc.generators import InsecureGeneratorError, make_drawers
+from mpcfl.mpc.prng import SecureGenerator, key_to_words, new_key, numpy_generator, words_to_key
+from mpcfl.mpc.providers.ttp import PRODUCTS, Dealer, DealerRequestRefused
+
+
+def test_a_key_fixes_the_stream_and_keys_are_full_width() -> None:
+    key = new_key()
+    assert words_to_key(key_to_words(key)) == key
+    assert torch.equal(SecureGenerator(key).ring((4, 5)), SecureGenerator(key).ring((4, 5)))
+    assert not torch.equal(SecureGenerator(key).ring((8,)), SecureGenerator(key ^ (1 << 127)).ring((8,)))
+    keys = {new_key() for _ in range(64)}
+    assert len(keys) == 64 and max(keys).bit_length() > 64  # more than a 64-bit (let alone 32-bit) seed
+
+
+def test_ring_elements_cover_the_ring_and_kbit_values_their_range() -> None:
+    generator = SecureGenerator()
+    ring = generator.ring((100_000,))
+    assert ring.dtype == torch.int64
+    assert (ring < 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    assert ring.abs().max().item() > 2**62
+    bits = generator.kbit((100_000,), 1)
+    assert set(bits.unique().tolist()) == {0, 1}
+    assert bits.float().mean().item() == pytest.approx(0.5, abs=0.01)
+    assert 0 <= generator.kbit((1000,), 7).min().item() and generator.kbit((1000,), 7).max().item() < 128
+    assert np.isfinite(numpy_generator().normal(size=3)).all()
+
+
+def test_crypten_draws_only_from_secure_generators() -> None:
+    crypten = _compat.import_crypten()
+    for module in (crypten.common.rng, crypten.mpc.primitives.arithmetic, crypten.mpc.provider.ttp_provider):
+        with pytest.raises(InsecureGeneratorError, match="only SecureGenerator"):
+            module.generate_random_ring_element((3,), generator=torch.Generator())
+    with pytest.raises(InsecureGeneratorError):
+        crypten.mpc.primitives.binary.generate_kbit_random_tensor((3,), generator=torch.Generator())
+    ring_element, _ = make_drawers(crypten)
+    key = new_key()
+    assert torch.equal(ring_element(torch.Size([2, 3]), generator=SecureGenerator(key)), SecureGenerator(key).ring((2, 3)))
+
+
+def test_sharing_and_multiplying_draw_nothing_from_torch(crypten_single: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    crypten = _compat.import_crypten()
+    assert all(isinstance(crypten.generators[name][torch.device("cpu")], SecureGenerator) for name in ("prev", "next", "local", "global"))
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch's generator was used")
+
+    for name in ("randint", "rand", "randn", "randperm"):
+        monkeypatch.setattr(torch, name, refuse)
+    x = crypten.cryptensor(torch.tensor([1.5, -2.0]))
+    assert (x * x).sum().get_plain_text().item() == pytest.approx(6.25, abs=1e-3)
+
+
+def test_negative_values_decode_exactly(crypten_single: None) -> None:
+    crypten = _compat.import_crypten()
+    encoded = torch.tensor([-64845865, -65536 * 990, -1, 65536 * 3 + 1])  # -989.469..., -990, -2^-16, 3 + 2^-16
+    decoded = crypten.encoder.FixedPointEncoder().decode(encoded)
+    expected = encoded.double() / 2**16
+    assert torch.allclose(decoded.double(), expected, atol=1e-4)
+
+
+def _dealer(parties: int) -> tuple[Dealer, list[SecureGenerator]]:
+    keys = [new_key() for _ in range(parties)]
+    return Dealer(SimpleNamespace(), [SecureGenerator(k) for k in keys]), [SecureGenerator(k) for k in keys]
+
+
+@pytest.mark.parametrize("parties", [2, 3])
+def test_the_dealers_triples_multiply(parties: int) -> None:
+    dealer, mine = _dealer(parties)
+    function, args, kwargs = dealer._check({"function": "additive", "device": None, "args": ((4, 3), (3, 2), "matmul"), "kwargs": {}})
+    c0 = function(*args, **kwargs)
+    # Each party draws its shares in CrypTen's order: a_i, b_i, then c_i for i > 0.
+    shares = [(g.ring((4, 3)), g.ring((3, 2))) for g in mine]
+    c = c0 + sum(g.ring((4, 2)) for g in mine[1:])
+    a, b = sum(s[0] for s in shares), sum(s[1] for s in shares)
+    assert torch.equal(c, a @ b)
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ({"function": "__init__", "device": None, "args": (), "kwargs": {}}, "unknown request '__init__'"),
+        ({"function": "additive", "device": None, "args": ((2,), (2,), "system"), "kwargs": {}}, "unknown product"),
+        ({"function": "additive", "device": None, "args": ((2,), (2,), "mul"), "kwargs": {"out": 1}}, "unexpected arguments"),
+        ({"function": "square", "device": None, "args": ((-1,),), "kwargs": {}}, "malformed size"),
+        ({"function": "square", "device": None, "args": ((1 << 20, 1 << 20),), "kwargs": {}}, "elements"),
+        ({"function": "square", "device": "meta", "args": ((2,),), "kwargs": {}}, "device 'meta'"),
+        ({"function": "square"}, "malformed request"),
+        ("shutdown", "malformed request"),
+    ],
+)
+def test_the_dealer_refuses_what_is_not_in_its_table(message: object, reason: str, caplog: pytest.LogCaptureFixture) -> None:
+    dealer, _ = _dealer(2)
+    with pytest.raises(DealerRequestRefused, match=reason):
+        dealer._check(message)
+    assert "refused" in caplog.text
+    assert set(PRODUCTS) == {"mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"}
+
+
+def test_the_dealer_raises_the_link_error_instead_of_swallowing_it() -> None:
+    class Broken:
+        def get_ttp_rank(self) -> int:
+            return 2
+
+        def recv_obj(self, src: int, group: object) -> object:
+            raise RuntimeError("Connection reset by peer")
+
+        ttp_group = None
+
+    dealer = Dealer(Broken(), [SecureGenerator(), SecureGenerator()])
+    with pytest.raises(RuntimeError, match="Connection reset by peer"):
+        dealer.serve()
