@@ -35,9 +35,13 @@ about +-500), and DP-SGD's Gaussian noise is left out. The symptom checks of
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from mpcfl.config import TrainJob
+from mpcfl.errors import MpcflError
 from mpcfl.models import build_torch_model
 
 PRODUCT_LIMIT = 2.0**31  # |a * b| at which an encoded product wraps
@@ -133,3 +137,32 @@ def safe_input_norm(job: TrainJob, *, n_features: int, n_rows: int, metric_rows:
         middle = math.sqrt(low * high)
         low, high = (middle, high) if fits(middle) else (low, middle)
     return low
+
+
+class WrapAround(MpcflError):
+    """A revealed value shows that fixed point wrapped: the run must not look normal."""
+
+
+def check_revealed(values: torch.Tensor, *, what: str, low: Sequence[float] | float, high: Sequence[float] | float) -> None:
+    """Refuses revealed values with the signs of wrap-around: NaN, infinity, or outside ``[low, high]``.
+
+    Args:
+        values: the plaintext a receiver got from :func:`mpcfl.reveal.reveal`.
+        what: names the values (party and reveal) in the error.
+        low, high: what the bounds allow, per entry of the flattened values, or one for all.
+
+    Raises:
+        WrapAround: the first offending entry, as one line.
+    """
+    flat = values.detach().double().flatten().cpu()
+    lows = torch.as_tensor(low, dtype=torch.float64).expand_as(flat)
+    highs = torch.as_tensor(high, dtype=torch.float64).expand_as(flat)
+    bad = ~torch.isfinite(flat) | (flat < lows) | (flat > highs)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise WrapAround(
+            f"{what}: revealed value {float(flat[i]):.4g} (entry {i}) is outside [{float(lows[i]):.4g}, "
+            f"{float(highs[i]):.4g}], what the fixed-point bounds allow: the secure computation wrapped "
+            f"around; set data.standardize: true, rescale the features, or lower training.learning_rate or "
+            f"training.epochs"
+        )
