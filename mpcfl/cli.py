@@ -147,10 +147,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print_report(audit(job, job.party_dir(job.party_names[job.rank_of(party)]) / "model.pt", shadows=args.shadows))
     elif args.command == "validate":
         if args.party and job.task == "train":
-            from mpcfl.data import load_party_data
+            from mpcfl.data import check_alone, load_party_data
 
             loaded = load_party_data(job, job.party_names[job.rank_of(args.party)])
             print(f"{args.party}: {loaded.train.x.shape[0]} training rows, {loaded.train.x.shape[1]} feature columns")
+            print(f"{args.party}: {check_alone(job, loaded)}")
         what = f"{job.partition} partition, {job.model.type}" if job.task == "train" else f"inference, model {job.model.factory}"
         print(f"{args.job}: valid job {job.name!r}: {job.world_size} parties, {what}")
     return 0

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from mpcfl.errors import ConfigError
+from mpcfl.errors import ConfigError, MpcflError
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -56,14 +56,32 @@ class LabelSpec(_Strict):
     )
 
 
+# CrypTen encodes x as round(x * 2^16) in a signed 64-bit ring, so a product of two
+# encoded values, (a * 2^16)(b * 2^16), wraps once |a * b| reaches 2^63 / 2^32 = 2^31.
+# Features are multiplied by themselves (row norms under DP) and by weights, so a
+# feature must satisfy x^2 <= 2^30: 2^15 keeps a factor of two in hand.
+MAX_ABS_LIMIT = 2.0**15
+
+
 class DataSpec(_Strict):
     standardize: bool = True
     max_abs: float = Field(
         default=1e4,
         gt=0,
-        description="refuse feature values beyond this (after standardisation): "
-        "16 fractional bits in a 64-bit ring overflow on products above ~2^31",
+        description="refuse feature values beyond this (after standardisation). At most 2^15 = 32768: "
+        "fixed point (16 fractional bits, signed 64-bit ring) wraps on a product above 2^31, and a "
+        "feature is multiplied by itself and by weights, so x^2 must stay below 2^31 with a margin",
     )
+
+    @field_validator("max_abs")
+    @classmethod
+    def _fits_fixed_point(cls, max_abs: float) -> float:
+        if max_abs > MAX_ABS_LIMIT:
+            raise ValueError(
+                f"{max_abs:g} is beyond {MAX_ABS_LIMIT:g} (2^15), the largest feature magnitude fixed point "
+                "can multiply without wrapping; standardize or rescale the data"
+            )
+        return max_abs
 
 
 class ModelSpec(_Strict):
@@ -295,6 +313,19 @@ class ImportedModelSpec(_Strict):
     )
     weights: Path = Field(description="a state_dict saved with torch.save; read only by the owner")
     owner: Name
+
+    @field_validator("factory")
+    @classmethod
+    def _builds_a_module(cls, factory: str) -> str:
+        # Importing and calling it runs its code: validation does what every party will do,
+        # so a hostile or broken factory fails here as one line, not as a traceback per party.
+        from mpcfl.factory import build_factory_model
+
+        try:
+            build_factory_model(factory)
+        except MpcflError as err:
+            raise ValueError(str(err)) from None
+        return factory
 
 
 class InputSpec(_Strict):

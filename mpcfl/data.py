@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,6 +248,99 @@ def check_range(data: PartyData, max_abs: float) -> None:
             )
 
 
+# Joint standardisation shares each party's column sums and sums of squared deviations
+# (computed in plaintext, divided by the row count): values that are only added, which
+# wrap at 2^47. A squared deviation of raw values up to 2^22 is at most 2^46.
+JOINT_STATS_MAX_ABS = 2.0**22
+
+
+def check_joint_stats_range(data: PartyData) -> None:
+    """Refuses raw values whose squared deviations could wrap in joint standardisation.
+
+    Raises:
+        DataError: names the party, the file and the column.
+    """
+    for split in (data.train, data.test):
+        if split is None or not split.x.size:
+            continue
+        peak = np.abs(split.x).max(axis=0)
+        worst = int(np.argmax(peak))
+        if peak[worst] > JOINT_STATS_MAX_ABS:
+            raise DataError(
+                f"party {data.party}: {split.path}: column {split.columns[worst]!r} reaches {peak[worst]:.4g}, "
+                f"beyond {JOINT_STATS_MAX_ABS:.0f} (2^22): joint standardisation would wrap fixed point on its "
+                f"squared deviations; rescale the column"
+            )
+
+
+def check_bounds(job: TrainJob, data: PartyData, *, n_features: int, n_rows: int, metric_rows: int, share: float) -> float:
+    """Refuses this party's features if training could wrap fixed point (:mod:`mpcfl.bounds`).
+
+    The bound needs every example's feature-vector norm; a party knows only its own part
+    of it, so each checks its part against ``share`` of the squared safe norm: its
+    columns' fraction in a vertical split (the parts add up), 1 in a horizontal one
+    (a row belongs to one party).
+
+    Returns:
+        The headroom: how many times the safe norm exceeds this party's (``inf`` with no features).
+
+    Raises:
+        DataError: names the party, file and column of the row that drives the bound.
+    """
+    from mpcfl.bounds import PRODUCT_LIMIT, safe_input_norm, steps
+
+    splits = [s for s in (data.train, data.test) if s is not None and s.x.size]
+    if not splits:
+        return math.inf
+    norms = [np.linalg.norm(s.x, axis=1) for s in splits]
+    which = int(np.argmax([n.max() for n in norms]))
+    split, row = splits[which], int(np.argmax(norms[which]))
+    mine = float(norms[which][row])
+    allowed = safe_input_norm(job, n_features=n_features, n_rows=n_rows, metric_rows=metric_rows) * math.sqrt(share)
+    if mine > allowed:
+        column = split.columns[int(np.argmax(np.abs(split.x[row])))]
+        raise DataError(
+            f"party {data.party}: {split.path}: column {column!r} (data row {row + 1}) drives this party's "
+            f"features to norm {mine:.4g}, beyond the {allowed:.4g} that keeps {steps(job, n_rows)} SGD steps "
+            f"below fixed point's {PRODUCT_LIMIT:.3g} (2^31) products; set data.standardize: true, rescale "
+            f"the column, or lower training.learning_rate or training.epochs"
+        )
+    return math.inf if mine == 0 else allowed / mine
+
+
+def check_alone(job: TrainJob, data: PartyData) -> str:
+    """``mpcfl validate --party``: the range and bound checks one party can do without its peers.
+
+    It prepares its data as its party process would, and bounds training as if its
+    columns and rows were the whole job. A refusal here is (up to the random initial
+    weights) a refusal in the run; passing is not a promise, as the run also counts
+    the other parties' columns and rows.
+
+    Returns:
+        A one-line summary of the headroom.
+
+    Raises:
+        DataError: as :func:`check_range`, :func:`check_joint_stats_range` or :func:`check_bounds`.
+    """
+    if job.data.standardize and job.partition == "horizontal":
+        check_joint_stats_range(data)
+        return "raw values fit joint standardisation; training bounds are checked at run time, after it"
+    if job.data.standardize:
+        standardize_locally(data)
+    if job.dp is not None:
+        from mpcfl.dp.sgd import clip_party_features, clips_features
+
+        if clips_features(job):
+            clip_party_features(job, data, [data.train.x.shape[1]])
+    check_range(data, job.data.max_abs)
+    rows = data.train.x.shape[0]
+    test = 0 if data.test is None else data.test.x.shape[0]
+    headroom = check_bounds(
+        job, data, n_features=data.train.x.shape[1], n_rows=rows, metric_rows=max(rows, test), share=1.0
+    )
+    return f"fixed-point headroom {headroom:.3g}x on its own columns and rows (the run checks all parties together)"
+
+
 def columns_hash(columns: list[str]) -> int:
     """A public fingerprint of column names, as a signed 64-bit integer."""
     digest = hashlib.blake2b(json.dumps(columns).encode(), digest_size=8).digest()
@@ -349,13 +443,25 @@ def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: str = "c
         if job.partition == "vertical":
             standardize_locally(data)
         else:
+            agreed("raw range check", job.party_names, lambda: check_joint_stats_range(data))
             _standardize_jointly(job, data, shapes)
     if job.dp is not None:
         from mpcfl.dp.sgd import clip_party_features, clips_features
 
         if clips_features(job):
             clip_party_features(job, data, [s[2] for s in shapes])
-    agreed("range check", job.party_names, lambda: check_range(data, job.data.max_abs))
+    vertical = job.partition == "vertical"
+    n_features = sum(s[2] for s in shapes) if vertical else shapes[0][2]
+    n_rows = shapes[0][0] if vertical else sum(s[0] for s in shapes)
+    n_test = shapes[0][1] if vertical else sum(s[1] for s in shapes)
+
+    def checks() -> None:
+        check_range(data, job.data.max_abs)
+        share = data.train.x.shape[1] / n_features if vertical else 1.0
+        headroom = check_bounds(job, data, n_features=n_features, n_rows=n_rows, metric_rows=max(n_rows, n_test), share=share)
+        log.info("fixed-point headroom: this party's feature norm may grow %.3g-fold before training could wrap", headroom)
+
+    agreed("range check", job.party_names, checks)
 
     def share(local: Split | None, which: int) -> tuple[Any, Any]:
         if job.partition == "vertical":
@@ -384,6 +490,5 @@ def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: str = "c
     x_test = y_test = None
     if shapes[0][1] >= 0:
         x_test, y_test = share(data.test, 1)
-    n_features = sum(s[2] for s in shapes) if job.partition == "vertical" else shapes[0][2]
     log.info("shared %d training rows x %d features", x_train.size(0), n_features)
     return SharedData(x_train, y_train, x_test, y_test, n_features)

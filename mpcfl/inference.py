@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import importlib
-import importlib.util
 import logging
 import multiprocessing
 import os
@@ -40,6 +37,7 @@ from mpcfl.config import InferenceJob
 from mpcfl.auth import new_secret
 from mpcfl.convert import encrypt_model, trace
 from mpcfl.errors import MpcflError
+from mpcfl.factory import build_factory_model
 from mpcfl.outputs import write_json, write_npy
 from mpcfl.reveal import ledger, reveal
 from mpcfl.runtime import Session, agreed, all_gather_public, communication_stats, current_party, party_session
@@ -148,39 +146,12 @@ def secure_predict(
 # --- the YAML task -----------------------------------------------------------------------
 
 
-def load_factory(spec: str) -> Callable[[], nn.Module]:
-    """Resolves ``package.module:function`` or ``/path/file.py:function``.
-
-    Raises:
-        MpcflError: the module, file or function is missing.
-    """
-    where, _, name = spec.rpartition(":")
-    try:
-        if where.endswith(".py"):
-            path = Path(where)
-            if not path.is_file():
-                raise MpcflError(f"model.factory: file {path} not found")
-            module_name = "mpcfl_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-            loader = importlib.util.spec_from_file_location(module_name, path)
-            module = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
-    except MpcflError:
-        raise
-    except Exception as err:
-        raise MpcflError(f"model.factory: cannot import {where!r}: {err}") from None
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise MpcflError(f"model.factory: {where!r} has no function {name!r}")
-    return factory
-
-
 def build_model(job: InferenceJob) -> nn.Module:
-    model = load_factory(job.model.factory)()
-    if not isinstance(model, nn.Module):
-        raise MpcflError(f"model.factory: {job.model.factory} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+    """The job's architecture from its factory (load_job already checked it once)."""
+    try:
+        return build_factory_model(job.model.factory)
+    except MpcflError as err:
+        raise MpcflError(f"model.factory: {err}") from None
 
 
 def load_weights(model: nn.Module, path: Path, *, party: str) -> None:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from mpcfl import checkpoint
 from mpcfl._compat import import_crypten
+from mpcfl.bounds import Bounds, check_revealed, safe_input_norm, training_bounds
 from mpcfl.config import TrainJob
 from mpcfl.data import SharedData
 from mpcfl.models import build_torch_model, to_crypten
@@ -26,7 +27,7 @@ from mpcfl.dp.budget import Budget
 from mpcfl.dp.clipping import clipped_gradient_sum
 from mpcfl.dp.sgd import DpSgd, clips_features
 from mpcfl.reveal import Privacy, reveal
-from mpcfl.runtime import communication_stats
+from mpcfl.runtime import agreed, communication_stats
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,35 @@ def _metrics(opened: torch.Tensor, n_train: int, n_test: int | None) -> dict[str
     return record
 
 
+# DP noise on revealed metrics moves them legitimately; this many noise scales is beyond
+# any draw a run will see (Gaussian or Laplace tails e^-40 and below).
+_NOISE_SLACK = 40.0
+
+
+def _check_metrics(
+    opened: torch.Tensor | None, limits: Bounds, rows: list[int], *, classes: int, noise: float, what: str
+) -> None:
+    """Receivers only: refuse revealed [loss sum, correct count] pairs that show wrap-around.
+
+    A loss sum is at least 0 and at most ``limits.loss_sum``; a count lies in [0, rows].
+    The slack covers CrypTen's approximations (1e-2 per example) and any DP noise.
+    """
+    if opened is None:
+        return
+    low, high = [], []
+    for n in rows:
+        slack = 0.01 * n + _NOISE_SLACK * noise
+        low += [-slack, -slack]
+        high += [limits.loss_sum(n, classes) + slack, n + slack]
+    check_revealed(opened, what=what, low=low, high=high)
+
+
+def _check_weights(state: dict[str, torch.Tensor] | None, limits: Bounds, *, what: str) -> None:
+    """Model receivers only: refuse revealed parameters beyond the weight bound."""
+    if state is not None:
+        check_revealed(torch.cat([t.flatten() for t in state.values()]), what=what, low=-limits.weight, high=limits.weight)
+
+
 def train(
     job: TrainJob,
     shared: SharedData,
@@ -144,6 +174,10 @@ def train(
     step_loss = _step_criterion(job, crypten)
     metric_ranks = job.ranks(job.outputs.metrics_to)
     n_rows = shared.x_train.size(0)
+    split_rows = [n_rows] + ([] if shared.x_test is None else [shared.x_test.size(0)])
+    # What the range check before sharing guarantees; revealed values beyond it wrapped.
+    safe_norm = safe_input_norm(job, n_features=shared.n_features, n_rows=n_rows, metric_rows=max(split_rows))
+    limits = training_bounds(job, n_features=shared.n_features, n_rows=n_rows, input_norm=safe_norm)
     result = TrainResult(model=model, torch_model=torch_model)
     dp_sgd = DpSgd(job) if job.dp is not None else None
     if dp_sgd is not None and budget is not None:
@@ -183,6 +217,12 @@ def train(
             opened = reveal(
                 crypten.cat(parts), to=metric_ranks, what=f"epoch {epoch + 1} loss and accuracy", privacy=privacy
             )
+            what = f"party {party}: epoch {epoch + 1} loss and accuracy"
+            noise = 0.0 if privacy is None else privacy.scale
+            agreed(
+                "wrap-around check", job.party_names,
+                lambda: _check_metrics(opened, limits, split_rows, classes=job.model.num_classes, noise=noise, what=what),
+            )
             if opened is not None:
                 record.update(_metrics(opened, n_rows, None if shared.x_test is None else shared.x_test.size(0)))
         comm_after = communication_stats()
@@ -200,6 +240,10 @@ def train(
     if model_ranks:
         privacy = dp_sgd.model_privacy() if dp_sgd is not None else None
         result.state_dict = reveal_state_dict(model, torch_model, to=model_ranks, privacy=privacy)
+        agreed(
+            "wrap-around check", job.party_names,
+            lambda: _check_weights(result.state_dict, limits, what=f"party {party}: trained model parameters"),
+        )
     return result
 
 

@@ -119,3 +119,37 @@ def test_validate_command_exit_codes(tmp_path: Path) -> None:
     assert bad.stderr.strip().count("\n") == 0
     assert "training.epoch: unknown key" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_max_abs_beyond_what_fixed_point_holds_is_refused(tmp_path: Path) -> None:
+    job = write(tmp_path, edit("data.max_abs", 1e300))
+    with pytest.raises(ConfigError) as caught:
+        load_job(job)
+    text = str(caught.value)
+    assert text.startswith(f"{job}: data.max_abs: 1e+300 is beyond 32768 (2^15)"), text
+    assert "\n" not in text
+    assert load_job(write(tmp_path, edit("data.max_abs", 32768))).data.max_abs == 32768
+
+
+INFERENCE_DEMO = DEMO.parent / "digits_inference.yaml"
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("os:system", "model.factory: os:system: calling it with no arguments failed: TypeError"),
+        ("{tmp}/factories.py:answer", "model.factory: {tmp}/factories.py:answer: returned int, not a torch.nn.Module"),
+    ],
+    ids=["os-system", "returns-int"],
+)
+def test_validate_refuses_factories_that_do_not_build_a_module(tmp_path: Path, factory: str, message: str) -> None:
+    (tmp_path / "factories.py").write_text("def answer():\n    return 42\n")
+    spec = yaml.safe_load(INFERENCE_DEMO.read_text())
+    spec["model"]["factory"] = factory.format(tmp=tmp_path)
+    spec["model"]["weights"] = str((INFERENCE_DEMO.parent / spec["model"]["weights"]).resolve())
+    spec["inputs"]["file"] = str((INFERENCE_DEMO.parent / spec["inputs"]["file"]).resolve())
+    done = mpcfl("validate", str(write(tmp_path, spec)), timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    assert message.format(tmp=tmp_path) in done.stderr
+    assert "Traceback" not in done.stderr

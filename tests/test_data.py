@@ -9,7 +9,16 @@ import pytest
 
 from conftest import base_job, write_csv
 from mpcfl.config import TrainJob
-from mpcfl.data import DataError, check_range, load_party_data, load_table, standardize_locally
+from mpcfl.data import (
+    DataError,
+    check_alone,
+    check_bounds,
+    check_joint_stats_range,
+    check_range,
+    load_party_data,
+    load_table,
+    standardize_locally,
+)
 
 
 def job_for(tmp_path: Path, train_a: Path, train_b: Path, **model: object) -> TrainJob:
@@ -105,3 +114,37 @@ def test_unreadable_files(tmp_path: Path) -> None:
     folder.mkdir()
     with pytest.raises(DataError, match="data file not found"):
         load_table(folder, party="a")
+
+
+def hostile_job(tmp_path: Path) -> TrainJob:
+    """The attacker's review: +-9,999 features, under the default max_abs, not standardised."""
+    rng = np.random.default_rng(0)
+    a = write_csv(tmp_path / "a.csv", ["x1", "x2", "x3"], rng.choice([-9999.0, 9999.0], size=(200, 3)))
+    b = write_csv(tmp_path / "b.csv", ["x4", "y"], np.c_[rng.uniform(-1, 1, 200), rng.integers(0, 2, 200)])
+    spec = job_for(tmp_path, a, b).model_dump()
+    spec["data"] = {"standardize": False}
+    return TrainJob.model_validate(spec)
+
+
+def test_values_that_would_wrap_in_training_are_refused_naming_party_file_and_column(tmp_path: Path) -> None:
+    job = hostile_job(tmp_path)
+    data = load_party_data(job, "a")
+    check_range(data, job.data.max_abs)  # under max_abs: only the training bound sees the danger
+    with pytest.raises(DataError) as caught:
+        check_bounds(job, data, n_features=4, n_rows=200, metric_rows=200, share=3 / 4)
+    text = str(caught.value)
+    assert text.startswith(f"party a: {tmp_path / 'a.csv'}: column 'x1' (data row 1) drives"), text
+    assert "data.standardize: true" in text and "training.learning_rate" in text and "\n" not in text
+    with pytest.raises(DataError, match="party a: .*column 'x1'"):
+        check_alone(job, load_party_data(job, "a"))
+    # Standardised, the same columns leave ample headroom; the label holder's one small column too.
+    standardize_locally(data)
+    assert check_bounds(job, data, n_features=4, n_rows=200, metric_rows=200, share=3 / 4) > 100
+    assert check_bounds(job, load_party_data(job, "b"), n_features=4, n_rows=200, metric_rows=200, share=1 / 4) > 100
+
+
+def test_joint_standardisation_refuses_raw_values_whose_squares_would_wrap(tmp_path: Path) -> None:
+    a = write_csv(tmp_path / "a.csv", ["x1", "y"], [[1e7, 0], [1, 1]])
+    job = job_for(tmp_path, a, a).model_copy(update={"partition": "horizontal"})
+    with pytest.raises(DataError, match=r"party a: .*a.csv: column 'x1' reaches 1e\+07, beyond 4194304 \(2\^22\)"):
+        check_joint_stats_range(load_party_data(job, "a"))
