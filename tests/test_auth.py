@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, assert_no_leftovers, write_job
+from conftest import REPO, assert_no_leftovers, mpcfl, write_job
 from mpcfl.auth import load_secret, transcript
 from mpcfl.config import load_job
 from mpcfl.errors import ConfigError, MpcflError
@@ -222,3 +222,11 @@ def test_identity_keys_are_validated_by_name(tmp_path: Path) -> None:
     spec["runtime"]["identity"]["public_keys"]["dealer"] = "keys/missing.pub"
     with pytest.raises(ConfigError, match=r"runtime.identity.public_keys: dealer: cannot read public key file .*missing.pub"):
         load_job(write_job(tmp_path, spec))
+
+
+def test_mpcfl_run_gives_each_process_its_key_from_key_dir(tmp_path: Path) -> None:
+    job, keys = identity_job(tmp_path)
+    assert "runtime.identity is set: pass --key-dir" in mpcfl("run", job, timeout=60).stderr
+    done = mpcfl("run", job, "--key-dir", str(keys), timeout=120)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert done.stdout.count("authenticated all 2 peers (an Ed25519 identity)") == 3
