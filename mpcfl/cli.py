@@ -1,4 +1,4 @@
-"""The ``mpcfl`` command: ``run``, ``party``, ``dealer``, ``worker``, ``launch``, ``validate``, ``baseline``, ``audit``.
+"""The ``mpcfl`` command: ``run``, ``party``, ``dealer``, ``worker``, ``launch``, ``keygen``, ``validate``, ``baseline``, ``audit``.
 
 Errors a user can act on print as one line, ``mpcfl: error: ...``, and exit 1;
 ``--debug`` shows the traceback instead. A party that lost a peer exits 3, so the
@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from mpcfl.errors import MpcflError, PeerFailure
 
@@ -30,19 +31,22 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="run every party and the dealer of a job on this machine")
     run.add_argument("job", help="the YAML job file")
     run.add_argument("--resume", action="store_true", help="continue training from the parties' checkpoints")
+    run.add_argument("--key-dir", type=Path, help="for runtime.identity: the folder holding NAME.key of every process")
+    key_file = argparse.ArgumentParser(add_help=False)
+    key_file.add_argument("--key-file", type=Path, help="this process's private key, for jobs with runtime.identity")
 
-    party = sub.add_parser("party", parents=[common], help="run one party of a job (one per host)")
+    party = sub.add_parser("party", parents=[common, key_file], help="run one party of a job (one per host)")
     party.add_argument("job")
     party.add_argument("--party", required=True, help="this process's party name")
     party.add_argument("--rendezvous", help="tcp://HOST:PORT shared by all processes (default: $RENDEZVOUS)")
     party.add_argument("--resume", action="store_true", help="continue training from this party's checkpoints")
 
-    dealer = sub.add_parser("dealer", parents=[common], help="run the Beaver-triple dealer (TTP) of a job, or of `mpcfl launch`")
+    dealer = sub.add_parser("dealer", parents=[common, key_file], help="run the Beaver-triple dealer (TTP) of a job, or of `mpcfl launch`")
     dealer.add_argument("job", nargs="?", help="the job file (default: the session `mpcfl launch` describes)")
     dealer.add_argument("--rendezvous", help="tcp://HOST:PORT shared by all processes (default: $RENDEZVOUS)")
 
     worker = sub.add_parser(
-        "worker", parents=[common], help="run whichever role torchrun or srun gave this process (rank n = the dealer)"
+        "worker", parents=[common, key_file], help="run whichever role torchrun or srun gave this process (rank n = the dealer)"
     )
     worker.add_argument("job")
     worker.add_argument("--resume", action="store_true", help="continue training from the checkpoints")
@@ -58,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--insecure-dealer", action="store_true", help="no dealer: party 0 makes the triples (tests only)")
     launch.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the parties compute")
     launch.add_argument("script", nargs=argparse.REMAINDER, help="SCRIPT.py [ARGS...]")
+
+    keygen = sub.add_parser("keygen", parents=[common], help="make an Ed25519 key pair for one process (runtime.identity)")
+    keygen.add_argument("name", help="the party's name, or dealer")
+    keygen.add_argument("--out", type=Path, default=Path("."), help="folder for NAME.key (mode 0600) and NAME.pub")
 
     audit = sub.add_parser("audit", parents=[common], help="membership-inference attacks on a trained model (reads every party's files)")
     audit.add_argument("job", help="the training job whose model to audit")
@@ -98,6 +106,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "launch":
         return _launch(args)
+    if args.command == "keygen":
+        from mpcfl.keys import generate
+
+        private, public = generate(args.name, args.out)
+        print(f"wrote {private} (keep it on {args.name}'s host only) and {public}; in the job file:")
+        print(f"  runtime.identity.public_keys.{args.name}: {public.read_text().strip()}")
+        return 0
     if args.command == "dealer" and args.job is None:
         from mpcfl.runtime import Session, run_dealer
 
@@ -114,20 +129,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from mpcfl.launch import run_local
 
-        return run_local(job, debug=args.debug, resume=args.resume)
+        return run_local(job, debug=args.debug, resume=args.resume, key_dir=args.key_dir)
     if args.command == "party":
         if job.task == "inference":
             from mpcfl.inference import run_inference_party
 
-            run_inference_party(job, args.party, rendezvous=args.rendezvous)
+            run_inference_party(job, args.party, rendezvous=args.rendezvous, key_file=args.key_file)
         else:
             from mpcfl.party import run_party
 
-            run_party(job, args.party, rendezvous=args.rendezvous, resume=args.resume)
+            run_party(job, args.party, rendezvous=args.rendezvous, resume=args.resume, key_file=args.key_file)
     elif args.command == "dealer":
         from mpcfl.runtime import Session, run_dealer
 
-        run_dealer(Session.of_job(job, rendezvous=args.rendezvous))
+        run_dealer(Session.of_job(job, rendezvous=args.rendezvous, key_file=args.key_file))
     elif args.command == "baseline":
         if job.task != "train":
             raise MpcflError(f"{args.job}: baseline compares training jobs; this one is task: {job.task}")

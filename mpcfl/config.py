@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from mpcfl.errors import ConfigError, MpcflError
+from mpcfl.keys import is_raw_key, read_public_key
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -153,6 +154,26 @@ class OutputSpec(_Strict):
     metrics_to: list[Name] | Literal["all", "none"] = "all"
 
 
+class IdentitySpec(_Strict):
+    """Per-process Ed25519 identities: each process proves its own rank with its own private key."""
+
+    public_keys: dict[Name, str] = Field(
+        description="every process's public key by name (each party, and `dealer`): the base64 raw key "
+        "or a path to a .pub/PEM file; loaded into base64 form, so the fingerprint covers the keys"
+    )
+
+    @field_validator("public_keys")
+    @classmethod
+    def _load(cls, keys: dict[str, str]) -> dict[str, str]:
+        loaded = {}
+        for name, value in keys.items():
+            try:
+                loaded[name] = read_public_key(value)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+        return loaded
+
+
 class RuntimeSpec(_Strict):
     timeout_s: float = Field(default=60, gt=0, description="process-group timeout")
     device: Literal["cpu", "cuda"] = "cpu"
@@ -163,7 +184,10 @@ class RuntimeSpec(_Strict):
     )
     secret_file: Path | None = Field(
         default=None,
-        description="the job secret every process must prove it knows (else $MPCFL_JOB_SECRET)",
+        description="the job secret every process must prove it knows (else $MPCFL_JOB_SECRET); mode 0600",
+    )
+    identity: IdentitySpec | None = Field(
+        default=None, description="per-process Ed25519 identities instead of the shared secret"
     )
 
 
@@ -184,6 +208,20 @@ class JobBase(_Strict):
                 raise ValueError(f"duplicate party name {party.name!r}")
             seen.add(party.name)
         return parties
+
+    @model_validator(mode="after")
+    def _every_process_has_a_key(self) -> JobBase:
+        if self.runtime.identity is None:
+            return self
+        listed = set(self.runtime.identity.public_keys)
+        processes = [*self.party_names, *([] if self.runtime.insecure_dealer else ["dealer"])]
+        for name in processes:
+            if name not in listed:
+                raise ValueError(f"runtime.identity.public_keys: no public key for {name}")
+        extra = sorted(listed - set(processes))
+        if extra:
+            raise ValueError(f"runtime.identity.public_keys.{extra[0]}: not a process of this job")
+        return self
 
     def _check_party(self, key: str, name: str) -> None:
         if name not in self.party_names:
@@ -376,10 +414,17 @@ def _resolve(base: Path, raw: dict) -> dict:
             for key in ("train", "test"):
                 if key in data:
                     data[key] = fix(data[key])
-    for section, key in (("outputs", "dir"), ("model", "weights"), ("inputs", "file")):
+    for section, key in (("outputs", "dir"), ("model", "weights"), ("inputs", "file"), ("runtime", "secret_file")):
         node = raw.get(section)
         if isinstance(node, dict) and key in node:
             node[key] = fix(node[key])
+    runtime = raw.get("runtime")
+    identity = runtime.get("identity") if isinstance(runtime, dict) else None
+    if isinstance(identity, dict) and isinstance(identity.get("public_keys"), dict):
+        keys = identity["public_keys"]
+        for name, value in keys.items():
+            if isinstance(value, str) and not is_raw_key(value):
+                keys[name] = fix(value)
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("factory"), str):
         where, _, function = model["factory"].rpartition(":")

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from mpcfl._compat import import_crypten
 from mpcfl.config import InferenceJob
-from mpcfl.auth import new_secret
+from mpcfl.auth import Credentials, new_secret
 from mpcfl.convert import encrypt_model, trace
 from mpcfl.errors import MpcflError
 from mpcfl.factory import build_factory_model
@@ -189,11 +189,16 @@ def load_inputs(path: Path, *, party: str) -> torch.Tensor:
     return torch.from_numpy(load_table(path, party=party).values.astype(np.float32))
 
 
-def run_inference_party(job: InferenceJob, party: str, *, rendezvous: str | None = None) -> None:
-    """One party's side of an inference job; only the data owner writes predictions."""
+def run_inference_party(
+    job: InferenceJob, party: str, *, rendezvous: str | None = None, key_file: Path | None = None
+) -> None:
+    """One party's side of an inference job; only the data owner writes predictions.
+
+    ``key_file`` is this party's private key, for a job with ``runtime.identity``.
+    """
     is_owner, is_data = party == job.model.owner, party == job.inputs.owner
     started = time.perf_counter()
-    with party_session(Session.of_job(job, rendezvous=rendezvous), party):
+    with party_session(Session.of_job(job, rendezvous=rendezvous, key_file=key_file), party):
         model = agreed("model loading", job.party_names, lambda: build_model(job))
         if is_owner:
             agreed("weights loading", job.party_names, lambda: load_weights(model, job.model.weights, party=party))
@@ -268,65 +273,71 @@ def secure_predict_local(
     Raises:
         MpcflError: bad inputs, an unsupported model, or a failed process, named.
     """
-    from mpcfl.launch import free_port
+    from mpcfl.launch import local_rendezvous
 
     _check_inputs(inputs, "secure_predict_local")
     trace(model)  # fail in the caller, before forking, on an unsupported model
-    session = Session(
-        parties=(_MODEL_OWNER, _DATA_OWNER),
-        rendezvous=f"tcp://127.0.0.1:{free_port()}",
-        timeout_s=timeout_s,
-        insecure_dealer=insecure_dealer,
-        label="local secure inference",
-        secret=new_secret().encode(),
-        fingerprint="local secure inference",
-    )
-    context = multiprocessing.get_context("fork")
-    errors = context.SimpleQueue()
-    receive, send = context.Pipe(duplex=False)
-    blank = copy.deepcopy(model)
-    with torch.no_grad():
-        for tensor in [*blank.parameters(), *blank.buffers()]:
-            tensor.zero_()  # the data owner holds the architecture, never the weights
+    with local_rendezvous() as rendezvous:
+        session = Session(
+            parties=(_MODEL_OWNER, _DATA_OWNER),
+            rendezvous=rendezvous,
+            timeout_s=timeout_s,
+            insecure_dealer=insecure_dealer,
+            label="local secure inference",
+            credentials=Credentials(secret=new_secret().encode()),
+            fingerprint="local secure inference",
+        )
+        context = multiprocessing.get_context("fork")
+        errors = context.SimpleQueue()
+        receive, send = context.Pipe(duplex=False)
+        blank = copy.deepcopy(model)
+        with torch.no_grad():
+            for tensor in [*blank.parameters(), *blank.buffers()]:
+                tensor.zero_()  # the data owner holds the architecture, never the weights
 
-    def model_owner() -> None:
-        with party_session(session, _MODEL_OWNER):
-            secure_predict(model, None, model_owner=_MODEL_OWNER, data_owner=_DATA_OWNER, batch_size=batch_size)
+        def model_owner() -> None:
+            with party_session(session, _MODEL_OWNER):
+                secure_predict(model, None, model_owner=_MODEL_OWNER, data_owner=_DATA_OWNER, batch_size=batch_size)
 
-    def data_owner() -> None:
-        with party_session(session, _DATA_OWNER):
-            out = secure_predict(blank, inputs, model_owner=_MODEL_OWNER, data_owner=_DATA_OWNER, batch_size=batch_size)
-        send.send(out.numpy())  # numpy, not torch: torch would share memory with a process about to exit
+        def data_owner() -> None:
+            with party_session(session, _DATA_OWNER):
+                out = secure_predict(blank, inputs, model_owner=_MODEL_OWNER, data_owner=_DATA_OWNER, batch_size=batch_size)
+            send.send(out.numpy())  # numpy, not torch: torch would share memory with a process about to exit
 
-    roles: list[tuple[str, Callable[[], None]]] = [(_MODEL_OWNER, model_owner), (_DATA_OWNER, data_owner)]
-    if not insecure_dealer:
-        from mpcfl.runtime import run_dealer
+        roles: list[tuple[str, Callable[[], None]]] = [(_MODEL_OWNER, model_owner), (_DATA_OWNER, data_owner)]
+        if not insecure_dealer:
+            from mpcfl.runtime import run_dealer
 
-        roles.insert(0, ("dealer", lambda: run_dealer(session)))
-    with _isolated_env():
-        processes = {
-            role: context.Process(target=_child, args=(role, errors, work), daemon=True) for role, work in roles
-        }
-        for process in processes.values():
-            process.start()
-    try:
-        result = _await(processes, errors, receive)
-    finally:
-        for process in processes.values():
-            if process.is_alive():
-                process.kill()
-            process.join()
-    return result
+            roles.insert(0, ("dealer", lambda: run_dealer(session)))
+        with _isolated_env():
+            processes = {
+                role: context.Process(target=_child, args=(role, errors, work), daemon=True) for role, work in roles
+            }
+            for process in processes.values():
+                process.start()
+        try:
+            result = _await(processes, errors, receive)
+        finally:
+            for process in processes.values():
+                if process.is_alive():
+                    process.kill()
+                process.join()
+        return result
 
 
 @contextlib.contextmanager
 def _isolated_env() -> Any:
-    """Forked children set CrypTen's variables themselves; hide the caller's."""
-    keys = ("RANK", "WORLD_SIZE", "RENDEZVOUS", "DISTRIBUTED_BACKEND")
+    """Forked children set CrypTen's variables themselves; hide the caller's, and bind gloo to loopback."""
+    from mpcfl.launch import LOOPBACK_ENV
+
+    keys = ("RANK", "WORLD_SIZE", "RENDEZVOUS", "DISTRIBUTED_BACKEND", *LOOPBACK_ENV)
     saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
+    os.environ.update(LOOPBACK_ENV)
     try:
         yield
     finally:
+        for key in LOOPBACK_ENV:
+            os.environ.pop(key, None)
         os.environ.update(saved)
 
 

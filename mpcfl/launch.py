@@ -2,7 +2,8 @@
 
 For a job, each child runs ``python -m mpcfl party|dealer``; for a party script
 (:func:`launch_script`), each party runs the script with its role in the
-environment. All meet on a free loopback port. A child's
+environment. All meet on a private file rendezvous, and every listener binds to
+loopback (:func:`local_rendezvous`). A child's
 output lines are prefixed with its name. If any child fails, the others are
 stopped and the launcher reports the child that failed first. Children die
 with the launcher (PR_SET_PDEATHSIG) and are killed as process groups, so no
@@ -11,23 +12,27 @@ process is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from mpcfl.cli import EXIT_PEER_FAILURE
-from mpcfl.config import JobBase
 from mpcfl.auth import ENV_SECRET, new_secret
+from mpcfl.config import JobBase
+from mpcfl.errors import MpcflError
 from mpcfl.runtime import ENV_DEVICE, ENV_INSECURE, ENV_PARTIES, ENV_PARTY, ENV_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,27 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# gloo binds its pair listeners to this interface's address; unset, to whatever the host
+# name resolves to, which on many hosts is a LAN address.
+LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo"}
+
+
+@contextlib.contextmanager
+def local_rendezvous() -> Iterator[str]:
+    """A ``file://`` rendezvous in a fresh private folder, removed afterwards.
+
+    With ``tcp://127.0.0.1:PORT``, rank 0 hosts torch's TCPStore, which listens on
+    every interface whatever host is given: anyone who can reach the port could
+    list and write its keys. A file store has no listener, and the 0700 folder
+    keeps other local users out.
+    """
+    folder = tempfile.mkdtemp(prefix="mpcfl-rendezvous-")  # mode 0700
+    try:
+        yield f"file://{folder}/store"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _die_with_parent() -> None:
@@ -103,7 +129,7 @@ def _spawn(name: str, command: list[str], *, sink: IO[str], env: dict[str, str] 
     full_env = dict(os.environ)
     for key in ("RANK", "WORLD_SIZE", "RENDEZVOUS", "MASTER_ADDR", "MASTER_PORT", ENV_PARTY, ENV_PARTIES):
         full_env.pop(key, None)
-    full_env.update(env or {}, PYTHONUNBUFFERED="1")
+    full_env.update(env or {}, PYTHONUNBUFFERED="1", **LOOPBACK_ENV)
     # Every local run authenticates its processes, with the user's secret if set, else a fresh one.
     full_env.setdefault(ENV_SECRET, _run_secret)
     process = subprocess.Popen(
@@ -222,31 +248,40 @@ def _run(children_of: Callable[[], list[Child]], *, sink: IO[str]) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_local(job: JobBase, *, debug: bool = False, resume: bool = False, sink: IO[str] | None = None) -> int:
+def run_local(
+    job: JobBase, *, debug: bool = False, resume: bool = False, key_dir: Path | None = None, sink: IO[str] | None = None
+) -> int:
     """Runs every party (and the dealer, unless the job is insecure) on this machine.
 
-    With ``resume``, the parties continue a training job from their checkpoints.
+    With ``resume``, the parties continue a training job from their checkpoints. A job
+    with ``runtime.identity`` needs ``key_dir`` holding ``NAME.key`` for every process.
 
     Returns:
         0 when every process succeeded, 1 otherwise.
+
+    Raises:
+        MpcflError: the job has identities but no ``key_dir`` is given.
     """
     sink = sink or sys.stdout
-    rendezvous = f"tcp://127.0.0.1:{free_port()}"
+    if job.runtime.identity is not None and key_dir is None:
+        raise MpcflError(f"{job.source}: runtime.identity is set: pass --key-dir, the folder holding NAME.key of every process")
     job_file = str(Path(job.source).resolve())
     common = ["--debug"] if debug else []
+
+    def command(name: str, role: str, *args: str) -> list[str]:
+        keys = ["--key-file", str(key_dir / f"{name}.key")] if key_dir is not None else []
+        return _mpcfl(*common, role, job_file, *args, "--rendezvous", rendezvous, *keys)
 
     def children() -> list[Child]:
         started = []
         if not job.runtime.insecure_dealer:
-            started.append(_spawn("dealer", _mpcfl(*common, "dealer", job_file, "--rendezvous", rendezvous), sink=sink))
+            started.append(_spawn("dealer", command("dealer", "dealer"), sink=sink))
         for name in job.party_names:
-            command = _mpcfl(*common, "party", job_file, "--party", name, "--rendezvous", rendezvous)
-            if resume:
-                command.append("--resume")
-            started.append(_spawn(name, command, sink=sink))
+            started.append(_spawn(name, command(name, "party", "--party", name, *(["--resume"] if resume else [])), sink=sink))
         return started
 
-    code = _run(children, sink=sink)
+    with local_rendezvous() as rendezvous:
+        code = _run(children, sink=sink)
     if code == 0:
         print(f"mpcfl: job {job.name} finished; outputs in {job.outputs.dir}", file=sink)
     return code
@@ -276,7 +311,6 @@ def launch_script(
         ENV_INSECURE: "1" if insecure_dealer else "0",
         ENV_DEVICE: device,
         "WORLD_SIZE": str(len(parties)),
-        "RENDEZVOUS": f"tcp://127.0.0.1:{free_port()}",
     }
 
     def children() -> list[Child]:
@@ -288,4 +322,6 @@ def launch_script(
             started.append(_spawn(name, [sys.executable, *script], sink=sink, env=env))
         return started
 
-    return _run(children, sink=sink)
+    with local_rendezvous() as rendezvous:
+        shared["RENDEZVOUS"] = rendezvous
+        return _run(children, sink=sink)

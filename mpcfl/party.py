@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from mpcfl import checkpoint
@@ -41,7 +42,9 @@ def _resume_point(job: TrainJob, party: str, rank: int) -> checkpoint.Checkpoint
     return checkpoint.load(job, party, rank, epoch)
 
 
-def run_party(job: TrainJob, party: str, *, rendezvous: str | None = None, resume: bool = False) -> None:
+def run_party(
+    job: TrainJob, party: str, *, rendezvous: str | None = None, resume: bool = False, key_file: Path | None = None
+) -> None:
     """Runs ``party``'s side of the job to the end.
 
     Args:
@@ -49,11 +52,12 @@ def run_party(job: TrainJob, party: str, *, rendezvous: str | None = None, resum
         party: this process's party name.
         rendezvous: ``tcp://HOST:PORT`` of the process group; else ``$RENDEZVOUS``.
         resume: continue from the newest checkpoint all parties hold.
+        key_file: this party's private key, for a job with ``runtime.identity``.
 
     Raises:
         MpcflError: bad data or checkpoints, a peer failure, or the environment contradicts the job.
     """
-    with party_session(Session.of_job(job, rendezvous=rendezvous), party) as rank:
+    with party_session(Session.of_job(job, rendezvous=rendezvous, key_file=key_file), party) as rank:
         budget = agreed("privacy ledger", job.party_names, lambda: _budget(job, party, resume=resume))
         install_budget(budget)
         start = None

@@ -13,14 +13,16 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from mpcfl._compat import import_crypten, init_crypten, run_dealer_server, set_process_group_timeout
-from mpcfl.auth import ENV_SECRET, authenticate, load_secret
+from mpcfl.auth import Credentials, authenticate, load_secret
 from mpcfl.config import JobBase
 from mpcfl.errors import MpcflError, PeerFailure
+from mpcfl.keys import load_private_key, public_key
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ class Session:
             every Beaver triple and can see all secrets. For tests only.
         device: ``cpu`` or ``cuda``.
         label: names the job in error messages.
+        credentials: what this process proves itself with (see :mod:`mpcfl.auth`).
+        fingerprint: what every process's copy of the job agrees on.
     """
 
     parties: tuple[str, ...]
@@ -55,11 +59,12 @@ class Session:
     insecure_dealer: bool = False
     device: str = "cpu"
     label: str = "mpcfl"
-    secret: bytes | None = field(default=None, repr=False)
+    credentials: Credentials = field(default_factory=Credentials)
     fingerprint: str = ""
 
     @classmethod
-    def of_job(cls, job: JobBase, *, rendezvous: str | None = None) -> Session:
+    def of_job(cls, job: JobBase, *, rendezvous: str | None = None, key_file: Path | None = None) -> Session:
+        """The session of one of the job's processes; ``key_file`` is its private key for ``runtime.identity``."""
         return cls(
             parties=tuple(job.party_names),
             rendezvous=rendezvous,
@@ -67,7 +72,7 @@ class Session:
             insecure_dealer=job.runtime.insecure_dealer,
             device=job.runtime.device,
             label=f"job {job.name} ({job.source})",
-            secret=load_secret(job.runtime.secret_file),
+            credentials=_credentials(job, key_file),
             fingerprint=job.fingerprint(),
         )
 
@@ -86,7 +91,7 @@ class Session:
             timeout_s=float(os.environ.get(ENV_TIMEOUT, "60")),
             insecure_dealer=os.environ.get(ENV_INSECURE) == "1",
             device=os.environ.get(ENV_DEVICE, "cpu"),
-            secret=load_secret(None),
+            credentials=_deferred(lambda: Credentials(secret=load_secret(None))),
             fingerprint=f"script session {names}",
         )
 
@@ -100,21 +105,44 @@ class Session:
         return [*self.parties, *([] if self.insecure_dealer else ["dealer"])]
 
     def authenticate(self, crypten: Any, rank: int) -> None:
-        """Proves this process knows the secret and checks every peer (see :mod:`mpcfl.auth`)."""
-        if self.secret is None:
-            log.warning("no job secret: peers are not authenticated (set %s or runtime.secret_file)", ENV_SECRET)
-            return
+        """Proves this process's identity and checks every peer's (see :mod:`mpcfl.auth`)."""
         authenticate(
-            self.secret, fingerprint=self.fingerprint, rank=rank, names=self.process_names,
-            group=crypten.comm.get().ttp_group,
+            self.credentials, fingerprint=self.fingerprint, rank=rank, names=self.process_names,
+            rendezvous=_rendezvous_seen(), group=crypten.comm.get().ttp_group,
         )
-        log.info("authenticated all %d peers", len(self.process_names) - 1)
 
     def rank_of(self, name: str) -> int:
         """Raises MpcflError for a name that is not a party."""
         if name not in self.parties:
             raise MpcflError(f"{self.label}: no party named {name!r} (parties: {', '.join(self.parties)})")
         return self.parties.index(name)
+
+
+def _deferred(load: Callable[[], Credentials]) -> Credentials:
+    """Credentials, or why there are none: the process still joins, so its peers refuse it at once."""
+    try:
+        return load()
+    except MpcflError as err:
+        return Credentials(problem=str(err))
+
+
+def _credentials(job: JobBase, key_file: Path | None) -> Credentials:
+    """An identity job's key pair list and this process's private key; else the job secret."""
+    identity = job.runtime.identity
+    if identity is None:
+        return _deferred(lambda: Credentials(secret=load_secret(job.runtime.secret_file)))
+    if key_file is None:
+        return Credentials(problem=f"{job.source}: runtime.identity is set: pass this process's private key with --key-file")
+    public_keys = {name: public_key(text) for name, text in identity.public_keys.items()}
+    return _deferred(lambda: Credentials(private_key=load_private_key(key_file), public_keys=public_keys))
+
+
+def _rendezvous_seen() -> str:
+    """The rendezvous as this process reached it; for env://, the address torchrun or srun gave."""
+    rendezvous = os.environ["RENDEZVOUS"]
+    if rendezvous == "env://":
+        return f"tcp://{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    return rendezvous
 
 
 @dataclass(frozen=True)

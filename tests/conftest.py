@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -97,6 +100,58 @@ def live_processes(marker: str) -> list[int]:
         if marker in cmdline and state != "Z":
             pids.append(int(entry.name))
     return pids
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every live process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().split(") ", 1)[1].split()[1]) if entry.name.isdigit() else None
+        except OSError:
+            continue
+        if ppid is not None:
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(int(target[8:-1]))
+    except OSError:
+        pass  # the process ended
+    return inodes
+
+
+def listening_sockets(pids: list[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state (0A) that one of ``pids`` holds, as the kernel reports it."""
+    inodes = set().union(*(_socket_inodes(pid) for pid in pids))
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], int(fields[9])
+            if state != "0A" or inode not in inodes:
+                continue
+            address, port = local.split(":")
+            raw = bytes.fromhex(address)
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add((socket.inet_ntop(family, raw), int(port, 16)))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    return ipaddress.ip_address(address).is_loopback or address.startswith("::ffff:127.")
 
 
 def mpcfl(*args: str, timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
