@@ -200,6 +200,24 @@ def _fix_negative_decoding(crypten: types.ModuleType) -> None:
     encoder.decode = decode
 
 
+def _announce_triple_requests(crypten: types.ModuleType) -> None:
+    """Parties 1..n-1 tell the dealer each request they make (see :mod:`mpcfl.mpc.providers.ttp`).
+
+    crypten 0.4.1 lets party 0 alone talk to the dealer, so the dealer cannot tell
+    a request every party makes from one party 0 invented.
+    """
+    from mpcfl.mpc.providers.ttp import PARTY_METHODS, announcing
+
+    provider = crypten.mpc.provider.ttp_provider.TrustedThirdParty
+    rank = lambda: crypten.comm.get().get_rank()  # noqa: E731
+    for request, method in PARTY_METHODS.items():
+        original = getattr(provider, method)
+        if not getattr(original, "_mpcfl_patched", False):
+            wrapped = announcing(original, request, rank)
+            wrapped._mpcfl_patched = True  # type: ignore[attr-defined]
+            setattr(provider, method, wrapped)
+
+
 def _open_point_to_point(crypten: types.ModuleType) -> None:
     """Opening toward one party sends shares point-to-point (see :mod:`mpcfl.mpc.opening`).
 
@@ -237,5 +255,6 @@ def import_crypten() -> types.ModuleType:
     _route_randomness(crypten)
     _open_point_to_point(crypten)
     _fix_negative_decoding(crypten)
+    _announce_triple_requests(crypten)
     _state["crypten"] = crypten
     return crypten

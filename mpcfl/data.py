@@ -359,12 +359,18 @@ class SharedData:
 
 
 def _public_shapes(job: TrainJob, data: PartyData) -> list[list[int]]:
-    """Every party's public shape metadata: [train rows, test rows, columns, hash]."""
+    """Every party's public shape metadata: [train rows, test rows, columns, hash].
+
+    The hash of the column names goes out only in a horizontal job, where every
+    party holds the same columns anyway; in a vertical one it would let a peer test
+    guesses of this party's schema (an unsalted hash of, say, "hiv_status"), so 0
+    is sent instead.
+    """
     mine = [
         data.train.x.shape[0],
         -1 if data.test is None else data.test.x.shape[0],
         data.train.x.shape[1],
-        columns_hash(data.train.columns),
+        columns_hash(data.train.columns) if job.partition == "horizontal" else 0,
     ]
     shapes = all_gather_public(mine)
     names = job.party_names

@@ -1,15 +1,19 @@
 """An attacker's view: what a party that is not a receiver actually holds after a reveal.
 
 Every process of these jobs runs with the recorder of ``tests/spy`` loaded, which
-keeps every int64 buffer that passed through torch.distributed in that process
-and, at the receiver, the ring values it opened. A leak is any opened value found
-in a non-receiver's buffers. The control phase of ``leak_party.py`` opens the
-same value with gloo's ring reduce, as CrypTen's ``get_plain_text(dst=)`` does,
-and must be caught: that shows the recorder can see a leak.
+keeps every buffer that passed through torch.distributed in that process (in ring
+units) and, at the receiver, the ring values it opened. Two checks per
+non-receiver: it received nothing at all while an opening toward others was under
+way (so no share and no partial sum reached it), and no opened value, to within
+two ring units, sits in any of its buffers. The control phase of ``leak_party.py``
+opens the same value with gloo's ring reduce, as CrypTen's
+``get_plain_text(dst=)`` does, and both checks must catch it: that shows the
+recorder can see a leak.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -47,8 +51,13 @@ def _views(folder: Path) -> dict[str, dict[str, np.ndarray]]:
 def _leaked(view: dict[str, np.ndarray], opened: np.ndarray, phase: str) -> int:
     """How many of the opened ring values sit in this process's buffers of ``phase``."""
     telling = opened[np.abs(opened) >= SMALLEST_TELLING]
+    near = np.unique(np.concatenate([telling + delta for delta in range(-2, 3)]))
     seen = view.get(f"seen_{phase}", np.empty(0, dtype=np.int64))
-    return int(np.isin(seen, telling).sum())
+    return int(np.isin(seen, near).sum())
+
+
+def _received_while_opening(view: dict[str, np.ndarray], phase: str) -> int:
+    return int(view.get(f"received_{phase}", np.zeros(0, dtype=np.int64)).sum())
 
 
 @pytest.mark.parametrize("parties", [2, 3])
@@ -62,9 +71,12 @@ def test_a_reveal_to_one_party_reaches_no_other(parties: int, spied: Path) -> No
     opened = receiver["opened_protocol"]
     assert opened.size == 2 * 1000 + 32 * 4  # arithmetic, binary, predictions
     for rank in [*map(str, range(parties - 1)), str(parties)]:  # the other parties and the dealer
+        assert _received_while_opening(views[rank], "protocol") == 0, f"rank {rank} received data during an opening"
         assert _leaked(views[rank], opened, "protocol") == 0, f"rank {rank} holds revealed values"
+    assert _received_while_opening(receiver, "protocol") > 0
     for rank in map(str, range(parties - 1)):
         # gloo's ring reduce leaves about 1/n of the value with each non-receiver: the spy must see it.
+        assert _received_while_opening(views[rank], "control") > 0
         caught = _leaked(views[rank], receiver["opened_control"], "control")
         assert caught >= 1000 // (parties + 1), f"the spy missed the ring reduce's leak at rank {rank}"
     for rank, view in views.items():
@@ -87,6 +99,22 @@ def test_training_reveals_model_and_metrics_to_their_receiver_only(tmp_path: Pat
     encoded = torch.cat([w.reshape(-1) for w in weights.values()]).double().mul(2**16).round().long().numpy()
     assert np.isin(encoded[np.abs(encoded) >= SMALLEST_TELLING], opened).all(), "the model was not opened to p2"
     for rank in ("0", "1", "3"):
+        assert _received_while_opening(views[rank], "protocol") == 0, f"rank {rank} received data during an opening"
         assert _leaked(views[rank], opened, "protocol") == 0, f"rank {rank} holds values revealed to p2"
         assert views[rank]["draws"].size == 0
+    for party in ("p0", "p1"):  # what the non-receivers wrote: no model, no loss or accuracy
+        folder = tmp_path / "out" / party
+        assert not (folder / "model.pt").exists()
+        written = json.loads((folder / "metrics.json").read_text())
+        keys = {key for record in written["history"] for key in record}
+        assert keys and not any("loss" in key or "accuracy" in key for key in keys), keys
     assert_no_leftovers(str(job))
+
+
+def test_the_dealer_answers_no_request_the_other_parties_did_not_make(tmp_path: Path) -> None:
+    # A deviating party 0 could otherwise read the other parties' next masks off the answers.
+    result = mpcfl("launch", "--timeout-s", "20", "--parties", "p0,p1", str(REPO / "tests" / "rogue_party.py"), timeout=120)
+    assert result.returncode != 0
+    assert "rogue: the dealer answered" not in result.stdout
+    assert "dealer failed: dealer: party 0 sent request 'square' that party 1 did not make" in result.stderr
+    assert_no_leftovers(str(REPO / "tests" / "rogue_party.py"))

@@ -94,6 +94,11 @@ def test_the_dealers_triples_multiply(parties: int) -> None:
         ({"function": "additive", "device": None, "args": ((2,), (2,), "mul"), "kwargs": {"out": 1}}, "unexpected arguments"),
         ({"function": "square", "device": None, "args": ((-1,),), "kwargs": {}}, "malformed size"),
         ({"function": "square", "device": None, "args": ((1 << 20, 1 << 20),), "kwargs": {}}, "elements"),
+        ({"function": "additive", "device": None, "args": ((4, 0), (0, 4), "matmul"), "kwargs": {}}, "malformed size"),
+        ({"function": "additive", "device": None, "args": ((1 << 20, 1), (1, 1 << 20), "mul"), "kwargs": {}}, "elements"),
+        ({"function": "additive", "device": None, "args": ((1, 1, 4, 4), (1, 1, 2, 2), "conv2d"), "kwargs": {"padding": 100_000}}, "options beyond"),
+        ({"function": "additive", "device": None, "args": ((1, 1, 4, 4), (1, 1, 2, 2), "conv2d"), "kwargs": {"padding": (True, "x")}}, "options beyond"),
+        ({"function": "additive", "device": None, "args": ((3, 2), (4, 5), "matmul"), "kwargs": {}}, "cannot be computed"),
         ({"function": "square", "device": "meta", "args": ((2,),), "kwargs": {}}, "device 'meta'"),
         ({"function": "square"}, "malformed request"),
         ("shutdown", "malformed request"),
@@ -104,19 +109,25 @@ def test_the_dealer_refuses_what_is_not_in_its_table(message: object, reason: st
     with pytest.raises(DealerRequestRefused, match=reason):
         dealer._check(message)
     assert "refused" in caplog.text
+
+
+def test_parties_digest_the_request_party_0_sends() -> None:
+    from mpcfl.mpc.providers.ttp import request_digest
+
+    party0 = request_digest("additive", "cuda:0", (torch.Size([2, 3]), torch.Size([3]), "matmul"), {})
+    party1 = request_digest("additive", torch.device("cuda:1"), ((2, 3), (3,), "matmul"), {})
+    assert torch.equal(party0, party1)
+    assert not torch.equal(party0, request_digest("additive", "cuda", ((2, 3), (3,), "mul"), {}))
     assert set(PRODUCTS) == {"mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"}
 
 
-def test_the_dealer_raises_the_link_error_instead_of_swallowing_it() -> None:
-    class Broken:
-        def get_ttp_rank(self) -> int:
-            return 2
+def test_the_dealer_raises_the_link_error_instead_of_swallowing_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
 
-        def recv_obj(self, src: int, group: object) -> object:
-            raise RuntimeError("Connection reset by peer")
+    def reset(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Connection reset by peer")
 
-        ttp_group = None
-
-    dealer = Dealer(Broken(), [SecureGenerator(), SecureGenerator()])
+    monkeypatch.setattr(dist, "recv", reset)
+    dealer = Dealer(SimpleNamespace(get_ttp_rank=lambda: 2, ttp_group=None), [SecureGenerator(), SecureGenerator()])
     with pytest.raises(RuntimeError, match="Connection reset by peer"):
         dealer.serve()

@@ -3,12 +3,17 @@
 Active only when ``MPCFL_SPY_DIR`` is set. It records what this process actually
 holds, not what the code means to do:
 
-- ``seen``: every int64 buffer that passes through ``torch.distributed`` (sent,
+- ``seen``: every buffer that passes through ``torch.distributed`` (sent,
   received, reduced, gathered, broadcast), read after the job, when in-place
-  collectives have filled them;
+  collectives have filled them; int64 as ring values, floating point scaled to
+  ring units (2^16), so a plaintext in any of these forms is caught;
 - ``opened``: what CrypTen's ``reveal(dst=...)`` returned here, i.e. the ring
   values this process received as the sole receiver (ground truth for the test);
-- ``draws``: calls of torch's random functions made from inside crypten.
+- ``received``: how many elements this process received while an opening toward
+  some parties was under way: a non-receiver must receive none, so no partial
+  sum of shares, in whatever form, can reach it;
+- ``draws``: torch random functions, Tensor random methods and Generator
+  constructions called from inside crypten.
 
 At exit each process writes ``rank<R>-<pid>.npz`` to ``MPCFL_SPY_DIR``. A party
 script may call ``sitecustomize.phase("control")`` to tag later records.
@@ -19,13 +24,28 @@ from __future__ import annotations
 import os
 
 _DIR = os.environ.get("MPCFL_SPY_DIR")
-_records: dict[str, list] = {"seen": [], "opened": [], "draws": []}
+_records: dict[str, list] = {"seen": [], "opened": [], "draws": [], "received": []}
 _phase = ["protocol"]
+_opening = [0]  # depth of reveal(dst=...) calls under way
+# Functions whose buffers come back filled with what peers sent.
+_RECEIVING = {"recv", "irecv", "reduce", "all_reduce", "broadcast", "all_gather", "gather", "scatter",
+              "reduce_scatter", "all_to_all", "reduce_scatter_tensor", "all_gather_into_tensor",
+              "all_to_all_single", "batch_isend_irecv"}
 
 
 def phase(name: str) -> None:
     """Tags the records from now on (e.g. ``control`` for a deliberately leaky opening)."""
     _phase[0] = name
+
+
+class opening:  # noqa: N801 (a context manager, used like a function)
+    """Marks an opening done by hand (the control) like one done by CrypTen's reveal."""
+
+    def __enter__(self) -> None:
+        _opening[0] += 1
+
+    def __exit__(self, *exc: object) -> None:
+        _opening[0] -= 1
 
 
 def _tensors(value):
@@ -52,10 +72,11 @@ def _install() -> None:
         def spy(*args, **kwargs):
             for value in (*args, *kwargs.values()):
                 for tensor in _tensors(value):
-                    if tensor.dtype == torch.int64:
-                        # Sends: a copy now. Everything: the buffer itself, read at exit.
-                        _records["seen"].append((_phase[0], tensor.detach().cpu().clone().reshape(-1)))
-                        _records["seen"].append((_phase[0], tensor))
+                    # Sends: a copy now. Everything: the buffer itself, read at exit.
+                    _records["seen"].append((_phase[0], tensor.detach().cpu().clone().reshape(-1)))
+                    _records["seen"].append((_phase[0], tensor))
+                    if _opening[0] and name in _RECEIVING:
+                        _records["received"].append((_phase[0], torch.tensor([tensor.nelement()])))
             return original(*args, **kwargs)
 
         setattr(dist, name, spy)
@@ -66,8 +87,8 @@ def _install() -> None:
         if hasattr(dist, name):
             record_buffers(name)
 
-    def record_draws(name):
-        original = getattr(torch, name)
+    def record_draws(owner, name):
+        original = getattr(owner, name)
 
         def spy(*args, **kwargs):
             caller = sys._getframe(1).f_code.co_filename
@@ -75,10 +96,23 @@ def _install() -> None:
                 _records["draws"].append((_phase[0], name, caller))
             return original(*args, **kwargs)
 
-        setattr(torch, name, spy)
+        setattr(owner, name, spy)
 
-    for name in ("randint", "rand", "randn", "randperm", "normal", "bernoulli", "multinomial", "rand_like", "randint_like"):
-        record_draws(name)
+    for name in ("randint", "rand", "randn", "randperm", "normal", "bernoulli", "multinomial", "rand_like",
+                 "randint_like", "randn_like", "poisson"):
+        record_draws(torch, name)
+    for name in ("random_", "uniform_", "normal_", "bernoulli_", "exponential_", "geometric_", "cauchy_",
+                 "log_normal_"):
+        record_draws(torch.Tensor, name)
+
+    class Generator(torch.Generator):
+        def __init__(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if f"{os.sep}crypten{os.sep}" in caller:
+                _records["draws"].append((_phase[0], "Generator", caller))
+            super().__init__(*args, **kwargs)
+
+    torch.Generator = Generator
 
     import mpcfl._compat as compat
 
@@ -93,9 +127,19 @@ def _install() -> None:
 
     compat.import_crypten = import_crypten
 
+    def ring(tensor):
+        """Ring units: int64 as is, floating point scaled by 2^16, other types left out."""
+        tensor = tensor.detach().cpu().reshape(-1)
+        if tensor.dtype == torch.int64:
+            return tensor.numpy()
+        if tensor.is_floating_point():
+            values = tensor.double().mul(2**16).round()
+            return values[values.abs() < 2**62].long().numpy()
+        return np.empty(0, dtype=np.int64)
+
     def dump() -> None:
         def flat(kind):
-            parts = [(p, t.detach().cpu().reshape(-1).numpy()) for p, t in _records[kind] if t is not None]
+            parts = [(p, ring(t)) for p, t in _records[kind] if t is not None]
             out = {}
             for label in {p for p, _ in parts}:
                 out[f"{kind}_{label}"] = np.concatenate([a for p, a in parts if p == label])
@@ -104,7 +148,7 @@ def _install() -> None:
         rank = os.environ.get("RANK", "x")
         np.savez(
             os.path.join(_DIR, f"rank{rank}-{os.getpid()}.npz"),
-            **flat("seen"), **flat("opened"),
+            **flat("seen"), **flat("opened"), **flat("received"),
             draws=np.array([f"{p}:{n}:{c}" for p, n, c in _records["draws"]], dtype=str),
         )
 
@@ -113,7 +157,10 @@ def _install() -> None:
 
 def _record_opened(reveal):
     def spy(self, dst=None):
-        result = reveal(self, dst=dst)
+        if dst is None:
+            return reveal(self, dst=dst)
+        with opening():
+            result = reveal(self, dst=dst)
         if dst is not None and result is not None:
             _records["opened"].append((_phase[0], getattr(result, "data", result)))
         return result

@@ -12,12 +12,23 @@ differ here:
   ``torch.Generator`` seeded with 32 effective bits;
 - the dealer answers only the requests it knows. CrypTen's server runs
   ``getattr(self, name)`` on whatever name party 0 sends, and ``getattr(torch, op)``
-  for the product; here both come from fixed tables, the sizes are checked, and
-  anything else is refused, logged and ends the dealer.
+  for the product; here both come from fixed tables, the sizes and options are
+  checked, and anything else is refused, logged and ends the dealer;
+- the dealer answers only requests every party makes. Only party 0 talks to
+  CrypTen's dealer, so a party 0 that deviates could ask for triples nobody else
+  uses and read the other parties' next stream values off the answers (an empty
+  matmul returns minus their sum exactly), then subtract them from the next
+  opening. Here every other party sends the dealer a digest of each request it
+  makes (:func:`announcing`, a send nobody waits on), and the dealer serves a
+  request only when all digests match party 0's.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
+import hashlib
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,9 +50,36 @@ PRODUCTS: dict[str, frozenset[str]] = {
     "conv_transpose1d": frozenset({"stride", "padding", "output_padding", "dilation", "groups"}),
     "conv_transpose2d": frozenset({"stride", "padding", "output_padding", "dilation", "groups"}),
 }
-#: Refuse a single request for more elements than this (a party 0 asking for
-#: absurd sizes would exhaust the dealer's memory).
-MAX_ELEMENTS = 1 << 31
+#: Refuse a request whose operands or result exceed this many elements (2 GiB of
+#: int64): a party 0 asking for absurd sizes would exhaust the dealer's memory.
+MAX_ELEMENTS = 1 << 28
+#: Options of a convolution (stride, padding, ...) above this are refused.
+MAX_OPTION = 1 << 12
+#: A request message larger than this is refused before it is read.
+MAX_MESSAGE_BYTES = 1 << 16
+#: CrypTen's TrustedThirdParty method, by the request party 0 sends the dealer for it.
+PARTY_METHODS = {
+    "additive": "generate_additive_triple",
+    "square": "square",
+    "binary": "generate_binary_triple",
+    "wraps": "wrap_rng",
+    "B2A": "B2A_rng",
+}
+DIGEST_WORDS = 4  # SHA-256 as int64 words
+
+
+def _plain(value: Any) -> Any:
+    """Sizes and options as plain tuples and ints, so every party digests the same text."""
+    if isinstance(value, (tuple, list, torch.Size)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def request_digest(function: str, device: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+    """SHA-256 of a request in canonical form (the device by type: parties may use different GPUs)."""
+    kind = torch.device(device or "cpu").type
+    text = repr((function, kind, _plain(tuple(args)), sorted((k, _plain(v)) for k, v in kwargs.items())))
+    return torch.frombuffer(bytearray(hashlib.sha256(text.encode()).digest()), dtype=torch.int64).clone()
 
 
 class DealerRequestRefused(MpcflError):
@@ -103,15 +141,45 @@ class Dealer:
         ttp_rank = self.comm.get_ttp_rank()
         served = 0
         while True:
-            message = self.comm.recv_obj(0, self.comm.ttp_group)
+            message = self._receive()
             if message == "terminate":
                 log.info("dealer: party 0 ended the session after %d requests", served)
                 return
             function, args, kwargs = self._check(message)
+            self._agree(message)
             result = function(*args, **kwargs)
             self.comm.send_obj(result.size(), 0, self.comm.ttp_group)
             self.comm.broadcast(result.to(self.device), ttp_rank, self.comm.ttp_comm_group)
             served += 1
+
+    def _receive(self) -> Any:
+        """Party 0's next message, refused before allocation if it is larger than any request."""
+        import torch.distributed as dist
+        from crypten.common.serial import restricted_loads
+
+        size = torch.zeros((), dtype=torch.int32)
+        dist.recv(size, src=0, group=self.comm.ttp_group)
+        if not 0 < int(size) <= MAX_MESSAGE_BYTES:
+            raise self._refuse(f"a request of {int(size)} bytes (limit {MAX_MESSAGE_BYTES})")
+        data = torch.empty(int(size), dtype=torch.int8)
+        dist.recv(data, src=0, group=self.comm.ttp_group)
+        return restricted_loads(data.numpy().tobytes())
+
+    def _agree(self, message: dict[str, Any]) -> None:
+        """Serves nothing that any party did not ask for too (see the module's docstring)."""
+        import torch.distributed as dist
+
+        expected = request_digest(message["function"], message["device"], message["args"], message["kwargs"])
+        disagree = []
+        for rank in range(1, len(self.generators)):
+            announced = torch.empty(DIGEST_WORDS, dtype=torch.long)
+            dist.recv(announced, src=rank, group=self.comm.ttp_group)
+            if not torch.equal(announced, expected):
+                disagree.append(rank)
+        if disagree:
+            raise self._refuse(
+                f"request {message['function']!r} that party {', '.join(map(str, disagree))} did not make"
+            )
 
     def _check(self, message: Any) -> tuple[Callable[..., torch.Tensor], tuple, dict]:
         """The handler and arguments of a request, or a refusal naming what is wrong."""
@@ -129,8 +197,8 @@ class Dealer:
             unknown = set(kwargs) - PRODUCTS[args[2]]
             if unknown or len(args) > 3:
                 raise self._refuse(f"request 'additive' ({args[2]}) with unexpected arguments {sorted(unknown) or args[3:]}")
-            if not all(isinstance(v, (int, tuple)) for v in kwargs.values()):
-                raise self._refuse(f"request 'additive' ({args[2]}) with non-integer options")
+            if not all(self._option(v) for v in kwargs.values()):
+                raise self._refuse(f"request 'additive' ({args[2]}) with options beyond 0..{MAX_OPTION}: {kwargs}")
             sizes = args[:2]
         else:
             if len(args) != (2 if name == "binary" else 1) or kwargs:
@@ -138,13 +206,34 @@ class Dealer:
             sizes = args
         for size in sizes:
             self._size(name, size)
+        if name in ("additive", "binary"):
+            self._size(name, self._result_size(name, args, kwargs))
         return self.requests[name], args, kwargs
 
+    @staticmethod
+    def _option(value: Any) -> bool:
+        values = value if isinstance(value, tuple) else (value,)
+        return bool(values) and all(type(v) is int and 0 <= v <= MAX_OPTION for v in values)
+
     def _size(self, name: str, size: Any) -> None:
-        if not isinstance(size, (tuple, torch.Size)) or not all(isinstance(d, int) and d >= 0 for d in size):
+        if not isinstance(size, (tuple, torch.Size)) or not all(type(d) is int for d in size):
+            raise self._refuse(f"request {name!r} with a malformed size {size!r}")
+        # An empty dimension makes a product of nothing, whose answer is a sum of the
+        # other parties' stream values alone: refused, whatever the digests say.
+        if not all(d > 0 for d in size):
             raise self._refuse(f"request {name!r} with a malformed size {size!r}")
         if int(torch.Size(size).numel()) > MAX_ELEMENTS:
             raise self._refuse(f"request {name!r} for {torch.Size(size).numel()} elements (limit {MAX_ELEMENTS})")
+
+    def _result_size(self, name: str, args: tuple, kwargs: dict[str, Any]) -> torch.Size:
+        """The shape of the answer, computed on the meta device (nothing is allocated)."""
+        a, b = (torch.empty(tuple(size), device="meta") for size in args[:2])
+        try:
+            if name == "binary":
+                return torch.broadcast_shapes(a.shape, b.shape)
+            return getattr(torch, args[2])(a, b, **kwargs).shape
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise self._refuse(f"request {name!r} ({args[2] if name == 'additive' else ''}) that cannot be computed: {err}") from None
 
     def _device(self, name: str, device: Any) -> torch.device:
         if device is None:
@@ -202,6 +291,38 @@ class Dealer:
         """Party 0's arithmetic share of a random bit whose XOR shares the parties draw."""
         bit = self._xor(size, self.generators, bits=1)
         return bit - self._sum(size, self.generators[1:])
+
+
+def announcing(method: Callable[..., Any], request: str, rank: Callable[[], int]) -> Callable[..., Any]:
+    """Wraps a TrustedThirdParty method so parties 1..n-1 announce each request to the dealer.
+
+    The digest goes out with a send that is not waited on (the dealer receives it
+    when party 0's request arrives), so it costs no round trip.
+    """
+    signature = inspect.signature(method)
+    pending: collections.deque = collections.deque()
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if rank() != 0:
+            import torch.distributed as dist
+
+            bound = signature.bind(self, *args, **kwargs)
+            named = [v for k, v in bound.arguments.items() if k not in ("self", "device", "args", "kwargs")]
+            extra = bound.arguments.get("args", ())
+            options = bound.arguments.get("kwargs", {})
+            device = bound.arguments.get("device")
+            words = request_digest(request, device, (*named, *extra), options)
+            from crypten.mpc.provider.ttp_provider import TTPClient
+
+            client = TTPClient.get()
+            dealer = dist.get_world_size(client.ttp_group) - 1
+            pending.append((words, dist.isend(words, dealer, group=client.ttp_group)))
+            while pending and pending[0][1].is_completed():
+                pending.popleft()
+        return method(self, *args, **kwargs)
+
+    return call
 
 
 def receive_dealer_key(client: Any) -> None:
