@@ -24,10 +24,10 @@ import time
 import torch
 
 import mpcfl
-from mpcfl._compat import import_crypten
-from mpcfl.launch import launch_script
-from mpcfl.runtime import all_gather_public, communication_stats
-from mpcfl.zoo import lenet5, mlp_784
+from mpcfl.mpc.compat import import_crypten
+from mpcfl.launch.local import launch_script
+from mpcfl.mpc.session import all_gather_public, communication_stats
+from mpcfl.models.zoo import lenet5, mlp_784
 
 PARTIES = ["model_owner", "data_owner"]
 MODELS = {"MLP 784-128-128-10": mlp_784, "LeNet-5": lenet5}

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mpcfl import launch
-from mpcfl.config import load_job
+from mpcfl.launch.local import local as launch
+from mpcfl.jobs.schema import load_job
 
 REPO = Path(__file__).resolve().parent.parent
 

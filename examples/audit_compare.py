@@ -8,8 +8,8 @@ files: a measurement) and draws both ROC curves in examples/figures/audit_roc.pn
 
 from pathlib import Path
 
-from mpcfl.audit import plot_roc, run_attacks
-from mpcfl.config import load_job
+from mpcfl.tasks.train.audit import plot_roc, run_attacks
+from mpcfl.jobs.schema import load_job
 
 REPO = Path(__file__).resolve().parent.parent
 JOBS = {"no DP": REPO / "configs" / "breast_cancer_lr.yaml", "DP eps 3": REPO / "configs" / "breast_cancer_dp.yaml"}

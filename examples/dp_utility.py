@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from mpcfl.baseline import evaluate_state_dict
-from mpcfl.config import load_job
-from mpcfl.launch import run_local
+from mpcfl.tasks.train.baseline import evaluate_state_dict
+from mpcfl.jobs.schema import load_job
+from mpcfl.launch.local import run_local
 from mpcfl.outputs import atomic_write
 
 REPO = Path(__file__).resolve().parent.parent

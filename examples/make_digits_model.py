@@ -1,6 +1,6 @@
 """Builds the inference demo's files: a bank's trained model and a clinic's inputs.
 
-Trains ``mpcfl.zoo.digits_mlp`` in plaintext on the first 1,600 of the UCI 8x8
+Trains ``mpcfl.models.zoo.digits_mlp`` in plaintext on the first 1,600 of the UCI 8x8
 digits (pixels scaled to [0, 1]) and keeps the other 197 as the data owner's
 inputs. Writes, under examples/data/digits_inference/:
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mpcfl.zoo import digits_mlp
+from mpcfl.models.zoo import digits_mlp
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "data" / "digits_inference"

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 import mpcfl
-from mpcfl.zoo import digits_mlp
+from mpcfl.models.zoo import digits_mlp
 
 DATA = Path(__file__).resolve().parent / "data" / "digits_inference"
 

@@ -21,13 +21,13 @@ __version__ = "0.1.0"
 
 # Imported on first use: `mpcfl validate` and the launcher should not pay for torch.
 _API = {
-    "join": "mpcfl.runtime",
-    "Session": "mpcfl.runtime",
-    "secure_predict": "mpcfl.inference",
-    "secure_predict_local": "mpcfl.inference",
-    "load_job": "mpcfl.config",
+    "join": "mpcfl.mpc.session",
+    "Session": "mpcfl.mpc.session",
+    "secure_predict": "mpcfl.tasks.inference",
+    "secure_predict_local": "mpcfl.tasks.inference",
+    "load_job": "mpcfl.jobs.schema",
     "MpcflError": "mpcfl.errors",
-    "UnsupportedModelError": "mpcfl.convert",
+    "UnsupportedModelError": "mpcfl.models.convert",
 }
 __all__ = sorted(_API)
 

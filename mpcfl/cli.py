@@ -89,7 +89,7 @@ def _setup_logging(debug: bool) -> None:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from mpcfl.launch import launch_script
+    from mpcfl.launch.local import launch_script
 
     parties = [name.strip() for name in args.parties.split(",") if name.strip()]
     if len(parties) < 2 or len(set(parties)) != len(parties):
@@ -102,19 +102,19 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from mpcfl.config import load_job
+    from mpcfl.jobs.schema import load_job
 
     if args.command == "launch":
         return _launch(args)
     if args.command == "keygen":
-        from mpcfl.keys import generate
+        from mpcfl.mpc.keys import generate
 
         private, public = generate(args.name, args.out)
         print(f"wrote {private} (keep it on {args.name}'s host only) and {public}; in the job file:")
         print(f"  runtime.identity.public_keys.{args.name}: {public.read_text().strip()}")
         return 0
     if args.command == "dealer" and args.job is None:
-        from mpcfl.runtime import Session, run_dealer
+        from mpcfl.mpc.session import Session, run_dealer
 
         run_dealer(Session.from_env())
         return 0
@@ -122,36 +122,36 @@ def _dispatch(args: argparse.Namespace) -> int:
     if getattr(args, "resume", False) and job.task != "train":
         raise MpcflError(f"{args.job}: --resume continues training jobs; this one is task: {job.task}")
     if args.command == "worker":
-        from mpcfl.runtime import role_from_launcher_env
+        from mpcfl.mpc.session import role_from_launcher_env
 
         role, rendezvous = role_from_launcher_env(job)
         args.command, args.party, args.rendezvous = ("dealer" if role == "dealer" else "party"), role, rendezvous
     if args.command == "run":
-        from mpcfl.launch import run_local
+        from mpcfl.launch.local import run_local
 
         return run_local(job, debug=args.debug, resume=args.resume, key_dir=args.key_dir)
     if args.command == "party":
         if job.task == "inference":
-            from mpcfl.inference import run_inference_party
+            from mpcfl.tasks.inference import run_inference_party
 
             run_inference_party(job, args.party, rendezvous=args.rendezvous, key_file=args.key_file)
         else:
-            from mpcfl.party import run_party
+            from mpcfl.tasks.train.runner import run_party
 
             run_party(job, args.party, rendezvous=args.rendezvous, resume=args.resume, key_file=args.key_file)
     elif args.command == "dealer":
-        from mpcfl.runtime import Session, run_dealer
+        from mpcfl.mpc.session import Session, run_dealer
 
         run_dealer(Session.of_job(job, rendezvous=args.rendezvous, key_file=args.key_file))
     elif args.command == "baseline":
         if job.task != "train":
             raise MpcflError(f"{args.job}: baseline compares training jobs; this one is task: {job.task}")
-        from mpcfl.baseline import train_plaintext
+        from mpcfl.tasks.train.baseline import train_plaintext
 
         for record in train_plaintext(job).history:
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
     elif args.command == "audit":
-        from mpcfl.audit import audit, print_report
+        from mpcfl.tasks.train.audit import audit, print_report
 
         if job.task != "train":
             raise MpcflError(f"{args.job}: audit inspects training jobs; this one is task: {job.task}")
@@ -162,7 +162,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print_report(audit(job, job.party_dir(job.party_names[job.rank_of(party)]) / "model.pt", shadows=args.shadows))
     elif args.command == "validate":
         if args.party and job.task == "train":
-            from mpcfl.data import check_alone, load_party_data
+            from mpcfl.data.party import check_alone, load_party_data
 
             loaded = load_party_data(job, job.party_names[job.rank_of(args.party)])
             print(f"{args.party}: {loaded.train.x.shape[0]} training rows, {loaded.train.x.shape[1]} feature columns")

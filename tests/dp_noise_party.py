@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 import mpcfl
-from mpcfl._compat import import_crypten
+from mpcfl.mpc.compat import import_crypten
 from mpcfl.dp import Budget, BudgetExceeded, Charge
 from mpcfl.dp.noise import add_noise_share, share_variance, skellam
 from mpcfl.mpc.prng import numpy_generator
-from mpcfl.reveal import Privacy, install_budget, reveal
+from mpcfl.mpc.reveal import Privacy, install_budget, reveal
 
 OUT = Path(sys.argv[1])
 N, SIGMA, COLLUDERS = 20000, 0.5, 1

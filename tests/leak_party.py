@@ -14,8 +14,8 @@ import torch.distributed as dist
 
 import mpcfl
 import sitecustomize
-from mpcfl._compat import import_crypten
-from mpcfl.reveal import reveal
+from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.reveal import reveal
 
 SECRET = np.random.default_rng(7).uniform(-1000, 1000, size=1000)
 

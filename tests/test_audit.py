@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from conftest import DEMO, mpcfl, write_job
-from mpcfl.audit import epsilon_lower_bound, evaluate_attack, lira_scores, roc
-from mpcfl.baseline import train_plaintext
-from mpcfl.config import load_job
+from mpcfl.tasks.train.audit import epsilon_lower_bound, evaluate_attack, lira_scores, roc
+from mpcfl.tasks.train.baseline import train_plaintext
+from mpcfl.jobs.schema import load_job
 
 
 def test_perfect_separation() -> None:

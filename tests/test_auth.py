@@ -13,11 +13,11 @@ import pytest
 import yaml
 
 from conftest import REPO, assert_no_leftovers, mpcfl, write_job
-from mpcfl.auth import load_secret, transcript
-from mpcfl.config import load_job
+from mpcfl.mpc.auth import load_secret, transcript
+from mpcfl.jobs.schema import load_job
 from mpcfl.errors import ConfigError, MpcflError
-from mpcfl.keys import generate
-from mpcfl.launch import free_port
+from mpcfl.mpc.keys import generate
+from mpcfl.launch.local import free_port
 
 GOOD = "a" * 32
 TIMEOUT_S = 60  # refusals must come well before it

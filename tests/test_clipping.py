@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpcfl._compat import import_crypten
-from mpcfl.config import ModelSpec
+from mpcfl.mpc.compat import import_crypten
+from mpcfl.jobs.schema import ModelSpec
 from mpcfl.dp.clipping import MARGIN, clipped_gradient_sum
-from mpcfl.models import build_torch_model, to_crypten
-from mpcfl.reveal import reveal
+from mpcfl.models.specs import build_torch_model, to_crypten
+from mpcfl.mpc.reveal import reveal
 
 
 def plaintext_clipped_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float, binary: bool) -> dict:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from conftest import REPO, assert_no_leftovers, base_job, vertical_parties, write_job
-from mpcfl.launch import free_port
+from mpcfl.launch.local import free_port
 
 WORKER = str(REPO / "launchers" / "worker.py")
 SECRET = "s" * 32

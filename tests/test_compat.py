@@ -1,4 +1,4 @@
-"""Each adaptation in mpcfl._compat, tested so that a regression fails here."""
+"""Each adaptation in mpcfl.mpc.compat, tested so that a regression fails here."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from conftest import REPO, base_job, mpcfl, vertical_parties, write_job
-from mpcfl import _compat
+from mpcfl.mpc import compat as _compat
 
 
 def test_crypten_imports_on_current_torch() -> None:
     # Without the alias, `import crypten` fails on torch >= 2.9 (the registration module moved).
-    code = "from mpcfl._compat import import_crypten; c = import_crypten(); print(c.__version__)"
+    code = "from mpcfl.mpc.compat import import_crypten; c = import_crypten(); print(c.__version__)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == _compat.CRYPTEN_VERSION

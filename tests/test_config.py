@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import DEMO, mpcfl
-from mpcfl.config import load_job
+from mpcfl.jobs.schema import load_job
 from mpcfl.errors import ConfigError
 
 

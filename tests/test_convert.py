@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from mpcfl._compat import import_crypten
-from mpcfl.convert import UnsupportedModelError, encrypt_model, trace
-from mpcfl.reveal import reveal
+from mpcfl.mpc.compat import import_crypten
+from mpcfl.models.convert import UnsupportedModelError, encrypt_model, trace
+from mpcfl.mpc.reveal import reveal
 
 # Fixed point keeps 16 fractional bits; linear layers stay within ~1e-3, the
 # iterative approximations (sigmoid, tanh, softmax, log) within these bounds.

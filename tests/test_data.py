@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import base_job, write_csv
-from mpcfl.config import TrainJob
-from mpcfl.data import (
+from mpcfl.jobs.schema import TrainJob
+from mpcfl.data.party import (
     DataError,
     check_alone,
     check_bounds,

@@ -14,11 +14,11 @@ import yaml
 from dp_accounting import pld, rdp
 
 from conftest import DEMO, REPO, assert_no_leftovers, mpcfl, write_job
-from mpcfl.config import load_job
+from mpcfl.jobs.schema import load_job
 from mpcfl.dp import Budget, BudgetExceeded, Charge, calibrate_noise_multiplier, create_accountant
 from mpcfl.dp.noise import share_variance, skellam
 from mpcfl.mpc.prng import numpy_generator
-from mpcfl.dp.sgd import clip_rows
+from mpcfl.tasks.train.dp_sgd import clip_rows
 from mpcfl.errors import ConfigError
 
 SCALE = 2**16
@@ -176,7 +176,7 @@ def test_dp_refuses_free_metrics(tmp_path: Path) -> None:
 
 
 def test_dp_sgd_for_an_mlp_clips_each_example_inside_mpc(tmp_path: Path) -> None:
-    from mpcfl.baseline import evaluate_state_dict, train_plaintext
+    from mpcfl.tasks.train.baseline import evaluate_state_dict, train_plaintext
     from mpcfl.dp.clipping import sensitivity
 
     spec = dp_demo()
@@ -200,7 +200,7 @@ def test_dp_sgd_for_an_mlp_clips_each_example_inside_mpc(tmp_path: Path) -> None
 
 
 def test_metrics_that_alone_exceed_the_budget_are_refused(tmp_path: Path) -> None:
-    from mpcfl.dp.sgd import calibration
+    from mpcfl.tasks.train.dp_sgd import calibration
     from mpcfl.errors import MpcflError
 
     spec = dp_demo()

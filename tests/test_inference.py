@@ -13,7 +13,7 @@ import yaml
 
 from conftest import REPO, assert_no_leftovers, mpcfl, write_job
 from mpcfl.errors import MpcflError
-from mpcfl.zoo import digits_mlp
+from mpcfl.models.zoo import digits_mlp
 
 DATA = REPO / "examples" / "data" / "digits_inference"
 DEMO = REPO / "configs" / "digits_inference.yaml"
@@ -124,10 +124,10 @@ def test_inference_job_schema_errors(tmp_path: Path) -> None:
     done = mpcfl("validate", str(path), timeout=60)
     assert done.returncode == 1
     assert "inputs.owner: the data owner and the model owner must be different parties" in done.stderr
-    path = job(tmp_path, model__factory="mpcfl.zoo:no_such_model")
+    path = job(tmp_path, model__factory="mpcfl.models.zoo:no_such_model")
     done = mpcfl("run", str(path), timeout=120)
     assert done.returncode == 1
-    assert "model.factory: 'mpcfl.zoo' has no function 'no_such_model'" in done.stderr
+    assert "model.factory: 'mpcfl.models.zoo' has no function 'no_such_model'" in done.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")

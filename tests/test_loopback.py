@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from conftest import descendants, is_loopback, listening_sockets
-from mpcfl.inference import secure_predict_local
+from mpcfl.tasks.inference import secure_predict_local
 from test_auth import inference_job
 
 
@@ -48,7 +48,7 @@ def test_mpcfl_run_listens_on_loopback_only(tmp_path: Path) -> None:
 
 def test_mpcfl_launch_listens_on_loopback_only(tmp_path: Path) -> None:
     script = tmp_path / "party.py"
-    script.write_text("import mpcfl, torch\nwith mpcfl.join():\n    mpcfl.runtime.all_gather_public([1])\n")
+    script.write_text("import mpcfl, torch\nwith mpcfl.join():\n    mpcfl.mpc.session.all_gather_public([1])\n")
     process = subprocess.Popen([sys.executable, "-m", "mpcfl", "launch", "--parties", "a,b", str(script)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpcfl import _compat
+from mpcfl.mpc import compat as _compat
 from mpcfl.mpc.generators import InsecureGeneratorError, make_drawers
 from mpcfl.mpc.prng import SecureGenerator, key_to_words, new_key, numpy_generator, words_to_key
 from mpcfl.mpc.providers.ttp import PRODUCTS, Dealer, DealerRequestRefused

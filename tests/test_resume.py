@@ -32,7 +32,7 @@ def crash_after_epoch(job: Path, epoch: int) -> None:
     )
     try:
         for line in launcher.stdout:
-            if line.startswith("[p1] INFO mpcfl.train: epoch epoch=" + str(epoch) + " "):
+            if line.startswith("[p1] INFO mpcfl.tasks.train.loop: epoch epoch=" + str(epoch) + " "):
                 pid = [p for p in live_processes(str(job)) if p in live_processes("--party p1 ")][0]
                 os.kill(pid, signal.SIGKILL)
                 break
@@ -54,7 +54,7 @@ def test_resumed_model_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     assert sorted(p.name for p in (out / "p1" / "checkpoints").iterdir()) == ["epoch-0001.pt", "epoch-0002.pt"]
     done = mpcfl("run", str(broken), "--resume", timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "[p0] INFO mpcfl.party: resuming after epoch 2" in done.stdout
+    assert "[p0] INFO mpcfl.tasks.train.runner: resuming after epoch 2" in done.stdout
     expected = torch.load(tmp_path / "whole" / "out" / "p0" / "model.pt", weights_only=True)
     resumed = torch.load(out / "p0" / "model.pt", weights_only=True)
     for name, value in expected.items():

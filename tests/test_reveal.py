@@ -13,16 +13,16 @@ def test_only_the_reveal_module_opens_secrets() -> None:
         for path in (REPO / "mpcfl").rglob("*.py")
         if re.search(r"\w\.get_plain_text\(|\.reveal\(\)", path.read_text())
     )
-    assert callers == ["mpcfl/reveal.py"]
+    assert callers == ["mpcfl/mpc/reveal.py"]
 
 
 def test_under_a_budget_every_reveal_must_declare_its_charge(crypten_single: None) -> None:
     import pytest
     import torch
 
-    from mpcfl._compat import import_crypten
+    from mpcfl.mpc.compat import import_crypten
     from mpcfl.dp import Budget
-    from mpcfl.reveal import RevealPolicyError, install_budget, reveal
+    from mpcfl.mpc.reveal import RevealPolicyError, install_budget, reveal
 
     crypten = import_crypten()
     value = crypten.cryptensor(torch.ones(3))

@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from conftest import DEMO, assert_no_leftovers, base_job, horizontal_parties, mpcfl, vertical_parties, write_job
-from mpcfl.baseline import train_plaintext
-from mpcfl.config import load_job
-from mpcfl.models import build_torch_model
+from mpcfl.tasks.train.baseline import train_plaintext
+from mpcfl.jobs.schema import load_job
+from mpcfl.models.specs import build_torch_model
 
 
 def run_job(path: Path, timeout: float = 240) -> Any:
@@ -125,7 +125,7 @@ def test_model_kept_secret_shared_when_nobody_receives_it(tmp_path: Path) -> Non
     done = run_job(path)
     # Every party warns when the insecure TFP dealer is in use.
     for party in ("p0", "p1"):
-        assert f"[{party}] WARNING mpcfl.runtime: INSECURE" in done.stdout
+        assert f"[{party}] WARNING mpcfl.mpc.session: INSECURE" in done.stdout
     assert "[dealer]" not in done.stdout
     job = load_job(path)
     shares = [torch.load(job.party_dir(p) / "model_shares.pt", weights_only=True) for p in ("p0", "p1")]
@@ -138,8 +138,8 @@ def test_model_kept_secret_shared_when_nobody_receives_it(tmp_path: Path) -> Non
 
 
 def test_revealed_wrap_around_symptoms_stop_the_run() -> None:
-    from mpcfl.bounds import Bounds, WrapAround
-    from mpcfl.train import _check_metrics, _check_weights
+    from mpcfl.tasks.train.bounds import Bounds, WrapAround
+    from mpcfl.tasks.train.loop import _check_metrics, _check_weights
 
     limits = Bounds(input_norm=10.0, steps=100, largest_product=1e6, weight=50.0, logit=1e3)
     healthy = torch.tensor([120.0, 90.0, 30.0, 20.0])

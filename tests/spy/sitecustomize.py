@@ -114,7 +114,7 @@ def _install() -> None:
 
     torch.Generator = Generator
 
-    import mpcfl._compat as compat
+    import mpcfl.mpc.compat as compat
 
     original_import = compat.import_crypten
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mpcfl.config import TrainJob
-from mpcfl.data import PartyData, apply_scaler, check_range, load_party_data, standardize_locally
-from mpcfl.dp.sgd import calibration, clip_party_features, clips_features
-from mpcfl.models import build_torch_model
-from mpcfl.train import batches
+from mpcfl.jobs.schema import TrainJob
+from mpcfl.data.party import PartyData, apply_scaler, check_range, load_party_data, standardize_locally
+from mpcfl.tasks.train.dp_sgd import calibration, clip_party_features, clips_features
+from mpcfl.models.specs import build_torch_model
+from mpcfl.tasks.train.loop import batches
 
 
 @dataclass

@@ -18,11 +18,11 @@ from typing import Any, TypeVar
 
 import torch
 
-from mpcfl._compat import import_crypten, init_crypten, run_dealer_server, set_process_group_timeout
-from mpcfl.auth import Credentials, authenticate, load_secret
-from mpcfl.config import JobBase
+from mpcfl.mpc.compat import import_crypten, init_crypten, run_dealer_server, set_process_group_timeout
+from mpcfl.mpc.auth import Credentials, authenticate, load_secret
+from mpcfl.jobs.schema import JobBase
 from mpcfl.errors import MpcflError, PeerFailure
-from mpcfl.keys import load_private_key, public_key
+from mpcfl.mpc.keys import load_private_key, public_key
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Session:
             every Beaver triple and can see all secrets. For tests only.
         device: ``cpu`` or ``cuda``.
         label: names the job in error messages.
-        credentials: what this process proves itself with (see :mod:`mpcfl.auth`).
+        credentials: what this process proves itself with (see :mod:`mpcfl.mpc.auth`).
         fingerprint: what every process's copy of the job agrees on.
     """
 
@@ -105,7 +105,7 @@ class Session:
         return [*self.parties, *([] if self.insecure_dealer else ["dealer"])]
 
     def authenticate(self, crypten: Any, rank: int) -> None:
-        """Proves this process's identity and checks every peer's (see :mod:`mpcfl.auth`)."""
+        """Proves this process's identity and checks every peer's (see :mod:`mpcfl.mpc.auth`)."""
         authenticate(
             self.credentials, fingerprint=self.fingerprint, rank=rank, names=self.process_names,
             rendezvous=_rendezvous_seen(), group=crypten.comm.get().ttp_group,

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import IO
 
 from mpcfl.cli import EXIT_PEER_FAILURE
-from mpcfl.auth import ENV_SECRET, new_secret
-from mpcfl.config import JobBase
+from mpcfl.mpc.auth import ENV_SECRET, new_secret
+from mpcfl.jobs.schema import JobBase
 from mpcfl.errors import MpcflError
-from mpcfl.runtime import ENV_DEVICE, ENV_INSECURE, ENV_PARTIES, ENV_PARTY, ENV_TIMEOUT
+from mpcfl.mpc.session import ENV_DEVICE, ENV_INSECURE, ENV_PARTIES, ENV_PARTY, ENV_TIMEOUT
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ the whole run. With ``r`` a bound on every example's feature-vector norm:
   so the rule is a proof. For an MLP it is a rule, not a proof: each layer's
   gradient grows with the other layers' weights, and the worst case compounds over
   the steps exponentially, which would refuse every job; real training does not
-  do that, and the symptom checks of :mod:`mpcfl.train` catch a run that does.
+  do that, and the symptom checks of :mod:`mpcfl.tasks.train.loop` catch a run that does.
   The final weights give the largest products (the last epoch's metrics run on them).
 
 The largest product is then the largest of every layer's pre-activation norm (each
@@ -29,7 +29,7 @@ DP-SGD on an MLP, the per-example squared norms of :mod:`mpcfl.dp.clipping`.
 
 Assumed, not bounded: CrypTen's sigmoid stays in [0, 1] (true for logits within
 about +-500), and DP-SGD's Gaussian noise is left out. The symptom checks of
-:mod:`mpcfl.train` catch what these assumptions miss.
+:mod:`mpcfl.tasks.train.loop` catch what these assumptions miss.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mpcfl.config import TrainJob
+from mpcfl.jobs.schema import TrainJob
 from mpcfl.errors import MpcflError
-from mpcfl.models import build_torch_model
+from mpcfl.models.specs import build_torch_model
 
 PRODUCT_LIMIT = 2.0**31  # |a * b| at which an encoded product wraps
 SUM_LIMIT = 2.0**46  # values that are only added wrap at 2^47; keep a factor two
@@ -147,7 +147,7 @@ def check_revealed(values: torch.Tensor, *, what: str, low: Sequence[float] | fl
     """Refuses revealed values with the signs of wrap-around: NaN, infinity, or outside ``[low, high]``.
 
     Args:
-        values: the plaintext a receiver got from :func:`mpcfl.reveal.reveal`.
+        values: the plaintext a receiver got from :func:`mpcfl.mpc.reveal.reveal`.
         what: names the values (party and reveal) in the error.
         low, high: what the bounds allow, per entry of the flattened values, or one for all.
 

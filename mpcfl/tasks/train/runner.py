@@ -7,15 +7,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mpcfl import checkpoint
-from mpcfl.config import TrainJob
-from mpcfl.data import PartyData, load_party_data, share_dataset
+from mpcfl.tasks.train import checkpoint
+from mpcfl.jobs.schema import TrainJob
+from mpcfl.data.party import PartyData, load_party_data, share_dataset
 from mpcfl.dp.budget import Budget
 from mpcfl.errors import MpcflError
 from mpcfl.outputs import plot_history, write_json, write_torch
-from mpcfl.reveal import install_budget, ledger
-from mpcfl.runtime import Session, agreed, communication_stats, party_session
-from mpcfl.train import TrainResult, train
+from mpcfl.mpc.reveal import install_budget, ledger
+from mpcfl.mpc.session import Session, agreed, communication_stats, party_session
+from mpcfl.tasks.train.loop import TrainResult, train
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _write_outputs(
         write_json(out / "model.json", {"model": job.model.model_dump(), "n_features": result.torch_model[0].in_features})
         log.info("saved the trained model to %s", out / "model.pt")
     if job.outputs.model_to == "none":
-        from mpcfl._compat import import_crypten
+        from mpcfl.mpc.compat import import_crypten
 
         write_torch(
             out / "model_shares.pt",

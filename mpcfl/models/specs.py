@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from mpcfl._compat import import_crypten
-from mpcfl.config import ModelSpec
+from mpcfl.mpc.compat import import_crypten
+from mpcfl.jobs.schema import ModelSpec
 from mpcfl.errors import MpcflError
 
 _ACTIVATIONS = {"relu": torch.nn.ReLU, "sigmoid": torch.nn.Sigmoid}

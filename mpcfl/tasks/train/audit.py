@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from scipy import stats
 
-from mpcfl.baseline import prepared_data, train_plaintext
-from mpcfl.config import TrainJob
+from mpcfl.tasks.train.baseline import prepared_data, train_plaintext
+from mpcfl.jobs.schema import TrainJob
 from mpcfl.errors import MpcflError
-from mpcfl.models import build_torch_model
+from mpcfl.models.specs import build_torch_model
 from mpcfl.outputs import atomic_write, write_json
 
 log = logging.getLogger(__name__)

@@ -313,7 +313,7 @@ def encrypt_model(gm: torch.fx.GraphModule, *, src: int, device: str = "cpu") ->
     Every party calls this with a model of the same architecture; only ``src``'s
     tensor values matter, the others' are placeholders of the right shape.
     """
-    from mpcfl._compat import import_crypten
+    from mpcfl.mpc.compat import import_crypten
 
     crypten = import_crypten()
     tensors = {name: crypten.cryptensor(t, src=src, device=device) for name, t in plain_parameters(gm).items()}

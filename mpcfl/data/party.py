@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from mpcfl.errors import MpcflError
-from mpcfl.runtime import agreed, all_gather_public
+from mpcfl.mpc.session import agreed, all_gather_public
 
 if TYPE_CHECKING:
-    from mpcfl.config import TrainJob
+    from mpcfl.jobs.schema import TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def check_joint_stats_range(data: PartyData) -> None:
 
 
 def check_bounds(job: TrainJob, data: PartyData, *, n_features: int, n_rows: int, metric_rows: int, share: float) -> float:
-    """Refuses this party's features if training could wrap fixed point (:mod:`mpcfl.bounds`).
+    """Refuses this party's features if training could wrap fixed point (:mod:`mpcfl.tasks.train.bounds`).
 
     The bound needs every example's feature-vector norm; a party knows only its own part
     of it, so each checks its part against ``share`` of the squared safe norm: its
@@ -287,7 +287,7 @@ def check_bounds(job: TrainJob, data: PartyData, *, n_features: int, n_rows: int
     Raises:
         DataError: names the party, file and column of the row that drives the bound.
     """
-    from mpcfl.bounds import PRODUCT_LIMIT, safe_input_norm, steps
+    from mpcfl.tasks.train.bounds import PRODUCT_LIMIT, safe_input_norm, steps
 
     splits = [s for s in (data.train, data.test) if s is not None and s.x.size]
     if not splits:
@@ -328,7 +328,7 @@ def check_alone(job: TrainJob, data: PartyData) -> str:
     if job.data.standardize:
         standardize_locally(data)
     if job.dp is not None:
-        from mpcfl.dp.sgd import clip_party_features, clips_features
+        from mpcfl.tasks.train.dp_sgd import clip_party_features, clips_features
 
         if clips_features(job):
             clip_party_features(job, data, [data.train.x.shape[1]])
@@ -399,7 +399,7 @@ def _standardize_jointly(job: TrainJob, data: PartyData, shapes: list[list[int]]
     E[x^2] - E[x]^2 in fixed point. Only the aggregate statistics are revealed.
     """
     crypten = _crypten()
-    from mpcfl.reveal import reveal
+    from mpcfl.mpc.reveal import reveal
 
     total = sum(s[0] for s in shapes)
     everyone = list(range(job.world_size))
@@ -417,7 +417,7 @@ def _standardize_jointly(job: TrainJob, data: PartyData, shapes: list[list[int]]
 
 
 def _crypten() -> Any:
-    from mpcfl._compat import import_crypten
+    from mpcfl.mpc.compat import import_crypten
 
     return import_crypten()
 
@@ -452,7 +452,7 @@ def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: str = "c
             agreed("raw range check", job.party_names, lambda: check_joint_stats_range(data))
             _standardize_jointly(job, data, shapes)
     if job.dp is not None:
-        from mpcfl.dp.sgd import clip_party_features, clips_features
+        from mpcfl.tasks.train.dp_sgd import clip_party_features, clips_features
 
         if clips_features(job):
             clip_party_features(job, data, [s[2] for s in shapes])

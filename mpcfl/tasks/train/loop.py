@@ -2,7 +2,7 @@
 
 The batch order is a public permutation from the job's seed, so every party
 indexes the same rows. Per-epoch metrics are computed under MPC over whole
-splits and leave MPC only as aggregates, through :func:`mpcfl.reveal.reveal`,
+splits and leave MPC only as aggregates, through :func:`mpcfl.mpc.reveal.reveal`,
 to the job's metric receivers.
 """
 
@@ -17,17 +17,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mpcfl import checkpoint
-from mpcfl._compat import import_crypten
-from mpcfl.bounds import Bounds, check_revealed, safe_input_norm, training_bounds
-from mpcfl.config import TrainJob
-from mpcfl.data import SharedData
-from mpcfl.models import build_torch_model, to_crypten
+from mpcfl.tasks.train import checkpoint
+from mpcfl.mpc.compat import import_crypten
+from mpcfl.tasks.train.bounds import Bounds, check_revealed, safe_input_norm, training_bounds
+from mpcfl.jobs.schema import TrainJob
+from mpcfl.data.party import SharedData
+from mpcfl.models.specs import build_torch_model, to_crypten
 from mpcfl.dp.budget import Budget
 from mpcfl.dp.clipping import clipped_gradient_sum
-from mpcfl.dp.sgd import DpSgd, clips_features
-from mpcfl.reveal import Privacy, reveal
-from mpcfl.runtime import agreed, communication_stats
+from mpcfl.tasks.train.dp_sgd import DpSgd, clips_features
+from mpcfl.mpc.reveal import Privacy, reveal
+from mpcfl.mpc.session import agreed, communication_stats
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def train(
 ) -> TrainResult:
     """Trains the job's model on secret-shared data; every party calls it together.
 
-    After each epoch the party checkpoints its shares (see :mod:`mpcfl.checkpoint`);
+    After each epoch the party checkpoints its shares (see :mod:`mpcfl.tasks.train.checkpoint`);
     with ``resume`` it continues after the checkpoint's epoch.
 
     Returns:

@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from mpcfl.config import TrainJob
+from mpcfl.jobs.schema import TrainJob
 from mpcfl.dp import clipping
 from mpcfl.dp.accountant import Charge, calibrate_noise_multiplier
 from mpcfl.dp.noise import add_noise_share, noise_share
 from mpcfl.mpc.prng import numpy_generator
 from mpcfl.errors import MpcflError
-from mpcfl.reveal import Privacy
+from mpcfl.mpc.reveal import Privacy
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def clip_party_features(job: TrainJob, part: Any, feature_counts: list[int]) -> 
     """Clips one party's slice of every train and test row to ``dp.clip / sqrt(k)``, in place.
 
     Args:
-        part: the party's :class:`mpcfl.data.PartyData`.
+        part: the party's :class:`mpcfl.data.party.PartyData`.
         feature_counts: every party's number of feature columns (public).
     """
     bound = job.dp.clip / math.sqrt(feature_parties(job, feature_counts))

@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from mpcfl.errors import ConfigError, MpcflError
-from mpcfl.keys import is_raw_key, read_public_key
+from mpcfl.mpc.keys import is_raw_key, read_public_key
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -357,7 +357,7 @@ class ImportedModelSpec(_Strict):
     def _builds_a_module(cls, factory: str) -> str:
         # Importing and calling it runs its code: validation does what every party will do,
         # so a hostile or broken factory fails here as one line, not as a traceback per party.
-        from mpcfl.factory import build_factory_model
+        from mpcfl.models.factory import build_factory_model
 
         try:
             build_factory_model(factory)

@@ -32,15 +32,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mpcfl._compat import import_crypten
-from mpcfl.config import InferenceJob
-from mpcfl.auth import Credentials, new_secret
-from mpcfl.convert import encrypt_model, trace
+from mpcfl.mpc.compat import import_crypten
+from mpcfl.jobs.schema import InferenceJob
+from mpcfl.mpc.auth import Credentials, new_secret
+from mpcfl.models.convert import encrypt_model, trace
 from mpcfl.errors import MpcflError
-from mpcfl.factory import build_factory_model
+from mpcfl.models.factory import build_factory_model
 from mpcfl.outputs import write_json, write_npy
-from mpcfl.reveal import ledger, reveal
-from mpcfl.runtime import Session, agreed, all_gather_public, communication_stats, current_party, party_session
+from mpcfl.mpc.reveal import ledger, reveal
+from mpcfl.mpc.session import Session, agreed, all_gather_public, communication_stats, current_party, party_session
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def secure_predict(
     passes inputs.
 
     Args:
-        model: a ``torch.nn.Module`` built from supported layers (see :mod:`mpcfl.convert`).
+        model: a ``torch.nn.Module`` built from supported layers (see :mod:`mpcfl.models.convert`).
         inputs: the data owner's batch (first dimension = examples); ``None`` elsewhere.
         model_owner: the party whose weights are used.
         data_owner: the party whose inputs are used; the only one to see predictions.
@@ -182,7 +182,7 @@ def load_inputs(path: Path, *, party: str) -> torch.Tensor:
     Raises:
         MpcflError: the file is missing or not numeric.
     """
-    from mpcfl.data import load_array, load_table
+    from mpcfl.data.party import load_array, load_table
 
     if path.suffix == ".npy":
         return torch.from_numpy(np.asarray(load_array(path, party=party, what="inputs"), dtype=np.float32))
@@ -273,7 +273,7 @@ def secure_predict_local(
     Raises:
         MpcflError: bad inputs, an unsupported model, or a failed process, named.
     """
-    from mpcfl.launch import local_rendezvous
+    from mpcfl.launch.local import local_rendezvous
 
     _check_inputs(inputs, "secure_predict_local")
     trace(model)  # fail in the caller, before forking, on an unsupported model
@@ -306,7 +306,7 @@ def secure_predict_local(
 
         roles: list[tuple[str, Callable[[], None]]] = [(_MODEL_OWNER, model_owner), (_DATA_OWNER, data_owner)]
         if not insecure_dealer:
-            from mpcfl.runtime import run_dealer
+            from mpcfl.mpc.session import run_dealer
 
             roles.insert(0, ("dealer", lambda: run_dealer(session)))
         with _isolated_env():
@@ -328,7 +328,7 @@ def secure_predict_local(
 @contextlib.contextmanager
 def _isolated_env() -> Any:
     """Forked children set CrypTen's variables themselves; hide the caller's, and bind gloo to loopback."""
-    from mpcfl.launch import LOOPBACK_ENV
+    from mpcfl.launch.local import LOOPBACK_ENV
 
     keys = ("RANK", "WORLD_SIZE", "RENDEZVOUS", "DISTRIBUTED_BACKEND", *LOOPBACK_ENV)
     saved = {k: os.environ.pop(k) for k in keys if k in os.environ}

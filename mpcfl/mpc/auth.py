@@ -45,7 +45,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from mpcfl.errors import MpcflError, PeerFailure
-from mpcfl.keys import check_private_file, public_key_text
+from mpcfl.mpc.keys import check_private_file, public_key_text
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from mpcfl.config import TrainJob
+from mpcfl.jobs.schema import TrainJob
 from mpcfl.errors import MpcflError
 from mpcfl.outputs import write_torch
 
@@ -107,7 +107,7 @@ def common_epoch(job: TrainJob, mine: list[int]) -> int:
     Raises:
         MpcflError: some party has no checkpoint in common with the others.
     """
-    from mpcfl.runtime import all_gather_public
+    from mpcfl.mpc.session import all_gather_public
 
     padded = (mine + [-1] * _KEEP)[:_KEEP]
     everyone = all_gather_public(padded)
@@ -138,7 +138,7 @@ def restore(model: Any, optimizer: Any, checkpoint: Checkpoint) -> None:
     Raises:
         MpcflError: the checkpoint's parameters do not match the model.
     """
-    from mpcfl._compat import import_crypten
+    from mpcfl.mpc.compat import import_crypten
 
     crypten = import_crypten()
     named = dict(model.named_parameters())

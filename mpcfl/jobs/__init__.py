@@ -1,0 +1,1 @@
+"""Jobs: the YAML schema (pydantic), loading with one-line errors, the fingerprint."""

@@ -1,0 +1,1 @@
+"""Launchers: the local supervisor, the torchrun/Slurm worker and the environment contract."""

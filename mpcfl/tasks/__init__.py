@@ -1,0 +1,1 @@
+"""Tasks: one runner per job type (train, inference), each owning its DP wiring."""
