@@ -24,7 +24,7 @@ _API = {
     "join": "mpcfl.mpc.session",
     "Session": "mpcfl.mpc.session",
     "secure_predict": "mpcfl.tasks.inference",
-    "secure_predict_local": "mpcfl.tasks.inference",
+    "secure_predict_local": "mpcfl.launch.fork",
     "load_job": "mpcfl.jobs.schema",
     "MpcflError": "mpcfl.errors",
     "UnsupportedModelError": "mpcfl.models.convert",

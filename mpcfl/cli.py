@@ -14,10 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mpcfl.errors import MpcflError, PeerFailure
+from mpcfl.errors import MpcflError, exit_code
 
-EXIT_ERROR = 1
-EXIT_PEER_FAILURE = 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,6 +112,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"  runtime.identity.public_keys.{args.name}: {public.read_text().strip()}")
         return 0
     if args.command == "dealer" and args.job is None:
+        from mpcfl.jobs.session import session_of
         from mpcfl.mpc.session import Session, run_dealer
 
         run_dealer(Session.from_env())
@@ -122,7 +121,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if getattr(args, "resume", False) and job.task != "train":
         raise MpcflError(f"{args.job}: --resume continues training jobs; this one is task: {job.task}")
     if args.command == "worker":
-        from mpcfl.mpc.session import role_from_launcher_env
+        from mpcfl.launch.worker import role_from_launcher_env
 
         role, rendezvous = role_from_launcher_env(job)
         args.command, args.party, args.rendezvous = ("dealer" if role == "dealer" else "party"), role, rendezvous
@@ -140,9 +139,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             run_party(job, args.party, rendezvous=args.rendezvous, resume=args.resume, key_file=args.key_file)
     elif args.command == "dealer":
+        from mpcfl.jobs.session import session_of
         from mpcfl.mpc.session import Session, run_dealer
 
-        run_dealer(Session.of_job(job, rendezvous=args.rendezvous, key_file=args.key_file))
+        run_dealer(session_of(job, rendezvous=args.rendezvous, key_file=args.key_file))
     elif args.command == "baseline":
         if job.task != "train":
             raise MpcflError(f"{args.job}: baseline compares training jobs; this one is task: {job.task}")
@@ -162,7 +162,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print_report(audit(job, job.party_dir(job.party_names[job.rank_of(party)]) / "model.pt", shadows=args.shadows))
     elif args.command == "validate":
         if args.party and job.task == "train":
-            from mpcfl.data.party import check_alone, load_party_data
+            from mpcfl.data.party import load_party_data
+            from mpcfl.tasks.train.dataset import check_alone
 
             loaded = load_party_data(job, job.party_names[job.rank_of(args.party)])
             print(f"{args.party}: {loaded.train.x.shape[0]} training rows, {loaded.train.x.shape[1]} feature columns")
@@ -182,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"mpcfl: error: {err}", file=sys.stderr)
-        return EXIT_PEER_FAILURE if isinstance(err, PeerFailure) else EXIT_ERROR
+        return exit_code(err)
     except KeyboardInterrupt:
         print("mpcfl: interrupted", file=sys.stderr)
         return 130

@@ -1,4 +1,17 @@
-"""Errors shown to users as one line, without a traceback."""
+"""Errors shown to users as one line, without a traceback, and the exit codes they map to.
+
+Processes report failures to their supervisor by exit code, never by message
+text: a launcher tells a process's own failure from a peer's by the code alone.
+"""
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # this process failed (bad input, its own error)
+EXIT_PEER_FAILURE = 3  # this process stopped because another process failed
+
+
+def exit_code(err: BaseException) -> int:
+    """The exit code for an error that ends a process."""
+    return EXIT_PEER_FAILURE if isinstance(err, PeerFailure) else EXIT_ERROR
 
 
 class MpcflError(Exception):

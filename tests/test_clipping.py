@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mpcfl.mpc.compat import import_crypten
-from mpcfl.jobs.schema import ModelSpec
+from mpcfl.models.spec import ModelSpec
 from mpcfl.dp.clipping import MARGIN, clipped_gradient_sum
-from mpcfl.models.specs import build_torch_model, to_crypten
+from mpcfl.models.build import build_torch_model, to_crypten
 from mpcfl.mpc.reveal import reveal
 
 

@@ -9,14 +9,12 @@ import pytest
 
 from conftest import base_job, write_csv
 from mpcfl.jobs.schema import TrainJob
+from mpcfl.data.files import DataError, load_table
+from mpcfl.tasks.train.dataset import check_alone, check_bounds
 from mpcfl.data.party import (
-    DataError,
-    check_alone,
-    check_bounds,
     check_joint_stats_range,
     check_range,
     load_party_data,
-    load_table,
     standardize_locally,
 )
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from conftest import descendants, is_loopback, listening_sockets
-from mpcfl.tasks.inference import secure_predict_local
+from mpcfl.launch.fork import secure_predict_local
 from test_auth import inference_job
 
 

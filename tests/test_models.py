@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpcfl.jobs.schema import ModelSpec
+from mpcfl.models.spec import ModelSpec
 from mpcfl.errors import MpcflError
-from mpcfl.models.specs import build_torch_model, to_crypten
+from mpcfl.models.build import build_torch_model, to_crypten
 
 
 def test_mlp_layers_and_seeded_init() -> None:

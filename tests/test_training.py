@@ -14,7 +14,7 @@ import yaml
 from conftest import DEMO, assert_no_leftovers, base_job, horizontal_parties, mpcfl, vertical_parties, write_job
 from mpcfl.tasks.train.baseline import train_plaintext
 from mpcfl.jobs.schema import load_job
-from mpcfl.models.specs import build_torch_model
+from mpcfl.models.build import build_torch_model
 
 
 def run_job(path: Path, timeout: float = 240) -> Any:

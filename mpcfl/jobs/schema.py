@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from mpcfl.errors import ConfigError, MpcflError
+from mpcfl.models.spec import ModelSpec
 from mpcfl.mpc.keys import is_raw_key, read_public_key
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
@@ -83,21 +84,6 @@ class DataSpec(_Strict):
                 "can multiply without wrapping; standardize or rescale the data"
             )
         return max_abs
-
-
-class ModelSpec(_Strict):
-    type: Literal["logistic_regression", "mlp"]
-    hidden: list[PositiveInt] = Field(default_factory=list)
-    activation: Literal["relu", "sigmoid"] = "relu"
-    num_classes: Annotated[int, Field(ge=2)] = 2
-
-    @model_validator(mode="after")
-    def _hidden_matches_type(self) -> ModelSpec:
-        if self.type == "mlp" and not self.hidden:
-            raise ValueError("model.hidden: an mlp needs at least one hidden layer size")
-        if self.type == "logistic_regression" and self.hidden:
-            raise ValueError("model.hidden: logistic_regression has no hidden layers")
-        return self
 
 
 class TrainingSpec(_Strict):

@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from mpcfl.cli import EXIT_PEER_FAILURE
 from mpcfl.mpc.auth import ENV_SECRET, new_secret
 from mpcfl.jobs.schema import JobBase
-from mpcfl.errors import MpcflError
+from mpcfl.errors import EXIT_PEER_FAILURE, MpcflError
 from mpcfl.mpc.session import ENV_DEVICE, ENV_INSECURE, ENV_PARTIES, ENV_PARTY, ENV_TIMEOUT
 
 log = logging.getLogger(__name__)

@@ -13,16 +13,13 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from mpcfl.mpc.compat import import_crypten, init_crypten, run_dealer_server, set_process_group_timeout
 from mpcfl.mpc.auth import Credentials, authenticate, load_secret
-from mpcfl.jobs.schema import JobBase
 from mpcfl.errors import MpcflError, PeerFailure
-from mpcfl.mpc.keys import load_private_key, public_key
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +60,6 @@ class Session:
     fingerprint: str = ""
 
     @classmethod
-    def of_job(cls, job: JobBase, *, rendezvous: str | None = None, key_file: Path | None = None) -> Session:
-        """The session of one of the job's processes; ``key_file`` is its private key for ``runtime.identity``."""
-        return cls(
-            parties=tuple(job.party_names),
-            rendezvous=rendezvous,
-            timeout_s=job.runtime.timeout_s,
-            insecure_dealer=job.runtime.insecure_dealer,
-            device=job.runtime.device,
-            label=f"job {job.name} ({job.source})",
-            credentials=_credentials(job, key_file),
-            fingerprint=job.fingerprint(),
-        )
-
-    @classmethod
     def from_env(cls) -> Session:
         """The session ``mpcfl launch`` describes in the environment.
 
@@ -91,7 +74,7 @@ class Session:
             timeout_s=float(os.environ.get(ENV_TIMEOUT, "60")),
             insecure_dealer=os.environ.get(ENV_INSECURE) == "1",
             device=os.environ.get(ENV_DEVICE, "cpu"),
-            credentials=_deferred(lambda: Credentials(secret=load_secret(None))),
+            credentials=deferred_credentials(lambda: Credentials(secret=load_secret(None))),
             fingerprint=f"script session {names}",
         )
 
@@ -118,23 +101,12 @@ class Session:
         return self.parties.index(name)
 
 
-def _deferred(load: Callable[[], Credentials]) -> Credentials:
+def deferred_credentials(load: Callable[[], Credentials]) -> Credentials:
     """Credentials, or why there are none: the process still joins, so its peers refuse it at once."""
     try:
         return load()
     except MpcflError as err:
         return Credentials(problem=str(err))
-
-
-def _credentials(job: JobBase, key_file: Path | None) -> Credentials:
-    """An identity job's key pair list and this process's private key; else the job secret."""
-    identity = job.runtime.identity
-    if identity is None:
-        return _deferred(lambda: Credentials(secret=load_secret(job.runtime.secret_file)))
-    if key_file is None:
-        return Credentials(problem=f"{job.source}: runtime.identity is set: pass this process's private key with --key-file")
-    public_keys = {name: public_key(text) for name, text in identity.public_keys.items()}
-    return _deferred(lambda: Credentials(private_key=load_private_key(key_file), public_keys=public_keys))
 
 
 def _rendezvous_seen() -> str:
@@ -155,43 +127,6 @@ class Party:
 
 
 _joined: list[Party] = []
-
-
-def role_from_launcher_env(job: JobBase) -> tuple[str, str]:
-    """This process's role under torchrun or Slurm, and the rendezvous to use.
-
-    torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; Slurm's srun sets
-    SLURM_PROCID and SLURM_NTASKS (export MASTER_ADDR and MASTER_PORT in the batch
-    script). Their world counts every process, so it is the job's parties plus the
-    dealer: ranks 0..n-1 are the parties in job order and rank n is the dealer.
-    CrypTen's own WORLD_SIZE counts the parties only, so it is rewritten here.
-
-    Returns:
-        (party name or ``"dealer"``, ``"env://"``).
-
-    Raises:
-        MpcflError: the variables are missing or contradict the job.
-    """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, total, source = os.environ["RANK"], os.environ["WORLD_SIZE"], "RANK/WORLD_SIZE (torchrun)"
-    elif "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-        rank, total, source = os.environ["SLURM_PROCID"], os.environ["SLURM_NTASKS"], "SLURM_PROCID/SLURM_NTASKS"
-    else:
-        raise MpcflError("worker: set RANK and WORLD_SIZE (torchrun) or SLURM_PROCID and SLURM_NTASKS (srun)")
-    missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(key)]
-    if missing:
-        raise MpcflError(f"worker: {' and '.join(missing)} must be set (the host and port of rank 0)")
-    expected = job.world_size + (0 if job.runtime.insecure_dealer else 1)
-    if int(total) != expected:
-        raise MpcflError(
-            f"worker: {source} gives a world of {total} processes, but job {job.source} needs {expected}: "
-            f"{job.world_size} parties" + ("" if job.runtime.insecure_dealer else " plus the dealer")
-        )
-    rank_number = int(rank)
-    os.environ["RANK"] = str(rank_number)
-    os.environ["WORLD_SIZE"] = str(job.world_size)
-    role = job.party_names[rank_number] if rank_number < job.world_size else "dealer"
-    return role, "env://"
 
 
 def _set_env(session: Session, *, rank: int, who: str) -> None:

@@ -33,7 +33,7 @@ from scipy import stats
 from mpcfl.tasks.train.baseline import prepared_data, train_plaintext
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.errors import MpcflError
-from mpcfl.models.specs import build_torch_model
+from mpcfl.models.build import build_torch_model
 from mpcfl.outputs import atomic_write, write_json
 
 log = logging.getLogger(__name__)

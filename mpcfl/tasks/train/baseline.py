@@ -16,7 +16,7 @@ import torch
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.data.party import PartyData, apply_scaler, check_range, load_party_data, standardize_locally
 from mpcfl.tasks.train.dp_sgd import calibration, clip_party_features, clips_features
-from mpcfl.models.specs import build_torch_model
+from mpcfl.models.build import build_torch_model
 from mpcfl.tasks.train.loop import batches
 
 

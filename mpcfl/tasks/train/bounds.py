@@ -42,7 +42,7 @@ import torch
 
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.errors import MpcflError
-from mpcfl.models.specs import build_torch_model
+from mpcfl.models.build import build_torch_model
 
 PRODUCT_LIMIT = 2.0**31  # |a * b| at which an encoded product wraps
 SUM_LIMIT = 2.0**46  # values that are only added wrap at 2^47; keep a factor two

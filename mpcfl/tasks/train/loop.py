@@ -21,8 +21,8 @@ from mpcfl.tasks.train import checkpoint
 from mpcfl.mpc.compat import import_crypten
 from mpcfl.tasks.train.bounds import Bounds, check_revealed, safe_input_norm, training_bounds
 from mpcfl.jobs.schema import TrainJob
-from mpcfl.data.party import SharedData
-from mpcfl.models.specs import build_torch_model, to_crypten
+from mpcfl.tasks.train.dataset import SharedData
+from mpcfl.models.build import build_torch_model, to_crypten
 from mpcfl.dp.budget import Budget
 from mpcfl.dp.clipping import clipped_gradient_sum
 from mpcfl.tasks.train.dp_sgd import DpSgd, clips_features

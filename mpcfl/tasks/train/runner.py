@@ -8,13 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from mpcfl.tasks.train import checkpoint
+from mpcfl.jobs.session import session_of
 from mpcfl.jobs.schema import TrainJob
-from mpcfl.data.party import PartyData, load_party_data, share_dataset
+from mpcfl.data.party import PartyData, load_party_data
+from mpcfl.tasks.train.dataset import share_dataset
 from mpcfl.dp.budget import Budget
 from mpcfl.errors import MpcflError
 from mpcfl.outputs import plot_history, write_json, write_torch
 from mpcfl.mpc.reveal import install_budget, ledger
-from mpcfl.mpc.session import Session, agreed, communication_stats, party_session
+from mpcfl.mpc.session import agreed, communication_stats, party_session
 from mpcfl.tasks.train.loop import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ def run_party(
     Raises:
         MpcflError: bad data or checkpoints, a peer failure, or the environment contradicts the job.
     """
-    with party_session(Session.of_job(job, rendezvous=rendezvous, key_file=key_file), party) as rank:
+    with party_session(session_of(job, rendezvous=rendezvous, key_file=key_file), party) as rank:
         budget = agreed("privacy ledger", job.party_names, lambda: _budget(job, party, resume=resume))
         install_budget(budget)
         start = None

@@ -13,15 +13,10 @@ from typing import Any
 import torch
 
 from mpcfl.mpc.compat import import_crypten
-from mpcfl.jobs.schema import ModelSpec
+from mpcfl.models.spec import ModelSpec
 from mpcfl.errors import MpcflError
 
 _ACTIVATIONS = {"relu": torch.nn.ReLU, "sigmoid": torch.nn.Sigmoid}
-
-
-def output_size(spec: ModelSpec) -> int:
-    """One logit for two classes, one per class otherwise."""
-    return 1 if spec.num_classes == 2 else spec.num_classes
 
 
 def build_torch_model(spec: ModelSpec, *, n_features: int, seed: int | None = None) -> torch.nn.Sequential:
@@ -32,7 +27,7 @@ def build_torch_model(spec: ModelSpec, *, n_features: int, seed: int | None = No
         n_features: input width (all parties' feature columns together).
         seed: seeds the initial weights; ``None`` leaves torch's global generator alone.
     """
-    sizes = [n_features, *spec.hidden, output_size(spec)]
+    sizes = [n_features, *spec.hidden, spec.output_size]
     generator_state = torch.random.get_rng_state()
     if seed is not None:
         torch.manual_seed(seed)

@@ -1,0 +1,45 @@
+"""The torchrun / Slurm contract: one ``mpcfl worker`` per process, its role read from the environment."""
+
+from __future__ import annotations
+
+import os
+
+from mpcfl.errors import MpcflError
+from mpcfl.jobs.schema import JobBase
+
+
+def role_from_launcher_env(job: JobBase) -> tuple[str, str]:
+    """This process's role under torchrun or Slurm, and the rendezvous to use.
+
+    torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; Slurm's srun sets
+    SLURM_PROCID and SLURM_NTASKS (export MASTER_ADDR and MASTER_PORT in the batch
+    script). Their world counts every process, so it is the job's parties plus the
+    dealer: ranks 0..n-1 are the parties in job order and rank n is the dealer.
+    CrypTen's own WORLD_SIZE counts the parties only, so it is rewritten here.
+
+    Returns:
+        (party name or ``"dealer"``, ``"env://"``).
+
+    Raises:
+        MpcflError: the variables are missing or contradict the job.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, total, source = os.environ["RANK"], os.environ["WORLD_SIZE"], "RANK/WORLD_SIZE (torchrun)"
+    elif "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        rank, total, source = os.environ["SLURM_PROCID"], os.environ["SLURM_NTASKS"], "SLURM_PROCID/SLURM_NTASKS"
+    else:
+        raise MpcflError("worker: set RANK and WORLD_SIZE (torchrun) or SLURM_PROCID and SLURM_NTASKS (srun)")
+    missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(key)]
+    if missing:
+        raise MpcflError(f"worker: {' and '.join(missing)} must be set (the host and port of rank 0)")
+    expected = job.world_size + (0 if job.runtime.insecure_dealer else 1)
+    if int(total) != expected:
+        raise MpcflError(
+            f"worker: {source} gives a world of {total} processes, but job {job.source} needs {expected}: "
+            f"{job.world_size} parties" + ("" if job.runtime.insecure_dealer else " plus the dealer")
+        )
+    rank_number = int(rank)
+    os.environ["RANK"] = str(rank_number)
+    os.environ["WORLD_SIZE"] = str(job.world_size)
+    role = job.party_names[rank_number] if rank_number < job.world_size else "dealer"
+    return role, "env://"

@@ -1,0 +1,246 @@
+"""The training set under MPC: public shapes agreed, data prepared and range-checked, then shared.
+
+Every party calls :func:`share_dataset` at the same point with its own
+:class:`~mpcfl.data.party.PartyData`. What the other parties learn before sharing
+is public shape metadata (row and column counts; in a horizontal job, a hash of
+the column names). Fixed-point bounds (:mod:`mpcfl.tasks.train.bounds`) and DP
+feature clipping (:mod:`mpcfl.tasks.train.dp_sgd`) are applied here, in the order
+the plaintext baseline applies them too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpcfl.data.files import DataError
+from mpcfl.data.party import (
+    PartyData, Split, apply_scaler, check_joint_stats_range, check_range, columns_hash,
+    standardize_locally,
+)
+from mpcfl.jobs.schema import TrainJob
+from mpcfl.mpc.session import agreed, all_gather_public
+from mpcfl.tasks.train.bounds import PRODUCT_LIMIT, safe_input_norm, steps
+from mpcfl.tasks.train.dp_sgd import clip_party_features, clips_features
+
+log = logging.getLogger(__name__)
+
+
+def check_bounds(job: TrainJob, data: PartyData, *, n_features: int, n_rows: int, metric_rows: int, share: float) -> float:
+    """Refuses this party's features if training could wrap fixed point (:mod:`mpcfl.tasks.train.bounds`).
+
+    The bound needs every example's feature-vector norm; a party knows only its own part
+    of it, so each checks its part against ``share`` of the squared safe norm: its
+    columns' fraction in a vertical split (the parts add up), 1 in a horizontal one
+    (a row belongs to one party).
+
+    Returns:
+        The headroom: how many times the safe norm exceeds this party's (``inf`` with no features).
+
+    Raises:
+        DataError: names the party, file and column of the row that drives the bound.
+    """
+    splits = [s for s in (data.train, data.test) if s is not None and s.x.size]
+    if not splits:
+        return math.inf
+    norms = [np.linalg.norm(s.x, axis=1) for s in splits]
+    which = int(np.argmax([n.max() for n in norms]))
+    split, row = splits[which], int(np.argmax(norms[which]))
+    mine = float(norms[which][row])
+    allowed = safe_input_norm(job, n_features=n_features, n_rows=n_rows, metric_rows=metric_rows) * math.sqrt(share)
+    if mine > allowed:
+        column = split.columns[int(np.argmax(np.abs(split.x[row])))]
+        raise DataError(
+            f"party {data.party}: {split.path}: column {column!r} (data row {row + 1}) drives this party's "
+            f"features to norm {mine:.4g}, beyond the {allowed:.4g} that keeps {steps(job, n_rows)} SGD steps "
+            f"below fixed point's {PRODUCT_LIMIT:.3g} (2^31) products; set data.standardize: true, rescale "
+            f"the column, or lower training.learning_rate or training.epochs"
+        )
+    return math.inf if mine == 0 else allowed / mine
+
+
+def check_alone(job: TrainJob, data: PartyData) -> str:
+    """``mpcfl validate --party``: the range and bound checks one party can do without its peers.
+
+    It prepares its data as its party process would, and bounds training as if its
+    columns and rows were the whole job. A refusal here is (up to the random initial
+    weights) a refusal in the run; passing is not a promise, as the run also counts
+    the other parties' columns and rows.
+
+    Returns:
+        A one-line summary of the headroom.
+
+    Raises:
+        DataError: as :func:`check_range`, :func:`check_joint_stats_range` or :func:`check_bounds`.
+    """
+    if job.data.standardize and job.partition == "horizontal":
+        check_joint_stats_range(data)
+        return "raw values fit joint standardisation; training bounds are checked at run time, after it"
+    if job.data.standardize:
+        standardize_locally(data)
+    if job.dp is not None:
+        if clips_features(job):
+            clip_party_features(job, data, [data.train.x.shape[1]])
+    check_range(data, job.data.max_abs)
+    rows = data.train.x.shape[0]
+    test = 0 if data.test is None else data.test.x.shape[0]
+    headroom = check_bounds(
+        job, data, n_features=data.train.x.shape[1], n_rows=rows, metric_rows=max(rows, test), share=1.0
+    )
+    return f"fixed-point headroom {headroom:.3g}x on its own columns and rows (the run checks all parties together)"
+
+
+@dataclass
+class SharedData:
+    """Secret-shared features and labels of the whole (virtual) dataset."""
+
+    x_train: Any
+    y_train: Any
+    x_test: Any | None
+    y_test: Any | None
+    n_features: int
+
+
+def _public_shapes(job: TrainJob, data: PartyData) -> list[list[int]]:
+    """Every party's public shape metadata: [train rows, test rows, columns, hash].
+
+    The hash of the column names goes out only in a horizontal job, where every
+    party holds the same columns anyway; in a vertical one it would let a peer test
+    guesses of this party's schema (an unsalted hash of, say, "hiv_status"), so 0
+    is sent instead.
+    """
+    mine = [
+        data.train.x.shape[0],
+        -1 if data.test is None else data.test.x.shape[0],
+        data.train.x.shape[1],
+        columns_hash(data.train.columns) if job.partition == "horizontal" else 0,
+    ]
+    shapes = all_gather_public(mine)
+    names = job.party_names
+    if job.partition == "vertical":
+        for r, other in enumerate(shapes):
+            for i, what in ((0, "train"), (1, "test")):
+                if other[i] != shapes[0][i]:
+                    raise DataError(
+                        f"party {names[r]}: its {what} file has {other[i]} rows, party {names[0]} has "
+                        f"{shapes[0][i]}; a vertical partition needs the same rows at every party"
+                    )
+    else:
+        for r, other in enumerate(shapes):
+            if other[2:] != shapes[0][2:]:
+                raise DataError(
+                    f"party {names[r]}: its columns differ from party {names[0]}'s; a horizontal "
+                    f"partition needs the same columns at every party"
+                )
+    return shapes
+
+
+def _standardize_jointly(job: TrainJob, data: PartyData, shapes: list[list[int]]) -> None:
+    """Horizontal partition: column statistics over all rows, computed under MPC.
+
+    Two passes (mean, then mean squared deviation) avoid the cancellation of
+    E[x^2] - E[x]^2 in fixed point. Only the aggregate statistics are revealed.
+    """
+    crypten = _crypten()
+    from mpcfl.mpc.reveal import reveal
+
+    total = sum(s[0] for s in shapes)
+    everyone = list(range(job.world_size))
+
+    def joint_sum(local: np.ndarray, what: str) -> np.ndarray:
+        summed = None
+        for r in everyone:
+            part = crypten.cryptensor(torch.tensor(local / total), src=r)
+            summed = part if summed is None else summed + part
+        return reveal(summed, to=everyone, what=what).double().numpy()
+
+    mean = joint_sum(data.train.x.sum(axis=0), "column means for standardisation")
+    var = joint_sum(((data.train.x - mean) ** 2).sum(axis=0), "column variances for standardisation")
+    apply_scaler(data, mean, np.sqrt(np.clip(var, 0.0, None)))
+
+
+def _crypten() -> Any:
+    from mpcfl.mpc.compat import import_crypten
+
+    return import_crypten()
+
+
+def _targets(job: TrainJob, y: np.ndarray | None, rows: int) -> torch.Tensor:
+    """Labels as the loss wants them: a column of 0/1, or one-hot rows."""
+    if job.model.num_classes == 2:
+        out = torch.zeros(rows, 1)
+        if y is not None:
+            out[:, 0] = torch.from_numpy(y).float()
+        return out
+    out = torch.zeros(rows, job.model.num_classes)
+    if y is not None:
+        out[torch.arange(rows), torch.from_numpy(y)] = 1.0
+    return out
+
+
+def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: str = "cpu") -> SharedData:
+    """Agrees on shapes with the other parties, prepares the data and secret-shares it.
+
+    Every party calls this at the same point with its own :class:`PartyData`.
+
+    Raises:
+        DataError: shapes disagree across parties, or values are out of range.
+    """
+    crypten = _crypten()
+    shapes = _public_shapes(job, data)
+    if job.data.standardize:
+        if job.partition == "vertical":
+            standardize_locally(data)
+        else:
+            agreed("raw range check", job.party_names, lambda: check_joint_stats_range(data))
+            _standardize_jointly(job, data, shapes)
+    if job.dp is not None:
+        if clips_features(job):
+            clip_party_features(job, data, [s[2] for s in shapes])
+    vertical = job.partition == "vertical"
+    n_features = sum(s[2] for s in shapes) if vertical else shapes[0][2]
+    n_rows = shapes[0][0] if vertical else sum(s[0] for s in shapes)
+    n_test = shapes[0][1] if vertical else sum(s[1] for s in shapes)
+
+    def checks() -> None:
+        check_range(data, job.data.max_abs)
+        share = data.train.x.shape[1] / n_features if vertical else 1.0
+        headroom = check_bounds(job, data, n_features=n_features, n_rows=n_rows, metric_rows=max(n_rows, n_test), share=share)
+        log.info("fixed-point headroom: this party's feature norm may grow %.3g-fold before training could wrap", headroom)
+
+    agreed("range check", job.party_names, checks)
+
+    def share(local: Split | None, which: int) -> tuple[Any, Any]:
+        if job.partition == "vertical":
+            rows = shapes[0][which]
+            parts = []
+            for r, shape in enumerate(shapes):
+                if shape[2] == 0:
+                    continue
+                x = torch.tensor(local.x, dtype=torch.float32) if r == rank else torch.zeros(rows, shape[2])
+                parts.append(crypten.cryptensor(x, src=r, device=device))
+            x_enc = crypten.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            owner = job.rank_of(job.labels.party)
+            y = _targets(job, local.y if rank == owner else None, rows)
+            y_enc = crypten.cryptensor(y, src=owner, device=device)
+            return x_enc, y_enc
+        xs, ys = [], []
+        for r, shape in enumerate(shapes):
+            rows = shape[which]
+            mine = r == rank
+            x = torch.tensor(local.x, dtype=torch.float32) if mine else torch.zeros(rows, shape[2])
+            xs.append(crypten.cryptensor(x, src=r, device=device))
+            ys.append(crypten.cryptensor(_targets(job, local.y if mine else None, rows), src=r, device=device))
+        return crypten.cat(xs, dim=0), crypten.cat(ys, dim=0)
+
+    x_train, y_train = share(data.train, 0)
+    x_test = y_test = None
+    if shapes[0][1] >= 0:
+        x_test, y_test = share(data.test, 1)
+    log.info("shared %d training rows x %d features", x_train.size(0), n_features)
+    return SharedData(x_train, y_train, x_test, y_test, n_features)

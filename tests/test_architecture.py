@@ -1,0 +1,34 @@
+"""The layers of ARCHITECTURE.md hold: imports point down only, checked by import-linter."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+
+def test_import_contracts_hold() -> None:
+    lint = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run([str(lint)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "0 broken" in result.stdout
+
+
+def test_the_contracts_would_catch_an_upward_import(tmp_path: Path) -> None:
+    # The tool must see a violation when there is one: a copy of the package with
+    # the DP layer importing a task.
+    import shutil
+
+    copy = tmp_path / "repo"
+    shutil.copytree(REPO / "mpcfl", copy / "mpcfl")
+    shutil.copy(REPO / "pyproject.toml", copy / "pyproject.toml")
+    noise = copy / "mpcfl" / "dp" / "noise.py"
+    noise.write_text(noise.read_text() + "\nfrom mpcfl.tasks.train import loop  # noqa\n")
+    lint = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run(
+        [str(lint)], cwd=copy, capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(copy), "PATH": ""}
+    )
+    assert result.returncode != 0
+    assert "mpcfl.dp is not allowed to import mpcfl.tasks" in result.stdout
