@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 # Imported on first use: `mpcfl validate` and the launcher should not pay for torch.
 _API = {
-    "join": "mpcfl.mpc.session",
+    "join": "mpcfl.launch.env",
     "Session": "mpcfl.mpc.session",
     "secure_predict": "mpcfl.tasks.inference",
     "secure_predict_local": "mpcfl.launch.fork",

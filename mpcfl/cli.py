@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mpcfl.errors import MpcflError, exit_code
-
+from mpcfl.mpc import providers
+from mpcfl.mpc.compat import DEFAULT_TIMEOUT_S
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,8 +57,13 @@ def _parser() -> argparse.ArgumentParser:
 
     launch = sub.add_parser("launch", parents=[common], help="run a party script once per party, plus the dealer, on this machine")
     launch.add_argument("--parties", required=True, help="comma-separated party names, in rank order")
-    launch.add_argument("--timeout-s", type=float, default=60.0, help="process-group timeout (default 60)")
-    launch.add_argument("--insecure-dealer", action="store_true", help="no dealer: party 0 makes the triples (tests only)")
+    launch.add_argument(
+        "--timeout-s", type=float, default=DEFAULT_TIMEOUT_S, help=f"process-group timeout (default {DEFAULT_TIMEOUT_S:g})"
+    )
+    launch.add_argument(
+        "--provider", choices=providers.NAMES, default=providers.DEFAULT,
+        help="where Beaver triples come from: ttp, a dealer process (default); tfp, party 0 (tests only)",
+    )
     launch.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the parties compute")
     launch.add_argument("script", nargs=argparse.REMAINDER, help="SCRIPT.py [ARGS...]")
 
@@ -95,13 +101,11 @@ def _launch(args: argparse.Namespace) -> int:
     if not args.script:
         raise MpcflError("launch: name the party script to run")
     return launch_script(
-        args.script, parties=parties, timeout_s=args.timeout_s, insecure_dealer=args.insecure_dealer, device=args.device
+        args.script, parties=parties, timeout_s=args.timeout_s, provider=args.provider, device=args.device
     )
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from mpcfl.jobs.schema import load_job
-
     if args.command == "launch":
         return _launch(args)
     if args.command == "keygen":
@@ -112,64 +116,61 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"  runtime.identity.public_keys.{args.name}: {public.read_text().strip()}")
         return 0
     if args.command == "dealer" and args.job is None:
-        from mpcfl.jobs.session import session_of
-        from mpcfl.mpc.session import Session, run_dealer
+        from mpcfl.launch.env import from_env
+        from mpcfl.mpc.session import run_dealer
 
-        run_dealer(Session.from_env())
+        run_dealer(from_env())
         return 0
+    from mpcfl.jobs import registry
+    from mpcfl.jobs.schema import load_job
+
     job = load_job(args.job)
-    if getattr(args, "resume", False) and job.task != "train":
-        raise MpcflError(f"{args.job}: --resume continues training jobs; this one is task: {job.task}")
-    if args.command == "worker":
+    task = registry.task_of(job)
+    if getattr(args, "resume", False):
+        task.require(job, registry.RESUME)
+    command, party, rendezvous = args.command, getattr(args, "party", None), getattr(args, "rendezvous", None)
+    if command == "worker":
         from mpcfl.launch.worker import role_from_launcher_env
 
-        role, rendezvous = role_from_launcher_env(job)
-        args.command, args.party, args.rendezvous = ("dealer" if role == "dealer" else "party"), role, rendezvous
-    if args.command == "run":
+        party, rendezvous = role_from_launcher_env(job)
+        command = "dealer" if party == providers.DEALER else "party"
+    if command == "run":
         from mpcfl.launch.local import run_local
 
         return run_local(job, debug=args.debug, resume=args.resume, key_dir=args.key_dir)
-    if args.command == "party":
-        if job.task == "inference":
-            from mpcfl.tasks.inference import run_inference_party
-
-            run_inference_party(job, args.party, rendezvous=args.rendezvous, key_file=args.key_file)
-        else:
-            from mpcfl.tasks.train.runner import run_party
-
-            run_party(job, args.party, rendezvous=args.rendezvous, resume=args.resume, key_file=args.key_file)
-    elif args.command == "dealer":
+    if command == "party":
+        resume = {"resume": True} if args.resume else {}  # only resumable tasks' runners take it
+        task.run_party()(job, party, rendezvous=rendezvous, key_file=args.key_file, **resume)
+    elif command == "dealer":
         from mpcfl.jobs.session import session_of
-        from mpcfl.mpc.session import Session, run_dealer
+        from mpcfl.mpc.session import run_dealer
 
-        run_dealer(session_of(job, rendezvous=args.rendezvous, key_file=args.key_file))
-    elif args.command == "baseline":
-        if job.task != "train":
-            raise MpcflError(f"{args.job}: baseline compares training jobs; this one is task: {job.task}")
+        run_dealer(session_of(job, rendezvous=rendezvous, key_file=args.key_file))
+    elif command == "baseline":
+        task.require(job, registry.BASELINE)
         from mpcfl.tasks.train.baseline import train_plaintext
 
         for record in train_plaintext(job).history:
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-    elif args.command == "audit":
+    elif command == "audit":
+        task.require(job, registry.AUDIT)
         from mpcfl.tasks.train.audit import audit, print_report
 
-        if job.task != "train":
-            raise MpcflError(f"{args.job}: audit inspects training jobs; this one is task: {job.task}")
         receivers = job.outputs.model_to if isinstance(job.outputs.model_to, list) else []
         party = args.party or (receivers[0] if receivers else None)
         if party is None:
             raise MpcflError(f"{args.job}: outputs.model_to is none, so no party holds a model to audit")
         print_report(audit(job, job.party_dir(job.party_names[job.rank_of(party)]) / "model.pt", shadows=args.shadows))
-    elif args.command == "validate":
-        if args.party and job.task == "train":
+    elif command == "validate":
+        if args.party:
+            task.require(job, registry.CHECK_DATA)
             from mpcfl.data.party import load_party_data
             from mpcfl.tasks.train.dataset import check_alone
 
             loaded = load_party_data(job, job.party_names[job.rank_of(args.party)])
             print(f"{args.party}: {loaded.train.x.shape[0]} training rows, {loaded.train.x.shape[1]} feature columns")
             print(f"{args.party}: {check_alone(job, loaded)}")
-        what = f"{job.partition} partition, {job.model.type}" if job.task == "train" else f"inference, model {job.model.factory}"
-        print(f"{args.job}: valid job {job.name!r}: {job.world_size} parties, {what}")
+        print(f"{args.job}: valid job {job.name!r}: {job.world_size} parties, {job.summary}")
     return 0
 
 

@@ -68,6 +68,8 @@ CASES = [
     ("outputs.model_to", ["nobody"], "outputs.model_to: 'nobody' is not a party"),
     ("outputs.dir", _DELETE, "outputs.dir: Field required"),
     ("runtime.timeout_s", 0, "runtime.timeout_s"),
+    ("runtime.insecure_dealer", True, "runtime.insecure_dealer was replaced by runtime.provider: tfp"),
+    ("runtime.provider", "he", "runtime.provider: unknown provider 'he' (known: tfp, ttp)"),
     ("training.loss", "cross_entropy", "two classes train with 'bce'"),
     ("parties.1.data.test", _DELETE, "give test data for every party or for none"),
 ]

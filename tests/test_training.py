@@ -120,10 +120,10 @@ def test_multiclass_mlp_on_digits(tmp_path: Path) -> None:
 def test_model_kept_secret_shared_when_nobody_receives_it(tmp_path: Path) -> None:
     parties = vertical_parties(tmp_path, [["mean_radius", "mean_texture"], ["worst_radius", "worst_area"]], label_party=1)
     spec = base_job(parties=parties, labels={"party": "p1", "column": "malignant"})
-    spec["runtime"]["insecure_dealer"] = True
+    spec["runtime"]["provider"] = "tfp"
     path = write_job(tmp_path, spec)
     done = run_job(path)
-    # Every party warns when the insecure TFP dealer is in use.
+    # Every party warns when the insecure TFP provider is in use.
     for party in ("p0", "p1"):
         assert f"[{party}] WARNING mpcfl.mpc.session: INSECURE" in done.stdout
     assert "[dealer]" not in done.stdout

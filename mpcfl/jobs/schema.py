@@ -27,6 +27,8 @@ from pydantic import (
 
 from mpcfl.errors import ConfigError, MpcflError
 from mpcfl.models.spec import ModelSpec
+from mpcfl.mpc import providers
+from mpcfl.mpc.compat import DEFAULT_TIMEOUT_S
 from mpcfl.mpc.keys import is_raw_key, read_public_key
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
@@ -161,12 +163,12 @@ class IdentitySpec(_Strict):
 
 
 class RuntimeSpec(_Strict):
-    timeout_s: float = Field(default=60, gt=0, description="process-group timeout")
+    timeout_s: float = Field(default=DEFAULT_TIMEOUT_S, gt=0, description="process-group timeout")
     device: Literal["cpu", "cuda"] = "cpu"
-    insecure_dealer: bool = Field(
-        default=False,
-        description="use CrypTen's TFP: party 0 generates every triple and can see all "
-        "secrets. For tests only.",
+    provider: str = Field(
+        default=providers.DEFAULT,
+        description=f"where Beaver triples come from: {', '.join(providers.NAMES)} (ttp: a dealer process; "
+        "tfp: party 0 generates every triple and can see all secrets, for tests only)",
     )
     secret_file: Path | None = Field(
         default=None,
@@ -175,6 +177,12 @@ class RuntimeSpec(_Strict):
     identity: IdentitySpec | None = Field(
         default=None, description="per-process Ed25519 identities instead of the shared secret"
     )
+
+
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, name: str) -> str:
+        return providers.known(name)
 
 
 class JobBase(_Strict):
@@ -200,7 +208,7 @@ class JobBase(_Strict):
         if self.runtime.identity is None:
             return self
         listed = set(self.runtime.identity.public_keys)
-        processes = [*self.party_names, *([] if self.runtime.insecure_dealer else ["dealer"])]
+        processes = providers.get(self.runtime.provider).processes(self.party_names)
         for name in processes:
             if name not in listed:
                 raise ValueError(f"runtime.identity.public_keys: no public key for {name}")
@@ -275,6 +283,11 @@ class TrainJob(JobBase):
     training: TrainingSpec = TrainingSpec()
     outputs: OutputSpec
     dp: DPSpec | None = None
+
+    @property
+    def summary(self) -> str:
+        """What ``mpcfl validate`` says the job is."""
+        return f"{self.partition} partition, {self.model.type}"
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainJob:
@@ -370,6 +383,11 @@ class InferenceJob(JobBase):
     batch_size: PositiveInt = 64
     outputs: InferenceOutputSpec
 
+    @property
+    def summary(self) -> str:
+        """What ``mpcfl validate`` says the job is."""
+        return f"inference, model {self.model.factory}"
+
     @model_validator(mode="after")
     def _consistent(self) -> InferenceJob:
         self._check_party("model.owner", self.model.owner)
@@ -419,7 +437,15 @@ def _resolve(base: Path, raw: dict) -> dict:
     return raw
 
 
+# Keys a job file may no longer use, and what took their place.
+_REPLACED = {("runtime", "insecure_dealer"): "runtime.provider: tfp"}
+
+
 def _format_error(path: Path, err: ValidationError) -> str:
+    for error in err.errors():
+        loc = tuple(str(part) for part in error["loc"] if part not in ("train", "inference"))
+        if error["type"] == "extra_forbidden" and loc in _REPLACED:
+            return f"{path}: {'.'.join(loc)} was replaced by {_REPLACED[loc]}"
     first = err.errors()[0]
     loc = list(first["loc"])
     if loc and loc[0] in ("train", "inference"):

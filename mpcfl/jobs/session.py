@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mpcfl.jobs.schema import JobBase
+from mpcfl.mpc import providers
 from mpcfl.mpc.auth import Credentials, load_secret
 from mpcfl.mpc.keys import load_private_key, public_key
 from mpcfl.mpc.session import Session, deferred_credentials
@@ -16,7 +17,7 @@ def session_of(job: JobBase, *, rendezvous: str | None = None, key_file: Path | 
         parties=tuple(job.party_names),
         rendezvous=rendezvous,
         timeout_s=job.runtime.timeout_s,
-        insecure_dealer=job.runtime.insecure_dealer,
+        provider=providers.get(job.runtime.provider),
         device=job.runtime.device,
         label=f"job {job.name} ({job.source})",
         credentials=_credentials(job, key_file),

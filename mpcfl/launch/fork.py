@@ -22,7 +22,9 @@ from torch import nn
 from mpcfl.errors import EXIT_OK, EXIT_PEER_FAILURE, MpcflError, exit_code
 from mpcfl.launch.local import LOOPBACK_ENV, local_rendezvous
 from mpcfl.models.convert import trace
+from mpcfl.mpc import providers
 from mpcfl.mpc.auth import Credentials, new_secret
+from mpcfl.mpc.compat import CRYPTEN_ENV, DEFAULT_TIMEOUT_S
 from mpcfl.mpc.session import Session, party_session, run_dealer
 from mpcfl.tasks.inference import check_inputs, secure_predict
 
@@ -49,8 +51,8 @@ def secure_predict_local(
     inputs: torch.Tensor,
     *,
     batch_size: int = 64,
-    timeout_s: float = 60.0,
-    insecure_dealer: bool = False,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    provider: str = providers.DEFAULT,
 ) -> torch.Tensor:
     """One call: secure inference with both parties and the dealer on this machine.
 
@@ -64,7 +66,7 @@ def secure_predict_local(
         inputs: a batch of inputs (first dimension = examples).
         batch_size: examples per secure forward pass.
         timeout_s: how long a silent peer may block the others.
-        insecure_dealer: skip the dealer process (CrypTen's TFP; tests only).
+        provider: where the triples come from: ``ttp`` (a dealer process) or ``tfp`` (no dealer; tests only).
 
     Returns:
         The model's outputs, computed under MPC.
@@ -79,7 +81,7 @@ def secure_predict_local(
             parties=(_MODEL_OWNER, _DATA_OWNER),
             rendezvous=rendezvous,
             timeout_s=timeout_s,
-            insecure_dealer=insecure_dealer,
+            provider=providers.get(provider),
             label="local secure inference",
             credentials=Credentials(secret=new_secret().encode()),
             fingerprint="local secure inference",
@@ -101,9 +103,8 @@ def secure_predict_local(
                 out = secure_predict(blank, inputs, model_owner=_MODEL_OWNER, data_owner=_DATA_OWNER, batch_size=batch_size)
             send.send(out.numpy())  # numpy, not torch: torch would share memory with a process about to exit
 
-        roles: list[tuple[str, Callable[[], None]]] = [(_MODEL_OWNER, model_owner), (_DATA_OWNER, data_owner)]
-        if not insecure_dealer:
-            roles.insert(0, ("dealer", lambda: run_dealer(session)))
+        work = {_MODEL_OWNER: model_owner, _DATA_OWNER: data_owner, providers.DEALER: lambda: run_dealer(session)}
+        roles = [(role, work[role]) for role in session.process_names]
         with _isolated_env():
             processes = {
                 role: context.Process(target=_child, args=(role, errors, work), daemon=True) for role, work in roles
@@ -123,7 +124,7 @@ def secure_predict_local(
 @contextlib.contextmanager
 def _isolated_env() -> Any:
     """Forked children set CrypTen's variables themselves; hide the caller's, and bind gloo to loopback."""
-    keys = ("RANK", "WORLD_SIZE", "RENDEZVOUS", "DISTRIBUTED_BACKEND", *LOOPBACK_ENV)
+    keys = (*CRYPTEN_ENV, *LOOPBACK_ENV)
     saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
     os.environ.update(LOOPBACK_ENV)
     try:

@@ -29,10 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from mpcfl.mpc.auth import ENV_SECRET, new_secret
-from mpcfl.jobs.schema import JobBase
 from mpcfl.errors import EXIT_PEER_FAILURE, MpcflError
-from mpcfl.mpc.session import ENV_DEVICE, ENV_INSECURE, ENV_PARTIES, ENV_PARTY, ENV_TIMEOUT
+from mpcfl.jobs.schema import JobBase
+from mpcfl.launch.env import KEYS, script_session, to_env
+from mpcfl.mpc import providers
+from mpcfl.mpc.auth import ENV_SECRET, Credentials, new_secret
+from mpcfl.mpc.compat import DEFAULT_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,11 @@ _GRACE_S = 5.0
 _POLL_S = 0.05
 _write_lock = threading.Lock()
 _run_secret = new_secret()
+
+
+def _local_secret() -> str:
+    """Every local run authenticates its processes: with the user's secret if set, else a fresh one."""
+    return os.environ.get(ENV_SECRET) or _run_secret
 
 
 def free_port() -> int:
@@ -126,11 +133,12 @@ def _mpcfl(*argv: str) -> list[str]:
 def _spawn(name: str, command: list[str], *, sink: IO[str], env: dict[str, str] | None = None) -> Child:
     """Starts one supervised child in its own process group; ``env`` adds to a clean environment."""
     full_env = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "RENDEZVOUS", "MASTER_ADDR", "MASTER_PORT", ENV_PARTY, ENV_PARTIES):
-        full_env.pop(key, None)
+    # A contract inherited from an enclosing launcher, or torchrun's, would contradict this one.
+    for key in (*KEYS, "MASTER_ADDR", "MASTER_PORT"):
+        if key != ENV_SECRET:
+            full_env.pop(key, None)
     full_env.update(env or {}, PYTHONUNBUFFERED="1", **LOOPBACK_ENV)
-    # Every local run authenticates its processes, with the user's secret if set, else a fresh one.
-    full_env.setdefault(ENV_SECRET, _run_secret)
+    full_env.setdefault(ENV_SECRET, _local_secret())
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -233,6 +241,11 @@ def supervise(children: list[Child], *, sink: IO[str]) -> int:
         raise
 
 
+def _dealer_first(processes: list[str]) -> list[str]:
+    """Start order: the dealer (if any) first, as in the group the parties wait on it, never the reverse."""
+    return sorted(processes, key=lambda name: name != providers.DEALER)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     """SIGTERM to the launcher stops the job like Ctrl-C: children are stopped, not orphaned."""
     raise KeyboardInterrupt
@@ -250,7 +263,7 @@ def _run(children_of: Callable[[], list[Child]], *, sink: IO[str]) -> int:
 def run_local(
     job: JobBase, *, debug: bool = False, resume: bool = False, key_dir: Path | None = None, sink: IO[str] | None = None
 ) -> int:
-    """Runs every party (and the dealer, unless the job is insecure) on this machine.
+    """Runs every process of the job (the parties, and the dealer if its provider has one) on this machine.
 
     With ``resume``, the parties continue a training job from their checkpoints. A job
     with ``runtime.identity`` needs ``key_dir`` holding ``NAME.key`` for every process.
@@ -273,10 +286,11 @@ def run_local(
 
     def children() -> list[Child]:
         started = []
-        if not job.runtime.insecure_dealer:
-            started.append(_spawn("dealer", command("dealer", "dealer"), sink=sink))
-        for name in job.party_names:
-            started.append(_spawn(name, command(name, "party", "--party", name, *(["--resume"] if resume else [])), sink=sink))
+        for name in _dealer_first(providers.get(job.runtime.provider).processes(job.party_names)):
+            if name == providers.DEALER:
+                started.append(_spawn(name, command(name, "dealer"), sink=sink))
+            else:
+                started.append(_spawn(name, command(name, "party", "--party", name, *(["--resume"] if resume else [])), sink=sink))
         return started
 
     with local_rendezvous() as rendezvous:
@@ -290,37 +304,31 @@ def launch_script(
     script: list[str],
     *,
     parties: list[str],
-    timeout_s: float = 60.0,
-    insecure_dealer: bool = False,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    provider: str = providers.DEFAULT,
     device: str = "cpu",
     sink: IO[str] | None = None,
 ) -> int:
-    """Runs ``python SCRIPT ...`` once per party, plus the dealer, on this machine.
+    """Runs ``python SCRIPT ...`` once per party, plus the provider's dealer if it has one, on this machine.
 
-    Each copy finds its role in the environment (``MPCFL_PARTY``, ``MPCFL_PARTIES``,
-    ``RANK``, ``WORLD_SIZE``, ``RENDEZVOUS``) and joins with :func:`mpcfl.join`.
+    Each copy finds its role in the environment (:func:`mpcfl.launch.env.to_env`)
+    and joins with :func:`mpcfl.join`.
 
     Returns:
         0 when every process succeeded, 1 otherwise.
     """
     sink = sink or sys.stdout
-    shared = {
-        ENV_PARTIES: ",".join(parties),
-        ENV_TIMEOUT: str(timeout_s),
-        ENV_INSECURE: "1" if insecure_dealer else "0",
-        ENV_DEVICE: device,
-        "WORLD_SIZE": str(len(parties)),
-    }
 
     def children() -> list[Child]:
         started = []
-        if not insecure_dealer:
-            started.append(_spawn("dealer", _mpcfl("dealer"), sink=sink, env={**shared, "RANK": str(len(parties))}))
-        for rank, name in enumerate(parties):
-            env = {**shared, "RANK": str(rank), ENV_PARTY: name}
-            started.append(_spawn(name, [sys.executable, *script], sink=sink, env=env))
+        for name in _dealer_first(session.process_names):
+            command = _mpcfl("dealer") if name == providers.DEALER else [sys.executable, *script]
+            started.append(_spawn(name, command, sink=sink, env=to_env(session, name)))
         return started
 
     with local_rendezvous() as rendezvous:
-        shared["RENDEZVOUS"] = rendezvous
+        session = script_session(
+            tuple(parties), rendezvous=rendezvous, timeout_s=timeout_s, provider=provider, device=device,
+            credentials=Credentials(secret=_local_secret().encode()),
+        )
         return _run(children, sink=sink)

@@ -6,6 +6,8 @@ import os
 
 from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema import JobBase
+from mpcfl.mpc import providers
+from mpcfl.mpc.compat import ENV_RANK, ENV_WORLD_SIZE
 
 
 def role_from_launcher_env(job: JobBase) -> tuple[str, str]:
@@ -23,8 +25,8 @@ def role_from_launcher_env(job: JobBase) -> tuple[str, str]:
     Raises:
         MpcflError: the variables are missing or contradict the job.
     """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, total, source = os.environ["RANK"], os.environ["WORLD_SIZE"], "RANK/WORLD_SIZE (torchrun)"
+    if ENV_RANK in os.environ and ENV_WORLD_SIZE in os.environ:
+        rank, total, source = os.environ[ENV_RANK], os.environ[ENV_WORLD_SIZE], "RANK/WORLD_SIZE (torchrun)"
     elif "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
         rank, total, source = os.environ["SLURM_PROCID"], os.environ["SLURM_NTASKS"], "SLURM_PROCID/SLURM_NTASKS"
     else:
@@ -32,14 +34,15 @@ def role_from_launcher_env(job: JobBase) -> tuple[str, str]:
     missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(key)]
     if missing:
         raise MpcflError(f"worker: {' and '.join(missing)} must be set (the host and port of rank 0)")
-    expected = job.world_size + (0 if job.runtime.insecure_dealer else 1)
-    if int(total) != expected:
+    provider = providers.get(job.runtime.provider)
+    processes = provider.processes(job.party_names)
+    if int(total) != len(processes):
         raise MpcflError(
-            f"worker: {source} gives a world of {total} processes, but job {job.source} needs {expected}: "
-            f"{job.world_size} parties" + ("" if job.runtime.insecure_dealer else " plus the dealer")
+            f"worker: {source} gives a world of {total} processes, but job {job.source} needs {len(processes)}: "
+            f"{job.world_size} parties" + (" plus the dealer" if provider.needs_dealer else "")
         )
     rank_number = int(rank)
-    os.environ["RANK"] = str(rank_number)
-    os.environ["WORLD_SIZE"] = str(job.world_size)
-    role = job.party_names[rank_number] if rank_number < job.world_size else "dealer"
+    os.environ[ENV_RANK] = str(rank_number)
+    os.environ[ENV_WORLD_SIZE] = str(job.world_size)
+    role = processes[rank_number]
     return role, "env://"

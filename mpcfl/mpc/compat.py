@@ -18,8 +18,15 @@ from typing import Any
 from mpcfl.errors import MpcflError
 
 CRYPTEN_VERSION = "0.4.1"
+#: The environment crypten.init reads: this process's rank, the parties' count, where they
+#: meet and how (WORLD_SIZE counts the parties only; the dealer is rank WORLD_SIZE).
+ENV_RANK, ENV_WORLD_SIZE, ENV_RENDEZVOUS, ENV_BACKEND = "RANK", "WORLD_SIZE", "RENDEZVOUS", "DISTRIBUTED_BACKEND"
+CRYPTEN_ENV = (ENV_RANK, ENV_WORLD_SIZE, ENV_RENDEZVOUS, ENV_BACKEND)
+BACKEND = "gloo"
+#: How long a silent peer may block the others, unless a job or launcher says otherwise.
+DEFAULT_TIMEOUT_S = 60.0
 
-_state: dict[str, Any] = {"crypten": None, "timeout": datetime.timedelta(seconds=60)}
+_state: dict[str, Any] = {"crypten": None, "timeout": datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)}
 
 
 def _alias_onnx_registration() -> None:

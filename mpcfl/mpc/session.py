@@ -1,9 +1,9 @@
-"""Party and dealer process set-up: the environment contract, CrypTen's start and stop.
+"""Party and dealer process set-up: CrypTen's environment, start and stop.
 
-CrypTen reads RANK, WORLD_SIZE, RENDEZVOUS and DISTRIBUTED_BACKEND from the
-environment. Parties take ranks 0..n-1 in the order a :class:`Session` lists
-them; the dealer (CrypTen's TTP) is rank n of a process group of n+1.
-Everything here runs inside one process.
+CrypTen reads :data:`~mpcfl.mpc.compat.CRYPTEN_ENV` from the environment. Parties
+take ranks 0..n-1 in the order a :class:`Session` lists them; a provider's dealer
+is rank n of a process group of n+1. Everything here runs inside one process;
+what a launcher passes to it is :mod:`mpcfl.launch.env`.
 """
 
 from __future__ import annotations
@@ -17,21 +17,26 @@ from typing import Any, TypeVar
 
 import torch
 
-from mpcfl.mpc.compat import import_crypten, init_crypten, run_dealer_server, set_process_group_timeout
-from mpcfl.mpc.auth import Credentials, authenticate, load_secret
+from mpcfl.mpc import providers
+from mpcfl.mpc.compat import (
+    BACKEND,
+    DEFAULT_TIMEOUT_S,
+    ENV_BACKEND,
+    ENV_RANK,
+    ENV_RENDEZVOUS,
+    ENV_WORLD_SIZE,
+    import_crypten,
+    init_crypten,
+    run_dealer_server,
+    set_process_group_timeout,
+)
+from mpcfl.mpc.auth import Credentials, authenticate
 from mpcfl.errors import MpcflError, PeerFailure
 
 log = logging.getLogger(__name__)
 
 _PEER_FAILURES = ("Connection reset", "Connection closed", "Broken pipe", "Timed out", "timed out", "Timeout", "timeout", "pair closure")
 T = TypeVar("T")
-
-# Set by `mpcfl launch` for party scripts, beside CrypTen's own variables.
-ENV_PARTIES = "MPCFL_PARTIES"
-ENV_PARTY = "MPCFL_PARTY"
-ENV_TIMEOUT = "MPCFL_TIMEOUT_S"
-ENV_INSECURE = "MPCFL_INSECURE_DEALER"
-ENV_DEVICE = "MPCFL_DEVICE"
 
 
 @dataclass(frozen=True)
@@ -42,8 +47,7 @@ class Session:
         parties: party names; a party's rank is its position.
         rendezvous: ``tcp://HOST:PORT`` shared by all processes; ``None`` reads ``$RENDEZVOUS``.
         timeout_s: process-group timeout: a peer silent this long fails the job.
-        insecure_dealer: CrypTen's TFP instead of a dealer process: party 0 makes
-            every Beaver triple and can see all secrets. For tests only.
+        provider: where the Beaver triples come from; it decides whether a dealer process exists.
         device: ``cpu`` or ``cuda``.
         label: names the job in error messages.
         credentials: what this process proves itself with (see :mod:`mpcfl.mpc.auth`).
@@ -52,31 +56,12 @@ class Session:
 
     parties: tuple[str, ...]
     rendezvous: str | None = None
-    timeout_s: float = 60.0
-    insecure_dealer: bool = False
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    provider: providers.Provider = field(default_factory=lambda: providers.get(providers.DEFAULT))
     device: str = "cpu"
     label: str = "mpcfl"
     credentials: Credentials = field(default_factory=Credentials)
     fingerprint: str = ""
-
-    @classmethod
-    def from_env(cls) -> Session:
-        """The session ``mpcfl launch`` describes in the environment.
-
-        Raises:
-            MpcflError: the process was not started by ``mpcfl launch``.
-        """
-        names = os.environ.get(ENV_PARTIES)
-        if not names:
-            raise MpcflError(f"{ENV_PARTIES} is not set: start party scripts with `mpcfl launch`, or pass parties=")
-        return cls(
-            parties=tuple(names.split(",")),
-            timeout_s=float(os.environ.get(ENV_TIMEOUT, "60")),
-            insecure_dealer=os.environ.get(ENV_INSECURE) == "1",
-            device=os.environ.get(ENV_DEVICE, "cpu"),
-            credentials=deferred_credentials(lambda: Credentials(secret=load_secret(None))),
-            fingerprint=f"script session {names}",
-        )
 
     @property
     def world_size(self) -> int:
@@ -85,7 +70,7 @@ class Session:
     @property
     def process_names(self) -> list[str]:
         """Names by rank of every process in the group: the parties, then the dealer."""
-        return [*self.parties, *([] if self.insecure_dealer else ["dealer"])]
+        return self.provider.processes(self.parties)
 
     def authenticate(self, crypten: Any, rank: int) -> None:
         """Proves this process's identity and checks every peer's (see :mod:`mpcfl.mpc.auth`)."""
@@ -111,7 +96,7 @@ def deferred_credentials(load: Callable[[], Credentials]) -> Credentials:
 
 def _rendezvous_seen() -> str:
     """The rendezvous as this process reached it; for env://, the address torchrun or srun gave."""
-    rendezvous = os.environ["RENDEZVOUS"]
+    rendezvous = os.environ[ENV_RENDEZVOUS]
     if rendezvous == "env://":
         return f"tcp://{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
     return rendezvous
@@ -131,7 +116,7 @@ _joined: list[Party] = []
 
 def _set_env(session: Session, *, rank: int, who: str) -> None:
     """Fills CrypTen's environment contract, refusing values that contradict the session."""
-    for key, expected in (("RANK", rank), ("WORLD_SIZE", session.world_size)):
+    for key, expected in ((ENV_RANK, rank), (ENV_WORLD_SIZE, session.world_size)):
         given = os.environ.get(key)
         if given is not None and given != str(expected):
             raise MpcflError(
@@ -139,13 +124,13 @@ def _set_env(session: Session, *, rank: int, who: str) -> None:
                 f"({key.lower()} {expected}; {session.world_size} parties plus the dealer)"
             )
         os.environ[key] = str(expected)
-    rendezvous = session.rendezvous or os.environ.get("RENDEZVOUS")
+    rendezvous = session.rendezvous or os.environ.get(ENV_RENDEZVOUS)
     if not rendezvous:
         raise MpcflError(f"{who}: no rendezvous: pass --rendezvous tcp://HOST:PORT or set RENDEZVOUS")
     if not rendezvous.startswith(("tcp://", "file://", "env://")):
         raise MpcflError(f"{who}: rendezvous {rendezvous!r} must start with tcp://, file:// or env://")
-    os.environ["RENDEZVOUS"] = rendezvous
-    os.environ["DISTRIBUTED_BACKEND"] = "gloo"
+    os.environ[ENV_RENDEZVOUS] = rendezvous
+    os.environ[ENV_BACKEND] = BACKEND
 
 
 def _configure(session: Session) -> Any:
@@ -153,14 +138,14 @@ def _configure(session: Session) -> Any:
     from crypten.config import cfg
 
     set_process_group_timeout(session.timeout_s)
-    cfg.mpc.provider = "TFP" if session.insecure_dealer else "TTP"
+    cfg.mpc.provider = session.provider.crypten_name
     cfg.communicator.verbose = True
     return crypten
 
 
 def _translate(err: RuntimeError, who: str, session: Session) -> MpcflError:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    rendezvous = os.environ.get("RENDEZVOUS", "the rendezvous")
+    rendezvous = os.environ.get(ENV_RENDEZVOUS, "the rendezvous")
     if "EADDRINUSE" in str(err) or "address already in use" in str(err):
         return MpcflError(f"{who}: cannot host the rendezvous {rendezvous}: the port is already in use; pick another port")
     if "while trying to connect to" in str(err):
@@ -204,11 +189,8 @@ def party_session(session: Session, party: str) -> Iterator[int]:
     who = f"party {party}"
     _set_env(session, rank=rank, who=who)
     crypten = _configure(session)
-    if session.insecure_dealer:
-        log.warning(
-            "INSECURE: the insecure dealer is on, so party %s generates every Beaver "
-            "triple and can see all secrets. Use only for tests.", session.parties[0]
-        )
+    if session.provider.insecure:
+        log.warning(session.provider.warning.format(first=session.parties[0]))
     if session.device == "cuda" and not torch.cuda.is_available():
         raise MpcflError(f"{who}: device is cuda but torch sees no GPU")
     with _crypten_session(crypten, session, who):
@@ -228,8 +210,8 @@ def run_dealer(session: Session) -> None:
         MpcflError: the session runs without a dealer, or the environment contradicts it.
     """
     who = "dealer"
-    if session.insecure_dealer:
-        raise MpcflError(f"{who}: {session.label} uses the insecure dealer, so it runs without a dealer process")
+    if not session.provider.needs_dealer:
+        raise MpcflError(f"{who}: {session.label} uses provider {session.provider.name}, which runs without a dealer process")
     _set_env(session, rank=session.world_size, who=who)
     crypten = _configure(session)
     with _crypten_session(crypten, session, who):
@@ -277,28 +259,6 @@ def communication_stats() -> dict[str, float]:
     """This process's communication so far: rounds, bytes sent, seconds in comms."""
     stats = import_crypten().comm.get().get_communication_stats()
     return {"rounds": int(stats["rounds"]), "bytes": int(stats["bytes"]), "comm_time_s": float(stats["time"])}
-
-
-@contextlib.contextmanager
-def join(session: Session | None = None, *, party: str | None = None) -> Iterator[Party]:
-    """Joins a secure session as one party, for party scripts.
-
-    With no arguments it reads the role ``mpcfl launch`` put in the environment.
-
-    Args:
-        session: the parties and how to reach them; default ``Session.from_env()``.
-        party: this process's party name; default ``$MPCFL_PARTY``.
-
-    Raises:
-        MpcflError: no role is given or found, or the environment contradicts it.
-        PeerFailure: a peer failed while the session was open.
-    """
-    session = session or Session.from_env()
-    party = party or os.environ.get(ENV_PARTY)
-    if not party:
-        raise MpcflError(f"{ENV_PARTY} is not set: pass party= or start the script with `mpcfl launch`")
-    with party_session(session, party):
-        yield current_party()
 
 
 def current_party() -> Party:

@@ -1,0 +1,59 @@
+"""The task registry: what the CLI needs for each job ``task``.
+
+Runners live above this layer (``mpcfl.tasks``) and import torch, so they are
+named as ``module:function`` and imported only when a party runs: ``mpcfl
+validate`` loads no torch. Adding a task is a module in ``mpcfl/tasks/``, its
+schema class, and one line in :data:`TASKS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mpcfl.errors import MpcflError
+from mpcfl.jobs.schema import InferenceJob, JobBase, TrainJob
+
+#: Job-reading CLI features that only some tasks offer.
+RESUME, BASELINE, AUDIT, CHECK_DATA = "--resume", "baseline", "audit", "validate --party"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One job type.
+
+    Args:
+        name: the job file's ``task``.
+        job: its schema class.
+        runner: ``module:function`` running one party: ``(job, party, *, rendezvous, key_file, resume)``.
+        features: which of :data:`RESUME`, :data:`BASELINE`, :data:`AUDIT`, :data:`CHECK_DATA` apply.
+    """
+
+    name: str
+    job: type[JobBase]
+    runner: str
+    features: frozenset[str] = frozenset()
+
+    def require(self, job: JobBase, feature: str) -> None:
+        """Raises MpcflError, naming the job file, if ``feature`` does not apply to this task."""
+        if feature not in self.features:
+            offering = ", ".join(name for name, task in TASKS.items() if feature in task.features)
+            raise MpcflError(f"{job.source}: {feature} is for task: {offering}; this job is task: {self.name}")
+
+    def run_party(self) -> Callable[..., Any]:
+        """The party runner, imported now."""
+        module, _, function = self.runner.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+TASKS: dict[str, Task] = {
+    "train": Task("train", TrainJob, "mpcfl.tasks.train.runner:run_party", frozenset({RESUME, BASELINE, AUDIT, CHECK_DATA})),
+    "inference": Task("inference", InferenceJob, "mpcfl.tasks.inference:run_inference_party"),
+}
+
+
+def task_of(job: JobBase) -> Task:
+    """The registry entry of a loaded job, by its schema class."""
+    return next(task for task in TASKS.values() if isinstance(job, task.job))
