@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpcfl.errors import EXIT_OK, EXIT_PEER_FAILURE, MpcflError, exit_code
+from mpcfl.errors import EXIT_OK, MpcflError, exit_code, first_own_failure
 from mpcfl.launch.local import LOOPBACK_ENV, local_rendezvous
 from mpcfl.models.convert import trace
 from mpcfl.mpc import providers
@@ -147,9 +147,7 @@ def _await(processes: dict[str, Any], errors: Any, receive: Any) -> torch.Tensor
             while not errors.empty():
                 role, message = errors.get()
                 reports[role] = message
-            # A process that stopped because of a peer exits EXIT_PEER_FAILURE: name one that did not.
-            own = [r for r in failed if processes[r].exitcode != EXIT_PEER_FAILURE] or failed
-            role = own[0]
+            role = first_own_failure([(r, processes[r].exitcode) for r in failed]) or failed[0]
             raise MpcflError(f"{role} failed: {reports.get(role, f'exited with status {processes[role].exitcode}')}")
         if all(p.exitcode == 0 for p in processes.values()):
             if result is None and receive.poll(1.0):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from mpcfl.errors import EXIT_PEER_FAILURE, MpcflError
+from mpcfl.errors import MpcflError, first_own_failure
 from mpcfl.jobs.schema import JobBase
 from mpcfl.launch.env import KEYS, script_session, to_env
 from mpcfl.mpc import providers
@@ -187,9 +187,8 @@ def _blame(children: list[Child]) -> str:
     """Who failed first, and how: a child that failed on its own beats one that lost a peer,
     and if every failure is a lost peer, the children still running are the ones that hung."""
     failed = sorted((c for c in children if c.failed), key=lambda c: c.ended_at or float("inf"))
-    own = [c for c in failed if c.process.returncode != EXIT_PEER_FAILURE]
-    if own:
-        culprit = own[0]
+    culprit = first_own_failure([(c, c.process.returncode) for c in failed])
+    if culprit is not None:
         code = culprit.process.returncode
         if code < 0:
             reason = f"killed by signal {-code}"
@@ -222,8 +221,8 @@ def supervise(children: list[Child], *, sink: IO[str]) -> int:
                 settle = time.monotonic() + _SETTLE_S
                 while time.monotonic() < settle:
                     note_exits()
-                    own_failure = any(c.failed and c.process.returncode != EXIT_PEER_FAILURE for c in children)
-                    if own_failure or all(c.ended_at is not None for c in children):
+                    ended = [(c, c.process.returncode) for c in children if c.failed]
+                    if first_own_failure(ended) is not None or all(c.ended_at is not None for c in children):
                         break
                     time.sleep(_POLL_S)
                 message = _blame(children)
