@@ -18,16 +18,15 @@ from mpcfl.mpc.compat import import_crypten
 from mpcfl.dp import Budget, BudgetExceeded, Charge
 from mpcfl.dp.noise import add_noise_share, share_variance, skellam
 from mpcfl.mpc.prng import numpy_generator
-from mpcfl.mpc.reveal import Privacy, install_budget, reveal
+from mpcfl.mpc.reveal import Disclosure, Privacy, reveal
 
 OUT = Path(sys.argv[1])
 N, SIGMA, COLLUDERS = 20000, 0.5, 1
 
-with mpcfl.join() as me:
+budget = Budget.create(epsilon=10.0, delta=1e-5, accountant="rdp")
+with mpcfl.join() as me, Disclosure(budget):
     crypten = import_crypten()
     world = me.session.world_size
-    budget = Budget.create(epsilon=10.0, delta=1e-5, accountant="rdp")
-    install_budget(budget)
     # A: noise through the chokepoint, charged to the budget.
     zeros = crypten.cryptensor(torch.zeros(N), src=0)
     charge = Charge("gaussian", 2.0, 1)

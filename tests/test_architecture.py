@@ -32,3 +32,23 @@ def test_the_contracts_would_catch_an_upward_import(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "mpcfl.dp is not allowed to import mpcfl.tasks" in result.stdout
+
+
+def test_the_training_loop_has_no_dp_branch() -> None:
+    """DP is the step strategy's business (mpcfl.tasks.train.steps): the loop never looks at the job's dp."""
+    import re
+
+    source = (REPO / "mpcfl" / "tasks" / "train" / "loop.py").read_text()
+    assert "job.dp" not in source
+    assert not re.search(r"^\s*(from|import) mpcfl\.(dp|tasks\.train\.dp_sgd)\b", source, re.M)
+
+
+def test_only_the_head_knows_binary_from_multiclass() -> None:
+    import re
+
+    offenders = sorted(
+        str(path.relative_to(REPO))
+        for path in (REPO / "mpcfl").rglob("*.py")
+        if re.search(r"num_classes\s*[=!<>]=?\s*2|num_classes\s*>\s*2", path.read_text())
+    )
+    assert offenders == ["mpcfl/models/spec.py"]

@@ -9,6 +9,7 @@ from mpcfl.mpc.compat import import_crypten
 from mpcfl.models.spec import ModelSpec
 from mpcfl.dp.clipping import MARGIN, clipped_gradient_sum
 from mpcfl.models.build import build_torch_model, to_crypten
+from mpcfl.models.heads import head_of
 from mpcfl.mpc.reveal import reveal
 
 
@@ -42,7 +43,8 @@ def test_clipped_sum_matches_plaintext(crypten_single: None, hidden: list[int], 
     assert max(norms) > clip > min(norms) or max(norms) > clip  # some examples really get clipped
     model = to_crypten(torch_model).encrypt(src=0)
     sums = clipped_gradient_sum(
-        model, torch_model, crypten.cryptensor(x), crypten.cryptensor(target), clip=clip, binary=binary
+        model, torch_model, crypten.cryptensor(x), crypten.cryptensor(target), clip=clip,
+        output_error=head_of(spec).output_error,
     )
     for name, value in expected.items():
         got = reveal(sums[name], to=[0], what=f"test {name}")
@@ -53,11 +55,12 @@ def test_clipped_sum_matches_plaintext(crypten_single: None, hidden: list[int], 
 def test_no_example_can_exceed_the_bound(crypten_single: None) -> None:
     """Even when 1/sqrt is far off (huge gradients), the clipped sum of one example stays within C sqrt(1+margin)."""
     crypten = import_crypten()
-    torch_model = build_torch_model(ModelSpec(type="mlp", hidden=[4]), n_features=3, seed=1)
+    spec = ModelSpec(type="mlp", hidden=[4])
+    torch_model = build_torch_model(spec, n_features=3, seed=1)
     clip = 0.1
     for scale in (1e-3, 1.0, 50.0):
         x = torch.full((1, 3), scale)
         model = to_crypten(torch_model).encrypt(src=0)
-        sums = clipped_gradient_sum(model, torch_model, crypten.cryptensor(x), crypten.cryptensor(torch.zeros(1, 1)), clip=clip, binary=True)
+        sums = clipped_gradient_sum(model, torch_model, crypten.cryptensor(x), crypten.cryptensor(torch.zeros(1, 1)), clip=clip, output_error=head_of(spec).output_error)
         norm = torch.sqrt(sum((reveal(v, to=[0], what="norm test") ** 2).sum() for v in sums.values()))
         assert norm <= clip * (1 + MARGIN) ** 0.5 + 1e-3, (scale, float(norm))

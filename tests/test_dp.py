@@ -18,7 +18,7 @@ from mpcfl.jobs.schema import load_job
 from mpcfl.dp import Budget, BudgetExceeded, Charge, calibrate_noise_multiplier, create_accountant
 from mpcfl.dp.noise import share_variance, skellam
 from mpcfl.mpc.prng import numpy_generator
-from mpcfl.tasks.train.dp_sgd import clip_rows
+from mpcfl.dp.clipping import clip_rows
 from mpcfl.errors import ConfigError
 
 SCALE = 2**16

@@ -34,3 +34,47 @@ def test_crypten_model_has_the_same_names_and_outputs() -> None:
 def test_unsupported_layer_is_named() -> None:
     with pytest.raises(MpcflError, match="layer Tanh is not supported"):
         to_crypten(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh()))
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_head_agrees_with_plain_torch(crypten_single: None, classes: int) -> None:
+    """Output size, targets, loss and correct count: the secure head against torch's own."""
+    import numpy as np
+
+    from mpcfl.models.heads import head_of
+    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.reveal import reveal
+
+    crypten = import_crypten()
+    spec = ModelSpec(type="mlp", hidden=[4], num_classes=classes)
+    head = head_of(spec)
+    assert head.output_size == (1 if classes == 2 else 3)
+    assert head.loss_name == ("bce" if classes == 2 else "cross_entropy")
+    assert build_torch_model(spec, n_features=5, seed=0)[-1].out_features == head.output_size
+    labels = np.array([0, 1, classes - 1, 1, 0, 1])
+    torch.manual_seed(0)
+    logits = torch.randn(len(labels), head.output_size) * 3
+    plain_y = head.plain_targets(labels)
+    secure_y = head.secure_targets(labels, len(labels))
+    if classes == 2:
+        expected_loss = torch.nn.BCEWithLogitsLoss(reduction="none")(logits, plain_y).squeeze(1)
+        expected_correct = ((logits > 0).long().squeeze(1) == torch.from_numpy(labels)).sum()
+        assert torch.equal(secure_y, plain_y)
+    else:
+        expected_loss = torch.nn.CrossEntropyLoss(reduction="none")(logits, plain_y)
+        expected_correct = (logits.argmax(1) == torch.from_numpy(labels)).sum()
+        assert torch.equal(secure_y, torch.nn.functional.one_hot(plain_y, classes).float())
+    assert torch.allclose(head.plain_loss(logits, plain_y, reduction="none").reshape(-1), expected_loss)
+    assert int(head.plain_hits(logits, plain_y).sum()) == int(expected_correct)
+    assert head.secure_targets(None, 4).shape == (4, head.output_size)  # a party without labels shares zeros
+    enc_logits, enc_y = crypten.cryptensor(logits), crypten.cryptensor(secure_y)
+    losses = reveal(head.secure_example_losses(enc_logits, enc_y), to=[0], what="losses")
+    correct = reveal(head.secure_correct(enc_logits, enc_y), to=[0], what="correct")
+    assert torch.allclose(losses, expected_loss, atol=2e-2), (losses, expected_loss)
+    assert round(float(correct)) == int(expected_correct)
+    # The output error is the gradient of the summed loss at the logits.
+    grad_logits = logits.clone().requires_grad_()
+    head.plain_loss(grad_logits, plain_y, reduction="sum").backward()
+    error = reveal(head.output_error(enc_logits, enc_y), to=[0], what="error")
+    assert torch.allclose(error, grad_logits.grad, atol=1e-2)
+    assert float(grad_logits.grad.norm(dim=1).max()) <= head.gradient_bound

@@ -22,16 +22,42 @@ def test_under_a_budget_every_reveal_must_declare_its_charge(crypten_single: Non
 
     from mpcfl.mpc.compat import import_crypten
     from mpcfl.dp import Budget
-    from mpcfl.mpc.reveal import RevealPolicyError, install_budget, reveal
+    from mpcfl.mpc.reveal import Disclosure, RevealPolicyError, reveal
 
     crypten = import_crypten()
     value = crypten.cryptensor(torch.ones(3))
-    install_budget(Budget.create(epsilon=1.0, delta=1e-5, accountant="rdp"))
-    try:
+    with Disclosure(Budget.create(epsilon=1.0, delta=1e-5, accountant="rdp")):
         with pytest.raises(RevealPolicyError, match="reveal of x: the job has a privacy budget, and this reveal declares no charge"):
             reveal(value, to=[0], what="x")
         with pytest.raises(RevealPolicyError, match="invalid receivers"):
             reveal(value, to=[0, 0], what="x")
-    finally:
-        install_budget(None)
+    # The budget went with the run: the same reveal needs no charge now.
     assert torch.equal(reveal(value, to=[0], what="x"), torch.ones(3))
+
+
+def test_each_run_has_its_own_ledger_and_budget(crypten_single: None) -> None:
+    import pytest
+    import torch
+
+    from mpcfl.dp import Budget, Charge
+    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.reveal import Disclosure, Privacy, reveal
+
+    crypten = import_crypten()
+    value = crypten.cryptensor(torch.ones(2))
+    budget = Budget.create(epsilon=1.0, delta=1e-5, accountant="rdp")
+    with Disclosure(budget) as first:
+        reveal(value, to=[0], what="first run", privacy=Privacy(Charge("gaussian", 50.0)))
+    with Disclosure() as second:
+        reveal(value, to=[0], what="second run")  # no budget: no charge needed
+    reveal(value, to=[0], what="outside any run")
+    assert [r["what"] for r in first.ledger()] == ["first run"]
+    assert first.ledger()[0]["epsilon_after"] == pytest.approx(budget.spent())
+    assert [r["what"] for r in second.ledger()] == ["second run"]
+    assert [e["what"] for e in budget.ledger] == ["first run"]
+    # Leaving by an exception uninstalls the budget too.
+    with pytest.raises(RuntimeError, match="boom"), Disclosure(Budget.create(epsilon=1.0, delta=1e-5, accountant="rdp")):
+        raise RuntimeError("boom")
+    assert torch.equal(reveal(value, to=[0], what="after"), torch.ones(2))
+    with first, pytest.raises(RuntimeError, match="entered once"), first:
+        pass

@@ -138,18 +138,21 @@ def test_model_kept_secret_shared_when_nobody_receives_it(tmp_path: Path) -> Non
 
 
 def test_revealed_wrap_around_symptoms_stop_the_run() -> None:
+    from mpcfl.models.heads import BinaryHead
     from mpcfl.tasks.train.bounds import Bounds, WrapAround
     from mpcfl.tasks.train.loop import _check_metrics, _check_weights
 
+    binary = BinaryHead(2)
+
     limits = Bounds(input_norm=10.0, steps=100, largest_product=1e6, weight=50.0, logit=1e3)
     healthy = torch.tensor([120.0, 90.0, 30.0, 20.0])
-    _check_metrics(healthy, limits, [100, 25], classes=2, noise=0.0, what="party p0: epoch 1")
-    _check_metrics(None, limits, [100, 25], classes=2, noise=0.0, what="not a receiver")
+    _check_metrics(healthy, limits, [100, 25], head=binary, noise=0.0, what="party p0: epoch 1")
+    _check_metrics(None, limits, [100, 25], head=binary, noise=0.0, what="not a receiver")
     for sums, entry in (([-2.0e9, 90.0, 30.0, 20.0], 0), ([120.0, float("nan"), 30, 20], 1), ([120.0, 90.0, 1e9, 20], 2)):
         with pytest.raises(WrapAround, match=rf"party p0: epoch 1: revealed value .* \(entry {entry}\) is outside"):
-            _check_metrics(torch.tensor(sums), limits, [100, 25], classes=2, noise=0.0, what="party p0: epoch 1")
+            _check_metrics(torch.tensor(sums), limits, [100, 25], head=binary, noise=0.0, what="party p0: epoch 1")
     # DP noise may push a sum below zero; that is not a symptom.
-    _check_metrics(torch.tensor([-3.0, 90.0]), limits, [100], classes=2, noise=1.0, what="noisy")
+    _check_metrics(torch.tensor([-3.0, 90.0]), limits, [100], head=binary, noise=1.0, what="noisy")
     _check_weights({"0.weight": torch.tensor([[1.0, -49.0]]), "0.bias": torch.tensor([2.0])}, limits, what="w")
     with pytest.raises(WrapAround, match="party p1: trained model parameters: revealed value 2.7e\\+09"):
         _check_weights({"0.weight": torch.tensor([[1.0, 2.7e9]])}, limits, what="party p1: trained model parameters")

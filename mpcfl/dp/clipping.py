@@ -1,4 +1,5 @@
-"""Per-example gradient clipping under MPC for MLPs (Sequential Linear / ReLU / Sigmoid).
+"""Clipping: feature rows in plaintext, and per-example gradients under MPC for MLPs
+(Sequential Linear / ReLU / Sigmoid).
 
 No per-example gradient is ever materialised. For a linear layer, example i's
 weight gradient is the outer product of its backpropagated error d_i and its
@@ -17,13 +18,21 @@ sensitivity the noise is calibrated to.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from mpcfl.errors import MpcflError
 
 MARGIN = 0.01
+
+
+def clip_rows(x: np.ndarray, bound: float) -> np.ndarray:
+    """Scales each row down to L2 norm ``bound`` if it is longer; shorter rows are untouched."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x * np.minimum(1.0, bound / np.maximum(norms, 1e-300))
 
 
 def sensitivity(clip: float) -> float:
@@ -32,7 +41,7 @@ def sensitivity(clip: float) -> float:
 
 
 def clipped_gradient_sum(
-    model: Any, torch_model: nn.Sequential, x: Any, y: Any, *, clip: float, binary: bool
+    model: Any, torch_model: nn.Sequential, x: Any, y: Any, *, clip: float, output_error: Callable[[Any, Any], Any]
 ) -> dict[str, Any]:
     """The sum over the batch of each example's gradient clipped to norm ``clip``.
 
@@ -40,8 +49,10 @@ def clipped_gradient_sum(
         model: the encrypted crypten model (parameters named like ``torch_model``'s).
         torch_model: the plain architecture, for the layer types.
         x: the batch's features, a CrypTensor (B x d).
-        y: targets: a 0/1 column for ``binary`` (BCE), else one-hot rows (cross-entropy).
+        y: the batch's targets, encoded as ``output_error`` wants them.
         clip: the norm bound C.
+        output_error: (logits, y) -> each example's d(loss)/d(logits), the head's
+            (:meth:`mpcfl.models.heads.Head.output_error`).
 
     Returns:
         Encrypted gradient sums by parameter name.
@@ -64,7 +75,7 @@ def clipped_gradient_sum(
         else:
             raise MpcflError(f"per-example clipping supports Linear, ReLU and Sigmoid layers, not {type(layer).__name__}")
     # d(loss_i)/d(logits_i) for one example (no 1/B: this is a per-example gradient)
-    error = (activation.sigmoid() if binary else activation.softmax(dim=1)) - y
+    error = output_error(activation, y)
 
     errors: list[Any] = []
     squared_norm = None

@@ -309,7 +309,7 @@ class TrainJob(JobBase):
         if any(given) and not all(given):
             missing = given.index(False)
             raise ValueError(f"parties.{missing}.data.test: give test data for every party or for none")
-        binary = self.model.num_classes == 2
+        binary = self.model.binary
         if binary and self.training.loss != "bce":
             raise ValueError("training.loss: two classes train with 'bce'")
         if not binary and self.training.loss != "cross_entropy":

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from mpcfl.mpc.compat import import_crypten
+from mpcfl.models.heads import head_of
 from mpcfl.models.spec import ModelSpec
 from mpcfl.errors import MpcflError
 
@@ -27,7 +28,7 @@ def build_torch_model(spec: ModelSpec, *, n_features: int, seed: int | None = No
         n_features: input width (all parties' feature columns together).
         seed: seeds the initial weights; ``None`` leaves torch's global generator alone.
     """
-    sizes = [n_features, *spec.hidden, spec.output_size]
+    sizes = [n_features, *spec.hidden, head_of(spec).output_size]
     generator_state = torch.random.get_rng_state()
     if seed is not None:
         torch.manual_seed(seed)

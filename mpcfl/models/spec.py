@@ -1,6 +1,7 @@
-"""What a job may say about its model, and the one place that knows binary from multi-class.
+"""What a job may say about its model.
 
-Kept free of torch, so loading and validating a job stays light.
+Kept free of torch, so loading and validating a job stays light; what binary and
+multi-class mean for outputs, targets and losses is :mod:`mpcfl.models.heads`'s.
 """
 
 from __future__ import annotations
@@ -30,10 +31,5 @@ class ModelSpec(BaseModel):
 
     @property
     def binary(self) -> bool:
-        """Two classes: one logit, a sigmoid and BCE; otherwise one logit per class and softmax."""
+        """Two classes (see :func:`mpcfl.models.heads.head_of`)."""
         return self.num_classes == 2
-
-    @property
-    def output_size(self) -> int:
-        """One logit for two classes, one per class otherwise."""
-        return 1 if self.binary else self.num_classes

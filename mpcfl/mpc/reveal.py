@@ -1,12 +1,16 @@
 """The one way out of MPC: every plaintext value leaves through :func:`reveal`.
 
 It enforces who may see a value (only the ranks the caller names, which the
-job's ``outputs`` section decides), applies the DP layer, and keeps a ledger of
-what was revealed to whom, which each party saves with its outputs. No other
-module calls ``get_plain_text``; ``tests/test_reveal.py`` scans the package for it.
+job's ``outputs`` section decides), applies the DP layer, and records what was
+revealed to whom in the run's :class:`Disclosure`, which each party saves with its
+outputs. No other module calls ``get_plain_text``; ``tests/test_reveal.py`` scans
+the package for it.
 
-When a privacy budget is installed (a job with ``dp``), every reveal must say
-what it costs: the charge is checked against the budget first, and a reveal that
+A task opens one :class:`Disclosure` per run (``with Disclosure(budget) as d:``):
+nothing of it outlives the ``with``, so two runs in one process never share a
+ledger or a budget. A reveal outside any disclosure (a party script, a test) is
+neither recorded nor budgeted. When the disclosure has a privacy budget (a job
+with ``dp``), every reveal must say what it costs: the charge is checked against the budget first, and a reveal that
 would exceed it is refused before anything is opened. If the reveal itself adds
 noise (output perturbation), each party adds its integer noise share to its own
 arithmetic share just before opening.
@@ -16,7 +20,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextvars import ContextVar, Token
 from dataclasses import asdict, dataclass
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -60,15 +66,37 @@ class RevealRecord:
     epsilon_after: float | None = None
 
 
-_ledger: list[RevealRecord] = []
-_budget: list[Budget] = []
+class Disclosure:
+    """One run's record of what left MPC, and the privacy budget (if any) every reveal is charged to.
+
+    While entered, every :func:`reveal` records into it and charges its budget; leaving
+    it, by return or exception, removes both from the reveal path.
+    """
+
+    def __init__(self, budget: Budget | None = None) -> None:
+        self.budget = budget
+        self.records: list[RevealRecord] = []
+        self._token: Token[Disclosure | None] | None = None
+
+    def __enter__(self) -> Disclosure:
+        if self._token is not None:
+            raise RuntimeError("a Disclosure is entered once at a time")
+        self._token = _active.set(self)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        assert self._token is not None
+        _active.reset(self._token)
+        self._token = None
+
+    def ledger(self) -> list[dict[str, Any]]:
+        """What this run revealed, as JSON-ready records."""
+        return [asdict(record) for record in self.records]
 
 
-def install_budget(budget: Budget | None) -> None:
-    """Makes ``budget`` govern every later reveal in this process (``None`` removes it)."""
-    _budget.clear()
-    if budget is not None:
-        _budget.append(budget)
+_active: ContextVar[Disclosure | None] = ContextVar("mpcfl_disclosure", default=None)
 
 
 def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None = None) -> torch.Tensor | None:
@@ -80,7 +108,7 @@ def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None 
         value: the ``CrypTensor`` to open.
         to: ranks that receive the plaintext; the others learn nothing.
         what: a description for the ledgers and the logs.
-        privacy: the reveal's DP charge and noise; required when a budget is installed.
+        privacy: the reveal's DP charge and noise; required when the run's disclosure has a budget.
 
     Returns:
         The plaintext on a receiving rank, ``None`` on every other rank.
@@ -99,11 +127,13 @@ def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None 
     receivers = tuple(sorted(set(to)))
     if not receivers or len(receivers) != len(to) or not all(0 <= r < world for r in receivers):
         raise RevealPolicyError(f"reveal of {what}: invalid receivers {list(to)} for {world} parties")
+    disclosure = _active.get()
+    budget = None if disclosure is None else disclosure.budget
     epsilon = None
-    if _budget:
+    if budget is not None:
         if privacy is None:
             raise RevealPolicyError(f"reveal of {what}: the job has a privacy budget, and this reveal declares no charge")
-        epsilon = _budget[0].charge(what, privacy.charge)
+        epsilon = budget.charge(what, privacy.charge)
     if privacy is not None and privacy.scale > 0:
         value = value.clone()
         share = noise_share(
@@ -111,7 +141,8 @@ def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None 
             colluders=privacy.colluders, fixed_point=value.encoder.scale, generator=numpy_generator(),
         )
         add_noise_share(value, share)
-    _ledger.append(RevealRecord(what=what, shape=tuple(value.size()), to=receivers, epsilon_after=epsilon))
+    if disclosure is not None:
+        disclosure.records.append(RevealRecord(what=what, shape=tuple(value.size()), to=receivers, epsilon_after=epsilon))
     log.debug("revealing %s %s to ranks %s", what, tuple(value.size()), receivers)
     if len(receivers) == world:
         return value.get_plain_text()
@@ -121,8 +152,3 @@ def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None 
         if rank == me:
             result = opened
     return result
-
-
-def ledger() -> list[dict[str, Any]]:
-    """What this process has revealed so far, as JSON-ready records."""
-    return [asdict(record) for record in _ledger]

@@ -33,7 +33,7 @@ from mpcfl.models.convert import encrypt_model, trace
 from mpcfl.errors import MpcflError
 from mpcfl.models.factory import build_factory_model
 from mpcfl.outputs import write_json, write_npy
-from mpcfl.mpc.reveal import ledger, reveal
+from mpcfl.mpc.reveal import Disclosure, reveal
 from mpcfl.mpc.session import agreed, all_gather_public, communication_stats, current_party, party_session
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def run_inference_party(
     """
     is_owner, is_data = party == job.model.owner, party == job.inputs.owner
     started = time.perf_counter()
-    with party_session(session_of(job, rendezvous=rendezvous, key_file=key_file), party):
+    with party_session(session_of(job, rendezvous=rendezvous, key_file=key_file), party), Disclosure() as disclosure:
         model = agreed("model loading", job.party_names, lambda: build_model(job))
         if is_owner:
             agreed("weights loading", job.party_names, lambda: load_weights(model, job.model.weights, party=party))
@@ -211,7 +211,7 @@ def run_inference_party(
         "party": party,
         "seconds": time.perf_counter() - started,
         "communication": totals,
-        "reveals": ledger(),
+        "reveals": disclosure.ledger(),
     }
     if is_data:
         write_npy(out / "predictions.npy", predictions.numpy())

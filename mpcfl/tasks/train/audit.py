@@ -34,6 +34,7 @@ from mpcfl.tasks.train.baseline import prepared_data, train_plaintext
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.errors import MpcflError
 from mpcfl.models.build import build_torch_model
+from mpcfl.models.heads import head_of
 from mpcfl.outputs import atomic_write, write_json
 
 log = logging.getLogger(__name__)
@@ -63,22 +64,13 @@ class AttackResult:
 def _confidence(job: TrainJob, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """Per-example logit-scaled confidence in the true label, log(p / (1 - p)) (LiRA's statistic)."""
     with torch.no_grad():
-        logits = model(x)
-        if job.model.num_classes == 2:
-            signed = torch.where(y > 0.5, logits, -logits).squeeze(1)
-            return signed.double().numpy()  # log(p/(1-p)) of the true label is its signed logit
-        log_p = torch.log_softmax(logits.double(), dim=1).gather(1, y.view(-1, 1)).squeeze(1)
-        return (log_p - torch.log(-torch.expm1(log_p).clamp_min(1e-300))).numpy()
+        return head_of(job.model).log_odds(model(x), y).numpy()
 
 
 def _loss(job: TrainJob, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
-        logits = model(x)
-        if job.model.num_classes == 2:
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").squeeze(1)
-        else:
-            loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-    return loss.double().numpy()
+        loss = head_of(job.model).plain_loss(model(x), y, reduction="none")
+    return loss.reshape(len(x)).double().numpy()
 
 
 def roc(scores: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -8,15 +8,18 @@ the same standardisation, initial weights, batch order, optimiser and loss.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from mpcfl.jobs.schema import TrainJob
 from mpcfl.data.party import PartyData, apply_scaler, check_range, load_party_data, standardize_locally
-from mpcfl.tasks.train.dp_sgd import calibration, clip_party_features, clips_features
+from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.build import build_torch_model
+from mpcfl.models.heads import Head, head_of
+from mpcfl.tasks.train.dataset import prepare
+from mpcfl.tasks.train.dp_sgd import calibration, clips_features
 from mpcfl.tasks.train.loop import batches
 
 
@@ -36,31 +39,11 @@ def _joined(job: TrainJob, parts: list[PartyData], which: str) -> tuple[np.ndarr
     return np.vstack([s.x for s in splits]), np.concatenate([s.y for s in splits])
 
 
-def _standardize(job: TrainJob, parts: list[PartyData]) -> None:
-    if job.partition == "vertical":
-        for part in parts:
-            standardize_locally(part)
-        return
-    rows = np.vstack([p.train.x for p in parts])
-    for part in parts:
-        apply_scaler(part, rows.mean(axis=0), rows.std(axis=0))
-
-
-def _targets(job: TrainJob, y: np.ndarray) -> torch.Tensor:
-    if job.model.num_classes == 2:
-        return torch.from_numpy(y).float().reshape(-1, 1)
-    return torch.from_numpy(y).long()
-
-
-def _evaluate(job: TrainJob, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def _evaluate(head: Head, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     with torch.no_grad():
         logits = model(x)
-        if job.model.num_classes == 2:
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
-            correct = ((logits > 0).float() == y).float().mean()
-        else:
-            loss = torch.nn.functional.cross_entropy(logits, y)
-            correct = (logits.argmax(dim=1) == y).float().mean()
+        loss = head.plain_loss(logits, y)
+        correct = head.plain_hits(logits, y).float().mean()
     return float(loss), float(correct)
 
 
@@ -71,19 +54,28 @@ def prepared_data(job: TrainJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         DataError: a party's files are unusable.
     """
     parts = [load_party_data(job, name) for name in job.party_names]
-    if job.data.standardize:
-        _standardize(job, parts)
-    if job.dp is not None and clips_features(job):
-        for part in parts:
-            clip_party_features(job, part, [p.train.x.shape[1] for p in parts])
+    feature_counts = [p.train.x.shape[1] for p in parts]
+    if job.partition == "vertical":
+        standardize = standardize_locally
+    else:  # the joint statistics the secure run computes under MPC, here over all rows at once
+        rows = np.vstack([p.train.x for p in parts])
+        mean, std = rows.mean(axis=0), rows.std(axis=0)
+
+        def standardize(part: PartyData) -> None:
+            apply_scaler(part, mean, std)
+
     for part in parts:
-        check_range(part, job.data.max_abs)
+        prepare(
+            job, part, feature_counts=feature_counts, standardize=standardize,
+            check=lambda p: check_range(p, job.data.max_abs),
+        )
+    head = head_of(job.model)
     x_np, y_np = _joined(job, parts, "train")
-    x, y = torch.tensor(x_np, dtype=torch.float32), _targets(job, y_np)
+    x, y = torch.tensor(x_np, dtype=torch.float32), head.plain_targets(y_np)
     test = _joined(job, parts, "test")
     if test is None:
         return x, y, None, None
-    return x, y, torch.tensor(test[0], dtype=torch.float32), _targets(job, test[1])
+    return x, y, torch.tensor(test[0], dtype=torch.float32), head.plain_targets(test[1])
 
 
 def evaluate_state_dict(job: TrainJob, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -91,13 +83,14 @@ def evaluate_state_dict(job: TrainJob, state_dict: dict[str, torch.Tensor]) -> d
     x, y, x_test, y_test = prepared_data(job)
     model = build_torch_model(job.model, n_features=x.shape[1])
     model.load_state_dict(state_dict)
-    record = dict(zip(("loss", "train_accuracy"), _evaluate(job, model, x, y)))
+    head = head_of(job.model)
+    record = dict(zip(("loss", "train_accuracy"), _evaluate(head, model, x, y)))
     if x_test is not None:
-        record.update(zip(("test_loss", "test_accuracy"), _evaluate(job, model, x_test, y_test)))
+        record.update(zip(("test_loss", "test_accuracy"), _evaluate(head, model, x_test, y_test)))
     return record
 
 
-def _clipped_sum_gradients(model: torch.nn.Module, loss_fn: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, clip: float) -> None:
+def _clipped_sum_gradients(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, *, clip: float) -> None:
     """Sets each parameter's gradient to the batch mean of per-example gradients clipped to ``clip``."""
     params = list(model.parameters())
     total = [torch.zeros_like(p) for p in params]
@@ -135,7 +128,8 @@ def train_plaintext(
     seed = spec.seed if seed is None else seed
     model = build_torch_model(job.model, n_features=x.shape[1], seed=seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)
-    loss_fn = torch.nn.BCEWithLogitsLoss() if job.model.num_classes == 2 else torch.nn.CrossEntropyLoss()
+    head = head_of(job.model)
+    loss_fn = head.plain_loss
     noise_std = math.prod(calibration(job)) if job.dp is not None else 0.0
     generator = torch.Generator().manual_seed(seed)
     history = []
@@ -151,9 +145,9 @@ def train_plaintext(
                 for param in model.parameters():
                     param.grad += torch.randn(param.shape, generator=generator) * noise_std / len(rows)
             optimizer.step()
-        loss, accuracy = _evaluate(job, model, x, y)
+        loss, accuracy = _evaluate(head, model, x, y)
         record = {"epoch": epoch + 1, "loss": loss, "train_accuracy": accuracy}
         if x_test is not None:
-            record["test_loss"], record["test_accuracy"] = _evaluate(job, model, x_test, y_test)
+            record["test_loss"], record["test_accuracy"] = _evaluate(head, model, x_test, y_test)
         history.append(record)
     return PlainResult(model=model, history=history)

@@ -40,9 +40,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mpcfl.jobs.schema import TrainJob
 from mpcfl.errors import MpcflError
+from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.build import build_torch_model
+from mpcfl.models.heads import Head, head_of
 
 PRODUCT_LIMIT = 2.0**31  # |a * b| at which an encoded product wraps
 SUM_LIMIT = 2.0**46  # values that are only added wrap at 2^47; keep a factor two
@@ -58,9 +59,9 @@ class Bounds:
     weight: float  # any one parameter's magnitude, at any step
     logit: float  # any logit's magnitude
 
-    def loss_sum(self, rows: int, classes: int) -> float:
-        """A bound on a split's summed loss (each example's loss <= |logit| + log(classes))."""
-        return rows * (self.logit * (2 if classes > 2 else 1) + math.log(classes))
+    def loss_sum(self, rows: int, head: Head) -> float:
+        """A bound on a split's summed loss (:meth:`~mpcfl.models.heads.Head.example_loss_bound` per example)."""
+        return rows * head.example_loss_bound(self.logit)
 
 
 def steps(job: TrainJob, n_rows: int) -> int:
@@ -77,7 +78,7 @@ def training_bounds(job: TrainJob, *, n_features: int, n_rows: int, input_norm: 
     sigmoid = job.model.activation == "sigmoid"
     widths = [layer.out_features for layer in linears]
     step = job.training.learning_rate / (1 - job.training.momentum)
-    error = 1.0 if job.model.num_classes == 2 else math.sqrt(2.0)
+    error = head_of(job.model).gradient_bound
     dp_mlp = job.dp is not None and job.model.type == "mlp"
 
     def forward() -> list[float]:
@@ -126,9 +127,11 @@ def safe_input_norm(job: TrainJob, *, n_features: int, n_rows: int, metric_rows:
     so bisection on a log scale finds it; 0 when even tiny features do not fit.
     """
 
+    head = head_of(job.model)
+
     def fits(norm: float) -> bool:
         bounds = training_bounds(job, n_features=n_features, n_rows=n_rows, input_norm=norm)
-        return bounds.largest_product < PRODUCT_LIMIT and bounds.loss_sum(metric_rows, job.model.num_classes) < SUM_LIMIT
+        return bounds.largest_product < PRODUCT_LIMIT and bounds.loss_sum(metric_rows, head) < SUM_LIMIT
 
     low, high = 1e-6, math.sqrt(PRODUCT_LIMIT)
     if not fits(low):

@@ -3,17 +3,19 @@
 Every party calls :func:`share_dataset` at the same point with its own
 :class:`~mpcfl.data.party.PartyData`. What the other parties learn before sharing
 is public shape metadata (row and column counts; in a horizontal job, a hash of
-the column names). Fixed-point bounds (:mod:`mpcfl.tasks.train.bounds`) and DP
-feature clipping (:mod:`mpcfl.tasks.train.dp_sgd`) are applied here, in the order
-the plaintext baseline applies them too.
+the column names). :func:`prepare` is the one order of preprocessing steps
+(standardisation, DP feature clipping from :mod:`mpcfl.tasks.train.dp_sgd`, range and
+fixed-point checks from :mod:`mpcfl.tasks.train.bounds`), shared by the secure run,
+``mpcfl validate --party`` and the plaintext baseline.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,11 +26,40 @@ from mpcfl.data.party import (
     standardize_locally,
 )
 from mpcfl.jobs.schema import TrainJob
+from mpcfl.models.heads import head_of
 from mpcfl.mpc.session import agreed, all_gather_public
 from mpcfl.tasks.train.bounds import PRODUCT_LIMIT, safe_input_norm, steps
-from mpcfl.tasks.train.dp_sgd import clip_party_features, clips_features
+from mpcfl.tasks.train.dp_sgd import bound_features
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def prepare(
+    job: TrainJob,
+    data: PartyData,
+    *,
+    feature_counts: list[int],
+    standardize: Callable[[PartyData], None],
+    check: Callable[[PartyData], T],
+) -> T:
+    """Preprocesses one party's data in place, in the order every path uses.
+
+    Standardise first (``standardize``: this path's statistics, local or joint), then
+    clip features for DP (only DP logistic regression does), then ``check`` the values
+    that will be shared: bounds hold for what goes into MPC, not for raw data.
+
+    Args:
+        feature_counts: every party's number of feature columns (public).
+
+    Returns:
+        What ``check`` returns.
+    """
+    if job.data.standardize:
+        standardize(data)
+    bound_features(job, data, feature_counts)
+    return check(data)
 
 
 def check_bounds(job: TrainJob, data: PartyData, *, n_features: int, n_rows: int, metric_rows: int, share: float) -> float:
@@ -81,16 +112,16 @@ def check_alone(job: TrainJob, data: PartyData) -> str:
     if job.data.standardize and job.partition == "horizontal":
         check_joint_stats_range(data)
         return "raw values fit joint standardisation; training bounds are checked at run time, after it"
-    if job.data.standardize:
-        standardize_locally(data)
-    if job.dp is not None:
-        if clips_features(job):
-            clip_party_features(job, data, [data.train.x.shape[1]])
-    check_range(data, job.data.max_abs)
     rows = data.train.x.shape[0]
     test = 0 if data.test is None else data.test.x.shape[0]
-    headroom = check_bounds(
-        job, data, n_features=data.train.x.shape[1], n_rows=rows, metric_rows=max(rows, test), share=1.0
+
+    def checks(part: PartyData) -> float:
+        check_range(part, job.data.max_abs)
+        n_features = part.train.x.shape[1]
+        return check_bounds(job, part, n_features=n_features, n_rows=rows, metric_rows=max(rows, test), share=1.0)
+
+    headroom = prepare(
+        job, data, feature_counts=[data.train.x.shape[1]], standardize=standardize_locally, check=checks
     )
     return f"fixed-point headroom {headroom:.3g}x on its own columns and rows (the run checks all parties together)"
 
@@ -170,19 +201,6 @@ def _crypten() -> Any:
     return import_crypten()
 
 
-def _targets(job: TrainJob, y: np.ndarray | None, rows: int) -> torch.Tensor:
-    """Labels as the loss wants them: a column of 0/1, or one-hot rows."""
-    if job.model.num_classes == 2:
-        out = torch.zeros(rows, 1)
-        if y is not None:
-            out[:, 0] = torch.from_numpy(y).float()
-        return out
-    out = torch.zeros(rows, job.model.num_classes)
-    if y is not None:
-        out[torch.arange(rows), torch.from_numpy(y)] = 1.0
-    return out
-
-
 def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: str = "cpu") -> SharedData:
     """Agrees on shapes with the other parties, prepares the data and secret-shares it.
 
@@ -192,28 +210,30 @@ def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: str = "c
         DataError: shapes disagree across parties, or values are out of range.
     """
     crypten = _crypten()
+    head = head_of(job.model)
     shapes = _public_shapes(job, data)
-    if job.data.standardize:
-        if job.partition == "vertical":
-            standardize_locally(data)
-        else:
-            agreed("raw range check", job.party_names, lambda: check_joint_stats_range(data))
-            _standardize_jointly(job, data, shapes)
-    if job.dp is not None:
-        if clips_features(job):
-            clip_party_features(job, data, [s[2] for s in shapes])
     vertical = job.partition == "vertical"
     n_features = sum(s[2] for s in shapes) if vertical else shapes[0][2]
     n_rows = shapes[0][0] if vertical else sum(s[0] for s in shapes)
     n_test = shapes[0][1] if vertical else sum(s[1] for s in shapes)
 
-    def checks() -> None:
-        check_range(data, job.data.max_abs)
-        share = data.train.x.shape[1] / n_features if vertical else 1.0
-        headroom = check_bounds(job, data, n_features=n_features, n_rows=n_rows, metric_rows=max(n_rows, n_test), share=share)
+    def standardize(part: PartyData) -> None:
+        if vertical:
+            standardize_locally(part)
+            return
+        agreed("raw range check", job.party_names, lambda: check_joint_stats_range(part))
+        _standardize_jointly(job, part, shapes)
+
+    def checks(part: PartyData) -> None:
+        check_range(part, job.data.max_abs)
+        share = part.train.x.shape[1] / n_features if vertical else 1.0
+        headroom = check_bounds(job, part, n_features=n_features, n_rows=n_rows, metric_rows=max(n_rows, n_test), share=share)
         log.info("fixed-point headroom: this party's feature norm may grow %.3g-fold before training could wrap", headroom)
 
-    agreed("range check", job.party_names, checks)
+    prepare(
+        job, data, feature_counts=[s[2] for s in shapes], standardize=standardize,
+        check=lambda part: agreed("range check", job.party_names, lambda: checks(part)),
+    )
 
     def share(local: Split | None, which: int) -> tuple[Any, Any]:
         if job.partition == "vertical":
@@ -226,7 +246,7 @@ def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: str = "c
                 parts.append(crypten.cryptensor(x, src=r, device=device))
             x_enc = crypten.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             owner = job.rank_of(job.labels.party)
-            y = _targets(job, local.y if rank == owner else None, rows)
+            y = head.secure_targets(local.y if rank == owner else None, rows)
             y_enc = crypten.cryptensor(y, src=owner, device=device)
             return x_enc, y_enc
         xs, ys = [], []
@@ -235,7 +255,7 @@ def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: str = "c
             mine = r == rank
             x = torch.tensor(local.x, dtype=torch.float32) if mine else torch.zeros(rows, shape[2])
             xs.append(crypten.cryptensor(x, src=r, device=device))
-            ys.append(crypten.cryptensor(_targets(job, local.y if mine else None, rows), src=r, device=device))
+            ys.append(crypten.cryptensor(head.secure_targets(local.y if mine else None, rows), src=r, device=device))
         return crypten.cat(xs, dim=0), crypten.cat(ys, dim=0)
 
     x_train, y_train = share(data.train, 0)

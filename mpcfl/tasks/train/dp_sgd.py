@@ -26,44 +26,44 @@ import logging
 import math
 from typing import Any
 
-import numpy as np
+from torch import nn
 
-from mpcfl.jobs.schema import TrainJob
 from mpcfl.dp import clipping
 from mpcfl.dp.accountant import Charge, calibrate_noise_multiplier
 from mpcfl.dp.noise import add_noise_share, noise_share
-from mpcfl.mpc.prng import numpy_generator
 from mpcfl.errors import MpcflError
+from mpcfl.jobs.schema import TrainJob
+from mpcfl.models.heads import Head, head_of
+from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.prng import numpy_generator
 from mpcfl.mpc.reveal import Privacy
+from mpcfl.tasks.train.steps import PlainSgd, TrainingStep
 
 log = logging.getLogger(__name__)
 
 _APPROXIMATION_MARGIN = 1.01
 
 
-def clip_rows(x: np.ndarray, bound: float) -> np.ndarray:
-    """Scales each row down to L2 norm ``bound`` if it is longer; shorter rows are untouched."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x * np.minimum(1.0, bound / np.maximum(norms, 1e-300))
+def clips_features(job: TrainJob) -> bool:
+    """DP logistic regression bounds its gradients by clipping features before sharing;
+    an MLP clips each example's gradient inside MPC (:mod:`mpcfl.dp.clipping`)."""
+    return job.dp is not None and job.model.type == "logistic_regression"
 
 
-def clip_party_features(job: TrainJob, part: Any, feature_counts: list[int]) -> None:
-    """Clips one party's slice of every train and test row to ``dp.clip / sqrt(k)``, in place.
+def bound_features(job: TrainJob, part: Any, feature_counts: list[int]) -> None:
+    """For DP logistic regression, clips one party's slice of every train and test row
+    to ``dp.clip / sqrt(k)``, in place; any other job's data is left alone.
 
     Args:
         part: the party's :class:`mpcfl.data.party.PartyData`.
         feature_counts: every party's number of feature columns (public).
     """
+    if not clips_features(job):
+        return
     bound = job.dp.clip / math.sqrt(feature_parties(job, feature_counts))
     for split in (part.train, part.test):
         if split is not None and split.x.shape[1]:
-            split.x = clip_rows(split.x, bound)
-
-
-def clips_features(job: TrainJob) -> bool:
-    """Logistic regression bounds its gradients by clipping features before sharing;
-    an MLP clips each example's gradient inside MPC (:mod:`mpcfl.dp.clipping`)."""
-    return job.model.type == "logistic_regression"
+            split.x = clipping.clip_rows(split.x, bound)
 
 
 def feature_parties(job: TrainJob, columns: list[int]) -> int:
@@ -98,9 +98,7 @@ def calibration(job: TrainJob) -> tuple[float, float]:
     """
     assert job.dp is not None
     if clips_features(job):
-        sensitivity = _APPROXIMATION_MARGIN * math.sqrt(job.dp.clip**2 + 1)
-        if job.model.num_classes > 2:
-            sensitivity *= math.sqrt(2)
+        sensitivity = _APPROXIMATION_MARGIN * math.sqrt(job.dp.clip**2 + 1) * head_of(job.model).gradient_bound
     else:
         sensitivity = clipping.sensitivity(job.dp.clip)
     metrics = metrics_charge(job)
@@ -115,30 +113,19 @@ def calibration(job: TrainJob) -> tuple[float, float]:
     return noise_multiplier, sensitivity
 
 
-class DpSgd:
-    """Noise for each step and the charge for revealing the trained model."""
+class DpSgd(TrainingStep):
+    """DP-SGD's calibrated noise on each step's gradients, and the charges for training's reveals."""
 
     def __init__(self, job: TrainJob) -> None:
         assert job.dp is not None
         self.job = job
         self.noise_multiplier, self.sensitivity = calibration(job)
+        self.loss_bound = None if job.dp.metrics is None else job.dp.metrics.loss_bound
         self.generator = numpy_generator()
         log.info(
             "DP-SGD: noise multiplier %.4g for epsilon %g, delta %g over %d epochs; sensitivity %.4g",
             self.noise_multiplier, job.dp.epsilon, job.dp.delta, job.training.epochs, self.sensitivity,
         )
-
-    def noise_gradients(self, parameters: list[Any], batch_size: int) -> None:
-        """Adds this party's noise share to each parameter's mean gradient, in place."""
-        for param in parameters:
-            self._add_noise(param.grad, self.noise_multiplier * self.sensitivity / batch_size)
-
-    def set_noisy_mean(self, parameters: dict[str, Any], sums: dict[str, Any], batch_size: int) -> None:
-        """Sets each parameter's gradient to its noisy clipped sum over the batch, divided by the batch size."""
-        for name, param in parameters.items():
-            total = sums[name]
-            self._add_noise(total, self.noise_multiplier * self.sensitivity)
-            param.grad = total.div(batch_size)
 
     def _add_noise(self, value: Any, sigma: float) -> None:
         share = noise_share(
@@ -158,6 +145,50 @@ class DpSgd:
         """The model is post-processing of the noisy steps: it charges, but adds no noise."""
         return Privacy(charge=Charge("gaussian", self.noise_multiplier, self.job.training.epochs))
 
-    def summary(self) -> dict[str, float]:
-        return {"noise_multiplier": self.noise_multiplier, "sensitivity": self.sensitivity,
-                "colluders": self.job.colluders}
+    def notes(self) -> dict[str, Any]:
+        return {"dp_sgd": {"noise_multiplier": self.noise_multiplier, "sensitivity": self.sensitivity,
+                           "colluders": self.job.colluders}}
+
+
+class FeatureClippedDpSgd(DpSgd):
+    """Logistic regression: features were clipped before sharing (:func:`bound_features`), so
+    autograd's mean gradient is bounded; each party adds its noise share to it."""
+
+    def __init__(self, job: TrainJob, head: Head) -> None:
+        super().__init__(job)
+        self._plain = PlainSgd(head)
+
+    def step(self, model: Any, torch_model: nn.Sequential, x: Any, y: Any) -> None:
+        self._plain.step(model, torch_model, x, y)
+        sigma = self.noise_multiplier * self.sensitivity / x.size(0)
+        for param in model.parameters():
+            self._add_noise(param.grad, sigma)
+
+
+class PerExampleDpSgd(DpSgd):
+    """An MLP: each example's gradient clipped inside MPC, noise on the clipped sum."""
+
+    def __init__(self, job: TrainJob, head: Head) -> None:
+        super().__init__(job)
+        self.head = head
+
+    def step(self, model: Any, torch_model: nn.Sequential, x: Any, y: Any) -> None:
+        assert self.job.dp is not None
+        with import_crypten().no_grad():  # gradients by hand: see mpcfl.dp.clipping
+            sums = clipping.clipped_gradient_sum(
+                model, torch_model, x, y, clip=self.job.dp.clip, output_error=self.head.output_error
+            )
+            for name, param in model.named_parameters():
+                total = sums[name]
+                self._add_noise(total, self.noise_multiplier * self.sensitivity)
+                param.grad = total.div(x.size(0))
+
+
+def training_step(job: TrainJob) -> TrainingStep:
+    """The job's step strategy, chosen once: plain SGD, or DP-SGD by feature or per-example clipping."""
+    head = head_of(job.model)
+    if job.dp is None:
+        return PlainSgd(head)
+    if clips_features(job):
+        return FeatureClippedDpSgd(job, head)
+    return PerExampleDpSgd(job, head)

@@ -3,7 +3,9 @@
 The batch order is a public permutation from the job's seed, so every party
 indexes the same rows. Per-epoch metrics are computed under MPC over whole
 splits and leave MPC only as aggregates, through :func:`mpcfl.mpc.reveal.reveal`,
-to the job's metric receivers.
+to the job's metric receivers. The loop knows nothing of DP: its
+:class:`~mpcfl.tasks.train.steps.TrainingStep` sets each batch's gradients and
+says what the reveals cost.
 """
 
 from __future__ import annotations
@@ -17,17 +19,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mpcfl.tasks.train import checkpoint
-from mpcfl.mpc.compat import import_crypten
-from mpcfl.tasks.train.bounds import Bounds, check_revealed, safe_input_norm, training_bounds
 from mpcfl.jobs.schema import TrainJob
-from mpcfl.tasks.train.dataset import SharedData
 from mpcfl.models.build import build_torch_model, to_crypten
-from mpcfl.dp.budget import Budget
-from mpcfl.dp.clipping import clipped_gradient_sum
-from mpcfl.tasks.train.dp_sgd import DpSgd, clips_features
+from mpcfl.models.heads import Head, head_of
+from mpcfl.mpc.compat import import_crypten
 from mpcfl.mpc.reveal import Privacy, reveal
 from mpcfl.mpc.session import agreed, communication_stats
+from mpcfl.tasks.train import checkpoint
+from mpcfl.tasks.train.bounds import Bounds, check_revealed, safe_input_norm, training_bounds
+from mpcfl.tasks.train.dataset import SharedData
+from mpcfl.tasks.train.steps import TrainingStep
 
 log = logging.getLogger(__name__)
 
@@ -48,60 +49,17 @@ def batches(n_rows: int, *, batch_size: int, seed: int, epoch: int, shuffle: boo
     return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
 
 
-def _step_criterion(job: TrainJob, crypten: Any) -> Any:
-    """The training loss, for its gradient only: the forward value is never used,
-    so skip computing it (it costs a log per example)."""
-    if job.training.loss == "bce":
-        return crypten.nn.BCEWithLogitsLoss(skip_forward=True)
-    return crypten.nn.CrossEntropyLoss(skip_forward=True)
-
-
-# exp(-a) in CrypTen is (1 - a/2^8)^(2^8), which blows up for a > 256; terms this
-# far out contribute < e^-40 to a loss anyway.
-_EXP_FLOOR = 40.0
-
-
-def _min_with(a: Any, cap: float) -> Any:
-    """min(a, cap) under MPC: one comparison."""
-    return a - (a - cap).relu()
-
-
-def _example_losses(job: TrainJob, logits: Any, y: Any) -> Any:
-    """Each example's loss for reporting, accurate to about 1e-3.
-
-    CrypTen's own losses take log(p) of a probability with its ``input_in_01``
-    approximation, which is off by ~0.04 at p=1, so a well-fitted model reports
-    twice its true loss. Here log only sees arguments in [1, classes], where
-    CrypTen's general log is accurate: BCE = relu(z) - y*z + log(1 + exp(-|z|)),
-    cross-entropy = logsumexp(z) - z[y] with logsumexp shifted by the row max.
-    """
-    if job.model.num_classes == 2:
-        magnitude = logits.abs()
-        relu = (logits + magnitude).div(2)
-        tail = (_min_with(magnitude, _EXP_FLOOR).neg().exp() + 1).log()
-        return (relu - y * logits + tail).squeeze(1)
-    top = logits.max(dim=1, keepdim=True)[0]
-    shifted = _min_with(top - logits, _EXP_FLOOR).neg()
-    logsumexp = top.squeeze(1) + shifted.exp().sum(dim=1).log()
-    return logsumexp - (logits * y).sum(dim=1)
-
-
-def _loss_and_correct(job: TrainJob, model: Any, x: Any, y: Any, *, loss_bound: float | None) -> list[Any]:
+def _loss_and_correct(head: Head, model: Any, x: Any, y: Any, *, loss_bound: float | None) -> list[Any]:
     """Summed loss and number of correct predictions over a whole split, still encrypted.
 
     With ``loss_bound`` each example's loss is clipped to [0, loss_bound] first, so one
     record moves the sum by at most that much (the sensitivity DP metrics rely on).
     """
     logits = model(x)
-    losses = _example_losses(job, logits, y)
+    losses = head.secure_example_losses(logits, y)
     if loss_bound is not None:
         losses = losses.relu() - (losses - loss_bound).relu()
-    if job.model.num_classes == 2:
-        # Predictions and labels are 0/1, so each squared difference counts one error.
-        errors = (logits.gt(0.0) - y).square().sum()
-        correct = errors.neg() + y.size(0)
-    else:
-        correct = (logits.argmax(dim=1, one_hot=True) * y).sum()
+    correct = head.secure_correct(logits, y)
     return [losses.sum().reshape(1), correct.reshape(1)]
 
 
@@ -121,7 +79,7 @@ _NOISE_SLACK = 40.0
 
 
 def _check_metrics(
-    opened: torch.Tensor | None, limits: Bounds, rows: list[int], *, classes: int, noise: float, what: str
+    opened: torch.Tensor | None, limits: Bounds, rows: list[int], *, head: Head, noise: float, what: str
 ) -> None:
     """Receivers only: refuse revealed [loss sum, correct count] pairs that show wrap-around.
 
@@ -134,7 +92,7 @@ def _check_metrics(
     for n in rows:
         slack = 0.01 * n + _NOISE_SLACK * noise
         low += [-slack, -slack]
-        high += [limits.loss_sum(n, classes) + slack, n + slack]
+        high += [limits.loss_sum(n, head) + slack, n + slack]
     check_revealed(opened, what=what, low=low, high=high)
 
 
@@ -148,12 +106,15 @@ def train(
     job: TrainJob,
     shared: SharedData,
     *,
+    engine: TrainingStep,
     rank: int,
     party: str,
     resume: checkpoint.Checkpoint | None = None,
-    budget: Budget | None = None,
 ) -> TrainResult:
     """Trains the job's model on secret-shared data; every party calls it together.
+
+    ``engine`` (:func:`mpcfl.tasks.train.dp_sgd.training_step`) sets each batch's
+    gradients and prices the metrics and model reveals.
 
     After each epoch the party checkpoints its shares (see :mod:`mpcfl.tasks.train.checkpoint`);
     with ``resume`` it continues after the checkpoint's epoch.
@@ -171,7 +132,7 @@ def train(
         model = model.cuda()
     model.train()
     optimizer = crypten.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)
-    step_loss = _step_criterion(job, crypten)
+    head = head_of(job.model)
     metric_ranks = job.ranks(job.outputs.metrics_to)
     n_rows = shared.x_train.size(0)
     split_rows = [n_rows] + ([] if shared.x_test is None else [shared.x_test.size(0)])
@@ -179,9 +140,6 @@ def train(
     safe_norm = safe_input_norm(job, n_features=shared.n_features, n_rows=n_rows, metric_rows=max(split_rows))
     limits = training_bounds(job, n_features=shared.n_features, n_rows=n_rows, input_norm=safe_norm)
     result = TrainResult(model=model, torch_model=torch_model)
-    dp_sgd = DpSgd(job) if job.dp is not None else None
-    if dp_sgd is not None and budget is not None:
-        budget.notes["dp_sgd"] = dp_sgd.summary()
     first = 0
     if resume is not None:
         checkpoint.restore(model, optimizer, resume)
@@ -194,26 +152,15 @@ def train(
         for rows in bar:
             index = torch.from_numpy(rows)
             optimizer.zero_grad()
-            if dp_sgd is not None and not clips_features(job):
-                with crypten.no_grad():  # gradients by hand: see mpcfl.dp.clipping
-                    sums = clipped_gradient_sum(
-                        model, torch_model, shared.x_train[index], shared.y_train[index],
-                        clip=job.dp.clip, binary=job.model.num_classes == 2,
-                    )
-                    dp_sgd.set_noisy_mean(dict(model.named_parameters()), sums, len(rows))
-            else:
-                step_loss(model(shared.x_train[index]), shared.y_train[index]).backward()
-                if dp_sgd is not None:
-                    dp_sgd.noise_gradients(list(model.parameters()), len(rows))
+            engine.step(model, torch_model, shared.x_train[index], shared.y_train[index])
             optimizer.step()
         record: dict[str, float] = {"epoch": epoch + 1}
         if metric_ranks:
-            privacy = dp_sgd.metrics_privacy() if dp_sgd is not None else None
-            bound = job.dp.metrics.loss_bound if privacy is not None else None
+            privacy = engine.metrics_privacy()
             with crypten.no_grad():
-                parts = _loss_and_correct(job, model, shared.x_train, shared.y_train, loss_bound=bound)
+                parts = _loss_and_correct(head, model, shared.x_train, shared.y_train, loss_bound=engine.loss_bound)
                 if shared.x_test is not None:
-                    parts += _loss_and_correct(job, model, shared.x_test, shared.y_test, loss_bound=bound)
+                    parts += _loss_and_correct(head, model, shared.x_test, shared.y_test, loss_bound=engine.loss_bound)
             opened = reveal(
                 crypten.cat(parts), to=metric_ranks, what=f"epoch {epoch + 1} loss and accuracy", privacy=privacy
             )
@@ -221,7 +168,7 @@ def train(
             noise = 0.0 if privacy is None else privacy.scale
             agreed(
                 "wrap-around check", job.party_names,
-                lambda: _check_metrics(opened, limits, split_rows, classes=job.model.num_classes, noise=noise, what=what),
+                lambda: _check_metrics(opened, limits, split_rows, head=head, noise=noise, what=what),
             )
             if opened is not None:
                 record.update(_metrics(opened, n_rows, None if shared.x_test is None else shared.x_test.size(0)))
@@ -238,8 +185,7 @@ def train(
 
     model_ranks = job.ranks(job.outputs.model_to)
     if model_ranks:
-        privacy = dp_sgd.model_privacy() if dp_sgd is not None else None
-        result.state_dict = reveal_state_dict(model, torch_model, to=model_ranks, privacy=privacy)
+        result.state_dict = reveal_state_dict(model, torch_model, to=model_ranks, privacy=engine.model_privacy())
         agreed(
             "wrap-around check", job.party_names,
             lambda: _check_weights(result.state_dict, limits, what=f"party {party}: trained model parameters"),

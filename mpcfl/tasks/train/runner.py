@@ -7,16 +7,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mpcfl.tasks.train import checkpoint
-from mpcfl.jobs.session import session_of
-from mpcfl.jobs.schema import TrainJob
 from mpcfl.data.party import PartyData, load_party_data
-from mpcfl.tasks.train.dataset import share_dataset
 from mpcfl.dp.budget import Budget
 from mpcfl.errors import MpcflError
-from mpcfl.outputs import plot_history, write_json, write_torch
-from mpcfl.mpc.reveal import install_budget, ledger
+from mpcfl.jobs.schema import TrainJob
+from mpcfl.jobs.session import session_of
+from mpcfl.mpc.reveal import Disclosure
 from mpcfl.mpc.session import agreed, communication_stats, party_session
+from mpcfl.outputs import plot_history, write_json, write_torch
+from mpcfl.tasks.train import checkpoint
+from mpcfl.tasks.train.dataset import share_dataset
+from mpcfl.tasks.train.dp_sgd import training_step
 from mpcfl.tasks.train.loop import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -61,16 +62,20 @@ def run_party(
     """
     with party_session(session_of(job, rendezvous=rendezvous, key_file=key_file), party) as rank:
         budget = agreed("privacy ledger", job.party_names, lambda: _budget(job, party, resume=resume))
-        install_budget(budget)
-        start = None
-        if resume:
-            start = agreed("checkpoint loading", job.party_names, lambda: _resume_point(job, party, rank))
-        data = agreed("data loading", job.party_names, lambda: load_party_data(job, party))
-        shared = share_dataset(job, data, rank=rank, device=job.runtime.device)
-        result = train(job, shared, rank=rank, party=party, resume=start, budget=budget)
+        # Every reveal of this run is recorded, and charged to the budget, until the with ends.
+        with Disclosure(budget) as disclosure:
+            start = None
+            if resume:
+                start = agreed("checkpoint loading", job.party_names, lambda: _resume_point(job, party, rank))
+            data = agreed("data loading", job.party_names, lambda: load_party_data(job, party))
+            shared = share_dataset(job, data, rank=rank, device=job.runtime.device)
+            engine = training_step(job)
+            if budget is not None:
+                budget.notes.update(engine.notes())
+            result = train(job, shared, engine=engine, rank=rank, party=party, resume=start)
         shares = {name: param.share.cpu() for name, param in result.model.named_parameters()}
         totals = communication_stats()
-    _write_outputs(job, party, rank, data, result, shares, totals, budget)
+    _write_outputs(job, party, rank, data, result, shares, totals, disclosure)
 
 
 def _write_outputs(
@@ -81,7 +86,7 @@ def _write_outputs(
     result: TrainResult,
     shares: dict[str, Any],
     totals: dict[str, float],
-    budget: Budget | None,
+    disclosure: Disclosure,
 ) -> None:
     out = job.party_dir(party)
     sees_metrics = rank in job.ranks(job.outputs.metrics_to)
@@ -116,8 +121,8 @@ def _write_outputs(
             "history": result.history,
             "final": result.history[-1] if result.history else {},
             "communication": totals,
-            "reveals": ledger(),
+            "reveals": disclosure.ledger(),
         },
     )
-    if budget is not None:
-        budget.persist()
+    if disclosure.budget is not None:
+        disclosure.budget.persist()

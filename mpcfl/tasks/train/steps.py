@@ -1,0 +1,57 @@
+"""How one SGD step gets its gradients, and what training's reveals cost: the step strategy.
+
+The training loop is the same with or without DP (as with Opacus, one engine is
+attached and the loop is unchanged): it asks its :class:`TrainingStep` for each
+batch's gradients and for the privacy of what it reveals. :class:`PlainSgd` is
+the strategy without DP; :func:`mpcfl.tasks.train.dp_sgd.training_step` picks one
+from the job.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from torch import nn
+
+from mpcfl.models.heads import Head
+from mpcfl.mpc.reveal import Privacy
+
+
+class TrainingStep(abc.ABC):
+    """Each batch's gradients, and the privacy of the reveals training makes. Without DP
+    the reveals are free (None)."""
+
+    loss_bound: float | None = None  # each example's loss is clipped to this in revealed metrics; None: unclipped
+
+    @abc.abstractmethod
+    def step(self, model: Any, torch_model: nn.Sequential, x: Any, y: Any) -> None:
+        """Sets the (zeroed) gradients of ``model``'s parameters for one batch.
+
+        Args:
+            model: the encrypted crypten model.
+            torch_model: its plain architecture (layer types), for strategies that need it.
+            x, y: the batch's features and targets (CrypTensors).
+        """
+
+    def metrics_privacy(self) -> Privacy | None:
+        """Noise and charge for one epoch's metrics reveal; None: revealed as they are."""
+        return None
+
+    def model_privacy(self) -> Privacy | None:
+        """The charge for revealing the trained model; None: free."""
+        return None
+
+    def notes(self) -> dict[str, Any]:
+        """Mechanism details to keep with the privacy ledger."""
+        return {}
+
+
+class PlainSgd(TrainingStep):
+    """Gradients of the batch's mean loss by CrypTen's autograd."""
+
+    def __init__(self, head: Head) -> None:
+        self._loss = head.secure_step_loss()
+
+    def step(self, model: Any, torch_model: nn.Sequential, x: Any, y: Any) -> None:
+        self._loss(model(x), y).backward()
