@@ -70,7 +70,7 @@ def party_pid(job: Path, party: str) -> int:
 def test_a_party_dying_mid_training_stops_the_job(tmp_path: Path, victim: str) -> None:
     job = small_job(tmp_path)
     launcher = start(job)
-    wait_for_line(launcher, "[p1] INFO mpcfl.data.party: shared")
+    wait_for_line(launcher, "[p1] INFO mpcfl.tasks.train.dataset: shared")
     time.sleep(1.0)  # now inside the training loop
     pid = party_pid(job, victim) if victim != "dealer" else [
         p for p in live_processes(str(job)) if p in live_processes(" dealer ")
@@ -121,7 +121,7 @@ def test_a_party_dying_around_the_final_reveal_stops_the_job(tmp_path: Path) -> 
 def test_launcher_terminated_takes_its_children_along(tmp_path: Path) -> None:
     job = small_job(tmp_path)
     launcher = start(job)
-    wait_for_line(launcher, "[p0] INFO mpcfl.data.party: shared")
+    wait_for_line(launcher, "[p0] INFO mpcfl.tasks.train.dataset: shared")
     assert len(live_processes(str(job))) == 4  # launcher, dealer, two parties
     launcher.send_signal(signal.SIGTERM)
     launcher.communicate(timeout=30)
@@ -164,7 +164,7 @@ def test_unknown_party_name(tmp_path: Path) -> None:
 def test_a_stopped_party_is_named_once_its_peers_time_out(tmp_path: Path) -> None:
     job = small_job(tmp_path, timeout_s=5)
     launcher = start(job)
-    wait_for_line(launcher, "[p1] INFO mpcfl.data.party: shared")
+    wait_for_line(launcher, "[p1] INFO mpcfl.tasks.train.dataset: shared")
     time.sleep(1.0)
     err, elapsed = signal_and_wait(launcher, party_pid(job, "p1"), signal.SIGSTOP, timeout=90)
     assert launcher.returncode == 1

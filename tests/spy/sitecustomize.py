@@ -3,9 +3,9 @@
 Active only when ``MPCFL_SPY_DIR`` is set. It records what this process actually
 holds, not what the code means to do:
 
-- ``seen``: every buffer that passes through ``torch.distributed`` (sent,
-  received, reduced, gathered, broadcast), read after the job, when in-place
-  collectives have filled them; int64 as ring values, floating point scaled to
+- ``seen``: every buffer that passes through ``torch.distributed``: what is sent,
+  as it is sent, and every buffer once the operation has filled it (received,
+  reduced, gathered, broadcast); int64 as ring values, floating point scaled to
   ring units (2^16), so a plaintext in any of these forms is caught;
 - ``opened``: what CrypTen's ``reveal(dst=...)`` returned here, i.e. the ring
   values this process received as the sole receiver (ground truth for the test);
@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 
 _DIR = os.environ.get("MPCFL_SPY_DIR")
-_records: dict[str, list] = {"seen": [], "opened": [], "draws": [], "received": []}
+_records: dict[str, list] = {"seen": [], "opened": [], "draws": [], "received": [], "where": []}
 _phase = ["protocol"]
 _opening = [0]  # depth of reveal(dst=...) calls under way
 # Functions whose buffers come back filled with what peers sent.
@@ -69,15 +69,35 @@ def _install() -> None:
     def record_buffers(name):
         original = getattr(dist, name)
 
+        def keep(tensors, when):
+            for tensor in tensors:
+                _records["seen"].append((_phase[0], tensor.detach().cpu().clone().reshape(-1)))
+                _records["where"].append(f"{name}:{when}:{tensor.dtype}:{tensor.nelement()}")
+
         def spy(*args, **kwargs):
-            for value in (*args, *kwargs.values()):
-                for tensor in _tensors(value):
-                    # Sends: a copy now. Everything: the buffer itself, read at exit.
-                    _records["seen"].append((_phase[0], tensor.detach().cpu().clone().reshape(-1)))
-                    _records["seen"].append((_phase[0], tensor))
-                    if _opening[0] and name in _RECEIVING:
-                        _records["received"].append((_phase[0], torch.tensor([tensor.nelement()])))
-            return original(*args, **kwargs)
+            tensors = [t for value in (*args, *kwargs.values()) for t in _tensors(value)]
+            if _opening[0] and name in _RECEIVING:
+                _records["received"].append((_phase[0], torch.tensor([sum(t.nelement() for t in tensors)])))
+            if name in ("send", "isend"):
+                keep(tensors, "sent")  # what leaves, as it leaves
+            work = original(*args, **kwargs)
+            # Read buffers once filled: before, a receive buffer holds whatever the
+            # allocator left there (uninitialised memory is not what a peer sent).
+            if work is None or not hasattr(work, "wait"):
+                keep(tensors, "after")
+            else:
+                wait = work.wait
+
+                def waited(*a, **k):
+                    result = wait(*a, **k)
+                    keep(tensors, "after")
+                    return result
+
+                try:
+                    work.wait = waited
+                except AttributeError:  # a C++ Work object: read at exit instead
+                    _records["seen"].extend((_phase[0], t) for t in tensors)
+            return work
 
         setattr(dist, name, spy)
 
@@ -149,6 +169,7 @@ def _install() -> None:
         np.savez(
             os.path.join(_DIR, f"rank{rank}-{os.getpid()}.npz"),
             **flat("seen"), **flat("opened"), **flat("received"),
+            where=np.array(_records["where"], dtype=str),
             draws=np.array([f"{p}:{n}:{c}" for p, n, c in _records["draws"]], dtype=str),
         )
 
