@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "tests" / "scripts"  # party scripts the tests launch
 WDBC = REPO / "examples" / "data" / "wdbc.csv"
 DEMO = REPO / "configs" / "breast_cancer_lr.yaml"
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 from dp_accounting import pld, rdp
 
-from conftest import DEMO, REPO, assert_no_leftovers, mpcfl, write_job
+from conftest import SCRIPTS, DEMO, REPO, assert_no_leftovers, mpcfl, write_job
 from mpcfl.jobs.schema import load_job
 from mpcfl.dp import Budget, BudgetExceeded, Charge, calibrate_noise_multiplier, create_accountant
 from mpcfl.dp.noise import share_variance, skellam
@@ -96,7 +96,7 @@ def test_rows_are_clipped_exactly() -> None:
 
 
 def test_joint_noise_on_real_processes(tmp_path: Path) -> None:
-    script = REPO / "tests" / "dp_noise_party.py"
+    script = SCRIPTS / "dp_noise_party.py"
     done = mpcfl("launch", "--parties", "a,b,c", str(script), str(tmp_path), timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert_no_leftovers("dp_noise_party.py")

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, assert_no_leftovers, base_job, mpcfl, vertical_parties, write_job
+from conftest import REPO, SCRIPTS, assert_no_leftovers, base_job, mpcfl, vertical_parties, write_job
 
 SPY = REPO / "tests" / "spy"
 # Ring values below this magnitude can be public small integers (shapes, flags,
@@ -63,7 +63,7 @@ def _received_while_opening(view: dict[str, np.ndarray], phase: str) -> int:
 @pytest.mark.parametrize("parties", [2, 3])
 def test_a_reveal_to_one_party_reaches_no_other(parties: int, spied: Path) -> None:
     names = ",".join(f"p{i}" for i in range(parties))
-    result = mpcfl("launch", "--timeout-s", "30", "--parties", names, str(REPO / "tests" / "leak_party.py"), timeout=180)
+    result = mpcfl("launch", "--timeout-s", "30", "--parties", names, str(SCRIPTS / "leak_party.py"), timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "receiver: all values correct" in result.stdout
     views = _views(spied)
@@ -81,7 +81,7 @@ def test_a_reveal_to_one_party_reaches_no_other(parties: int, spied: Path) -> No
         assert caught >= 1000 // (parties + 1), f"the spy missed the ring reduce's leak at rank {rank}"
     for rank, view in views.items():
         assert view["draws"].size == 0, f"rank {rank} drew from torch's generators inside crypten: {view['draws'][:3]}"
-    assert_no_leftovers(str(REPO / "tests" / "leak_party.py"))
+    assert_no_leftovers(str(SCRIPTS / "leak_party.py"))
 
 
 def test_training_reveals_model_and_metrics_to_their_receiver_only(tmp_path: Path, spied: Path) -> None:
@@ -113,8 +113,8 @@ def test_training_reveals_model_and_metrics_to_their_receiver_only(tmp_path: Pat
 
 def test_the_dealer_answers_no_request_the_other_parties_did_not_make(tmp_path: Path) -> None:
     # A deviating party 0 could otherwise read the other parties' next masks off the answers.
-    result = mpcfl("launch", "--timeout-s", "20", "--parties", "p0,p1", str(REPO / "tests" / "rogue_party.py"), timeout=120)
+    result = mpcfl("launch", "--timeout-s", "20", "--parties", "p0,p1", str(SCRIPTS / "rogue_party.py"), timeout=120)
     assert result.returncode != 0
     assert "rogue: the dealer answered" not in result.stdout
     assert "dealer failed: dealer: party 0 sent request 'square' that party 1 did not make" in result.stderr
-    assert_no_leftovers(str(REPO / "tests" / "rogue_party.py"))
+    assert_no_leftovers(str(SCRIPTS / "rogue_party.py"))

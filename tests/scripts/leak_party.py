@@ -1,6 +1,6 @@
 """A party script for the confidentiality tests: opens values toward the last party only.
 
-Run with ``mpcfl launch --parties p0,...,pK tests/leak_party.py`` and the spy of
+Run with ``mpcfl launch --parties p0,...,pK tests/scripts/leak_party.py`` and the spy of
 ``tests/spy`` on PYTHONPATH. Through mpcfl's chokepoint it opens, to the last
 party only: an arithmetic share, a binary share, and secure-inference
 predictions (model owned by p0). Then, tagged ``control``, it opens the same
