@@ -30,7 +30,7 @@ from mpcfl.mpc.session import all_gather_public, communication_stats
 from mpcfl.models.zoo import lenet5, mlp_784
 
 PARTIES = ["model_owner", "data_owner"]
-MODELS = {"MLP 784-128-128-10": mlp_784, "LeNet-5": lenet5}
+MODELS = {"mlp": ("MLP 784-128-128-10", mlp_784), "lenet5": ("LeNet-5", lenet5)}  # --models keys
 
 
 def mpcfl_batch(model: torch.nn.Module, x: torch.Tensor | None) -> None:
@@ -69,7 +69,8 @@ def party(args: argparse.Namespace) -> None:
     shape = (args.batch, 1, 28, 28)
     with mpcfl.join() as me:
         rows = []
-        for name, make in MODELS.items():
+        for key in args.models:
+            name, make = MODELS[key]
             model = make().eval()
             x = torch.rand(*shape) if me.name == "data_owner" else None
             ours = measure(lambda: mpcfl_batch(model, x), args.repeats)
@@ -91,6 +92,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                        help="which models to run (default: all)")
     args = parser.parse_args()
     if os.environ.get("MPCFL_PARTY"):
         party(args)
