@@ -123,23 +123,31 @@ def standardize_locally(data: PartyData) -> None:
         apply_scaler(data, *_column_stats(data))
 
 
+def _beyond(data: PartyData, limit: float) -> tuple[Split, str, float] | None:
+    """The first split and column whose largest magnitude exceeds ``limit``, with that magnitude."""
+    for split in (data.train, data.test):
+        if split is None or not split.x.size:
+            continue
+        peak = np.abs(split.x).max(axis=0)
+        worst = int(np.argmax(peak))
+        if peak[worst] > limit:
+            return split, split.columns[worst], float(peak[worst])
+    return None
+
+
 def check_range(data: PartyData, max_abs: float) -> None:
     """Refuses values that could overflow CrypTen's fixed-point ring.
 
     Raises:
         DataError: names the party, the file and the column.
     """
-    for split in (data.train, data.test):
-        if split is None or not split.x.size:
-            continue
-        peak = np.abs(split.x).max(axis=0)
-        worst = int(np.argmax(peak))
-        if peak[worst] > max_abs:
-            raise DataError(
-                f"party {data.party}: {split.path}: column {split.columns[worst]!r} reaches "
-                f"{peak[worst]:.4g}, beyond data.max_abs={max_abs:g}; fixed point (16 fractional "
-                f"bits, 64-bit ring) would overflow. Enable data.standardize or rescale the column"
-            )
+    if found := _beyond(data, max_abs):
+        split, column, peak = found
+        raise DataError(
+            f"party {data.party}: {split.path}: column {column!r} reaches "
+            f"{peak:.4g}, beyond data.max_abs={max_abs:g}; fixed point (16 fractional "
+            f"bits, 64-bit ring) would overflow. Enable data.standardize or rescale the column"
+        )
 
 
 # Joint standardisation shares each party's column sums and sums of squared deviations
@@ -154,17 +162,13 @@ def check_joint_stats_range(data: PartyData) -> None:
     Raises:
         DataError: names the party, the file and the column.
     """
-    for split in (data.train, data.test):
-        if split is None or not split.x.size:
-            continue
-        peak = np.abs(split.x).max(axis=0)
-        worst = int(np.argmax(peak))
-        if peak[worst] > JOINT_STATS_MAX_ABS:
-            raise DataError(
-                f"party {data.party}: {split.path}: column {split.columns[worst]!r} reaches {peak[worst]:.4g}, "
-                f"beyond {JOINT_STATS_MAX_ABS:.0f} (2^22): joint standardisation would wrap fixed point on its "
-                f"squared deviations; rescale the column"
-            )
+    if found := _beyond(data, JOINT_STATS_MAX_ABS):
+        split, column, peak = found
+        raise DataError(
+            f"party {data.party}: {split.path}: column {column!r} reaches {peak:.4g}, "
+            f"beyond {JOINT_STATS_MAX_ABS:.0f} (2^22): joint standardisation would wrap fixed point on its "
+            f"squared deviations; rescale the column"
+        )
 
 
 def columns_hash(columns: list[str]) -> int:

@@ -32,9 +32,9 @@ def assert_loopback_only(seen: set[tuple[str, int]]) -> None:
     assert all(is_loopback(address) for address, _ in seen), f"listening beyond loopback: {sorted(seen)}"
 
 
-def test_mpcfl_run_listens_on_loopback_only(tmp_path: Path) -> None:
-    job = inference_job(tmp_path)
-    process = subprocess.Popen([sys.executable, "-m", "mpcfl", "run", str(job)], stdout=subprocess.PIPE,
+def _watch(*args: str) -> tuple[set[tuple[str, int]], str]:
+    """Runs ``python -m mpcfl ARGS`` while the spy lists its processes' listeners."""
+    process = subprocess.Popen([sys.executable, "-m", "mpcfl", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         seen = spy(process.pid, lambda: process.poll() is None)
@@ -42,6 +42,11 @@ def test_mpcfl_run_listens_on_loopback_only(tmp_path: Path) -> None:
     finally:
         process.kill()
     assert process.returncode == 0, out[-1000:]
+    return seen, out
+
+
+def test_mpcfl_run_listens_on_loopback_only(tmp_path: Path) -> None:
+    seen, out = _watch("run", str(inference_job(tmp_path)))
     assert_loopback_only(seen)
     assert "finished" in out
 
@@ -49,14 +54,7 @@ def test_mpcfl_run_listens_on_loopback_only(tmp_path: Path) -> None:
 def test_mpcfl_launch_listens_on_loopback_only(tmp_path: Path) -> None:
     script = tmp_path / "party.py"
     script.write_text("import mpcfl, torch\nwith mpcfl.join():\n    mpcfl.mpc.session.all_gather_public([1])\n")
-    process = subprocess.Popen([sys.executable, "-m", "mpcfl", "launch", "--parties", "a,b", str(script)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        seen = spy(process.pid, lambda: process.poll() is None)
-        out = process.communicate(timeout=120)[0]
-    finally:
-        process.kill()
-    assert process.returncode == 0, out[-1000:]
+    seen, _ = _watch("launch", "--parties", "a,b", str(script))
     assert_loopback_only(seen)
 
 
