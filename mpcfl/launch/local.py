@@ -41,12 +41,11 @@ log = logging.getLogger(__name__)
 _GRACE_S = 5.0
 _POLL_S = 0.05
 _write_lock = threading.Lock()
-_run_secret = new_secret()
 
 
 def _local_secret() -> str:
-    """Every local run authenticates its processes: with the user's secret if set, else a fresh one."""
-    return os.environ.get(ENV_SECRET) or _run_secret
+    """Every local run authenticates its processes: with the user's secret if set, else a fresh one per run."""
+    return os.environ.get(ENV_SECRET) or new_secret()
 
 
 def free_port() -> int:
@@ -130,15 +129,16 @@ def _mpcfl(*argv: str) -> list[str]:
     return [sys.executable, "-m", "mpcfl", *argv]
 
 
-def _spawn(name: str, command: list[str], *, sink: IO[str], env: dict[str, str] | None = None) -> Child:
-    """Starts one supervised child in its own process group; ``env`` adds to a clean environment."""
+def _spawn(name: str, command: list[str], *, sink: IO[str], secret: str, env: dict[str, str] | None = None) -> Child:
+    """Starts one supervised child in its own process group; ``env`` adds to a clean environment,
+    ``secret`` is the run's job secret."""
     full_env = dict(os.environ)
     # A contract inherited from an enclosing launcher, or torchrun's, would contradict this one.
     for key in (*KEYS, "MASTER_ADDR", "MASTER_PORT"):
         if key != ENV_SECRET:
             full_env.pop(key, None)
     full_env.update(env or {}, PYTHONUNBUFFERED="1", **LOOPBACK_ENV)
-    full_env.setdefault(ENV_SECRET, _local_secret())
+    full_env[ENV_SECRET] = secret
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -283,13 +283,13 @@ def run_local(
         keys = ["--key-file", str(key_dir / f"{name}.key")] if key_dir is not None else []
         return _mpcfl(*common, role, job_file, *args, "--rendezvous", rendezvous, *keys)
 
+    secret = _local_secret()
+
     def children() -> list[Child]:
         started = []
         for name in _dealer_first(providers.get(job.runtime.provider).processes(job.party_names)):
-            if name == providers.DEALER:
-                started.append(_spawn(name, command(name, "dealer"), sink=sink))
-            else:
-                started.append(_spawn(name, command(name, "party", "--party", name, *(["--resume"] if resume else [])), sink=sink))
+            args = ("dealer",) if name == providers.DEALER else ("party", "--party", name, *(["--resume"] if resume else []))
+            started.append(_spawn(name, command(name, *args), sink=sink, secret=secret))
         return started
 
     with local_rendezvous() as rendezvous:
@@ -322,12 +322,13 @@ def launch_script(
         started = []
         for name in _dealer_first(session.process_names):
             command = _mpcfl("dealer") if name == providers.DEALER else [sys.executable, *script]
-            started.append(_spawn(name, command, sink=sink, env=to_env(session, name)))
+            started.append(_spawn(name, command, sink=sink, secret=secret, env=to_env(session, name)))
         return started
 
+    secret = _local_secret()
     with local_rendezvous() as rendezvous:
         session = script_session(
             tuple(parties), rendezvous=rendezvous, timeout_s=timeout_s, provider=provider, device=device,
-            credentials=Credentials(secret=_local_secret().encode()),
+            credentials=Credentials(secret=secret.encode()),
         )
         return _run(children, sink=sink)
