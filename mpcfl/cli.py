@@ -162,6 +162,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise MpcflError(f"{args.job}: outputs.model_to is none, so no party holds a model to audit")
         print_report(audit(job, job.party_dir(job.party_names[job.rank_of(party)]) / "model.pt", shadows=args.shadows))
     elif command == "validate":
+        rows = None  # n, the training rows, where one party's files tell it
         if args.party:
             task.require(job, registry.CHECK_DATA)
             from mpcfl.data.party import load_party_data
@@ -170,6 +171,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             loaded = load_party_data(job, job.party_names[job.rank_of(args.party)])
             print(f"{args.party}: {loaded.train.x.shape[0]} training rows, {loaded.train.x.shape[1]} feature columns")
             print(f"{args.party}: {check_alone(job, loaded)}")
+            # Vertical: every party holds all n rows; horizontal: n is the parties' total, unknown here.
+            rows = loaded.train.x.shape[0] if job.partition == "vertical" else None
+        if getattr(job, "dp", None) is not None:
+            from mpcfl.tasks.train.dp_sgd import check_plausible
+
+            check_plausible(job, rows)
         print(f"{args.job}: valid job {job.name!r}: {job.world_size} parties, {job.summary}")
     return 0
 

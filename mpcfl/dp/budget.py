@@ -62,6 +62,11 @@ class Budget:
         log.info("privacy: %s costs epsilon %.4g of %g (delta %g)", what, after, self.epsilon, self.delta)
         return after
 
+    def record(self, what: str) -> None:
+        """Records a release that is post-processing of what was already charged (it costs nothing)."""
+        self.ledger.append({"what": what, "post_processing": True, "epsilon_after": self.spent()})
+        self.persist()
+
     def persist(self) -> None:
         """Writes the budget and ledger to ``path`` (atomically), if it has one."""
         if self.path is not None:
@@ -82,3 +87,37 @@ class Budget:
             raise ValueError("the saved budget has a different epsilon or delta")
         self.accountant.load_state_dict(state["accountant"])
         self.ledger = list(state["ledger"])
+
+    def extends(self, earlier: dict[str, Any]) -> bool:
+        """Whether this ledger is ``earlier``'s (a saved :meth:`state_dict`) plus later charges:
+        the same budget, and ``earlier``'s entries as its first ones."""
+        return (
+            (earlier.get("epsilon"), earlier.get("delta")) == (self.epsilon, self.delta)
+            and earlier.get("accountant", {}).get("accountant") == self.accountant.name
+            and self.ledger[: len(earlier.get("ledger", []))] == earlier.get("ledger")
+        )
+
+
+def check_parameters(*, epsilon: float, delta: float, rows: int | None) -> list[str]:
+    """Plausibility of a budget for ``rows`` records (None: not known yet).
+
+    delta is the probability that the guarantee fails outright; at delta >= 1/n a mechanism
+    that publishes one random record in full is (0, delta)-DP, so nothing is protected.
+
+    Returns:
+        Warnings: delta above 1/(10 n), or epsilon above 10 (a factor e^10 on any inference).
+
+    Raises:
+        ValueError: delta >= 1/rows.
+    """
+    warnings = []
+    if rows is not None:
+        if delta >= 1 / rows:
+            raise ValueError(f"delta {delta:g} is at least 1/n = {1 / rows:.3g} for n = {rows} rows: "
+                             "publishing a random record would meet it; use delta well below 1/n")
+        if delta > 1 / (10 * rows):
+            warnings.append(f"delta {delta:g} is above 1/(10 n) = {1 / (10 * rows):.3g} for n = {rows} rows; "
+                            "delta is usually far below 1/n")
+    if epsilon > 10:
+        warnings.append(f"epsilon {epsilon:g} is above 10: the guarantee bounds an attacker's odds only by e^{epsilon:g}")
+    return warnings

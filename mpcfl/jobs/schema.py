@@ -124,7 +124,8 @@ class DPSpec(_Strict):
     collusion_threshold: int | None = Field(
         default=None,
         ge=0,
-        description="t: parties that may pool their noise shares (receivers included); default n-1",
+        description="t: parties that may pool their noise shares (receivers included: at least 1 when "
+        "anything is revealed); default n-1",
     )
     metrics: DPMetricsSpec | None = Field(
         default=None, description="release per-epoch metrics with noise, charged; without it they are not revealed"
@@ -332,6 +333,17 @@ class TrainJob(JobBase):
             raise ValueError(
                 f"dp.collusion_threshold: must be below the number of parties ({self.world_size}), "
                 "or no party's noise is honest"
+            )
+        # A coalition A of at most t parties knows |A| noise shares of variance sigma^2/(n - t) each,
+        # so the rest still has (n - |A|) sigma^2/(n - t) >= sigma^2. A receiver always knows its own
+        # share, so it is a coalition of one: with any receiver t must be at least 1 (t = 0 leaves it
+        # (n - 1)/n sigma^2). Receivers that pool count as that many colluders, which t >= 1 covers
+        # only up to t of them.
+        receives = self.outputs.model_to != "none" or self.outputs.metrics_to != "none"
+        if receives and self.colluders < 1:
+            raise ValueError(
+                "dp.collusion_threshold: must be at least 1 when outputs.model_to or metrics_to names a "
+                "receiver, who knows its own noise share"
             )
 
     @property

@@ -13,7 +13,9 @@ neither recorded nor budgeted. When the disclosure has a privacy budget (a job
 with ``dp``), every reveal must say what it costs: the charge is checked against the budget first, and a reveal that
 would exceed it is refused before anything is opened. If the reveal itself adds
 noise (output perturbation), each party adds its integer noise share to its own
-arithmetic share just before opening.
+arithmetic share just before opening. Noisy computation that later reveals depend
+on (DP-SGD's steps) is charged by :func:`spend` as it completes, so the ledger
+bounds every release, including one that is only post-processing of it.
 """
 
 from __future__ import annotations
@@ -44,16 +46,21 @@ class Privacy:
 
     Args:
         charge: the mechanism charged to the budget for this reveal; its
-            ``mechanism`` also picks the noise (``gaussian`` or ``laplace``).
+            ``mechanism`` also picks the noise (``gaussian`` or ``laplace``). None: the
+            value is post-processing of computation already charged by :func:`spend`.
         scale: the noise to add now, in the value's units (standard deviation, or
             Laplace b); 0 when the noise went in earlier (DP-SGD steps).
         colluders: t, parties that may pool their noise shares; the shares are
             sized so the other n - t parties' noise alone reaches ``scale``.
     """
 
-    charge: Charge
+    charge: Charge | None
     scale: float = 0.0
     colluders: int = 0
+
+    def __post_init__(self) -> None:
+        if self.charge is None and self.scale > 0:
+            raise ValueError("noise added at a reveal is a mechanism: it needs a charge")
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,29 @@ class Disclosure:
 _active: ContextVar[Disclosure | None] = ContextVar("mpcfl_disclosure", default=None)
 
 
+def _budget() -> Budget | None:
+    disclosure = _active.get()
+    return None if disclosure is None else disclosure.budget
+
+
+def spend(what: str, charge: Charge) -> None:
+    """Charges the run's budget, if any, for noisy computation that stays secret for now
+    but that later reveals depend on (each epoch of DP-SGD steps).
+
+    Raises:
+        BudgetExceeded: the charge would exceed the budget.
+    """
+    budget = _budget()
+    if budget is not None:
+        budget.charge(what, charge)
+
+
+def budget_state() -> dict[str, Any] | None:
+    """The run's budget and ledger as saved data (for checkpoints); None without a budget."""
+    budget = _budget()
+    return None if budget is None else budget.state_dict()
+
+
 def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None = None) -> torch.Tensor | None:
     """Decrypts a secret-shared value for the receiving ranks only.
 
@@ -128,13 +158,17 @@ def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None 
     if not receivers or len(receivers) != len(to) or not all(0 <= r < world for r in receivers):
         raise RevealPolicyError(f"reveal of {what}: invalid receivers {list(to)} for {world} parties")
     disclosure = _active.get()
-    budget = None if disclosure is None else disclosure.budget
+    budget = _budget()
     epsilon = None
     if budget is not None:
         if privacy is None:
             raise RevealPolicyError(f"reveal of {what}: the job has a privacy budget, and this reveal declares no charge")
-        epsilon = budget.charge(what, privacy.charge)
-    if privacy is not None and privacy.scale > 0:
+        if privacy.charge is None:
+            budget.record(what)
+            epsilon = budget.spent()
+        else:
+            epsilon = budget.charge(what, privacy.charge)
+    if privacy is not None and privacy.charge is not None and privacy.scale > 0:
         value = value.clone()
         share = noise_share(
             privacy.charge.mechanism, tuple(value.size()), privacy.scale, parties=world,

@@ -134,13 +134,16 @@ def test_dp_training_job_records_a_ledger_that_matches_dp_accounting(tmp_path: P
     privacy = json.loads((job.party_dir("hospital_b") / "privacy.json").read_text())
     z = privacy["notes"]["dp_sgd"]["noise_multiplier"]
     reference = rdp.RdpAccountant()
+    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 3))
     for _ in range(3):
         reference.compose(dp_accounting.LaplaceDpEvent(20.0))
-    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 3))
     assert privacy["spent"] == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
     assert 2.99 < privacy["spent"] <= 3.0
     whats = [e["what"] for e in privacy["ledger"]]
-    assert whats == [f"epoch {i} loss and accuracy" for i in (1, 2, 3)] + ["trained model parameters"]
+    steps_then_metrics = [w for i in (1, 2, 3) for w in (f"epoch {i} DP-SGD steps", f"epoch {i} loss and accuracy")]
+    assert whats == steps_then_metrics + ["trained model parameters"]
+    # The model is post-processing of the charged steps: it costs nothing more.
+    assert privacy["ledger"][-1]["post_processing"] and privacy["ledger"][-1]["epsilon_after"] == privacy["spent"]
     # Both parties keep the same ledger; only the metric receiver sees the (noisy) metrics.
     assert json.loads((job.party_dir("hospital_a") / "privacy.json").read_text())["ledger"] == privacy["ledger"]
     history = json.loads((job.party_dir("hospital_b") / "metrics.json").read_text())["history"]
@@ -158,6 +161,8 @@ def test_dp_training_job_records_a_ledger_that_matches_dp_accounting(tmp_path: P
         ({"epsilon": -1}, "dp.epsilon: Input should be greater than 0"),
         ({"delta": 1.5}, "dp.delta: Input should be less than 1"),
         ({"collusion_threshold": 2}, "dp.collusion_threshold: must be below the number of parties (2)"),
+        ({"collusion_threshold": 0}, "dp.collusion_threshold: must be at least 1 when outputs.model_to or metrics_to"),
+        ({"delta": 1.0}, "dp.delta: Input should be less than 1"),
         ({"metrics": {"noise_multiplier": 0}}, "dp.metrics.noise_multiplier: Input should be greater than 0"),
     ],
 )
@@ -189,7 +194,7 @@ def test_dp_sgd_for_an_mlp_clips_each_example_inside_mpc(tmp_path: Path) -> None
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     job = load_job(path)
     privacy = json.loads((job.party_dir("hospital_b") / "privacy.json").read_text())
-    assert privacy["notes"]["dp_sgd"]["sensitivity"] == pytest.approx(sensitivity(1.0))
+    assert privacy["notes"]["dp_sgd"]["sensitivity"] == pytest.approx(2 * sensitivity(1.0))  # replace-one
     z = privacy["notes"]["dp_sgd"]["noise_multiplier"]
     reference = rdp.RdpAccountant()
     reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 2))
@@ -209,3 +214,97 @@ def test_metrics_that_alone_exceed_the_budget_are_refused(tmp_path: Path) -> Non
     job = load_job(write_job(tmp_path, spec))
     with pytest.raises(MpcflError, match=r"dp.metrics: the other charges alone spend epsilon .* of 3; raise dp.metrics.noise_multiplier"):
         calibration(job)
+
+
+def test_calibration_uses_the_replace_one_sensitivity(tmp_path: Path) -> None:
+    """Replacing a record moves a step's clipped sum by up to 2C: our epsilon for the noise
+    actually added (sigma = z x 2C) is dp-accounting's for Gaussians of multiplier sigma / 2C."""
+    from mpcfl.tasks.train.dp_sgd import calibration
+
+    job = load_job(write_job(tmp_path, dp_demo()))
+    z, sensitivity = calibration(job)
+    bound = 1.01 * math.sqrt(job.dp.clip**2 + 1)  # one example's gradient norm, with the sigmoid margin
+    assert sensitivity == pytest.approx(2 * bound)
+    sigma = z * sensitivity
+    reference = rdp.RdpAccountant()
+    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma / (2 * bound)), 10))
+    ours = create_accountant("rdp")
+    for _ in range(10):  # charged one epoch at a time, as a run does
+        ours.compose(Charge("gaussian", z))
+    assert ours.epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
+    assert 2.99 < ours.epsilon(1e-5) <= 3.0
+    # Against add/remove-one accounting (sensitivity C) the same noise would claim far less epsilon.
+    loose = rdp.RdpAccountant()
+    loose.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma / bound), 10))
+    assert loose.get_epsilon(1e-5) < 0.6 * ours.epsilon(1e-5)
+
+
+def test_a_receiver_without_counted_collusion_gets_less_noise() -> None:
+    """Why t = 0 is refused: a receiver subtracts its own share, leaving (n-1)/n sigma^2."""
+    z = calibrate_noise_multiplier(epsilon=3.0, delta=1e-5, count=10, accountant="rdp")
+    n = 2
+    receiver = create_accountant("rdp")
+    receiver.compose(Charge("gaussian", z * math.sqrt((n - 1) / n), 10))
+    assert receiver.epsilon(1e-5) > 4.0  # the 4.44 a t = 0 run would really have spent
+
+
+def test_ledger_without_model_release_is_the_full_bound_and_resume_needs_it(tmp_path: Path) -> None:
+    spec = dp_demo()
+    spec["outputs"] = {"dir": str(tmp_path / "out"), "model_to": "none", "metrics_to": "none"}
+    spec["training"]["epochs"] = 2
+    path = write_job(tmp_path, spec)
+    done = mpcfl("run", str(path), timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    job = load_job(path)
+    privacy_file = job.party_dir("hospital_a") / "privacy.json"
+    privacy = json.loads(privacy_file.read_text())
+    # Nothing was revealed, but the model's shares exist: the ledger bounds it all the same.
+    assert [e["what"] for e in privacy["ledger"]] == ["epoch 1 DP-SGD steps", "epoch 2 DP-SGD steps"]
+    assert 2.99 < privacy["spent"] <= 3.0
+    # A resume needs the ledger, and one that extends the checkpoint's.
+    privacy["ledger"] = privacy["ledger"][1:]
+    privacy_file.write_text(json.dumps(privacy))
+    done = mpcfl("run", str(path), "--resume", timeout=120)
+    assert done.returncode == 1
+    assert "does not extend the privacy ledger of the epoch 2 checkpoint; refusing to resume" in done.stderr
+    privacy_file.unlink()
+    done = mpcfl("run", str(path), "--resume", timeout=120)
+    assert done.returncode == 1
+    assert "privacy.json: missing; refusing to resume a dp job without its privacy ledger" in done.stderr
+
+
+def test_implausible_budgets_are_refused_or_warned(tmp_path: Path) -> None:
+    from mpcfl.dp.budget import check_parameters
+
+    with pytest.raises(ValueError, match=r"delta 0.01 is at least 1/n = 0.01 for n = 100 rows"):
+        check_parameters(epsilon=1.0, delta=0.01, rows=100)
+    assert check_parameters(epsilon=1.0, delta=1e-4, rows=100) == []
+    warnings = check_parameters(epsilon=11.0, delta=2e-3, rows=100)
+    assert warnings[0].startswith("delta 0.002 is above 1/(10 n)") and warnings[1].startswith("epsilon 11 is above 10")
+    spec = dp_demo()
+    spec["dp"].update(delta=0.0022, epsilon=1000)  # n = 456 training rows: 1/n = 0.00219
+    path = write_job(tmp_path, spec)
+    done = mpcfl("validate", str(path), "--party", "hospital_a", timeout=60)
+    assert done.returncode != 0
+    assert done.stderr.strip().endswith("dp.delta: delta 0.0022 is at least 1/n = 0.00219 for n = 456 rows: "
+                                        "publishing a random record would meet it; use delta well below 1/n")
+    spec["dp"]["delta"] = 5e-4  # below 1/n, above 1/(10 n)
+    write_job(tmp_path, spec)
+    done = mpcfl("validate", str(path), "--party", "hospital_a", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "dp: delta 0.0005 is above 1/(10 n)" in done.stderr and "dp: epsilon 1000 is above 10" in done.stderr
+
+
+def test_the_revealed_model_varies_with_fresh_noise(tmp_path: Path) -> None:
+    """Same job, same seed, twice: only the DP noise (and fixed point's truncation) differ."""
+    states = []
+    for run in ("one", "two"):
+        spec = dp_demo()
+        spec["training"]["epochs"] = 1
+        spec["outputs"]["dir"] = str(tmp_path / run)
+        path = write_job(tmp_path / run, spec)
+        done = mpcfl("run", str(path), timeout=240)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+        states.append(torch.load(load_job(path).party_dir("hospital_b") / "model.pt", weights_only=True))
+    difference = max((states[0][k] - states[1][k]).abs().max().item() for k in states[0])
+    assert difference > 1000 / SCALE  # truncation moves weights by a few units of 2^-16; the noise by far more

@@ -11,10 +11,12 @@ Randomness is not restored on purpose: share masks, Beaver triples and DP noise
 are drawn fresh after a resume (restoring a noise generator's state from disk
 would make the noise predictable to whoever reads the file). The batch order is
 a function of the public seed and the epoch, so it continues exactly. The DP
-ledger is not in the checkpoint: it lives in ``privacy.json``, rewritten at every
-charge, so a release made after the last checkpoint is never lost, and one that
-is repeated after a resume (new noise, a new release) is charged again. The
-resumed model therefore equals an uninterrupted run's up to fixed point's
+ledger is part of the state: each checkpoint holds the ledger as of its epoch,
+and ``privacy.json``, rewritten at every charge, holds the newest. A resume needs
+both and that the file extends the checkpoint's ledger (the runner refuses it
+otherwise), and it continues from the file, so a release made after the last
+checkpoint is never lost, and one that is repeated after a resume (new noise, a
+new release) is charged again. The resumed model therefore equals an uninterrupted run's up to fixed point's
 probabilistic truncation (and, with DP, up to the fresh noise).
 """
 
@@ -46,6 +48,7 @@ class Checkpoint:
     params: dict[str, torch.Tensor]  # this party's shares, by parameter name
     momentum: dict[str, torch.Tensor]  # shares of the optimizer's momentum buffers
     history: list[dict[str, float]]
+    privacy: dict[str, Any] | None = None  # the budget and ledger as of this epoch (a DP job's)
 
 
 def folder(job: TrainJob, party: str) -> Path:
@@ -72,6 +75,7 @@ def save(job: TrainJob, party: str, rank: int, checkpoint: Checkpoint) -> None:
         "params": checkpoint.params,
         "momentum": checkpoint.momentum,
         "history": checkpoint.history,
+        "privacy": checkpoint.privacy,
     }
     write_torch(folder(job, party) / f"epoch-{checkpoint.epoch:04d}.pt", payload)
     for old in available_epochs(job, party)[_KEEP:]:
@@ -97,7 +101,8 @@ def load(job: TrainJob, party: str, rank: int, epoch: int) -> Checkpoint:
     if (data.get("party"), data.get("rank")) != (party, rank):
         raise MpcflError(f"party {party}: {path}: belongs to party {data.get('party')!r} (rank {data.get('rank')})")
     return Checkpoint(
-        epoch=data["epoch"], params=data["params"], momentum=data["momentum"], history=data["history"]
+        epoch=data["epoch"], params=data["params"], momentum=data["momentum"], history=data["history"],
+        privacy=data.get("privacy"),
     )
 
 

@@ -8,12 +8,21 @@ exactly and in plaintext, before sharing. Every row then has norm at most
 margin covers CrypTen's sigmoid approximation (measured error < 0.002, outputs
 within [0, 1]).
 
+Neighbouring datasets differ by replacing one record (one row of one party; in a
+vertical split, one patient across all parties): row counts are public and the
+batches come from a public permutation of the n rows, so removing a record would
+reshuffle every batch, and replace-one (same n) is the relation that holds. One
+record then moves a step's summed clipped gradient by up to twice its bound
+(:func:`mpcfl.dp.accountant.replace_one`), and that is the sensitivity.
+
 Each step, every party adds an integer noise share to its arithmetic share of
 the mean gradient (no communication), sized so that the honest parties' noise on
 the summed gradient has standard deviation ``noise_multiplier x sensitivity``.
 Batches are disjoint slices of a public permutation, so any one record is in one
 step per epoch and nobody's batch membership is secret: the accountant composes
-one Gaussian mechanism per epoch, with no amplification by subsampling.
+one Gaussian mechanism per epoch, with no amplification by subsampling (that
+would need batches drawn by secret Poisson masks inside MPC, not built). Each
+epoch is charged when it completes, before any release that depends on it.
 
 An MLP's gradients are not bounded by its features, so each example's gradient
 is clipped to ``clip`` inside MPC instead (:mod:`mpcfl.dp.clipping`), and the
@@ -29,7 +38,8 @@ from typing import Any
 from torch import nn
 
 from mpcfl.dp import clipping
-from mpcfl.dp.accountant import Charge, calibrate_noise_multiplier
+from mpcfl.dp.accountant import Charge, calibrate_noise_multiplier, replace_one
+from mpcfl.dp.budget import check_parameters
 from mpcfl.dp.noise import add_noise_share, noise_share
 from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema import TrainJob
@@ -74,9 +84,11 @@ def feature_parties(job: TrainJob, columns: list[int]) -> int:
 def metrics_charge(job: TrainJob) -> tuple[Charge, float] | None:
     """The charge for one epoch's metrics and the noise scale it pays for, if the job releases them.
 
-    One record moves the revealed [loss sums, correct counts] by at most the clipped
-    loss bound L in one loss entry and 1 in one count: L2 sensitivity sqrt(L^2 + 1),
-    L1 sensitivity L + 1 (it is a train or a test record, never both).
+    Under replace-one, a record replaced by another in the same split (train and test
+    rows are counted separately, and the counts are public) moves the revealed [loss sums,
+    correct counts] by at most the clipped loss bound L in one loss entry and 1 in one
+    count, since each term lies in [0, L] or {0, 1}: a difference of two such terms, not
+    twice one as for gradients. L2 sensitivity sqrt(L^2 + 1), L1 sensitivity L + 1.
     """
     assert job.dp is not None
     spec = job.dp.metrics
@@ -88,7 +100,7 @@ def metrics_charge(job: TrainJob) -> tuple[Charge, float] | None:
 
 
 def calibration(job: TrainJob) -> tuple[float, float]:
-    """DP-SGD's noise multiplier and per-example L2 sensitivity.
+    """DP-SGD's noise multiplier and the replace-one L2 sensitivity of a step's summed gradient.
 
     The multiplier is the smallest that keeps the model, plus any per-epoch metrics,
     within the job's (epsilon, delta).
@@ -98,9 +110,10 @@ def calibration(job: TrainJob) -> tuple[float, float]:
     """
     assert job.dp is not None
     if clips_features(job):
-        sensitivity = _APPROXIMATION_MARGIN * math.sqrt(job.dp.clip**2 + 1) * head_of(job.model).gradient_bound
+        bound = _APPROXIMATION_MARGIN * math.sqrt(job.dp.clip**2 + 1) * head_of(job.model).gradient_bound
     else:
-        sensitivity = clipping.sensitivity(job.dp.clip)
+        bound = clipping.sensitivity(job.dp.clip)
+    sensitivity = replace_one(bound)
     metrics = metrics_charge(job)
     epochs = job.training.epochs
     extra = [] if metrics is None else [Charge(metrics[0].mechanism, metrics[0].noise_multiplier, epochs)]
@@ -111,6 +124,22 @@ def calibration(job: TrainJob) -> tuple[float, float]:
     except ValueError as err:
         raise MpcflError(f"{job.source}: dp.metrics: {err}; raise dp.metrics.noise_multiplier") from None
     return noise_multiplier, sensitivity
+
+
+def check_plausible(job: TrainJob, rows: int | None) -> None:
+    """Refuses delta >= 1/n for ``rows`` = n training rows (None: not known here), and logs
+    a warning for a delta or an epsilon that protects little.
+
+    Raises:
+        MpcflError: delta >= 1/n.
+    """
+    assert job.dp is not None
+    try:
+        warnings = check_parameters(epsilon=job.dp.epsilon, delta=job.dp.delta, rows=rows)
+    except ValueError as err:
+        raise MpcflError(f"{job.source}: dp.delta: {err}") from None
+    for warning in warnings:
+        log.warning("%s: dp: %s", job.source, warning)
 
 
 class DpSgd(TrainingStep):
@@ -141,9 +170,13 @@ class DpSgd(TrainingStep):
             return None
         return Privacy(charge=metrics[0], scale=metrics[1], colluders=self.job.colluders)
 
+    def epoch_charge(self) -> Charge:
+        """A record is in one batch per epoch: one Gaussian mechanism per epoch."""
+        return Charge("gaussian", self.noise_multiplier)
+
     def model_privacy(self) -> Privacy:
-        """The model is post-processing of the noisy steps: it charges, but adds no noise."""
-        return Privacy(charge=Charge("gaussian", self.noise_multiplier, self.job.training.epochs))
+        """The model is post-processing of the noisy steps, charged epoch by epoch."""
+        return Privacy(charge=None)
 
     def notes(self) -> dict[str, Any]:
         return {"dp_sgd": {"noise_multiplier": self.noise_multiplier, "sensitivity": self.sensitivity,

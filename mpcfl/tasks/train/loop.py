@@ -23,7 +23,7 @@ from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.build import build_torch_model, to_crypten
 from mpcfl.models.heads import Head, head_of
 from mpcfl.mpc.compat import import_crypten
-from mpcfl.mpc.reveal import Privacy, reveal
+from mpcfl.mpc.reveal import Privacy, budget_state, reveal, spend
 from mpcfl.mpc.session import agreed, communication_stats
 from mpcfl.tasks.train import checkpoint
 from mpcfl.tasks.train.bounds import Bounds, check_revealed, safe_input_norm, training_bounds
@@ -154,6 +154,11 @@ def train(
             optimizer.zero_grad()
             engine.step(model, torch_model, shared.x_train[index], shared.y_train[index])
             optimizer.step()
+        # Charged now, before the metrics and the checkpoint: every later release depends on
+        # these steps, and an epoch cut short by a crash is redone from the checkpoint with
+        # fresh noise, its model never released.
+        if (cost := engine.epoch_charge()) is not None:
+            spend(f"epoch {epoch + 1} DP-SGD steps", cost)
         record: dict[str, float] = {"epoch": epoch + 1}
         if metric_ranks:
             privacy = engine.metrics_privacy()
@@ -180,7 +185,8 @@ def train(
         )
         result.history.append(record)
         params, momentum = checkpoint.state_of(model, optimizer)
-        checkpoint.save(job, party, rank, checkpoint.Checkpoint(epoch + 1, params, momentum, result.history))
+        state = checkpoint.Checkpoint(epoch + 1, params, momentum, result.history, privacy=budget_state())
+        checkpoint.save(job, party, rank, state)
         log.info("epoch %s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
     model_ranks = job.ranks(job.outputs.model_to)

@@ -17,7 +17,7 @@ from mpcfl.mpc.session import agreed, communication_stats, party_session
 from mpcfl.outputs import plot_history, write_json, write_torch
 from mpcfl.tasks.train import checkpoint
 from mpcfl.tasks.train.dataset import share_dataset
-from mpcfl.tasks.train.dp_sgd import training_step
+from mpcfl.tasks.train.dp_sgd import check_plausible, training_step
 from mpcfl.tasks.train.loop import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,9 @@ def _budget(job: TrainJob, party: str, *, resume: bool) -> Budget | None:
         return None
     budget = Budget.create(epsilon=job.dp.epsilon, delta=job.dp.delta, accountant=job.dp.accountant)
     budget.path = job.party_dir(party) / "privacy.json"
-    if resume and budget.path.is_file():
+    if resume:
+        if not budget.path.is_file():
+            raise MpcflError(f"party {party}: {budget.path}: missing; refusing to resume a dp job without its privacy ledger")
         try:
             budget.load_state_dict(json.loads(budget.path.read_text()))
         except (ValueError, KeyError) as err:
@@ -38,11 +40,22 @@ def _budget(job: TrainJob, party: str, *, resume: bool) -> Budget | None:
     return budget
 
 
-def _resume_point(job: TrainJob, party: str, rank: int) -> checkpoint.Checkpoint:
-    """The checkpoint of the newest epoch every party holds."""
+def _resume_point(job: TrainJob, party: str, rank: int, budget: Budget | None) -> checkpoint.Checkpoint:
+    """The checkpoint of the newest epoch every party holds; under DP, only if ``budget``
+    (the ledger from privacy.json) extends the checkpoint's ledger.
+
+    Raises:
+        MpcflError: no common checkpoint, or a ledger that does not match it.
+    """
     epoch = checkpoint.common_epoch(job, checkpoint.available_epochs(job, party))
     log.info("resuming after epoch %d", epoch)
-    return checkpoint.load(job, party, rank, epoch)
+    start = checkpoint.load(job, party, rank, epoch)
+    if budget is not None and (start.privacy is None or not budget.extends(start.privacy)):
+        raise MpcflError(
+            f"party {party}: {budget.path}: does not extend the privacy ledger of the epoch {epoch} checkpoint; "
+            "refusing to resume"
+        )
+    return start
 
 
 def run_party(
@@ -66,9 +79,11 @@ def run_party(
         with Disclosure(budget) as disclosure:
             start = None
             if resume:
-                start = agreed("checkpoint loading", job.party_names, lambda: _resume_point(job, party, rank))
+                start = agreed("checkpoint loading", job.party_names, lambda: _resume_point(job, party, rank, budget))
             data = agreed("data loading", job.party_names, lambda: load_party_data(job, party))
             shared = share_dataset(job, data, rank=rank, device=job.runtime.device)
+            if job.dp is not None:
+                check_plausible(job, shared.x_train.size(0))  # n is public, and the same at every party
             engine = training_step(job)
             if budget is not None:
                 budget.notes.update(engine.notes())

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from mpcfl.dp.accountant import Charge
 from mpcfl.models.heads import Head
 from mpcfl.mpc.reveal import Privacy
 
@@ -34,12 +35,16 @@ class TrainingStep(abc.ABC):
             x, y: the batch's features and targets (CrypTensors).
         """
 
+    def epoch_charge(self) -> Charge | None:
+        """The charge for one epoch of steps, made when the epoch completes; None: free."""
+        return None
+
     def metrics_privacy(self) -> Privacy | None:
         """Noise and charge for one epoch's metrics reveal; None: revealed as they are."""
         return None
 
     def model_privacy(self) -> Privacy | None:
-        """The charge for revealing the trained model; None: free."""
+        """The charge for revealing the trained model; None: free (no budget)."""
         return None
 
     def notes(self) -> dict[str, Any]:
