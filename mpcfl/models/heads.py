@@ -187,7 +187,7 @@ class MultiClassHead(Head):
 
     def log_odds(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         log_p = torch.log_softmax(logits.double(), dim=1).gather(1, y.view(-1, 1)).squeeze(1)
-        return log_p - torch.log(-torch.expm1(log_p).clamp_min(1e-300))
+        return log_p - torch.log((-torch.expm1(log_p)).clamp_min(1e-300))  # 1 - p, clamped once positive
 
 
 def head_of(spec: ModelSpec) -> Head:

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import DEMO, mpcfl, write_job
-from mpcfl.tasks.train.audit import epsilon_lower_bound, evaluate_attack, lira_scores, roc
+from conftest import DEMO, REPO, mpcfl, write_job
+from mpcfl.tasks.train.audit import epsilon_lower_bound, evaluate_attack, lira_scores, pooled_attacks, roc, train_on_subsets
 from mpcfl.tasks.train.baseline import train_plaintext
-from mpcfl.jobs.schema import load_job
+from mpcfl.jobs.schema import TrainJob, load_job
 
 
 def test_perfect_separation() -> None:
@@ -69,3 +69,32 @@ def test_audit_command_writes_report_and_plot(tmp_path: Path) -> None:
     assert (receiver / "audit_roc.png").stat().st_size > 1000
     missing = mpcfl("audit", str(path), "--party", "hospital_a", timeout=60)
     assert missing.returncode == 1 and "no model to audit" in missing.stderr
+
+
+def _digits_job(dp: dict | None) -> TrainJob:
+    spec = {
+        "name": "digits-audit-test",
+        "partition": "horizontal",
+        "parties": [{"name": "a", "data": {"train": "unused.csv"}}, {"name": "b", "data": {"train": "unused.csv"}}],
+        "labels": {"column": "target"},
+        "data": {"standardize": False},
+        "model": {"type": "mlp", "hidden": [64], "num_classes": 10},
+        "training": {"epochs": 40, "batch_size": 40, "learning_rate": 0.3, "momentum": 0.9, "loss": "cross_entropy"},
+        "outputs": {"dir": "unused", "metrics_to": "none"},
+        "dp": dp,
+    }
+    return TrainJob.model_validate(spec)
+
+
+def test_pooled_attacks_separate_a_memorising_model_from_a_dp_one() -> None:
+    torch.set_num_threads(1)
+    data = np.loadtxt(REPO / "examples" / "data" / "digits8x8.csv", delimiter=",", skiprows=1, dtype=np.float32)[:160]
+    x, y = torch.from_numpy(data[:, :64] / 16.0), torch.from_numpy(data[:, 64].astype(np.int64))
+    plain = pooled_attacks(train_on_subsets(_digits_job(None), x, y, models=8, size=80, seed=0), delta=1e-5)
+    private = pooled_attacks(train_on_subsets(_digits_job({"epsilon": 1.0, "delta": 1e-5}), x, y, models=8, size=80, seed=0), delta=1e-5)
+    for attack in plain:
+        assert attack.members == attack.non_members == 8 * 80
+        assert attack.auc > 0.6, attack.name  # 80 digits trained for 40 epochs are memorised
+    for attack in private:
+        assert abs(attack.auc - 0.5) < 0.05, attack.name
+    assert plain[1].auc > private[1].auc + 0.1

@@ -115,19 +115,56 @@ def evaluate_attack(name: str, scores: np.ndarray, members: np.ndarray, *, delta
     )
 
 
-def _shadow_confidences(job: TrainJob, x: torch.Tensor, y: torch.Tensor, *, shadows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each record's confidence under each shadow model, and whether that shadow trained on it."""
+@dataclass(frozen=True)
+class SubsetModels:
+    """Models trained on random subsets of the same records, and what each says about every record."""
+
+    confidences: np.ndarray  # (models, records): LiRA's statistic
+    losses: np.ndarray  # (models, records)
+    included: np.ndarray  # (models, records): whether that model trained on that record
+    accuracies: np.ndarray  # (models,): accuracy on the records it did not train on
+
+
+def train_on_subsets(job: TrainJob, x: torch.Tensor, y: torch.Tensor, *, models: int, size: int, seed: int) -> SubsetModels:
+    """Trains ``models`` models the job's way (DP-SGD when it has DP), each on ``size`` random records."""
     rng = np.random.default_rng(seed)
     n = len(x)
-    confidences = np.zeros((shadows, n))
-    included = np.zeros((shadows, n), dtype=bool)
-    for s in range(shadows):
-        keep = rng.permutation(n)[: n // 2]
+    confidences, losses = np.zeros((models, n)), np.zeros((models, n))
+    included = np.zeros((models, n), dtype=bool)
+    accuracies = np.zeros(models)
+    head = head_of(job.model)
+    for s in range(models):
+        keep = rng.permutation(n)[:size]
         included[s, keep] = True
         index = torch.from_numpy(keep)
         model = train_plaintext(job, data=(x[index], y[index], None, None), seed=int(rng.integers(2**31))).model
         confidences[s] = _confidence(job, model, x, y)
-    return confidences, included
+        losses[s] = _loss(job, model, x, y)
+        out = torch.from_numpy(~included[s])
+        with torch.no_grad():
+            accuracies[s] = float(head.plain_hits(model(x[out]), y[out]).float().mean())
+    return SubsetModels(confidences, losses, included, accuracies)
+
+
+def pooled_attacks(trained: SubsetModels, *, delta: float) -> list[AttackResult]:
+    """Both attacks with each model in turn the target and the others its shadows, scores pooled.
+
+    Pooling over targets multiplies the non-members, so low FPRs can be resolved, but the
+    scores are not independent (the same records, models on overlapping subsets): treat the
+    Clopper-Pearson bounds as approximate.
+    """
+    models = len(trained.included)
+    loss_scores, lira, members = [], [], []
+    for target in range(models):
+        shadows = np.arange(models) != target
+        loss_scores.append(-trained.losses[target])
+        lira.append(lira_scores(trained.confidences[target], trained.confidences[shadows], trained.included[shadows]))
+        members.append(trained.included[target])
+    truth = np.concatenate(members)
+    return [
+        evaluate_attack("loss threshold", np.concatenate(loss_scores), truth, delta=delta),
+        evaluate_attack(f"LiRA ({models - 1} shadows)", np.concatenate(lira), truth, delta=delta),
+    ]
 
 
 def lira_scores(target: np.ndarray, confidences: np.ndarray, included: np.ndarray) -> np.ndarray:
@@ -160,9 +197,9 @@ def run_attacks(job: TrainJob, model_path: Path, *, shadows: int = 16, seed: int
     delta = job.dp.delta if job.dp is not None else 1e-5
     results = [evaluate_attack("loss threshold", -_loss(job, model, x_all, y_all), members, delta=delta)]
     if shadows >= 4:
-        confidences, included = _shadow_confidences(job, x_all, y_all, shadows=shadows, seed=seed)
+        trained = train_on_subsets(job, x_all, y_all, models=shadows, size=len(x_all) // 2, seed=seed)
         target = _confidence(job, model, x_all, y_all)
-        scores = lira_scores(target, confidences, included)
+        scores = lira_scores(target, trained.confidences, trained.included)
         results.append(evaluate_attack(f"LiRA ({shadows} shadows)", scores, members, delta=delta))
     return results
 
