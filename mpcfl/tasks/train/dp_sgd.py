@@ -166,7 +166,9 @@ def bounded_gradients(model: Any, x: Any, y: Any, head: Head) -> None:
     crypten = import_crypten()
     logits = model(x)
     with crypten.no_grad():
-        clamped = logits - (logits - _LOGIT_CLAMP).relu() + (-_LOGIT_CLAMP - logits).relu()
+        # both sides' excess in one relu: one comparison's rounds instead of two
+        excess = crypten.stack([logits - _LOGIT_CLAMP, logits.neg() - _LOGIT_CLAMP]).relu()
+        clamped = logits - excess[0] + excess[1]
         error = head.output_error(clamped, y).div(x.size(0))
     logits.backward(error)
 
