@@ -123,6 +123,49 @@ def standardize_locally(data: PartyData) -> None:
         apply_scaler(data, *_column_stats(data))
 
 
+def check_scaled_columns(data: PartyData, scaling: dict[str, tuple[float, float]], source: Path | None) -> None:
+    """Refuses a feature column of this party that the job's ``data.scaling`` leaves out.
+
+    Raises:
+        DataError: names the party, its file, the job file, the key and the column.
+    """
+    for column in data.train.columns:
+        if column not in scaling:
+            raise DataError(
+                f"party {data.party}: {data.train.path}: column {column!r} has no [center, scale] in "
+                f"{source}: data.scaling; declare public constants for every feature column"
+            )
+
+
+def scale_publicly(data: PartyData, scaling: dict[str, tuple[float, float]], source: Path | None) -> None:
+    """Scales this party's columns by the job's public constants, ``(x - center) / scale``, in place.
+
+    Nothing about the rows goes in, so one record moves only its own row (what DP needs).
+
+    Raises:
+        DataError: as :func:`check_scaled_columns`.
+    """
+    check_scaled_columns(data, scaling, source)
+    columns = data.train.columns
+    if columns:
+        center, scale = (np.array([scaling[c][i] for c in columns]) for i in (0, 1))
+        apply_scaler(data, center, scale)
+
+
+def check_scaling_covers(scaling: dict[str, tuple[float, float]], n_columns: int, source: Path | None) -> None:
+    """Refuses entries that name no party's column (a typo): every party checked that its own
+    columns have one, so the counts agree exactly when none is left over.
+
+    Raises:
+        DataError: names the file and the key.
+    """
+    if len(scaling) != n_columns:
+        raise DataError(
+            f"{source}: data.scaling: {len(scaling)} columns declared, the parties hold {n_columns} feature "
+            f"columns; remove the entries that name no party's column"
+        )
+
+
 def _beyond(data: PartyData, limit: float) -> tuple[Split, str, float] | None:
     """The first split and column whose largest magnitude exceeds ``limit``, with that magnitude."""
     for split in (data.train, data.test):

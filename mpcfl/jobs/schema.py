@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -69,6 +70,12 @@ MAX_ABS_LIMIT = 2.0**15
 
 class DataSpec(_Strict):
     standardize: bool = True
+    scaling: dict[str, tuple[float, float]] | None = Field(
+        default=None,
+        description="public constants {column: [center, scale]}: each feature becomes (x - center) / scale; "
+        "instead of standardize, and for every feature column of every party. A DP job needs them "
+        "(or raw values): statistics of the private rows would be outside the guarantee",
+    )
     max_abs: float = Field(
         default=1e4,
         gt=0,
@@ -86,6 +93,20 @@ class DataSpec(_Strict):
                 "can multiply without wrapping; standardize or rescale the data"
             )
         return max_abs
+
+    @field_validator("scaling")
+    @classmethod
+    def _positive_scales(cls, scaling: dict[str, tuple[float, float]] | None) -> dict[str, tuple[float, float]] | None:
+        for column, (center, scale) in (scaling or {}).items():
+            if not (math.isfinite(center) and math.isfinite(scale) and scale > 0):
+                raise ValueError(f"column {column!r}: [center, scale] must be finite with scale > 0, got [{center:g}, {scale:g}]")
+        return scaling
+
+    @model_validator(mode="after")
+    def _one_scaling(self) -> DataSpec:
+        if self.standardize and self.scaling is not None:
+            raise ValueError("scaling replaces standardisation with public constants; set data.standardize: false")
+        return self
 
 
 class TrainingSpec(_Strict):
@@ -324,10 +345,11 @@ class TrainJob(JobBase):
             raise ValueError(
                 "outputs.metrics_to: with dp, per-epoch metrics spend budget; set it to none, or add dp.metrics"
             )
-        if self.partition == "horizontal" and self.data.standardize:
+        if self.data.standardize:
             raise ValueError(
-                "data.standardize: with dp, a horizontal job would reveal column statistics outside the "
-                "budget; pre-scale the data with public constants and set standardize: false"
+                "data.standardize: with dp, statistics of the private training rows rescale every row (one record "
+                "moves every gradient), outside the guarantee; set standardize: false and declare public "
+                "constants in data.scaling: {column: [center, scale]}"
             )
         if dp.collusion_threshold is not None and dp.collusion_threshold >= self.world_size:
             raise ValueError(

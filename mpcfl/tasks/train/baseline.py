@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mpcfl.data.party import PartyData, apply_scaler, check_range, load_party_data, standardize_locally
+from mpcfl.data.party import (
+    PartyData, apply_scaler, check_range, check_scaling_covers, load_party_data, standardize_locally,
+)
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.build import build_torch_model
 from mpcfl.models.heads import Head, head_of
@@ -69,6 +71,9 @@ def prepared_data(job: TrainJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
             job, part, feature_counts=feature_counts, standardize=standardize,
             check=lambda p: check_range(p, job.data.max_abs),
         )
+    if job.data.scaling is not None:  # after each party named any column of its own left out
+        n_columns = sum(feature_counts) if job.partition == "vertical" else feature_counts[0]
+        check_scaling_covers(job.data.scaling, n_columns, job.source)
     head = head_of(job.model)
     x_np, y_np = _joined(job, parts, "train")
     x, y = torch.tensor(x_np, dtype=torch.float32), head.plain_targets(y_np)

@@ -22,8 +22,8 @@ import torch
 
 from mpcfl.data.files import DataError
 from mpcfl.data.party import (
-    PartyData, Split, apply_scaler, check_joint_stats_range, check_range, columns_hash,
-    standardize_locally,
+    PartyData, Split, apply_scaler, check_joint_stats_range, check_range, check_scaled_columns, check_scaling_covers,
+    columns_hash, scale_publicly, standardize_locally,
 )
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.heads import head_of
@@ -46,7 +46,8 @@ def prepare(
 ) -> T:
     """Preprocesses one party's data in place, in the order every path uses.
 
-    Standardise first (``standardize``: this path's statistics, local or joint), then
+    Standardise first (``standardize``: this path's statistics, local or joint; or the
+    job's public ``data.scaling`` constants), then
     clip features for DP (only DP logistic regression does), then ``check`` the values
     that will be shared: bounds hold for what goes into MPC, not for raw data.
 
@@ -58,6 +59,8 @@ def prepare(
     """
     if job.data.standardize:
         standardize(data)
+    elif job.data.scaling is not None:
+        scale_publicly(data, job.data.scaling, job.source)
     bound_features(job, data, feature_counts)
     return check(data)
 
@@ -216,6 +219,10 @@ def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: str = "c
     n_features = sum(s[2] for s in shapes) if vertical else shapes[0][2]
     n_rows = shapes[0][0] if vertical else sum(s[0] for s in shapes)
     n_test = shapes[0][1] if vertical else sum(s[1] for s in shapes)
+    scaling = job.data.scaling
+    if scaling is not None:
+        agreed("scaling check", job.party_names, lambda: check_scaled_columns(data, scaling, job.source))
+        check_scaling_covers(scaling, n_features, job.source)
 
     def standardize(part: PartyData) -> None:
         if vertical:

@@ -183,16 +183,40 @@ class DpSgd(TrainingStep):
                            "colluders": self.job.colluders}}
 
 
+# CrypTen's sigmoid leaves [0, 1] for logits beyond about 500 (0.882 at 510, -9.7e7 at 515), and
+# nothing bounds the weights, so the logits are clamped to +-_LOGIT_CLAMP first: |p - y| <= 1 then
+# holds whatever the weights. e^-32 is below fixed point's 2^-16, so no representable p changes.
+_LOGIT_CLAMP = 32.0
+
+
+def bounded_gradients(model: Any, x: Any, y: Any, head: Head) -> None:
+    """Sets the batch-mean gradient of a linear model from (p - y) at logits clamped to
+    +-:data:`_LOGIT_CLAMP`, so each example's part is ``(p - y) [x, 1]`` with ``|p - y|`` bounded.
+
+    Clamping inside autograd would zero the gradient of every clamped example (the clamp's
+    derivative); the output error is computed on the clamped logits and pushed back instead.
+    """
+    crypten = import_crypten()
+    logits = model(x)
+    with crypten.no_grad():
+        # both sides' excess in one relu: one comparison's rounds instead of two
+        excess = crypten.stack([logits - _LOGIT_CLAMP, logits.neg() - _LOGIT_CLAMP]).relu()
+        clamped = logits - excess[0] + excess[1]
+        error = head.output_error(clamped, y).div(x.size(0))
+    logits.backward(error)
+
+
 class FeatureClippedDpSgd(DpSgd):
-    """Logistic regression: features were clipped before sharing (:func:`bound_features`), so
-    autograd's mean gradient is bounded; each party adds its noise share to it."""
+    """Logistic regression: features were clipped before sharing (:func:`bound_features`) and
+    logits are clamped (:func:`bounded_gradients`), so the mean gradient is bounded; each party
+    adds its noise share to it."""
 
     def __init__(self, job: TrainJob, head: Head) -> None:
         super().__init__(job)
-        self._plain = PlainSgd(head)
+        self.head = head
 
     def step(self, model: Any, torch_model: nn.Sequential, x: Any, y: Any) -> None:
-        self._plain.step(model, torch_model, x, y)
+        bounded_gradients(model, x, y, self.head)
         sigma = self.noise_multiplier * self.sensitivity / x.size(0)
         for param in model.parameters():
             self._add_noise(param.grad, sigma)

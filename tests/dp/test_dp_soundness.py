@@ -1,0 +1,140 @@
+"""DP soundness: preprocessing that no other record moves, and LR gradients bounded whatever the weights."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import DEMO, REPO, write_job
+from mpcfl.data.files import DataError
+from mpcfl.data.party import load_party_data, standardize_locally
+from mpcfl.dp.clipping import clip_rows
+from mpcfl.errors import ConfigError
+from mpcfl.jobs.schema import TrainJob, load_job
+from mpcfl.models.build import build_torch_model, to_crypten
+from mpcfl.models.heads import head_of
+from mpcfl.models.spec import ModelSpec
+from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.reveal import reveal
+from mpcfl.tasks.train.baseline import prepared_data
+from mpcfl.tasks.train.dataset import prepare
+from mpcfl.tasks.train.dp_sgd import _APPROXIMATION_MARGIN, bounded_gradients
+from mpcfl.tasks.train.steps import PlainSgd
+
+
+def dp_demo() -> dict:
+    """The DP demo job as a dict, its data paths made absolute."""
+    spec = yaml.safe_load((REPO / "configs" / "breast_cancer_dp.yaml").read_text())
+    for party in spec["parties"]:
+        party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
+    return spec
+
+
+def test_dp_refuses_statistics_of_the_private_rows(tmp_path: Path) -> None:
+    spec = dp_demo()
+    spec["data"] = {"standardize": True}
+    with pytest.raises(ConfigError) as caught:
+        load_job(write_job(tmp_path, spec))
+    text = str(caught.value)
+    assert text.startswith(f"{tmp_path / 'job.yaml'}: ") and "data.standardize: with dp, statistics of the private" in text
+    assert "set standardize: false and declare public constants in data.scaling" in text and "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"standardize": False, "scaling": {"mean_radius": [15, 0]}},
+         "data.scaling: column 'mean_radius': [center, scale] must be finite with scale > 0, got [15, 0]"),
+        ({"standardize": False, "scaling": {"mean_radius": [15]}}, "data.scaling.mean_radius.1: Field required"),
+        ({"scaling": {"mean_radius": [15, 15]}},
+         "data: scaling replaces standardisation with public constants; set data.standardize: false"),
+    ],
+)
+def test_scaling_config_errors(tmp_path: Path, data: dict, message: str) -> None:
+    spec = dp_demo()
+    del spec["dp"]
+    spec["data"] = data
+    with pytest.raises(ConfigError) as caught:
+        load_job(write_job(tmp_path, spec))
+    assert message in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+
+
+def _prepared(job: TrainJob, party: str, change_first_row: bool) -> np.ndarray:
+    data = load_party_data(job, party)
+    if change_first_row:
+        data.train.x[0] *= 7.0
+    prepare(job, data, feature_counts=[20, 10], standardize=standardize_locally, check=lambda _: None)
+    return data.train.x
+
+
+def test_public_scaling_lets_one_record_move_only_its_own_row(tmp_path: Path) -> None:
+    job = load_job(write_job(tmp_path, dp_demo()))
+    assert job.data.scaling is not None and not job.data.standardize
+    raw = load_party_data(job, "hospital_a").train
+    center, scale = (np.array([job.data.scaling[c][i] for c in raw.columns]) for i in (0, 1))
+    scaled = _prepared(job, "hospital_a", change_first_row=False)
+    np.testing.assert_allclose(scaled, clip_rows((raw.x - center) / scale, 1 / math.sqrt(2)))
+    # A neighbouring data set (one patient's values changed) differs in that row only.
+    moved = _prepared(job, "hospital_a", change_first_row=True)
+    assert np.array_equal(scaled[1:], moved[1:]) and not np.array_equal(scaled[0], moved[0])
+    # Standardisation by the rows' own statistics, what a DP job refuses, moves every row.
+    spec = dp_demo()
+    del spec["dp"]
+    spec["data"] = {"standardize": True}
+    plain = load_job(write_job(tmp_path, spec, "plain.yaml"))
+    assert (_prepared(plain, "hospital_a", False)[1:] != _prepared(plain, "hospital_a", True)[1:]).any(axis=1).all()
+
+
+def test_scaling_must_name_every_column_and_nothing_else(tmp_path: Path) -> None:
+    spec = dp_demo()
+    del spec["data"]["scaling"]["worst_area"]
+    job = load_job(write_job(tmp_path, spec))
+    with pytest.raises(DataError) as caught:
+        prepared_data(job)
+    text = str(caught.value)
+    assert text.startswith("party hospital_b: ") and "hospital_b_train.csv: column 'worst_area' has no [center, scale] in" in text
+    assert f"{tmp_path / 'job.yaml'}: data.scaling" in text and "\n" not in text
+    spec = dp_demo()
+    spec["data"]["scaling"]["worst_aera"] = [1, 1]
+    with pytest.raises(DataError, match=r"job.yaml: data.scaling: 31 columns declared, the parties hold 30 feature columns"):
+        prepared_data(load_job(write_job(tmp_path, spec)))
+
+
+def _example_gradient_norm(classes: int, magnitude: float, clamp: bool) -> float:
+    """One example of norm 1 whose logits are +-1.4 magnitude: its revealed gradient norm."""
+    crypten = import_crypten()
+    spec = ModelSpec(type="logistic_regression", num_classes=classes)
+    head = head_of(spec)
+    torch_model = build_torch_model(spec, n_features=2, seed=0)
+    with torch.no_grad():
+        outputs = torch_model[0].weight.shape[0]
+        signs = torch.tensor([-1.0 if i % 2 == 0 else 1.0 for i in range(outputs)]).reshape(-1, 1)
+        torch_model[0].weight.copy_(signs * magnitude)
+        torch_model[0].bias.zero_()
+    model = to_crypten(torch_model).encrypt(src=0)
+    model.train()
+    model.zero_grad()
+    x = crypten.cryptensor(torch.tensor([[0.6, 0.8]]))
+    # Logit 0 is the most negative: the true label is 1 (binary) or class 0, so |p - y| is near its bound.
+    y = crypten.cryptensor(head.secure_targets(np.array([1 if classes == 2 else 0]), 1))
+    if clamp:
+        bounded_gradients(model, x, y, head)
+    else:
+        PlainSgd(head).step(model, torch_model, x, y)
+    grads = [reveal(p.grad, to=[0], what="gradient test") for p in model.parameters()]
+    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_logit_clamp_bounds_each_gradient_whatever_the_weights(crypten_single: None, classes: int) -> None:
+    bound = _APPROXIMATION_MARGIN * math.sqrt(1.0**2 + 1) * head_of(ModelSpec(type="logistic_regression", num_classes=classes)).gradient_bound
+    for magnitude in (1.0, 400.0, 600.0, 5000.0):  # logits up to 7,000: far beyond the sigmoid's +-500
+        norm = _example_gradient_norm(classes, magnitude, clamp=True)
+        assert norm <= bound, (magnitude, norm, bound)
+    # Without the clamp, CrypTen's approximation breaks the bound the accountant relies on.
+    assert not _example_gradient_norm(classes, 5000.0, clamp=False) <= bound
