@@ -222,6 +222,9 @@ class JobBase(_Strict):
         for party in parties:
             if party.name in seen:
                 raise ValueError(f"duplicate party name {party.name!r}")
+            if party.name == providers.DEALER:
+                # The dealer's process, its key in runtime.identity and its log prefix use this name.
+                raise ValueError(f"party name {party.name!r} is reserved for the triple dealer's process")
             seen.add(party.name)
         return parties
 

@@ -63,6 +63,11 @@ class Session:
     credentials: Credentials = field(default_factory=Credentials)
     fingerprint: str = ""
 
+    def __post_init__(self) -> None:
+        # Job files check this too (jobs.schema); party scripts and the fork harness come here only.
+        if providers.DEALER in self.parties:
+            raise MpcflError(f"{self.label}: party name {providers.DEALER!r} is reserved for the triple dealer's process")
+
     @property
     def world_size(self) -> int:
         return len(self.parties)

@@ -62,6 +62,7 @@ CASES = [
     ("model.hidden", [8], "logistic_regression has no hidden layers"),
     ("partition", "diagonal", "partition"),
     ("parties.1.name", "hospital_a", "duplicate party name 'hospital_a'"),
+    ("parties.1.name", "dealer", "party name 'dealer' is reserved for the triple dealer's process"),
     ("parties.0.nickname", "a", "parties.0.nickname: unknown key"),
     ("labels.party", "hospital_c", "labels.party: 'hospital_c' is not a party"),
     ("labels.party", _DELETE, "labels.party: a vertical job names the party"),

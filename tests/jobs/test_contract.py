@@ -82,3 +82,10 @@ def test_launch_with_provider_tfp_runs_without_a_dealer() -> None:
 def test_launch_refuses_an_unknown_provider(tmp_path: Path) -> None:
     done = mpcfl("launch", "--provider", "he", "--parties", "a,b", str(tmp_path / "x.py"))
     assert done.returncode == 2 and "invalid choice: 'he'" in done.stderr
+
+
+def test_the_dealers_name_is_reserved_for_party_scripts(tmp_path: Path) -> None:
+    with pytest.raises(MpcflError, match="party name 'dealer' is reserved for the triple dealer's process"):
+        script_session(("dealer", "b"))
+    done = mpcfl("launch", "--parties", "dealer,b", str(tmp_path / "x.py"))
+    assert done.returncode == 1 and "'dealer' is reserved" in done.stderr.strip().splitlines()[-1]
