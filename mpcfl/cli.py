@@ -32,7 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue training from the parties' checkpoints")
     run.add_argument("--key-dir", type=Path, help="for runtime.identity: the folder holding NAME.key of every process")
     key_file = argparse.ArgumentParser(add_help=False)
-    key_file.add_argument("--key-file", type=Path, help="this process's private key, for jobs with runtime.identity")
+    key_file.add_argument(
+        "--key-file", help="this process's private key, for jobs with runtime.identity; {name} in the path becomes "
+        "the process's name (party or dealer), so one command line serves every rank under torchrun or srun",
+    )
 
     party = sub.add_parser("party", parents=[common, key_file], help="run one party of a job (one per host)")
     party.add_argument("job")
@@ -134,18 +137,20 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         party, rendezvous = role_from_launcher_env(job)
         command = "dealer" if party == providers.DEALER else "party"
+    key = getattr(args, "key_file", None)
+    key_file = Path(key.replace("{name}", party or providers.DEALER)) if key else None
     if command == "run":
         from mpcfl.launch.local import run_local
 
         return run_local(job, debug=args.debug, resume=args.resume, key_dir=args.key_dir)
     if command == "party":
         resume = {"resume": True} if args.resume else {}  # only resumable tasks' runners take it
-        task.run_party()(job, party, rendezvous=rendezvous, key_file=args.key_file, **resume)
+        task.run_party()(job, party, rendezvous=rendezvous, key_file=key_file, **resume)
     elif command == "dealer":
         from mpcfl.jobs.session import session_of
         from mpcfl.mpc.session import run_dealer
 
-        run_dealer(session_of(job, rendezvous=rendezvous, key_file=args.key_file))
+        run_dealer(session_of(job, rendezvous=rendezvous, key_file=key_file))
     elif command == "baseline":
         task.require(job, registry.BASELINE)
         from mpcfl.tasks.train.baseline import train_plaintext

@@ -154,7 +154,9 @@ def test_the_transcript_binds_nonces_rank_name_world_rendezvous_and_job() -> Non
 
 def test_identities_are_accepted_and_each_process_proves_its_own_rank(tmp_path: Path) -> None:
     job, keys = identity_job(tmp_path)
-    results = run_processes(key_roles(job, keys))
+    # One template for every process, as under torchrun or srun: {name} becomes each one's name.
+    template = keys / "{name}.key"
+    results = run_processes(key_roles(job, keys, dealer=template, bank=template, clinic=template))
     assert [r.returncode for r in results] == [0, 0, 0], [r.stderr[-500:] for r in results]
     assert all("authenticated all 2 peers (an Ed25519 identity)" in r.stderr for r in results)
     assert (tmp_path / "out" / "clinic" / "predictions.npy").exists()
