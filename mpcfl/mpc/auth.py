@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from mpcfl.errors import MpcflError, PeerFailure
 from mpcfl.mpc.keys import check_private_file, public_key_text
+from mpcfl.mpc.wire import from_words, to_words
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +144,10 @@ def _exchange(data: bytes, group: object, size: int) -> list[bytes]:
     """All-gathers equal-length byte strings as int64 tensors (no pickles from peers)."""
     import torch.distributed as dist
 
-    words = torch.frombuffer(bytearray(data), dtype=torch.int64).clone()
+    words = to_words(data)
     gathered = [torch.empty_like(words) for _ in range(size)]
     dist.all_gather(gathered, words, group=group)
-    return [g.numpy().tobytes() for g in gathered]
+    return [from_words(g) for g in gathered]
 
 
 def _proof(credentials: Credentials, message: bytes) -> bytes:

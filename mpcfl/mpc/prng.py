@@ -24,6 +24,8 @@ import numpy as np
 import randomgen
 import torch
 
+from mpcfl.mpc.wire import from_words, to_words
+
 KEY_BITS = 128
 KEY_WORDS = KEY_BITS // 64  # a key travels over gloo as this many int64 words
 
@@ -35,13 +37,12 @@ def new_key() -> int:
 
 def key_to_words(key: int) -> torch.Tensor:
     """``key`` as int64 words, to send to a peer."""
-    data = key.to_bytes(KEY_BITS // 8, "little")
-    return torch.from_numpy(np.frombuffer(data, dtype=np.int64).copy())
+    return to_words(key.to_bytes(KEY_BITS // 8, "little"))
 
 
 def words_to_key(words: torch.Tensor) -> int:
     """Inverse of :func:`key_to_words`."""
-    return int.from_bytes(words.cpu().numpy().astype(np.int64).tobytes(), "little")
+    return int.from_bytes(from_words(words), "little")
 
 
 class SecureGenerator:

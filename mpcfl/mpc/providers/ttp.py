@@ -37,6 +37,7 @@ import torch
 
 from mpcfl.errors import MpcflError
 from mpcfl.mpc.providers import Provider
+from mpcfl.mpc.wire import to_words
 from mpcfl.mpc.prng import KEY_WORDS, SecureGenerator, key_to_words, new_key, words_to_key
 
 log = logging.getLogger(__name__)
@@ -82,23 +83,11 @@ def request_digest(function: str, device: Any, args: Sequence[Any], kwargs: dict
     """SHA-256 of a request in canonical form (the device by type: parties may use different GPUs)."""
     kind = torch.device(device or "cpu").type
     text = repr((function, kind, _plain(tuple(args)), sorted((k, _plain(v)) for k, v in kwargs.items())))
-    return torch.frombuffer(bytearray(hashlib.sha256(text.encode()).digest()), dtype=torch.int64).clone()
+    return to_words(hashlib.sha256(text.encode()).digest())
 
 
 class DealerRequestRefused(MpcflError):
     """Party 0 asked the dealer for something outside its request table."""
-
-
-def _count_wraps(shares: Sequence[torch.Tensor]) -> torch.Tensor:
-    """How often the running sum of ``shares`` wraps around the 64-bit ring (+1 up, -1 down)."""
-    result = torch.zeros_like(shares[0])
-    total = shares[0]
-    for share in shares[1:]:
-        after = total + share
-        result -= ((total < 0) & (share < 0) & (after > 0)).long()
-        result += ((total > 0) & (share > 0) & (after < 0)).long()
-        total = after
-    return result
 
 
 class Dealer:
@@ -287,8 +276,10 @@ class Dealer:
 
     def wraps(self, size: Sequence[int]) -> torch.Tensor:
         """Party 0's share of the wrap count of a random sharing r."""
+        from crypten.common.util import count_wraps  # crypten is loaded: this process runs its session
+
         shares = [generator.ring(size) for generator in self.generators]
-        return _count_wraps(shares) - self._sum(size, self.generators[1:])
+        return count_wraps(shares) - self._sum(size, self.generators[1:])
 
     def b2a(self, size: Sequence[int]) -> torch.Tensor:
         """Party 0's arithmetic share of a random bit whose XOR shares the parties draw."""
