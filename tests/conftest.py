@@ -6,6 +6,7 @@ import contextlib
 import csv
 import ipaddress
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -85,6 +86,13 @@ def horizontal_parties(folder: Path, n: int) -> list[dict[str, Any]]:
         test = write_csv(folder / f"p{i}_test.csv", header, rows[split:])
         parties.append({"name": f"p{i}", "data": {"train": str(train), "test": str(test)}})
     return parties
+
+
+def package_files_matching(pattern: str) -> list[str]:
+    """The package's modules whose source matches ``pattern`` (a regex), as repo-relative paths."""
+    return sorted(
+        str(path.relative_to(REPO)) for path in (REPO / "mpcfl").rglob("*.py") if re.search(pattern, path.read_text())
+    )
 
 
 def live_processes(marker: str) -> list[int]:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, package_files_matching
 
 
 def test_import_contracts_hold() -> None:
@@ -44,11 +44,4 @@ def test_the_training_loop_has_no_dp_branch() -> None:
 
 
 def test_only_the_head_knows_binary_from_multiclass() -> None:
-    import re
-
-    offenders = sorted(
-        str(path.relative_to(REPO))
-        for path in (REPO / "mpcfl").rglob("*.py")
-        if re.search(r"num_classes\s*[=!<>]=?\s*2|num_classes\s*>\s*2", path.read_text())
-    )
-    assert offenders == ["mpcfl/models/spec.py"]
+    assert package_files_matching(r"num_classes\s*[=!<>]=?\s*2|num_classes\s*>\s*2") == ["mpcfl/models/spec.py"]

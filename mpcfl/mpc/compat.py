@@ -228,7 +228,7 @@ def _announce_triple_requests(crypten: types.ModuleType) -> None:
 def _open_point_to_point(crypten: types.ModuleType) -> None:
     """Opening toward one party sends shares point-to-point (see :mod:`mpcfl.mpc.opening`).
 
-    crypten's ``get_plain_text(dst=r)`` and ``reveal(dst=r)`` call the
+    crypten's decryption toward one rank r (``dst=r``), arithmetic or binary, calls the
     communicator's ``reduce``; gloo's reduce is a ring that leaves partial sums,
     i.e. slices of the plaintext, with the parties that are not r.
     """

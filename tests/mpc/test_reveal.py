@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import re
 
-from conftest import REPO
+from conftest import package_files_matching
 
 
 def test_only_the_reveal_module_opens_secrets() -> None:
-    callers = sorted(
-        str(path.relative_to(REPO))
-        for path in (REPO / "mpcfl").rglob("*.py")
-        if re.search(r"\w\.get_plain_text\(|\.reveal\(\)", path.read_text())
-    )
-    assert callers == ["mpcfl/mpc/reveal.py"]
+    assert package_files_matching(r"get_plain_text|\.reveal\(\)") == ["mpcfl/mpc/reveal.py"]
 
 
 def test_under_a_budget_every_reveal_must_declare_its_charge(crypten_single: None) -> None:
