@@ -79,6 +79,16 @@ def test_a_reveal_to_one_party_reaches_no_other(parties: int, spied: Path) -> No
         assert _received_while_opening(views[rank], "control") > 0
         caught = _leaked(views[rank], receiver["opened_control"], "control")
         assert caught >= 1000 // (parties + 1), f"the spy missed the ring reduce's leak at rank {rank}"
+    # Nobody but the receiver, the dealer included, ever holds another party's share of the secret:
+    # a share reaches only the receiver of an opening (two shares would be the plaintext with 2 parties).
+    shares = {str(r): views[str(r)]["own_protocol"] for r in range(parties)}
+    for rank in [*map(str, range(parties - 1)), str(parties)]:
+        for owner, share in shares.items():
+            if owner != rank:
+                held = int(np.isin(views[rank]["seen_protocol"], share).sum())
+                assert held == 0, f"rank {rank} holds {held} values of party {owner}'s share"
+    held_by_receiver = int(np.isin(receiver["seen_protocol"], shares["0"]).sum())
+    assert held_by_receiver >= 1000, "the receiver should hold party 0's share: the check sees shares"
     for rank, view in views.items():
         assert view["draws"].size == 0, f"rank {rank} drew from torch's generators inside crypten: {view['draws'][:3]}"
     assert_no_leftovers(str(SCRIPTS / "leak_party.py"))

@@ -24,6 +24,7 @@ with mpcfl.join() as me:
     last = me.session.world_size - 1
     receiver = me.rank == last
     x = crypten.cryptensor(torch.from_numpy(SECRET) if me.rank == 0 else torch.zeros(1000), src=0)
+    sitecustomize._records["own"].append(("protocol", x._tensor.share.clone()))  # for the test to look for elsewhere
     arithmetic = reveal(x, to=[last], what="arithmetic")
     binary = reveal(x.to(crypten.mpc.binary), to=[last], what="binary")
 

@@ -12,6 +12,8 @@ holds, not what the code means to do:
 - ``received``: how many elements this process received while an opening toward
   some parties was under way: a non-receiver must receive none, so no partial
   sum of shares, in whatever form, can reach it;
+- ``own``: shares a party script says are its own (``_records["own"]``), so a test can
+  look for them at the other processes;
 - ``draws``: torch random functions, Tensor random methods and Generator
   constructions called from inside crypten.
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 import os
 
 _DIR = os.environ.get("MPCFL_SPY_DIR")
-_records: dict[str, list] = {"seen": [], "opened": [], "draws": [], "received": [], "where": []}
+_records: dict[str, list] = {"seen": [], "opened": [], "draws": [], "received": [], "where": [], "own": []}
 _phase = ["protocol"]
 _opening = [0]  # depth of reveal(dst=...) calls under way
 # Functions whose buffers come back filled with what peers sent.
@@ -168,7 +170,7 @@ def _install() -> None:
         rank = os.environ.get("RANK", "x")
         np.savez(
             os.path.join(_DIR, f"rank{rank}-{os.getpid()}.npz"),
-            **flat("seen"), **flat("opened"), **flat("received"),
+            **flat("seen"), **flat("opened"), **flat("received"), **flat("own"),
             where=np.array(_records["where"], dtype=str),
             draws=np.array([f"{p}:{n}:{c}" for p, n, c in _records["draws"]], dtype=str),
         )
