@@ -174,7 +174,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             from mpcfl.tasks.train.dataset import check_alone
 
             loaded = load_party_data(job, job.party_names[job.rank_of(args.party)])
-            print(f"{args.party}: {loaded.train.x.shape[0]} training rows, {loaded.train.x.shape[1]} feature columns")
+            before = " before private set intersection" if job.keyed else ""
+            print(f"{args.party}: {loaded.train.x.shape[0]} training rows{before}, {loaded.train.x.shape[1]} feature columns")
             print(f"{args.party}: {check_alone(job, loaded)}")
             # Vertical: every party holds all n rows; horizontal: n is the parties' total, unknown here.
             rows = loaded.train.x.shape[0] if job.partition == "vertical" else None

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "tests" / "scripts"  # party scripts the tests launch
 WDBC = REPO / "examples" / "data" / "wdbc.csv"
 DEMO = REPO / "configs" / "breast_cancer_lr.yaml"
+SPY = REPO / "tests" / "spy"  # the attacker's recorder (tests/spy/sitecustomize.py)
 
 
 def write_csv(path: Path, header: list[str], rows: Any) -> Path:
@@ -205,3 +206,23 @@ def crypten_single() -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture
+def spied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Loads the recorder of ``tests/spy`` into every process the test starts; returns where they write."""
+    folder = tmp_path / "spy"
+    folder.mkdir()
+    monkeypatch.setenv("MPCFL_SPY_DIR", str(folder))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SPY), os.environ.get("PYTHONPATH")])))
+    return folder
+
+
+def spy_views(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    """What each spied process recorded, by rank ("x" is the launcher)."""
+    views: dict[str, dict[str, np.ndarray]] = {}
+    for path in folder.glob("rank*.npz"):
+        rank = path.name.split("-")[0].removeprefix("rank")
+        with np.load(path) as data:
+            views[rank] = {key: data[key] for key in data.files}
+    return views

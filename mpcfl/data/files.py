@@ -1,7 +1,9 @@
 """Reading a party's own files: CSV tables and numeric .npy arrays, with one-line errors.
 
 Every reader names the party and the file in its errors, refuses pickled arrays
-and non-numbers, and reads nothing but the path it is given.
+and non-numbers, and reads nothing but the path it is given. A table may carry an
+ID column (a vertical job's ``data.id_column``): its cells are kept as strings, apart
+from the numbers, for private set intersection (:mod:`mpcfl.data.psi`).
 """
 
 from __future__ import annotations
@@ -27,10 +29,14 @@ class Table:
     path: Path
     columns: list[str]
     values: np.ndarray  # float64, shape (rows, len(columns))
+    ids: list[str] | None = None  # the ID column's cells, one per row, when the table has one
 
 
-def _csv_error(path: Path, party: str) -> DataError:
-    """Finds the first bad cell of a CSV that numpy refused, for a precise message."""
+def _csv_error(path: Path, party: str, skip: int | None = None) -> DataError:
+    """Finds the first bad cell of a CSV that numpy refused, for a precise message.
+
+    ``skip`` is the index of the ID column, whose cells need not be numbers.
+    """
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
         header = next(reader)
@@ -39,7 +45,9 @@ def _csv_error(path: Path, party: str) -> DataError:
                 return DataError(
                     f"party {party}: {path}: line {line} has {len(row)} cells, the header has {len(header)}"
                 )
-            for name, cell in zip(header, row):
+            for index, (name, cell) in enumerate(zip(header, row)):
+                if index == skip:
+                    continue
                 try:
                     float(cell)
                 except ValueError:
@@ -66,38 +74,100 @@ def load_array(path: Path, *, party: str, what: str = "data") -> np.ndarray:
     return values
 
 
-def load_table(path: Path, *, party: str) -> Table:
+def _id_index(columns: list[str], id_column: str, path: Path, party: str) -> int:
+    if id_column not in columns:
+        raise DataError(f"party {party}: {path}: no ID column {id_column!r} (data.id_column)")
+    return columns.index(id_column)
+
+
+def _csv_ids(path: Path, index: int) -> list[str]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        next(reader)
+        return [row[index].strip() if index < len(row) else "" for row in reader]
+
+
+def _npy_ids(values: np.ndarray, index: int, column: str, path: Path, party: str) -> list[str]:
+    """A .npy table's ID column: whole numbers, as their decimal strings."""
+    ids = values[:, index]
+    bad = ~np.isfinite(ids) | (ids != np.round(ids))
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DataError(
+            f"party {party}: {path}: ID column {column!r}, data row {row + 1}: {ids[row]} is not a whole-number ID"
+        )
+    return [str(int(v)) for v in ids]
+
+
+def check_ids(ids: list[str], column: str, path: Path, party: str) -> None:
+    """Refuses an empty or repeated ID: rows are matched across parties by ID, so each must name one row.
+
+    The message gives row numbers, never the ID itself, which may be personal data.
+
+    Raises:
+        DataError: names the party, the file, the column and the rows.
+    """
+    first: dict[str, int] = {}
+    for row, value in enumerate(ids):
+        if not value:
+            raise DataError(f"party {party}: {path}: ID column {column!r}, data row {row + 1}: missing ID")
+        if value in first:
+            raise DataError(
+                f"party {party}: {path}: ID column {column!r}: data rows {first[value] + 1} and {row + 1} "
+                f"have the same ID; each ID must name one row"
+            )
+        first[value] = row
+
+
+def load_table(path: Path, *, party: str, id_column: str | None = None) -> Table:
     """Reads a numeric CSV (with a header row) or a 2-D ``.npy`` file.
 
     Args:
         path: the file.
         party: the owning party, for error messages.
+        id_column: a column of row IDs, taken out of the numbers (any text in a CSV,
+            whole numbers in a ``.npy`` file, whose columns are named "0", "1", ...).
 
     Raises:
-        DataError: missing, unreadable, empty, non-numeric, NaN or infinite data.
+        DataError: missing, unreadable, empty, non-numeric, NaN or infinite data;
+            a missing ID column, or an empty or repeated ID.
     """
     if not path.is_file():
         raise DataError(f"party {party}: {path}: data file not found")
+    ids: list[str] | None = None
     try:
         if path.suffix == ".npy":
             values = load_array(path, party=party)
             if values.ndim != 2:
                 raise DataError(f"party {party}: {path}: expected a 2-D array, got shape {values.shape}")
             columns = [str(i) for i in range(values.shape[1])]
+            if id_column is not None:
+                index = _id_index(columns, id_column, path, party)
+                ids = _npy_ids(values.astype(np.float64), index, id_column, path, party)
+                values = np.delete(values, index, axis=1)
+                columns = [str(i) for i in range(values.shape[1])]
         elif path.suffix == ".csv":
             with path.open(newline="", encoding="utf-8") as handle:
                 header = next(csv.reader(handle), None)
             if not header:
                 raise DataError(f"party {party}: {path}: empty file")
             columns = [c.strip() for c in header]
+            index = None if id_column is None else _id_index(columns, id_column, path, party)
+            numeric = [i for i in range(len(columns)) if i != index]
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # "no data": reported below
-                    values = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
+                    values = np.loadtxt(
+                        path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64,
+                        usecols=None if index is None else numeric,
+                    )
             except ValueError:
-                raise _csv_error(path, party) from None
-            if values.size and values.shape[1] != len(columns):
-                raise _csv_error(path, party)
+                raise _csv_error(path, party, index) from None
+            if values.size and values.shape[1] != len(numeric):
+                raise _csv_error(path, party, index)
+            if index is not None:
+                ids = _csv_ids(path, index)
+                columns = [columns[i] for i in numeric]
         else:
             raise DataError(f"party {party}: {path}: unsupported file type (use .csv or .npy)")
     except (OSError, UnicodeDecodeError, ValueError) as err:
@@ -112,4 +182,7 @@ def load_table(path: Path, *, party: str) -> Table:
             f"party {party}: {path}: column {columns[col]!r}, data row {row + 1}: "
             f"{values[row, col]} is not a finite number"
         )
-    return Table(path=path, columns=columns, values=values)
+    if ids is not None:
+        assert id_column is not None
+        check_ids(ids, id_column, path, party)
+    return Table(path=path, columns=columns, values=values, ids=ids)

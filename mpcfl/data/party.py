@@ -31,6 +31,13 @@ class Split:
     columns: list[str]
     x: np.ndarray
     y: np.ndarray | None
+    ids: list[str] | None = None  # row IDs (``data.id_column``), until PSI has aligned the rows
+
+    def keep(self, rows: list[int]) -> None:
+        """Keeps only ``rows``, in that order (the intersection's agreed order), in place."""
+        self.x = self.x[rows]
+        self.y = None if self.y is None else self.y[rows]
+        self.ids = None if self.ids is None else [self.ids[i] for i in rows]
 
 
 @dataclass
@@ -58,7 +65,7 @@ def _label_index(table: Table, column: str | int, party: str) -> int:
 
 def _split(table: Table, *, job: TrainJob, party: str, holds_labels: bool) -> Split:
     if not holds_labels:
-        return Split(table.path, table.columns, table.values, None)
+        return Split(table.path, table.columns, table.values, None, table.ids)
     index = _label_index(table, job.labels.column, party)
     y = table.values[:, index]
     classes = job.model.num_classes
@@ -73,7 +80,7 @@ def _split(table: Table, *, job: TrainJob, party: str, holds_labels: bool) -> Sp
     columns = [c for i, c in enumerate(table.columns) if i != index]
     if x.shape[1] == 0 and job.partition == "horizontal":
         raise DataError(f"party {party}: {table.path}: no feature columns besides the label")
-    return Split(table.path, columns, x, y.astype(np.int64))
+    return Split(table.path, columns, x, y.astype(np.int64), table.ids)
 
 
 def holds_labels(job: TrainJob, party: str) -> bool:
@@ -88,10 +95,11 @@ def load_party_data(job: TrainJob, party: str) -> PartyData:
     """
     spec = job.parties[job.rank_of(party)].data
     labels = holds_labels(job, party)
-    train = _split(load_table(spec.train, party=party), job=job, party=party, holds_labels=labels)
+    id_column = job.id_column_of(party)
+    train = _split(load_table(spec.train, party=party, id_column=id_column), job=job, party=party, holds_labels=labels)
     test = None
     if spec.test is not None:
-        test = _split(load_table(spec.test, party=party), job=job, party=party, holds_labels=labels)
+        test = _split(load_table(spec.test, party=party, id_column=id_column), job=job, party=party, holds_labels=labels)
         if test.columns != train.columns:
             raise DataError(
                 f"party {party}: {spec.test}: columns differ from the train file {spec.train}"

@@ -45,6 +45,9 @@ class PartyData(_Strict):
 
     train: Path
     test: Path | None = None
+    id_column: str | None = Field(
+        default=None, min_length=1, description="vertical only: this party's column of row IDs (overrides data.id_column)"
+    )
 
 
 class PartySpec(_Strict):
@@ -70,6 +73,17 @@ MAX_ABS_LIMIT = 2.0**15
 
 class DataSpec(_Strict):
     standardize: bool = True
+    id_column: str | None = Field(
+        default=None,
+        min_length=1,
+        description="vertical only: the column of row IDs (a patient number) in every party's files; rows are "
+        "then lined up by private set intersection, in any order and with partial overlap",
+    )
+    min_intersection: PositiveInt = Field(
+        default=10,
+        description="refuse a private set intersection (train or test) with fewer rows: aggregates over a "
+        "handful of people say too much about each",
+    )
     scaling: dict[str, tuple[float, float]] | None = Field(
         default=None,
         description="public constants {column: [center, scale]}: each feature becomes (x - center) / scale; "
@@ -330,6 +344,7 @@ class TrainJob(JobBase):
             if isinstance(value, list):
                 for name in value:
                     self._check_party(f"outputs.{key}", name)
+        self._check_ids()
         given = [p.data.test is not None for p in self.parties]
         if any(given) and not all(given):
             missing = given.index(False)
@@ -342,6 +357,32 @@ class TrainJob(JobBase):
         if self.dp is not None:
             self._check_dp(self.dp)
         return self
+
+    def _check_ids(self) -> None:
+        keyed = [self.id_column_of(p.name) is not None for p in self.parties]
+        if not any(keyed):
+            return
+        if self.partition == "horizontal":
+            where = "data.id_column" if self.data.id_column else f"parties.{keyed.index(True)}.data.id_column"
+            raise ValueError(
+                f"{where}: IDs line up the rows of a vertical job; in a horizontal one each party's rows are its own"
+            )
+        if not all(keyed):
+            raise ValueError(f"parties.{keyed.index(False)}.data.id_column: give every party an ID column, or none")
+        holder = self.labels.party
+        if self.labels.column == self.id_column_of(holder):
+            raise ValueError(f"labels.column: {self.labels.column!r} is {holder}'s ID column, not its labels")
+
+    def id_column_of(self, party: str) -> str | None:
+        """The column of ``party``'s row IDs, or None when rows are lined up by position."""
+        spec = self.parties[self.rank_of(party)].data
+        own = None if spec is None else spec.id_column
+        return own or self.data.id_column
+
+    @property
+    def keyed(self) -> bool:
+        """Whether rows are lined up by ID (private set intersection) rather than by position."""
+        return self.id_column_of(self.party_names[0]) is not None
 
     def _check_dp(self, dp: DPSpec) -> None:
         if self.outputs.metrics_to != "none" and dp.metrics is None:

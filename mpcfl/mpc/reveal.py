@@ -71,6 +71,7 @@ class RevealRecord:
     shape: tuple[int, ...]
     to: tuple[int, ...]
     epsilon_after: float | None = None
+    outside_dp: bool = False  # disclosed by a protocol before MPC (PSI), not covered by the DP guarantee
 
 
 class Disclosure:
@@ -127,6 +128,19 @@ def budget_state() -> dict[str, Any] | None:
     """The run's budget and ledger as saved data (for checkpoints); None without a budget."""
     budget = _budget()
     return None if budget is None else budget.state_dict()
+
+
+def disclose(what: str, *, shape: tuple[int, ...], to: Sequence[int]) -> None:
+    """Records in the run's ledger what a protocol outside MPC disclosed, and to whom.
+
+    Private set intersection opens nothing secret-shared, yet tells parties which of their
+    rows the others hold: the ledger lists it beside the reveals, marked as outside the
+    DP guarantee (no noise can hide who is in the intersection the run trains on).
+    """
+    disclosure = _active.get()
+    if disclosure is not None:
+        disclosure.records.append(RevealRecord(what=what, shape=shape, to=tuple(sorted(to)), outside_dp=True))
+    log.info("disclosed %s %s to ranks %s (outside DP)", what, shape, sorted(to))
 
 
 def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None = None) -> torch.Tensor | None:

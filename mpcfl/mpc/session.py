@@ -9,6 +9,7 @@ what a launcher passes to it is :mod:`mpcfl.launch.env`.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -27,9 +28,11 @@ from mpcfl.mpc.compat import (
     ENV_WORLD_SIZE,
     import_crypten,
     init_crypten,
+    process_group_timeout,
     run_dealer_server,
     set_process_group_timeout,
 )
+from mpcfl.mpc.wire import from_words, to_words
 from mpcfl.mpc.auth import Credentials, authenticate
 from mpcfl.errors import MpcflError, PeerFailure
 
@@ -233,6 +236,48 @@ def all_gather_public(values: list[int]) -> list[list[int]]:
     comm = import_crypten().comm.get()
     gathered = comm.all_gather(torch.tensor(values, dtype=torch.long))
     return [t.tolist() for t in gathered]
+
+
+def send_bytes(data: bytes, dst: int) -> None:
+    """Sends a byte string to party ``dst`` over the job's links (the authenticated process group).
+
+    Its length goes first, then the bytes as int64 words: tensors, never pickles.
+    """
+    comm = import_crypten().comm.get()
+    comm.send(torch.tensor([len(data)], dtype=torch.long), dst)
+    if data:
+        comm.send(to_words(data + bytes(-len(data) % 8)), dst)
+
+
+def recv_bytes(src: int, *, limit: int, what: str) -> bytes:
+    """Receives a byte string that party ``src`` sent with :func:`send_bytes`.
+
+    Raises:
+        MpcflError: the announced length is beyond ``limit``; refused before allocating it.
+    """
+    comm = import_crypten().comm.get()
+    length = int(comm.recv(torch.zeros(1, dtype=torch.long), src).item())
+    if not 0 <= length <= limit:
+        raise MpcflError(f"rank {src} announced a {length}-byte {what}, where at most {limit} bytes are expected")
+    if not length:
+        return b""
+    return from_words(comm.recv(torch.zeros((length + 7) // 8, dtype=torch.long), src))[:length]
+
+
+@contextlib.contextmanager
+def patient(seconds: float) -> Iterator[None]:
+    """Lets the links wait ``seconds`` more than the job's timeout, for a known long step of a peer.
+
+    A peer busy with local work (PSI exponentiations over a million IDs) is silent
+    for longer than a hung peer may be; the caller sizes the allowance from public sizes.
+    """
+    comm = import_crypten().comm.get()
+    timeout = process_group_timeout()
+    comm.main_group.set_timeout(timeout + datetime.timedelta(seconds=seconds))
+    try:
+        yield
+    finally:
+        comm.main_group.set_timeout(timeout)
 
 
 def agreed(stage: str, parties: Sequence[str], action: Callable[[], T]) -> T:

@@ -156,3 +156,8 @@ def test_validate_refuses_factories_that_do_not_build_a_module(tmp_path: Path, f
     assert done.stderr.strip().count("\n") == 0, done.stderr
     assert message.format(tmp=tmp_path) in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("path", sorted((DEMO.parent).glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_job_is_valid(path: Path) -> None:
+    assert load_job(path).name

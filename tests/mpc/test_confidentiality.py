@@ -14,38 +14,17 @@ recorder can see a leak.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SCRIPTS, assert_no_leftovers, base_job, mpcfl, vertical_parties, write_job
+from conftest import SCRIPTS, assert_no_leftovers, base_job, mpcfl, spy_views, vertical_parties, write_job
 
-SPY = REPO / "tests" / "spy"
 # Ring values below this magnitude can be public small integers (shapes, flags,
 # counts); any opened value above it found in a buffer is a leak.
 SMALLEST_TELLING = 1 << 12
-
-
-@pytest.fixture
-def spied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "spy"
-    folder.mkdir()
-    monkeypatch.setenv("MPCFL_SPY_DIR", str(folder))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SPY), os.environ.get("PYTHONPATH")])))
-    return folder
-
-
-def _views(folder: Path) -> dict[str, dict[str, np.ndarray]]:
-    """What each process recorded, by rank ("x" is the launcher)."""
-    views: dict[str, dict[str, np.ndarray]] = {}
-    for path in folder.glob("rank*.npz"):
-        rank = path.name.split("-")[0].removeprefix("rank")
-        with np.load(path) as data:
-            views[rank] = {key: data[key] for key in data.files}
-    return views
 
 
 def _leaked(view: dict[str, np.ndarray], opened: np.ndarray, phase: str) -> int:
@@ -66,7 +45,7 @@ def test_a_reveal_to_one_party_reaches_no_other(parties: int, spied: Path) -> No
     result = mpcfl("launch", "--timeout-s", "30", "--parties", names, str(SCRIPTS / "leak_party.py"), timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "receiver: all values correct" in result.stdout
-    views = _views(spied)
+    views = spy_views(spied)
     receiver = views[str(parties - 1)]
     opened = receiver["opened_protocol"]
     assert opened.size == 2 * 1000 + 32 * 4  # arithmetic, binary, predictions
@@ -103,7 +82,7 @@ def test_training_reveals_model_and_metrics_to_their_receiver_only(tmp_path: Pat
     ))
     result = mpcfl("run", str(job), timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    views = _views(spied)
+    views = spy_views(spied)
     opened = views["2"]["opened_protocol"]
     weights = torch.load(tmp_path / "out" / "p2" / "model.pt", weights_only=True)
     encoded = torch.cat([w.reshape(-1) for w in weights.values()]).double().mul(2**16).round().long().numpy()

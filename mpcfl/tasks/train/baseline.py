@@ -17,6 +17,7 @@ import torch
 from mpcfl.data.party import (
     PartyData, apply_scaler, check_range, check_scaling_covers, load_party_data, standardize_locally,
 )
+from mpcfl.data.psi import align_plainly
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.build import build_torch_model
 from mpcfl.models.heads import Head, head_of
@@ -56,6 +57,8 @@ def prepared_data(job: TrainJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         DataError: a party's files are unusable.
     """
     parts = [load_party_data(job, name) for name in job.party_names]
+    if job.keyed:
+        align_plainly(job, parts)
     feature_counts = [p.train.x.shape[1] for p in parts]
     if job.partition == "vertical":
         standardize = standardize_locally

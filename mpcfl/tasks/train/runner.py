@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mpcfl.data.party import PartyData, load_party_data
+from mpcfl.data.psi import align
 from mpcfl.dp.budget import Budget
 from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema import TrainJob
@@ -81,6 +82,7 @@ def run_party(
             if resume:
                 start = agreed("checkpoint loading", job.party_names, lambda: _resume_point(job, party, rank, budget))
             data = agreed("data loading", job.party_names, lambda: load_party_data(job, party))
+            alignment = align(job, data, rank=rank) if job.keyed else None
             shared = share_dataset(job, data, rank=rank, device=job.runtime.device)
             if job.dp is not None:
                 check_plausible(job, shared.x_train.size(0))  # n is public, and the same at every party
@@ -90,7 +92,7 @@ def run_party(
             result = train(job, shared, engine=engine, rank=rank, party=party, resume=start)
         shares = {name: param.share.cpu() for name, param in result.model.named_parameters()}
         totals = communication_stats()
-    _write_outputs(job, party, rank, data, result, shares, totals, disclosure)
+    _write_outputs(job, party, rank, data, result, shares, totals, disclosure, alignment)
 
 
 def _write_outputs(
@@ -102,6 +104,7 @@ def _write_outputs(
     shares: dict[str, Any],
     totals: dict[str, float],
     disclosure: Disclosure,
+    alignment: dict[str, Any] | None,
 ) -> None:
     out = job.party_dir(party)
     sees_metrics = rank in job.ranks(job.outputs.metrics_to)
@@ -136,6 +139,7 @@ def _write_outputs(
             "history": result.history,
             "final": result.history[-1] if result.history else {},
             "communication": totals,
+            **({} if alignment is None else {"private_set_intersection": alignment}),
             "reveals": disclosure.ledger(),
         },
     )
