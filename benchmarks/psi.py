@@ -42,7 +42,7 @@ def party(args: argparse.Namespace) -> None:
             items = salted(ids_of(me.rank, n, args.overlap), SALT)
             all_gather_public([0])  # start together
             started = time.perf_counter()
-            rows, cost = intersect(items, names=PARTIES, hub=1, rank=me.rank, split=f"{n} IDs")
+            rows, cost = intersect(items, names=PARTIES, hub=1, rank=me.rank, split=f"{n} IDs", max_ids=n)
             seconds = time.perf_counter() - started
             assert len(rows) == round(args.overlap * n), (len(rows), n)
             sent = all_gather_public([cost.bytes_sent])

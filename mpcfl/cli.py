@@ -177,8 +177,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             before = " before private set intersection" if job.keyed else ""
             print(f"{args.party}: {loaded.train.x.shape[0]} training rows{before}, {loaded.train.x.shape[1]} feature columns")
             print(f"{args.party}: {check_alone(job, loaded)}")
-            # Vertical: every party holds all n rows; horizontal: n is the parties' total, unknown here.
-            rows = loaded.train.x.shape[0] if job.partition == "vertical" else None
+            # Vertical: every party holds all n rows; horizontal: n is the parties' total, unknown here;
+            # keyed by ID: n is the intersection's size, known only after PSI.
+            rows = loaded.train.x.shape[0] if job.partition == "vertical" and not job.keyed else None
         if getattr(job, "dp", None) is not None:
             from mpcfl.tasks.train.dp_sgd import check_plausible
 

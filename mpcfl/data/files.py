@@ -9,6 +9,7 @@ from the numbers, for private set intersection (:mod:`mpcfl.data.psi`).
 from __future__ import annotations
 
 import csv
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,16 +81,24 @@ def _id_index(columns: list[str], id_column: str, path: Path, party: str) -> int
     return columns.index(id_column)
 
 
+def canonical_id(value: str) -> str:
+    """The form IDs are compared in: Unicode NFC, surrounding spaces trimmed; otherwise exact
+    ("007" and "7" differ)."""
+    return unicodedata.normalize("NFC", value).strip()
+
+
 def _csv_ids(path: Path, index: int) -> list[str]:
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
         next(reader)
-        return [row[index].strip() if index < len(row) else "" for row in reader]
+        return [canonical_id(row[index]) if index < len(row) else "" for row in reader]
 
 
 def _npy_ids(values: np.ndarray, index: int, column: str, path: Path, party: str) -> list[str]:
-    """A .npy table's ID column: whole numbers, as their decimal strings."""
+    """A .npy table's ID column: whole numbers, as their decimal strings (as a CSV would write them)."""
     ids = values[:, index]
+    if np.issubdtype(ids.dtype, np.integer):  # exact, even beyond float64's 2^53
+        return [str(int(v)) for v in ids]
     bad = ~np.isfinite(ids) | (ids != np.round(ids))
     if bad.any():
         row = int(np.argmax(bad))
@@ -143,7 +152,7 @@ def load_table(path: Path, *, party: str, id_column: str | None = None) -> Table
             columns = [str(i) for i in range(values.shape[1])]
             if id_column is not None:
                 index = _id_index(columns, id_column, path, party)
-                ids = _npy_ids(values.astype(np.float64), index, id_column, path, party)
+                ids = _npy_ids(values, index, id_column, path, party)
                 values = np.delete(values, index, axis=1)
                 columns = [str(i) for i in range(values.shape[1])]
         elif path.suffix == ".csv":
@@ -157,8 +166,8 @@ def load_table(path: Path, *, party: str, id_column: str | None = None) -> Table
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # "no data": reported below
-                    values = np.loadtxt(
-                        path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64,
+                    values = np.loadtxt(  # comments=None: a cell starting with '#' is data, not a comment
+                        path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64, comments=None,
                         usecols=None if index is None else numeric,
                     )
             except ValueError:
@@ -167,6 +176,8 @@ def load_table(path: Path, *, party: str, id_column: str | None = None) -> Table
                 raise _csv_error(path, party, index)
             if index is not None:
                 ids = _csv_ids(path, index)
+                if len(ids) != values.shape[0]:  # rows numpy and csv count differently: never pair them up
+                    raise DataError(f"party {party}: {path}: {len(ids)} ID cells for {values.shape[0]} rows of numbers")
                 columns = [columns[i] for i in numeric]
         else:
             raise DataError(f"party {party}: {path}: unsupported file type (use .csv or .npy)")

@@ -104,6 +104,11 @@ def load_party_data(job: TrainJob, party: str) -> PartyData:
             raise DataError(
                 f"party {party}: {spec.test}: columns differ from the train file {spec.train}"
             )
+    for split in (train, test):
+        if split is not None and split.ids is not None and len(split.ids) > job.data.max_ids:
+            raise DataError(
+                f"party {party}: {split.path}: {len(split.ids)} IDs in column {id_column!r}, beyond data.max_ids={job.data.max_ids}"
+            )
     return PartyData(party=party, train=train, test=test)
 
 

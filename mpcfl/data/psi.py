@@ -4,8 +4,9 @@ Each party keys its rows by ``data.id_column``; its files need not be in the sam
 order as the others' or cover the same people. Before anything is shared, the
 parties run ECDH-PSI with OpenMined's ``openmined-psi``: every ID, hashed with a
 per-job salt, is mapped to a point of the P-256 curve and raised to a party's
-secret key, so only blinded points cross the job's (authenticated) links; no ID,
-hashed or not, is sent in a form a peer or the network could test guesses against.
+fresh secret exponent, so only blinded points cross the job's links; no ID, hashed
+or not, travels in a form an eavesdropper could test guesses against. The salt is
+public (anyone with the job file can compute it): it keeps jobs apart, it is no key.
 
 The protocol, run once per split (train, then test), with the label holder L as hub:
 
@@ -24,9 +25,11 @@ What is disclosed (every party's ledger records it, marked as outside DP):
 - with more than two parties, to L: the IDs it shares with the parties before each chain step
   (L ∩ P1, L ∩ P1 ∩ P2, ...), and to each later party the size of that running intersection.
 
-No party learns any ID outside I that it does not itself hold. Semi-honest security:
-a party that lies in the protocol can drop rows or make the job fail, and learns
-through it no more than by running PSI on a chosen set of IDs.
+A semi-honest party learns no ID outside I that it does not itself hold. A party that
+cheats can bring guessed IDs instead of its own (up to ``data.max_ids`` of them, which
+also bounds every message and wait) and learn which guesses a peer holds; so can an
+active attacker on links that are not tunnelled, after the handshake. It can also
+drop rows or make the job fail.
 """
 
 from __future__ import annotations
@@ -41,21 +44,20 @@ from typing import TYPE_CHECKING, Any
 from mpcfl.data.files import DataError
 from mpcfl.data.party import PartyData, Split
 from mpcfl.mpc.reveal import disclose
-from mpcfl.mpc.session import all_gather_public, patient, recv_bytes, send_bytes
+from mpcfl.mpc.session import all_gather_public, quiet_dealer, recv_bytes, send_bytes
 
 if TYPE_CHECKING:
     from mpcfl.jobs.schema import TrainJob
 
 log = logging.getLogger(__name__)
 
-# Bounds on what a peer may send before it is read: IDs per party, and bytes per blinded
-# point (33 for a compressed P-256 point, plus protobuf framing).
-MAX_IDS = 1 << 24
+# Bytes per blinded point a peer may send (33 for a compressed P-256 point, plus protobuf
+# framing); how many points is bounded by the job's data.max_ids.
 _BYTES_PER_ID = 64
 _SLACK_BYTES = 1024
-# Links wait this long per ID in the protocol beyond the job's timeout: a peer is silent
-# while it exponentiates (about 0.13 ms per point and step on a 2-core machine).
-_SECONDS_PER_ID = 2e-3
+# Links wait this long per announced ID beyond the job's timeout: a peer is silent while it
+# exponentiates (measured: 0.45 ms per ID of all parties for the whole protocol, on a 2-core machine).
+_SECONDS_PER_ID = 5e-4
 
 
 def _psi() -> Any:
@@ -81,17 +83,19 @@ def agreed_order(rows: list[int], items: list[str]) -> list[int]:
 
 @dataclass
 class _Traffic:
-    """The bytes this party sent and received in the PSI, framing included."""
+    """This party's PSI messages: the bytes sent and received (framing included), and how much
+    longer than the job's timeout each may take (peers are silent while they exponentiate)."""
 
+    patience_s: float
     sent: int = 0
     received: int = 0
 
     def send(self, data: bytes, peer: int) -> None:
-        send_bytes(data, peer)
+        send_bytes(data, peer, patience_s=self.patience_s)
         self.sent += 8 + len(data) + (-len(data) % 8)
 
     def recv(self, peer: int, *, ids: int, what: str) -> bytes:
-        data = recv_bytes(peer, limit=_BYTES_PER_ID * ids + _SLACK_BYTES, what=what)
+        data = recv_bytes(peer, limit=_BYTES_PER_ID * ids + _SLACK_BYTES, what=what, patience_s=self.patience_s)
         self.received += 8 + len(data) + (-len(data) % 8)
         return data
 
@@ -114,12 +118,36 @@ def _as_client(items: list[str], peer: int, peer_name: str, peer_ids: int, traff
     traffic.send(client.CreateRequest(items).SerializeToString(), peer)
     setup = _parse(psi.ServerSetup, traffic.recv(peer, ids=peer_ids, what="PSI setup"), peer_name, "PSI setup")
     response = _parse(psi.Response, traffic.recv(peer, ids=len(items), what="PSI response"), peer_name, "PSI response")
-    if len(response.encrypted_elements) != len(items) or len(setup.raw.encrypted_elements) > peer_ids:
-        raise DataError(f"private set intersection: party {peer_name}'s answer does not match the set sizes")
+    check_answer(setup, response, asked=len(items), peer_ids=peer_ids, peer=peer_name)
     try:
         return sorted(client.GetIntersection(setup, response))
     except RuntimeError as err:
         raise DataError(f"private set intersection: party {peer_name}'s answer is unusable: {err}") from None
+
+
+def check_answer(setup: Any, response: Any, *, asked: int, peer_ids: int, peer: str) -> None:
+    """Refuses a server's answer that does not fit the protocol: an exact (RAW) setup of at most
+    its announced set, and one blinded point per point asked (a GCS or Bloom-filter setup would let
+    false matches in).
+
+    Raises:
+        DataError: names the peer.
+    """
+    if setup.WhichOneof("data_structure") != "raw" or len(setup.raw.encrypted_elements) > peer_ids:
+        raise DataError(f"private set intersection: party {peer}'s setup is not an exact set of its announced size")
+    if len(response.encrypted_elements) != asked:
+        raise DataError(f"private set intersection: party {peer} answered {len(response.encrypted_elements)} points for {asked}")
+
+
+def check_sizes(sizes: list[int], names: list[str], *, max_ids: int) -> None:
+    """Refuses announced set sizes outside 0..``max_ids``: they bound every later message and wait.
+
+    Raises:
+        DataError: names the party.
+    """
+    for name, size in zip(names, sizes):
+        if not 0 <= size <= max_ids:
+            raise DataError(f"private set intersection: party {name} announces {size} IDs, outside 0..{max_ids} (data.max_ids)")
 
 
 def _as_server(items: list[str], peer: int, peer_name: str, peer_ids: int, traffic: _Traffic) -> int:
@@ -162,7 +190,9 @@ class SplitAlignment:
         }
 
 
-def intersect(items: list[str], *, names: list[str], hub: int, rank: int, split: str) -> tuple[list[int], SplitAlignment]:
+def intersect(
+    items: list[str], *, names: list[str], hub: int, rank: int, split: str, max_ids: int
+) -> tuple[list[int], SplitAlignment]:
     """Runs the chain-and-spread protocol on one split's salted IDs, inside a party session.
 
     Args:
@@ -170,6 +200,7 @@ def intersect(items: list[str], *, names: list[str], hub: int, rank: int, split:
         names: the parties, in rank order.
         hub: the rank that chains the intersection (a job's label holder).
         split: names the split in the ledger and in errors.
+        max_ids: the most IDs any party may announce (the job's ``data.max_ids``, public).
 
     Returns:
         This party's rows of the intersection, in the agreed order, and what it cost.
@@ -177,36 +208,32 @@ def intersect(items: list[str], *, names: list[str], hub: int, rank: int, split:
     world = len(names)
     others = [r for r in range(world) if r != hub]
     started = time.perf_counter()
-    if len(items) > MAX_IDS:
-        raise DataError(f"party {names[rank]}: {split} file has {len(items)} IDs, beyond the {MAX_IDS} PSI accepts")
     sizes = [size for (size,) in all_gather_public([len(items)])]
-    if max(sizes) > MAX_IDS:
-        raise DataError(f"private set intersection: party {names[sizes.index(max(sizes))]} announces too many IDs")
-    traffic = _Traffic()
+    check_sizes(sizes, names, max_ids=max_ids)
+    # Every wait of the protocol may last as long as all its exponentiations, and the dealer
+    # hears nothing meanwhile: both are told, from the public sizes.
+    traffic = _Traffic(patience_s=_SECONDS_PER_ID * 4 * sum(sizes))
+    quiet_dealer(traffic.patience_s)
     everyone = list(range(world))
     disclose(f"the number of {split} IDs of every party", shape=(world,), to=everyone)
-    with patient(_SECONDS_PER_ID * 4 * sum(sizes)):
-        if rank == hub:
-            mine = list(range(len(items)))
-            for step, peer in enumerate(others):
-                found = _as_client([items[i] for i in mine], peer, names[peer], sizes[peer], traffic)
-                mine = [mine[i] for i in found]
-                if step < len(others) - 1:
-                    chain = ", ".join(names[r] for r in others[: step + 1])
-                    disclose(f"which of its {split} IDs {names[hub]} shares with {chain}", shape=(len(mine),), to=[hub])
-            common = [items[i] for i in mine]
-            for peer in others:
-                _as_server(common, peer, names[peer], sizes[peer], traffic)
-        else:
-            asked = _as_server(items, hub, names[hub], sizes[hub], traffic)
-            if others.index(rank) > 0:
-                chain = ", ".join(names[r] for r in others[: others.index(rank)])
-                disclose(f"how many {split} IDs {names[hub]} shares with {chain}", shape=(asked,), to=[rank])
-            mine = _as_client(items, hub, names[hub], sizes[hub], traffic)
-    kept = [k for (k,) in all_gather_public([len(mine)])]
-    if len(set(kept)) != 1:
-        counts = ", ".join(f"{names[r]} {k}" for r, k in enumerate(kept))
-        raise DataError(f"private set intersection of {split} IDs: the parties disagree on its size ({counts})")
+    if rank == hub:
+        mine = list(range(len(items)))
+        for step, peer in enumerate(others):
+            found = _as_client([items[i] for i in mine], peer, names[peer], sizes[peer], traffic)
+            mine = [mine[i] for i in found]
+            if step < len(others) - 1:
+                chain = ", ".join(names[r] for r in others[: step + 1])
+                disclose(f"which of its {split} IDs {names[hub]} shares with {chain}", shape=(len(mine),), to=[hub])
+        common = [items[i] for i in mine]
+        for peer in others:
+            _as_server(common, peer, names[peer], sizes[peer], traffic)
+    else:
+        asked = _as_server(items, hub, names[hub], sizes[hub], traffic)
+        if others.index(rank) > 0:
+            chain = ", ".join(names[r] for r in others[: others.index(rank)])
+            disclose(f"how many {split} IDs {names[hub]} shares with {chain}", shape=(asked,), to=[rank])
+        mine = _as_client(items, hub, names[hub], sizes[hub], traffic)
+    _agree_on_size(len(mine), names=names, hub=hub, rank=rank, traffic=traffic, split=split)
     disclose(
         f"the private set intersection of {split} IDs: its size, and to each party which of its own rows are in it",
         shape=(len(mine),), to=everyone,
@@ -215,6 +242,25 @@ def intersect(items: list[str], *, names: list[str], hub: int, rank: int, split:
         rows=len(items), kept=len(mine), seconds=time.perf_counter() - started,
         bytes_sent=traffic.sent, bytes_received=traffic.received, set_sizes=sizes,
     )
+
+
+def _agree_on_size(kept: int, *, names: list[str], hub: int, rank: int, traffic: _Traffic, split: str) -> None:
+    """Every party found as many rows as the hub, or all stop; it also ends the protocol together
+    (through the hub, patiently: the hub may still be serving a later party)."""
+    others = [r for r in range(len(names)) if r != hub]
+    if rank == hub:
+        counts = {r: int.from_bytes(traffic.recv(r, ids=0, what="intersection size"), "little", signed=True) for r in others}
+        counts[hub] = kept
+        verdict = all(count == kept for count in counts.values())
+        for r in others:
+            traffic.send(bytes([verdict]), r)
+    else:
+        traffic.send(kept.to_bytes(8, "little", signed=True), hub)
+        verdict = traffic.recv(hub, ids=0, what="verdict") == b"\x01"
+        counts = {rank: kept}
+    if not verdict:
+        found = ", ".join(f"{names[r]} {count}" for r, count in sorted(counts.items()))
+        raise DataError(f"private set intersection of {split} IDs: the parties found different sizes ({found})")
 
 
 def _check_size(job: TrainJob, split: Split, party: str, which: str, kept: int) -> None:
@@ -252,7 +298,8 @@ def align(job: TrainJob, data: PartyData, *, rank: int) -> dict[str, dict[str, A
             continue
         assert split.ids is not None
         rows, alignment = intersect(
-            salted(split.ids, salt), names=job.party_names, hub=job.rank_of(job.labels.party), rank=rank, split=which
+            salted(split.ids, salt), names=job.party_names, hub=job.rank_of(job.labels.party), rank=rank, split=which,
+            max_ids=job.data.max_ids,
         )
         _check_size(job, split, data.party, which, alignment.kept)
         split.keep(rows)

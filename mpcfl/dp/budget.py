@@ -67,6 +67,12 @@ class Budget:
         self.ledger.append({"what": what, "post_processing": True, "epsilon_after": self.spent()})
         self.persist()
 
+    def disclosed(self, what: str) -> None:
+        """Records a disclosure that no DP mechanism covers (who is in a private set intersection):
+        in the ledger, at no charge, marked as outside the guarantee."""
+        self.ledger.append({"what": what, "outside_dp": True, "epsilon_after": self.spent()})
+        self.persist()
+
     def persist(self) -> None:
         """Writes the budget and ledger to ``path`` (atomically), if it has one."""
         if self.path is not None:

@@ -79,6 +79,13 @@ class DataSpec(_Strict):
         description="vertical only: the column of row IDs (a patient number) in every party's files; rows are "
         "then lined up by private set intersection, in any order and with partial overlap",
     )
+    max_ids: PositiveInt = Field(
+        default=1_000_000,
+        le=1 << 24,
+        description="with id_column: the most IDs a party may bring to the intersection (train and test each). "
+        "It bounds what a peer may send and how long the others wait for it, and how many guessed IDs "
+        "a party that cheats can test in one run",
+    )
     min_intersection: PositiveInt = Field(
         default=10,
         description="refuse a private set intersection (train or test) with fewer rows: aggregates over a "

@@ -140,6 +140,8 @@ def disclose(what: str, *, shape: tuple[int, ...], to: Sequence[int]) -> None:
     disclosure = _active.get()
     if disclosure is not None:
         disclosure.records.append(RevealRecord(what=what, shape=shape, to=tuple(sorted(to)), outside_dp=True))
+        if disclosure.budget is not None:
+            disclosure.budget.disclosed(what)
     log.info("disclosed %s %s to ranks %s (outside DP)", what, shape, sorted(to))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -238,46 +239,55 @@ def all_gather_public(values: list[int]) -> list[list[int]]:
     return [t.tolist() for t in gathered]
 
 
-def send_bytes(data: bytes, dst: int) -> None:
+def _waited(work: Any, patience_s: float) -> None:
+    """Waits for a point-to-point operation up to the job's timeout plus ``patience_s``.
+
+    gloo takes a per-operation timeout only for sends and receives (not collectives, and
+    not the group's ``set_timeout``), so long waits use these.
+    """
+    work.wait(process_group_timeout() + datetime.timedelta(seconds=patience_s))
+
+
+def send_bytes(data: bytes, dst: int, *, patience_s: float = 0.0) -> None:
     """Sends a byte string to party ``dst`` over the job's links (the authenticated process group).
 
     Its length goes first, then the bytes as int64 words: tensors, never pickles.
+    ``patience_s``: how much longer than the job's timeout ``dst`` may take to receive it
+    (a peer busy with a known long local step).
     """
     comm = import_crypten().comm.get()
-    comm.send(torch.tensor([len(data)], dtype=torch.long), dst)
+    _waited(comm.isend(torch.tensor([len(data)], dtype=torch.long), dst), patience_s)
     if data:
-        comm.send(to_words(data + bytes(-len(data) % 8)), dst)
+        _waited(comm.isend(to_words(data + bytes(-len(data) % 8)), dst), patience_s)
 
 
-def recv_bytes(src: int, *, limit: int, what: str) -> bytes:
+def recv_bytes(src: int, *, limit: int, what: str, patience_s: float = 0.0) -> bytes:
     """Receives a byte string that party ``src`` sent with :func:`send_bytes`.
 
     Raises:
         MpcflError: the announced length is beyond ``limit``; refused before allocating it.
     """
     comm = import_crypten().comm.get()
-    length = int(comm.recv(torch.zeros(1, dtype=torch.long), src).item())
-    if not 0 <= length <= limit:
-        raise MpcflError(f"rank {src} announced a {length}-byte {what}, where at most {limit} bytes are expected")
-    if not length:
+    length = torch.zeros(1, dtype=torch.long)
+    _waited(comm.irecv(length, src), patience_s)
+    size = int(length.item())
+    if not 0 <= size <= limit:
+        raise MpcflError(f"rank {src} announced a {size}-byte {what}, where at most {limit} bytes are expected")
+    if not size:
         return b""
-    return from_words(comm.recv(torch.zeros((length + 7) // 8, dtype=torch.long), src))[:length]
+    words = torch.zeros((size + 7) // 8, dtype=torch.long)
+    _waited(comm.irecv(words, src), patience_s)
+    return from_words(words)[:size]
 
 
-@contextlib.contextmanager
-def patient(seconds: float) -> Iterator[None]:
-    """Lets the links wait ``seconds`` more than the job's timeout, for a known long step of a peer.
+def quiet_dealer(seconds: float) -> None:
+    """Tells the dealer, if the session has one, to expect no request for up to ``seconds``
+    beyond the job's timeout, so a long local step of the parties does not read as a hung party 0.
+    Every party calls it at the same point with the same value."""
+    if import_crypten().mpc.ttp_required():
+        from mpcfl.mpc.providers.ttp import announce_quiet
 
-    A peer busy with local work (PSI exponentiations over a million IDs) is silent
-    for longer than a hung peer may be; the caller sizes the allowance from public sizes.
-    """
-    comm = import_crypten().comm.get()
-    timeout = process_group_timeout()
-    comm.main_group.set_timeout(timeout + datetime.timedelta(seconds=seconds))
-    try:
-        yield
-    finally:
-        comm.main_group.set_timeout(timeout)
+        announce_quiet(math.ceil(seconds))
 
 
 def agreed(stage: str, parties: Sequence[str], action: Callable[[], T]) -> T:

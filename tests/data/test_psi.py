@@ -113,6 +113,9 @@ def test_shuffled_overlapping_files_train_the_model_of_aligned_files_and_no_id_t
     everyone = set(ids)
     seen = {rank: _bytes_seen(view) for rank, view in views.items()}
     assert set(seen) >= {"0", "1", "2", "3"}
+    for i in range(3):  # the recorder saw the PSI's messages (blinded points), not just training's
+        received = sum(r["bytes_received"] for r in _metrics(keyed_dir / "out" / f"p{i}")["private_set_intersection"].values())
+        assert received > 33 * train_common and len(seen[str(i)]) > received
     for pid in everyone:
         for form in _forms(pid, salt):
             for rank, data in seen.items():
@@ -253,6 +256,56 @@ def test_ids_may_be_any_text_in_a_csv_and_whole_numbers_in_npy(tmp_path: Path) -
         load_table(tmp_path / "f.npy", party="a", id_column="0")
     with pytest.raises(DataError, match=r"no ID column 'patient' \(data.id_column\)"):
         load_table(tmp_path / "t.csv", party="a", id_column="patient")
+
+
+def test_ids_starting_with_a_hash_sign_stay_with_their_row_and_unicode_forms_match(tmp_path: Path) -> None:
+    # numpy would read '#' as a comment and drop the row, shifting every later row to the wrong ID.
+    path = write_csv(tmp_path / "t.csv", ["pid", "x"], [["P1", 1.0], ["#P2", 2.0], ["P3", 3.0], ["Jose\u0301", 4.0]])
+    table = load_table(path, party="a", id_column="pid")
+    assert table.ids == ["P1", "#P2", "P3", "Jos\u00e9"] and table.values[:, 0].tolist() == [1.0, 2.0, 3.0, 4.0]
+    np.save(tmp_path / "big.npy", np.array([[2**60 + 1, 5]], dtype=np.int64))
+    assert load_table(tmp_path / "big.npy", party="a", id_column="0").ids == [str(2**60 + 1)]
+
+
+def test_more_ids_than_the_job_allows_are_refused_at_load(tmp_path: Path) -> None:
+    job = _plain_job(tmp_path, [f"P{i}" for i in range(30)], [f"P{i}" for i in range(30)], max_ids=20)
+    with pytest.raises(DataError, match=r"party a: .*a\.csv: 30 IDs in column 'pid', beyond data.max_ids=20"):
+        load_party_data(job, "a")
+
+
+def test_a_peer_must_announce_a_size_within_bounds_and_answer_with_an_exact_set() -> None:
+    import private_set_intersection.python as psi
+
+    from mpcfl.data.psi import check_answer, check_sizes
+
+    check_sizes([0, 20], ["a", "b"], max_ids=20)
+    for bad in (-1, 21):
+        with pytest.raises(DataError, match=f"party b announces {bad} IDs, outside 0..20"):
+            check_sizes([3, bad], ["a", "b"], max_ids=20)
+    client, server = psi.client.CreateWithNewKey(True), psi.server.CreateWithNewKey(True)
+    request = client.CreateRequest(["x", "y"])
+    response = server.ProcessRequest(request)
+    exact = server.CreateSetupMessage(0.0, 2, ["y", "z"], psi.DataStructure.RAW)
+    check_answer(exact, response, asked=2, peer_ids=2, peer="b")
+    assert client.GetIntersection(exact, response) == [1]
+    filtered = server.CreateSetupMessage(0.01, 2, ["y", "z"], psi.DataStructure.GCS)
+    with pytest.raises(DataError, match="party b's setup is not an exact set"):
+        check_answer(filtered, response, asked=2, peer_ids=2, peer="b")
+    with pytest.raises(DataError, match="party b's setup is not an exact set"):
+        check_answer(exact, response, asked=2, peer_ids=1, peer="b")
+    with pytest.raises(DataError, match="party b answered 2 points for 3"):
+        check_answer(exact, response, asked=3, peer_ids=2, peer="b")
+
+
+def test_the_intersection_is_in_the_privacy_ledger_as_outside_dp() -> None:
+    from mpcfl.dp.budget import Budget
+    from mpcfl.mpc.reveal import Disclosure, disclose
+
+    budget = Budget.create(epsilon=1.0, delta=1e-5, accountant="rdp")
+    with Disclosure(budget) as disclosure:
+        disclose("the private set intersection of train IDs", shape=(30,), to=[0, 1])
+    assert disclosure.ledger()[0]["outside_dp"] is True
+    assert budget.ledger[-1] == {"what": "the private set intersection of train IDs", "outside_dp": True, "epsilon_after": 0.0}
 
 
 def test_the_schema_refuses_ids_where_they_mean_nothing(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_no_leftovers, base_job, live_processes, mpcfl, vertical_parties, write_job
+from conftest import SCRIPTS, assert_no_leftovers, base_job, live_processes, mpcfl, vertical_parties, write_job
 
 
 def small_job(tmp_path: Path, **runtime: object) -> Path:
@@ -213,3 +213,11 @@ def test_parties_whose_shapes_disagree(tmp_path: Path, partition: str) -> None:
     assert expected in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
     assert_no_leftovers(str(job))
+
+
+def test_a_long_local_step_announced_as_quiet_outlasts_the_timeout() -> None:
+    # The dealer hears no request, and party 1 no message, for twice the timeout.
+    result = mpcfl("launch", "--timeout-s", "3", "--parties", "p0,p1", str(SCRIPTS / "quiet_party.py"), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("quiet: product [0.0, 1.0, 4.0, 9.0]") == 2
+    assert_no_leftovers(str(SCRIPTS / "quiet_party.py"))

@@ -102,6 +102,9 @@ def test_the_dealers_triples_multiply(parties: int) -> None:
         ({"function": "square", "device": "meta", "args": ((2,),), "kwargs": {}}, "device 'meta'"),
         ({"function": "square"}, "malformed request"),
         ("shutdown", "malformed request"),
+        ({"function": "quiet", "device": None, "args": (10**9,), "kwargs": {}}, "request 'quiet' with arguments"),
+        ({"function": "quiet", "device": None, "args": (1.5,), "kwargs": {}}, "request 'quiet' with arguments"),
+        ({"function": "quiet", "device": None, "args": (0,), "kwargs": {}}, "request 'quiet' with arguments"),
     ],
 )
 def test_the_dealer_refuses_what_is_not_in_its_table(message: object, reason: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -121,13 +124,19 @@ def test_parties_digest_the_request_party_0_sends() -> None:
     assert set(PRODUCTS) == {"mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"}
 
 
+def test_a_quiet_request_lets_the_dealer_wait_longer_for_the_next_one_only() -> None:
+    dealer, _ = _dealer(2)
+    function, args, kwargs = dealer._check({"function": "quiet", "device": None, "args": (90,), "kwargs": {}})
+    assert function(*args, **kwargs).tolist() == [0] and dealer._patience_s == 90
+
+
 def test_the_dealer_raises_the_link_error_instead_of_swallowing_it(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch.distributed as dist
 
     def reset(*args: object, **kwargs: object) -> None:
         raise RuntimeError("Connection reset by peer")
 
-    monkeypatch.setattr(dist, "recv", reset)
+    monkeypatch.setattr(dist, "irecv", reset)
     dealer = Dealer(SimpleNamespace(get_ttp_rank=lambda: 2, ttp_group=None), [SecureGenerator(), SecureGenerator()])
     with pytest.raises(RuntimeError, match="Connection reset by peer"):
         dealer.serve()

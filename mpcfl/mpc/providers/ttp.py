@@ -26,6 +26,7 @@ differ here:
 from __future__ import annotations
 
 import collections
+import datetime
 import functools
 import hashlib
 import inspect
@@ -70,6 +71,8 @@ PARTY_METHODS = {
     "B2A": "B2A_rng",
 }
 DIGEST_WORDS = 4  # SHA-256 as int64 words
+#: The longest silence party 0 may announce (``quiet``), beyond the job's timeout.
+MAX_QUIET_S = 24 * 3600
 
 
 def _plain(value: Any) -> Any:
@@ -108,7 +111,9 @@ class Dealer:
             "binary": self.binary,
             "wraps": self.wraps,
             "B2A": self.b2a,
+            "quiet": self.quiet,
         }
+        self._patience_s = 0  # how much longer than the timeout the next request may take
 
     @classmethod
     def start(cls, communicator: Any) -> Dealer:
@@ -149,8 +154,12 @@ class Dealer:
         import torch.distributed as dist
         from crypten.common.serial import restricted_loads
 
+        from mpcfl.mpc.compat import process_group_timeout
+
         size = torch.zeros((), dtype=torch.int32)
-        dist.recv(size, src=0, group=self.comm.ttp_group)
+        wait = process_group_timeout() + datetime.timedelta(seconds=self._patience_s)
+        dist.irecv(size, src=0, group=self.comm.ttp_group).wait(wait)
+        self._patience_s = 0
         if not 0 < int(size) <= MAX_MESSAGE_BYTES:
             raise self._refuse(f"a request of {int(size)} bytes (limit {MAX_MESSAGE_BYTES})")
         data = torch.empty(int(size), dtype=torch.int8)
@@ -183,6 +192,10 @@ class Dealer:
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
             raise self._refuse(f"request {name!r} with malformed arguments")
         self.device = self._device(name, device)
+        if name == "quiet":
+            if len(args) != 1 or type(args[0]) is not int or not 0 < args[0] <= MAX_QUIET_S or kwargs:
+                raise self._refuse(f"request 'quiet' with arguments {args!r} (one whole number of seconds up to {MAX_QUIET_S})")
+            return self.requests[name], args, kwargs
         if name == "additive":
             if len(args) < 3 or not isinstance(args[2], str) or args[2] not in PRODUCTS:
                 raise self._refuse(f"request 'additive' for an unknown product {args[2:3]!r}")
@@ -245,6 +258,12 @@ class Dealer:
     # The tables below mirror the party side of CrypTen's TrustedThirdParty: party i
     # draws its shares from the stream it shares with the dealer, in the same order.
 
+    def quiet(self, seconds: int) -> torch.Tensor:
+        """The parties announce a long local step: wait up to ``seconds`` more for the next request."""
+        log.info("dealer: the parties announce up to %d s without requests", seconds)
+        self._patience_s = seconds
+        return torch.zeros(1, dtype=torch.long)
+
     def _sum(self, size: Sequence[int], parties: Sequence[SecureGenerator]) -> torch.Tensor:
         total = torch.zeros(tuple(size), dtype=torch.long)
         for generator in parties:
@@ -294,29 +313,45 @@ def announcing(method: Callable[..., Any], request: str, rank: Callable[[], int]
     when party 0's request arrives), so it costs no round trip.
     """
     signature = inspect.signature(method)
-    pending: collections.deque = collections.deque()
 
     @functools.wraps(method)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         if rank() != 0:
-            import torch.distributed as dist
-
             bound = signature.bind(self, *args, **kwargs)
             named = [v for k, v in bound.arguments.items() if k not in ("self", "device", "args", "kwargs")]
             extra = bound.arguments.get("args", ())
             options = bound.arguments.get("kwargs", {})
             device = bound.arguments.get("device")
-            words = request_digest(request, device, (*named, *extra), options)
-            from crypten.mpc.provider.ttp_provider import TTPClient
-
-            client = TTPClient.get()
-            dealer = dist.get_world_size(client.ttp_group) - 1
-            pending.append((words, dist.isend(words, dealer, group=client.ttp_group)))
-            while pending and pending[0][1].is_completed():
-                pending.popleft()
+            _announce(request_digest(request, device, (*named, *extra), options))
         return method(self, *args, **kwargs)
 
     return call
+
+
+_pending: collections.deque = collections.deque()  # digests in flight, kept alive until sent
+
+
+def _announce(words: torch.Tensor) -> None:
+    """Parties 1..n-1: sends the dealer a request's digest, without waiting for it to arrive."""
+    import torch.distributed as dist
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    client = TTPClient.get()
+    dealer = dist.get_world_size(client.ttp_group) - 1
+    _pending.append((words, dist.isend(words, dealer, group=client.ttp_group)))
+    while _pending and _pending[0][1].is_completed():
+        _pending.popleft()
+
+
+def announce_quiet(seconds: int) -> None:
+    """Party side of ``quiet``: party 0 asks, the others send its digest, as for any request."""
+    import crypten.communicator as comm
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    if comm.get().get_rank() == 0:
+        TTPClient.get().ttp_request("quiet", None, seconds)
+    else:
+        _announce(request_digest("quiet", None, (seconds,), {}))
 
 
 def receive_dealer_key(client: Any) -> None:
