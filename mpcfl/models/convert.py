@@ -307,7 +307,7 @@ class SecureModel:
         raise UnsupportedModelError("the traced graph has no output")
 
 
-def encrypt_model(gm: torch.fx.GraphModule, *, src: int, device: str = "cpu") -> SecureModel:
+def encrypt_model(gm: torch.fx.GraphModule, *, src: int, device: torch.device | str = "cpu") -> SecureModel:
     """Secret-shares the traced model's tensors from rank ``src``.
 
     Every party calls this with a model of the same architecture; only ``src``'s

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from mpcfl.models.spec import ModelSpec
-from mpcfl.mpc.compat import import_crypten
 
 # exp(-a) in CrypTen is (1 - a/2^8)^(2^8), which blows up for a > 256; terms this
 # far out contribute < e^-40 to a loss anyway.
@@ -49,11 +48,6 @@ class Head(abc.ABC):
     @abc.abstractmethod
     def secure_targets(self, y: np.ndarray | None, rows: int) -> torch.Tensor:
         """Labels as the secure loss wants them (zeros where this party holds no labels)."""
-
-    @abc.abstractmethod
-    def secure_step_loss(self) -> Any:
-        """The CrypTen training loss, for its gradient only: the forward value is never
-        used, so it is skipped (it costs a log per example)."""
 
     @abc.abstractmethod
     def output_error(self, logits: Any, y: Any) -> Any:
@@ -109,9 +103,6 @@ class BinaryHead(Head):
             out[:, 0] = torch.from_numpy(y).float()
         return out
 
-    def secure_step_loss(self) -> Any:
-        return import_crypten().nn.BCEWithLogitsLoss(skip_forward=True)
-
     def output_error(self, logits: Any, y: Any) -> Any:
         return logits.sigmoid() - y
 
@@ -159,9 +150,6 @@ class MultiClassHead(Head):
         if y is not None:
             out[torch.arange(rows), torch.from_numpy(y)] = 1.0
         return out
-
-    def secure_step_loss(self) -> Any:
-        return import_crypten().nn.CrossEntropyLoss(skip_forward=True)
 
     def output_error(self, logits: Any, y: Any) -> Any:
         return logits.softmax(dim=1) - y

@@ -157,13 +157,15 @@ def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None 
         privacy: the reveal's DP charge and noise; required when the run's disclosure has a budget.
 
     Returns:
-        The plaintext on a receiving rank, ``None`` on every other rank.
+        The plaintext on a receiving rank, as a CPU tensor whatever the session's device
+        (:func:`mpcfl.mpc.device.to_host`); ``None`` on every other rank.
 
     Raises:
         RevealPolicyError: bad receivers, or no privacy charge under a budget.
         BudgetExceeded: the charge would exceed the budget; nothing is revealed.
     """
     from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.device import to_host
     from mpcfl.dp.noise import add_noise_share, noise_share
     from mpcfl.mpc.prng import numpy_generator
 
@@ -195,10 +197,10 @@ def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None 
         disclosure.records.append(RevealRecord(what=what, shape=tuple(value.size()), to=receivers, epsilon_after=epsilon))
     log.debug("revealing %s %s to ranks %s", what, tuple(value.size()), receivers)
     if len(receivers) == world:
-        return value.get_plain_text()
+        return to_host(value.get_plain_text())
     result = None
     for rank in receivers:
         opened = value.get_plain_text(dst=rank)
         if rank == me:
-            result = opened
+            result = to_host(opened)
     return result

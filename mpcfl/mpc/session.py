@@ -35,6 +35,7 @@ from mpcfl.mpc.compat import (
 )
 from mpcfl.mpc.wire import from_words, to_words
 from mpcfl.mpc.auth import Credentials, authenticate
+from mpcfl.mpc.device import resolve as resolve_device
 from mpcfl.errors import MpcflError, PeerFailure
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,11 @@ class Party:
     rank: int
     session: Session
 
+    @property
+    def device(self) -> torch.device:
+        """Where this party's shares live (see :mod:`mpcfl.mpc.device`)."""
+        return resolve_device(self.session.device)
+
 
 _joined: list[Party] = []
 
@@ -200,8 +206,10 @@ def party_session(session: Session, party: str) -> Iterator[int]:
     crypten = _configure(session)
     if session.provider.insecure:
         log.warning(session.provider.warning.format(first=session.parties[0]))
-    if session.device == "cuda" and not torch.cuda.is_available():
-        raise MpcflError(f"{who}: device is cuda but torch sees no GPU")
+    try:
+        resolve_device(session.device)
+    except MpcflError as err:
+        raise MpcflError(f"{who}: {err}") from None
     with _crypten_session(crypten, session, who):
         init_crypten(crypten, lambda: session.authenticate(crypten, rank))
         log.info("joined %s as rank %d of %d", session.label, rank, session.world_size)
@@ -330,3 +338,12 @@ def current_party() -> Party:
     if not _joined:
         raise MpcflError("not inside a secure session: use `with mpcfl.join():` in a script started by `mpcfl launch`")
     return _joined[-1]
+
+
+def session_device() -> torch.device:
+    """The device this party computes on: every value it shares, and its model, live there.
+
+    Raises:
+        MpcflError: called outside a joined session.
+    """
+    return current_party().device

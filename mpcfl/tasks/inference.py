@@ -123,7 +123,8 @@ def secure_predict(
     agreed("shape checks", session.parties, lambda: _dry_run(gm, shape, where=where, data_owner=data_owner))
 
     crypten = import_crypten()
-    device = session.device
+    device = me.device
+    log.info("computing on %s", device)
     secure = encrypt_model(gm, src=owner_rank, device=device)
     outputs = []
     starts = range(0, shape[0], batch_size)
@@ -133,8 +134,7 @@ def secure_predict(
             local = inputs[start : start + rows] if me.rank == data_rank else torch.zeros(rows, *shape[1:])
             outputs.append(secure(crypten.cryptensor(local, src=data_rank, device=device)))
     joined = crypten.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
-    opened = reveal(joined, to=[data_rank], what="predictions")
-    return None if opened is None else opened.cpu()
+    return reveal(joined, to=[data_rank], what="predictions")  # on the host, whatever the device
 
 
 # --- the YAML task -----------------------------------------------------------------------

@@ -100,6 +100,8 @@ def test_the_dealers_triples_multiply(parties: int) -> None:
         ({"function": "additive", "device": None, "args": ((1, 1, 4, 4), (1, 1, 2, 2), "conv2d"), "kwargs": {"padding": (True, "x")}}, "options beyond"),
         ({"function": "additive", "device": None, "args": ((3, 2), (4, 5), "matmul"), "kwargs": {}}, "cannot be computed"),
         ({"function": "square", "device": "meta", "args": ((2,),), "kwargs": {}}, "device 'meta'"),
+        ({"function": "square", "device": "cuda:x", "args": ((2,),), "kwargs": {}}, "device 'cuda:x'"),
+        ({"function": "square", "device": 0, "args": ((2,),), "kwargs": {}}, "device 0"),
         ({"function": "square"}, "malformed request"),
         ("shutdown", "malformed request"),
         ({"function": "quiet", "device": None, "args": (10**9,), "kwargs": {}}, "request 'quiet' with arguments"),
@@ -112,6 +114,23 @@ def test_the_dealer_refuses_what_is_not_in_its_table(message: object, reason: st
     with pytest.raises(DealerRequestRefused, match=reason):
         dealer._check(message)
     assert "refused" in caplog.text
+
+
+@pytest.mark.parametrize("device", [None, "cpu", "cuda", "cuda:0"])
+def test_the_dealer_answers_from_host_memory_whatever_the_device(device: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cuda session's triples are computed and sent from the host: gloo copies them into
+    party 0's CUDA buffer, so the dealer needs no GPU (this machine has none) and moves nothing."""
+    sent: list[torch.Tensor] = []
+    comm = SimpleNamespace(
+        get_ttp_rank=lambda: 2, ttp_group=None, ttp_comm_group=None,
+        send_obj=lambda obj, dst, group: None, broadcast=lambda tensor, src, group: sent.append(tensor),
+    )
+    dealer = Dealer(comm, [SecureGenerator(), SecureGenerator()])
+    messages = iter([{"function": "square", "device": device, "args": ((3,),), "kwargs": {}}, "terminate"])
+    monkeypatch.setattr(dealer, "_receive", lambda: next(messages))
+    monkeypatch.setattr(dealer, "_agree", lambda message: None)
+    dealer.serve()
+    assert [(t.device.type, tuple(t.shape), t.dtype) for t in sent] == [("cpu", (3,), torch.int64)]
 
 
 def test_parties_digest_the_request_party_0_sends() -> None:

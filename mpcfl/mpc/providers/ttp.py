@@ -5,7 +5,7 @@ over the authenticated process group). Party i and the dealer then draw the same
 stream: party i's share of every triple comes from it, so the dealer knows every
 share without sending any, and only party 0's share of each product is computed
 by the dealer and sent to party 0. This is the protocol of CrypTen 0.4.1's TTP
-(``crypten.mpc.provider.ttp_provider``), whose party side is kept as is; two things
+(``crypten.mpc.provider.ttp_provider``), whose party side is kept as is; four things
 differ here:
 
 - every draw comes from :class:`~mpcfl.mpc.prng.SecureGenerator`, not from a
@@ -14,6 +14,11 @@ differ here:
   ``getattr(self, name)`` on whatever name party 0 sends, and ``getattr(torch, op)``
   for the product; here both come from fixed tables, the sizes and options are
   checked, and anything else is refused, logged and ends the dealer;
+- the dealer computes on the host and sends host memory, whatever device a request
+  names: gloo's broadcast copies the answer into party 0's buffer on that device (a
+  CUDA one for a ``cuda`` session), so the dealer needs no GPU and moves nothing to
+  one. The device is still checked and is part of the request's digest, so every
+  party must have asked for its triple on the same kind of device;
 - the dealer answers only requests every party makes. Only party 0 talks to
   CrypTen's dealer, so a party 0 that deviates could ask for triples nobody else
   uses and read the other parties' next stream values off the answers (an empty
@@ -104,7 +109,6 @@ class Dealer:
     def __init__(self, communicator: Any, generators: Sequence[SecureGenerator]) -> None:
         self.comm = communicator
         self.generators = list(generators)
-        self.device = torch.device("cpu")
         self.requests: dict[str, Callable[..., torch.Tensor]] = {
             "additive": self.additive,
             "square": self.square,
@@ -144,9 +148,9 @@ class Dealer:
                 return
             function, args, kwargs = self._check(message)
             self._agree(message)
-            result = function(*args, **kwargs)
+            result = function(*args, **kwargs)  # on the host: see the module's docstring
             self.comm.send_obj(result.size(), 0, self.comm.ttp_group)
-            self.comm.broadcast(result.to(self.device), ttp_rank, self.comm.ttp_comm_group)
+            self.comm.broadcast(result, ttp_rank, self.comm.ttp_comm_group)
             served += 1
 
     def _receive(self) -> Any:
@@ -191,7 +195,7 @@ class Dealer:
             raise self._refuse(f"unknown request {name!r} (known: {', '.join(self.requests)})")
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
             raise self._refuse(f"request {name!r} with malformed arguments")
-        self.device = self._device(name, device)
+        self._check_device(name, device)
         if name == "quiet":
             if len(args) != 1 or type(args[0]) is not int or not 0 < args[0] <= MAX_QUIET_S or kwargs:
                 raise self._refuse(f"request 'quiet' with arguments {args!r} (one whole number of seconds up to {MAX_QUIET_S})")
@@ -240,15 +244,16 @@ class Dealer:
         except (RuntimeError, ValueError, TypeError) as err:
             raise self._refuse(f"request {name!r} ({args[2] if name == 'additive' else ''}) that cannot be computed: {err}") from None
 
-    def _device(self, name: str, device: Any) -> torch.device:
+    def _check_device(self, name: str, device: Any) -> None:
+        """Party 0's device for the answer: None (the host), ``cpu`` or ``cuda[:N]``; the dealer itself needs no GPU."""
         if device is None:
-            return torch.device("cpu")
-        if not isinstance(device, str) or not device.startswith(("cpu", "cuda")):
+            return
+        try:
+            kind = torch.device(device).type if isinstance(device, str) else None
+        except RuntimeError:
+            kind = None
+        if kind not in ("cpu", "cuda"):
             raise self._refuse(f"request {name!r} for device {device!r}")
-        parsed = torch.device(device)
-        if parsed.type == "cuda" and not torch.cuda.is_available():
-            raise self._refuse(f"request {name!r} for {device}, but the dealer has no GPU")
-        return parsed
 
     @staticmethod
     def _refuse(what: str) -> DealerRequestRefused:

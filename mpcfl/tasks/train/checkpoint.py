@@ -32,6 +32,7 @@ import torch
 
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.errors import MpcflError
+from mpcfl.mpc.device import to_device, to_host
 from mpcfl.outputs import write_torch
 
 log = logging.getLogger(__name__)
@@ -127,18 +128,18 @@ def common_epoch(job: TrainJob, mine: list[int]) -> int:
 
 
 def state_of(model: Any, optimizer: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """This party's shares of the parameters and of the momentum buffers."""
+    """This party's shares of the parameters and of the momentum buffers, as plain CPU tensors."""
     params, momentum = {}, {}
     for name, param in model.named_parameters():
-        params[name] = param.share.detach().cpu().clone()
+        params[name] = to_host(param.share)
         buffer = optimizer.state.get(id(param), {}).get("momentum_buffer")
         if buffer is not None:
-            momentum[name] = buffer.share.detach().cpu().clone()
+            momentum[name] = to_host(buffer.share)
     return params, momentum
 
 
-def restore(model: Any, optimizer: Any, checkpoint: Checkpoint) -> None:
-    """Puts the checkpoint's shares back into the (already encrypted) model and optimizer.
+def restore(model: Any, optimizer: Any, checkpoint: Checkpoint, *, device: torch.device) -> None:
+    """Puts the checkpoint's shares back into the (already encrypted) model and optimizer, on ``device``.
 
     Raises:
         MpcflError: the checkpoint's parameters do not match the model.
@@ -150,10 +151,10 @@ def restore(model: Any, optimizer: Any, checkpoint: Checkpoint) -> None:
     if set(named) != set(checkpoint.params):
         raise MpcflError(f"checkpoint parameters {sorted(checkpoint.params)} do not match the model's {sorted(named)}")
     for name, param in named.items():
-        share = checkpoint.params[name].to(param.share.device)
+        share = checkpoint.params[name]
         if share.shape != param.share.shape:
             raise MpcflError(f"checkpoint parameter {name} has shape {tuple(share.shape)}, the model {tuple(param.share.shape)}")
-        param.share = share
+        param.share = to_device(share, device)
         if name in checkpoint.momentum:
-            buffer = crypten.mpc.MPCTensor.from_shares(checkpoint.momentum[name].to(share.device))
+            buffer = crypten.mpc.MPCTensor.from_shares(to_device(checkpoint.momentum[name], device))
             optimizer.state[id(param)]["momentum_buffer"] = buffer

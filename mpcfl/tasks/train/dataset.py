@@ -174,8 +174,8 @@ def _public_shapes(job: TrainJob, data: PartyData) -> list[list[int]]:
     return shapes
 
 
-def _standardize_jointly(job: TrainJob, data: PartyData, shapes: list[list[int]]) -> None:
-    """Horizontal partition: column statistics over all rows, computed under MPC.
+def _standardize_jointly(job: TrainJob, data: PartyData, shapes: list[list[int]], device: torch.device) -> None:
+    """Horizontal partition: column statistics over all rows, computed under MPC on ``device``.
 
     Two passes (mean, then mean squared deviation) avoid the cancellation of
     E[x^2] - E[x]^2 in fixed point. Only the aggregate statistics are revealed.
@@ -189,9 +189,9 @@ def _standardize_jointly(job: TrainJob, data: PartyData, shapes: list[list[int]]
     def joint_sum(local: np.ndarray, what: str) -> np.ndarray:
         summed = None
         for r in everyone:
-            part = crypten.cryptensor(torch.tensor(local / total), src=r)
+            part = crypten.cryptensor(torch.tensor(local / total), src=r, device=device)
             summed = part if summed is None else summed + part
-        return reveal(summed, to=everyone, what=what).double().numpy()
+        return reveal(summed, to=everyone, what=what).double().numpy()  # revealed values are on the host
 
     mean = joint_sum(data.train.x.sum(axis=0), "column means for standardisation")
     var = joint_sum(((data.train.x - mean) ** 2).sum(axis=0), "column variances for standardisation")
@@ -204,10 +204,12 @@ def _crypten() -> Any:
     return import_crypten()
 
 
-def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: str = "cpu") -> SharedData:
+def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: torch.device) -> SharedData:
     """Agrees on shapes with the other parties, prepares the data and secret-shares it.
 
-    Every party calls this at the same point with its own :class:`PartyData`.
+    Every party calls this at the same point with its own :class:`PartyData`. Features
+    and labels (and the joint statistics of a horizontal job) are shared on ``device``,
+    the party's :func:`~mpcfl.mpc.session.session_device`.
 
     Raises:
         DataError: shapes disagree across parties, or values are out of range.
@@ -229,7 +231,7 @@ def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: str = "c
             standardize_locally(part)
             return
         agreed("raw range check", job.party_names, lambda: check_joint_stats_range(part))
-        _standardize_jointly(job, part, shapes)
+        _standardize_jointly(job, part, shapes, device)
 
     def checks(part: PartyData) -> None:
         check_range(part, job.data.max_abs)

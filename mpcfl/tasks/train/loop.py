@@ -109,6 +109,7 @@ def train(
     engine: TrainingStep,
     rank: int,
     party: str,
+    device: torch.device,
     resume: checkpoint.Checkpoint | None = None,
 ) -> TrainResult:
     """Trains the job's model on secret-shared data; every party calls it together.
@@ -117,7 +118,8 @@ def train(
     gradients and prices the metrics and model reveals.
 
     After each epoch the party checkpoints its shares (see :mod:`mpcfl.tasks.train.checkpoint`);
-    with ``resume`` it continues after the checkpoint's epoch.
+    with ``resume`` it continues after the checkpoint's epoch. The model lives on ``device``,
+    where ``shared`` was shared (:func:`mpcfl.mpc.session.session_device`).
 
     Returns:
         The encrypted model, the per-epoch history (metrics only on metric
@@ -127,9 +129,7 @@ def train(
     crypten = import_crypten()
     spec = job.training
     torch_model = build_torch_model(job.model, n_features=shared.n_features, seed=spec.seed)
-    model = to_crypten(torch_model).encrypt(src=0)
-    if job.runtime.device == "cuda":
-        model = model.cuda()
+    model = to_crypten(torch_model).encrypt(src=0).to(device)
     model.train()
     optimizer = crypten.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)
     head = head_of(job.model)
@@ -142,7 +142,7 @@ def train(
     result = TrainResult(model=model, torch_model=torch_model)
     first = 0
     if resume is not None:
-        checkpoint.restore(model, optimizer, resume)
+        checkpoint.restore(model, optimizer, resume, device=device)
         result.history, first = list(resume.history), resume.epoch
 
     for epoch in range(first, spec.epochs):
@@ -150,7 +150,7 @@ def train(
         plan = batches(n_rows, batch_size=spec.batch_size, seed=spec.seed, epoch=epoch, shuffle=spec.shuffle)
         bar = tqdm(plan, desc=f"epoch {epoch + 1}/{spec.epochs}", unit="batch", disable=rank != 0, mininterval=1.0)
         for rows in bar:
-            index = torch.from_numpy(rows)
+            index = torch.from_numpy(rows).to(device)
             optimizer.zero_grad()
             engine.step(model, torch_model, shared.x_train[index], shared.y_train[index])
             optimizer.step()

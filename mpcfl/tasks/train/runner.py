@@ -13,8 +13,9 @@ from mpcfl.dp.budget import Budget
 from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.jobs.session import session_of
+from mpcfl.mpc.device import to_host
 from mpcfl.mpc.reveal import Disclosure
-from mpcfl.mpc.session import agreed, communication_stats, party_session
+from mpcfl.mpc.session import agreed, communication_stats, party_session, session_device
 from mpcfl.outputs import plot_history, write_json, write_torch
 from mpcfl.tasks.train import checkpoint
 from mpcfl.tasks.train.dataset import share_dataset
@@ -83,14 +84,16 @@ def run_party(
                 start = agreed("checkpoint loading", job.party_names, lambda: _resume_point(job, party, rank, budget))
             data = agreed("data loading", job.party_names, lambda: load_party_data(job, party))
             alignment = align(job, data, rank=rank) if job.keyed else None
-            shared = share_dataset(job, data, rank=rank, device=job.runtime.device)
+            device = session_device()
+            log.info("computing on %s", device)
+            shared = share_dataset(job, data, rank=rank, device=device)
             if job.dp is not None:
                 check_plausible(job, shared.x_train.size(0))  # n is public, and the same at every party
             engine = training_step(job)
             if budget is not None:
                 budget.notes.update(engine.notes())
-            result = train(job, shared, engine=engine, rank=rank, party=party, resume=start)
-        shares = {name: param.share.cpu() for name, param in result.model.named_parameters()}
+            result = train(job, shared, engine=engine, rank=rank, party=party, device=device, resume=start)
+        shares = {name: to_host(param.share) for name, param in result.model.named_parameters()}
         totals = communication_stats()
     _write_outputs(job, party, rank, data, result, shares, totals, disclosure, alignment)
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from mpcfl.dp.accountant import Charge
 from mpcfl.models.heads import Head
+from mpcfl.mpc.compat import import_crypten
 from mpcfl.mpc.reveal import Privacy
 
 
@@ -53,10 +54,21 @@ class TrainingStep(abc.ABC):
 
 
 class PlainSgd(TrainingStep):
-    """Gradients of the batch's mean loss by CrypTen's autograd."""
+    """Gradients of the batch's mean loss: the head's ``(p - y) / B`` at the logits, pushed
+    back through the model by CrypTen's autograd.
+
+    That is the gradient of CrypTen's ``BCEWithLogitsLoss`` and ``CrossEntropyLoss``, whose
+    ``backward()`` is not used: their loss (made by ``new(0)``) and its implicit gradient of
+    one are encrypted on the CPU whatever the model's device, and that one is multiplied in
+    under MPC: a Beaver multiplication per step for nothing, and on CUDA one across devices,
+    which CrypTen refuses.
+    """
 
     def __init__(self, head: Head) -> None:
-        self._loss = head.secure_step_loss()
+        self._error = head.output_error
 
     def step(self, model: Any, torch_model: nn.Sequential, x: Any, y: Any) -> None:
-        self._loss(model(x), y).backward()
+        logits = model(x)
+        with import_crypten().no_grad():
+            error = self._error(logits, y).div(x.size(0))
+        logits.backward(error)

@@ -1,0 +1,160 @@
+"""`runtime.device: cuda` end to end: real party and dealer processes, shares on the GPU.
+
+Skipped where torch sees no GPU (CI, the developers' machines); ``benchmarks/gpu_check.sh``
+runs it on a GPU machine. The CPU suite covers the same code paths with ``device: cpu``
+(the device is passed down explicitly, see :mod:`mpcfl.mpc.device`), and
+tests/mpc/test_device.py the crossings between the device and the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import DEMO, REPO, assert_no_leftovers, base_job, live_processes, mpcfl, vertical_parties, write_job
+from mpcfl.jobs.schema import load_job
+from mpcfl.models.build import build_torch_model
+from mpcfl.tasks.train.baseline import train_plaintext
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: torch.cuda.is_available() is false")
+
+DP_DEMO = REPO / "configs" / "breast_cancer_dp.yaml"
+INFERENCE_DATA = REPO / "examples" / "data" / "digits_inference"
+
+
+def config_on_cuda(config: Path, tmp_path: Path) -> dict[str, Any]:
+    """A shipped config with absolute data paths, outputs under tmp_path and ``runtime.device: cuda``."""
+    spec = yaml.safe_load(config.read_text())
+    for party in spec["parties"]:
+        party["data"] = {k: str((config.parent / v).resolve()) for k, v in party["data"].items()}
+    spec["outputs"]["dir"] = str(tmp_path / "out")
+    spec.setdefault("runtime", {})["device"] = "cuda"
+    return spec
+
+
+def run_job(path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    done = mpcfl("run", str(path), *args, timeout=timeout)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert_no_leftovers(str(path))
+    assert "computing on cuda" in done.stdout
+    return done
+
+
+def metrics(job_path: Path, party: str) -> dict[str, Any]:
+    return json.loads((load_job(job_path).party_dir(party) / "metrics.json").read_text())
+
+
+def assert_saved_on_the_host(job_path: Path, party: str, *, model: bool) -> None:
+    """Checkpoints (and the revealed model) load with weights_only, as plain CPU tensors."""
+    folder = load_job(job_path).party_dir(party)
+    checkpoint = torch.load(sorted((folder / "checkpoints").iterdir())[-1], weights_only=True)
+    for share in [*checkpoint["params"].values(), *checkpoint["momentum"].values()]:
+        assert type(share) is torch.Tensor and share.device.type == "cpu" and share.dtype == torch.int64
+    if model:
+        state = torch.load(folder / "model.pt", weights_only=True)
+        assert all(t.device.type == "cpu" and torch.isfinite(t).all() for t in state.values())
+
+
+def test_demo_logistic_regression_on_cuda_matches_plaintext(tmp_path: Path) -> None:
+    path = write_job(tmp_path, config_on_cuda(DEMO, tmp_path))
+    run_job(path)
+    job = load_job(path)
+    secure = metrics(path, "hospital_b")["final"]["test_accuracy"]
+    plain = train_plaintext(job).history[-1]["test_accuracy"]
+    assert secure > 0.9
+    assert abs(secure - plain) <= 0.02, (secure, plain)
+    assert_saved_on_the_host(path, "hospital_b", model=True)
+    assert_saved_on_the_host(path, "hospital_a", model=False)
+    build_torch_model(job.model, n_features=30).load_state_dict(
+        torch.load(job.party_dir("hospital_b") / "model.pt", weights_only=True)
+    )
+
+
+def test_mlp_on_cuda(tmp_path: Path) -> None:
+    parties = vertical_parties(tmp_path, [["mean_radius", "mean_texture", "mean_area"], ["worst_radius", "worst_area"]], label_party=1)
+    spec = base_job(parties=parties, labels={"party": "p1", "column": "malignant"}, model={"type": "mlp", "hidden": [8]})
+    spec["outputs"].update(model_to=["p0"], metrics_to=["p0"])
+    spec["runtime"]["device"] = "cuda"
+    path = write_job(tmp_path, spec)
+    run_job(path)
+    final = metrics(path, "p0")["final"]
+    plain = train_plaintext(load_job(path)).history[-1]
+    assert final["test_accuracy"] > 0.85
+    assert abs(final["test_accuracy"] - plain["test_accuracy"]) <= 0.05
+    assert_saved_on_the_host(path, "p0", model=True)
+
+
+@pytest.mark.parametrize("model", [{"type": "logistic_regression"}, {"type": "mlp", "hidden": [8]}], ids=["lr", "mlp"])
+def test_dp_sgd_on_cuda(tmp_path: Path, model: dict[str, Any]) -> None:
+    """Feature-clipped (LR) and per-example-clipped (MLP) DP-SGD, noise shares added on the GPU."""
+    spec = config_on_cuda(DP_DEMO, tmp_path)
+    spec["model"] = model
+    spec["training"]["epochs"] = 2
+    spec["outputs"]["metrics_to"] = ["hospital_b"]
+    spec["dp"]["metrics"] = {"mechanism": "gaussian", "noise_multiplier": 30.0}
+    path = write_job(tmp_path, spec)
+    run_job(path)
+    privacy = json.loads((load_job(path).party_dir("hospital_b") / "privacy.json").read_text())
+    assert [e["what"] for e in privacy["ledger"]][-1] == "trained model parameters"
+    assert 0 < privacy["spent"] <= spec["dp"]["epsilon"]
+    assert 0.0 <= metrics(path, "hospital_b")["final"]["test_accuracy"] <= 1.0
+    assert_saved_on_the_host(path, "hospital_b", model=True)
+
+
+def test_resume_on_cuda_puts_the_shares_back_on_the_gpu(tmp_path: Path) -> None:
+    parties = vertical_parties(tmp_path, [["mean_radius", "mean_texture", "mean_area"], ["worst_radius", "worst_area"]], label_party=1)
+    spec = base_job(parties=parties, labels={"party": "p1", "column": "malignant"})
+    spec["training"]["epochs"] = 3
+    spec["outputs"]["model_to"] = ["p0"]
+    spec["runtime"]["device"] = "cuda"
+    path = write_job(tmp_path, spec)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "mpcfl", "run", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )
+    try:
+        for line in launcher.stdout:
+            if line.startswith("[p1] INFO mpcfl.tasks.train.loop: epoch epoch=1 "):
+                pid = [p for p in live_processes(str(path)) if p in live_processes("--party p1 ")][0]
+                os.kill(pid, signal.SIGKILL)
+                break
+        launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert_no_leftovers(str(path))
+    done = run_job(path, "--resume")
+    assert "[p0] INFO mpcfl.tasks.train.runner: resuming after epoch 1" in done.stdout
+    assert [row["epoch"] for row in metrics(path, "p0")["history"]] == [1, 2, 3]
+    assert metrics(path, "p0")["final"]["test_accuracy"] > 0.85
+
+
+def test_inference_on_cuda_matches_plaintext(tmp_path: Path) -> None:
+    from mpcfl.models.zoo import digits_mlp
+
+    spec = yaml.safe_load((REPO / "configs" / "digits_inference.yaml").read_text())
+    spec["model"]["weights"] = str(INFERENCE_DATA / "bank_weights.pt")
+    spec["inputs"]["file"] = str(INFERENCE_DATA / "clinic_inputs.npy")
+    spec["outputs"]["dir"] = str(tmp_path / "out")
+    spec["runtime"]["device"] = "cuda"
+    path = write_job(tmp_path, spec)
+    run_job(path, timeout=180)
+    model = digits_mlp()
+    model.load_state_dict(torch.load(INFERENCE_DATA / "bank_weights.pt", weights_only=True))
+    inputs = np.load(INFERENCE_DATA / "clinic_inputs.npy")
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(inputs)).numpy()
+    predictions = np.load(tmp_path / "out" / "clinic" / "predictions.npy")
+    assert predictions.shape == expected.shape
+    assert np.abs(predictions - expected).max() < 1e-2
+    assert (predictions.argmax(1) == expected.argmax(1)).all()
