@@ -33,35 +33,48 @@ PARTIES = ["model_owner", "data_owner"]
 MODELS = {"mlp": ("MLP 784-128-128-10", mlp_784), "lenet5": ("LeNet-5", lenet5)}  # --models keys
 
 
-def mpcfl_batch(model: torch.nn.Module, x: torch.Tensor | None) -> None:
-    mpcfl.secure_predict(model, x, model_owner="model_owner", data_owner="data_owner", batch_size=x.shape[0] if x is not None else 64)
+def mpcfl_batch(model: torch.nn.Module, x: torch.Tensor | None) -> torch.Tensor | None:
+    """The predictions on the data owner, None elsewhere."""
+    return mpcfl.secure_predict(model, x, model_owner="model_owner", data_owner="data_owner", batch_size=x.shape[0] if x is not None else 64)
 
 
-def raw_crypten_batch(model: torch.nn.Module, x: torch.Tensor | None, shape: tuple[int, ...], device: str) -> None:
-    crypten = import_crypten()
+def raw_crypten_batch(
+    model: torch.nn.Module, x: torch.Tensor | None, shape: tuple[int, ...], device: str, crypten=None
+) -> torch.Tensor | None:
+    """The predictions on rank 1 (the data owner), None elsewhere. ``crypten``: the module to
+    use (default: mpcfl's patched import; benchmarks/suite.py passes CrypTen as shipped)."""
+    crypten = crypten or import_crypten()
     secure = crypten.nn.from_pytorch(model, torch.zeros(1, *shape[1:])).encrypt(src=0)
     if device == "cuda":
         secure = secure.cuda()
     secure.eval()
     with crypten.no_grad():
         x_enc = crypten.cryptensor(x if x is not None else torch.zeros(*shape), src=1, device=device)
-        secure(x_enc).get_plain_text(dst=1)
+        return secure(x_enc).get_plain_text(dst=1)
 
 
-def measure(run, repeats: int) -> dict[str, float]:
-    """Median seconds per batch, and bytes and rounds of both parties together."""
+def measure(run, repeats: int, stats=communication_stats, gather=all_gather_public) -> dict[str, float]:
+    """Median seconds per batch, and bytes and rounds of both parties together (``per_party``: each
+    party's). ``stats`` and ``gather`` default to mpcfl's; benchmarks/suite.py passes CrypTen's own."""
     run()  # warm-up: first calls pay for imports and allocator growth
-    seconds, sent, rounds = [], [], []
+    seconds, sent, rounds, per_party = [], [], [], []
     for _ in range(repeats):
-        before = communication_stats()
+        before = stats()
         started = time.perf_counter()
         run()
         seconds.append(time.perf_counter() - started)
-        after = communication_stats()
-        both = all_gather_public([after["bytes"] - before["bytes"], after["rounds"] - before["rounds"]])
+        after = stats()
+        both = gather([after["bytes"] - before["bytes"], after["rounds"] - before["rounds"]])
         sent.append(sum(b for b, _ in both))
         rounds.append(sum(r for _, r in both))
-    return {"seconds": statistics.median(seconds), "bytes": statistics.median(sent), "rounds": statistics.median(rounds)}
+        per_party.append(both)
+    return {
+        "seconds": statistics.median(seconds), "bytes": statistics.median(sent), "rounds": statistics.median(rounds),
+        "per_party": [
+            {"bytes": statistics.median(p[r][0] for p in per_party), "rounds": statistics.median(p[r][1] for p in per_party)}
+            for r in range(len(per_party[0]))
+        ],
+    }
 
 
 def party(args: argparse.Namespace) -> None:

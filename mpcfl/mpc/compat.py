@@ -26,7 +26,7 @@ BACKEND = "gloo"
 #: How long a silent peer may block the others, unless a job or launcher says otherwise.
 DEFAULT_TIMEOUT_S = 60.0
 
-_state: dict[str, Any] = {"crypten": None, "timeout": datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)}
+_state: dict[str, Any] = {"crypten": None, "stock": False, "timeout": datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)}
 
 
 def _alias_onnx_registration() -> None:
@@ -237,13 +237,25 @@ def _open_point_to_point(crypten: types.ModuleType) -> None:
     crypten.communicator.distributed_communicator.DistributedCommunicator.reduce = reduce_point_to_point
 
 
-def import_crypten() -> types.ModuleType:
+def import_crypten(*, stock: bool = False) -> types.ModuleType:
     """Imports crypten with every adaptation applied.
 
+    Args:
+        stock: apply only what ``import crypten`` and ``from_pytorch`` need on this torch
+            (the ONNX alias and exporter), none of the security and correctness patches
+            (generators, point-to-point openings, dealer digests, decoding, timeouts):
+            CrypTen as upstream ships it, for benchmarks that compare against it. Never for jobs.
+
     Raises:
-        MpcflError: crypten is missing or is not the version these patches target.
+        MpcflError: crypten is missing, is not the version these patches target, or was
+            already imported in the other mode in this process.
     """
     if _state["crypten"] is not None:
+        if _state["stock"] != stock:
+            raise MpcflError(
+                f"crypten is already imported {'in stock mode' if _state['stock'] else 'with mpcfl patches'} in this "
+                f"process; a process runs one or the other"
+            )
         return _state["crypten"]
     _alias_onnx_registration()
     try:
@@ -258,10 +270,11 @@ def import_crypten() -> types.ModuleType:
             f"mpcfl needs crypten {CRYPTEN_VERSION}, found {crypten.__version__}"
         )
     _force_legacy_onnx_exporter(crypten)
-    _inject_process_group_timeout(crypten)
-    _route_randomness(crypten)
-    _open_point_to_point(crypten)
-    _fix_negative_decoding(crypten)
-    _announce_triple_requests(crypten)
-    _state["crypten"] = crypten
+    if not stock:
+        _inject_process_group_timeout(crypten)
+        _route_randomness(crypten)
+        _open_point_to_point(crypten)
+        _fix_negative_decoding(crypten)
+        _announce_triple_requests(crypten)
+    _state["crypten"], _state["stock"] = crypten, stock
     return crypten

@@ -105,3 +105,28 @@ def test_init_runs_the_hook_after_the_group_forms_and_before_any_seed_exchange()
     # The names it relies on exist in the crypten it targets.
     crypten = _compat.import_crypten()
     assert callable(crypten._setup_prng) and callable(crypten.mpc.provider.ttp_provider.TTPClient._init)
+
+
+def test_stock_mode_applies_the_import_fixes_only() -> None:
+    # Benchmarks compare against CrypTen as shipped: it must import, but keep its own
+    # generators, ring reduce, decoding and dealer requests; and one process runs one mode.
+    code = """
+import sys
+from mpcfl.errors import MpcflError
+from mpcfl.mpc.compat import import_crypten
+c = import_crypten(stock=True)
+assert import_crypten(stock=True) is c
+assert sys.modules["torch.onnx._internal.registration"] is not None
+assert getattr(c.nn.onnx_converter._export_pytorch_model, "_mpcfl_patched", False)
+assert not getattr(c.common.rng.generate_random_ring_element, "_mpcfl_patched", False)
+assert not getattr(c.encoder.FixedPointEncoder.decode, "_mpcfl_patched", False)
+assert c.communicator.distributed_communicator.DistributedCommunicator.reduce.__module__.startswith("crypten")
+assert not getattr(c.mpc.provider.ttp_provider.TrustedThirdParty.generate_additive_triple, "_mpcfl_patched", False)
+try:
+    import_crypten()
+except MpcflError as err:
+    print("refused:", err)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "refused: crypten is already imported in stock mode" in done.stdout
