@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 PIP=${PIP:-.venv/bin/pip}
 DEST=gpu_wheels
 PACKAGES=(crypten omegaconf pydantic pydantic_core annotated-types typing-inspection typing_extensions
-          dp-accounting dm-tree randomgen cryptography cffi pycparser)
+          dp-accounting dm-tree randomgen cryptography cffi pycparser openmined-psi)
 
 pins=()
 frozen=$("$PIP" freeze)
@@ -28,7 +28,7 @@ done
 rm -rf "$DEST" && mkdir -p "$DEST"
 for version in 3.12 3.11; do
     "$PIP" download --quiet --no-deps --only-binary=:all: --python-version "$version" --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+        --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
         -d "$DEST" "${pins[@]}"
 done

@@ -246,6 +246,7 @@ def mpcfl_w1(me: Any, args: argparse.Namespace) -> dict[str, Any]:
     from mpcfl.data.party import load_party_data
     from mpcfl.mpc.compat import import_crypten
     from mpcfl.mpc.reveal import Disclosure
+    from mpcfl.mpc.session import session_device
     from mpcfl.tasks.train.dataset import share_dataset
     from mpcfl.tasks.train.dp_sgd import training_step
     from mpcfl.tasks.train.loop import train
@@ -256,7 +257,8 @@ def mpcfl_w1(me: Any, args: argparse.Namespace) -> dict[str, Any]:
     weights = None
     with Disclosure(None):
         data = load_party_data(job, me.name)
-        shared = share_dataset(job, data, rank=me.rank, device=job.runtime.device)
+        device = session_device()
+        shared = share_dataset(job, data, rank=me.rank, device=device)
         engine = training_step(job)
         rss_before = maxrss_mb()
         with contextlib.ExitStack() as stack:
@@ -265,7 +267,7 @@ def mpcfl_w1(me: Any, args: argparse.Namespace) -> dict[str, Any]:
                 if prof:
                     prof.active = True
                 comm0 = comm_stats(crypten)["comm_time_s"]
-                result = train(job, shared, engine=engine, rank=me.rank, party=me.name)
+                result = train(job, shared, engine=engine, rank=me.rank, party=me.name, device=device)
                 comm_s += comm_stats(crypten)["comm_time_s"] - comm0
                 if prof:
                     prof.active = False
