@@ -226,3 +226,55 @@ def spy_views(folder: Path) -> dict[str, dict[str, np.ndarray]]:
         with np.load(path) as data:
             views[rank] = {key: data[key] for key in data.files}
     return views
+
+
+def run_job(path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``mpcfl run JOB [ARGS]`` in real processes; it must succeed and leave no process behind."""
+    done = mpcfl("run", str(path), *args, timeout=timeout)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert_no_leftovers(str(path))
+    return done
+
+
+def job_metrics(job_path: Path, party: str) -> dict[str, Any]:
+    """A party's metrics.json of the job at ``job_path``."""
+    import json
+
+    from mpcfl.jobs.schema import load_job
+
+    return json.loads((load_job(job_path).party_dir(party) / "metrics.json").read_text())
+
+
+def crash_after_epoch(job: Path, epoch: int, party: str = "p1") -> int:
+    """Runs the job, SIGKILLs ``party`` right after it logs ``epoch``; returns the launcher's exit code."""
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "mpcfl", "run", str(job)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )
+    try:
+        for line in launcher.stdout:
+            if line.startswith(f"[{party}] INFO mpcfl.tasks.train.loop: epoch epoch={epoch} "):
+                pid = [p for p in live_processes(str(job)) if p in live_processes(f"--party {party} ")][0]
+                os.kill(pid, signal.SIGKILL)
+                break
+        launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert_no_leftovers(str(job))
+    return launcher.returncode
+
+
+def demo_against_plaintext(path: Path) -> tuple[Any, float, float]:
+    """Runs a demo-like job; its secure test accuracy must be above 90% and within 2 points of
+    plaintext PyTorch on the same data. Returns the job and both accuracies."""
+    from mpcfl.jobs.schema import load_job
+    from mpcfl.tasks.train.baseline import train_plaintext
+
+    run_job(path)
+    job = load_job(path)
+    secure = job_metrics(path, job.labels.party)["final"]["test_accuracy"]
+    plain = train_plaintext(job).history[-1]["test_accuracy"]
+    assert secure > 0.9
+    assert abs(secure - plain) <= 0.02, (secure, plain)
+    return job, secure, plain

@@ -225,6 +225,29 @@ def _announce_triple_requests(crypten: types.ModuleType) -> None:
             setattr(provider, method, wrapped)
 
 
+def _skip_unused_matmul_gradient(crypten: types.ModuleType) -> None:
+    """crypten 0.4.1's matmul backward computes the gradient of both operands, and its
+    ``backward`` then drops the one whose operand needs none. In a linear layer (``x @ W^T``)
+    that operand is the data: a whole n x d Beaver product, with its dealer request and
+    opening, every training step for nothing. Skip it when the first operand does not
+    require a gradient; every other case runs crypten's own backward.
+    """
+    matmul = crypten.gradients.AutogradMatMul
+    if getattr(matmul.backward, "_mpcfl_patched", False):
+        return
+    original = matmul.backward
+
+    def backward(ctx: Any, grad_output: Any) -> Any:
+        first, second = ctx.saved_tensors
+        if first.requires_grad or first.dim() < 2 or second.dim() < 2:
+            return original(ctx, grad_output)
+        grad = first.transpose(-2, -1).matmul(grad_output)
+        return (None, crypten.gradients._inverse_broadcast(grad, second.size()))
+
+    backward._mpcfl_patched = True  # type: ignore[attr-defined]
+    matmul.backward = staticmethod(backward)
+
+
 def _open_point_to_point(crypten: types.ModuleType) -> None:
     """Opening toward one party sends shares point-to-point (see :mod:`mpcfl.mpc.opening`).
 
@@ -276,5 +299,6 @@ def import_crypten(*, stock: bool = False) -> types.ModuleType:
         _open_point_to_point(crypten)
         _fix_negative_decoding(crypten)
         _announce_triple_requests(crypten)
+        _skip_unused_matmul_gradient(crypten)
     _state["crypten"], _state["stock"] = crypten, stock
     return crypten

@@ -130,3 +130,40 @@ except MpcflError as err:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "refused: crypten is already imported in stock mode" in done.stdout
+
+
+def test_a_linear_layer_backward_multiplies_once_and_gets_torch_gradients(crypten_single: None) -> None:
+    # The data operand of x @ W^T needs no gradient: one Beaver matmul (W's), not two.
+    from mpcfl.mpc.compat import import_crypten
+
+    crypten = import_crypten()
+    beaver = crypten.mpc.primitives.beaver
+    calls = []
+    original = beaver.matmul
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    torch.manual_seed(0)
+    x, w, g = torch.randn(8, 3), torch.randn(1, 3), torch.randn(8, 1)
+    weight = crypten.cryptensor(w, requires_grad=True)
+    out = crypten.cryptensor(x).matmul(weight.t())
+    beaver.matmul = counting
+    try:
+        out.backward(crypten.cryptensor(g))
+    finally:
+        beaver.matmul = original
+    assert len(calls) == 1
+    plain = w.clone().requires_grad_(True)
+    (x @ plain.t()).backward(g)
+    assert torch.allclose(weight.grad.get_plain_text(), plain.grad, atol=1e-3)
+    # When the first operand needs a gradient too, crypten's own backward runs (two products).
+    data = crypten.cryptensor(x, requires_grad=True)
+    out = data.matmul(crypten.cryptensor(w, requires_grad=True).t())
+    beaver.matmul = counting
+    try:
+        out.backward(crypten.cryptensor(g))
+    finally:
+        beaver.matmul = original
+    assert len(calls) == 3 and data.grad is not None

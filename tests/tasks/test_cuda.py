@@ -9,10 +9,7 @@ tests/mpc/test_device.py the crossings between the device and the host.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import DEMO, REPO, assert_no_leftovers, base_job, live_processes, mpcfl, vertical_parties, write_job
+from conftest import DEMO, REPO, base_job, crash_after_epoch, demo_against_plaintext, job_metrics, run_job, vertical_parties, write_job
 from mpcfl.jobs.schema import load_job
 from mpcfl.models.build import build_torch_model
 from mpcfl.tasks.train.baseline import train_plaintext
@@ -42,16 +39,10 @@ def config_on_cuda(config: Path, tmp_path: Path) -> dict[str, Any]:
     return spec
 
 
-def run_job(path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    done = mpcfl("run", str(path), *args, timeout=timeout)
-    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    assert_no_leftovers(str(path))
+def run_on_cuda(path: Path, *args: str) -> subprocess.CompletedProcess:
+    done = run_job(path, *args)
     assert "computing on cuda" in done.stdout
     return done
-
-
-def metrics(job_path: Path, party: str) -> dict[str, Any]:
-    return json.loads((load_job(job_path).party_dir(party) / "metrics.json").read_text())
 
 
 def assert_saved_on_the_host(job_path: Path, party: str, *, model: bool) -> None:
@@ -67,12 +58,7 @@ def assert_saved_on_the_host(job_path: Path, party: str, *, model: bool) -> None
 
 def test_demo_logistic_regression_on_cuda_matches_plaintext(tmp_path: Path) -> None:
     path = write_job(tmp_path, config_on_cuda(DEMO, tmp_path))
-    run_job(path)
-    job = load_job(path)
-    secure = metrics(path, "hospital_b")["final"]["test_accuracy"]
-    plain = train_plaintext(job).history[-1]["test_accuracy"]
-    assert secure > 0.9
-    assert abs(secure - plain) <= 0.02, (secure, plain)
+    job, _, _ = demo_against_plaintext(path)
     assert_saved_on_the_host(path, "hospital_b", model=True)
     assert_saved_on_the_host(path, "hospital_a", model=False)
     build_torch_model(job.model, n_features=30).load_state_dict(
@@ -86,8 +72,8 @@ def test_mlp_on_cuda(tmp_path: Path) -> None:
     spec["outputs"].update(model_to=["p0"], metrics_to=["p0"])
     spec["runtime"]["device"] = "cuda"
     path = write_job(tmp_path, spec)
-    run_job(path)
-    final = metrics(path, "p0")["final"]
+    run_on_cuda(path)
+    final = job_metrics(path, "p0")["final"]
     plain = train_plaintext(load_job(path)).history[-1]
     assert final["test_accuracy"] > 0.85
     assert abs(final["test_accuracy"] - plain["test_accuracy"]) <= 0.05
@@ -103,11 +89,11 @@ def test_dp_sgd_on_cuda(tmp_path: Path, model: dict[str, Any]) -> None:
     spec["outputs"]["metrics_to"] = ["hospital_b"]
     spec["dp"]["metrics"] = {"mechanism": "gaussian", "noise_multiplier": 30.0}
     path = write_job(tmp_path, spec)
-    run_job(path)
+    run_on_cuda(path)
     privacy = json.loads((load_job(path).party_dir("hospital_b") / "privacy.json").read_text())
     assert [e["what"] for e in privacy["ledger"]][-1] == "trained model parameters"
     assert 0 < privacy["spent"] <= spec["dp"]["epsilon"]
-    assert 0.0 <= metrics(path, "hospital_b")["final"]["test_accuracy"] <= 1.0
+    assert 0.0 <= job_metrics(path, "hospital_b")["final"]["test_accuracy"] <= 1.0
     assert_saved_on_the_host(path, "hospital_b", model=True)
 
 
@@ -118,25 +104,11 @@ def test_resume_on_cuda_puts_the_shares_back_on_the_gpu(tmp_path: Path) -> None:
     spec["outputs"]["model_to"] = ["p0"]
     spec["runtime"]["device"] = "cuda"
     path = write_job(tmp_path, spec)
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "mpcfl", "run", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-    )
-    try:
-        for line in launcher.stdout:
-            if line.startswith("[p1] INFO mpcfl.tasks.train.loop: epoch epoch=1 "):
-                pid = [p for p in live_processes(str(path)) if p in live_processes("--party p1 ")][0]
-                os.kill(pid, signal.SIGKILL)
-                break
-        launcher.communicate(timeout=60)
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-    assert_no_leftovers(str(path))
-    done = run_job(path, "--resume")
+    assert crash_after_epoch(path, 1) == 1
+    done = run_on_cuda(path, "--resume")
     assert "[p0] INFO mpcfl.tasks.train.runner: resuming after epoch 1" in done.stdout
-    assert [row["epoch"] for row in metrics(path, "p0")["history"]] == [1, 2, 3]
-    assert metrics(path, "p0")["final"]["test_accuracy"] > 0.85
+    assert [row["epoch"] for row in job_metrics(path, "p0")["history"]] == [1, 2, 3]
+    assert job_metrics(path, "p0")["final"]["test_accuracy"] > 0.85
 
 
 def test_inference_on_cuda_matches_plaintext(tmp_path: Path) -> None:
@@ -148,7 +120,7 @@ def test_inference_on_cuda_matches_plaintext(tmp_path: Path) -> None:
     spec["outputs"]["dir"] = str(tmp_path / "out")
     spec["runtime"]["device"] = "cuda"
     path = write_job(tmp_path, spec)
-    run_job(path, timeout=180)
+    run_on_cuda(path)
     model = digits_mlp()
     model.load_state_dict(torch.load(INFERENCE_DATA / "bank_weights.pt", weights_only=True))
     inputs = np.load(INFERENCE_DATA / "clinic_inputs.npy")

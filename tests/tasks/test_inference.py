@@ -53,7 +53,7 @@ def test_job_predictions_match_plaintext_and_reach_only_the_data_owner(tmp_path:
     bank = json.loads((out / "bank" / "metrics.json").read_text())
     assert "predictions" not in bank
     assert [r for r in bank["reveals"] if r["what"] == "predictions"] == [
-        {"what": "predictions", "shape": [197, 10], "to": [1], "epsilon_after": None}
+        {"what": "predictions", "shape": [197, 10], "to": [1], "epsilon_after": None, "outside_dp": False}
     ]
     bank_log = "\n".join(line for line in done.stdout.splitlines() if line.startswith("[bank]"))
     for value in expected[:5].ravel():

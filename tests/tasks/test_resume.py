@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from conftest import REPO, DEMO, assert_no_leftovers, base_job, live_processes, mpcfl, vertical_parties, write_job
+from conftest import REPO, DEMO, base_job, crash_after_epoch, mpcfl, vertical_parties, write_job
 
 
 def job_spec(tmp_path: Path, **training: Any) -> dict[str, Any]:
@@ -24,31 +20,11 @@ def job_spec(tmp_path: Path, **training: Any) -> dict[str, Any]:
     return spec
 
 
-def crash_after_epoch(job: Path, epoch: int) -> None:
-    """Runs the job and SIGKILLs party p1 right after it logs the given epoch."""
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "mpcfl", "run", str(job)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-    )
-    try:
-        for line in launcher.stdout:
-            if line.startswith("[p1] INFO mpcfl.tasks.train.loop: epoch epoch=" + str(epoch) + " "):
-                pid = [p for p in live_processes(str(job)) if p in live_processes("--party p1 ")][0]
-                os.kill(pid, signal.SIGKILL)
-                break
-        launcher.communicate(timeout=60)
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-    assert launcher.returncode == 1
-    assert_no_leftovers(str(job))
-
-
 def test_resumed_model_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     whole = write_job(tmp_path / "whole", job_spec(tmp_path / "whole"))
     assert mpcfl("run", str(whole), timeout=180).returncode == 0
     broken = write_job(tmp_path / "broken", job_spec(tmp_path / "broken"))
-    crash_after_epoch(broken, 2)
+    assert crash_after_epoch(broken, 2) == 1
     out = tmp_path / "broken" / "out"
     assert not (out / "p0" / "model.pt").exists()
     assert sorted(p.name for p in (out / "p1" / "checkpoints").iterdir()) == ["epoch-0001.pt", "epoch-0002.pt"]
@@ -66,7 +42,7 @@ def test_resumed_model_equals_an_uninterrupted_run(tmp_path: Path) -> None:
 def test_a_changed_config_refuses_the_checkpoint(tmp_path: Path) -> None:
     spec = job_spec(tmp_path)
     job = write_job(tmp_path, spec)
-    crash_after_epoch(job, 1)
+    assert crash_after_epoch(job, 1) == 1
     spec["training"]["learning_rate"] = 0.5
     write_job(tmp_path, spec)
     done = mpcfl("run", str(job), "--resume", timeout=120)
@@ -88,7 +64,7 @@ def test_the_privacy_ledger_survives_a_crash_without_double_counting(tmp_path: P
     spec["training"]["epochs"] = 4
     spec["dp"]["metrics"] = {"mechanism": "gaussian", "noise_multiplier": 30.0}
     job = write_job(tmp_path, spec)
-    crash_after_epoch(job, 2)
+    assert crash_after_epoch(job, 2) == 1
     ledger = json.loads((tmp_path / "out" / "p1" / "privacy.json").read_text())["ledger"]
     per_epoch = lambda i: [f"epoch {i} DP-SGD steps", f"epoch {i} loss and accuracy"]  # noqa: E731
     assert [e["what"] for e in ledger] == per_epoch(1) + per_epoch(2)

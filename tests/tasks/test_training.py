@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,22 +10,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import DEMO, assert_no_leftovers, base_job, horizontal_parties, mpcfl, vertical_parties, write_job
+from conftest import DEMO, base_job, demo_against_plaintext, horizontal_parties, job_metrics, run_job, vertical_parties, write_job
 from mpcfl.tasks.train.baseline import train_plaintext
 from mpcfl.jobs.schema import load_job
 from mpcfl.models.build import build_torch_model
-
-
-def run_job(path: Path, timeout: float = 240) -> Any:
-    done = mpcfl("run", str(path), timeout=timeout)
-    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    assert_no_leftovers(str(path))
-    return done
-
-
-def metrics(job_path: Path, party: str) -> dict[str, Any]:
-    job = load_job(job_path)
-    return json.loads((job.party_dir(party) / "metrics.json").read_text())
 
 
 def test_demo_matches_plaintext_pytorch_within_two_points(tmp_path: Path) -> None:
@@ -36,12 +23,7 @@ def test_demo_matches_plaintext_pytorch_within_two_points(tmp_path: Path) -> Non
             party["data"][key] = str((DEMO.parent / value).resolve())
     spec["outputs"]["dir"] = str(tmp_path / "out")
     path = write_job(tmp_path, spec)
-    run_job(path)
-    job = load_job(path)
-    secure = metrics(path, "hospital_b")["final"]["test_accuracy"]
-    plain = train_plaintext(job).history[-1]["test_accuracy"]
-    assert secure > 0.9
-    assert abs(secure - plain) <= 0.02, (secure, plain)
+    job, _, _ = demo_against_plaintext(path)
     # Only the named receiver gets the model; it loads into the plain torch model.
     assert not (job.party_dir("hospital_a") / "model.pt").exists()
     state = torch.load(job.party_dir("hospital_b") / "model.pt", weights_only=True)
@@ -50,7 +32,7 @@ def test_demo_matches_plaintext_pytorch_within_two_points(tmp_path: Path) -> Non
     assert (job.party_dir("hospital_b") / "metrics.png").stat().st_size > 1000
     # Every party records its own communication, and what it saw revealed.
     for party in ("hospital_a", "hospital_b"):
-        record = metrics(path, party)
+        record = job_metrics(path, party)
         assert record["communication"]["bytes"] > 0 and record["communication"]["rounds"] > 0
         assert {r["what"] for r in record["reveals"]} >= {"trained model parameters", "epoch 10 loss and accuracy"}
 
@@ -77,12 +59,12 @@ def test_partitions_and_models(tmp_path: Path, partition: str, n_parties: int, m
     path = write_job(tmp_path, spec)
     run_job(path)
     job = load_job(path)
-    final = metrics(path, "p0")["final"]
+    final = job_metrics(path, "p0")["final"]
     plain = train_plaintext(job).history[-1]
     assert final["test_accuracy"] > 0.85
     assert abs(final["test_accuracy"] - plain["test_accuracy"]) <= 0.05
     # Metrics go only to their receivers; the others keep only their own comm figures.
-    others = metrics(path, "p1")["final"]
+    others = job_metrics(path, "p1")["final"]
     assert "test_accuracy" not in others and others["bytes"] > 0
     n_features = 7 if partition == "vertical" else 30
     build_torch_model(job.model, n_features=n_features).load_state_dict(
@@ -111,7 +93,7 @@ def test_multiclass_mlp_on_digits(tmp_path: Path) -> None:
     spec["training"].update(loss="cross_entropy", epochs=3, batch_size=32, learning_rate=0.2)
     path = write_job(tmp_path, spec)
     run_job(path)
-    final = metrics(path, "p1")["final"]
+    final = job_metrics(path, "p1")["final"]
     plain = train_plaintext(load_job(path)).history[-1]
     assert final["test_accuracy"] > 0.7
     assert abs(final["test_accuracy"] - plain["test_accuracy"]) <= 0.05
