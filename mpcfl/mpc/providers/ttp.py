@@ -462,7 +462,7 @@ class _Prefetch:
         _, _, answer = self.queue.popleft()
         if party_0:
             self.answer = (item["function"], answer.to(item["device"]) if item["device"] else answer)
-        self.stats["served"] += 1
+        self.stats["dropped" if self.draining else "served"] += 1
         return True
 
     def drain(self, provider: Any) -> None:
@@ -473,7 +473,6 @@ class _Prefetch:
                 item = self.queue[0][0]
                 method = getattr(provider, PARTY_METHODS[item["function"]])
                 method(*item["args"], device=item["device"], **item["kwargs"])
-                self.stats["dropped"] += 1
         finally:
             self.draining = False
 
