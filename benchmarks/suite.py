@@ -465,7 +465,7 @@ def accuracy(args: argparse.Namespace, weights: list[float]) -> float:
     return float(np.mean(((x @ w[:-1] + w[-1]) > 0) == (y > 0.5)))
 
 
-def write_w1_job(args: argparse.Namespace, work: Path, parties: list[str]) -> Path:
+def write_w1_job(args: argparse.Namespace, work: Path, parties: list[str], *, prefetch: bool = True) -> Path:
     import yaml
 
     x, y = w1_data(args.rows, args.features)
@@ -486,9 +486,9 @@ def write_w1_job(args: argparse.Namespace, work: Path, parties: list[str]) -> Pa
         "training": {"epochs": ITERATIONS, "batch_size": args.rows, "learning_rate": LEARNING_RATE, "momentum": 0.0,
                      "loss": "bce", "seed": 0, "shuffle": False},
         "outputs": {"dir": str(work / "w1-runs"), "model_to": [parties[-1]], "metrics_to": "none"},
-        "runtime": {"timeout_s": 300, "device": args.device},
+        "runtime": {"timeout_s": 300, "device": args.device, "prefetch": prefetch},
     }
-    path = work / "w1.yaml"
+    path = work / ("w1.yaml" if prefetch else "w1-no-prefetch.yaml")
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
 
@@ -509,9 +509,13 @@ def summarise_w1(args: argparse.Namespace, ranks: list[dict[str, Any]], plain: d
     return row
 
 
+NO_PREFETCH = "mpcfl (no prefetch)"
+
+
 def run_w1(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     parties = [f"party{i}" for i in range(args.parties)]
     job = write_w1_job(args, work, parties)
+    unprefetched = write_w1_job(args, work, parties, prefetch=False)
     plain = plaintext_w1(args)
     result: dict[str, Any] = {"plaintext": plain, "rows": args.rows, "features": args.features, "parties": args.parties,
                               "iterations": ITERATIONS}
@@ -521,11 +525,16 @@ def run_w1(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "raw+patches": lambda: launch_mpcfl(args, work, "w1-raw", provider, parties),
             "mpcfl": lambda: launch_mpcfl(args, work, "w1-mpcfl", provider, parties, job),
         }
-        result[provider] = {way: summarise_w1(args, run(), plain) for way, run in ways.items()}
+        if args.prefetch_ablation and provider == "ttp":  # the same job with runtime.prefetch off, right after
+            ways[NO_PREFETCH] = lambda: launch_mpcfl(args, work, "w1-mpcfl", provider, parties, unprefetched)
+        result[provider] = {way: summarise_w1(args, run(), plain) for way, run in ways.items()
+                            if way in args.ways or (way == NO_PREFETCH and "mpcfl" in args.ways)}
+        if "mpcfl" not in result[provider]:
+            continue
         ours = result[provider]["mpcfl"]["seconds"]
-        result[provider]["ratios"] = {"mpcfl/raw": ours / result[provider]["raw"]["seconds"],
-                                      "mpcfl/raw+patches": ours / result[provider]["raw+patches"]["seconds"],
-                                      "mpcfl/plaintext": ours / plain["seconds"]}
+        result[provider]["ratios"] = {f"mpcfl/{way}": ours / result[provider][way]["seconds"]
+                                      for way in ("raw", "raw+patches") if way in result[provider]}
+        result[provider]["ratios"]["mpcfl/plaintext"] = ours / plain["seconds"]
     return result
 
 
@@ -619,8 +628,9 @@ def report(results: dict[str, Any]) -> str:
         rows.append(("W1 LR train " + f"{w1['rows']}x{w1['features']}, {w1['parties']} parties (s/iter)", "plaintext", "-",
                      w1["plaintext"], None))
         for provider in results["providers"]:
-            for way in ("raw", "raw+patches", "mpcfl"):
-                rows.append(("W1", way, provider, w1[provider][way], w1[provider]["ratios"] if way == "mpcfl" else None))
+            for way in ("raw", "raw+patches", "mpcfl", NO_PREFETCH):
+                if way in w1[provider]:
+                    rows.append(("W1", way, provider, w1[provider][way], w1[provider]["ratios"] if way == "mpcfl" else None))
     for w in ("w2", "w3"):
         if w in results:
             entry = results[w]
@@ -651,13 +661,13 @@ def report(results: dict[str, Any]) -> str:
                   f"{w4['epochs']}), test accuracy {w4['test_accuracy']:.2%} vs plaintext baseline "
                   f"{w4['baseline_test_accuracy']:.2%}; MB/epoch per party "
                   + " / ".join(_mb(b) for b in w4["per_party_bytes_per_epoch"])]
-    if "w1" in results and any("profile" in results["w1"][p]["mpcfl"] for p in results["providers"]):
+    if "w1" in results and any("profile" in results["w1"][p].get("mpcfl", {}) for p in results["providers"]):
         lines += ["", "W1 profile, ms per iteration per party (dealer = requests to the triple provider incl. their "
                   "communication; comm = party-to-party; local = the rest):", "",
                   "| way | dealer | party | total | dealer | comm | local | provider requests |", "|---|---|---|---|---|---|---|---|"]
         for provider in results["providers"]:
-            for way in ("raw", "raw+patches", "mpcfl"):
-                for rank, p in enumerate(results["w1"][provider][way].get("profile", [])):
+            for way in ("raw", "raw+patches", "mpcfl", NO_PREFETCH):
+                for rank, p in enumerate(results["w1"][provider].get(way, {}).get("profile", [])):
                     lines.append(f"| {way} | {provider} | {rank} | {p['total_s'] * 1e3:.1f} | {p['dealer_s'] * 1e3:.1f} | "
                                  f"{p['comm_s'] * 1e3:.1f} | {p['local_s'] * 1e3:.1f} | {p['provider_requests']:.0f} |")
     lines += ["", f"network model: loopback s + rounds x RTT + bytes / bandwidth, busiest party; "
@@ -678,6 +688,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=64, help="W2/W3 batch")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--profile", action="store_true", help="W1: where an iteration's time goes")
+    parser.add_argument("--prefetch-ablation", action="store_true",
+                        help=f"W1 under TTP: also run mpcfl with runtime.prefetch off ({NO_PREFETCH!r}), right after mpcfl")
+    parser.add_argument("--ways", nargs="+", choices=["raw", "raw+patches", "mpcfl"], default=["raw", "raw+patches", "mpcfl"],
+                        help="W1: which ways to run (default all)")
     parser.add_argument("--json", help="write the results here")
     # Internal: the party processes' role.
     for name in ("--role", "--out", "--provider", "--job"):

@@ -220,6 +220,11 @@ class RuntimeSpec(_Strict):
     identity: IdentitySpec | None = Field(
         default=None, description="per-process Ed25519 identities instead of the shared secret"
     )
+    prefetch: bool = Field(
+        default=True,
+        description="ttp: fetch each training step's triples from the dealer in one batch, recorded on the "
+        "first step of its size, instead of one round trip per triple",
+    )
 
 
     @field_validator("provider")

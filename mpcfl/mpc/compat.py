@@ -211,10 +211,16 @@ def _announce_triple_requests(crypten: types.ModuleType) -> None:
     """Parties 1..n-1 tell the dealer each request they make (see :mod:`mpcfl.mpc.providers.ttp`).
 
     crypten 0.4.1 lets party 0 alone talk to the dealer, so the dealer cannot tell
-    a request every party makes from one party 0 invented.
+    a request every party makes from one party 0 invented. The same wrappers record
+    and serve prefetched batches (:func:`mpcfl.mpc.providers.ttp.prefetched`); party 0's
+    ``ttp_request`` answers a prefetched request from its queue.
     """
-    from mpcfl.mpc.providers.ttp import PARTY_METHODS, announcing
+    from mpcfl.mpc.providers.ttp import PARTY_METHODS, announcing, serving_prefetched
 
+    client = crypten.mpc.provider.ttp_provider.TTPClient._TTPClient__TTPClient
+    if not getattr(client.ttp_request, "_mpcfl_patched", False):
+        client.ttp_request = serving_prefetched(client.ttp_request)
+        client.ttp_request._mpcfl_patched = True  # type: ignore[attr-defined]
     provider = crypten.mpc.provider.ttp_provider.TrustedThirdParty
     rank = lambda: crypten.comm.get().get_rank()  # noqa: E731
     for request, method in PARTY_METHODS.items():

@@ -298,6 +298,18 @@ def quiet_dealer(seconds: float) -> None:
         announce_quiet(math.ceil(seconds))
 
 
+def prefetching(key: Any, *, enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """Around a unit of work whose triples repeat for the same ``key`` (a training step by its
+    batch size): under the TTP dealer with ``enabled`` (the job's ``runtime.prefetch``), the
+    unit's triples come in one batch from the dealer (:func:`mpcfl.mpc.providers.ttp.prefetched`).
+    Every party calls it at the same point with the same key."""
+    if enabled and import_crypten().mpc.ttp_required():
+        from mpcfl.mpc.providers.ttp import prefetched
+
+        return prefetched(key)
+    return contextlib.nullcontext()
+
+
 def agreed(stage: str, parties: Sequence[str], action: Callable[[], T]) -> T:
     """Runs a local step that every party must finish; if one fails, all stop.
 

@@ -107,3 +107,13 @@ def test_the_dealer_answers_no_request_the_other_parties_did_not_make(tmp_path: 
     assert "rogue: the dealer answered" not in result.stdout
     assert "dealer failed: dealer: party 0 sent request 'square' that party 1 did not make" in result.stderr
     assert_no_leftovers(str(SCRIPTS / "rogue_party.py"))
+
+
+def test_the_dealer_serves_no_batch_the_other_parties_did_not_announce() -> None:
+    # Prefetching: party 0 asks for a batch other than the one party 1 announced (runtime.prefetch).
+    script = str(SCRIPTS / "rogue_batch_party.py")
+    result = mpcfl("launch", "--timeout-s", "20", "--parties", "p0,p1", script, timeout=120)
+    assert result.returncode != 0
+    assert "rogue: the dealer answered" not in result.stdout
+    assert "dealer failed: dealer: party 0 sent request 'batch' (1 requests) that party 1 did not make" in result.stderr
+    assert_no_leftovers(script)

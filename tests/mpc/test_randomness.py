@@ -159,3 +159,74 @@ def test_the_dealer_raises_the_link_error_instead_of_swallowing_it(monkeypatch: 
     dealer = Dealer(SimpleNamespace(get_ttp_rank=lambda: 2, ttp_group=None), [SecureGenerator(), SecureGenerator()])
     with pytest.raises(RuntimeError, match="Connection reset by peer"):
         dealer.serve()
+
+
+def _item(function: str, *args: object, **kwargs: object) -> dict:
+    return {"function": function, "device": None, "args": args, "kwargs": kwargs}
+
+
+def _batch(*items: object) -> dict:
+    return {"function": "batch", "device": None, "args": (tuple(items),), "kwargs": {}}
+
+
+@pytest.mark.parametrize("parties", [2, 3])
+def test_a_batch_answers_what_its_items_answer_one_by_one(parties: int) -> None:
+    """The dealer computes a batch's items in order: each stream is drawn in the parties' order."""
+    from mpcfl.mpc.providers.ttp import answer_size
+
+    items = [
+        _item("additive", (4, 3), (3, 2), "matmul"), _item("square", (5,)), _item("binary", (2, 1), (1, 3)),
+        _item("wraps", (3,)), _item("B2A", (4,)), _item("additive", (1, 1, 4, 4), (1, 1, 2, 2), "conv2d", padding=1),
+    ]
+    keys = [new_key() for _ in range(parties)]
+    batched = Dealer(SimpleNamespace(), [SecureGenerator(k) for k in keys])
+    function, args, kwargs = batched._check(_batch(*items))
+    flat = function(*args, **kwargs)
+    single = Dealer(SimpleNamespace(), [SecureGenerator(k) for k in keys])
+    one_by_one = []
+    for item in items:
+        f, a, k = single._check(item)
+        answer = f(*a, **k)
+        assert answer.shape == answer_size(item["function"], item["args"], item["kwargs"])
+        one_by_one.append(answer.flatten())
+    assert torch.equal(flat, torch.cat(one_by_one))
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (_batch(), "'batch' of 0 requests"),
+        ({"function": "batch", "device": None, "args": ([_item("square", (2,))],), "kwargs": {}}, "'batch' with malformed arguments"),
+        ({"function": "batch", "device": "cpu", "args": ((_item("square", (2,)),),), "kwargs": {}}, "'batch' with malformed arguments"),
+        (_batch(_item("square", (2,)), _item("quiet", 10)), r"'quiet' \(item 1 of a batch\)"),
+        (_batch(_batch(_item("square", (2,)))), r"'batch' \(item 0 of a batch\)"),
+        (_batch(_item("square", (2,)), "square"), r"malformed request \(str\) \(item 1 of a batch\)"),
+        (_batch(_item("additive", (2,), (2,), "system")), "unknown product"),
+        (_batch(_item("square", (0,))), "malformed size"),
+        (_batch(*[_item("square", (1 << 13, 1 << 12)) for _ in range(5)]), "'batch' of more than"),  # 4 fit alone, not 5
+        (_batch(*[_item("square", (1,)) for _ in range(4097)]), "'batch' of 4097 requests"),
+    ],
+)
+def test_the_dealer_refuses_malformed_and_oversize_batches(message: object, reason: str, caplog: pytest.LogCaptureFixture) -> None:
+    dealer, _ = _dealer(2)
+    with pytest.raises(DealerRequestRefused, match=reason):
+        dealer._check(message)
+    assert "refused" in caplog.text
+
+
+def test_the_dealer_serves_a_batch_only_if_every_party_announced_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    from mpcfl.mpc.providers.ttp import batch_digest
+
+    items = (_item("square", (2,)), _item("additive", (2,), (2,), "mul"))
+    announced = {1: batch_digest(items), 2: batch_digest(items[:1])}
+    monkeypatch.setattr(dist, "recv", lambda tensor, src, group: tensor.copy_(announced[src]))
+    dealer = Dealer(SimpleNamespace(ttp_group=None), [SecureGenerator() for _ in range(3)])
+    with pytest.raises(DealerRequestRefused, match=r"request 'batch' \(2 requests\) that party 2 did not make"):
+        dealer._agree(_batch(*items))
+    announced[2] = batch_digest(items)
+    dealer._agree(_batch(*items))
+    # The digest covers each item's canonical form: order and sizes matter, torch.Size vs tuple does not.
+    assert torch.equal(batch_digest(items), batch_digest((_item("square", torch.Size([2])), items[1])))
+    assert not torch.equal(batch_digest(items), batch_digest(items[::-1]))

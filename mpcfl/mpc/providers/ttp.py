@@ -26,17 +26,32 @@ differ here:
   opening. Here every other party sends the dealer a digest of each request it
   makes (:func:`announcing`, a send nobody waits on), and the dealer serves a
   request only when all digests match party 0's.
+
+Prefetching (:func:`prefetched`, the job's ``runtime.prefetch``): the dealer's requests
+depend only on public shapes, so every party records the requests of a unit of work
+(a training step) and, for each later unit with the same key, party 0 asks for the
+whole recorded list at once (a ``batch`` request) while the others announce one
+digest of that list. The dealer checks every item as it would a single request, caps
+the batch's size, serves it only if the digests match, and computes the items in
+order: each party's stream is drawn in the order the party draws it later. Party 0
+then takes each answer from its queue. A request that differs from the next recorded
+item (every honest party sees the same difference) first drains the rest of the
+queue on every party, drawing each item's stream values as if it had been used, so
+the streams stay in step with the dealer's; then it goes to the dealer as usual.
+Every triple is still covered by a digest of every party: the dealer's trust model
+is unchanged.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import functools
 import hashlib
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -65,8 +80,12 @@ PRODUCTS: dict[str, frozenset[str]] = {
 MAX_ELEMENTS = 1 << 28
 #: Options of a convolution (stride, padding, ...) above this are refused.
 MAX_OPTION = 1 << 12
-#: A request message larger than this is refused before it is read.
-MAX_MESSAGE_BYTES = 1 << 16
+#: A request message larger than this is refused before it is read (a batch lists its items).
+MAX_MESSAGE_BYTES = 1 << 20
+#: A prefetched batch holds at most this many requests...
+MAX_BATCH_ITEMS = 1 << 12
+#: ...whose operands and answers hold at most this many elements in all (as one request).
+MAX_BATCH_ELEMENTS = MAX_ELEMENTS
 #: CrypTen's TrustedThirdParty method, by the request party 0 sends the dealer for it.
 PARTY_METHODS = {
     "additive": "generate_additive_triple",
@@ -87,11 +106,40 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def request_digest(function: str, device: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor:
-    """SHA-256 of a request in canonical form (the device by type: parties may use different GPUs)."""
+def _canonical(function: str, device: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple:
+    """A request as every party writes it (the device by type: parties may use different GPUs)."""
     kind = torch.device(device or "cpu").type
-    text = repr((function, kind, _plain(tuple(args)), sorted((k, _plain(v)) for k, v in kwargs.items())))
+    return (function, kind, _plain(tuple(args)), sorted((k, _plain(v)) for k, v in kwargs.items()))
+
+
+def request_digest(function: str, device: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+    """SHA-256 of a request in canonical form."""
+    text = repr(_canonical(function, device, args, kwargs))
     return to_words(hashlib.sha256(text.encode()).digest())
+
+
+def batch_digest(items: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """SHA-256 over the digests of a batch's items, in order."""
+    h = hashlib.sha256(b"mpcfl batch")
+    for item in items:
+        h.update(request_digest(item["function"], item["device"], item["args"], item["kwargs"]).numpy().tobytes())
+    return to_words(h.digest())
+
+
+def answer_size(function: str, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Size:
+    """The shape of the dealer's answer to a request (computed on the meta device)."""
+    if function in ("additive", "binary"):
+        a, b = (torch.empty(tuple(size), device="meta") for size in args[:2])
+        if function == "binary":
+            return torch.broadcast_shapes(a.shape, b.shape)
+        return getattr(torch, args[2])(a, b, **kwargs).shape
+    return torch.Size(args[0])
+
+
+def _elements(function: str, args: Sequence[Any], kwargs: dict[str, Any]) -> int:
+    """Elements a request draws and answers (its operands and its answer)."""
+    sizes = args[:2] if function in ("additive", "binary") else args[:1]
+    return sum(int(torch.Size(size).numel()) for size in sizes) + int(answer_size(function, args, kwargs).numel())
 
 
 class DealerRequestRefused(MpcflError):
@@ -116,6 +164,7 @@ class Dealer:
             "wraps": self.wraps,
             "B2A": self.b2a,
             "quiet": self.quiet,
+            "batch": self.batch,
         }
         self._patience_s = 0  # how much longer than the timeout the next request may take
 
@@ -174,7 +223,12 @@ class Dealer:
         """Serves nothing that any party did not ask for too (see the module's docstring)."""
         import torch.distributed as dist
 
-        expected = request_digest(message["function"], message["device"], message["args"], message["kwargs"])
+        if message["function"] == "batch":
+            expected = batch_digest(message["args"][0])
+            what = f"request 'batch' ({len(message['args'][0])} requests)"
+        else:
+            expected = request_digest(message["function"], message["device"], message["args"], message["kwargs"])
+            what = f"request {message['function']!r}"
         disagree = []
         for rank in range(1, len(self.generators)):
             announced = torch.empty(DIGEST_WORDS, dtype=torch.long)
@@ -182,20 +236,25 @@ class Dealer:
             if not torch.equal(announced, expected):
                 disagree.append(rank)
         if disagree:
-            raise self._refuse(
-                f"request {message['function']!r} that party {', '.join(map(str, disagree))} did not make"
-            )
+            raise self._refuse(f"{what} that party {', '.join(map(str, disagree))} did not make")
 
-    def _check(self, message: Any) -> tuple[Callable[..., torch.Tensor], tuple, dict]:
-        """The handler and arguments of a request, or a refusal naming what is wrong."""
+    def _check(self, message: Any, *, within: str | None = None) -> tuple[Callable[..., torch.Tensor], tuple, dict]:
+        """The handler and arguments of a request, or a refusal naming what is wrong.
+
+        ``within``: the request is an item of a batch (so neither a batch nor ``quiet``).
+        """
         if not isinstance(message, dict) or set(message) != {"function", "device", "args", "kwargs"}:
-            raise self._refuse(f"a malformed request ({type(message).__name__})")
+            raise self._refuse(f"a malformed request ({type(message).__name__}){within or ''}")
         name, device, args, kwargs = message["function"], message["device"], message["args"], message["kwargs"]
         if not isinstance(name, str) or name not in self.requests:
             raise self._refuse(f"unknown request {name!r} (known: {', '.join(self.requests)})")
+        if within is not None and name in ("batch", "quiet"):
+            raise self._refuse(f"request {name!r}{within} (a batch holds triples only)")
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
             raise self._refuse(f"request {name!r} with malformed arguments")
         self._check_device(name, device)
+        if name == "batch":
+            return self._check_batch(device, args, kwargs)
         if name == "quiet":
             if len(args) != 1 or type(args[0]) is not int or not 0 < args[0] <= MAX_QUIET_S or kwargs:
                 raise self._refuse(f"request 'quiet' with arguments {args!r} (one whole number of seconds up to {MAX_QUIET_S})")
@@ -219,6 +278,22 @@ class Dealer:
             self._size(name, self._result_size(name, args, kwargs))
         return self.requests[name], args, kwargs
 
+    def _check_batch(self, device: Any, args: tuple, kwargs: dict) -> tuple[Callable[..., torch.Tensor], tuple, dict]:
+        """A batch: one tuple of requests, each checked as if sent alone, and a cap on their total size."""
+        if device is not None or kwargs or len(args) != 1 or not isinstance(args[0], tuple):
+            raise self._refuse("request 'batch' with malformed arguments (one tuple of requests)")
+        items = args[0]
+        if not 0 < len(items) <= MAX_BATCH_ITEMS:
+            raise self._refuse(f"request 'batch' of {len(items)} requests (limit {MAX_BATCH_ITEMS})")
+        checked, total = [], 0
+        for index, item in enumerate(items):
+            function, item_args, item_kwargs = self._check(item, within=f" (item {index} of a batch)")
+            total += _elements(item["function"], item_args, item_kwargs)
+            if total > MAX_BATCH_ELEMENTS:
+                raise self._refuse(f"request 'batch' of more than {MAX_BATCH_ELEMENTS} elements (at item {index})")
+            checked.append((function, item_args, item_kwargs))
+        return self.batch, (tuple(checked),), {}
+
     @staticmethod
     def _option(value: Any) -> bool:
         values = value if isinstance(value, tuple) else (value,)
@@ -236,11 +311,8 @@ class Dealer:
 
     def _result_size(self, name: str, args: tuple, kwargs: dict[str, Any]) -> torch.Size:
         """The shape of the answer, computed on the meta device (nothing is allocated)."""
-        a, b = (torch.empty(tuple(size), device="meta") for size in args[:2])
         try:
-            if name == "binary":
-                return torch.broadcast_shapes(a.shape, b.shape)
-            return getattr(torch, args[2])(a, b, **kwargs).shape
+            return answer_size(name, args, kwargs)
         except (RuntimeError, ValueError, TypeError) as err:
             raise self._refuse(f"request {name!r} ({args[2] if name == 'additive' else ''}) that cannot be computed: {err}") from None
 
@@ -268,6 +340,10 @@ class Dealer:
         log.info("dealer: the parties announce up to %d s without requests", seconds)
         self._patience_s = seconds
         return torch.zeros(1, dtype=torch.long)
+
+    def batch(self, items: Sequence[tuple[Callable[..., torch.Tensor], tuple, dict]]) -> torch.Tensor:
+        """Party 0's shares of every item, in order (so each stream is drawn in the parties' order), flat."""
+        return torch.cat([function(*args, **kwargs).flatten() for function, args, kwargs in items])
 
     def _sum(self, size: Sequence[int], parties: Sequence[SecureGenerator]) -> torch.Tensor:
         total = torch.zeros(tuple(size), dtype=torch.long)
@@ -315,22 +391,162 @@ def announcing(method: Callable[..., Any], request: str, rank: Callable[[], int]
     """Wraps a TrustedThirdParty method so parties 1..n-1 announce each request to the dealer.
 
     The digest goes out with a send that is not waited on (the dealer receives it
-    when party 0's request arrives), so it costs no round trip.
+    when party 0's request arrives), so it costs no round trip. A request served
+    from a prefetched batch (see :func:`prefetched`) is not announced again: the
+    batch's digest covers it.
     """
     signature = inspect.signature(method)
 
     @functools.wraps(method)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if rank() != 0:
-            bound = signature.bind(self, *args, **kwargs)
-            named = [v for k, v in bound.arguments.items() if k not in ("self", "device", "args", "kwargs")]
-            extra = bound.arguments.get("args", ())
-            options = bound.arguments.get("kwargs", {})
-            device = bound.arguments.get("device")
-            _announce(request_digest(request, device, (*named, *extra), options))
+        bound = signature.bind(self, *args, **kwargs)
+        named = [v for k, v in bound.arguments.items() if k not in ("self", "device", "args", "kwargs")]
+        item = {
+            "function": request,
+            "device": None if bound.arguments.get("device") is None else str(bound.arguments["device"]),
+            "args": _plain((*named, *bound.arguments.get("args", ()))),
+            "kwargs": {k: _plain(v) for k, v in bound.arguments.get("kwargs", {}).items()},
+        }
+        if not _prefetch.take(self, item, rank() == 0) and rank() != 0:
+            _announce(request_digest(item["function"], item["device"], item["args"], item["kwargs"]))
         return method(self, *args, **kwargs)
 
     return call
+
+
+def serving_prefetched(ttp_request: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Wraps party 0's ``TTPClient.ttp_request``: a request taken from the prefetched queue
+    is answered from it instead of the dealer."""
+
+    @functools.wraps(ttp_request)
+    def request(self: Any, function: str, device: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        answer = _prefetch.answer
+        if answer is None:
+            return ttp_request(self, function, device, *args, **kwargs)
+        _prefetch.answer = None
+        if answer[0] != function:
+            raise MpcflError(f"prefetched answer for {answer[0]!r} taken by a {function!r} request")
+        return answer[1]
+
+    return request
+
+
+class _Prefetch:
+    """Party side of prefetching: the recordings, the queue of the step under way."""
+
+    def __init__(self) -> None:
+        self.recordings: dict[Hashable, list[dict[str, Any]] | None] = {}
+        self.recording: list[dict[str, Any]] | None = None
+        self.queue: collections.deque = collections.deque()  # (item, canonical, party 0's answer)
+        self.answer: tuple[str, torch.Tensor] | None = None  # for serving_prefetched, one request long
+        self.key: Hashable = None
+        self.draining = False
+        self.stats = collections.Counter()
+
+    def take(self, provider: Any, item: dict[str, Any], party_0: bool) -> bool:
+        """True when ``item`` is served from the queue (party 0: its answer is set for the dealer hook)."""
+        if self.recording is not None:
+            self.recording.append(item)
+            return False
+        if not self.queue:
+            return False
+        canonical = _canonical(item["function"], item["device"], item["args"], item["kwargs"])
+        if self.queue[0][1] != canonical:
+            if self.draining:  # never: draining replays the queue's own items
+                raise MpcflError("prefetch: draining met a request not in the queue")
+            log.warning("prefetch: request %r differs from the recorded one; the rest of the batch is drawn and dropped", canonical)
+            self.stats["mismatches"] += 1
+            self.recordings.pop(self.key, None)  # record this step's kind afresh next time
+            self.drain(provider)
+            return False
+        _, _, answer = self.queue.popleft()
+        if party_0:
+            self.answer = (item["function"], answer.to(item["device"]) if item["device"] else answer)
+        self.stats["dropped" if self.draining else "served"] += 1
+        return True
+
+    def drain(self, provider: Any) -> None:
+        """Uses up the queue's items as the step would have: every party draws their stream values."""
+        self.draining = True
+        try:
+            while self.queue:
+                item = self.queue[0][0]
+                method = getattr(provider, PARTY_METHODS[item["function"]])
+                method(*item["args"], device=item["device"], **item["kwargs"])
+        finally:
+            self.draining = False
+
+    def fetch(self, items: list[dict[str, Any]], party_0: bool) -> None:
+        """Party 0 asks the dealer for the whole batch; the others announce its digest."""
+        from crypten.mpc.provider.ttp_provider import TTPClient
+
+        if party_0:
+            flat = TTPClient.get().ttp_request("batch", None, tuple(items))
+            offset = 0
+            for item in items:
+                size = answer_size(item["function"], item["args"], item["kwargs"])
+                count = int(size.numel())
+                answer = flat[offset:offset + count].view(size)
+                offset += count
+                self.queue.append((item, _canonical(**item), answer))
+            if offset != flat.numel():
+                raise MpcflError(f"prefetch: the dealer answered {flat.numel()} elements for {offset}")
+        else:
+            _announce(batch_digest(items))
+            self.queue.extend((item, _canonical(**item), None) for item in items)
+        self.stats["batches"] += 1
+
+
+_prefetch = _Prefetch()
+
+
+def _fits(items: list[dict[str, Any]]) -> bool:
+    """Whether a recording may go as one batch (every party decides the same from the same recording)."""
+    if not 0 < len(items) <= MAX_BATCH_ITEMS:
+        return False
+    return sum(_elements(i["function"], i["args"], i["kwargs"]) for i in items) <= MAX_BATCH_ELEMENTS
+
+
+@contextlib.contextmanager
+def prefetched(key: Hashable) -> Iterator[None]:
+    """Around a unit of work (a training step) whose dealer requests repeat for the same ``key``.
+
+    Every party calls it at the same point with the same key. The first unit with a key
+    is recorded and runs as usual; each later one fetches the recorded requests in one
+    batch first and is served from it. Nesting is a no-op for the inner unit.
+    """
+    import crypten.communicator as comm
+    from crypten.mpc import get_default_provider
+
+    state = _prefetch
+    if state.recording is not None or state.queue or state.key is not None:
+        yield
+        return
+    party_0 = comm.get().get_rank() == 0
+    recorded = state.recordings.get(key)
+    state.key = key
+    try:
+        if key not in state.recordings:
+            state.recording = []
+            try:
+                yield
+            finally:
+                items, state.recording = state.recording, None
+            state.recordings[key] = items if _fits(items) else None
+            return
+        if recorded is not None:
+            state.fetch(recorded, party_0)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            if ok:
+                state.drain(get_default_provider())  # requests the unit did not make: drawn and dropped
+            state.queue.clear()
+            state.answer = None
+    finally:
+        state.key = None
 
 
 _pending: collections.deque = collections.deque()  # digests in flight, kept alive until sent

@@ -24,7 +24,7 @@ from mpcfl.models.build import build_torch_model, to_crypten
 from mpcfl.models.heads import Head, head_of
 from mpcfl.mpc.compat import import_crypten
 from mpcfl.mpc.reveal import Privacy, budget_state, reveal, spend
-from mpcfl.mpc.session import agreed, communication_stats
+from mpcfl.mpc.session import agreed, communication_stats, prefetching
 from mpcfl.tasks.train import checkpoint
 from mpcfl.tasks.train.bounds import Bounds, check_revealed, safe_input_norm, training_bounds
 from mpcfl.tasks.train.dataset import SharedData
@@ -151,9 +151,10 @@ def train(
         bar = tqdm(plan, desc=f"epoch {epoch + 1}/{spec.epochs}", unit="batch", disable=rank != 0, mininterval=1.0)
         for rows in bar:
             index = torch.from_numpy(rows).to(device)
-            optimizer.zero_grad()
-            engine.step(model, torch_model, shared.x_train[index], shared.y_train[index])
-            optimizer.step()
+            with prefetching(len(rows), enabled=job.runtime.prefetch):
+                optimizer.zero_grad()
+                engine.step(model, torch_model, shared.x_train[index], shared.y_train[index])
+                optimizer.step()
         # Charged now, before the metrics and the checkpoint: every later release depends on
         # these steps, and an epoch cut short by a crash is redone from the checkpoint with
         # fresh noise, its model never released.

@@ -1,0 +1,54 @@
+"""Prefetched triples (runtime.prefetch): the same model, streams in step with the dealer."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SCRIPTS, assert_no_leftovers, base_job, mpcfl, vertical_parties, write_job
+
+GROUPS = [["mean_radius", "mean_texture"], ["worst_radius", "worst_area"], ["mean_smoothness"]]
+
+
+def _train(tmp_path: Path, parties: int, prefetch: bool) -> tuple[dict[str, torch.Tensor], int]:
+    folder = tmp_path / f"prefetch-{prefetch}"
+    label = f"p{parties - 1}"
+    spec = base_job(
+        parties=vertical_parties(folder, GROUPS[:parties], label_party=parties - 1),
+        labels={"party": label, "column": "malignant"},
+        outputs={"dir": str(folder / "out"), "model_to": [label], "metrics_to": "none"},
+        runtime={"timeout_s": 30, "prefetch": prefetch},
+    )
+    job = write_job(folder, spec)
+    result = mpcfl("run", str(job), timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_no_leftovers(str(job))
+    served = re.search(r"ended the session after (\d+) requests", result.stdout + result.stderr)
+    assert served, (result.stdout + result.stderr)[-2000:]
+    return torch.load(folder / "out" / label / "model.pt", weights_only=True), int(served.group(1))
+
+
+@pytest.mark.parametrize("parties", [2, 3])
+def test_training_with_prefetch_gives_the_model_trained_without(tmp_path: Path, parties: int) -> None:
+    # 2 epochs of 64-row batches over 455 rows: two step shapes (64 and 7 rows), each recorded once.
+    with_prefetch, requests_with = _train(tmp_path, parties, True)
+    without, requests_without = _train(tmp_path, parties, False)
+    assert with_prefetch.keys() == without.keys()
+    for name in without:
+        assert torch.allclose(with_prefetch[name], without[name], atol=2e-3), (name, with_prefetch[name], without[name])
+    assert requests_with < requests_without / 4, (requests_with, requests_without)
+
+
+@pytest.mark.parametrize("names", ["p0,p1", "p0,p1,p2"])
+def test_units_that_match_deviate_or_fall_short_keep_every_stream_in_step(names: str) -> None:
+    script = str(SCRIPTS / "prefetch_party.py")
+    result = mpcfl("launch", "--timeout-s", "20", "--parties", names, script, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "prefetch party" in line]
+    assert len(lines) == names.count(",") + 1 and all("ok=True" in line for line in lines), lines
+    # 7 units: 2 recorded, 5 fetched; one deviates (the rest of its batch dropped), one falls short.
+    assert all("'batches': 5, 'dropped':" in line and "'mismatches': 1" in line for line in lines), lines
+    assert_no_leftovers(script)

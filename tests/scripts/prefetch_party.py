@@ -1,0 +1,33 @@
+"""Prefetched steps that match, deviate from and fall short of their recording.
+
+Every unit's result is checked, and a last multiplication outside any unit checks
+that every party's stream is still in step with the dealer's.
+"""
+
+import torch
+
+import mpcfl
+from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.providers.ttp import _prefetch, prefetched
+
+with mpcfl.join() as me:
+    crypten = import_crypten()
+    x = crypten.cryptensor(torch.arange(1.0, 5.0), src=me.session.world_size - 1)  # 1 2 3 4
+    y = crypten.cryptensor(torch.full((3,), 2.0), src=0)
+
+    def both() -> list[float]:  # two requests: mul (4,) then mul (3,)
+        return [(x * x).sum().get_plain_text().item(), (y * y).sum().get_plain_text().item()]
+
+    def other() -> list[float]:  # mul (4,) then square (3,): deviates at the second request
+        return [(x * x).sum().get_plain_text().item(), y.square().sum().get_plain_text().item()]
+
+    def fewer() -> list[float]:  # mul (4,) only
+        return [(x * x).sum().get_plain_text().item(), 12.0]
+
+    results = []
+    for unit in (both, both, both, other, both, fewer, both):
+        with prefetched("unit"):
+            results.append(unit())
+    final = (x * y[:1].expand(4)).sum().get_plain_text().item()  # live, after every batch
+    ok = all(abs(a - 30.0) < 1e-2 and abs(b - 12.0) < 1e-2 for a, b in results) and abs(final - 20.0) < 1e-2
+    print(f"prefetch party {me.rank}: ok={ok} stats={dict(sorted(_prefetch.stats.items()))} results={results} final={final}")
