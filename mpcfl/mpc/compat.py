@@ -2,7 +2,7 @@
 
 Import crypten only through :func:`import_crypten`: it applies the patches below
 first, once per process. Each patch names what upstream breaks and has a test in
-``tests/test_compat.py`` that fails if it regresses. No other module patches
+``tests/mpc/test_compat.py`` that fails if it regresses. No other module patches
 crypten or torch.
 """
 

@@ -3,7 +3,7 @@
 It enforces who may see a value (only the ranks the caller names, which the
 job's ``outputs`` section decides), applies the DP layer, and records what was
 revealed to whom in the run's :class:`Disclosure`, which each party saves with its
-outputs. No other module calls ``get_plain_text``; ``tests/test_reveal.py`` scans
+outputs. No other module calls ``get_plain_text``; ``tests/mpc/test_reveal.py`` scans
 the package for it.
 
 A task opens one :class:`Disclosure` per run (``with Disclosure(budget) as d:``):

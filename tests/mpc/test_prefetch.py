@@ -31,7 +31,7 @@ def _train(tmp_path: Path, parties: int, prefetch: bool) -> tuple[dict[str, torc
     return torch.load(folder / "out" / label / "model.pt", weights_only=True), int(served.group(1))
 
 
-@pytest.mark.parametrize("parties", [2, 3])
+@pytest.mark.parametrize("parties", [3])  # 2 parties train with prefetch in every other training test
 def test_training_with_prefetch_gives_the_model_trained_without(tmp_path: Path, parties: int) -> None:
     # 2 epochs of 64-row batches over 455 rows: two step shapes (64 and 7 rows), each recorded once.
     with_prefetch, requests_with = _train(tmp_path, parties, True)
@@ -49,6 +49,7 @@ def test_units_that_match_deviate_or_fall_short_keep_every_stream_in_step(names:
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if "prefetch party" in line]
     assert len(lines) == names.count(",") + 1 and all("ok=True" in line for line in lines), lines
-    # 7 units: 2 recorded, 5 fetched; one deviates (the rest of its batch dropped), one falls short.
-    assert all("'batches': 5, 'dropped':" in line and "'mismatches': 1" in line for line in lines), lines
+    # 7 units: 2 recorded, 5 fetched; one deviates (the rest of its batch dropped), one falls short;
+    # then an eighth, fetched, fails part-way and stops every later triple.
+    assert all("'batches': 6, 'dropped':" in line and "'mismatches': 1" in line for line in lines), lines
     assert_no_leftovers(script)

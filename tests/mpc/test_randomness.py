@@ -190,6 +190,10 @@ def test_a_batch_answers_what_its_items_answer_one_by_one(parties: int) -> None:
         assert answer.shape == answer_size(item["function"], item["args"], item["kwargs"])
         one_by_one.append(answer.flatten())
     assert torch.equal(flat, torch.cat(one_by_one))
+    # The next request may come a whole step later: the dealer waits the timeout per item served.
+    from mpcfl.mpc.compat import process_group_timeout
+
+    assert batched._patience_s == int(process_group_timeout().total_seconds()) * (len(items) - 1)
 
 
 @pytest.mark.parametrize(

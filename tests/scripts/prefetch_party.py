@@ -1,12 +1,14 @@
 """Prefetched steps that match, deviate from and fall short of their recording.
 
 Every unit's result is checked, and a last multiplication outside any unit checks
-that every party's stream is still in step with the dealer's.
+that every party's stream is still in step with the dealer's. Then a unit fails part-way
+(every party raises at the same point): after it, no triple is served at all.
 """
 
 import torch
 
 import mpcfl
+from mpcfl.errors import MpcflError
 from mpcfl.mpc.compat import import_crypten
 from mpcfl.mpc.providers.ttp import _prefetch, prefetched
 
@@ -30,4 +32,16 @@ with mpcfl.join() as me:
             results.append(unit())
     final = (x * y[:1].expand(4)).sum().get_plain_text().item()  # live, after every batch
     ok = all(abs(a - 30.0) < 1e-2 and abs(b - 12.0) < 1e-2 for a, b in results) and abs(final - 20.0) < 1e-2
+    try:
+        with prefetched("unit"):
+            x * x  # the batch's first item
+            raise RuntimeError("a step fails part-way")
+    except RuntimeError:
+        pass
+    try:
+        x * x
+        stopped = False
+    except MpcflError as err:
+        stopped = "out of step" in str(err)
+    ok = ok and stopped
     print(f"prefetch party {me.rank}: ok={ok} stats={dict(sorted(_prefetch.stats.items()))} results={results} final={final}")

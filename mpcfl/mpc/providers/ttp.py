@@ -342,7 +342,14 @@ class Dealer:
         return torch.zeros(1, dtype=torch.long)
 
     def batch(self, items: Sequence[tuple[Callable[..., torch.Tensor], tuple, dict]]) -> torch.Tensor:
-        """Party 0's shares of every item, in order (so each stream is drawn in the parties' order), flat."""
+        """Party 0's shares of every item, in order (so each stream is drawn in the parties' order), flat.
+
+        The next request may come a whole step later, where single requests came every
+        multiplication: the dealer waits up to the timeout per item served, as it would have.
+        """
+        from mpcfl.mpc.compat import process_group_timeout
+
+        self._patience_s = int(process_group_timeout().total_seconds() * (len(items) - 1))
         return torch.cat([function(*args, **kwargs).flatten() for function, args, kwargs in items])
 
     def _sum(self, size: Sequence[int], parties: Sequence[SecureGenerator]) -> torch.Tensor:
@@ -441,10 +448,18 @@ class _Prefetch:
         self.answer: tuple[str, torch.Tensor] | None = None  # for serving_prefetched, one request long
         self.key: Hashable = None
         self.draining = False
+        self.broken = False  # a prefetched step failed part-way: the streams no longer match the dealer's
         self.stats = collections.Counter()
 
     def take(self, provider: Any, item: dict[str, Any], party_0: bool) -> bool:
-        """True when ``item`` is served from the queue (party 0: its answer is set for the dealer hook)."""
+        """True when ``item`` is served from the queue (party 0: its answer is set for the dealer hook).
+
+        Raises:
+            MpcflError: an earlier prefetched step failed part-way, so the dealer streams are out of
+                step (reusing them would give party 0 stream values in other roles): nothing more is served.
+        """
+        if self.broken:
+            raise MpcflError("prefetch: an earlier step failed part-way; the dealer streams are out of step, so no triple is served")
         if self.recording is not None:
             self.recording.append(item)
             return False
@@ -534,15 +549,16 @@ def prefetched(key: Hashable) -> Iterator[None]:
                 items, state.recording = state.recording, None
             state.recordings[key] = items if _fits(items) else None
             return
-        if recorded is not None:
-            state.fetch(recorded, party_0)
-        ok = False
         try:
+            if recorded is not None:
+                state.fetch(recorded, party_0)
             yield
-            ok = True
+            state.drain(get_default_provider())  # requests the unit did not make: drawn and dropped
+        except BaseException:
+            # The dealer drew the whole batch; the parties did not: their streams are out of step.
+            state.broken = state.broken or recorded is not None
+            raise
         finally:
-            if ok:
-                state.drain(get_default_provider())  # requests the unit did not make: drawn and dropped
             state.queue.clear()
             state.answer = None
     finally:
