@@ -8,6 +8,7 @@ crypten or torch.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import sys
@@ -139,6 +140,25 @@ def init_crypten(crypten: types.ModuleType, on_group_ready: Callable[[], None]) 
         crypten._setup_prng()
         if crypten.mpc.ttp_required():
             crypten.mpc.provider.ttp_provider.TTPClient._init()
+
+
+def end_crypten(crypten: types.ModuleType, *, failed: bool) -> None:
+    """``crypten.uninit()``, except that party 0 of a failed session tells the dealer so.
+
+    crypten's shutdown sends the dealer "terminate" whatever happened, so a dealer whose
+    parties failed would end as if the job had succeeded. Party 0 sends
+    :data:`mpcfl.mpc.providers.ttp.ABORT` instead, and the dealer stops with an error at once.
+    """
+    from mpcfl.mpc.providers.ttp import ABORT
+
+    if not crypten.is_initialized():
+        return
+    comm = crypten.comm.get()
+    if failed and comm.get_rank() == 0 and getattr(comm, "ttp_initialized", False):
+        with contextlib.suppress(RuntimeError):
+            comm.send_obj(ABORT, comm.get_ttp_rank(), comm.ttp_group)
+        comm.ttp_initialized = False  # so shutdown sends no "terminate" after it
+    crypten.uninit()
 
 
 def run_dealer_server(crypten: types.ModuleType) -> None:

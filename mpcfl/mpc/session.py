@@ -27,6 +27,7 @@ from mpcfl.mpc.compat import (
     ENV_RANK,
     ENV_RENDEZVOUS,
     ENV_WORLD_SIZE,
+    end_crypten,
     import_crypten,
     init_crypten,
     process_group_timeout,
@@ -182,14 +183,15 @@ def _crypten_session(crypten: Any, session: Session, who: str) -> Iterator[None]
 
     A process that exits without ``crypten.uninit()`` can abort in gloo's threads.
     """
+    failed = True
     try:
         yield
+        failed = False
     except RuntimeError as err:
         raise _translate(err, who, session) from err
     finally:
-        if crypten.is_initialized():
-            with contextlib.suppress(RuntimeError):
-                crypten.uninit()
+        with contextlib.suppress(RuntimeError):
+            end_crypten(crypten, failed=failed)
 
 
 @contextlib.contextmanager

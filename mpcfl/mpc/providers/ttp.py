@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from mpcfl.errors import MpcflError
+from mpcfl.errors import MpcflError, PeerFailure
 from mpcfl.mpc.providers import Provider
 from mpcfl.mpc.wire import to_words
 from mpcfl.mpc.prng import KEY_WORDS, SecureGenerator, key_to_words, new_key, words_to_key
@@ -95,6 +95,8 @@ PARTY_METHODS = {
     "B2A": "B2A_rng",
 }
 DIGEST_WORDS = 4  # SHA-256 as int64 words
+#: What party 0 sends the dealer, in place of crypten's "terminate", when its session failed.
+ABORT = "abort"
 #: The longest silence party 0 may announce (``quiet``), beyond the job's timeout.
 MAX_QUIET_S = 24 * 3600
 
@@ -195,6 +197,8 @@ class Dealer:
             if message == "terminate":
                 log.info("dealer: party 0 ended the session after %d requests", served)
                 return
+            if message == ABORT:
+                raise PeerFailure(f"dealer: party 0 stopped the session after a failure ({served} requests served); see the parties' logs")
             function, args, kwargs = self._check(message)
             self._agree(message)
             result = function(*args, **kwargs)  # on the host: see the module's docstring
