@@ -34,10 +34,11 @@ class Split:
     ids: list[str] | None = None  # row IDs (``data.id_column``), until PSI has aligned the rows
 
     def keep(self, rows: list[int]) -> None:
-        """Keeps only ``rows``, in that order (the intersection's agreed order), in place."""
+        """Keeps only ``rows``, in that order (the intersection's agreed order), in place, and
+        drops the IDs, which have served: no ID outlives the alignment."""
         self.x = self.x[rows]
         self.y = None if self.y is None else self.y[rows]
-        self.ids = None if self.ids is None else [self.ids[i] for i in rows]
+        self.ids = None
 
 
 @dataclass

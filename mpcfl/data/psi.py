@@ -38,7 +38,7 @@ import hashlib
 import hmac
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mpcfl.data.files import DataError
@@ -92,12 +92,17 @@ class _Traffic:
 
     def send(self, data: bytes, peer: int) -> None:
         send_bytes(data, peer, patience_s=self.patience_s)
-        self.sent += 8 + len(data) + (-len(data) % 8)
+        self.sent += _on_the_wire(data)
 
     def recv(self, peer: int, *, ids: int, what: str) -> bytes:
         data = recv_bytes(peer, limit=_BYTES_PER_ID * ids + _SLACK_BYTES, what=what, patience_s=self.patience_s)
-        self.received += 8 + len(data) + (-len(data) % 8)
+        self.received += _on_the_wire(data)
         return data
+
+
+def _on_the_wire(data: bytes) -> int:
+    """Bytes a message takes on the links: its length word, then its bytes padded to whole words."""
+    return 8 + len(data) + (-len(data) % 8)
 
 
 def _parse(kind: Any, data: bytes, peer: str, what: str) -> Any:
@@ -177,7 +182,6 @@ class SplitAlignment:
     seconds: float
     bytes_sent: int
     bytes_received: int
-    set_sizes: list[int] = field(default_factory=list)
 
     @property
     def dropped(self) -> int:
@@ -240,7 +244,7 @@ def intersect(
     )
     return agreed_order(mine, items), SplitAlignment(
         rows=len(items), kept=len(mine), seconds=time.perf_counter() - started,
-        bytes_sent=traffic.sent, bytes_received=traffic.received, set_sizes=sizes,
+        bytes_sent=traffic.sent, bytes_received=traffic.received,
     )
 
 
@@ -263,7 +267,13 @@ def _agree_on_size(kept: int, *, names: list[str], hub: int, rank: int, traffic:
         raise DataError(f"private set intersection of {split} IDs: the parties found different sizes ({found})")
 
 
-def _check_size(job: TrainJob, split: Split, party: str, which: str, kept: int) -> None:
+def _keep(job: TrainJob, split: Split, party: str, which: str, rows: list[int]) -> None:
+    """Keeps this split's rows of the intersection, in the agreed order, after checking there are enough.
+
+    Raises:
+        DataError: none, or fewer than ``data.min_intersection``; names the party, file and column.
+    """
+    kept = len(rows)
     column = job.id_column_of(party)
     if kept == 0:
         raise DataError(
@@ -275,6 +285,7 @@ def _check_size(job: TrainJob, split: Split, party: str, which: str, kept: int) 
             f"party {party}: {split.path}: only {kept} IDs of column {column!r} are in every party's {which} file, "
             f"fewer than data.min_intersection={job.data.min_intersection}"
         )
+    split.keep(rows)
 
 
 def align(job: TrainJob, data: PartyData, *, rank: int) -> dict[str, dict[str, Any]]:
@@ -301,9 +312,7 @@ def align(job: TrainJob, data: PartyData, *, rank: int) -> dict[str, dict[str, A
             salted(split.ids, salt), names=job.party_names, hub=job.rank_of(job.labels.party), rank=rank, split=which,
             max_ids=job.data.max_ids,
         )
-        _check_size(job, split, data.party, which, alignment.kept)
-        split.keep(rows)
-        split.ids = None  # no ID outlives the alignment
+        _keep(job, split, data.party, which, rows)
         report[which] = alignment.report()
         log.info(
             "private set intersection of %s IDs: kept %d of this party's %d rows (dropped %d) in %.2f s, "
@@ -327,6 +336,4 @@ def align_plainly(job: TrainJob, parts: list[PartyData]) -> None:
         common = set.intersection(*(set(i) for i in items))
         for part, split, own in zip(parts, splits, items):
             rows = agreed_order([i for i, item in enumerate(own) if item in common], own)
-            _check_size(job, split, part.party, which, len(rows))
-            split.keep(rows)
-            split.ids = None
+            _keep(job, split, part.party, which, rows)
