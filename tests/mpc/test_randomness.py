@@ -86,6 +86,16 @@ def test_the_dealers_triples_multiply(parties: int) -> None:
     assert torch.equal(c, a @ b)
 
 
+@pytest.mark.parametrize("options", [{"padding": 2, "stride": 1}, {"padding": (2, 2)}, {"stride": [1, 1], "padding": [2, 2], "dilation": [1, 1], "groups": 1}])
+def test_the_dealer_takes_conv_options_in_any_form_crypten_sends(options: dict) -> None:
+    """Lists come from crypten.nn.from_pytorch's ONNX converter (refused before: LeNet-5 by raw
+    CrypTen code in mpcfl's processes failed at its first convolution)."""
+    dealer, _ = _dealer(2)
+    message = {"function": "additive", "device": None, "args": ((1, 1, 8, 8), (2, 1, 3, 3), "conv2d"), "kwargs": options}
+    function, args, kwargs = dealer._check(message)
+    assert function(*args, **kwargs).shape == torch.nn.functional.conv2d(torch.zeros(1, 1, 8, 8), torch.zeros(2, 1, 3, 3), **kwargs).shape
+
+
 @pytest.mark.parametrize(
     ("message", "reason"),
     [

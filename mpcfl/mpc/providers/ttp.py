@@ -300,7 +300,8 @@ class Dealer:
 
     @staticmethod
     def _option(value: Any) -> bool:
-        values = value if isinstance(value, tuple) else (value,)
+        # Conv options come as ints, tuples, or lists (crypten.nn.from_pytorch's ONNX converter).
+        values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
         return bool(values) and all(type(v) is int and 0 <= v <= MAX_OPTION for v in values)
 
     def _size(self, name: str, size: Any) -> None:
