@@ -19,15 +19,17 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from mpcfl.errors import ConfigError, MpcflError
-from mpcfl.models.spec import ModelSpec
+from mpcfl.errors import ConfigError
+from mpcfl.models.spec import FactoryModelSpec, FactorySpec, ModelSpec
 from mpcfl.mpc import providers
 from mpcfl.mpc.compat import DEFAULT_TIMEOUT_S
 from mpcfl.mpc.keys import is_raw_key, read_public_key
@@ -323,6 +325,19 @@ class JobBase(_Strict):
         return self.outputs.dir / name  # type: ignore[attr-defined]
 
 
+def _model_kind(value: object) -> str:
+    """A training model given by ``factory`` is a user's module; otherwise a spec."""
+    given = isinstance(value, FactoryModelSpec) or (isinstance(value, dict) and "factory" in value)
+    return "factory" if given else "spec"
+
+
+# The tags name the union's members, not keys of the file (_format_error drops them).
+_MODEL_TAGS = ("spec", "factory")
+TrainModelField = Annotated[
+    Union[Annotated[ModelSpec, Tag("spec")], Annotated[FactoryModelSpec, Tag("factory")]], Discriminator(_model_kind)
+]
+
+
 class TrainJob(JobBase):
     """A secure training job. Build it with :func:`load_job`."""
 
@@ -330,7 +345,7 @@ class TrainJob(JobBase):
     partition: Literal["vertical", "horizontal"]
     labels: LabelSpec
     data: DataSpec = DataSpec()
-    model: ModelSpec
+    model: TrainModelField
     training: TrainingSpec = TrainingSpec()
     outputs: OutputSpec
     dp: DPSpec | None = None
@@ -338,7 +353,8 @@ class TrainJob(JobBase):
     @property
     def summary(self) -> str:
         """What ``mpcfl validate`` says the job is."""
-        return f"{self.partition} partition, {self.model.type}"
+        kind = self.model.factory if isinstance(self.model, FactoryModelSpec) else self.model.type
+        return f"{self.partition} partition, {kind}"
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainJob:
@@ -397,6 +413,14 @@ class TrainJob(JobBase):
         return self.id_column_of(self.party_names[0]) is not None
 
     def _check_dp(self, dp: DPSpec) -> None:
+        if isinstance(self.model, FactoryModelSpec):
+            # DP-SGD bounds each example's gradient by clipping features (logistic regression) or
+            # per-example gradients of Linear layers (mpcfl.dp.clipping); neither covers conv layers
+            # or arbitrary graphs, and unclipped gradients would void the guarantee.
+            raise ValueError(
+                "dp: DP-SGD trains the logistic_regression and mlp model types; a model.factory module "
+                "cannot train with dp (drop dp, or use model.type: mlp)"
+            )
         if self.outputs.metrics_to != "none" and dp.metrics is None:
             raise ValueError(
                 "outputs.metrics_to: with dp, per-epoch metrics spend budget; set it to none, or add dp.metrics"
@@ -431,28 +455,11 @@ class TrainJob(JobBase):
         return self.world_size - 1 if self.dp.collusion_threshold is None else self.dp.collusion_threshold
 
 
-class ImportedModelSpec(_Strict):
+class ImportedModelSpec(FactorySpec):
     """A torch model from code plus a weights file only its owner reads."""
 
-    factory: str = Field(
-        pattern=r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$",
-        description="`package.module:function` or `path/to/file.py:function`, called with no arguments",
-    )
     weights: Path = Field(description="a state_dict saved with torch.save; read only by the owner")
     owner: Name
-
-    @field_validator("factory")
-    @classmethod
-    def _builds_a_module(cls, factory: str) -> str:
-        # Importing and calling it runs its code: validation does what every party will do,
-        # so a hostile or broken factory fails here as one line, not as a traceback per party.
-        from mpcfl.models.factory import build_factory_model
-
-        try:
-            build_factory_model(factory)
-        except MpcflError as err:
-            raise ValueError(str(err)) from None
-        return factory
 
 
 class InputSpec(_Strict):
@@ -540,6 +547,8 @@ def _format_error(path: Path, err: ValidationError) -> str:
     loc = list(first["loc"])
     if loc and loc[0] in ("train", "inference"):
         loc = loc[1:]  # the union's tag, not a key of the file
+    if loc[:1] == ["model"] and len(loc) > 1 and loc[1] in _MODEL_TAGS:
+        del loc[1]
     if first["type"].startswith("union_tag"):
         loc = ["task"]
     key = ".".join(str(part) for part in loc) or "(top level)"

@@ -6,14 +6,17 @@ traced with ``torch.fx`` and each node is run with CrypTen's tensor operations,
 so the graph never leaves torch. Every node is checked before anything is
 shared: an unsupported layer or function is refused by name, never guessed at.
 
-The model is always evaluated as in ``model.eval()`` (as ``torch.onnx.export``
+For inference the model is evaluated as in ``model.eval()`` (as ``torch.onnx.export``
 does): dropout is the identity and batch norm uses its running statistics, which
-the owner folds into one scale and shift per channel before sharing.
+the owner folds into one scale and shift per channel before sharing. For training
+(:func:`trainable`), the same graph runs on encrypted parameters with CrypTen's
+autograd; layers that behave differently in training (dropout, batch norm) are refused.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpcfl.errors import MpcflError
+from mpcfl.mpc.compat import import_crypten
 
 
 class UnsupportedModelError(MpcflError):
@@ -105,6 +109,18 @@ def _avg_pool(m: nn.AvgPool2d, x: Any, p: dict[str, Any]) -> Any:
     return x.avg_pool2d(_pair(m.kernel_size), stride=_pair(m.stride), padding=_pair(m.padding))
 
 
+def _unflatten(m: nn.Unflatten, x: Any, p: dict[str, Any]) -> Any:
+    shape = list(x.size())
+    dim = m.dim % len(shape)
+    return x.reshape(*shape[:dim], *m.unflattened_size, *shape[dim + 1 :])
+
+
+def _unflatten_params(m: nn.Unflatten) -> dict[str, torch.Tensor]:
+    if not isinstance(m.dim, int) or -1 in tuple(m.unflattened_size):
+        raise UnsupportedModelError("Unflatten with a named dim or a -1 size")
+    return {}
+
+
 def _adaptive_size(m: nn.AdaptiveAvgPool2d) -> tuple[int, int]:
     size = m.output_size
     size = (size, size) if isinstance(size, int) else tuple(size)
@@ -132,6 +148,7 @@ _LAYERS: dict[type, tuple[Callable[[Any], dict[str, torch.Tensor]], Callable[[An
     nn.AvgPool2d: (_avg_pool_params, _avg_pool),
     nn.AdaptiveAvgPool2d: (_adaptive_avg_pool_params, lambda m, x, p: x.adaptive_avg_pool2d(_adaptive_size(m))),
     nn.Flatten: (_no_params, lambda m, x, p: x.flatten(m.start_dim, m.end_dim)),
+    nn.Unflatten: (_unflatten_params, _unflatten),
     nn.Dropout: (_no_params, lambda m, x, p: x),
     nn.Identity: (_no_params, lambda m, x, p: x),
     nn.Softmax: (_no_params, lambda m, x, p: x.softmax(m.dim)),
@@ -267,6 +284,40 @@ def _fetch_attr(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
     return value
 
 
+def run_graph(gm: torch.fx.GraphModule, x: Any, tensors: Callable[[str], Any]) -> Any:
+    """Runs the traced graph on ``x`` with CrypTen's operations.
+
+    Args:
+        tensors: a layer's target -> its tensors by local name (a ``call_module``),
+            or an attribute's target -> the tensor itself (a ``get_attr``).
+    """
+    env: dict[str, Any] = {}
+
+    def load(arg: Any) -> Any:
+        return torch.fx.node.map_arg(arg, lambda n: env[n.name])
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node.name] = x
+        elif node.op == "get_attr":
+            env[node.name] = tensors(node.target)
+        elif node.op == "call_module":
+            layer = gm.get_submodule(node.target)
+            (arg,) = load(node.args)
+            env[node.name] = _LAYERS[type(layer)][1](layer, arg, tensors(node.target))
+        elif node.op == "call_function":
+            env[node.name] = _FUNCTIONS[node.target](*load(node.args), **load(node.kwargs))
+        elif node.op == "call_method":
+            target, *rest = load(node.args)
+            if node.target in _IDENTITY_METHODS:
+                env[node.name] = target
+            else:
+                env[node.name] = getattr(target, node.target)(*rest, **load(node.kwargs))
+        elif node.op == "output":
+            return load(node.args[0])
+    raise UnsupportedModelError("the traced graph has no output")
+
+
 @dataclass
 class SecureModel:
     """A traced model whose tensors are secret-shared; call it on a CrypTensor."""
@@ -274,37 +325,14 @@ class SecureModel:
     graph_module: torch.fx.GraphModule
     tensors: dict[str, Any]  # shared tensors by name, as plain_parameters names them
 
-    def _layer_tensors(self, target: str) -> dict[str, Any]:
+    def _tensors_of(self, target: str) -> Any:
+        if target in self.tensors:
+            return self.tensors[target]
         prefix = f"{target}."
         return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.rpartition(".")[0] == target}
 
     def __call__(self, x: Any) -> Any:
-        env: dict[str, Any] = {}
-        gm = self.graph_module
-
-        def load(arg: Any) -> Any:
-            return torch.fx.node.map_arg(arg, lambda n: env[n.name])
-
-        for node in gm.graph.nodes:
-            if node.op == "placeholder":
-                env[node.name] = x
-            elif node.op == "get_attr":
-                env[node.name] = self.tensors[node.target]
-            elif node.op == "call_module":
-                layer = gm.get_submodule(node.target)
-                (arg,) = load(node.args)
-                env[node.name] = _LAYERS[type(layer)][1](layer, arg, self._layer_tensors(node.target))
-            elif node.op == "call_function":
-                env[node.name] = _FUNCTIONS[node.target](*load(node.args), **load(node.kwargs))
-            elif node.op == "call_method":
-                target, *rest = load(node.args)
-                if node.target in _IDENTITY_METHODS:
-                    env[node.name] = target
-                else:
-                    env[node.name] = getattr(target, node.target)(*rest, **load(node.kwargs))
-            elif node.op == "output":
-                return load(node.args[0])
-        raise UnsupportedModelError("the traced graph has no output")
+        return run_graph(self.graph_module, x, self._tensors_of)
 
 
 def encrypt_model(gm: torch.fx.GraphModule, *, src: int, device: torch.device | str = "cpu") -> SecureModel:
@@ -313,8 +341,75 @@ def encrypt_model(gm: torch.fx.GraphModule, *, src: int, device: torch.device | 
     Every party calls this with a model of the same architecture; only ``src``'s
     tensor values matter, the others' are placeholders of the right shape.
     """
-    from mpcfl.mpc.compat import import_crypten
-
     crypten = import_crypten()
     tensors = {name: crypten.cryptensor(t, src=src, device=device) for name, t in plain_parameters(gm).items()}
     return SecureModel(graph_module=gm, tensors=tensors)
+
+
+# Layers whose training behaviour differs from eval: CrypTen would train them as in eval.
+_EVAL_ONLY = (nn.Dropout, nn.modules.batchnorm._BatchNorm)
+
+
+def trainable(model: nn.Module) -> Any:
+    """An unencrypted CrypTen module that trains ``model``'s graph with CrypTen's autograd.
+
+    Its parameters are ``model``'s, with the names of ``model.state_dict()`` (``features.0.weight``),
+    held in nested CrypTen modules that mirror ``model``'s submodules, so ``encrypt``, ``to``,
+    ``named_parameters`` and CrypTen's optimisers work on it as on any CrypTen module, and the
+    revealed weights load back into ``model``.
+
+    Raises:
+        UnsupportedModelError: a layer or construct cannot run under MPC, or cannot be trained.
+    """
+    gm = trace(model)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _EVAL_ONLY):
+            raise UnsupportedModelError(
+                f"{_describe(gm, node)} behaves differently in training and cannot be trained under MPC here; "
+                "remove it (it works for secure inference)"
+            )
+    return _trainable_class()(gm, dict(model.named_parameters()))
+
+
+@functools.cache
+def _trainable_class() -> type:
+    """The CrypTen module class; made on first use, as importing crypten is heavy."""
+    crypten = import_crypten()
+
+    class TrainableGraph(crypten.nn.Module):
+        """A traced torch model whose tensors live in a tree of CrypTen modules."""
+
+        def __init__(self, gm: torch.fx.GraphModule, parameters: dict[str, torch.Tensor]) -> None:
+            super().__init__()
+            object.__setattr__(self, "graph_module", gm)  # not a CrypTen submodule
+            for name, value in plain_parameters(gm).items():
+                where, _, local = name.rpartition(".")
+                holder = self._holder(where, create=True)
+                if name in parameters:
+                    holder.register_parameter(local, value.clone())
+                else:  # a tensor attribute the forward reads but does not train
+                    holder.register_buffer(local, value.clone())
+
+        def _holder(self, path: str, *, create: bool = False) -> Any:
+            """The CrypTen module at ``path``; None where the torch module holds no tensors."""
+            module = self
+            for part in filter(None, path.split(".")):
+                if part not in module._modules:
+                    if not create:
+                        return None
+                    module.add_module(part, crypten.nn.Module())
+                module = module._modules[part]
+            return module
+
+        def _tensors_of(self, target: str) -> Any:
+            where, _, local = target.rpartition(".")
+            holder = self._holder(where)
+            if holder is not None and (local in holder._parameters or local in holder._buffers):  # a get_attr
+                return holder._parameters.get(local, holder._buffers.get(local))
+            layer = self._holder(target)
+            return {} if layer is None else {**layer._parameters, **layer._buffers}
+
+        def forward(self, x: Any) -> Any:
+            return run_graph(self.graph_module, x, self._tensors_of)
+
+    return TrainableGraph

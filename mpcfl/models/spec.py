@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+
+from mpcfl.errors import MpcflError
+
+Classes = Annotated[int, Field(ge=2)]
 
 
 class ModelSpec(BaseModel):
@@ -19,7 +23,7 @@ class ModelSpec(BaseModel):
     type: Literal["logistic_regression", "mlp"]
     hidden: list[PositiveInt] = Field(default_factory=list)
     activation: Literal["relu", "sigmoid"] = "relu"
-    num_classes: Annotated[int, Field(ge=2)] = 2
+    num_classes: Classes = 2
 
     @model_validator(mode="after")
     def _hidden_matches_type(self) -> ModelSpec:
@@ -33,3 +37,45 @@ class ModelSpec(BaseModel):
     def binary(self) -> bool:
         """Two classes (see :func:`mpcfl.models.heads.head_of`)."""
         return self.num_classes == 2
+
+
+class FactorySpec(BaseModel):
+    """A torch model from user code: ``model.factory``, a function called with no arguments."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    factory: str = Field(
+        pattern=r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$",
+        description="`package.module:function` or `path/to/file.py:function`, called with no arguments",
+    )
+
+    @field_validator("factory")
+    @classmethod
+    def _builds_a_module(cls, factory: str) -> str:
+        # Importing and calling it runs its code: validation does what every party will do,
+        # so a hostile or broken factory fails here as one line, not as a traceback per party.
+        from mpcfl.models.factory import build_factory_model
+
+        try:
+            build_factory_model(factory)
+        except MpcflError as err:
+            raise ValueError(str(err)) from None
+        return factory
+
+
+class FactoryModelSpec(FactorySpec):
+    """A training job's ``model`` given as a user's torch module (``model.factory``).
+
+    The module's initial weights are the public starting point: every party calls the
+    factory after seeding torch with the job's seed, so all build the same ones.
+    """
+
+    num_classes: Classes = 2
+
+    @property
+    def binary(self) -> bool:
+        """Two classes (see :func:`mpcfl.models.heads.head_of`)."""
+        return self.num_classes == 2
+
+
+TrainModel = ModelSpec | FactoryModelSpec  # what a training job's ``model`` may be

@@ -28,7 +28,7 @@ from mpcfl.tasks.train.loop import batches
 
 @dataclass
 class PlainResult:
-    model: torch.nn.Sequential
+    model: torch.nn.Module
     history: list[dict[str, float]]
 
 

@@ -23,6 +23,12 @@ the whole run. With ``r`` a bound on every example's feature-vector norm:
   do that, and the symptom checks of :mod:`mpcfl.tasks.train.loop` catch a run that does.
   The final weights give the largest products (the last epoch's metrics run on them).
 
+A factory's module (``model.factory``) is bounded the same way, read as a chain of
+Linear and Conv layers from its torch.fx graph: a conv layer counts how many windows
+each input entry falls in (:class:`_Layer`), pooling its operator norm, a layout
+change (flatten, unflatten, view) nothing. A graph that branches (a residual
+connection) is refused: its norms add along paths, not implemented here.
+
 The largest product is then the largest of every layer's pre-activation norm (each
 entry is a dot product), the backpropagated errors, the weight gradients, and, for
 DP-SGD on an MLP, the per-example squared norms of :mod:`mpcfl.dp.clipping`.
@@ -36,14 +42,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from mpcfl.errors import MpcflError
+from mpcfl.errors import ConfigError, MpcflError
 from mpcfl.jobs.schema import TrainJob
-from mpcfl.models.build import build_torch_model
+from mpcfl.models.build import build_torch_model, to_crypten
+from mpcfl.models.convert import UnsupportedModelError
 from mpcfl.models.heads import Head, head_of
+from mpcfl.models.spec import ModelSpec
 
 PRODUCT_LIMIT = 2.0**31  # |a * b| at which an encoded product wraps
 SUM_LIMIT = 2.0**46  # values that are only added wrap at 2^47; keep a factor two
@@ -69,44 +81,187 @@ def steps(job: TrainJob, n_rows: int) -> int:
     return job.training.epochs * math.ceil(n_rows / job.training.batch_size)
 
 
+@dataclass
+class _Layer:
+    """One parametrised layer (Linear or Conv) and what follows it up to the next one.
+
+    A conv layer's output norm is at most ``spread * |W|_F * |x| + positions * |b|``:
+    each input entry falls in at most ``spread^2`` windows, and the bias is added at
+    ``positions^2`` places per channel. Its transpose (the backward pass) has the same
+    bound, and a weight gradient (a sum over windows) has norm at most ``spread |d| |x|``.
+    For a Linear layer both are 1.
+    """
+
+    weight: float
+    bias: float
+    spread: float = 1.0
+    positions: float = 1.0
+    after: list[tuple[str, float]] = field(default_factory=list)  # ("set" | "cap" | "gain", value), in order
+    slope: float = 1.0  # how much the nodes after it can grow an error sent back through them
+
+
+def _windows(kernel: Any, stride: Any, dilation: Any) -> float:
+    """The most windows one input entry falls in: prod ceil(k/s) (k with dilation)."""
+    dims = len(kernel) if isinstance(kernel, tuple) else 2
+    kernel, stride, dilation = ((v,) * dims if isinstance(v, int) else tuple(v) for v in (kernel, stride, dilation))
+    return math.prod(k if d > 1 else math.ceil(k / s) for k, s, d in zip(kernel, stride, dilation))
+
+
+def _linear_pool_gain(layer: nn.Module, shape: torch.Size) -> float:
+    """An average pool's operator norm bound, by Schur's test on its nonnegative matrix:
+    sqrt(largest row sum x largest column sum), read off one forward and backward on ones."""
+    ones = torch.ones(shape, requires_grad=True)
+    out = layer(ones)
+    out.sum().backward()
+    return math.sqrt(float(out.detach().max()) * float(ones.grad.max()))
+
+
+# Nodes that change no norm: layout only.
+_LAYOUT_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)
+_LAYOUT_CALLS = {"view", "reshape", "flatten", "contiguous", "permute", "transpose", "squeeze", "unsqueeze"}
+
+
+def _chain(torch_model: nn.Module, n_features: int) -> tuple[float, list[_Layer], float]:
+    """The model as a chain: the input's gain up to the first layer, the layers, and the
+    gain after the last one (towards the logits).
+
+    Raises:
+        MpcflError: the graph branches, or a node has no norm rule here.
+    """
+    gm = torch.fx.symbolic_trace(torch_model)
+    ShapeProp(gm).propagate(torch.zeros(1, n_features))
+    layers: list[_Layer] = []
+    pre = 1.0
+    previous = None
+
+    def note(kind: str, value: float, slope: float) -> None:
+        nonlocal pre
+        if layers:
+            layers[-1].after.append((kind, value))
+            layers[-1].slope *= slope
+        elif kind == "gain":
+            pre *= value
+        else:
+            raise MpcflError("the model applies an activation before its first Linear or Conv layer; "
+                             "fixed-point bounds for that are not implemented")
+
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if node.op == "placeholder":
+            previous = node
+        if node.op in ("placeholder", "output") or not isinstance(meta, TensorMetadata):
+            continue  # sizes and other plain values
+        inputs = [a for a in node.all_input_nodes if isinstance(a.meta.get("tensor_meta"), TensorMetadata)]
+        if inputs != [previous]:
+            raise MpcflError(
+                f"node {node.name} combines several tensors: fixed-point bounds cover chains of layers "
+                "(no residual connections) for now"
+            )
+        previous = node
+        width = math.prod(meta.shape[1:])
+        layer = gm.get_submodule(node.target) if node.op == "call_module" else None
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            conv = not isinstance(layer, nn.Linear)
+            spread = math.sqrt(_windows(layer.kernel_size, layer.stride, layer.dilation)) if conv else 1.0
+            positions = math.sqrt(width / layer.out_channels) if conv else 1.0
+            bias = 0.0 if layer.bias is None else float(layer.bias.detach().norm())
+            layers.append(_Layer(float(layer.weight.detach().norm()), bias, spread, positions))
+        elif isinstance(layer, nn.ReLU) or name == "relu":
+            note("gain", 1.0, 1.0)
+        elif isinstance(layer, nn.Sigmoid) or name == "sigmoid":
+            note("set", math.sqrt(width), 0.25)  # every output in [0, 1]
+        elif isinstance(layer, nn.Tanh) or name == "tanh":
+            note("cap", math.sqrt(width), 1.0)  # |tanh(v)| <= min(|v|, 1)
+        elif isinstance(layer, nn.MaxPool2d):
+            gain = math.sqrt(_windows(layer.kernel_size, layer.stride or layer.kernel_size, layer.dilation))
+            note("gain", gain, gain)
+        elif isinstance(layer, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+            gain = _linear_pool_gain(layer, inputs[0].meta["tensor_meta"].shape)
+            note("gain", gain, gain)
+        elif isinstance(layer, _LAYOUT_MODULES) or name in _LAYOUT_CALLS:
+            note("gain", 1.0, 1.0)
+        else:
+            raise MpcflError(f"node {node.name} ({type(layer).__name__ if layer else name}): no fixed-point "
+                             "bound rule for it in training")
+    if not layers:
+        raise MpcflError("the model has no Linear or Conv layer to train")
+    post = math.prod(v for kind, v in layers[-1].after if kind == "gain")
+    return pre, layers, post
+
+
+def _model_chain(job: TrainJob, n_features: int) -> tuple[float, list[_Layer], float]:
+    try:
+        return _chain(build_torch_model(job.model, n_features=n_features, seed=job.training.seed), n_features)
+    except MpcflError as err:
+        where = "" if str(err).startswith("model.") else f"model.factory: {getattr(job.model, 'factory', '')}: "
+        raise MpcflError(f"{where}{err}") from None
+
+
+def check_model(job: TrainJob, n_features: int) -> None:
+    """Refuses, before anything is shared, a model that does not take rows of ``n_features``,
+    gives the wrong number of logits, or cannot be trained or bounded under MPC.
+
+    Raises:
+        ConfigError: one line naming the job file and the key.
+    """
+    try:
+        _model_chain(job, n_features)
+        model = build_torch_model(job.model, n_features=n_features, seed=job.training.seed)
+        to_crypten(model)
+    except UnsupportedModelError as err:
+        raise ConfigError(f"{job.source}: model.factory: {err}") from None
+    except MpcflError as err:
+        raise ConfigError(f"{job.source}: {err}") from None
+
+
 def training_bounds(job: TrainJob, *, n_features: int, n_rows: int, input_norm: float) -> Bounds:
     """The bounds of the module docstring for this job's model, data shape and run length."""
-    torch_model = build_torch_model(job.model, n_features=n_features, seed=job.training.seed)
-    linears = [layer for layer in torch_model if hasattr(layer, "weight")]
-    weights = [float(layer.weight.detach().norm()) for layer in linears]
-    biases = [float(layer.bias.detach().norm()) for layer in linears]
-    sigmoid = job.model.activation == "sigmoid"
-    widths = [layer.out_features for layer in linears]
+    return _bounds(job, _model_chain(job, n_features), n_rows=n_rows, input_norm=input_norm)
+
+
+def _bounds(job: TrainJob, chain: tuple[float, list[_Layer], float], *, n_rows: int, input_norm: float) -> Bounds:
+    pre, layers, post = chain
+    weights = [layer.weight for layer in layers]
+    biases = [layer.bias for layer in layers]
     step = job.training.learning_rate / (1 - job.training.momentum)
-    error = head_of(job.model).gradient_bound
-    dp_mlp = job.dp is not None and job.model.type == "mlp"
+    error = head_of(job.model).gradient_bound * post
+    dp_mlp = job.dp is not None and isinstance(job.model, ModelSpec) and job.model.type == "mlp"
+
+    def activate(norm: float, layer: _Layer) -> float:
+        for kind, value in layer.after:
+            norm = value if kind == "set" else min(norm, value) if kind == "cap" else norm * value
+        return norm
+
+    def pre_activation(i: int, z: float) -> float:
+        return layers[i].spread * weights[i] * z + layers[i].positions * biases[i]
 
     def forward() -> list[float]:
         """Norm bounds of each layer's input (the features first), then of the logits."""
-        norms = [input_norm]
-        for i, (w, b) in enumerate(zip(weights, biases)):
-            hidden = i < len(weights) - 1
-            norms.append(math.sqrt(widths[i]) if hidden and sigmoid else w * norms[-1] + b)
+        norms = [input_norm * pre]
+        for i in range(len(layers)):
+            hidden = i < len(layers) - 1
+            norms.append(activate(pre_activation(i, norms[-1]), layers[i]) if hidden else pre_activation(i, norms[-1]))
         return norms
 
     def backward() -> list[float]:
         """Norm bounds of the error reaching each layer's output."""
         errors = [error]
-        for i in range(len(weights) - 1, 0, -1):
-            errors.insert(0, weights[i] * errors[0] * (0.25 if sigmoid else 1.0))
+        for i in range(len(layers) - 1, 0, -1):
+            errors.insert(0, layers[i].spread * weights[i] * errors[0] * layers[i - 1].slope)
         return errors
 
     total = steps(job, n_rows)
     inputs, errors = forward(), backward()  # at the initial weights: see the module docstring
-    for i in range(len(weights)):
-        weights[i] += total * step * errors[i] * inputs[i]
-        biases[i] += total * step * errors[i]
+    for i, layer in enumerate(layers):
+        weights[i] += total * step * layer.spread * errors[i] * inputs[i]
+        biases[i] += total * step * layer.positions * errors[i]
     inputs, errors = forward(), backward()
-    pre_activations = [w * z + b for w, z, b in zip(weights, inputs, biases)]
+    pre_activations = [pre_activation(i, z) for i, z in enumerate(inputs[:-1])]
     products = [
         *pre_activations,
-        *(w * d for w, d in zip(weights, errors)),  # errors sent back through each layer
-        *(d * z for d, z in zip(errors, inputs)),  # weight gradients
+        *(layer.spread * w * d for layer, w, d in zip(layers, weights, errors)),  # errors sent back through each layer
+        *(layer.spread * d * z for layer, d, z in zip(layers, errors, inputs)),  # weight gradients
     ]
     if dp_mlp:  # per-example |d|^2 (|z|^2 + 1), see mpcfl.dp.clipping
         products += [d * d * (z * z + 1) for d, z in zip(errors, inputs)]
@@ -115,7 +270,7 @@ def training_bounds(job: TrainJob, *, n_features: int, n_rows: int, input_norm: 
         steps=total,
         largest_product=max(products),
         weight=max(*weights, *biases),
-        logit=pre_activations[-1],
+        logit=pre_activations[-1] * post,
     )
 
 
@@ -128,9 +283,10 @@ def safe_input_norm(job: TrainJob, *, n_features: int, n_rows: int, metric_rows:
     """
 
     head = head_of(job.model)
+    chain = _model_chain(job, n_features)
 
     def fits(norm: float) -> bool:
-        bounds = training_bounds(job, n_features=n_features, n_rows=n_rows, input_norm=norm)
+        bounds = _bounds(job, chain, n_rows=n_rows, input_norm=norm)
         return bounds.largest_product < PRODUCT_LIMIT and bounds.loss_sum(metric_rows, head) < SUM_LIMIT
 
     low, high = 1e-6, math.sqrt(PRODUCT_LIMIT)

@@ -28,7 +28,7 @@ from mpcfl.data.party import (
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.heads import head_of
 from mpcfl.mpc.session import agreed, all_gather_public
-from mpcfl.tasks.train.bounds import PRODUCT_LIMIT, safe_input_norm, steps
+from mpcfl.tasks.train.bounds import PRODUCT_LIMIT, check_model, safe_input_norm, steps
 from mpcfl.tasks.train.dp_sgd import bound_features
 
 log = logging.getLogger(__name__)
@@ -221,6 +221,8 @@ def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: torch.de
     n_features = sum(s[2] for s in shapes) if vertical else shapes[0][2]
     n_rows = shapes[0][0] if vertical else sum(s[0] for s in shapes)
     n_test = shapes[0][1] if vertical else sum(s[1] for s in shapes)
+    # n_features is public and the same at every party: each refuses a model that does not fit it
+    agreed("model check", job.party_names, lambda: check_model(job, n_features))
     scaling = job.data.scaling
     if scaling is not None:
         agreed("scaling check", job.party_names, lambda: check_scaled_columns(data, scaling, job.source))

@@ -38,7 +38,8 @@ class TrainResult:
     """What one party ends training with."""
 
     model: Any  # the encrypted crypten model; its parameters are this party's shares
-    torch_model: torch.nn.Sequential  # the architecture, for receivers to load weights into
+    torch_model: torch.nn.Module  # the architecture, for receivers to load weights into
+    n_features: int
     history: list[dict[str, float]] = field(default_factory=list)
     state_dict: dict[str, torch.Tensor] | None = None  # revealed weights, receivers only
 
@@ -139,7 +140,7 @@ def train(
     # What the range check before sharing guarantees; revealed values beyond it wrapped.
     safe_norm = safe_input_norm(job, n_features=shared.n_features, n_rows=n_rows, metric_rows=max(split_rows))
     limits = training_bounds(job, n_features=shared.n_features, n_rows=n_rows, input_norm=safe_norm)
-    result = TrainResult(model=model, torch_model=torch_model)
+    result = TrainResult(model=model, torch_model=torch_model, n_features=shared.n_features)
     first = 0
     if resume is not None:
         checkpoint.restore(model, optimizer, resume, device=device)

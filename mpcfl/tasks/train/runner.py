@@ -115,7 +115,7 @@ def _write_outputs(
         write_json(out / "scaler.json", data.scaler)
     if result.state_dict is not None:
         write_torch(out / "model.pt", result.state_dict)
-        write_json(out / "model.json", {"model": job.model.model_dump(), "n_features": result.torch_model[0].in_features})
+        write_json(out / "model.json", {"model": job.model.model_dump(), "n_features": result.n_features})
         log.info("saved the trained model to %s", out / "model.pt")
     if job.outputs.model_to == "none":
         from mpcfl.mpc.compat import import_crypten

@@ -27,7 +27,7 @@ class TrainingStep(abc.ABC):
     loss_bound: float | None = None  # each example's loss is clipped to this in revealed metrics; None: unclipped
 
     @abc.abstractmethod
-    def step(self, model: Any, torch_model: nn.Sequential, x: Any, y: Any) -> None:
+    def step(self, model: Any, torch_model: nn.Module, x: Any, y: Any) -> None:
         """Sets the (zeroed) gradients of ``model``'s parameters for one batch.
 
         Args:
@@ -67,7 +67,7 @@ class PlainSgd(TrainingStep):
     def __init__(self, head: Head) -> None:
         self._error = head.output_error
 
-    def step(self, model: Any, torch_model: nn.Sequential, x: Any, y: Any) -> None:
+    def step(self, model: Any, torch_model: nn.Module, x: Any, y: Any) -> None:
         logits = model(x)
         with import_crypten().no_grad():
             error = self._error(logits, y).div(x.size(0))
