@@ -161,3 +161,57 @@ def test_validate_refuses_factories_that_do_not_build_a_module(tmp_path: Path, f
 @pytest.mark.parametrize("path", sorted((DEMO.parent).glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_job_is_valid(path: Path) -> None:
     assert load_job(path).name
+
+
+CNN_DEMO = DEMO.parent / "digits_cnn.yaml"
+
+
+def cnn_demo(tmp_path: Path, **model: Any) -> Path:
+    spec = yaml.safe_load(CNN_DEMO.read_text())
+    if model.get("num_classes") == 2:
+        spec["training"]["loss"] = "bce"
+    for party in spec["parties"]:
+        party["data"] = {k: str((CNN_DEMO.parent / v).resolve()) for k, v in party["data"].items()}
+    where, _, function = spec["model"]["factory"].rpartition(":")
+    spec["model"]["factory"] = f"{(CNN_DEMO.parent / where).resolve()}:{function}"
+    spec["model"].update(model)
+    return write(tmp_path, spec)
+
+
+@pytest.mark.parametrize(
+    ("model", "dp", "message"),
+    [
+        ({"factory": "{tmp}/factories.py:answer"}, None, "model.factory: {tmp}/factories.py:answer: returned int, not a torch.nn.Module"),
+        ({"hidden": [4]}, None, "model.hidden: unknown key"),
+        ({}, {"epsilon": 1.0, "delta": 1e-5}, "(top level): dp: DP-SGD trains the logistic_regression and mlp model types; a model.factory module cannot train with dp (drop dp, or use model.type: mlp)"),
+    ],
+    ids=["not-a-module", "spec-key", "dp"],
+)
+def test_training_factory_errors_name_the_key(tmp_path: Path, model: dict[str, Any], dp: Any, message: str) -> None:
+    (tmp_path / "factories.py").write_text("def answer():\n    return 42\n")
+    path = cnn_demo(tmp_path, **{k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in model.items()})
+    if dp is not None:
+        spec = yaml.safe_load(path.read_text())
+        spec.update(dp=dp, outputs={**spec["outputs"], "metrics_to": "none"})
+        path = write(tmp_path, spec)
+    with pytest.raises(ConfigError) as caught:
+        load_job(path)
+    assert str(caught.value) == f"{path}: {message.format(tmp=tmp_path)}"
+
+
+def test_factory_model_must_fit_the_data_and_the_head(tmp_path: Path) -> None:
+    """Checked before anything is shared (the parties know the feature count, all the same)."""
+    from mpcfl.models.spec import FactoryModelSpec
+    from mpcfl.tasks.train.bounds import check_model
+
+    job = load_job(cnn_demo(tmp_path))
+    assert isinstance(job.model, FactoryModelSpec) and job.model.num_classes == 10
+    check_model(job, 64)
+    with pytest.raises(ConfigError) as caught:
+        check_model(job, 30)
+    assert str(caught.value).startswith(
+        f"{job.source}: model.factory: {job.model.factory} does not take rows of 30 features, the data's feature columns"
+    )
+    two = load_job(cnn_demo(tmp_path, num_classes=2))
+    with pytest.raises(ConfigError, match=r"model.num_classes: 2 classes need 1 output\(s\) per row, but .* gives \(2, 10\)"):
+        check_model(two, 64)
