@@ -545,10 +545,10 @@ def _format_error(path: Path, err: ValidationError) -> str:
             return f"{path}: {'.'.join(loc)} was replaced by {_REPLACED[loc]}"
     first = err.errors()[0]
     loc = list(first["loc"])
+    if loc[:2] == ["train", "model"] and len(loc) > 2 and loc[2] in _MODEL_TAGS:
+        del loc[2]  # a training model's kind, not a key of the file
     if loc and loc[0] in ("train", "inference"):
         loc = loc[1:]  # the union's tag, not a key of the file
-    if loc[:1] == ["model"] and len(loc) > 1 and loc[1] in _MODEL_TAGS:
-        del loc[1]
     if first["type"].startswith("union_tag"):
         loc = ["task"]
     key = ".".join(str(part) for part in loc) or "(top level)"

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from mpcfl.errors import MpcflError
-from mpcfl.models.build import to_crypten
+from mpcfl.jobs.schema import TrainJob, load_job
+from mpcfl.models.build import build_torch_model, to_crypten
 from mpcfl.models.convert import UnsupportedModelError
+from mpcfl.tasks.train.bounds import check_model, training_bounds
 
 
 class TinyCnn(nn.Module):
@@ -66,16 +71,14 @@ def test_layers_that_train_differently_are_refused(layer: nn.Module, message: st
         to_crypten(nn.Sequential(nn.Linear(3, 4), layer, nn.Linear(4, 1)))
 
 
-def _conv_job(tmp_path, factory: str, **model):  # noqa: ANN001, ANN202
-    import yaml
-
-    from mpcfl.jobs.schema import load_job
-
+def _factory_job(tmp_path: Path, source: str, **model: object) -> TrainJob:
+    """A horizontal training job whose model is ``source``'s function ``make``."""
+    (tmp_path / "factory.py").write_text("from torch import nn\n" + source)
     spec = {
         "name": "factory", "partition": "horizontal",
         "parties": [{"name": f"p{i}", "data": {"train": str(tmp_path / f"{i}.csv")}} for i in range(2)],
         "labels": {"column": "y"}, "data": {"standardize": False},
-        "model": {"factory": factory, **model},
+        "model": {"factory": f"{tmp_path / 'factory.py'}:make", **model},
         "training": {"epochs": 3, "batch_size": 8, "learning_rate": 0.05, "loss": "cross_entropy" if model else "bce"},
         "outputs": {"dir": str(tmp_path / "out")},
     }
@@ -84,18 +87,15 @@ def _conv_job(tmp_path, factory: str, **model):  # noqa: ANN001, ANN202
     return load_job(path)
 
 
-def test_conv_bounds_hold_on_real_activations(tmp_path) -> None:  # noqa: ANN001
+def test_conv_bounds_hold_on_real_activations(tmp_path: Path) -> None:
     """The chain bound on the logits holds for inputs of the bounded norm (lr tiny: no growth)."""
-    from mpcfl.models.build import build_torch_model
-    from mpcfl.tasks.train.bounds import training_bounds
-
-    (tmp_path / "cnn.py").write_text(
-        "from torch import nn\n"
-        "def cnn():\n"
+    job = _factory_job(
+        tmp_path,
+        "def make():\n"
         "    return nn.Sequential(nn.Unflatten(1, (2, 5, 5)), nn.Conv2d(2, 4, 3, stride=1), nn.ReLU(),\n"
-        "                         nn.MaxPool2d(2, stride=1), nn.Flatten(), nn.Linear(16, 3))\n"
+        "                         nn.MaxPool2d(2, stride=1), nn.Flatten(), nn.Linear(16, 3))\n",
+        num_classes=3,
     )
-    job = _conv_job(tmp_path, f"{tmp_path / 'cnn.py'}:cnn", num_classes=3)
     job = job.model_copy(update={"training": job.training.model_copy(update={"learning_rate": 1e-12})})
     bounds = training_bounds(job, n_features=50, n_rows=10, input_norm=1.0)
     model = build_torch_model(job.model, n_features=50, seed=job.training.seed)
@@ -107,20 +107,17 @@ def test_conv_bounds_hold_on_real_activations(tmp_path) -> None:  # noqa: ANN001
     assert bounds.logit < 100 * worst  # a bound, not a refusal of everything
 
 
-def test_branching_model_is_refused_before_sharing(tmp_path) -> None:  # noqa: ANN001
-    from mpcfl.tasks.train.bounds import check_model
-
-    (tmp_path / "res.py").write_text(
-        "from torch import nn\n"
+def test_branching_model_is_refused_before_sharing(tmp_path: Path) -> None:
+    job = _factory_job(
+        tmp_path,
         "class Res(nn.Module):\n"
         "    def __init__(self):\n"
         "        super().__init__()\n"
         "        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 1)\n"
         "    def forward(self, x):\n"
         "        return self.b(x + self.a(x))\n"
-        "def res():\n"
-        "    return Res()\n"
+        "def make():\n"
+        "    return Res()\n",
     )
-    job = _conv_job(tmp_path, f"{tmp_path / 'res.py'}:res")
-    with pytest.raises(MpcflError, match=r"job.yaml: model.factory: .*res.py:res: node add combines several tensors"):
+    with pytest.raises(MpcflError, match=r"job.yaml: model.factory: .*factory.py:make: node add combines several tensors"):
         check_model(job, 4)

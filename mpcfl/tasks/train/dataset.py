@@ -27,6 +27,7 @@ from mpcfl.data.party import (
 )
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.heads import head_of
+from mpcfl.models.spec import FactoryModelSpec
 from mpcfl.mpc.session import agreed, all_gather_public
 from mpcfl.tasks.train.bounds import PRODUCT_LIMIT, check_model, safe_input_norm, steps
 from mpcfl.tasks.train.dp_sgd import bound_features
@@ -115,6 +116,9 @@ def check_alone(job: TrainJob, data: PartyData) -> str:
     if job.data.standardize and job.partition == "horizontal":
         check_joint_stats_range(data)
         return "raw values fit joint standardisation; training bounds are checked at run time, after it"
+    if job.partition == "vertical" and isinstance(job.model, FactoryModelSpec):
+        check_range(data, job.data.max_abs)  # the module takes every party's columns, not this party's alone
+        return "values in range; a factory model's input size and bounds are checked at run time, on all columns"
     rows = data.train.x.shape[0]
     test = 0 if data.test is None else data.test.x.shape[0]
 
