@@ -89,7 +89,7 @@ class _Layer:
     each input entry falls in at most ``spread^2`` windows, and the bias is added at
     ``positions^2`` places per channel. Its transpose (the backward pass) has the same
     bound, and a weight gradient (a sum over windows) has norm at most ``spread |d| |x|``.
-    For a Linear layer both are 1.
+    For a Linear layer the spread is 1, and the positions 1 on flat rows.
     """
 
     weight: float
@@ -164,7 +164,8 @@ def _chain(torch_model: nn.Module, n_features: int) -> tuple[float, list[_Layer]
         if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             conv = not isinstance(layer, nn.Linear)
             spread = math.sqrt(_windows(layer.kernel_size, layer.stride, layer.dilation)) if conv else 1.0
-            positions = math.sqrt(width / layer.out_channels) if conv else 1.0
+            # a Linear layer on (N, ..., d) rows adds its bias at every position too
+            positions = math.sqrt(width / (layer.out_channels if conv else layer.out_features))
             bias = 0.0 if layer.bias is None else float(layer.bias.detach().norm())
             layers.append(_Layer(float(layer.weight.detach().norm()), bias, spread, positions))
         elif isinstance(layer, nn.ReLU) or name == "relu":
