@@ -198,6 +198,10 @@ def train(
             "wrap-around check", job.party_names,
             lambda: _check_weights(result.state_dict, limits, what=f"party {party}: trained model parameters"),
         )
+        if result.state_dict is not None:
+            # A module's buffers (and parameters its forward never uses) are not trained: their
+            # public initial values complete the state_dict, so it loads into the module as it is.
+            result.state_dict = {**torch_model.state_dict(), **result.state_dict}
     return result
 
 
