@@ -3,6 +3,7 @@
     python benchmarks/suite.py [--quick] [--workloads w1 w2 w3 w4] [--providers ttp tfp]
                                [--repeats 3] [--rows 4096 --features 32 --parties 2]
                                [--device cpu|cuda] [--profile] [--json PATH]
+                               [--sigmoid crypten|piecewise|poly]
 
 Workloads
     w1  secure logistic-regression training. X is rows x features standard normal
@@ -32,7 +33,8 @@ Ways
     mpcfl         W1: the real training path, in party processes started by launch_script: a
                   generated vertical job (CSV files per party, standardize off, shuffle off,
                   batch_size = rows, epochs 10, learning_rate 1.0, momentum 0, metrics_to none,
-                  no test split, model_to the label holder), then load_party_data, share_dataset,
+                  no test split, model_to the label holder, training.sigmoid from --sigmoid: default
+                  CrypTen's), then load_party_data, share_dataset,
                   training_step and train() from mpcfl/tasks/train, as run_party does. An
                   iteration's time is the epoch's ``seconds`` from train()'s history: with one batch
                   per epoch and no metrics that is the batch plan, zero_grad, the CrypTen autograd
@@ -89,6 +91,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import inference  # noqa: E402  benchmarks/inference.py: W2/W3 reuse its code
+from mpcfl.models.sigmoid import DEFAULT as SIGMOID_DEFAULT  # noqa: E402
+from mpcfl.models.sigmoid import NAMES as SIGMOID_NAMES  # noqa: E402
 
 ITERATIONS = 10
 LEARNING_RATE = 1.0
@@ -484,7 +488,7 @@ def write_w1_job(args: argparse.Namespace, work: Path, parties: list[str], *, pr
         "data": {"standardize": False},
         "model": {"type": "logistic_regression"},
         "training": {"epochs": ITERATIONS, "batch_size": args.rows, "learning_rate": LEARNING_RATE, "momentum": 0.0,
-                     "loss": "bce", "seed": 0, "shuffle": False},
+                     "loss": "bce", "sigmoid": args.sigmoid, "seed": 0, "shuffle": False},
         "outputs": {"dir": str(work / "w1-runs"), "model_to": [parties[-1]], "metrics_to": "none"},
         "runtime": {"timeout_s": 300, "device": args.device, "prefetch": prefetch},
     }
@@ -518,7 +522,7 @@ def run_w1(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     unprefetched = write_w1_job(args, work, parties, prefetch=False)
     plain = plaintext_w1(args)
     result: dict[str, Any] = {"plaintext": plain, "rows": args.rows, "features": args.features, "parties": args.parties,
-                              "iterations": ITERATIONS}
+                              "iterations": ITERATIONS, "sigmoid": args.sigmoid}
     for provider in args.providers:
         ways = {
             "raw": lambda: launch_stock(args, work, "w1-raw", provider, args.parties),
@@ -625,7 +629,8 @@ def report(results: dict[str, Any]) -> str:
     rows = []
     if "w1" in results:
         w1 = results["w1"]
-        rows.append(("W1 LR train " + f"{w1['rows']}x{w1['features']}, {w1['parties']} parties (s/iter)", "plaintext", "-",
+        rows.append(("W1 LR train " + f"{w1['rows']}x{w1['features']}, {w1['parties']} parties, mpcfl sigmoid "
+                     f"{w1['sigmoid']} (s/iter)", "plaintext", "-",
                      w1["plaintext"], None))
         for provider in results["providers"]:
             for way in ("raw", "raw+patches", "mpcfl", NO_PREFETCH):
@@ -692,6 +697,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"W1 under TTP: also run mpcfl with runtime.prefetch off ({NO_PREFETCH!r}), right after mpcfl")
     parser.add_argument("--ways", nargs="+", choices=["raw", "raw+patches", "mpcfl"], default=["raw", "raw+patches", "mpcfl"],
                         help="W1: which ways to run (default all)")
+    parser.add_argument("--sigmoid", choices=SIGMOID_NAMES, default=SIGMOID_DEFAULT,
+                        help="W1, mpcfl way: the job's training.sigmoid (raw CrypTen keeps its own; plaintext the exact one)")
     parser.add_argument("--json", help="write the results here")
     # Internal: the party processes' role.
     for name in ("--role", "--out", "--provider", "--job"):
