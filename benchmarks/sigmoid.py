@@ -5,7 +5,8 @@
 Two party processes plus the dealer (mpcfl's launcher) share N logits drawn uniformly
 from [-20, 20] (a fixed seed) and compute each sigmoid of :mod:`mpcfl.models.sigmoid`
 on them, as training's gradient does (under TTP with the step's triples prefetched,
-as a training step fetches them; --no-prefetch: one dealer round trip per request).
+as a training step fetches them; --no-prefetch: one dealer round trip per request),
+--repeats times in turn (round robin, so a busy spell hits each alike).
 Prints per sigmoid: the median seconds, the rounds and bytes party 0 counted
 (CrypTen's counters: party-to-party traffic and the dealer's broadcasts), the largest
 error against the exact sigmoid, and against the same approximation in plain float64
@@ -39,23 +40,25 @@ def party(args: argparse.Namespace) -> None:
     logits = torch.empty(args.values, 1, dtype=torch.float64).uniform_(-20, 20, generator=torch.Generator().manual_seed(0))
     with mpcfl.join() as me, Disclosure(None):
         z = crypten.cryptensor(logits.float(), src=0)
-        rows = []
-        for name in NAMES:
-            sigmoid = SIGMOIDS[name]
-            seconds = []
-            for _ in range(args.repeats):
+        seconds: dict[str, list[float]] = {name: [] for name in NAMES}
+        counts: dict[str, dict[str, int]] = {}
+        for _ in range(args.repeats):  # round robin, so a busy spell of the machine hits every sigmoid alike
+            for name in NAMES:
                 before = communication_stats()
                 started = time.perf_counter()
                 with prefetching(("sigmoid", name), enabled=args.prefetch):
-                    p = sigmoid.secure(z)
-                seconds.append(time.perf_counter() - started)
+                    SIGMOIDS[name].secure(z)
+                seconds[name].append(time.perf_counter() - started)
                 after = communication_stats()
-            opened = reveal(p, to=[0], what=f"{name} sigmoid of the benchmark's public logits")
+                counts[name] = {key: after[key] - before[key] for key in ("rounds", "bytes")}
+        rows = []
+        for name in NAMES:
+            opened = reveal(SIGMOIDS[name].secure(z), to=[0], what=f"{name} sigmoid of the benchmark's public logits")
             if me.rank == 0:
                 opened = opened.double()
-                rows.append((name, statistics.median(seconds), after["rounds"] - before["rounds"],
-                             after["bytes"] - before["bytes"], float((opened - torch.sigmoid(logits)).abs().max()),
-                             float((opened - sigmoid.plain(logits)).abs().max())))
+                rows.append((name, statistics.median(seconds[name]), counts[name]["rounds"], counts[name]["bytes"],
+                             float((opened - torch.sigmoid(logits)).abs().max()),
+                             float((opened - SIGMOIDS[name].plain(logits)).abs().max())))
         if me.rank == 0:
             print(f"{args.values} logits in [-20, 20], {args.provider}, prefetch {'on' if args.prefetch else 'off'}; "
                   "rounds and bytes: party 0, last repeat")
