@@ -26,7 +26,6 @@ def test_error_and_range_inside_and_outside_the_clamp(name: str) -> None:
     inside = LOGITS.abs() <= sigmoid.limit
     assert (p - exact)[inside].abs().max() <= inside_bound
     assert (p - exact).abs().max() <= anywhere_bound
-    assert sigmoid.max_error <= anywhere_bound and sigmoid.max_error >= (p - exact).abs().max() - 1e-9
     # The output never leaves its range, however large the logit: the clamp makes it a bound.
     assert low - 1e-3 <= sigmoid.range[0] <= p.min() and p.max() <= sigmoid.range[1] <= high + 1e-3
     assert sigmoid.error_bound == pytest.approx(max(high, 1 - low), abs=1e-3)
