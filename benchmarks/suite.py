@@ -15,7 +15,8 @@ Workloads
         (torch.manual_seed(0), nn.Linear(features, 1): a weight vector and a bias) everywhere.
     w2  MLP 784-128-128-10 inference on a batch of 64 inputs of 1x28x28.
     w3  LeNet-5 inference on the same batch.
-    w4  the breast-cancer demo end to end (configs/breast_cancer_lr.yaml) against `mpcfl baseline`.
+    w4  the breast-cancer demo end to end (configs/breast_cancer_lr.yaml, training.sigmoid from --sigmoid)
+        against `mpcfl baseline`.
 
 Ways
     plaintext     torch, the same math, in this process.
@@ -593,6 +594,7 @@ def run_w4(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         party["data"] = {k: str((config.parent / v).resolve()) for k, v in party["data"].items()}
     job["outputs"]["dir"] = str(work / "w4-runs")
     job.setdefault("runtime", {})["device"] = args.device
+    job["training"]["sigmoid"] = args.sigmoid  # `mpcfl baseline` keeps the exact one
     path = work / "w4.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     started = time.perf_counter()
@@ -606,6 +608,7 @@ def run_w4(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     last = dict(item.split("=", 1) for item in base.stdout.strip().splitlines()[-1].split())
     history = metrics["history"]
     return {
+        "sigmoid": args.sigmoid,
         "wall_s": wall,
         "seconds_per_epoch": statistics.median(h["seconds"] for h in history),
         "epochs": len(history),
@@ -662,7 +665,7 @@ def report(results: dict[str, Any]) -> str:
                      f"{net.get('LAN', float('nan')):.3g} | {net.get('WAN', float('nan')):.3g} |")
     if "w4" in results:
         w4 = results["w4"]
-        lines += ["", f"W4 breast-cancer demo (TTP): wall {w4['wall_s']:.1f} s, {w4['seconds_per_epoch']:.2f} s/epoch (median of "
+        lines += ["", f"W4 breast-cancer demo (TTP, mpcfl sigmoid {w4['sigmoid']}): wall {w4['wall_s']:.1f} s, {w4['seconds_per_epoch']:.2f} s/epoch (median of "
                   f"{w4['epochs']}), test accuracy {w4['test_accuracy']:.2%} vs plaintext baseline "
                   f"{w4['baseline_test_accuracy']:.2%}; MB/epoch per party "
                   + " / ".join(_mb(b) for b in w4["per_party_bytes_per_epoch"])]
@@ -698,7 +701,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ways", nargs="+", choices=["raw", "raw+patches", "mpcfl"], default=["raw", "raw+patches", "mpcfl"],
                         help="W1: which ways to run (default all)")
     parser.add_argument("--sigmoid", choices=SIGMOID_NAMES, default=SIGMOID_DEFAULT,
-                        help="W1, mpcfl way: the job's training.sigmoid (raw CrypTen keeps its own; plaintext the exact one)")
+                        help="W1 and W4, mpcfl way: the job's training.sigmoid (raw CrypTen keeps its own; "
+                        "plaintext and `mpcfl baseline` the exact one)")
     parser.add_argument("--json", help="write the results here")
     # Internal: the party processes' role.
     for name in ("--role", "--out", "--provider", "--job"):
