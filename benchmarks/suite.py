@@ -3,6 +3,7 @@
     python benchmarks/suite.py [--quick] [--workloads w1 w2 w3 w4] [--providers ttp tfp]
                                [--repeats 3] [--rows 4096 --features 32 --parties 2]
                                [--device cpu|cuda] [--profile] [--json PATH]
+                               [--sigmoid crypten|piecewise|poly]
 
 Workloads
     w1  secure logistic-regression training. X is rows x features standard normal
@@ -14,7 +15,8 @@ Workloads
         (torch.manual_seed(0), nn.Linear(features, 1): a weight vector and a bias) everywhere.
     w2  MLP 784-128-128-10 inference on a batch of 64 inputs of 1x28x28.
     w3  LeNet-5 inference on the same batch.
-    w4  the breast-cancer demo end to end (configs/breast_cancer_lr.yaml) against `mpcfl baseline`.
+    w4  the breast-cancer demo end to end (configs/breast_cancer_lr.yaml, training.sigmoid from --sigmoid)
+        against `mpcfl baseline`.
 
 Ways
     plaintext     torch, the same math, in this process.
@@ -32,7 +34,8 @@ Ways
     mpcfl         W1: the real training path, in party processes started by launch_script: a
                   generated vertical job (CSV files per party, standardize off, shuffle off,
                   batch_size = rows, epochs 10, learning_rate 1.0, momentum 0, metrics_to none,
-                  no test split, model_to the label holder), then load_party_data, share_dataset,
+                  no test split, model_to the label holder, training.sigmoid from --sigmoid: default
+                  CrypTen's), then load_party_data, share_dataset,
                   training_step and train() from mpcfl/tasks/train, as run_party does. An
                   iteration's time is the epoch's ``seconds`` from train()'s history: with one batch
                   per epoch and no metrics that is the batch plan, zero_grad, the CrypTen autograd
@@ -89,6 +92,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import inference  # noqa: E402  benchmarks/inference.py: W2/W3 reuse its code
+from mpcfl.models.sigmoid import DEFAULT as SIGMOID_DEFAULT  # noqa: E402
+from mpcfl.models.sigmoid import NAMES as SIGMOID_NAMES  # noqa: E402
 
 ITERATIONS = 10
 LEARNING_RATE = 1.0
@@ -484,7 +489,7 @@ def write_w1_job(args: argparse.Namespace, work: Path, parties: list[str], *, pr
         "data": {"standardize": False},
         "model": {"type": "logistic_regression"},
         "training": {"epochs": ITERATIONS, "batch_size": args.rows, "learning_rate": LEARNING_RATE, "momentum": 0.0,
-                     "loss": "bce", "seed": 0, "shuffle": False},
+                     "loss": "bce", "sigmoid": args.sigmoid, "seed": 0, "shuffle": False},
         "outputs": {"dir": str(work / "w1-runs"), "model_to": [parties[-1]], "metrics_to": "none"},
         "runtime": {"timeout_s": 300, "device": args.device, "prefetch": prefetch},
     }
@@ -518,7 +523,7 @@ def run_w1(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     unprefetched = write_w1_job(args, work, parties, prefetch=False)
     plain = plaintext_w1(args)
     result: dict[str, Any] = {"plaintext": plain, "rows": args.rows, "features": args.features, "parties": args.parties,
-                              "iterations": ITERATIONS}
+                              "iterations": ITERATIONS, "sigmoid": args.sigmoid}
     for provider in args.providers:
         ways = {
             "raw": lambda: launch_stock(args, work, "w1-raw", provider, args.parties),
@@ -589,6 +594,7 @@ def run_w4(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         party["data"] = {k: str((config.parent / v).resolve()) for k, v in party["data"].items()}
     job["outputs"]["dir"] = str(work / "w4-runs")
     job.setdefault("runtime", {})["device"] = args.device
+    job["training"]["sigmoid"] = args.sigmoid  # `mpcfl baseline` keeps the exact one
     path = work / "w4.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     started = time.perf_counter()
@@ -602,6 +608,7 @@ def run_w4(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     last = dict(item.split("=", 1) for item in base.stdout.strip().splitlines()[-1].split())
     history = metrics["history"]
     return {
+        "sigmoid": args.sigmoid,
         "wall_s": wall,
         "seconds_per_epoch": statistics.median(h["seconds"] for h in history),
         "epochs": len(history),
@@ -625,7 +632,8 @@ def report(results: dict[str, Any]) -> str:
     rows = []
     if "w1" in results:
         w1 = results["w1"]
-        rows.append(("W1 LR train " + f"{w1['rows']}x{w1['features']}, {w1['parties']} parties (s/iter)", "plaintext", "-",
+        rows.append(("W1 LR train " + f"{w1['rows']}x{w1['features']}, {w1['parties']} parties, mpcfl sigmoid "
+                     f"{w1['sigmoid']} (s/iter)", "plaintext", "-",
                      w1["plaintext"], None))
         for provider in results["providers"]:
             for way in ("raw", "raw+patches", "mpcfl", NO_PREFETCH):
@@ -657,7 +665,7 @@ def report(results: dict[str, Any]) -> str:
                      f"{net.get('LAN', float('nan')):.3g} | {net.get('WAN', float('nan')):.3g} |")
     if "w4" in results:
         w4 = results["w4"]
-        lines += ["", f"W4 breast-cancer demo (TTP): wall {w4['wall_s']:.1f} s, {w4['seconds_per_epoch']:.2f} s/epoch (median of "
+        lines += ["", f"W4 breast-cancer demo (TTP, mpcfl sigmoid {w4['sigmoid']}): wall {w4['wall_s']:.1f} s, {w4['seconds_per_epoch']:.2f} s/epoch (median of "
                   f"{w4['epochs']}), test accuracy {w4['test_accuracy']:.2%} vs plaintext baseline "
                   f"{w4['baseline_test_accuracy']:.2%}; MB/epoch per party "
                   + " / ".join(_mb(b) for b in w4["per_party_bytes_per_epoch"])]
@@ -692,6 +700,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"W1 under TTP: also run mpcfl with runtime.prefetch off ({NO_PREFETCH!r}), right after mpcfl")
     parser.add_argument("--ways", nargs="+", choices=["raw", "raw+patches", "mpcfl"], default=["raw", "raw+patches", "mpcfl"],
                         help="W1: which ways to run (default all)")
+    parser.add_argument("--sigmoid", choices=SIGMOID_NAMES, default=SIGMOID_DEFAULT,
+                        help="W1 and W4, mpcfl way: the job's training.sigmoid (raw CrypTen keeps its own; "
+                        "plaintext and `mpcfl baseline` the exact one)")
     parser.add_argument("--json", help="write the results here")
     # Internal: the party processes' role.
     for name in ("--role", "--out", "--provider", "--job"):

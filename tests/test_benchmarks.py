@@ -6,6 +6,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from conftest import REPO
 
@@ -38,3 +41,65 @@ def test_suite_w1_runs_raw_crypten_and_mpcfl_and_reports_sane_figures(tmp_path: 
             assert part["dealer_s"] >= 0 and part["comm_s"] >= 0 and part["total_s"] > 0, way
     assert "raw+patches" not in w1["ttp"]
     assert set(w1["ttp"]["ratios"]) == {"mpcfl/raw", "mpcfl/plaintext"}
+
+
+def _scaling() -> Any:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import scaling
+
+    return scaling
+
+
+def test_scaling_sweeps_each_axis_from_the_base_point() -> None:
+    scaling = _scaling()
+    args = scaling.parse(["--rows", "256", "512", "--features", "8", "16", "--parties", "2", "3", "4"])
+    assert args.repeats == 3 and args.point_timeout == 900
+    points = scaling.plan(args.sweep)
+    assert points == [{"rows": 256, "features": 8, "parties": 2}, {"rows": 512, "features": 8, "parties": 2},
+                      {"rows": 256, "features": 16, "parties": 2}, {"rows": 256, "features": 8, "parties": 3},
+                      {"rows": 256, "features": 8, "parties": 4}]
+    full = scaling.parse([])
+    assert full.sweep == {"rows": [4096, 8192, 16384, 32768, 65536], "features": [32, 64, 128, 256, 512],
+                          "parties": [2, 3, 4, 5]}
+    assert scaling.parse(["--quick"]).repeats == 1
+    for bad in (["--parties", "1"], ["--features", "4", "--parties", "2", "5"]):
+        with pytest.raises(SystemExit):
+            scaling.parse(bad)
+
+
+def test_scaling_survives_a_point_that_times_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A point past its timeout is killed with its process group and recorded; the sweep still writes its files."""
+    from conftest import live_processes
+
+    out = tmp_path / "sweep"
+    code = _scaling().main(["--out", str(out), "--rows", "256", "--features", "32", "--parties", "2", "--point-timeout", "1"])
+    assert code == 1  # every point failed
+    results = json.loads((out / "scaling.json").read_text())
+    assert [p["result"] for p in results["points"]] == [{"error": "timed out after 1 s"}]
+    assert "| 256 | 32 | 2 | - | failed: timed out after 1 s |" in (out / "scaling.md").read_text()
+    assert f"wrote {out / 'scaling.json'}" in capsys.readouterr().out
+    assert live_processes(str(out)) == []
+
+
+def test_scaling_report_table_and_curves(tmp_path: Path) -> None:
+    scaling = _scaling()
+    sweep = {"rows": [256, 512], "features": [8], "parties": [2, 3]}
+
+    def row(seconds: float, parties: int) -> dict[str, Any]:
+        per_party = [{"bytes_per_iter": 1e6 * (i + 1), "rounds_per_iter": 20 + i, "maxrss_mb": 300 + i}
+                     for i in range(parties)]
+        return {"seconds": seconds, "per_party": per_party, "accuracy": 0.97}
+
+    points = []
+    for point in scaling.plan(sweep):
+        ours, raw = row(0.1 * point["rows"] / 256, point["parties"]), row(0.2, point["parties"])
+        point["result"] = {"plaintext": {"accuracy": 0.975}, "raw": raw, "mpcfl": ours,
+                           "ratios": {"mpcfl/raw": ours["seconds"] / raw["seconds"]}}
+        points.append(point)
+    points.append({"rows": 256, "features": 8, "parties": 4, "result": {"error": "exit 1: boom"}})
+    text = scaling.table(points)
+    assert "| 512 | 8 | 2 | mpcfl | 0.2 | 1.00 / 2.00 | 20 / 21 | 300 / 301 | 97.00% (97.50%) | 1.00 |" in text
+    assert "| 256 | 8 | 3 | raw | 0.2 | 1.00 / 2.00 / 3.00 |" in text and "failed: exit 1: boom" in text
+    pictures = scaling.plot(points, sweep, tmp_path)
+    assert [p.name for p in pictures] == ["scaling-rows.png", "scaling-features.png", "scaling-parties.png"]
+    assert all(p.stat().st_size > 10_000 for p in pictures)

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpcfl.models.spec import ModelSpec
+from mpcfl.models.sigmoid import DEFAULT as DEFAULT_SIGMOID
+from mpcfl.models.sigmoid import SIGMOIDS, Sigmoid
+from mpcfl.models.spec import TrainModel
 
 # exp(-a) in CrypTen is (1 - a/2^8)^(2^8), which blows up for a > 256; terms this
 # far out contribute < e^-40 to a loss anyway.
@@ -31,7 +33,8 @@ class Head(abc.ABC):
     """Output size, target encoding, loss and correctness count of a classifier."""
 
     loss_name: str  # the job's ``training.loss`` this head trains with
-    gradient_bound: float  # L2 bound on one example's d(loss)/d(logits)
+    gradient_bound: float  # L2 bound on one example's d(loss)/d(logits) as output_error computes it
+    bounded_error: bool = False  # output_error keeps gradient_bound for any logit (no clamp needed first)
 
     def __init__(self, classes: int) -> None:
         self.classes = classes
@@ -85,10 +88,15 @@ class Head(abc.ABC):
 
 
 class BinaryHead(Head):
-    """One logit, a sigmoid, BCE."""
+    """One logit, a sigmoid, BCE; the gradient's sigmoid is ``sigmoid`` (:mod:`mpcfl.models.sigmoid`)."""
 
     loss_name = "bce"
-    gradient_bound = 1.0  # |sigmoid - y| <= 1
+
+    def __init__(self, classes: int, sigmoid: Sigmoid = SIGMOIDS[DEFAULT_SIGMOID]) -> None:
+        super().__init__(classes)
+        self.sigmoid = sigmoid
+        self.gradient_bound = sigmoid.error_bound  # |p - y|: 1 for CrypTen's (logits within +-500)
+        self.bounded_error = sigmoid.clamps
 
     @property
     def output_size(self) -> int:
@@ -104,7 +112,7 @@ class BinaryHead(Head):
         return out
 
     def output_error(self, logits: Any, y: Any) -> Any:
-        return logits.sigmoid() - y
+        return self.sigmoid.secure(logits) - y
 
     def secure_example_losses(self, logits: Any, y: Any) -> Any:
         # BCE = relu(z) - y*z + log(1 + exp(-|z|))
@@ -178,6 +186,7 @@ class MultiClassHead(Head):
         return log_p - torch.log((-torch.expm1(log_p)).clamp_min(1e-300))  # 1 - p, clamped once positive
 
 
-def head_of(spec: ModelSpec) -> Head:
-    """The head a model spec describes."""
-    return BinaryHead(spec.num_classes) if spec.binary else MultiClassHead(spec.num_classes)
+def head_of(spec: TrainModel, sigmoid: str = DEFAULT_SIGMOID) -> Head:
+    """The head a model spec describes; a binary one computes its gradient with the named sigmoid
+    (a training job's ``training.sigmoid``)."""
+    return BinaryHead(spec.num_classes, SIGMOIDS[sigmoid]) if spec.binary else MultiClassHead(spec.num_classes)

@@ -72,6 +72,7 @@ CASES = [
     ("runtime.insecure_dealer", True, "runtime.insecure_dealer was replaced by runtime.provider: tfp"),
     ("runtime.provider", "he", "runtime.provider: unknown provider 'he' (known: tfp, ttp)"),
     ("training.loss", "cross_entropy", "two classes train with 'bce'"),
+    ("training.sigmoid", "tanh", "training.sigmoid: unknown sigmoid 'tanh'; choose one of crypten, piecewise, poly"),
     ("parties.1.data.test", _DELETE, "give test data for every party or for none"),
 ]
 
@@ -85,6 +86,17 @@ def test_invalid_jobs_name_the_file_and_key(tmp_path: Path, path: str, value: An
     assert text.startswith(str(job)), text
     assert message in text
     assert "\n" not in text
+
+
+def test_sigmoid_choice_is_part_of_the_job_and_binary_only(tmp_path: Path) -> None:
+    cheap = load_job(write(tmp_path, edit("training.sigmoid", "piecewise")))
+    assert cheap.training.sigmoid == "piecewise" and load_job(DEMO).training.sigmoid == "crypten"
+    assert cheap.fingerprint() != load_job(DEMO).fingerprint()  # every party must run the same one
+    spec = edit("training.sigmoid", "poly")
+    spec["model"]["num_classes"] = 3
+    spec["training"]["loss"] = "cross_entropy"
+    with pytest.raises(ConfigError, match=r"job.yaml: .*training.sigmoid: more than two classes train with a softmax"):
+        load_job(write(tmp_path, spec))
 
 
 def test_one_party_is_not_a_multi_party_job(tmp_path: Path) -> None:

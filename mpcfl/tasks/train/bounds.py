@@ -10,7 +10,8 @@ the whole run. With ``r`` a bound on every example's feature-vector norm:
 
 - forward: ``|h_l| <= |W_l|_F |z_(l-1)| + |b_l|``; ReLU keeps the bound, a sigmoid
   layer's output norm is at most ``sqrt(width)``;
-- backward: the loss gradient at the logits has norm <= 1 (BCE: ``|sigmoid - y|``)
+- backward: the loss gradient at the logits has norm <= 1 (BCE: ``|sigmoid - y|``;
+  1.016 with ``training.sigmoid: poly``, whose output overshoots [0, 1] by that much)
   or sqrt(2) (softmax minus one-hot); ``|d_(l-1)| <= |W_l|_F |d_l|`` (x 1/4 through a
   sigmoid); a weight gradient is a batch mean of ``d z^T``, so ``|G_l|_F <= |d_l| |z_(l-1)|``;
 - SGD with momentum ``m`` moves each parameter by at most ``lr / (1 - m)`` times the
@@ -34,7 +35,8 @@ entry is a dot product), the backpropagated errors, the weight gradients, and, f
 DP-SGD on an MLP, the per-example squared norms of :mod:`mpcfl.dp.clipping`.
 
 Assumed, not bounded: CrypTen's sigmoid stays in [0, 1] (true for logits within
-about +-500), and DP-SGD's Gaussian noise is left out. The symptom checks of
+about +-500; the cheap ones of :mod:`mpcfl.models.sigmoid` clamp, so theirs is a
+bound), and DP-SGD's Gaussian noise is left out. The symptom checks of
 :mod:`mpcfl.tasks.train.loop` catch what these assumptions miss.
 """
 
@@ -226,7 +228,7 @@ def _bounds(job: TrainJob, chain: tuple[float, list[_Layer], float], *, n_rows: 
     weights = [layer.weight for layer in layers]
     biases = [layer.bias for layer in layers]
     step = job.training.learning_rate / (1 - job.training.momentum)
-    error = head_of(job.model).gradient_bound * post
+    error = head_of(job.model, job.training.sigmoid).gradient_bound * post
     dp_mlp = job.dp is not None and isinstance(job.model, ModelSpec) and job.model.type == "mlp"
 
     def activate(norm: float, layer: _Layer) -> float:

@@ -6,7 +6,9 @@ exactly and in plaintext, before sharing. Every row then has norm at most
 ``clip``, and a logistic-regression gradient ``(p - y) [x, 1]`` has norm at most
 ``sqrt(clip^2 + 1)`` (times sqrt(2) for softmax), since ``|p - y| <= 1``. A 1%
 margin covers CrypTen's sigmoid approximation (measured error < 0.002, outputs
-within [0, 1]).
+within [0, 1]) and fixed-point rounding. With a cheap ``training.sigmoid``
+(:mod:`mpcfl.models.sigmoid`) the bound is that approximation's own: it clamps its
+input, so ``|p - y|`` stays within its range for every logit (``poly``: 1.016).
 
 Neighbouring datasets differ by replacing one record (one row of one party; in a
 vertical split, one patient across all parties): row counts are public and the
@@ -44,6 +46,7 @@ from mpcfl.dp.noise import add_noise_share, noise_share
 from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.heads import Head, head_of
+from mpcfl.models.sigmoid import clamp_symmetric
 from mpcfl.mpc.compat import import_crypten
 from mpcfl.mpc.prng import numpy_generator
 from mpcfl.mpc.reveal import Privacy
@@ -110,7 +113,7 @@ def calibration(job: TrainJob) -> tuple[float, float]:
     """
     assert job.dp is not None
     if clips_features(job):
-        bound = _APPROXIMATION_MARGIN * math.sqrt(job.dp.clip**2 + 1) * head_of(job.model).gradient_bound
+        bound = _APPROXIMATION_MARGIN * math.sqrt(job.dp.clip**2 + 1) * gradient_head(job).gradient_bound
     else:
         bound = clipping.sensitivity(job.dp.clip)
     sensitivity = replace_one(bound)
@@ -189,9 +192,16 @@ class DpSgd(TrainingStep):
 _LOGIT_CLAMP = 32.0
 
 
+def gradient_head(job: TrainJob) -> Head:
+    """The head training's gradient uses: with the job's ``training.sigmoid``."""
+    return head_of(job.model, job.training.sigmoid)
+
+
 def bounded_gradients(model: Any, x: Any, y: Any, head: Head) -> None:
     """Sets the batch-mean gradient of a linear model from (p - y) at logits clamped to
-    +-:data:`_LOGIT_CLAMP`, so each example's part is ``(p - y) [x, 1]`` with ``|p - y|`` bounded.
+    +-:data:`_LOGIT_CLAMP`, so each example's part is ``(p - y) [x, 1]`` with ``|p - y|`` bounded
+    by the head's ``gradient_bound``. A head whose error is bounded for any logit (a cheap
+    sigmoid that clamps its own input) needs no second clamp.
 
     Clamping inside autograd would zero the gradient of every clamped example (the clamp's
     derivative); the output error is computed on the clamped logits and pushed back instead.
@@ -199,10 +209,8 @@ def bounded_gradients(model: Any, x: Any, y: Any, head: Head) -> None:
     crypten = import_crypten()
     logits = model(x)
     with crypten.no_grad():
-        # both sides' excess in one relu: one comparison's rounds instead of two
-        excess = crypten.stack([logits - _LOGIT_CLAMP, logits.neg() - _LOGIT_CLAMP]).relu()
-        clamped = logits - excess[0] + excess[1]
-        error = head.output_error(clamped, y).div(x.size(0))
+        inside = logits if head.bounded_error else clamp_symmetric(logits, _LOGIT_CLAMP)
+        error = head.output_error(inside, y).div(x.size(0))
     logits.backward(error)
 
 
@@ -243,7 +251,7 @@ class PerExampleDpSgd(DpSgd):
 
 def training_step(job: TrainJob) -> TrainingStep:
     """The job's step strategy, chosen once: plain SGD, or DP-SGD by feature or per-example clipping."""
-    head = head_of(job.model)
+    head = gradient_head(job)
     if job.dp is None:
         return PlainSgd(head)
     if clips_features(job):
