@@ -13,10 +13,13 @@
 #      image's python3 is itself a venv, so `venv --system-site-packages` would not see its torch);
 #   3. pytest tests/tasks/test_cuda.py and tests/mpc/test_device.py (training LR / MLP / DP-SGD,
 #      resume, inference with runtime.device: cuda);
-#   4. the breast-cancer demo job on cpu, then on cuda: seconds per epoch, test accuracy, traffic.
+#   4. benchmarks/suite.py on cuda (TTP): W1 at 65,536 and 4,096 rows (raw CrypTen and mpcfl),
+#      W2/W3 inference (raw, raw+patches, mpcfl); each writes $OUT/<step>.json;
+#   5. the breast-cancer demo job on cuda (W4): seconds per epoch, test accuracy, traffic
+#      (GPU_DEMO_CPU=1 also runs it on the cpu first).
 # $OUT/gpu_results.json is written whatever happens (on exit), with every step's exit status;
-# the steps' limits add up to 555 s, so a device run with timeout_s 600 gets it back;
-# logs are in $OUT/*.log.
+# the steps' limits add up to 590 s and the usual run takes about 450 s; a step past its limit
+# is killed and the rest go on; logs are in $OUT/*.log.
 set -u
 set -x
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -101,6 +104,11 @@ for device in ("cpu", "cuda"):
     if device in results["steps"] or record:
         record["job_seconds"] = results["steps"].get(f"demo_{device}", {}).get("seconds")
         results[f"demo_{device}"] = record
+for name in ("versions", "install", "imports", "w1_cuda_65k", "w1_cuda_4k", "w23_cuda"):
+    log = out / f"{name}.log"  # folded in here: the device tool brings back 8 files at most
+    if log.exists():
+        results.setdefault("logs", {})[name] = log.read_text().splitlines()[-40:]
+        log.unlink()
 (out / "gpu_results.json").write_text(json.dumps(results, indent=2) + "\n")
 print(json.dumps(results, indent=2))
 junit.unlink(missing_ok=True)  # read into gpu_results.json; the device tool brings back 8 files at most
@@ -118,17 +126,27 @@ step versions 30 bash -c "
 
 # 2. The carried wheels, into a folder of their own, first on the path (the repo itself second).
 rm -rf "$SITE"
-step install 90 "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
+step install 60 "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
     --target "$SITE" --find-links gpu_wheels -r gpu_wheels/requirements.txt
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 step imports 45 "$PY" -c "import mpcfl, torch; from mpcfl.mpc.compat import import_crypten; c = import_crypten(); print(mpcfl.__file__, c.__version__, torch.__version__, torch.cuda.is_available())"
 
 # 3. The cuda tests (they skip where torch sees no GPU).
-step pytest_cuda 240 "$PY" -m pytest -v -p no:cacheprovider -o addopts="" -rA --timeout 200 \
+step pytest_cuda 200 "$PY" -m pytest -v -p no:cacheprovider -o addopts="" -rA --timeout 200 \
     --junitxml="$OUT/pytest_cuda.xml" tests/mpc/test_device.py tests/tasks/test_cuda.py
 
-# 4. The demo job, cpu then cuda: the same job but for runtime.device.
-for device in cpu cuda; do
+# 4. The benchmark suite on cuda: W1 at two sizes (the issue's 65,536-row target), W2/W3.
+suite() {  # suite NAME SECONDS ARGS...: one suite.py run, its JSON in $OUT/NAME.json
+    local name=$1 seconds=$2
+    shift 2
+    step "$name" "$seconds" "$PY" benchmarks/suite.py --providers ttp --device cuda --json "$OUT/$name.json" "$@"
+}
+suite w1_cuda_65k 100 --workloads w1 --rows 65536 --quick --ways raw mpcfl
+suite w1_cuda_4k 50 --workloads w1 --quick --ways raw mpcfl
+suite w23_cuda 90 --workloads w2 w3 --repeats 2
+
+# 5. The demo job, on cuda (and first on the cpu if asked): the same job but for runtime.device.
+for device in ${GPU_DEMO_CPU:+cpu} cuda; do
     mkdir -p "$WORK/demo_$device"
     "$PY" - "$device" "$WORK/demo_$device" <<'EOF'
 import sys
@@ -144,5 +162,5 @@ spec["outputs"]["dir"] = str(folder / "out")
 spec["runtime"]["device"] = device
 (folder / "job.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 EOF
-    step "demo_$device" 75 "$PY" -m mpcfl run "$WORK/demo_$device/job.yaml"
+    step "demo_$device" 60 "$PY" -m mpcfl run "$WORK/demo_$device/job.yaml"
 done
