@@ -18,7 +18,7 @@ import mpcfl
 import sitecustomize
 from mpcfl.mpc import fixed_mask
 from mpcfl.mpc.compat import import_crypten
-from mpcfl.mpc.session import communication_stats
+from mpcfl.mpc.session import communication_stats, session_device
 
 N, D, STEPS = 512, 16, 3
 X = np.random.default_rng(11).uniform(-100, 100, size=(N, D))
@@ -33,22 +33,23 @@ def sent() -> int:
 
 with mpcfl.join() as me:
     crypten = import_crypten()
+    device = session_device()  # mpcfl launch --device
     half = D // 2
     mine = torch.from_numpy(X[:, :half] if me.rank == 0 else X[:, half:]).float()
-    x = crypten.cat([crypten.cryptensor(mine if me.rank == r else torch.zeros(N, half), src=r) for r in (0, 1)], dim=1)
-    y = crypten.cryptensor(torch.from_numpy(Y).float(), src=1)
-    sitecustomize._records["own"].append(("share", x._tensor.share.clone()))
+    x = crypten.cat([crypten.cryptensor(mine if me.rank == r else torch.zeros(N, half), src=r, device=device) for r in (0, 1)], dim=1)
+    y = crypten.cryptensor(torch.from_numpy(Y).float(), src=1, device=device)
+    sitecustomize._records["own"].append(("share", x._tensor.share.data.cpu().clone()))
     before = sent()
     fixed = fixed_mask.fix(x, fixed_mask.binding("fixed_mask_party", N, D))
     costs = {"fix": sent() - before, "steps": []}
-    sitecustomize._records["own"].append(("opened", vars(x)["_mpcfl_fixed_mask"].mask.opened.clone()))
+    sitecustomize._records["own"].append(("opened", vars(x)["_mpcfl_fixed_mask"].mask.opened.data.cpu().clone()))
     layer = crypten.nn.Linear(D, 1, bias=False)
     layer.set_parameter("weight", torch.from_numpy(W).float())
-    layer.encrypt(src=0)
+    layer.encrypt(src=0).to(device)
     layer.train()
     worst = 0.0
     for index in [None] * STEPS + [BATCH] * STEPS:
-        rows = torch.arange(N) if index is None else torch.from_numpy(index)
+        rows = (torch.arange(N) if index is None else torch.from_numpy(index)).to(device)
         before = sent()
         layer.zero_grad()
         out = layer(fixed_mask.rows(x, rows))
@@ -56,8 +57,8 @@ with mpcfl.join() as me:
             error = (out - y[rows]).div(len(rows))
         out.backward(error)
         costs["steps"].append(sent() - before)
-        grad = layer.weight.grad.get_plain_text().double().numpy()
-        xr, yr = X[rows.numpy()], Y[rows.numpy()]
+        grad = layer.weight.grad.get_plain_text().double().cpu().numpy()
+        xr, yr = X[rows.cpu().numpy()], Y[rows.cpu().numpy()]
         expected = xr.T @ (xr @ W.T - yr) / len(rows)
         worst = max(worst, float(np.abs(grad - expected.T).max() / np.abs(expected).max()))
-    print(f"fixed mask party {me.rank}: fixed={fixed} worst={worst:.2e} costs={json.dumps(costs)}", flush=True)
+    print(f"fixed mask party {me.rank} on {device.type}: fixed={fixed} worst={worst:.2e} costs={json.dumps(costs)}", flush=True)

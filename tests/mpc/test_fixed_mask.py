@@ -1,0 +1,146 @@
+"""Mask reuse on fixed data (runtime.mask_reuse): the same model, O(n + d) openings per step,
+nothing of the data at the dealer, and a dealer that keeps each mask to its one data tensor."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SCRIPTS, assert_no_leftovers, base_job, mpcfl, spy_views, vertical_parties, write_job
+from mpcfl.mpc.prng import SecureGenerator, new_key
+from mpcfl.mpc.providers.ttp import Dealer, DealerRequestRefused, answer_size, request_digest
+
+BINDING, OTHER = "ab" * 32, "cd" * 32
+
+
+def _request(function: str, *args: object) -> dict:
+    return {"function": function, "device": None, "args": args, "kwargs": {}}
+
+
+def _dealer() -> tuple[Dealer, list[SecureGenerator]]:
+    keys = [new_key() for _ in range(2)]
+    return Dealer(SimpleNamespace(), [SecureGenerator(k) for k in keys]), [SecureGenerator(k) for k in keys]
+
+
+def _serve(dealer: Dealer, message: dict) -> torch.Tensor:
+    function, args, kwargs = dealer._check(message)
+    return function(*args, **kwargs)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_fixed_mask_triple_multiplies_the_kept_mask(transposed: bool) -> None:
+    dealer, streams = _dealer()
+    _serve(dealer, _request("fixed_mask", BINDING, (5, 3)))
+    a = sum(g.ring((5, 3)) for g in streams)  # each party's share of A, drawn once
+    for _ in range(2):  # every triple reuses A with a fresh b
+        size1 = (5, 2) if transposed else (3, 2)
+        c0 = _serve(dealer, _request("fixed_triple", BINDING, (5, 3), size1, transposed))
+        b = sum(g.ring(size1) for g in streams)
+        c = c0 + streams[1].ring(tuple(c0.shape))
+        assert torch.equal(c, (a.t() if transposed else a) @ b)
+        assert c0.shape == answer_size("fixed_triple", (BINDING, (5, 3), size1, transposed), {})
+
+
+@pytest.mark.parametrize(
+    ("messages", "reason"),
+    [
+        ([_request("fixed_triple", BINDING, (5, 3), (3, 1), False)], "for data abababababababab that has no mask"),
+        ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_mask", BINDING, (5, 3))], "has a mask already"),
+        ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_triple", OTHER, (5, 3), (3, 1), False)], "for data cdcdcdcdcdcdcdcd that has no mask"),
+        ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_triple", BINDING, (6, 3), (3, 1), False)], r"of size \(6, 3\), its mask is \(5, 3\)"),
+        ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_triple", BINDING, (5, 3), (4, 1), False)], "cannot be computed"),
+        ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_triple", BINDING, (5, 3), (3, 1), 1)], "malformed arguments"),
+        ([_request("fixed_mask", "data", (5, 3))], "malformed arguments"),
+        ([_request("fixed_mask", BINDING, (5,))], "a mask is a matrix"),
+        ([_request("fixed_mask", BINDING, (1 << 20, 1 << 9))], "elements"),
+        ([{"function": "batch", "device": None, "args": ((_request("fixed_mask", BINDING, (5, 3)),),), "kwargs": {}}], "registered alone"),
+    ],
+)
+def test_the_dealer_keeps_each_mask_to_its_one_data_tensor(messages: list[dict], reason: str, caplog: pytest.LogCaptureFixture) -> None:
+    dealer, _ = _dealer()
+    for message in messages[:-1]:
+        _serve(dealer, message)
+    with pytest.raises(DealerRequestRefused, match=reason):
+        dealer._check(messages[-1])
+    assert "refused" in caplog.text
+
+
+def test_the_dealer_refuses_a_mask_whose_data_binding_differs_between_parties(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    message = _request("fixed_mask", BINDING, (5, 3))
+    announced = {1: request_digest("fixed_mask", None, (OTHER, (5, 3)), {})}
+    monkeypatch.setattr(dist, "recv", lambda tensor, src, group: tensor.copy_(announced[src]))
+    dealer = Dealer(SimpleNamespace(ttp_group=None), [SecureGenerator(), SecureGenerator()])
+    with pytest.raises(DealerRequestRefused, match="request 'fixed_mask' that party 1 did not make"):
+        dealer._agree(message)
+    announced[1] = request_digest("fixed_mask", None, (BINDING, (5, 3)), {})
+    dealer._agree(message)
+
+
+def _encoded(values: np.ndarray) -> np.ndarray:
+    """Ring units of values, with their neighbours (fixed-point rounding), the telling ones only."""
+    ring = np.round(values.reshape(-1) * 2**16).astype(np.int64)
+    ring = ring[np.abs(ring) >= 1 << 12]
+    return np.unique(np.concatenate([ring + delta for delta in range(-2, 3)]))
+
+
+def test_the_dealer_never_holds_the_data_and_each_step_opens_o_n_plus_d(spied: Path) -> None:
+    script = str(SCRIPTS / "fixed_mask_party.py")
+    result = mpcfl("launch", "--timeout-s", "30", "--parties", "p0,p1", script, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(re.findall(r"fixed mask party (\d) on cpu: (.*)", result.stdout))
+    assert set(lines) == {"0", "1"}, result.stdout[-2000:]
+    n, d = 512, 16
+    for rank, line in lines.items():
+        assert "fixed=True" in line
+        assert float(re.search(r"worst=(\S+)", line).group(1)) < 5e-3, line  # gradients as in plaintext
+        costs = json.loads(line.split("costs=", 1)[1])
+        # The fix opens the n x d difference once; then each step (forward and backward) moves
+        # O(n + d) elements: w - b and g - b opened, the dealer's n x 1 and d x 1 answers, requests.
+        assert costs["fix"] >= 8 * n * d, costs
+        assert all(step <= 8 * 4 * (n + d) for step in costs["steps"]), costs
+    views = spy_views(spied)
+    data = _encoded(np.random.default_rng(11).uniform(-100, 100, size=(n, d)))
+    dealer = views["2"]["seen_protocol"]
+    assert int(np.isin(dealer, data).sum()) == 0, "the dealer holds values of the data"
+    for rank in ("0", "1"):
+        share, opened = views[rank]["own_share"], views[rank]["own_opened"]
+        assert int(np.isin(dealer, share).sum()) == 0, f"the dealer holds party {rank}'s share of the data"
+        assert int(np.isin(dealer, opened).sum()) == 0, "the dealer holds the opened E = X - A (it knows A: that is X)"
+    # The spy does see such values where they go: each party holds E, and its peer's part of it.
+    assert int(np.isin(views["1"]["seen_protocol"], views["0"]["own_share"]).sum()) == 0
+    assert int(np.isin(views["1"]["seen_protocol"], views["1"]["own_opened"]).sum()) >= n * d // 2
+    assert_no_leftovers(script)
+
+
+def _train(tmp_path: Path, mask_reuse: bool) -> tuple[dict[str, torch.Tensor], str]:
+    folder = tmp_path / f"mask-reuse-{mask_reuse}"
+    spec = base_job(
+        parties=vertical_parties(folder, [["mean_radius", "mean_texture"], ["worst_radius", "worst_area"]], label_party=1),
+        labels={"party": "p1", "column": "malignant"},
+        # 128-row batches over 455 rows: three take the fixed mask, the 71-row tail ordinary triples
+        training={"epochs": 1, "batch_size": 128, "learning_rate": 0.1, "momentum": 0.9, "seed": 0},
+        outputs={"dir": str(folder / "out"), "model_to": ["p1"], "metrics_to": "none"},
+        runtime={"timeout_s": 30, "mask_reuse": mask_reuse},
+    )
+    job = write_job(folder, spec)
+    result = mpcfl("run", str(job), timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_no_leftovers(str(job))
+    return torch.load(folder / "out" / "p1" / "model.pt", weights_only=True), result.stdout + result.stderr
+
+
+def test_training_with_mask_reuse_gives_the_model_trained_without(tmp_path: Path) -> None:
+    reused, log = _train(tmp_path, True)
+    ordinary, ordinary_log = _train(tmp_path, False)
+    assert "fixed mask for" in log and "fixed mask for" not in ordinary_log
+    assert reused.keys() == ordinary.keys()
+    for name in ordinary:
+        assert torch.allclose(reused[name], ordinary[name], atol=2e-3), (name, reused[name], ordinary[name])
