@@ -84,6 +84,61 @@ def test_the_dealer_refuses_a_mask_whose_data_binding_differs_between_parties(mo
     dealer._agree(message)
 
 
+class _OnePartyDealer:
+    """The TTP provider's fixed-mask methods for a single process, which holds every share;
+    ordinary triples from the process's own provider."""
+
+    def __init__(self, crypten: object) -> None:
+        self.shares = crypten.mpc.primitives.ArithmeticSharedTensor
+        self.ordinary = crypten.mpc.get_default_provider()
+        self.masks: dict[str, torch.Tensor] = {}
+        self.triples = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.ordinary, name)
+
+    def _ring(self, size: tuple) -> torch.Tensor:
+        return torch.randint(-(2**62), 2**62, size, dtype=torch.long)
+
+    def generate_fixed_mask(self, binding: str, size: tuple, device: object = None) -> object:
+        self.masks[binding] = self._ring(size)
+        return self.shares.from_shares(self.masks[binding], precision=0)
+
+    def generate_fixed_triple(self, binding: str, size: tuple, size1: tuple, transposed: bool, device: object = None) -> tuple:
+        self.triples += 1
+        mask, b = self.masks[binding], self._ring(size1)
+        return self.shares.from_shares(b, precision=0), self.shares.from_shares((mask.t() if transposed else mask) @ b, precision=0)
+
+
+def test_products_with_a_fixed_tensor_match_plaintext_on_all_rows_and_on_batches(crypten_single: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpcfl.mpc import fixed_mask
+    from mpcfl.mpc.compat import import_crypten
+
+    crypten = import_crypten()
+    dealer = _OnePartyDealer(crypten)
+    monkeypatch.setattr(crypten.mpc, "get_default_provider", lambda: dealer)
+    torch.manual_seed(0)
+    x, w = torch.randn(40, 6), torch.randn(1, 6)
+    data = crypten.cryptensor(x)
+    assert fixed_mask.fix(data, BINDING) and fixed_mask.fix(data, BINDING)  # once per tensor
+    for rows, triples in ((torch.arange(40), 2), (torch.tensor([3, 17, 5, 39, 0, 22, 8]), 2), (torch.tensor([1, 2]), 0)):
+        dealer.triples = 0
+        weight = crypten.cryptensor(w, requires_grad=True)
+        picked = fixed_mask.rows(data, rows)
+        out = picked.matmul(weight.t())
+        g = torch.randn(len(rows), 1)
+        out.backward(crypten.cryptensor(g))
+        plain = w.clone().requires_grad_(True)
+        expected = x[rows] @ plain.t()
+        expected.backward(g)
+        assert torch.allclose(out.get_plain_text(), expected.detach(), atol=1e-3)
+        assert torch.allclose(weight.grad.get_plain_text(), plain.grad, atol=1e-3)
+        # Two rows of forty: the whole-mask triple would move more than an ordinary one.
+        assert dealer.triples == triples, (rows, dealer.triples)
+    under_no_grad = data.matmul(crypten.cryptensor(w).t())  # an epoch's metrics
+    assert torch.allclose(under_no_grad.get_plain_text(), x @ w.t(), atol=1e-3)
+
+
 def _encoded(values: np.ndarray) -> np.ndarray:
     """Ring units of values, with their neighbours (fixed-point rounding), the telling ones only."""
     ring = np.round(values.reshape(-1) * 2**16).astype(np.int64)
