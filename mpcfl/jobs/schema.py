@@ -241,6 +241,11 @@ class RuntimeSpec(_Strict):
         description="ttp: fetch each training step's triples from the dealer in one batch, recorded on the "
         "first step of its size, instead of one round trip per triple",
     )
+    mask_reuse: bool = Field(
+        default=True,
+        description="ttp: open the training features masked once and give every later product with them a "
+        "triple whose first factor is that mask (SecureML), so a step opens O(n + d) elements, not O(n·d)",
+    )
 
 
     @field_validator("provider")

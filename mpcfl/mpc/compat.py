@@ -235,13 +235,16 @@ def _announce_triple_requests(crypten: types.ModuleType) -> None:
     and serve prefetched batches (:func:`mpcfl.mpc.providers.ttp.prefetched`); party 0's
     ``ttp_request`` answers a prefetched request from its queue.
     """
-    from mpcfl.mpc.providers.ttp import PARTY_METHODS, announcing, serving_prefetched
+    from mpcfl.mpc.providers.ttp import PARTY_EXTENSIONS, PARTY_METHODS, announcing, serving_prefetched
 
     client = crypten.mpc.provider.ttp_provider.TTPClient._TTPClient__TTPClient
     if not getattr(client.ttp_request, "_mpcfl_patched", False):
         client.ttp_request = serving_prefetched(client.ttp_request)
         client.ttp_request._mpcfl_patched = True  # type: ignore[attr-defined]
     provider = crypten.mpc.provider.ttp_provider.TrustedThirdParty
+    for method, function in PARTY_EXTENSIONS.items():  # the fixed-mask requests, wrapped below
+        if not hasattr(provider, method):
+            setattr(provider, method, function)
     rank = lambda: crypten.comm.get().get_rank()  # noqa: E731
     for request, method in PARTY_METHODS.items():
         original = getattr(provider, method)
@@ -256,8 +259,11 @@ def _skip_unused_matmul_gradient(crypten: types.ModuleType) -> None:
     ``backward`` then drops the one whose operand needs none. In a linear layer (``x @ W^T``)
     that operand is the data: a whole n x d Beaver product, with its dealer request and
     opening, every training step for nothing. Skip it when the first operand does not
-    require a gradient; every other case runs crypten's own backward.
+    require a gradient; every other case runs crypten's own backward. The gradient that
+    remains, ``xᵀ·grad``, reuses the data's fixed mask where it has one (:func:`_reuse_data_masks`).
     """
+    from mpcfl.mpc.fixed_mask import product
+
     matmul = crypten.gradients.AutogradMatMul
     if getattr(matmul.backward, "_mpcfl_patched", False):
         return
@@ -267,11 +273,37 @@ def _skip_unused_matmul_gradient(crypten: types.ModuleType) -> None:
         first, second = ctx.saved_tensors
         if first.requires_grad or first.dim() < 2 or second.dim() < 2:
             return original(ctx, grad_output)
-        grad = first.transpose(-2, -1).matmul(grad_output)
+        grad = product(first, grad_output, transposed=True)
+        if grad is None:
+            grad = first.transpose(-2, -1).matmul(grad_output)
         return (None, crypten.gradients._inverse_broadcast(grad, second.size()))
 
     backward._mpcfl_patched = True  # type: ignore[attr-defined]
     matmul.backward = staticmethod(backward)
+
+
+def _reuse_data_masks(crypten: types.ModuleType) -> None:
+    """A product with a fixed data tensor takes a triple whose first factor is the data's
+    fixed mask (:mod:`mpcfl.mpc.fixed_mask`): only the other factor is opened.
+
+    ``MPCTensor.matmul`` is where both CrypTen's autograd (``AutogradMatMul.forward``, which
+    passes the same tensor objects) and a forward under ``no_grad`` multiply; any other
+    operand runs crypten's own matmul. The data gradient's side is in
+    :func:`_skip_unused_matmul_gradient`.
+    """
+    from mpcfl.mpc.fixed_mask import product
+
+    tensor = crypten.mpc.MPCTensor
+    if getattr(tensor.matmul, "_mpcfl_patched", False):
+        return
+    original = tensor.matmul
+
+    def matmul(self: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
+        result = None if args or kwargs else product(self, y, transposed=False)
+        return original(self, y, *args, **kwargs) if result is None else result
+
+    matmul._mpcfl_patched = True  # type: ignore[attr-defined]
+    tensor.matmul = matmul
 
 
 def _open_point_to_point(crypten: types.ModuleType) -> None:
@@ -326,5 +358,6 @@ def import_crypten(*, stock: bool = False) -> types.ModuleType:
         _fix_negative_decoding(crypten)
         _announce_triple_requests(crypten)
         _skip_unused_matmul_gradient(crypten)
+        _reuse_data_masks(crypten)
     _state["crypten"], _state["stock"] = crypten, stock
     return crypten

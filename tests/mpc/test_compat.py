@@ -122,6 +122,8 @@ assert not getattr(c.common.rng.generate_random_ring_element, "_mpcfl_patched", 
 assert not getattr(c.encoder.FixedPointEncoder.decode, "_mpcfl_patched", False)
 assert c.communicator.distributed_communicator.DistributedCommunicator.reduce.__module__.startswith("crypten")
 assert not getattr(c.mpc.provider.ttp_provider.TrustedThirdParty.generate_additive_triple, "_mpcfl_patched", False)
+assert not getattr(c.mpc.MPCTensor.matmul, "_mpcfl_patched", False)
+assert not hasattr(c.mpc.provider.ttp_provider.TrustedThirdParty, "generate_fixed_mask")
 try:
     import_crypten()
 except MpcflError as err:
@@ -167,3 +169,19 @@ def test_a_linear_layer_backward_multiplies_once_and_gets_torch_gradients(crypte
     finally:
         beaver.matmul = original
     assert len(calls) == 3 and data.grad is not None
+
+
+def test_matmul_reuses_a_fixed_data_mask_only_where_the_provider_serves_one(crypten_single: None) -> None:
+    # MPCTensor.matmul and the matmul backward route fixed data to mpcfl.mpc.fixed_mask; the TTP
+    # provider gains its two requests, announced as the others; without a dealer nothing is fixed.
+    from mpcfl.mpc import fixed_mask
+    from mpcfl.mpc.compat import import_crypten
+
+    crypten = import_crypten()
+    assert getattr(crypten.mpc.MPCTensor.matmul, "_mpcfl_patched", False)
+    ttp = crypten.mpc.provider.ttp_provider.TrustedThirdParty
+    assert all(getattr(getattr(ttp, name), "_mpcfl_patched", False) for name in ("generate_fixed_mask", "generate_fixed_triple"))
+    x = crypten.cryptensor(torch.ones(4, 3))
+    assert not fixed_mask.fix(x, "ab" * 32)  # this process has no dealer
+    assert fixed_mask.product(x, crypten.cryptensor(torch.ones(3, 1)), transposed=False) is None
+    assert torch.allclose(x.matmul(crypten.cryptensor(torch.ones(3, 1))).get_plain_text(), torch.full((4, 1), 3.0))

@@ -40,6 +40,18 @@ queue on every party, drawing each item's stream values as if it had been used, 
 the streams stay in step with the dealer's; then it goes to the dealer as usual.
 Every triple is still covered by a digest of every party: the dealer's trust model
 is unchanged.
+
+Fixed masks (:mod:`mpcfl.mpc.fixed_mask`, mask reuse on fixed data): a ``fixed_mask``
+request, bound to a public identifier of one data tensor, makes every party draw its
+share of a mask A from its stream, as for a triple's first factor; the dealer draws the
+same values, keeps A under that identifier and answers nothing of it. Each later
+``fixed_triple`` for that identifier is a triple (A, B, A·B) or (Aᵀ, B, Aᵀ·B) with a
+fresh B: the parties draw B (and parties 1..n-1 their share of the product) and party 0
+gets its share of the product, as for ``additive``. The dealer registers an identifier
+once (a second mask for the same data is refused, and a registration never goes in a
+batch), and serves triples only for a registered identifier and the size it was
+registered with. It sees neither the data nor any share of it, and never the opened
+difference X - A: it knows A, so that would be X.
 """
 
 from __future__ import annotations
@@ -93,8 +105,12 @@ PARTY_METHODS = {
     "binary": "generate_binary_triple",
     "wraps": "wrap_rng",
     "B2A": "B2A_rng",
+    "fixed_mask": "generate_fixed_mask",
+    "fixed_triple": "generate_fixed_triple",
 }
 DIGEST_WORDS = 4  # SHA-256 as int64 words
+#: The fixed masks the dealer keeps at once hold at most this many elements in all.
+MAX_MASK_ELEMENTS = MAX_ELEMENTS
 #: What party 0 sends the dealer, in place of crypten's "terminate", when its session failed.
 ABORT = "abort"
 #: The longest silence party 0 may announce (``quiet``), beyond the job's timeout.
@@ -114,6 +130,11 @@ def _canonical(function: str, device: Any, args: Sequence[Any], kwargs: dict[str
     return (function, kind, _plain(tuple(args)), sorted((k, _plain(v)) for k, v in kwargs.items()))
 
 
+def _is_binding(value: Any) -> bool:
+    """A data binding: a SHA-256 in hex (:func:`mpcfl.mpc.fixed_mask.binding`)."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 def request_digest(function: str, device: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor:
     """SHA-256 of a request in canonical form."""
     text = repr(_canonical(function, device, args, kwargs))
@@ -130,6 +151,11 @@ def batch_digest(items: Sequence[dict[str, Any]]) -> torch.Tensor:
 
 def answer_size(function: str, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Size:
     """The shape of the dealer's answer to a request (computed on the meta device)."""
+    if function == "fixed_mask":
+        return torch.Size([1])
+    if function == "fixed_triple":
+        mask, other = (torch.empty(tuple(size), device="meta") for size in args[1:3])
+        return torch.matmul(mask.t() if args[3] else mask, other).shape
     if function in ("additive", "binary"):
         a, b = (torch.empty(tuple(size), device="meta") for size in args[:2])
         if function == "binary":
@@ -138,9 +164,20 @@ def answer_size(function: str, args: Sequence[Any], kwargs: dict[str, Any]) -> t
     return torch.Size(args[0])
 
 
+def _operands(function: str, args: Sequence[Any]) -> Sequence[Any]:
+    """The sizes of what the parties draw for a request, besides their share of the answer."""
+    if function in ("additive", "binary"):
+        return args[:2]
+    if function == "fixed_mask":  # (binding, size of A)
+        return args[1:2]
+    if function == "fixed_triple":  # (binding, size of A, size of B, transposed): A is drawn already
+        return args[2:3]
+    return args[:1]
+
+
 def _elements(function: str, args: Sequence[Any], kwargs: dict[str, Any]) -> int:
     """Elements a request draws and answers (its operands and its answer)."""
-    sizes = args[:2] if function in ("additive", "binary") else args[:1]
+    sizes = _operands(function, args)
     return sum(int(torch.Size(size).numel()) for size in sizes) + int(answer_size(function, args, kwargs).numel())
 
 
@@ -167,7 +204,10 @@ class Dealer:
             "B2A": self.b2a,
             "quiet": self.quiet,
             "batch": self.batch,
+            "fixed_mask": self.fixed_mask,
+            "fixed_triple": self.fixed_triple,
         }
+        self.masks: dict[str, torch.Tensor] = {}  # fixed masks by data binding (see the module's docstring)
         self._patience_s = 0  # how much longer than the timeout the next request may take
 
     @classmethod
@@ -259,6 +299,8 @@ class Dealer:
         self._check_device(name, device)
         if name == "batch":
             return self._check_batch(device, args, kwargs)
+        if name in ("fixed_mask", "fixed_triple"):
+            return self._check_fixed(name, args, kwargs, within)
         if name == "quiet":
             if len(args) != 1 or type(args[0]) is not int or not 0 < args[0] <= MAX_QUIET_S or kwargs:
                 raise self._refuse(f"request 'quiet' with arguments {args!r} (one whole number of seconds up to {MAX_QUIET_S})")
@@ -297,6 +339,40 @@ class Dealer:
                 raise self._refuse(f"request 'batch' of more than {MAX_BATCH_ELEMENTS} elements (at item {index})")
             checked.append((function, item_args, item_kwargs))
         return self.batch, (tuple(checked),), {}
+
+    def _check_fixed(self, name: str, args: tuple, kwargs: dict, within: str | None) -> tuple[Callable[..., torch.Tensor], tuple, dict]:
+        """A fixed mask's registration, or a triple whose first factor is a registered mask.
+
+        Each mask belongs to one data tensor (its binding) and is registered once; a
+        registration never goes in a batch, whose items are all checked before any is served.
+        """
+        if name == "fixed_mask" and within is not None:
+            raise self._refuse(f"request 'fixed_mask'{within} (a mask is registered alone)")
+        if kwargs or len(args) != (2 if name == "fixed_mask" else 4) or not _is_binding(args[0]):
+            raise self._refuse(f"request {name!r} with malformed arguments")
+        binding, size = args[0], args[1]
+        self._size(name, size)
+        if len(size) != 2:
+            raise self._refuse(f"request {name!r} for a mask of size {size!r} (a mask is a matrix)")
+        mask = self.masks.get(binding)
+        if name == "fixed_mask":
+            if mask is not None:
+                raise self._refuse(f"request 'fixed_mask' for data {binding[:16]} that has a mask already (one mask per data)")
+            kept = sum(int(m.numel()) for m in self.masks.values())
+            if kept + int(torch.Size(size).numel()) > MAX_MASK_ELEMENTS:
+                raise self._refuse(f"request 'fixed_mask' beyond {MAX_MASK_ELEMENTS} elements of masks kept")
+            return self.requests[name], args, kwargs
+        if mask is None:
+            raise self._refuse(f"request 'fixed_triple' for data {binding[:16]} that has no mask")
+        if tuple(mask.shape) != tuple(size):
+            raise self._refuse(f"request 'fixed_triple' for data {binding[:16]} of size {tuple(size)}, its mask is {tuple(mask.shape)}")
+        if type(args[3]) is not bool:
+            raise self._refuse("request 'fixed_triple' with malformed arguments")
+        self._size(name, args[2])
+        if len(args[2]) != 2:
+            raise self._refuse(f"request 'fixed_triple' with a second factor of size {args[2]!r} (a matrix)")
+        self._size(name, self._result_size(name, args, kwargs))
+        return self.requests[name], args, kwargs
 
     @staticmethod
     def _option(value: Any) -> bool:
@@ -363,6 +439,19 @@ class Dealer:
             total += generator.ring(size)
         return total
 
+    def fixed_mask(self, binding: str, size: Sequence[int]) -> torch.Tensor:
+        """Draws and keeps the mask A of one data tensor, as the parties draw their shares of it; answers nothing of it."""
+        self.masks[binding] = self._sum(size, self.generators)
+        log.info("dealer: keeps a fixed mask of %s for data %s until the session ends", "x".join(map(str, size)), binding[:16])
+        return torch.zeros(1, dtype=torch.long)
+
+    def fixed_triple(self, binding: str, size: Sequence[int], size1: Sequence[int], transposed: bool) -> torch.Tensor:
+        """Party 0's share of c = A·b (``transposed``: Aᵀ·b) for the data's kept mask A and a fresh random b."""
+        mask = self.masks[binding]
+        b = self._sum(size1, self.generators)
+        c = torch.matmul(mask.t() if transposed else mask, b)
+        return c - self._sum(c.size(), self.generators[1:])
+
     def _xor(self, size: Sequence[int], parties: Sequence[SecureGenerator], bits: int = 64) -> torch.Tensor:
         total = torch.zeros(tuple(size), dtype=torch.long)
         for generator in parties:
@@ -424,6 +513,40 @@ def announcing(method: Callable[..., Any], request: str, rank: Callable[[], int]
         return method(self, *args, **kwargs)
 
     return call
+
+
+# Party side of the fixed-mask requests: TrustedThirdParty methods in CrypTen's pattern,
+# installed on it by mpcfl.mpc.compat (and wrapped by ``announcing``, as CrypTen's own).
+
+def generate_fixed_mask(self: Any, binding: str, size: Sequence[int], device: Any = None) -> Any:
+    """This party's share of a data tensor's fixed mask A, drawn from its dealer stream (request ``fixed_mask``)."""
+    from crypten.mpc.provider import ttp_provider as upstream
+
+    client = upstream.TTPClient.get()
+    a = upstream.generate_random_ring_element(size, generator=client.get_generator(device=device), device=device)
+    if upstream.comm.get().get_rank() == 0:
+        client.ttp_request("fixed_mask", device, binding, size)  # its answer is a placeholder
+    return upstream.ArithmeticSharedTensor.from_shares(a, precision=0)
+
+
+def generate_fixed_triple(self: Any, binding: str, size: Sequence[int], size1: Sequence[int], transposed: bool, device: Any = None) -> tuple[Any, Any]:
+    """Shares of a fresh b and of A·b (``transposed``: Aᵀ·b) for the fixed mask A of ``binding`` (request ``fixed_triple``)."""
+    from crypten.mpc.provider import ttp_provider as upstream
+
+    client = upstream.TTPClient.get()
+    generator = client.get_generator(device=device)
+    b = upstream.generate_random_ring_element(size1, generator=generator, device=device)
+    if upstream.comm.get().get_rank() == 0:
+        c = client.ttp_request("fixed_triple", device, binding, size, size1, transposed)
+    else:
+        answer = answer_size("fixed_triple", (binding, size, size1, transposed), {})
+        c = upstream.generate_random_ring_element(answer, generator=generator, device=device)
+    shares = upstream.ArithmeticSharedTensor
+    return shares.from_shares(b, precision=0), shares.from_shares(c, precision=0)
+
+
+#: What mpcfl.mpc.compat adds to CrypTen's TrustedThirdParty, by method name.
+PARTY_EXTENSIONS = {"generate_fixed_mask": generate_fixed_mask, "generate_fixed_triple": generate_fixed_triple}
 
 
 def serving_prefetched(ttp_request: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.build import build_torch_model, to_crypten
 from mpcfl.models.heads import Head, head_of
+from mpcfl.mpc import fixed_mask
 from mpcfl.mpc.compat import import_crypten
 from mpcfl.mpc.reveal import Privacy, budget_state, reveal, spend
 from mpcfl.mpc.session import agreed, communication_stats, prefetching
@@ -146,6 +147,10 @@ def train(
         checkpoint.restore(model, optimizer, resume, device=device)
         result.history, first = list(resume.history), resume.epoch
 
+    if job.runtime.mask_reuse:
+        # Bound to this job's training features: the dealer keeps one mask per binding per run.
+        data = fixed_mask.binding(job.fingerprint(), "training features", *shared.x_train.size())
+        fixed_mask.fix(shared.x_train, data)
     for epoch in range(first, spec.epochs):
         started, comm_before = time.perf_counter(), communication_stats()
         plan = batches(n_rows, batch_size=spec.batch_size, seed=spec.seed, epoch=epoch, shuffle=spec.shuffle)
@@ -154,7 +159,7 @@ def train(
             index = torch.from_numpy(rows).to(device)
             with prefetching(len(rows), enabled=job.runtime.prefetch):
                 optimizer.zero_grad()
-                engine.step(model, torch_model, shared.x_train[index], shared.y_train[index])
+                engine.step(model, torch_model, fixed_mask.rows(shared.x_train, index), shared.y_train[index])
                 optimizer.step()
         # Charged now, before the metrics and the checkpoint: every later release depends on
         # these steps, and an epoch cut short by a crash is redone from the checkpoint with

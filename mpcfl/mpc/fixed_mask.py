@@ -1,0 +1,151 @@
+"""Mask reuse on fixed data (SecureML): a data tensor is opened masked once, and every later
+product with it takes a triple whose first factor is that same mask.
+
+An ordinary Beaver product X·W opens X - A and W - B for a fresh triple (A, B, A·B): in
+training, the whole n x d feature matrix in every product, twice per step. Here instead:
+
+- once per data tensor (:func:`fix`), every party draws its share of a mask A from the
+  stream it shares with the dealer (request ``fixed_mask``, bound to a public identifier
+  of the data that every party announces, see :mod:`mpcfl.mpc.providers.ttp`), and the
+  parties open E = X - A to each other. A is uniform over the ring and masks this X only,
+  so E is a one-time pad of X: it tells the parties nothing, and the dealer, which knows
+  A, never receives it;
+- each later product (:func:`product`) X·W or Xᵀ·G takes a fresh B with A·B (or Aᵀ·B)
+  from the dealer (``fixed_triple``) and opens only D = W - B (d x k) or G - B (n x k):
+  X·W = E·D + E·[B] + [A]·D + [A·B]. Per step, O(n·d) opened elements become O((n + d)·k);
+- a mini-batch X[rows] (:func:`rows`) uses those rows of E and [A]. The dealer still
+  multiplies the whole A, so its requests do not depend on the rows (each step's
+  prefetched batch repeats) and it never learns them: the forward product takes the rows
+  of A·B; the backward one scatters G into n rows (zeros elsewhere: D = G - B still
+  reveals nothing, B being uniform). That moves n·k elements where an ordinary triple
+  moves batch·(d + k): it is used only where it moves fewer.
+
+The product keeps CrypTen's fixed point: the ring product at scale s^2 is divided by s as
+``ArithmeticSharedTensor`` divides any private product. Under the TFP provider (no
+dealer) nothing is fixed and every product takes ordinary triples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.device import to_device
+
+log = logging.getLogger(__name__)
+
+#: Where a fixed data tensor keeps its :class:`_Fixed` (in the CrypTensor's ``__dict__``).
+_TAG = "_mpcfl_fixed_mask"
+
+
+@dataclass(frozen=True)
+class FixedMask:
+    """One data tensor's mask, as this party holds it.
+
+    Args:
+        binding: the public identifier the dealer keeps the mask under.
+        opened: E = X - A, public to the parties, a ring tensor on the data's device.
+        share: this party's share of A, a ring tensor on the same device.
+    """
+
+    binding: str
+    opened: Any
+    share: Any
+
+
+@dataclass(frozen=True)
+class _Fixed:
+    """What a tagged tensor is: rows of a fixed data tensor (``rows`` None: all, in order)."""
+
+    mask: FixedMask
+    rows: torch.Tensor | None
+
+
+def binding(*public: object) -> str:
+    """The identifier of a data tensor, from public facts every party agrees on (job, split, shape)."""
+    return hashlib.sha256(repr(("mpcfl fixed mask", *public)).encode()).hexdigest()
+
+
+def _tag(x: Any) -> _Fixed | None:
+    return vars(x).get(_TAG)
+
+
+def fix(x: Any, data: str) -> bool:
+    """Opens the n x d data tensor ``x`` masked, once, so that its later products reuse the mask.
+
+    Every party calls it at the same point. ``data`` is :func:`binding` of the tensor; the
+    dealer refuses a second mask for it. A tensor already fixed stays as it is.
+
+    Returns:
+        Whether ``x`` is fixed (False where the provider serves no fixed masks: TFP).
+    """
+    if _tag(x) is not None:
+        return True
+    provider = import_crypten().mpc.get_default_provider()
+    if not hasattr(provider, "generate_fixed_mask") or x.dim() != 2:
+        return False
+    mask = provider.generate_fixed_mask(data, tuple(x.size()), device=x.device)
+    opened = _open_padded(x._tensor.share, mask)
+    vars(x)[_TAG] = _Fixed(FixedMask(data, opened, mask.share), None)
+    log.info("fixed mask for %s (%d x %d): later products open O(n + d) elements", data[:16], *x.size())
+    return True
+
+
+def _open_padded(share: Any, pad: Any) -> Any:
+    """Opens ``x - pad`` to every party, ``share`` being this party's share of x: a Beaver
+    opening, one-time padded by the uniform ``pad`` (the one opening of this module)."""
+    return (type(pad).from_shares(share, precision=0) - pad).reveal()
+
+
+def rows(x: Any, index: torch.Tensor) -> Any:
+    """``x[index]``, still known by its fixed mask when ``x`` is fixed (``index``: public row numbers)."""
+    picked = x[index]
+    tag = _tag(x)
+    if tag is not None and tag.rows is None:
+        whole = torch.equal(index, torch.arange(x.size(0), device=index.device))
+        vars(picked)[_TAG] = _Fixed(tag.mask, None if whole else index)
+    return picked
+
+
+def product(x: Any, y: Any, *, transposed: bool) -> Any | None:
+    """``x·y`` (``transposed``: ``xᵀ·y``) by a fixed-mask triple, or None: ``x`` is not fixed,
+    ``y`` is not an encrypted matrix of the same fixed-point scale, or an ordinary triple moves
+    fewer elements; then the caller takes the ordinary product.
+    """
+    tag = _tag(x)
+    crypten = import_crypten()
+    if tag is None or not isinstance(y, crypten.mpc.MPCTensor) or y.dim() != 2:
+        return None
+    scale = x.encoder.scale
+    if scale <= 1 or y.encoder.scale != scale:
+        return None
+    mask, picked = tag.mask, tag.rows
+    n, d = mask.opened.shape
+    k = y.size(1)
+    if picked is not None and n * k > picked.numel() * (d + k):
+        return None
+    second = y._tensor.share
+    if transposed and picked is not None:  # G's rows in their places among n
+        second = to_device(torch.zeros(n, k, dtype=torch.long), y.device).index_add_(0, picked, second)
+    b, c = crypten.mpc.get_default_provider().generate_fixed_triple(
+        mask.binding, (n, d), tuple(second.size()), transposed, device=x.device
+    )
+    delta = _open_padded(second, b)
+    e, a = mask.opened, mask.share
+    if transposed:
+        e, a = e.t(), a.t()
+    elif picked is not None:
+        e, a, c = e[picked], a[picked], c[picked]
+    # z = c + e·b + a·delta + e·delta: the Beaver sum, with x - a = e opened once.
+    c.share += torch.matmul(e, b.share)
+    c.share += torch.matmul(a, delta)
+    c += torch.matmul(e, delta)
+    c.encoder = x.encoder
+    result = x.shallow_copy()
+    result._tensor = c.div_(scale)
+    return result

@@ -1,0 +1,182 @@
+"""Mask reuse on fixed data (runtime.mask_reuse): the same model, O(n + d) openings per step,
+nothing of the data at the dealer, and a dealer that keeps each mask to its one data tensor."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SCRIPTS, assert_no_leftovers, mpcfl, spy_views
+from mpcfl.mpc.prng import SecureGenerator, new_key
+from mpcfl.mpc.providers.ttp import Dealer, DealerRequestRefused, answer_size, request_digest
+
+BINDING, OTHER = "ab" * 32, "cd" * 32
+
+
+def _request(function: str, *args: object) -> dict:
+    return {"function": function, "device": None, "args": args, "kwargs": {}}
+
+
+def _dealer() -> tuple[Dealer, list[SecureGenerator]]:
+    keys = [new_key() for _ in range(2)]
+    return Dealer(SimpleNamespace(), [SecureGenerator(k) for k in keys]), [SecureGenerator(k) for k in keys]
+
+
+def _serve(dealer: Dealer, message: dict) -> torch.Tensor:
+    function, args, kwargs = dealer._check(message)
+    return function(*args, **kwargs)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_fixed_mask_triple_multiplies_the_kept_mask(transposed: bool) -> None:
+    dealer, streams = _dealer()
+    _serve(dealer, _request("fixed_mask", BINDING, (5, 3)))
+    a = sum(g.ring((5, 3)) for g in streams)  # each party's share of A, drawn once
+    for _ in range(2):  # every triple reuses A with a fresh b
+        size1 = (5, 2) if transposed else (3, 2)
+        c0 = _serve(dealer, _request("fixed_triple", BINDING, (5, 3), size1, transposed))
+        b = sum(g.ring(size1) for g in streams)
+        c = c0 + streams[1].ring(tuple(c0.shape))
+        assert torch.equal(c, (a.t() if transposed else a) @ b)
+        assert c0.shape == answer_size("fixed_triple", (BINDING, (5, 3), size1, transposed), {})
+
+
+@pytest.mark.parametrize(
+    ("messages", "reason"),
+    [
+        ([_request("fixed_triple", BINDING, (5, 3), (3, 1), False)], "for data abababababababab that has no mask"),
+        ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_mask", BINDING, (5, 3))], "has a mask already"),
+        ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_triple", OTHER, (5, 3), (3, 1), False)], "for data cdcdcdcdcdcdcdcd that has no mask"),
+        ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_triple", BINDING, (6, 3), (3, 1), False)], r"of size \(6, 3\), its mask is \(5, 3\)"),
+        ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_triple", BINDING, (5, 3), (4, 1), False)], "cannot be computed"),
+        ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_triple", BINDING, (5, 3), (3, 1), 1)], "malformed arguments"),
+        ([_request("fixed_mask", "data", (5, 3))], "malformed arguments"),
+        ([_request("fixed_mask", BINDING, (5,))], "a mask is a matrix"),
+        ([_request("fixed_mask", BINDING, (1 << 20, 1 << 9))], "elements"),
+        ([{"function": "batch", "device": None, "args": ((_request("fixed_mask", BINDING, (5, 3)),),), "kwargs": {}}], "registered alone"),
+    ],
+)
+def test_the_dealer_keeps_each_mask_to_its_one_data_tensor(messages: list[dict], reason: str, caplog: pytest.LogCaptureFixture) -> None:
+    dealer, _ = _dealer()
+    for message in messages[:-1]:
+        _serve(dealer, message)
+    with pytest.raises(DealerRequestRefused, match=reason):
+        dealer._check(messages[-1])
+    assert "refused" in caplog.text
+
+
+def test_the_dealer_refuses_a_mask_whose_data_binding_differs_between_parties(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    message = _request("fixed_mask", BINDING, (5, 3))
+    announced = {1: request_digest("fixed_mask", None, (OTHER, (5, 3)), {})}
+    monkeypatch.setattr(dist, "recv", lambda tensor, src, group: tensor.copy_(announced[src]))
+    dealer = Dealer(SimpleNamespace(ttp_group=None), [SecureGenerator(), SecureGenerator()])
+    with pytest.raises(DealerRequestRefused, match="request 'fixed_mask' that party 1 did not make"):
+        dealer._agree(message)
+    announced[1] = request_digest("fixed_mask", None, (BINDING, (5, 3)), {})
+    dealer._agree(message)
+
+
+class _OnePartyDealer:
+    """The TTP provider's fixed-mask methods for a single process, which holds every share;
+    ordinary triples from the process's own provider."""
+
+    def __init__(self, crypten: object) -> None:
+        self.shares = crypten.mpc.primitives.ArithmeticSharedTensor
+        self.ordinary = crypten.mpc.get_default_provider()
+        self.masks: dict[str, torch.Tensor] = {}
+        self.triples = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.ordinary, name)
+
+    def _ring(self, size: tuple) -> torch.Tensor:
+        return torch.randint(-(2**62), 2**62, size, dtype=torch.long)
+
+    def generate_fixed_mask(self, binding: str, size: tuple, device: object = None) -> object:
+        self.masks[binding] = self._ring(size)
+        return self.shares.from_shares(self.masks[binding], precision=0)
+
+    def generate_fixed_triple(self, binding: str, size: tuple, size1: tuple, transposed: bool, device: object = None) -> tuple:
+        self.triples += 1
+        mask, b = self.masks[binding], self._ring(size1)
+        return self.shares.from_shares(b, precision=0), self.shares.from_shares((mask.t() if transposed else mask) @ b, precision=0)
+
+
+def test_products_with_a_fixed_tensor_match_plaintext_on_all_rows_and_on_batches(crypten_single: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpcfl.mpc import fixed_mask
+    from mpcfl.mpc.compat import import_crypten
+
+    crypten = import_crypten()
+    dealer = _OnePartyDealer(crypten)
+    monkeypatch.setattr(crypten.mpc, "get_default_provider", lambda: dealer)
+    torch.manual_seed(0)
+    x, w = torch.randn(40, 6), torch.randn(1, 6)
+    data = crypten.cryptensor(x)
+    assert fixed_mask.fix(data, BINDING) and fixed_mask.fix(data, BINDING)  # once per tensor
+    for rows, triples in ((torch.arange(40), 2), (torch.tensor([3, 17, 5, 39, 0, 22, 8]), 2), (torch.tensor([1, 2]), 0)):
+        dealer.triples = 0
+        weight = crypten.cryptensor(w, requires_grad=True)
+        picked = fixed_mask.rows(data, rows)
+        out = picked.matmul(weight.t())
+        g = torch.randn(len(rows), 1)
+        out.backward(crypten.cryptensor(g))
+        plain = w.clone().requires_grad_(True)
+        expected = x[rows] @ plain.t()
+        expected.backward(g)
+        assert torch.allclose(out.get_plain_text(), expected.detach(), atol=1e-3)
+        assert torch.allclose(weight.grad.get_plain_text(), plain.grad, atol=1e-3)
+        # Two rows of forty: the whole-mask triple would move more than an ordinary one.
+        assert dealer.triples == triples, (rows, dealer.triples)
+    under_no_grad = data.matmul(crypten.cryptensor(w).t())  # an epoch's metrics
+    assert torch.allclose(under_no_grad.get_plain_text(), x @ w.t(), atol=1e-3)
+
+
+def _encoded(values: np.ndarray) -> np.ndarray:
+    """Ring units of values, with their neighbours (fixed-point rounding), the telling ones only."""
+    ring = np.round(values.reshape(-1) * 2**16).astype(np.int64)
+    ring = ring[np.abs(ring) >= 1 << 12]
+    return np.unique(np.concatenate([ring + delta for delta in range(-2, 3)]))
+
+
+def test_the_dealer_never_holds_the_data_and_each_step_opens_o_n_plus_d(spied: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("RANK", "WORLD_SIZE", "RENDEZVOUS", "DISTRIBUTED_BACKEND"):  # crypten_single's, if it ran first
+        monkeypatch.delenv(key, raising=False)  # else the launcher records as a rank
+    script = str(SCRIPTS / "fixed_mask_party.py")
+    result = mpcfl("launch", "--timeout-s", "30", "--parties", "p0,p1", script, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(re.findall(r"fixed mask party (\d) on cpu: (.*)", result.stdout))
+    assert set(lines) == {"0", "1"}, result.stdout[-2000:]
+    n, d = 512, 16
+    for rank, line in lines.items():
+        assert "fixed=True" in line
+        # The same SGD steps on ordinary triples train the same weights, up to fixed point's
+        # truncations (about 1 unit per product in each path, 6 steps); the gradients follow plaintext's.
+        assert float(re.search(r"apart=(\S+)", line).group(1)) <= 24, line
+        assert float(re.search(r"worst=(\S+)", line).group(1)) < 2e-2, line
+        # Steps 2 and 3 of each size took their fixed-mask triples from one prefetched batch each.
+        assert json.loads(re.search(r"prefetch=(\{.*?\})", line).group(1)) == {"batches": 4, "served": 8}, line
+        costs = json.loads(line.split("costs=", 1)[1])
+        # The fix opens the n x d difference once; then each step (forward and backward) moves
+        # O(n + d) elements: w - b and g - b opened, the dealer's n x 1 and d x 1 answers, requests.
+        assert costs["fix"] >= 8 * n * d, costs
+        assert all(step <= 8 * 4 * (n + d) for step in costs["steps"]), costs
+    views = spy_views(spied)
+    data = _encoded(np.random.default_rng(11).uniform(-100, 100, size=(n, d)))
+    dealer = views["2"]["seen_protocol"]
+    assert int(np.isin(dealer, data).sum()) == 0, "the dealer holds values of the data"
+    for rank in ("0", "1"):
+        share, opened = views[rank]["own_share"], views[rank]["own_opened"]
+        assert int(np.isin(dealer, share).sum()) == 0, f"the dealer holds party {rank}'s share of the data"
+        assert int(np.isin(dealer, opened).sum()) == 0, "the dealer holds the opened E = X - A (it knows A: that is X)"
+    # The spy does see such values where they go: each party holds E, and its peer's part of it.
+    assert int(np.isin(views["1"]["seen_protocol"], views["0"]["own_share"]).sum()) == 0
+    assert int(np.isin(views["1"]["seen_protocol"], views["1"]["own_opened"]).sum()) >= n * d // 2
+    assert_no_leftovers(script)
