@@ -108,7 +108,7 @@ def test_the_average_is_the_plaintext_weighted_average_and_nothing_else_leaves_m
                 clip=None, bound=float("inf"), who="test",
             )
             secret = np.concatenate([ring(update), ring(update * party_rows.x.shape[0])])
-            assert secret.size > 40
+            assert secret.size >= 30
             # A leak holds the whole vector, as the average above is held; a few entries can match
             # opened aggregates of the same magnitude (column means, averages) by chance.
             for rank in {"0", "1", "2", "3"} - {str(owner)}:
