@@ -1,13 +1,13 @@
 """Federated rounds with 2, 5 and 10 parties: seconds and bytes per party per round.
 
-    python benchmarks/federated.py [--parties 2 5 10] [--rounds 4] [--hidden 0] [--out DIR]
+    python benchmarks/federated.py [--parties 2 5 10] [--rounds 4] [--hidden 0] [--json PATH] [--figure PNG]
 
 For each party count, the breast-cancer rows are split evenly across that many parties on this
 machine (one process each, plus the TTP dealer) and ``mpcfl run`` trains a federated job (FedAvg,
 one local epoch per round; logistic regression, or an MLP with ``--hidden``). Each party records,
 per round, the wall time (local training, the exchange of flags, the secure average, the reveal)
 and the bytes it sent. Printed: the medians over rounds after the first (which records the dealer's
-batch) and over parties, as a markdown table; written: ``federated.json`` and ``federated.png``.
+batch) and over parties, as a markdown table; drawn: ``examples/figures/federated_scale.png``.
 
 This folder is not a package: crypten's wheel installs a top-level `benchmarks`.
 """
@@ -97,7 +97,8 @@ def main() -> None:
     parser.add_argument("--parties", type=int, nargs="+", default=[2, 5, 10])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=0, help="an MLP with one hidden layer of this width (0: LR)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    parser.add_argument("--figure", type=Path, default=REPO / "examples" / "figures" / "federated_scale.png")
     args = parser.parse_args()
     results = [measure(n, args.rounds, args.hidden) for n in args.parties]
     print("| parties | s per round | kB sent per party per round (median / busiest) | job wall s |")
@@ -105,10 +106,10 @@ def main() -> None:
     for r in results:
         print(f"| {r['parties']} | {r['seconds_per_round']:.2f} | {r['bytes_per_party_per_round'] / 1e3:.1f} / "
               f"{r['max_bytes_per_party_per_round'] / 1e3:.1f} | {r['job_wall_s']:.1f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "federated.json").write_text(json.dumps({"rounds": args.rounds, "hidden": args.hidden, "results": results}, indent=2))
-    plot(results, args.out / "federated.png")
-    print(f"wrote {args.out / 'federated.json'} and {args.out / 'federated.png'}")
+    if args.json:
+        args.json.write_text(json.dumps({"rounds": args.rounds, "hidden": args.hidden, "results": results}, indent=2))
+    plot(results, args.figure)
+    print(f"wrote {args.figure}")
 
 
 if __name__ == "__main__":

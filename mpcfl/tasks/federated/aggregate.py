@@ -28,7 +28,6 @@ import torch
 from mpcfl.errors import MpcflError
 from mpcfl.mpc.compat import import_crypten
 from mpcfl.mpc.reveal import Privacy, reveal
-from mpcfl.mpc.session import prefetching
 from mpcfl.tasks.train.bounds import PRODUCT_LIMIT
 
 
@@ -50,19 +49,19 @@ def newton_iterations(bound: int) -> int:
     return math.ceil(math.log2(14 * bound))
 
 
-def check_update(update: torch.Tensor, *, bound: float, who: str) -> None:
-    """Refuses an update that is not finite or beyond ``bound`` before it is shared.
+def check_update(update: torch.Tensor, *, bound: float, who: str, what: str = "the local update") -> None:
+    """Refuses an update (or ``what`` else is to be averaged) that is not finite or beyond ``bound``, before sharing.
 
     Raises:
         MpcflError: names the party, the round and the offending entry.
     """
     finite = torch.isfinite(update)
     if not finite.all():
-        raise MpcflError(f"{who}: the local update has a non-finite entry ({int((~finite).sum())} of {update.numel()}): local training diverged; lower federated.lr")
+        raise MpcflError(f"{who}: {what} has a non-finite entry ({int((~finite).sum())} of {update.numel()}): local training diverged; lower federated.lr")
     peak = float(update.abs().max()) if update.numel() else 0.0
     if peak > bound:
         raise MpcflError(
-            f"{who}: the local update reaches {peak:.4g}, beyond {bound:.4g}, what fixed point can average over "
+            f"{who}: {what} reaches {peak:.4g}, beyond {bound:.4g}, what fixed point can average over "
             f"federated.max_rows rows per party without wrapping; lower federated.lr, federated.local_epochs or "
             f"federated.max_rows, or rescale the data"
         )
@@ -88,8 +87,7 @@ def scaled_reciprocal(count: Any, bound: int) -> Any:
 
 
 def weighted_average(
-    update: torch.Tensor, rows: int, *, bound: int, rank: int, world: int, device: torch.device, what: str,
-    prefetch: bool = True,
+    update: torch.Tensor, rows: int, *, bound: int, rank: int, world: int, device: torch.device, what: str
 ) -> torch.Tensor:
     """The row-weighted average of every party's ``update``, opened to every party.
 
@@ -97,14 +95,13 @@ def weighted_average(
         update: this party's flat update, already checked against :func:`max_update`; zeros if it sits out.
         rows: this party's weight n_i (0 if it sits out); at most ``bound`` summed over the parties.
         bound: B, public.
-        prefetch: the job's ``runtime.prefetch``.
     """
     local = torch.cat([update.double() * rows, torch.tensor([float(rows)], dtype=torch.float64)])
-    # The same multiplications every time for a size: the dealer's triples come in one batch (runtime.prefetch).
-    with prefetching(("federated weighted average", local.numel()), enabled=prefetch):
-        total = _shared_sum(local, rank=rank, world=world, device=device)
-        y = scaled_reciprocal(total[-1:], bound)
-        average = (total[:-1] * y).div(bound)
+    # Not under runtime.prefetch: replayed dealer batches gave a wrong average with 5 parties (3 were right),
+    # so each multiplication asks the dealer in turn until that is understood.
+    total = _shared_sum(local, rank=rank, world=world, device=device)
+    y = scaled_reciprocal(total[-1:], bound)
+    average = (total[:-1] * y).div(bound)
     return reveal(average, to=list(range(world)), what=what).double()
 
 

@@ -54,10 +54,10 @@ class _Round:
     def average(self, values: np.ndarray | torch.Tensor, rows: int, what: str, *, who: str) -> torch.Tensor:
         """The row-weighted average over the parties, checked against the fixed-point bound first."""
         values = torch.as_tensor(values, dtype=torch.float64)
-        agreed(what, self.job.party_names, lambda: aggregate.check_update(values, bound=aggregate.max_update(self.bound), who=who))
+        bound = aggregate.max_update(self.bound)
+        agreed(what, self.job.party_names, lambda: aggregate.check_update(values, bound=bound, who=who, what=what))
         return aggregate.weighted_average(
-            values, rows, bound=self.bound, rank=self.rank, world=self.world, device=self.device, what=what,
-            prefetch=self.job.runtime.prefetch,
+            values, rows, bound=self.bound, rank=self.rank, world=self.world, device=self.device, what=what
         )
 
 
@@ -229,7 +229,7 @@ def run_party(
                     rows = train_rows.x.shape[0] if mine else 0
                     average = aggregate.weighted_average(
                         update if mine else torch.zeros_like(weights), rows, bound=rounds.bound, rank=rank,
-                        world=job.world_size, device=rounds.device, what=what, prefetch=job.runtime.prefetch,
+                        world=job.world_size, device=rounds.device, what=what,
                     )
                 else:
                     average = aggregate.noisy_mean(
