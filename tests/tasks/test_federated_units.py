@@ -14,7 +14,7 @@ import yaml
 from conftest import DEMO, mpcfl
 from mpcfl.errors import ConfigError
 from mpcfl.jobs.schema import FederatedJob, FederatedSpec, StrategySpec, load_job
-from mpcfl.tasks.federated.aggregate import count_bound, max_update, scaled_reciprocal
+from mpcfl.tasks.federated.aggregate import count_bound, divisor_scale, scaled_reciprocal
 from mpcfl.tasks.federated.strategies import STRATEGIES, strategy_of
 
 FED = DEMO.parent / "breast_cancer_fed.yaml"
@@ -136,11 +136,11 @@ def test_the_secure_divisor_is_exact_to_fixed_point_across_its_range(crypten_sin
 
     crypten = import_crypten()
     bound = count_bound(3, 1 << 14)
+    scale = divisor_scale(bound)
+    assert (scale - 1) ** 2 < bound <= scale**2
     y = scaled_reciprocal(crypten.cryptensor(torch.tensor([float(rows)])), bound).get_plain_text()
-    # y = B/N is known to about 2^-16 relative: each Newton step's N y / B is a fixed-point value near 1.
-    assert float(y) * rows / bound == pytest.approx(1.0, abs=4 * 2**-16)
-    # The largest update a party may share keeps the average's product below 2^31.
-    assert max_update(bound) * bound < 2**31
+    # y = s/N to about 2^-16 (s/N + N/s) relative: x = N/s is encoded to 2^-16, and so is each step's y.
+    assert float(y) == pytest.approx(scale / rows, rel=2 * 2**-16 * (scale / rows + rows / scale))
 
 
 @pytest.mark.parametrize(

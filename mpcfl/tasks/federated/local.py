@@ -107,7 +107,7 @@ def local_update(
     """One party's update of one round from the global ``weights``, and its local training loss.
 
     With DP (``clip``), the update is clipped to L2 norm ``clip``; without, it is refused beyond
-    ``bound`` (:func:`~mpcfl.tasks.federated.aggregate.max_update`).
+    ``bound`` (:data:`~mpcfl.tasks.federated.aggregate.MAX_AVERAGED`).
 
     Raises:
         MpcflError: local training failed (the user's module, diverged arithmetic), or the update is

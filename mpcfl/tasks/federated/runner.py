@@ -54,11 +54,21 @@ class _Round:
     def average(self, values: np.ndarray | torch.Tensor, rows: int, what: str, *, who: str) -> torch.Tensor:
         """The row-weighted average over the parties, checked against the fixed-point bound first."""
         values = torch.as_tensor(values, dtype=torch.float64)
-        bound = aggregate.max_update(self.bound)
-        agreed(what, self.job.party_names, lambda: aggregate.check_update(values, bound=bound, who=who, what=what))
+        agreed(what, self.job.party_names, lambda: aggregate.check_update(values, bound=aggregate.MAX_AVERAGED, who=who, what=what))
         return aggregate.weighted_average(
             values, rows, bound=self.bound, rank=self.rank, world=self.world, device=self.device, what=what
         )
+
+
+    def of_updates(
+        self, update: torch.Tensor, rows: int, *, parties: int, privacy: _Privacy | None, round_index: int
+    ) -> torch.Tensor:
+        """A round's average update: row-weighted, or with DP the noisy plain mean of ``parties`` clipped updates."""
+        what = f"round {round_index} average update"
+        where = {"rank": self.rank, "world": self.world, "device": self.device, "what": what}
+        if privacy is None:
+            return aggregate.weighted_average(update, rows, bound=self.bound, **where)
+        return aggregate.noisy_mean(update, parties, privacy=privacy.of_round(parties), **where)
 
 
 def _load(job: FederatedJob, party: str) -> PartyData:
@@ -210,7 +220,6 @@ def run_party(
             if start is not None:
                 weights, history = start.weights, start.history
                 strategy.load_state_dict(start.strategy)
-            limit = aggregate.max_update(rounds.bound)
             for round_index in range(len(history) + 1, spec.rounds + 1):
                 began, sent = time.perf_counter(), communication_stats()["bytes"]
                 who = f"party {party}: round {round_index}"
@@ -218,24 +227,13 @@ def run_party(
                 try:
                     update, loss = local_update(
                         job, model, train_rows, head, strategy, weights=weights, round_index=round_index,
-                        rank=rank, clip=None if privacy is None else privacy.clip, bound=limit, who=who,
+                        rank=rank, clip=None if privacy is None else privacy.clip, bound=aggregate.MAX_AVERAGED, who=who,
                     )
                 except MpcflError as err:
                     error = err
                 live = _who_takes_part(job, error, round_index)
-                mine = rank in live
-                what = f"round {round_index} average update"
-                if privacy is None:
-                    rows = train_rows.x.shape[0] if mine else 0
-                    average = aggregate.weighted_average(
-                        update if mine else torch.zeros_like(weights), rows, bound=rounds.bound, rank=rank,
-                        world=job.world_size, device=rounds.device, what=what,
-                    )
-                else:
-                    average = aggregate.noisy_mean(
-                        update if mine else torch.zeros_like(weights), len(live), privacy=privacy.of_round(len(live)),
-                        rank=rank, world=job.world_size, device=rounds.device, what=what,
-                    )
+                rows = train_rows.x.shape[0] if rank in live else 0  # a party that sits out shares zeros, weight 0
+                average = rounds.of_updates(update, rows, parties=len(live), privacy=privacy, round_index=round_index)
                 weights = strategy.apply(weights, average)
                 load_flat(model, weights)
                 record: dict[str, Any] = {"round": round_index, "parties": len(live), "local_loss": loss}

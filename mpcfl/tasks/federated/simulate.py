@@ -17,7 +17,7 @@ from mpcfl.data.party import PartyData, apply_scaler, load_party_data, scale_pub
 from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema import FederatedJob
 from mpcfl.models.heads import Head, head_of
-from mpcfl.tasks.federated.aggregate import count_bound, max_update
+from mpcfl.tasks.federated.aggregate import MAX_AVERAGED
 from mpcfl.tasks.federated.local import Rows, flat, initial_model, load_flat, local_update
 from mpcfl.tasks.federated.strategies import Strategy, strategy_of
 
@@ -54,14 +54,13 @@ def plain_round(
         MpcflError: a party's update failed and the job allows no dropouts.
     """
     clip = None if job.dp is None else job.dp.clip
-    bound = max_update(count_bound(job.world_size, job.federated.max_rows))
     updates, counts, live = [], [], []
     for rank, party_rows in enumerate(rows):
         who = f"party {job.party_names[rank]}: round {round_index}"
         try:
             update, _ = local_update(
                 job, model, party_rows, head, strategy, weights=weights, round_index=round_index, rank=rank,
-                clip=clip, bound=bound, who=who,
+                clip=clip, bound=MAX_AVERAGED, who=who,
             )
         except MpcflError:
             if not job.federated.allow_dropouts:
