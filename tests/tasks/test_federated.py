@@ -57,10 +57,11 @@ def scaled_rows(job: Any, scaler: dict[str, Any] | None) -> list[Rows]:
 
 def within_fixed_point(job: Any, revealed: torch.Tensor, average: torch.Tensor, rows: int) -> bool:
     """Whether the secure average is the plaintext one within its documented error (mpcfl/tasks/federated/aggregate.py):
-    2^-16 (s/N (1 + |avg|) + |avg| N/s) per entry, with a factor four in hand."""
+    n 2^-16 (s/N (1 + |avg|) + 1 + |avg| N/s) per entry, with a factor two in hand."""
     s = divisor_scale(count_bound(job.world_size, job.federated.max_rows))
     size = average.abs()
-    return bool(((revealed - average).abs() <= 4 * 2**-16 * (s / rows * (1 + size) + size * rows / s)).all())
+    bound = 2 * job.world_size * 2**-16 * (s / rows * (1 + size) + 1 + size * rows / s)
+    return bool(((revealed - average).abs() <= bound).all())
 
 
 def ring(values: torch.Tensor) -> np.ndarray:

@@ -16,9 +16,10 @@ point (16 fractional bits in a signed 64-bit ring) and CrypTen's truncation shap
 - the average is ``(sum / s) * y``, a product of magnitude ``|average|``: each party refuses an entry
   beyond :data:`MAX_AVERAGED` (2^12, an error probability below 2^-20 per entry) before sharing.
 
-The price is precision at the extremes: x = N/s and y are encoded to 2^-16, so the average's absolute
-error is about ``2^-16 (s/N (1 + |average|) + |average| N/s)``: a few 2^-16 when N is near s, up to
-about 2^-16 sqrt(B) (1 + |average|) when N is 1 or B.
+The price is precision at the extremes: x = N/s and y are encoded to 2^-16, and each truncation with
+n parties is off by up to about n units, so the average's absolute error is about
+``n 2^-16 (s/N (1 + |average|) + 1 + |average| N/s)``: a few n 2^-16 when N is near s, up to about
+n 2^-16 sqrt(B) (1 + |average|) when N is 1 or B.
 
 With DP the weights are public and uniform: each party shares its clipped update, the sum is divided
 by the public number of parties that took part, and the joint integer noise is added to the shares
