@@ -621,8 +621,8 @@ class FederatedJob(JobBase):
     labels: LabelSpec
     data: DataSpec = DataSpec()
     model: Annotated[
-        Union[Annotated[ModelSpec, Tag("spec")], Annotated[FactoryModelSpec, Tag("factory")]],
-        Discriminator(lambda raw: "factory" if "factory" in (raw if isinstance(raw, dict) else vars(raw)) else "spec"),
+        Union[Annotated[ModelSpec, Tag("spec")], Annotated[FactoryModelSpec, Tag("module")]],
+        Discriminator(lambda raw: "module" if "factory" in (raw if isinstance(raw, dict) else vars(raw)) else "spec"),
     ]
     federated: FederatedSpec = FederatedSpec()
     outputs: FederatedOutputSpec
@@ -743,7 +743,7 @@ def _resolve(base: Path, raw: dict) -> dict:
 
 # The tags pydantic puts in an error's location under these keys.
 _NESTED_TAGS = {
-    "model": ("spec", "factory"),
+    "model": ("spec", "module"),
     "strategy": tuple(typing.get_args(spec.model_fields["name"].annotation)[0] for spec in typing.get_args(typing.get_args(StrategySpec)[0])),
 }
 

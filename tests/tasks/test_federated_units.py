@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import DEMO, mpcfl
+from conftest import DEMO
 from mpcfl.errors import ConfigError
 from mpcfl.jobs.schema import FederatedJob, FederatedSpec, StrategySpec, load_job
 from mpcfl.tasks.federated.aggregate import count_bound, divisor_scale, scaled_reciprocal
@@ -127,7 +127,6 @@ def test_a_torch_module_factory_is_a_federated_model(tmp_path: Path) -> None:
     # Seeded: every party builds the same public initial weights.
     assert torch.equal(flat(initial_model(job, 30)), flat(initial_model(job, 30)))
     assert flat(initial_model(job, 30)).numel() == 30 * 4 + 4 + 4 + 1
-    assert mpcfl("validate", str(_fed(tmp_path, model={"factory": f"{factory}:make"}))).returncode == 0
 
 
 @pytest.mark.parametrize("rows", [1, 7, 380, 5000, 49_152])
