@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from mpcfl.errors import ConfigError, MpcflError
-from mpcfl.models.spec import ModelSpec
+from mpcfl.models.spec import ModelSpec, is_binary
 from mpcfl.mpc import providers
 from mpcfl.mpc.compat import DEFAULT_TIMEOUT_S
 from mpcfl.mpc.keys import is_raw_key, read_public_key
@@ -512,7 +512,7 @@ class FactoryModelSpec(_Strict):
 
     @property
     def binary(self) -> bool:
-        return self.num_classes == 2
+        return is_binary(self.num_classes)
 
     @field_validator("factory")
     @classmethod

@@ -11,6 +11,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 
+def is_binary(num_classes: int) -> bool:
+    """Two classes: one logit and BCE (any model spec, a layer list or a torch module, asks here)."""
+    return num_classes == 2
+
+
 class ModelSpec(BaseModel):
     """A job's ``model`` section for training: logistic regression or an MLP."""
 
@@ -32,4 +37,4 @@ class ModelSpec(BaseModel):
     @property
     def binary(self) -> bool:
         """Two classes (see :func:`mpcfl.models.heads.head_of`)."""
-        return self.num_classes == 2
+        return is_binary(self.num_classes)
