@@ -25,6 +25,8 @@ HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "data" / "wdbc.csv"
 OUT = HERE / "data" / "breast_cancer"
 OUT_PSI = HERE / "data" / "breast_cancer_psi"
+OUT_FED = HERE / "data" / "breast_cancer_fed"
+FED_SHARES = {"hospital_a": 0.5, "hospital_b": 0.3, "hospital_c": 0.2}  # each hospital's share of the patients
 LABEL = "malignant"
 ID = "patient_id"
 SHARED = 0.8  # the fraction of each hospital's patients that the other hospital also saw
@@ -60,6 +62,7 @@ def main() -> None:
             _write(OUT / f"{name}_{which}.csv", columns, [[rows[i][j] for j in index] for i in members])
     print(f"wrote {OUT}: {len(split['train'])} train rows, {len(split['test'])} test rows")
     _write_keyed(rows, header, split, {"hospital_a": columns_a, "hospital_b": columns_b}, rng)
+    _write_horizontal(rows, header, split)
 
 
 def _write_keyed(
@@ -86,6 +89,20 @@ def _write_keyed(
     shared = {w: sum(1 for i in m if i in seen["hospital_a"] and i in seen["hospital_b"]) for w, m in split.items()}
     print(f"wrote {OUT_PSI}: {len(seen['hospital_a'])} and {len(seen['hospital_b'])} patients, "
           f"{len(both)} at both ({shared['train']} train, {shared['test']} test)")
+
+
+def _write_horizontal(rows: list[list[str]], header: list[str], split: dict[str, list[int]]) -> None:
+    """Horizontal partition (``configs/breast_cancer_fed.yaml``): three hospitals, each with its own
+    patients (all columns, diagnosis included), in unequal shares; the same train/test split as above."""
+    rng = np.random.default_rng(SEED + 1)  # its own stream: the files above do not change
+    OUT_FED.mkdir(parents=True, exist_ok=True)
+    bounds = np.cumsum([0.0, *FED_SHARES.values()])
+    for which, members in split.items():
+        order = rng.permutation(members)
+        cuts = np.round(bounds * len(order)).astype(int)
+        for name, start, stop in zip(FED_SHARES, cuts, cuts[1:]):
+            _write(OUT_FED / f"{name}_{which}.csv", header, [rows[i] for i in sorted(order[start:stop].tolist())])
+    print(f"wrote {OUT_FED}: {', '.join(f'{name} {share:.0%}' for name, share in FED_SHARES.items())} of the patients")
 
 
 if __name__ == "__main__":

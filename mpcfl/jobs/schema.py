@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import typing
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -518,7 +519,188 @@ class InferenceJob(JobBase):
         return self
 
 
-Job = Annotated[Union[TrainJob, InferenceJob], Field(discriminator="task")]
+class FedAvgSpec(_Strict):
+    """FedAvg: the global model moves by the revealed average update (times ``server_lr``)."""
+
+    name: Literal["fedavg"]
+    server_lr: float = Field(default=1.0, gt=0)
+
+
+class FedProxSpec(_Strict):
+    """FedProx: FedAvg, with mu/2 ||w - w_global||^2 added to each party's local loss."""
+
+    name: Literal["fedprox"]
+    server_lr: float = Field(default=1.0, gt=0)
+    mu: float = Field(default=0.01, gt=0, description="weight of the proximal term")
+
+
+class FedAvgMSpec(_Strict):
+    """FedAvgM: server-side momentum on the revealed average update."""
+
+    name: Literal["fedavgm"]
+    server_lr: float = Field(default=1.0, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+
+
+class FedAdamSpec(_Strict):
+    """FedAdam (Reddi et al. 2021): Adam on the server, the revealed average update as its gradient."""
+
+    name: Literal["fedadam"]
+    server_lr: float = Field(default=0.01, gt=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0, description="adaptivity: added to sqrt(v)")
+
+
+StrategySpec = Annotated[Union[FedAvgSpec, FedProxSpec, FedAvgMSpec, FedAdamSpec], Field(discriminator="name")]
+
+
+class FederatedSpec(_Strict):
+    """Rounds of local plaintext training at each party, their updates averaged under MPC."""
+
+    rounds: PositiveInt = 10
+    local_epochs: PositiveInt = 1
+    batch_size: PositiveInt = 32
+    lr: float = Field(default=0.1, gt=0, description="each party's local learning rate")
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="local sgd momentum")
+    seed: int = Field(default=0, description="the public initial weights; each party's local batch order")
+    strategy: StrategySpec = FedAvgSpec(name="fedavg")
+    max_rows: PositiveInt = Field(
+        default=1 << 14,
+        description="public bound on any party's training rows: row counts stay secret, and the average's "
+        "divisor is computed under MPC, scaled by parties x max_rows (a party with more rows is refused)",
+    )
+    allow_dropouts: bool = Field(
+        default=False,
+        description="a party whose local round fails (its update is not finite or out of the fixed-point "
+        "bounds, its local training errs) sits the round out and the others average without it; without "
+        "this the job stops, naming the party",
+    )
+    min_parties: int | None = Field(
+        default=None, ge=1, description="with allow_dropouts: the fewest parties a round may average (default 2)"
+    )
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _by_name(cls, value: object) -> object:
+        return {"name": value} if isinstance(value, str) else value
+
+
+class FederatedDPSpec(_Strict):
+    """Client-level DP: each party's update clipped to ``clip``, joint noise on the sum before the reveal."""
+
+    epsilon: float = Field(gt=0, description="the privacy budget for the whole job")
+    delta: float = Field(gt=0, lt=1)
+    accountant: Literal["rdp", "pld"] = "rdp"
+    clip: float = Field(default=1.0, gt=0, description="S: each party's update is clipped to L2 norm S")
+    noise_multiplier: float | None = Field(
+        default=None,
+        gt=0,
+        description="noise std over the sensitivity 2S; default: the smallest that fits every round in the budget",
+    )
+    collusion_threshold: int | None = Field(
+        default=None, ge=1, description="t: parties that may pool their noise shares; default n-1"
+    )
+
+
+class FederatedOutputSpec(_Strict):
+    dir: Path
+    model_to: list[Name] | Literal["all"] = Field(
+        default="all",
+        description="who writes model.pt; every party receives each round's average, so each can compute "
+        "the model anyway: this is not a confidentiality control",
+    )
+
+
+class FederatedJob(JobBase):
+    """Federated training over a horizontal partition: updates averaged under MPC, only the average revealed."""
+
+    task: Literal["federated"]
+    labels: LabelSpec
+    data: DataSpec = DataSpec()
+    model: TrainModelField
+    federated: FederatedSpec = FederatedSpec()
+    outputs: FederatedOutputSpec
+    dp: FederatedDPSpec | None = None
+
+    @property
+    def partition(self) -> str:
+        """Every party holds rows with the same columns, and their labels."""
+        return "horizontal"
+
+    @property
+    def summary(self) -> str:
+        """What ``mpcfl validate`` says the job is."""
+        model = getattr(self.model, "type", None) or self.model.factory
+        dp = ", client-level dp" if self.dp is not None else ""
+        return f"federated {self.federated.strategy.name}, {self.federated.rounds} rounds, {model}{dp}"
+
+    def id_column_of(self, party: str) -> None:
+        """Rows are each party's own: nothing lines them up."""
+        return None
+
+    @property
+    def keyed(self) -> bool:
+        return False
+
+    @property
+    def min_parties(self) -> int:
+        """The fewest parties a round averages: all of them unless dropouts are allowed."""
+        if not self.federated.allow_dropouts:
+            return self.world_size
+        return self.federated.min_parties or 2
+
+    @property
+    def colluders(self) -> int:
+        """t for the DP noise: the job's collusion threshold, default n-1 (one honest party)."""
+        assert self.dp is not None
+        return self.world_size - 1 if self.dp.collusion_threshold is None else self.dp.collusion_threshold
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederatedJob:
+        for i, party in enumerate(self.parties):
+            if party.data is None:
+                raise ValueError(f"parties.{i}.data: a federated job gives every party its data files")
+            if party.data.id_column is not None:
+                raise ValueError(f"parties.{i}.data.id_column: a federated job's rows are each party's own")
+        if self.labels.party is not None:
+            raise ValueError("labels.party: in a federated job every party holds its own labels")
+        if self.data.id_column is not None:
+            raise ValueError("data.id_column: a federated job's rows are each party's own; nothing lines them up")
+        if isinstance(self.outputs.model_to, list):
+            for name in self.outputs.model_to:
+                self._check_party("outputs.model_to", name)
+        given = [p.data.test is not None for p in self.parties]
+        if any(given) and not all(given):
+            raise ValueError(f"parties.{given.index(False)}.data.test: give test data for every party or for none")
+        spec = self.federated
+        if self.world_size * spec.max_rows > 1 << 30:
+            # The divisor's Newton steps multiply the count by B / count: an encoded product wraps at 2^31.
+            raise ValueError(
+                f"federated.max_rows: {self.world_size} parties x {spec.max_rows} rows is beyond 2^30, what fixed "
+                "point can count; lower it"
+            )
+        if spec.min_parties is not None:
+            if not spec.allow_dropouts:
+                raise ValueError("federated.min_parties: applies with federated.allow_dropouts: true")
+            if spec.min_parties > self.world_size:
+                raise ValueError(f"federated.min_parties: {spec.min_parties} is more than the job's {self.world_size} parties")
+        if self.dp is not None:
+            if self.data.standardize:
+                raise ValueError(
+                    "data.standardize: with dp, statistics of the parties' private rows rescale every row, outside "
+                    "the guarantee; set standardize: false and declare public constants in data.scaling"
+                )
+            if self.dp.collusion_threshold is not None and self.dp.collusion_threshold >= self.world_size:
+                raise ValueError(
+                    f"dp.collusion_threshold: must be below the number of parties ({self.world_size}), "
+                    "or no party's noise is honest"
+                )
+        return self
+
+
+Job = Annotated[Union[TrainJob, InferenceJob, FederatedJob], Field(discriminator="task")]
 _JOB = TypeAdapter(Job)
 
 
@@ -555,22 +737,29 @@ def _resolve(base: Path, raw: dict) -> dict:
     return raw
 
 
+# The tags pydantic puts in an error's location under these keys.
+_NESTED_TAGS = {
+    "strategy": tuple(typing.get_args(spec.model_fields["name"].annotation)[0] for spec in typing.get_args(typing.get_args(StrategySpec)[0])),
+}
+
 # Keys a job file may no longer use, and what took their place.
 _REPLACED = {("runtime", "insecure_dealer"): "runtime.provider: tfp"}
 
 
 def _format_error(path: Path, err: ValidationError) -> str:
     for error in err.errors():
-        loc = tuple(str(part) for part in error["loc"] if part not in ("train", "inference"))
+        loc = tuple(str(part) for part in error["loc"] if part not in ("train", "inference", "federated"))
         if error["type"] == "extra_forbidden" and loc in _REPLACED:
             return f"{path}: {'.'.join(loc)} was replaced by {_REPLACED[loc]}"
     first = err.errors()[0]
     loc = list(first["loc"])
-    if loc[:2] == ["train", "model"] and len(loc) > 2 and loc[2] in _MODEL_TAGS:
+    if loc[:1] in (["train"], ["federated"]) and loc[1:2] == ["model"] and len(loc) > 2 and loc[2] in _MODEL_TAGS:
         del loc[2]  # a training model's kind, not a key of the file
-    if loc and loc[0] in ("train", "inference"):
+    if loc and loc[0] in ("train", "inference", "federated"):
         loc = loc[1:]  # the union's tag, not a key of the file
-    if first["type"].startswith("union_tag"):
+    # Nested unions' tags are not keys of the file either: federated.strategy.fedavg.mu is strategy.mu.
+    loc = [part for i, part in enumerate(loc) if not (i and part in _NESTED_TAGS.get(str(loc[i - 1]), ()))]
+    if first["type"].startswith("union_tag") and not loc:
         loc = ["task"]
     key = ".".join(str(part) for part in loc) or "(top level)"
     message = first["msg"].removeprefix("Value error, ")
@@ -581,7 +770,7 @@ def _format_error(path: Path, err: ValidationError) -> str:
     return f"{path}: {key}: {message}{suffix}"
 
 
-def load_job(path: str | Path) -> TrainJob | InferenceJob:
+def load_job(path: str | Path) -> TrainJob | InferenceJob | FederatedJob:
     """Reads and validates a job file.
 
     Args:
@@ -612,6 +801,11 @@ def load_job(path: str | Path) -> TrainJob | InferenceJob:
     if "source" in raw:
         raise ConfigError(f"{path}: source: unknown key")
     raw = _resolve(path.resolve().parent, raw)
+    mode = raw.pop("mode", None)
+    if mode is not None:  # the issue's spelling: `mode: federated` is `task: federated`
+        if mode != "federated" or raw.get("task", "federated") != "federated":
+            raise ConfigError(f"{path}: mode: only `mode: federated` is known (the same as `task: federated`)")
+        raw["task"] = "federated"
     raw.setdefault("task", "train")
     try:
         job = _JOB.validate_python(raw)

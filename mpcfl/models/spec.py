@@ -15,6 +15,11 @@ from mpcfl.errors import MpcflError
 Classes = Annotated[int, Field(ge=2)]
 
 
+def is_binary(num_classes: int) -> bool:
+    """Two classes: one logit and BCE (any model spec, a layer list or a torch module, asks here)."""
+    return num_classes == 2
+
+
 class ModelSpec(BaseModel):
     """A job's ``model`` section for training: logistic regression or an MLP."""
 
@@ -36,7 +41,7 @@ class ModelSpec(BaseModel):
     @property
     def binary(self) -> bool:
         """Two classes (see :func:`mpcfl.models.heads.head_of`)."""
-        return self.num_classes == 2
+        return is_binary(self.num_classes)
 
 
 class FactorySpec(BaseModel):
@@ -75,7 +80,7 @@ class FactoryModelSpec(FactorySpec):
     @property
     def binary(self) -> bool:
         """Two classes (see :func:`mpcfl.models.heads.head_of`)."""
-        return self.num_classes == 2
+        return is_binary(self.num_classes)
 
 
 TrainModel = ModelSpec | FactoryModelSpec  # what a training job's ``model`` may be

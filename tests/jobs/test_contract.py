@@ -59,14 +59,14 @@ def test_task_registry() -> None:
     assert task.name == job.task == "train"
     assert task.run_party().__name__ == "run_party"
     inference = load_job(REPO / "configs" / "digits_inference.yaml")
-    with pytest.raises(MpcflError, match=r"--resume is for task: train; this job is task: inference"):
+    with pytest.raises(MpcflError, match=r"--resume is for task: train, federated; this job is task: inference"):
         registry.task_of(inference).require(inference, registry.RESUME)
 
 
 def test_resume_refused_for_a_task_without_it() -> None:
     done = mpcfl("party", str(REPO / "configs" / "digits_inference.yaml"), "--party", "bank", "--resume")
     assert done.returncode == 1
-    assert done.stderr.strip().endswith("--resume is for task: train; this job is task: inference")
+    assert done.stderr.strip().endswith("--resume is for task: train, federated; this job is task: inference")
 
 
 def test_launch_with_provider_tfp_runs_without_a_dealer() -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mpcfl.jobs.schema import TrainJob
+from mpcfl.jobs.schema import JobBase, TrainJob
 from mpcfl.errors import MpcflError
 from mpcfl.mpc.device import to_device, to_host
 from mpcfl.outputs import write_torch
@@ -83,13 +83,12 @@ def save(job: TrainJob, party: str, rank: int, checkpoint: Checkpoint) -> None:
         (folder(job, party) / f"epoch-{old:04d}.pt").unlink(missing_ok=True)
 
 
-def load(job: TrainJob, party: str, rank: int, epoch: int) -> Checkpoint:
-    """Reads this party's checkpoint for ``epoch``, refusing one of another job or party.
+def read_own(job: JobBase, party: str, rank: int, path: Path) -> dict[str, Any]:
+    """A checkpoint file's contents, refusing one of another job, configuration or party.
 
     Raises:
         MpcflError: unreadable, or written by another job, config or party.
     """
-    path = folder(job, party) / f"epoch-{epoch:04d}.pt"
     try:
         data = torch.load(path, weights_only=True)
     except Exception as err:  # torch raises several types for a damaged file
@@ -101,14 +100,24 @@ def load(job: TrainJob, party: str, rank: int, epoch: int) -> Checkpoint:
         )
     if (data.get("party"), data.get("rank")) != (party, rank):
         raise MpcflError(f"party {party}: {path}: belongs to party {data.get('party')!r} (rank {data.get('rank')})")
+    return data
+
+
+def load(job: TrainJob, party: str, rank: int, epoch: int) -> Checkpoint:
+    """Reads this party's checkpoint for ``epoch``, refusing one of another job or party.
+
+    Raises:
+        MpcflError: unreadable, or written by another job, config or party.
+    """
+    data = read_own(job, party, rank, folder(job, party) / f"epoch-{epoch:04d}.pt")
     return Checkpoint(
         epoch=data["epoch"], params=data["params"], momentum=data["momentum"], history=data["history"],
         privacy=data.get("privacy"),
     )
 
 
-def common_epoch(job: TrainJob, mine: list[int]) -> int:
-    """The newest epoch every party holds a checkpoint for (exchanged as public integers).
+def common_epoch(job: JobBase, mine: list[int]) -> int:
+    """The newest epoch (or federated round) every party holds a checkpoint for (exchanged as public integers).
 
     Raises:
         MpcflError: some party has no checkpoint in common with the others.

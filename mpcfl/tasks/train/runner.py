@@ -11,7 +11,7 @@ from mpcfl.data.party import PartyData, load_party_data
 from mpcfl.data.psi import align
 from mpcfl.dp.budget import Budget
 from mpcfl.errors import MpcflError
-from mpcfl.jobs.schema import TrainJob
+from mpcfl.jobs.schema import FederatedJob, TrainJob
 from mpcfl.jobs.session import session_of
 from mpcfl.mpc.device import to_host
 from mpcfl.mpc.reveal import Disclosure
@@ -25,7 +25,7 @@ from mpcfl.tasks.train.loop import TrainResult, train
 log = logging.getLogger(__name__)
 
 
-def _budget(job: TrainJob, party: str, *, resume: bool) -> Budget | None:
+def privacy_budget(job: TrainJob | FederatedJob, party: str, *, resume: bool) -> Budget | None:
     """The job's privacy budget, persisted on every charge; on resume, the ledger so far."""
     if job.dp is None:
         return None
@@ -76,7 +76,7 @@ def run_party(
         MpcflError: bad data or checkpoints, a peer failure, or the environment contradicts the job.
     """
     with party_session(session_of(job, rendezvous=rendezvous, key_file=key_file), party) as rank:
-        budget = agreed("privacy ledger", job.party_names, lambda: _budget(job, party, resume=resume))
+        budget = agreed("privacy ledger", job.party_names, lambda: privacy_budget(job, party, resume=resume))
         # Every reveal of this run is recorded, and charged to the budget, until the with ends.
         with Disclosure(budget) as disclosure:
             start = None

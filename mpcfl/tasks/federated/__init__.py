@@ -1,0 +1,1 @@
+"""Federated training: local plaintext rounds at each party, their updates averaged under MPC."""

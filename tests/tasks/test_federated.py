@@ -1,0 +1,219 @@
+"""Federated training on real processes: the revealed average is the plaintext weighted average,
+nothing else leaves MPC, a failed party stops the round by name (or sits out when dropouts are
+allowed), a killed run resumes from its round checkpoints, and DP rounds carry noise of the
+declared scale and stop at the budget before revealing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from conftest import crash_after_line, horizontal_parties, job_metrics, mpcfl, run_job, spy_views, wdbc, write_csv, write_job
+from mpcfl.data.party import apply_scaler, load_party_data
+from mpcfl.dp.accountant import Charge, RdpAccountant
+from mpcfl.jobs.schema import load_job
+from mpcfl.models.heads import head_of
+from mpcfl.tasks.federated.aggregate import count_bound, divisor_scale
+from mpcfl.tasks.federated.local import Rows, flat, initial_model, local_update
+from mpcfl.tasks.federated.simulate import plain_round, prepared_parties, simulate
+from mpcfl.tasks.federated.strategies import strategy_of
+
+SMALLEST_TELLING = 1 << 12  # ring values below this can be public small integers
+STATS = ["column means for standardisation", "column mean deviations for standardisation",
+         "column variances for standardisation"]
+
+
+def fed_job(folder: Path, parties: list[dict[str, Any]], **federated: Any) -> Path:
+    spec = {
+        "name": "fed-test", "task": "federated", "parties": parties, "labels": {"column": "malignant"},
+        "model": {"type": "logistic_regression"},
+        "federated": {"rounds": 2, "local_epochs": 1, "batch_size": 32, "lr": 0.1, **federated},
+        "outputs": {"dir": str(folder / "out")}, "runtime": {"timeout_s": 60},
+    }
+    return write_job(folder, spec)
+
+
+def round_weights(job: Any, party: str, rounds: list[int]) -> list[torch.Tensor]:
+    folder = job.party_dir(party) / "checkpoints"
+    return [torch.load(folder / f"round-{r:04d}.pt", weights_only=True)["weights"] for r in rounds]
+
+
+def scaled_rows(job: Any, scaler: dict[str, Any] | None) -> list[Rows]:
+    """Every party's training rows, scaled as the secure run scaled them (its revealed statistics)."""
+    head = head_of(job.model)
+    rows = []
+    for name in job.party_names:
+        part = load_party_data(job, name)
+        if scaler is not None:
+            apply_scaler(part, np.array(scaler["mean"]), np.array(scaler["std"]))
+        rows.append(Rows.of(part.train, head))
+    return rows
+
+
+def within_fixed_point(job: Any, revealed: torch.Tensor, average: torch.Tensor, rows: int) -> bool:
+    """Whether the secure average is the plaintext one within its documented error (mpcfl/tasks/federated/aggregate.py):
+    n 2^-16 (s/N (1 + |avg|) + 1 + |avg| N/s) per entry, with a factor two in hand."""
+    s = divisor_scale(count_bound(job.world_size, job.federated.max_rows))
+    size = average.abs()
+    bound = 2 * job.world_size * 2**-16 * (s / rows * (1 + size) + 1 + size * rows / s)
+    return bool(((revealed - average).abs() <= bound).all())
+
+
+def ring(values: torch.Tensor) -> np.ndarray:
+    encoded = values.double().mul(2**16).round().long().numpy()
+    return encoded[np.abs(encoded) >= SMALLEST_TELLING]
+
+
+def held(view: dict[str, np.ndarray], values: np.ndarray) -> int:
+    """How many of ``values`` (ring units, to within two) sit in the buffers a process handled."""
+    near = np.unique(np.concatenate([values + delta for delta in range(-2, 3)]))
+    return int(np.isin(view.get("seen_protocol", np.empty(0, dtype=np.int64)), near).sum())
+
+
+def test_the_average_is_the_plaintext_weighted_average_and_nothing_else_leaves_mpc(tmp_path: Path, spied: Path) -> None:
+    path = fed_job(tmp_path, horizontal_parties(tmp_path, 3), lr=0.5)  # updates well above public small integers
+    run_job(path)
+    job = load_job(path)
+    # At the chokepoint: every party's ledger lists the same reveals, each to every party, and only
+    # aggregates: the standardisation statistics and one average update per round.
+    for party in job.party_names:
+        reveals = job_metrics(path, party)["reveals"]
+        assert [r["what"] for r in reveals] == [*STATS, "round 1 average update", "round 2 average update"]
+        assert all(r["to"] == [0, 1, 2] for r in reveals)
+    scalers = [json.loads((job.party_dir(p) / "scaler.json").read_text()) for p in job.party_names]
+    assert scalers[0] == scalers[1] == scalers[2]
+    pooled = np.vstack([load_party_data(job, p).train.x for p in job.party_names])
+    assert np.allclose(scalers[0]["mean"], pooled.mean(axis=0), rtol=1e-4, atol=1e-3)
+    assert np.allclose(scalers[0]["std"], pooled.std(axis=0), rtol=1e-3, atol=1e-3)
+
+    # Each round's revealed average (the change of the global weights, FedAvg with server_lr 1) equals the
+    # plaintext row-weighted average of the same local updates, within fixed point's tolerance.
+    head = head_of(job.model)
+    rows = scaled_rows(job, scalers[0])
+    model = initial_model(job, pooled.shape[1])
+    strategy = strategy_of(job.federated.strategy)
+    weights = [flat(model), *round_weights(job, "p0", [1, 2])]
+    assert all(torch.equal(w, v) for w, v in zip(weights[1:], round_weights(job, "p2", [1, 2])))
+    views = spy_views(spied)
+    for r in (1, 2):
+        average, live = plain_round(job, model, rows, head, strategy, weights=weights[r - 1], round_index=r)
+        assert live == [0, 1, 2]
+        revealed = weights[r] - weights[r - 1]
+        assert within_fixed_point(job, revealed, average, pooled.shape[0]), (revealed - average).abs().max()
+        # The recorder sees opened values: each party handled the opened average; the dealer did not.
+        opened = ring(revealed)
+        assert opened.size > 5
+        for rank in ("0", "1", "2"):
+            assert held(views[rank], opened) >= opened.size, f"rank {rank}: the spy missed the opened average"
+        assert held(views["3"], opened) == 0, "the dealer holds the average"
+        # No process other than its owner ever held a party's update, or its update times its rows.
+        for owner, party_rows in enumerate(rows):
+            update, _ = local_update(
+                job, model, party_rows, head, strategy, weights=weights[r - 1], round_index=r, rank=owner,
+                clip=None, bound=float("inf"), who="test",
+            )
+            secret = np.concatenate([ring(update), ring(update * party_rows.x.shape[0])])
+            assert secret.size >= 30
+            # A leak holds the whole vector, as the average above is held; a few entries can match
+            # opened aggregates of the same magnitude (column means, averages) by chance.
+            for rank in {"0", "1", "2", "3"} - {str(owner)}:
+                found = held(views[rank], secret)
+                assert found <= secret.size // 10, f"rank {rank} holds {found} values of party {owner}'s round {r} update"
+    # The whole run matches the plaintext simulation (pooled statistics) and every party's model.
+    plain = simulate(job)
+    assert (plain.weights[-1] - weights[-1]).abs().max() < 5e-3
+    for party in job.party_names:
+        saved = torch.load(job.party_dir(party) / "model.pt", weights_only=True)
+        assert torch.allclose(torch.cat([v.reshape(-1) for v in saved.values()]).double(), weights[-1], atol=1e-6)
+        assert job_metrics(path, party)["final"]["test_accuracy"] > 0.85
+
+
+def test_a_killed_party_fails_the_job_by_name_and_the_rounds_resume(tmp_path: Path) -> None:
+    path = fed_job(tmp_path, horizontal_parties(tmp_path, 2), rounds=2, strategy={"name": "fedavgm", "momentum": 0.5})
+    code, err = crash_after_line(path, "[p1] INFO mpcfl.tasks.federated.runner: round round=1 ", "p1")
+    assert code != 0
+    assert "mpcfl: error: p1 failed: killed by signal 9" in err, err[-2000:]
+    job = load_job(path)
+    assert not (job.party_dir("p0") / "model.pt").exists()
+    done = mpcfl("run", str(path), "--resume", timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "INFO mpcfl.tasks.federated.runner: resuming after round" in done.stdout
+    assert [row["round"] for row in job_metrics(path, "p0")["history"]] == [1, 2]
+    # The server momentum survived the crash: the resumed model is the plaintext simulation's.
+    [final] = round_weights(job, "p0", [2])
+    assert (simulate(job).weights[-1] - final).abs().max() < 5e-3
+
+
+def _one_raw_party(folder: Path) -> list[dict[str, Any]]:
+    """Three parties: p0 and p1 hold standardised rows, p2 raw ones (its local training runs away)."""
+    header, values = wdbc()
+    features = [i for i, name in enumerate(header) if name != "malignant"]
+    scaled = values.copy()
+    scaled[:, features] = (values[:, features] - values[:, features].mean(axis=0)) / values[:, features].std(axis=0)
+    parties = []
+    for i, (raw, std) in enumerate(zip(np.array_split(values, 3), np.array_split(scaled, 3))):
+        train = write_csv(folder / f"p{i}_train.csv", header, raw if i == 2 else std)
+        parties.append({"name": f"p{i}", "data": {"train": str(train)}})
+    return parties
+
+
+def test_a_party_whose_update_is_out_of_bounds_sits_out_when_dropouts_are_allowed(tmp_path: Path) -> None:
+    # At lr 20, p2's update on raw features reaches about 8,000, beyond the 4,096 the average takes; p0's and p1's about 8.
+    path = fed_job(tmp_path, _one_raw_party(tmp_path), rounds=1, lr=20.0, allow_dropouts=True, min_parties=2)
+    raw = yaml.safe_load(path.read_text())
+    path = write_job(tmp_path, {**raw, "data": {"standardize": False}})
+    job = load_job(path)
+    done = run_job(path)
+    assert "[p2] WARNING mpcfl.tasks.federated.runner: round 1: p2 sit(s) out; averaging over 2 parties" in done.stdout
+    assert job_metrics(path, "p0")["history"][0]["parties"] == 2
+    # The average is over the survivors, re-weighted by their rows.
+    head, model = head_of(job.model), initial_model(job, 30)
+    start = flat(model)
+    average, live = plain_round(job, model, scaled_rows(job, None), head, strategy_of(job.federated.strategy), weights=start, round_index=1)
+    assert live == [0, 1]
+    [after] = round_weights(job, "p1", [1])
+    survivors = sum(load_party_data(job, p).train.x.shape[0] for p in ("p0", "p1"))
+    assert within_fixed_point(job, after - start, average, survivors), ((after - start) - average).abs().max()
+
+
+def test_dp_rounds_carry_noise_of_the_declared_scale_and_stop_at_the_budget(tmp_path: Path) -> None:
+    header, values = wdbc()
+    center, scale = values.mean(axis=0), values.std(axis=0)
+    scaling = {name: [float(center[i]), float(scale[i])] for i, name in enumerate(header) if name != "malignant"}
+    z, clip = 2.0, 0.5
+    accountant = RdpAccountant()
+    two = accountant.epsilon(1e-5, extra=[Charge("gaussian", z, 2)])
+    three = accountant.epsilon(1e-5, extra=[Charge("gaussian", z, 3)])
+    path = fed_job(tmp_path, horizontal_parties(tmp_path, 3), rounds=3)
+    raw = yaml.safe_load(path.read_text())
+    raw.update(data={"standardize": False, "scaling": scaling}, model={"type": "mlp", "hidden": [16]},
+               dp={"epsilon": (two + three) / 2, "delta": 1e-5, "clip": clip, "noise_multiplier": z})
+    path = write_job(tmp_path, raw)
+    done = mpcfl("run", str(path), timeout=240)
+    assert done.returncode == 1
+    assert "reveal of round 3 average update refused: it would spend epsilon" in done.stderr, done.stderr[-2000:]
+    job = load_job(path)
+    ledger = json.loads((job.party_dir("p0") / "privacy.json").read_text())["ledger"]
+    assert [entry["what"] for entry in ledger] == ["round 1 average update", "round 2 average update"]
+    assert not (job.party_dir("p0") / "model.pt").exists()
+    # Each revealed mean = the mean of the clipped updates + noise of std z * 2S / n (replace-one, 3 parties)
+    # from the n - t honest shares; all n parties add a share of variance sigma^2 / (n - t) (t = n - 1).
+    head = head_of(job.model)
+    rows = [Rows.of(part.train, head) for part in prepared_parties(job)]  # scaled by the public constants
+    model = initial_model(job, 30)
+    strategy = strategy_of(job.federated.strategy)
+    weights = [flat(model), *round_weights(job, "p0", [1, 2])]
+    noise = []
+    for r in (1, 2):
+        average, _ = plain_round(job, model, rows, head, strategy, weights=weights[r - 1], round_index=r)
+        noise.append((weights[r] - weights[r - 1]) - average)
+    noise = torch.cat(noise)
+    expected = z * 2 * clip / 3 * 3**0.5
+    assert noise.numel() > 1000
+    assert 0.85 < float(noise.std()) / expected < 1.15, (float(noise.std()), expected)
+    assert abs(float(noise.mean())) < 5 * expected / noise.numel() ** 0.5
