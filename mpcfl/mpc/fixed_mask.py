@@ -60,10 +60,17 @@ class FixedMask:
 
 @dataclass(frozen=True)
 class _Fixed:
-    """What a tagged tensor is: rows of a fixed data tensor (``rows`` None: all, in order)."""
+    """What a tagged tensor is: rows of a fixed data tensor (``rows`` None: all, in order), as long
+    as its share is still ``share`` at ``version`` (an in-place change would leave E stale)."""
 
     mask: FixedMask
     rows: torch.Tensor | None
+    share: Any
+    version: int
+
+    @classmethod
+    def of(cls, x: Any, mask: FixedMask, rows: torch.Tensor | None) -> _Fixed:
+        return cls(mask, rows, x._tensor.share, x._tensor.share._version)
 
 
 def binding(*public: object) -> str:
@@ -72,7 +79,14 @@ def binding(*public: object) -> str:
 
 
 def _tag(x: Any) -> _Fixed | None:
-    return vars(x).get(_TAG)
+    """The tensor's fixed mask, or None: never fixed, or changed in place since (then E = X - A no
+    longer holds, and products take ordinary triples)."""
+    tag = vars(x).get(_TAG)
+    if tag is None or (x._tensor.share is tag.share and x._tensor.share._version == tag.version):
+        return tag
+    log.warning("a fixed data tensor changed in place: its products take ordinary triples from now on")
+    del vars(x)[_TAG]
+    return None
 
 
 def fix(x: Any, data: str) -> bool:
@@ -91,7 +105,7 @@ def fix(x: Any, data: str) -> bool:
         return False
     mask = provider.generate_fixed_mask(data, tuple(x.size()), device=x.device)
     opened = _open_padded(x._tensor.share, mask)
-    vars(x)[_TAG] = _Fixed(FixedMask(data, opened, mask.share), None)
+    vars(x)[_TAG] = _Fixed.of(x, FixedMask(data, opened, mask.share), None)
     log.info("fixed mask for %s (%d x %d): later products open O(n + d) elements", data[:16], *x.size())
     return True
 
@@ -108,7 +122,7 @@ def rows(x: Any, index: torch.Tensor) -> Any:
     tag = _tag(x)
     if tag is not None and tag.rows is None:
         whole = torch.equal(index, torch.arange(x.size(0), device=index.device))
-        vars(picked)[_TAG] = _Fixed(tag.mask, None if whole else index)
+        vars(picked)[_TAG] = _Fixed.of(picked, tag.mask, None if whole else index)
     return picked
 
 

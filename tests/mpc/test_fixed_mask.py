@@ -137,6 +137,11 @@ def test_products_with_a_fixed_tensor_match_plaintext_on_all_rows_and_on_batches
         assert dealer.triples == triples, (rows, dealer.triples)
     under_no_grad = data.matmul(crypten.cryptensor(w).t())  # an epoch's metrics
     assert torch.allclose(under_no_grad.get_plain_text(), x @ w.t(), atol=1e-3)
+    # Changed in place, the data no longer matches its opened E: products fall back to ordinary triples.
+    data.add_(1.0)
+    dealer.triples = 0
+    changed = data.matmul(crypten.cryptensor(w).t())
+    assert torch.allclose(changed.get_plain_text(), (x + 1) @ w.t(), atol=1e-3) and dealer.triples == 0
 
 
 def _encoded(values: np.ndarray) -> np.ndarray:
