@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from mpcfl.errors import MpcflError
 from mpcfl.mpc.compat import import_crypten
 from mpcfl.mpc.device import to_device
 
@@ -60,8 +61,8 @@ class FixedMask:
 
 @dataclass(frozen=True)
 class _Fixed:
-    """What a tagged tensor is: rows of a fixed data tensor (``rows`` None: all, in order), as long
-    as its share is still ``share`` at ``version`` (an in-place change would leave E stale)."""
+    """What a tagged tensor is: rows of a fixed data tensor (``rows`` None: all, in order), whose
+    share was ``share`` at ``version`` when tagged (a later in-place change leaves E stale)."""
 
     mask: FixedMask
     rows: torch.Tensor | None
@@ -79,14 +80,17 @@ def binding(*public: object) -> str:
 
 
 def _tag(x: Any) -> _Fixed | None:
-    """The tensor's fixed mask, or None: never fixed, or changed in place since (then E = X - A no
-    longer holds, and products take ordinary triples)."""
+    """The tensor's fixed mask, or None if it was never fixed.
+
+    Raises:
+        MpcflError: it changed in place since E = X - A was opened. Falling back to ordinary triples
+            is no way out: adding a public value changes party 0's share alone, so the parties would
+            disagree on which triple to ask for.
+    """
     tag = vars(x).get(_TAG)
     if tag is None or (x._tensor.share is tag.share and x._tensor.share._version == tag.version):
         return tag
-    log.warning("a fixed data tensor changed in place: its products take ordinary triples from now on")
-    del vars(x)[_TAG]
-    return None
+    raise MpcflError("a fixed data tensor (mask reuse) changed in place; its opened E = X - A no longer holds")
 
 
 def fix(x: Any, data: str) -> bool:
