@@ -328,7 +328,7 @@ class JobBase(_Strict):
         """A digest of what every party's copy of the job must agree on.
 
         Local paths (data files, weights, inputs, outputs, the secret file) may differ
-        between hosts and are left out.
+        between hosts and are left out; a factory file counts by its contents.
         """
         data = self.model_dump(mode="json")
         for party in data["parties"]:
@@ -338,6 +338,13 @@ class JobBase(_Strict):
         for section, key in (("model", "weights"), ("inputs", "file")):
             if isinstance(data.get(section), dict):
                 data[section].pop(key, None)
+        model = data.get("model")
+        if isinstance(model, dict) and isinstance(model.get("factory"), str):
+            # The factory file's contents, not where it lies: hosts keep it in different folders, and
+            # every party must run the same code (only this file: modules it imports are not covered).
+            where, _, function = model["factory"].rpartition(":")
+            if where.endswith(".py") and Path(where).is_file():
+                model["factory"] = f"sha256 {hashlib.sha256(Path(where).read_bytes()).hexdigest()}:{function}"
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def party_dir(self, name: str) -> Path:

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from mpcfl.errors import MpcflError
 from mpcfl.mpc.compat import import_crypten
 from mpcfl.mpc.device import to_device
 
@@ -60,10 +61,17 @@ class FixedMask:
 
 @dataclass(frozen=True)
 class _Fixed:
-    """What a tagged tensor is: rows of a fixed data tensor (``rows`` None: all, in order)."""
+    """What a tagged tensor is: rows of a fixed data tensor (``rows`` None: all, in order), whose
+    share was ``share`` at ``version`` when tagged (a later in-place change leaves E stale)."""
 
     mask: FixedMask
     rows: torch.Tensor | None
+    share: Any
+    version: int
+
+    @classmethod
+    def of(cls, x: Any, mask: FixedMask, rows: torch.Tensor | None) -> _Fixed:
+        return cls(mask, rows, x._tensor.share, x._tensor.share._version)
 
 
 def binding(*public: object) -> str:
@@ -72,7 +80,17 @@ def binding(*public: object) -> str:
 
 
 def _tag(x: Any) -> _Fixed | None:
-    return vars(x).get(_TAG)
+    """The tensor's fixed mask, or None if it was never fixed.
+
+    Raises:
+        MpcflError: it changed in place since E = X - A was opened. Falling back to ordinary triples
+            is no way out: adding a public value changes party 0's share alone, so the parties would
+            disagree on which triple to ask for.
+    """
+    tag = vars(x).get(_TAG)
+    if tag is None or (x._tensor.share is tag.share and x._tensor.share._version == tag.version):
+        return tag
+    raise MpcflError("a fixed data tensor (mask reuse) changed in place; its opened E = X - A no longer holds")
 
 
 def fix(x: Any, data: str) -> bool:
@@ -91,7 +109,7 @@ def fix(x: Any, data: str) -> bool:
         return False
     mask = provider.generate_fixed_mask(data, tuple(x.size()), device=x.device)
     opened = _open_padded(x._tensor.share, mask)
-    vars(x)[_TAG] = _Fixed(FixedMask(data, opened, mask.share), None)
+    vars(x)[_TAG] = _Fixed.of(x, FixedMask(data, opened, mask.share), None)
     log.info("fixed mask for %s (%d x %d): later products open O(n + d) elements", data[:16], *x.size())
     return True
 
@@ -108,7 +126,7 @@ def rows(x: Any, index: torch.Tensor) -> Any:
     tag = _tag(x)
     if tag is not None and tag.rows is None:
         whole = torch.equal(index, torch.arange(x.size(0), device=index.device))
-        vars(picked)[_TAG] = _Fixed(tag.mask, None if whole else index)
+        vars(picked)[_TAG] = _Fixed.of(picked, tag.mask, None if whole else index)
     return picked
 
 

@@ -227,3 +227,16 @@ def test_factory_model_must_fit_the_data_and_the_head(tmp_path: Path) -> None:
     two = load_job(cnn_demo(tmp_path, num_classes=2))
     with pytest.raises(ConfigError, match=r"model.num_classes: 2 classes need 1 output\(s\) per row, but .* gives \(2, 10\)"):
         check_model(two, 64)
+
+
+def test_a_factory_counts_in_the_fingerprint_by_its_code_not_its_folder(tmp_path: Path) -> None:
+    """Parties sign the fingerprint: the same factory file in two hosts' folders must agree, and a
+    party running other code under the same path must not."""
+    code = "import torch\ndef make():\n    return torch.nn.Sequential(torch.nn.Linear(30, 1))\n"
+    prints = []
+    for host, text in (("a", code), ("b", code), ("c", code.replace("30, 1", "30, 1, bias=False"))):
+        folder = tmp_path / host
+        folder.mkdir()
+        (folder / "net.py").write_text(text)
+        prints.append(load_job(write(folder, edit("model", {"factory": "net.py:make"}))).fingerprint())
+    assert prints[0] == prints[1] != prints[2]

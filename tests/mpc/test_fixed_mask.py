@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import SCRIPTS, assert_no_leftovers, mpcfl, spy_views
+from mpcfl.errors import MpcflError
 from mpcfl.mpc.prng import SecureGenerator, new_key
 from mpcfl.mpc.providers.ttp import Dealer, DealerRequestRefused, answer_size, request_digest
 
@@ -137,6 +138,10 @@ def test_products_with_a_fixed_tensor_match_plaintext_on_all_rows_and_on_batches
         assert dealer.triples == triples, (rows, dealer.triples)
     under_no_grad = data.matmul(crypten.cryptensor(w).t())  # an epoch's metrics
     assert torch.allclose(under_no_grad.get_plain_text(), x @ w.t(), atol=1e-3)
+    # Changed in place, the data no longer matches its opened E: refused (it multiplied with the stale E).
+    data.add_(1.0)
+    with pytest.raises(MpcflError, match="changed in place"):
+        data.matmul(crypten.cryptensor(w).t())
 
 
 def _encoded(values: np.ndarray) -> np.ndarray:

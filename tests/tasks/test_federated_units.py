@@ -168,3 +168,22 @@ def test_who_takes_part_in_a_round(
     with pytest.raises(MpcflError) as caught:
         runner._who_takes_part(job, error, 4)
     assert f"{type(caught.value).__name__}: {caught.value}" == outcome
+
+
+def test_under_dp_a_diverged_update_counts_as_zero_and_publishes_no_flag(tmp_path: Path) -> None:
+    """The public "my update is usable" flag depends on a party's data; under client-level DP it
+    would be a release outside the guarantee, so a non-finite update is clipped to zero instead of
+    being refused (without DP it is still refused, naming the party)."""
+    from mpcfl.errors import MpcflError
+    from mpcfl.models.heads import head_of
+    from mpcfl.tasks.federated.local import Rows, flat, initial_model, local_update
+
+    job = load_job(_fed(tmp_path, **{"data.standardize": False, "federated.lr": 1e30, "dp": {"epsilon": 4.0, "delta": 1e-5, "clip": 1.0}}))
+    model, head = initial_model(job, 30), head_of(job.model)
+    rows = Rows(x=torch.full((4, 30), 3e38), y=head.plain_targets(torch.tensor([0, 1, 0, 1]).numpy()))
+    where = {"weights": flat(model), "round_index": 1, "rank": 0, "bound": 2.0**12, "who": "party p0: round 1"}
+    strategy = strategy_of(job.federated.strategy)
+    update, _ = local_update(job, model, rows, head, strategy, clip=1.0, **where)
+    assert torch.equal(update, torch.zeros_like(update))
+    with pytest.raises(MpcflError, match="party p0: round 1: the local update has a non-finite entry"):
+        local_update(job, model, rows, head, strategy, clip=None, **where)

@@ -311,7 +311,7 @@ class Dealer:
             unknown = set(kwargs) - PRODUCTS[args[2]]
             if unknown or len(args) > 3:
                 raise self._refuse(f"request 'additive' ({args[2]}) with unexpected arguments {sorted(unknown) or args[3:]}")
-            if not all(self._option(v) for v in kwargs.values()):
+            if not all(self._option(k, v) for k, v in kwargs.items()):
                 raise self._refuse(f"request 'additive' ({args[2]}) with options beyond 0..{MAX_OPTION}: {kwargs}")
             sizes = args[:2]
         else:
@@ -375,10 +375,13 @@ class Dealer:
         return self.requests[name], args, kwargs
 
     @staticmethod
-    def _option(value: Any) -> bool:
-        # Conv options come as ints, tuples, or lists (crypten.nn.from_pytorch's ONNX converter).
+    def _option(key: str, value: Any) -> bool:
+        # Conv options come as ints, tuples, or lists (crypten.nn.from_pytorch's ONNX converter), one
+        # or two entries (conv1d/2d). The meta device's shape check passes a zero dilation and a list
+        # of the wrong length, which the real product then raises on, after every party agreed to it.
         values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
-        return bool(values) and all(type(v) is int and 0 <= v <= MAX_OPTION for v in values)
+        low = 1 if key in ("stride", "dilation", "groups") else 0
+        return 0 < len(values) <= 2 and all(type(v) is int and low <= v <= MAX_OPTION for v in values)
 
     def _size(self, name: str, size: Any) -> None:
         if not isinstance(size, (tuple, torch.Size)) or not all(type(d) is int for d in size):

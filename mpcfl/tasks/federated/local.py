@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +18,8 @@ from mpcfl.models.build import build_torch_model
 from mpcfl.models.heads import Head
 from mpcfl.tasks.federated.aggregate import check_update
 from mpcfl.tasks.federated.strategies import Strategy
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,12 +100,13 @@ def local_update(
 ) -> tuple[torch.Tensor, float]:
     """One party's update of one round from the global ``weights``, and its local training loss.
 
-    With DP (``clip``), the update is clipped to L2 norm ``clip``; without, it is refused beyond
-    ``bound`` (:data:`~mpcfl.tasks.federated.aggregate.MAX_AVERAGED`).
+    With DP (``clip``), the update is clipped to L2 norm ``clip`` (a non-finite one counts as zero:
+    refusing it would publish a data-dependent bit); without, it is refused beyond ``bound``
+    (:data:`~mpcfl.tasks.federated.aggregate.MAX_AVERAGED`) or if not finite.
 
     Raises:
-        MpcflError: local training failed (the user's module, diverged arithmetic), or the update is
-            not finite or out of bounds; names ``who``.
+        MpcflError: local training raised (the user's module, diverged arithmetic), or, without DP,
+            the update is not finite or out of bounds; names ``who``.
     """
     load_flat(model, weights)
     try:
@@ -115,7 +118,13 @@ def local_update(
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise MpcflError(f"{who}: local training failed: {type(err).__name__}: {first}") from None
     update = flat(model) - weights
-    check_update(update, bound=math.inf if clip is not None else bound, who=who)
-    if clip is not None:
-        update = torch.from_numpy(clip_rows(update.numpy()[None, :], clip)[0])
-    return update, loss
+    if clip is None:
+        check_update(update, bound=bound, who=who)
+        return update, loss
+    if not torch.isfinite(update).all():
+        # Under DP, "my update is unusable" would be a public, data-dependent bit outside the
+        # guarantee: a diverged update counts as the zero update instead (within the clip), and
+        # only this party's log says so.
+        log.warning("%s: the local update is not finite (local training diverged); it counts as zero", who)
+        return torch.zeros_like(update), loss
+    return torch.from_numpy(clip_rows(update.numpy()[None, :], clip)[0]), loss
