@@ -249,10 +249,10 @@ class Dealer:
     def _receive(self) -> Any:
         """Party 0's next message, refused before allocation if it is larger than any request."""
         import torch.distributed as dist
-        from crypten.common.serial import restricted_loads
 
-        from mpcfl.mpc.compat import process_group_timeout
+        from mpcfl.mpc.compat import import_crypten, process_group_timeout
 
+        restricted_loads = import_crypten().common.serial.restricted_loads  # crypten only through compat
         size = torch.zeros((), dtype=torch.int32)
         wait = process_group_timeout() + datetime.timedelta(seconds=self._patience_s)
         dist.irecv(size, src=0, group=self.comm.ttp_group).wait(wait)
