@@ -163,8 +163,8 @@ def test_who_takes_part_in_a_round(
     monkeypatch.setattr(runner, "all_gather_public", lambda values: [[flag] for flag in flags])
     error = None if mine is None else MpcflError(mine)
     if isinstance(outcome, list):
-        assert runner._who_takes_part(job, error, 4) == outcome
+        assert runner._who_takes_part(tuple(job.party_names), job, error, 4) == outcome
         return
     with pytest.raises(MpcflError) as caught:
-        runner._who_takes_part(job, error, 4)
+        runner._who_takes_part(tuple(job.party_names), job, error, 4)
     assert f"{type(caught.value).__name__}: {caught.value}" == outcome
