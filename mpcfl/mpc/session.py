@@ -264,7 +264,7 @@ _POLL_S = 0.05
 def _store_path(session: Session) -> str:
     rendezvous = session.rendezvous or os.environ.get(ENV_RENDEZVOUS, "")
     if not rendezvous.startswith("file://"):
-        raise MpcflError(
+        raise PeerFailure(
             f"{session.label}: a session re-forms without a lost peer only over a file:// rendezvous (the local "
             f"launcher's), not {rendezvous or 'none'}: its host may be the process that died"
         )

@@ -60,5 +60,5 @@ def test_no_session_without_the_dealer_or_enough_parties(tmp_path: Path, alive: 
 
 
 def test_only_a_file_rendezvous_outlives_a_lost_process(tmp_path: Path) -> None:
-    with pytest.raises(MpcflError, match="only over a file:// rendezvous .* not tcp://127.0.0.1:1"):
+    with pytest.raises(PeerFailure, match="only over a file:// rendezvous .* not tcp://127.0.0.1:1"):
         reformed(_session(tmp_path, "tcp://127.0.0.1:1"), "p0", epoch=1, min_parties=2)

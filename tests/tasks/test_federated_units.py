@@ -168,3 +168,13 @@ def test_who_takes_part_in_a_round(
     with pytest.raises(MpcflError) as caught:
         runner._who_takes_part(tuple(job.party_names), job, error, 4)
     assert f"{type(caught.value).__name__}: {caught.value}" == outcome
+
+
+def test_a_session_reformed_without_a_dead_party_caps_the_dp_collusion_threshold(tmp_path: Path) -> None:
+    from mpcfl.dp.noise import share_variance
+    from mpcfl.tasks.federated.runner import _Privacy
+
+    dp = {"epsilon": 1.0, "delta": 1e-5, "clip": 1.0, "noise_multiplier": 2.0}
+    privacy = _Privacy(load_job(_fed(tmp_path, **{"data.standardize": False, "dp": dp})))
+    assert [privacy.of_round(n, n).colluders for n in (3, 2)] == [2, 1]  # n-1 of the job's 3, then of 2 survivors
+    share_variance(1.0, parties=2, colluders=privacy.of_round(2, 2).colluders, scale=1)  # a valid threshold there

@@ -72,7 +72,7 @@ class _Round:
         where = {"rank": self.rank, "world": self.world, "device": self.device, "what": what}
         if privacy is None:
             return aggregate.weighted_average(update, rows, bound=self.bound, **where)
-        return aggregate.noisy_mean(update, parties, privacy=privacy.of_round(parties), **where)
+        return aggregate.noisy_mean(update, parties, privacy=privacy.of_round(parties, self.world), **where)
 
 
 def _load(job: FederatedJob, party: str) -> PartyData:
@@ -141,10 +141,15 @@ class _Privacy:
             epsilon=dp.epsilon, delta=dp.delta, count=job.federated.rounds, accountant=dp.accountant
         )
 
-    def of_round(self, parties: int) -> Privacy:
-        """The noise on the mean of ``parties`` clipped updates, and its charge."""
+    def of_round(self, parties: int, world: int) -> Privacy:
+        """The noise on the mean of ``parties`` clipped updates, in a session of ``world`` parties, and its charge.
+
+        A session re-formed without a dead party has fewer parties than the job: at most all but one
+        of them may collude there (the job's threshold is n-1 unless set).
+        """
         scale = self.noise_multiplier * self.sensitivity / parties
-        return Privacy(charge=Charge("gaussian", self.noise_multiplier), scale=scale, colluders=self.colluders)
+        colluders = min(self.colluders, world - 1)
+        return Privacy(charge=Charge("gaussian", self.noise_multiplier), scale=scale, colluders=colluders)
 
     def notes(self) -> dict[str, Any]:
         return {
