@@ -233,8 +233,8 @@ class _Training:
             self.weights, self.history = start.weights, start.history
             self.strategy.load_state_dict(start.strategy)
 
-    def resynchronise(self, parties: tuple[str, ...], lost: list[str]) -> None:
-        """After a re-forming: checks that the survivors may redo the interrupted round without ``lost``.
+    def resynchronise(self, parties: tuple[str, ...]) -> None:
+        """After a re-forming: checks that the survivors, ``parties``, may redo the interrupted round without those left.
 
         A round may be redone only if no survivor finished it or began opening its average: one
         that did may hold (part of) the average with the lost party in it, and the redone average
@@ -243,17 +243,17 @@ class _Training:
         Raises:
             MpcflError: the survivors are not all at the same round, or one began opening.
         """
-        self.left.extend(lost)
+        lost = ", ".join(self.left)
         opening = len(self.disclosure.records) > self.reveals_before
         states = all_gather_public([len(self.history), int(opening)])
         round_index = len(self.history) + 1
         if any(state != [len(self.history), 0] for state in states):
             raise MpcflError(
-                f"party {self.party}: {', '.join(lost)} left during the opening of round {round_index}'s average, "
-                f"which some of {', '.join(parties)} may hold in part; redoing it without {', '.join(lost)} could "
+                f"party {self.party}: {lost} left during the opening of round {round_index}'s average, "
+                f"which some of {', '.join(parties)} may hold in part; redoing it without {lost} could "
                 "reveal its update by difference, so the job stops (its round checkpoints remain)"
             )
-        log.warning("round %d: %s left; redoing it with %s", round_index, ", ".join(lost), ", ".join(parties))
+        log.warning("round %d: %s left; redoing it with %s", round_index, lost, ", ".join(parties))
 
     def run_rounds(self, parties: tuple[str, ...], rank: int) -> None:
         """The rounds left, in a session of ``parties`` in which this party is ``rank``."""
@@ -319,7 +319,6 @@ def run_party(
         MpcflError: bad data or checkpoints, a failed round, a refused reveal, or a peer failure.
     """
     session, training, epoch = session_of(job, rendezvous=rendezvous, key_file=key_file), None, 0
-    lost: list[str] = []
     while True:
         try:
             with party_session(session, party) as rank:
@@ -330,7 +329,7 @@ def run_party(
                     if not training.in_rounds:
                         training.prepare(rank, resume)
                     else:
-                        training.resynchronise(session.parties, lost)
+                        training.resynchronise(session.parties)
                     training.run_rounds(session.parties, rank)
                 totals = communication_stats()
             break
@@ -340,7 +339,8 @@ def run_party(
             epoch += 1
             before = session.parties
             session = reformed(session, party, epoch=epoch, min_parties=job.survivors_needed)
-            lost = [p for p in before if p not in session.parties]
+            training.left.extend(p for p in before if p not in session.parties)
+    assert training is not None  # set in the first session, which the loop leaves only by success or raise
     _write_outputs(job, party, training, totals)
 
 
