@@ -178,3 +178,28 @@ def test_a_session_reformed_without_a_dead_party_caps_the_dp_collusion_threshold
     privacy = _Privacy(load_job(_fed(tmp_path, **{"data.standardize": False, "dp": dp})))
     assert [privacy.of_round(n, n).colluders for n in (3, 2)] == [2, 1]  # n-1 of the job's 3, then of 2 survivors
     share_variance(1.0, parties=2, colluders=privacy.of_round(2, 2).colluders, scale=1)  # a valid threshold there
+
+
+@pytest.mark.parametrize(
+    ("states", "refused"),
+    [
+        ([[1, 0], [1, 0]], False),  # both survivors at round 2, neither began opening it: redo it
+        ([[1, 0], [1, 1]], True),  # one began opening round 2's average with the dead party in it
+        ([[1, 0], [2, 0]], True),  # one finished round 2 (it holds that average)
+    ],
+)
+def test_survivors_redo_a_round_only_if_none_began_opening_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, states: list[list[int]], refused: bool
+) -> None:
+    from mpcfl.errors import MpcflError
+    from mpcfl.tasks.federated import runner
+
+    job = load_job(_fed(tmp_path, **{"federated.allow_dropouts": True}))
+    training = runner._Training(job, job.party_names[0], None)
+    training.history, training.left = [{"round": 1}], [job.party_names[2]]
+    monkeypatch.setattr(runner, "all_gather_public", lambda values: states)
+    if not refused:
+        training.resynchronise(tuple(job.party_names[:2]))
+        return
+    with pytest.raises(MpcflError, match=f"{job.party_names[2]} left during the opening of round 2's average"):
+        training.resynchronise(tuple(job.party_names[:2]))
