@@ -150,7 +150,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from mpcfl.jobs.session import session_of
         from mpcfl.mpc.session import run_dealer
 
-        run_dealer(session_of(job, rendezvous=rendezvous, key_file=key_file))
+        run_dealer(session_of(job, rendezvous=rendezvous, key_file=key_file), min_parties=job.survivors_needed)
     elif command == "baseline":
         task.require(job, registry.BASELINE)
         from mpcfl.tasks.train.baseline import train_plaintext

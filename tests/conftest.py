@@ -250,25 +250,27 @@ def crash_after_epoch(job: Path, epoch: int, party: str = "p1") -> int:
     return crash_after_line(job, f"[{party}] INFO mpcfl.tasks.train.loop: epoch epoch={epoch} ", party)[0]
 
 
-def crash_after_line(job: Path, prefix: str, party: str) -> tuple[int, str]:
+def crash_after_line(job: Path, prefix: str, party: str) -> tuple[int, str, str]:
     """Runs the job, SIGKILLs ``party`` right after the launcher prints a line starting with ``prefix``;
-    returns the launcher's exit code and its stderr."""
+    returns the launcher's exit code, its stderr and its stdout."""
     launcher = subprocess.Popen(
         [sys.executable, "-m", "mpcfl", "run", str(job)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True,
     )
+    seen = []
     try:
         for line in launcher.stdout:
+            seen.append(line)
             if line.startswith(prefix):
                 pid = [p for p in live_processes(str(job)) if p in live_processes(f"--party {party} ")][0]
                 os.kill(pid, signal.SIGKILL)
                 break
-        _, err = launcher.communicate(timeout=60)
+        out, err = launcher.communicate(timeout=60)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
     assert_no_leftovers(str(job))
-    return launcher.returncode, err
+    return launcher.returncode, err, "".join(seen) + out
 
 
 def demo_against_plaintext(path: Path) -> tuple[Any, float, float]:

@@ -303,6 +303,11 @@ class JobBase(_Strict):
         """Number of data parties (the dealer is one more process, rank world_size)."""
         return len(self.parties)
 
+    @property
+    def survivors_needed(self) -> int | None:
+        """The fewest parties that go on when others' processes die; ``None``: a lost process ends the job."""
+        return None
+
     def rank_of(self, name: str) -> int:
         """Rank of a party, in job order.
 
@@ -581,8 +586,9 @@ class FederatedSpec(_Strict):
     allow_dropouts: bool = Field(
         default=False,
         description="a party whose local round fails (its update is not finite or out of the fixed-point "
-        "bounds, its local training errs) sits the round out and the others average without it; without "
-        "this the job stops, naming the party",
+        "bounds, its local training errs) sits the round out and the others average without it, and a party "
+        "whose process dies during the rounds is left behind: the others re-form the session and go on "
+        "(local launcher, file:// rendezvous); without this the job stops, naming the party",
     )
     min_parties: int | None = Field(
         default=None, ge=1, description="with allow_dropouts: the fewest parties a round may average (default 2)"
@@ -657,6 +663,10 @@ class FederatedJob(JobBase):
         if not self.federated.allow_dropouts:
             return self.world_size
         return self.federated.min_parties or 2
+
+    @property
+    def survivors_needed(self) -> int | None:
+        return self.min_parties if self.federated.allow_dropouts else None
 
     @property
     def colluders(self) -> int:

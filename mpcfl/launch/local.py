@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from mpcfl.errors import MpcflError, first_own_failure
 from mpcfl.jobs.schema import JobBase
@@ -204,8 +204,21 @@ def _blame(children: list[Child]) -> str:
     return f"{failed[0].name} failed: {failed[0].error_line or 'lost a peer'}"
 
 
-def supervise(children: list[Child], *, sink: IO[str]) -> int:
-    """Waits for all children; on the first failure stops the rest. Returns the exit code."""
+def _left_behind(children: list[Child], expendable: frozenset[str], spare: int) -> list[Child]:
+    """The failed children the job goes on without: up to ``spare`` of the ``expendable``, killed by a
+    signal (a dead process; one that failed on its own stops the job as ever), while no other failed."""
+    failed = [c for c in children if c.failed]
+    dead = [c for c in failed if c.name in expendable and c.process.returncode < 0]
+    return dead if len(dead) == len(failed) and len(dead) <= spare else []
+
+
+def supervise(children: list[Child], *, sink: IO[str], expendable: frozenset[str] = frozenset(), spare: int = 0) -> int:
+    """Waits for all children; on the first failure stops the rest. Returns the exit code.
+
+    Up to ``spare`` of the ``expendable`` children (parties of a job that survives them) may die
+    without stopping the others; the launcher names each, and the exit code is 0 if the rest succeed.
+    """
+    warned: set[str] = set()
 
     def note_exits() -> None:
         for child in children:
@@ -215,7 +228,13 @@ def supervise(children: list[Child], *, sink: IO[str]) -> int:
     try:
         while True:
             note_exits()
-            if any(c.failed for c in children):
+            behind = _left_behind(children, expendable, spare)
+            for child in behind:
+                if child.name not in warned:
+                    warned.add(child.name)
+                    print(f"mpcfl: warning: {child.name} died (killed by signal {-child.process.returncode}); "
+                          "the job goes on without it (federated.allow_dropouts)", file=sys.stderr)
+            if any(c.failed for c in children) and not behind:
                 # Let the other processes report before blaming: a peer's own error may trail
                 # by a poll, and the peers of a hung process give up at about the same time.
                 settle = time.monotonic() + _SETTLE_S
@@ -250,11 +269,11 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _run(children_of: Callable[[], list[Child]], *, sink: IO[str]) -> int:
-    """Starts the children, supervises them, and turns SIGTERM into a clean stop."""
+def _run(children_of: Callable[[], list[Child]], *, sink: IO[str], **tolerance: Any) -> int:
+    """Starts the children, supervises them (``tolerance``: see :func:`supervise`), and turns SIGTERM into a clean stop."""
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return supervise(children_of(), sink=sink)
+        return supervise(children_of(), sink=sink, **tolerance)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -268,7 +287,9 @@ def run_local(
     with ``runtime.identity`` needs ``key_dir`` holding ``NAME.key`` for every process.
 
     Returns:
-        0 when every process succeeded, 1 otherwise.
+        0 when every process succeeded, or, in a job that survives dead parties (federated with
+        ``allow_dropouts``), when every other process did and the dead ones were killed by a signal
+        (each named on stderr); 1 otherwise.
 
     Raises:
         MpcflError: the job has identities but no ``key_dir`` is given.
@@ -293,7 +314,9 @@ def run_local(
         return started
 
     with local_rendezvous() as rendezvous:
-        code = _run(children, sink=sink)
+        needed = job.survivors_needed
+        spare = 0 if needed is None else job.world_size - needed
+        code = _run(children, sink=sink, expendable=frozenset(job.party_names), spare=spare)
     if code == 0:
         print(f"mpcfl: job {job.name} finished; outputs in {job.outputs.dir}", file=sink)
     return code

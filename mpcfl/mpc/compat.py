@@ -148,8 +148,12 @@ def end_crypten(crypten: types.ModuleType, *, failed: bool) -> None:
     crypten's shutdown sends the dealer "terminate" whatever happened, so a dealer whose
     parties failed would end as if the job had succeeded. Party 0 sends
     :data:`mpcfl.mpc.providers.ttp.ABORT` instead, and the dealer stops with an error at once.
+    The TTP client, a singleton crypten keeps past ``uninit``, is dropped too: a process that joins
+    a later session (federated survivors, :func:`mpcfl.mpc.session.reformed`) gets a fresh one.
     """
-    from mpcfl.mpc.providers.ttp import ABORT
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    from mpcfl.mpc.providers.ttp import ABORT, forget_session
 
     if not crypten.is_initialized():
         return
@@ -158,7 +162,11 @@ def end_crypten(crypten: types.ModuleType, *, failed: bool) -> None:
         with contextlib.suppress(RuntimeError):
             comm.send_obj(ABORT, comm.get_ttp_rank(), comm.ttp_group)
         comm.ttp_initialized = False  # so shutdown sends no "terminate" after it
-    crypten.uninit()
+    try:
+        crypten.uninit()
+    finally:
+        TTPClient.uninit()
+        forget_session()
 
 
 def run_dealer_server(crypten: types.ModuleType) -> None:

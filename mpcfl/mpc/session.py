@@ -9,10 +9,13 @@ what a launcher passes to it is :mod:`mpcfl.launch.env`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
+import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -222,12 +225,28 @@ def party_session(session: Session, party: str) -> Iterator[int]:
             _joined.pop()
 
 
-def run_dealer(session: Session) -> None:
+def run_dealer(session: Session, *, min_parties: int | None = None) -> None:
     """Serves Beaver triples to the parties until party 0 ends the session.
+
+    With ``min_parties`` (a job that lets parties drop out), a lost party does not end the
+    dealer: it re-forms the session with the survivors (:func:`reformed`) and serves them.
 
     Raises:
         MpcflError: the session runs without a dealer, or the environment contradicts it.
     """
+    epoch = 0
+    while True:
+        try:
+            _serve(session)
+            return
+        except PeerFailure:
+            if min_parties is None:
+                raise
+            epoch += 1
+            session = reformed(session, providers.DEALER, epoch=epoch, min_parties=min_parties)
+
+
+def _serve(session: Session) -> None:
     who = "dealer"
     if not session.provider.needs_dealer:
         raise MpcflError(f"{who}: {session.label} uses provider {session.provider.name}, which runs without a dealer process")
@@ -237,6 +256,68 @@ def run_dealer(session: Session) -> None:
         init_crypten(crypten, lambda: session.authenticate(crypten, session.world_size))
         run_dealer_server(crypten)  # returns when party 0 sends "terminate"
     log.info("dealer finished")
+
+
+_POLL_S = 0.05
+
+
+def _store_path(session: Session) -> str:
+    rendezvous = session.rendezvous or os.environ.get(ENV_RENDEZVOUS, "")
+    if not rendezvous.startswith("file://"):
+        raise PeerFailure(
+            f"{session.label}: a session re-forms without a lost peer only over a file:// rendezvous (the local "
+            f"launcher's), not {rendezvous or 'none'}: its host may be the process that died"
+        )
+    return rendezvous.removeprefix("file://")
+
+
+def reformed(session: Session, name: str, *, epoch: int, min_parties: int) -> Session:
+    """The session of the processes still alive after ``session`` lost a peer, for its ``epoch``-th re-forming.
+
+    Every live process (parties and dealer) marks itself in a folder beside the rendezvous, waits
+    until all of ``session``'s processes have, or until 1.5 job timeouts after the first mark (a
+    survivor blocked on another notices the loss up to one timeout later), then proposes who it saw;
+    the first proposal written wins, for all. The new session keeps the job's credentials and fingerprint, so it authenticates as the
+    first did, and meets on a fresh rendezvous, so gloo, the generators and the dealer's keys all
+    start afresh; parties keep their relative order, so ranks follow it.
+
+    Raises:
+        MpcflError: no file:// rendezvous, this process was left out, the dealer is gone, or fewer
+            than ``min_parties`` parties remain (the message names the lost processes).
+    """
+    base = _store_path(session)
+    folder = f"{base}.members.{epoch}"
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    with open(os.path.join(folder, f"alive-{name}"), "w"):
+        pass
+    everyone = session.process_names
+    while True:
+        marks = {p: os.path.join(folder, f"alive-{p}") for p in everyone}
+        present = [p for p, mark in marks.items() if os.path.exists(mark)]
+        first = min(os.path.getmtime(marks[p]) for p in present)
+        if len(present) == len(everyone) or time.time() > first + 1.5 * session.timeout_s:
+            break
+        time.sleep(_POLL_S)
+    proposal = os.path.join(folder, f"proposal-{name}")
+    with open(proposal, "w") as out:
+        json.dump(present, out)
+    with contextlib.suppress(FileExistsError):
+        os.link(proposal, os.path.join(folder, "members"))  # atomic: the first proposal stands
+    with open(os.path.join(folder, "members")) as members_file:
+        members = json.load(members_file)
+    lost = [p for p in everyone if p not in members]
+    parties = tuple(p for p in session.parties if p in members)
+    why = f"{session.label}: lost {', '.join(lost) or 'no process'}"
+    if name not in members:
+        raise MpcflError(f"{name}: {why}, and the others re-formed without this process (it was too late)")
+    if session.provider.needs_dealer and providers.DEALER not in members:
+        raise PeerFailure(f"{name}: {why}: the triple dealer is gone, so the parties cannot go on")
+    if len(parties) < min_parties:
+        raise PeerFailure(f"{name}: {why}: {len(parties)} parties remain, below federated.min_parties={min_parties}")
+    log.warning("%s; going on with %s", why, ", ".join(members))
+    for key in (ENV_RANK, ENV_WORLD_SIZE):  # the old session's; the new one sets its own
+        os.environ.pop(key, None)
+    return dataclasses.replace(session, parties=parties, rendezvous=f"file://{base}.{epoch}")
 
 
 def all_gather_public(values: list[int]) -> list[list[int]]:

@@ -221,3 +221,25 @@ def test_a_long_local_step_announced_as_quiet_outlasts_the_timeout() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("quiet: product [0.0, 1.0, 4.0, 9.0]") == 2
     assert_no_leftovers(str(SCRIPTS / "quiet_party.py"))
+
+
+@pytest.mark.parametrize(
+    ("codes", "spare", "behind"),
+    [
+        ({"p0": None, "p1": None, "p2": -9, "dealer": None}, 1, ["p2"]),  # a killed party, within the spare
+        ({"p0": None, "p1": -9, "p2": -9, "dealer": None}, 1, []),  # more deaths than the job survives
+        ({"p0": None, "p1": None, "p2": 1, "dealer": None}, 1, []),  # an own error stops the job as ever
+        ({"p0": 3, "p1": None, "p2": -9, "dealer": None}, 1, []),  # a survivor failed too
+        ({"p0": None, "p1": None, "p2": None, "dealer": -9}, 1, []),  # the dealer is never expendable
+        ({"p0": None, "p1": None, "p2": -9, "dealer": None}, 0, []),  # a job without dropouts
+    ],
+)
+def test_the_launcher_goes_on_without_a_dead_party_only_where_the_job_survives_it(
+    codes: dict[str, int | None], spare: int, behind: list[str]
+) -> None:
+    from types import SimpleNamespace
+
+    from mpcfl.launch.local import Child, _left_behind
+
+    children = [Child(name=name, process=SimpleNamespace(returncode=code)) for name, code in codes.items()]  # type: ignore[arg-type]
+    assert [c.name for c in _left_behind(children, frozenset({"p0", "p1", "p2"}), spare)] == behind

@@ -1,6 +1,6 @@
 """Federated training on real processes: the revealed average is the plaintext weighted average,
 nothing else leaves MPC, a failed party stops the round by name (or sits out when dropouts are
-allowed), a killed run resumes from its round checkpoints, and DP rounds carry noise of the
+allowed, and a killed one is left behind by the survivors), a killed run resumes from its round checkpoints, and DP rounds carry noise of the
 declared scale and stop at the budget before revealing."""
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def test_the_average_is_the_plaintext_weighted_average_and_nothing_else_leaves_m
 
 def test_a_killed_party_fails_the_job_by_name_and_the_rounds_resume(tmp_path: Path) -> None:
     path = fed_job(tmp_path, horizontal_parties(tmp_path, 2), rounds=2, strategy={"name": "fedavgm", "momentum": 0.5})
-    code, err = crash_after_line(path, "[p1] INFO mpcfl.tasks.federated.runner: round round=1 ", "p1")
+    code, err, _ = crash_after_line(path, "[p1] INFO mpcfl.tasks.federated.runner: round round=1 ", "p1")
     assert code != 0
     assert "mpcfl: error: p1 failed: killed by signal 9" in err, err[-2000:]
     job = load_job(path)
@@ -147,6 +147,43 @@ def test_a_killed_party_fails_the_job_by_name_and_the_rounds_resume(tmp_path: Pa
     # The server momentum survived the crash: the resumed model is the plaintext simulation's.
     [final] = round_weights(job, "p0", [2])
     assert (simulate(job).weights[-1] - final).abs().max() < 5e-3
+
+
+def test_the_survivors_of_a_killed_party_go_on_reweighted_when_dropouts_are_allowed(tmp_path: Path) -> None:
+    header, values = wdbc()
+    center, scale = values.mean(axis=0), values.std(axis=0)
+    scaling = {name: [float(center[i]), float(scale[i])] for i, name in enumerate(header) if name != "malignant"}
+    path = fed_job(tmp_path, horizontal_parties(tmp_path, 3), rounds=3, lr=0.5, allow_dropouts=True, min_parties=2, max_rows=200)
+    raw = yaml.safe_load(path.read_text())
+    # Public scaling (no statistics to average) and a short timeout (a survivor notices the loss within it) keep it short.
+    raw.update(data={"standardize": False, "scaling": scaling}, runtime={"timeout_s": 8})
+    path = write_job(tmp_path, raw)
+    code, err, out = crash_after_line(path, "[p2] INFO mpcfl.tasks.federated.runner: round round=1 ", "p2")
+    assert code == 0, err[-2000:] + out[-3000:]
+    assert "mpcfl: warning: p2 died (killed by signal 9); the job goes on without it" in err, err[-2000:]
+    # The survivors and the dealer met again, authenticated afresh, and named the one they lost.
+    for name in ("p0", "p1", "dealer"):
+        assert f"[{name}] INFO mpcfl.mpc.auth: authenticated all 2 peers" in out, out[-3000:]
+        assert f"[{name}] WARNING mpcfl.mpc.session: job fed-test ({path}): lost p2; going on with p0, p1, dealer" in out
+    job = load_job(path)
+    assert not (job.party_dir("p2") / "model.pt").exists()
+    for party in ("p0", "p1"):
+        metrics = job_metrics(path, party)
+        assert metrics["left"] == ["p2"]
+        assert [row["parties"] for row in metrics["history"]] == [3, 2, 2]
+        # Round 2's average was never begun opening before the loss: each average is opened once.
+        assert [r["what"] for r in metrics["reveals"]] == [f"round {r} average update" for r in (1, 2, 3)]
+    # Round 1 averages all three; rounds 2 and 3 the survivors' updates, re-weighted by their rows alone.
+    rows, head = [Rows.of(part.train, head_of(job.model)) for part in prepared_parties(job)], head_of(job.model)
+    model, strategy = initial_model(job, 30), strategy_of(job.federated.strategy)
+    # Two checkpoints are kept: round 1's is the dead party's last.
+    weights = [flat(model), *round_weights(job, "p2", [1]), *round_weights(job, "p0", [2, 3])]
+    assert all(torch.equal(w, v) for w, v in zip(weights[2:], round_weights(job, "p1", [2, 3])))
+    for r, members in ((1, rows), (2, rows[:2]), (3, rows[:2])):
+        average, live = plain_round(job, model, members, head, strategy, weights=weights[r - 1], round_index=r)
+        assert live == list(range(len(members)))
+        count = sum(m.x.shape[0] for m in members)
+        assert within_fixed_point(job, weights[r] - weights[r - 1], average, count), r
 
 
 def _one_raw_party(folder: Path) -> list[dict[str, Any]]:

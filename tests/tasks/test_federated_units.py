@@ -163,10 +163,10 @@ def test_who_takes_part_in_a_round(
     monkeypatch.setattr(runner, "all_gather_public", lambda values: [[flag] for flag in flags])
     error = None if mine is None else MpcflError(mine)
     if isinstance(outcome, list):
-        assert runner._who_takes_part(job, error, 4) == outcome
+        assert runner._who_takes_part(tuple(job.party_names), job, error, 4) == outcome
         return
     with pytest.raises(MpcflError) as caught:
-        runner._who_takes_part(job, error, 4)
+        runner._who_takes_part(tuple(job.party_names), job, error, 4)
     assert f"{type(caught.value).__name__}: {caught.value}" == outcome
 
 
@@ -187,3 +187,38 @@ def test_under_dp_a_diverged_update_counts_as_zero_and_publishes_no_flag(tmp_pat
     assert torch.equal(update, torch.zeros_like(update))
     with pytest.raises(MpcflError, match="party p0: round 1: the local update has a non-finite entry"):
         local_update(job, model, rows, head, strategy, clip=None, **where)
+
+
+def test_a_session_reformed_without_a_dead_party_caps_the_dp_collusion_threshold(tmp_path: Path) -> None:
+    from mpcfl.dp.noise import share_variance
+    from mpcfl.tasks.federated.runner import _Privacy
+
+    dp = {"epsilon": 1.0, "delta": 1e-5, "clip": 1.0, "noise_multiplier": 2.0}
+    privacy = _Privacy(load_job(_fed(tmp_path, **{"data.standardize": False, "dp": dp})))
+    assert [privacy.of_round(n, n).colluders for n in (3, 2)] == [2, 1]  # n-1 of the job's 3, then of 2 survivors
+    share_variance(1.0, parties=2, colluders=privacy.of_round(2, 2).colluders, scale=1)  # a valid threshold there
+
+
+@pytest.mark.parametrize(
+    ("states", "refused"),
+    [
+        ([[1, 0], [1, 0]], False),  # both survivors at round 2, neither began opening it: redo it
+        ([[1, 0], [1, 1]], True),  # one began opening round 2's average with the dead party in it
+        ([[1, 0], [2, 0]], True),  # one finished round 2 (it holds that average)
+    ],
+)
+def test_survivors_redo_a_round_only_if_none_began_opening_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, states: list[list[int]], refused: bool
+) -> None:
+    from mpcfl.errors import MpcflError
+    from mpcfl.tasks.federated import runner
+
+    job = load_job(_fed(tmp_path, **{"federated.allow_dropouts": True}))
+    training = runner._Training(job, job.party_names[0], None)
+    training.history, training.left = [{"round": 1}], [job.party_names[2]]
+    monkeypatch.setattr(runner, "all_gather_public", lambda values: states)
+    if not refused:
+        training.resynchronise(tuple(job.party_names[:2]))
+        return
+    with pytest.raises(MpcflError, match=f"{job.party_names[2]} left during the opening of round 2's average"):
+        training.resynchronise(tuple(job.party_names[:2]))

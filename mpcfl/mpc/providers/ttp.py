@@ -699,6 +699,14 @@ def prefetched(key: Hashable) -> Iterator[None]:
 _pending: collections.deque = collections.deque()  # digests in flight, kept alive until sent
 
 
+def forget_session() -> None:
+    """Drops what a party's dealer link held (digests in flight, recorded batches), so the process
+    can join a later session, whose dealer starts from nothing, after this one ended."""
+    global _prefetch
+    _pending.clear()
+    _prefetch = _Prefetch()
+
+
 def _announce(words: torch.Tensor) -> None:
     """Parties 1..n-1: sends the dealer a request's digest, without waiting for it to arrive."""
     import torch.distributed as dist

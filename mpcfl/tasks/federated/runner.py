@@ -8,6 +8,9 @@ The unit of a round, at every party in the same order:
 3. its update, ``local - global``: checked against the fixed-point bound (or clipped, with DP);
 4. a public flag per party says whose update is usable; a party whose local round failed stops the
    job (naming it), or, with ``allow_dropouts``, sits the round out (it shares zeros and weight 0);
+   with ``allow_dropouts``, a party whose process dies is left behind: the survivors re-form the
+   session and redo the round from their kept updates (:meth:`_Training.resynchronise` says when
+   they may);
 5. the average under MPC (:mod:`mpcfl.tasks.federated.aggregate`), revealed to every party;
 6. the strategy applies it identically everywhere; a checkpoint records the round.
 """
@@ -32,7 +35,9 @@ from mpcfl.jobs.schema import FederatedJob
 from mpcfl.jobs.session import session_of
 from mpcfl.models.heads import head_of
 from mpcfl.mpc.reveal import Disclosure, Privacy, budget_state
-from mpcfl.mpc.session import agreed, all_gather_public, communication_stats, party_session, session_device
+from mpcfl.mpc.session import (
+    agreed, all_gather_public, communication_stats, party_session, reformed, session_device,
+)
 from mpcfl.outputs import write_json, write_torch
 from mpcfl.tasks.federated import aggregate, checkpoint
 from mpcfl.tasks.federated.local import Rows, evaluate, flat, initial_model, load_flat, local_update
@@ -46,9 +51,8 @@ log = logging.getLogger(__name__)
 class _Round:
     """What a party needs for the averages: its rank, the session's size and device, the public bound B."""
 
-    def __init__(self, job: FederatedJob, rank: int, device: torch.device) -> None:
-        self.job, self.rank, self.device = job, rank, device
-        self.world = job.world_size
+    def __init__(self, job: FederatedJob, rank: int, device: torch.device, world: int) -> None:
+        self.job, self.rank, self.device, self.world = job, rank, device, world
         self.bound = aggregate.count_bound(job.world_size, job.federated.max_rows)
 
     def average(self, values: np.ndarray | torch.Tensor, rows: int, what: str, *, who: str) -> torch.Tensor:
@@ -68,7 +72,7 @@ class _Round:
         where = {"rank": self.rank, "world": self.world, "device": self.device, "what": what}
         if privacy is None:
             return aggregate.weighted_average(update, rows, bound=self.bound, **where)
-        return aggregate.noisy_mean(update, parties, privacy=privacy.of_round(parties), **where)
+        return aggregate.noisy_mean(update, parties, privacy=privacy.of_round(parties, self.world), **where)
 
 
 def _load(job: FederatedJob, party: str) -> PartyData:
@@ -137,10 +141,15 @@ class _Privacy:
             epsilon=dp.epsilon, delta=dp.delta, count=job.federated.rounds, accountant=dp.accountant
         )
 
-    def of_round(self, parties: int) -> Privacy:
-        """The noise on the mean of ``parties`` clipped updates, and its charge."""
+    def of_round(self, parties: int, world: int) -> Privacy:
+        """The noise on the mean of ``parties`` clipped updates, in a session of ``world`` parties, and its charge.
+
+        A session re-formed without a dead party has fewer parties than the job: at most all but one
+        of them may collude there (the job's threshold is n-1 unless set).
+        """
         scale = self.noise_multiplier * self.sensitivity / parties
-        return Privacy(charge=Charge("gaussian", self.noise_multiplier), scale=scale, colluders=self.colluders)
+        colluders = min(self.colluders, world - 1)
+        return Privacy(charge=Charge("gaussian", self.noise_multiplier), scale=scale, colluders=colluders)
 
     def notes(self) -> dict[str, Any]:
         return {
@@ -163,8 +172,8 @@ def _resume_point(job: FederatedJob, party: str, rank: int, budget: Any) -> chec
     return start
 
 
-def _who_takes_part(job: FederatedJob, error: MpcflError | None, round_index: int) -> list[int]:
-    """Exchanges whose local round succeeded; returns the ranks that take part.
+def _who_takes_part(parties: tuple[str, ...], job: FederatedJob, error: MpcflError | None, round_index: int) -> list[int]:
+    """Exchanges whose local round succeeded among the session's ``parties``; returns the ranks that take part.
 
     Raises:
         MpcflError: this party failed and dropouts are not allowed, or too few parties are left.
@@ -172,7 +181,7 @@ def _who_takes_part(job: FederatedJob, error: MpcflError | None, round_index: in
     """
     flags = all_gather_public([int(error is None)])
     live = [r for r, (ok,) in enumerate(flags) if ok]
-    dropped = [job.party_names[r] for r, (ok,) in enumerate(flags) if not ok]
+    dropped = [parties[r] for r, (ok,) in enumerate(flags) if not ok]
     if not dropped:
         return live
     if not job.federated.allow_dropouts:
@@ -181,7 +190,7 @@ def _who_takes_part(job: FederatedJob, error: MpcflError | None, round_index: in
         raise PeerFailure(f"party {', '.join(dropped)} failed its local training in round {round_index}; see its log")
     if len(live) < job.min_parties:
         raise MpcflError(
-            f"round {round_index}: only {len(live)} of {job.world_size} parties have an update ({', '.join(dropped)} "
+            f"round {round_index}: only {len(live)} of {len(parties)} parties have an update ({', '.join(dropped)} "
             f"failed), below federated.min_parties={job.min_parties}"
         )
     if error is not None:
@@ -190,85 +199,163 @@ def _who_takes_part(job: FederatedJob, error: MpcflError | None, round_index: in
     return live
 
 
+class _Training:
+    """One party's federated run: what it keeps across sessions when a peer's process dies and the
+    survivors re-form (:func:`mpcfl.mpc.session.reformed`) and go on."""
+
+    def __init__(self, job: FederatedJob, party: str, budget: Any) -> None:
+        self.job, self.party, self.budget = job, party, budget
+        self.privacy = None if job.dp is None else _Privacy(job)
+        if budget is not None and self.privacy is not None:
+            budget.notes.update(self.privacy.notes())
+        self.disclosure = Disclosure(budget)
+        self.history: list[dict[str, Any]] = []
+        self.left: list[str] = []  # parties whose process died, in the order the survivors lost them
+        self.in_rounds = False
+        self.update: tuple[torch.Tensor, float, MpcflError | None] | None = None  # the current round's, kept for a redo
+        self.reveals_before = 0  # this party's reveals before the current round's average: one more means it began opening it
+
+    def prepare(self, rank: int, resume: bool) -> None:
+        """Loads and scales this party's rows and builds the model, in the first session."""
+        job, party = self.job, self.party
+        start = None
+        if resume:
+            start = agreed("checkpoint loading", job.party_names, lambda: _resume_point(job, party, rank, self.budget))
+        self.data = agreed("data loading", job.party_names, lambda: _load(job, party))
+        self.n_features = _prepare(job, self.data, _Round(job, rank, session_device(), job.world_size), party)
+        self.head = head_of(job.model)
+        self.train_rows = Rows.of(self.data.train, self.head)
+        self.test_rows = None if self.data.test is None else Rows.of(self.data.test, self.head)
+        self.model = initial_model(job, self.n_features)
+        self.strategy = strategy_of(job.federated.strategy)
+        self.weights = flat(self.model)
+        if start is not None:
+            self.weights, self.history = start.weights, start.history
+            self.strategy.load_state_dict(start.strategy)
+
+    def resynchronise(self, parties: tuple[str, ...]) -> None:
+        """After a re-forming: checks that the survivors, ``parties``, may redo the interrupted round without those left.
+
+        A round may be redone only if no survivor finished it or began opening its average: one
+        that did may hold (part of) the average with the lost party in it, and the redone average
+        without it would then reveal its update by difference.
+
+        Raises:
+            MpcflError: the survivors are not all at the same round, or one began opening.
+        """
+        lost = ", ".join(self.left)
+        opening = len(self.disclosure.records) > self.reveals_before
+        states = all_gather_public([len(self.history), int(opening)])
+        round_index = len(self.history) + 1
+        if any(state != [len(self.history), 0] for state in states):
+            raise MpcflError(
+                f"party {self.party}: {lost} left during the opening of round {round_index}'s average, "
+                f"which some of {', '.join(parties)} may hold in part; redoing it without {lost} could "
+                "reveal its update by difference, so the job stops (its round checkpoints remain)"
+            )
+        log.warning("round %d: %s left; redoing it with %s", round_index, lost, ", ".join(parties))
+
+    def run_rounds(self, parties: tuple[str, ...], rank: int) -> None:
+        """The rounds left, in a session of ``parties`` in which this party is ``rank``."""
+        job, spec, privacy = self.job, self.job.federated, self.privacy
+        rounds = _Round(job, rank, session_device(), len(parties))
+        self.in_rounds = True
+        for round_index in range(len(self.history) + 1, spec.rounds + 1):
+            began, sent = time.perf_counter(), communication_stats()["bytes"]
+            if self.update is None:  # a redone round keeps this party's update: its local training is done
+                self.update = self._local_round(round_index)
+            update, loss, error = self.update
+            self.reveals_before = len(self.disclosure.records)
+            live = _who_takes_part(parties, job, error, round_index)
+            rows = self.train_rows.x.shape[0] if rank in live else 0  # a party that sits out shares zeros, weight 0
+            average = rounds.of_updates(update, rows, parties=len(live), privacy=privacy, round_index=round_index)
+            self.update = None
+            self.weights = self.strategy.apply(self.weights, average)
+            load_flat(self.model, self.weights)
+            self._record(round_index, len(live), loss, began, sent)
+
+    def _local_round(self, round_index: int) -> tuple[torch.Tensor, float, MpcflError | None]:
+        """This party's update (zeros if its local round failed), its loss, and its failure if any."""
+        job, privacy = self.job, self.privacy
+        try:
+            update, loss = local_update(
+                job, self.model, self.train_rows, self.head, self.strategy, weights=self.weights,
+                round_index=round_index, rank=job.rank_of(self.party),
+                clip=None if privacy is None else privacy.clip, bound=aggregate.MAX_AVERAGED,
+                who=f"party {self.party}: round {round_index}",
+            )
+        except MpcflError as err:
+            return torch.zeros_like(self.weights), float("nan"), err
+        return update, loss, None
+
+    def _record(self, round_index: int, parties: int, loss: float, began: float, sent: int) -> None:
+        record: dict[str, Any] = {"round": round_index, "parties": parties, "local_loss": loss}
+        record["train_loss"], record["train_accuracy"] = evaluate(self.model, self.train_rows, self.head)
+        if self.test_rows is not None:
+            record["test_loss"], record["test_accuracy"] = evaluate(self.model, self.test_rows, self.head)
+        if self.budget is not None:
+            record["epsilon"] = self.budget.spent()
+        record["seconds"] = time.perf_counter() - began
+        record["bytes_sent"] = communication_stats()["bytes"] - sent
+        self.history.append(record)
+        checkpoint.save(self.job, self.party, self.job.rank_of(self.party), checkpoint.RoundCheckpoint(
+            round=round_index, weights=self.weights, strategy=self.strategy.state_dict(), history=self.history,
+            privacy=budget_state(),
+        ))
+        # Logged once saved: a round in the log is a round a resume can start after.
+        log.info("round %s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+
 def run_party(
     job: FederatedJob, party: str, *, rendezvous: str | None = None, resume: bool = False, key_file: Path | None = None
 ) -> None:
     """Runs ``party``'s side of the federated job to the end.
 
+    With ``federated.allow_dropouts``, a peer whose process dies during the rounds is left behind:
+    the survivors re-form the session (fresh rendezvous, authentication and keys) and redo the
+    interrupted round from their kept updates, then go on.
+
     Raises:
         MpcflError: bad data or checkpoints, a failed round, a refused reveal, or a peer failure.
     """
-    spec = job.federated
-    with party_session(session_of(job, rendezvous=rendezvous, key_file=key_file), party) as rank:
-        budget = agreed("privacy ledger", job.party_names, lambda: privacy_budget(job, party, resume=resume))
-        privacy = None if job.dp is None else _Privacy(job)
-        if budget is not None and privacy is not None:
-            budget.notes.update(privacy.notes())
-        with Disclosure(budget) as disclosure:
-            start = None
-            if resume:
-                start = agreed("checkpoint loading", job.party_names, lambda: _resume_point(job, party, rank, budget))
-            data = agreed("data loading", job.party_names, lambda: _load(job, party))
-            rounds = _Round(job, rank, session_device())
-            n_features = _prepare(job, data, rounds, party)
-            head = head_of(job.model)
-            train_rows = Rows.of(data.train, head)
-            test_rows = None if data.test is None else Rows.of(data.test, head)
-            model = initial_model(job, n_features)
-            strategy = strategy_of(spec.strategy)
-            weights, history = flat(model), []
-            if start is not None:
-                weights, history = start.weights, start.history
-                strategy.load_state_dict(start.strategy)
-            for round_index in range(len(history) + 1, spec.rounds + 1):
-                began, sent = time.perf_counter(), communication_stats()["bytes"]
-                who = f"party {party}: round {round_index}"
-                error, update, loss = None, torch.zeros_like(weights), float("nan")
-                try:
-                    update, loss = local_update(
-                        job, model, train_rows, head, strategy, weights=weights, round_index=round_index,
-                        rank=rank, clip=None if privacy is None else privacy.clip, bound=aggregate.MAX_AVERAGED, who=who,
-                    )
-                except MpcflError as err:
-                    error = err
-                live = _who_takes_part(job, error, round_index)
-                rows = train_rows.x.shape[0] if rank in live else 0  # a party that sits out shares zeros, weight 0
-                average = rounds.of_updates(update, rows, parties=len(live), privacy=privacy, round_index=round_index)
-                weights = strategy.apply(weights, average)
-                load_flat(model, weights)
-                record: dict[str, Any] = {"round": round_index, "parties": len(live), "local_loss": loss}
-                record["train_loss"], record["train_accuracy"] = evaluate(model, train_rows, head)
-                if test_rows is not None:
-                    record["test_loss"], record["test_accuracy"] = evaluate(model, test_rows, head)
-                if budget is not None:
-                    record["epsilon"] = budget.spent()
-                record["seconds"] = time.perf_counter() - began
-                record["bytes_sent"] = communication_stats()["bytes"] - sent
-                history.append(record)
-                checkpoint.save(job, party, rank, checkpoint.RoundCheckpoint(
-                    round=round_index, weights=weights, strategy=strategy.state_dict(), history=history,
-                    privacy=budget_state(),
-                ))
-                # Logged once saved: a round in the log is a round a resume can start after.
-                log.info("round %s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        totals = communication_stats()
-    _write_outputs(job, party, data, model, n_features, history, totals, disclosure)
+    session, training, epoch = session_of(job, rendezvous=rendezvous, key_file=key_file), None, 0
+    while True:
+        try:
+            with party_session(session, party) as rank:
+                if training is None:
+                    budget = agreed("privacy ledger", job.party_names, lambda: privacy_budget(job, party, resume=resume))
+                    training = _Training(job, party, budget)
+                with training.disclosure:
+                    if not training.in_rounds:
+                        training.prepare(rank, resume)
+                    else:
+                        training.resynchronise(session.parties)
+                    training.run_rounds(session.parties, rank)
+                totals = communication_stats()
+            break
+        except PeerFailure:
+            if training is None or not training.in_rounds or job.survivors_needed is None:
+                raise
+            epoch += 1
+            before = session.parties
+            session = reformed(session, party, epoch=epoch, min_parties=job.survivors_needed)
+            training.left.extend(p for p in before if p not in session.parties)
+    assert training is not None  # set in the first session, which the loop leaves only by success or raise
+    _write_outputs(job, party, training, totals)
 
 
-def _write_outputs(
-    job: FederatedJob, party: str, data: PartyData, model: torch.nn.Module, n_features: int,
-    history: list[dict[str, Any]], totals: dict[str, float], disclosure: Disclosure,
-) -> None:
+def _write_outputs(job: FederatedJob, party: str, training: _Training, totals: dict[str, float]) -> None:
     out = job.party_dir(party)
+    data, model, history, disclosure = training.data, training.model, training.history, training.disclosure
     if data.scaler:
         write_json(out / "scaler.json", data.scaler)
     if job.outputs.model_to == "all" or party in job.outputs.model_to:
         write_torch(out / "model.pt", model.state_dict())
-        write_json(out / "model.json", {"model": job.model.model_dump(), "n_features": n_features})
+        write_json(out / "model.json", {"model": job.model.model_dump(), "n_features": training.n_features})
         log.info("saved the federated model to %s", out / "model.pt")
     write_json(out / "metrics.json", {
         "job": job.name, "party": party, "history": history, "final": history[-1] if history else {},
-        "communication": totals, "reveals": disclosure.ledger(),
+        "left": training.left, "communication": totals, "reveals": disclosure.ledger(),
     })
     if disclosure.budget is not None:
         disclosure.budget.persist()
