@@ -43,7 +43,13 @@ Ways
                   checkpoint and the final model reveal are outside it. Calling the loop in-process
                   rather than through `mpcfl run` measures the same loop while letting the
                   party process report its own memory and profile. W2/W3: inference.py's
-                  mpcfl_batch (secure_predict: model checks, share, run, reveal).
+                  mpcfl_batch (secure_predict: input and model checks with the torch.fx trace,
+                  2 agreement rounds, share, run, reveal). Both W2/W3 timers cover the whole job
+                  from a plaintext model: raw's includes CrypTen's ONNX import, mpcfl's its trace.
+
+Each way runs in its own launch, one after the other, so on a shared machine a change of load
+between launches moves the ratios (W2's mpcfl/raw gave 0.34-1.52 under a load of 5-7 on 2 cores):
+compare several runs, or time both in the same processes (benchmarks/inference.py does, one after the other).
 
 Reported per way and provider: median seconds per iteration (W1: over all iterations of all
 repeats; W2/W3: per batch, the whole job of inference.py), bytes and rounds per iteration per

@@ -403,19 +403,41 @@ def agreed(stage: str, parties: Sequence[str], action: Callable[[], T]) -> T:
         MpcflError: this party's own error from ``action``.
         PeerFailure: another party failed (its own process reports why).
     """
+    return agreed_public(stage, parties, action, lambda _: [], width=0)[0]
+
+
+def agreed_public(
+    stage: str, parties: Sequence[str], action: Callable[[], T], public: Callable[[T], list[int]], *, width: int
+) -> tuple[T, list[list[int]]]:
+    """:func:`agreed`, and in the same round every party learns each party's ``public(result)``.
+
+    ``public`` gives ``width`` small public integers (a shape, say); a party that failed sends
+    zeros. One round instead of an agreement plus an exchange: each round is an RTT on a real link.
+
+    Returns:
+        ``action``'s result, and each party's public integers by rank.
+
+    Raises:
+        MpcflError: this party's own error from ``action``.
+        PeerFailure: another party failed (its own process reports why).
+    """
     error: MpcflError | None = None
     result: Any = None
+    mine = [0] * width
     try:
         result = action()
+        mine = public(result)
     except MpcflError as err:
         error = err
-    flags = all_gather_public([int(error is None)])
+    if len(mine) != width:
+        raise ValueError(f"{stage}: {len(mine)} public integers, expected {width}")
+    rows = all_gather_public([int(error is None), *mine])
     if error is not None:
         raise error
-    failed = [parties[r] for r, (flag,) in enumerate(flags) if not flag]
+    failed = [parties[r] for r, row in enumerate(rows) if not row[0]]
     if failed:
         raise PeerFailure(f"party {', '.join(failed)} failed during {stage}; see its log")
-    return result
+    return result, [row[1:] for row in rows]
 
 
 def communication_stats() -> dict[str, float]:

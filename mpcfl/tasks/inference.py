@@ -34,7 +34,7 @@ from mpcfl.errors import MpcflError
 from mpcfl.models.factory import build_factory_model
 from mpcfl.outputs import write_json, write_npy
 from mpcfl.mpc.reveal import Disclosure, reveal
-from mpcfl.mpc.session import agreed, all_gather_public, communication_stats, current_party, party_session
+from mpcfl.mpc.session import agreed, agreed_public, communication_stats, current_party, party_session
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,11 @@ def check_inputs(inputs: torch.Tensor, where: str) -> torch.Tensor:
     return inputs
 
 
-def _exchange_shape(inputs: torch.Tensor | None, owner: int) -> tuple[int, ...]:
-    """Every party learns the (public) input shape from the data owner."""
-    mine = [0] * (_MAX_DIMS + 1)
-    if inputs is not None:
-        mine = [inputs.dim(), *inputs.shape, *([0] * (_MAX_DIMS - inputs.dim()))]
-    row = all_gather_public(mine)[owner]
-    return tuple(row[1 : 1 + row[0]])
+def _shape_row(inputs: torch.Tensor | None) -> list[int]:
+    """The (public) input shape as a fixed-width row: its rank, then the sizes, zero-padded."""
+    if inputs is None:
+        return [0] * (_MAX_DIMS + 1)
+    return [inputs.dim(), *inputs.shape, *([0] * (_MAX_DIMS - inputs.dim()))]
 
 
 def _dry_run(gm: torch.fx.GraphModule, shape: tuple[int, ...], *, where: str, data_owner: str) -> None:
@@ -114,12 +112,16 @@ def secure_predict(
     if batch_size < 1:
         raise MpcflError(f"secure_predict: batch_size must be positive, got {batch_size}")
     where = f"party {me.name}"
-    if me.rank == data_rank:
-        inputs = agreed("input checks", session.parties, lambda: check_inputs(inputs, where))
-    else:
-        agreed("input checks", session.parties, lambda: None)
-    gm = agreed("model checks", session.parties, lambda: trace(model))
-    shape = _exchange_shape(inputs if me.rank == data_rank else None, data_rank)
+
+    def checks() -> tuple[torch.Tensor | None, torch.fx.GraphModule]:
+        return (check_inputs(inputs, where) if me.rank == data_rank else None), trace(model)
+
+    # The checks' agreement carries the input shape: every party learns it from the data owner
+    # in the same round (2 agreement rounds before sharing, not 4).
+    (inputs, gm), rows = agreed_public(
+        "input and model checks", session.parties, checks, lambda done: _shape_row(done[0]), width=_MAX_DIMS + 1
+    )
+    shape = tuple(rows[data_rank][1 : 1 + rows[data_rank][0]])
     agreed("shape checks", session.parties, lambda: _dry_run(gm, shape, where=where, data_owner=data_owner))
 
     crypten = import_crypten()

@@ -136,3 +136,58 @@ def test_cuda_without_a_gpu_is_a_clear_error() -> None:
                  str(REPO / "examples" / "secure_inference_party.py"), timeout=120)
     assert done.returncode == 1
     assert "device is cuda but torch sees no GPU" in done.stderr
+
+
+class _Shared(Exception):
+    """Raised in place of sharing the model: the checks before it are what these tests pin."""
+
+
+def _checks_only(monkeypatch: pytest.MonkeyPatch, rank: int, peer: list[int]) -> list[list[int]]:
+    """secure_predict in this process as party ``rank`` of (bank, clinic), with the peer answering
+    every exchange with ``peer`` (truncated to the width); returns what this party sent, in order."""
+    from types import SimpleNamespace
+
+    from mpcfl.mpc import session
+    from mpcfl.tasks import inference
+
+    parties = ("bank", "clinic")
+    me = SimpleNamespace(name=parties[rank], rank=rank, device="cpu",
+                         session=SimpleNamespace(parties=parties, rank_of=parties.index))
+    sent: list[list[int]] = []
+
+    def gather(values: list[int]) -> list[list[int]]:
+        sent.append(list(values))
+        rows = [peer[: len(values)], list(values)]
+        return rows if rank == 1 else rows[::-1]
+
+    def shared(*_: Any, **__: Any) -> None:
+        raise _Shared
+
+    monkeypatch.setattr(inference, "current_party", lambda: me)
+    monkeypatch.setattr(session, "all_gather_public", gather)
+    monkeypatch.setattr(inference, "encrypt_model", shared)
+    return sent
+
+
+def test_checks_and_the_shape_exchange_take_two_rounds_before_sharing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpcfl.tasks.inference import secure_predict
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU())
+    # The data owner: its shape rides on the checks' agreement flag; then the dry run's flag.
+    sent = _checks_only(monkeypatch, 1, peer=[1] * 10)
+    with pytest.raises(_Shared):
+        secure_predict(model, torch.zeros(3, 4), model_owner="bank", data_owner="clinic")
+    assert sent == [[1, 2, 3, 4, 0, 0, 0, 0, 0, 0], [1]]
+    # The model owner learns the shape from the data owner's row of that same round.
+    sent = _checks_only(monkeypatch, 0, peer=[1, 2, 3, 4, 0, 0, 0, 0, 0, 0])
+    with pytest.raises(_Shared):
+        secure_predict(model, None, model_owner="bank", data_owner="clinic")
+    assert sent == [[1] + [0] * 9, [1]]
+    sent = _checks_only(monkeypatch, 0, peer=[1, 2, 3, 5, 0, 0, 0, 0, 0, 0])
+    with pytest.raises(MpcflError, match=r"party clinic's inputs of shape \(3, 5\) do not fit the model"):
+        secure_predict(model, None, model_owner="bank", data_owner="clinic")
+    # A peer that failed its checks stops everyone after the first round.
+    sent = _checks_only(monkeypatch, 0, peer=[0] * 10)
+    with pytest.raises(MpcflError, match="party clinic failed during input and model checks"):
+        secure_predict(model, None, model_owner="bank", data_owner="clinic")
+    assert len(sent) == 1
