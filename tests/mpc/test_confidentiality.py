@@ -105,7 +105,9 @@ def test_the_dealer_answers_no_request_the_other_parties_did_not_make(tmp_path: 
     result = mpcfl("launch", "--timeout-s", "20", "--parties", "p0,p1", str(SCRIPTS / "rogue_party.py"), timeout=120)
     assert result.returncode != 0
     assert "rogue: the dealer answered" not in result.stdout
-    assert "dealer failed: dealer: party 0 sent request 'square' that party 1 did not make" in result.stderr
+    # The dealer's own report: the launcher's one-line blame may name party 0 instead, when its
+    # lost-link error ends its process before the refusing dealer's exit is seen (both exit 1).
+    assert "[dealer] mpcfl: error: dealer: party 0 sent request 'square' that party 1 did not make; refused" in result.stdout
     assert_no_leftovers(str(SCRIPTS / "rogue_party.py"))
 
 
@@ -115,5 +117,5 @@ def test_the_dealer_serves_no_batch_the_other_parties_did_not_announce() -> None
     result = mpcfl("launch", "--timeout-s", "20", "--parties", "p0,p1", script, timeout=120)
     assert result.returncode != 0
     assert "rogue: the dealer answered" not in result.stdout
-    assert "dealer failed: dealer: party 0 sent request 'batch' (1 requests) that party 1 did not make" in result.stderr
+    assert "[dealer] mpcfl: error: dealer: party 0 sent request 'batch' (1 requests) that party 1 did not make; refused" in result.stdout
     assert_no_leftovers(script)
