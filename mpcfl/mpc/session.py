@@ -320,6 +320,17 @@ def reformed(session: Session, name: str, *, epoch: int, min_parties: int) -> Se
     return dataclasses.replace(session, parties=parties, rendezvous=f"file://{base}.{epoch}")
 
 
+def shared_sum(local: torch.Tensor, *, world: int, device: Any = None) -> Any:
+    """The sum of every party's ``local`` (the same shape at each), secret-shared: each party shares
+    its own value and the shares are added, so no party's value is ever opened."""
+    crypten = import_crypten()
+    total = None
+    for src in range(world):  # crypten reads ``local`` at ``src`` only; elsewhere it gives the size
+        part = crypten.cryptensor(local, src=src, device=device)
+        total = part if total is None else total + part
+    return total
+
+
 def all_gather_public(values: list[int]) -> list[list[int]]:
     """Exchanges small public integers (shapes, status flags) among the parties.
 

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from mpcfl.errors import MpcflError
-from mpcfl.mpc.compat import import_crypten
 from mpcfl.mpc.reveal import Privacy, reveal
+from mpcfl.mpc.session import shared_sum
 
 
 MAX_AVERAGED = 2.0**12  # |entry| of what is averaged; the product's error probability is |entry| / 2^32
@@ -77,17 +77,6 @@ def check_update(update: torch.Tensor, *, bound: float, who: str, what: str = "t
         )
 
 
-def _shared_sum(local: torch.Tensor, *, rank: int, world: int, device: torch.device) -> Any:
-    """The sum of every party's ``local`` (same shape at each), secret-shared; each party shares its own."""
-    crypten = import_crypten()
-    total = None
-    for src in range(world):
-        value = local if src == rank else torch.zeros_like(local)
-        part = crypten.cryptensor(value, src=src, device=device)
-        total = part if total is None else total + part
-    return total
-
-
 def scaled_reciprocal(count: Any, bound: int) -> Any:
     """``s / count`` for a secret-shared count in [1, B], s = :func:`divisor_scale` (see the module docstring)."""
     scale = divisor_scale(bound)
@@ -99,7 +88,7 @@ def scaled_reciprocal(count: Any, bound: int) -> Any:
 
 
 def weighted_average(
-    update: torch.Tensor, rows: int, *, bound: int, rank: int, world: int, device: torch.device, what: str
+    update: torch.Tensor, rows: int, *, bound: int, world: int, device: torch.device, what: str
 ) -> torch.Tensor:
     """The row-weighted average of every party's ``update``, opened to every party.
 
@@ -111,16 +100,16 @@ def weighted_average(
     local = torch.cat([update.double() * rows, torch.tensor([float(rows)], dtype=torch.float64)])
     # Not under runtime.prefetch: it was switched off while a wrong 5-party average looked like a replay
     # problem; the cause was the truncation error of large products (module docstring). Not re-measured yet.
-    total = _shared_sum(local, rank=rank, world=world, device=device)
+    total = shared_sum(local, world=world, device=device)
     y = scaled_reciprocal(total[-1:], bound)
     average = total[:-1].div(divisor_scale(bound)) * y
     return reveal(average, to=list(range(world)), what=what).double()
 
 
 def noisy_mean(
-    update: torch.Tensor, parties: int, *, privacy: Privacy, rank: int, world: int, device: torch.device, what: str
+    update: torch.Tensor, parties: int, *, privacy: Privacy, world: int, device: torch.device, what: str
 ) -> torch.Tensor:
     """The plain mean of the ``parties`` contributions (clipped updates; zeros from a party that sits
     out), opened to every party with ``privacy``'s joint noise added under MPC first."""
-    total = _shared_sum(update.double(), rank=rank, world=world, device=device)
+    total = shared_sum(update.double(), world=world, device=device)
     return reveal(total.div(parties), to=list(range(world)), what=what, privacy=privacy).double()

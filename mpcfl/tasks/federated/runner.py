@@ -49,10 +49,10 @@ log = logging.getLogger(__name__)
 
 
 class _Round:
-    """What a party needs for the averages: its rank, the session's size and device, the public bound B."""
+    """What a party needs for the averages: the session's size and device, the public bound B."""
 
-    def __init__(self, job: FederatedJob, rank: int, device: torch.device, world: int) -> None:
-        self.job, self.rank, self.device, self.world = job, rank, device, world
+    def __init__(self, job: FederatedJob, device: torch.device, world: int) -> None:
+        self.job, self.device, self.world = job, device, world
         self.bound = aggregate.count_bound(job.world_size, job.federated.max_rows)
 
     def average(self, values: np.ndarray | torch.Tensor, rows: int, what: str, *, who: str) -> torch.Tensor:
@@ -60,7 +60,7 @@ class _Round:
         values = torch.as_tensor(values, dtype=torch.float64)
         agreed(what, self.job.party_names, lambda: aggregate.check_update(values, bound=aggregate.MAX_AVERAGED, who=who, what=what))
         return aggregate.weighted_average(
-            values, rows, bound=self.bound, rank=self.rank, world=self.world, device=self.device, what=what
+            values, rows, bound=self.bound, world=self.world, device=self.device, what=what
         )
 
 
@@ -69,7 +69,7 @@ class _Round:
     ) -> torch.Tensor:
         """A round's average update: row-weighted, or with DP the noisy plain mean of ``parties`` clipped updates."""
         what = f"round {round_index} average update"
-        where = {"rank": self.rank, "world": self.world, "device": self.device, "what": what}
+        where = {"world": self.world, "device": self.device, "what": what}
         if privacy is None:
             return aggregate.weighted_average(update, rows, bound=self.bound, **where)
         return aggregate.noisy_mean(update, parties, privacy=privacy.of_round(parties, self.world), **where)
@@ -222,7 +222,7 @@ class _Training:
         if resume:
             start = agreed("checkpoint loading", job.party_names, lambda: _resume_point(job, party, rank, self.budget))
         self.data = agreed("data loading", job.party_names, lambda: _load(job, party))
-        self.n_features = _prepare(job, self.data, _Round(job, rank, session_device(), job.world_size), party)
+        self.n_features = _prepare(job, self.data, _Round(job, session_device(), job.world_size), party)
         self.head = head_of(job.model)
         self.train_rows = Rows.of(self.data.train, self.head)
         self.test_rows = None if self.data.test is None else Rows.of(self.data.test, self.head)
@@ -258,7 +258,7 @@ class _Training:
     def run_rounds(self, parties: tuple[str, ...], rank: int) -> None:
         """The rounds left, in a session of ``parties`` in which this party is ``rank``."""
         job, spec, privacy = self.job, self.job.federated, self.privacy
-        rounds = _Round(job, rank, session_device(), len(parties))
+        rounds = _Round(job, session_device(), len(parties))
         self.in_rounds = True
         for round_index in range(len(self.history) + 1, spec.rounds + 1):
             began, sent = time.perf_counter(), communication_stats()["bytes"]

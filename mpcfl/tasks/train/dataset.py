@@ -184,17 +184,14 @@ def _standardize_jointly(job: TrainJob, data: PartyData, shapes: list[list[int]]
     Two passes (mean, then mean squared deviation) avoid the cancellation of
     E[x^2] - E[x]^2 in fixed point. Only the aggregate statistics are revealed.
     """
-    crypten = _crypten()
     from mpcfl.mpc.reveal import reveal
+    from mpcfl.mpc.session import shared_sum
 
     total = sum(s[0] for s in shapes)
     everyone = list(range(job.world_size))
 
     def joint_sum(local: np.ndarray, what: str) -> np.ndarray:
-        summed = None
-        for r in everyone:
-            part = crypten.cryptensor(torch.tensor(local / total), src=r, device=device)
-            summed = part if summed is None else summed + part
+        summed = shared_sum(torch.tensor(local / total), world=job.world_size, device=device)
         return reveal(summed, to=everyone, what=what).double().numpy()  # revealed values are on the host
 
     mean = joint_sum(data.train.x.sum(axis=0), "column means for standardisation")
