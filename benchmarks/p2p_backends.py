@@ -35,24 +35,14 @@ def _free_port() -> int:
 
 
 def _round_trip(tensor: torch.Tensor, rank: int, via_host: bool) -> None:
-    """Rank 0 sends ``tensor`` to rank 1, which sends it back; via_host: as gloo needs it."""
+    """Rank 0 sends ``tensor`` to rank 1, which sends it back; via_host: through a host copy, as gloo needs it."""
     peer = 1 - rank
+    buffer = tensor.cpu() if via_host else tensor
+    first, second = (dist.send, dist.recv) if rank == 0 else (dist.recv, dist.send)
+    first(buffer, peer)
+    second(buffer, peer)
     if via_host:
-        host = tensor.cpu()
-        if rank == 0:
-            dist.send(host, peer)
-            dist.recv(host, peer)
-        else:
-            dist.recv(host, peer)
-            dist.send(host, peer)
-        tensor.copy_(host.to(tensor.device))
-    else:
-        if rank == 0:
-            dist.send(tensor, peer)
-            dist.recv(tensor, peer)
-        else:
-            dist.recv(tensor, peer)
-            dist.send(tensor, peer)
+        tensor.copy_(buffer.to(tensor.device))
     torch.cuda.synchronize()
 
 
