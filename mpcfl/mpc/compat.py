@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import importlib
 import sys
 import types
@@ -314,6 +315,28 @@ def _reuse_data_masks(crypten: types.ModuleType) -> None:
     tensor.matmul = matmul
 
 
+def _compare_on_packed_bits(crypten: types.ModuleType) -> None:
+    """Parties compute ``x < 0`` with :mod:`mpcfl.mpc.comparison`: no more rounds than
+    crypten 0.4.1's ``MPCTensor._ltz``, about a quarter of its bytes. Every comparison goes
+    through ``_ltz`` (relu, sign, abs, where, max, the sigmoid's sign); any case that module
+    declines runs crypten's own.
+    """
+    from mpcfl.mpc.comparison import less_than_zero
+
+    tensor = crypten.mpc.MPCTensor
+    if getattr(tensor._ltz, "_mpcfl_patched", False):
+        return
+    original = tensor._ltz
+
+    @functools.wraps(original)  # keeps crypten's as __wrapped__, for tests that compare the two
+    def _ltz(self: Any) -> Any:
+        result = less_than_zero(self)
+        return original(self) if result is None else result
+
+    _ltz._mpcfl_patched = True  # type: ignore[attr-defined]
+    tensor._ltz = _ltz
+
+
 def _open_point_to_point(crypten: types.ModuleType) -> None:
     """Opening toward one party sends shares point-to-point (see :mod:`mpcfl.mpc.opening`).
 
@@ -331,8 +354,9 @@ def import_crypten(*, stock: bool = False) -> types.ModuleType:
 
     Args:
         stock: apply only what ``import crypten`` and ``from_pytorch`` need on this torch
-            (the ONNX alias and exporter), none of the security and correctness patches
-            (generators, point-to-point openings, dealer digests, decoding, timeouts):
+            (the ONNX alias and exporter), none of the security, correctness and speed patches
+            (generators, point-to-point openings, dealer digests, decoding, timeouts, mask
+            reuse, packed comparisons):
             CrypTen as upstream ships it, for benchmarks that compare against it. Never for jobs.
 
     Raises:
@@ -367,5 +391,6 @@ def import_crypten(*, stock: bool = False) -> types.ModuleType:
         _announce_triple_requests(crypten)
         _skip_unused_matmul_gradient(crypten)
         _reuse_data_masks(crypten)
+        _compare_on_packed_bits(crypten)
     _state["crypten"], _state["stock"] = crypten, stock
     return crypten

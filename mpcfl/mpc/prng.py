@@ -69,7 +69,7 @@ class SecureGenerator:
             raise ValueError(f"bits must be in 1..64, got {bits}")
         values = self._raw(tuple(size))
         if bits < 64:
-            values = values & np.int64((1 << bits) - 1)
+            values &= np.int64((1 << bits) - 1)  # in place: a 0-d array stays an array, not a numpy scalar
         return torch.from_numpy(values).to(device or "cpu")
 
 

@@ -33,6 +33,8 @@ def test_ring_elements_cover_the_ring_and_kbit_values_their_range() -> None:
     assert set(bits.unique().tolist()) == {0, 1}
     assert bits.float().mean().item() == pytest.approx(0.5, abs=0.01)
     assert 0 <= generator.kbit((1000,), 7).min().item() and generator.kbit((1000,), 7).max().item() < 128
+    scalar = generator.kbit((), 1)  # a 0-d tensor's B2A draws (comparing a scalar CrypTensor)
+    assert scalar.shape == () and scalar.item() in (0, 1) and generator.ring(()).shape == ()
     assert np.isfinite(numpy_generator().normal(size=3)).all()
 
 
