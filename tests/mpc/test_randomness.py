@@ -249,3 +249,33 @@ def test_the_dealer_serves_a_batch_only_if_every_party_announced_it(monkeypatch:
     # The digest covers each item's canonical form: order and sizes matter, torch.Size vs tuple does not.
     assert torch.equal(batch_digest(items), batch_digest((_item("square", torch.Size([2])), items[1])))
     assert not torch.equal(batch_digest(items), batch_digest(items[::-1]))
+
+
+@pytest.mark.parametrize(
+    ("op", "a", "b", "kwargs"),
+    [
+        ("mul", (4, 1, 3), (5, 1), {}),
+        ("mul", (), (2, 3), {}),
+        ("matmul", (7,), (7,), {}),
+        ("matmul", (2, 7), (7,), {}),
+        ("matmul", (7,), (7, 3), {}),
+        ("matmul", (4, 1, 2, 7), (3, 7, 5), {}),
+        ("conv1d", (2, 4, 9), (6, 2, 3), {"stride": 2, "padding": 1, "groups": 2}),
+        ("conv2d", (3, 1, 28, 28), (6, 1, 5, 5), {"stride": [1, 1], "padding": [2, 2], "dilation": [1, 1]}),
+        ("conv2d", (1, 28, 28), (6, 1, 5, 5), {}),
+        ("conv_transpose2d", (2, 3, 7, 7), (3, 4, 3, 3), {"stride": 2, "output_padding": 1}),
+    ],
+)
+def test_answer_sizes_follow_torch_without_the_meta_device(op: str, a: tuple, b: tuple, kwargs: dict) -> None:
+    from mpcfl.mpc.providers.ttp import answer_size
+
+    expected = getattr(torch, op)(torch.zeros(a), torch.zeros(b)) if op in ("mul", "matmul") else getattr(torch.nn.functional, op)(torch.zeros(a), torch.zeros(b), **kwargs)
+    assert answer_size("additive", (a, b, op), kwargs) == expected.shape
+
+
+@pytest.mark.parametrize(("op", "a", "b"), [("mul", (3, 2), (4, 2)), ("matmul", (3, 2), (3, 2)), ("matmul", (), (3,)), ("conv2d", (1, 2, 5, 5), (4, 3, 3, 3))])
+def test_answer_sizes_refuse_what_torch_refuses(op: str, a: tuple, b: tuple) -> None:
+    from mpcfl.mpc.providers.ttp import answer_size
+
+    with pytest.raises((ValueError, RuntimeError)):
+        answer_size("additive", (a, b, op), {})

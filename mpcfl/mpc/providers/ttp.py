@@ -61,6 +61,7 @@ import contextlib
 import datetime
 import functools
 import hashlib
+import itertools
 import inspect
 import logging
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -149,18 +150,57 @@ def batch_digest(items: Sequence[dict[str, Any]]) -> torch.Tensor:
     return to_words(h.digest())
 
 
+def _broadcast(*shapes: Sequence[int]) -> tuple[int, ...]:
+    """torch's broadcasting rule (``torch.broadcast_shapes``'s first call costs seconds of imports)."""
+    result: list[int] = []
+    for dims in itertools.zip_longest(*(reversed(tuple(s)) for s in shapes), fillvalue=1):
+        sizes = {d for d in dims if d != 1}
+        if len(sizes) > 1:
+            raise ValueError(f"sizes {[tuple(s) for s in shapes]} do not broadcast")
+        result.append(sizes.pop() if sizes else 1)
+    return tuple(reversed(result))
+
+
+def _matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """``torch.matmul``'s result shape: 1-d operands promoted and dropped again, batches broadcast."""
+    if not a or not b:
+        raise ValueError("matmul of a 0-d operand")
+    left, right = ((1,) + a if len(a) == 1 else a), (b + (1,) if len(b) == 1 else b)
+    if left[-1] != right[-2]:
+        raise ValueError(f"matmul of sizes {a} and {b}: inner dimensions differ")
+    batch = _broadcast(left[:-2], right[:-2])
+    return batch + (left[-2],) * (len(a) > 1) + (right[-1],) * (len(b) > 1)
+
+
+def _conv_shape(op: str, x: tuple[int, ...], w: tuple[int, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
+    """A convolution's result shape, from torch's own kernel run on an empty batch (no arithmetic)."""
+    batched = len(x) == len(w)
+    empty = torch.zeros((0,) + (x[1:] if batched else x))
+    out = getattr(torch.nn.functional, op)(empty, torch.zeros(w), **kwargs)
+    return ((x[0],) if batched else ()) + tuple(out.shape[1:])
+
+
 def answer_size(function: str, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Size:
-    """The shape of the dealer's answer to a request (computed on the meta device)."""
+    """The shape of the dealer's answer to a request, from shape rules alone.
+
+    Not on the meta device: its first operation imports torch._dynamo, seconds of CPU in the
+    dealer and in party 0 on the first request of a job. Raises ValueError or RuntimeError
+    for operands the product refuses.
+    """
     if function == "fixed_mask":
         return torch.Size([1])
     if function == "fixed_triple":
-        mask, other = (torch.empty(tuple(size), device="meta") for size in args[1:3])
-        return torch.matmul(mask.t() if args[3] else mask, other).shape
+        mask, other = (tuple(size) for size in args[1:3])
+        if args[3] and len(mask) > 2:
+            raise ValueError(f"transposed mask of size {mask}")
+        return torch.Size(_matmul_shape(mask[::-1] if args[3] else mask, other))
     if function in ("additive", "binary"):
-        a, b = (torch.empty(tuple(size), device="meta") for size in args[:2])
-        if function == "binary":
-            return torch.broadcast_shapes(a.shape, b.shape)
-        return getattr(torch, args[2])(a, b, **kwargs).shape
+        a, b = (tuple(size) for size in args[:2])
+        if function == "binary" or args[2] == "mul":
+            return torch.Size(_broadcast(a, b))
+        if args[2] == "matmul":
+            return torch.Size(_matmul_shape(a, b))
+        return torch.Size(_conv_shape(args[2], a, b, kwargs))
     return torch.Size(args[0])
 
 
@@ -377,8 +417,8 @@ class Dealer:
     @staticmethod
     def _option(key: str, value: Any) -> bool:
         # Conv options come as ints, tuples, or lists (crypten.nn.from_pytorch's ONNX converter), one
-        # or two entries (conv1d/2d). The meta device's shape check passes a zero dilation and a list
-        # of the wrong length, which the real product then raises on, after every party agreed to it.
+        # or two entries (conv1d/2d). Checked here, not left to the product: a zero dilation or a list
+        # of the wrong length would raise in the real product, after every party agreed to it.
         values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
         low = 1 if key in ("stride", "dilation", "groups") else 0
         return 0 < len(values) <= 2 and all(type(v) is int and low <= v <= MAX_OPTION for v in values)
@@ -394,7 +434,7 @@ class Dealer:
             raise self._refuse(f"request {name!r} for {torch.Size(size).numel()} elements (limit {MAX_ELEMENTS})")
 
     def _result_size(self, name: str, args: tuple, kwargs: dict[str, Any]) -> torch.Size:
-        """The shape of the answer, computed on the meta device (nothing is allocated)."""
+        """The shape of the answer (:func:`answer_size`), or the refusal of a product that cannot be computed."""
         try:
             return answer_size(name, args, kwargs)
         except (RuntimeError, ValueError, TypeError) as err:
