@@ -2,9 +2,9 @@
 
 ``x`` is the sum of the parties' arithmetic shares in the 64-bit ring. Each share is an XOR
 sharing of itself (its party holds it, the others hold 0), so no party shares anything to
-start. With more than two parties, carry-save steps (one AND each) turn three summands into
-two. The sign of the sum of two XOR-shared words ``a + b`` is ``msb(a) ^ msb(b) ^ carry``,
-the carry into bit 63. The generate bits ``g = a & b`` take one Beaver AND, and the propagate
+start. With more than two parties, rounds of carry-save adders (a Wallace tree, one AND per
+round) turn every three summands into two. The sign of the sum of two XOR-shared words
+``a + b`` is ``msb(a) ^ msb(b) ^ carry``, the carry into bit 63. The generate bits ``g = a & b`` take one Beaver AND, and the propagate
 bits ``p = a ^ b`` are local. The carry is the generate bit of the whole group, reduced
 pairwise in six levels: ``(g, p)_hi o (g, p)_lo = (g_hi ^ p_hi & g_lo, p_hi & p_lo)`` (``g``
 and ``p`` are never both 1, so ``^`` stands for ``|``). Bit 63 itself is set to
@@ -13,9 +13,10 @@ and ``p`` are never both 1, so ``^`` stands for ``|``). Bit 63 itself is set to
 CrypTen's own comparison (``A2B``, then 64-bit Kogge-Stone adders) keeps every element's 64
 bit positions in its word through all six levels, although each level halves the positions
 still needed. Here each level's live bits are packed densely across elements before the AND,
-so the ANDs open about 3 words per element instead of 13: the same rounds, about a quarter of
-the bytes (figures in ``tests/mpc/test_comparison.py``). Packing is local: an XOR sharing of
-a word is an XOR sharing of each of its bits.
+so the ANDs open about 3 words per element instead of 13: a quarter of the bytes, the same 8
+rounds for two parties and fewer for more (crypten adds the P summands pairwise, 7 rounds
+per adder level); figures in ``tests/mpc/test_comparison.py``. Packing is local: an XOR
+sharing of a word is an XOR sharing of each of its bits.
 
 Every opened value is a Beaver AND's ``x ^ a`` and ``y ^ b`` (fresh dealer masks) or the
 final bit's ``b ^ r`` of CrypTen's ``B2A``: uniform, as in CrypTen's own comparison. The
@@ -34,6 +35,9 @@ WORD = 64  # bits in a share
 _SIGN = WORD - 1
 _LOW = (1 << _SIGN) - 1  # every bit but the sign
 _TOP = -(1 << _SIGN)  # the sign bit alone, as an int64
+#: Elements compared in one go: the carry-save ANDs of P parties ask the dealer for about
+#: 2 (P / 3) times this many words, which stays far below its limit (``MAX_ELEMENTS``, 2^28).
+CHUNK = 1 << 22
 # Masks that gather a word's even-position bits into its low half, one halving at a time.
 _GATHER = (0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F, 0x00FF00FF00FF00FF,
            0x0000FFFF0000FFFF, 0x00000000FFFFFFFF)
@@ -58,7 +62,8 @@ def _pack(values: torch.Tensor, width: int) -> torch.Tensor:
 def _unpack(words: torch.Tensor, width: int, count: int) -> torch.Tensor:
     """The first ``count`` values of ``width`` bits from words packed by :func:`_pack`."""
     shifts = torch.arange(WORD // width, device=words.device) * width
-    return ((words.unsqueeze(-1) >> shifts) & ((1 << width) - 1)).reshape(-1)[:count]
+    mask = (1 << width) - 1 if width < WORD else -1  # all 64 bits: -1, as an int64
+    return ((words.unsqueeze(-1) >> shifts) & mask).reshape(-1)[:count]
 
 
 def _and(left: torch.Tensor, right: torch.Tensor, width: int) -> torch.Tensor:
@@ -68,24 +73,30 @@ def _and(left: torch.Tensor, right: torch.Tensor, width: int) -> torch.Tensor:
     return _unpack(packed.share, width, left.numel())
 
 
-def _carry_save(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shares of two words whose sum is ``a + b + c`` (mod 2^64): the sum bits and the carries, in one AND."""
-    n, sum_ab = a.numel(), a ^ b
-    both = _and(torch.cat([a, c]), torch.cat([b, sum_ab]), WORD)  # a & b and c & (a ^ b): never both 1
-    return sum_ab ^ c, (both[:n] ^ both[n:]) << 1
+def _carry_save(words: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One AND round in which every three summands become two, their sum bits and their carries.
 
-
-def sign_bit_share(share: torch.Tensor, rank: int, parties: int) -> torch.Tensor:
-    """This party's XOR share of the sign bit of ``x``, given its arithmetic share of ``x``.
-
-    Every party calls it on its own share, in step: ``parties - 2`` carry-save ANDs, then 7.
+    A Wallace tree: all of a round's triples share one AND, so P summands take about
+    log_1.5(P / 2) rounds, not P - 2.
     """
-    flat = share.reshape(-1)
+    n, k = words[0].numel(), len(words) // 3
+    a, b, c = (torch.cat(words[i : 3 * k : 3]) for i in range(3))
+    sum_ab = a ^ b
+    both = _and(torch.cat([a, c]), torch.cat([b, sum_ab]), WORD)  # a & b and c & (a ^ b): never both 1
+    carries = (both[: a.numel()] ^ both[a.numel() :]) << 1
+    return [*(sum_ab ^ c).split(n), *carries.split(n), *words[3 * k :]]
+
+
+def sign_bit_share(flat: torch.Tensor, rank: int, parties: int) -> torch.Tensor:
+    """This party's XOR share of the sign bit of each ``x``, given its arithmetic shares ``flat`` (1-d).
+
+    Every party calls it on its own shares, in step: the carry-save rounds, then 7 ANDs.
+    """
     n, zeros = flat.numel(), torch.zeros_like(flat)
     # Party i's share is an XOR sharing of itself: i holds it, every other party holds 0.
     words = [flat if rank == i else zeros for i in range(parties)]
     while len(words) > 2:
-        words = [*_carry_save(*words[:3]), *words[3:]]
+        words = _carry_save(words)
     first, second = words
     g = _and(first, second, WORD) & _LOW
     p = ((first ^ second) & _LOW) | (_TOP if rank == 0 else 0)  # bit 63: (g, p) = (0, 1)
@@ -96,14 +107,15 @@ def sign_bit_share(share: torch.Tensor, rank: int, parties: int) -> torch.Tensor
         both = _and(torch.cat([p_high, p_high]), torch.cat([_even_bits(g), _even_bits(p)]), width)
         g, p = _even_bits(g >> 1) ^ both[:n], both[n:]
     carry = (g >> 1) ^ _and(p >> 1, g & 1, 1)  # the last level needs the generate bit only
-    return ((((first ^ second) >> _SIGN) & 1) ^ carry).view(share.shape)
+    return (((first ^ second) >> _SIGN) & 1) ^ carry
 
 
 def less_than_zero(x: Any) -> Any | None:
     """``x < 0`` as an arithmetic MPCTensor of 0/1 (scale 1), as CrypTen's ``_ltz`` returns it.
 
-    None where this protocol does not apply and CrypTen's own must run: one party, a
-    binary tensor, an empty one, or shares on a GPU (not yet run there).
+    None where CrypTen's own must run: one party, a binary tensor, or shares on a GPU (not
+    yet run there). An empty tensor needs no message and no dealer request (the dealer
+    refuses empty sizes, so CrypTen's own would end the session).
     """
     crypten = import_crypten()
     comm = crypten.comm.get()
@@ -112,13 +124,18 @@ def less_than_zero(x: Any) -> Any | None:
     if comm.get_world_size() < 2 or not isinstance(arithmetic, primitives.ArithmeticSharedTensor):
         return None
     share = arithmetic.share
-    if not isinstance(share, torch.Tensor) or share.is_cuda or share.numel() == 0:
+    if not isinstance(share, torch.Tensor) or share.is_cuda:
         return None
-    bit = primitives.BinarySharedTensor.from_shares(sign_bit_share(share, comm.get_rank(), comm.get_world_size()))
-    bit.encoder = arithmetic.encoder  # as CrypTen's A2B leaves it, so that B2A scales the same way
-    precision = 0 if arithmetic.encoder.scale == 1 else None
+    parties, rank = comm.get_world_size(), comm.get_rank()
+    if share.numel() == 0:
+        bits = primitives.ArithmeticSharedTensor.from_shares(torch.zeros_like(share), precision=0)
+    else:
+        # Pieces keep each dealer request well under its size limit (public sizes: every party splits alike).
+        pieces = share.reshape(-1).split(CHUNK // max(1, parties // 3))
+        sign = torch.cat([sign_bit_share(piece, rank, parties) for piece in pieces]).view(share.shape)
+        bits = primitives.converters._B2A(primitives.BinarySharedTensor.from_shares(sign, precision=0), precision=0, bits=1)
     result = x.shallow_copy()
-    result._tensor = primitives.converters._B2A(bit, precision=precision, bits=1)
+    result._tensor = bits
     result.ptype = crypten.mpc.ptype.arithmetic
     result.encoder._scale = 1
     return result

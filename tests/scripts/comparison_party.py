@@ -3,7 +3,7 @@
 Each party compares the same secret values with zero through CrypTen's public API
 (``x < 0``, ``relu``), which the patched ``_ltz`` serves from :mod:`mpcfl.mpc.comparison`,
 and through crypten 0.4.1's own ``_ltz`` (kept as ``__wrapped__``). It prints whether both
-match plaintext, the shapes, and the bytes each way sent. Under the spy of ``tests/spy`` it
+match plaintext, the shapes (empty tensors included), and the bytes each way sent. Under the spy of ``tests/spy`` it
 records its own share (``own``), for the test to look for at the peer and the dealer.
 """
 
@@ -29,8 +29,11 @@ with mpcfl.join() as me:
     x = crypten.cryptensor(plain, src=0)
     sitecustomize._records["own"].append(("share", x._tensor.share.clone()))
     before = sent()
-    ours = (x < 0).get_plain_text()
+    sitecustomize.phase("compare")  # the test reads this phase's messages
+    less = x < 0
+    sitecustomize.phase("protocol")
     ours_bytes = sent() - before
+    ours = less.get_plain_text()
     before = sent()
     theirs = crypten.mpc.MPCTensor._ltz.__wrapped__(x).get_plain_text()
     theirs_bytes = sent() - before
@@ -38,10 +41,13 @@ with mpcfl.join() as me:
     cube = crypten.cryptensor(plain[:60].reshape(3, 4, 5), src=1)
     relu = cube.relu().get_plain_text()
     scalar = (crypten.cryptensor(torch.tensor(-3.0), src=0) < 0).get_plain_text()
+    # No message and no dealer request: the dealer refuses empty sizes (a product of an empty
+    # tensor, e.g. its relu, still ends the session).
+    empty = tuple((crypten.cryptensor(torch.empty(3, 0), src=0) < 0).get_plain_text().shape)
     print(
         f"comparison party {me.rank}: exact={torch.equal(ours, truth)} crypten_exact={torch.equal(theirs, truth)} "
         f"relu={torch.allclose(relu, plain[:60].reshape(3, 4, 5).relu(), atol=1e-4, rtol=1e-6)} "
-        f"shapes={tuple(relu.shape)},{tuple(scalar.shape)} scalar={scalar.item()} "
+        f"shapes={tuple(relu.shape)},{tuple(scalar.shape)} scalar={scalar.item()} empty={empty} "
         f"bytes={ours_bytes},{theirs_bytes}",
         flush=True,
     )

@@ -74,7 +74,7 @@ def _install() -> None:
         def keep(tensors, when):
             for tensor in tensors:
                 _records["seen"].append((_phase[0], tensor.detach().cpu().clone().reshape(-1)))
-                _records["where"].append(f"{name}:{when}:{tensor.dtype}:{tensor.nelement()}")
+                _records["where"].append(f"{_phase[0]}:{name}:{when}:{tensor.dtype}:{tensor.nelement()}")
 
         def spy(*args, **kwargs):
             tensors = [t for value in (*args, *kwargs.values()) for t in _tensors(value)]
@@ -99,6 +99,7 @@ def _install() -> None:
                     work.wait = waited
                 except AttributeError:  # a C++ Work object: read at exit instead
                     _records["seen"].extend((_phase[0], t) for t in tensors)
+                    _records["where"].extend(f"{_phase[0]}:{name}:exit:{t.dtype}:{t.nelement()}" for t in tensors)
             return work
 
         setattr(dist, name, spy)
