@@ -8,11 +8,19 @@ in :data:`ACCOUNTANTS` by name; the job picks one with ``dp.accountant``.
 from __future__ import annotations
 
 import abc
+import importlib
+import types
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting
-from dp_accounting import pld, rdp
+if TYPE_CHECKING:
+    import dp_accounting
+
+
+def _dp(module: str = "") -> types.ModuleType:
+    """dp-accounting (or one of its modules), imported on first use: it pulls in scipy, about
+    a second of start-up in every party and dealer process, which jobs without DP never need."""
+    return importlib.import_module("dp_accounting" + (f".{module}" if module else ""))
 
 
 @dataclass(frozen=True)
@@ -33,12 +41,12 @@ class Charge:
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
         if self.mechanism == "gaussian":
-            event = dp_accounting.GaussianDpEvent(self.noise_multiplier)
+            event = _dp().GaussianDpEvent(self.noise_multiplier)
         elif self.mechanism == "laplace":
-            event = dp_accounting.LaplaceDpEvent(self.noise_multiplier)
+            event = _dp().LaplaceDpEvent(self.noise_multiplier)
         else:
             raise ValueError(f"unknown mechanism {self.mechanism!r}")
-        return event if self.count == 1 else dp_accounting.SelfComposedDpEvent(event, self.count)
+        return event if self.count == 1 else _dp().SelfComposedDpEvent(event, self.count)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,14 +108,14 @@ class RdpAccountant(Accountant):
     name = "rdp"
 
     def _fresh(self) -> dp_accounting.PrivacyAccountant:
-        return rdp.RdpAccountant()
+        return _dp("rdp").RdpAccountant()
 
 
 class PldAccountant(Accountant):
     name = "pld"
 
     def _fresh(self) -> dp_accounting.PrivacyAccountant:
-        return pld.PLDAccountant()
+        return _dp("pld").PLDAccountant()
 
 
 ACCOUNTANTS: dict[str, type[Accountant]] = {cls.name: cls for cls in (RdpAccountant, PldAccountant)}
@@ -141,15 +149,15 @@ def calibrate_noise_multiplier(
 
     def make(noise_multiplier: float) -> dp_accounting.DpEvent:
         events = [Charge("gaussian", noise_multiplier, count).to_dp_event(), *(c.to_dp_event() for c in extra)]
-        return dp_accounting.ComposedDpEvent(events)
+        return _dp().ComposedDpEvent(events)
 
     return float(
-        dp_accounting.calibrate_dp_mechanism(
+        _dp().calibrate_dp_mechanism(
             lambda: factory()._fresh(),
             make,
             epsilon,
             delta,
-            dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
+            _dp().LowerEndpointAndGuess(1e-3, 1.0),
             tol=1e-4,
         )
     )
