@@ -30,7 +30,7 @@ Ways
                   backward does), w -= lr X^T e, b -= lr sum(e). W2/W3: benchmarks/inference.py's
                   raw_crypten_batch (``crypten.nn.from_pytorch``, share, run, reveal to rank 1).
     raw+patches   the same raw code run inside mpcfl's processes (``mpcfl.join`` via launch_script),
-                  so with mpcfl's security patches: the same trust model as mpcfl.
+                  so with mpcfl's patches: the same trust model as mpcfl, and its packed comparison.
     mpcfl         W1: the real training path, in party processes started by launch_script: a
                   generated vertical job (CSV files per party, standardize off, shuffle off,
                   batch_size = rows, epochs 10, learning_rate 1.0, momentum 0, metrics_to none,
