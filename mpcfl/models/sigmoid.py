@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from mpcfl.mpc.compat import import_crypten
+
+if TYPE_CHECKING:  # torch is imported where a sigmoid runs: the job schema reads NAMES without it
+    import torch
 
 NAMES = ("crypten", "piecewise", "poly")
 DEFAULT = "crypten"
@@ -80,6 +82,8 @@ class Sigmoid:
 
     def plain(self, z: torch.Tensor) -> torch.Tensor:
         """The same approximation on plain tensors (float64 for the reference figures)."""
+        import torch
+
         if self.limit is None:
             return torch.sigmoid(z)
         t = z.clamp(-self.limit, self.limit) / self.limit
@@ -110,6 +114,8 @@ class Sigmoid:
     @functools.cached_property
     def range(self) -> tuple[float, float]:
         """(low, high): the output's range over every logit."""
+        import torch
+
         if self.limit is None:
             return 0.0, 1.0
         grid = torch.linspace(-self.limit, self.limit, 200_001, dtype=torch.float64)

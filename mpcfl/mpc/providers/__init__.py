@@ -1,24 +1,19 @@
 """Where Beaver triples and other correlated randomness come from, one module per provider.
 
-A provider is a module here that defines ``PROVIDER``, a :class:`Provider`, plus
-one line in :data:`_MODULES`. Modules load on first use, so checking a name (the
-job schema, the CLI) does not import torch.
+A provider is one entry in :data:`_PROVIDERS`, declaring what a session needs to know of
+it, plus a module here for any code of ours it runs (``ttp.py``: the dealer and the party
+side; TFP is CrypTen's own and has none). The modules are imported where their code runs,
+never to read those facts, so checking a job (the schema, the launcher, the CLI) does not
+import torch.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 DEFAULT = "ttp"
 #: The dealer's process name, rank n after the n parties.
 DEALER = "dealer"
-
-_MODULES = {
-    "ttp": "mpcfl.mpc.providers.ttp",
-    "tfp": "mpcfl.mpc.providers.tfp",
-}
-NAMES = tuple(sorted(_MODULES))
 
 
 @dataclass(frozen=True)
@@ -46,17 +41,33 @@ class Provider:
         return [*parties, *([DEALER] if self.needs_dealer else [])]
 
 
+_PROVIDERS = {
+    provider.name: provider
+    for provider in (
+        Provider(name="ttp", needs_dealer=True, crypten_name="TTP"),  # providers/ttp.py
+        Provider(  # CrypTen's trusted first party: no dealer process, for tests only
+            name="tfp",
+            needs_dealer=False,
+            crypten_name="TFP",
+            warning="INSECURE: provider tfp is on, so party {first} generates every Beaver triple "
+            "and can see all secrets. Use only for tests.",
+        ),
+    )
+}
+NAMES = tuple(sorted(_PROVIDERS))
+
+
 def known(name: str) -> str:
     """``name`` if a provider has it.
 
     Raises:
         ValueError: naming the known providers.
     """
-    if name not in _MODULES:
+    if name not in _PROVIDERS:
         raise ValueError(f"unknown provider {name!r} (known: {', '.join(NAMES)})")
     return name
 
 
 def get(name: str) -> Provider:
     """The provider called ``name``; raises ValueError for an unknown name."""
-    return importlib.import_module(_MODULES[known(name)]).PROVIDER
+    return _PROVIDERS[known(name)]

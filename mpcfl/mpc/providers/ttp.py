@@ -70,13 +70,11 @@ from typing import Any
 import torch
 
 from mpcfl.errors import MpcflError, PeerFailure
-from mpcfl.mpc.providers import Provider
 from mpcfl.mpc.wire import to_words
 from mpcfl.mpc.prng import KEY_WORDS, SecureGenerator, key_to_words, new_key, words_to_key
 
 log = logging.getLogger(__name__)
 
-PROVIDER = Provider(name="ttp", needs_dealer=True, crypten_name="TTP")
 
 #: Products a Beaver triple may be requested for (CrypTen's ``op`` names), and the
 #: keyword arguments each may carry.
