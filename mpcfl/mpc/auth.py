@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -142,6 +141,7 @@ def tag(secret: bytes, message: bytes) -> bytes:
 
 def _exchange(data: bytes, group: object, size: int) -> list[bytes]:
     """All-gathers equal-length byte strings as int64 tensors (no pickles from peers)."""
+    import torch
     import torch.distributed as dist
 
     words = to_words(data)

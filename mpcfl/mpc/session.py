@@ -18,9 +18,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mpcfl.mpc import providers
 from mpcfl.mpc.compat import (
@@ -39,8 +37,10 @@ from mpcfl.mpc.compat import (
 )
 from mpcfl.mpc.wire import from_words, to_words
 from mpcfl.mpc.auth import Credentials, authenticate
-from mpcfl.mpc.device import resolve as resolve_device
 from mpcfl.errors import MpcflError, PeerFailure
+
+if TYPE_CHECKING:  # torch loads where a session runs; the launcher builds sessions without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,9 @@ class Party:
     @property
     def device(self) -> torch.device:
         """Where this party's shares live (see :mod:`mpcfl.mpc.device`)."""
-        return resolve_device(self.session.device)
+        from mpcfl.mpc.device import resolve
+
+        return resolve(self.session.device)
 
 
 _joined: list[Party] = []
@@ -211,8 +213,10 @@ def party_session(session: Session, party: str) -> Iterator[int]:
     crypten = _configure(session)
     if session.provider.insecure:
         log.warning(session.provider.warning.format(first=session.parties[0]))
+    from mpcfl.mpc.device import resolve
+
     try:
-        resolve_device(session.device)
+        resolve(session.device)
     except MpcflError as err:
         raise MpcflError(f"{who}: {err}") from None
     with _crypten_session(crypten, session, who):
@@ -336,6 +340,8 @@ def all_gather_public(values: list[int]) -> list[list[int]]:
 
     Tensors, not pickles, so a peer cannot make us unpickle arbitrary objects.
     """
+    import torch
+
     comm = import_crypten().comm.get()
     gathered = comm.all_gather(torch.tensor(values, dtype=torch.long))
     return [t.tolist() for t in gathered]
@@ -357,6 +363,8 @@ def send_bytes(data: bytes, dst: int, *, patience_s: float = 0.0) -> None:
     ``patience_s``: how much longer than the job's timeout ``dst`` may take to receive it
     (a peer busy with a known long local step).
     """
+    import torch
+
     comm = import_crypten().comm.get()
     _waited(comm.isend(torch.tensor([len(data)], dtype=torch.long), dst), patience_s)
     if data:
@@ -369,6 +377,8 @@ def recv_bytes(src: int, *, limit: int, what: str, patience_s: float = 0.0) -> b
     Raises:
         MpcflError: the announced length is beyond ``limit``; refused before allocating it.
     """
+    import torch
+
     comm = import_crypten().comm.get()
     length = torch.zeros(1, dtype=torch.long)
     _waited(comm.irecv(length, src), patience_s)

@@ -5,11 +5,16 @@ Tensors, never pickles, so a peer cannot make a process unpickle arbitrary objec
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported on use: the launcher imports this module and needs no torch
+    import torch
 
 
 def to_words(data: bytes) -> torch.Tensor:
     """``data`` (a multiple of 8 bytes) as an int64 tensor, in its own memory."""
+    import torch
+
     return torch.frombuffer(bytearray(data), dtype=torch.int64).clone()
 
 
