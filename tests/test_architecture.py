@@ -45,3 +45,18 @@ def test_the_training_loop_has_no_dp_branch() -> None:
 
 def test_only_the_head_knows_binary_from_multiclass() -> None:
     assert package_files_matching(r"num_classes\s*[=!<>]=?\s*2|num_classes\s*>\s*2") == ["mpcfl/models/spec.py"]
+
+
+def _imported_after(statements: str) -> list[str]:
+    code = f"import sys; {statements}; print(','.join(m for m in ('torch', 'crypten', 'scipy', 'dp_accounting') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [m for m in done.stdout.strip().split(",") if m]
+
+
+def test_the_launcher_imports_no_torch_and_parties_no_dp_accounting_without_dp() -> None:
+    # Each takes seconds to import: the launcher would pay torch serially before any party
+    # starts, and every party and dealer would pay dp-accounting's scipy in a job without DP.
+    launcher = "import mpcfl.cli, mpcfl.launch.local; from mpcfl.jobs.schema import load_job; load_job('configs/breast_cancer_lr.yaml')"
+    assert _imported_after(launcher) == []
+    assert _imported_after("import mpcfl.launch.worker, mpcfl.tasks.train.runner, mpcfl.tasks.federated.runner") == ["torch"]
