@@ -22,7 +22,6 @@ def _train(tmp_path: Path, parties: int, prefetch: bool) -> tuple[dict[str, torc
         outputs={"dir": str(folder / "out"), "model_to": [label], "metrics_to": "none"},
         runtime={"timeout_s": 30, "prefetch": prefetch},
     )
-    spec["training"]["batch_size"] = 128
     job = write_job(folder, spec)
     result = mpcfl("run", str(job), timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -34,16 +33,13 @@ def _train(tmp_path: Path, parties: int, prefetch: bool) -> tuple[dict[str, torc
 
 @pytest.mark.parametrize("parties", [3])  # 2 parties train with prefetch in every other training test
 def test_training_with_prefetch_gives_the_model_trained_without(tmp_path: Path, parties: int) -> None:
-    # 2 epochs of 128-row batches over 455 rows: two step shapes (128 and 71 rows), each recorded once and
-    # replayed in the second epoch, after the other shape: 2 steps recorded, 6 replayed.
+    # 2 epochs of 64-row batches over 455 rows: two step shapes (64 and 7 rows), each recorded once.
     with_prefetch, requests_with = _train(tmp_path, parties, True)
     without, requests_without = _train(tmp_path, parties, False)
     assert with_prefetch.keys() == without.keys()
     for name in without:
         assert torch.allclose(with_prefetch[name], without[name], atol=2e-3), (name, with_prefetch[name], without[name])
-    # Without prefetch a step takes about 50 requests, with it a replayed step takes one; a single replay
-    # falling back to live requests would put requests_with above half (measured: 166 against 423).
-    assert requests_with < requests_without / 2, (requests_with, requests_without)
+    assert requests_with < requests_without / 4, (requests_with, requests_without)
 
 
 def _launch(script_name: str, names: str, marker: str) -> list[str]:
