@@ -121,30 +121,16 @@ def test_joint_noise_on_real_processes(tmp_path: Path) -> None:
     assert (tmp_path / "ledger.txt").read_text() == "['noise test', 'manual noise test']"
 
 
-def metered_dp_job(folder: Path) -> Path:
-    """The DP demo for 3 epochs, with Laplace-noised metrics to hospital_b."""
+def test_dp_training_job_records_a_ledger_that_matches_dp_accounting(tmp_path: Path) -> None:
     spec = dp_demo()
-    spec["outputs"]["dir"] = str(folder / "out")
+    spec["outputs"]["dir"] = str(tmp_path / "out")
     spec["outputs"]["metrics_to"] = ["hospital_b"]
     spec["training"]["epochs"] = 3
     spec["dp"]["metrics"] = {"mechanism": "laplace", "noise_multiplier": 20.0, "loss_bound": 2.0}
-    return write_job(folder, spec)
-
-
-def run_ok(path: Path) -> Path:
+    path = write_job(tmp_path, spec)
     done = mpcfl("run", str(path), timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    return path
-
-
-@pytest.fixture(scope="module")
-def metered_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One run of :func:`metered_dp_job`: its ledger is checked, and its model is one of the fresh-noise pair."""
-    return run_ok(metered_dp_job(tmp_path_factory.mktemp("metered")))
-
-
-def test_dp_training_job_records_a_ledger_that_matches_dp_accounting(metered_run: Path) -> None:
-    job = load_job(metered_run)
+    job = load_job(path)
     privacy = json.loads((job.party_dir("hospital_b") / "privacy.json").read_text())
     z = privacy["notes"]["dp_sgd"]["noise_multiplier"]
     reference = rdp.RdpAccountant()
@@ -309,12 +295,16 @@ def test_implausible_budgets_are_refused_or_warned(tmp_path: Path) -> None:
     assert "dp: delta 0.0005 is above 1/(10 n)" in done.stderr and "dp: epsilon 1000 is above 10" in done.stderr
 
 
-def test_the_revealed_model_varies_with_fresh_noise(tmp_path: Path, metered_run: Path) -> None:
+def test_the_revealed_model_varies_with_fresh_noise(tmp_path: Path) -> None:
     """Same job, same seed, twice: only the DP noise (and fixed point's truncation) differ."""
-    # The ledger test's run is the first of the two (one launch less).
-    states = [
-        torch.load(load_job(path).party_dir("hospital_b") / "model.pt", weights_only=True)
-        for path in (metered_run, run_ok(metered_dp_job(tmp_path)))
-    ]
+    states = []
+    for run in ("one", "two"):
+        spec = dp_demo()
+        spec["training"]["epochs"] = 1
+        spec["outputs"]["dir"] = str(tmp_path / run)
+        path = write_job(tmp_path / run, spec)
+        done = mpcfl("run", str(path), timeout=240)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+        states.append(torch.load(load_job(path).party_dir("hospital_b") / "model.pt", weights_only=True))
     difference = max((states[0][k] - states[1][k]).abs().max().item() for k in states[0])
     assert difference > 1000 / SCALE  # truncation moves weights by a few units of 2^-16; the noise by far more
