@@ -55,7 +55,7 @@ def test_partitions_and_models(tmp_path: Path, partition: str, n_parties: int, m
         parties = horizontal_parties(tmp_path, n_parties)
         labels = {"column": "malignant"}
     spec = base_job(partition=partition, parties=parties, labels=labels, model=model)
-    spec["training"]["sigmoid"] = sigmoid
+    spec["training"].update(sigmoid=sigmoid, epochs=1)  # 8 steps: plaintext reaches 0.947-0.965 in one epoch
     spec["outputs"]["model_to"] = ["p0"]
     spec["outputs"]["metrics_to"] = ["p0"]
     path = write_job(tmp_path, spec)
@@ -92,7 +92,8 @@ def test_multiclass_mlp_on_digits(tmp_path: Path) -> None:
         model={"type": "mlp", "hidden": [16], "num_classes": 10},
         data={"standardize": False},
     )
-    spec["training"].update(loss="cross_entropy", epochs=3, batch_size=32, learning_rate=0.2)
+    # 2 epochs of 15 steps: plaintext reaches 0.79 (0.91 after a third epoch, which cost 14 s of 57 here).
+    spec["training"].update(loss="cross_entropy", epochs=2, batch_size=32, learning_rate=0.2)
     path = write_job(tmp_path, spec)
     run_job(path)
     final = job_metrics(path, "p1")["final"]
