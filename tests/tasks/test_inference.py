@@ -227,3 +227,18 @@ def test_the_architecture_fingerprint_changes_with_the_code_and_the_shapes() -> 
     assert base == _architecture(trace(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU())))  # weights aside
     assert base != _architecture(trace(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())))
     assert base != _architecture(trace(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Sigmoid())))
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"), (-float("inf"), "NaN or infinite"),
+     (2e4, "reach 2e[+]04, beyond 10000"), (-2e4, "reach 2e[+]04, beyond 10000")],
+)
+def test_input_checks_catch_non_finite_and_out_of_range_values_anywhere(bad: float, message: str) -> None:
+    from mpcfl.tasks.inference import check_inputs
+
+    inputs = torch.rand(4, 1, 3, 3)
+    assert torch.equal(check_inputs(inputs, "here"), inputs)
+    inputs[2, 0, 1, 2] = bad
+    with pytest.raises(MpcflError, match=f"here: inputs .*{message}"):
+        check_inputs(inputs, "here")
