@@ -8,7 +8,8 @@ each side does the whole job per batch: share the weights, share the inputs,
 run the network, reveal the outputs to the data owner. Raw CrypTen imports the
 model with ``crypten.nn.from_pytorch`` (through mpcfl's compat patches; it does
 not import on current torch otherwise). Prints median seconds per batch, and
-bytes and rounds summed over both parties, per batch.
+bytes and rounds summed over both parties, per batch. The two ways run batch by batch in turn
+(measure_alternating), so a change of load on a shared machine falls on both alike.
 
 This folder is not a package: crypten's wheel installs a top-level `benchmarks`.
 """
@@ -56,20 +57,34 @@ def raw_crypten_batch(
 def measure(run, repeats: int, stats=communication_stats, gather=all_gather_public) -> dict[str, float]:
     """Median seconds per batch, and bytes and rounds of both parties together (``per_party``: each
     party's). ``stats`` and ``gather`` default to mpcfl's; benchmarks/suite.py passes CrypTen's own."""
-    run()  # warm-up: first calls pay for imports and allocator growth
-    seconds, sent, rounds, per_party = [], [], [], []
-    for _ in range(repeats):
-        before = stats()
-        started = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - started)
-        after = stats()
-        both = gather([after["bytes"] - before["bytes"], after["rounds"] - before["rounds"]])
-        sent.append(sum(b for b, _ in both))
-        rounds.append(sum(r for _, r in both))
-        per_party.append(both)
+    return measure_alternating({"run": run}, repeats, stats, gather)["run"]
+
+
+def measure_alternating(runs: dict, repeats: int, stats=communication_stats, gather=all_gather_public) -> dict[str, dict]:
+    """:func:`measure` for several ways in the same processes, one batch of each in turn (the order
+    rotating each repeat), so that a change of load on a shared machine falls on every way alike."""
+    for run in runs.values():
+        run()  # warm-up: first calls pay for imports and allocator growth
+    samples: dict[str, list] = {name: [] for name in runs}
+    names = list(runs)
+    for repeat in range(repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            before = stats()
+            started = time.perf_counter()
+            runs[name]()
+            seconds = time.perf_counter() - started
+            after = stats()
+            samples[name].append((seconds, gather([after["bytes"] - before["bytes"], after["rounds"] - before["rounds"]])))
+    return {name: _summary(taken) for name, taken in samples.items()}
+
+
+def _summary(samples: list) -> dict[str, float]:
+    """Medians over (seconds, [[bytes, rounds] per party]) samples."""
+    per_party = [both for _, both in samples]
     return {
-        "seconds": statistics.median(seconds), "bytes": statistics.median(sent), "rounds": statistics.median(rounds),
+        "seconds": statistics.median(s for s, _ in samples),
+        "bytes": statistics.median(sum(b for b, _ in both) for both in per_party),
+        "rounds": statistics.median(sum(r for _, r in both) for both in per_party),
         "per_party": [
             {"bytes": statistics.median(p[r][0] for p in per_party), "rounds": statistics.median(p[r][1] for p in per_party)}
             for r in range(len(per_party[0]))
@@ -86,9 +101,9 @@ def party(args: argparse.Namespace) -> None:
             name, make = MODELS[key]
             model = make().eval()
             x = torch.rand(*shape) if me.name == "data_owner" else None
-            ours = measure(lambda: mpcfl_batch(model, x), args.repeats)
-            raw = measure(lambda: raw_crypten_batch(model, x, shape, me.session.device), args.repeats)
-            rows.append((name, ours, raw))
+            both = measure_alternating({"mpcfl": lambda: mpcfl_batch(model, x),
+                                        "raw": lambda: raw_crypten_batch(model, x, shape, me.session.device)}, args.repeats)
+            rows.append((name, both["mpcfl"], both["raw"]))
     if me.name != "data_owner":
         return
     print(f"\nsecure inference on {me.session.device}, batch of {args.batch} x 1x28x28, 2 parties + TTP dealer, "

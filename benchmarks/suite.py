@@ -47,9 +47,11 @@ Ways
                   2 agreement rounds, share, run, reveal). Both W2/W3 timers cover the whole job
                   from a plaintext model: raw's includes CrypTen's ONNX import, mpcfl's its trace.
 
-Each way runs in its own launch, one after the other, so on a shared machine a change of load
+W1: each way runs in its own launch, one after the other, so on a shared machine a change of load
 between launches moves the ratios (W2's mpcfl/raw gave 0.34-1.52 under a load of 5-7 on 2 cores):
-compare several runs, or time both in the same processes (benchmarks/inference.py does, one after the other).
+compare several runs. W2/W3: raw runs in its own launch (stock CrypTen cannot share a process with
+the patched one); raw+patches and mpcfl share one launch, one batch of each in turn, so their ratio
+(mpcfl/raw+patches) holds under a changing load, while mpcfl/raw still spans two launches.
 
 Reported per way and provider: median seconds per iteration (W1: over all iterations of all
 repeats; W2/W3: per batch, the whole job of inference.py), bytes and rounds per iteration per
@@ -314,22 +316,26 @@ def inference_cases(batch: int) -> dict[str, tuple[torch.nn.Module, torch.Tensor
     return cases
 
 
-def infer(crypten: Any, rank: int, args: argparse.Namespace, way: str) -> dict[str, Any]:
-    """W2/W3 with inference.py's code; rank 0 owns the model, rank 1 the data."""
+def infer(crypten: Any, rank: int, args: argparse.Namespace, ways: list[str]) -> dict[str, Any]:
+    """W2/W3 with inference.py's code; rank 0 owns the model, rank 1 the data. Several ways (raw+patches
+    and mpcfl, which share mpcfl's processes) run batch by batch in turn."""
     cases = inference_cases(args.batch)
     out: dict[str, Any] = {"maxrss_before_mb": maxrss_mb()}
     for key in args.models:
         model, x_all = cases[key]
         x = x_all if rank == 1 else None
-        if way == "mpcfl":
-            run = lambda: inference.mpcfl_batch(model, x)  # noqa: E731
-        else:
-            run = lambda: inference.raw_crypten_batch(model, x, tuple(x_all.shape), args.device, crypten)  # noqa: E731
-        figures = inference.measure(run, args.repeats, stats=lambda: comm_stats(crypten), gather=lambda v: gather(crypten, v))
-        predictions = run()
-        if predictions is not None:
-            with torch.no_grad():
-                figures["max_error"] = float((predictions.cpu().float() - model(x_all)).abs().max())
+        runs = {
+            way: (lambda: inference.mpcfl_batch(model, x)) if way == "mpcfl"
+            else (lambda: inference.raw_crypten_batch(model, x, tuple(x_all.shape), args.device, crypten))
+            for way in ways
+        }
+        figures = inference.measure_alternating(runs, args.repeats, stats=lambda: comm_stats(crypten),
+                                                gather=lambda v: gather(crypten, v))
+        for way, run in runs.items():
+            predictions = run()
+            if predictions is not None:
+                with torch.no_grad():
+                    figures[way]["max_error"] = float((predictions.cpu().float() - model(x_all)).abs().max())
         out[key] = figures
     out["maxrss_mb"] = maxrss_mb()
     return out
@@ -353,7 +359,7 @@ def party_main(args: argparse.Namespace) -> None:
             if args.role == "stock-dealer":
                 crypten.mpc.provider.ttp_provider.TTPServer()
                 return
-            result = raw_w1(crypten, rank, world, args) if args.role == "w1-raw" else infer(crypten, rank, args, "raw")
+            result = raw_w1(crypten, rank, world, args) if args.role == "w1-raw" else infer(crypten, rank, args, ["raw"])
         finally:
             crypten.uninit()
     else:
@@ -366,8 +372,8 @@ def party_main(args: argparse.Namespace) -> None:
                 result = raw_w1(crypten, rank, world, args)
             elif args.role == "w1-mpcfl":
                 result = mpcfl_w1(me, args)
-            else:
-                result = infer(crypten, rank, args, "mpcfl" if args.role == "infer-mpcfl" else "raw")
+            else:  # infer-patched: raw CrypTen's code and mpcfl's, in turn in the same processes
+                result = infer(crypten, rank, args, ["raw+patches", "mpcfl"])
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
@@ -565,16 +571,16 @@ def run_inference(args: argparse.Namespace, work: Path, keys: list[str]) -> dict
         plain[key] = statistics.median(seconds)
     result: dict[str, Any] = {}
     for provider in args.providers:
-        ways = {
+        launches = {
             "raw": launch_stock(args, work, "infer-raw", provider, 2),
-            "raw+patches": launch_mpcfl(args, work, "infer-raw", provider, inference.PARTIES),
-            "mpcfl": launch_mpcfl(args, work, "infer-mpcfl", provider, inference.PARTIES),
+            "patched": launch_mpcfl(args, work, "infer-patched", provider, inference.PARTIES),
         }
+        ways = {"raw": launches["raw"], "raw+patches": launches["patched"], "mpcfl": launches["patched"]}
         for w, key in zip(keys, args.models):
             entry = result.setdefault(w, {"model": inference.MODELS[key][0], "plaintext": {"seconds": plain[key]}})
             rows = {}
             for way, ranks in ways.items():
-                figures = ranks[1][key]
+                figures = ranks[1][key][way]
                 rows[way] = {
                     "seconds": figures["seconds"],
                     "per_party": [{"bytes": figures["per_party"][r]["bytes"], "rounds": figures["per_party"][r]["rounds"],

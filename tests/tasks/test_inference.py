@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,28 @@ def test_job_predictions_match_plaintext_and_reach_only_the_data_owner(tmp_path:
     bank_log = "\n".join(line for line in done.stdout.splitlines() if line.startswith("[bank]"))
     for value in expected[:5].ravel():
         assert f"{value:.3f}" not in bank_log
+
+
+def _served(done: Any) -> int:
+    """The dealer's count of requests served, from its closing log line."""
+    found = re.search(r"ended the session after (\d+) requests", done.stdout + done.stderr)
+    assert found, (done.stdout + done.stderr)[-2000:]
+    return int(found.group(1))
+
+
+def test_prefetch_fetches_each_repeated_batch_in_one_dealer_request(tmp_path: Path) -> None:
+    # 197 rows in batches of 64: shapes 64, 64, 64, 5. Each shape's first batch is recorded (r single
+    # requests: the same architecture, so the same r for both shapes), each later one is one request.
+    runs = {}
+    for prefetch in (True, False):
+        path = job(tmp_path / str(prefetch), runtime__prefetch=prefetch)
+        done = mpcfl("run", str(path), timeout=180)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        runs[prefetch] = (_served(done), np.load(tmp_path / str(prefetch) / "out" / "clinic" / "predictions.npy"))
+    per_batch = runs[False][0] // 4
+    assert runs[False][0] == 4 * per_batch and per_batch > 2
+    assert runs[True][0] == 2 * per_batch + 2
+    assert np.abs(runs[True][1] - runs[False][1]).max() < 1e-2
 
 
 def test_party_script_through_mpcfl_launch() -> None:
@@ -170,24 +193,52 @@ def _checks_only(monkeypatch: pytest.MonkeyPatch, rank: int, peer: list[int]) ->
 
 
 def test_checks_and_the_shape_exchange_take_two_rounds_before_sharing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mpcfl.tasks.inference import secure_predict
+    from mpcfl.models.convert import trace
+    from mpcfl.tasks.inference import _architecture, secure_predict
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU())
-    # The data owner: its shape rides on the checks' agreement flag; then the dry run's flag.
-    sent = _checks_only(monkeypatch, 1, peer=[1] * 10)
+    fp = _architecture(trace(model))
+    # The data owner: its shape and the architecture's fingerprint ride on the checks' agreement
+    # flag; then the dry run's flag.
+    sent = _checks_only(monkeypatch, 1, peer=[1] * 11)
     with pytest.raises(_Shared):
         secure_predict(model, torch.zeros(3, 4), model_owner="bank", data_owner="clinic")
-    assert sent == [[1, 2, 3, 4, 0, 0, 0, 0, 0, 0], [1]]
+    assert sent == [[1, 2, 3, 4, 0, 0, 0, 0, 0, 0, fp], [1]]
     # The model owner learns the shape from the data owner's row of that same round.
-    sent = _checks_only(monkeypatch, 0, peer=[1, 2, 3, 4, 0, 0, 0, 0, 0, 0])
+    sent = _checks_only(monkeypatch, 0, peer=[1, 2, 3, 4, 0, 0, 0, 0, 0, 0, fp])
     with pytest.raises(_Shared):
         secure_predict(model, None, model_owner="bank", data_owner="clinic")
-    assert sent == [[1] + [0] * 9, [1]]
-    sent = _checks_only(monkeypatch, 0, peer=[1, 2, 3, 5, 0, 0, 0, 0, 0, 0])
+    assert sent == [[1] + [0] * 9 + [fp], [1]]
+    sent = _checks_only(monkeypatch, 0, peer=[1, 2, 3, 5, 0, 0, 0, 0, 0, 0, fp])
     with pytest.raises(MpcflError, match=r"party clinic's inputs of shape \(3, 5\) do not fit the model"):
         secure_predict(model, None, model_owner="bank", data_owner="clinic")
     # A peer that failed its checks stops everyone after the first round.
-    sent = _checks_only(monkeypatch, 0, peer=[0] * 10)
+    sent = _checks_only(monkeypatch, 0, peer=[0] * 11)
     with pytest.raises(MpcflError, match="party clinic failed during input and model checks"):
         secure_predict(model, None, model_owner="bank", data_owner="clinic")
     assert len(sent) == 1
+
+
+def test_the_architecture_fingerprint_changes_with_the_code_and_the_shapes() -> None:
+    from mpcfl.models.convert import trace
+    from mpcfl.tasks.inference import _architecture
+
+    base = _architecture(trace(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU())))
+    assert base == _architecture(trace(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU())))  # weights aside
+    assert base != _architecture(trace(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())))
+    assert base != _architecture(trace(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Sigmoid())))
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"), (-float("inf"), "NaN or infinite"),
+     (2e4, "reach 2e[+]04, beyond 10000"), (-2e4, "reach 2e[+]04, beyond 10000")],
+)
+def test_input_checks_catch_non_finite_and_out_of_range_values_anywhere(bad: float, message: str) -> None:
+    from mpcfl.tasks.inference import check_inputs
+
+    inputs = torch.rand(4, 1, 3, 3)
+    assert torch.equal(check_inputs(inputs, "here"), inputs)
+    inputs[2, 0, 1, 2] = bad
+    with pytest.raises(MpcflError, match=f"here: inputs .*{message}"):
+        check_inputs(inputs, "here")
