@@ -51,13 +51,15 @@ def check_inputs(inputs: torch.Tensor, where: str) -> torch.Tensor:
         raise MpcflError(f"{where}: inputs must be a torch.Tensor, got {type(inputs).__name__}")
     if inputs.dim() < 1 or inputs.dim() > _MAX_DIMS or inputs.shape[0] == 0:
         raise MpcflError(f"{where}: inputs need a batch dimension and at most {_MAX_DIMS} dimensions, got shape {tuple(inputs.shape)}")
+    if inputs.numel() == 0:
+        raise MpcflError(f"{where}: inputs of shape {tuple(inputs.shape)} hold no values")
     inputs = inputs.detach().float().cpu()
     # One reduction: the extremes carry any NaN (it propagates) or infinity. torch.isfinite(...).all()
     # took 10-50 ms of CPU per 64x784 batch on a loaded 2-core machine (its threads wait for a core).
     low, high = (float(v) for v in torch.aminmax(inputs))
-    peak = max(-low, high)
-    if not math.isfinite(peak):
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise MpcflError(f"{where}: inputs contain NaN or infinite values")
+    peak = max(-low, high)
     if peak > MAX_ABS_INPUT:
         raise MpcflError(
             f"{where}: inputs reach {peak:.4g}, beyond {MAX_ABS_INPUT:g}: fixed point would overflow; rescale them"
@@ -72,11 +74,21 @@ def _shape_row(inputs: torch.Tensor | None) -> list[int]:
     return [inputs.dim(), *inputs.shape, *([0] * (_MAX_DIMS - inputs.dim()))]
 
 
+#: Module options that shape a layer's computation, and so its dealer requests (the rest, such as
+#: BatchNorm's eps or Dropout's p, stay out of the fingerprint: they are the model owner's own).
+_SHAPE_OPTIONS = ("kernel_size", "stride", "padding", "dilation", "groups", "output_padding", "ceil_mode",
+                  "count_include_pad", "output_size", "start_dim", "end_dim", "dim", "unflattened_size")
+
+
 def _architecture(gm: torch.fx.GraphModule) -> int:
-    """A public fingerprint of the traced architecture (its code, its leaf modules with their options, the
-    shapes of its tensors), as one signed 64-bit word: parties whose fingerprints match make the same
-    dealer requests for a batch shape."""
-    modules = [(name, repr(m)) for name, m in gm.named_modules() if not list(m.children())]
+    """A public fingerprint of what decides a batch's dealer requests: the traced code (its
+    literals every party runs anyway), each leaf module's type and shaping options, and the
+    tensors' shapes, as one signed 64-bit word. No weight value and no other option enters it."""
+    modules = [
+        (name, type(m).__name__, [(k, repr(getattr(m, k))) for k in _SHAPE_OPTIONS if hasattr(m, k)])
+        for name, m in gm.named_modules()
+        if not list(m.children())
+    ]
     tensors = [(name, tuple(t.shape), str(t.dtype)) for name, t in gm.state_dict().items()]
     digest = hashlib.sha256(repr((gm.code, modules, tensors)).encode()).digest()
     return int.from_bytes(digest[:8], "little", signed=True)
@@ -141,13 +153,16 @@ def secure_predict(
     # party learns them in the same round (2 agreement rounds before sharing, not 4).
     (inputs, gm), rows = agreed_public(
         "input and model checks", session.parties, checks,
-        lambda done: [*_shape_row(done[0]), _architecture(done[1])], width=_MAX_DIMS + 2,
+        lambda done: [*_shape_row(done[0]), _architecture(done[1]), int(prefetch)], width=_MAX_DIMS + 3,
     )
     shape = tuple(rows[data_rank][1 : 1 + rows[data_rank][0]])
-    fingerprints = {row[-1] for row in rows}
+    fingerprints = {row[-2] for row in rows}
     # A batch's dealer requests depend on public shapes only: the same architecture on the same
-    # batch shape repeats them, so every batch after the first of its shape is prefetched.
-    prefetch = prefetch and len(fingerprints) == 1
+    # batch shape repeats them, so every batch after the first of its shape is prefetched, if
+    # every party asked for it (a party alone would look to the dealer like a deviating party 0).
+    if prefetch and len(fingerprints) > 1:
+        log.warning("%s: the parties' architecture fingerprints differ; batches are not prefetched", where)
+    prefetch = all(row[-1] for row in rows) and len(fingerprints) == 1
     agreed("shape checks", session.parties, lambda: _dry_run(gm, shape, where=where, data_owner=data_owner))
 
     crypten = import_crypten()

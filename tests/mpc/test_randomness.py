@@ -273,9 +273,52 @@ def test_answer_sizes_follow_torch_without_the_meta_device(op: str, a: tuple, b:
     assert answer_size("additive", (a, b, op), kwargs) == expected.shape
 
 
-@pytest.mark.parametrize(("op", "a", "b"), [("mul", (3, 2), (4, 2)), ("matmul", (3, 2), (3, 2)), ("matmul", (), (3,)), ("conv2d", (1, 2, 5, 5), (4, 3, 3, 3))])
-def test_answer_sizes_refuse_what_torch_refuses(op: str, a: tuple, b: tuple) -> None:
+@pytest.mark.parametrize(
+    ("op", "a", "b", "kwargs"),
+    [
+        ("mul", (3, 2), (4, 2), {}),
+        ("matmul", (3, 2), (3, 2), {}),
+        ("matmul", (), (3,), {}),
+        ("conv2d", (1, 2, 5, 5), (4, 3, 3, 3), {}),
+        ("conv2d", (1, 3, 2, 2), (4, 3, 3, 3), {}),
+        ("conv_transpose2d", (1, 3, 5, 5), (3, 4, 3, 3), {"output_padding": 1}),  # not below stride 1
+    ],
+)
+def test_answer_sizes_refuse_what_torch_refuses(op: str, a: tuple, b: tuple, kwargs: dict) -> None:
     from mpcfl.mpc.providers.ttp import answer_size
 
-    with pytest.raises((ValueError, RuntimeError)):
-        answer_size("additive", (a, b, op), {})
+    with pytest.raises(ValueError):
+        answer_size("additive", (a, b, op), kwargs)
+
+
+def test_convolution_sizes_agree_with_torch_on_random_shapes_and_options() -> None:
+    from mpcfl.mpc.providers.ttp import answer_size
+
+    rng = np.random.default_rng(7)
+    for _ in range(400):
+        op = str(rng.choice(["conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"]))
+        dims, groups = (1 if op.endswith("1d") else 2), int(rng.choice([1, 2]))
+        kwargs = {"stride": int(rng.integers(1, 4)), "padding": int(rng.integers(0, 3)), "dilation": int(rng.integers(1, 3)), "groups": groups}
+        if op.startswith("conv_transpose"):
+            kwargs["output_padding"] = int(rng.integers(0, 3))
+        channels, out = groups * int(rng.integers(1, 3)), groups * int(rng.integers(1, 3))
+        x = (1, channels + int(rng.integers(0, 2)), *(int(v) for v in rng.integers(1, 8, dims)))  # sometimes a channel off
+        w = ((channels, out // groups) if op.startswith("conv_transpose") else (out, channels // groups)) + tuple(int(v) for v in rng.integers(1, 5, dims))
+        try:
+            expected = tuple(getattr(torch.nn.functional, op)(torch.zeros(x), torch.zeros(w), **kwargs).shape)
+        except RuntimeError:
+            expected = None
+        try:
+            got = tuple(answer_size("additive", (x, w, op), kwargs))
+        except ValueError:
+            got = None
+        assert got == expected, (op, x, w, kwargs)
+
+
+def test_a_huge_convolution_is_sized_without_allocating(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpcfl.mpc.providers.ttp import answer_size
+
+    # Party 0's message alone sets these sizes before the digests are checked: no tensor may be made.
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: pytest.fail("allocated"))
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: pytest.fail("allocated"))
+    assert answer_size("additive", ((1, 1 << 14, 1), (1 << 14, 1 << 14, 1), "conv1d"), {}) == torch.Size([1, 1 << 14, 1])

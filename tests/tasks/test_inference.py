@@ -200,20 +200,20 @@ def test_checks_and_the_shape_exchange_take_two_rounds_before_sharing(monkeypatc
     fp = _architecture(trace(model))
     # The data owner: its shape and the architecture's fingerprint ride on the checks' agreement
     # flag; then the dry run's flag.
-    sent = _checks_only(monkeypatch, 1, peer=[1] * 11)
+    sent = _checks_only(monkeypatch, 1, peer=[1] * 12)
     with pytest.raises(_Shared):
         secure_predict(model, torch.zeros(3, 4), model_owner="bank", data_owner="clinic")
-    assert sent == [[1, 2, 3, 4, 0, 0, 0, 0, 0, 0, fp], [1]]
+    assert sent == [[1, 2, 3, 4, 0, 0, 0, 0, 0, 0, fp, 1], [1]]  # ..., fingerprint, prefetch wanted
     # The model owner learns the shape from the data owner's row of that same round.
-    sent = _checks_only(monkeypatch, 0, peer=[1, 2, 3, 4, 0, 0, 0, 0, 0, 0, fp])
+    sent = _checks_only(monkeypatch, 0, peer=[1, 2, 3, 4, 0, 0, 0, 0, 0, 0, fp, 1])
     with pytest.raises(_Shared):
-        secure_predict(model, None, model_owner="bank", data_owner="clinic")
-    assert sent == [[1] + [0] * 9 + [fp], [1]]
-    sent = _checks_only(monkeypatch, 0, peer=[1, 2, 3, 5, 0, 0, 0, 0, 0, 0, fp])
+        secure_predict(model, None, model_owner="bank", data_owner="clinic", prefetch=False)
+    assert sent == [[1] + [0] * 9 + [fp, 0], [1]]
+    sent = _checks_only(monkeypatch, 0, peer=[1, 2, 3, 5, 0, 0, 0, 0, 0, 0, fp, 1])
     with pytest.raises(MpcflError, match=r"party clinic's inputs of shape \(3, 5\) do not fit the model"):
         secure_predict(model, None, model_owner="bank", data_owner="clinic")
     # A peer that failed its checks stops everyone after the first round.
-    sent = _checks_only(monkeypatch, 0, peer=[0] * 11)
+    sent = _checks_only(monkeypatch, 0, peer=[0] * 12)
     with pytest.raises(MpcflError, match="party clinic failed during input and model checks"):
         secure_predict(model, None, model_owner="bank", data_owner="clinic")
     assert len(sent) == 1
@@ -227,6 +227,11 @@ def test_the_architecture_fingerprint_changes_with_the_code_and_the_shapes() -> 
     assert base == _architecture(trace(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU())))  # weights aside
     assert base != _architecture(trace(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())))
     assert base != _architecture(trace(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Sigmoid())))
+    # The model owner's options that shape no request stay out of it (the peers could search them).
+    conv = lambda stride=1, eps=1e-5, p=0.5: trace(torch.nn.Sequential(  # noqa: E731
+        torch.nn.Conv2d(1, 2, 3, stride=stride), torch.nn.BatchNorm2d(2, eps=eps), torch.nn.Dropout(p)))
+    assert _architecture(conv()) == _architecture(conv(eps=1e-3, p=0.3))
+    assert _architecture(conv()) != _architecture(conv(stride=2))
 
 
 @pytest.mark.parametrize(
@@ -242,3 +247,10 @@ def test_input_checks_catch_non_finite_and_out_of_range_values_anywhere(bad: flo
     inputs[2, 0, 1, 2] = bad
     with pytest.raises(MpcflError, match=f"here: inputs .*{message}"):
         check_inputs(inputs, "here")
+
+
+def test_inputs_that_hold_no_values_are_refused_by_name() -> None:
+    from mpcfl.tasks.inference import check_inputs
+
+    with pytest.raises(MpcflError, match=r"^here: inputs of shape \(5, 0\) hold no values$"):
+        check_inputs(torch.zeros(5, 0), "here")

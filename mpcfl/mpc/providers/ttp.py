@@ -171,19 +171,50 @@ def _matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _conv_shape(op: str, x: tuple[int, ...], w: tuple[int, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
-    """A convolution's result shape, from torch's own kernel run on an empty batch (no arithmetic)."""
-    batched = len(x) == len(w)
-    empty = torch.zeros((0,) + (x[1:] if batched else x))
-    out = getattr(torch.nn.functional, op)(empty, torch.zeros(w), **kwargs)
-    return ((x[0],) if batched else ()) + tuple(out.shape[1:])
+    """A convolution's result shape by torch's formulas, refusing what its product refuses.
+
+    No tensor is made: party 0's message alone sets these sizes before the others' digests
+    are checked (a weight of 2^28 elements would be a 1 GiB allocation in the dealer).
+    """
+    dims = 1 if op.endswith("1d") else 2
+    if len(w) != dims + 2 or len(x) not in (dims + 1, dims + 2):
+        raise ValueError(f"{op} of sizes {x} and {w}")
+    batch, channels, spatial = (x[:1], x[1], x[2:]) if len(x) == dims + 2 else ((), x[0], x[1:])
+
+    def option(key: str, default: int) -> tuple[int, ...]:
+        value = kwargs.get(key, default)
+        values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        values = values * dims if len(values) == 1 else values
+        if len(values) != dims:
+            raise ValueError(f"{op} with {key}={value!r}")
+        return values
+
+    stride, padding, dilation, groups = option("stride", 1), option("padding", 0), option("dilation", 1), kwargs.get("groups", 1)
+    kernel = w[2:]
+    if op.startswith("conv_transpose"):
+        extra = option("output_padding", 0)
+        if any(e >= max(s, d) for e, s, d in zip(extra, stride, dilation)):
+            raise ValueError(f"{op}: output_padding must be smaller than stride or dilation")
+        if channels != w[0] or channels % groups:
+            raise ValueError(f"{op}: {channels} input channels for a weight of size {w} in {groups} groups")
+        out = w[1] * groups
+        sizes = [(i - 1) * s - 2 * p + d * (k - 1) + e + 1 for i, s, p, d, k, e in zip(spatial, stride, padding, dilation, kernel, extra)]
+    else:
+        if channels != w[1] * groups or w[0] % groups:
+            raise ValueError(f"{op}: {channels} input channels for a weight of size {w} in {groups} groups")
+        out = w[0]
+        sizes = [(i + 2 * p - d * (k - 1) - 1) // s + 1 for i, s, p, d, k in zip(spatial, stride, padding, dilation, kernel)]
+    if any(size < 1 for size in sizes):
+        raise ValueError(f"{op}: the kernel does not fit the (padded) input of size {x}")
+    return (*batch, out, *sizes)
 
 
 def answer_size(function: str, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Size:
     """The shape of the dealer's answer to a request, from shape rules alone.
 
     Not on the meta device: its first operation imports torch._dynamo, seconds of CPU in the
-    dealer and in party 0 on the first request of a job. Raises ValueError or RuntimeError
-    for operands the product refuses.
+    dealer and in party 0 on the first request of a job. Raises ValueError for operands the
+    product refuses.
     """
     if function == "fixed_mask":
         return torch.Size([1])
