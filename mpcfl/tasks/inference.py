@@ -151,18 +151,18 @@ def secure_predict(
 
     # The checks' agreement carries the input shape and the architecture's fingerprint: every
     # party learns them in the same round (2 agreement rounds before sharing, not 4).
-    (inputs, gm), rows = agreed_public(
+    (inputs, gm), public = agreed_public(
         "input and model checks", session.parties, checks,
         lambda done: [*_shape_row(done[0]), _architecture(done[1]), int(prefetch)], width=_MAX_DIMS + 3,
     )
-    shape = tuple(rows[data_rank][1 : 1 + rows[data_rank][0]])
-    fingerprints = {row[-2] for row in rows}
+    shape = tuple(public[data_rank][1 : 1 + public[data_rank][0]])
+    fingerprints = {row[-2] for row in public}
     # A batch's dealer requests depend on public shapes only: the same architecture on the same
     # batch shape repeats them, so every batch after the first of its shape is prefetched, if
     # every party asked for it (a party alone would look to the dealer like a deviating party 0).
     if prefetch and len(fingerprints) > 1:
         log.warning("%s: the parties' architecture fingerprints differ; batches are not prefetched", where)
-    prefetch = all(row[-1] for row in rows) and len(fingerprints) == 1
+    prefetch = all(row[-1] for row in public) and len(fingerprints) == 1
     agreed("shape checks", session.parties, lambda: _dry_run(gm, shape, where=where, data_owner=data_owner))
 
     crypten = import_crypten()
