@@ -9,6 +9,7 @@ crypten or torch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import functools
 import importlib
@@ -337,6 +338,83 @@ def _compare_on_packed_bits(crypten: types.ModuleType) -> None:
     tensor._ltz = _ltz
 
 
+class _Section(types.SimpleNamespace):
+    """One level of crypten's settings as plain attributes (see :func:`_read_settings_natively`)."""
+
+
+def _as_sections(value: Any) -> Any:
+    return _Section(**{key: _as_sections(item) for key, item in value.items()}) if isinstance(value, dict) else value
+
+
+def _read_settings_natively(crypten: types.ModuleType) -> None:
+    """crypten's settings (``crypten.cfg``) become plain attributes instead of an OmegaConf tree.
+
+    crypten 0.4.1 reads them on every operation: ``MPCTensor`` checks
+    ``cfg.debug.validation_mode`` on each attribute access, the encoder and the providers
+    read theirs per call. Each OmegaConf lookup costs about 30 us, about 15 ms of a
+    W1 iteration's 60 ms of local compute, and every ``temp_override`` (crypten's
+    reciprocal and max use them) merges whole trees. Same interface: dotted ``cfg["a.b"]``,
+    ``cfg.a.b = v`` in place, ``load_config``, ``set_config``, and ``temp_override``, which
+    works on a copy and puts the outer settings back afterwards, also when the block raises.
+    """
+    import yaml
+
+    config = crypten.config.CrypTenConfig
+    if getattr(config, "_mpcfl_patched", False):
+        return
+
+    def _lookup(self: Any, name: str) -> Any:
+        result = object.__getattribute__(self, "config")
+        for key in name.split("."):
+            result = getattr(result, key)
+        return result
+
+    def _assign(self: Any, name: str, value: Any) -> None:
+        if name == "config":
+            object.__setattr__(self, name, value if isinstance(value, _Section) else _as_sections(value))
+            return
+        *path, leaf = name.split(".")
+        section = object.__getattribute__(self, "config")
+        for key in path:  # a new key creates its sections, as OmegaConf's merge did
+            if not isinstance(getattr(section, key, None), _Section):
+                setattr(section, key, _Section())
+            section = getattr(section, key)
+        setattr(section, leaf, value)
+
+    def load_config(self: Any, config_file: str | None = None) -> None:
+        path = config_file or config._CrypTenConfig__DEFAULT_CONFIG_PATH
+        with open(path) as stream:
+            self.config = yaml.safe_load(stream)
+
+    def set_config(self: Any, other: Any) -> None:
+        if isinstance(other, config):
+            self.config = object.__getattribute__(other, "config")
+        else:  # a dict or an OmegaConf tree, as the original accepted
+            from omegaconf import OmegaConf
+
+            self.config = OmegaConf.to_container(other) if OmegaConf.is_config(other) else other
+
+    @contextlib.contextmanager
+    def temp_override(self: Any, override_dict: dict[str, Any]) -> Any:
+        outer = object.__getattribute__(self, "config")
+        self.config = copy.deepcopy(outer)  # a few dozen keys: microseconds, where a merge took ms
+        try:
+            for name, value in override_dict.items():
+                _assign(self, name, value)
+            yield
+        finally:
+            self.config = outer
+
+    del config.__getattribute__  # attribute reads of the settings fall through to __getattr__
+    config.__getattr__ = _lookup
+    config.__getitem__ = _lookup
+    config.__setattr__ = _assign
+    config.__setitem__ = _assign
+    config.load_config, config.set_config, config.temp_override = load_config, set_config, temp_override
+    config._mpcfl_patched = True
+    crypten.cfg.load_config()  # the live object keeps its identity: modules hold it by name
+
+
 def _open_point_to_point(crypten: types.ModuleType) -> None:
     """Opening toward one party sends shares point-to-point (see :mod:`mpcfl.mpc.opening`).
 
@@ -392,5 +470,6 @@ def import_crypten(*, stock: bool = False) -> types.ModuleType:
         _skip_unused_matmul_gradient(crypten)
         _reuse_data_masks(crypten)
         _compare_on_packed_bits(crypten)
+        _read_settings_natively(crypten)
     _state["crypten"], _state["stock"] = crypten, stock
     return crypten

@@ -124,6 +124,7 @@ assert c.communicator.distributed_communicator.DistributedCommunicator.reduce.__
 assert not getattr(c.mpc.provider.ttp_provider.TrustedThirdParty.generate_additive_triple, "_mpcfl_patched", False)
 assert not getattr(c.mpc.MPCTensor.matmul, "_mpcfl_patched", False)
 assert not hasattr(c.mpc.provider.ttp_provider.TrustedThirdParty, "generate_fixed_mask")
+assert not getattr(c.config.CrypTenConfig, "_mpcfl_patched", False)
 try:
     import_crypten()
 except MpcflError as err:
@@ -185,3 +186,46 @@ def test_matmul_reuses_a_fixed_data_mask_only_where_the_provider_serves_one(cryp
     assert not fixed_mask.fix(x, "ab" * 32)  # this process has no dealer
     assert fixed_mask.product(x, crypten.cryptensor(torch.ones(3, 1)), transposed=False) is None
     assert torch.allclose(x.matmul(crypten.cryptensor(torch.ones(3, 1))).get_plain_text(), torch.full((4, 1), 3.0))
+
+
+def test_settings_read_natively_keep_crypten_s_interface(crypten_single: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from omegaconf import DictConfig, OmegaConf
+
+    from mpcfl.mpc.compat import import_crypten
+
+    crypten = import_crypten()
+    cfg = crypten.cfg
+    assert cfg is crypten.config.cfg is crypten.mpc.mpc.cfg  # one live object, as modules hold it
+    try:
+        assert cfg.encoder.precision_bits == cfg["encoder.precision_bits"] == 16
+        cfg.functions.exp_iterations = 5  # in place, through a section
+        assert cfg["functions.exp_iterations"] == 5
+        cfg["functions.exp_iterations"] = 6
+        cfg.__setattr__("debug.extra.depth", 2)  # a new dotted key creates its sections
+        assert cfg.debug.extra.depth == 2
+        with pytest.raises(RuntimeError):
+            with cfg.temp_override({"functions.exp_iterations": 3, "mpc.fresh": "x"}):
+                assert (cfg.functions.exp_iterations, cfg.mpc.fresh) == (3, "x")
+                cfg.functions.sqrt_nr_iters = 99  # inside the block: dropped with it, as before
+                raise RuntimeError
+        assert cfg.functions.exp_iterations == 6 and cfg.functions.sqrt_nr_iters == 3
+        assert not hasattr(cfg.mpc, "fresh")
+        cfg.set_config(OmegaConf.create({"encoder": {"precision_bits": 20}}))
+        assert cfg.encoder.precision_bits == 20
+        cfg.set_config({"encoder": {"precision_bits": 18}})
+        assert cfg.encoder.precision_bits == 18
+    finally:
+        cfg.load_config()
+    assert cfg.functions.exp_iterations == 8 and cfg.encoder.precision_bits == 16
+    assert not hasattr(cfg.debug, "extra")
+
+    # What the patch is for: crypten's hot path reads its settings without OmegaConf (about 30 us a read).
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a crypten setting was read through OmegaConf")
+
+    monkeypatch.setattr(DictConfig, "__getattr__", refuse)
+    monkeypatch.setattr(DictConfig, "__getitem__", refuse)
+    x = crypten.cryptensor(torch.tensor([1.5, -2.0]))
+    y = (x * x + x).relu()
+    with cfg.temp_override({"functions.max_method": "pairwise"}):
+        assert torch.allclose(y.get_plain_text(), torch.tensor([3.75, 2.0]), atol=1e-3)
