@@ -133,7 +133,7 @@ def test_parties_compare_exactly_with_a_fraction_of_the_bytes_and_see_no_share(p
         openings = [int(w.split(":")[-1]) for w in views[rank]["where"] if w.startswith("compare:all_reduce:")]
         assert openings == _expected_openings(4110, parties), openings
     for line in lines.values():
-        assert "exact=True crypten_exact=True relu=True shapes=(3, 4, 5),() scalar=1 empty=(3, 0) " in line, line
+        assert "exact=True crypten_exact=True relu=True shapes=(3, 4, 5),() scalar=1 empty=(3, 0) pieces=True " in line, line
         ours, theirs = (int(b) for b in re.search(r"bytes=(\d+),(\d+)", line).groups())
         # 0.25x (2 parties) and 0.22x (3) measured; crypten's 64-bit adders open 13 words per value each
         assert ours <= 0.3 * theirs, line

@@ -11,6 +11,7 @@ import torch
 
 import mpcfl
 import sitecustomize
+from mpcfl.mpc import comparison
 from mpcfl.mpc.compat import import_crypten
 from mpcfl.mpc.session import communication_stats
 
@@ -44,10 +45,15 @@ with mpcfl.join() as me:
     # No message and no dealer request: the dealer refuses empty sizes (a product of an empty
     # tensor, e.g. its relu, still ends the session).
     empty = tuple((crypten.cryptensor(torch.empty(3, 0), src=0) < 0).get_plain_text().shape)
+    # Past comparison.CHUNK elements a comparison runs in pieces (a public split, alike at every party):
+    # a smaller CHUNK, the same at each party, puts the 4,110 values into 5 pieces, the last one short.
+    saved, comparison.CHUNK = comparison.CHUNK, 1000
+    pieces = torch.equal((x < 0).get_plain_text(), truth)
+    comparison.CHUNK = saved
     print(
         f"comparison party {me.rank}: exact={torch.equal(ours, truth)} crypten_exact={torch.equal(theirs, truth)} "
         f"relu={torch.allclose(relu, plain[:60].reshape(3, 4, 5).relu(), atol=1e-4, rtol=1e-6)} "
         f"shapes={tuple(relu.shape)},{tuple(scalar.shape)} scalar={scalar.item()} empty={empty} "
-        f"bytes={ours_bytes},{theirs_bytes}",
+        f"pieces={pieces} bytes={ours_bytes},{theirs_bytes}",
         flush=True,
     )
