@@ -13,7 +13,7 @@
 #      image's python3 is itself a venv, so `venv --system-site-packages` would not see its torch);
 #   3. pytest tests/tasks/test_cuda.py and tests/mpc/test_device.py (training LR / MLP / DP-SGD,
 #      resume, inference with runtime.device: cuda);
-#   4. benchmarks/suite.py on cuda (TTP): W1 at 65,536 and 4,096 rows (raw CrypTen and mpcfl),
+#   4. benchmarks/suite.py on cuda (TTP): W1 at 65,536 (profiled) and 4,096 rows (raw CrypTen and mpcfl),
 #      W2/W3 inference (raw, raw+patches, mpcfl); each writes $OUT/<step>.json;
 #   5. the breast-cancer demo job on cuda (W4): seconds per epoch, test accuracy, traffic
 #      (GPU_DEMO_CPU=1 also runs it on the cpu first).
@@ -141,7 +141,7 @@ suite() {  # suite NAME SECONDS ARGS...: one suite.py run, its JSON in $OUT/NAME
     shift 2
     step "$name" "$seconds" "$PY" benchmarks/suite.py --providers ttp --device cuda --json "$OUT/$name.json" "$@"
 }
-suite w1_cuda_65k 100 --workloads w1 --rows 65536 --quick --ways raw mpcfl
+suite w1_cuda_65k 100 --workloads w1 --rows 65536 --quick --ways raw mpcfl --profile  # where the gap to raw goes
 suite w1_cuda_4k 50 --workloads w1 --quick --ways raw mpcfl
 suite w23_cuda 90 --workloads w2 w3 --repeats 2
 
