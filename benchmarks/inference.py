@@ -17,6 +17,7 @@ This folder is not a package: crypten's wheel installs a top-level `benchmarks`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -60,9 +61,12 @@ def measure(run, repeats: int, stats=communication_stats, gather=all_gather_publ
     return measure_alternating({"run": run}, repeats, stats, gather)["run"]
 
 
-def measure_alternating(runs: dict, repeats: int, stats=communication_stats, gather=all_gather_public) -> dict[str, dict]:
+def measure_alternating(runs: dict, repeats: int, stats=communication_stats, gather=all_gather_public,
+                        around: dict | None = None) -> dict[str, dict]:
     """:func:`measure` for several ways in the same processes, one batch of each in turn (the order
-    rotating each repeat), so that a change of load on a shared machine falls on every way alike."""
+    rotating each repeat), so that a change of load on a shared machine falls on every way alike.
+    ``around`` maps a way to a context-manager factory entered around each of its timed batches
+    (not the warm-up): benchmarks/suite.py's profiler."""
     for run in runs.values():
         run()  # warm-up: first calls pay for imports and allocator growth
     samples: dict[str, list] = {name: [] for name in runs}
@@ -70,9 +74,10 @@ def measure_alternating(runs: dict, repeats: int, stats=communication_stats, gat
     for repeat in range(repeats):
         for name in names[repeat % len(names):] + names[:repeat % len(names)]:
             before = stats()
-            started = time.perf_counter()
-            runs[name]()
-            seconds = time.perf_counter() - started
+            with (around or {}).get(name, contextlib.nullcontext)():
+                started = time.perf_counter()
+                runs[name]()
+                seconds = time.perf_counter() - started
             after = stats()
             samples[name].append((seconds, gather([after["bytes"] - before["bytes"], after["rounds"] - before["rounds"]])))
     return {name: _summary(taken) for name, taken in samples.items()}

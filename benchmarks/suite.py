@@ -66,7 +66,7 @@ taking the busiest party's rounds and bytes, for a LAN (1 Gbit/s, 0.2 ms) and a 
 (100 Mbit/s, 40 ms). Loopback time already holds the local copies, so this is an upper bound
 for compute, a lower one for the dealer's unseen traffic.
 
---profile (W1, raw and mpcfl): timers around every request to the triple provider (under TTP a
+--profile (W1, W2, W3; every way): timers around every request to the triple provider (under TTP a
 round trip to the dealer, and mpcfl's digests; under TFP local generation) and CrypTen's
 communicator time, split into: dealer (its requests, with their communication), party-to-party
 communication (the rest of the communicator's time, including waiting on the peer), and local
@@ -91,7 +91,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -156,6 +156,8 @@ class Profiler:
         self.dealer_s = self.dealer_comm_s = 0.0
         self.requests = 0
         self.active = False
+        self.measured_s = self.measured_comm_s = 0.0  # what measuring() timed
+        self.measured = 0
         self._saved: list[tuple[type, str, Any]] = []
 
     def __enter__(self) -> "Profiler":
@@ -185,6 +187,19 @@ class Profiler:
                 self.requests += 1
 
         return timed
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Active for one timed unit of work (a W2/W3 batch), whose wall and communicator time it adds up."""
+        comm0, started = comm_stats(self.crypten)["comm_time_s"], time.perf_counter()
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+            self.measured_s += time.perf_counter() - started
+            self.measured_comm_s += comm_stats(self.crypten)["comm_time_s"] - comm0
+            self.measured += 1
 
     def breakdown(self, total_s: float, comm_s: float, iterations: int) -> dict[str, float]:
         """Seconds per iteration: dealer, party-to-party communication, local compute."""
@@ -329,8 +344,13 @@ def infer(crypten: Any, rank: int, args: argparse.Namespace, ways: list[str]) ->
             else (lambda: inference.raw_crypten_batch(model, x, tuple(x_all.shape), args.device, crypten))
             for way in ways
         }
-        figures = inference.measure_alternating(runs, args.repeats, stats=lambda: comm_stats(crypten),
-                                                gather=lambda v: gather(crypten, v))
+        with contextlib.ExitStack() as stack:
+            profilers = {way: stack.enter_context(Profiler(crypten)) for way in runs} if args.profile else {}
+            figures = inference.measure_alternating(runs, args.repeats, stats=lambda: comm_stats(crypten),
+                                                    gather=lambda v: gather(crypten, v),
+                                                    around={way: p.measuring for way, p in profilers.items()})
+        for way, p in profilers.items():
+            figures[way]["profile"] = p.breakdown(p.measured_s, p.measured_comm_s, p.measured)
         for way, run in runs.items():
             predictions = run()
             if predictions is not None:
@@ -587,6 +607,7 @@ def run_inference(args: argparse.Namespace, work: Path, keys: list[str]) -> dict
                                    "maxrss_before_mb": ranks[r]["maxrss_before_mb"], "maxrss_mb": ranks[r]["maxrss_mb"]}
                                   for r in range(2)],
                     "max_error": figures.get("max_error"),
+                    **({"profile": [ranks[r][key][way]["profile"] for r in range(2)]} if "profile" in figures else {}),
                     "network": network_model(figures["seconds"], max(p["rounds"] for p in figures["per_party"]),
                                              max(p["bytes"] for p in figures["per_party"])),
                 }
@@ -681,13 +702,15 @@ def report(results: dict[str, Any]) -> str:
                   f"{w4['epochs']}), test accuracy {w4['test_accuracy']:.2%} vs plaintext baseline "
                   f"{w4['baseline_test_accuracy']:.2%}; MB/epoch per party "
                   + " / ".join(_mb(b) for b in w4["per_party_bytes_per_epoch"])]
-    if "w1" in results and any("profile" in results["w1"][p].get("mpcfl", {}) for p in results["providers"]):
-        lines += ["", "W1 profile, ms per iteration per party (dealer = requests to the triple provider incl. their "
+    for w, unit in (("w1", "iteration"), ("w2", "batch"), ("w3", "batch")):
+        if w not in results or not any("profile" in results[w][p].get("mpcfl", {}) for p in results["providers"]):
+            continue
+        lines += ["", f"{w.upper()} profile, ms per {unit} per party (dealer = requests to the triple provider incl. their "
                   "communication; comm = party-to-party; local = the rest):", "",
                   "| way | dealer | party | total | dealer | comm | local | provider requests |", "|---|---|---|---|---|---|---|---|"]
         for provider in results["providers"]:
             for way in ("raw", "raw+patches", "mpcfl", NO_PREFETCH):
-                for rank, p in enumerate(results["w1"][provider].get(way, {}).get("profile", [])):
+                for rank, p in enumerate(results[w][provider].get(way, {}).get("profile", [])):
                     lines.append(f"| {way} | {provider} | {rank} | {p['total_s'] * 1e3:.1f} | {p['dealer_s'] * 1e3:.1f} | "
                                  f"{p['comm_s'] * 1e3:.1f} | {p['local_s'] * 1e3:.1f} | {p['provider_requests']:.0f} |")
     lines += ["", f"network model: loopback s + rounds x RTT + bytes / bandwidth, busiest party; "
@@ -707,7 +730,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parties", type=int, default=2, help="W1 parties (the last holds the labels)")
     parser.add_argument("--batch", type=int, default=64, help="W2/W3 batch")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--profile", action="store_true", help="W1: where an iteration's time goes")
+    parser.add_argument("--profile", action="store_true", help="W1/W2/W3: where an iteration's or batch's time goes")
     parser.add_argument("--prefetch-ablation", action="store_true",
                         help=f"W1 under TTP: also run mpcfl with runtime.prefetch off ({NO_PREFETCH!r}), right after mpcfl")
     parser.add_argument("--ways", nargs="+", choices=["raw", "raw+patches", "mpcfl"], default=["raw", "raw+patches", "mpcfl"],

@@ -43,6 +43,27 @@ def test_suite_w1_runs_raw_crypten_and_mpcfl_and_reports_sane_figures(tmp_path: 
     assert set(w1["ttp"]["ratios"]) == {"mpcfl/raw", "mpcfl/plaintext"}
 
 
+def test_suite_w2_profiles_every_way_per_batch(tmp_path: Path) -> None:
+    # W2 on 4 inputs: raw CrypTen in its own launch, raw+patches and mpcfl in one; --profile on all three.
+    out = tmp_path / "w2.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "suite.py"), "--workloads", "w2", "--providers", "ttp",
+               "--batch", "4", "--quick", "--profile", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "W2 profile, ms per batch per party" in done.stdout
+    w2 = json.loads(out.read_text())["w2"]["ttp"]
+    for way in ("raw", "raw+patches", "mpcfl"):
+        assert w2[way]["max_error"] < 1e-3, way
+        assert len(w2[way]["profile"]) == 2, way
+        for part in w2[way]["profile"]:
+            assert part["total_s"] > 0 and part["dealer_s"] >= 0 and part["comm_s"] >= 0, way
+            assert part["dealer_s"] + part["comm_s"] <= part["total_s"] + 1e-6, way  # parts of the batch, not more
+            assert part["provider_requests"] > 0, way  # the MLP's products and ReLUs ask for triples
+    # The first batch of each shape records its requests and later ones prefetch them: with --quick there is
+    # one timed batch after the warm-up, so mpcfl's dealer share of it is a small part of raw CrypTen's.
+    assert w2["mpcfl"]["profile"][0]["dealer_s"] < w2["raw"]["profile"][0]["dealer_s"]
+
+
 def _scaling() -> Any:
     sys.path.insert(0, str(REPO / "benchmarks"))
     import scaling
