@@ -85,6 +85,11 @@ def test_the_average_is_the_plaintext_weighted_average_and_nothing_else_leaves_m
         reveals = job_metrics(path, party)["reveals"]
         assert [r["what"] for r in reveals] == [*STATS, "round 1 average update", "round 2 average update"]
         assert all(r["to"] == [0, 1, 2] for r in reveals)
+    # runtime.prefetch: round 1 records the average's dealer requests, round 2 fetches them in one batch,
+    # so party 0, which asks the dealer, waits on far fewer messages (the other parties draw theirs locally).
+    history = job_metrics(path, "p0")["history"]
+    assert [h["round"] for h in history] == [1, 2]
+    assert history[1]["comm_rounds"] < history[0]["comm_rounds"] / 2, history
     scalers = [json.loads((job.party_dir(p) / "scaler.json").read_text()) for p in job.party_names]
     assert scalers[0] == scalers[1] == scalers[2]
     pooled = np.vstack([load_party_data(job, p).train.x for p in job.party_names])

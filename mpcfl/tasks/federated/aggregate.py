@@ -35,7 +35,7 @@ import torch
 
 from mpcfl.errors import MpcflError
 from mpcfl.mpc.reveal import Privacy, reveal
-from mpcfl.mpc.session import shared_sum
+from mpcfl.mpc.session import prefetching, shared_sum
 
 
 MAX_AVERAGED = 2.0**12  # |entry| of what is averaged; the product's error probability is |entry| / 2^32
@@ -88,7 +88,7 @@ def scaled_reciprocal(count: Any, bound: int) -> Any:
 
 
 def weighted_average(
-    update: torch.Tensor, rows: int, *, bound: int, world: int, device: torch.device, what: str
+    update: torch.Tensor, rows: int, *, bound: int, world: int, device: torch.device, what: str, prefetch: bool
 ) -> torch.Tensor:
     """The row-weighted average of every party's ``update``, opened to every party.
 
@@ -96,14 +96,15 @@ def weighted_average(
         update: this party's flat update, already checked against :data:`MAX_AVERAGED`; zeros if it sits out.
         rows: this party's weight n_i (0 if it sits out); at most ``bound`` summed over the parties.
         bound: B, public.
+        prefetch: the job's ``runtime.prefetch``: under the TTP dealer an average's ~20 sequential
+            products take their triples from one batch, recorded on the first average of its size.
     """
     local = torch.cat([update.double() * rows, torch.tensor([float(rows)], dtype=torch.float64)])
-    # Not under runtime.prefetch: it was switched off while a wrong 5-party average looked like a replay
-    # problem; the cause was the truncation error of large products (module docstring). Not re-measured yet.
-    total = shared_sum(local, world=world, device=device)
-    y = scaled_reciprocal(total[-1:], bound)
-    average = total[:-1].div(divisor_scale(bound)) * y
-    return reveal(average, to=list(range(world)), what=what).double()
+    with prefetching(("weighted average", local.numel(), bound), enabled=prefetch):
+        total = shared_sum(local, world=world, device=device)
+        y = scaled_reciprocal(total[-1:], bound)
+        average = total[:-1].div(divisor_scale(bound)) * y
+        return reveal(average, to=list(range(world)), what=what).double()
 
 
 def noisy_mean(

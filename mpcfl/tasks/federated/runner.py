@@ -60,7 +60,8 @@ class _Round:
         values = torch.as_tensor(values, dtype=torch.float64)
         agreed(what, self.job.party_names, lambda: aggregate.check_update(values, bound=aggregate.MAX_AVERAGED, who=who, what=what))
         return aggregate.weighted_average(
-            values, rows, bound=self.bound, world=self.world, device=self.device, what=what
+            values, rows, bound=self.bound, world=self.world, device=self.device, what=what,
+            prefetch=self.job.runtime.prefetch,
         )
 
 
@@ -71,7 +72,7 @@ class _Round:
         what = f"round {round_index} average update"
         where = {"world": self.world, "device": self.device, "what": what}
         if privacy is None:
-            return aggregate.weighted_average(update, rows, bound=self.bound, **where)
+            return aggregate.weighted_average(update, rows, bound=self.bound, prefetch=self.job.runtime.prefetch, **where)
         return aggregate.noisy_mean(update, parties, privacy=privacy.of_round(parties, self.world), **where)
 
 
@@ -261,7 +262,7 @@ class _Training:
         rounds = _Round(job, session_device(), len(parties))
         self.in_rounds = True
         for round_index in range(len(self.history) + 1, spec.rounds + 1):
-            began, sent = time.perf_counter(), communication_stats()["bytes"]
+            began, before = time.perf_counter(), communication_stats()
             if self.update is None:  # a redone round keeps this party's update: its local training is done
                 self.update = self._local_round(round_index)
             update, loss, error = self.update
@@ -272,7 +273,7 @@ class _Training:
             self.update = None
             self.weights = self.strategy.apply(self.weights, average)
             load_flat(self.model, self.weights)
-            self._record(round_index, len(live), loss, began, sent)
+            self._record(round_index, len(live), loss, began, before)
 
     def _local_round(self, round_index: int) -> tuple[torch.Tensor, float, MpcflError | None]:
         """This party's update (zeros if its local round failed), its loss, and its failure if any."""
@@ -288,7 +289,7 @@ class _Training:
             return torch.zeros_like(self.weights), float("nan"), err
         return update, loss, None
 
-    def _record(self, round_index: int, parties: int, loss: float, began: float, sent: int) -> None:
+    def _record(self, round_index: int, parties: int, loss: float, began: float, before: dict[str, float]) -> None:
         record: dict[str, Any] = {"round": round_index, "parties": parties, "local_loss": loss}
         record["train_loss"], record["train_accuracy"] = evaluate(self.model, self.train_rows, self.head)
         if self.test_rows is not None:
@@ -296,7 +297,9 @@ class _Training:
         if self.budget is not None:
             record["epsilon"] = self.budget.spent()
         record["seconds"] = time.perf_counter() - began
-        record["bytes_sent"] = communication_stats()["bytes"] - sent
+        now = communication_stats()
+        record["bytes_sent"] = now["bytes"] - before["bytes"]
+        record["comm_rounds"] = now["rounds"] - before["rounds"]  # with prefetch, later rounds wait on the dealer once
         self.history.append(record)
         checkpoint.save(self.job, self.party, self.job.rank_of(self.party), checkpoint.RoundCheckpoint(
             round=round_index, weights=self.weights, strategy=self.strategy.state_dict(), history=self.history,
