@@ -369,20 +369,28 @@ def _read_settings_natively(crypten: types.ModuleType) -> None:
             result = getattr(result, key)
         return result
 
+    def _section(self: Any, keys: list[str]) -> _Section:
+        section = object.__getattribute__(self, "config")
+        for key in keys:  # a new key creates its sections, as OmegaConf's merge did
+            if not isinstance(getattr(section, key, None), _Section):
+                setattr(section, key, _Section())
+            section = getattr(section, key)
+        return section
+
     def _assign(self: Any, name: str, value: Any) -> None:
         if name == "config":
             object.__setattr__(self, name, value if isinstance(value, _Section) else _as_sections(value))
             return
-        *path, leaf = name.split(".")
-        section = object.__getattribute__(self, "config")
-        for key in path:  # a new key creates its sections, as OmegaConf's merge did
-            if not isinstance(getattr(section, key, None), _Section):
-                setattr(section, key, _Section())
-            section = getattr(section, key)
-        setattr(section, leaf, value)
+        keys = name.split(".")
+        if isinstance(value, dict):  # a mapping merges into its section, as OmegaConf's merge did
+            _section(self, keys)
+            for key, item in value.items():
+                _assign(self, f"{name}.{key}", item)
+            return
+        setattr(_section(self, keys[:-1]), keys[-1], value)
 
     def load_config(self: Any, config_file: str | None = None) -> None:
-        path = config_file or config._CrypTenConfig__DEFAULT_CONFIG_PATH
+        path = config._CrypTenConfig__DEFAULT_CONFIG_PATH if config_file is None else config_file  # '' is no file
         with open(path) as stream:
             self.config = yaml.safe_load(stream)
 
