@@ -358,6 +358,7 @@ def _read_settings_natively(crypten: types.ModuleType) -> None:
     works on a copy and puts the outer settings back afterwards, also when the block raises.
     """
     import yaml
+    from omegaconf import OmegaConf
 
     config = crypten.config.CrypTenConfig
     if getattr(config, "_mpcfl_patched", False):
@@ -398,9 +399,7 @@ def _read_settings_natively(crypten: types.ModuleType) -> None:
         if isinstance(other, config):
             self.config = object.__getattribute__(other, "config")
         else:  # a dict or an OmegaConf tree, as the original accepted
-            from omegaconf import OmegaConf
-
-            self.config = OmegaConf.to_container(other) if OmegaConf.is_config(other) else other
+            self.config = OmegaConf.to_container(other, resolve=True) if OmegaConf.is_config(other) else other
 
     @contextlib.contextmanager
     def temp_override(self: Any, override_dict: dict[str, Any]) -> Any:
@@ -420,7 +419,8 @@ def _read_settings_natively(crypten: types.ModuleType) -> None:
     config.__setitem__ = _assign
     config.load_config, config.set_config, config.temp_override = load_config, set_config, temp_override
     config._mpcfl_patched = True
-    crypten.cfg.load_config()  # the live object keeps its identity: modules hold it by name
+    # The live object keeps its identity (modules hold it by name) and what was set on it before.
+    crypten.cfg.config = OmegaConf.to_container(object.__getattribute__(crypten.cfg, "config"), resolve=True)
 
 
 def _open_point_to_point(crypten: types.ModuleType) -> None:

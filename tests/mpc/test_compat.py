@@ -261,3 +261,23 @@ def test_settings_read_natively_merge_sections_and_load_files_as_crypten_did(
     finally:
         cfg.load_config()
     assert (cfg.mpc.provider, cfg.encoder.precision_bits, cfg.debug.debug_mode) == ("TFP", 16, False)
+
+
+def test_settings_read_natively_keep_what_was_set_before_the_patch() -> None:
+    """Settings written before ``import_crypten`` (crypten imported directly first) survive the switch."""
+    import importlib.util
+    import types
+
+    from omegaconf import DictConfig
+
+    shipped = _compat.import_crypten().config.config.__file__
+    spec = importlib.util.spec_from_file_location("_crypten_config_unpatched", shipped)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)  # CrypTen's class as shipped, apart from the live, patched one
+    cfg = fresh.CrypTenConfig()
+    cfg.mpc.provider = "TTP"
+    cfg["debug.extra"] = "${mpc.provider}"
+    assert isinstance(cfg.config, DictConfig)
+    _compat._read_settings_natively(types.SimpleNamespace(config=types.SimpleNamespace(CrypTenConfig=fresh.CrypTenConfig), cfg=cfg))
+    assert not isinstance(cfg.config, DictConfig)
+    assert (cfg.mpc.provider, cfg.debug.extra, cfg.encoder.precision_bits) == ("TTP", "TTP", 16)
