@@ -388,7 +388,11 @@ def _read_settings_natively(crypten: types.ModuleType) -> None:
             for key, item in value.items():
                 _assign(self, f"{name}.{key}", item)
             return
-        setattr(_section(self, keys[:-1]), keys[-1], value)
+        section = _section(self, keys[:-1])
+        if isinstance(value, str) and isinstance(getattr(section, keys[-1], None), bool):
+            # OmegaConf parsed a dotted write's text: a "False" must not turn debug_mode on by being truthy
+            value = OmegaConf.from_dotlist([f"value={value}"]).value
+        setattr(section, keys[-1], value)
 
     def load_config(self: Any, config_file: str | None = None) -> None:
         path = config._CrypTenConfig__DEFAULT_CONFIG_PATH if config_file is None else config_file  # '' is no file

@@ -258,6 +258,10 @@ def test_settings_read_natively_merge_sections_and_load_files_as_crypten_did(
         assert cfg.mpc.provider == "TTP" and not hasattr(cfg, "debug")
         with pytest.raises(FileNotFoundError):
             cfg.load_config("")  # a blank path is no file, not the defaults
+        cfg.load_config(None)
+        cfg["debug.debug_mode"] = "False"  # OmegaConf parsed a dotted write's text: no truthy "False"
+        with cfg.temp_override({"debug.validation_mode": "false", "communicator.verbose": "true"}):
+            assert (cfg.debug.debug_mode, cfg.debug.validation_mode, cfg.communicator.verbose) == (False, False, True)
     finally:
         cfg.load_config()
     assert (cfg.mpc.provider, cfg.encoder.precision_bits, cfg.debug.debug_mode) == ("TFP", 16, False)
