@@ -358,6 +358,7 @@ def _read_settings_natively(crypten: types.ModuleType) -> None:
     works on a copy and puts the outer settings back afterwards, also when the block raises.
     """
     import yaml
+    from omegaconf import OmegaConf
 
     config = crypten.config.CrypTenConfig
     if getattr(config, "_mpcfl_patched", False):
@@ -369,20 +370,32 @@ def _read_settings_natively(crypten: types.ModuleType) -> None:
             result = getattr(result, key)
         return result
 
+    def _section(self: Any, keys: list[str]) -> _Section:
+        section = object.__getattribute__(self, "config")
+        for key in keys:  # a new key creates its sections, as OmegaConf's merge did
+            if not isinstance(getattr(section, key, None), _Section):
+                setattr(section, key, _Section())
+            section = getattr(section, key)
+        return section
+
     def _assign(self: Any, name: str, value: Any) -> None:
         if name == "config":
             object.__setattr__(self, name, value if isinstance(value, _Section) else _as_sections(value))
             return
-        *path, leaf = name.split(".")
-        section = object.__getattribute__(self, "config")
-        for key in path:  # a new key creates its sections, as OmegaConf's merge did
-            if not isinstance(getattr(section, key, None), _Section):
-                setattr(section, key, _Section())
-            section = getattr(section, key)
-        setattr(section, leaf, value)
+        keys = name.split(".")
+        if isinstance(value, dict):  # a mapping merges into its section, as OmegaConf's merge did
+            _section(self, keys)
+            for key, item in value.items():
+                _assign(self, f"{name}.{key}", item)
+            return
+        section = _section(self, keys[:-1])
+        if isinstance(value, str) and isinstance(getattr(section, keys[-1], None), bool):
+            # OmegaConf parsed a dotted write's text: a "False" must not turn debug_mode on by being truthy
+            value = OmegaConf.from_dotlist([f"value={value}"]).value
+        setattr(section, keys[-1], value)
 
     def load_config(self: Any, config_file: str | None = None) -> None:
-        path = config_file or config._CrypTenConfig__DEFAULT_CONFIG_PATH
+        path = config._CrypTenConfig__DEFAULT_CONFIG_PATH if config_file is None else config_file  # '' is no file
         with open(path) as stream:
             self.config = yaml.safe_load(stream)
 
@@ -390,9 +403,7 @@ def _read_settings_natively(crypten: types.ModuleType) -> None:
         if isinstance(other, config):
             self.config = object.__getattribute__(other, "config")
         else:  # a dict or an OmegaConf tree, as the original accepted
-            from omegaconf import OmegaConf
-
-            self.config = OmegaConf.to_container(other) if OmegaConf.is_config(other) else other
+            self.config = OmegaConf.to_container(other, resolve=True) if OmegaConf.is_config(other) else other
 
     @contextlib.contextmanager
     def temp_override(self: Any, override_dict: dict[str, Any]) -> Any:
@@ -412,7 +423,8 @@ def _read_settings_natively(crypten: types.ModuleType) -> None:
     config.__setitem__ = _assign
     config.load_config, config.set_config, config.temp_override = load_config, set_config, temp_override
     config._mpcfl_patched = True
-    crypten.cfg.load_config()  # the live object keeps its identity: modules hold it by name
+    # The live object keeps its identity (modules hold it by name) and what was set on it before.
+    crypten.cfg.config = OmegaConf.to_container(object.__getattribute__(crypten.cfg, "config"), resolve=True)
 
 
 def _open_point_to_point(crypten: types.ModuleType) -> None:

@@ -229,3 +229,59 @@ def test_settings_read_natively_keep_crypten_s_interface(crypten_single: None, m
     y = (x * x + x).relu()
     with cfg.temp_override({"functions.max_method": "pairwise"}):
         assert torch.allclose(y.get_plain_text(), torch.tensor([3.75, 2.0]), atol=1e-3)
+
+
+def test_settings_read_natively_merge_sections_and_load_files_as_crypten_did(
+    crypten_single: None, tmp_path: Path
+) -> None:
+    """Writes of a whole section merge into it, files load from their path, nested overrides unwind."""
+    from mpcfl.mpc.compat import import_crypten
+
+    crypten = import_crypten()
+    cfg = crypten.cfg
+    custom = tmp_path / "custom.yaml"
+    custom.write_text("mpc:\n  provider: TTP\n  protocol: beaver\n")
+    try:
+        cfg["mpc"] = {"provider": "TTP"}  # OmegaConf merged a mapping into the section
+        assert (cfg.mpc.provider, cfg.mpc.protocol, cfg.mpc.active_security) == ("TTP", "beaver", False)
+        with pytest.raises(RuntimeError):
+            with cfg.temp_override({"functions.max_method": "pairwise"}):
+                with cfg.temp_override({"mpc": {"provider": "TFP"}, "debug.debug_mode": True}):
+                    assert (cfg.mpc.provider, cfg.mpc.protocol, cfg.debug.debug_mode) == ("TFP", "beaver", True)
+                    raise RuntimeError
+        assert (cfg.mpc.provider, cfg.functions.max_method, cfg.debug.debug_mode) == ("TTP", "log_reduction", False)
+        other = type(cfg)()
+        other.encoder.precision_bits = 20
+        cfg.set_config(other)
+        assert cfg.encoder.precision_bits == 20
+        cfg.load_config(str(custom))  # what crypten.init(config_file=...) calls
+        assert cfg.mpc.provider == "TTP" and not hasattr(cfg, "debug")
+        with pytest.raises(FileNotFoundError):
+            cfg.load_config("")  # a blank path is no file, not the defaults
+        cfg.load_config(None)
+        cfg["debug.debug_mode"] = "False"  # OmegaConf parsed a dotted write's text: no truthy "False"
+        with cfg.temp_override({"debug.validation_mode": "false", "communicator.verbose": "true"}):
+            assert (cfg.debug.debug_mode, cfg.debug.validation_mode, cfg.communicator.verbose) == (False, False, True)
+    finally:
+        cfg.load_config()
+    assert (cfg.mpc.provider, cfg.encoder.precision_bits, cfg.debug.debug_mode) == ("TFP", 16, False)
+
+
+def test_settings_read_natively_keep_what_was_set_before_the_patch() -> None:
+    """Settings written before ``import_crypten`` (crypten imported directly first) survive the switch."""
+    import importlib.util
+    import types
+
+    from omegaconf import DictConfig
+
+    shipped = _compat.import_crypten().config.config.__file__
+    spec = importlib.util.spec_from_file_location("_crypten_config_unpatched", shipped)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)  # CrypTen's class as shipped, apart from the live, patched one
+    cfg = fresh.CrypTenConfig()
+    cfg.mpc.provider = "TTP"
+    cfg["debug.extra"] = "${mpc.provider}"
+    assert isinstance(cfg.config, DictConfig)
+    _compat._read_settings_natively(types.SimpleNamespace(config=types.SimpleNamespace(CrypTenConfig=fresh.CrypTenConfig), cfg=cfg))
+    assert not isinstance(cfg.config, DictConfig)
+    assert (cfg.mpc.provider, cfg.debug.extra, cfg.encoder.precision_bits) == ("TTP", "TTP", 16)
