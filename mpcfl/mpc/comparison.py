@@ -25,11 +25,14 @@ dealer sees only triple sizes, which depend on the element count and party count
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 import torch
 
+from mpcfl.mpc import lockstep
 from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.lockstep import Step
 
 WORD = 64  # bits in a share
 _SIGN = WORD - 1
@@ -66,14 +69,13 @@ def _unpack(words: torch.Tensor, width: int, count: int) -> torch.Tensor:
     return ((words.unsqueeze(-1) >> shifts) & mask).reshape(-1)[:count]
 
 
-def _and(left: torch.Tensor, right: torch.Tensor, width: int) -> torch.Tensor:
+def _and(left: torch.Tensor, right: torch.Tensor, width: int) -> Generator[Step, Any, torch.Tensor]:
     """This party's share of ``left & right``, XOR-shared values of ``width`` bits, in one Beaver AND."""
-    binary = import_crypten().mpc.primitives.BinarySharedTensor
-    packed = binary.from_shares(_pack(left, width)) & binary.from_shares(_pack(right, width))
-    return _unpack(packed.share, width, left.numel())
+    packed = yield from lockstep.binary_and(_pack(left, width), _pack(right, width))
+    return _unpack(packed, width, left.numel())
 
 
-def _carry_save(words: list[torch.Tensor]) -> list[torch.Tensor]:
+def _carry_save(words: list[torch.Tensor]) -> Generator[Step, Any, list[torch.Tensor]]:
     """One AND round in which every three summands become two, their sum bits and their carries.
 
     A Wallace tree: all of a round's triples share one AND, so P summands take about
@@ -82,60 +84,71 @@ def _carry_save(words: list[torch.Tensor]) -> list[torch.Tensor]:
     n, k = words[0].numel(), len(words) // 3
     a, b, c = (torch.cat(words[i : 3 * k : 3]) for i in range(3))
     sum_ab = a ^ b
-    both = _and(torch.cat([a, c]), torch.cat([b, sum_ab]), WORD)  # a & b and c & (a ^ b): never both 1
+    both = yield from _and(torch.cat([a, c]), torch.cat([b, sum_ab]), WORD)  # a & b and c & (a ^ b): never both 1
     carries = (both[: a.numel()] ^ both[a.numel() :]) << 1
     return [*(sum_ab ^ c).split(n), *carries.split(n), *words[3 * k :]]
 
 
-def sign_bit_share(flat: torch.Tensor, rank: int, parties: int) -> torch.Tensor:
+def sign_bit_share(flat: torch.Tensor, rank: int, parties: int) -> Generator[Step, Any, torch.Tensor]:
     """This party's XOR share of the sign bit of each ``x``, given its arithmetic shares ``flat`` (1-d).
 
-    Every party calls it on its own shares, in step: the carry-save rounds, then 7 ANDs.
+    A :mod:`~mpcfl.mpc.lockstep` protocol; every party runs it on its own shares, in step: the
+    carry-save rounds, then 7 ANDs.
     """
     n, zeros = flat.numel(), torch.zeros_like(flat)
     # Party i's share is an XOR sharing of itself: i holds it, every other party holds 0.
     words = [flat if rank == i else zeros for i in range(parties)]
     while len(words) > 2:
-        words = _carry_save(words)
+        words = yield from _carry_save(words)
     first, second = words
-    g = _and(first, second, WORD) & _LOW
+    g = (yield from _and(first, second, WORD)) & _LOW
     p = ((first ^ second) & _LOW) | (_TOP if rank == 0 else 0)  # bit 63: (g, p) = (0, 1)
     width = WORD
     while width > 2:  # (g, p) of groups of 1, 2, 4, 8, 16 bits into groups of twice that
         width //= 2
         p_high = _even_bits(p >> 1)
-        both = _and(torch.cat([p_high, p_high]), torch.cat([_even_bits(g), _even_bits(p)]), width)
+        both = yield from _and(torch.cat([p_high, p_high]), torch.cat([_even_bits(g), _even_bits(p)]), width)
         g, p = _even_bits(g >> 1) ^ both[:n], both[n:]
-    carry = (g >> 1) ^ _and(p >> 1, g & 1, 1)  # the last level needs the generate bit only
+    carry = (g >> 1) ^ (yield from _and(p >> 1, g & 1, 1))  # the last level needs the generate bit only
     return (((first ^ second) >> _SIGN) & 1) ^ carry
 
 
-def less_than_zero(x: Any) -> Any | None:
-    """``x < 0`` as an arithmetic MPCTensor of 0/1 (scale 1), as CrypTen's ``_ltz`` returns it.
+def applies(x: Any) -> bool:
+    """Whether :func:`less_than_zero_steps` serves ``x``: two or more parties, an arithmetic tensor,
+    shares on the CPU (on a GPU not yet run); elsewhere CrypTen's own comparison runs."""
+    crypten = import_crypten()
+    share = getattr(x._tensor, "share", None)
+    return (crypten.comm.get().get_world_size() >= 2 and isinstance(x._tensor, crypten.mpc.primitives.ArithmeticSharedTensor)
+            and isinstance(share, torch.Tensor) and not share.is_cuda)
 
-    None where CrypTen's own must run: one party, a binary tensor, or shares on a GPU (not
-    yet run there). An empty tensor needs no message and no dealer request (the dealer
-    refuses empty sizes, so CrypTen's own would end the session).
+
+def less_than_zero_steps(x: Any) -> Generator[Step, Any, Any]:
+    """``x < 0`` as an arithmetic MPCTensor of 0/1 (scale 1), as CrypTen's ``_ltz`` returns it, for
+    ``x`` that :func:`applies`; a :mod:`~mpcfl.mpc.lockstep` protocol (8 rounds for two parties).
+
+    An empty tensor needs no message and no dealer request (the dealer refuses empty sizes, so
+    CrypTen's own would end the session).
     """
     crypten = import_crypten()
     comm = crypten.comm.get()
-    primitives = crypten.mpc.primitives
-    arithmetic = x._tensor
-    if comm.get_world_size() < 2 or not isinstance(arithmetic, primitives.ArithmeticSharedTensor):
-        return None
-    share = arithmetic.share
-    if not isinstance(share, torch.Tensor) or share.is_cuda:
-        return None
+    arithmetic = crypten.mpc.primitives.ArithmeticSharedTensor
+    share = x._tensor.share
     parties, rank = comm.get_world_size(), comm.get_rank()
     if share.numel() == 0:
-        bits = primitives.ArithmeticSharedTensor.from_shares(torch.zeros_like(share), precision=0)
+        bits = torch.zeros_like(share)
     else:
         # Pieces keep each dealer request well under its size limit (public sizes: every party splits alike).
-        pieces = share.reshape(-1).split(CHUNK // max(1, parties // 3))
-        sign = torch.cat([sign_bit_share(piece, rank, parties) for piece in pieces]).view(share.shape)
-        bits = primitives.converters._B2A(primitives.BinarySharedTensor.from_shares(sign, precision=0), precision=0, bits=1)
+        signs = []
+        for piece in share.reshape(-1).split(CHUNK // max(1, parties // 3)):
+            signs.append((yield from sign_bit_share(piece, rank, parties)))
+        bits = yield from lockstep.bit_to_arithmetic(torch.cat(signs).view(share.shape))
     result = x.shallow_copy()
-    result._tensor = bits
+    result._tensor = arithmetic.from_shares(bits, precision=0)
     result.ptype = crypten.mpc.ptype.arithmetic
     result.encoder._scale = 1
     return result
+
+
+def less_than_zero(x: Any) -> Any | None:
+    """``x < 0`` (see :func:`less_than_zero_steps`), or None where CrypTen's own must run."""
+    return lockstep.run([less_than_zero_steps(x)])[0] if applies(x) else None

@@ -125,6 +125,7 @@ assert not getattr(c.mpc.provider.ttp_provider.TrustedThirdParty.generate_additi
 assert not getattr(c.mpc.MPCTensor.matmul, "_mpcfl_patched", False)
 assert not hasattr(c.mpc.provider.ttp_provider.TrustedThirdParty, "generate_fixed_mask")
 assert not getattr(c.config.CrypTenConfig, "_mpcfl_patched", False)
+assert not getattr(c.mpc.MPCTensor.sigmoid, "_mpcfl_patched", False)
 try:
     import_crypten()
 except MpcflError as err:

@@ -1,0 +1,124 @@
+"""Several protocols' rounds in one: each round opens every protocol's masked values together.
+
+CrypTen runs one protocol at a time, so two independent ones (the sign of x and the
+squarings of exp(x), in CrypTen's sigmoid) cost the sum of their rounds. Here a protocol
+is a generator: it yields a :data:`Step` (this party's shares of the values it opens
+this round, and how they combine) and receives the opened values. :func:`run` drives
+several in lockstep: each round issues one exchange for all of them, so the rounds are
+those of the longest.
+
+What is opened is what CrypTen's own Beaver steps open: ``x ^ a`` and ``y ^ b`` of an
+AND, ``x - r`` of a square, ``b ^ r`` of a bit conversion, each masked by a fresh dealer
+value; the same requests go to the provider, in an order that depends on public shapes
+only (every party drives the same generators in the same order, so prefetching and the
+dealer's digests see the same sequence). Where a round's openings all combine the same
+way they go out as CrypTen's batched ``all_reduce``; a mixed round (XOR and sum) goes out
+as one ``all_gather`` of every party's masked shares, which reveals nothing more: each
+party's share of a masked value is itself uniformly masked by its share of the mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from typing import Any
+
+import torch
+
+from mpcfl.mpc.compat import import_crypten
+
+SUM, XOR = "sum", "xor"
+#: This party's shares of the values a protocol opens in one round, and how shares combine.
+Step = tuple[list[torch.Tensor], str]
+Protocol = Generator[Step, list[torch.Tensor], Any]
+
+
+def run(protocols: Sequence[Protocol]) -> list[Any]:
+    """Each protocol's result, the protocols driven round by round together (one exchange per round)."""
+    results: list[Any] = [None] * len(protocols)
+    pending: dict[int, Step] = {}
+    for index, protocol in enumerate(protocols):
+        _advance(protocols, index, None, pending, results)
+    while pending:
+        order = sorted(pending)
+        opened = _open([pending[i] for i in order])
+        for index, values in zip(order, opened):
+            _advance(protocols, index, values, pending, results)
+    return results
+
+
+def _advance(protocols: Sequence[Protocol], index: int, values: list[torch.Tensor] | None,
+             pending: dict[int, Step], results: list[Any]) -> None:
+    try:
+        pending[index] = protocols[index].send(values)  # type: ignore[arg-type]  # None starts it
+    except StopIteration as done:
+        pending.pop(index, None)
+        results[index] = done.value
+
+
+def _open(steps: list[Step]) -> list[list[torch.Tensor]]:
+    """The values of every step, opened in one exchange."""
+    import torch.distributed as dist
+
+    comm = import_crypten().comm.get()
+    shares = [share for step, _ in steps for share in step]
+    kinds = {kind for _, kind in steps}
+    if len(kinds) == 1:
+        op = dist.ReduceOp.BXOR if kinds == {XOR} else dist.ReduceOp.SUM
+        flat = comm.all_reduce(shares, op=op, batched=True)
+    else:
+        sizes = [share.numel() for share in shares]
+        gathered = torch.stack(comm.all_gather(torch.cat([share.reshape(-1) for share in shares])))
+        flat, offset, position = [], 0, 0
+        for step, kind in steps:
+            for share in step:
+                part = gathered[:, offset : offset + sizes[position]]
+                combined = part.sum(0) if kind == SUM else _xor_rows(part)
+                flat.append(combined.view(share.shape))
+                offset, position = offset + sizes[position], position + 1
+    opened, start = [], 0
+    for step, _ in steps:
+        opened.append(flat[start : start + len(step)])
+        start += len(step)
+    return opened
+
+
+def _xor_rows(rows: torch.Tensor) -> torch.Tensor:
+    result = rows[0].clone()
+    for row in rows[1:]:
+        result ^= row
+    return result
+
+
+def _rank() -> int:
+    return import_crypten().comm.get().get_rank()
+
+
+def binary_and(x: torch.Tensor, y: torch.Tensor) -> Generator[Step, list[torch.Tensor], torch.Tensor]:
+    """This party's XOR share of ``x & y`` from its shares of both: CrypTen's Beaver AND (``beaver.AND``)."""
+    provider = import_crypten().mpc.get_default_provider()
+    a, b, c = provider.generate_binary_triple(x.size(), y.size(), device=x.device)
+    epsilon, delta = yield [x ^ a.share, y ^ b.share], XOR
+    result = (b.share & epsilon) ^ (a.share & delta) ^ c.share
+    return result ^ (epsilon & delta) if _rank() == 0 else result  # the public term, once
+
+
+def bit_to_arithmetic(bit: torch.Tensor) -> Generator[Step, list[torch.Tensor], torch.Tensor]:
+    """This party's arithmetic share (scale 1) of a bit from its XOR share: CrypTen's ``B2A_single_bit``."""
+    provider = import_crypten().mpc.get_default_provider()
+    r_arithmetic, r_binary = provider.B2A_rng(bit.size(), device=bit.device)
+    (z,) = yield [bit ^ r_binary.share], XOR
+    share = r_arithmetic.share * (1 - 2 * z)  # r if the bit equals r, else 1 - r
+    return share + z if _rank() == 0 else share
+
+
+def square(x: Any) -> Generator[Step, list[torch.Tensor], Any]:
+    """``x * x`` for an ArithmeticSharedTensor, truncated as CrypTen's ``square`` does (Beaver, then ``div_``)."""
+    crypten = import_crypten()
+    arithmetic = crypten.mpc.primitives.ArithmeticSharedTensor
+    r, r2 = crypten.mpc.get_default_provider().square(x.size(), device=x.device)
+    (epsilon,) = yield [x.share - r.share], SUM
+    share = r2.share + 2 * r.share * epsilon
+    result = arithmetic.from_shares(share + epsilon * epsilon if _rank() == 0 else share, precision=0)
+    result.div_(x.encoder.scale)  # as crypten's square_, whatever the scale (with > 2 parties: its own round)
+    result.encoder = x.encoder
+    return result
