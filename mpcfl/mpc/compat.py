@@ -316,6 +316,22 @@ def _reuse_data_masks(crypten: types.ModuleType) -> None:
     tensor.matmul = matmul
 
 
+def _serve_first(tensor: type, name: str, ours: Callable[[Any], Any]) -> None:
+    """``tensor.name`` tries ``ours`` first and runs crypten's own where it returns None
+    (crypten's stays reachable as ``__wrapped__``, for tests that compare the two)."""
+    original = getattr(tensor, name)
+    if getattr(original, "_mpcfl_patched", False):
+        return
+
+    @functools.wraps(original)
+    def served(self: Any) -> Any:
+        result = ours(self)
+        return original(self) if result is None else result
+
+    served._mpcfl_patched = True  # type: ignore[attr-defined]
+    setattr(tensor, name, served)
+
+
 def _compare_on_packed_bits(crypten: types.ModuleType) -> None:
     """Parties compute ``x < 0`` with :mod:`mpcfl.mpc.comparison`: no more rounds than
     crypten 0.4.1's ``MPCTensor._ltz``, about a quarter of its bytes. Every comparison goes
@@ -324,18 +340,7 @@ def _compare_on_packed_bits(crypten: types.ModuleType) -> None:
     """
     from mpcfl.mpc.comparison import less_than_zero
 
-    tensor = crypten.mpc.MPCTensor
-    if getattr(tensor._ltz, "_mpcfl_patched", False):
-        return
-    original = tensor._ltz
-
-    @functools.wraps(original)  # keeps crypten's as __wrapped__, for tests that compare the two
-    def _ltz(self: Any) -> Any:
-        result = less_than_zero(self)
-        return original(self) if result is None else result
-
-    _ltz._mpcfl_patched = True  # type: ignore[attr-defined]
-    tensor._ltz = _ltz
+    _serve_first(crypten.mpc.MPCTensor, "_ltz", less_than_zero)
 
 
 def _sigmoid_in_lockstep(crypten: types.ModuleType) -> None:
@@ -345,18 +350,7 @@ def _sigmoid_in_lockstep(crypten: types.ModuleType) -> None:
     """
     from mpcfl.mpc.logistic import sigmoid
 
-    tensor = crypten.mpc.MPCTensor
-    if getattr(tensor.sigmoid, "_mpcfl_patched", False):
-        return
-    original = tensor.sigmoid
-
-    @functools.wraps(original)  # keeps crypten's as __wrapped__, for tests that compare the two
-    def _sigmoid(self: Any) -> Any:
-        result = sigmoid(self)
-        return original(self) if result is None else result
-
-    _sigmoid._mpcfl_patched = True  # type: ignore[attr-defined]
-    tensor.sigmoid = _sigmoid
+    _serve_first(crypten.mpc.MPCTensor, "sigmoid", sigmoid)
 
 
 class _Section(types.SimpleNamespace):
