@@ -143,7 +143,7 @@ class TrainingSpec(_Strict):
     sigmoid: str = Field(
         default=sigmoids.DEFAULT,
         description="two classes: the sigmoid of the gradient under MPC (metrics and `mpcfl baseline` stay exact): "
-        "crypten (CrypTen's, error ~2e-3, 26 rounds with prefetched triples, 92 without), piecewise (clamp(z/4 + 1/2, 0, 1): one comparison, "
+        "crypten (CrypTen's, error ~2e-3, 18 rounds with prefetched triples: its sign and exp in the same rounds), piecewise (clamp(z/4 + 1/2, 0, 1): one comparison, "
         "error 0.12), poly (degree-9 polynomial on logits clamped to +-8: one comparison and 4 products, error 0.016)",
     )
     seed: int = 0
