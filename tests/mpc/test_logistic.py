@@ -57,6 +57,7 @@ def test_two_parties_get_crypten_s_sigmoid_in_fewer_rounds_and_see_no_share(spie
         ours, theirs = float(figures["ours_error"]), float(figures["theirs_error"])
         assert ours <= 0.003 and ours <= theirs + 1e-3, line  # crypten's own: 0.00195-0.0026 over runs, |x| <= 400
         assert float(figures["grad_error"]) < 0.002 and float(figures["tanh_error"]) < 0.005, line
+        assert "empty=(0, 3)" in line, line
         ours_rounds, theirs_rounds = (int(v) for v in figures["rounds"].split(","))
         if rank == "1":  # party 0's count includes its dealer round trips
             assert ours_rounds == theirs_rounds - 8, line  # the exp's 8 squarings ride on the sign's 8 rounds
