@@ -57,6 +57,7 @@ def test_two_parties_get_crypten_s_sigmoid_in_fewer_rounds_and_see_no_share(spie
         ours, theirs = float(figures["ours_error"]), float(figures["theirs_error"])
         assert ours <= 0.003 and ours <= theirs + 1e-3, line  # crypten's own: 0.00195-0.0026 over runs, |x| <= 400
         assert float(figures["grad_error"]) < 0.002 and float(figures["tanh_error"]) < 0.005, line
+        assert "empty=(0, 3)" in line, line
         ours_rounds, theirs_rounds = (int(v) for v in figures["rounds"].split(","))
         if rank == "1":  # party 0's count includes its dealer round trips
             assert ours_rounds == theirs_rounds - 8, line  # the exp's 8 squarings ride on the sign's 8 rounds
@@ -69,3 +70,65 @@ def test_two_parties_get_crypten_s_sigmoid_in_fewer_rounds_and_see_no_share(spie
         for watcher in {"0", "1", "2"} - {rank}:  # the other party and the dealer
             seen = np.concatenate([v for k, v in views[watcher].items() if k.startswith("seen_")])
             assert int(np.isin(seen, share).sum()) == 0, f"rank {watcher} holds party {rank}'s share"
+
+
+def _openings_and_masks(x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[torch.Tensor], list[tuple[torch.Tensor, str]]]]:
+    """Each round of the sigmoid's lockstep protocols (sign, then exp's squarings) on ``x``, one party:
+    what it opens, and the dealer masks it drew for that round (AND's a and b, square's r, B2A's r_binary)."""
+    from mpcfl.mpc import comparison, logistic
+    from mpcfl.mpc.compat import import_crypten
+
+    crypten = import_crypten()
+    provider = crypten.mpc.provider.TrustedFirstParty()  # one party: triples drawn here, fresh each call
+    drawn: list[tuple[torch.Tensor, str]] = []
+
+    class Recorder:
+        def generate_binary_triple(self, *args: object, **kwargs: object) -> tuple:
+            a, b, c = provider.generate_binary_triple(*args, **kwargs)
+            drawn.extend([(a.share, lockstep.XOR), (b.share, lockstep.XOR)])
+            return a, b, c
+
+        def square(self, *args: object, **kwargs: object) -> tuple:
+            r, r2 = provider.square(*args, **kwargs)
+            drawn.append((r.share, lockstep.SUM))
+            return r, r2
+
+        def B2A_rng(self, *args: object, **kwargs: object) -> tuple:  # noqa: N802 (crypten's name)
+            r_arithmetic, r_binary = provider.B2A_rng(*args, **kwargs)
+            drawn.append((r_binary.share, lockstep.XOR))
+            return r_arithmetic, r_binary
+
+    rounds: list[tuple[list[torch.Tensor], list[tuple[torch.Tensor, str]]]] = []
+    original = lockstep._open
+
+    def recording_open(steps: list[lockstep.Step]) -> list[list[torch.Tensor]]:
+        rounds.append(([share.clone() for shares, _ in steps for share in shares], list(drawn)))
+        drawn.clear()
+        return original(steps)
+
+    def sign(flat: torch.Tensor):  # noqa: ANN202  # as less_than_zero_steps for party 0 of 2, on one process
+        bit = yield from comparison.sign_bit_share(flat, 0, 2)
+        return (yield from lockstep.bit_to_arithmetic(bit))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(crypten.mpc, "get_default_provider", lambda: Recorder())
+        patch.setattr(lockstep, "_open", recording_open)
+        secret = crypten.cryptensor(x)
+        base = crypten.stack([secret.neg(), secret]).div(2**8) + 1
+        lockstep.run([sign(secret._tensor.share.reshape(-1)), logistic._powers(base, 8)])
+    return rounds
+
+
+def test_every_opened_value_is_masked_by_its_own_fresh_dealer_value(crypten_single: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One party holds the whole value, so every unmasked value is the same in two runs on the same x while
+    # the masks differ: each opening must be exactly one fresh mask over such a value, in the order drawn,
+    # and nothing else (an extra share, an unmasked value, a mask used twice) is opened.
+    x = torch.tensor([-3.5, 0.0, 2.25, 40.0, -40.0])
+    first, second = _openings_and_masks(x, monkeypatch), _openings_and_masks(x, monkeypatch)
+    assert len(first) == len(second) == 8  # 7 ANDs then the B2A, the 8 squarings alongside
+    for (opened, masks), (opened_again, masks_again) in zip(first, second):
+        assert len(opened) == len(masks) == len(opened_again) == len(masks_again)
+        for value, (mask, kind), value_again, (mask_again, _) in zip(opened, masks, opened_again, masks_again):
+            unmask = (lambda v, m: v ^ m) if kind == lockstep.XOR else (lambda v, m: v + m)
+            assert torch.equal(unmask(value, mask), unmask(value_again, mask_again))
+            assert not torch.equal(value, value_again)

@@ -36,9 +36,11 @@ with mpcfl.join() as me:
     w.sigmoid().sum().backward()
     grad_error = float((w.grad.get_plain_text() - torch.sigmoid(small) * (1 - torch.sigmoid(small))).abs().max())
     tanh_error = float((crypten.cryptensor(small, src=0).tanh().get_plain_text() - torch.tanh(small)).abs().max())
+    # An empty batch: no opening, no dealer request (the dealer refuses empty sizes and ends the session).
+    empty = tuple(crypten.cryptensor(torch.empty(0, 3), src=0).sigmoid().get_plain_text().shape)
     print(
         f"logistic party {me.rank}: ours_error={ours_error:.5f} theirs_error={theirs_error:.5f} "
-        f"grad_error={grad_error:.5f} tanh_error={tanh_error:.5f} "
+        f"grad_error={grad_error:.5f} tanh_error={tanh_error:.5f} empty={empty} "
         f"rounds={middle['rounds'] - before['rounds']},{after['rounds'] - middle['rounds']} "
         f"bytes={middle['bytes'] - before['bytes']},{after['bytes'] - middle['bytes']}",
         flush=True,
