@@ -37,10 +37,13 @@ def _powers(base: Any, squarings: int) -> Generator[lockstep.Step, Any, Any]:
 
 def sigmoid(x: Any) -> Any | None:
     """CrypTen's sigmoid of an MPCTensor, or None where CrypTen's own must run (another
-    ``sigmoid_tanh_method``, or a tensor the packed comparison does not serve)."""
+    ``sigmoid_tanh_method``, a tensor the packed comparison does not serve, or one of more than
+    ``comparison.CHUNK`` elements, whose doubled squarings would ask the dealer too much at once)."""
     crypten = import_crypten()
     cfg = crypten.cfg
     if cfg.functions.sigmoid_tanh_method != "reciprocal" or not comparison.applies(x):
+        return None
+    if x.share.numel() > comparison.CHUNK:  # the stacked squarings' requests would pass the dealer's size cap
         return None
     if x.share.numel() == 0:  # nothing to open; the dealer refuses empty sizes, which would end the session
         return x.clone()
