@@ -346,7 +346,7 @@ def _compare_on_packed_bits(crypten: types.ModuleType) -> None:
 def _sigmoid_in_lockstep(crypten: types.ModuleType) -> None:
     """``MPCTensor.sigmoid`` runs crypten's sigmoid with its sign and exp in the same rounds
     (:mod:`mpcfl.mpc.logistic`): 16 rounds instead of 24, the same function. Where that module
-    declines (another method, a GPU, one party) crypten's own runs.
+    declines (another method, a GPU, other than two parties) crypten's own runs.
     """
     from mpcfl.mpc.logistic import sigmoid
 
