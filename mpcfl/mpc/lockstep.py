@@ -19,6 +19,7 @@ party's share of a masked value is itself uniformly masked by its share of the m
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Generator, Sequence
 from typing import Any
 
@@ -61,32 +62,16 @@ def _open(steps: list[Step]) -> list[list[torch.Tensor]]:
 
     comm = import_crypten().comm.get()
     shares = [share for step, _ in steps for share in step]
-    kinds = {kind for _, kind in steps}
-    if len(kinds) == 1:
-        op = dist.ReduceOp.BXOR if kinds == {XOR} else dist.ReduceOp.SUM
-        flat = comm.all_reduce(shares, op=op, batched=True)
-    else:
-        sizes = [share.numel() for share in shares]
+    kinds = [kind for step, kind in steps for _ in step]
+    if len(set(kinds)) == 1:
+        op = dist.ReduceOp.BXOR if kinds[0] == XOR else dist.ReduceOp.SUM
+        flat = iter(comm.all_reduce(shares, op=op, batched=True))
+    else:  # every party's masked shares, combined here
         gathered = torch.stack(comm.all_gather(torch.cat([share.reshape(-1) for share in shares])))
-        flat, offset, position = [], 0, 0
-        for step, kind in steps:
-            for share in step:
-                part = gathered[:, offset : offset + sizes[position]]
-                combined = part.sum(0) if kind == SUM else _xor_rows(part)
-                flat.append(combined.view(share.shape))
-                offset, position = offset + sizes[position], position + 1
-    opened, start = [], 0
-    for step, _ in steps:
-        opened.append(flat[start : start + len(step)])
-        start += len(step)
-    return opened
-
-
-def _xor_rows(rows: torch.Tensor) -> torch.Tensor:
-    result = rows[0].clone()
-    for row in rows[1:]:
-        result ^= row
-    return result
+        parts = gathered.split([share.numel() for share in shares], dim=1)
+        flat = iter((part.sum(0) if kind == SUM else functools.reduce(torch.bitwise_xor, part)).view(share.shape)
+                    for part, kind, share in zip(parts, kinds, shares))
+    return [[next(flat) for _ in step] for step, _ in steps]
 
 
 def _rank() -> int:

@@ -62,9 +62,8 @@ def test_two_parties_get_crypten_s_sigmoid_in_fewer_rounds_and_see_no_share(spie
         # Past CHUNK elements crypten's own runs: correct, its comparison in 4 pieces (3 more of 7 ANDs each)
         # and the rest after it (in lockstep the pieces' 29 rounds would carry the squarings: 37, not 44).
         assert float(figures["big_error"]) <= 0.003, line
-        if rank == "1":
-            assert int(figures["big_rounds"]) == theirs_rounds + 3 * 7, line
         if rank == "1":  # party 0's count includes its dealer round trips
+            assert int(figures["big_rounds"]) == theirs_rounds + 3 * 7, line
             assert ours_rounds == theirs_rounds - 8, line  # the exp's 8 squarings ride on the sign's 8 rounds
         ours_bytes, theirs_bytes = (int(v) for v in figures["bytes"].split(","))
         assert ours_bytes <= 1.4 * theirs_bytes, line  # exp(x) and exp(-x) squared together
