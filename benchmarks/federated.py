@@ -60,7 +60,7 @@ def measure(parties: int, rounds: int, hidden: int) -> dict[str, float]:
             raise SystemExit(f"{parties} parties: mpcfl run failed:\n{done.stderr[-3000:]}")
         seconds, sent = [], []
         for i in range(parties):
-            history = json.loads((Path(tmp) / "out" / f"p{i}" / "metrics.json").read_text())["history"]
+            history = json.loads((Path(tmp) / "out" / f"p{i}" / "latest" / "metrics.json").read_text())["history"]
             later = history[1:] or history
             seconds.append(statistics.median(row["seconds"] for row in later))
             sent.append(statistics.median(row["bytes_sent"] for row in later))

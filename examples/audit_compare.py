@@ -19,7 +19,7 @@ print("| model | attack | AUC | TPR @ 1% FPR | TPR @ 0.1% FPR | empirical epsilo
 print("|---|---|---|---|---|---|")
 for label, path in JOBS.items():
     job = load_job(path)
-    groups[label] = run_attacks(job, job.party_dir("hospital_b") / "model.pt", shadows=32)
+    groups[label] = run_attacks(job, job.party_root("hospital_b") / "latest" / "model.pt", shadows=32)
     for r in groups[label]:
         print(f"| {label} | {r.name} | {r.auc:.3f} | {r.tpr_at_1pct:.3f} | {r.tpr_at_01pct:.3f} | {r.epsilon_lower_bound:.2f} |")
 plot_roc(REPO / "examples" / "figures" / "audit_roc.png", groups, title="breast cancer LR: membership inference")

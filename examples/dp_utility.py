@@ -58,7 +58,7 @@ def main() -> None:
             job = load_job(job_file(epsilon, run))
             if run_local(job, sink=io.StringIO()) != 0:
                 raise SystemExit(f"the run at epsilon {epsilon} failed; rerun `mpcfl run {job.source}` to see why")
-            receiver = job.party_dir("hospital_b")
+            receiver = job.party_root("hospital_b") / "latest"
             state = torch.load(receiver / "model.pt", weights_only=True)
             accuracies.append(evaluate_state_dict(job, state)["test_accuracy"])
             if job.dp is not None:

@@ -56,7 +56,7 @@ def federated_accuracy(job_path: Path) -> float:
     head = head_of(job.model)
     rows = [Rows.of(part.test, head) for part in parts]
     model = initial_model(job, parts[0].train.x.shape[1])
-    model.load_state_dict(torch.load(job.party_dir(job.party_names[0]) / "model.pt", weights_only=True))
+    model.load_state_dict(torch.load(job.party_root(job.party_names[0]) / "latest" / "model.pt", weights_only=True))
     pooled = Rows(torch.cat([r.x for r in rows]), torch.cat([r.y for r in rows]))
     return evaluate(model, pooled, head)[1]
 
@@ -98,7 +98,7 @@ def main() -> None:
     table.append(("centralised plaintext", "-", plain, time.perf_counter() - started))
     mpc = CONFIGS / "breast_cancer_lr.yaml"
     seconds = run(mpc)
-    metrics = json.loads((load_job(mpc).party_dir("hospital_b") / "metrics.json").read_text())
+    metrics = json.loads((load_job(mpc).party_root("hospital_b") / "latest" / "metrics.json").read_text())
     table.append(("full MPC (vertical, 2 hospitals)", "-", metrics["final"]["test_accuracy"], seconds))
     fed = CONFIGS / "breast_cancer_fed.yaml"
     seconds = run(fed)

@@ -14,9 +14,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
+from mpcfl import runs
 from mpcfl.errors import MpcflError, exit_code
 from mpcfl.mpc import providers
 from mpcfl.mpc.compat import DEFAULT_TIMEOUT_S
+
+if TYPE_CHECKING:
+    from mpcfl.jobs.schema import JobBase
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,9 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", parents=[common], help="run every party and the dealer of a job on this machine")
-    run.add_argument("job", help="the YAML job file")
-    run.add_argument("--resume", action="store_true", help="continue training from the parties' checkpoints")
+    resume = argparse.ArgumentParser(add_help=False)
+    resume.add_argument(
+        "--resume", nargs="?", const=True, default=False, metavar="RUN_ID",
+        help="continue an unfinished run from its checkpoints instead of starting a new run (default: the "
+        "newest unfinished run; see `mpcfl runs`)",
+    )
+    run = sub.add_parser("run", parents=[common, resume], help="run every party and the dealer of a job on this machine")
+    run.add_argument("job", nargs="?", help="the YAML job file")
     run.add_argument("--key-dir", type=Path, help="for runtime.identity: the folder holding NAME.key of every process")
     key_file = argparse.ArgumentParser(add_help=False)
     key_file.add_argument(
@@ -37,21 +48,21 @@ def _parser() -> argparse.ArgumentParser:
         "the process's name (party or dealer), so one command line serves every rank under torchrun or srun",
     )
 
-    party = sub.add_parser("party", parents=[common, key_file], help="run one party of a job (one per host)")
-    party.add_argument("job")
+    party = sub.add_parser("party", parents=[common, key_file, resume], help="run one party of a job (one per host)")
+    party.add_argument("job", nargs="?")
     party.add_argument("--party", required=True, help="this process's party name")
     party.add_argument("--rendezvous", help="tcp://HOST:PORT shared by all processes (default: $RENDEZVOUS)")
-    party.add_argument("--resume", action="store_true", help="continue training from this party's checkpoints")
+    party.add_argument("--run-id", help="a new run's id, as proposed to this party (party 0's proposal is the run's)")
 
     dealer = sub.add_parser("dealer", parents=[common, key_file], help="run the Beaver-triple dealer (TTP) of a job, or of `mpcfl launch`")
     dealer.add_argument("job", nargs="?", help="the job file (default: the session `mpcfl launch` describes)")
     dealer.add_argument("--rendezvous", help="tcp://HOST:PORT shared by all processes (default: $RENDEZVOUS)")
 
     worker = sub.add_parser(
-        "worker", parents=[common, key_file], help="run whichever role torchrun or srun gave this process (rank n = the dealer)"
+        "worker", parents=[common, key_file, resume],
+        help="run whichever role torchrun or srun gave this process (rank n = the dealer)",
     )
-    worker.add_argument("job")
-    worker.add_argument("--resume", action="store_true", help="continue training from the checkpoints")
+    worker.add_argument("job", nargs="?")
 
     baseline = sub.add_parser(
         "baseline", parents=[common], help="train the same job in plaintext PyTorch (reads every party's files; for measurement)"
@@ -78,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("job", help="the training job whose model to audit")
     audit.add_argument("--party", help="the receiver whose model.pt to audit (default: the first in model_to)")
     audit.add_argument("--shadows", type=int, default=16, help="shadow models for the LiRA attack (0 skips it)")
+
+    listing = sub.add_parser("runs", parents=[common], help="list a job's runs at each party: status, times, final metrics")
+    listing.add_argument("job")
+    listing.add_argument("--party", help="only this party's runs (on a multi-host job, the party on this host)")
 
     validate = sub.add_parser("validate", parents=[common], help="check a job file without running it")
     validate.add_argument("job")
@@ -108,6 +123,33 @@ def _launch(args: argparse.Namespace) -> int:
     )
 
 
+def _job_file(args: argparse.Namespace) -> None:
+    """``mpcfl run --resume JOB``: the job file, not a run id, followed --resume."""
+    if getattr(args, "job", "") is None:
+        if isinstance(args.resume, str) and not runs.is_run_id(args.resume):
+            args.job, args.resume = args.resume, True
+        else:
+            raise MpcflError(f"{args.command}: name the YAML job file")
+
+
+def _list_runs(job: JobBase, only: str | None) -> None:
+    parties = [job.party_names[job.rank_of(only)]] if only else job.party_names
+    for name in parties:
+        root = job.party_root(name)
+        found = runs.run_ids(root)
+        print(f"{name}: {len(found)} run(s) in {root}")
+        for run_id in found:
+            record = runs.Run(root, run_id).read()
+            headline = " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (record.get("headline") or {}).items()
+                if k in ("epoch", "round", "test_accuracy", "train_accuracy", "loss", "predictions")
+            )
+            resumed = f" resumed x{len(record['resumed'])}" if record.get("resumed") else ""
+            why = f" ({record['error']})" if record.get("error") else ""
+            print(f"  {run_id}  {runs.status_of(record):<11} started {record.get('started')}  ended "
+                  f"{record.get('ended') or '-'}{resumed}  {headline}{why}")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "launch":
         return _launch(args)
@@ -127,10 +169,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     from mpcfl.jobs import registry
     from mpcfl.jobs.schema import load_job
 
+    _job_file(args)
     job = load_job(args.job)
     task = registry.task_of(job)
     if getattr(args, "resume", False):
         task.require(job, registry.RESUME)
+    if args.command == "runs":
+        _list_runs(job, args.party)
+        return 0
     command, party, rendezvous = args.command, getattr(args, "party", None), getattr(args, "rendezvous", None)
     if command == "worker":
         from mpcfl.launch.worker import role_from_launcher_env
@@ -144,8 +190,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_local(job, debug=args.debug, resume=args.resume, key_dir=args.key_dir)
     if command == "party":
-        resume = {"resume": True} if args.resume else {}  # only resumable tasks' runners take it
-        task.run_party()(job, party, rendezvous=rendezvous, key_file=key_file, **resume)
+        resume = {"resume": args.resume} if args.resume else {}  # only resumable tasks' runners take it
+        run_id = getattr(args, "run_id", None)
+        task.run_party()(job, party, rendezvous=rendezvous, key_file=key_file, run_id=run_id, **resume)
     elif command == "dealer":
         from mpcfl.jobs.session import session_of
         from mpcfl.mpc.session import run_dealer
@@ -165,7 +212,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         party = args.party or (receivers[0] if receivers else None)
         if party is None:
             raise MpcflError(f"{args.job}: outputs.model_to is none, so no party holds a model to audit")
-        print_report(audit(job, job.party_dir(job.party_names[job.rank_of(party)]) / "model.pt", shadows=args.shadows))
+        print_report(audit(job, runs.latest(job.party_root(job.party_names[job.rank_of(party)])) / "model.pt", shadows=args.shadows))
     elif command == "validate":
         rows = None  # n, the training rows, where one party's files tell it
         if args.party:

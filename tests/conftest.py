@@ -208,6 +208,15 @@ def crypten_single() -> Iterator[None]:
             os.environ[key] = value
 
 
+UNCHECKED = REPO / "tests" / "unchecked"  # a build that skips named run-integrity checks
+
+
+def unchecked(monkeypatch: pytest.MonkeyPatch, *checks: str) -> None:
+    """Every process the test starts from now on skips ``checks`` (see tests/unchecked/sitecustomize.py)."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(UNCHECKED), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("MPCFL_UNCHECKED", ",".join(checks))
+
+
 @pytest.fixture
 def spied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Loads the recorder of ``tests/spy`` into every process the test starts; returns where they write."""
@@ -236,13 +245,22 @@ def run_job(path: Path, *args: str, timeout: float = 240) -> subprocess.Complete
     return done
 
 
-def job_metrics(job_path: Path, party: str) -> dict[str, Any]:
-    """A party's metrics.json of the job at ``job_path``."""
-    import json
-
+def run_dir(job_path: Path, party: str) -> Path:
+    """A party's folder of the newest run of the job at ``job_path`` (finished or not)."""
+    from mpcfl import runs
     from mpcfl.jobs.schema import load_job
 
-    return json.loads((load_job(job_path).party_dir(party) / "metrics.json").read_text())
+    root = load_job(job_path).party_root(party)
+    found = runs.run_ids(root)
+    assert found, f"no run in {root}"
+    return root / found[-1]
+
+
+def job_metrics(job_path: Path, party: str) -> dict[str, Any]:
+    """A party's metrics.json of the newest run of the job at ``job_path``."""
+    import json
+
+    return json.loads((run_dir(job_path, party) / "metrics.json").read_text())
 
 
 def crash_after_epoch(job: Path, epoch: int, party: str = "p1") -> int:

@@ -262,6 +262,7 @@ class JobBase(_Strict):
     parties: list[PartySpec] = Field(min_length=2)
     runtime: RuntimeSpec = RuntimeSpec()
     source: Path | None = Field(default=None, exclude=True)
+    run_id: str | None = Field(default=None, exclude=True)  # set by bound_to, never by the file
 
     @field_validator("parties")
     @classmethod
@@ -352,9 +353,24 @@ class JobBase(_Strict):
                 model["factory"] = f"sha256 {hashlib.sha256(Path(where).read_bytes()).hexdigest()}:{function}"
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
-    def party_dir(self, name: str) -> Path:
-        """The output folder only this party writes to."""
+    def party_root(self, name: str) -> Path:
+        """The folder only this party writes to: its runs, and ``latest`` (see :mod:`mpcfl.runs`)."""
         return self.outputs.dir / name  # type: ignore[attr-defined]
+
+    def party_dir(self, name: str) -> Path:
+        """This party's folder of the run the job is bound to (:meth:`bound_to`)."""
+        if self.run_id is None:
+            raise RuntimeError("party_dir of a job not bound to a run")
+        return self.party_root(name) / self.run_id
+
+    def bound_to(self, run_id: str) -> JobBase:
+        """This job, its outputs going to run ``run_id``'s folders."""
+        return self.model_copy(update={"run_id": run_id})
+
+    def input_files(self, party: str) -> dict[str, Path | None]:
+        """The files ``party`` reads, by the key that names each: what it commits to at a run's start."""
+        spec = self.parties[self.rank_of(party)].data
+        return {} if spec is None else {"data.train": spec.train, "data.test": spec.test}
 
 
 def _model_kind(value: object) -> str:
@@ -519,6 +535,15 @@ class InferenceJob(JobBase):
         """What ``mpcfl validate`` says the job is."""
         return f"inference, model {self.model.factory}"
 
+    def input_files(self, party: str) -> dict[str, Path | None]:
+        """The model owner's weights, or the data owner's inputs."""
+        files: dict[str, Path | None] = {}
+        if party == self.model.owner:
+            files["model.weights"] = self.model.weights
+        if party == self.inputs.owner:
+            files["inputs.file"] = self.inputs.file
+        return files
+
     @model_validator(mode="after")
     def _consistent(self) -> InferenceJob:
         self._check_party("model.owner", self.model.owner)
@@ -591,7 +616,9 @@ class FederatedSpec(_Strict):
         "(local launcher, file:// rendezvous); without this the job stops, naming the party",
     )
     min_parties: int | None = Field(
-        default=None, ge=1, description="with allow_dropouts: the fewest parties a round may average (default 2)"
+        default=None, ge=2,
+        description="with allow_dropouts: the fewest parties a round may average (default and least 2: an "
+        "average of one party is its update)",
     )
 
     @field_validator("strategy", mode="before")
@@ -815,8 +842,9 @@ def load_job(path: str | Path) -> TrainJob | InferenceJob | FederatedJob:
         raise ConfigError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a job file is a YAML mapping of keys, got {type(raw).__name__}")
-    if "source" in raw:
-        raise ConfigError(f"{path}: source: unknown key")
+    for key in ("source", "run_id"):
+        if key in raw:
+            raise ConfigError(f"{path}: {key}: unknown key")
     raw = _resolve(path.resolve().parent, raw)
     mode = raw.pop("mode", None)
     if mode is not None:  # the issue's spelling: `mode: federated` is `task: federated`

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from mpcfl import runs
 from mpcfl.errors import MpcflError, first_own_failure
 from mpcfl.jobs.schema import JobBase
 from mpcfl.launch.env import KEYS, script_session, to_env
@@ -279,12 +280,19 @@ def _run(children_of: Callable[[], list[Child]], *, sink: IO[str], **tolerance: 
 
 
 def run_local(
-    job: JobBase, *, debug: bool = False, resume: bool = False, key_dir: Path | None = None, sink: IO[str] | None = None
+    job: JobBase,
+    *,
+    debug: bool = False,
+    resume: str | bool = False,
+    key_dir: Path | None = None,
+    sink: IO[str] | None = None,
 ) -> int:
     """Runs every process of the job (the parties, and the dealer if its provider has one) on this machine.
 
-    With ``resume``, the parties continue a training job from their checkpoints. A job
-    with ``runtime.identity`` needs ``key_dir`` holding ``NAME.key`` for every process.
+    Each call is a new run with its own id and folders (:mod:`mpcfl.runs`); with ``resume``
+    (``True``: the parties' newest unfinished run, or a run id) the parties continue that run
+    from their checkpoints instead. A job with ``runtime.identity`` needs ``key_dir`` holding
+    ``NAME.key`` for every process.
 
     Returns:
         0 when every process succeeded, or, in a job that survives dead parties (federated with
@@ -299,6 +307,9 @@ def run_local(
         raise MpcflError(f"{job.source}: runtime.identity is set: pass --key-dir, the folder holding NAME.key of every process")
     job_file = str(Path(job.source).resolve())
     common = ["--debug"] if debug else []
+    run_id = _run_to_resume(job, resume) if resume else runs.new_run_id()
+    # With no run the parties agree on, each names its own and they refuse together.
+    which = ["--resume", *([run_id] if run_id else [])] if resume else ["--run-id", run_id]
 
     def command(name: str, role: str, *args: str) -> list[str]:
         keys = ["--key-file", str(key_dir / f"{name}.key")] if key_dir is not None else []
@@ -309,7 +320,7 @@ def run_local(
     def children() -> list[Child]:
         started = []
         for name in _dealer_first(providers.get(job.runtime.provider).processes(job.party_names)):
-            args = ("dealer",) if name == providers.DEALER else ("party", "--party", name, *(["--resume"] if resume else []))
+            args = ("dealer",) if name == providers.DEALER else ("party", "--party", name, *which)
             started.append(_spawn(name, command(name, *args), sink=sink, secret=secret))
         return started
 
@@ -317,9 +328,33 @@ def run_local(
         needed = job.survivors_needed
         spare = 0 if needed is None else job.world_size - needed
         code = _run(children, sink=sink, expendable=frozenset(job.party_names), spare=spare)
-    if code == 0:
-        print(f"mpcfl: job {job.name} finished; outputs in {job.outputs.dir}", file=sink)
+    if code == 0 and run_id:
+        print(f"mpcfl: job {job.name} run {run_id} finished{_headline(job, run_id)}; outputs in "
+              f"{job.outputs.dir}/<party>/{run_id} (and <party>/latest)", file=sink)
     return code
+
+
+def _run_to_resume(job: JobBase, resume: str | bool) -> str | None:
+    """The run id every party will resume: the one named, or the newest unfinished run if all
+    parties' folders (all on this machine) agree on it; None if they do not."""
+    if isinstance(resume, str):
+        return runs.check_run_id(resume, where="--resume")
+    newest = {runs.newest_unfinished(job.party_root(name)) for name in job.party_names}
+    return newest.pop() if len(newest) == 1 else None
+
+
+def _headline(job: JobBase, run_id: str) -> str:
+    """The finished run's headline figure as the first party that saw it recorded it, e.g. `` (p1: test_accuracy=0.9737)``."""
+    for name in job.party_names:
+        try:
+            headline = runs.Run(job.party_root(name), run_id).read().get("headline") or {}
+        except MpcflError:
+            continue
+        for key in ("test_accuracy", "train_accuracy", "predictions"):
+            if key in headline:
+                value = headline[key]
+                return f" ({name}: {key}={value:.4g})" if isinstance(value, float) else f" ({name}: {key}={value})"
+    return ""
 
 
 def launch_script(

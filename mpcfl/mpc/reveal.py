@@ -20,8 +20,9 @@ bounds every release, including one that is only post-processing of it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import asdict, dataclass
 from types import TracebackType
@@ -32,6 +33,7 @@ import torch
 from mpcfl.dp.accountant import Charge
 from mpcfl.dp.budget import Budget
 from mpcfl.errors import MpcflError
+from mpcfl.runs import Journal, Opening
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +80,52 @@ class Disclosure:
     """One run's record of what left MPC, and the privacy budget (if any) every reveal is charged to.
 
     While entered, every :func:`reveal` records into it and charges its budget; leaving
-    it, by return or exception, removes both from the reveal path.
+    it, by return or exception, removes both from the reveal path. With a ``journal`` (a job's
+    run, :mod:`mpcfl.runs`), every opening is first written to it durably, with its receivers,
+    its contributors and the run's ``inputs`` commitment, and refused if it would reopen a step
+    with other contributors, receivers or inputs; a journal with ``check`` set (a resumed run)
+    makes every party check together, so all stop at once.
     """
 
-    def __init__(self, budget: Budget | None = None) -> None:
+    def __init__(self, budget: Budget | None = None, *, journal: Journal | None = None, inputs: str = "") -> None:
         self.budget = budget
+        self.journal, self.inputs = journal, inputs
         self.records: list[RevealRecord] = []
+        self._contributors: tuple[str, ...] | None = None
         self._token: Token[Disclosure | None] | None = None
+
+    @contextlib.contextmanager
+    def contributing(self, parties: Sequence[str]) -> Iterator[None]:
+        """Openings in the block are made from these parties' inputs only (default: the session's parties)."""
+        before, self._contributors = self._contributors, tuple(parties)
+        try:
+            yield
+        finally:
+            self._contributors = before
+
+    def _journal(self, what: str, receivers: Sequence[int], *, together: bool) -> None:
+        """Writes the opening to the run's journal before it happens, refusing a reopening that differs."""
+        if self.journal is None:
+            return
+        from mpcfl.mpc.session import agreed, current_party
+
+        me = current_party()
+        parties = me.session.parties
+        opening = Opening(
+            what=what, to=tuple(parties[r] for r in receivers), contributors=self._contributors or parties,
+            inputs=self.inputs,
+        )
+
+        def check() -> None:
+            reason = self.journal.conflict(opening)
+            if reason is not None:
+                raise RevealPolicyError(f"party {me.name}: {reason}")
+
+        if together and self.journal.check:
+            agreed(f"opening check of {what}", parties, check)
+        else:
+            check()
+        self.journal.record(opening)
 
     def __enter__(self) -> Disclosure:
         if self._token is not None:
@@ -139,6 +180,7 @@ def disclose(what: str, *, shape: tuple[int, ...], to: Sequence[int]) -> None:
     """
     disclosure = _active.get()
     if disclosure is not None:
+        disclosure._journal(what, sorted(to), together=False)  # only some parties disclose some things
         disclosure.records.append(RevealRecord(what=what, shape=shape, to=tuple(sorted(to)), outside_dp=True))
         if disclosure.budget is not None:
             disclosure.budget.disclosed(what)
@@ -176,6 +218,8 @@ def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None 
     if not receivers or len(receivers) != len(to) or not all(0 <= r < world for r in receivers):
         raise RevealPolicyError(f"reveal of {what}: invalid receivers {list(to)} for {world} parties")
     disclosure = _active.get()
+    if disclosure is not None:
+        disclosure._journal(what, receivers, together=True)  # before the charge: a refused opening costs nothing
     budget = _budget()
     epsilon = None
     if budget is not None:

@@ -16,6 +16,7 @@ Three ways in:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -35,7 +36,8 @@ from mpcfl.models.convert import encrypt_model, trace
 from mpcfl.errors import MpcflError
 from mpcfl.models.factory import build_factory_model
 from mpcfl.outputs import write_json, write_npy
-from mpcfl.mpc.reveal import Disclosure, reveal
+from mpcfl.tasks.run import begin_run
+from mpcfl.mpc.reveal import reveal
 from mpcfl.mpc.session import agreed, agreed_public, communication_stats, current_party, party_session, prefetching
 
 log = logging.getLogger(__name__)
@@ -228,38 +230,46 @@ def load_inputs(path: Path, *, party: str) -> torch.Tensor:
 
 
 def run_inference_party(
-    job: InferenceJob, party: str, *, rendezvous: str | None = None, key_file: Path | None = None
+    job: InferenceJob, party: str, *, rendezvous: str | None = None, run_id: str | None = None, key_file: Path | None = None
 ) -> None:
     """One party's side of an inference job; only the data owner writes predictions.
 
+    ``run_id`` is the run's id as the launcher proposes it (see :mod:`mpcfl.tasks.run`);
     ``key_file`` is this party's private key, for a job with ``runtime.identity``.
     """
     is_owner, is_data = party == job.model.owner, party == job.inputs.owner
     started = time.perf_counter()
-    with party_session(session_of(job, rendezvous=rendezvous, key_file=key_file), party), Disclosure() as disclosure:
-        model = agreed("model loading", job.party_names, lambda: build_model(job))
-        if is_owner:
-            agreed("weights loading", job.party_names, lambda: load_weights(model, job.model.weights, party=party))
-        else:
-            agreed("weights loading", job.party_names, lambda: None)
-        inputs = agreed(
-            "input loading", job.party_names, lambda: load_inputs(job.inputs.file, party=party) if is_data else None
-        )
-        predictions = secure_predict(
-            model, inputs, model_owner=job.model.owner, data_owner=job.inputs.owner, batch_size=job.batch_size,
-            prefetch=job.runtime.prefetch,
-        )
-        totals = communication_stats()
-    out = job.party_dir(party)
-    record: dict[str, Any] = {
-        "job": job.name,
-        "party": party,
-        "seconds": time.perf_counter() - started,
-        "communication": totals,
-        "reveals": disclosure.ledger(),
-    }
-    if is_data:
-        write_npy(out / "predictions.npy", predictions.numpy())
-        record["predictions"] = {"file": "predictions.npy", "shape": list(predictions.shape)}
-        log.info("saved %d predictions to %s", predictions.shape[0], out / "predictions.npy")
-    write_json(out / "metrics.json", record)
+    with contextlib.ExitStack() as stack:
+        with party_session(session_of(job, rendezvous=rendezvous, key_file=key_file), party):
+            run = begin_run(job, party, run_id=run_id)
+            stack.enter_context(run.recorded())
+            job = run.job
+            with run.disclosure(None) as disclosure:
+                model = agreed("model loading", job.party_names, lambda: build_model(job))
+                if is_owner:
+                    agreed("weights loading", job.party_names, lambda: load_weights(model, job.model.weights, party=party))
+                else:
+                    agreed("weights loading", job.party_names, lambda: None)
+                inputs = agreed(
+                    "input loading", job.party_names,
+                    lambda: load_inputs(job.inputs.file, party=party) if is_data else None,
+                )
+                predictions = secure_predict(
+                    model, inputs, model_owner=job.model.owner, data_owner=job.inputs.owner, batch_size=job.batch_size,
+                    prefetch=job.runtime.prefetch,
+                )
+            totals = communication_stats()
+        out = job.party_dir(party)
+        record: dict[str, Any] = {
+            "job": job.name,
+            "party": party,
+            "seconds": time.perf_counter() - started,
+            "communication": totals,
+            "reveals": disclosure.ledger(),
+        }
+        if is_data:
+            write_npy(out / "predictions.npy", predictions.numpy())
+            record["predictions"] = {"file": "predictions.npy", "shape": list(predictions.shape)}
+            log.info("saved %d predictions to %s", predictions.shape[0], out / "predictions.npy")
+        write_json(out / "metrics.json", record)
+        run.run.finish({"predictions": int(predictions.shape[0])} if is_data else {})

@@ -130,7 +130,7 @@ def test_shuffled_overlapping_files_train_the_model_of_aligned_files_and_no_id_t
     # initial weights and batch order, trains the same model: what a secure run on pre-aligned files trains
     # (test_partitions_and_models), without a second secure run.
     plain = train_plaintext(job)
-    keyed = torch.load(keyed_dir / "out" / f"p{HUB}" / "model.pt", weights_only=True)
+    keyed = torch.load(keyed_dir / "out" / f"p{HUB}" / "latest" / "model.pt", weights_only=True)
     for name, value in plain.model.state_dict().items():
         gap = (keyed[name] - value).abs().max().item()
         assert gap < 2e-3, f"{name}: the keyed run and plaintext on aligned rows differ by {gap}"
@@ -176,7 +176,7 @@ def test_disjoint_ids_stop_the_job_with_an_empty_intersection(tmp_path: Path) ->
         f"party {party}: {tmp_path / party}.csv: no ID of column 'pid' is in every party's train file" in result.stderr
         for party in ("a", "b")
     ), result.stderr[-2000:]
-    assert not (tmp_path / "out" / "b" / "model.pt").exists()
+    assert not (tmp_path / "out" / "b" / "latest" / "model.pt").exists()
     assert_no_leftovers(str(job))
 
 

@@ -131,7 +131,7 @@ def test_dp_training_job_records_a_ledger_that_matches_dp_accounting(tmp_path: P
     done = mpcfl("run", str(path), timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     job = load_job(path)
-    privacy = json.loads((job.party_dir("hospital_b") / "privacy.json").read_text())
+    privacy = json.loads((job.party_root("hospital_b") / "latest" / "privacy.json").read_text())
     z = privacy["notes"]["dp_sgd"]["noise_multiplier"]
     reference = rdp.RdpAccountant()
     reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 3))
@@ -145,12 +145,12 @@ def test_dp_training_job_records_a_ledger_that_matches_dp_accounting(tmp_path: P
     # The model is post-processing of the charged steps: it costs nothing more.
     assert privacy["ledger"][-1]["post_processing"] and privacy["ledger"][-1]["epsilon_after"] == privacy["spent"]
     # Both parties keep the same ledger; only the metric receiver sees the (noisy) metrics.
-    assert json.loads((job.party_dir("hospital_a") / "privacy.json").read_text())["ledger"] == privacy["ledger"]
-    history = json.loads((job.party_dir("hospital_b") / "metrics.json").read_text())["history"]
+    assert json.loads((job.party_root("hospital_a") / "latest" / "privacy.json").read_text())["ledger"] == privacy["ledger"]
+    history = json.loads((job.party_root("hospital_b") / "latest" / "metrics.json").read_text())["history"]
     assert all(0.0 <= row["test_accuracy"] <= 1.0 for row in history)
-    others = json.loads((job.party_dir("hospital_a") / "metrics.json").read_text())["history"]
+    others = json.loads((job.party_root("hospital_a") / "latest" / "metrics.json").read_text())["history"]
     assert all("loss" not in row for row in others)
-    state = torch.load(job.party_dir("hospital_b") / "model.pt", weights_only=True)
+    state = torch.load(job.party_root("hospital_b") / "latest" / "model.pt", weights_only=True)
     assert set(state) == {"0.weight", "0.bias"}
 
 
@@ -193,13 +193,13 @@ def test_dp_sgd_for_an_mlp_clips_each_example_inside_mpc(tmp_path: Path) -> None
     done = mpcfl("run", str(path), timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     job = load_job(path)
-    privacy = json.loads((job.party_dir("hospital_b") / "privacy.json").read_text())
+    privacy = json.loads((job.party_root("hospital_b") / "latest" / "privacy.json").read_text())
     assert privacy["notes"]["dp_sgd"]["sensitivity"] == pytest.approx(2 * sensitivity(1.0))  # replace-one
     z = privacy["notes"]["dp_sgd"]["noise_multiplier"]
     reference = rdp.RdpAccountant()
     reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 2))
     assert privacy["spent"] == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
-    state = torch.load(job.party_dir("hospital_b") / "model.pt", weights_only=True)
+    state = torch.load(job.party_root("hospital_b") / "latest" / "model.pt", weights_only=True)
     assert evaluate_state_dict(job, state)["test_accuracy"] > 0.6
     assert len(train_plaintext(job).history) == 2  # the plaintext simulation clips per example too
 
@@ -256,12 +256,18 @@ def test_ledger_without_model_release_is_the_full_bound_and_resume_needs_it(tmp_
     done = mpcfl("run", str(path), timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     job = load_job(path)
-    privacy_file = job.party_dir("hospital_a") / "privacy.json"
+    privacy_file = job.party_root("hospital_a") / "latest" / "privacy.json"
     privacy = json.loads(privacy_file.read_text())
     # Nothing was revealed, but the model's shares exist: the ledger bounds it all the same.
     assert [e["what"] for e in privacy["ledger"]] == ["epoch 1 DP-SGD steps", "epoch 2 DP-SGD steps"]
     assert 2.99 < privacy["spent"] <= 3.0
-    # A resume needs the ledger, and one that extends the checkpoint's.
+    # A finished run is never resumed; as if this one had failed after its last checkpoint, a
+    # resume needs the ledger, and one that extends the checkpoint's.
+    done = mpcfl("run", str(path), "--resume", timeout=120)
+    assert done.returncode == 1 and "no unfinished run of job" in done.stderr, done.stderr
+    for party in job.party_names:
+        record = job.party_root(party) / "latest" / "run.json"
+        record.write_text(json.dumps({**json.loads(record.read_text()), "status": "failed"}))
     privacy["ledger"] = privacy["ledger"][1:]
     privacy_file.write_text(json.dumps(privacy))
     done = mpcfl("run", str(path), "--resume", timeout=120)
@@ -305,6 +311,6 @@ def test_the_revealed_model_varies_with_fresh_noise(tmp_path: Path) -> None:
         path = write_job(tmp_path / run, spec)
         done = mpcfl("run", str(path), timeout=240)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-        states.append(torch.load(load_job(path).party_dir("hospital_b") / "model.pt", weights_only=True))
+        states.append(torch.load(load_job(path).party_root("hospital_b") / "latest" / "model.pt", weights_only=True))
     difference = max((states[0][k] - states[1][k]).abs().max().item() for k in states[0])
     assert difference > 1000 / SCALE  # truncation moves weights by a few units of 2^-16; the noise by far more

@@ -34,8 +34,8 @@ def test_torchrun(tmp_path: Path) -> None:
         env=clean_env(), capture_output=True, text=True, timeout=180,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert (tmp_path / "out" / "p0" / "model.pt").exists()
-    assert json.loads((tmp_path / "out" / "p1" / "metrics.json").read_text())["final"]["test_accuracy"] > 0.8
+    assert (tmp_path / "out" / "p0" / "latest" / "model.pt").exists()
+    assert json.loads((tmp_path / "out" / "p1" / "latest" / "metrics.json").read_text())["final"]["test_accuracy"] > 0.8
     assert_no_leftovers(str(job))
 
 
@@ -53,7 +53,7 @@ def test_slurm_environment(tmp_path: Path) -> None:
     outputs = [p.communicate(timeout=180)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0, 0], outputs
     assert "dealer finished" in outputs[2]
-    assert (tmp_path / "out" / "p0" / "model.pt").exists()
+    assert (tmp_path / "out" / "p0" / "latest" / "model.pt").exists()
 
 
 def test_world_size_must_count_the_dealer(tmp_path: Path) -> None:

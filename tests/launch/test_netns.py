@@ -109,7 +109,7 @@ def test_parties_in_separate_network_namespaces(hosts: Hosts, tmp_path: Path) ->
     for role, process in processes.items():
         assert process.returncode == 0, (role, results[role][1][-1500:])
     assert "authenticated all 2 peers" in results["p1"][1]
-    assert (tmp_path / "out" / "p1" / "model.pt").exists()
+    assert (tmp_path / "out" / "p1" / "latest" / "model.pt").exists()
     assert_no_leftovers(str(job))
 
 
@@ -119,7 +119,7 @@ def test_a_cut_link_stops_everyone_within_the_timeout(hosts: Hosts, tmp_path: Pa
     processes = start_all(hosts, job)
     time.sleep(2)
     deadline = time.monotonic() + 120
-    while not list((tmp_path / "out" / "p1" / "checkpoints").glob("*.pt")):  # training is under way
+    while not list((tmp_path / "out" / "p1").glob("*/checkpoints/*.pt")):  # training is under way
         assert time.monotonic() < deadline, "training never started"
         assert all(p.poll() is None for p in processes.values()), {r: p.stderr.read() for r, p in processes.items() if p.poll() is not None}
         time.sleep(0.2)

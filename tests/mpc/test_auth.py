@@ -117,7 +117,7 @@ def test_the_right_secret_is_accepted(tmp_path: Path) -> None:
     )
     assert [r.returncode for r in results] == [0, 0, 0], [r.stderr[-500:] for r in results]
     assert all("authenticated all 2 peers" in r.stderr for r in results)
-    assert (tmp_path / "out" / "clinic" / "predictions.npy").exists()
+    assert (tmp_path / "out" / "clinic" / "latest" / "predictions.npy").exists()
 
 
 def test_secret_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,7 +159,7 @@ def test_identities_are_accepted_and_each_process_proves_its_own_rank(tmp_path: 
     results = run_processes(key_roles(job, keys, dealer=template, bank=template, clinic=template))
     assert [r.returncode for r in results] == [0, 0, 0], [r.stderr[-500:] for r in results]
     assert all("authenticated all 2 peers (an Ed25519 identity)" in r.stderr for r in results)
-    assert (tmp_path / "out" / "clinic" / "predictions.npy").exists()
+    assert (tmp_path / "out" / "clinic" / "latest" / "predictions.npy").exists()
 
 
 def assert_refused(results: list[subprocess.CompletedProcess], culprit: str, peers_say: str, culprit_says: str) -> None:

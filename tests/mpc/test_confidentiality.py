@@ -84,7 +84,7 @@ def test_training_reveals_model_and_metrics_to_their_receiver_only(tmp_path: Pat
     assert result.returncode == 0, result.stderr[-3000:]
     views = spy_views(spied)
     opened = views["2"]["opened_protocol"]
-    weights = torch.load(tmp_path / "out" / "p2" / "model.pt", weights_only=True)
+    weights = torch.load(tmp_path / "out" / "p2" / "latest" / "model.pt", weights_only=True)
     encoded = torch.cat([w.reshape(-1) for w in weights.values()]).double().mul(2**16).round().long().numpy()
     assert np.isin(encoded[np.abs(encoded) >= SMALLEST_TELLING], opened).all(), "the model was not opened to p2"
     for rank in ("0", "1", "3"):
@@ -92,7 +92,7 @@ def test_training_reveals_model_and_metrics_to_their_receiver_only(tmp_path: Pat
         assert _leaked(views[rank], opened, "protocol") == 0, f"rank {rank} holds values revealed to p2"
         assert views[rank]["draws"].size == 0
     for party in ("p0", "p1"):  # what the non-receivers wrote: no model, no loss or accuracy
-        folder = tmp_path / "out" / party
+        folder = tmp_path / "out" / party / "latest"
         assert not (folder / "model.pt").exists()
         written = json.loads((folder / "metrics.json").read_text())
         keys = {key for record in written["history"] for key in record}

@@ -56,7 +56,7 @@ def test_audit_command_writes_report_and_plot(tmp_path: Path) -> None:
     spec["outputs"]["dir"] = str(tmp_path / "out")
     path = write_job(tmp_path, spec)
     job = load_job(path)
-    receiver = job.party_dir("hospital_b")
+    receiver = job.party_root("hospital_b") / "latest"
     receiver.mkdir(parents=True)
     torch.save(train_plaintext(job).model.state_dict(), receiver / "model.pt")
     done = mpcfl("audit", str(path), "--shadows", "4", timeout=120)

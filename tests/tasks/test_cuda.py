@@ -47,7 +47,7 @@ def run_on_cuda(path: Path, *args: str) -> subprocess.CompletedProcess:
 
 def assert_saved_on_the_host(job_path: Path, party: str, *, model: bool) -> None:
     """Checkpoints (and the revealed model) load with weights_only, as plain CPU tensors."""
-    folder = load_job(job_path).party_dir(party)
+    folder = load_job(job_path).party_root(party) / "latest"
     checkpoint = torch.load(sorted((folder / "checkpoints").iterdir())[-1], weights_only=True)
     for share in [*checkpoint["params"].values(), *checkpoint["momentum"].values()]:
         assert type(share) is torch.Tensor and share.device.type == "cpu" and share.dtype == torch.int64
@@ -62,7 +62,7 @@ def test_demo_logistic_regression_on_cuda_matches_plaintext(tmp_path: Path) -> N
     assert_saved_on_the_host(path, "hospital_b", model=True)
     assert_saved_on_the_host(path, "hospital_a", model=False)
     build_torch_model(job.model, n_features=30).load_state_dict(
-        torch.load(job.party_dir("hospital_b") / "model.pt", weights_only=True)
+        torch.load(job.party_root("hospital_b") / "latest" / "model.pt", weights_only=True)
     )
 
 
@@ -90,7 +90,7 @@ def test_dp_sgd_on_cuda(tmp_path: Path, model: dict[str, Any]) -> None:
     spec["dp"]["metrics"] = {"mechanism": "gaussian", "noise_multiplier": 30.0}
     path = write_job(tmp_path, spec)
     run_on_cuda(path)
-    privacy = json.loads((load_job(path).party_dir("hospital_b") / "privacy.json").read_text())
+    privacy = json.loads((load_job(path).party_root("hospital_b") / "latest" / "privacy.json").read_text())
     assert [e["what"] for e in privacy["ledger"]][-1] == "trained model parameters"
     assert 0 < privacy["spent"] <= spec["dp"]["epsilon"]
     assert 0.0 <= job_metrics(path, "hospital_b")["final"]["test_accuracy"] <= 1.0
@@ -126,7 +126,7 @@ def test_inference_on_cuda_matches_plaintext(tmp_path: Path) -> None:
     inputs = np.load(INFERENCE_DATA / "clinic_inputs.npy")
     with torch.no_grad():
         expected = model.eval()(torch.from_numpy(inputs)).numpy()
-    predictions = np.load(tmp_path / "out" / "clinic" / "predictions.npy")
+    predictions = np.load(tmp_path / "out" / "clinic" / "latest" / "predictions.npy")
     assert predictions.shape == expected.shape
     assert np.abs(predictions - expected).max() < 1e-2
     assert (predictions.argmax(1) == expected.argmax(1)).all()

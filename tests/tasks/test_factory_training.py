@@ -41,7 +41,7 @@ def test_tiny_cnn_trains_like_plaintext_torch_and_loads_back(tmp_path: Path) -> 
     path = write_job(tmp_path, spec)
     run_job(path)
     job = load_job(path)
-    revealed = torch.load(job.party_dir("p0") / "model.pt", weights_only=True)
+    revealed = torch.load(job.party_root("p0") / "latest" / "model.pt", weights_only=True)
     plain = train_plaintext(job)
     for name, value in plain.model.state_dict().items():
         assert torch.allclose(revealed[name], value, atol=2e-3), (name, (revealed[name] - value).abs().max())
@@ -53,7 +53,7 @@ def test_tiny_cnn_trains_like_plaintext_torch_and_loads_back(tmp_path: Path) -> 
     assert moved > 0.02  # ten times the tolerance above
     # Nothing but the weights left MPC, and only towards p0 (every party records what it took part in).
     for party in ("p0", "p1"):
-        reveals = json.loads((job.party_dir(party) / "metrics.json").read_text())["reveals"]
+        reveals = json.loads((job.party_root(party) / "latest" / "metrics.json").read_text())["reveals"]
         assert [(r["what"], r["to"]) for r in reveals] == [("trained model parameters", [0])], reveals
-    record = json.loads((job.party_dir("p0") / "model.json").read_text())
+    record = json.loads((job.party_root("p0") / "latest" / "model.json").read_text())
     assert record["n_features"] == 64 and record["model"]["factory"] == job.model.factory

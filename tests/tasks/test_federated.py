@@ -10,15 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
-from conftest import crash_after_line, horizontal_parties, job_metrics, mpcfl, run_job, spy_views, wdbc, write_csv, write_job
+from conftest import (
+    crash_after_line, horizontal_parties, job_metrics, mpcfl, run_dir, run_job, spy_views, unchecked, wdbc, write_csv,
+    write_job,
+)
 from mpcfl.data.party import apply_scaler, load_party_data
 from mpcfl.dp.accountant import Charge, RdpAccountant
 from mpcfl.jobs.schema import load_job
 from mpcfl.models.heads import head_of
-from mpcfl.tasks.federated.aggregate import count_bound, divisor_scale
+from mpcfl.tasks.federated.aggregate import MAX_AVERAGED, count_bound, divisor_scale
 from mpcfl.tasks.federated.local import Rows, flat, initial_model, local_update
 from mpcfl.tasks.federated.simulate import plain_round, prepared_parties, simulate
 from mpcfl.tasks.federated.strategies import strategy_of
@@ -39,7 +43,7 @@ def fed_job(folder: Path, parties: list[dict[str, Any]], **federated: Any) -> Pa
 
 
 def round_weights(job: Any, party: str, rounds: list[int]) -> list[torch.Tensor]:
-    folder = job.party_dir(party) / "checkpoints"
+    folder = run_dir(job.source, party) / "checkpoints"  # the newest run's, finished or not
     return [torch.load(folder / f"round-{r:04d}.pt", weights_only=True)["weights"] for r in rounds]
 
 
@@ -90,7 +94,7 @@ def test_the_average_is_the_plaintext_weighted_average_and_nothing_else_leaves_m
     history = job_metrics(path, "p0")["history"]
     assert [h["round"] for h in history] == [1, 2]
     assert history[1]["comm_rounds"] < history[0]["comm_rounds"] / 2, history
-    scalers = [json.loads((job.party_dir(p) / "scaler.json").read_text()) for p in job.party_names]
+    scalers = [json.loads((job.party_root(p) / "latest" / "scaler.json").read_text()) for p in job.party_names]
     assert scalers[0] == scalers[1] == scalers[2]
     pooled = np.vstack([load_party_data(job, p).train.x for p in job.party_names])
     assert np.allclose(scalers[0]["mean"], pooled.mean(axis=0), rtol=1e-4, atol=1e-3)
@@ -133,7 +137,7 @@ def test_the_average_is_the_plaintext_weighted_average_and_nothing_else_leaves_m
     plain = simulate(job)
     assert (plain.weights[-1] - weights[-1]).abs().max() < 5e-3
     for party in job.party_names:
-        saved = torch.load(job.party_dir(party) / "model.pt", weights_only=True)
+        saved = torch.load(job.party_root(party) / "latest" / "model.pt", weights_only=True)
         assert torch.allclose(torch.cat([v.reshape(-1) for v in saved.values()]).double(), weights[-1], atol=1e-6)
         assert job_metrics(path, party)["final"]["test_accuracy"] > 0.85
 
@@ -144,7 +148,7 @@ def test_a_killed_party_fails_the_job_by_name_and_the_rounds_resume(tmp_path: Pa
     assert code != 0
     assert "mpcfl: error: p1 failed: killed by signal 9" in err, err[-2000:]
     job = load_job(path)
-    assert not (job.party_dir("p0") / "model.pt").exists()
+    assert not (job.party_root("p0") / "latest" / "model.pt").exists()
     done = mpcfl("run", str(path), "--resume", timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "INFO mpcfl.tasks.federated.runner: resuming after round" in done.stdout
@@ -154,11 +158,13 @@ def test_a_killed_party_fails_the_job_by_name_and_the_rounds_resume(tmp_path: Pa
     assert (simulate(job).weights[-1] - final).abs().max() < 5e-3
 
 
-def test_the_survivors_of_a_killed_party_go_on_reweighted_when_dropouts_are_allowed(tmp_path: Path) -> None:
+def test_the_survivors_of_a_killed_party_go_on_reweighted_and_no_resume_reopens_a_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     header, values = wdbc()
     center, scale = values.mean(axis=0), values.std(axis=0)
     scaling = {name: [float(center[i]), float(scale[i])] for i, name in enumerate(header) if name != "malignant"}
-    path = fed_job(tmp_path, horizontal_parties(tmp_path, 3), rounds=3, lr=0.5, allow_dropouts=True, min_parties=2, max_rows=200)
+    path = fed_job(tmp_path, horizontal_parties(tmp_path, 3), rounds=2, lr=0.5, allow_dropouts=True, min_parties=2, max_rows=200)
     raw = yaml.safe_load(path.read_text())
     # Public scaling (no statistics to average) and a short timeout (a survivor notices the loss within it) keep it short.
     raw.update(data={"standardize": False, "scaling": scaling}, runtime={"timeout_s": 8})
@@ -171,24 +177,45 @@ def test_the_survivors_of_a_killed_party_go_on_reweighted_when_dropouts_are_allo
         assert f"[{name}] INFO mpcfl.mpc.auth: authenticated all 2 peers" in out, out[-3000:]
         assert f"[{name}] WARNING mpcfl.mpc.session: job fed-test ({path}): lost p2; going on with p0, p1, dealer" in out
     job = load_job(path)
-    assert not (job.party_dir("p2") / "model.pt").exists()
+    assert not (job.party_root("p2") / "latest" / "model.pt").exists()
     for party in ("p0", "p1"):
         metrics = job_metrics(path, party)
         assert metrics["left"] == ["p2"]
-        assert [row["parties"] for row in metrics["history"]] == [3, 2, 2]
+        assert [row["parties"] for row in metrics["history"]] == [3, 2]
         # Round 2's average was never begun opening before the loss: each average is opened once.
-        assert [r["what"] for r in metrics["reveals"]] == [f"round {r} average update" for r in (1, 2, 3)]
-    # Round 1 averages all three; rounds 2 and 3 the survivors' updates, re-weighted by their rows alone.
+        assert [r["what"] for r in metrics["reveals"]] == [f"round {r} average update" for r in (1, 2)]
+    # Round 1 averages all three; round 2 the survivors' updates, re-weighted by their rows alone.
     rows, head = [Rows.of(part.train, head_of(job.model)) for part in prepared_parties(job)], head_of(job.model)
     model, strategy = initial_model(job, 30), strategy_of(job.federated.strategy)
-    # Two checkpoints are kept: round 1's is the dead party's last.
-    weights = [flat(model), *round_weights(job, "p2", [1]), *round_weights(job, "p0", [2, 3])]
-    assert all(torch.equal(w, v) for w, v in zip(weights[2:], round_weights(job, "p1", [2, 3])))
-    for r, members in ((1, rows), (2, rows[:2]), (3, rows[:2])):
+    weights = [flat(model), *round_weights(job, "p2", [1]), *round_weights(job, "p0", [2])]
+    assert torch.equal(weights[2], round_weights(job, "p1", [2])[0])
+    for r, members in ((1, rows), (2, rows[:2])):
         average, live = plain_round(job, model, members, head, strategy, weights=weights[r - 1], round_index=r)
         assert live == list(range(len(members)))
         count = sum(m.x.shape[0] for m in members)
         assert within_fixed_point(job, weights[r] - weights[r - 1], average, count), r
+    # The attack: resume the finished run so that p2 takes part, and round 2 is opened again with p2 in it.
+    # p0 would then hold round 2's average with and without p2, and so p2's update.
+    run_id = run_dir(path, "p0").name
+    resume = ("run", str(path), "--resume", run_id)
+    done = mpcfl(*resume, timeout=120)
+    assert done.returncode == 1 and "a finished run is never resumed" in done.stderr, done.stderr[-2000:]
+    unchecked(monkeypatch, "finished")
+    done = mpcfl(*resume, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert ("'round 2 average update' was already opened in this run with contributors p0, p1 then, p0, p1, p2 now"
+            in done.stderr), done.stderr[-2000:]
+    assert torch.equal(round_weights(job, "p0", [2])[0], weights[2])
+    unchecked(monkeypatch, "finished", "journal")
+    done = mpcfl(*resume, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [reopened] = round_weights(job, "p0", [2])
+    without, with_p2 = weights[2] - weights[1], reopened - weights[1]
+    n01, n2 = rows[0].x.shape[0] + rows[1].x.shape[0], rows[2].x.shape[0]
+    recovered = with_p2 + n01 / n2 * (with_p2 - without)
+    truth = local_update(job, model, rows[2], head, strategy, weights=weights[1], round_index=2, rank=2, clip=None,
+                         bound=MAX_AVERAGED, who="test")[0]
+    assert (recovered - truth).abs().max() < 1e-2, "the detector missed p2's update"
 
 
 def _one_raw_party(folder: Path) -> list[dict[str, Any]]:
@@ -240,9 +267,9 @@ def test_dp_rounds_carry_noise_of_the_declared_scale_and_stop_at_the_budget(tmp_
     assert done.returncode == 1
     assert "reveal of round 3 average update refused: it would spend epsilon" in done.stderr, done.stderr[-2000:]
     job = load_job(path)
-    ledger = json.loads((job.party_dir("p0") / "privacy.json").read_text())["ledger"]
+    ledger = json.loads((job.party_root("p0") / "latest" / "privacy.json").read_text())["ledger"]
     assert [entry["what"] for entry in ledger] == ["round 1 average update", "round 2 average update"]
-    assert not (job.party_dir("p0") / "model.pt").exists()
+    assert not (job.party_root("p0") / "latest" / "model.pt").exists()
     # Each revealed mean = the mean of the clipped updates + noise of std z * 2S / n (replace-one, 3 parties)
     # from the n - t honest shares; all n parties add a share of variance sigma^2 / (n - t) (t = n - 1).
     head = head_of(job.model)

@@ -44,14 +44,14 @@ def test_job_predictions_match_plaintext_and_reach_only_the_data_owner(tmp_path:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert_no_leftovers(str(path))
     out = tmp_path / "out"
-    predictions = np.load(out / "clinic" / "predictions.npy")
+    predictions = np.load(out / "clinic" / "latest" / "predictions.npy")
     expected = plaintext(np.load(DATA / "clinic_inputs.npy")).numpy()
     assert predictions.shape == (197, 10)
     assert np.abs(predictions - expected).max() < 1e-2
     assert (predictions.argmax(1) == expected.argmax(1)).all()
     # The model owner holds no prediction: not in its folder, its metrics or its log lines.
-    assert sorted(p.name for p in (out / "bank").iterdir()) == ["metrics.json"]
-    bank = json.loads((out / "bank" / "metrics.json").read_text())
+    assert sorted(p.name for p in (out / "bank" / "latest").iterdir()) == ["metrics.json", "openings.jsonl", "run.json"]
+    bank = json.loads((out / "bank" / "latest" / "metrics.json").read_text())
     assert "predictions" not in bank
     assert [r for r in bank["reveals"] if r["what"] == "predictions"] == [
         {"what": "predictions", "shape": [197, 10], "to": [1], "epsilon_after": None, "outside_dp": False}
@@ -76,7 +76,7 @@ def test_prefetch_fetches_each_repeated_batch_in_one_dealer_request(tmp_path: Pa
         path = job(tmp_path / str(prefetch), runtime__prefetch=prefetch)
         done = mpcfl("run", str(path), timeout=180)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        runs[prefetch] = (_served(done), np.load(tmp_path / str(prefetch) / "out" / "clinic" / "predictions.npy"))
+        runs[prefetch] = (_served(done), np.load(tmp_path / str(prefetch) / "out" / "clinic" / "latest" / "predictions.npy"))
     per_batch = runs[False][0] // 4
     assert runs[False][0] == 4 * per_batch and per_batch > 2
     assert runs[True][0] == 2 * per_batch + 2
@@ -120,7 +120,7 @@ def test_wrong_input_shape(tmp_path: Path) -> None:
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert "party clinic's inputs of shape (5, 63) do not fit the model" in last
-    assert not (tmp_path / "out" / "clinic" / "predictions.npy").exists()
+    assert not (tmp_path / "out" / "clinic" / "latest" / "predictions.npy").exists()
     assert_no_leftovers(str(path))
 
 

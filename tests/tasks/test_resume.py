@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, DEMO, base_job, crash_after_epoch, mpcfl, vertical_parties, write_job
+from conftest import REPO, DEMO, base_job, crash_after_epoch, mpcfl, run_dir, vertical_parties, write_job
 
 
 def job_spec(tmp_path: Path, **training: Any) -> dict[str, Any]:
@@ -41,16 +41,18 @@ def test_resumed_model_equals_an_uninterrupted_run(tmp_path: Path, crashed: Path
     assert mpcfl("run", str(whole), timeout=180).returncode == 0
     broken = copy_of(crashed, tmp_path / "broken")
     out = tmp_path / "broken" / "out"
-    assert not (out / "p0" / "model.pt").exists()
-    assert sorted(p.name for p in (out / "p1" / "checkpoints").iterdir()) == ["epoch-0001.pt", "epoch-0002.pt"]
+    interrupted = run_dir(broken, "p1")
+    assert not (out / "p0" / "latest").exists(), "an unfinished run is presented as the current model"
+    assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["epoch-0001.pt", "epoch-0002.pt"]
     done = mpcfl("run", str(broken), "--resume", timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "[p0] INFO mpcfl.tasks.train.runner: resuming after epoch 2" in done.stdout
-    expected = torch.load(tmp_path / "whole" / "out" / "p0" / "model.pt", weights_only=True)
-    resumed = torch.load(out / "p0" / "model.pt", weights_only=True)
+    assert (out / "p0" / "latest").resolve().name == interrupted.name  # the same run, continued
+    expected = torch.load(tmp_path / "whole" / "out" / "p0" / "latest" / "model.pt", weights_only=True)
+    resumed = torch.load(out / "p0" / "latest" / "model.pt", weights_only=True)
     for name, value in expected.items():
         assert torch.allclose(resumed[name], value, atol=2e-3), (name, (resumed[name] - value).abs().max())
-    history = json.loads((out / "p0" / "metrics.json").read_text())["history"]
+    history = json.loads((out / "p0" / "latest" / "metrics.json").read_text())["history"]
     assert [row["epoch"] for row in history] == [1, 2, 3]
 
 
@@ -62,11 +64,11 @@ def test_a_changed_config_refuses_the_checkpoint(tmp_path: Path, crashed: Path) 
     write_job(job.parent, spec)
     done = mpcfl("run", str(job), "--resume", timeout=120)
     assert done.returncode == 1
-    assert "written by job 'test-job' with a different configuration; refusing to resume from it" in done.stderr
+    assert "was started with a different configuration of job 'test-job'; refusing to resume it" in done.stderr
     fresh = write_job(tmp_path / "fresh", job_spec(tmp_path / "fresh"))
     done = mpcfl("run", str(fresh), "--resume", timeout=120)
     assert done.returncode == 1
-    assert "cannot resume job test-job: no checkpoint common to all parties (party p0, p1 has none)" in done.stderr
+    assert "no unfinished run of job test-job to resume" in done.stderr
 
 
 def test_the_privacy_ledger_survives_a_crash_without_double_counting(tmp_path: Path) -> None:
@@ -80,12 +82,12 @@ def test_the_privacy_ledger_survives_a_crash_without_double_counting(tmp_path: P
     spec["dp"]["metrics"] = {"mechanism": "gaussian", "noise_multiplier": 30.0}
     job = write_job(tmp_path, spec)
     assert crash_after_epoch(job, 1) == 1
-    ledger = json.loads((tmp_path / "out" / "p1" / "privacy.json").read_text())["ledger"]
+    ledger = json.loads((run_dir(job, "p1") / "privacy.json").read_text())["ledger"]
     per_epoch = lambda i: [f"epoch {i} DP-SGD steps", f"epoch {i} loss and accuracy"]  # noqa: E731
     assert [e["what"] for e in ledger] == per_epoch(1)
     done = mpcfl("run", str(job), "--resume", timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    privacy = json.loads((tmp_path / "out" / "p1" / "privacy.json").read_text())
+    privacy = json.loads((tmp_path / "out" / "p1" / "latest" / "privacy.json").read_text())
     whats = [e["what"] for e in privacy["ledger"]]
     assert whats == [w for i in (1, 2) for w in per_epoch(i)] + ["trained model parameters"]
     assert privacy["spent"] <= 3.0

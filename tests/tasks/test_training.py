@@ -25,11 +25,11 @@ def test_demo_matches_plaintext_pytorch_within_two_points(tmp_path: Path) -> Non
     path = write_job(tmp_path, spec)
     job, _, _ = demo_against_plaintext(path)
     # Only the named receiver gets the model; it loads into the plain torch model.
-    assert not (job.party_dir("hospital_a") / "model.pt").exists()
-    state = torch.load(job.party_dir("hospital_b") / "model.pt", weights_only=True)
+    assert not (job.party_root("hospital_a") / "latest" / "model.pt").exists()
+    state = torch.load(job.party_root("hospital_b") / "latest" / "model.pt", weights_only=True)
     model = build_torch_model(job.model, n_features=30)
     model.load_state_dict(state)
-    assert (job.party_dir("hospital_b") / "metrics.png").stat().st_size > 1000
+    assert (job.party_root("hospital_b") / "latest" / "metrics.png").stat().st_size > 1000
     # Every party records its own communication, and what it saw revealed.
     for party in ("hospital_a", "hospital_b"):
         record = job_metrics(path, party)
@@ -70,7 +70,7 @@ def test_partitions_and_models(tmp_path: Path, partition: str, n_parties: int, m
     assert "test_accuracy" not in others and others["bytes"] > 0
     n_features = 7 if partition == "vertical" else 30
     build_torch_model(job.model, n_features=n_features).load_state_dict(
-        torch.load(job.party_dir("p0") / "model.pt", weights_only=True)
+        torch.load(job.party_root("p0") / "latest" / "model.pt", weights_only=True)
     )
 
 
@@ -113,8 +113,8 @@ def test_model_kept_secret_shared_when_nobody_receives_it(tmp_path: Path) -> Non
         assert f"[{party}] WARNING mpcfl.mpc.session: INSECURE" in done.stdout
     assert "[dealer]" not in done.stdout
     job = load_job(path)
-    shares = [torch.load(job.party_dir(p) / "model_shares.pt", weights_only=True) for p in ("p0", "p1")]
-    assert not any((job.party_dir(p) / "model.pt").exists() for p in ("p0", "p1"))
+    shares = [torch.load(job.party_root(p) / "latest" / "model_shares.pt", weights_only=True) for p in ("p0", "p1")]
+    assert not any((job.party_root(p) / "latest" / "model.pt").exists() for p in ("p0", "p1"))
     assert [s["rank"] for s in shares] == [0, 1]
     # Neither share alone is the model, but their ring sum decodes to a working one.
     weight = (shares[0]["shares"]["0.weight"] + shares[1]["shares"]["0.weight"]).double() / 2 ** shares[0]["precision_bits"]

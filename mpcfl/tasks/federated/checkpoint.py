@@ -54,7 +54,7 @@ def available_rounds(job: FederatedJob, party: str) -> list[int]:
 def save(job: FederatedJob, party: str, rank: int, checkpoint: RoundCheckpoint) -> None:
     """Writes this party's checkpoint atomically and prunes older ones."""
     write_torch(_path(job, party, checkpoint.round), {
-        "fingerprint": job.fingerprint(), "job": job.name, "party": party, "rank": rank,
+        "fingerprint": job.fingerprint(), "run": job.run_id, "job": job.name, "party": party, "rank": rank,
         "round": checkpoint.round, "weights": checkpoint.weights, "strategy": checkpoint.strategy,
         "history": checkpoint.history, "privacy": checkpoint.privacy,
     })

@@ -17,6 +17,7 @@ The unit of a round, at every party in the same order:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ from mpcfl.outputs import write_json, write_torch
 from mpcfl.tasks.federated import aggregate, checkpoint
 from mpcfl.tasks.federated.local import Rows, evaluate, flat, initial_model, load_flat, local_update
 from mpcfl.tasks.federated.strategies import strategy_of
+from mpcfl.tasks.run import begin_run
 from mpcfl.tasks.train.checkpoint import common_epoch
 from mpcfl.tasks.train.runner import privacy_budget
 
@@ -204,12 +206,12 @@ class _Training:
     """One party's federated run: what it keeps across sessions when a peer's process dies and the
     survivors re-form (:func:`mpcfl.mpc.session.reformed`) and go on."""
 
-    def __init__(self, job: FederatedJob, party: str, budget: Any) -> None:
+    def __init__(self, job: FederatedJob, party: str, budget: Any, disclosure: Disclosure) -> None:
         self.job, self.party, self.budget = job, party, budget
         self.privacy = None if job.dp is None else _Privacy(job)
         if budget is not None and self.privacy is not None:
             budget.notes.update(self.privacy.notes())
-        self.disclosure = Disclosure(budget)
+        self.disclosure = disclosure
         self.history: list[dict[str, Any]] = []
         self.left: list[str] = []  # parties whose process died, in the order the survivors lost them
         self.in_rounds = False
@@ -269,7 +271,8 @@ class _Training:
             self.reveals_before = len(self.disclosure.records)
             live = _who_takes_part(parties, job, error, round_index)
             rows = self.train_rows.x.shape[0] if rank in live else 0  # a party that sits out shares zeros, weight 0
-            average = rounds.of_updates(update, rows, parties=len(live), privacy=privacy, round_index=round_index)
+            with self.disclosure.contributing([parties[r] for r in live]):
+                average = rounds.of_updates(update, rows, parties=len(live), privacy=privacy, round_index=round_index)
             self.update = None
             self.weights = self.strategy.apply(self.weights, average)
             load_flat(self.model, self.weights)
@@ -310,9 +313,16 @@ class _Training:
 
 
 def run_party(
-    job: FederatedJob, party: str, *, rendezvous: str | None = None, resume: bool = False, key_file: Path | None = None
+    job: FederatedJob,
+    party: str,
+    *,
+    rendezvous: str | None = None,
+    resume: str | bool = False,
+    run_id: str | None = None,
+    key_file: Path | None = None,
 ) -> None:
-    """Runs ``party``'s side of the federated job to the end.
+    """Runs ``party``'s side of the federated job to the end (``resume``, ``run_id``: see
+    :func:`mpcfl.tasks.train.runner.run_party`).
 
     With ``federated.allow_dropouts``, a peer whose process dies during the rounds is left behind:
     the survivors re-form the session (fresh rendezvous, authentication and keys) and redo the
@@ -322,29 +332,34 @@ def run_party(
         MpcflError: bad data or checkpoints, a failed round, a refused reveal, or a peer failure.
     """
     session, training, epoch = session_of(job, rendezvous=rendezvous, key_file=key_file), None, 0
-    while True:
-        try:
-            with party_session(session, party) as rank:
-                if training is None:
-                    budget = agreed("privacy ledger", job.party_names, lambda: privacy_budget(job, party, resume=resume))
-                    training = _Training(job, party, budget)
-                with training.disclosure:
-                    if not training.in_rounds:
-                        training.prepare(rank, resume)
-                    else:
-                        training.resynchronise(session.parties)
-                    training.run_rounds(session.parties, rank)
-                totals = communication_stats()
-            break
-        except PeerFailure:
-            if training is None or not training.in_rounds or job.survivors_needed is None:
-                raise
-            epoch += 1
-            before = session.parties
-            session = reformed(session, party, epoch=epoch, min_parties=job.survivors_needed)
-            training.left.extend(p for p in before if p not in session.parties)
-    assert training is not None  # set in the first session, which the loop leaves only by success or raise
-    _write_outputs(job, party, training, totals)
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                with party_session(session, party) as rank:
+                    if training is None:
+                        run = begin_run(job, party, resume=resume, run_id=run_id)
+                        stack.enter_context(run.recorded())
+                        job = run.job
+                        budget = agreed("privacy ledger", job.party_names, lambda: privacy_budget(job, party, resume=run.resumed))
+                        training = _Training(job, party, budget, run.disclosure(budget))
+                    with training.disclosure:
+                        if not training.in_rounds:
+                            training.prepare(rank, run.resumed)
+                        else:
+                            training.resynchronise(session.parties)
+                        training.run_rounds(session.parties, rank)
+                    totals = communication_stats()
+                break
+            except PeerFailure:
+                if training is None or not training.in_rounds or job.survivors_needed is None:
+                    raise
+                epoch += 1
+                before = session.parties
+                session = reformed(session, party, epoch=epoch, min_parties=job.survivors_needed)
+                training.left.extend(p for p in before if p not in session.parties)
+        assert training is not None  # set in the first session, which the loop leaves only by success or raise
+        _write_outputs(job, party, training, totals)
+        run.run.finish(training.history[-1] if training.history else {})
 
 
 def _write_outputs(job: FederatedJob, party: str, training: _Training, totals: dict[str, float]) -> None:

@@ -1,7 +1,8 @@
 """Per-party checkpoints of secure training, and resuming from them.
 
 After every epoch each party writes, atomically, its own arithmetic shares of the
-model and of the optimizer's momentum, the history so far, and the epoch, into ``<outputs>/<party>/checkpoints/epoch-NNNN.pt``. Shares
+model and of the optimizer's momentum, the history so far, and the epoch, into the run's
+``<outputs>/<party>/<run-id>/checkpoints/epoch-NNNN.pt``; a checkpoint names its run, and one of another run is refused. Shares
 are plain int64 tensors with metadata, so ``torch.load(weights_only=True)`` reads
 them without unpickling code. The last two checkpoints are kept: a crash can hit
 after one party saved epoch k and before another did, and resuming then uses the
@@ -69,6 +70,7 @@ def save(job: TrainJob, party: str, rank: int, checkpoint: Checkpoint) -> None:
     """Writes this party's checkpoint atomically and prunes older ones."""
     payload = {
         "fingerprint": job.fingerprint(),
+        "run": job.run_id,
         "job": job.name,
         "party": party,
         "rank": rank,
@@ -84,10 +86,10 @@ def save(job: TrainJob, party: str, rank: int, checkpoint: Checkpoint) -> None:
 
 
 def read_own(job: JobBase, party: str, rank: int, path: Path) -> dict[str, Any]:
-    """A checkpoint file's contents, refusing one of another job, configuration or party.
+    """A checkpoint file's contents, refusing one of another job, configuration, run or party.
 
     Raises:
-        MpcflError: unreadable, or written by another job, config or party.
+        MpcflError: unreadable, or written by another job, config, run or party.
     """
     try:
         data = torch.load(path, weights_only=True)
@@ -98,9 +100,15 @@ def read_own(job: JobBase, party: str, rank: int, path: Path) -> dict[str, Any]:
             f"party {party}: {path}: written by job {data.get('job')!r} with a different configuration; "
             f"refusing to resume from it (delete it to start afresh)"
         )
+    _refuse_other_run(job, party, path, data)
     if (data.get("party"), data.get("rank")) != (party, rank):
         raise MpcflError(f"party {party}: {path}: belongs to party {data.get('party')!r} (rank {data.get('rank')})")
     return data
+
+
+def _refuse_other_run(job: JobBase, party: str, path: Path, data: dict[str, Any]) -> None:
+    if data.get("run") != job.run_id:
+        raise MpcflError(f"party {party}: {path}: written by run {data.get('run')}, not this run ({job.run_id}); refusing it")
 
 
 def load(job: TrainJob, party: str, rank: int, epoch: int) -> Checkpoint:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -17,6 +18,7 @@ from mpcfl.mpc.device import to_host
 from mpcfl.mpc.reveal import Disclosure
 from mpcfl.mpc.session import agreed, communication_stats, party_session, session_device
 from mpcfl.outputs import plot_history, write_json, write_torch
+from mpcfl.tasks.run import begin_run
 from mpcfl.tasks.train import checkpoint
 from mpcfl.tasks.train.dataset import share_dataset
 from mpcfl.tasks.train.dp_sgd import check_plausible, training_step
@@ -61,7 +63,13 @@ def _resume_point(job: TrainJob, party: str, rank: int, budget: Budget | None) -
 
 
 def run_party(
-    job: TrainJob, party: str, *, rendezvous: str | None = None, resume: bool = False, key_file: Path | None = None
+    job: TrainJob,
+    party: str,
+    *,
+    rendezvous: str | None = None,
+    resume: str | bool = False,
+    run_id: str | None = None,
+    key_file: Path | None = None,
 ) -> None:
     """Runs ``party``'s side of the job to the end.
 
@@ -69,33 +77,40 @@ def run_party(
         job: the validated job.
         party: this process's party name.
         rendezvous: ``tcp://HOST:PORT`` of the process group; else ``$RENDEZVOUS``.
-        resume: continue from the newest checkpoint all parties hold.
+        resume: continue a run from the newest checkpoint all parties hold: ``True`` for this
+            party's newest unfinished run, or its run id (see :mod:`mpcfl.tasks.run`).
+        run_id: a new run's id, as the launcher proposes it.
         key_file: this party's private key, for a job with ``runtime.identity``.
 
     Raises:
         MpcflError: bad data or checkpoints, a peer failure, or the environment contradicts the job.
     """
-    with party_session(session_of(job, rendezvous=rendezvous, key_file=key_file), party) as rank:
-        budget = agreed("privacy ledger", job.party_names, lambda: privacy_budget(job, party, resume=resume))
-        # Every reveal of this run is recorded, and charged to the budget, until the with ends.
-        with Disclosure(budget) as disclosure:
-            start = None
-            if resume:
-                start = agreed("checkpoint loading", job.party_names, lambda: _resume_point(job, party, rank, budget))
-            data = agreed("data loading", job.party_names, lambda: load_party_data(job, party))
-            alignment = align(job, data, rank=rank) if job.keyed else None
-            device = session_device()
-            log.info("computing on %s", device)
-            shared = share_dataset(job, data, rank=rank, device=device)
-            if job.dp is not None:
-                check_plausible(job, shared.x_train.size(0))  # n is public, and the same at every party
-            engine = training_step(job)
-            if budget is not None:
-                budget.notes.update(engine.notes())
-            result = train(job, shared, engine=engine, rank=rank, party=party, device=device, resume=start)
-        shares = {name: to_host(param.share) for name, param in result.model.named_parameters()}
-        totals = communication_stats()
-    _write_outputs(job, party, rank, data, result, shares, totals, disclosure, alignment)
+    with contextlib.ExitStack() as stack:
+        with party_session(session_of(job, rendezvous=rendezvous, key_file=key_file), party) as rank:
+            run = begin_run(job, party, resume=resume, run_id=run_id)
+            stack.enter_context(run.recorded())
+            job = run.job
+            budget = agreed("privacy ledger", job.party_names, lambda: privacy_budget(job, party, resume=run.resumed))
+            # Every reveal of this run is recorded, and charged to the budget, until the with ends.
+            with run.disclosure(budget) as disclosure:
+                start = None
+                if run.resumed:
+                    start = agreed("checkpoint loading", job.party_names, lambda: _resume_point(job, party, rank, budget))
+                data = agreed("data loading", job.party_names, lambda: load_party_data(job, party))
+                alignment = align(job, data, rank=rank) if job.keyed else None
+                device = session_device()
+                log.info("computing on %s", device)
+                shared = share_dataset(job, data, rank=rank, device=device)
+                if job.dp is not None:
+                    check_plausible(job, shared.x_train.size(0))  # n is public, and the same at every party
+                engine = training_step(job)
+                if budget is not None:
+                    budget.notes.update(engine.notes())
+                result = train(job, shared, engine=engine, rank=rank, party=party, device=device, resume=start)
+            shares = {name: to_host(param.share) for name, param in result.model.named_parameters()}
+            totals = communication_stats()
+        _write_outputs(job, party, rank, data, result, shares, totals, disclosure, alignment)
+        run.run.finish(result.history[-1] if result.history else {})
 
 
 def _write_outputs(
