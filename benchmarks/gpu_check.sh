@@ -81,7 +81,7 @@ elif (out / "pytest_cuda.log").exists():  # cut short: what -v printed before th
     results["pytest"] = {"cut_short": True, "cases": {name: {"outcome": outcome.lower()} for name, outcome in lines}}
 for device in ("cpu", "cuda"):
     record = {}
-    metrics = work / f"demo_{device}" / "out" / "hospital_b" / "metrics.json"
+    metrics = work / f"demo_{device}" / "out" / "hospital_b" / "latest" / "metrics.json"
     if metrics.exists():
         data = json.loads(metrics.read_text())
         seconds = [row["seconds"] for row in data["history"]]

@@ -280,7 +280,7 @@ def mpcfl_w1(me: Any, args: argparse.Namespace) -> dict[str, Any]:
     from mpcfl.tasks.train.loop import train
 
     crypten = import_crypten()
-    job = mpcfl.load_job(args.job)
+    job = mpcfl.load_job(args.job).bound_to("w1")  # train() checkpoints into a run's folder: this one's
     seconds, sent, rounds, comm_s = [], [], [], 0.0
     weights = None
     with Disclosure(None):
@@ -636,7 +636,7 @@ def run_w4(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if done.returncode != 0:
         raise RuntimeError(f"w4: mpcfl run failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     label_party = job["labels"]["party"]
-    metrics = json.loads((work / "w4-runs" / label_party / "metrics.json").read_text())
+    metrics = json.loads((work / "w4-runs" / label_party / "latest" / "metrics.json").read_text())
     base = subprocess.run([sys.executable, "-m", "mpcfl", "baseline", str(path)], capture_output=True, text=True, timeout=300)
     last = dict(item.split("=", 1) for item in base.stdout.strip().splitlines()[-1].split())
     history = metrics["history"]
@@ -648,7 +648,7 @@ def run_w4(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "test_accuracy": history[-1]["test_accuracy"],
         "baseline_test_accuracy": float(last["test_accuracy"]),
         "per_party_bytes_per_epoch": [statistics.median(h["bytes"] for h in json.loads(
-            (work / "w4-runs" / p["name"] / "metrics.json").read_text())["history"]) for p in job["parties"]],
+            (work / "w4-runs" / p["name"] / "latest" / "metrics.json").read_text())["history"]) for p in job["parties"]],
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -235,10 +236,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM (a launcher stopping the job) ends a process like Ctrl-C, so its run is marked stopped."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = _parser().parse_args(argv)
     _setup_logging(args.debug)
+    if args.command in ("party", "worker"):
+        signal.signal(signal.SIGTERM, _stop)
     try:
         return _dispatch(args)
     except MpcflError as err:

@@ -11,10 +11,10 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # imported on use: the launcher and the CLI write run records and load no torch
+    import numpy as np
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool = False) -> None:
@@ -37,11 +37,15 @@ def write_json(path: Path, payload: Any) -> None:
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
+    import numpy as np
+
     atomic_write(path, lambda handle: np.save(handle, array, allow_pickle=False), binary=True)
 
 
 def write_torch(path: Path, payload: Any) -> None:
     """Saves tensors (and plain containers of them) loadable with ``weights_only=True``."""
+    import torch
+
     atomic_write(path, lambda handle: torch.save(payload, handle), binary=True)
 
 

@@ -256,6 +256,19 @@ def run_dir(job_path: Path, party: str) -> Path:
     return root / found[-1]
 
 
+def assert_only_failed_runs(out: Path) -> None:
+    """A failed job wrote nothing under ``out`` but its runs' records, each marked unfinished, and no ``latest``."""
+    import json
+
+    from mpcfl import runs
+
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and all(p.name in (runs.RECORD, runs.JOURNAL) for p in files), files
+    for record in (p for p in files if p.name == runs.RECORD):
+        assert runs.status_of(json.loads(record.read_text())) != runs.FINISHED, record
+    assert not list(out.glob(f"*/{runs.LATEST}"))
+
+
 def job_metrics(job_path: Path, party: str) -> dict[str, Any]:
     """A party's metrics.json of the newest run of the job at ``job_path``."""
     import json

@@ -99,12 +99,12 @@ def test_shuffled_overlapping_files_train_the_model_of_aligned_files_and_no_id_t
     common = set.intersection(*held)
     train_common = sum(1 for pid in common if split[pid] == 0)
     for i in range(3):
-        report = _metrics(keyed_dir / "out" / f"p{i}")["private_set_intersection"]
+        report = _metrics(keyed_dir / "out" / f"p{i}" / "latest")["private_set_intersection"]
         own_train = sum(1 for pid in held[i] if split[pid] == 0)
         assert report["train"]["kept"] == train_common and report["train"]["rows"] == own_train
         assert report["train"]["dropped"] == own_train - train_common
         assert report["test"]["kept"] == len(common) - train_common
-    ledger = _metrics(keyed_dir / "out" / f"p{HUB}")["reveals"]
+    ledger = _metrics(keyed_dir / "out" / f"p{HUB}" / "latest")["reveals"]
     psi_entries = [r for r in ledger if r["outside_dp"]]
     assert any(r["shape"] == [train_common] and r["to"] == [0, 1, 2] for r in psi_entries)
     assert any("shares with p0" in r["what"] and r["to"] == [HUB] for r in psi_entries), "the hub's chain step"
@@ -115,7 +115,7 @@ def test_shuffled_overlapping_files_train_the_model_of_aligned_files_and_no_id_t
     seen = {rank: _bytes_seen(view) for rank, view in views.items()}
     assert set(seen) >= {"0", "1", "2", "3"}
     for i in range(3):  # the recorder saw the PSI's messages (blinded points), not just training's
-        received = sum(r["bytes_received"] for r in _metrics(keyed_dir / "out" / f"p{i}")["private_set_intersection"].values())
+        received = sum(r["bytes_received"] for r in _metrics(keyed_dir / "out" / f"p{i}" / "latest")["private_set_intersection"].values())
         assert received > 33 * train_common and len(seen[str(i)]) > received
     for pid in everyone:
         for form in _forms(pid, salt):
@@ -134,7 +134,7 @@ def test_shuffled_overlapping_files_train_the_model_of_aligned_files_and_no_id_t
     for name, value in plain.model.state_dict().items():
         gap = (keyed[name] - value).abs().max().item()
         assert gap < 2e-3, f"{name}: the keyed run and plaintext on aligned rows differ by {gap}"
-    scores = {k: v for k, v in _metrics(keyed_dir / "out" / "p0")["final"].items() if "loss" in k or "accuracy" in k}
+    scores = {k: v for k, v in _metrics(keyed_dir / "out" / "p0" / "latest")["final"].items() if "loss" in k or "accuracy" in k}
     assert len(scores) == 4 and scores == pytest.approx({k: plain.history[-1][k] for k in scores}, abs=0.01)
     assert_no_leftovers(str(job_path))
 

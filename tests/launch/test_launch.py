@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SCRIPTS, assert_no_leftovers, base_job, live_processes, mpcfl, vertical_parties, write_job
+from conftest import (
+    SCRIPTS, assert_no_leftovers, assert_only_failed_runs, base_job, live_processes, mpcfl, vertical_parties, write_job,
+)
 
 
 def small_job(tmp_path: Path, **runtime: object) -> Path:
@@ -141,7 +143,7 @@ def test_bad_data_at_one_party_fails_every_party_with_its_name(tmp_path: Path) -
     assert "p0_train.csv: line 2, column 'mean_radius': 'seventeen' is not a number" in last
     assert "[p1] mpcfl: error: party p0 failed during data loading" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr
-    assert not (tmp_path / "out").exists()
+    assert_only_failed_runs(tmp_path / "out")
     assert_no_leftovers(str(job))
 
 
@@ -212,7 +214,7 @@ def test_parties_whose_shapes_disagree(tmp_path: Path, partition: str) -> None:
     done = mpcfl("run", str(job), timeout=120)
     assert done.returncode == 1
     assert expected in done.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "out").exists()
+    assert_only_failed_runs(tmp_path / "out")
     assert_no_leftovers(str(job))
 
 

@@ -28,7 +28,7 @@ def _train(tmp_path: Path, parties: int, prefetch: bool) -> tuple[dict[str, torc
     assert_no_leftovers(str(job))
     served = re.search(r"ended the session after (\d+) requests", result.stdout + result.stderr)
     assert served, (result.stdout + result.stderr)[-2000:]
-    return torch.load(folder / "out" / label / "model.pt", weights_only=True), int(served.group(1))
+    return torch.load(folder / "out" / label / "latest" / "model.pt", weights_only=True), int(served.group(1))
 
 
 @pytest.mark.parametrize("parties", [3])  # 2 parties train with prefetch in every other training test

@@ -68,7 +68,7 @@ def test_audit_command_writes_report_and_plot(tmp_path: Path) -> None:
         assert 0.0 <= attack["auc"] <= 1.0 and attack["epsilon_lower_bound"] >= 0.0
     assert (receiver / "audit_roc.png").stat().st_size > 1000
     missing = mpcfl("audit", str(path), "--party", "hospital_a", timeout=60)
-    assert missing.returncode == 1 and "no model to audit" in missing.stderr
+    assert missing.returncode == 1 and "out/hospital_a: no finished run yet" in missing.stderr, missing.stderr
 
 
 def _digits_job(dp: dict | None) -> TrainJob:

@@ -267,7 +267,7 @@ def test_dp_rounds_carry_noise_of_the_declared_scale_and_stop_at_the_budget(tmp_
     assert done.returncode == 1
     assert "reveal of round 3 average update refused: it would spend epsilon" in done.stderr, done.stderr[-2000:]
     job = load_job(path)
-    ledger = json.loads((job.party_root("p0") / "latest" / "privacy.json").read_text())["ledger"]
+    ledger = json.loads((run_dir(path, "p0") / "privacy.json").read_text())["ledger"]
     assert [entry["what"] for entry in ledger] == ["round 1 average update", "round 2 average update"]
     assert not (job.party_root("p0") / "latest" / "model.pt").exists()
     # Each revealed mean = the mean of the clipped updates + noise of std z * 2S / n (replace-one, 3 parties)

@@ -14,6 +14,7 @@ import yaml
 from conftest import DEMO
 from mpcfl.errors import ConfigError
 from mpcfl.jobs.schema import FederatedJob, FederatedSpec, StrategySpec, load_job
+from mpcfl.mpc.reveal import Disclosure
 from mpcfl.tasks.federated.aggregate import count_bound, divisor_scale, scaled_reciprocal
 from mpcfl.tasks.federated.strategies import STRATEGIES, strategy_of
 
@@ -214,7 +215,7 @@ def test_survivors_redo_a_round_only_if_none_began_opening_it(
     from mpcfl.tasks.federated import runner
 
     job = load_job(_fed(tmp_path, **{"federated.allow_dropouts": True}))
-    training = runner._Training(job, job.party_names[0], None)
+    training = runner._Training(job, job.party_names[0], None, Disclosure())
     training.history, training.left = [{"round": 1}], [job.party_names[2]]
     monkeypatch.setattr(runner, "all_gather_public", lambda values: states)
     if not refused:

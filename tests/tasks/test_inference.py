@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, assert_no_leftovers, mpcfl, write_job
+from conftest import REPO, assert_no_leftovers, assert_only_failed_runs, mpcfl, write_job
 from mpcfl.errors import MpcflError
 from mpcfl.models.zoo import digits_mlp
 
@@ -129,7 +129,7 @@ def test_missing_weights_file(tmp_path: Path) -> None:
     done = mpcfl("run", str(path), timeout=120)
     assert done.returncode == 1
     assert f"mpcfl: error: bank failed: party bank: {tmp_path / 'nope.pt'}: weights file not found" in done.stderr
-    assert not (tmp_path / "out").exists()
+    assert_only_failed_runs(tmp_path / "out")
 
 
 def test_weights_that_do_not_fit_the_architecture(tmp_path: Path) -> None:
@@ -139,7 +139,7 @@ def test_weights_that_do_not_fit_the_architecture(tmp_path: Path) -> None:
     done = mpcfl("run", str(path), timeout=120)
     assert done.returncode == 1
     assert "other.pt: weights do not fit the model: size mismatch for 0.weight" in done.stderr
-    assert not (tmp_path / "out").exists()
+    assert_only_failed_runs(tmp_path / "out")
 
 
 def test_inference_job_schema_errors(tmp_path: Path) -> None:
