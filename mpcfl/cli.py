@@ -134,21 +134,25 @@ def _job_file(args: argparse.Namespace) -> None:
 
 
 def _list_runs(job: JobBase, only: str | None) -> None:
-    parties = [job.party_names[job.rank_of(only)]] if only else job.party_names
-    for name in parties:
+    """Each party's runs, oldest first: status, times, how often resumed, final metrics; ``*`` marks ``latest``."""
+    shown = ("epoch", "round", "test_accuracy", "train_accuracy", "loss", "test_loss", "predictions")
+    for name in [job.party_names[job.rank_of(only)]] if only else job.party_names:
         root = job.party_root(name)
         found = runs.run_ids(root)
-        print(f"{name}: {len(found)} run(s) in {root}")
+        latest = os.path.basename(os.readlink(root / runs.LATEST)) if (root / runs.LATEST).is_symlink() else None
+        print(f"{name}: {len(found)} run(s) in {root}" + (" (* latest)" if latest else ""))
         for run_id in found:
             record = runs.Run(root, run_id).read()
-            headline = " ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (record.get("headline") or {}).items()
-                if k in ("epoch", "round", "test_accuracy", "train_accuracy", "loss", "predictions")
+            headline = record.get("headline") or {}
+            metrics = " ".join(
+                f"{k}={headline[k]:.4f}" if isinstance(headline[k], float) else f"{k}={headline[k]}"
+                for k in shown if k in headline
             )
-            resumed = f" resumed x{len(record['resumed'])}" if record.get("resumed") else ""
-            why = f" ({record['error']})" if record.get("error") else ""
-            print(f"  {run_id}  {runs.status_of(record):<11} started {record.get('started')}  ended "
-                  f"{record.get('ended') or '-'}{resumed}  {headline}{why}")
+            resumed = f"resumed x{len(record['resumed'])}" if record.get("resumed") else ""
+            why = f"({record['error']})" if record.get("error") else ""
+            mark = "*" if run_id == latest else " "
+            print(f" {mark}{run_id}  {runs.status_of(record):<11}  started {record.get('started')}  ended "
+                  f"{record.get('ended') or '-':<25}  {resumed:<10}  {metrics}{why}".rstrip())
 
 
 def _dispatch(args: argparse.Namespace) -> int:

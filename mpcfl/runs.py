@@ -10,7 +10,7 @@ A party's outputs for one run go to ``<outputs.dir>/<party>/<run-id>/``:
   (:class:`Journal`);
 - the task's files (model, metrics, checkpoints, the privacy ledger).
 
-``<outputs.dir>/<party>/latest`` is a symbolic link to the newest finished run, moved only when a
+``<outputs.dir>/<party>/latest`` is a symbolic link to the run that finished last, moved only when a
 run finishes, so nothing of an unfinished or failed run is ever presented as the current model.
 Earlier runs are never overwritten. This module is pure file handling; agreeing on a run among the
 parties is :mod:`mpcfl.tasks.run`.
@@ -149,6 +149,15 @@ class Run:
         return Journal(self.dir / JOURNAL, check=check)
 
 
+def refuse_finished(record: Mapping[str, Any], *, who: str) -> None:
+    """Refuses to resume a finished run: its outputs are final, and its steps all opened."""
+    if record.get("status") == FINISHED:
+        raise MpcflError(
+            f"{who}: run {record.get('run_id')} finished at {record.get('ended')}; a finished run is never resumed "
+            "(start a new run without --resume)"
+        )
+
+
 def start(root: Path, run_id: str, record: dict[str, Any]) -> Run:
     """Creates a new run's folder and record; refuses a run id already used here.
 
@@ -188,12 +197,14 @@ def newest_unfinished(root: Path) -> str | None:
 
 
 def latest(root: Path) -> Path:
-    """The folder of the newest finished run.
+    """The folder of the run that finished last.
 
     Raises:
         MpcflError: no run has finished here.
     """
     link = root / LATEST
+    if link.is_symlink() and not link.is_dir():
+        raise MpcflError(f"{link}: points to run {os.readlink(link)}, which was deleted (see `mpcfl runs`)")
     if not link.is_dir():
         raise MpcflError(f"{root}: no finished run yet (see `mpcfl runs`)")
     return link.resolve()

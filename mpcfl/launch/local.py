@@ -31,6 +31,7 @@ from typing import IO, Any
 
 from mpcfl import runs
 from mpcfl.errors import MpcflError, first_own_failure
+from mpcfl.jobs import registry
 from mpcfl.jobs.schema import JobBase
 from mpcfl.launch.env import KEYS, script_session, to_env
 from mpcfl.mpc import providers
@@ -308,8 +309,7 @@ def run_local(
     job_file = str(Path(job.source).resolve())
     common = ["--debug"] if debug else []
     run_id = _run_to_resume(job, resume) if resume else runs.new_run_id()
-    # With no run the parties agree on, each names its own and they refuse together.
-    which = ["--resume", *([run_id] if run_id else [])] if resume else ["--run-id", run_id]
+    which = ["--resume" if resume else "--run-id", run_id]
 
     def command(name: str, role: str, *args: str) -> list[str]:
         keys = ["--key-file", str(key_dir / f"{name}.key")] if key_dir is not None else []
@@ -324,23 +324,46 @@ def run_local(
             started.append(_spawn(name, command(name, *args), sink=sink, secret=secret))
         return started
 
-    with local_rendezvous() as rendezvous:
-        needed = job.survivors_needed
-        spare = 0 if needed is None else job.world_size - needed
-        code = _run(children, sink=sink, expendable=frozenset(job.party_names), spare=spare)
-    if code == 0 and run_id:
+    resumable = registry.RESUME in registry.task_of(job).features
+    hint = f"; `mpcfl run {job.source} --resume {run_id}` continues it" if resumable else ""
+    try:
+        with local_rendezvous() as rendezvous:
+            needed = job.survivors_needed
+            spare = 0 if needed is None else job.world_size - needed
+            code = _run(children, sink=sink, expendable=frozenset(job.party_names), spare=spare)
+    except KeyboardInterrupt:
+        print(f"mpcfl: run {run_id} stopped{hint}", file=sys.stderr)
+        raise
+    if code == 0:
         print(f"mpcfl: job {job.name} run {run_id} finished{_headline(job, run_id)}; outputs in "
               f"{job.outputs.dir}/<party>/{run_id} (and <party>/latest)", file=sink)
     return code
 
 
-def _run_to_resume(job: JobBase, resume: str | bool) -> str | None:
-    """The run id every party will resume: the one named, or the newest unfinished run if all
-    parties' folders (all on this machine) agree on it; None if they do not."""
+def _run_to_resume(job: JobBase, resume: str | bool) -> str:
+    """The run every party will resume: the one named, or their newest unfinished one. Every party's
+    folder is on this machine, so what each party would refuse is refused here, before anything starts
+    (the parties check again, as they do when each runs on its own host).
+
+    Raises:
+        MpcflError: the parties hold no such run, or a finished one, or name different runs.
+    """
     if isinstance(resume, str):
-        return runs.check_run_id(resume, where="--resume")
-    newest = {runs.newest_unfinished(job.party_root(name)) for name in job.party_names}
-    return newest.pop() if len(newest) == 1 else None
+        run_id = runs.check_run_id(resume, where="--resume")
+    else:
+        newest = {name: runs.newest_unfinished(job.party_root(name)) for name in job.party_names}
+        if not any(newest.values()):
+            raise MpcflError(f"{job.source}: no unfinished run of job {job.name} to resume (see `mpcfl runs`)")
+        if len(set(newest.values())) > 1:
+            held = "; ".join(f"{name} {run or 'none'}" for name, run in newest.items())
+            raise MpcflError(f"{job.source}: the parties' newest unfinished runs differ ({held}); pass --resume RUN_ID")
+        run_id = next(iter(newest.values()))
+    for name in job.party_names:
+        try:
+            runs.refuse_finished(runs.Run(job.party_root(name), run_id).read(), who=name)
+        except MpcflError as err:
+            raise MpcflError(f"{job.source}: {err}") from None
+    return run_id
 
 
 def _headline(job: JobBase, run_id: str) -> str:

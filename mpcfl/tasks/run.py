@@ -57,7 +57,7 @@ class PartyRun:
         try:
             yield
         except KeyboardInterrupt:
-            self.run.end(runs.STOPPED, "interrupted")
+            self.run.end(runs.STOPPED, "Ctrl-C or SIGTERM")
             raise
         except BaseException as err:
             self.run.end(runs.FAILED, str(err).splitlines()[0] if str(err) else type(err).__name__)
@@ -83,14 +83,6 @@ def _chosen(job: JobBase, party: str, resume: str | bool) -> str:
     if chosen is None:
         raise MpcflError(f"party {party}: {root}: no unfinished run of job {job.name} to resume (see `mpcfl runs`)")
     return chosen
-
-
-def _refuse_finished(party: str, run_id: str, record: dict[str, Any]) -> None:
-    if record.get("status") == runs.FINISHED:
-        raise MpcflError(
-            f"party {party}: run {run_id} finished at {record.get('ended')}; a finished run is never resumed "
-            "(start a new run without --resume)"
-        )
 
 
 def _refuse_changed_files(job: JobBase, party: str, run_id: str, kept: dict[str, str], now: dict[str, str]) -> None:
@@ -121,8 +113,11 @@ def _reopen(job: JobBase, party: str, run_id: str) -> tuple[dict[str, Any], byte
     Raises:
         MpcflError: no such run here, it finished, its job differs, or this party's files changed.
     """
-    record = runs.Run(job.party_root(party), run_id).read()
-    _refuse_finished(party, run_id, record)
+    try:
+        record = runs.Run(job.party_root(party), run_id).read()
+    except MpcflError as err:
+        raise MpcflError(f"party {party}: {err}") from None
+    runs.refuse_finished(record, who=f"party {party}")
     if record.get("fingerprint") != job.fingerprint():
         raise MpcflError(
             f"party {party}: run {run_id} was started with a different configuration of job {record.get('job')!r}; "

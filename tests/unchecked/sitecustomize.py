@@ -24,7 +24,7 @@ if _SKIP:
         return None
 
     if "finished" in _SKIP:
-        run._refuse_finished = _nothing
+        runs.refuse_finished = _nothing
     if "inputs" in _SKIP:
         run._refuse_changed_files = _nothing
         run._refuse_changed_commitments = _nothing

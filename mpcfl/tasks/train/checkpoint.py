@@ -139,8 +139,14 @@ def common_epoch(job: JobBase, mine: list[int]) -> int:
         common &= set(held)
     if not common:
         empty = [job.party_names[r] for r, held in enumerate(everyone) if max(held) < 0]
-        detail = f"party {', '.join(empty)} has none" if empty else "the parties hold different epochs"
-        raise MpcflError(f"cannot resume job {job.name}: no checkpoint common to all parties ({detail})")
+        if empty:
+            detail = f"{'parties' if len(empty) > 1 else 'party'} {', '.join(empty)} {'have' if len(empty) > 1 else 'has'} none"
+        else:
+            detail = "the parties hold different epochs"
+        raise MpcflError(
+            f"cannot resume run {job.run_id} of job {job.name}: no checkpoint common to all parties ({detail}); "
+            "start a new run"
+        )
     return max(common)
 
 
