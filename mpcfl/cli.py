@@ -138,7 +138,7 @@ def _list_runs(job: JobBase, only: str | None) -> None:
     shown = ("epoch", "round", "test_accuracy", "train_accuracy", "loss", "test_loss", "predictions")
     for name in [job.party_names[job.rank_of(only)]] if only else job.party_names:
         root = job.party_root(name)
-        found = runs.run_ids(root)
+        found = runs.run_ids(root, job.name)
         latest = os.path.basename(os.readlink(root / runs.LATEST)) if (root / runs.LATEST).is_symlink() else None
         print(f"{name}: {len(found)} run(s) in {root}" + (" (* latest)" if latest else ""))
         for run_id in found:
@@ -217,7 +217,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         party = args.party or (receivers[0] if receivers else None)
         if party is None:
             raise MpcflError(f"{args.job}: outputs.model_to is none, so no party holds a model to audit")
-        print_report(audit(job, runs.latest(job.party_root(job.party_names[job.rank_of(party)])) / "model.pt", shadows=args.shadows))
+        print_report(audit(job, runs.latest(job.party_root(job.party_names[job.rank_of(party)]), job.name) / "model.pt", shadows=args.shadows))
     elif command == "validate":
         rows = None  # n, the training rows, where one party's files tell it
         if args.party:
@@ -261,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mpcfl: interrupted", file=sys.stderr)
         return 130
+    finally:
+        # A launcher's SIGTERM to a process already on its way out ends it, with no traceback at shutdown.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

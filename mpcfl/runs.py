@@ -19,6 +19,7 @@ parties is :mod:`mpcfl.tasks.run`.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from mpcfl.errors import MpcflError
 from mpcfl.outputs import atomic_write, write_json
@@ -49,7 +50,7 @@ def new_run_id() -> str:
 
 
 def is_run_id(text: str) -> bool:
-    return bool(_ID.match(text))
+    return bool(_ID.fullmatch(text))
 
 
 def check_run_id(run_id: str, *, where: str) -> str:
@@ -67,26 +68,14 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def commit_files(files: Mapping[str, Path | None], salt: bytes) -> dict[str, str]:
-    """Salted digests of a party's input files, by the job key that names each (``data.train``, ...).
+def commit_contents(contents: Mapping[str, bytes], salt: bytes) -> dict[str, str]:
+    """Salted digests of what a party's run is made from, by the job key that names each part
+    (``data.train``: the rows as loaded, not the file, which could change after it was hashed).
 
     The salt stays with the party, so a digest announced to the others tells them nothing about
-    the contents (no dictionary search of a small file), yet the party cannot change a file unseen.
+    the contents (no dictionary search of a small file), yet the party cannot change them unseen.
     """
-    digests = {}
-    for key, path in sorted(files.items()):
-        if path is None:
-            continue
-        digest = hashlib.sha256(salt + key.encode() + b"\0")
-        try:
-            with open(path, "rb") as handle:
-                while chunk := handle.read(1 << 20):
-                    digest.update(chunk)
-        except OSError:
-            digests[key] = "unreadable"  # data loading names the problem; a later resume sees the change
-            continue
-        digests[key] = digest.hexdigest()
-    return digests
+    return {key: hashlib.sha256(salt + key.encode() + b"\0" + value).hexdigest() for key, value in sorted(contents.items())}
 
 
 def commitment(salt: bytes, digests: Mapping[str, str]) -> str:
@@ -148,6 +137,21 @@ class Run:
     def journal(self, *, check: bool) -> Journal:
         return Journal(self.dir / JOURNAL, check=check)
 
+    def lock(self) -> IO[bytes]:
+        """Holds the run for this process until the returned file is closed (at exit at the latest), so
+        two processes never run, or resume, the same run at one party at once.
+
+        Raises:
+            MpcflError: another process holds it.
+        """
+        handle = open(self.dir / ".lock", "ab")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise MpcflError(f"{self.dir}: run {self.run_id} is in use by another process (still running?)") from None
+        return handle
+
 
 def refuse_finished(record: Mapping[str, Any], *, who: str) -> None:
     """Refuses to resume a finished run: its outputs are final, and its steps all opened."""
@@ -181,32 +185,36 @@ def resumed(run: Run) -> dict[str, Any]:
                       resumed=[*record.get("resumed", []), _now()])
 
 
-def run_ids(root: Path) -> list[str]:
-    """The runs in a party's folder, oldest first."""
+def run_ids(root: Path, job: str) -> list[str]:
+    """The runs of ``job`` in a party's folder, oldest first (jobs that share an outputs folder keep apart)."""
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if _ID.match(p.name) and (p / RECORD).is_file())
+    found = sorted(p.name for p in root.iterdir() if is_run_id(p.name) and (p / RECORD).is_file())
+    return [run_id for run_id in found if Run(root, run_id).read().get("job") == job]
 
 
-def newest_unfinished(root: Path) -> str | None:
-    """The newest run here that did not finish, if any."""
-    for run_id in reversed(run_ids(root)):
+def newest_unfinished(root: Path, job: str) -> str | None:
+    """The newest run of ``job`` here that did not finish, if any."""
+    for run_id in reversed(run_ids(root, job)):
         if Run(root, run_id).read().get("status") != FINISHED:
             return run_id
     return None
 
 
-def latest(root: Path) -> Path:
-    """The folder of the run that finished last.
+def latest(root: Path, job: str) -> Path:
+    """The folder of the run that finished last, which must be one of ``job``'s.
 
     Raises:
-        MpcflError: no run has finished here.
+        MpcflError: no run has finished here, the link dangles, or it is another job's run.
     """
     link = root / LATEST
     if link.is_symlink() and not link.is_dir():
         raise MpcflError(f"{link}: points to run {os.readlink(link)}, which was deleted (see `mpcfl runs`)")
     if not link.is_dir():
         raise MpcflError(f"{root}: no finished run yet (see `mpcfl runs`)")
+    owner = Run(root, link.resolve().name).read().get("job")
+    if owner != job:
+        raise MpcflError(f"{link}: the latest run here is one of job {owner}, not of job {job}; give each job its own outputs.dir")
     return link.resolve()
 
 

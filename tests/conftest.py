@@ -250,20 +250,22 @@ def run_dir(job_path: Path, party: str) -> Path:
     from mpcfl import runs
     from mpcfl.jobs.schema import load_job
 
-    root = load_job(job_path).party_root(party)
-    found = runs.run_ids(root)
+    job = load_job(job_path)
+    root = job.party_root(party)
+    found = runs.run_ids(root, job.name)
     assert found, f"no run in {root}"
     return root / found[-1]
 
 
 def assert_only_failed_runs(out: Path) -> None:
-    """A failed job wrote nothing under ``out`` but its runs' records, each marked unfinished, and no ``latest``."""
+    """A failed job wrote nothing under ``out`` but its runs' records (if it got so far), each marked
+    unfinished, and no ``latest``."""
     import json
 
     from mpcfl import runs
 
-    files = [p for p in out.rglob("*") if p.is_file()]
-    assert files and all(p.name in (runs.RECORD, runs.JOURNAL) for p in files), files
+    files = [p for p in out.rglob("*") if p.is_file() and p.name != ".lock"]
+    assert all(p.name in (runs.RECORD, runs.JOURNAL) for p in files), files
     for record in (p for p in files if p.name == runs.RECORD):
         assert runs.status_of(json.loads(record.read_text())) != runs.FINISHED, record
     assert not list(out.glob(f"*/{runs.LATEST}"))

@@ -113,6 +113,19 @@ def load_party_data(job: TrainJob, party: str) -> PartyData:
     return PartyData(party=party, train=train, test=test)
 
 
+def contents(data: PartyData) -> dict[str, bytes]:
+    """What a party's run is made from, by the job key naming each file, as loaded: columns, row IDs,
+    values and labels. A run commits to these (:mod:`mpcfl.tasks.run`), not to the files' bytes, so a
+    file changed after it was read cannot pass for the one the run used."""
+    parts = {}
+    for key, split in (("data.train", data.train), ("data.test", data.test)):
+        if split is not None:
+            shapes = [split.x.shape, str(split.x.dtype), None if split.y is None else [split.y.shape, str(split.y.dtype)]]
+            header = json.dumps([split.columns, split.ids, shapes]).encode()
+            parts[key] = header + split.x.tobytes() + (b"" if split.y is None else split.y.tobytes())
+    return parts
+
+
 def _column_stats(data: PartyData) -> tuple[np.ndarray, np.ndarray]:
     mean = data.train.x.mean(axis=0)
     std = data.train.x.std(axis=0)

@@ -367,11 +367,6 @@ class JobBase(_Strict):
         """This job, its outputs going to run ``run_id``'s folders."""
         return self.model_copy(update={"run_id": run_id})
 
-    def input_files(self, party: str) -> dict[str, Path | None]:
-        """The files ``party`` reads, by the key that names each: what it commits to at a run's start."""
-        spec = self.parties[self.rank_of(party)].data
-        return {} if spec is None else {"data.train": spec.train, "data.test": spec.test}
-
 
 def _model_kind(value: object) -> str:
     """A training model given by ``factory`` is a user's module; otherwise a spec."""
@@ -534,15 +529,6 @@ class InferenceJob(JobBase):
     def summary(self) -> str:
         """What ``mpcfl validate`` says the job is."""
         return f"inference, model {self.model.factory}"
-
-    def input_files(self, party: str) -> dict[str, Path | None]:
-        """The model owner's weights, or the data owner's inputs."""
-        files: dict[str, Path | None] = {}
-        if party == self.model.owner:
-            files["model.weights"] = self.model.weights
-        if party == self.inputs.owner:
-            files["inputs.file"] = self.inputs.file
-        return files
 
     @model_validator(mode="after")
     def _consistent(self) -> InferenceJob:

@@ -351,7 +351,7 @@ def _run_to_resume(job: JobBase, resume: str | bool) -> str:
     if isinstance(resume, str):
         run_id = runs.check_run_id(resume, where="--resume")
     else:
-        newest = {name: runs.newest_unfinished(job.party_root(name)) for name in job.party_names}
+        newest = {name: runs.newest_unfinished(job.party_root(name), job.name) for name in job.party_names}
         if not any(newest.values()):
             raise MpcflError(f"{job.source}: no unfinished run of job {job.name} to resume (see `mpcfl runs`)")
         if len(set(newest.values())) > 1:

@@ -241,19 +241,21 @@ def run_inference_party(
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         with party_session(session_of(job, rendezvous=rendezvous, key_file=key_file), party):
-            run = begin_run(job, party, run_id=run_id)
+            model = agreed("model loading", job.party_names, lambda: build_model(job))
+            if is_owner:
+                agreed("weights loading", job.party_names, lambda: load_weights(model, job.model.weights, party=party))
+            else:
+                agreed("weights loading", job.party_names, lambda: None)
+            inputs = agreed(
+                "input loading", job.party_names, lambda: load_inputs(job.inputs.file, party=party) if is_data else None
+            )
+            contents = {"model.weights": b"".join(t.numpy().tobytes() for t in model.state_dict().values())} if is_owner else {}
+            if inputs is not None:
+                contents["inputs.file"] = inputs.numpy().tobytes()
+            run = begin_run(job, party, contents, run_id=run_id)
             stack.enter_context(run.recorded())
             job = run.job
             with run.disclosure(None) as disclosure:
-                model = agreed("model loading", job.party_names, lambda: build_model(job))
-                if is_owner:
-                    agreed("weights loading", job.party_names, lambda: load_weights(model, job.model.weights, party=party))
-                else:
-                    agreed("weights loading", job.party_names, lambda: None)
-                inputs = agreed(
-                    "input loading", job.party_names,
-                    lambda: load_inputs(job.inputs.file, party=party) if is_data else None,
-                )
                 predictions = secure_predict(
                     model, inputs, model_owner=job.model.owner, data_owner=job.inputs.owner, batch_size=job.batch_size,
                     prefetch=job.runtime.prefetch,

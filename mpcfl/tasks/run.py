@@ -6,10 +6,12 @@ At the start of every run, right after authentication and before anything is sha
 1. each party proposes a run id: a fresh run takes party 0's proposal (the local launcher gives
    every party the same); a resume (``--resume [RUN_ID]``) needs every party to name the same
    unfinished run, with the job's fingerprint, and refuses a finished one;
-2. each party commits to its own input files: a salted digest, announced to the others as an
-   opaque value. On resume a party recomputes it with its kept salt and refuses, naming the file,
-   if its data changed; every party also checks the others' announcements against those it
-   recorded when the run began, and refuses naming the party whose inputs changed.
+2. each party commits to its inputs as it loaded them (the parsed rows, not the files, which could
+   change after they were hashed): a salted digest, announced to the others as an opaque value. On
+   resume a party recomputes it with its kept salt and refuses, naming the part, if its data
+   changed; every party also checks the others' announcements against those it recorded when the
+   run began, and refuses naming the party whose inputs changed;
+3. each party holds a lock on its run folder while it runs, so a run is never run twice at once.
 
 Both exchanges are agreed steps (:func:`mpcfl.mpc.session.agreed_public`): a party that refuses
 stops every other at once, never at the timeout.
@@ -21,9 +23,9 @@ import contextlib
 import hashlib
 import logging
 import secrets
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any
 
 from mpcfl import runs
 from mpcfl.errors import MpcflError
@@ -46,6 +48,7 @@ class PartyRun:
     run: runs.Run
     inputs: str  # every party's commitment, combined: the inputs the run's openings are made from
     resumed: bool
+    lock: IO[bytes] = field(repr=False)  # held while this process runs the run
 
     def disclosure(self, budget: Budget | None) -> Disclosure:
         """The run's disclosure: its reveals are journaled, and on a resume checked by every party."""
@@ -79,20 +82,19 @@ def _chosen(job: JobBase, party: str, resume: str | bool) -> str:
     root = job.party_root(party)
     if isinstance(resume, str):
         return runs.check_run_id(resume, where="--resume")
-    chosen = runs.newest_unfinished(root)
+    chosen = runs.newest_unfinished(root, job.name)
     if chosen is None:
         raise MpcflError(f"party {party}: {root}: no unfinished run of job {job.name} to resume (see `mpcfl runs`)")
     return chosen
 
 
-def _refuse_changed_files(job: JobBase, party: str, run_id: str, kept: dict[str, str], now: dict[str, str]) -> None:
-    """Refuses, naming each file, if this party's digests ``now`` (with its kept salt) differ from those ``kept``."""
+def _refuse_changed_inputs(job: JobBase, party: str, run_id: str, kept: dict[str, str], now: dict[str, str]) -> None:
+    """Refuses, naming each part, if this party's digests ``now`` (with its kept salt) differ from those ``kept``."""
     changed = [key for key in sorted(set(now) | set(kept)) if now.get(key) != kept.get(key)]
     if changed:
-        files = ", ".join(f"{key} ({job.input_files(party).get(key)})" for key in changed)
         raise MpcflError(
-            f"party {party}: {files} differ from what it committed to when run {run_id} began; a resume must use "
-            "the same inputs (start a new run for new data)"
+            f"party {party}: its {', '.join(changed)} in {job.source} differ from what it committed to when run "
+            f"{run_id} began; a resume must use the same inputs (start a new run for new data)"
         )
 
 
@@ -106,15 +108,19 @@ def _refuse_changed_commitments(party: str, run_id: str, recorded: dict[str, str
         )
 
 
-def _reopen(job: JobBase, party: str, run_id: str) -> tuple[dict[str, Any], bytes, dict[str, str]]:
-    """This party's record of ``run_id``, checked for a resume (unfinished, same job, same inputs), its
-    salt, and the digests of its files now.
+def _reopen(
+    job: JobBase, party: str, run_id: str, contents: Mapping[str, bytes]
+) -> tuple[dict[str, Any], bytes, dict[str, str], IO[bytes]]:
+    """This party's record of ``run_id``, checked for a resume (unfinished, not running elsewhere, same
+    job, same inputs), its salt, the digests of its inputs now, and the run's lock.
 
     Raises:
-        MpcflError: no such run here, it finished, its job differs, or this party's files changed.
+        MpcflError: no such run here, it finished or is running, its job differs, or this party's inputs changed.
     """
+    run = runs.Run(job.party_root(party), run_id)
     try:
-        record = runs.Run(job.party_root(party), run_id).read()
+        record = run.read()
+        lock = run.lock()
     except MpcflError as err:
         raise MpcflError(f"party {party}: {err}") from None
     runs.refuse_finished(record, who=f"party {party}")
@@ -125,16 +131,20 @@ def _reopen(job: JobBase, party: str, run_id: str) -> tuple[dict[str, Any], byte
         )
     inputs = record.get("inputs", {})
     salt = bytes.fromhex(inputs.get("salt", ""))
-    now = runs.commit_files(job.input_files(party), salt)
-    _refuse_changed_files(job, party, run_id, inputs.get("files", {}), now)
-    return record, salt, now
+    now = runs.commit_contents(contents, salt)
+    _refuse_changed_inputs(job, party, run_id, inputs.get("files", {}), now)
+    return record, salt, now, lock
 
 
-def begin_run(job: JobBase, party: str, *, resume: str | bool = False, run_id: str | None = None) -> PartyRun:
+def begin_run(
+    job: JobBase, party: str, contents: Mapping[str, bytes], *, resume: str | bool = False, run_id: str | None = None
+) -> PartyRun:
     """Agrees on the run with the other parties and opens this party's side of it; every party calls it
-    right after joining, before anything is shared.
+    once its inputs are loaded, before anything is shared.
 
     Args:
+        contents: what this party's run is made from, by the job key naming each part, as loaded
+            (:func:`mpcfl.data.party.contents`): committed to, so that a resume with other inputs is refused.
         resume: ``False`` for a new run; ``True`` for this party's newest unfinished run; or a run id.
         run_id: a new run's id as proposed to this party (party 0's proposal is the run's).
 
@@ -145,18 +155,20 @@ def begin_run(job: JobBase, party: str, *, resume: str | bool = False, run_id: s
     names = job.party_names
     root = job.party_root(party)
 
-    def propose() -> tuple[str, dict[str, Any] | None, bytes, dict[str, str]]:
+    Proposal = tuple[str, dict[str, Any] | None, bytes, dict[str, str], IO[bytes] | None]
+
+    def propose() -> Proposal:
         if resume:
             chosen = _chosen(job, party, resume)
-            return (chosen, *_reopen(job, party, chosen))
+            return (chosen, *_reopen(job, party, chosen, contents))
         salt = secrets.token_bytes(32)
-        return run_id or runs.new_run_id(), None, salt, runs.commit_files(job.input_files(party), salt)
+        return run_id or runs.new_run_id(), None, salt, runs.commit_contents(contents, salt), None
 
-    def public(proposal: tuple[str, dict[str, Any] | None, bytes, dict[str, str]]) -> list[int]:
-        chosen, _, salt, digests = proposal
+    def public(proposal: Proposal) -> list[int]:
+        chosen, _, salt, digests, _ = proposal
         return _words(chosen) + to_words(bytes.fromhex(runs.commitment(salt, digests))).tolist()
 
-    (chosen, record, salt, digests), everyone = agreed_public("run start", names, propose, public, width=2 * _WORDS)
+    (chosen, record, salt, digests, lock), everyone = agreed_public("run start", names, propose, public, width=2 * _WORDS)
     ids = [_bytes(row[:_WORDS]).rstrip(b"\0").decode(errors="replace") for row in everyone]
     announced = {name: _bytes(row[_WORDS:]).hex() for name, row in zip(names, everyone)}
     if resume and len(set(ids)) > 1:
@@ -176,6 +188,7 @@ def begin_run(job: JobBase, party: str, *, resume: str | bool = False, run_id: s
             "inputs": {"salt": salt.hex(), "files": digests, "commitment": announced[party]},
             "commitments": announced,
         }))
+        lock = run.lock()  # a fresh folder: nobody else holds it
         log.info("run %s", chosen)
-    return PartyRun(job=job.bound_to(chosen), run=run, inputs=inputs, resumed=record is not None)
+    return PartyRun(job=job.bound_to(chosen), run=run, inputs=inputs, resumed=record is not None, lock=lock)
 

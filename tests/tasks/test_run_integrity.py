@@ -23,6 +23,7 @@ from conftest import (
     write_csv, write_job,
 )
 from mpcfl import runs
+from mpcfl.data.party import contents, load_party_data
 from mpcfl.errors import ConfigError
 from mpcfl.jobs.schema import load_job
 from mpcfl.models.heads import head_of
@@ -119,7 +120,7 @@ def test_a_resume_refuses_a_finished_run_changed_inputs_and_a_reopening(tmp_path
     resume = ("run", str(path), "--resume", run_id)
     refusals = {
         (): "a finished run is never resumed",
-        ("finished",): f"party p1: data.train ({train}) differ from what it committed to when run {run_id} began",
+        ("finished",): f"party p1: its data.train in {path} differ from what it committed to when run {run_id} began",
         ("finished", "inputs"): "'round 2 average update' was already opened in this run with other inputs",
     }
     for skipped, message in refusals.items():
@@ -181,31 +182,56 @@ def test_journal_refuses_a_reopening_with_other_contributors_receivers_or_inputs
     assert again.conflict(runs.Opening("round 3 average update", ("p0",), ("p0", "p1", "p2"), "def")) is None
 
 
-def test_commitments_hide_contents_and_catch_any_change(tmp_path: Path) -> None:
-    data = write_csv(tmp_path / "rows.csv", ["a"], [[1]])
+def test_commitments_cover_the_rows_as_loaded_and_hide_them(tmp_path: Path) -> None:
+    parties = []
+    for i, columns in enumerate((["pid", "mean_radius"], ["pid", "worst_area", "malignant"])):
+        rows = [[f"id{r}", float(r), r % 2][: len(columns)] for r in range(20)]
+        files = {split: str(write_csv(tmp_path / f"p{i}_{split}.csv", columns, rows[:n])) for split, n in (("train", 20), ("test", 5))}
+        parties.append({"name": f"p{i}", "data": files})
+    spec = base_job(parties=parties, labels={"party": "p1", "column": "malignant"})
+    spec["data"] = {"standardize": True, "id_column": "pid"}
+    job = load_job(write_job(tmp_path, spec))
     salt = b"s" * 32
-    digests = runs.commit_files({"data.train": data, "data.test": None}, salt)
-    assert list(digests) == ["data.train"]
-    assert digests != runs.commit_files({"data.train": data}, b"t" * 32)  # salted: the same file, another digest
+    loaded = load_party_data(job, "p1")
+    digests = runs.commit_contents(contents(loaded), salt)
+    assert list(digests) == ["data.test", "data.train"]
+    assert digests != runs.commit_contents(contents(loaded), b"t" * 32)  # salted: the same rows, another digest
     assert runs.commitment(salt, digests) != runs.commitment(b"t" * 32, digests)
-    data.write_text("a\n2\n")
-    assert runs.commit_files({"data.train": data}, salt) != digests
-    assert runs.commit_files({"data.train": tmp_path / "gone.csv"}, salt) == {"data.train": "unreadable"}
+    for change in ("value", "label", "id"):  # any change to what the run would use
+        other = load_party_data(job, "p1")
+        {"value": other.train.x, "label": other.train.y}.get(change, np.zeros(1))[:1] += 1
+        if change == "id":
+            other.train.ids[0] = "another"
+        assert runs.commit_contents(contents(other), salt)["data.train"] != digests["data.train"], change
 
 
 def test_run_ids_sort_by_time_and_only_finished_runs_become_latest(tmp_path: Path) -> None:
     ids = [runs.new_run_id() for _ in range(3)]
     assert len(set(ids)) == 3 and all(runs.is_run_id(i) for i in ids)
-    with pytest.raises(Exception, match="is not a run id"):
-        runs.check_run_id("../elsewhere", where="--resume")
+    for bad in ("../elsewhere", ids[0] + "\n"):
+        with pytest.raises(Exception, match="is not a run id"):
+            runs.check_run_id(bad, where="--resume")
     root = tmp_path / "p0"
-    old, new = runs.start(root, "20261201-000000-aaaaaaaaaaaa", {}), runs.start(root, "20261202-000000-bbbbbbbbbbbb", {})
+    job = {"job": "a"}
+    old, new = runs.start(root, "20261201-000000-aaaaaaaaaaaa", job), runs.start(root, "20261202-000000-bbbbbbbbbbbb", job)
     with pytest.raises(Exception, match="exists already"):
-        runs.start(root, old.run_id, {})
+        runs.start(root, old.run_id, job)
     old.finish({"test_accuracy": 0.9})
-    assert runs.latest(root) == old.dir
-    assert runs.newest_unfinished(root) == new.run_id
+    assert runs.latest(root, "a") == old.dir
+    assert runs.newest_unfinished(root, "a") == new.run_id
     new.end(runs.FAILED, "p1 failed")
-    assert runs.latest(root) == old.dir and runs.Run(root, new.run_id).read()["error"] == "p1 failed"
+    assert runs.latest(root, "a") == old.dir and runs.Run(root, new.run_id).read()["error"] == "p1 failed"
+    # Another job writing into the same folder keeps apart, and its run as latest is not this job's model.
+    other = runs.start(root, "20261203-000000-cccccccccccc", {"job": "b"})
+    assert runs.run_ids(root, "a") == [old.run_id, new.run_id] and runs.newest_unfinished(root, "b") == other.run_id
+    other.finish({})
+    with pytest.raises(Exception, match="the latest run here is one of job b, not of job a"):
+        runs.latest(root, "a")
+    # One process at a time holds a run: a second resume of a live run is refused.
+    held = new.lock()
+    with pytest.raises(Exception, match="is in use by another process"):
+        new.lock()
+    held.close()
+    new.lock().close()
     new.write({**new.read(), "status": runs.RUNNING, "pid": 2**22 + 1})  # beyond pid_max: a process that is gone
     assert runs.status_of(new.read()) == "interrupted"

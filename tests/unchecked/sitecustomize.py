@@ -26,7 +26,7 @@ if _SKIP:
     if "finished" in _SKIP:
         runs.refuse_finished = _nothing
     if "inputs" in _SKIP:
-        run._refuse_changed_files = _nothing
+        run._refuse_changed_inputs = _nothing
         run._refuse_changed_commitments = _nothing
     if "journal" in _SKIP:
         runs.Journal.conflict = _nothing

@@ -28,7 +28,8 @@ import torch
 
 from mpcfl.data.files import DataError
 from mpcfl.data.party import (
-    PartyData, apply_scaler, check_range, check_scaling_covers, columns_hash, load_party_data, scale_publicly,
+    PartyData, apply_scaler, check_range, check_scaling_covers, columns_hash, contents, load_party_data,
+    scale_publicly,
 )
 from mpcfl.dp.accountant import Charge, calibrate_noise_multiplier, replace_one
 from mpcfl.errors import MpcflError, PeerFailure
@@ -218,13 +219,13 @@ class _Training:
         self.update: tuple[torch.Tensor, float, MpcflError | None] | None = None  # the current round's, kept for a redo
         self.reveals_before = 0  # this party's reveals before the current round's average: one more means it began opening it
 
-    def prepare(self, rank: int, resume: bool) -> None:
-        """Loads and scales this party's rows and builds the model, in the first session."""
+    def prepare(self, rank: int, resume: bool, data: PartyData) -> None:
+        """Scales this party's rows (``data``, as loaded) and builds the model, in the first session."""
         job, party = self.job, self.party
         start = None
         if resume:
             start = agreed("checkpoint loading", job.party_names, lambda: _resume_point(job, party, rank, self.budget))
-        self.data = agreed("data loading", job.party_names, lambda: _load(job, party))
+        self.data = data
         self.n_features = _prepare(job, self.data, _Round(job, session_device(), job.world_size), party)
         self.head = head_of(job.model)
         self.train_rows = Rows.of(self.data.train, self.head)
@@ -337,14 +338,15 @@ def run_party(
             try:
                 with party_session(session, party) as rank:
                     if training is None:
-                        run = begin_run(job, party, resume=resume, run_id=run_id)
+                        data = agreed("data loading", job.party_names, lambda: _load(job, party))
+                        run = begin_run(job, party, contents(data), resume=resume, run_id=run_id)
                         stack.enter_context(run.recorded())
                         job = run.job
                         budget = agreed("privacy ledger", job.party_names, lambda: privacy_budget(job, party, resume=run.resumed))
                         training = _Training(job, party, budget, run.disclosure(budget))
                     with training.disclosure:
                         if not training.in_rounds:
-                            training.prepare(rank, run.resumed)
+                            training.prepare(rank, run.resumed, data)
                         else:
                             training.resynchronise(session.parties)
                         training.run_rounds(session.parties, rank)

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mpcfl.data.party import PartyData, load_party_data
+from mpcfl.data.party import PartyData, contents, load_party_data
 from mpcfl.data.psi import align
 from mpcfl.dp.budget import Budget
 from mpcfl.errors import MpcflError
@@ -87,7 +87,8 @@ def run_party(
     """
     with contextlib.ExitStack() as stack:
         with party_session(session_of(job, rendezvous=rendezvous, key_file=key_file), party) as rank:
-            run = begin_run(job, party, resume=resume, run_id=run_id)
+            data = agreed("data loading", job.party_names, lambda: load_party_data(job, party))
+            run = begin_run(job, party, contents(data), resume=resume, run_id=run_id)
             stack.enter_context(run.recorded())
             job = run.job
             budget = agreed("privacy ledger", job.party_names, lambda: privacy_budget(job, party, resume=run.resumed))
@@ -96,7 +97,6 @@ def run_party(
                 start = None
                 if run.resumed:
                     start = agreed("checkpoint loading", job.party_names, lambda: _resume_point(job, party, rank, budget))
-                data = agreed("data loading", job.party_names, lambda: load_party_data(job, party))
                 alignment = align(job, data, rank=rank) if job.keyed else None
                 device = session_device()
                 log.info("computing on %s", device)
