@@ -2,7 +2,8 @@
 
 Errors a user can act on print as one line, ``mpcfl: error: ...``, and exit 1;
 ``--debug`` shows the traceback instead. A party that lost a peer exits 3, so the
-launcher can tell the process that failed first from those that followed.
+launcher can tell the process that failed first from those that followed, and names the
+peer it gave up waiting for, where it knows which, in a line of its own.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from mpcfl import runs
-from mpcfl.errors import MpcflError, exit_code
+from mpcfl.errors import WAITING_ON, MpcflError, PeerFailure, exit_code
 from mpcfl.mpc import providers
 from mpcfl.mpc.compat import DEFAULT_TIMEOUT_S
 
@@ -256,7 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MpcflError as err:
         if args.debug:
             raise
-        print(f"mpcfl: error: {err}", file=sys.stderr)
+        if isinstance(err, PeerFailure) and err.waiting_on is not None:
+            print(f"{WAITING_ON}{err.waiting_on}", file=sys.stderr)
+        print(f"mpcfl: error: {err}", file=sys.stderr)  # the last line, as ever
         return exit_code(err)
     except KeyboardInterrupt:
         print("mpcfl: interrupted", file=sys.stderr)

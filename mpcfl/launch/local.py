@@ -5,7 +5,8 @@ For a job, each child runs ``python -m mpcfl party|dealer``; for a party script
 environment. All meet on a private file rendezvous, and every listener binds to
 loopback (:func:`local_rendezvous`). A child's
 output lines are prefixed with its name. If any child fails, the others are
-stopped and the launcher reports the child that failed first. Children die
+stopped and the launcher reports the child that failed first, or, if the others
+only followed it, the one they were waiting for. Children die
 with the launcher (PR_SET_PDEATHSIG) and are killed as process groups, so no
 process is left behind.
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from mpcfl import runs
-from mpcfl.errors import MpcflError, first_own_failure
+from mpcfl.errors import WAITING_ON, MpcflError, first_own_failure
 from mpcfl.jobs import registry
 from mpcfl.jobs.schema import JobBase
 from mpcfl.launch.env import KEYS, script_session, to_env
@@ -93,6 +94,7 @@ class Child:
     process: subprocess.Popen
     error_line: str = ""
     last_line: str = ""  # a script's traceback ends with its exception
+    waiting_on: str | None = None  # the peer it gave up waiting for, as it said (errors.WAITING_ON)
     ended_at: float | None = None
     pump: threading.Thread | None = field(default=None, repr=False)
 
@@ -114,6 +116,9 @@ def _pump(child: Child, stream: IO[bytes], sink: IO[str]) -> None:
             segment, end, pending = pending[:cut], pending[cut : cut + 1], pending[cut + 1 :]
             text = segment.decode("utf-8", "replace")
             if not text.strip():
+                continue
+            if text.startswith(WAITING_ON):  # for the launcher; the error line says it in words
+                child.waiting_on = text.removeprefix(WAITING_ON).strip()
                 continue
             if text.startswith("mpcfl: error: "):
                 child.error_line = text.removeprefix("mpcfl: error: ")
@@ -186,8 +191,9 @@ _SETTLE_S = 3.0
 
 
 def _blame(children: list[Child]) -> str:
-    """Who failed first, and how: a child that failed on its own beats one that lost a peer,
-    and if every failure is a lost peer, the children still running are the ones that hung."""
+    """Who failed first, and how: a child that failed on its own beats one that lost a peer;
+    if every failure is a lost peer, the children still running are the ones that hung; if
+    none is, the one that the first witness, in start order, gave up waiting for."""
     failed = sorted((c for c in children if c.failed), key=lambda c: c.ended_at or float("inf"))
     culprit = first_own_failure([(c, c.process.returncode) for c in failed])
     if culprit is not None:
@@ -203,6 +209,12 @@ def _blame(children: list[Child]) -> str:
             f"{', '.join(silent)} stopped responding (hung, stopped, or cut off from the network); "
             f"the others gave up: {failed[0].error_line or 'lost a peer'}"
         )
+    # Start order puts the dealer first: the protocol trusts it already, and it names a party only
+    # for a digest the party owed whatever the others did. Then the parties, by rank.
+    names = {c.name for c in children}
+    witness = next((c for c in children if c.failed and c.waiting_on in names), None)
+    if witness is not None:
+        return f"{witness.waiting_on} stalled the job: {witness.error_line}"
     return f"{failed[0].name} failed: {failed[0].error_line or 'lost a peer'}"
 
 
@@ -246,6 +258,9 @@ def supervise(children: list[Child], *, sink: IO[str], expendable: frozenset[str
                     if first_own_failure(ended) is not None or all(c.ended_at is not None for c in children):
                         break
                     time.sleep(_POLL_S)
+                for child in children:  # an ended child's last lines (its error, whom it waited for) first
+                    if child.ended_at is not None and child.pump is not None:
+                        child.pump.join(timeout=2)
                 message = _blame(children)
                 stop_all(children)
                 print(f"mpcfl: error: {message}", file=sys.stderr)

@@ -15,7 +15,7 @@ import functools
 import importlib
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mpcfl.errors import MpcflError
@@ -171,8 +171,9 @@ def end_crypten(crypten: types.ModuleType, *, failed: bool) -> None:
         forget_session()
 
 
-def run_dealer_server(crypten: types.ModuleType) -> None:
-    """Serves triples as the dealer (:class:`mpcfl.mpc.providers.ttp.Dealer`) until party 0 ends the session.
+def run_dealer_server(crypten: types.ModuleType, parties: Sequence[str]) -> None:
+    """Serves triples as the dealer (:class:`mpcfl.mpc.providers.ttp.Dealer`) to ``parties`` (names by rank)
+    until party 0 ends the session.
 
     CrypTen's own TTPServer is not used: it dispatches any method party 0 names and
     swallows link errors, so a dealer whose parties died would exit as if the job
@@ -180,7 +181,7 @@ def run_dealer_server(crypten: types.ModuleType) -> None:
     """
     from mpcfl.mpc.providers.ttp import Dealer
 
-    Dealer.start(crypten.comm.get()).serve()
+    Dealer.start(crypten.comm.get(), parties).serve()
 
 
 def _route_randomness(crypten: types.ModuleType) -> None:
@@ -243,14 +244,13 @@ def _announce_triple_requests(crypten: types.ModuleType) -> None:
     crypten 0.4.1 lets party 0 alone talk to the dealer, so the dealer cannot tell
     a request every party makes from one party 0 invented. The same wrappers record
     and serve prefetched batches (:func:`mpcfl.mpc.providers.ttp.prefetched`); party 0's
-    ``ttp_request`` answers a prefetched request from its queue.
+    ``ttp_request`` (:func:`mpcfl.mpc.providers.ttp.request`) answers a prefetched request
+    from its queue, and hears whose digest the dealer gave up waiting for.
     """
-    from mpcfl.mpc.providers.ttp import PARTY_EXTENSIONS, PARTY_METHODS, announcing, serving_prefetched
+    from mpcfl.mpc.providers.ttp import PARTY_EXTENSIONS, PARTY_METHODS, announcing, request
 
     client = crypten.mpc.provider.ttp_provider.TTPClient._TTPClient__TTPClient
-    if not getattr(client.ttp_request, "_mpcfl_patched", False):
-        client.ttp_request = serving_prefetched(client.ttp_request)
-        client.ttp_request._mpcfl_patched = True  # type: ignore[attr-defined]
+    client.ttp_request = request
     provider = crypten.mpc.provider.ttp_provider.TrustedThirdParty
     for method, function in PARTY_EXTENSIONS.items():  # the fixed-mask requests, wrapped below
         if not hasattr(provider, method):

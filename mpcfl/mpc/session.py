@@ -37,7 +37,7 @@ from mpcfl.mpc.compat import (
 )
 from mpcfl.mpc.wire import from_words, to_words
 from mpcfl.mpc.auth import Credentials, authenticate
-from mpcfl.errors import MpcflError, PeerFailure
+from mpcfl.errors import MpcflError, PeerFailure, first_line
 
 if TYPE_CHECKING:  # torch loads where a session runs; the launcher builds sessions without it
     import torch
@@ -165,7 +165,7 @@ def _configure(session: Session) -> Any:
 
 
 def _translate(err: RuntimeError, who: str, session: Session) -> MpcflError:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = first_line(err)
     rendezvous = os.environ.get(ENV_RENDEZVOUS, "the rendezvous")
     if "EADDRINUSE" in str(err) or "address already in use" in str(err):
         return MpcflError(f"{who}: cannot host the rendezvous {rendezvous}: the port is already in use; pick another port")
@@ -184,7 +184,8 @@ def _translate(err: RuntimeError, who: str, session: Session) -> MpcflError:
 
 @contextlib.contextmanager
 def _crypten_session(crypten: Any, session: Session, who: str) -> Iterator[None]:
-    """Turns gloo's errors into one-line ones and always leaves the process group.
+    """Turns gloo's errors into one-line ones, says who gave up waiting on a named peer, and
+    always leaves the process group.
 
     A process that exits without ``crypten.uninit()`` can abort in gloo's threads.
     """
@@ -194,6 +195,10 @@ def _crypten_session(crypten: Any, session: Session, who: str) -> Iterator[None]
         failed = False
     except RuntimeError as err:
         raise _translate(err, who, session) from err
+    except PeerFailure as err:
+        if err.waiting_on is None:
+            raise
+        raise PeerFailure(f"{who}: {err}", waiting_on=err.waiting_on) from err
     finally:
         with contextlib.suppress(RuntimeError):
             end_crypten(crypten, failed=failed)
@@ -258,7 +263,7 @@ def _serve(session: Session) -> None:
     crypten = _configure(session)
     with _crypten_session(crypten, session, who):
         init_crypten(crypten, lambda: session.authenticate(crypten, session.world_size))
-        run_dealer_server(crypten)  # returns when party 0 sends "terminate"
+        run_dealer_server(crypten, session.parties)  # returns when party 0 sends "terminate"
     log.info("dealer finished")
 
 

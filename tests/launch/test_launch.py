@@ -14,8 +14,11 @@ import pytest
 import torch
 
 from conftest import (
-    SCRIPTS, assert_no_leftovers, assert_only_failed_runs, base_job, live_processes, mpcfl, vertical_parties, write_job,
+    REPO, SCRIPTS, assert_no_leftovers, assert_only_failed_runs, base_job, live_processes, mpcfl, vertical_parties,
+    write_job,
 )
+
+FAULTS = REPO / "tests" / "faults"  # a deviating party (tests/faults/sitecustomize.py)
 
 
 def small_job(tmp_path: Path, **runtime: object) -> Path:
@@ -175,6 +178,28 @@ def test_a_stopped_party_is_named_once_its_peers_time_out(tmp_path: Path) -> Non
     # p1 is named; the dealer, idle while the parties wait on p1, may be named with it.
     assert re.search(r"mpcfl: error: (dealer, )?p1(, dealer)? stopped responding \(hung, stopped, or cut off", err), err
     assert_no_leftovers(str(job))
+
+
+def test_a_party_withholding_its_dealer_digests_is_the_one_named_in_every_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # p1 goes on as if it had sent them, so it gives up too, waiting on p0 in an opening: every
+    # process ends as one that lost a peer, in whatever order, and only the dealer knows whose
+    # digest never came.
+    job = small_job(tmp_path, timeout_s=5)
+    monkeypatch.setenv("MPCFL_WITHHOLD_DIGESTS", "p1")
+    # The hook imports mpcfl before `-m` puts the working directory on sys.path: this checkout first.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), str(FAULTS), os.environ.get("PYTHONPATH")])))
+    waited = "gave up waiting for party p1 (its dealer digest of request "
+    for _ in range(2):
+        done = mpcfl("run", str(job), timeout=120)
+        assert done.returncode == 1
+        blame = done.stderr.strip().splitlines()[-1]
+        assert blame.startswith(f"mpcfl: error: p1 stalled the job: dealer: {waited}"), blame
+        assert f"[dealer] mpcfl: error: dealer: {waited}" in done.stdout
+        assert f"[p0] mpcfl: error: party p0: the dealer {waited}" in done.stdout
+        assert "waiting on" not in done.stdout  # the launcher reads those lines; they are not output
+        assert_no_leftovers(str(job))
 
 
 def test_rendezvous_port_in_use_and_unreachable(tmp_path: Path) -> None:

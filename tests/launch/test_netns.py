@@ -138,5 +138,6 @@ def test_a_cut_link_stops_everyone_within_the_timeout(hosts: Hosts, tmp_path: Pa
         assert process.returncode != 0, role
         last = results[role][1].strip().splitlines()[-1]
         assert last.startswith(f"mpcfl: error: {'dealer' if role == 'dealer' else 'party ' + role}: "), last
-    assert "lost a peer" in results["p0"][1]
+    # p0 lost p1, or, waiting for the dealer's answer, hears that the dealer gave up waiting for p1's digest.
+    assert "lost a peer" in results["p0"][1] or "the dealer gave up waiting for party p1" in results["p0"][1]
     assert_no_leftovers(str(job))

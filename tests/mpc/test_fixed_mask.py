@@ -18,6 +18,7 @@ from mpcfl.mpc.prng import SecureGenerator, new_key
 from mpcfl.mpc.providers.ttp import Dealer, DealerRequestRefused, answer_size, request_digest
 
 BINDING, OTHER = "ab" * 32, "cd" * 32
+NAMES = ("p0", "p1")  # the parties, by rank
 
 
 def _request(function: str, *args: object) -> dict:
@@ -26,7 +27,7 @@ def _request(function: str, *args: object) -> dict:
 
 def _dealer() -> tuple[Dealer, list[SecureGenerator]]:
     keys = [new_key() for _ in range(2)]
-    return Dealer(SimpleNamespace(), [SecureGenerator(k) for k in keys]), [SecureGenerator(k) for k in keys]
+    return Dealer(SimpleNamespace(), [SecureGenerator(k) for k in keys], NAMES), [SecureGenerator(k) for k in keys]
 
 
 def _serve(dealer: Dealer, message: dict) -> torch.Tensor:
@@ -77,8 +78,10 @@ def test_the_dealer_refuses_a_mask_whose_data_binding_differs_between_parties(mo
 
     message = _request("fixed_mask", BINDING, (5, 3))
     announced = {1: request_digest("fixed_mask", None, (OTHER, (5, 3)), {})}
-    monkeypatch.setattr(dist, "recv", lambda tensor, src, group: tensor.copy_(announced[src]))
-    dealer = Dealer(SimpleNamespace(ttp_group=None), [SecureGenerator(), SecureGenerator()])
+    monkeypatch.setattr(
+        dist, "irecv", lambda tensor, src, group: SimpleNamespace(wait=lambda timeout: tensor.copy_(announced[src]))
+    )
+    dealer = Dealer(SimpleNamespace(ttp_group=None), [SecureGenerator(), SecureGenerator()], NAMES)
     with pytest.raises(DealerRequestRefused, match="request 'fixed_mask' that party 1 did not make"):
         dealer._agree(message)
     announced[1] = request_digest("fixed_mask", None, (BINDING, (5, 3)), {})

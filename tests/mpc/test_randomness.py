@@ -13,6 +13,8 @@ from mpcfl.mpc.generators import InsecureGeneratorError, make_drawers
 from mpcfl.mpc.prng import SecureGenerator, key_to_words, new_key, numpy_generator, words_to_key
 from mpcfl.mpc.providers.ttp import PRODUCTS, Dealer, DealerRequestRefused
 
+NAMES = ("p0", "p1", "p2")  # the parties, by rank
+
 
 def test_a_key_fixes_the_stream_and_keys_are_full_width() -> None:
     key = new_key()
@@ -73,7 +75,7 @@ def test_negative_values_decode_exactly(crypten_single: None) -> None:
 
 def _dealer(parties: int) -> tuple[Dealer, list[SecureGenerator]]:
     keys = [new_key() for _ in range(parties)]
-    return Dealer(SimpleNamespace(), [SecureGenerator(k) for k in keys]), [SecureGenerator(k) for k in keys]
+    return Dealer(SimpleNamespace(), [SecureGenerator(k) for k in keys], NAMES), [SecureGenerator(k) for k in keys]
 
 
 @pytest.mark.parametrize("parties", [2, 3])
@@ -140,7 +142,7 @@ def test_the_dealer_answers_from_host_memory_whatever_the_device(device: str | N
         get_ttp_rank=lambda: 2, ttp_group=None, ttp_comm_group=None,
         send_obj=lambda obj, dst, group: None, broadcast=lambda tensor, src, group: sent.append(tensor),
     )
-    dealer = Dealer(comm, [SecureGenerator(), SecureGenerator()])
+    dealer = Dealer(comm, [SecureGenerator(), SecureGenerator()], NAMES)
     messages = iter([{"function": "square", "device": device, "args": ((3,),), "kwargs": {}}, "terminate"])
     monkeypatch.setattr(dealer, "_receive", lambda: next(messages))
     monkeypatch.setattr(dealer, "_agree", lambda message: None)
@@ -171,7 +173,7 @@ def test_the_dealer_raises_the_link_error_instead_of_swallowing_it(monkeypatch: 
         raise RuntimeError("Connection reset by peer")
 
     monkeypatch.setattr(dist, "irecv", reset)
-    dealer = Dealer(SimpleNamespace(get_ttp_rank=lambda: 2, ttp_group=None), [SecureGenerator(), SecureGenerator()])
+    dealer = Dealer(SimpleNamespace(get_ttp_rank=lambda: 2, ttp_group=None), [SecureGenerator(), SecureGenerator()], NAMES)
     with pytest.raises(RuntimeError, match="Connection reset by peer"):
         dealer.serve()
 
@@ -194,10 +196,10 @@ def test_a_batch_answers_what_its_items_answer_one_by_one(parties: int) -> None:
         _item("wraps", (3,)), _item("B2A", (4,)), _item("additive", (1, 1, 4, 4), (1, 1, 2, 2), "conv2d", padding=1),
     ]
     keys = [new_key() for _ in range(parties)]
-    batched = Dealer(SimpleNamespace(), [SecureGenerator(k) for k in keys])
+    batched = Dealer(SimpleNamespace(), [SecureGenerator(k) for k in keys], NAMES)
     function, args, kwargs = batched._check(_batch(*items))
     flat = function(*args, **kwargs)
-    single = Dealer(SimpleNamespace(), [SecureGenerator(k) for k in keys])
+    single = Dealer(SimpleNamespace(), [SecureGenerator(k) for k in keys], NAMES)
     one_by_one = []
     for item in items:
         f, a, k = single._check(item)
@@ -240,8 +242,10 @@ def test_the_dealer_serves_a_batch_only_if_every_party_announced_it(monkeypatch:
 
     items = (_item("square", (2,)), _item("additive", (2,), (2,), "mul"))
     announced = {1: batch_digest(items), 2: batch_digest(items[:1])}
-    monkeypatch.setattr(dist, "recv", lambda tensor, src, group: tensor.copy_(announced[src]))
-    dealer = Dealer(SimpleNamespace(ttp_group=None), [SecureGenerator() for _ in range(3)])
+    monkeypatch.setattr(
+        dist, "irecv", lambda tensor, src, group: SimpleNamespace(wait=lambda timeout: tensor.copy_(announced[src]))
+    )
+    dealer = Dealer(SimpleNamespace(ttp_group=None), [SecureGenerator() for _ in range(3)], NAMES)
     with pytest.raises(DealerRequestRefused, match=r"request 'batch' \(2 requests\) that party 2 did not make"):
         dealer._agree(_batch(*items))
     announced[2] = batch_digest(items)

@@ -25,7 +25,10 @@ differ here:
   matmul returns minus their sum exactly), then subtract them from the next
   opening. Here every other party sends the dealer a digest of each request it
   makes (:func:`announcing`, a send nobody waits on), and the dealer serves a
-  request only when all digests match party 0's.
+  request only when all digests match party 0's. A party owes its digest the moment
+  it makes the request, whatever the others do, so a digest that does not come names
+  the party that stalled: the dealer gives up on it, and tells party 0, waiting for
+  the answer, whose it was (:func:`request`), so both name it.
 
 Prefetching (:func:`prefetched`, the job's ``runtime.prefetch``): the dealer's requests
 depend only on public shapes, so every party records the requests of a unit of work
@@ -64,13 +67,15 @@ import hashlib
 import itertools
 import inspect
 import logging
+import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import torch
 
-from mpcfl.errors import MpcflError, PeerFailure
-from mpcfl.mpc.wire import to_words
+from mpcfl.errors import MpcflError, PeerFailure, first_line
+from mpcfl.mpc.providers import DEALER
+from mpcfl.mpc.wire import from_words, to_words
 from mpcfl.mpc.prng import KEY_WORDS, SecureGenerator, key_to_words, new_key, words_to_key
 
 log = logging.getLogger(__name__)
@@ -114,6 +119,10 @@ MAX_MASK_ELEMENTS = MAX_ELEMENTS
 ABORT = "abort"
 #: The longest silence party 0 may announce (``quiet``), beyond the job's timeout.
 MAX_QUIET_S = 24 * 3600
+#: How long party 0, given no answer, waits to hear whose digest the dealer gave up waiting for.
+NOTICE_S = 1.0
+#: That party's name as the dealer tells it: zero-padded to this many bytes.
+NAME_BYTES = 256
 
 
 def _plain(value: Any) -> Any:
@@ -260,11 +269,13 @@ class Dealer:
     Args:
         communicator: CrypTen's communicator, initialised as the dealer (rank n).
         generators: the stream shared with each party, by rank.
+        parties: the parties' names, by rank.
     """
 
-    def __init__(self, communicator: Any, generators: Sequence[SecureGenerator]) -> None:
+    def __init__(self, communicator: Any, generators: Sequence[SecureGenerator], parties: Sequence[str]) -> None:
         self.comm = communicator
         self.generators = list(generators)
+        self.parties = list(parties)
         self.requests: dict[str, Callable[..., torch.Tensor]] = {
             "additive": self.additive,
             "square": self.square,
@@ -280,8 +291,8 @@ class Dealer:
         self._patience_s = 0  # how much longer than the timeout the next request may take
 
     @classmethod
-    def start(cls, communicator: Any) -> Dealer:
-        """Sends each party its own fresh key (the party side is :func:`receive_dealer_key`)."""
+    def start(cls, communicator: Any, parties: Sequence[str]) -> Dealer:
+        """Sends each party (``parties``: names by rank) its own fresh key (the party side is :func:`receive_dealer_key`)."""
         import torch.distributed as dist
 
         keys = [new_key() for _ in range(communicator.get_world_size())]
@@ -290,14 +301,15 @@ class Dealer:
         for request in pending:
             request.wait()
         dist.barrier(group=communicator.ttp_group)
-        return cls(communicator, [SecureGenerator(key) for key in keys])
+        return cls(communicator, [SecureGenerator(key) for key in keys], parties)
 
     def serve(self) -> None:
         """Answers requests until ``terminate``.
 
         Raises:
             DealerRequestRefused: a request outside the table (the dealer stops).
-            RuntimeError: the link to a party failed (gloo's error, not swallowed).
+            PeerFailure: a party's digest did not come (naming that party).
+            RuntimeError: the link to party 0 failed (gloo's error, not swallowed).
         """
         ttp_rank = self.comm.get_ttp_rank()
         served = 0
@@ -333,8 +345,16 @@ class Dealer:
         return restricted_loads(data.numpy().tobytes())
 
     def _agree(self, message: dict[str, Any]) -> None:
-        """Serves nothing that any party did not ask for too (see the module's docstring)."""
+        """Serves nothing that any party did not ask for too (see the module's docstring).
+
+        Raises:
+            DealerRequestRefused: a party's digest differs from party 0's request.
+            PeerFailure: a party's digest did not come within the timeout (party 0's for the answer),
+                or its link failed; party 0 is told whose.
+        """
         import torch.distributed as dist
+
+        from mpcfl.mpc.compat import process_group_timeout
 
         if message["function"] == "batch":
             expected = batch_digest(message["args"][0])
@@ -342,14 +362,30 @@ class Dealer:
         else:
             expected = request_digest(message["function"], message["device"], message["args"], message["kwargs"])
             what = f"request {message['function']!r}"
+        deadline = time.monotonic() + process_group_timeout().total_seconds()
         disagree = []
         for rank in range(1, len(self.generators)):
             announced = torch.empty(DIGEST_WORDS, dtype=torch.long)
-            dist.recv(announced, src=rank, group=self.comm.ttp_group)
+            left = datetime.timedelta(seconds=max(deadline - time.monotonic(), 1e-3))  # 0 means the group's timeout
+            try:
+                dist.irecv(announced, src=rank, group=self.comm.ttp_group).wait(left)
+            except RuntimeError as err:
+                raise self._stalled(rank, what, err) from err
             if not torch.equal(announced, expected):
                 disagree.append(rank)
         if disagree:
             raise self._refuse(f"{what} that party {', '.join(map(str, disagree))} did not make")
+
+    def _stalled(self, rank: int, what: str, err: RuntimeError) -> PeerFailure:
+        """Names the party whose digest did not come, to party 0 too (:func:`request`), on the link only
+        the two of them share: a timeout closes every link of the group the answer would come by."""
+        import torch.distributed as dist
+
+        name = self.parties[rank]
+        notice = to_words(name.encode()[:NAME_BYTES].ljust(NAME_BYTES, b"\0"))
+        with contextlib.suppress(RuntimeError):  # party 0 is listening, or gone
+            dist.isend(notice, dst=0, group=self.comm.ttp_comm_group).wait(datetime.timedelta(seconds=NOTICE_S))
+        return PeerFailure(f"gave up waiting for party {name} (its dealer digest of {what}): {first_line(err)}", waiting_on=name)
 
     def _check(self, message: Any, *, within: str | None = None) -> tuple[Callable[..., torch.Tensor], tuple, dict]:
         """The handler and arguments of a request, or a refusal naming what is wrong.
@@ -621,21 +657,50 @@ def generate_fixed_triple(self: Any, binding: str, size: Sequence[int], size1: S
 PARTY_EXTENSIONS = {"generate_fixed_mask": generate_fixed_mask, "generate_fixed_triple": generate_fixed_triple}
 
 
-def serving_prefetched(ttp_request: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """Wraps party 0's ``TTPClient.ttp_request``: a request taken from the prefetched queue
-    is answered from it instead of the dealer."""
+def request(self: Any, function: str, device: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Party 0's ``TTPClient.ttp_request``: CrypTen's, through the same calls (so its communication
+    statistics stay CrypTen's), except that a request taken from the prefetched queue is answered
+    from it, and that a missing answer is explained.
 
-    @functools.wraps(ttp_request)
-    def request(self: Any, function: str, device: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        answer = _prefetch.answer
-        if answer is None:
-            return ttp_request(self, function, device, *args, **kwargs)
+    Raises:
+        PeerFailure: no answer came; it names the party whose digest the dealer gave up waiting for,
+            if the dealer says so, or else the dealer.
+    """
+    import crypten.communicator as comm
+
+    answer = _prefetch.answer
+    if answer is not None:
         _prefetch.answer = None
         if answer[0] != function:
             raise MpcflError(f"prefetched answer for {answer[0]!r} taken by a {function!r} request")
         return answer[1]
+    communicator = comm.get()
+    device = None if device is None else str(device)
+    dealer = communicator.get_ttp_rank()
+    try:
+        communicator.send_obj({"function": function, "device": device, "args": args, "kwargs": kwargs}, dealer, self.ttp_group)
+        size = communicator.recv_obj(dealer, self.ttp_group)
+    except RuntimeError as err:
+        raise _no_answer(function, err, dealer, self.comm_group) from err
+    result = torch.empty(size, dtype=torch.long, device=device)
+    communicator.broadcast(result, dealer, self.comm_group)
+    return result
 
-    return request
+
+def _no_answer(function: str, err: RuntimeError, dealer: int, group: Any) -> PeerFailure:
+    """Why party 0 got no answer to ``function``: the dealer's notice (:meth:`Dealer._stalled`), if one
+    comes on ``group`` (party 0's and the dealer's own) within :data:`NOTICE_S`, or else ``err``."""
+    import torch.distributed as dist
+
+    notice = torch.zeros(NAME_BYTES // 8, dtype=torch.long)
+    try:
+        dist.irecv(notice, src=dealer, group=group).wait(datetime.timedelta(seconds=NOTICE_S))
+    except RuntimeError:
+        return PeerFailure(f"gave up waiting for the dealer (request {function!r}): {first_line(err)}", waiting_on=DEALER)
+    name = from_words(notice).rstrip(b"\0").decode(errors="replace")
+    return PeerFailure(
+        f"the dealer gave up waiting for party {name} (its dealer digest of request {function!r})", waiting_on=name
+    )
 
 
 class _Prefetch:
