@@ -15,6 +15,7 @@ import argparse
 import io
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import yaml
 
 from mpcfl.tasks.train.baseline import evaluate_state_dict
 from mpcfl.jobs.schema import load_job
+from mpcfl.dp.ledger import ENV_DIR
 from mpcfl.launch.local import run_local
 from mpcfl.outputs import atomic_write
 
@@ -56,6 +58,9 @@ def main() -> None:
         accuracies, multiplier = [], None
         for run in range(args.runs):
             job = load_job(job_file(epsilon, run))
+            # Each run is one alternative release, measured on its own: it gets a privacy ledger of its
+            # own, where a real deployment's every run on this data would charge the owners' one ledger.
+            os.environ[ENV_DIR] = str(OUT / "ledgers" / f"eps_{epsilon}_run_{run}")
             if run_local(job, sink=io.StringIO()) != 0:
                 raise SystemExit(f"the run at epsilon {epsilon} failed; rerun `mpcfl run {job.source}` to see why")
             receiver = job.party_root("hospital_b") / "latest"

@@ -95,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("job")
     listing.add_argument("--party", help="only this party's runs (on a multi-host job, the party on this host)")
 
+    ledger = sub.add_parser(
+        "ledger", parents=[common], help="a party's privacy ledger of its dataset, across runs and jobs: show or reset it"
+    )
+    ledger.add_argument("action", choices=["show", "reset"])
+    ledger.add_argument("job", help="a DP job naming the party's data")
+    ledger.add_argument("--party", required=True, help="the party whose dataset's ledger (reads only its files)")
+    ledger.add_argument("--reason", help="reset: why a fresh budget is started; kept in the ledger")
+
     validate = sub.add_parser("validate", parents=[common], help="check a job file without running it")
     validate.add_argument("job")
     validate.add_argument("--party", help="also load and check this party's data files")
@@ -155,6 +163,30 @@ def _list_runs(job: JobBase, only: str | None) -> None:
                   f"{record.get('ended') or '-':<25}  {resumed:<10}  {metrics}{why}".rstrip())
 
 
+def _ledger(job: JobBase, party: str, action: str, reason: str | None) -> None:
+    """``mpcfl ledger show|reset``: the privacy ledger of ``party``'s dataset."""
+    from mpcfl.data.party import dataset_digest, load_party_data
+    from mpcfl.dp.ledger import DatasetLedger
+
+    dp = getattr(job, "dp", None)
+    if dp is None:
+        raise MpcflError(f"{job.source}: no dp section: the ledger's total comes from a DP job's epsilon and delta")
+    name = job.party_names[job.rank_of(party)]
+    ledger = DatasetLedger.open(dataset_digest(load_party_data(job, name)), epsilon=dp.epsilon, delta=dp.delta, accountant=dp.accountant)
+    if action == "reset":
+        if not reason:
+            raise MpcflError("ledger reset: say why with --reason (it is kept in the ledger)")
+        ledger.reset(reason)
+        print(f"{name}: started a fresh budget for dataset {ledger.dataset[:16]}; the earlier charges stay in {ledger.path}")
+        return
+    print(f"{name}: dataset {ledger.dataset[:16]} in {ledger.path}: epsilon {ledger.spent():.4g} spent of "
+          f"{ledger.epsilon:g} at delta {ledger.delta:g} ({ledger.accountant}); {len(ledger.resets)} reset(s)")
+    for run_id, run in ledger.runs.items():
+        alone = DatasetLedger(ledger.path, ledger.dataset, ledger.epsilon, ledger.delta, ledger.accountant, {run_id: run})
+        print(f"  run {run_id}  job {run['job']}  {len(run['charges'])} charge(s)  epsilon {alone.spent():.4g} alone  "
+              f"updated {run['updated']}")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "launch":
         return _launch(args)
@@ -181,6 +213,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         task.require(job, registry.RESUME)
     if args.command == "runs":
         _list_runs(job, args.party)
+        return 0
+    if args.command == "ledger":
+        _ledger(job, args.party, args.action, args.reason)
         return 0
     command, party, rendezvous = args.command, getattr(args, "party", None), getattr(args, "rendezvous", None)
     if command == "worker":

@@ -208,6 +208,12 @@ def crypten_single() -> Iterator[None]:
             os.environ[key] = value
 
 
+@pytest.fixture(autouse=True)
+def _own_privacy_ledgers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's DP runs charge privacy ledgers of their own (mpcfl.dp.ledger), never the user's."""
+    monkeypatch.setenv("MPCFL_LEDGER_DIR", str(tmp_path / "ledgers"))
+
+
 UNCHECKED = REPO / "tests" / "unchecked"  # a build that skips named run-integrity checks
 
 

@@ -126,6 +126,15 @@ def contents(data: PartyData) -> dict[str, bytes]:
     return parts
 
 
+def dataset_digest(data: PartyData) -> str:
+    """Names a party's dataset across runs and jobs (its privacy ledger's key): a digest of its rows as
+    loaded. Unsalted, so the same data always has the same name; it stays in the party's own folder."""
+    digest = hashlib.sha256()
+    for key, value in sorted(contents(data).items()):
+        digest.update(key.encode() + b"\0" + len(value).to_bytes(8, "big") + value)
+    return digest.hexdigest()
+
+
 def _column_stats(data: PartyData) -> tuple[np.ndarray, np.ndarray]:
     mean = data.train.x.mean(axis=0)
     std = data.train.x.std(axis=0)

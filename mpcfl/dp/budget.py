@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mpcfl.dp.accountant import Accountant, Charge, create_accountant
+from mpcfl.dp.ledger import Binding
 from mpcfl.errors import MpcflError
 from mpcfl.outputs import write_json
 
@@ -31,6 +32,7 @@ class Budget:
     ledger: list[dict[str, Any]] = field(default_factory=list)
     path: Path | None = None  # where every charge is persisted at once, so a crash loses none
     notes: dict[str, Any] = field(default_factory=dict)  # mechanism details saved with the ledger
+    dataset: Binding | None = None  # the data owner's ledger of this dataset, across runs (mpcfl.dp.ledger)
 
     @classmethod
     def create(cls, *, epsilon: float, delta: float, accountant: str) -> Budget:
@@ -56,6 +58,8 @@ class Budget:
                 f"reveal of {what} refused: it would spend epsilon {after:.4g} at delta {self.delta:g}, "
                 f"beyond the budget of {self.epsilon:g} (spent so far: {self.spent():.4g})"
             )
+        if self.dataset is not None:
+            self.dataset.check(self.accountant.history, charge)
         self.accountant.compose(charge)
         self.ledger.append({"what": what, **charge.as_dict(), "epsilon_after": after})
         self.persist()
@@ -77,6 +81,8 @@ class Budget:
         """Writes the budget and ledger to ``path`` (atomically), if it has one."""
         if self.path is not None:
             write_json(self.path, {**self.state_dict(), "spent": self.spent()})
+        if self.dataset is not None:
+            self.dataset.record(self.accountant.history)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -301,16 +301,68 @@ def test_implausible_budgets_are_refused_or_warned(tmp_path: Path) -> None:
     assert "dp: delta 0.0005 is above 1/(10 n)" in done.stderr and "dp: epsilon 1000 is above 10" in done.stderr
 
 
-def test_the_revealed_model_varies_with_fresh_noise(tmp_path: Path) -> None:
-    """Same job, same seed, twice: only the DP noise (and fixed point's truncation) differ."""
-    states = []
+def test_the_budget_belongs_to_the_data_a_rerun_is_refused_until_the_ledger_is_reset(tmp_path: Path) -> None:
+    """Two runs of an epsilon-3 job on the same data would give the receiver two models, composed
+    epsilon 4.4, each run's privacy.json saying 3 of 3. The data owners' ledgers refuse the second
+    run before anything is shared; after an explicit reset it runs, with fresh noise."""
+    paths = []
     for run in ("one", "two"):
         spec = dp_demo()
         spec["training"]["epochs"] = 1
         spec["outputs"]["dir"] = str(tmp_path / run)
-        path = write_job(tmp_path / run, spec)
-        done = mpcfl("run", str(path), timeout=240)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-        states.append(torch.load(load_job(path).party_root("hospital_b") / "latest" / "model.pt", weights_only=True))
+        paths.append(write_job(tmp_path / run, spec))
+    done = mpcfl("run", str(paths[0]), timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    refused = mpcfl("run", str(paths[1]), timeout=120)
+    assert refused.returncode == 1
+    assert "earlier runs spent epsilon 3 of its total 3 (delta 1e-05), and this run asks 3; refused" in refused.stderr
+    second = load_job(paths[1])
+    assert not (second.party_root("hospital_b") / "latest").exists()
+    [folder] = [p for p in second.party_root("hospital_b").iterdir() if p.is_dir()]
+    assert not (folder / "openings.jsonl").exists(), "something was opened before the refusal"
+    shown = mpcfl("ledger", "show", str(paths[1]), "--party", "hospital_b", timeout=60)
+    assert "epsilon 3 spent of 3 at delta 1e-05 (rdp); 0 reset(s)" in shown.stdout, shown.stdout + shown.stderr
+    for party in ("hospital_a", "hospital_b"):
+        reset = mpcfl("ledger", "reset", str(paths[1]), "--party", party, "--reason", "test: a second model", timeout=60)
+        assert reset.returncode == 0 and "started a fresh budget" in reset.stdout, reset.stderr
+    done = mpcfl("run", str(paths[1]), timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    # What the ledger prevents without a reset: the two releases together spend more than the total.
+    both = create_accountant("rdp")
+    for path in paths:
+        privacy = json.loads((load_job(path).party_root("hospital_b") / "latest" / "privacy.json").read_text())
+        for entry in privacy["accountant"]["history"]:
+            both.compose(Charge(**entry))
+    assert both.epsilon(1e-5) > 4.0
+    states = [torch.load(load_job(path).party_root("hospital_b") / "latest" / "model.pt", weights_only=True) for path in paths]
     difference = max((states[0][k] - states[1][k]).abs().max().item() for k in states[0])
     assert difference > 1000 / SCALE  # truncation moves weights by a few units of 2^-16; the noise by far more
+
+
+def test_a_dataset_ledger_composes_every_run_and_keeps_its_resets(tmp_path: Path) -> None:
+    from mpcfl.dp.ledger import DatasetLedger, LedgerExhausted
+
+    def opened() -> DatasetLedger:
+        return DatasetLedger.open("d" * 64, epsilon=3.0, delta=1e-5, accountant="rdp", folder=tmp_path)
+
+    z = calibrate_noise_multiplier(epsilon=2.0, delta=1e-5, count=10, accountant="rdp")
+    first = Budget.create(epsilon=3.0, delta=1e-5, accountant="rdp")
+    first.dataset = opened().bind("run-1", job="j", party="p")
+    first.charge("epoch steps", Charge("gaussian", z, 10))
+    ledger = opened()  # as the next run reads it from disk
+    assert ledger.spent() == pytest.approx(2.0, rel=1e-3)
+    ledger.check_run("run-1", 3.0, who="p")  # a resume of run-1: its own charges are not counted twice
+    with pytest.raises(LedgerExhausted, match=r"earlier runs spent epsilon 2 of its total 3 \(delta 1e-05\), and this run asks 3"):
+        ledger.check_run("run-2", 3.0, who="party p")
+    ledger.check_run("run-2", 0.9, who="p")
+    # Each charge is composed with every earlier run's: one that would take the dataset past 3 is refused.
+    z1 = calibrate_noise_multiplier(epsilon=2.5, delta=1e-5, count=1, accountant="rdp")
+    second = Budget.create(epsilon=2.5, delta=1e-5, accountant="rdp")  # its own budget allows the charge
+    second.dataset = ledger.bind("run-2", job="j", party="p")
+    with pytest.raises(LedgerExhausted, match="party p: dataset dddddddddddddddd"):
+        second.charge("a release", Charge("gaussian", z1, 1))
+    assert opened().runs.keys() == {"run-1"}, "a refused charge was recorded"
+    ledger.reset("test: start again")
+    again = opened()
+    assert again.spent() == 0.0 and again.resets[0]["reason"] == "test: start again"
+    assert again.resets[0]["runs"]["run-1"]["charges"] == [{"mechanism": "gaussian", "noise_multiplier": z, "count": 10}]

@@ -342,7 +342,7 @@ def run_party(
                         run = begin_run(job, party, contents(data), resume=resume, run_id=run_id)
                         stack.enter_context(run.recorded())
                         job = run.job
-                        budget = agreed("privacy ledger", job.party_names, lambda: privacy_budget(job, party, resume=run.resumed))
+                        budget = agreed("privacy ledger", job.party_names, lambda: privacy_budget(job, party, data, resume=run.resumed))
                         training = _Training(job, party, budget, run.disclosure(budget))
                     with training.disclosure:
                         if not training.in_rounds:

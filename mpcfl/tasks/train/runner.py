@@ -8,9 +8,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mpcfl.data.party import PartyData, contents, load_party_data
+from mpcfl.data.party import PartyData, contents, dataset_digest, load_party_data
 from mpcfl.data.psi import align
 from mpcfl.dp.budget import Budget
+from mpcfl.dp.ledger import DatasetLedger
 from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema import FederatedJob, TrainJob
 from mpcfl.jobs.session import session_of
@@ -27,12 +28,24 @@ from mpcfl.tasks.train.loop import TrainResult, train
 log = logging.getLogger(__name__)
 
 
-def privacy_budget(job: TrainJob | FederatedJob, party: str, *, resume: bool) -> Budget | None:
-    """The job's privacy budget, persisted on every charge; on resume, the ledger so far."""
+def privacy_budget(job: TrainJob | FederatedJob, party: str, data: PartyData, *, resume: bool) -> Budget | None:
+    """The run's privacy budget, persisted on every charge, and charged to the ledger of this party's
+    dataset (:mod:`mpcfl.dp.ledger`) too; on resume, the run's ledger so far.
+
+    Raises:
+        MpcflError: no ledger to resume from, or one that does not match.
+        LedgerExhausted: earlier runs on this party's data leave less than this run's epsilon.
+    """
     if job.dp is None:
         return None
+    assert job.run_id is not None  # a run's budget
     budget = Budget.create(epsilon=job.dp.epsilon, delta=job.dp.delta, accountant=job.dp.accountant)
     budget.path = job.party_dir(party) / "privacy.json"
+    dataset = DatasetLedger.open(
+        dataset_digest(data), epsilon=job.dp.epsilon, delta=job.dp.delta, accountant=job.dp.accountant
+    )
+    dataset.check_run(job.run_id, job.dp.epsilon, who=f"party {party}")
+    budget.dataset = dataset.bind(job.run_id, job=job.name, party=party)
     if resume:
         if not budget.path.is_file():
             raise MpcflError(f"party {party}: {budget.path}: missing; refusing to resume a dp job without its privacy ledger")
@@ -91,7 +104,7 @@ def run_party(
             run = begin_run(job, party, contents(data), resume=resume, run_id=run_id)
             stack.enter_context(run.recorded())
             job = run.job
-            budget = agreed("privacy ledger", job.party_names, lambda: privacy_budget(job, party, resume=run.resumed))
+            budget = agreed("privacy ledger", job.party_names, lambda: privacy_budget(job, party, data, resume=run.resumed))
             # Every reveal of this run is recorded, and charged to the budget, until the with ends.
             with run.disclosure(budget) as disclosure:
                 start = None
