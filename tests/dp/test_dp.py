@@ -283,9 +283,9 @@ def test_implausible_budgets_are_refused_or_warned(tmp_path: Path) -> None:
     from mpcfl.dp.budget import check_parameters
 
     with pytest.raises(ValueError, match=r"delta 0.01 is at least 1/n = 0.01 for n = 100 rows"):
-        check_parameters(epsilon=1.0, delta=0.01, rows=100)
-    assert check_parameters(epsilon=1.0, delta=1e-4, rows=100) == []
-    warnings = check_parameters(epsilon=11.0, delta=2e-3, rows=100)
+        check_parameters(epsilon=1.0, delta=0.01, n=100)
+    assert check_parameters(epsilon=1.0, delta=1e-4, n=100) == []
+    warnings = check_parameters(epsilon=11.0, delta=2e-3, n=100)
     assert warnings[0].startswith("delta 0.002 is above 1/(10 n)") and warnings[1].startswith("epsilon 11 is above 10")
     spec = dp_demo()
     spec["dp"].update(delta=0.0022, epsilon=1000)  # n = 456 training rows: 1/n = 0.00219
@@ -293,7 +293,7 @@ def test_implausible_budgets_are_refused_or_warned(tmp_path: Path) -> None:
     done = mpcfl("validate", str(path), "--party", "hospital_a", timeout=60)
     assert done.returncode != 0
     assert done.stderr.strip().endswith("dp.delta: delta 0.0022 is at least 1/n = 0.00219 for n = 456 rows: "
-                                        "publishing a random record would meet it; use delta well below 1/n")
+                                        "publishing one of them at random would meet it; use delta well below 1/n")
     spec["dp"]["delta"] = 5e-4  # below 1/n, above 1/(10 n)
     write_job(tmp_path, spec)
     done = mpcfl("validate", str(path), "--party", "hospital_a", timeout=60)
