@@ -34,7 +34,7 @@ class Budget:
 
     @classmethod
     def create(cls, *, epsilon: float, delta: float, accountant: str) -> Budget:
-        return cls(epsilon=epsilon, delta=delta, accountant=create_accountant(accountant))
+        return cls(epsilon=epsilon, delta=delta, accountant=create_accountant(accountant, epsilon=epsilon))
 
     def spent(self) -> float:
         """Epsilon spent so far at the budget's delta (0 before any charge)."""

@@ -54,6 +54,32 @@ def test_calibration_meets_the_target_tightly() -> None:
     assert 2.99 < accountant.epsilon(1e-5) <= 3.0
 
 
+@pytest.mark.parametrize(("epsilon", "delta", "steps"), [(3.0, 1e-5, 10), (1.0, 1e-6, 100), (8.0, 1e-5, 1000), (0.5, 1e-5, 1)])
+def test_pld_calibration_meets_the_target_by_dp_accounting(epsilon: float, delta: float, steps: int) -> None:
+    """Under PLD the search used to start at z = 1e-3, where PLD's grid asked for 750 GiB; it now
+    starts near the answer. The z found, recomputed by dp-accounting's own PLD accountant for the
+    same events, spends the target (to 1e-3) and no more, and the run's budget takes it."""
+    z = calibrate_noise_multiplier(epsilon=epsilon, delta=delta, count=steps, accountant="pld")
+    reference = pld.PLDAccountant()
+    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), steps))
+    assert epsilon * (1 - 1e-3) < reference.get_epsilon(delta) <= epsilon
+    budget = Budget.create(epsilon=epsilon, delta=delta, accountant="pld")
+    assert budget.charge("the steps", Charge("gaussian", z, steps)) <= epsilon
+
+
+def test_pld_calibration_of_dp_sgd_with_charged_metrics(tmp_path: Path) -> None:
+    from mpcfl.tasks.train.dp_sgd import calibration
+
+    spec = dp_demo()
+    spec["dp"].update(accountant="pld", metrics={"mechanism": "laplace", "noise_multiplier": 20.0})
+    spec["outputs"]["metrics_to"] = "all"
+    z, _ = calibration(load_job(write_job(tmp_path, spec)))
+    reference = pld.PLDAccountant()
+    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 10))
+    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.LaplaceDpEvent(20.0), 10))
+    assert 2.997 < reference.get_epsilon(1e-5) <= 3.0
+
+
 def test_budget_refuses_before_anything_is_spent() -> None:
     budget = Budget.create(epsilon=1.0, delta=1e-5, accountant="rdp")
     budget.charge("first", Charge("gaussian", 10.0, 1))

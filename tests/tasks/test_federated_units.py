@@ -244,6 +244,21 @@ def test_client_level_dp_judges_delta_per_party(
     assert any(warning in record.getMessage() for record in caplog.records) == warned
 
 
+def test_client_level_dp_calibrates_under_pld(tmp_path: Path) -> None:
+    """Each round is one Gaussian on the clipped mean: the multiplier found under PLD, recomputed by
+    dp-accounting's PLD accountant over the job's 10 rounds, spends the budget (to 1e-3) and no more."""
+    import dp_accounting
+    from dp_accounting import pld
+
+    from mpcfl.tasks.federated.runner import _Privacy
+
+    dp = {"epsilon": 4.0, "delta": 1e-5, "accountant": "pld"}
+    z = _Privacy(load_job(_fed(tmp_path, **{"data.standardize": False, "data.max_abs": 1e4, "dp": dp}))).noise_multiplier
+    reference = pld.PLDAccountant()
+    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 10))
+    assert 3.996 < reference.get_epsilon(1e-5) <= 4.0
+
+
 @pytest.mark.parametrize(
     ("states", "refused"),
     [
