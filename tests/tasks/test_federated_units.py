@@ -218,7 +218,8 @@ def test_client_level_dp_needs_features_of_a_known_scale(tmp_path: Path) -> None
     [(0.5, True, False), (1 / 3, True, False), (0.05, False, True), (1e-5, False, False)],  # 1/n = 1/3, 1/(10 n) = 1/30
 )
 def test_client_level_dp_judges_delta_per_party(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str], delta: float, refused: bool, warned: bool
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    delta: float, refused: bool, warned: bool,
 ) -> None:
     """The unit of client-level DP is a party: with 3 parties, delta >= 1/3 is met by publishing one
     party's whole data. Refused at validate and at run time (where the noise is calibrated), naming
@@ -229,6 +230,7 @@ def test_client_level_dp_judges_delta_per_party(
 
     path = _fed(tmp_path, **{"data.standardize": False, "data.max_abs": 1e4, "dp": {"epsilon": 1.0, "delta": delta}})
     job = load_job(path)
+    monkeypatch.setattr("mpcfl.cli._setup_logging", lambda debug: None)  # the process-wide logging and env of a CLI run
     assert main(["validate", str(path)]) == int(refused)
     line = capsys.readouterr().err.strip()
     if refused:
