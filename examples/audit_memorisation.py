@@ -38,7 +38,7 @@ def digits_job(epsilon: float | None, *, epochs: int, hidden: int, batch_size: i
         "partition": "horizontal",
         "parties": [{"name": "a", "data": {"train": str(DATA)}}, {"name": "b", "data": {"train": str(DATA)}}],
         "labels": {"column": "target"},
-        "data": {"standardize": False},
+        "data": {"standardize": False, "max_abs": 1.0},  # pixels / 16, in [0, 1]
         "model": {"type": "mlp", "hidden": [hidden], "num_classes": 10},
         "training": {
             "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,

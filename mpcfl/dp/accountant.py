@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import math
 import types
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -53,12 +54,18 @@ class Charge:
 
 
 class Accountant(abc.ABC):
-    """Composes charges and answers epsilon(delta)."""
+    """Composes charges and answers epsilon(delta).
+
+    Args:
+        epsilon: the budget its answers are checked against, where known; PLD discretises
+            relative to it.
+    """
 
     name: str
 
-    def __init__(self) -> None:
+    def __init__(self, epsilon: float | None = None) -> None:
         self.history: list[Charge] = []
+        self.target = epsilon
 
     @abc.abstractmethod
     def _fresh(self) -> dp_accounting.PrivacyAccountant:
@@ -112,19 +119,31 @@ class RdpAccountant(Accountant):
 
 
 class PldAccountant(Accountant):
+    """dp-accounting's privacy loss distributions, on a grid of 1e-4 x max(1, epsilon) in privacy loss.
+
+    PLD's epsilon is pessimistic by about one grid step, so a step of 1e-4 of the budget costs
+    nothing that matters (below epsilon 1 it is dp-accounting's default, 1e-4). The grid grows as
+    1/(sigma x step) for a Gaussian of multiplier sigma, and at the sigma a budget calls for,
+    sigma x epsilon grows with epsilon: the grid stays under about 5e4 points whatever the budget
+    (delta 1e-5), where a fixed 1e-4 needs 1.7e6 points and 7 s per evaluation at epsilon 100.
+    """
+
     name = "pld"
 
     def _fresh(self) -> dp_accounting.PrivacyAccountant:
-        return _dp("pld").PLDAccountant()
+        step = 1e-4 * max(1.0, self.target or 1.0)
+        return _dp("pld").PLDAccountant(value_discretization_interval=step)
 
 
 ACCOUNTANTS: dict[str, type[Accountant]] = {cls.name: cls for cls in (RdpAccountant, PldAccountant)}
 
 
-def create_accountant(name: str) -> Accountant:
-    """Raises ValueError for an unknown accountant name."""
+def create_accountant(name: str, *, epsilon: float | None = None) -> Accountant:
+    """The accountant ``name``, for a budget of ``epsilon`` where known (see :class:`Accountant`).
+
+    Raises ValueError for an unknown accountant name."""
     try:
-        return ACCOUNTANTS[name]()
+        return ACCOUNTANTS[name](epsilon)
     except KeyError:
         raise ValueError(f"unknown accountant {name!r} (known: {', '.join(ACCOUNTANTS)})") from None
 
@@ -135,13 +154,17 @@ def calibrate_noise_multiplier(
     """The smallest Gaussian noise multiplier whose ``count``-fold composition, together
     with the ``extra`` charges, stays within (epsilon, delta).
 
+    The search never goes below :func:`_gaussian_floor`, which no accountant's answer undercuts,
+    and starts from RDP's answer, cheap at any multiplier: PLD's grid grows as 1/multiplier,
+    and dp-accounting's default start at 1e-3 asked PLD for 750 GiB.
+
     Raises:
         ValueError: the extra charges alone spend the budget.
     """
     factory = ACCOUNTANTS[accountant]
     extra = extra or []
     if extra:
-        alone = factory()
+        alone = factory(epsilon)
         for charge in extra:
             alone.compose(charge)
         if alone.epsilon(delta) >= epsilon:
@@ -151,13 +174,22 @@ def calibrate_noise_multiplier(
         events = [Charge("gaussian", noise_multiplier, count).to_dp_event(), *(c.to_dp_event() for c in extra)]
         return _dp().ComposedDpEvent(events)
 
-    return float(
-        _dp().calibrate_dp_mechanism(
-            lambda: factory()._fresh(),
-            make,
-            epsilon,
-            delta,
-            _dp().LowerEndpointAndGuess(1e-3, 1.0),
-            tol=1e-4,
-        )
+    floor = _gaussian_floor(epsilon=epsilon, delta=delta, count=count)
+
+    def search(kind: type[Accountant], guess: float) -> float:
+        """The answer under ``kind``, searched upwards from [floor, guess] (widened if it holds no answer)."""
+        bracket = _dp().LowerEndpointAndGuess(floor, guess)
+        return float(_dp().calibrate_dp_mechanism(lambda: kind(epsilon)._fresh(), make, epsilon, delta, bracket, tol=1e-4))
+
+    upper = search(RdpAccountant, 2 * floor)  # RDP's conversion to (epsilon, delta) is the looser: above PLD's answer
+    return upper if factory is RdpAccountant else search(factory, upper)
+
+
+def _gaussian_floor(*, epsilon: float, delta: float, count: int) -> float:
+    """A noise multiplier below which no sound accountant meets (epsilon, delta) for ``count``
+    Gaussians: 0.99 of the exact one (Balle and Wang's analytic Gaussian; ``count`` Gaussians of
+    multiplier z compose exactly to one of z / sqrt(count)). Other charges only raise epsilon."""
+    exact = _dp("pld.privacy_loss_mechanism").GaussianPrivacyLoss.from_privacy_guarantee(
+        _dp("pld.common").DifferentialPrivacyParameters(epsilon, delta)
     )
+    return 0.99 * exact.standard_deviation * math.sqrt(count)

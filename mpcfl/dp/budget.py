@@ -36,7 +36,7 @@ class Budget:
 
     @classmethod
     def create(cls, *, epsilon: float, delta: float, accountant: str) -> Budget:
-        return cls(epsilon=epsilon, delta=delta, accountant=create_accountant(accountant))
+        return cls(epsilon=epsilon, delta=delta, accountant=create_accountant(accountant, epsilon=epsilon))
 
     def spent(self) -> float:
         """Epsilon spent so far at the budget's delta (0 before any charge)."""
@@ -110,25 +110,26 @@ class Budget:
         )
 
 
-def check_parameters(*, epsilon: float, delta: float, rows: int | None) -> list[str]:
-    """Plausibility of a budget for ``rows`` records (None: not known yet).
+def check_parameters(*, epsilon: float, delta: float, n: int | None, units: str = "rows") -> list[str]:
+    """Plausibility of a budget that protects each of ``n`` units (None: n not known yet): DP-SGD's
+    training rows, or client-level DP's parties (``units`` names them in the messages).
 
     delta is the probability that the guarantee fails outright; at delta >= 1/n a mechanism
-    that publishes one random record in full is (0, delta)-DP, so nothing is protected.
+    that publishes one random unit in full is (0, delta)-DP, so nothing is protected.
 
     Returns:
         Warnings: delta above 1/(10 n), or epsilon above 10 (a factor e^10 on any inference).
 
     Raises:
-        ValueError: delta >= 1/rows.
+        ValueError: delta >= 1/n.
     """
     warnings = []
-    if rows is not None:
-        if delta >= 1 / rows:
-            raise ValueError(f"delta {delta:g} is at least 1/n = {1 / rows:.3g} for n = {rows} rows: "
-                             "publishing a random record would meet it; use delta well below 1/n")
-        if delta > 1 / (10 * rows):
-            warnings.append(f"delta {delta:g} is above 1/(10 n) = {1 / (10 * rows):.3g} for n = {rows} rows; "
+    if n is not None:
+        if delta >= 1 / n:
+            raise ValueError(f"delta {delta:g} is at least 1/n = {1 / n:.3g} for n = {n} {units}: "
+                             "publishing one of them at random would meet it; use delta well below 1/n")
+        if delta > 1 / (10 * n):
+            warnings.append(f"delta {delta:g} is above 1/(10 n) = {1 / (10 * n):.3g} for n = {n} {units}; "
                             "delta is usually far below 1/n")
     if epsilon > 10:
         warnings.append(f"epsilon {epsilon:g} is above 10: the guarantee bounds an attacker's odds only by e^{epsilon:g}")

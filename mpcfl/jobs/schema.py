@@ -133,6 +133,20 @@ class DataSpec(_Strict):
             raise ValueError("scaling replaces standardisation with public constants; set data.standardize: false")
         return self
 
+    def check_dp_scale(self) -> None:
+        """Refuses features of unknown size under DP: with neither a scaling nor a declared bound,
+        clipping each row or gradient to ``dp.clip`` flattens them, and the model may learn nothing
+        (a 3-class job on raw features predicted one class, with no warning).
+
+        Raises:
+            ValueError: naming the keys that fix it.
+        """
+        if not (self.standardize or self.scaling is not None or "max_abs" in self.model_fields_set):
+            raise ValueError(
+                "data.scaling: with dp, features need a known scale: declare public constants in "
+                "data.scaling: {column: [center, scale]}, or data.max_abs: the bound the raw values lie within"
+            )
+
 
 class TrainingSpec(_Strict):
     epochs: PositiveInt = 10
@@ -476,6 +490,7 @@ class TrainJob(JobBase):
                 "moves every gradient), outside the guarantee; set standardize: false and declare public "
                 "constants in data.scaling: {column: [center, scale]}"
             )
+        self.data.check_dp_scale()
         if dp.collusion_threshold is not None and dp.collusion_threshold >= self.world_size:
             raise ValueError(
                 f"dp.collusion_threshold: must be below the number of parties ({self.world_size}), "
@@ -722,6 +737,7 @@ class FederatedJob(JobBase):
                     "data.standardize: with dp, statistics of the parties' private rows rescale every row, outside "
                     "the guarantee; set standardize: false and declare public constants in data.scaling"
                 )
+            self.data.check_dp_scale()
             if self.dp.collusion_threshold is not None and self.dp.collusion_threshold >= self.world_size:
                 raise ValueError(
                     f"dp.collusion_threshold: must be below the number of parties ({self.world_size}), "

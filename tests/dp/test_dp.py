@@ -54,6 +54,32 @@ def test_calibration_meets_the_target_tightly() -> None:
     assert 2.99 < accountant.epsilon(1e-5) <= 3.0
 
 
+@pytest.mark.parametrize(("epsilon", "delta", "steps"), [(3.0, 1e-5, 10), (1.0, 1e-6, 100), (8.0, 1e-5, 1000), (0.5, 1e-5, 1)])
+def test_pld_calibration_meets_the_target_by_dp_accounting(epsilon: float, delta: float, steps: int) -> None:
+    """Under PLD the search used to start at z = 1e-3, where PLD's grid asked for 750 GiB; it now
+    starts near the answer. The z found, recomputed by dp-accounting's own PLD accountant for the
+    same events, spends the target (to 1e-3) and no more, and the run's budget takes it."""
+    z = calibrate_noise_multiplier(epsilon=epsilon, delta=delta, count=steps, accountant="pld")
+    reference = pld.PLDAccountant()
+    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), steps))
+    assert epsilon * (1 - 1e-3) < reference.get_epsilon(delta) <= epsilon
+    budget = Budget.create(epsilon=epsilon, delta=delta, accountant="pld")
+    assert budget.charge("the steps", Charge("gaussian", z, steps)) <= epsilon
+
+
+def test_pld_calibration_of_dp_sgd_with_charged_metrics(tmp_path: Path) -> None:
+    from mpcfl.tasks.train.dp_sgd import calibration
+
+    spec = dp_demo()
+    spec["dp"].update(accountant="pld", metrics={"mechanism": "laplace", "noise_multiplier": 20.0})
+    spec["outputs"]["metrics_to"] = "all"
+    z, _ = calibration(load_job(write_job(tmp_path, spec)))
+    reference = pld.PLDAccountant()
+    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 10))
+    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.LaplaceDpEvent(20.0), 10))
+    assert 2.997 < reference.get_epsilon(1e-5) <= 3.0
+
+
 def test_budget_refuses_before_anything_is_spent() -> None:
     budget = Budget.create(epsilon=1.0, delta=1e-5, accountant="rdp")
     budget.charge("first", Charge("gaussian", 10.0, 1))
@@ -283,9 +309,9 @@ def test_implausible_budgets_are_refused_or_warned(tmp_path: Path) -> None:
     from mpcfl.dp.budget import check_parameters
 
     with pytest.raises(ValueError, match=r"delta 0.01 is at least 1/n = 0.01 for n = 100 rows"):
-        check_parameters(epsilon=1.0, delta=0.01, rows=100)
-    assert check_parameters(epsilon=1.0, delta=1e-4, rows=100) == []
-    warnings = check_parameters(epsilon=11.0, delta=2e-3, rows=100)
+        check_parameters(epsilon=1.0, delta=0.01, n=100)
+    assert check_parameters(epsilon=1.0, delta=1e-4, n=100) == []
+    warnings = check_parameters(epsilon=11.0, delta=2e-3, n=100)
     assert warnings[0].startswith("delta 0.002 is above 1/(10 n)") and warnings[1].startswith("epsilon 11 is above 10")
     spec = dp_demo()
     spec["dp"].update(delta=0.0022, epsilon=1000)  # n = 456 training rows: 1/n = 0.00219
@@ -293,7 +319,7 @@ def test_implausible_budgets_are_refused_or_warned(tmp_path: Path) -> None:
     done = mpcfl("validate", str(path), "--party", "hospital_a", timeout=60)
     assert done.returncode != 0
     assert done.stderr.strip().endswith("dp.delta: delta 0.0022 is at least 1/n = 0.00219 for n = 456 rows: "
-                                        "publishing a random record would meet it; use delta well below 1/n")
+                                        "publishing one of them at random would meet it; use delta well below 1/n")
     spec["dp"]["delta"] = 5e-4  # below 1/n, above 1/(10 n)
     write_job(tmp_path, spec)
     done = mpcfl("validate", str(path), "--party", "hospital_a", timeout=60)

@@ -45,6 +45,22 @@ def test_dp_refuses_statistics_of_the_private_rows(tmp_path: Path) -> None:
     assert "set standardize: false and declare public constants in data.scaling" in text and "\n" not in text
 
 
+def test_dp_refuses_features_of_unknown_scale(tmp_path: Path) -> None:
+    """Neither scaled nor declared bounded: clipping flattens raw features, and the model may learn nothing."""
+    spec = dp_demo()
+    spec["data"] = {"standardize": False}
+    with pytest.raises(ConfigError) as caught:
+        load_job(write_job(tmp_path, spec))
+    text = str(caught.value)
+    assert text.startswith(f"{tmp_path / 'job.yaml'}: ") and "\n" not in text
+    assert "data.scaling: with dp, features need a known scale: declare public constants in data.scaling" in text
+    assert "or data.max_abs: the bound the raw values lie within" in text
+    spec["data"]["max_abs"] = 5000.0  # a declared bound on the raw values
+    assert load_job(write_job(tmp_path, spec)).data.max_abs == 5000.0
+    del spec["dp"], spec["data"]["max_abs"]
+    assert load_job(write_job(tmp_path, spec)).dp is None
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [

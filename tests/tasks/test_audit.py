@@ -77,7 +77,7 @@ def _digits_job(dp: dict | None) -> TrainJob:
         "partition": "horizontal",
         "parties": [{"name": "a", "data": {"train": "unused.csv"}}, {"name": "b", "data": {"train": "unused.csv"}}],
         "labels": {"column": "target"},
-        "data": {"standardize": False},
+        "data": {"standardize": False, "max_abs": 1.0},  # pixels / 16, in [0, 1]
         "model": {"type": "mlp", "hidden": [64], "num_classes": 10},
         "training": {"epochs": 40, "batch_size": 40, "learning_rate": 0.3, "momentum": 0.9, "loss": "cross_entropy"},
         "outputs": {"dir": "unused", "metrics_to": "none"},

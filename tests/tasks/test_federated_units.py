@@ -179,7 +179,8 @@ def test_under_dp_a_diverged_update_counts_as_zero_and_publishes_no_flag(tmp_pat
     from mpcfl.models.heads import head_of
     from mpcfl.tasks.federated.local import Rows, flat, initial_model, local_update
 
-    job = load_job(_fed(tmp_path, **{"data.standardize": False, "federated.lr": 1e30, "dp": {"epsilon": 4.0, "delta": 1e-5, "clip": 1.0}}))
+    dp = {"epsilon": 4.0, "delta": 1e-5, "clip": 1.0}
+    job = load_job(_fed(tmp_path, **{"data.standardize": False, "data.max_abs": 1e4, "federated.lr": 1e30, "dp": dp}))
     model, head = initial_model(job, 30), head_of(job.model)
     rows = Rows(x=torch.full((4, 30), 3e38), y=head.plain_targets(torch.tensor([0, 1, 0, 1]).numpy()))
     where = {"weights": flat(model), "round_index": 1, "rank": 0, "bound": 2.0**12, "who": "party p0: round 1"}
@@ -195,9 +196,69 @@ def test_a_session_reformed_without_a_dead_party_caps_the_dp_collusion_threshold
     from mpcfl.tasks.federated.runner import _Privacy
 
     dp = {"epsilon": 1.0, "delta": 1e-5, "clip": 1.0, "noise_multiplier": 2.0}
-    privacy = _Privacy(load_job(_fed(tmp_path, **{"data.standardize": False, "dp": dp})))
+    privacy = _Privacy(load_job(_fed(tmp_path, **{"data.standardize": False, "data.max_abs": 1e4, "dp": dp})))
     assert [privacy.of_round(n, n).colluders for n in (3, 2)] == [2, 1]  # n-1 of the job's 3, then of 2 survivors
     share_variance(1.0, parties=2, colluders=privacy.of_round(2, 2).colluders, scale=1)  # a valid threshold there
+
+
+def test_client_level_dp_needs_features_of_a_known_scale(tmp_path: Path) -> None:
+    dp = {"epsilon": 1.0, "delta": 1e-5}
+    path = _fed(tmp_path, **{"data.standardize": False, "dp": dp})
+    with pytest.raises(ConfigError) as caught:
+        load_job(path)
+    assert str(caught.value).startswith(f"{path}: ") and "\n" not in str(caught.value)
+    assert "data.scaling: with dp, features need a known scale: declare public constants in data.scaling" in str(caught.value)
+    assert "or data.max_abs: the bound the raw values lie within" in str(caught.value)
+    assert load_job(_fed(tmp_path, **{"data.standardize": False, "data.max_abs": 30.0, "dp": dp})).data.max_abs == 30.0
+    assert load_job(_fed(tmp_path, **{"data.standardize": False})).dp is None  # without dp, raw features may train
+
+
+@pytest.mark.parametrize(
+    ("delta", "refused", "warned"),
+    [(0.5, True, False), (1 / 3, True, False), (0.05, False, True), (1e-5, False, False)],  # 1/n = 1/3, 1/(10 n) = 1/30
+)
+def test_client_level_dp_judges_delta_per_party(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    delta: float, refused: bool, warned: bool,
+) -> None:
+    """The unit of client-level DP is a party: with 3 parties, delta >= 1/3 is met by publishing one
+    party's whole data. Refused at validate and at run time (where the noise is calibrated), naming
+    the file and dp.delta; warned above 1/(10 n)."""
+    from mpcfl.cli import main
+    from mpcfl.errors import MpcflError
+    from mpcfl.tasks.federated.runner import _Privacy
+
+    path = _fed(tmp_path, **{"data.standardize": False, "data.max_abs": 1e4, "dp": {"epsilon": 1.0, "delta": delta}})
+    job = load_job(path)
+    monkeypatch.setattr("mpcfl.cli._setup_logging", lambda debug: None)  # the process-wide logging and env of a CLI run
+    assert main(["validate", str(path)]) == int(refused)
+    line = capsys.readouterr().err.strip()
+    if refused:
+        expected = (f"{path}: dp.delta: delta {delta:g} is at least 1/n = 0.333 for n = 3 parties: "
+                    "publishing one of them at random would meet it; use delta well below 1/n")
+        assert line == f"mpcfl: error: {expected}"
+        with pytest.raises(MpcflError) as caught:
+            _Privacy(job)
+        assert str(caught.value) == expected
+    else:
+        assert _Privacy(job).noise_multiplier > 0
+    warning = f"{path}: dp: delta {delta:g} is above 1/(10 n) = 0.0333 for n = 3 parties"
+    assert any(warning in record.getMessage() for record in caplog.records) == warned
+
+
+def test_client_level_dp_calibrates_under_pld(tmp_path: Path) -> None:
+    """Each round is one Gaussian on the clipped mean: the multiplier found under PLD, recomputed by
+    dp-accounting's PLD accountant over the job's 10 rounds, spends the budget (to 1e-3) and no more."""
+    import dp_accounting
+    from dp_accounting import pld
+
+    from mpcfl.tasks.federated.runner import _Privacy
+
+    dp = {"epsilon": 4.0, "delta": 1e-5, "accountant": "pld"}
+    z = _Privacy(load_job(_fed(tmp_path, **{"data.standardize": False, "data.max_abs": 1e4, "dp": dp}))).noise_multiplier
+    reference = pld.PLDAccountant()
+    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 10))
+    assert 3.996 < reference.get_epsilon(1e-5) <= 4.0
 
 
 @pytest.mark.parametrize(

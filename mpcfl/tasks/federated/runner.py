@@ -46,6 +46,7 @@ from mpcfl.tasks.federated.local import Rows, evaluate, flat, initial_model, loa
 from mpcfl.tasks.federated.strategies import strategy_of
 from mpcfl.tasks.run import begin_run
 from mpcfl.tasks.train.checkpoint import common_epoch
+from mpcfl.tasks.train.dp_sgd import check_plausible
 from mpcfl.tasks.train.runner import privacy_budget
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class _Privacy:
     def __init__(self, job: FederatedJob) -> None:
         dp = job.dp
         assert dp is not None
+        check_plausible(job)  # the unit is a party: delta >= 1/parties protects none
         self.clip, self.colluders = dp.clip, job.colluders
         self.sensitivity = replace_one(dp.clip)  # one party's clipped update replaced by any other
         self.noise_multiplier = dp.noise_multiplier or calibrate_noise_multiplier(

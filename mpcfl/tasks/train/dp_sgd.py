@@ -44,7 +44,7 @@ from mpcfl.dp.accountant import Charge, calibrate_noise_multiplier, replace_one
 from mpcfl.dp.budget import check_parameters
 from mpcfl.dp.noise import add_noise_share, noise_share
 from mpcfl.errors import MpcflError
-from mpcfl.jobs.schema import TrainJob
+from mpcfl.jobs.schema import FederatedJob, TrainJob
 from mpcfl.models.heads import Head, head_of
 from mpcfl.models.sigmoid import clamp_symmetric
 from mpcfl.mpc.compat import import_crypten
@@ -129,16 +129,19 @@ def calibration(job: TrainJob) -> tuple[float, float]:
     return noise_multiplier, sensitivity
 
 
-def check_plausible(job: TrainJob, rows: int | None) -> None:
-    """Refuses delta >= 1/n for ``rows`` = n training rows (None: not known here), and logs
-    a warning for a delta or an epsilon that protects little.
+def check_plausible(job: TrainJob | FederatedJob, rows: int | None = None) -> None:
+    """Refuses delta >= 1/n, and logs a warning for a delta or an epsilon that protects little.
+
+    n counts what neighbouring datasets differ by: DP-SGD's ``rows`` training rows (None: not
+    known here), or, under a federated job's client-level DP, its parties, whatever ``rows``.
 
     Raises:
         MpcflError: delta >= 1/n.
     """
     assert job.dp is not None
+    n, units = (job.world_size, "parties") if isinstance(job, FederatedJob) else (rows, "rows")
     try:
-        warnings = check_parameters(epsilon=job.dp.epsilon, delta=job.dp.delta, rows=rows)
+        warnings = check_parameters(epsilon=job.dp.epsilon, delta=job.dp.delta, n=n, units=units)
     except ValueError as err:
         raise MpcflError(f"{job.source}: dp.delta: {err}") from None
     for warning in warnings:
