@@ -71,7 +71,7 @@ class DatasetLedger:
 
     def spent(self, *, without: str | None = None, extra: list[Charge] | None = None) -> float:
         """Epsilon at the ledger's delta of every run's charges but ``without``'s, plus ``extra``."""
-        accountant = create_accountant(self.accountant)
+        accountant = create_accountant(self.accountant, epsilon=self.epsilon)  # the grid the runs' budgets use
         for run_id, run in self.runs.items():
             if run_id != without:
                 for charge in run["charges"]:
