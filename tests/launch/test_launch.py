@@ -86,7 +86,7 @@ def test_a_party_dying_mid_training_stops_the_job(tmp_path: Path, victim: str) -
     assert f"mpcfl: error: {victim} failed: killed by signal 9" in err
     assert_no_leftovers(str(job))
     # Only the run's record, its openings and checkpoints (kept for --resume) may exist: no model, metrics or plot.
-    kept = {"run.json", "openings.jsonl"}
+    kept = {"run.json", "openings.jsonl", ".lock"}
     written = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and "checkpoints" not in p.parts and p.name not in kept]
     assert written == [], f"a failed job wrote outputs: {written}"
 

@@ -14,6 +14,7 @@ import yaml
 from conftest import DEMO, REPO, mpcfl, write_job
 from mpcfl.tasks.train.audit import epsilon_lower_bound, evaluate_attack, lira_scores, pooled_attacks, roc, train_on_subsets
 from mpcfl.tasks.train.baseline import train_plaintext
+from mpcfl import runs
 from mpcfl.jobs.schema import TrainJob, load_job
 
 
@@ -56,9 +57,10 @@ def test_audit_command_writes_report_and_plot(tmp_path: Path) -> None:
     spec["outputs"]["dir"] = str(tmp_path / "out")
     path = write_job(tmp_path, spec)
     job = load_job(path)
-    receiver = job.party_root("hospital_b") / "latest"
-    receiver.mkdir(parents=True)
+    run = runs.start(job.party_root("hospital_b"), runs.new_run_id(), {"job": job.name})  # as a finished run leaves it
+    receiver = run.dir
     torch.save(train_plaintext(job).model.state_dict(), receiver / "model.pt")
+    run.finish({})
     done = mpcfl("audit", str(path), "--shadows", "4", timeout=120)
     assert done.returncode == 0, done.stderr
     assert "| loss threshold |" in done.stdout and "| LiRA (4 shadows) |" in done.stdout
