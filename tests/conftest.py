@@ -63,6 +63,14 @@ def base_job(name: str = "test-job", **sections: Any) -> dict[str, Any]:
     return job
 
 
+def dp_demo() -> dict:
+    """The DP demo job as a dict, its data paths made absolute."""
+    spec = yaml.safe_load((REPO / "configs" / "breast_cancer_dp.yaml").read_text())
+    for party in spec["parties"]:
+        party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
+    return spec
+
+
 def vertical_parties(folder: Path, groups: list[list[str]], label_party: int) -> list[dict[str, Any]]:
     """Splits wdbc by columns into one train/test file pair per group (80/20 rows)."""
     header, values = wdbc()

@@ -247,10 +247,11 @@ def _announce_triple_requests(crypten: types.ModuleType) -> None:
     ``ttp_request`` (:func:`mpcfl.mpc.providers.ttp.request`) answers a prefetched request
     from its queue, and hears whose digest the dealer gave up waiting for.
     """
-    from mpcfl.mpc.providers.ttp import PARTY_EXTENSIONS, PARTY_METHODS, announcing, request
+    from mpcfl.mpc.providers.ttp import PARTY_EXTENSIONS, PARTY_METHODS, announcing
+    from mpcfl.mpc.providers.ttp import request as party_request
 
     client = crypten.mpc.provider.ttp_provider.TTPClient._TTPClient__TTPClient
-    client.ttp_request = request
+    client.ttp_request = party_request
     provider = crypten.mpc.provider.ttp_provider.TrustedThirdParty
     for method, function in PARTY_EXTENSIONS.items():  # the fixed-mask requests, wrapped below
         if not hasattr(provider, method):

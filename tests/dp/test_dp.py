@@ -10,10 +10,9 @@ import dp_accounting
 import numpy as np
 import pytest
 import torch
-import yaml
 from dp_accounting import pld, rdp
 
-from conftest import SCRIPTS, DEMO, REPO, assert_no_leftovers, mpcfl, write_job
+from conftest import SCRIPTS, assert_no_leftovers, dp_demo, mpcfl, write_job
 from mpcfl.jobs.schema import load_job
 from mpcfl.dp import Budget, BudgetExceeded, Charge, calibrate_noise_multiplier, create_accountant
 from mpcfl.dp.noise import share_variance, skellam
@@ -22,14 +21,6 @@ from mpcfl.dp.clipping import clip_rows
 from mpcfl.errors import ConfigError
 
 SCALE = 2**16
-
-
-def dp_demo() -> dict:
-    """The DP demo job as a dict, its data paths made absolute."""
-    spec = yaml.safe_load((REPO / "configs" / "breast_cancer_dp.yaml").read_text())
-    for party in spec["parties"]:
-        party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
-    return spec
 
 
 @pytest.mark.parametrize(("name", "reference"), [("rdp", rdp.RdpAccountant), ("pld", pld.PLDAccountant)])

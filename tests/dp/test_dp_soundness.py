@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from conftest import DEMO, REPO, write_job
+from conftest import dp_demo, write_job
 from mpcfl.data.files import DataError
 from mpcfl.data.party import load_party_data, standardize_locally
 from mpcfl.dp.clipping import clip_rows
@@ -25,14 +24,6 @@ from mpcfl.tasks.train.baseline import prepared_data
 from mpcfl.tasks.train.dataset import prepare
 from mpcfl.tasks.train.dp_sgd import _APPROXIMATION_MARGIN, bounded_gradients
 from mpcfl.tasks.train.steps import PlainSgd
-
-
-def dp_demo() -> dict:
-    """The DP demo job as a dict, its data paths made absolute."""
-    spec = yaml.safe_load((REPO / "configs" / "breast_cancer_dp.yaml").read_text())
-    for party in spec["parties"]:
-        party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
-    return spec
 
 
 def test_dp_refuses_statistics_of_the_private_rows(tmp_path: Path) -> None:

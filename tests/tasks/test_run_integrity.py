@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from conftest import (
     base_job, crash_after_epoch, horizontal_parties, mpcfl, run_dir, run_job, unchecked, vertical_parties, wdbc,
