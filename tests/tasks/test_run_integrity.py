@@ -72,7 +72,9 @@ def test_reruns_keep_earlier_runs_and_a_stale_checkpoint_is_refused(tmp_path: Pa
     assert not (second / "model.pt").exists()
     listing = mpcfl("runs", str(path)).stdout
     assert f"{first.name}  finished" in listing and f"{second.name}  interrupted" in listing, listing
-    assert json.loads((second / "run.json").read_text())["status"] in ("failed", "stopped")  # p0 lost its peer
+    # p0 lost its peer: it marks its run failed, or stopped when the launcher's SIGTERM comes first, or, killed
+    # while blocked in gloo past the launcher's grace, leaves it running with its process gone: interrupted.
+    assert runs.status_of(json.loads((second / "run.json").read_text())) in ("failed", "stopped", "interrupted")
 
     # The attack: the first run's newer checkpoints put into the second run's folders, then a resume.
     for party in job.party_names:
