@@ -165,14 +165,14 @@ def _list_runs(job: JobBase, only: str | None) -> None:
 
 def _ledger(job: JobBase, party: str, action: str, reason: str | None) -> None:
     """``mpcfl ledger show|reset``: the privacy ledger of ``party``'s dataset."""
-    from mpcfl.data.party import dataset_digest, load_party_data
+    from mpcfl.data.party import contents, dataset_digest, load_party_data
     from mpcfl.dp.ledger import DatasetLedger
 
     dp = getattr(job, "dp", None)
     if dp is None:
         raise MpcflError(f"{job.source}: no dp section: the ledger's total comes from a DP job's epsilon and delta")
     name = job.party_names[job.rank_of(party)]
-    ledger = DatasetLedger.open(dataset_digest(load_party_data(job, name)), epsilon=dp.epsilon, delta=dp.delta, accountant=dp.accountant)
+    ledger = DatasetLedger.open(dataset_digest(contents(load_party_data(job, name))), epsilon=dp.epsilon, delta=dp.delta, accountant=dp.accountant)
     if action == "reset":
         if not reason:
             raise MpcflError("ledger reset: say why with --reason (it is kept in the ledger)")

@@ -64,7 +64,8 @@ def check_run_id(run_id: str, *, where: str) -> str:
     return run_id
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """Now, as the records of runs and ledgers write it."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -122,7 +123,7 @@ class Run:
 
     def finish(self, headline: Mapping[str, Any]) -> None:
         """Marks the run finished and points ``latest`` at it."""
-        self.update(status=FINISHED, ended=_now(), headline=dict(headline), error=None)
+        self.update(status=FINISHED, ended=utc_now(), headline=dict(headline), error=None)
         link = self.root / LATEST
         temporary = self.root / f".{LATEST}.{secrets.token_hex(4)}"
         os.symlink(self.run_id, temporary)  # relative: the outputs folder may move
@@ -132,7 +133,7 @@ class Run:
         """Marks an unfinished run failed or stopped, with the one line that says why."""
         record = self.read()
         if record.get("status") == RUNNING:
-            self.update(status=status, ended=_now(), error=error)
+            self.update(status=status, ended=utc_now(), error=error)
 
     def journal(self, *, check: bool) -> Journal:
         return Journal(self.dir / JOURNAL, check=check)
@@ -173,7 +174,7 @@ def start(root: Path, run_id: str, record: dict[str, Any]) -> Run:
         run.dir.mkdir(parents=True)
     except FileExistsError:
         raise MpcflError(f"{run.dir}: run {run_id} exists already; a new run never writes into an earlier one") from None
-    run.write({"run_id": run_id, "status": RUNNING, "started": _now(), "ended": None, "resumed": [],
+    run.write({"run_id": run_id, "status": RUNNING, "started": utc_now(), "ended": None, "resumed": [],
                "pid": os.getpid(), **record})
     return run
 
@@ -182,7 +183,7 @@ def resumed(run: Run) -> dict[str, Any]:
     """Marks an existing run running again (a resume), keeping its history."""
     record = run.read()
     return run.update(status=RUNNING, ended=None, error=None, pid=os.getpid(),
-                      resumed=[*record.get("resumed", []), _now()])
+                      resumed=[*record.get("resumed", []), utc_now()])
 
 
 def run_ids(root: Path, job: str) -> list[str]:

@@ -126,11 +126,12 @@ def contents(data: PartyData) -> dict[str, bytes]:
     return parts
 
 
-def dataset_digest(data: PartyData) -> str:
+def dataset_digest(parts: dict[str, bytes]) -> str:
     """Names a party's dataset across runs and jobs (its privacy ledger's key): a digest of its rows as
-    loaded. Unsalted, so the same data always has the same name; it stays in the party's own folder."""
+    loaded (:func:`contents`). Unsalted, so the same data always has the same name; it stays in the
+    party's own folder."""
     digest = hashlib.sha256()
-    for key, value in sorted(contents(data).items()):
+    for key, value in sorted(parts.items()):
         digest.update(key.encode() + b"\0" + len(value).to_bytes(8, "big") + value)
     return digest.hexdigest()
 

@@ -10,7 +10,6 @@ budget is an explicit act (:meth:`DatasetLedger.reset`, ``mpcfl ledger reset``),
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from typing import Any
 from mpcfl.dp.accountant import Charge, create_accountant
 from mpcfl.errors import MpcflError
 from mpcfl.outputs import write_json
+from mpcfl.runs import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ class LedgerExhausted(MpcflError):
 def ledger_dir() -> Path:
     """Where this process keeps its datasets' ledgers."""
     return Path(os.environ.get(ENV_DIR) or Path.home() / ".mpcfl" / "ledgers")
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -107,12 +103,12 @@ class DatasetLedger:
 
     def record(self, run_id: str, *, job: str, party: str, charges: list[Charge]) -> None:
         """Writes this run's charges so far (replacing what it recorded before), atomically."""
-        self.runs[run_id] = {"job": job, "party": party, "charges": [c.as_dict() for c in charges], "updated": _now()}
+        self.runs[run_id] = {"job": job, "party": party, "charges": [c.as_dict() for c in charges], "updated": utc_now()}
         self.save()
 
     def reset(self, reason: str) -> None:
         """Starts a fresh budget: the charges so far are kept in the file, under ``resets``."""
-        self.resets.append({"at": _now(), "reason": reason, "spent": self.spent(), "runs": self.runs})
+        self.resets.append({"at": utc_now(), "reason": reason, "spent": self.spent(), "runs": self.runs})
         self.runs = {}
         self.save()
         log.warning("privacy ledger of dataset %s reset: %s", self.dataset[:16], reason)

@@ -341,10 +341,11 @@ def run_party(
                 with party_session(session, party) as rank:
                     if training is None:
                         data = agreed("data loading", job.party_names, lambda: _load(job, party))
-                        run = begin_run(job, party, contents(data), resume=resume, run_id=run_id)
+                        parts = contents(data)
+                        run = begin_run(job, party, parts, resume=resume, run_id=run_id)
                         stack.enter_context(run.recorded())
                         job = run.job
-                        budget = agreed("privacy ledger", job.party_names, lambda: privacy_budget(job, party, data, resume=run.resumed))
+                        budget = agreed("privacy ledger", job.party_names, lambda: privacy_budget(job, party, parts, resume=run.resumed))
                         training = _Training(job, party, budget, run.disclosure(budget))
                     with training.disclosure:
                         if not training.in_rounds:

@@ -28,9 +28,10 @@ from mpcfl.tasks.train.loop import TrainResult, train
 log = logging.getLogger(__name__)
 
 
-def privacy_budget(job: TrainJob | FederatedJob, party: str, data: PartyData, *, resume: bool) -> Budget | None:
+def privacy_budget(job: TrainJob | FederatedJob, party: str, parts: dict[str, bytes], *, resume: bool) -> Budget | None:
     """The run's privacy budget, persisted on every charge, and charged to the ledger of this party's
-    dataset (:mod:`mpcfl.dp.ledger`) too; on resume, the run's ledger so far.
+    dataset (``parts``, :func:`mpcfl.data.party.contents`; see :mod:`mpcfl.dp.ledger`) too; on resume,
+    the run's ledger so far.
 
     Raises:
         MpcflError: no ledger to resume from, or one that does not match.
@@ -42,7 +43,7 @@ def privacy_budget(job: TrainJob | FederatedJob, party: str, data: PartyData, *,
     budget = Budget.create(epsilon=job.dp.epsilon, delta=job.dp.delta, accountant=job.dp.accountant)
     budget.path = job.party_dir(party) / "privacy.json"
     dataset = DatasetLedger.open(
-        dataset_digest(data), epsilon=job.dp.epsilon, delta=job.dp.delta, accountant=job.dp.accountant
+        dataset_digest(parts), epsilon=job.dp.epsilon, delta=job.dp.delta, accountant=job.dp.accountant
     )
     dataset.check_run(job.run_id, job.dp.epsilon, who=f"party {party}")
     budget.dataset = dataset.bind(job.run_id, job=job.name, party=party)
@@ -101,10 +102,11 @@ def run_party(
     with contextlib.ExitStack() as stack:
         with party_session(session_of(job, rendezvous=rendezvous, key_file=key_file), party) as rank:
             data = agreed("data loading", job.party_names, lambda: load_party_data(job, party))
-            run = begin_run(job, party, contents(data), resume=resume, run_id=run_id)
+            parts = contents(data)
+            run = begin_run(job, party, parts, resume=resume, run_id=run_id)
             stack.enter_context(run.recorded())
             job = run.job
-            budget = agreed("privacy ledger", job.party_names, lambda: privacy_budget(job, party, data, resume=run.resumed))
+            budget = agreed("privacy ledger", job.party_names, lambda: privacy_budget(job, party, parts, resume=run.resumed))
             # Every reveal of this run is recorded, and charged to the budget, until the with ends.
             with run.disclosure(budget) as disclosure:
                 start = None
