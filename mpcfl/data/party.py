@@ -230,6 +230,24 @@ def check_range(data: PartyData, max_abs: float) -> None:
         )
 
 
+def clamp_range(data: PartyData, max_abs: float) -> int:
+    """Clamps every train and test feature value to ``[-max_abs, max_abs]``, in place.
+
+    What a DP job does instead of :func:`check_range`: a refusal would depend on one
+    record and every peer would see the job stop, outside any budget. Clamping is part
+    of the mechanism (it happens before sharing, at the party alone).
+
+    Returns:
+        How many values were clamped (for this party's own log only).
+    """
+    clamped = 0
+    for split in (data.train, data.test):
+        if split is not None and split.x.size:
+            clamped += int((np.abs(split.x) > max_abs).sum())
+            split.x = np.clip(split.x, -max_abs, max_abs)
+    return clamped
+
+
 # Joint standardisation shares each party's column sums and sums of squared deviations
 # (computed in plaintext, divided by the row count): values that are only added, which
 # wrap at 2^47. A squared deviation of raw values up to 2^22 is at most 2^46.

@@ -8,17 +8,42 @@ input a_i, so its squared norm is |d_i|^2 |a_i|^2, plus |d_i|^2 for the bias
 total gradient norm; the clipped sum is then one matmul per layer,
 ``(c * d)^T a``, with c_i the example's clipping factor.
 
-The factor min(1, C/|g_i|) needs 1/sqrt under MPC, an approximation. It is
-made safe by a check that costs one comparison per example: the clipped squared
-norm c_i^2 |g_i|^2 is compared with C^2 (1 + margin), and an example that fails
-is dropped (factor 0). Every example's contribution is therefore bounded by
-C sqrt(1 + margin), whatever the approximation does; that bound is the
-sensitivity the noise is calibrated to.
+The clip is a guarantee, for any input and any weights the run can reach
+---------------------------------------------------------------------------
+Fixed point (16 fractional bits, signed 64-bit ring) wraps a product silently
+once it passes 2^31, and CrypTen's sigmoid leaves [0, 1] for inputs beyond about
+500. Nothing a run computes may depend on either not happening, so every value
+the clipped gradient depends on is bounded by public numbers, not by data:
+
+- each feature lies in ``[-X, X]`` (``data.max_abs``: each party clamps its own
+  values before sharing, part of the mechanism);
+- every parameter lies in ``[-W, W]`` (``dp.weight_bound``): projected after each
+  step, under MPC (:func:`project`);
+- the logits, and a hidden sigmoid's input, are clamped to +-:data:`LOGIT_CLAMP`
+  before the sigmoid or softmax, so each output error is at most the head's bound
+  (a clamp's derivative is not used: the error at the clamped point is pushed back).
+
+From these, :func:`layer_bounds` propagates per-entry bounds through the layers
+(inputs forward, errors backward) and :func:`check_bounds` refuses, naming the
+layer, an architecture whose products could reach 2^31: a refused model gets no
+DP, never a weaker one. With every product in range, the squared norm is exact up
+to rounding, and the factor min(1, C/|g|) (1/sqrt is an approximation) is forced
+into [0, 1] by comparisons, which are exact for any ring element. A last check of
+the clipped squared norm c_i^2 |g_i|^2 against C^2 (1 + margin) drops (factor 0)
+any example the approximation got wrong, so every example's contribution is at
+most C sqrt(1 + margin) whatever 1/sqrt returns: that bound is the sensitivity the
+noise is calibrated to.
+
+Scope: CrypTen truncates a product of two parties' shares locally (off by one unit
+at most, except with probability about |v| 2^-47); with three or more parties its
+truncation protocol errs with probability about |v| / 2^32 per product, and an
+error there can void one example's bound in one step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +52,12 @@ from torch import nn
 from mpcfl.errors import MpcflError
 
 MARGIN = 0.01
+LOGIT_CLAMP = 32.0  # e^-32 is below fixed point's 2^-16: no representable sigmoid output changes
+PRODUCT_LIMIT = 2.0**31  # |a * b| (or a sum of such products) at which an encoded product wraps
+SUM_LIMIT = 2.0**46  # a value that is only added wraps at 2^47; keep a factor two
+_SIGMOID_SLOPE = 0.25 * 1.01  # s (1 - s) for s in [0, 1], and CrypTen's sigmoid's error on clamped inputs
+
+Clamp = Callable[[Any, float], Any]  # (x, limit) -> clamp(x, -limit, limit), under MPC
 
 
 def clip_rows(x: np.ndarray, bound: float) -> np.ndarray:
@@ -40,10 +71,116 @@ def sensitivity(clip: float) -> float:
     return clip * (1 + MARGIN) ** 0.5
 
 
+@dataclass(frozen=True)
+class LayerBound:
+    """Public per-entry bounds at one Linear layer, for every input and weight the run can reach."""
+
+    name: str  # e.g. "layer 1 (Linear 30 -> 16)"
+    inputs: int
+    outputs: int
+    input_bound: float  # |a| per entry of the layer's input
+    error_bound: float  # |d| per entry of the error at the layer's output
+
+    def products(self, weight: float, batch: int) -> dict[str, float]:
+        """The largest magnitude each computation on this layer reaches, by what it is."""
+        a, d = self.input_bound, self.error_bound
+        return {
+            "pre-activations": self.inputs * weight * a + weight,
+            "backpropagated errors": self.outputs * weight * d,
+            "per-example squared norms": self.outputs * d * d * (self.inputs * a * a + 1),
+            "summed gradients": batch * d * a,
+        }
+
+
+def layer_bounds(
+    torch_model: nn.Sequential, *, input_bound: float, weight_bound: float, error_bound: float
+) -> list[LayerBound]:
+    """Per-entry bounds of each Linear layer's input and output error (see the module docstring).
+
+    Args:
+        torch_model: the MLP (Linear, ReLU, Sigmoid children).
+        input_bound: X, every feature's magnitude.
+        weight_bound: W, every parameter's magnitude.
+        error_bound: every entry of d(loss)/d(logits) at clamped logits (the head's bound).
+
+    Raises:
+        MpcflError: a layer the clip does not cover.
+    """
+    layers: list[list[Any]] = []  # [Linear, activation after it or None]
+    for name, layer in torch_model.named_children():
+        if isinstance(layer, nn.Linear):
+            layers.append([layer, None])
+        elif isinstance(layer, (nn.ReLU, nn.Sigmoid)) and layers:
+            layers[-1][1] = layer
+        else:
+            raise MpcflError(
+                f"layer {name} ({type(layer).__name__}): per-example clipping covers Linear layers, each "
+                "followed by ReLU or Sigmoid; DP cannot bound this model"
+            )
+    inputs = [input_bound]
+    for layer, activation in layers[:-1]:
+        pre = layer.in_features * weight_bound * inputs[-1] + weight_bound
+        inputs.append(1.0 if isinstance(activation, nn.Sigmoid) else pre)
+    errors = [error_bound]
+    for (layer, _), (_, activation) in zip(reversed(layers[1:]), reversed(layers[:-1])):
+        slope = _SIGMOID_SLOPE if isinstance(activation, nn.Sigmoid) else 1.0
+        errors.insert(0, layer.out_features * weight_bound * errors[0] * slope)
+    return [
+        LayerBound(f"layer {i + 1} (Linear {layer.in_features} -> {layer.out_features})",
+                   layer.in_features, layer.out_features, a, d)
+        for i, ((layer, _), a, d) in enumerate(zip(layers, inputs, errors))
+    ]
+
+
+def check_bounds(bounds: list[LayerBound], *, weight_bound: float, batch: int) -> float:
+    """Refuses a model whose clipped-gradient computation could wrap fixed point.
+
+    Every product must stay below :data:`PRODUCT_LIMIT`, and the per-example squared
+    norms summed over the layers below half of it (the clipped norm multiplies that
+    sum by a factor in [0, 1]).
+
+    Returns:
+        The headroom: how many times the largest product could grow before wrapping.
+
+    Raises:
+        MpcflError: names the layer and the computation that could wrap.
+    """
+    worst, total = 0.0, 0.0
+    for layer in bounds:
+        products = layer.products(weight_bound, batch)
+        total += products["per-example squared norms"]
+        for what, value in products.items():
+            limit = PRODUCT_LIMIT / 2 if what == "per-example squared norms" else PRODUCT_LIMIT
+            if value >= limit:
+                raise MpcflError(
+                    f"{layer.name}: its {what} can reach {value:.3g} for inputs within data.max_abs and weights "
+                    f"within dp.weight_bound={weight_bound:g}, beyond fixed point's {limit:.3g}: the clip would "
+                    "not hold; lower data.max_abs or dp.weight_bound, or use fewer or narrower layers"
+                )
+            worst = max(worst, value / limit)
+    if total >= PRODUCT_LIMIT / 2:
+        raise MpcflError(
+            f"the per-example squared gradient norm can reach {total:.3g} for inputs within data.max_abs and "
+            f"weights within dp.weight_bound={weight_bound:g}, beyond fixed point's {PRODUCT_LIMIT / 2:.3g}: the "
+            "clip would not hold; lower data.max_abs or dp.weight_bound, or use fewer or narrower layers"
+        )
+    return 1.0 / max(worst, total / (PRODUCT_LIMIT / 2))
+
+
 def clipped_gradient_sum(
-    model: Any, torch_model: nn.Sequential, x: Any, y: Any, *, clip: float, output_error: Callable[[Any, Any], Any]
+    model: Any,
+    torch_model: nn.Sequential,
+    x: Any,
+    y: Any,
+    *,
+    clip: float,
+    output_error: Callable[[Any, Any], Any],
+    clamp: Clamp,
 ) -> dict[str, Any]:
     """The sum over the batch of each example's gradient clipped to norm ``clip``.
+
+    The bound holds for features within ``data.max_abs`` and parameters within
+    ``dp.weight_bound`` (:func:`check_bounds` refused the model otherwise).
 
     Args:
         model: the encrypted crypten model (parameters named like ``torch_model``'s).
@@ -53,6 +190,7 @@ def clipped_gradient_sum(
         clip: the norm bound C.
         output_error: (logits, y) -> each example's d(loss)/d(logits), the head's
             (:meth:`mpcfl.models.heads.Head.output_error`).
+        clamp: clamps a CrypTensor to +-limit (:func:`mpcfl.models.sigmoid.clamp_symmetric`).
 
     Returns:
         Encrypted gradient sums by parameter name.
@@ -70,12 +208,12 @@ def clipped_gradient_sum(
             derivatives.append(positive)
             activation = activation * positive
         elif isinstance(layer, nn.Sigmoid):
-            activation = activation.sigmoid()
+            activation = clamp(activation, LOGIT_CLAMP).sigmoid()  # CrypTen's sigmoid is garbage past ~500
             derivatives.append(activation * (1 - activation))
         else:
             raise MpcflError(f"per-example clipping supports Linear, ReLU and Sigmoid layers, not {type(layer).__name__}")
-    # d(loss_i)/d(logits_i) for one example (no 1/B: this is a per-example gradient)
-    error = output_error(activation, y)
+    # d(loss_i)/d(logits_i) for one example (no 1/B: this is a per-example gradient), at clamped logits
+    error = output_error(clamp(activation, LOGIT_CLAMP), y)
 
     errors: list[Any] = []
     squared_norm = None
@@ -87,7 +225,8 @@ def clipped_gradient_sum(
             error = error.matmul(params[f"{name}.weight"]) * derivative
     errors.reverse()
 
-    # factor = min(1, C / |g|), then kept only if the clipped norm provably fits.
+    # factor = min(1, C / |g|) forced into [0, 1] by comparisons, then kept only if the clipped
+    # norm provably fits: both hold whatever the 1/sqrt approximation returns.
     inverse = (squared_norm + 1e-4).inv_sqrt()
     factor = 1 - (1 - inverse * clip).relu()
     factor = factor.relu()

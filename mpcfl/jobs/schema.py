@@ -104,7 +104,8 @@ class DataSpec(_Strict):
     max_abs: float = Field(
         default=1e4,
         gt=0,
-        description="refuse feature values beyond this (after standardisation). At most 2^15 = 32768: "
+        description="refuse feature values beyond this (after standardisation); with dp, each party clamps "
+        "its values to it instead (a refusal would depend on one record). At most 2^15 = 32768: "
         "fixed point (16 fractional bits, signed 64-bit ring) wraps on a product above 2^31, and a "
         "feature is multiplied by itself and by weights, so x^2 must stay below 2^31 with a margin",
     )
@@ -181,6 +182,9 @@ class DPMetricsSpec(_Strict):
     )
 
 
+WEIGHT_BOUND = 4.0
+
+
 class DPSpec(_Strict):
     """Differential privacy for the trained model (DP-SGD under MPC) and, optionally, the metrics."""
 
@@ -193,6 +197,12 @@ class DPSpec(_Strict):
         description="logistic_regression: bound on each example's feature-vector L2 norm (each party "
         "clips its own slice of a row to clip/sqrt(parties holding features)); mlp: bound on each "
         "example's gradient L2 norm, clipped inside MPC",
+    )
+    weight_bound: float = Field(
+        default=WEIGHT_BOUND,
+        gt=0,
+        description="mlp: every parameter is kept within [-weight_bound, weight_bound] (projected under MPC "
+        "after each step), so the per-example clip holds for any weights the run reaches",
     )
     collusion_threshold: int | None = Field(
         default=None,
@@ -479,6 +489,11 @@ class TrainJob(JobBase):
             raise ValueError(
                 "dp: DP-SGD trains the logistic_regression and mlp model types; a model.factory module "
                 "cannot train with dp (drop dp, or use model.type: mlp)"
+            )
+        if "weight_bound" in dp.model_fields_set and self.model.type != "mlp":
+            raise ValueError(
+                "dp.weight_bound: bounds an mlp's parameters; logistic regression's clip holds whatever its "
+                "weights (its features are clipped), so remove it"
             )
         if self.outputs.metrics_to != "none" and dp.metrics is None:
             raise ValueError(

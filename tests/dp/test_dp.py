@@ -198,17 +198,34 @@ def test_dp_refuses_free_metrics(tmp_path: Path) -> None:
 
 
 def test_dp_sgd_for_an_mlp_clips_each_example_inside_mpc(tmp_path: Path) -> None:
+    """An MLP's DP job, with one patient's value far out of range: clamped at its own party, not
+    refused, so the job finishes and the other party's logs and files show nothing of it."""
     from mpcfl.tasks.train.baseline import evaluate_state_dict, train_plaintext
     from mpcfl.dp.clipping import sensitivity
 
     spec = dp_demo()
+    train = Path(spec["parties"][0]["data"]["train"])
+    rows = train.read_text().splitlines()
+    column = rows[0].split(",").index("mean_area")
+    cells = rows[5].split(",")
+    cells[column] = "60000"  # scaled (60000 - 1500) / 1500 = 39, beyond data.max_abs
+    rows[5] = ",".join(cells)
+    spec["parties"][0]["data"]["train"] = str(tmp_path / "hospital_a_train.csv")
+    (tmp_path / "hospital_a_train.csv").write_text("\n".join(rows) + "\n")
     spec["model"] = {"type": "mlp", "hidden": [8]}
+    spec["data"]["max_abs"] = 4.0
     spec["training"]["epochs"] = 2
     spec["dp"]["epsilon"] = 8.0
     spec["outputs"]["dir"] = str(tmp_path / "out")
     path = write_job(tmp_path, spec)
     done = mpcfl("run", str(path), timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    lines = (done.stdout + done.stderr).splitlines()
+    assert any(line.startswith("[hospital_a]") and "clamped 1 feature values" in line for line in lines)
+    others = [line for line in lines if line.startswith(("[hospital_b]", "[dealer]"))]
+    assert others and not [line for line in others if "clamp" in line or "range" in line or "hospital_a failed" in line]
+    files = [f for f in (tmp_path / "out" / "hospital_b").rglob("*") if f.is_file()]
+    assert files and not [f for f in files if b"clamp" in f.read_bytes() or b"mean_area" in f.read_bytes()]
     job = load_job(path)
     privacy = json.loads((job.party_root("hospital_b") / "latest" / "privacy.json").read_text())
     assert privacy["notes"]["dp_sgd"]["sensitivity"] == pytest.approx(2 * sensitivity(1.0))  # replace-one
@@ -217,8 +234,19 @@ def test_dp_sgd_for_an_mlp_clips_each_example_inside_mpc(tmp_path: Path) -> None
     reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 2))
     assert privacy["spent"] == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
     state = torch.load(job.party_root("hospital_b") / "latest" / "model.pt", weights_only=True)
+    assert max(float(t.abs().max()) for t in state.values()) <= 4.0 + 1e-3  # projected to dp.weight_bound
     assert evaluate_state_dict(job, state)["test_accuracy"] > 0.6
     assert len(train_plaintext(job).history) == 2  # the plaintext simulation clips per example too
+
+
+def test_a_dp_mlp_whose_clip_could_wrap_is_refused_before_sharing(tmp_path: Path) -> None:
+    spec = dp_demo()
+    spec["model"] = {"type": "mlp", "hidden": [8]}
+    spec["data"]["max_abs"] = 1e4  # the default: an example's squared gradient norm could wrap
+    spec["outputs"]["dir"] = str(tmp_path / "out")
+    done = mpcfl("run", str(write_job(tmp_path, spec)), timeout=120)
+    assert done.returncode != 0
+    assert "dp: layer 1 (Linear 30 -> 8)" in done.stderr and "lower data.max_abs or dp.weight_bound" in done.stderr
 
 
 def test_metrics_that_alone_exceed_the_budget_are_refused(tmp_path: Path) -> None:

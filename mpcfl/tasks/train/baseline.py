@@ -142,12 +142,21 @@ def train_plaintext(
     loss_fn = head.plain_loss
     noise_std = math.prod(calibration(job)) if job.dp is not None else 0.0
     generator = torch.Generator().manual_seed(seed)
+    per_example = job.dp is not None and not clips_features(job)
+
+    def project() -> None:  # the secure run's projection (PerExampleDpSgd.project), from the first step
+        if per_example:
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.clamp_(-job.dp.weight_bound, job.dp.weight_bound)
+
+    project()
     history = []
     for epoch in range(spec.epochs):
         for rows in batches(len(x), batch_size=spec.batch_size, seed=seed, epoch=epoch, shuffle=spec.shuffle):
             index = torch.from_numpy(rows)
             optimizer.zero_grad()
-            if job.dp is not None and not clips_features(job):
+            if per_example:
                 _clipped_sum_gradients(model, loss_fn, x[index], y[index], clip=job.dp.clip)
             else:
                 loss_fn(model(x[index]), y[index]).backward()
@@ -155,6 +164,7 @@ def train_plaintext(
                 for param in model.parameters():
                     param.grad += torch.randn(param.shape, generator=generator) * noise_std / len(rows)
             optimizer.step()
+            project()
         loss, accuracy = _evaluate(head, model, x, y)
         record = {"epoch": epoch + 1, "loss": loss, "train_accuracy": accuracy}
         if x_test is not None:

@@ -31,13 +31,17 @@ change (flatten, unflatten, view) nothing. A graph that branches (a residual
 connection) is refused: its norms add along paths, not implemented here.
 
 The largest product is then the largest of every layer's pre-activation norm (each
-entry is a dot product), the backpropagated errors, the weight gradients, and, for
-DP-SGD on an MLP, the per-example squared norms of :mod:`mpcfl.dp.clipping`.
+entry is a dot product), the backpropagated errors and the weight gradients.
 
 Assumed, not bounded: CrypTen's sigmoid stays in [0, 1] (true for logits within
 about +-500; the cheap ones of :mod:`mpcfl.models.sigmoid` clamp, so theirs is a
 bound), and DP-SGD's Gaussian noise is left out. The symptom checks of
 :mod:`mpcfl.tasks.train.loop` catch what these assumptions miss.
+
+DP-SGD on an MLP is the exception, where a rule is not enough: its clip must hold
+for any data and any weights the run can reach, so its features are clamped, its
+parameters projected, and its bounds are per-entry and public
+(:mod:`mpcfl.dp.clipping`, :func:`dp_mlp_headroom`), never the data's.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from mpcfl.dp import clipping
 from mpcfl.errors import ConfigError, MpcflError
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.build import build_torch_model, to_crypten
@@ -100,6 +105,8 @@ class _Layer:
     positions: float = 1.0
     after: list[tuple[str, float]] = field(default_factory=list)  # ("set" | "cap" | "gain", value), in order
     slope: float = 1.0  # how much the nodes after it can grow an error sent back through them
+    weight_entries: int = 0
+    bias_entries: int = 0
 
 
 def _windows(kernel: Any, stride: Any, dilation: Any) -> float:
@@ -169,7 +176,10 @@ def _chain(torch_model: nn.Module, n_features: int) -> tuple[float, list[_Layer]
             # a Linear layer on (N, ..., d) rows adds its bias at every position too
             positions = math.sqrt(width / (layer.out_channels if conv else layer.out_features))
             bias = 0.0 if layer.bias is None else float(layer.bias.detach().norm())
-            layers.append(_Layer(float(layer.weight.detach().norm()), bias, spread, positions))
+            layers.append(_Layer(
+                float(layer.weight.detach().norm()), bias, spread, positions,
+                weight_entries=layer.weight.numel(), bias_entries=0 if layer.bias is None else layer.bias.numel(),
+            ))
         elif isinstance(layer, nn.ReLU) or name == "relu":
             note("gain", 1.0, 1.0)
         elif isinstance(layer, nn.Sigmoid) or name == "sigmoid":
@@ -203,7 +213,8 @@ def _model_chain(job: TrainJob, n_features: int) -> tuple[float, list[_Layer], f
 
 def check_model(job: TrainJob, n_features: int) -> None:
     """Refuses, before anything is shared, a model that does not take rows of ``n_features``,
-    gives the wrong number of logits, or cannot be trained or bounded under MPC.
+    gives the wrong number of logits, or cannot be trained or bounded under MPC (for DP-SGD
+    on an MLP: whose per-example clip could not hold, :func:`dp_mlp_headroom`).
 
     Raises:
         ConfigError: one line naming the job file and the key.
@@ -216,6 +227,32 @@ def check_model(job: TrainJob, n_features: int) -> None:
         raise ConfigError(f"{job.source}: model.factory: {err}") from None
     except MpcflError as err:
         raise ConfigError(f"{job.source}: {err}") from None
+    if _dp_mlp(job):
+        dp_mlp_headroom(job, n_features)
+
+
+def _dp_mlp(job: TrainJob) -> bool:
+    """DP-SGD by per-example clipping: its bounds are public (:mod:`mpcfl.dp.clipping`), not the data's."""
+    return job.dp is not None and isinstance(job.model, ModelSpec) and job.model.type == "mlp"
+
+
+def dp_mlp_headroom(job: TrainJob, n_features: int) -> float:
+    """How far DP-SGD's per-example clipping stays from wrapping, for features within
+    ``data.max_abs`` and parameters within ``dp.weight_bound``: any data, any reachable weights.
+
+    Raises:
+        ConfigError: names the job file, the layer and what to lower.
+    """
+    assert job.dp is not None
+    model = build_torch_model(job.model, n_features=n_features, seed=job.training.seed)
+    error = head_of(job.model, job.training.sigmoid).gradient_bound
+    try:
+        layers = clipping.layer_bounds(
+            model, input_bound=job.data.max_abs, weight_bound=job.dp.weight_bound, error_bound=error
+        )
+        return clipping.check_bounds(layers, weight_bound=job.dp.weight_bound, batch=job.training.batch_size)
+    except MpcflError as err:
+        raise ConfigError(f"{job.source}: dp: {err}") from None
 
 
 def training_bounds(job: TrainJob, *, n_features: int, n_rows: int, input_norm: float) -> Bounds:
@@ -229,7 +266,7 @@ def _bounds(job: TrainJob, chain: tuple[float, list[_Layer], float], *, n_rows: 
     biases = [layer.bias for layer in layers]
     step = job.training.learning_rate / (1 - job.training.momentum)
     error = head_of(job.model, job.training.sigmoid).gradient_bound * post
-    dp_mlp = job.dp is not None and isinstance(job.model, ModelSpec) and job.model.type == "mlp"
+    dp_mlp = _dp_mlp(job)
 
     def activate(norm: float, layer: _Layer) -> float:
         for kind, value in layer.after:
@@ -255,10 +292,16 @@ def _bounds(job: TrainJob, chain: tuple[float, list[_Layer], float], *, n_rows: 
         return errors
 
     total = steps(job, n_rows)
-    inputs, errors = forward(), backward()  # at the initial weights: see the module docstring
-    for i, layer in enumerate(layers):
-        weights[i] += total * step * layer.spread * errors[i] * inputs[i]
-        biases[i] += total * step * layer.positions * errors[i]
+    if dp_mlp:  # every parameter is projected to +-dp.weight_bound: a bound for any step, not a rule
+        assert job.dp is not None
+        bound = job.dp.weight_bound
+        weights = [bound * math.sqrt(layer.weight_entries) for layer in layers]
+        biases = [bound * math.sqrt(layer.bias_entries) for layer in layers]
+    else:
+        inputs, errors = forward(), backward()  # at the initial weights: see the module docstring
+        for i, layer in enumerate(layers):
+            weights[i] += total * step * layer.spread * errors[i] * inputs[i]
+            biases[i] += total * step * layer.positions * errors[i]
     inputs, errors = forward(), backward()
     pre_activations = [pre_activation(i, z) for i, z in enumerate(inputs[:-1])]
     products = [
@@ -266,13 +309,11 @@ def _bounds(job: TrainJob, chain: tuple[float, list[_Layer], float], *, n_rows: 
         *(layer.spread * w * d for layer, w, d in zip(layers, weights, errors)),  # errors sent back through each layer
         *(layer.spread * d * z for layer, d, z in zip(layers, errors, inputs)),  # weight gradients
     ]
-    if dp_mlp:  # per-example |d|^2 (|z|^2 + 1), see mpcfl.dp.clipping
-        products += [d * d * (z * z + 1) for d, z in zip(errors, inputs)]
     return Bounds(
         input_norm=input_norm,
         steps=total,
         largest_product=max(products),
-        weight=max(*weights, *biases),
+        weight=job.dp.weight_bound if dp_mlp else max(*weights, *biases),
         logit=pre_activations[-1] * post,
     )
 
@@ -281,10 +322,13 @@ def safe_input_norm(job: TrainJob, *, n_features: int, n_rows: int, metric_rows:
     """The largest feature-vector norm that keeps training within the ring's safe range.
 
     Safe: every product below :data:`PRODUCT_LIMIT`, and a revealed loss sum over
-    ``metric_rows`` examples below :data:`SUM_LIMIT`. The bounds grow with the norm,
+    ``metric_rows`` examples below :data:`SUM_LIMIT`. For DP-SGD on an MLP, the norm
+    its feature clamp allows (its bounds are checked by :func:`dp_mlp_headroom`). The bounds grow with the norm,
     so bisection on a log scale finds it; 0 when even tiny features do not fit.
     """
 
+    if _dp_mlp(job):  # features are clamped to data.max_abs, and dp_mlp_headroom proved that safe
+        return job.data.max_abs * math.sqrt(n_features)
     head = head_of(job.model)
     chain = _model_chain(job, n_features)
 

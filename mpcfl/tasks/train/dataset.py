@@ -21,16 +21,17 @@ import numpy as np
 import torch
 
 from mpcfl.data.files import DataError
+from mpcfl.errors import ConfigError
 from mpcfl.data.party import (
     PartyData, Split, apply_scaler, check_joint_stats_range, check_range, check_scaled_columns, check_scaling_covers,
-    columns_hash, scale_publicly, standardize_locally,
+    clamp_range, columns_hash, scale_publicly, standardize_locally,
 )
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.heads import head_of
 from mpcfl.models.spec import FactoryModelSpec
 from mpcfl.mpc.session import agreed, all_gather_public
-from mpcfl.tasks.train.bounds import PRODUCT_LIMIT, check_model, safe_input_norm, steps
-from mpcfl.tasks.train.dp_sgd import bound_features
+from mpcfl.tasks.train.bounds import PRODUCT_LIMIT, check_model, dp_mlp_headroom, safe_input_norm, steps
+from mpcfl.tasks.train.dp_sgd import bound_features, clips_features
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,9 @@ def prepare(
     """Preprocesses one party's data in place, in the order every path uses.
 
     Standardise first (``standardize``: this path's statistics, local or joint; or the
-    job's public ``data.scaling`` constants), then
-    clip features for DP (only DP logistic regression does), then ``check`` the values
-    that will be shared: bounds hold for what goes into MPC, not for raw data.
+    job's public ``data.scaling`` constants), then, for DP, clamp every value to
+    ``data.max_abs`` and clip features (only DP logistic regression does), then ``check``
+    the values that will be shared: bounds hold for what goes into MPC, not for raw data.
 
     Args:
         feature_counts: every party's number of feature columns (public).
@@ -62,6 +63,10 @@ def prepare(
         standardize(data)
     elif job.data.scaling is not None:
         scale_publicly(data, job.data.scaling, job.source)
+    if job.dp is not None and (clamped := clamp_range(data, job.data.max_abs)):
+        # this party's operator alone learns it: the peers see the same run either way
+        log.warning("party %s: clamped %d feature values to data.max_abs=%g (DP: clamped, not refused)",
+                    data.party, clamped, job.data.max_abs)
     bound_features(job, data, feature_counts)
     return check(data)
 
@@ -77,9 +82,15 @@ def check_bounds(job: TrainJob, data: PartyData, *, n_features: int, n_rows: int
     Returns:
         The headroom: how many times the safe norm exceeds this party's (``inf`` with no features).
 
+    Under DP the bound is public instead (:func:`_dp_headroom`): a refusal that depended on
+    one record would tell every peer about it, outside the budget.
+
     Raises:
         DataError: names the party, file and column of the row that drives the bound.
+        ConfigError: under DP, the job's bounds do not fit fixed point, whatever the data.
     """
+    if job.dp is not None:
+        return _dp_headroom(job, n_features=n_features, n_rows=n_rows, metric_rows=metric_rows)
     splits = [s for s in (data.train, data.test) if s is not None and s.x.size]
     if not splits:
         return math.inf
@@ -131,6 +142,26 @@ def check_alone(job: TrainJob, data: PartyData) -> str:
         job, data, feature_counts=[data.train.x.shape[1]], standardize=standardize_locally, check=checks
     )
     return f"fixed-point headroom {headroom:.3g}x on its own columns and rows (the run checks all parties together)"
+
+
+def _dp_headroom(job: TrainJob, *, n_features: int, n_rows: int, metric_rows: int) -> float:
+    """DP's fixed-point headroom from public bounds alone: feature-clipped logistic regression's
+    rows have norm at most ``dp.clip``; an MLP's per-entry bounds are :func:`dp_mlp_headroom`'s.
+
+    Raises:
+        ConfigError: names the job file and the key to lower.
+    """
+    assert job.dp is not None
+    if not clips_features(job):
+        return dp_mlp_headroom(job, n_features)
+    allowed = safe_input_norm(job, n_features=n_features, n_rows=n_rows, metric_rows=metric_rows)
+    if job.dp.clip > allowed:
+        raise ConfigError(
+            f"{job.source}: dp.clip: rows clipped to norm {job.dp.clip:g} can drive {steps(job, n_rows)} SGD steps "
+            f"past fixed point's {PRODUCT_LIMIT:.3g} (2^31) products (at most {allowed:.4g} fits); lower dp.clip, "
+            f"training.learning_rate or training.epochs"
+        )
+    return allowed / job.dp.clip
 
 
 @dataclass

@@ -28,7 +28,10 @@ epoch is charged when it completes, before any release that depends on it.
 
 An MLP's gradients are not bounded by its features, so each example's gradient
 is clipped to ``clip`` inside MPC instead (:mod:`mpcfl.dp.clipping`), and the
-noise goes on the clipped sum.
+noise goes on the clipped sum. That clip is a guarantee only while every value it
+depends on is bounded: features are clamped to ``data.max_abs`` before sharing,
+parameters projected to ``[-dp.weight_bound, dp.weight_bound]`` after every step
+(and before the first), and the model refused if its products could still wrap.
 """
 
 from __future__ import annotations
@@ -189,12 +192,6 @@ class DpSgd(TrainingStep):
                            "colluders": self.job.colluders}}
 
 
-# CrypTen's sigmoid leaves [0, 1] for logits beyond about 500 (0.882 at 510, -9.7e7 at 515), and
-# nothing bounds the weights, so the logits are clamped to +-_LOGIT_CLAMP first: |p - y| <= 1 then
-# holds whatever the weights. e^-32 is below fixed point's 2^-16, so no representable p changes.
-_LOGIT_CLAMP = 32.0
-
-
 def gradient_head(job: TrainJob) -> Head:
     """The head training's gradient uses: with the job's ``training.sigmoid``."""
     return head_of(job.model, job.training.sigmoid)
@@ -202,7 +199,8 @@ def gradient_head(job: TrainJob) -> Head:
 
 def bounded_gradients(model: Any, x: Any, y: Any, head: Head) -> None:
     """Sets the batch-mean gradient of a linear model from (p - y) at logits clamped to
-    +-:data:`_LOGIT_CLAMP`, so each example's part is ``(p - y) [x, 1]`` with ``|p - y|`` bounded
+    +-:data:`~mpcfl.dp.clipping.LOGIT_CLAMP` (CrypTen's sigmoid leaves [0, 1] beyond about 500,
+    and nothing bounds a linear model's weights), so each example's part is ``(p - y) [x, 1]`` with ``|p - y|`` bounded
     by the head's ``gradient_bound``. A head whose error is bounded for any logit (a cheap
     sigmoid that clamps its own input) needs no second clamp.
 
@@ -212,7 +210,7 @@ def bounded_gradients(model: Any, x: Any, y: Any, head: Head) -> None:
     crypten = import_crypten()
     logits = model(x)
     with crypten.no_grad():
-        inside = logits if head.bounded_error else clamp_symmetric(logits, _LOGIT_CLAMP)
+        inside = logits if head.bounded_error else clamp_symmetric(logits, clipping.LOGIT_CLAMP)
         error = head.output_error(inside, y).div(x.size(0))
     logits.backward(error)
 
@@ -234,7 +232,8 @@ class FeatureClippedDpSgd(DpSgd):
 
 
 class PerExampleDpSgd(DpSgd):
-    """An MLP: each example's gradient clipped inside MPC, noise on the clipped sum."""
+    """An MLP: each example's gradient clipped inside MPC, noise on the clipped sum, and the
+    parameters kept within ``dp.weight_bound`` (the clip's guarantee depends on it)."""
 
     def __init__(self, job: TrainJob, head: Head) -> None:
         super().__init__(job)
@@ -244,12 +243,27 @@ class PerExampleDpSgd(DpSgd):
         assert self.job.dp is not None
         with import_crypten().no_grad():  # gradients by hand: see mpcfl.dp.clipping
             sums = clipping.clipped_gradient_sum(
-                model, torch_model, x, y, clip=self.job.dp.clip, output_error=self.head.output_error
+                model, torch_model, x, y, clip=self.job.dp.clip, output_error=self.head.output_error,
+                clamp=clamp_symmetric,
             )
             for name, param in model.named_parameters():
                 total = sums[name]
                 self._add_noise(total, self.noise_multiplier * self.sensitivity)
                 param.grad = total.div(x.size(0))
+
+    def project(self, model: Any) -> None:
+        """Clamps every parameter to +-``dp.weight_bound``, under MPC: post-processing of the noisy
+        model, so free, and what keeps every later product within fixed point's range."""
+        assert self.job.dp is not None
+        crypten = import_crypten()
+        params = [param for _, param in model.named_parameters()]
+        with crypten.no_grad():
+            flat = clamp_symmetric(crypten.cat([p.flatten() for p in params]), self.job.dp.weight_bound)
+        offset = 0
+        for param in params:
+            size = param.nelement()
+            param.share = flat[offset : offset + size].reshape(param.size()).share
+            offset += size
 
 
 def training_step(job: TrainJob) -> TrainingStep:

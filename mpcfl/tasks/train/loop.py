@@ -146,6 +146,8 @@ def train(
     if resume is not None:
         checkpoint.restore(model, optimizer, resume, device=device)
         result.history, first = list(resume.history), resume.epoch
+    else:
+        engine.project(model)  # the initial weights too: every step's bounds hold from the first
 
     if job.runtime.mask_reuse:
         # Bound to this job's training features: the dealer keeps one mask per binding per run.
@@ -161,6 +163,7 @@ def train(
                 optimizer.zero_grad()
                 engine.step(model, torch_model, fixed_mask.rows(shared.x_train, index), shared.y_train[index])
                 optimizer.step()
+                engine.project(model)
         # Charged now, before the metrics and the checkpoint: every later release depends on
         # these steps, and an epoch cut short by a crash is redone from the checkpoint with
         # fresh noise, its model never released.

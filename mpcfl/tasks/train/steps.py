@@ -36,6 +36,10 @@ class TrainingStep(abc.ABC):
             x, y: the batch's features and targets (CrypTensors).
         """
 
+    def project(self, model: Any) -> None:
+        """Keeps the parameters where the strategy's bounds need them, before the first step and
+        after each update; by default they are left as they are."""
+
     def epoch_charge(self) -> Charge | None:
         """The charge for one epoch of steps, made when the epoch completes; None: free."""
         return None
