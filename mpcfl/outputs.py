@@ -56,16 +56,17 @@ def plot_history(path: Path, history: list[dict[str, float]], *, title: str) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
     for key, axis in (("loss", ax_loss), ("test_loss", ax_loss), ("train_accuracy", ax_acc), ("test_accuracy", ax_acc)):
-        if all(key in row for row in history):
-            axis.plot(epochs, [row[key] for row in history], marker="o", label=key.replace("_", " "))
+        rows = [row for row in history if key in row]  # a DP job may release the final epoch's alone
+        if rows:
+            axis.plot([row["epoch"] for row in rows], [row[key] for row in rows], marker="o", label=key.replace("_", " "))
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for axis in (ax_loss, ax_acc):
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.lines:
+            axis.legend()
     fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110), binary=True)

@@ -173,12 +173,17 @@ class TrainingSpec(_Strict):
 
 
 class DPMetricsSpec(_Strict):
-    """Per-epoch metrics released with output perturbation, charged to the budget."""
+    """Metrics released with output perturbation, charged to the budget."""
 
     mechanism: Literal["gaussian", "laplace"] = "gaussian"
     noise_multiplier: float = Field(gt=0, description="noise scale over the metrics' sensitivity")
     loss_bound: float = Field(
         default=2.0, gt=0, description="each example's loss is clipped to [0, loss_bound] inside MPC"
+    )
+    when: Literal["final", "every_epoch"] = Field(
+        default="final",
+        description="final: one release of the trained model's loss and accuracy, charged once; "
+        "every_epoch: one per epoch, each charged",
     )
 
 

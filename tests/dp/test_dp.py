@@ -58,16 +58,17 @@ def test_pld_calibration_meets_the_target_by_dp_accounting(epsilon: float, delta
     assert budget.charge("the steps", Charge("gaussian", z, steps)) <= epsilon
 
 
-def test_pld_calibration_of_dp_sgd_with_charged_metrics(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("when", "releases"), [("every_epoch", 10), ("final", 1)])
+def test_pld_calibration_of_dp_sgd_with_charged_metrics(tmp_path: Path, when: str, releases: int) -> None:
     from mpcfl.tasks.train.dp_sgd import calibration
 
     spec = dp_demo()
-    spec["dp"].update(accountant="pld", metrics={"mechanism": "laplace", "noise_multiplier": 20.0})
+    spec["dp"].update(accountant="pld", metrics={"mechanism": "laplace", "noise_multiplier": 20.0, "when": when})
     spec["outputs"]["metrics_to"] = "all"
     z, _ = calibration(load_job(write_job(tmp_path, spec)))
     reference = pld.PLDAccountant()
     reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 10))
-    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.LaplaceDpEvent(20.0), 10))
+    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.LaplaceDpEvent(20.0), releases))
     assert 2.997 < reference.get_epsilon(1e-5) <= 3.0
 
 
@@ -152,19 +153,22 @@ def test_dp_training_job_records_a_ledger_that_matches_dp_accounting(tmp_path: P
     z = privacy["notes"]["dp_sgd"]["noise_multiplier"]
     reference = rdp.RdpAccountant()
     reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 3))
-    for _ in range(3):
-        reference.compose(dp_accounting.LaplaceDpEvent(20.0))
+    reference.compose(dp_accounting.LaplaceDpEvent(20.0))  # the final model's metrics, released once
     assert privacy["spent"] == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
     assert 2.99 < privacy["spent"] <= 3.0
     whats = [e["what"] for e in privacy["ledger"]]
-    steps_then_metrics = [w for i in (1, 2, 3) for w in (f"epoch {i} DP-SGD steps", f"epoch {i} loss and accuracy")]
-    assert whats == steps_then_metrics + ["trained model parameters"]
+    steps = [f"epoch {i} DP-SGD steps" for i in (1, 2, 3)]
+    assert whats == steps + ["epoch 3 loss and accuracy", "trained model parameters"]
     # The model is post-processing of the charged steps: it costs nothing more.
     assert privacy["ledger"][-1]["post_processing"] and privacy["ledger"][-1]["epsilon_after"] == privacy["spent"]
     # Both parties keep the same ledger; only the metric receiver sees the (noisy) metrics.
     assert json.loads((job.party_root("hospital_a") / "latest" / "privacy.json").read_text())["ledger"] == privacy["ledger"]
-    history = json.loads((job.party_root("hospital_b") / "latest" / "metrics.json").read_text())["history"]
-    assert all(0.0 <= row["test_accuracy"] <= 1.0 for row in history)
+    metrics = json.loads((job.party_root("hospital_b") / "latest" / "metrics.json").read_text())
+    assert [("test_accuracy" in row) for row in metrics["history"]] == [False, False, True]
+    assert 0.0 <= metrics["final"]["test_accuracy"] <= 1.0
+    release = metrics["metrics_release"]  # metrics.json says how its figures were obtained
+    assert (release["released"], release["when"], release["mechanism"]) == ("noisy", "final", "laplace")
+    assert release["noise_scale"] == pytest.approx(20.0 * 3.0)  # noise multiplier x (loss bound 2 + 1)
     others = json.loads((job.party_root("hospital_a") / "latest" / "metrics.json").read_text())["history"]
     assert all("loss" not in row for row in others)
     state = torch.load(job.party_root("hospital_b") / "latest" / "model.pt", weights_only=True)
@@ -235,6 +239,8 @@ def test_dp_sgd_for_an_mlp_clips_each_example_inside_mpc(tmp_path: Path) -> None
     assert privacy["spent"] == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
     state = torch.load(job.party_root("hospital_b") / "latest" / "model.pt", weights_only=True)
     assert max(float(t.abs().max()) for t in state.values()) <= 4.0 + 1e-3  # projected to dp.weight_bound
+    release = json.loads((job.party_root("hospital_b") / "latest" / "metrics.json").read_text())["metrics_release"]
+    assert release["released"] == "none" and "dp.metrics" in release["why"]
     assert evaluate_state_dict(job, state)["test_accuracy"] > 0.6
     assert len(train_plaintext(job).history) == 2  # the plaintext simulation clips per example too
 
@@ -411,3 +417,17 @@ def test_a_dataset_ledger_composes_every_run_and_keeps_its_resets(tmp_path: Path
     again = opened()
     assert again.spent() == 0.0 and again.resets[0]["reason"] == "test: start again"
     assert again.resets[0]["runs"]["run-1"]["charges"] == [{"mechanism": "gaussian", "noise_multiplier": z, "count": 10}]
+
+
+def test_a_final_model_no_better_than_chance_is_flagged(caplog: pytest.LogCaptureFixture) -> None:
+    """The new user's 3-class DP model that predicted one class (33%) ran with no word of warning."""
+    from mpcfl.models.heads import head_of
+    from mpcfl.models.spec import ModelSpec
+    from mpcfl.tasks.train.loop import _warn_if_chance
+
+    head = head_of(ModelSpec(type="logistic_regression", num_classes=3))
+    _warn_if_chance({"test_accuracy": 0.9}, head, noise=0.0, rows=100)
+    _warn_if_chance({"test_accuracy": 0.45}, head, noise=1.0, rows=100)  # 0.45 is 1.35/3: beyond noise
+    assert not caplog.records
+    _warn_if_chance({"test_accuracy": 0.336}, head, noise=0.0, rows=113)
+    assert "barely better than chance (accuracy 0.336 with 3 classes)" in caplog.text

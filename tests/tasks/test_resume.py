@@ -79,7 +79,7 @@ def test_the_privacy_ledger_survives_a_crash_without_double_counting(tmp_path: P
     spec["labels"]["party"] = "p1"
     spec["outputs"] = {"dir": str(tmp_path / "out"), "model_to": ["p1"], "metrics_to": ["p1"]}
     spec["training"]["epochs"] = 2  # one epoch before the crash and one after are enough to double-count
-    spec["dp"]["metrics"] = {"mechanism": "gaussian", "noise_multiplier": 30.0}
+    spec["dp"]["metrics"] = {"mechanism": "gaussian", "noise_multiplier": 30.0, "when": "every_epoch"}
     job = write_job(tmp_path, spec)
     assert crash_after_epoch(job, 1) == 1
     ledger = json.loads((run_dir(job, "p1") / "privacy.json").read_text())["ledger"]

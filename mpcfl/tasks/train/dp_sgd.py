@@ -122,7 +122,8 @@ def calibration(job: TrainJob) -> tuple[float, float]:
     sensitivity = replace_one(bound)
     metrics = metrics_charge(job)
     epochs = job.training.epochs
-    extra = [] if metrics is None else [Charge(metrics[0].mechanism, metrics[0].noise_multiplier, epochs)]
+    releases = epochs if job.dp.metrics is not None and job.dp.metrics.when == "every_epoch" else 1
+    extra = [] if metrics is None else [Charge(metrics[0].mechanism, metrics[0].noise_multiplier, releases)]
     try:
         noise_multiplier = calibrate_noise_multiplier(
             epsilon=job.dp.epsilon, delta=job.dp.delta, count=epochs, accountant=job.dp.accountant, extra=extra
@@ -173,11 +174,29 @@ class DpSgd(TrainingStep):
         add_noise_share(value, share)
 
     def metrics_privacy(self) -> Privacy | None:
-        """Noise and charge for one epoch's metrics, or None when the job does not release them."""
+        """Noise and charge for one metrics release, or None when the job does not release them."""
         metrics = metrics_charge(self.job)
         if metrics is None:
             return None
         return Privacy(charge=metrics[0], scale=metrics[1], colluders=self.job.colluders)
+
+    def releases_metrics(self, epoch: int, epochs: int) -> bool:
+        """Only what ``dp.metrics`` pays for: every epoch, or the final model's once."""
+        spec = self.job.dp.metrics if self.job.dp is not None else None
+        return spec is not None and (spec.when == "every_epoch" or epoch == epochs - 1)
+
+    def metrics_release(self) -> dict[str, Any]:
+        spec = self.job.dp.metrics if self.job.dp is not None else None
+        if spec is None:
+            return {"released": "none", "why": "dp without dp.metrics: metrics would spend budget"}
+        metrics = metrics_charge(self.job)
+        assert metrics is not None
+        return {
+            "released": "noisy", "when": spec.when, "mechanism": spec.mechanism, "noise_scale": metrics[1],
+            "loss_bound": spec.loss_bound,
+            "note": "loss and correct-count sums carry DP noise of this scale, charged to the budget; "
+                    "means are clamped to their ranges (post-processing)",
+        }
 
     def epoch_charge(self) -> Charge:
         """A record is in one batch per epoch: one Gaussian mechanism per epoch."""

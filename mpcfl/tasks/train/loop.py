@@ -43,6 +43,7 @@ class TrainResult:
     n_features: int
     history: list[dict[str, float]] = field(default_factory=list)
     state_dict: dict[str, torch.Tensor] | None = None  # revealed weights, receivers only
+    metrics_release: dict[str, Any] = field(default_factory=dict)  # how metrics were released (metrics.json)
 
 
 def batches(n_rows: int, *, batch_size: int, seed: int, epoch: int, shuffle: bool) -> list[np.ndarray]:
@@ -98,6 +99,19 @@ def _check_metrics(
     check_revealed(opened, what=what, low=low, high=high)
 
 
+def _warn_if_chance(record: dict[str, float], head: Head, *, noise: float, rows: int) -> None:
+    """Metric receivers: warn when the final model is barely better than guessing among its
+    classes (within 20% of 1/classes, beyond the metrics' own noise), as a model that predicts
+    one class is; class frequencies are private, so chance is taken as uniform."""
+    accuracy = record.get("test_accuracy", record.get("train_accuracy"))
+    if accuracy is not None and accuracy < 1.2 / head.classes + 3 * noise / rows:
+        log.warning(
+            "the trained model is barely better than chance (accuracy %.3g with %d classes): check the features' "
+            "scale (data.scaling, data.max_abs), training.learning_rate and epochs, or, under DP, the budget",
+            accuracy, head.classes,
+        )
+
+
 def _check_weights(state: dict[str, torch.Tensor] | None, limits: Bounds, *, what: str) -> None:
     """Model receivers only: refuse revealed parameters beyond the weight bound."""
     if state is not None:
@@ -141,7 +155,9 @@ def train(
     # What the range check before sharing guarantees; revealed values beyond it wrapped.
     safe_norm = safe_input_norm(job, n_features=shared.n_features, n_rows=n_rows, metric_rows=max(split_rows))
     limits = training_bounds(job, n_features=shared.n_features, n_rows=n_rows, input_norm=safe_norm)
-    result = TrainResult(model=model, torch_model=torch_model, n_features=shared.n_features)
+    result = TrainResult(
+        model=model, torch_model=torch_model, n_features=shared.n_features, metrics_release=engine.metrics_release()
+    )
     first = 0
     if resume is not None:
         checkpoint.restore(model, optimizer, resume, device=device)
@@ -170,7 +186,7 @@ def train(
         if (cost := engine.epoch_charge()) is not None:
             spend(f"epoch {epoch + 1} DP-SGD steps", cost)
         record: dict[str, float] = {"epoch": epoch + 1}
-        if metric_ranks:
+        if metric_ranks and engine.releases_metrics(epoch, spec.epochs):
             privacy = engine.metrics_privacy()
             with crypten.no_grad():
                 parts = _loss_and_correct(head, model, shared.x_train, shared.y_train, loss_bound=engine.loss_bound)
@@ -187,6 +203,8 @@ def train(
             )
             if opened is not None:
                 record.update(_metrics(opened, n_rows, None if shared.x_test is None else shared.x_test.size(0)))
+                if epoch == spec.epochs - 1:
+                    _warn_if_chance(record, head, noise=noise, rows=split_rows[-1])
         comm_after = communication_stats()
         record.update(
             seconds=time.perf_counter() - started,

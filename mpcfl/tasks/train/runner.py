@@ -171,6 +171,7 @@ def _write_outputs(
             "party": party,
             "history": result.history,
             "final": result.history[-1] if result.history else {},
+            "metrics_release": result.metrics_release,
             "communication": totals,
             **({} if alignment is None else {"private_set_intersection": alignment}),
             "reveals": disclosure.ledger(),

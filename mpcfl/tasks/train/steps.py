@@ -48,6 +48,14 @@ class TrainingStep(abc.ABC):
         """Noise and charge for one epoch's metrics reveal; None: revealed as they are."""
         return None
 
+    def releases_metrics(self, epoch: int, epochs: int) -> bool:
+        """Whether epoch ``epoch`` (from 0, of ``epochs``) reveals metrics to their receivers."""
+        return True
+
+    def metrics_release(self) -> dict[str, Any]:
+        """How revealed metrics were obtained, for ``metrics.json``."""
+        return {"released": "exact", "note": "no DP: the sums are opened as computed under MPC"}
+
     def model_privacy(self) -> Privacy | None:
         """The charge for revealing the trained model; None: free (no budget)."""
         return None
