@@ -103,6 +103,17 @@ def _parser() -> argparse.ArgumentParser:
     ledger.add_argument("--party", required=True, help="the party whose dataset's ledger (reads only its files)")
     ledger.add_argument("--reason", help="reset: why a fresh budget is started; kept in the ledger")
 
+    predict = sub.add_parser(
+        "predict", parents=[common],
+        help="score new rows, split across the parties as in training, with a training run's model (on this machine)",
+    )
+    predict.add_argument("job", help="the training job whose model predicts")
+    predict.add_argument("--rows", nargs="+", required=True, metavar="PARTY=FILE", help="each party's file of new rows")
+    predict.add_argument("--to", nargs="+", required=True, metavar="PARTY", help="the parties that receive the predictions")
+    predict.add_argument("--model-run", default="latest", help="the training run whose model predicts (default: latest)")
+    predict.add_argument("--out", type=Path, help="outputs folder (default: the training job's outputs.dir/predictions)")
+    predict.add_argument("--key-dir", type=Path, help="for runtime.identity: the folder holding NAME.key of every process")
+
     validate = sub.add_parser("validate", parents=[common], help="check a job file without running it")
     validate.add_argument("job")
     validate.add_argument("--party", help="also load and check this party's data files")
@@ -187,6 +198,34 @@ def _ledger(job: JobBase, party: str, action: str, reason: str | None) -> None:
               f"updated {run['updated']}")
 
 
+def _predict(args: argparse.Namespace) -> int:
+    """``mpcfl predict``: a predict job made from the command line, run on this machine."""
+    import tempfile
+
+    import yaml
+
+    from mpcfl.jobs.schema import TrainJob, load_job
+    from mpcfl.launch.local import run_local
+
+    train = load_job(args.job)
+    if not isinstance(train, TrainJob):
+        raise MpcflError(f"{args.job}: mpcfl predict takes a training job; this one is {train.summary}")
+    rows = {}
+    for item in args.rows:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise MpcflError(f"--rows: {item!r} is not PARTY=FILE")
+        rows[name] = str(Path(path).resolve())
+    spec = {
+        "task": "predict", "train_job": str(Path(args.job).resolve()), "model_run": args.model_run, "rows": rows,
+        "predictions_to": args.to, "outputs": {"dir": str((args.out or train.outputs.dir / "predictions").resolve())},
+    }
+    with tempfile.TemporaryDirectory(prefix="mpcfl-predict-") as folder:
+        path = Path(folder) / f"{train.name}-predict.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        return run_local(load_job(path), debug=args.debug, key_dir=args.key_dir)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "launch":
         return _launch(args)
@@ -207,6 +246,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from mpcfl.jobs.schema import load_job
 
     _job_file(args)
+    if args.command == "predict":
+        return _predict(args)
     job = load_job(args.job)
     task = registry.task_of(job)
     if getattr(args, "resume", False):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mpcfl.errors import MpcflError
-from mpcfl.jobs.schema import FederatedJob, InferenceJob, JobBase, TrainJob
+from mpcfl.jobs.schema import FederatedJob, InferenceJob, JobBase, PredictJob, TrainJob
 
 #: Job-reading CLI features that only some tasks offer.
 RESUME, BASELINE, AUDIT, CHECK_DATA = "--resume", "baseline", "audit", "validate --party"
@@ -52,6 +52,7 @@ TASKS: dict[str, Task] = {
     "train": Task("train", TrainJob, "mpcfl.tasks.train.runner:run_party", frozenset({RESUME, BASELINE, AUDIT, CHECK_DATA})),
     "inference": Task("inference", InferenceJob, "mpcfl.tasks.inference:run_inference_party"),
     "federated": Task("federated", FederatedJob, "mpcfl.tasks.federated.runner:run_party", frozenset({RESUME})),
+    "predict": Task("predict", PredictJob, "mpcfl.tasks.predict:run_party"),
 }
 
 

@@ -86,6 +86,10 @@ class Head(abc.ABC):
     def log_odds(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per example, log(p / (1 - p)) of the true label, in float64."""
 
+    @abc.abstractmethod
+    def plain_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per example, each class's probability (N x classes); the prediction is the largest."""
+
 
 class BinaryHead(Head):
     """One logit, a sigmoid, BCE; the gradient's sigmoid is ``sigmoid`` (:mod:`mpcfl.models.sigmoid`)."""
@@ -139,6 +143,10 @@ class BinaryHead(Head):
         # log(p/(1-p)) of the true label is its signed logit
         return torch.where(y > 0.5, logits, -logits).squeeze(1).double()
 
+    def plain_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        positive = torch.sigmoid(logits.double())
+        return torch.cat([1 - positive, positive], dim=1)
+
 
 class MultiClassHead(Head):
     """One logit per class, a softmax, cross-entropy."""
@@ -184,6 +192,9 @@ class MultiClassHead(Head):
     def log_odds(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         log_p = torch.log_softmax(logits.double(), dim=1).gather(1, y.view(-1, 1)).squeeze(1)
         return log_p - torch.log((-torch.expm1(log_p)).clamp_min(1e-300))  # 1 - p, clamped once positive
+
+    def plain_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.double(), dim=1)
 
 
 def head_of(spec: TrainModel, sigmoid: str = DEFAULT_SIGMOID) -> Head:

@@ -67,7 +67,8 @@ class PartyRun:
             raise
 
 
-def _words(text: str) -> list[int]:
+def run_words(text: str) -> list[int]:
+    """A run id as the small public integers :func:`mpcfl.mpc.session.agreed_public` exchanges."""
     return to_words(text.encode().ljust(runs.ID_BYTES, b"\0")).tolist()
 
 
@@ -75,6 +76,11 @@ def _bytes(words: list[int]) -> bytes:
     import torch
 
     return from_words(torch.tensor(words, dtype=torch.long))
+
+
+def words_text(words: list[int]) -> str:
+    """The run id :func:`run_words` sent."""
+    return _bytes(words[:_WORDS]).rstrip(b"\0").decode(errors="replace")
 
 
 def _chosen(job: JobBase, party: str, resume: str | bool) -> str:
@@ -166,10 +172,10 @@ def begin_run(
 
     def public(proposal: Proposal) -> list[int]:
         chosen, _, salt, digests, _ = proposal
-        return _words(chosen) + to_words(bytes.fromhex(runs.commitment(salt, digests))).tolist()
+        return run_words(chosen) + to_words(bytes.fromhex(runs.commitment(salt, digests))).tolist()
 
     (chosen, record, salt, digests, lock), everyone = agreed_public("run start", names, propose, public, width=2 * _WORDS)
-    ids = [_bytes(row[:_WORDS]).rstrip(b"\0").decode(errors="replace") for row in everyone]
+    ids = [words_text(row) for row in everyone]
     announced = {name: _bytes(row[_WORDS:]).hex() for name, row in zip(names, everyone)}
     if resume and len(set(ids)) > 1:
         held = "; ".join(f"{name} {run}" for name, run in zip(names, ids))

@@ -143,6 +143,8 @@ def _write_outputs(
     sees_metrics = rank in job.ranks(job.outputs.metrics_to)
     if data.scaler:
         write_json(out / "scaler.json", data.scaler)
+    # what a predict job applies to this party's new rows (mpcfl.tasks.predict)
+    write_json(out / "preprocessing.json", {"columns": data.train.columns, "scaler": data.scaler or None})
     if result.state_dict is not None:
         write_torch(out / "model.pt", result.state_dict)
         write_json(out / "model.json", {"model": job.model.model_dump(), "n_features": result.n_features})
