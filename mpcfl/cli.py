@@ -295,25 +295,28 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise MpcflError(f"{args.job}: outputs.model_to is none, so no party holds a model to audit")
         print_report(audit(job, runs.latest(job.party_root(job.party_names[job.rank_of(party)]), job.name) / "model.pt", shadows=args.shadows))
     elif command == "validate":
-        rows = None  # n, the training rows, where one party's files tell it
+        _check_files(job, args.party)
         if args.party:
-            task.require(job, registry.CHECK_DATA)
-            from mpcfl.data.party import load_party_data
-            from mpcfl.tasks.train.dataset import check_alone
-
-            loaded = load_party_data(job, job.party_names[job.rank_of(args.party)])
-            before = " before private set intersection" if job.keyed else ""
-            print(f"{args.party}: {loaded.train.x.shape[0]} training rows{before}, {loaded.train.x.shape[1]} feature columns")
-            print(f"{args.party}: {check_alone(job, loaded)}")
-            # Vertical: every party holds all n rows; horizontal: n is the parties' total, unknown here;
-            # keyed by ID: n is the intersection's size, known only after PSI.
-            rows = loaded.train.x.shape[0] if job.partition == "vertical" and not job.keyed else None
-        if getattr(job, "dp", None) is not None:
+            job.rank_of(args.party)  # names the job file when the party is not one of its own
+            for line in task.check_party()(job, args.party):
+                print(f"{args.party}: {line}")
+        elif getattr(job, "dp", None) is not None:
             from mpcfl.tasks.train.dp_sgd import check_plausible
 
-            check_plausible(job, rows)
+            check_plausible(job, None)
         print(f"{args.job}: valid job {job.name!r}: {job.world_size} parties, {job.summary}")
     return 0
+
+
+def _check_files(job: JobBase, party: str | None) -> None:
+    """Refuses, naming the key, a file the job names (``party``'s alone, with --party) that cannot be read here."""
+    for key, path in job.files(party).items():
+        try:
+            with open(path, "rb") as handle:
+                handle.read(1)
+        except OSError as err:
+            hint = "" if party else "; on a multi-host job, validate each party on its own host with --party NAME"
+            raise MpcflError(f"{job.source}: {key}: {path}: {err.strerror or err}{hint}") from None
 
 
 def _stop(signum: int, frame: object) -> None:

@@ -17,7 +17,7 @@ from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema import FederatedJob, InferenceJob, JobBase, PredictJob, TrainJob
 
 #: Job-reading CLI features that only some tasks offer.
-RESUME, BASELINE, AUDIT, CHECK_DATA = "--resume", "baseline", "audit", "validate --party"
+RESUME, BASELINE, AUDIT = "--resume", "baseline", "audit"
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,15 @@ class Task:
         name: the job file's ``task``.
         job: its schema class.
         runner: ``module:function`` running one party: ``(job, party, *, rendezvous, key_file, resume)``.
-        features: which of :data:`RESUME`, :data:`BASELINE`, :data:`AUDIT`, :data:`CHECK_DATA` apply.
+        checker: ``module:function`` for ``mpcfl validate --party``: ``(job, party) -> list[str]``, what one
+            party can check of its own files without its peers, as lines to print.
+        features: which of :data:`RESUME`, :data:`BASELINE`, :data:`AUDIT` apply.
     """
 
     name: str
     job: type[JobBase]
     runner: str
+    checker: str
     features: frozenset[str] = frozenset()
 
     def require(self, job: JobBase, feature: str) -> None:
@@ -44,15 +47,29 @@ class Task:
 
     def run_party(self) -> Callable[..., Any]:
         """The party runner, imported now."""
-        module, _, function = self.runner.partition(":")
-        return getattr(importlib.import_module(module), function)
+        return _imported(self.runner)
+
+    def check_party(self) -> Callable[..., list[str]]:
+        """The ``validate --party`` checker, imported now."""
+        return _imported(self.checker)
+
+
+def _imported(name: str) -> Any:
+    module, _, function = name.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 TASKS: dict[str, Task] = {
-    "train": Task("train", TrainJob, "mpcfl.tasks.train.runner:run_party", frozenset({RESUME, BASELINE, AUDIT, CHECK_DATA})),
-    "inference": Task("inference", InferenceJob, "mpcfl.tasks.inference:run_inference_party"),
-    "federated": Task("federated", FederatedJob, "mpcfl.tasks.federated.runner:run_party", frozenset({RESUME})),
-    "predict": Task("predict", PredictJob, "mpcfl.tasks.predict:run_party"),
+    "train": Task(
+        "train", TrainJob, "mpcfl.tasks.train.runner:run_party", "mpcfl.tasks.train.dataset:check_party",
+        frozenset({RESUME, BASELINE, AUDIT}),
+    ),
+    "inference": Task("inference", InferenceJob, "mpcfl.tasks.inference:run_inference_party", "mpcfl.tasks.inference:check_party"),
+    "federated": Task(
+        "federated", FederatedJob, "mpcfl.tasks.federated.runner:run_party", "mpcfl.tasks.federated.runner:check_party",
+        frozenset({RESUME}),
+    ),
+    "predict": Task("predict", PredictJob, "mpcfl.tasks.predict:run_party", "mpcfl.tasks.predict:check_party"),
 }
 
 

@@ -383,6 +383,18 @@ class JobBase(_Strict):
                 model["factory"] = f"sha256 {hashlib.sha256(Path(where).read_bytes()).hexdigest()}:{function}"
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
+    def files(self, party: str | None = None) -> dict[str, Path]:
+        """The files ``party`` reads (every party's when None), by the job key naming each."""
+        found = {}
+        for i, spec in enumerate(self.parties):
+            if spec.data is not None and party in (None, spec.name):
+                found[f"parties.{i}.data.train"] = spec.data.train
+                if spec.data.test is not None:
+                    found[f"parties.{i}.data.test"] = spec.data.test
+        if self.runtime.secret_file is not None:
+            found["runtime.secret_file"] = self.runtime.secret_file
+        return found
+
     def party_root(self, name: str) -> Path:
         """The folder only this party writes to: its runs, and ``latest`` (see :mod:`mpcfl.runs`)."""
         return self.outputs.dir / name  # type: ignore[attr-defined]
@@ -565,6 +577,14 @@ class InferenceJob(JobBase):
     def summary(self) -> str:
         """What ``mpcfl validate`` says the job is."""
         return f"inference, model {self.model.factory}"
+
+    def files(self, party: str | None = None) -> dict[str, Path]:
+        found = super().files(party)
+        if party in (None, self.model.owner):
+            found["model.weights"] = self.model.weights
+        if party in (None, self.inputs.owner):
+            found["inputs.file"] = self.inputs.file
+        return found
 
     @model_validator(mode="after")
     def _consistent(self) -> InferenceJob:
@@ -821,6 +841,11 @@ class PredictJob(JobBase):
         """What ``mpcfl validate`` says the job is."""
         assert self.train is not None
         return f"predict with a model of job {self.train.name} (run {self.model_run}) for {', '.join(self.predictions_to)}"
+
+    def files(self, party: str | None = None) -> dict[str, Path]:
+        found = super().files(party)
+        found.update({f"rows.{name}": path for name, path in self.rows.items() if party in (None, name)})
+        return found
 
     def fingerprint(self) -> str:
         """The training job's fingerprint stands for it; the files of new rows are local paths."""

@@ -26,7 +26,7 @@ from mpcfl.mpc import providers
 from mpcfl.mpc.auth import Credentials, new_secret
 from mpcfl.mpc.compat import CRYPTEN_ENV, DEFAULT_TIMEOUT_S
 from mpcfl.mpc.session import Session, party_session, run_dealer
-from mpcfl.tasks.inference import check_inputs, secure_predict
+from mpcfl.tasks.inference import check_shape, check_inputs, secure_predict
 
 
 _MODEL_OWNER, _DATA_OWNER = "model_owner", "data_owner"
@@ -74,8 +74,9 @@ def secure_predict_local(
     Raises:
         MpcflError: bad inputs, an unsupported model, or a failed process, named.
     """
-    check_inputs(inputs, "secure_predict_local")
-    trace(model)  # fail in the caller, before forking, on an unsupported model
+    inputs = check_inputs(inputs, "secure_predict_local")
+    # fail in the caller, before forking, on an unsupported model or inputs it cannot take
+    check_shape(trace(model), tuple(inputs.shape), where="secure_predict_local", data_owner="the caller")
     with local_rendezvous() as rendezvous:
         session = Session(
             parties=(_MODEL_OWNER, _DATA_OWNER),

@@ -38,7 +38,9 @@ from mpcfl.models.factory import build_factory_model
 from mpcfl.outputs import write_json, write_npy
 from mpcfl.tasks.run import begin_run
 from mpcfl.mpc.reveal import reveal
-from mpcfl.mpc.session import agreed, agreed_public, communication_stats, current_party, party_session, prefetching
+from mpcfl.mpc.session import (
+    agreed, agreed_public, all_gather_public, communication_stats, current_party, party_session, prefetching,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +98,50 @@ def _architecture(gm: torch.fx.GraphModule) -> int:
     return int.from_bytes(digest[:8], "little", signed=True)
 
 
-def _dry_run(gm: torch.fx.GraphModule, shape: tuple[int, ...], *, where: str, data_owner: str) -> None:
+_MAX_LAYERS = 256  # per-layer digests exchanged to name where two parties' architectures differ
+
+
+def _layers(gm: torch.fx.GraphModule) -> list[tuple[str, str, int]]:
+    """Each leaf module's name, type and a digest of its shaping options and tensor shapes."""
+    layers = []
+    for name, module in gm.named_modules():
+        if list(module.children()):
+            continue
+        options = [(k, repr(getattr(module, k))) for k in _SHAPE_OPTIONS if hasattr(module, k)]
+        shapes = [(k, tuple(t.shape)) for k, t in module.state_dict().items()]
+        digest = hashlib.sha256(repr((type(module).__name__, options, shapes)).encode()).digest()
+        layers.append((name, type(module).__name__, int.from_bytes(digest[:8], "little", signed=True)))
+    return layers
+
+
+def _refuse_other_architectures(gm: torch.fx.GraphModule, parties: list[str], rank: int, owner_rank: int) -> None:
+    """Every party compares its layers with the model owner's and all refuse, naming the first that
+    differs (in one more round, only when the fingerprints differ), before anything is shared."""
+    layers = _layers(gm)[:_MAX_LAYERS]
+    row = [len(layers), *(digest for _, _, digest in layers), *([0] * (_MAX_LAYERS - len(layers)))]
+    rows = all_gather_public(row)
+    theirs = rows[owner_rank][1 : 1 + rows[owner_rank][0]]
+    mine = [digest for _, _, digest in layers]
+    index = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+    if index < len(layers):
+        name, kind, _ = layers[index]
+        where = f"layer {index + 1} ({name}: {kind})"
+    else:
+        where = f"its {len(layers)} layers, where {parties[owner_rank]}'s model has {len(theirs)}"
+    raise MpcflError(
+        f"party {parties[rank]}: its model's architecture differs from model owner {parties[owner_rank]}'s at "
+        f"{where}, or in the code between layers; every party must build the same architecture"
+    )
+
+
+def check_shape(gm: torch.fx.GraphModule, shape: tuple[int, ...], *, where: str, data_owner: str) -> None:
     """Runs the architecture in plaintext on zeros, so a shape mismatch fails clearly, before sharing."""
     try:
         with torch.no_grad():
             gm(torch.zeros(min(shape[0], 2), *shape[1:]))
     except Exception as err:  # torch raises RuntimeError, ValueError, IndexError... for bad shapes
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MpcflError(f"{where}: party {data_owner}'s inputs of shape {shape} do not fit the model: {first}") from None
+        raise MpcflError(f"{where}: {data_owner}'s inputs of shape {shape} do not fit the model: {first}") from None
 
 
 def secure_predict(
@@ -162,10 +200,10 @@ def secure_predict(
     # A batch's dealer requests depend on public shapes only: the same architecture on the same
     # batch shape repeats them, so every batch after the first of its shape is prefetched, if
     # every party asked for it (a party alone would look to the dealer like a deviating party 0).
-    if prefetch and len(fingerprints) > 1:
-        log.warning("%s: the parties' architecture fingerprints differ; batches are not prefetched", where)
-    prefetch = all(row[-1] for row in public) and len(fingerprints) == 1
-    agreed("shape checks", session.parties, lambda: _dry_run(gm, shape, where=where, data_owner=data_owner))
+    if len(fingerprints) > 1:
+        _refuse_other_architectures(gm, list(session.parties), me.rank, owner_rank)
+    prefetch = all(row[-1] for row in public)
+    agreed("shape checks", session.parties, lambda: check_shape(gm, shape, where=where, data_owner=f"party {data_owner}"))
 
     crypten = import_crypten()
     device = me.device
@@ -275,3 +313,19 @@ def run_inference_party(
             log.info("saved %d predictions to %s", predictions.shape[0], out / "predictions.npy")
         write_json(out / "metrics.json", record)
         run.run.finish({"predictions": int(predictions.shape[0])} if is_data else {})
+
+
+def check_party(job: InferenceJob, party: str) -> list[str]:
+    """``mpcfl validate --party``: the model owner's weights fit the architecture; the data owner's
+    inputs are readable, in range, and fit it."""
+    model = build_model(job)
+    lines = []
+    if party == job.model.owner:
+        load_weights(model, job.model.weights, party=party)
+        lines.append(f"weights {job.model.weights} fit the model")
+    if party == job.inputs.owner:
+        where = f"party {party}"
+        inputs = check_inputs(load_inputs(job.inputs.file, party=party), where)
+        check_shape(trace(model), tuple(inputs.shape), where=where, data_owner=where)
+        lines.append(f"inputs of shape {tuple(inputs.shape)} fit the model")
+    return lines or ["reads no file in this job"]

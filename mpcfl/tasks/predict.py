@@ -288,3 +288,11 @@ def _write_predictions(out: Path, train: TrainJob, logits: torch.Tensor, split: 
         }
     return record
 
+
+
+def check_party(job: PredictJob, party: str) -> list[str]:
+    """``mpcfl validate --party``: this party's side of the training run, and its new rows' columns."""
+    trained = training_run(job, party)
+    split = load_rows(job, party, trained)
+    rows = "no file of new rows" if split is None else f"{split.x.shape[0]} new rows of its {len(trained.columns)} training columns"
+    return [f"training run {trained.folder.name}", rows]

@@ -240,3 +240,25 @@ def test_a_factory_counts_in_the_fingerprint_by_its_code_not_its_folder(tmp_path
         (folder / "net.py").write_text(text)
         prints.append(load_job(write(folder, edit("model", {"factory": "net.py:make"}))).fingerprint())
     assert prints[0] == prints[1] != prints[2]
+
+
+def test_validate_names_a_missing_file_and_checks_any_task_at_a_party(tmp_path: Path) -> None:
+    spec = yaml.safe_load(DEMO.read_text())
+    for party in spec["parties"]:
+        party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
+    spec["parties"][0]["data"]["test"] = str(tmp_path / "gone.csv")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    done = mpcfl("validate", str(path), timeout=60)  # it was "valid" with a data file that does not exist
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"mpcfl: error: {path}: parties.0.data.test: {tmp_path / 'gone.csv'}: No such file or directory; on a "
+        "multi-host job, validate each party on its own host with --party NAME"
+    )
+    assert mpcfl("validate", str(path), "--party", "hospital_b", timeout=60).returncode == 0  # not its file
+    inference = mpcfl("validate", str(INFERENCE_DEMO), "--party", "clinic", timeout=60)
+    assert inference.returncode == 0, inference.stderr
+    assert "clinic: inputs of shape (197, 64) fit the model" in inference.stdout
+    federated = mpcfl("validate", str(DEMO.parent / "breast_cancer_fed.yaml"), "--party", "hospital_a", timeout=60)
+    assert federated.returncode == 0, federated.stderr
+    assert "hospital_a: " in federated.stdout and "training rows" in federated.stdout

@@ -201,7 +201,7 @@ def test_checks_and_the_shape_exchange_take_two_rounds_before_sharing(monkeypatc
     fp = _architecture(trace(model))
     # The data owner: its shape and the architecture's fingerprint ride on the checks' agreement
     # flag; then the dry run's flag.
-    sent = _checks_only(monkeypatch, 1, peer=[1] * 12)
+    sent = _checks_only(monkeypatch, 1, peer=[1] * 10 + [fp, 1])
     with pytest.raises(_Shared):
         secure_predict(model, torch.zeros(3, 4), model_owner="bank", data_owner="clinic")
     assert sent == [[1, 2, 3, 4, 0, 0, 0, 0, 0, 0, fp, 1], [1]]  # ..., fingerprint, prefetch wanted
@@ -255,3 +255,26 @@ def test_inputs_that_hold_no_values_are_refused_by_name() -> None:
 
     with pytest.raises(MpcflError, match=r"^here: inputs of shape \(5, 0\) hold no values$"):
         check_inputs(torch.zeros(5, 0), "here")
+
+
+def test_parties_with_different_architectures_are_refused_naming_the_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two parties that built different models got a warning, then pages of dealer tracebacks."""
+    from mpcfl.models.convert import trace
+    from mpcfl.tasks import inference
+
+    mine = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+    theirs = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU(), torch.nn.Linear(2, 3))
+    other = inference._architecture(trace(theirs))
+    _checks_only(monkeypatch, 1, peer=[1] + [0] * 9 + [other, 1])  # the agreement flag, no shape (the model owner)
+    layers = inference._layers(trace(theirs))
+    owner_row = [len(layers), *(d for _, _, d in layers), *([0] * (inference._MAX_LAYERS - len(layers)))]
+    monkeypatch.setattr(inference, "all_gather_public", lambda row: [owner_row, row])
+    with pytest.raises(MpcflError, match=r"party clinic: its model's architecture differs from model owner bank's at layer 3 \(2: Linear\)"):
+        inference.secure_predict(mine, torch.zeros(3, 4), model_owner="bank", data_owner="clinic")
+
+
+def test_one_call_names_inputs_that_do_not_fit_before_starting_anything() -> None:
+    import mpcfl as api
+
+    with pytest.raises(MpcflError, match=r"secure_predict_local: the caller's inputs of shape \(2, 63\) do not fit the model"):
+        api.secure_predict_local(digits_mlp(), torch.zeros(2, 63))

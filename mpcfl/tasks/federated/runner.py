@@ -382,3 +382,17 @@ def _write_outputs(job: FederatedJob, party: str, training: _Training, totals: d
     })
     if disclosure.budget is not None:
         disclosure.budget.persist()
+
+
+def check_party(job: FederatedJob, party: str) -> list[str]:
+    """``mpcfl validate --party``: this party's files as its process loads them, scaled and range-checked
+    where it can alone (joint standardisation needs its peers)."""
+    data = _load(job, party)
+    lines = [f"{data.train.x.shape[0]} training rows (federated.max_rows={job.federated.max_rows}), "
+             f"{data.train.x.shape[1]} feature columns"]
+    if job.data.scaling is not None:
+        scale_publicly(data, job.data.scaling, job.source)
+    if not job.data.standardize and job.dp is None:
+        check_range(data, job.data.max_abs)
+        lines.append(f"values within data.max_abs={job.data.max_abs:g}")
+    return lines

@@ -110,6 +110,22 @@ def check_bounds(job: TrainJob, data: PartyData, *, n_features: int, n_rows: int
     return math.inf if mine == 0 else allowed / mine
 
 
+def check_party(job: TrainJob, party: str) -> list[str]:
+    """``mpcfl validate --party``: this party's files loaded and checked as its process would (:func:`check_alone`),
+    and, where its files tell n, DP's plausibility."""
+    from mpcfl.data.party import load_party_data
+    from mpcfl.tasks.train.dp_sgd import check_plausible
+
+    loaded = load_party_data(job, party)
+    before = " before private set intersection" if job.keyed else ""
+    lines = [f"{loaded.train.x.shape[0]} training rows{before}, {loaded.train.x.shape[1]} feature columns", check_alone(job, loaded)]
+    if job.dp is not None:
+        # Vertical: every party holds all n rows; horizontal: n is the parties' total, unknown here;
+        # keyed by ID: n is the intersection's size, known only after PSI.
+        check_plausible(job, loaded.train.x.shape[0] if job.partition == "vertical" and not job.keyed else None)
+    return lines
+
+
 def check_alone(job: TrainJob, data: PartyData) -> str:
     """``mpcfl validate --party``: the range and bound checks one party can do without its peers.
 
