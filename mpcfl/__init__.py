@@ -1,8 +1,15 @@
 """mpcfl: secure multi-party training and inference on CrypTen.
 
-The Python API, for party scripts and notebooks::
+The Python API, for party scripts and notebooks (every function also takes numpy arrays and
+DataFrames where it takes tensors or row files)::
 
     import mpcfl
+
+    # what the CLI does, every process on this machine (mpcfl.api)
+    run = mpcfl.run("configs/breast_cancer_lr.yaml")          # or a dict
+    run.metrics("hospital_b"), run.model("hospital_b")
+    scored = mpcfl.predict("configs/breast_cancer_lr.yaml", {"hospital_a": a, "hospital_b": b}, to=["hospital_b"])
+    mpcfl.validate("job.yaml", party="hospital_a"); mpcfl.baseline("job.yaml")
 
     # one call, everything on this machine (for trying things out)
     predictions = mpcfl.secure_predict_local(model, inputs)
@@ -21,6 +28,11 @@ __version__ = "0.1.0"
 
 # Imported on first use: `mpcfl validate` and the launcher should not pay for torch.
 _API = {
+    "run": "mpcfl.api",
+    "predict": "mpcfl.api",
+    "validate": "mpcfl.api",
+    "baseline": "mpcfl.api",
+    "Run": "mpcfl.api",
     "join": "mpcfl.launch.env",
     "Session": "mpcfl.mpc.session",
     "secure_predict": "mpcfl.tasks.inference",

@@ -202,28 +202,20 @@ def _predict(args: argparse.Namespace) -> int:
     """``mpcfl predict``: a predict job made from the command line, run on this machine."""
     import tempfile
 
-    import yaml
-
-    from mpcfl.jobs.schema import TrainJob, load_job
+    from mpcfl.api import job_file, predict_job
+    from mpcfl.jobs.schema import load_job
     from mpcfl.launch.local import run_local
 
-    train = load_job(args.job)
-    if not isinstance(train, TrainJob):
-        raise MpcflError(f"{args.job}: mpcfl predict takes a training job; this one is {train.summary}")
     rows = {}
     for item in args.rows:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise MpcflError(f"--rows: {item!r} is not PARTY=FILE")
-        rows[name] = str(Path(path).resolve())
-    spec = {
-        "task": "predict", "train_job": str(Path(args.job).resolve()), "model_run": args.model_run, "rows": rows,
-        "predictions_to": args.to, "outputs": {"dir": str((args.out or train.outputs.dir / "predictions").resolve())},
-    }
-    with tempfile.TemporaryDirectory(prefix="mpcfl-predict-") as folder:
-        path = Path(folder) / f"{train.name}-predict.yaml"
-        path.write_text(yaml.safe_dump(spec, sort_keys=False))
-        return run_local(load_job(path), debug=args.debug, key_dir=args.key_dir)
+        rows[name] = Path(path)
+    with tempfile.TemporaryDirectory(prefix="mpcfl-rows-") as folder:
+        spec = predict_job(Path(args.job), rows, to=args.to, model_run=args.model_run, out=args.out, folder=Path(folder))
+        with job_file(spec) as path:
+            return run_local(load_job(path), debug=args.debug, key_dir=args.key_dir)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -295,28 +287,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise MpcflError(f"{args.job}: outputs.model_to is none, so no party holds a model to audit")
         print_report(audit(job, runs.latest(job.party_root(job.party_names[job.rank_of(party)]), job.name) / "model.pt", shadows=args.shadows))
     elif command == "validate":
-        _check_files(job, args.party)
-        if args.party:
-            job.rank_of(args.party)  # names the job file when the party is not one of its own
-            for line in task.check_party()(job, args.party):
-                print(f"{args.party}: {line}")
-        elif getattr(job, "dp", None) is not None:
-            from mpcfl.tasks.train.dp_sgd import check_plausible
+        from mpcfl.api import validate
 
-            check_plausible(job, None)
-        print(f"{args.job}: valid job {job.name!r}: {job.world_size} parties, {job.summary}")
+        for line in validate(job, args.party):
+            print(line)
     return 0
-
-
-def _check_files(job: JobBase, party: str | None) -> None:
-    """Refuses, naming the key, a file the job names (``party``'s alone, with --party) that cannot be read here."""
-    for key, path in job.files(party).items():
-        try:
-            with open(path, "rb") as handle:
-                handle.read(1)
-        except OSError as err:
-            hint = "" if party else "; on a multi-host job, validate each party on its own host with --party NAME"
-            raise MpcflError(f"{job.source}: {key}: {path}: {err.strerror or err}{hint}") from None
 
 
 def _stop(signum: int, frame: object) -> None:

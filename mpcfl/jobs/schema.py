@@ -863,7 +863,7 @@ Job = Annotated[Union[TrainJob, InferenceJob, FederatedJob, PredictJob], Field(d
 _JOB = TypeAdapter(Job)
 
 
-def _resolve(base: Path, raw: dict) -> dict:
+def resolve_paths(base: Path, raw: dict) -> dict:
     """Makes the job's relative paths relative to the job file's folder."""
 
     def fix(value: object) -> object:
@@ -964,7 +964,7 @@ def load_job(path: str | Path) -> TrainJob | InferenceJob | FederatedJob | Predi
     for key in ("source", "run_id", "train"):
         if key in raw:
             raise ConfigError(f"{path}: {key}: unknown key")
-    raw = _resolve(path.resolve().parent, raw)
+    raw = resolve_paths(path.resolve().parent, raw)
     mode = raw.pop("mode", None)
     if mode is not None:  # the issue's spelling: `mode: federated` is `task: federated`
         if mode != "federated" or raw.get("task", "federated") != "federated":

@@ -302,6 +302,7 @@ def run_local(
     resume: str | bool = False,
     key_dir: Path | None = None,
     sink: IO[str] | None = None,
+    run_id: str | None = None,
 ) -> int:
     """Runs every process of the job (the parties, and the dealer if its provider has one) on this machine.
 
@@ -323,7 +324,7 @@ def run_local(
         raise MpcflError(f"{job.source}: runtime.identity is set: pass --key-dir, the folder holding NAME.key of every process")
     job_file = str(Path(job.source).resolve())
     common = ["--debug"] if debug else []
-    run_id = _run_to_resume(job, resume) if resume else runs.new_run_id()
+    run_id = run_to_resume(job, resume) if resume else run_id or runs.new_run_id()
     which = ["--resume" if resume else "--run-id", run_id]
 
     def command(name: str, role: str, *args: str) -> list[str]:
@@ -355,7 +356,7 @@ def run_local(
     return code
 
 
-def _run_to_resume(job: JobBase, resume: str | bool) -> str:
+def run_to_resume(job: JobBase, resume: str | bool) -> str:
     """The run every party will resume: the one named, or their newest unfinished one. Every party's
     folder is on this machine, so what each party would refuse is refused here, before anything starts
     (the parties check again, as they do when each runs on its own host).

@@ -50,9 +50,20 @@ MAX_ABS_INPUT = 1e4
 _MAX_DIMS = 8
 
 
-def check_inputs(inputs: torch.Tensor, where: str) -> torch.Tensor:
+def check_inputs(inputs: Any, where: str) -> torch.Tensor:
+    """The inputs as a float CPU tensor (from a tensor, a numpy array or a DataFrame), checked.
+
+    Raises:
+        MpcflError: not numeric, no batch dimension, no values, non-finite or beyond :data:`MAX_ABS_INPUT`.
+    """
+    if hasattr(inputs, "to_numpy") and not torch.is_tensor(inputs):  # a DataFrame, without importing pandas
+        inputs = inputs.to_numpy()
+    if isinstance(inputs, np.ndarray):
+        if not np.issubdtype(inputs.dtype, np.number):
+            raise MpcflError(f"{where}: inputs must be numeric, got an array of {inputs.dtype}")
+        inputs = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
     if not torch.is_tensor(inputs):
-        raise MpcflError(f"{where}: inputs must be a torch.Tensor, got {type(inputs).__name__}")
+        raise MpcflError(f"{where}: inputs must be a torch.Tensor, a numpy array or a DataFrame, got {type(inputs).__name__}")
     if inputs.dim() < 1 or inputs.dim() > _MAX_DIMS or inputs.shape[0] == 0:
         raise MpcflError(f"{where}: inputs need a batch dimension and at most {_MAX_DIMS} dimensions, got shape {tuple(inputs.shape)}")
     if inputs.numel() == 0:

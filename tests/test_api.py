@@ -1,0 +1,67 @@
+"""The Python API: what the CLI does, from a notebook, with dicts, numpy arrays and DataFrames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import mpcfl
+from conftest import DEMO, assert_no_leftovers
+from mpcfl.errors import MpcflError
+
+
+class _Frame:
+    """What the API reads of a pandas DataFrame (pandas is not a dependency)."""
+
+    def __init__(self, columns: list[str], values: np.ndarray) -> None:
+        self.columns, self._values = columns, values
+
+    def to_numpy(self) -> np.ndarray:
+        return self._values
+
+
+def _csv(path: Path) -> tuple[list[str], np.ndarray]:
+    return path.read_text().splitlines()[0].split(","), np.loadtxt(path, delimiter=",", skiprows=1)
+
+
+def test_train_predict_validate_and_baseline_from_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = yaml.safe_load(DEMO.read_text())
+    for party in spec["parties"]:  # relative to the working directory, as a dict's paths are
+        party["data"] = {k: str((DEMO.parent / v).resolve().relative_to(DEMO.parent.parent)) for k, v in party["data"].items()}
+    spec["training"]["epochs"] = 2
+    spec["outputs"]["dir"] = str(tmp_path / "out")
+    monkeypatch.chdir(DEMO.parent.parent)
+    run = mpcfl.run(spec, echo=False)
+    assert run.metrics("hospital_b")["test_accuracy"] > 0.9
+    model = run.model("hospital_b")
+    assert isinstance(model, torch.nn.Module)
+
+    # hospital_a's rows as a numpy array, hospital_b's as a DataFrame with the label column
+    _, a_rows = _csv(Path(spec["parties"][0]["data"]["test"]))
+    b_columns, b_rows = _csv(Path(spec["parties"][1]["data"]["test"]))
+    scored = mpcfl.predict(spec_path := _write(tmp_path, spec), {"hospital_a": a_rows, "hospital_b": _Frame(b_columns, b_rows)},
+                           to=["hospital_b"], echo=False)
+    predictions = scored.predictions("hospital_b")
+    assert len(predictions["predicted"]) == 113
+    assert scored.metrics("hospital_b")["accuracy"] == pytest.approx(run.metrics("hospital_b")["test_accuracy"], abs=0.01)
+    with pytest.raises(MpcflError, match=r"party hospital_a: rows of shape \(113, 3\); its model takes 20 columns"):
+        mpcfl.predict(spec_path, {"hospital_a": a_rows[:, :3], "hospital_b": b_rows}, to=["hospital_b"], echo=False)
+
+    assert mpcfl.validate(spec_path, party="hospital_a")[0] == "hospital_a: 456 training rows, 20 feature columns"
+    assert len(mpcfl.baseline(spec_path)) == 2
+    with pytest.raises(MpcflError, match=r"run \S+ of job breast-cancer-lr failed: before the run began"):
+        broken = dict(spec, runtime={"timeout_s": 60, "provider": "ttp"})
+        broken["parties"] = [dict(p, data=dict(p["data"])) for p in spec["parties"]]
+        broken["parties"][0]["data"]["train"] = str(tmp_path / "gone.csv")
+        mpcfl.run(broken, echo=False)
+    assert_no_leftovers(str(tmp_path))
+
+
+def _write(folder: Path, spec: dict) -> Path:
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(mpcfl.api.resolve_paths(Path.cwd(), yaml.safe_load(yaml.safe_dump(spec)))))
+    return path
