@@ -57,12 +57,14 @@ def plot_history(path: Path, history: list[dict[str, float]], *, title: str) -> 
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for key, axis in (("loss", ax_loss), ("test_loss", ax_loss), ("train_accuracy", ax_acc), ("test_accuracy", ax_acc)):
+    keys = [("loss", ax_loss), ("test_loss", ax_loss), ("train_accuracy", ax_acc), ("test_accuracy", ax_acc),
+            ("test_auc", ax_acc), ("test_f1", ax_acc)]
+    for key, axis in keys:
         rows = [row for row in history if key in row]  # a DP job may release the final epoch's alone
         if rows:
             axis.plot([row["epoch"] for row in rows], [row[key] for row in rows], marker="o", label=key.replace("_", " "))
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy, AUC, F1", title="accuracy")
     for axis in (ax_loss, ax_acc):
         axis.grid(alpha=0.3)
         if axis.lines:

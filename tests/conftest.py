@@ -333,3 +333,10 @@ def demo_against_plaintext(path: Path) -> tuple[Any, float, float]:
     assert secure > 0.9
     assert abs(secure - plain) <= 0.02, (secure, plain)
     return job, secure, plain
+
+
+def mann_whitney(scores: np.ndarray, positive: np.ndarray) -> float:
+    """AUC as the probability that a positive outscores a negative, ties counting half."""
+    pos, neg = scores[positive], scores[~positive]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (len(pos) * len(neg)))

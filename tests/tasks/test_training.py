@@ -10,9 +10,12 @@ import pytest
 import torch
 import yaml
 
-from conftest import DEMO, base_job, demo_against_plaintext, horizontal_parties, job_metrics, run_job, vertical_parties, write_job
+from conftest import (
+    DEMO, base_job, demo_against_plaintext, horizontal_parties, job_metrics, mann_whitney, run_job, vertical_parties, write_job,
+)
 from mpcfl.tasks.train.baseline import train_plaintext
 from mpcfl.jobs.schema import load_job
+from mpcfl.tasks.train.baseline import prepared_data
 from mpcfl.models.build import build_torch_model
 
 
@@ -29,6 +32,16 @@ def test_demo_matches_plaintext_pytorch_within_two_points(tmp_path: Path) -> Non
     state = torch.load(job.party_root("hospital_b") / "latest" / "model.pt", weights_only=True)
     model = build_torch_model(job.model, n_features=30)
     model.load_state_dict(state)
+    # The reported metrics, from counts opened under MPC, are those of the model on the test rows
+    _, _, x_test, y_test = prepared_data(job)
+    with torch.no_grad():
+        p = torch.sigmoid(model(x_test)).squeeze(1).numpy()
+    labels = y_test.squeeze(1).numpy() == 1
+    final = job_metrics(path, "hospital_b")["final"]
+    predicted = p > 0.5
+    assert final["test_confusion"] == [[int((~labels & ~predicted).sum()), int((~labels & predicted).sum())],
+                                       [int((labels & ~predicted).sum()), int((labels & predicted).sum())]]
+    assert abs(final["test_auc"] - mann_whitney(p, labels)) < 0.01 and 0 < final["test_f1"] <= 1
     assert (job.party_root("hospital_b") / "latest" / "metrics.png").stat().st_size > 1000
     # Every party records its own communication, and what it saw revealed.
     for party in ("hospital_a", "hospital_b"):

@@ -26,7 +26,7 @@ from mpcfl.mpc import fixed_mask
 from mpcfl.mpc.compat import import_crypten
 from mpcfl.mpc.reveal import Privacy, budget_state, reveal, spend
 from mpcfl.mpc.session import agreed, communication_stats, prefetching
-from mpcfl.tasks.train import checkpoint
+from mpcfl.tasks.train import checkpoint, metrics
 from mpcfl.tasks.train.bounds import Bounds, check_revealed, safe_input_norm, training_bounds
 from mpcfl.tasks.train.dataset import SharedData
 from mpcfl.tasks.train.steps import TrainingStep
@@ -52,13 +52,12 @@ def batches(n_rows: int, *, batch_size: int, seed: int, epoch: int, shuffle: boo
     return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
 
 
-def _loss_and_correct(head: Head, model: Any, x: Any, y: Any, *, loss_bound: float | None) -> list[Any]:
-    """Summed loss and number of correct predictions over a whole split, still encrypted.
+def _loss_and_correct(head: Head, logits: Any, y: Any, *, loss_bound: float | None) -> list[Any]:
+    """Summed loss and number of correct predictions over a whole split's logits, still encrypted.
 
     With ``loss_bound`` each example's loss is clipped to [0, loss_bound] first, so one
     record moves the sum by at most that much (the sensitivity DP metrics rely on).
     """
-    logits = model(x)
     losses = head.secure_example_losses(logits, y)
     if loss_bound is not None:
         losses = losses.relu() - (losses - loss_bound).relu()
@@ -96,6 +95,9 @@ def _check_metrics(
         slack = 0.01 * n + _NOISE_SLACK * noise
         low += [-slack, -slack]
         high += [limits.loss_sum(n, head) + slack, n + slack]
+    counts = opened.numel() - len(low)  # metrics' counts (no noise): each in [0, rows of the reported split]
+    low += [-0.01 * rows[-1]] * counts
+    high += [1.01 * rows[-1]] * counts
     check_revealed(opened, what=what, low=low, high=high)
 
 
@@ -188,10 +190,15 @@ def train(
         record: dict[str, float] = {"epoch": epoch + 1}
         if metric_ranks and engine.releases_metrics(epoch, spec.epochs):
             privacy = engine.metrics_privacy()
+            # AUC, F1, precision, recall and the confusion matrix, as counts, on the test split (else the
+            # training split); not under DP, whose charge covers the loss and accuracy only
             with crypten.no_grad():
-                parts = _loss_and_correct(head, model, shared.x_train, shared.y_train, loss_bound=engine.loss_bound)
+                splits = [(model(shared.x_train), shared.y_train)]
                 if shared.x_test is not None:
-                    parts += _loss_and_correct(head, model, shared.x_test, shared.y_test, loss_bound=engine.loss_bound)
+                    splits.append((model(shared.x_test), shared.y_test))
+                parts = [p for logits, y in splits for p in _loss_and_correct(head, logits, y, loss_bound=engine.loss_bound)]
+                if privacy is None:
+                    parts.append(metrics.secure_counts(head, *splits[-1]))
             opened = reveal(
                 crypten.cat(parts), to=metric_ranks, what=f"epoch {epoch + 1} loss and accuracy", privacy=privacy
             )
@@ -203,6 +210,9 @@ def train(
             )
             if opened is not None:
                 record.update(_metrics(opened, n_rows, None if shared.x_test is None else shared.x_test.size(0)))
+                if privacy is None:
+                    prefix = "test_" if shared.x_test is not None else "train_"
+                    record.update(metrics.derive(head, opened[2 * len(split_rows):], split_rows[-1], prefix=prefix))
                 if epoch == spec.epochs - 1:
                     _warn_if_chance(record, head, noise=noise, rows=split_rows[-1])
         comm_after = communication_stats()
