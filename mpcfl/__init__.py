@@ -10,6 +10,7 @@ DataFrames where it takes tensors or row files)::
     run.metrics("hospital_b"), run.model("hospital_b")
     scored = mpcfl.predict("configs/breast_cancer_lr.yaml", {"hospital_a": a, "hospital_b": b}, to=["hospital_b"])
     mpcfl.validate("job.yaml", party="hospital_a"); mpcfl.baseline("job.yaml")
+    scorer = mpcfl.load_model(run_folder_b, run_folder_a)  # raw columns in, logits out, plain torch
 
     # one call, everything on this machine (for trying things out)
     predictions = mpcfl.secure_predict_local(model, inputs)
@@ -33,6 +34,7 @@ _API = {
     "validate": "mpcfl.api",
     "baseline": "mpcfl.api",
     "Run": "mpcfl.api",
+    "load_model": "mpcfl.tasks.train.export",
     "join": "mpcfl.launch.env",
     "Session": "mpcfl.mpc.session",
     "secure_predict": "mpcfl.tasks.inference",

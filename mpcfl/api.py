@@ -63,19 +63,12 @@ class Run:
         return {}
 
     def model(self, party: str) -> Any:
-        """The trained model a model receiver holds, as a torch module (its weights loaded)."""
-        import torch
+        """The trained model a model receiver holds, with the job's preprocessing in front: raw rows of
+        every party's columns in, logits out (:func:`mpcfl.tasks.train.export.load_model`)."""
+        from mpcfl.tasks.train.export import load_model
 
-        from mpcfl.models.build import build_torch_model
-        from mpcfl.models.spec import ModelSpec
-
-        folder = self.folder(party)
-        if not (folder / "model.pt").is_file():
-            raise MpcflError(f"party {party}: {folder}: no model.pt (it is not a model receiver of run {self.run_id})")
-        spec = json.loads((folder / "model.json").read_text())
-        model = build_torch_model(ModelSpec(**spec["model"]), n_features=spec["n_features"])
-        model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
-        return model.eval()
+        others = [self.folder(name) for name in self.job.party_names if name != party]
+        return load_model(self.folder(party), *others)
 
     def predictions(self, party: str) -> dict[str, list[Any]]:
         """A predict job's ``predictions.csv`` at a receiver, by column."""
@@ -199,7 +192,7 @@ def _rows_file(train: TrainJob, party: str, value: Any, model_run: str, folder: 
     else:
         import numpy as np
 
-        from mpcfl.tasks.predict import PREPROCESSING
+        from mpcfl.tasks.train.export import PREPROCESSING
 
         values = np.asarray(value)
         root = train.party_root(party)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import yaml
@@ -41,12 +42,21 @@ def test_train_predict_validate_and_baseline_from_python(tmp_path: Path, monkeyp
     assert isinstance(model, torch.nn.Module)
 
     # hospital_a's rows as a numpy array, hospital_b's as a DataFrame with the label column
-    _, a_rows = _csv(Path(spec["parties"][0]["data"]["test"]))
+    a_columns, a_rows = _csv(Path(spec["parties"][0]["data"]["test"]))
     b_columns, b_rows = _csv(Path(spec["parties"][1]["data"]["test"]))
     scored = mpcfl.predict(spec_path := _write(tmp_path, spec), {"hospital_a": a_rows, "hospital_b": _Frame(b_columns, b_rows)},
                            to=["hospital_b"], echo=False)
     predictions = scored.predictions("hospital_b")
     assert len(predictions["predicted"]) == 113
+    # The receiver's model with every party's preprocessing in front scores raw rows in plain torch
+    assert model.columns == a_columns + b_columns[:-1]
+    with torch.no_grad():
+        raw = torch.tensor(np.hstack([a_rows, b_rows[:, :-1]]), dtype=torch.float32)
+        plain = torch.sigmoid(model(raw)).squeeze(1).numpy()
+    assert np.abs(plain - np.array(predictions["p_1"])).max() < 1e-3
+    exported = onnx.load(run.folder("hospital_b") / "model.onnx")
+    onnx.checker.check_model(exported)
+    assert [i.name for i in exported.graph.input] == ["features"]
     assert scored.metrics("hospital_b")["accuracy"] == pytest.approx(run.metrics("hospital_b")["test_accuracy"], abs=0.01)
     with pytest.raises(MpcflError, match=r"party hospital_a: rows of shape \(113, 3\); its model takes 20 columns"):
         mpcfl.predict(spec_path, {"hospital_a": a_rows[:, :3], "hospital_b": b_rows}, to=["hospital_b"], echo=False)

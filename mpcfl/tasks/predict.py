@@ -51,11 +51,9 @@ from mpcfl.mpc.session import agreed, agreed_public, communication_stats, party_
 from mpcfl.outputs import atomic_write, write_json
 from mpcfl.tasks.run import begin_run, run_words, words_text
 from mpcfl.tasks.train.dataset import prepare
+from mpcfl.tasks.train.export import PREPROCESSING
 
 log = logging.getLogger(__name__)
-
-PREPROCESSING = "preprocessing.json"  # written by every training party: its columns and scaler
-
 
 @dataclass
 class TrainedRun:

@@ -189,6 +189,7 @@ class SharedData:
     x_test: Any | None
     y_test: Any | None
     n_features: int
+    feature_counts: list[int]  # every party's number of feature columns (public), in rank order
 
 
 def _public_shapes(job: TrainJob, data: PartyData) -> list[list[int]]:
@@ -322,4 +323,4 @@ def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: torch.de
     if shapes[0][1] >= 0:
         x_test, y_test = share(data.test, 1)
     log.info("shared %d training rows x %d features", x_train.size(0), n_features)
-    return SharedData(x_train, y_train, x_test, y_test, n_features)
+    return SharedData(x_train, y_train, x_test, y_test, n_features, [s[2] for s in shapes])

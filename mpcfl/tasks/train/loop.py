@@ -41,6 +41,7 @@ class TrainResult:
     model: Any  # the encrypted crypten model; its parameters are this party's shares
     torch_model: torch.nn.Module  # the architecture, for receivers to load weights into
     n_features: int
+    feature_counts: list[int] = field(default_factory=list)  # every party's feature columns (public)
     history: list[dict[str, float]] = field(default_factory=list)
     state_dict: dict[str, torch.Tensor] | None = None  # revealed weights, receivers only
     metrics_release: dict[str, Any] = field(default_factory=dict)  # how metrics were released (metrics.json)
@@ -158,7 +159,8 @@ def train(
     safe_norm = safe_input_norm(job, n_features=shared.n_features, n_rows=n_rows, metric_rows=max(split_rows))
     limits = training_bounds(job, n_features=shared.n_features, n_rows=n_rows, input_norm=safe_norm)
     result = TrainResult(
-        model=model, torch_model=torch_model, n_features=shared.n_features, metrics_release=engine.metrics_release()
+        model=model, torch_model=torch_model, n_features=shared.n_features, feature_counts=shared.feature_counts,
+        metrics_release=engine.metrics_release(),
     )
     first = 0
     if resume is not None:

@@ -23,6 +23,7 @@ from mpcfl.tasks.run import begin_run
 from mpcfl.tasks.train import checkpoint
 from mpcfl.tasks.train.dataset import share_dataset
 from mpcfl.tasks.train.dp_sgd import check_plausible, training_step
+from mpcfl.tasks.train.export import PREPROCESSING, export_onnx, model_record
 from mpcfl.tasks.train.loop import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -143,12 +144,13 @@ def _write_outputs(
     sees_metrics = rank in job.ranks(job.outputs.metrics_to)
     if data.scaler:
         write_json(out / "scaler.json", data.scaler)
-    # what a predict job applies to this party's new rows (mpcfl.tasks.predict)
-    write_json(out / "preprocessing.json", {"columns": data.train.columns, "scaler": data.scaler or None})
+    # what a predict job applies to this party's new rows (mpcfl.tasks.predict), and mpcfl.load_model to all columns
+    write_json(out / PREPROCESSING, {"party": party, "columns": data.train.columns, "scaler": data.scaler or None})
     if result.state_dict is not None:
         write_torch(out / "model.pt", result.state_dict)
-        write_json(out / "model.json", {"model": job.model.model_dump(), "n_features": result.n_features})
-        log.info("saved the trained model to %s", out / "model.pt")
+        write_json(out / "model.json", model_record(job, result.n_features, result.feature_counts))
+        export_onnx(result.torch_model, result.state_dict, result.n_features, out / "model.onnx")
+        log.info("saved the trained model to %s (and model.onnx)", out / "model.pt")
     if job.outputs.model_to == "none":
         from mpcfl.mpc.compat import import_crypten
 

@@ -1,0 +1,109 @@
+"""A trained model that leaves the platform usable: what training writes beside it, and loading it back.
+
+Every training party writes ``preprocessing.json`` (its name, its feature columns in order, its
+standardisation statistics if it standardised). A model receiver also writes ``model.pt``,
+``model.json`` (the spec, every party's public column count, and the job's public preprocessing:
+``data.scaling``, and under DP the clamp and row clipping) and ``model.onnx`` (the model on
+preprocessed features). :func:`load_model` puts it together: from the receiver's run folder and, in
+a vertical job, the other parties' run folders (their ``preprocessing.json``, which each hands over
+by choice: its columns' names and statistics), a :class:`~mpcfl.models.preprocessed.Preprocessed`
+module that scores raw rows of all columns in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpcfl.errors import MpcflError
+from mpcfl.jobs.schema import TrainJob
+from mpcfl.models.build import build_torch_model
+from mpcfl.models.preprocessed import Preprocessed
+from mpcfl.models.spec import ModelSpec
+
+PREPROCESSING = "preprocessing.json"
+
+
+def model_record(job: TrainJob, n_features: int, feature_counts: list[int]) -> dict[str, Any]:
+    """``model.json``: what rebuilds the module, and the job's public preprocessing."""
+    dp = job.dp
+    row_clip = None
+    if dp is not None and job.model.type == "logistic_regression":
+        holders = sum(1 for c in feature_counts if c > 0) if job.partition == "vertical" else 1
+        row_clip = dp.clip / math.sqrt(holders)  # each party's slice of a row (mpcfl.tasks.train.dp_sgd)
+    return {
+        "model": job.model.model_dump(), "n_features": n_features, "partition": job.partition,
+        "parties": job.party_names, "feature_counts": feature_counts,
+        "scaling": job.data.scaling, "clamp": job.data.max_abs if dp is not None else None, "row_clip": row_clip,
+    }
+
+
+def export_onnx(model: nn.Module, state: dict[str, torch.Tensor], n_features: int, path: Path) -> None:
+    """``model.onnx``: the trained module on preprocessed features, batch size free."""
+    model.load_state_dict(state)
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        model, (torch.zeros(1, n_features),), str(path), input_names=["features"], output_names=["logits"],
+        dynamic_axes={"features": {0: "rows"}, "logits": {0: "rows"}}, dynamo=False,
+    )
+
+
+def load_model(folder: str | Path, *others: str | Path) -> Preprocessed:
+    """The model a receiver holds, with the job's preprocessing in front (raw columns in, logits out).
+
+    Args:
+        folder: the receiver's run folder (``model.pt``, ``model.json``, its ``preprocessing.json``).
+        others: in a vertical job, the other parties' run folders (or their ``preprocessing.json``).
+
+    Raises:
+        MpcflError: no model here, or a party's preprocessing missing or not of this model.
+    """
+    folder = Path(folder)
+    if not (folder / "model.pt").is_file():
+        raise MpcflError(f"{folder}: no model.pt (not a model receiver's run folder)")
+    record = json.loads((folder / "model.json").read_text())
+    module = build_torch_model(ModelSpec(**record["model"]), n_features=record["n_features"])
+    module.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+    module.eval()
+    saved = {}
+    for where in (folder, *map(Path, others)):
+        path = where if where.suffix == ".json" else where / PREPROCESSING
+        try:
+            part = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise MpcflError(f"{path}: not found; pass each party's run folder") from None
+        saved[part["party"]] = part
+    vertical = record.get("partition") == "vertical"
+    parties = record["parties"] if vertical else [json.loads((folder / PREPROCESSING).read_text())["party"]]
+    counts = record["feature_counts"] if vertical else [record["n_features"]]
+    columns, center, scale, row_clip, start = [], [], [], [], 0
+    for party, count in zip(parties, counts):
+        if count == 0:
+            continue
+        if party not in saved:
+            raise MpcflError(f"{folder}: the model also takes party {party}'s {count} columns: pass its run folder")
+        part = saved[party]
+        if len(part["columns"]) != count:
+            raise MpcflError(f"party {party}'s preprocessing.json has {len(part['columns'])} columns, the model {count}")
+        columns += part["columns"]
+        scaler, scaling = part.get("scaler"), record.get("scaling")
+        for i, column in enumerate(part["columns"]):
+            if scaler is not None:
+                center.append(scaler["mean"][i])
+                scale.append(scaler["std"][i])
+            elif scaling is not None:
+                center.append(scaling[column][0])
+                scale.append(scaling[column][1])
+            else:
+                center.append(0.0)
+                scale.append(1.0)
+        if record.get("row_clip") is not None:
+            row_clip.append((start, start + count, record["row_clip"]))
+        start += count
+    return Preprocessed(module, columns, center, scale, clamp=record.get("clamp"), row_clip=row_clip)
