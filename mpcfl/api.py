@@ -75,7 +75,15 @@ class Run:
         with (self.folder(party) / "predictions.csv").open() as handle:
             rows = list(csv.reader(handle))
         columns = {name: [row[i] for row in rows[1:]] for i, name in enumerate(rows[0])}
-        return {name: values if i == 0 else [float(v) for v in values] for i, (name, values) in enumerate(columns.items())}
+        return {name: values if name != "predicted" and name == rows[0][0] else _numbers(values) for name, values in columns.items()}
+
+
+def _numbers(values: list[str]) -> list[Any]:
+    """A column as numbers when every cell is one (probabilities, class indices), else as it is (class names)."""
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        return values
 
 
 @contextlib.contextmanager

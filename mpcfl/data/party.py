@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mpcfl.data.files import DataError, Table, load_table
+from mpcfl.data.encode import Encoding, impute, read_encoded
+from mpcfl.data.files import DataError, Table, check_ids, load_table
 
 if TYPE_CHECKING:
     from mpcfl.jobs.schema import TrainJob
@@ -49,6 +50,7 @@ class PartyData:
     train: Split
     test: Split | None
     scaler: dict[str, Any] = field(default_factory=dict)
+    imputed: dict[str, float] = field(default_factory=dict)  # each filled column's value (data.missing)
 
 
 def _label_index(table: Table, column: str | int, party: str) -> int:
@@ -88,8 +90,38 @@ def holds_labels(job: TrainJob, party: str) -> bool:
     return job.partition == "horizontal" or job.labels.party == party
 
 
+def encoding_of(job: TrainJob, party: str) -> Encoding:
+    """How ``party``'s cells become numbers: its label names, categorical columns and missing cells."""
+    label = job.labels.column if holds_labels(job, party) and isinstance(job.labels.column, str) else None
+    classes = job.labels.classes
+    return Encoding(
+        label=label, classes=None if classes is None or label is None else tuple(classes),
+        categorical={k: tuple(v) for k, v in (job.data.categorical or {}).items()}, missing=dict(job.data.missing or {}),
+    )
+
+
+def read_table(path: Path, *, party: str, id_column: str | None, encoding: Encoding) -> Table:
+    """A party's table: numeric as it is, or through ``encoding`` when the job declares names,
+    categories or missing cells (CSV only)."""
+    if not encoding.needed or path.suffix != ".csv":
+        try:
+            return load_table(path, party=party, id_column=id_column)
+        except DataError as err:
+            if encoding.label is not None and f"column {encoding.label!r}:" in str(err):
+                raise DataError(f"{err}; name the label column's classes in labels.classes") from None
+            raise
+    if not path.is_file():
+        raise DataError(f"party {party}: {path}: data file not found")
+    columns, values, ids = read_encoded(path, party=party, encoding=encoding, keep=id_column)
+    if id_column is not None:
+        assert ids is not None
+        check_ids(ids, id_column, path, party)
+    return Table(path=path, columns=columns, values=values, ids=ids)
+
+
 def load_party_data(job: TrainJob, party: str) -> PartyData:
-    """Loads and checks one party's own files (train, and test if the job has it).
+    """Loads and checks one party's own files (train, and test if the job has it), its categorical
+    columns one-hot and its missing cells filled (:mod:`mpcfl.data.encode`).
 
     Raises:
         DataError: the files are unusable or disagree with each other.
@@ -97,20 +129,30 @@ def load_party_data(job: TrainJob, party: str) -> PartyData:
     spec = job.parties[job.rank_of(party)].data
     labels = holds_labels(job, party)
     id_column = job.id_column_of(party)
-    train = _split(load_table(spec.train, party=party, id_column=id_column), job=job, party=party, holds_labels=labels)
+    encoding = encoding_of(job, party)
+
+    def split(path: Path) -> Split:
+        return _split(read_table(path, party=party, id_column=id_column, encoding=encoding), job=job, party=party, holds_labels=labels)
+
+    train = split(spec.train)
     test = None
     if spec.test is not None:
-        test = _split(load_table(spec.test, party=party, id_column=id_column), job=job, party=party, holds_labels=labels)
+        test = split(spec.test)
         if test.columns != train.columns:
             raise DataError(
                 f"party {party}: {spec.test}: columns differ from the train file {spec.train}"
             )
+    imputed = impute(train.columns, [s.x for s in (train, test) if s is not None], encoding.missing, party=party)
+    for split_ in (train, test):
+        if split_ is not None and np.isnan(split_.x).any():  # a declared column of another party is not ours
+            row, col = map(int, np.argwhere(np.isnan(split_.x))[0])
+            raise DataError(f"party {party}: {split_.path}: column {split_.columns[col]!r}, data row {row + 1}: missing")
     for split in (train, test):
         if split is not None and split.ids is not None and len(split.ids) > job.data.max_ids:
             raise DataError(
                 f"party {party}: {split.path}: {len(split.ids)} IDs in column {id_column!r}, beyond data.max_ids={job.data.max_ids}"
             )
-    return PartyData(party=party, train=train, test=test)
+    return PartyData(party=party, train=train, test=test, imputed=imputed)
 
 
 def contents(data: PartyData) -> dict[str, bytes]:

@@ -67,6 +67,18 @@ class LabelSpec(_Strict):
     party: Name | None = Field(
         default=None, description="vertical only: the one party that holds the labels"
     )
+    classes: list[str] | None = Field(
+        default=None, min_length=2,
+        description="the label column's names of the classes, in class order (class i is classes[i]); "
+        "model.num_classes and training.loss follow from it",
+    )
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, classes: list[str] | None) -> list[str] | None:
+        if classes is not None and len(set(classes)) != len(classes):
+            raise ValueError("each class name must appear once")
+        return classes
 
 
 # CrypTen encodes x as round(x * 2^16) in a signed 64-bit ring, so a product of two
@@ -102,6 +114,16 @@ class DataSpec(_Strict):
         "instead of standardize, and for every feature column of every party. A DP job needs them "
         "(or raw values): statistics of the private rows would be outside the guarantee",
     )
+    categorical: dict[str, list[str]] | None = Field(
+        default=None,
+        description="{column: [category, ...]}: public category lists; each column becomes one 0/1 column per "
+        "category (column=category) at its owner; a value outside the list is refused, unless it holds 'other'",
+    )
+    missing: dict[str, Literal["mean", "median"] | float] | None = Field(
+        default=None,
+        description="{column: mean | median | constant}: how a column's missing cells (empty, NA, NaN) are filled, "
+        "at its owner from its own training rows (mean, median) or by a constant; any other missing cell is refused",
+    )
     max_abs: float = Field(
         default=1e4,
         gt=0,
@@ -110,6 +132,14 @@ class DataSpec(_Strict):
         "fixed point (16 fractional bits, signed 64-bit ring) wraps on a product above 2^31, and a "
         "feature is multiplied by itself and by weights, so x^2 must stay below 2^31 with a margin",
     )
+
+    @field_validator("categorical")
+    @classmethod
+    def _categories(cls, categorical: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        for column, categories in (categorical or {}).items():
+            if not categories or len(set(categories)) != len(categories):
+                raise ValueError(f"{column}: list each category once, at least one")
+        return categorical
 
     @field_validator("max_abs")
     @classmethod
@@ -441,11 +471,37 @@ class TrainJob(JobBase):
         kind = self.model.factory if isinstance(self.model, FactoryModelSpec) else self.model.type
         return f"{self.partition} partition, {kind}"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _classes_decide(cls, raw: Any) -> Any:
+        """``labels.classes`` gives ``model.num_classes``, and the number of classes ``training.loss``,
+        unless the file sets them (then they must agree)."""
+        if not isinstance(raw, dict):
+            return raw
+        labels, model, training = raw.get("labels"), raw.get("model"), raw.get("training")
+        if isinstance(labels, dict) and isinstance(labels.get("classes"), list) and isinstance(model, dict) and "factory" not in model:
+            raw = dict(raw, model=dict(model))
+            raw["model"].setdefault("num_classes", len(labels["classes"]))
+        model = raw.get("model")
+        if isinstance(model, dict) and (training is None or isinstance(training, dict)) and "loss" not in (training or {}):
+            classes = model.get("num_classes", 2)
+            if isinstance(classes, int) and classes > 2:
+                raw = dict(raw, training={**(training or {}), "loss": "cross_entropy"})
+        return raw
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainJob:
         for i, party in enumerate(self.parties):
             if party.data is None:
                 raise ValueError(f"parties.{i}.data: a training job gives every party its data files")
+        classes = self.labels.classes
+        if classes is not None and not isinstance(self.model, FactoryModelSpec) and self.model.num_classes != len(classes):
+            raise ValueError(f"model.num_classes: {self.model.num_classes}, but labels.classes names {len(classes)}")
+        if self.data.missing and self.partition == "horizontal" and any(isinstance(v, str) for v in self.data.missing.values()):
+            raise ValueError(
+                "data.missing: in a horizontal job each party's own mean or median would differ from the others'; "
+                "fill with a constant (joint statistics under MPC are not built yet)"
+            )
         if self.partition == "vertical":
             if self.labels.party is None:
                 raise ValueError("labels.party: a vertical job names the party that holds the labels")
@@ -522,6 +578,11 @@ class TrainJob(JobBase):
                 "data.standardize: with dp, statistics of the private training rows rescale every row (one record "
                 "moves every gradient), outside the guarantee; set standardize: false and declare public "
                 "constants in data.scaling: {column: [center, scale]}"
+            )
+        if any(isinstance(v, str) for v in (self.data.missing or {}).values()):
+            raise ValueError(
+                "data.missing: with dp, a mean or median of the private rows fills every missing cell (one record "
+                "moves them all), outside the guarantee; fill with public constants"
             )
         self.data.check_dp_scale()
         if dp.collusion_threshold is not None and dp.collusion_threshold >= self.world_size:

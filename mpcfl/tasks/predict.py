@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from mpcfl import runs
-from mpcfl.data.files import DataError, load_table
-from mpcfl.data.party import PartyData, Split, apply_scaler, check_range, contents, holds_labels
+from mpcfl.data.files import DataError
+from mpcfl.data.party import PartyData, Split, apply_scaler, check_range, contents, encoding_of, read_table
 from mpcfl.data.psi import intersect, job_salt, salted
 from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema import PredictJob, TrainJob
@@ -62,6 +62,7 @@ class TrainedRun:
     folder: Path
     columns: list[str]  # this party's training feature columns, in order
     scaler: dict[str, Any] | None  # its standardisation statistics, when training standardised
+    imputed: dict[str, float]  # what filled each declared column's missing cells in training
 
 
 def training_run(job: PredictJob, party: str) -> TrainedRun:
@@ -84,7 +85,7 @@ def training_run(job: PredictJob, party: str) -> TrainedRun:
         saved = json.loads((folder / PREPROCESSING).read_text())
     except FileNotFoundError:
         raise MpcflError(f"{where}: no {PREPROCESSING} (the run predates predictions); train again") from None
-    return TrainedRun(folder, saved["columns"], saved.get("scaler"))
+    return TrainedRun(folder, saved["columns"], saved.get("scaler"), saved.get("imputed") or {})
 
 
 def load_rows(job: PredictJob, party: str, trained: TrainedRun) -> Split | None:
@@ -102,10 +103,11 @@ def load_rows(job: PredictJob, party: str, trained: TrainedRun) -> Split | None:
             what = "its training feature columns" if trained.columns else "its ID column (rows are lined up by ID)"
             raise DataError(f"party {party}: rows: no file of new rows, and the model needs {what}")
         return None
-    table = load_table(path, party=party, id_column=train.id_column_of(party))
-    label = train.labels.column if holds_labels(train, party) and train.partition == "vertical" else None
+    encoding = encoding_of(train, party)
+    table = read_table(Path(path), party=party, id_column=train.id_column_of(party), encoding=encoding)
+    label = encoding.label if train.partition == "vertical" else None
     columns, x, y = table.columns, table.values, None
-    if isinstance(label, str) and label in columns:
+    if label is not None and label in columns:
         index = columns.index(label)
         y = x[:, index].astype(np.int64)
         x = np.delete(x, index, axis=1)
@@ -117,6 +119,12 @@ def load_rows(job: PredictJob, party: str, trained: TrainedRun) -> Split | None:
         raise DataError(
             f"party {party}: {path}: columns must be this party's training feature columns {trained.columns}: {detail}"
         )
+    for column, fill in trained.imputed.items():  # training's fills, not the new rows' own statistics
+        values = x[:, columns.index(column)]
+        values[np.isnan(values)] = fill
+    if np.isnan(x).any():
+        row, col = map(int, np.argwhere(np.isnan(x))[0])
+        raise DataError(f"party {party}: {path}: column {columns[col]!r}, data row {row + 1}: missing")
     return Split(Path(path), columns, x, y, table.ids)
 
 
@@ -268,12 +276,13 @@ def _write_predictions(out: Path, train: TrainJob, logits: torch.Tensor, split: 
     predicted = probabilities.argmax(dim=1)
     key = train.id_column_of(train.labels.party) if ids is not None else "row"
     keys = ids if ids is not None else [str(i) for i in range(len(predicted))]
+    names = train.labels.classes or [str(c) for c in range(probabilities.shape[1])]
 
     def write(handle: Any) -> None:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow([key, "predicted", *(f"p_{c}" for c in range(probabilities.shape[1]))])
+        writer.writerow([key, "predicted", *(f"p_{name}" for name in names)])
         for name, label, row in zip(keys, predicted.tolist(), probabilities.tolist()):
-            writer.writerow([name, label, *(f"{p:.6g}" for p in row)])
+            writer.writerow([name, names[label], *(f"{p:.6g}" for p in row)])
 
     atomic_write(out / "predictions.csv", write)
     log.info("saved %d predictions to %s", len(keys), out / "predictions.csv")

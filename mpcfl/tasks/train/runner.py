@@ -145,7 +145,9 @@ def _write_outputs(
     if data.scaler:
         write_json(out / "scaler.json", data.scaler)
     # what a predict job applies to this party's new rows (mpcfl.tasks.predict), and mpcfl.load_model to all columns
-    write_json(out / PREPROCESSING, {"party": party, "columns": data.train.columns, "scaler": data.scaler or None})
+    write_json(out / PREPROCESSING, {
+        "party": party, "columns": data.train.columns, "scaler": data.scaler or None, "imputed": data.imputed,
+    })
     if result.state_dict is not None:
         write_torch(out / "model.pt", result.state_dict)
         write_json(out / "model.json", model_record(job, result.n_features, result.feature_counts))
