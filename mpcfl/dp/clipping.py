@@ -42,6 +42,7 @@ error there can void one example's bound in one step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -81,13 +82,18 @@ class LayerBound:
     input_bound: float  # |a| per entry of the layer's input
     error_bound: float  # |d| per entry of the error at the layer's output
 
+    @property
+    def squared_norm(self) -> float:
+        """The largest |d|^2 (|a|^2 + 1): this layer's part of an example's squared gradient norm."""
+        return self.outputs * self.error_bound**2 * (self.inputs * self.input_bound**2 + 1)
+
     def products(self, weight: float, batch: int) -> dict[str, float]:
         """The largest magnitude each computation on this layer reaches, by what it is."""
         a, d = self.input_bound, self.error_bound
         return {
             "pre-activations": self.inputs * weight * a + weight,
             "backpropagated errors": self.outputs * weight * d,
-            "per-example squared norms": self.outputs * d * d * (self.inputs * a * a + 1),
+            "per-example squared norms": self.squared_norm,
             "summed gradients": batch * d * a,
         }
 
@@ -167,6 +173,33 @@ def check_bounds(bounds: list[LayerBound], *, weight_bound: float, batch: int) -
     return 1.0 / max(worst, total / (PRODUCT_LIMIT / 2))
 
 
+def largest_squared_norm(bounds: list[LayerBound]) -> float:
+    """A public bound on any example's squared gradient norm (:func:`check_bounds` keeps it below 2^30)."""
+    return sum(layer.squared_norm for layer in bounds)
+
+
+# CrypTen's 1/sqrt (an exp-based first guess, three Newton steps) is accurate only for inputs in
+# about [0.1, 200]: past that it returns garbage, and every clipped example would be dropped. So
+# u = |g|^2 / C^2 is taken at scales 100^k, each in range for u in [100^k, 100^(k+1)), and the
+# right one is picked by comparisons of u with the scales: K + 1 inverse roots in one batched
+# call, K comparisons in one, for any |g| up to the public bound.
+_SCALE_STEP = 100.0
+_SHRINK, _ULPS = 0.995, 4 * 2.0**-16
+
+
+def _inverse_norm(u: Any, *, largest: float, stack: Callable[[list[Any]], Any]) -> Any:
+    """About 1/sqrt(u) for u >= 1 up to ``largest`` (anything for u < 1: the caller caps it at 1)."""
+    levels = max(0, math.ceil(math.log(max(largest, 1.0), _SCALE_STEP)))
+    if levels == 0:
+        return u.inv_sqrt()
+    scales = [_SCALE_STEP**k for k in range(levels + 1)]
+    roots = stack([u.div(scale) for scale in scales]).inv_sqrt()
+    above = stack([u - scale for scale in scales[1:]]).ge(0.0)  # u >= 100^j, j = 1..K
+    # y_0 + sum_j [u >= 100^j] (y_j - y_(j-1)), with y_k = inv_sqrt(u / 100^k) / 10^k
+    steps = stack([roots[k].div(math.sqrt(scales[k])) - roots[k - 1].div(math.sqrt(scales[k - 1])) for k in range(1, levels + 1)])
+    return roots[0] + (above * steps).sum(dim=0)
+
+
 def clipped_gradient_sum(
     model: Any,
     torch_model: nn.Sequential,
@@ -176,6 +209,8 @@ def clipped_gradient_sum(
     clip: float,
     output_error: Callable[[Any, Any], Any],
     clamp: Clamp,
+    stack: Callable[[list[Any]], Any],
+    largest: float = 2.0**30,
 ) -> dict[str, Any]:
     """The sum over the batch of each example's gradient clipped to norm ``clip``.
 
@@ -191,6 +226,8 @@ def clipped_gradient_sum(
         output_error: (logits, y) -> each example's d(loss)/d(logits), the head's
             (:meth:`mpcfl.models.heads.Head.output_error`).
         clamp: clamps a CrypTensor to +-limit (:func:`mpcfl.models.sigmoid.clamp_symmetric`).
+        stack: ``crypten.stack``.
+        largest: a public bound on any example's squared gradient norm (:func:`largest_squared_norm`).
 
     Returns:
         Encrypted gradient sums by parameter name.
@@ -227,10 +264,14 @@ def clipped_gradient_sum(
 
     # factor = min(1, C / |g|) forced into [0, 1] by comparisons, then kept only if the clipped
     # norm provably fits: both hold whatever the 1/sqrt approximation returns.
-    inverse = (squared_norm + 1e-4).inv_sqrt()
-    factor = 1 - (1 - inverse * clip).relu()
+    inverse = _inverse_norm(squared_norm.div(clip**2) + 1e-4, largest=largest / clip**2, stack=stack)
+    # Taken a little low, so that the check below keeps the example: 1/sqrt errs by up to 0.3%, and a
+    # factor for a large gradient is a few units of 2^-16 (1/2000 is 33 of them), off by one or two.
+    factor = 1 - (1 - inverse.mul(_SHRINK) + _ULPS).relu()
     factor = factor.relu()
-    fits = (factor.square() * squared_norm).le(clip**2 * (1 + MARGIN))
+    # c |g|^2 first, then times c: c^2 alone would be a fraction of a unit for a large gradient, and a
+    # truncation's unit of error in it, times |g|^2, would fail the check
+    fits = ((factor * squared_norm) * factor).le(clip**2 * (1 + MARGIN))
     factor = (factor * fits).unsqueeze(1)
 
     sums = {}

@@ -257,13 +257,20 @@ class PerExampleDpSgd(DpSgd):
     def __init__(self, job: TrainJob, head: Head) -> None:
         super().__init__(job)
         self.head = head
+        self.largest: float | None = None  # the public bound on an example's squared gradient norm
 
     def step(self, model: Any, torch_model: nn.Sequential, x: Any, y: Any) -> None:
         assert self.job.dp is not None
-        with import_crypten().no_grad():  # gradients by hand: see mpcfl.dp.clipping
+        if self.largest is None:
+            self.largest = clipping.largest_squared_norm(clipping.layer_bounds(
+                torch_model, input_bound=self.job.data.max_abs, weight_bound=self.job.dp.weight_bound,
+                error_bound=self.head.gradient_bound,
+            ))
+        crypten = import_crypten()
+        with crypten.no_grad():  # gradients by hand: see mpcfl.dp.clipping
             sums = clipping.clipped_gradient_sum(
                 model, torch_model, x, y, clip=self.job.dp.clip, output_error=self.head.output_error,
-                clamp=clamp_symmetric,
+                clamp=clamp_symmetric, stack=crypten.stack, largest=self.largest,
             )
             for name, param in model.named_parameters():
                 total = sums[name]

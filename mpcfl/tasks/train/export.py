@@ -3,7 +3,7 @@
 Every training party writes ``preprocessing.json`` (its name, its feature columns in order, its
 standardisation statistics if it standardised). A model receiver also writes ``model.pt``,
 ``model.json`` (the spec, every party's public column count, and the job's public preprocessing:
-``data.scaling``, and under DP the clamp and row clipping) and ``model.onnx`` (the model on
+``data.scaling``, and under DP ``max_abs``, the clamp, and the row clipping) and ``model.onnx`` (the model on
 preprocessed features). :func:`load_model` puts it together: from the receiver's run folder and, in
 a vertical job, the other parties' run folders (their ``preprocessing.json``, which each hands over
 by choice: its columns' names and statistics), a :class:`~mpcfl.models.preprocessed.Preprocessed`
@@ -39,7 +39,7 @@ def model_record(job: TrainJob, n_features: int, feature_counts: list[int]) -> d
     return {
         "model": job.model.model_dump(), "n_features": n_features, "partition": job.partition,
         "parties": job.party_names, "feature_counts": feature_counts,
-        "scaling": job.data.scaling, "clamp": job.data.max_abs if dp is not None else None, "row_clip": row_clip,
+        "scaling": job.data.scaling, "max_abs": job.data.max_abs if dp is not None else None, "row_clip": row_clip,
     }
 
 
@@ -106,4 +106,4 @@ def load_model(folder: str | Path, *others: str | Path) -> Preprocessed:
         if record.get("row_clip") is not None:
             row_clip.append((start, start + count, record["row_clip"]))
         start += count
-    return Preprocessed(module, columns, center, scale, clamp=record.get("clamp"), row_clip=row_clip)
+    return Preprocessed(module, columns, center, scale, clamp=record.get("max_abs"), row_clip=row_clip)
