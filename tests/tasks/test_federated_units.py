@@ -196,7 +196,7 @@ def test_a_session_reformed_without_a_dead_party_caps_the_dp_collusion_threshold
     from mpcfl.tasks.federated.runner import _Privacy
 
     dp = {"epsilon": 1.0, "delta": 1e-5, "clip": 1.0, "noise_multiplier": 2.0}
-    privacy = _Privacy(load_job(_fed(tmp_path, **{"data.standardize": False, "data.max_abs": 1e4, "dp": dp})))
+    privacy = _Privacy(load_job(_fed(tmp_path, **{"data.standardize": False, "data.max_abs": 1e4, "dp": dp})), 31)
     assert [privacy.of_round(n, n).colluders for n in (3, 2)] == [2, 1]  # n-1 of the job's 3, then of 2 survivors
     share_variance(1.0, parties=2, colluders=privacy.of_round(2, 2).colluders, scale=1)  # a valid threshold there
 
@@ -238,10 +238,10 @@ def test_client_level_dp_judges_delta_per_party(
                     "publishing one of them at random would meet it; use delta well below 1/n")
         assert line == f"mpcfl: error: {expected}"
         with pytest.raises(MpcflError) as caught:
-            _Privacy(job)
+            _Privacy(job, 31)
         assert str(caught.value) == expected
     else:
-        assert _Privacy(job).noise_multiplier > 0
+        assert _Privacy(job, 31).noise_multiplier > 0
     warning = f"{path}: dp: delta {delta:g} is above 1/(10 n) = 0.0333 for n = 3 parties"
     assert any(warning in record.getMessage() for record in caplog.records) == warned
 
@@ -255,7 +255,7 @@ def test_client_level_dp_calibrates_under_pld(tmp_path: Path) -> None:
     from mpcfl.tasks.federated.runner import _Privacy
 
     dp = {"epsilon": 4.0, "delta": 1e-5, "accountant": "pld"}
-    z = _Privacy(load_job(_fed(tmp_path, **{"data.standardize": False, "data.max_abs": 1e4, "dp": dp}))).noise_multiplier
+    z = _Privacy(load_job(_fed(tmp_path, **{"data.standardize": False, "data.max_abs": 1e4, "dp": dp})), 31).noise_multiplier
     reference = pld.PLDAccountant()
     reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 10))
     assert 3.996 < reference.get_epsilon(1e-5) <= 4.0
