@@ -29,10 +29,11 @@ layer, an architecture whose products could reach 2^31: a refused model gets no
 DP, never a weaker one. With every product in range, the squared norm is exact up
 to rounding, and the factor min(1, C/|g|) (1/sqrt is an approximation) is forced
 into [0, 1] by comparisons, which are exact for any ring element. A last check of
-the clipped squared norm c_i^2 |g_i|^2 against C^2 (1 + margin) drops (factor 0)
-any example the approximation got wrong, so every example's contribution is at
-most C sqrt(1 + margin) whatever 1/sqrt returns: that bound is the sensitivity the
-noise is calibrated to.
+the clipped squared norm, computed from the clipped errors c_i d_i as they are
+(truncation included), against C^2 (1 + margin) drops (factor 0) any example the
+approximation got wrong, so every example's contribution is at most C sqrt(1 + margin)
+whatever 1/sqrt returns: that bound, plus the final matmul's truncation
+(:func:`mpcfl.tasks.train.dp_sgd.rounding`), is the sensitivity the noise is calibrated to.
 
 Scope: CrypTen truncates a product of two parties' shares locally (off by one unit
 at most, except with probability about |v| 2^-47); with three or more parties its
@@ -216,26 +217,35 @@ def clipped_gradient_sum(
     error = output_error(clamp(activation, LOGIT_CLAMP), y)
 
     errors: list[Any] = []
+    input_norms: list[Any] = []  # |a_i|^2 + 1 per layer
     squared_norm = None
     for (name, layer_input), derivative in zip(reversed(inputs), [*reversed(derivatives), None]):
         errors.append(error)
-        term = error.square().sum(dim=1) * (layer_input.square().sum(dim=1) + 1)
+        input_norms.append(layer_input.square().sum(dim=1) + 1)
+        term = error.square().sum(dim=1) * input_norms[-1]
         squared_norm = term if squared_norm is None else squared_norm + term
         if derivative is not None:
             error = error.matmul(params[f"{name}.weight"]) * derivative
     errors.reverse()
+    input_norms.reverse()
 
-    # factor = min(1, C / |g|) forced into [0, 1] by comparisons, then kept only if the clipped
-    # norm provably fits: both hold whatever the 1/sqrt approximation returns.
+    # factor = min(1, C / |g|) forced into [0, 1] by comparisons; each example is then kept only if
+    # its clipped gradient provably fits, measured on the clipped errors themselves: both hold
+    # whatever the 1/sqrt approximation returns, and the truncation of error x factor (up to n units
+    # per entry, times inputs up to the layer's bound) is inside what is measured, not added after.
     inverse = (squared_norm + 1e-4).inv_sqrt()
     factor = 1 - (1 - inverse * clip).relu()
-    factor = factor.relu()
-    fits = (factor.square() * squared_norm).le(clip**2 * (1 + MARGIN))
-    factor = (factor * fits).unsqueeze(1)
+    factor = factor.relu().unsqueeze(1)
+    scaled = [layer_error * factor for layer_error in errors]
+    clipped_norm = None
+    for layer_scaled, norm in zip(scaled, input_norms):
+        term = layer_scaled.square().sum(dim=1) * norm
+        clipped_norm = term if clipped_norm is None else clipped_norm + term
+    fits = clipped_norm.le(clip**2 * (1 + MARGIN)).unsqueeze(1)  # a 0/1 of scale 1: the product below is exact
 
     sums = {}
-    for (name, layer_input), layer_error in zip(inputs, errors):
-        scaled = layer_error * factor
-        sums[f"{name}.weight"] = scaled.t().matmul(layer_input)
-        sums[f"{name}.bias"] = scaled.sum(dim=0)
+    for (name, layer_input), layer_scaled in zip(inputs, scaled):
+        kept = layer_scaled * fits
+        sums[f"{name}.weight"] = kept.t().matmul(layer_input)
+        sums[f"{name}.bias"] = kept.sum(dim=0)
     return sums

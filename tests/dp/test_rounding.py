@@ -120,3 +120,67 @@ def test_validate_with_a_party_judges_the_model_its_columns_give(tmp_path: Path)
     with pytest.raises(MpcflError) as caught:
         check_party(job, "hospital_a")
     assert str(caught.value).startswith(f"{path}: dp.clip: fixed-point rounding") and "in each of 2049 parameters" in str(caught.value)
+
+
+def _dp_sgd(tmp_path: Path, **changes: object) -> Path:
+    """The DP demo (2 parties, data.scaling naming all 30 columns), with ``changes`` to its model and dp."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conftest import dp_demo, write_job
+
+    spec = dp_demo()
+    spec["outputs"]["dir"] = str(tmp_path / "out")
+    for key, value in changes.items():
+        section, name = key.split(".")
+        spec[section][name] = value
+    if spec["model"]["type"] == "mlp":
+        spec["data"]["max_abs"] = 4.0
+    return write_job(tmp_path, spec)
+
+
+@pytest.mark.parametrize(("model", "n_features", "clip"), [
+    ({"type": "logistic_regression"}, 10**6, 1.0),  # ~3 units per weight against 2.8 x 2^16
+    ({"type": "mlp", "hidden": [1000]}, 1000, 1.0),  # 1.0e6 parameters, 4 units per weight
+    ({"type": "mlp", "hidden": [100]}, 30, 0.01),  # 3201 parameters, a clip of 0.01
+])
+def test_dp_sgd_refuses_rounding_that_moves_epsilon(tmp_path: Path, model: dict, n_features: int, clip: float) -> None:
+    """DP-SGD's noise lands on a step's summed gradient; a model large against its clip is refused,
+    naming the file, dp.clip and the fix."""
+    from mpcfl.tasks.train.dp_sgd import calibration
+
+    path = _dp_sgd(tmp_path, **{"model.type": model["type"], "dp.clip": clip})
+    if "hidden" in model:
+        path.write_text(path.read_text().replace("type: mlp", f"type: mlp\n  hidden: {model['hidden']}"))
+    job = load_job(path)
+    with pytest.raises(ConfigError) as caught:
+        calibration(job, n_features)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: dp.clip: fixed-point rounding") and "\n" not in message
+    assert "raise the clip or use fewer parameters" in message
+
+
+def test_dp_sgd_noise_covers_rounding_for_the_demo(tmp_path: Path) -> None:
+    """The DP demo (logistic regression on 30 columns, 2 parties): accepted; the sensitivity is the
+    clip's 2 x 1.01 sqrt(C^2 + 1) plus at least the rounding of 31 coordinates (a product's truncation,
+    2 units, and the encoding of a feature times the error, 1.01 units, on each side), under 0.1% more."""
+    from mpcfl.tasks.train.dp_sgd import calibration
+
+    job = load_job(_dp_sgd(tmp_path))
+    z, sensitivity = calibration(job, 30)
+    clip_only = 2 * 1.01 * math.sqrt(2.0)
+    assert clip_only + 2 * (2 + 1.01) * math.sqrt(30) / SCALE <= sensitivity < clip_only * 1.001
+    assert z > 0
+
+
+def test_validate_refuses_a_dp_sgd_model_its_scaling_sizes(tmp_path: Path) -> None:
+    """data.scaling names every column, so ``mpcfl validate`` knows the model's size without any
+    party's files: an mlp of 2.3e5 parameters with a clip of 0.1 is refused there, in one line."""
+    from mpcfl.api import validate
+    from mpcfl.errors import MpcflError
+
+    path = _dp_sgd(tmp_path, **{"model.type": "mlp", "dp.clip": 0.1})
+    path.write_text(path.read_text().replace("type: mlp", "type: mlp\n  hidden: [7500]"))
+    with pytest.raises(MpcflError) as caught:
+        validate(path)
+    assert str(caught.value).startswith(f"{path}: dp.clip: fixed-point rounding")
