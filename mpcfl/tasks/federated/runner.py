@@ -28,8 +28,8 @@ import torch
 
 from mpcfl.data.files import DataError
 from mpcfl.data.party import (
-    PartyData, apply_scaler, check_range, check_scaling_covers, columns_hash, contents, load_party_data,
-    scale_publicly,
+    PartyData, apply_scaler, check_range, check_scaling_covers, clamp_range, columns_beyond, columns_hash, contents,
+    load_party_data, scale_publicly,
 )
 from mpcfl.dp.accountant import Charge, replace_one
 from mpcfl.errors import MpcflError, PeerFailure
@@ -81,10 +81,12 @@ class _Round:
 
 
 def _load(job: FederatedJob, party: str) -> PartyData:
-    """This party's files, with its row count checked against the public bound ``federated.max_rows``."""
+    """This party's files, with its row count checked against the public bound ``federated.max_rows``
+    where the weighted average needs it (without DP; with DP the mean is over parties, not rows, and a
+    refusal would tell every peer something of this party's rows)."""
     data = load_party_data(job, party)
     rows = data.train.x.shape[0]
-    if rows > job.federated.max_rows:
+    if job.dp is None and rows > job.federated.max_rows:
         raise DataError(
             f"party {party}: {data.train.path}: {rows} training rows, beyond federated.max_rows="
             f"{job.federated.max_rows} in {job.source}; raise it (the average's divisor is scaled by it)"
@@ -123,15 +125,31 @@ def _standardize(job: FederatedJob, data: PartyData, rounds: _Round, party: str)
 
 
 def _prepare(job: FederatedJob, data: PartyData, rounds: _Round, party: str) -> int:
-    """Scales this party's rows (jointly, by public constants, or not at all) and range-checks them."""
+    """Scales this party's rows (jointly, by public constants, or not at all) and range-checks them,
+    or, with DP, clamps them (:func:`_clamp`)."""
     n_features = _check_columns(job, data)
     if job.data.standardize:
         _standardize(job, data, rounds, party)
     elif job.data.scaling is not None:
         agreed("scaling", job.party_names, lambda: scale_publicly(data, job.data.scaling, job.source))
         check_scaling_covers(job.data.scaling, n_features, job.source)
-    agreed("range check", job.party_names, lambda: check_range(data, job.data.max_abs))
+    if job.dp is not None:
+        _clamp(job, data, party)
+    else:
+        agreed("range check", job.party_names, lambda: check_range(data, job.data.max_abs))
     return n_features
+
+
+def _clamp(job: FederatedJob, data: PartyData, party: str) -> None:
+    """With DP, values beyond ``data.max_abs`` are clamped to it, at this party alone: part of the
+    mechanism (the clipped update bounds what any data can do), where a refusal would stop every
+    peer on one record's value, outside the budget. Only this party's log names the columns."""
+    columns = columns_beyond(data, job.data.max_abs)
+    if clamped := clamp_range(data, job.data.max_abs):
+        log.warning(
+            "party %s: clamped %d feature value(s) in column(s) %s to data.max_abs=%g (DP: clamped, not refused; "
+            "only this party's log says so)", party, clamped, ", ".join(repr(c) for c in columns), job.data.max_abs,
+        )
 
 
 class _Privacy:
@@ -407,6 +425,10 @@ def check_party(job: FederatedJob, party: str) -> list[str]:
     if not job.data.standardize and job.dp is None:
         check_range(data, job.data.max_abs)
         lines.append(f"values within data.max_abs={job.data.max_abs:g}")
+    elif job.dp is not None and (columns := columns_beyond(data, job.data.max_abs)):
+        # for this party's operator alone: the run clamps them (part of the mechanism) and tells no peer
+        lines.append(f"values beyond data.max_abs={job.data.max_abs:g} in {', '.join(map(repr, columns))} "
+                     "will be clamped to it (dp)")
     if job.dp is not None:  # the model's size, from this party's columns (every party holds the same)
         parameters = flat(initial_model(job, data.train.x.shape[1])).numel()
         privacy = _Privacy(job, parameters)
