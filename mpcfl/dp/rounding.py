@@ -129,10 +129,10 @@ def check_rounding(
     """
     effective = effective_sensitivity(l2, rounding, dimension=dimension, noise_multiplier=noise_multiplier, scale=scale)
     others = list(extra or [])
-    accountant_ = create_accountant(accountant, epsilon=epsilon)
-    stated = accountant_.epsilon(delta, extra=[Charge("gaussian", noise_multiplier, count), *others])
+    reference = create_accountant(accountant, epsilon=epsilon)
+    stated = reference.epsilon(delta, extra=[Charge("gaussian", noise_multiplier, count), *others])
     # Noise z * l2 on a value of sensitivity `effective` is a Gaussian of multiplier z * l2 / effective.
-    spent = accountant_.epsilon(delta, extra=[Charge("gaussian", noise_multiplier * l2 / effective, count), *others])
+    spent = reference.epsilon(delta, extra=[Charge("gaussian", noise_multiplier * l2 / effective, count), *others])
     if spent > stated * (1 + TOLERANCE):
         per_coordinate = rounding.l1 / dimension
         raise ValueError(
