@@ -18,9 +18,9 @@ from two facts about CrypTen 0.4.1 (``encoder.py``, ``mpc/primitives/arithmetic.
   so the result is off by less than one unit per party; with more than two parties a correction
   for the shares' wraps around the ring is subtracted, as ``4 * (2^62 // q)`` per wrap where the
   exact amount is 2^64 / q, off by ``4 (2^62 mod q) / q`` more per wrap (at most n - 1 wraps).
-  Both exclude the event CrypTen itself neglects: a masked value that wraps the ring, which
-  happens with probability about ``|v| / 2^63`` (two parties) or ``|v| / 2^32`` (more) per
-  entry and breaks the value entirely (:mod:`mpcfl.dp.clipping`, "Scope").
+  Both exclude the event CrypTen itself neglects: shares whose sum wraps the ring, which happens
+  with probability about ``|v| 2^-47`` (two parties) or ``|v| / 2^32`` (more) per entry for a value
+  v, and breaks that entry entirely (:mod:`mpcfl.dp.clipping`, "Scope"); no bound here covers it.
 
 Replace-one neighbours: the rounding of the record that changes differs between the two datasets
 (a truncation in one, its opposite in the other), and CrypTen's truncation depends on the random
