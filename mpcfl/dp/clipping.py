@@ -33,7 +33,7 @@ the clipped squared norm, computed from the clipped errors c_i d_i as they are
 (truncation included), against C^2 (1 + margin) drops (factor 0) any example the
 approximation got wrong, so every example's contribution is at most C sqrt(1 + margin)
 whatever 1/sqrt returns: that bound, plus the final matmul's truncation
-(:func:`mpcfl.tasks.train.dp_sgd.rounding`), is the sensitivity the noise is calibrated to.
+(:func:`mpcfl.tasks.train.dp_sgd.gradient_rounding`), is the sensitivity the noise is calibrated to.
 
 Scope: CrypTen truncates a product of two parties' shares locally (off by one unit
 at most, except with probability about |v| 2^-47); with three or more parties its

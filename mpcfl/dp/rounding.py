@@ -10,7 +10,7 @@ further, by the rounding. So the sensitivity the Skellam noise must cover, in ri
 
 with r the largest per-coordinate difference the rounding can make between the two neighbours
 (:class:`Rounding`; d coordinates). Each code path that adds noise states its r next to the code
-(:func:`encoded_sum` for federated averaging, :func:`mpcfl.tasks.train.dp_sgd.rounding` for DP-SGD),
+(:func:`encoded_sum` for federated averaging, :func:`mpcfl.tasks.train.dp_sgd.gradient_rounding` for DP-SGD),
 from two facts about CrypTen 0.4.1 (``encoder.py``, ``mpc/primitives/arithmetic.py``, ``beaver.py``):
 
 - encoding: ``(scale * x).long()`` truncates toward zero, off by less than :data:`ENCODING` = 1 unit;

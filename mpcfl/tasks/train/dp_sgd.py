@@ -21,7 +21,7 @@ Each step, every party adds an integer noise share to its arithmetic share of
 the summed gradient (no communication), sized so that the honest parties' noise on
 it has standard deviation ``noise_multiplier x sensitivity``; the sum is divided by
 the batch size after (post-processing). The sensitivity is the clip's plus fixed
-point's rounding (:func:`rounding`, :mod:`mpcfl.dp.rounding`): noise on the mean
+point's rounding (:func:`gradient_rounding`, :mod:`mpcfl.dp.rounding`): noise on the mean
 would face the truncation of a division by the batch size against a sensitivity
 that division had shrunk.
 Batches are disjoint slices of a public permutation, so any one record is in one
@@ -46,9 +46,8 @@ from typing import Any
 
 from torch import nn
 
-from mpcfl.dp import clipping
+from mpcfl.dp import clipping, rounding
 from mpcfl.dp.accountant import Charge, calibrate_noise_multiplier, replace_one
-from mpcfl.dp import rounding as rounding_
 from mpcfl.dp.budget import check_parameters
 from mpcfl.dp.noise import add_noise_share, noise_share
 from mpcfl.errors import ConfigError, MpcflError
@@ -111,12 +110,12 @@ def metrics_charge(job: TrainJob) -> tuple[Charge, float] | None:
     return Charge(spec.mechanism, spec.noise_multiplier), spec.noise_multiplier * sensitivity
 
 
-def rounding(job: TrainJob, n_features: int) -> tuple[rounding_.Rounding, int]:
+def gradient_rounding(job: TrainJob, n_features: int) -> tuple[rounding.Rounding, int]:
     """How far fixed point can move a step's summed gradient between neighbouring datasets beyond
     the clip's bound, in ring units, and the number of parameters (the coordinates).
 
     Only the replaced record's terms differ (for the same shares), each side of the replacement
-    counted once; n parties truncate a product by 2^16 within n units (:func:`rounding_.truncation_error`).
+    counted once; n parties truncate a product by 2^16 within n units (:func:`rounding.truncation_error`).
 
     - logistic regression: a weight's sum is ``sum_i e_i x_ij`` as one matmul, truncated once (n);
       the record's encoded feature is off by less than a unit, times its error ``|e_i| <= 1.01 x``
@@ -128,19 +127,19 @@ def rounding(job: TrainJob, n_features: int) -> tuple[rounding_.Rounding, int]:
     assert job.dp is not None
     model = build_torch_model(job.model, n_features=n_features, seed=None)
     parties = job.world_size
-    truncation = rounding_.truncation_error(parties, rounding_.FIXED_POINT_SCALE)
+    truncation = rounding.truncation_error(parties, rounding.FIXED_POINT_SCALE)
     per_weight = truncation
     if clips_features(job):
-        per_weight += rounding_.ENCODING * _APPROXIMATION_MARGIN * gradient_head(job).gradient_bound
+        per_weight += rounding.ENCODING * _APPROXIMATION_MARGIN * gradient_head(job).gradient_bound
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     parameters = sum(p.numel() for p in model.parameters())
-    return rounding_.Rounding.per_coordinate(weights, 2 * per_weight), parameters
+    return rounding.Rounding.per_coordinate(weights, 2 * per_weight), parameters
 
 
 def calibration(job: TrainJob, n_features: int) -> tuple[float, float]:
     """DP-SGD's noise multiplier and the sensitivity of a step's summed gradient that its noise is
     calibrated to: the clip's replace-one L2 bound, plus fixed point's rounding for a model on
-    ``n_features`` inputs (:func:`rounding`).
+    ``n_features`` inputs (:func:`gradient_rounding`).
 
     The multiplier is the smallest that keeps the model, plus any per-epoch metrics,
     within the job's (epsilon, delta).
@@ -164,9 +163,9 @@ def calibration(job: TrainJob, n_features: int) -> tuple[float, float]:
         )
     except ValueError as err:
         raise MpcflError(f"{job.source}: dp.metrics: {err}; raise dp.metrics.noise_multiplier") from None
-    rounded, parameters = rounding(job, n_features)
+    rounded, parameters = gradient_rounding(job, n_features)
     try:
-        sensitivity = rounding_.check_rounding(
+        sensitivity = rounding.check_rounding(
             epsilon=job.dp.epsilon, delta=job.dp.delta, accountant=job.dp.accountant, noise_multiplier=noise_multiplier,
             count=epochs, l2=replace_one(bound), rounding=rounded, dimension=parameters, extra=extra,
         )
