@@ -284,3 +284,17 @@ def test_survivors_redo_a_round_only_if_none_began_opening_it(
         return
     with pytest.raises(MpcflError, match=f"{job.party_names[2]} left during the opening of round 2's average"):
         training.resynchronise(tuple(job.party_names[:2]))
+
+
+def test_validate_tells_only_this_party_which_columns_a_dp_run_will_clamp(tmp_path: Path) -> None:
+    """Under DP a value beyond data.max_abs is clamped by its party, not refused: ``mpcfl validate
+    --party`` (run by that party's operator alone) names the columns, never the values."""
+    from mpcfl.tasks.federated.runner import check_party
+
+    dp = {"epsilon": 4.0, "delta": 1e-5, "clip": 1.0}
+    job = load_job(_fed(tmp_path, **{"data.standardize": False, "data.max_abs": 30.0, "dp": dp}))
+    lines = check_party(job, "hospital_a")  # raw areas reach the thousands
+    [clamped] = [line for line in lines if "will be clamped" in line]
+    assert clamped.startswith("values beyond data.max_abs=30 in ") and "'mean_area'" in clamped
+    assert not any(ch.isdigit() for ch in clamped.split(" in ", 1)[1].replace("data.max_abs=30", ""))
+    assert any(line.startswith("client-level dp over 31 parameters") for line in lines)
