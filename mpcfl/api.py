@@ -237,9 +237,11 @@ def validate(job: JobLike, party: str | None = None) -> list[str]:
             loaded.rank_of(party)
             lines = [f"{party}: {line}" for line in registry.task_of(loaded).check_party()(loaded, party)]
         elif getattr(loaded, "dp", None) is not None:
-            from mpcfl.tasks.train.dp_sgd import check_plausible
+            from mpcfl.tasks.train.dp_sgd import calibration, check_plausible
 
             check_plausible(loaded, None)
+            if isinstance(loaded, TrainJob) and loaded.data.scaling is not None:
+                calibration(loaded, len(loaded.data.scaling))  # data.scaling names every column: the model's size is known
         return [*lines, f"{path}: valid job {loaded.name!r}: {loaded.world_size} parties, {loaded.summary}"]
 
 

@@ -272,6 +272,16 @@ def check_range(data: PartyData, max_abs: float) -> None:
         )
 
 
+def columns_beyond(data: PartyData, max_abs: float) -> list[str]:
+    """The feature columns holding a value beyond ``max_abs`` (train or test), by name: what a DP
+    job may tell this party's own operator about :func:`clamp_range`, never its peers."""
+    beyond: set[str] = set()
+    for split in (data.train, data.test):
+        if split is not None and split.x.size:
+            beyond.update(c for c, out in zip(split.columns, (np.abs(split.x) > max_abs).any(axis=0)) if out)
+    return sorted(beyond)
+
+
 def clamp_range(data: PartyData, max_abs: float) -> int:
     """Clamps every train and test feature value to ``[-max_abs, max_abs]``, in place.
 

@@ -29,10 +29,11 @@ layer, an architecture whose products could reach 2^31: a refused model gets no
 DP, never a weaker one. With every product in range, the squared norm is exact up
 to rounding, and the factor min(1, C/|g|) (1/sqrt is an approximation) is forced
 into [0, 1] by comparisons, which are exact for any ring element. A last check of
-the clipped squared norm c_i^2 |g_i|^2 against C^2 (1 + margin) drops (factor 0)
-any example the approximation got wrong, so every example's contribution is at
-most C sqrt(1 + margin) whatever 1/sqrt returns: that bound is the sensitivity the
-noise is calibrated to.
+the clipped squared norm, computed from the clipped errors c_i d_i as they are
+(truncation included), against C^2 (1 + margin) drops (factor 0) any example the
+approximation got wrong, so every example's contribution is at most C sqrt(1 + margin)
+whatever 1/sqrt returns: that bound, plus the final matmul's truncation
+(:func:`mpcfl.tasks.train.dp_sgd.gradient_rounding`), is the sensitivity the noise is calibrated to.
 
 Scope: CrypTen truncates a product of two parties' shares locally (off by one unit
 at most, except with probability about |v| 2^-47); with three or more parties its
@@ -200,6 +201,37 @@ def _inverse_norm(u: Any, *, largest: float, stack: Callable[[list[Any]], Any]) 
     return roots[0] + (above * steps).sum(dim=0)
 
 
+# The check measures |c d|^2 (|a|^2 + 1) per layer, where c d is a few units of 2^-16 for a large
+# gradient and |a|^2 + 1 up to 10^6 (a hidden layer's bound): a truncated square of c d may lose a
+# unit, which times |a|^2 would let an example past the check unclipped. So c d is also taken
+# 2^_PRECISION times larger (the shares multiplied by an integer: exact), squared, and the product
+# divided back, which loses units only after |a|^2 multiplied them. That product is 2^(2 _PRECISION)
+# times the squared norm and wraps once it passes 2^31, so a first, coarse measure at the plain scale
+# (which cannot wrap) must be below _COARSE = 2^13 < 2^(31 - 2 _PRECISION) for the fine one to count.
+_PRECISION = 8
+_COARSE = 2.0**13
+
+
+def _fits(
+    scaled: list[Any], input_norms: list[Any], widths: list[int], *, clip: float, truncation: float,
+    stack: Callable[[list[Any]], Any],
+) -> Any:
+    """1 for each example whose clipped gradient provably has norm at most C sqrt(1 + MARGIN), else 0:
+    upper bounds on its squared norm, each truncation counted at its worst, against the bound."""
+    coarse, fine = None, None
+    for layer_scaled, norm, width in zip(scaled, input_norms, widths):
+        outputs = layer_scaled.size(1)
+        loose = norm + width * truncation  # |a|^2 + 1, each of its `width` squares up to a truncation low
+        high = layer_scaled.clone()
+        high.share = high.share * 2**_PRECISION
+        coarse_term = (layer_scaled.square().sum(dim=1) + outputs * truncation) * loose + truncation
+        fine_term = ((high.square().sum(dim=1) + outputs * truncation) * loose).div(4**_PRECISION) + 2 * truncation
+        coarse = coarse_term if coarse is None else coarse + coarse_term
+        fine = fine_term if fine is None else fine + fine_term
+    checks = stack([coarse - _COARSE, fine - clip**2 * (1 + MARGIN)]).le(0.0)
+    return checks[0] * checks[1]  # 0/1 of scale 1: the products with it below are exact
+
+
 def clipped_gradient_sum(
     model: Any,
     torch_model: nn.Sequential,
@@ -211,6 +243,7 @@ def clipped_gradient_sum(
     clamp: Clamp,
     stack: Callable[[list[Any]], Any],
     largest: float = 2.0**30,
+    truncation: float = 2.0**-16,
 ) -> dict[str, Any]:
     """The sum over the batch of each example's gradient clipped to norm ``clip``.
 
@@ -228,6 +261,8 @@ def clipped_gradient_sum(
         clamp: clamps a CrypTensor to +-limit (:func:`mpcfl.models.sigmoid.clamp_symmetric`).
         stack: ``crypten.stack``.
         largest: a public bound on any example's squared gradient norm (:func:`largest_squared_norm`).
+        truncation: how far below the product one truncation may land: a unit of 2^-16 per party
+            (:mod:`mpcfl.dp.rounding`).
 
     Returns:
         Encrypted gradient sums by parameter name.
@@ -253,30 +288,36 @@ def clipped_gradient_sum(
     error = output_error(clamp(activation, LOGIT_CLAMP), y)
 
     errors: list[Any] = []
+    input_norms: list[Any] = []  # |a_i|^2 + 1 per layer
+    input_widths: list[int] = []
     squared_norm = None
     for (name, layer_input), derivative in zip(reversed(inputs), [*reversed(derivatives), None]):
         errors.append(error)
-        term = error.square().sum(dim=1) * (layer_input.square().sum(dim=1) + 1)
+        input_norms.append(layer_input.square().sum(dim=1) + 1)
+        input_widths.append(layer_input.size(1))
+        term = error.square().sum(dim=1) * input_norms[-1]
         squared_norm = term if squared_norm is None else squared_norm + term
         if derivative is not None:
             error = error.matmul(params[f"{name}.weight"]) * derivative
     errors.reverse()
+    input_norms.reverse()
+    input_widths.reverse()
 
-    # factor = min(1, C / |g|) forced into [0, 1] by comparisons, then kept only if the clipped
-    # norm provably fits: both hold whatever the 1/sqrt approximation returns.
+    # factor = min(1, C / |g|) forced into [0, 1] by comparisons; each example is then kept only if
+    # its clipped gradient provably fits, measured on the clipped errors themselves: both hold
+    # whatever the 1/sqrt approximation returns, and the truncation of error x factor (up to n units
+    # per entry, times inputs up to the layer's bound) is inside what is measured, not added after.
     inverse = _inverse_norm(squared_norm.div(clip**2) + 1e-4, largest=largest / clip**2, stack=stack)
     # Taken a little low, so that the check below keeps the example: 1/sqrt errs by up to 0.3%, and a
     # factor for a large gradient is a few units of 2^-16 (1/2000 is 33 of them), off by one or two.
     factor = 1 - (1 - inverse.mul(_SHRINK) + _ULPS).relu()
-    factor = factor.relu()
-    # c |g|^2 first, then times c: c^2 alone would be a fraction of a unit for a large gradient, and a
-    # truncation's unit of error in it, times |g|^2, would fail the check
-    fits = ((factor * squared_norm) * factor).le(clip**2 * (1 + MARGIN))
-    factor = (factor * fits).unsqueeze(1)
+    factor = factor.relu().unsqueeze(1)
+    scaled = [layer_error * factor for layer_error in errors]
+    fits = _fits(scaled, input_norms, input_widths, clip=clip, truncation=truncation, stack=stack).unsqueeze(1)
 
     sums = {}
-    for (name, layer_input), layer_error in zip(inputs, errors):
-        scaled = layer_error * factor
-        sums[f"{name}.weight"] = scaled.t().matmul(layer_input)
-        sums[f"{name}.bias"] = scaled.sum(dim=0)
+    for (name, layer_input), layer_scaled in zip(inputs, scaled):
+        kept = layer_scaled * fits
+        sums[f"{name}.weight"] = kept.t().matmul(layer_input)
+        sums[f"{name}.bias"] = kept.sum(dim=0)
     return sums

@@ -804,6 +804,42 @@ class FederatedJob(JobBase):
         assert self.dp is not None
         return self.world_size - 1 if self.dp.collusion_threshold is None else self.dp.collusion_threshold
 
+    def parameter_count(self) -> int | None:
+        """The model's parameters, where the job alone tells them: a factory's module, or a spec
+        whose inputs are the columns ``data.scaling`` names (it must name every one); else None."""
+        if isinstance(self.model, FactoryModelSpec):
+            from mpcfl.models.factory import build_factory_model
+
+            return sum(p.numel() for p in build_factory_model(self.model.factory).parameters())
+        return None if self.data.scaling is None else self.model.parameter_count(len(self.data.scaling))
+
+    def dp_calibration(self, parameters: int) -> tuple[float, float]:
+        """Client-level DP's noise multiplier z and the sensitivity, in real units, of the sum its noise
+        lands on, for a model of ``parameters`` parameters: one party's clipped update replaced by
+        another (2 ``dp.clip``) plus fixed point's rounding (:mod:`mpcfl.dp.rounding`). Each round's
+        noise has standard deviation z times it.
+
+        Raises:
+            ValueError: the rounding would move epsilon by more than 1%; names ``dp.clip`` and the fix.
+        """
+        from mpcfl.dp import rounding
+        from mpcfl.dp.accountant import calibrate_noise_multiplier, replace_one
+
+        dp = self.dp
+        assert dp is not None
+        rounds = self.federated.rounds
+        z = dp.noise_multiplier or calibrate_noise_multiplier(
+            epsilon=dp.epsilon, delta=dp.delta, count=rounds, accountant=dp.accountant
+        )
+        try:
+            sensitivity = rounding.check_rounding(
+                epsilon=dp.epsilon, delta=dp.delta, accountant=dp.accountant, noise_multiplier=z, count=rounds,
+                l2=replace_one(dp.clip), rounding=rounding.encoded_sum(parameters), dimension=parameters,
+            )
+        except ValueError as err:
+            raise ValueError(f"dp.clip: {err} (dp.clip={dp.clip:g}: each party's update is clipped to it)") from None
+        return z, sensitivity
+
     @model_validator(mode="after")
     def _consistent(self) -> FederatedJob:
         for i, party in enumerate(self.parties):
@@ -845,6 +881,9 @@ class FederatedJob(JobBase):
                     f"dp.collusion_threshold: must be below the number of parties ({self.world_size}), "
                     "or no party's noise is honest"
                 )
+            # Where the model's size is known here, rounding is judged now; else at run time, before sharing.
+            if (parameters := self.parameter_count()) is not None:
+                self.dp_calibration(parameters)
         return self
 
 

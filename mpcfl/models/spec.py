@@ -43,6 +43,12 @@ class ModelSpec(BaseModel):
         """Two classes (see :func:`mpcfl.models.heads.head_of`)."""
         return is_binary(self.num_classes)
 
+    def parameter_count(self, n_features: int) -> int:
+        """How many parameters the model has on ``n_features`` inputs (weights and biases of each
+        Linear layer, as :func:`mpcfl.models.build.build_torch_model` builds it)."""
+        sizes = [n_features, *self.hidden, 1 if self.binary else self.num_classes]
+        return sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(sizes, sizes[1:]))
+
 
 class FactorySpec(BaseModel):
     """A torch model from user code: ``model.factory``, a function called with no arguments."""

@@ -65,7 +65,7 @@ def test_pld_calibration_of_dp_sgd_with_charged_metrics(tmp_path: Path, when: st
     spec = dp_demo()
     spec["dp"].update(accountant="pld", metrics={"mechanism": "laplace", "noise_multiplier": 20.0, "when": when})
     spec["outputs"]["metrics_to"] = "all"
-    z, _ = calibration(load_job(write_job(tmp_path, spec)))
+    z, _ = calibration(load_job(write_job(tmp_path, spec)), 30)
     reference = pld.PLDAccountant()
     reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 10))
     reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.LaplaceDpEvent(20.0), releases))
@@ -233,7 +233,9 @@ def test_dp_sgd_for_an_mlp_clips_each_example_inside_mpc(tmp_path: Path) -> None
     assert files and not [f for f in files if b"clamp" in f.read_bytes() or b"60000" in f.read_bytes()]
     job = load_job(path)
     privacy = json.loads((job.party_root("hospital_b") / "latest" / "privacy.json").read_text())
-    assert privacy["notes"]["dp_sgd"]["sensitivity"] == pytest.approx(2 * sensitivity(1.0))  # replace-one
+    # replace-one, plus 2 x 2 units of 2^-16 of truncation in each of the 248 weights (tests/dp/test_rounding.py)
+    rounded = 2 * sensitivity(1.0) + 4 * 248**0.5 / 2**16
+    assert privacy["notes"]["dp_sgd"]["sensitivity"] == pytest.approx(rounded, rel=1e-6)
     z = privacy["notes"]["dp_sgd"]["noise_multiplier"]
     reference = rdp.RdpAccountant()
     reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 2))
@@ -265,7 +267,7 @@ def test_metrics_that_alone_exceed_the_budget_are_refused(tmp_path: Path) -> Non
     spec["dp"]["metrics"] = {"mechanism": "gaussian", "noise_multiplier": 0.2}
     job = load_job(write_job(tmp_path, spec))
     with pytest.raises(MpcflError, match=r"dp.metrics: the other charges alone spend epsilon .* of 3; raise dp.metrics.noise_multiplier"):
-        calibration(job)
+        calibration(job, 30)
 
 
 def test_calibration_uses_the_replace_one_sensitivity(tmp_path: Path) -> None:
@@ -274,16 +276,17 @@ def test_calibration_uses_the_replace_one_sensitivity(tmp_path: Path) -> None:
     from mpcfl.tasks.train.dp_sgd import calibration
 
     job = load_job(write_job(tmp_path, dp_demo()))
-    z, sensitivity = calibration(job)
+    z, sensitivity = calibration(job, 30)
     bound = 1.01 * math.sqrt(job.dp.clip**2 + 1)  # one example's gradient norm, with the sigmoid margin
-    assert sensitivity == pytest.approx(2 * bound)
+    # plus fixed point's rounding, a few units of 2^-16 per parameter (tests/dp/test_rounding.py)
+    assert 2 * bound < sensitivity < 2 * bound * 1.001
     sigma = z * sensitivity
     reference = rdp.RdpAccountant()
     reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma / (2 * bound)), 10))
     ours = create_accountant("rdp")
     for _ in range(10):  # charged one epoch at a time, as a run does
         ours.compose(Charge("gaussian", z))
-    assert ours.epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
+    assert reference.get_epsilon(1e-5) <= ours.epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-3)
     assert 2.99 < ours.epsilon(1e-5) <= 3.0
     # Against add/remove-one accounting (sensitivity C) the same noise would claim far less epsilon.
     loose = rdp.RdpAccountant()

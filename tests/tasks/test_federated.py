@@ -286,3 +286,47 @@ def test_dp_rounds_carry_noise_of_the_declared_scale_and_stop_at_the_budget(tmp_
     assert noise.numel() > 1000
     assert 0.85 < float(noise.std()) / expected < 1.15, (float(noise.std()), expected)
     assert abs(float(noise.mean())) < 5 * expected / noise.numel() ** 0.5
+
+
+def test_under_dp_an_out_of_range_value_is_clamped_and_no_peer_learns_of_it(tmp_path: Path) -> None:
+    """Issue 21 item 2: one patient's mean_area at p0 is 60000, scaled by the job's public constants to
+    about 169, beyond data.max_abs = 30. Under client-level DP the job trains to the end; p0 clamps the
+    value and only p0's log says so; nothing p1 or p2 logs or writes mentions it (main refused the whole
+    job in an agreed range check: "party p0 failed during range check", at every party)."""
+    header, values = wdbc()
+    center, scale = values.mean(axis=0), values.std(axis=0)
+    scaling = {name: [float(center[i]), float(scale[i])] for i, name in enumerate(header) if name != "malignant"}
+    parties = horizontal_parties(tmp_path, 3)
+    train = Path(parties[0]["data"]["train"])
+    lines = train.read_text().splitlines()
+    column = lines[0].split(",").index("mean_area")
+    cells = lines[1].split(",")
+    cells[column] = "60000"
+    lines[1] = ",".join(cells)
+    train.write_text("\n".join(lines) + "\n")
+    assert (60000 - scaling["mean_area"][0]) / scaling["mean_area"][1] > 30
+    raw = yaml.safe_load(fed_job(tmp_path, parties, rounds=2).read_text())
+    raw.update(data={"standardize": False, "scaling": scaling, "max_abs": 30.0},
+               dp={"epsilon": 4.0, "delta": 1e-5, "clip": 1.0})
+    path = write_job(tmp_path, raw)
+    done = mpcfl("run", str(path), timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = (done.stdout + done.stderr).splitlines()
+    mine = [line for line in output if line.startswith("[p0]")]
+    assert any("clamped 1 feature value(s) in column(s) 'mean_area' to data.max_abs=30" in line for line in mine), mine[-20:]
+    # the test's own folder (named after the test) is in paths they log and write: not about the data
+    theirs = [line.replace(str(tmp_path), "") for line in output if line.startswith(("[p1]", "[p2]"))]
+    assert theirs  # they did log their rounds
+    for line in theirs:
+        lowered = line.lower()
+        assert "mean_area" not in line and "clamp" not in lowered and "range" not in lowered and "max_abs" not in lowered, line
+        assert not ("p0" in line and "fail" in lowered), line
+    job = load_job(path)
+    for party in ("p1", "p2"):
+        written = [f for f in job.party_root(party).rglob("*") if f.is_file()]
+        assert any(f.name == "metrics.json" for f in written)
+        for file in written:
+            text = file.read_bytes().replace(str(tmp_path).encode(), b"").lower()
+            assert b"clamp" not in text and b"max_abs" not in text and b"range check" not in text, file
+            assert b"60000" not in text and b"fail" not in text, file
+    assert json.loads((run_dir(path, "p1") / "metrics.json").read_text())["final"]["round"] == 2

@@ -196,7 +196,7 @@ def test_a_session_reformed_without_a_dead_party_caps_the_dp_collusion_threshold
     from mpcfl.tasks.federated.runner import _Privacy
 
     dp = {"epsilon": 1.0, "delta": 1e-5, "clip": 1.0, "noise_multiplier": 2.0}
-    privacy = _Privacy(load_job(_fed(tmp_path, **{"data.standardize": False, "data.max_abs": 1e4, "dp": dp})))
+    privacy = _Privacy(load_job(_fed(tmp_path, **{"data.standardize": False, "data.max_abs": 1e4, "dp": dp})), 31)
     assert [privacy.of_round(n, n).colluders for n in (3, 2)] == [2, 1]  # n-1 of the job's 3, then of 2 survivors
     share_variance(1.0, parties=2, colluders=privacy.of_round(2, 2).colluders, scale=1)  # a valid threshold there
 
@@ -238,10 +238,10 @@ def test_client_level_dp_judges_delta_per_party(
                     "publishing one of them at random would meet it; use delta well below 1/n")
         assert line == f"mpcfl: error: {expected}"
         with pytest.raises(MpcflError) as caught:
-            _Privacy(job)
+            _Privacy(job, 31)
         assert str(caught.value) == expected
     else:
-        assert _Privacy(job).noise_multiplier > 0
+        assert _Privacy(job, 31).noise_multiplier > 0
     warning = f"{path}: dp: delta {delta:g} is above 1/(10 n) = 0.0333 for n = 3 parties"
     assert any(warning in record.getMessage() for record in caplog.records) == warned
 
@@ -255,7 +255,7 @@ def test_client_level_dp_calibrates_under_pld(tmp_path: Path) -> None:
     from mpcfl.tasks.federated.runner import _Privacy
 
     dp = {"epsilon": 4.0, "delta": 1e-5, "accountant": "pld"}
-    z = _Privacy(load_job(_fed(tmp_path, **{"data.standardize": False, "data.max_abs": 1e4, "dp": dp}))).noise_multiplier
+    z = _Privacy(load_job(_fed(tmp_path, **{"data.standardize": False, "data.max_abs": 1e4, "dp": dp})), 31).noise_multiplier
     reference = pld.PLDAccountant()
     reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 10))
     assert 3.996 < reference.get_epsilon(1e-5) <= 4.0
@@ -284,3 +284,17 @@ def test_survivors_redo_a_round_only_if_none_began_opening_it(
         return
     with pytest.raises(MpcflError, match=f"{job.party_names[2]} left during the opening of round 2's average"):
         training.resynchronise(tuple(job.party_names[:2]))
+
+
+def test_validate_tells_only_this_party_which_columns_a_dp_run_will_clamp(tmp_path: Path) -> None:
+    """Under DP a value beyond data.max_abs is clamped by its party, not refused: ``mpcfl validate
+    --party`` (run by that party's operator alone) names the columns, never the values."""
+    from mpcfl.tasks.federated.runner import check_party
+
+    dp = {"epsilon": 4.0, "delta": 1e-5, "clip": 1.0}
+    job = load_job(_fed(tmp_path, **{"data.standardize": False, "data.max_abs": 30.0, "dp": dp}))
+    lines = check_party(job, "hospital_a")  # raw areas reach the thousands
+    [clamped] = [line for line in lines if "will be clamped" in line]
+    assert clamped.startswith("values beyond data.max_abs=30 in ") and "'mean_area'" in clamped
+    assert not any(ch.isdigit() for ch in clamped.split(" in ", 1)[1].replace("data.max_abs=30", ""))
+    assert any(line.startswith("client-level dp over 31 parameters") for line in lines)

@@ -21,9 +21,12 @@ n parties is off by up to about n units, so the average's absolute error is abou
 ``n 2^-16 (s/N (1 + |average|) + 1 + |average| N/s)``: a few n 2^-16 when N is near s, up to about
 n 2^-16 sqrt(B) (1 + |average|) when N is 1 or B.
 
-With DP the weights are public and uniform: each party shares its clipped update, the sum is divided
-by the public number of parties that took part, and the joint integer noise is added to the shares
-just before the reveal (:class:`~mpcfl.mpc.reveal.Privacy`).
+With DP the weights are public and uniform: each party shares its clipped update, the joint integer
+noise is added to the shares of the *sum* just before the reveal (:class:`~mpcfl.mpc.reveal.Privacy`),
+and the noisy sum is divided by the public number of parties that took part after it, in plaintext
+(post-processing). Dividing under MPC first would truncate, by up to about n units per coordinate on
+each of two neighbouring datasets (:func:`mpcfl.dp.rounding.truncation_error`), against a sensitivity
+shrunk by the division: the sum's only rounding is the encoding (:func:`mpcfl.dp.rounding.encoded_sum`).
 """
 
 from __future__ import annotations
@@ -111,6 +114,7 @@ def noisy_mean(
     update: torch.Tensor, parties: int, *, privacy: Privacy, world: int, device: torch.device, what: str
 ) -> torch.Tensor:
     """The plain mean of the ``parties`` contributions (clipped updates; zeros from a party that sits
-    out), opened to every party with ``privacy``'s joint noise added under MPC first."""
+    out), opened to every party: ``privacy``'s joint noise goes on the sum under MPC, which is then
+    divided by ``parties`` in plaintext (see the module docstring)."""
     total = shared_sum(update.double(), world=world, device=device)
-    return reveal(total.div(parties), to=list(range(world)), what=what, privacy=privacy).double()
+    return reveal(total, to=list(range(world)), what=what, privacy=privacy).double() / parties

@@ -28,10 +28,10 @@ import torch
 
 from mpcfl.data.files import DataError
 from mpcfl.data.party import (
-    PartyData, apply_scaler, check_range, check_scaling_covers, columns_hash, contents, load_party_data,
-    scale_publicly,
+    PartyData, apply_scaler, check_range, check_scaling_covers, clamp_range, columns_beyond, columns_hash, contents,
+    load_party_data, scale_publicly,
 )
-from mpcfl.dp.accountant import Charge, calibrate_noise_multiplier, replace_one
+from mpcfl.dp.accountant import Charge, replace_one
 from mpcfl.errors import MpcflError, PeerFailure
 from mpcfl.jobs.schema import FederatedJob
 from mpcfl.jobs.session import session_of
@@ -81,10 +81,12 @@ class _Round:
 
 
 def _load(job: FederatedJob, party: str) -> PartyData:
-    """This party's files, with its row count checked against the public bound ``federated.max_rows``."""
+    """This party's files, with its row count checked against the public bound ``federated.max_rows``
+    where the weighted average needs it (without DP; with DP the mean is over parties, not rows, and a
+    refusal would tell every peer something of this party's rows)."""
     data = load_party_data(job, party)
     rows = data.train.x.shape[0]
-    if rows > job.federated.max_rows:
+    if job.dp is None and rows > job.federated.max_rows:
         raise DataError(
             f"party {party}: {data.train.path}: {rows} training rows, beyond federated.max_rows="
             f"{job.federated.max_rows} in {job.source}; raise it (the average's divisor is scaled by it)"
@@ -123,45 +125,71 @@ def _standardize(job: FederatedJob, data: PartyData, rounds: _Round, party: str)
 
 
 def _prepare(job: FederatedJob, data: PartyData, rounds: _Round, party: str) -> int:
-    """Scales this party's rows (jointly, by public constants, or not at all) and range-checks them."""
+    """Scales this party's rows (jointly, by public constants, or not at all) and range-checks them,
+    or, with DP, clamps them (:func:`_clamp`)."""
     n_features = _check_columns(job, data)
     if job.data.standardize:
         _standardize(job, data, rounds, party)
     elif job.data.scaling is not None:
         agreed("scaling", job.party_names, lambda: scale_publicly(data, job.data.scaling, job.source))
         check_scaling_covers(job.data.scaling, n_features, job.source)
-    agreed("range check", job.party_names, lambda: check_range(data, job.data.max_abs))
+    if job.dp is not None:
+        _clamp(job, data, party)
+    else:
+        agreed("range check", job.party_names, lambda: check_range(data, job.data.max_abs))
     return n_features
 
 
-class _Privacy:
-    """Client-level DP: the clip, the noise multiplier and each round's charge."""
+def _clamp(job: FederatedJob, data: PartyData, party: str) -> None:
+    """With DP, values beyond ``data.max_abs`` are clamped to it, at this party alone: part of the
+    mechanism (the clipped update bounds what any data can do), where a refusal would stop every
+    peer on one record's value, outside the budget. Only this party's log names the columns."""
+    columns = columns_beyond(data, job.data.max_abs)
+    if clamped := clamp_range(data, job.data.max_abs):
+        log.warning(
+            "party %s: clamped %d feature value(s) in column(s) %s to data.max_abs=%g (DP: clamped, not refused; "
+            "only this party's log says so)", party, clamped, ", ".join(repr(c) for c in columns), job.data.max_abs,
+        )
 
-    def __init__(self, job: FederatedJob) -> None:
+
+class _Privacy:
+    """Client-level DP: the clip, the noise multiplier and each round's charge, for a model of
+    ``parameters`` parameters (fixed point's rounding grows with them: :mod:`mpcfl.dp.rounding`).
+
+    Raises:
+        MpcflError: delta protects no party, or rounding would move epsilon by more than 1%;
+            both depend on the public job alone, so every party stops alike, before any update is shared.
+    """
+
+    def __init__(self, job: FederatedJob, parameters: int) -> None:
         dp = job.dp
         assert dp is not None
         check_plausible(job)  # the unit is a party: delta >= 1/parties protects none
         self.clip, self.colluders = dp.clip, job.colluders
-        self.sensitivity = replace_one(dp.clip)  # one party's clipped update replaced by any other
-        self.noise_multiplier = dp.noise_multiplier or calibrate_noise_multiplier(
-            epsilon=dp.epsilon, delta=dp.delta, count=job.federated.rounds, accountant=dp.accountant
-        )
+        self.l2 = replace_one(dp.clip)  # one party's clipped update replaced by any other
+        try:
+            self.noise_multiplier, self.sensitivity = job.dp_calibration(parameters)
+        except ValueError as err:
+            raise MpcflError(f"{job.source}: {err}") from None
 
     def of_round(self, parties: int, world: int) -> Privacy:
-        """The noise on the mean of ``parties`` clipped updates, in a session of ``world`` parties, and its charge.
+        """The noise on the sum of ``parties`` clipped updates, in a session of ``world`` parties, and its charge.
 
         A session re-formed without a dead party has fewer parties than the job: at most all but one
         of them may collude there (the job's threshold is n-1 unless set).
         """
-        scale = self.noise_multiplier * self.sensitivity / parties
+        scale = self.noise_multiplier * self.sensitivity
         colluders = min(self.colluders, world - 1)
         return Privacy(charge=Charge("gaussian", self.noise_multiplier), scale=scale, colluders=colluders)
 
     def notes(self) -> dict[str, Any]:
         return {
             "unit": "one party's whole data (client-level); each record is covered by it",
-            "clip": self.clip, "sensitivity": self.sensitivity, "noise_multiplier": self.noise_multiplier,
-            "mechanism": "joint Skellam noise on the mean of the clipped updates, under MPC, before each reveal",
+            "clip": self.clip, "sensitivity": self.sensitivity, "clip_sensitivity": self.l2,
+            "noise_multiplier": self.noise_multiplier,
+            "mechanism": "joint Skellam noise on the sum of the clipped updates, under MPC, before each reveal; "
+                         "the sum is divided by the parties after it. The sensitivity is the clip's (2 x clip) "
+                         "plus fixed point's rounding and the integer mechanism's excess (mpcfl.dp.rounding)",
         }
 
 
@@ -211,9 +239,7 @@ class _Training:
 
     def __init__(self, job: FederatedJob, party: str, budget: Any, disclosure: Disclosure) -> None:
         self.job, self.party, self.budget = job, party, budget
-        self.privacy = None if job.dp is None else _Privacy(job)
-        if budget is not None and self.privacy is not None:
-            budget.notes.update(self.privacy.notes())
+        self.privacy: _Privacy | None = None  # calibrated in prepare, once the model's size is known
         self.disclosure = disclosure
         self.history: list[dict[str, Any]] = []
         self.left: list[str] = []  # parties whose process died, in the order the survivors lost them
@@ -235,6 +261,10 @@ class _Training:
         self.model = initial_model(job, self.n_features)
         self.strategy = strategy_of(job.federated.strategy)
         self.weights = flat(self.model)
+        if job.dp is not None:  # before any update is shared: the model's size is public
+            self.privacy = _Privacy(job, self.weights.numel())
+            if self.budget is not None:
+                self.budget.notes.update(self.privacy.notes())
         if start is not None:
             self.weights, self.history = start.weights, start.history
             self.strategy.load_state_dict(start.strategy)
@@ -395,4 +425,13 @@ def check_party(job: FederatedJob, party: str) -> list[str]:
     if not job.data.standardize and job.dp is None:
         check_range(data, job.data.max_abs)
         lines.append(f"values within data.max_abs={job.data.max_abs:g}")
+    elif job.dp is not None and (columns := columns_beyond(data, job.data.max_abs)):
+        # for this party's operator alone: the run clamps them (part of the mechanism) and tells no peer
+        lines.append(f"values beyond data.max_abs={job.data.max_abs:g} in {', '.join(map(repr, columns))} "
+                     "will be clamped to it (dp)")
+    if job.dp is not None:  # the model's size, from this party's columns (every party holds the same)
+        parameters = flat(initial_model(job, data.train.x.shape[1])).numel()
+        privacy = _Privacy(job, parameters)
+        lines.append(f"client-level dp over {parameters} parameters: noise multiplier {privacy.noise_multiplier:.4g}, "
+                     f"sensitivity {privacy.sensitivity:.6g} (clip's {privacy.l2:g} plus fixed-point rounding)")
     return lines

@@ -140,7 +140,7 @@ def train_plaintext(
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)
     head = head_of(job.model)
     loss_fn = head.plain_loss
-    noise_std = math.prod(calibration(job)) if job.dp is not None else 0.0
+    noise_std = math.prod(calibration(job, x.shape[1])) if job.dp is not None else 0.0
     generator = torch.Generator().manual_seed(seed)
     per_example = job.dp is not None and not clips_features(job)
 

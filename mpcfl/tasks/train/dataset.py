@@ -31,7 +31,7 @@ from mpcfl.models.heads import head_of
 from mpcfl.models.spec import FactoryModelSpec
 from mpcfl.mpc.session import agreed, all_gather_public
 from mpcfl.tasks.train.bounds import PRODUCT_LIMIT, check_model, dp_mlp_headroom, safe_input_norm, steps
-from mpcfl.tasks.train.dp_sgd import bound_features, clips_features
+from mpcfl.tasks.train.dp_sgd import bound_features, calibration, clips_features
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,7 @@ def _dp_headroom(job: TrainJob, *, n_features: int, n_rows: int, metric_rows: in
         ConfigError: names the job file and the key to lower.
     """
     assert job.dp is not None
+    calibration(job, n_features)  # refuses a model whose rounding would move epsilon by more than 1%
     if not clips_features(job):
         return dp_mlp_headroom(job, n_features)
     allowed = safe_input_norm(job, n_features=n_features, n_rows=n_rows, metric_rows=metric_rows)

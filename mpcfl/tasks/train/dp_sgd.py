@@ -18,8 +18,12 @@ record then moves a step's summed clipped gradient by up to twice its bound
 (:func:`mpcfl.dp.accountant.replace_one`), and that is the sensitivity.
 
 Each step, every party adds an integer noise share to its arithmetic share of
-the mean gradient (no communication), sized so that the honest parties' noise on
-the summed gradient has standard deviation ``noise_multiplier x sensitivity``.
+the summed gradient (no communication), sized so that the honest parties' noise on
+it has standard deviation ``noise_multiplier x sensitivity``; the sum is divided by
+the batch size after (post-processing). The sensitivity is the clip's plus fixed
+point's rounding (:func:`gradient_rounding`, :mod:`mpcfl.dp.rounding`): noise on the mean
+would face the truncation of a division by the batch size against a sensitivity
+that division had shrunk.
 Batches are disjoint slices of a public permutation, so any one record is in one
 step per epoch and nobody's batch membership is secret: the accountant composes
 one Gaussian mechanism per epoch, with no amplification by subsampling (that
@@ -42,12 +46,13 @@ from typing import Any
 
 from torch import nn
 
-from mpcfl.dp import clipping
+from mpcfl.dp import clipping, rounding
 from mpcfl.dp.accountant import Charge, calibrate_noise_multiplier, replace_one
 from mpcfl.dp.budget import check_parameters
 from mpcfl.dp.noise import add_noise_share, noise_share
-from mpcfl.errors import MpcflError
+from mpcfl.errors import ConfigError, MpcflError
 from mpcfl.jobs.schema import FederatedJob, TrainJob
+from mpcfl.models.build import build_torch_model
 from mpcfl.models.heads import Head, head_of
 from mpcfl.models.sigmoid import clamp_symmetric
 from mpcfl.mpc.compat import import_crypten
@@ -105,21 +110,49 @@ def metrics_charge(job: TrainJob) -> tuple[Charge, float] | None:
     return Charge(spec.mechanism, spec.noise_multiplier), spec.noise_multiplier * sensitivity
 
 
-def calibration(job: TrainJob) -> tuple[float, float]:
-    """DP-SGD's noise multiplier and the replace-one L2 sensitivity of a step's summed gradient.
+def gradient_rounding(job: TrainJob, n_features: int) -> tuple[rounding.Rounding, int]:
+    """How far fixed point can move a step's summed gradient between neighbouring datasets beyond
+    the clip's bound, in ring units, and the number of parameters (the coordinates).
+
+    Only the replaced record's terms differ (for the same shares), each side of the replacement
+    counted once; n parties truncate a product by 2^16 within n units (:func:`rounding.truncation_error`).
+
+    - logistic regression: a weight's sum is ``sum_i e_i x_ij`` as one matmul, truncated once (n);
+      the record's encoded feature is off by less than a unit, times its error ``|e_i| <= 1.01 x``
+      the head's bound; a bias's sum adds the errors exactly;
+    - an MLP (:func:`mpcfl.dp.clipping.clipped_gradient_sum`): a weight's sum is one matmul of the
+      clipped errors and the layer's inputs, truncated once (n); the clipped errors' own rounding is
+      inside the norm the clip checks, and a bias's sum adds them exactly.
+    """
+    assert job.dp is not None
+    model = build_torch_model(job.model, n_features=n_features, seed=None)
+    parties = job.world_size
+    truncation = rounding.truncation_error(parties, rounding.FIXED_POINT_SCALE)
+    per_weight = truncation
+    if clips_features(job):
+        per_weight += rounding.ENCODING * _APPROXIMATION_MARGIN * gradient_head(job).gradient_bound
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    parameters = sum(p.numel() for p in model.parameters())
+    return rounding.Rounding.per_coordinate(weights, 2 * per_weight), parameters
+
+
+def calibration(job: TrainJob, n_features: int) -> tuple[float, float]:
+    """DP-SGD's noise multiplier and the sensitivity of a step's summed gradient that its noise is
+    calibrated to: the clip's replace-one L2 bound, plus fixed point's rounding for a model on
+    ``n_features`` inputs (:func:`gradient_rounding`).
 
     The multiplier is the smallest that keeps the model, plus any per-epoch metrics,
     within the job's (epsilon, delta).
 
     Raises:
         MpcflError: the metrics alone would spend the whole budget.
+        ConfigError: rounding would move epsilon by more than 1%; names the file, ``dp.clip`` and the fix.
     """
     assert job.dp is not None
     if clips_features(job):
         bound = _APPROXIMATION_MARGIN * math.sqrt(job.dp.clip**2 + 1) * gradient_head(job).gradient_bound
     else:
         bound = clipping.sensitivity(job.dp.clip)
-    sensitivity = replace_one(bound)
     metrics = metrics_charge(job)
     epochs = job.training.epochs
     releases = epochs if job.dp.metrics is not None and job.dp.metrics.when == "every_epoch" else 1
@@ -130,6 +163,14 @@ def calibration(job: TrainJob) -> tuple[float, float]:
         )
     except ValueError as err:
         raise MpcflError(f"{job.source}: dp.metrics: {err}; raise dp.metrics.noise_multiplier") from None
+    rounded, parameters = gradient_rounding(job, n_features)
+    try:
+        sensitivity = rounding.check_rounding(
+            epsilon=job.dp.epsilon, delta=job.dp.delta, accountant=job.dp.accountant, noise_multiplier=noise_multiplier,
+            count=epochs, l2=replace_one(bound), rounding=rounded, dimension=parameters, extra=extra,
+        )
+    except ValueError as err:
+        raise ConfigError(f"{job.source}: dp.clip: {err} (dp.clip={job.dp.clip:g})") from None
     return noise_multiplier, sensitivity
 
 
@@ -155,10 +196,10 @@ def check_plausible(job: TrainJob | FederatedJob, rows: int | None = None) -> No
 class DpSgd(TrainingStep):
     """DP-SGD's calibrated noise on each step's gradients, and the charges for training's reveals."""
 
-    def __init__(self, job: TrainJob) -> None:
+    def __init__(self, job: TrainJob, n_features: int) -> None:
         assert job.dp is not None
         self.job = job
-        self.noise_multiplier, self.sensitivity = calibration(job)
+        self.noise_multiplier, self.sensitivity = calibration(job, n_features)
         self.loss_bound = None if job.dp.metrics is None else job.dp.metrics.loss_bound
         self.generator = numpy_generator()
         log.info(
@@ -216,8 +257,8 @@ def gradient_head(job: TrainJob) -> Head:
     return head_of(job.model, job.training.sigmoid)
 
 
-def bounded_gradients(model: Any, x: Any, y: Any, head: Head) -> None:
-    """Sets the batch-mean gradient of a linear model from (p - y) at logits clamped to
+def bounded_gradients(model: Any, x: Any, y: Any, head: Head, *, mean: bool = True) -> None:
+    """Sets the batch-mean gradient (``mean``; else the sum) of a linear model from (p - y) at logits clamped to
     +-:data:`~mpcfl.dp.clipping.LOGIT_CLAMP` (CrypTen's sigmoid leaves [0, 1] beyond about 500,
     and nothing bounds a linear model's weights), so each example's part is ``(p - y) [x, 1]`` with ``|p - y|`` bounded
     by the head's ``gradient_bound``. A head whose error is bounded for any logit (a cheap
@@ -230,32 +271,34 @@ def bounded_gradients(model: Any, x: Any, y: Any, head: Head) -> None:
     logits = model(x)
     with crypten.no_grad():
         inside = logits if head.bounded_error else clamp_symmetric(logits, clipping.LOGIT_CLAMP)
-        error = head.output_error(inside, y).div(x.size(0))
+        error = head.output_error(inside, y)
+        if mean:
+            error = error.div(x.size(0))
     logits.backward(error)
 
 
 class FeatureClippedDpSgd(DpSgd):
     """Logistic regression: features were clipped before sharing (:func:`bound_features`) and
-    logits are clamped (:func:`bounded_gradients`), so the mean gradient is bounded; each party
-    adds its noise share to it."""
+    logits are clamped (:func:`bounded_gradients`), so the summed gradient is bounded; each party
+    adds its noise share to it, and the noisy sum is divided by the batch size."""
 
-    def __init__(self, job: TrainJob, head: Head) -> None:
-        super().__init__(job)
+    def __init__(self, job: TrainJob, head: Head, n_features: int) -> None:
+        super().__init__(job, n_features)
         self.head = head
 
     def step(self, model: Any, torch_model: nn.Sequential, x: Any, y: Any) -> None:
-        bounded_gradients(model, x, y, self.head)
-        sigma = self.noise_multiplier * self.sensitivity / x.size(0)
+        bounded_gradients(model, x, y, self.head, mean=False)
         for param in model.parameters():
-            self._add_noise(param.grad, sigma)
+            self._add_noise(param.grad, self.noise_multiplier * self.sensitivity)
+            param.grad = param.grad.div(x.size(0))
 
 
 class PerExampleDpSgd(DpSgd):
     """An MLP: each example's gradient clipped inside MPC, noise on the clipped sum, and the
     parameters kept within ``dp.weight_bound`` (the clip's guarantee depends on it)."""
 
-    def __init__(self, job: TrainJob, head: Head) -> None:
-        super().__init__(job)
+    def __init__(self, job: TrainJob, head: Head, n_features: int) -> None:
+        super().__init__(job, n_features)
         self.head = head
         self.largest: float | None = None  # the public bound on an example's squared gradient norm
 
@@ -271,6 +314,7 @@ class PerExampleDpSgd(DpSgd):
             sums = clipping.clipped_gradient_sum(
                 model, torch_model, x, y, clip=self.job.dp.clip, output_error=self.head.output_error,
                 clamp=clamp_symmetric, stack=crypten.stack, largest=self.largest,
+                truncation=self.job.world_size * 2.0**-16,  # a unit per party (mpcfl.dp.rounding)
             )
             for name, param in model.named_parameters():
                 total = sums[name]
@@ -292,11 +336,12 @@ class PerExampleDpSgd(DpSgd):
             offset += size
 
 
-def training_step(job: TrainJob) -> TrainingStep:
-    """The job's step strategy, chosen once: plain SGD, or DP-SGD by feature or per-example clipping."""
+def training_step(job: TrainJob, n_features: int) -> TrainingStep:
+    """The job's step strategy, chosen once: plain SGD, or DP-SGD by feature or per-example clipping
+    (calibrated for a model on ``n_features`` inputs)."""
     head = gradient_head(job)
     if job.dp is None:
         return PlainSgd(head)
     if clips_features(job):
-        return FeatureClippedDpSgd(job, head)
-    return PerExampleDpSgd(job, head)
+        return FeatureClippedDpSgd(job, head, n_features)
+    return PerExampleDpSgd(job, head, n_features)
