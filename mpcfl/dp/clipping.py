@@ -41,7 +41,8 @@ def sensitivity(clip: float) -> float:
 
 
 def clipped_gradient_sum(
-    model: Any, torch_model: nn.Sequential, x: Any, y: Any, *, clip: float, output_error: Callable[[Any, Any], Any]
+    model: Any, torch_model: nn.Sequential, x: Any, y: Any, *, clip: float, output_error: Callable[[Any, Any], Any],
+    weights: Any | None = None,
 ) -> dict[str, Any]:
     """The sum over the batch of each example's gradient clipped to norm ``clip``.
 
@@ -53,6 +54,8 @@ def clipped_gradient_sum(
         clip: the norm bound C.
         output_error: (logits, y) -> each example's d(loss)/d(logits), the head's
             (:meth:`mpcfl.models.heads.Head.output_error`).
+        weights: each example's secret 0/1 inclusion bit (B x 1, scale 1), multiplied into its
+            clipping factor: the sum over a secret sample; None: every example.
 
     Returns:
         Encrypted gradient sums by parameter name.
@@ -93,6 +96,8 @@ def clipped_gradient_sum(
     factor = factor.relu()
     fits = (factor.square() * squared_norm).le(clip**2 * (1 + MARGIN))
     factor = (factor * fits).unsqueeze(1)
+    if weights is not None:
+        factor = factor * weights
 
     sums = {}
     for (name, layer_input), layer_error in zip(inputs, errors):

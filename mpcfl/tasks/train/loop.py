@@ -153,7 +153,11 @@ def train(
         fixed_mask.fix(shared.x_train, data)
     for epoch in range(first, spec.epochs):
         started, comm_before = time.perf_counter(), communication_stats()
-        plan = batches(n_rows, batch_size=spec.batch_size, seed=spec.seed, epoch=epoch, shuffle=spec.shuffle)
+        steps = engine.secret_batches(n_rows, device=device)
+        if steps is None:
+            plan = batches(n_rows, batch_size=spec.batch_size, seed=spec.seed, epoch=epoch, shuffle=spec.shuffle)
+        else:  # secret batches: every step sees every row, weighted by bits it never opens
+            plan = [np.arange(n_rows)] * steps
         bar = tqdm(plan, desc=f"epoch {epoch + 1}/{spec.epochs}", unit="batch", disable=rank != 0, mininterval=1.0)
         for rows in bar:
             index = torch.from_numpy(rows).to(device)

@@ -36,6 +36,12 @@ class TrainingStep(abc.ABC):
             x, y: the batch's features and targets (CrypTensors).
         """
 
+    def secret_batches(self, n_rows: int, *, device: Any) -> int | None:
+        """Called as each epoch starts: the number of steps, when the strategy samples each step's
+        batch itself, in secret (every step then gets all ``n_rows`` rows); None: the loop's public
+        batches."""
+        return None
+
     def epoch_charge(self) -> Charge | None:
         """The charge for one epoch of steps, made when the epoch completes; None: free."""
         return None
