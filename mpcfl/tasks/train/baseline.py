@@ -141,7 +141,9 @@ def train_plaintext(
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)
     head = head_of(job.model)
     loss_fn = head.plain_loss
-    noise_std = math.prod(calibration(job, len(x))) if job.dp is not None else 0.0
+    noise_std = 0.0
+    if job.dp is not None:  # what the secure run reveals: each of n parties adds sigma^2 / (n - t)
+        noise_std = math.prod(calibration(job, len(x))) * math.sqrt(job.world_size / (job.world_size - job.colluders))
     steps, rate = sampling(job, len(x)) if job.dp is not None else (1, 1.0)
     generator = torch.Generator().manual_seed(seed)
     history = []
