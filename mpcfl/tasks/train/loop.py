@@ -1,7 +1,8 @@
 """Secure training: mini-batch SGD under MPC on secret-shared data.
 
 The batch order is a public permutation from the job's seed, so every party
-indexes the same rows. Per-epoch metrics are computed under MPC over whole
+indexes the same rows; a strategy that samples its batches in secret (DP-SGD with
+``dp.sampling: poisson``) gives every step all rows instead, weighted by its bits. Per-epoch metrics are computed under MPC over whole
 splits and leave MPC only as aggregates, through :func:`mpcfl.mpc.reveal.reveal`,
 to the job's metric receivers. The loop knows nothing of DP: its
 :class:`~mpcfl.tasks.train.steps.TrainingStep` sets each batch's gradients and
