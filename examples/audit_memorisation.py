@@ -62,7 +62,7 @@ def run(
     """Both pooled attacks for one configuration, the median test accuracy, and the noise it used."""
     job = digits_job(epsilon, **training)
     trained = train_on_subsets(job, x, y, models=models, size=len(x) // 2, seed=seed)
-    noise = "-" if job.dp is None else "{:.2f} x {:.3f}".format(*calibration(job))
+    noise = "-" if job.dp is None else "{:.2f} x {:.3f}".format(*calibration(job, x.shape[1]))
     return pooled_attacks(trained, delta=DELTA), float(np.median(trained.accuracies)), noise
 
 

@@ -240,7 +240,7 @@ def validate(job: JobLike, party: str | None = None) -> list[str]:
             from mpcfl.tasks.train.dp_sgd import calibration, check_plausible
 
             check_plausible(loaded, None)
-            if isinstance(loaded, TrainJob) and loaded.data.scaling is not None:
+            if isinstance(loaded, TrainJob) and loaded.data.scaling is not None and loaded.dp.sampling == "shuffle":
                 calibration(loaded, len(loaded.data.scaling))  # data.scaling names every column: the model's size is known
         return [*lines, f"{path}: valid job {loaded.name!r}: {loaded.world_size} parties, {loaded.summary}"]
 

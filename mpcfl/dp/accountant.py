@@ -11,6 +11,7 @@ import abc
 import importlib
 import math
 import types
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,11 +35,19 @@ class Charge:
         noise_multiplier: the noise scale over the sensitivity.
         count: how many times the mechanism is applied to any one record
             (e.g. once per epoch for DP-SGD over disjoint public batches).
+        sampling_probability: q < 1: each application sees a Poisson sample of the records, each
+            record in it with probability q, independently and secretly (add/remove neighbours);
+            1: every application sees the record.
     """
 
     mechanism: str
     noise_multiplier: float
     count: int = 1
+    sampling_probability: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.sampling_probability <= 1:
+            raise ValueError(f"sampling probability must be in (0, 1], got {self.sampling_probability}")
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
         if self.mechanism == "gaussian":
@@ -47,10 +56,17 @@ class Charge:
             event = _dp().LaplaceDpEvent(self.noise_multiplier)
         else:
             raise ValueError(f"unknown mechanism {self.mechanism!r}")
+        if self.sampling_probability < 1:
+            event = _dp().PoissonSampledDpEvent(self.sampling_probability, event)
         return event if self.count == 1 else _dp().SelfComposedDpEvent(event, self.count)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The charge as plain data; an unsampled charge without ``sampling_probability``, so ledgers
+        written before sampling existed read back, and compare, unchanged."""
+        state = asdict(self)
+        if self.sampling_probability == 1:
+            del state["sampling_probability"]
+        return state
 
 
 class Accountant(abc.ABC):
@@ -97,11 +113,11 @@ def grouped(charges: list[Charge]) -> list[Charge]:
     at a time compose exactly as the calibration's ``count``-fold event (PLD's
     discretisation of ten single compositions differs slightly from one ten-fold one).
     """
-    counts: dict[tuple[str, float], int] = {}
+    counts: dict[tuple[str, float, float], int] = {}
     for charge in charges:
-        key = (charge.mechanism, charge.noise_multiplier)
+        key = (charge.mechanism, charge.noise_multiplier, charge.sampling_probability)
         counts[key] = counts.get(key, 0) + charge.count
-    return [Charge(mechanism, z, count) for (mechanism, z), count in counts.items()]
+    return [Charge(mechanism, z, count, q) for (mechanism, z, q), count in counts.items()]
 
 
 def replace_one(bound: float) -> float:
@@ -149,14 +165,16 @@ def create_accountant(name: str, *, epsilon: float | None = None) -> Accountant:
 
 
 def calibrate_noise_multiplier(
-    *, epsilon: float, delta: float, count: int, accountant: str, extra: list[Charge] | None = None
+    *, epsilon: float, delta: float, count: int, accountant: str, extra: list[Charge] | None = None,
+    sampling_probability: float = 1.0,
 ) -> float:
-    """The smallest Gaussian noise multiplier whose ``count``-fold composition, together
-    with the ``extra`` charges, stays within (epsilon, delta).
+    """The smallest Gaussian noise multiplier whose ``count``-fold composition (each one on a Poisson
+    sample of rate ``sampling_probability``, where below 1), together with the ``extra`` charges,
+    stays within (epsilon, delta).
 
-    The search never goes below :func:`_gaussian_floor`, which no accountant's answer undercuts,
-    and starts from RDP's answer, cheap at any multiplier: PLD's grid grows as 1/multiplier,
-    and dp-accounting's default start at 1e-3 asked PLD for 750 GiB.
+    The search never goes below a floor that no accountant's answer undercuts, and starts from
+    RDP's answer, cheap at any multiplier: PLD's grid grows as 1/multiplier, and dp-accounting's
+    default start at 1e-3 asked PLD for 750 GiB.
 
     Raises:
         ValueError: the extra charges alone spend the budget.
@@ -171,18 +189,40 @@ def calibrate_noise_multiplier(
             raise ValueError(f"the other charges alone spend epsilon {alone.epsilon(delta):.4g} of {epsilon:g}")
 
     def make(noise_multiplier: float) -> dp_accounting.DpEvent:
-        events = [Charge("gaussian", noise_multiplier, count).to_dp_event(), *(c.to_dp_event() for c in extra)]
-        return _dp().ComposedDpEvent(events)
+        charge = Charge("gaussian", noise_multiplier, count, sampling_probability)
+        return _dp().ComposedDpEvent([charge.to_dp_event(), *(c.to_dp_event() for c in extra)])
 
-    floor = _gaussian_floor(epsilon=epsilon, delta=delta, count=count)
+    def gap(kind: type[Accountant], noise_multiplier: float) -> float:
+        return kind(epsilon)._fresh().compose(make(noise_multiplier)).get_epsilon(delta) - epsilon
 
-    def search(kind: type[Accountant], guess: float) -> float:
-        """The answer under ``kind``, searched upwards from [floor, guess] (widened if it holds no answer)."""
-        bracket = _dp().LowerEndpointAndGuess(floor, guess)
+    def search(kind: type[Accountant], low: float, guess: float) -> float:
+        """The answer under ``kind``, searched upwards from [low, guess] (widened if it holds no answer)."""
+        bracket = _dp().LowerEndpointAndGuess(low, guess)
         return float(_dp().calibrate_dp_mechanism(lambda: kind(epsilon)._fresh(), make, epsilon, delta, bracket, tol=1e-4))
 
-    upper = search(RdpAccountant, 2 * floor)  # RDP's conversion to (epsilon, delta) is the looser: above PLD's answer
-    return upper if factory is RdpAccountant else search(factory, upper)
+    if sampling_probability == 1:
+        floor = _gaussian_floor(epsilon=epsilon, delta=delta, count=count)
+        upper = search(RdpAccountant, floor, 2 * floor)  # RDP's conversion is the looser: above PLD's answer
+        return upper if factory is RdpAccountant else search(factory, floor, upper)
+    # Subsampled: no closed-form floor, so halve until the budget fails (a floor by test), from
+    # the unsampled floor (sampling only lowers the answer). RDP first, cheap at any multiplier;
+    # PLD's floor then within a few halvings of RDP's answer.
+    low = _failing(lambda z: gap(RdpAccountant, z) > 0, _gaussian_floor(epsilon=epsilon, delta=delta, count=count))
+    upper = search(RdpAccountant, low, 2 * low)
+    if factory is RdpAccountant:
+        return upper
+    return search(factory, _failing(lambda z: gap(factory, z) > 0, upper / 2), upper)
+
+
+def _failing(fails: Callable[[float], bool], start: float) -> float:
+    """A noise multiplier that fails the budget: ``start``, halved until it does (epsilon falls as
+    the multiplier grows, so the answer lies above it)."""
+    value = start
+    for _ in range(64):  # past 2^-64, no budget anyone sets fails: the search then starts near 0
+        if fails(value):
+            break
+        value /= 2
+    return value
 
 
 def _gaussian_floor(*, epsilon: float, delta: float, count: int) -> float:

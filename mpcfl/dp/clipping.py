@@ -244,6 +244,7 @@ def clipped_gradient_sum(
     stack: Callable[[list[Any]], Any],
     largest: float = 2.0**30,
     truncation: float = 2.0**-16,
+    weights: Any | None = None,
 ) -> dict[str, Any]:
     """The sum over the batch of each example's gradient clipped to norm ``clip``.
 
@@ -263,6 +264,8 @@ def clipped_gradient_sum(
         largest: a public bound on any example's squared gradient norm (:func:`largest_squared_norm`).
         truncation: how far below the product one truncation may land: a unit of 2^-16 per party
             (:mod:`mpcfl.dp.rounding`).
+        weights: each example's secret 0/1 inclusion bit (B x 1, scale 1), multiplied into its
+            clipping factor: the sum over a secret sample; None: every example.
 
     Returns:
         Encrypted gradient sums by parameter name.
@@ -314,6 +317,8 @@ def clipped_gradient_sum(
     factor = factor.relu().unsqueeze(1)
     scaled = [layer_error * factor for layer_error in errors]
     fits = _fits(scaled, input_norms, input_widths, clip=clip, truncation=truncation, stack=stack).unsqueeze(1)
+    if weights is not None:  # a secret sample: an unselected example adds nothing
+        fits = fits * weights
 
     sums = {}
     for (name, layer_input), layer_scaled in zip(inputs, scaled):

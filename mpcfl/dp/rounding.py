@@ -112,11 +112,13 @@ def effective_sensitivity(
 def check_rounding(
     *, epsilon: float, delta: float, accountant: str, noise_multiplier: float, count: int, l2: float,
     rounding: Rounding, dimension: int, extra: list[Charge] | None = None, scale: int = FIXED_POINT_SCALE,
+    sampling_probability: float = 1.0,
 ) -> float:
     """Refuses a mechanism whose rounding moves epsilon by more than :data:`TOLERANCE`.
 
     Args:
-        noise_multiplier: z, calibrated for ``count`` Gaussians (with ``extra`` charges) within (epsilon, delta).
+        noise_multiplier: z, calibrated for ``count`` Gaussians (with ``extra`` charges) within (epsilon, delta),
+            each on a Poisson sample of rate ``sampling_probability`` when it is below 1.
         l2: the clip's real L2 sensitivity of the value the noise lands on.
         rounding: that value's rounding (:class:`Rounding`); dimension: its coordinates.
 
@@ -130,9 +132,10 @@ def check_rounding(
     effective = effective_sensitivity(l2, rounding, dimension=dimension, noise_multiplier=noise_multiplier, scale=scale)
     others = list(extra or [])
     reference = create_accountant(accountant, epsilon=epsilon)
-    stated = reference.epsilon(delta, extra=[Charge("gaussian", noise_multiplier, count), *others])
+    q = sampling_probability
+    stated = reference.epsilon(delta, extra=[Charge("gaussian", noise_multiplier, count, q), *others])
     # Noise z * l2 on a value of sensitivity `effective` is a Gaussian of multiplier z * l2 / effective.
-    spent = reference.epsilon(delta, extra=[Charge("gaussian", noise_multiplier * l2 / effective, count), *others])
+    spent = reference.epsilon(delta, extra=[Charge("gaussian", noise_multiplier * l2 / effective, count, q), *others])
     if spent > stated * (1 + TOLERANCE):
         per_coordinate = rounding.l1 / dimension
         raise ValueError(

@@ -249,10 +249,13 @@ class DPSpec(_Strict):
     metrics: DPMetricsSpec | None = Field(
         default=None, description="release per-epoch metrics with noise, charged; without it they are not revealed"
     )
-    sampling: Literal["shuffle"] = Field(
+    sampling: Literal["shuffle", "poisson"] = Field(
         default="shuffle",
-        description="disjoint batches from a public permutation each epoch; accounted without "
-        "amplification by subsampling, as the batch of a record is public",
+        description="shuffle: disjoint batches from a public permutation each epoch, accounted without "
+        "amplification by subsampling (a record's batch is public), under replace-one neighbours; "
+        "poisson: each step includes each row with probability q = training.batch_size / rows "
+        "(training.batch_size is then the expected batch), by bits drawn jointly under MPC and never "
+        "opened, round(1/q) steps per epoch, accounted as Poisson-subsampled Gaussians under add/remove",
     )
 
 

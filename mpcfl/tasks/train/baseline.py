@@ -22,7 +22,7 @@ from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.build import build_torch_model
 from mpcfl.models.heads import Head, head_of
 from mpcfl.tasks.train.dataset import prepare
-from mpcfl.tasks.train.dp_sgd import calibration, clips_features
+from mpcfl.tasks.train.dp_sgd import calibration, clips_features, sampling
 from mpcfl.tasks.train.loop import batches
 
 
@@ -123,7 +123,8 @@ def train_plaintext(
     """Trains the job's model in plaintext on all parties' data joined.
 
     With ``job.dp`` it simulates DP-SGD: the same clipping, and Gaussian noise of the
-    same multiplier and sensitivity on each step's gradient.
+    same multiplier and sensitivity on each step's gradient; under ``dp.sampling: poisson``
+    the same Poisson batches (drawn here in plaintext) and the same division by q n.
 
     Args:
         job: the training job.
@@ -140,7 +141,10 @@ def train_plaintext(
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)
     head = head_of(job.model)
     loss_fn = head.plain_loss
-    noise_std = math.prod(calibration(job, x.shape[1])) if job.dp is not None else 0.0
+    noise_std = 0.0
+    if job.dp is not None:  # what the secure run reveals: each of n parties adds sigma^2 / (n - t)
+        noise_std = math.prod(calibration(job, x.shape[1], len(x))) * math.sqrt(job.world_size / (job.world_size - job.colluders))
+    steps, rate = sampling(job, len(x)) if job.dp is not None else (1, 1.0)
     generator = torch.Generator().manual_seed(seed)
     per_example = job.dp is not None and not clips_features(job)
 
@@ -153,16 +157,27 @@ def train_plaintext(
     project()
     history = []
     for epoch in range(spec.epochs):
-        for rows in batches(len(x), batch_size=spec.batch_size, seed=seed, epoch=epoch, shuffle=spec.shuffle):
+        if rate == 1:
+            plan = batches(len(x), batch_size=spec.batch_size, seed=seed, epoch=epoch, shuffle=spec.shuffle)
+        else:  # a simulation of the secret bits: a measurement tool, not a secure run
+            plan = [np.flatnonzero(torch.rand(len(x), generator=generator).numpy() < rate) for _ in range(steps)]
+        for rows in plan:
             index = torch.from_numpy(rows)
+            # the secure run divides by the public expected batch size under Poisson sampling
+            denominator = len(rows) if rate == 1 else rate * len(x)
             optimizer.zero_grad()
-            if per_example:
+            if not len(rows):
+                pass  # an empty sample: no gradient, only noise
+            elif per_example:
                 _clipped_sum_gradients(model, loss_fn, x[index], y[index], clip=job.dp.clip)
             else:
                 loss_fn(model(x[index]), y[index]).backward()
-            if noise_std:
-                for param in model.parameters():
-                    param.grad += torch.randn(param.shape, generator=generator) * noise_std / len(rows)
+            for param in model.parameters():
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                param.grad *= len(rows) / denominator  # the losses are means over the rows
+                if noise_std:
+                    param.grad += torch.randn(param.shape, generator=generator) * noise_std / denominator
             optimizer.step()
             project()
         loss, accuracy = _evaluate(head, model, x, y)

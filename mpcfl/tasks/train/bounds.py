@@ -57,6 +57,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from mpcfl.dp import clipping
+from mpcfl.dp.sampling import poisson_rate
 from mpcfl.errors import ConfigError, MpcflError
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.build import build_torch_model, to_crypten
@@ -265,6 +266,8 @@ def _bounds(job: TrainJob, chain: tuple[float, list[_Layer], float], *, n_rows: 
     weights = [layer.weight for layer in layers]
     biases = [layer.bias for layer in layers]
     step = job.training.learning_rate / (1 - job.training.momentum)
+    if job.dp is not None and job.dp.sampling == "poisson":  # a step's sum over q n: up to 1/q means, if all rows join
+        step /= poisson_rate(job.training.batch_size, n_rows)
     error = head_of(job.model, job.training.sigmoid).gradient_bound * post
     dp_mlp = _dp_mlp(job)
 

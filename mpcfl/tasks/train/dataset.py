@@ -168,7 +168,7 @@ def _dp_headroom(job: TrainJob, *, n_features: int, n_rows: int, metric_rows: in
         ConfigError: names the job file and the key to lower.
     """
     assert job.dp is not None
-    calibration(job, n_features)  # refuses a model whose rounding would move epsilon by more than 1%
+    calibration(job, n_features, n_rows)  # refuses a model whose rounding would move epsilon by more than 1%
     if not clips_features(job):
         return dp_mlp_headroom(job, n_features)
     allowed = safe_input_norm(job, n_features=n_features, n_rows=n_rows, metric_rows=metric_rows)

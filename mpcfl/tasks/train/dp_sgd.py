@@ -36,6 +36,19 @@ noise goes on the clipped sum. That clip is a guarantee only while every value i
 depends on is bounded: features are clamped to ``data.max_abs`` before sharing,
 parameters projected to ``[-dp.weight_bound, dp.weight_bound]`` after every step
 (and before the first), and the model refused if its products could still wrap.
+
+With ``dp.sampling: poisson`` the batches are secret instead: each step includes
+each row with probability q = batch_size / n, by bits drawn jointly under MPC and
+never opened (:mod:`mpcfl.mpc.sampling`), round(1/q) steps per epoch. A step runs
+over all n rows, each example's term multiplied by its secret bit, and divides by
+the public expected batch size q n, never by the real one, so nothing about the
+selection is opened: not a bit, not the batch size, and the work done is the same
+whatever the bits. Amplification by subsampling then holds, and the accountant
+composes one Poisson-subsampled Gaussian per step under add/remove neighbours
+(one record more or less): the summed clipped gradient moves by at most one
+example's bound, not twice it. The row count n stays public, as it is here for
+every job: add/remove is the relation the sampled mechanism is analysed under
+(as in Abadi et al. 2016 and the DP-SGD libraries), not a promise that n is hidden.
 """
 
 from __future__ import annotations
@@ -50,14 +63,16 @@ from mpcfl.dp import clipping, rounding
 from mpcfl.dp.accountant import Charge, calibrate_noise_multiplier, replace_one
 from mpcfl.dp.budget import check_parameters
 from mpcfl.dp.noise import add_noise_share, noise_share
+from mpcfl.dp.sampling import poisson_rate, poisson_steps
 from mpcfl.errors import ConfigError, MpcflError
 from mpcfl.jobs.schema import FederatedJob, TrainJob
 from mpcfl.models.build import build_torch_model
 from mpcfl.models.heads import Head, head_of
 from mpcfl.models.sigmoid import clamp_symmetric
 from mpcfl.mpc.compat import import_crypten
-from mpcfl.mpc.prng import numpy_generator
+from mpcfl.mpc.prng import SecureGenerator, numpy_generator
 from mpcfl.mpc.reveal import Privacy
+from mpcfl.mpc.sampling import Selection, inclusion_bits
 from mpcfl.tasks.train.steps import PlainSgd, TrainingStep
 
 log = logging.getLogger(__name__)
@@ -136,13 +151,30 @@ def gradient_rounding(job: TrainJob, n_features: int) -> tuple[rounding.Rounding
     return rounding.Rounding.per_coordinate(weights, 2 * per_weight), parameters
 
 
-def calibration(job: TrainJob, n_features: int) -> tuple[float, float]:
+def sampling(job: TrainJob, rows: int | None) -> tuple[int, float]:
+    """Per epoch: how many steps one record may join, and the probability that it joins each.
+
+    Shuffled public batches: one step, surely. Poisson: round(1/q) steps, each with probability q.
+
+    Raises:
+        ValueError: Poisson sampling without the (public) number of training rows.
+    """
+    assert job.dp is not None
+    if job.dp.sampling == "shuffle":
+        return 1, 1.0
+    if rows is None:
+        raise ValueError("poisson sampling needs the number of training rows")
+    return poisson_steps(job.training.batch_size, rows), poisson_rate(job.training.batch_size, rows)
+
+
+def calibration(job: TrainJob, n_features: int, rows: int | None = None) -> tuple[float, float]:
     """DP-SGD's noise multiplier and the sensitivity of a step's summed gradient that its noise is
-    calibrated to: the clip's replace-one L2 bound, plus fixed point's rounding for a model on
+    calibrated to: the clip's L2 bound (replace-one for shuffled batches, add/remove for Poisson
+    sampling of ``rows`` training rows, public), plus fixed point's rounding for a model on
     ``n_features`` inputs (:func:`gradient_rounding`).
 
     The multiplier is the smallest that keeps the model, plus any per-epoch metrics,
-    within the job's (epsilon, delta).
+    within the job's (epsilon, delta), for the events :meth:`DpSgd.epoch_charge` charges.
 
     Raises:
         MpcflError: the metrics alone would spend the whole budget.
@@ -153,13 +185,16 @@ def calibration(job: TrainJob, n_features: int) -> tuple[float, float]:
         bound = _APPROXIMATION_MARGIN * math.sqrt(job.dp.clip**2 + 1) * gradient_head(job).gradient_bound
     else:
         bound = clipping.sensitivity(job.dp.clip)
+    steps, rate = sampling(job, rows)
+    l2 = replace_one(bound) if rate == 1 else bound
     metrics = metrics_charge(job)
     epochs = job.training.epochs
     releases = epochs if job.dp.metrics is not None and job.dp.metrics.when == "every_epoch" else 1
     extra = [] if metrics is None else [Charge(metrics[0].mechanism, metrics[0].noise_multiplier, releases)]
     try:
         noise_multiplier = calibrate_noise_multiplier(
-            epsilon=job.dp.epsilon, delta=job.dp.delta, count=epochs, accountant=job.dp.accountant, extra=extra
+            epsilon=job.dp.epsilon, delta=job.dp.delta, count=epochs * steps, accountant=job.dp.accountant,
+            extra=extra, sampling_probability=rate,
         )
     except ValueError as err:
         raise MpcflError(f"{job.source}: dp.metrics: {err}; raise dp.metrics.noise_multiplier") from None
@@ -167,7 +202,8 @@ def calibration(job: TrainJob, n_features: int) -> tuple[float, float]:
     try:
         sensitivity = rounding.check_rounding(
             epsilon=job.dp.epsilon, delta=job.dp.delta, accountant=job.dp.accountant, noise_multiplier=noise_multiplier,
-            count=epochs, l2=replace_one(bound), rounding=rounded, dimension=parameters, extra=extra,
+            count=epochs * steps, l2=l2, rounding=rounded, dimension=parameters, extra=extra,
+            sampling_probability=rate,
         )
     except ValueError as err:
         raise ConfigError(f"{job.source}: dp.clip: {err} (dp.clip={job.dp.clip:g})") from None
@@ -196,16 +232,36 @@ def check_plausible(job: TrainJob | FederatedJob, rows: int | None = None) -> No
 class DpSgd(TrainingStep):
     """DP-SGD's calibrated noise on each step's gradients, and the charges for training's reveals."""
 
-    def __init__(self, job: TrainJob, n_features: int) -> None:
+    def __init__(self, job: TrainJob, n_features: int, rows: int) -> None:
         assert job.dp is not None
         self.job = job
-        self.noise_multiplier, self.sensitivity = calibration(job, n_features)
+        self.rows = rows
+        self.noise_multiplier, self.sensitivity = calibration(job, n_features, rows)
+        self.steps, self.rate = sampling(job, rows)
         self.loss_bound = None if job.dp.metrics is None else job.dp.metrics.loss_bound
         self.generator = numpy_generator()
+        self.coins = SecureGenerator()  # this party's shares of the inclusion bits; its key never leaves
+        self._selections: list[Selection] = []
         log.info(
-            "DP-SGD: noise multiplier %.4g for epsilon %g, delta %g over %d epochs; sensitivity %.4g",
-            self.noise_multiplier, job.dp.epsilon, job.dp.delta, job.training.epochs, self.sensitivity,
+            "DP-SGD: noise multiplier %.4g for epsilon %g, delta %g over %d epochs of %d steps (%s, rate %.4g); "
+            "sensitivity %.4g",
+            self.noise_multiplier, job.dp.epsilon, job.dp.delta, job.training.epochs, self.steps,
+            job.dp.sampling, self.rate, self.sensitivity,
         )
+
+    def secret_batches(self, n_rows: int, *, device: Any) -> int | None:
+        """Poisson: draws the epoch's inclusion bits, secret, in one vectorised protocol (they do not
+        depend on the model), and returns its number of steps; each step sees every row."""
+        if self.rate == 1:
+            return None
+        assert n_rows == self.rows
+        bits = inclusion_bits((self.steps, n_rows, 1), self.rate, generator=self.coins, device=device)
+        self._selections = [Selection(bits[i], self.rate * n_rows) for i in range(self.steps)]
+        return self.steps
+
+    def _selection(self) -> Selection | None:
+        """This step's secret sample (Poisson), or None for a public batch."""
+        return self._selections.pop(0) if self.rate < 1 else None
 
     def _add_noise(self, value: Any, sigma: float) -> None:
         share = noise_share(
@@ -240,8 +296,9 @@ class DpSgd(TrainingStep):
         }
 
     def epoch_charge(self) -> Charge:
-        """A record is in one batch per epoch: one Gaussian mechanism per epoch."""
-        return Charge("gaussian", self.noise_multiplier)
+        """Shuffled: a record is in one batch per epoch, one Gaussian mechanism per epoch. Poisson: one
+        subsampled Gaussian per step; the events :func:`calibration` calibrated against."""
+        return Charge("gaussian", self.noise_multiplier, self.steps, self.rate)
 
     def model_privacy(self) -> Privacy:
         """The model is post-processing of the noisy steps, charged epoch by epoch."""
@@ -249,7 +306,8 @@ class DpSgd(TrainingStep):
 
     def notes(self) -> dict[str, Any]:
         return {"dp_sgd": {"noise_multiplier": self.noise_multiplier, "sensitivity": self.sensitivity,
-                           "colluders": self.job.colluders}}
+                           "colluders": self.job.colluders, "sampling": self.job.dp.sampling,
+                           "sampling_probability": self.rate, "steps_per_epoch": self.steps}}
 
 
 def gradient_head(job: TrainJob) -> Head:
@@ -257,7 +315,7 @@ def gradient_head(job: TrainJob) -> Head:
     return head_of(job.model, job.training.sigmoid)
 
 
-def bounded_gradients(model: Any, x: Any, y: Any, head: Head, *, mean: bool = True) -> None:
+def bounded_gradients(model: Any, x: Any, y: Any, head: Head, selection: Selection | None = None, *, mean: bool = True) -> None:
     """Sets the batch-mean gradient (``mean``; else the sum) of a linear model from (p - y) at logits clamped to
     +-:data:`~mpcfl.dp.clipping.LOGIT_CLAMP` (CrypTen's sigmoid leaves [0, 1] beyond about 500,
     and nothing bounds a linear model's weights), so each example's part is ``(p - y) [x, 1]`` with ``|p - y|`` bounded
@@ -266,14 +324,19 @@ def bounded_gradients(model: Any, x: Any, y: Any, head: Head, *, mean: bool = Tr
 
     Clamping inside autograd would zero the gradient of every clamped example (the clamp's
     derivative); the output error is computed on the clamped logits and pushed back instead.
+
+    With a secret ``selection`` (Poisson), x and y are every row, and the gradient is the sum over
+    the selected rows over the public expected batch size.
     """
     crypten = import_crypten()
     logits = model(x)
     with crypten.no_grad():
         inside = logits if head.bounded_error else clamp_symmetric(logits, clipping.LOGIT_CLAMP)
         error = head.output_error(inside, y)
+        if selection is not None:  # 0/1 at scale 1: exact, and an unselected row adds nothing
+            error = error * selection.bits
         if mean:
-            error = error.div(x.size(0))
+            error = error.div(x.size(0) if selection is None else selection.expected)
     logits.backward(error)
 
 
@@ -282,23 +345,25 @@ class FeatureClippedDpSgd(DpSgd):
     logits are clamped (:func:`bounded_gradients`), so the summed gradient is bounded; each party
     adds its noise share to it, and the noisy sum is divided by the batch size."""
 
-    def __init__(self, job: TrainJob, head: Head, n_features: int) -> None:
-        super().__init__(job, n_features)
+    def __init__(self, job: TrainJob, head: Head, n_features: int, rows: int) -> None:
+        super().__init__(job, n_features, rows)
         self.head = head
 
     def step(self, model: Any, torch_model: nn.Sequential, x: Any, y: Any) -> None:
-        bounded_gradients(model, x, y, self.head, mean=False)
+        selection = self._selection()
+        bounded_gradients(model, x, y, self.head, selection, mean=False)
+        divisor = x.size(0) if selection is None else selection.expected
         for param in model.parameters():
             self._add_noise(param.grad, self.noise_multiplier * self.sensitivity)
-            param.grad = param.grad.div(x.size(0))
+            param.grad = param.grad.div(divisor)
 
 
 class PerExampleDpSgd(DpSgd):
     """An MLP: each example's gradient clipped inside MPC, noise on the clipped sum, and the
     parameters kept within ``dp.weight_bound`` (the clip's guarantee depends on it)."""
 
-    def __init__(self, job: TrainJob, head: Head, n_features: int) -> None:
-        super().__init__(job, n_features)
+    def __init__(self, job: TrainJob, head: Head, n_features: int, rows: int) -> None:
+        super().__init__(job, n_features, rows)
         self.head = head
         self.largest: float | None = None  # the public bound on an example's squared gradient norm
 
@@ -309,17 +374,19 @@ class PerExampleDpSgd(DpSgd):
                 torch_model, input_bound=self.job.data.max_abs, weight_bound=self.job.dp.weight_bound,
                 error_bound=self.head.gradient_bound,
             ))
+        selection = self._selection()
         crypten = import_crypten()
         with crypten.no_grad():  # gradients by hand: see mpcfl.dp.clipping
             sums = clipping.clipped_gradient_sum(
                 model, torch_model, x, y, clip=self.job.dp.clip, output_error=self.head.output_error,
                 clamp=clamp_symmetric, stack=crypten.stack, largest=self.largest,
                 truncation=self.job.world_size * 2.0**-16,  # a unit per party (mpcfl.dp.rounding)
+                weights=None if selection is None else selection.bits,
             )
             for name, param in model.named_parameters():
                 total = sums[name]
                 self._add_noise(total, self.noise_multiplier * self.sensitivity)
-                param.grad = total.div(x.size(0))
+                param.grad = total.div(x.size(0) if selection is None else selection.expected)
 
     def project(self, model: Any) -> None:
         """Clamps every parameter to +-``dp.weight_bound``, under MPC: post-processing of the noisy
@@ -336,12 +403,13 @@ class PerExampleDpSgd(DpSgd):
             offset += size
 
 
-def training_step(job: TrainJob, n_features: int) -> TrainingStep:
-    """The job's step strategy, chosen once: plain SGD, or DP-SGD by feature or per-example clipping
-    (calibrated for a model on ``n_features`` inputs)."""
+
+def training_step(job: TrainJob, n_features: int, rows: int) -> TrainingStep:
+    """The job's step strategy, chosen once: plain SGD, or DP-SGD by feature or per-example clipping,
+    calibrated for a model on ``n_features`` inputs and ``rows`` training rows (public)."""
     head = gradient_head(job)
     if job.dp is None:
         return PlainSgd(head)
     if clips_features(job):
-        return FeatureClippedDpSgd(job, head, n_features)
-    return PerExampleDpSgd(job, head, n_features)
+        return FeatureClippedDpSgd(job, head, n_features, rows)
+    return PerExampleDpSgd(job, head, n_features, rows)

@@ -1,7 +1,8 @@
 """Secure training: mini-batch SGD under MPC on secret-shared data.
 
 The batch order is a public permutation from the job's seed, so every party
-indexes the same rows. Per-epoch metrics are computed under MPC over whole
+indexes the same rows; a strategy that samples its batches in secret (DP-SGD with
+``dp.sampling: poisson``) gives every step all rows instead, weighted by its bits. Per-epoch metrics are computed under MPC over whole
 splits and leave MPC only as aggregates, through :func:`mpcfl.mpc.reveal.reveal`,
 to the job's metric receivers. The loop knows nothing of DP: its
 :class:`~mpcfl.tasks.train.steps.TrainingStep` sets each batch's gradients and
@@ -175,7 +176,11 @@ def train(
         fixed_mask.fix(shared.x_train, data)
     for epoch in range(first, spec.epochs):
         started, comm_before = time.perf_counter(), communication_stats()
-        plan = batches(n_rows, batch_size=spec.batch_size, seed=spec.seed, epoch=epoch, shuffle=spec.shuffle)
+        steps = engine.secret_batches(n_rows, device=device)
+        if steps is None:
+            plan = batches(n_rows, batch_size=spec.batch_size, seed=spec.seed, epoch=epoch, shuffle=spec.shuffle)
+        else:  # secret batches: every step sees every row, weighted by bits it never opens
+            plan = [np.arange(n_rows)] * steps
         bar = tqdm(plan, desc=f"epoch {epoch + 1}/{spec.epochs}", unit="batch", disable=rank != 0, mininterval=1.0)
         for rows in bar:
             index = torch.from_numpy(rows).to(device)

@@ -119,7 +119,7 @@ def run_party(
                 shared = share_dataset(job, data, rank=rank, device=device)
                 if job.dp is not None:
                     check_plausible(job, shared.x_train.size(0))  # n is public, and the same at every party
-                engine = training_step(job, shared.n_features)
+                engine = training_step(job, shared.n_features, shared.x_train.size(0))
                 if budget is not None:
                     budget.notes.update(engine.notes())
                 result = train(job, shared, engine=engine, rank=rank, party=party, device=device, resume=start)

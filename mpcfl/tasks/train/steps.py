@@ -40,6 +40,12 @@ class TrainingStep(abc.ABC):
         """Keeps the parameters where the strategy's bounds need them, before the first step and
         after each update; by default they are left as they are."""
 
+    def secret_batches(self, n_rows: int, *, device: Any) -> int | None:
+        """Called as each epoch starts: the number of steps, when the strategy samples each step's
+        batch itself, in secret (every step then gets all ``n_rows`` rows); None: the loop's public
+        batches."""
+        return None
+
     def epoch_charge(self) -> Charge | None:
         """The charge for one epoch of steps, made when the epoch completes; None: free."""
         return None
