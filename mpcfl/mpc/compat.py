@@ -214,6 +214,68 @@ def _route_randomness(crypten: types.ModuleType) -> None:
     provider.ttp_provider.TTPClient._TTPClient__TTPClient._setup_generators = receive_dealer_key
 
 
+class _TTPServer:
+    """What ``crypten.mpc.provider.TTPServer()`` starts under these patches: see :func:`_serve_as_dealer`.
+
+    A module-level class with no state, so that an instance pickles: CrypTen's ``run_multiprocess``
+    queues the dealer's return value (this instance) as it does a party's.
+    """
+
+    TERMINATE = -1  # crypten's TTPServer constant
+
+    def __init__(self) -> None:
+        crypten = import_crypten()
+        if not crypten.is_initialized():  # run_multiprocess has initialised it; the test harness has not
+            crypten.init()
+        failed = True
+        try:
+            world = crypten.comm.get().get_world_size()
+            run_dealer_server(crypten, [f"rank {rank}" for rank in range(world)])
+            failed = False
+        finally:
+            end_crypten(crypten, failed=failed)
+
+
+def _serve_as_dealer(crypten: types.ModuleType) -> None:
+    """``crypten.mpc.provider.TTPServer()``, which CrypTen scripts and CrypTen's own tests start
+    as the dealer process, serves as mpcfl's :class:`~mpcfl.mpc.providers.ttp.Dealer`.
+
+    Under these patches the parties speak mpcfl's dealer protocol (a 128-bit key each,
+    request digests, fixed masks), which crypten 0.4.1's server does not: it sends a 64-bit
+    seed where parties wait for a key, then reads their digests as requests and, on the error
+    that follows, closes, so party 0's ``crypten.uninit()`` fails sending "terminate" to it.
+    The dealer is the one ``mpcfl dealer`` runs (request table, digests checked, data never
+    seen). Who is authenticated is the caller's choice: a bare ``crypten.init()``
+    authenticates nobody, as in CrypTen, while mpcfl's sessions authenticate every peer before
+    their dealer serves (:func:`init_crypten`, :func:`run_dealer_server`). Served, it leaves the
+    process group as a party does, so its process exits cleanly.
+    """
+    provider = crypten.mpc.provider
+    provider.TTPServer = provider.ttp_provider.TTPServer = _TTPServer
+
+
+def _uninit_once(crypten: types.ModuleType) -> None:
+    """``crypten.uninit()`` in a process that is not in a session returns, as ``crypten.init()``
+    in one that is already does.
+
+    crypten 0.4.1 raises ValueError from ``torch.distributed`` instead. CrypTen code ends with
+    ``crypten.uninit()`` even where the session has already been left: a party script after
+    :func:`mpcfl.join`'s block, or CrypTen's ``run_multiprocess`` after the dealer's
+    ``TTPServer`` (:func:`_serve_as_dealer`), which leaves the group itself.
+    """
+    shipped = crypten.uninit
+    if getattr(shipped, "_mpcfl_patched", False):
+        return
+
+    @functools.wraps(shipped)
+    def uninit() -> None:
+        if crypten.is_initialized():
+            shipped()
+
+    uninit._mpcfl_patched = True  # type: ignore[attr-defined]
+    crypten.uninit = uninit
+
+
 def _fix_negative_decoding(crypten: types.ModuleType) -> None:
     """crypten 0.4.1 decodes a negative fixed-point value with ``floor(t / (2^16 - 1))``.
 
@@ -492,6 +554,8 @@ def import_crypten(*, stock: bool = False) -> types.ModuleType:
     if not stock:
         _inject_process_group_timeout(crypten)
         _route_randomness(crypten)
+        _serve_as_dealer(crypten)
+        _uninit_once(crypten)
         _open_point_to_point(crypten)
         _fix_negative_decoding(crypten)
         _announce_triple_requests(crypten)
