@@ -523,8 +523,8 @@ def import_crypten(*, stock: bool = False) -> types.ModuleType:
     Args:
         stock: apply only what ``import crypten`` and ``from_pytorch`` need on this torch
             (the ONNX alias and exporter), none of the security, correctness and speed patches
-            (generators, point-to-point openings, dealer digests, decoding, timeouts, mask
-            reuse, packed comparisons):
+            (generators, point-to-point openings, dealer digests and the dealer behind ``TTPServer``,
+            decoding, timeouts, mask reuse, packed comparisons, a repeated ``uninit``):
             CrypTen as upstream ships it, for benchmarks that compare against it. Never for jobs.
 
     Raises:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, base_job, mpcfl, vertical_parties, write_job
+from conftest import REPO, SCRIPTS, assert_no_leftovers, base_job, mpcfl, vertical_parties, write_job
 from mpcfl.mpc import compat as _compat
 
 
@@ -330,3 +331,19 @@ def test_uninit_outside_a_session_returns(crypten_single: None, tmp_path: Path, 
     monkeypatch.setenv("RENDEZVOUS", f"file://{tmp_path}/store")  # a fresh store for the new group
     crypten.init()  # as the module fixture left it
     assert crypten.is_initialized()
+
+
+def test_a_crypten_script_under_mpcfl_launch_ends_cleanly() -> None:
+    # The TTP session of a script in CrypTen's style (tests/scripts/crypten_party.py): CrypTen's
+    # tensors, comparison, model and optimiser, and crypten.uninit() inside and after mpcfl.join.
+    names = f"alice{os.getpid()},bob{os.getpid()}"  # in every process's environment, the dealer's too
+    script = str(SCRIPTS / "crypten_party.py")
+    done = mpcfl("launch", "--provider", "ttp", "--timeout-s", "30", "--parties", names, script, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if "crypten party" in line]
+    assert len(lines) == 2 and all("product [-2.0, -1.0, 3.0, 12.0] positive [0, 0, 1, 1] loss True" in line for line in lines), done.stdout
+    assert "dealer: party 0 ended the session" in done.stdout + done.stderr
+    output = done.stdout + done.stderr
+    assert not [line for line in output.splitlines() if any(n in line for n in _NOISE)], output[-3000:]
+    assert_no_leftovers(script)
+    assert_no_leftovers(f"MPCFL_PARTIES={names}", source="environ")
