@@ -150,25 +150,19 @@ def end_crypten(crypten: types.ModuleType, *, failed: bool) -> None:
     crypten's shutdown sends the dealer "terminate" whatever happened, so a dealer whose
     parties failed would end as if the job had succeeded. Party 0 sends
     :data:`mpcfl.mpc.providers.ttp.ABORT` instead, and the dealer stops with an error at once.
-    The TTP client, a singleton crypten keeps past ``uninit``, is dropped too: a process that joins
-    a later session (federated survivors, :func:`mpcfl.mpc.session.reformed`) gets a fresh one.
+    ``crypten.uninit`` (patched: :func:`_uninit_cleanly`) also drops this process's dealer link,
+    also where the script has already left: a process that joins a later session (federated
+    survivors, :func:`mpcfl.mpc.session.reformed`) gets a fresh one.
     """
-    from crypten.mpc.provider.ttp_provider import TTPClient
+    from mpcfl.mpc.providers.ttp import ABORT
 
-    from mpcfl.mpc.providers.ttp import ABORT, forget_session
-
-    if not crypten.is_initialized():
-        return
-    comm = crypten.comm.get()
-    if failed and comm.get_rank() == 0 and getattr(comm, "ttp_initialized", False):
-        with contextlib.suppress(RuntimeError):
-            comm.send_obj(ABORT, comm.get_ttp_rank(), comm.ttp_group)
-        comm.ttp_initialized = False  # so shutdown sends no "terminate" after it
-    try:
-        crypten.uninit()
-    finally:
-        TTPClient.uninit()
-        forget_session()
+    if crypten.is_initialized():
+        comm = crypten.comm.get()
+        if failed and comm.get_rank() == 0 and getattr(comm, "ttp_initialized", False):
+            with contextlib.suppress(RuntimeError):
+                comm.send_obj(ABORT, comm.get_ttp_rank(), comm.ttp_group)
+            comm.ttp_initialized = False  # so shutdown sends no "terminate" after it
+    crypten.uninit()
 
 
 def run_dealer_server(crypten: types.ModuleType, parties: Sequence[str]) -> None:
@@ -254,23 +248,34 @@ def _serve_as_dealer(crypten: types.ModuleType) -> None:
     provider.TTPServer = provider.ttp_provider.TTPServer = _TTPServer
 
 
-def _uninit_once(crypten: types.ModuleType) -> None:
-    """``crypten.uninit()`` in a process that is not in a session returns, as ``crypten.init()``
-    in one that is already does.
+def _uninit_cleanly(crypten: types.ModuleType) -> None:
+    """``crypten.uninit()`` leaves the session if this process is still in one, and always drops
+    its dealer link (the TTP client and :func:`mpcfl.mpc.providers.ttp.forget_session`).
 
-    crypten 0.4.1 raises ValueError from ``torch.distributed`` instead. CrypTen code ends with
-    ``crypten.uninit()`` even where the session has already been left: a party script after
-    :func:`mpcfl.join`'s block, or CrypTen's ``run_multiprocess`` after the dealer's
-    ``TTPServer`` (:func:`_serve_as_dealer`), which leaves the group itself.
+    crypten 0.4.1 raises ValueError from ``torch.distributed`` where the session has already been
+    left, yet CrypTen code ends with ``crypten.uninit()`` there too: a party script after
+    :func:`mpcfl.join`'s block, CrypTen's ``run_multiprocess`` after the dealer's ``TTPServer``
+    (:func:`_serve_as_dealer`), which leaves by itself; now it returns, as ``crypten.init()`` in a
+    session does. And crypten keeps its TTP client, a singleton, past ``uninit``: a later
+    ``crypten.init()`` or :func:`mpcfl.join` in the same process would draw from the old dealer's
+    key, out of step with the new dealer's.
     """
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    from mpcfl.mpc.providers.ttp import forget_session
+
     shipped = crypten.uninit
     if getattr(shipped, "_mpcfl_patched", False):
         return
 
     @functools.wraps(shipped)
     def uninit() -> None:
-        if crypten.is_initialized():
-            shipped()
+        try:
+            if crypten.is_initialized():
+                shipped()
+        finally:
+            TTPClient.uninit()
+            forget_session()
 
     uninit._mpcfl_patched = True  # type: ignore[attr-defined]
     crypten.uninit = uninit
@@ -555,7 +560,7 @@ def import_crypten(*, stock: bool = False) -> types.ModuleType:
         _inject_process_group_timeout(crypten)
         _route_randomness(crypten)
         _serve_as_dealer(crypten)
-        _uninit_once(crypten)
+        _uninit_cleanly(crypten)
         _open_point_to_point(crypten)
         _fix_negative_decoding(crypten)
         _announce_triple_requests(crypten)

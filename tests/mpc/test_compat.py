@@ -320,14 +320,22 @@ print("result", parties_and_dealer[:2], type(parties_and_dealer[2]).__name__)
     assert not [line for line in done.stderr.splitlines() if any(n in line for n in _NOISE)], done.stderr
 
 
-def test_uninit_outside_a_session_returns(crypten_single: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_uninit_outside_a_session_returns_and_always_drops_the_dealer_link(
+    crypten_single: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # CrypTen scripts end with crypten.uninit(), also where the session was already left (after
     # mpcfl.join's block; after the dealer left by itself): a no-op, as init() on an initialised one.
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
     crypten = _compat.import_crypten()
     assert getattr(crypten.uninit, "_mpcfl_patched", False)
     crypten.uninit()
     assert not crypten.is_initialized()
+    # crypten keeps its TTP client past uninit: a later session would draw from the old dealer's key.
+    monkeypatch.setattr(TTPClient, "_TTPClient__instance", object())
     crypten.uninit()  # crypten 0.4.1: ValueError, "Default process group has not been initialized"
+    with pytest.raises(RuntimeError, match="TTPClient is not initialized"):
+        TTPClient.get()
     monkeypatch.setenv("RENDEZVOUS", f"file://{tmp_path}/store")  # a fresh store for the new group
     crypten.init()  # as the module fixture left it
     assert crypten.is_initialized()

@@ -15,7 +15,7 @@ with mpcfl.join() as me:
 
     x = crypten.cryptensor(torch.tensor([-2.0, -0.5, 1.0, 3.0]), src=0)
     y = crypten.cryptensor(torch.tensor([1.0, 2.0, 3.0, 4.0]), src=me.session.world_size - 1)
-    product = (x * y).get_plain_text()
+    product = [round(v, 3) for v in (x * y).get_plain_text().tolist()]  # fixed point: within 2^-16
     positive = (x > 0).get_plain_text()
     torch.manual_seed(0)  # every party builds the same model; party 0's weights are shared
     model = crypten.nn.from_pytorch(torch.nn.Sequential(torch.nn.Linear(4, 2)), torch.zeros(1, 4)).encrypt(src=0)
@@ -25,7 +25,7 @@ with mpcfl.join() as me:
     model.zero_grad()
     loss.backward()
     optimizer.step()
-    print(f"crypten party {me.name}: product {product.tolist()} positive {positive.tolist()} loss {loss.get_plain_text().item() >= 0}")
+    print(f"crypten party {me.name}: product {product} positive {positive.tolist()} loss {loss.get_plain_text().item() >= 0}")
     if me.rank == me.session.world_size - 1:
         crypten.uninit()
 crypten.uninit()
