@@ -350,8 +350,8 @@ def test_a_crypten_script_under_mpcfl_launch_ends_cleanly() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if "crypten party" in line]
     assert len(lines) == 2 and all("product [-2.0, -1.0, 3.0, 12.0] positive [0, 0, 1, 1] loss True" in line for line in lines), done.stdout
-    assert "dealer: party 0 ended the session" in done.stdout + done.stderr
     output = done.stdout + done.stderr
+    assert "dealer: party 0 ended the session" in output
     assert not [line for line in output.splitlines() if any(n in line for n in _NOISE)], output[-3000:]
     assert_no_leftovers(script)
     assert_no_leftovers(f"MPCFL_PARTIES={names}", source="environ")
