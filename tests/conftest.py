@@ -104,14 +104,15 @@ def package_files_matching(pattern: str) -> list[str]:
     )
 
 
-def live_processes(marker: str) -> list[int]:
-    """Pids of processes whose command line mentions ``marker`` (e.g. a tmp job path)."""
+def live_processes(marker: str, *, source: str = "cmdline") -> list[int]:
+    """Pids of processes whose command line mentions ``marker`` (e.g. a tmp job path); with
+    ``source="environ"``, whose environment does (a dealer's command line names no script)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = (entry / source).read_bytes().replace(b"\0", b" ").decode(errors="replace")
             state = (entry / "stat").read_text().split(") ", 1)[1].split()[0]
         except OSError:
             continue
@@ -191,11 +192,11 @@ def mpcfl(*args: str, timeout: float = 240, cwd: Path | None = None) -> subproce
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
-def assert_no_leftovers(marker: str, within: float = 10.0) -> None:
+def assert_no_leftovers(marker: str, within: float = 10.0, *, source: str = "cmdline") -> None:
     deadline = time.monotonic() + within
-    while live_processes(marker) and time.monotonic() < deadline:
+    while live_processes(marker, source=source) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert live_processes(marker) == [], f"processes left behind: {live_processes(marker)}"
+    assert live_processes(marker, source=source) == [], f"processes left behind: {live_processes(marker, source=source)}"
 
 
 @pytest.fixture(scope="module")

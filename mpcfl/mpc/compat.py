@@ -150,25 +150,19 @@ def end_crypten(crypten: types.ModuleType, *, failed: bool) -> None:
     crypten's shutdown sends the dealer "terminate" whatever happened, so a dealer whose
     parties failed would end as if the job had succeeded. Party 0 sends
     :data:`mpcfl.mpc.providers.ttp.ABORT` instead, and the dealer stops with an error at once.
-    The TTP client, a singleton crypten keeps past ``uninit``, is dropped too: a process that joins
-    a later session (federated survivors, :func:`mpcfl.mpc.session.reformed`) gets a fresh one.
+    ``crypten.uninit`` (patched: :func:`_uninit_cleanly`) also drops this process's dealer link,
+    also where the script has already left: a process that joins a later session (federated
+    survivors, :func:`mpcfl.mpc.session.reformed`) gets a fresh one.
     """
-    from crypten.mpc.provider.ttp_provider import TTPClient
+    from mpcfl.mpc.providers.ttp import ABORT
 
-    from mpcfl.mpc.providers.ttp import ABORT, forget_session
-
-    if not crypten.is_initialized():
-        return
-    comm = crypten.comm.get()
-    if failed and comm.get_rank() == 0 and getattr(comm, "ttp_initialized", False):
-        with contextlib.suppress(RuntimeError):
-            comm.send_obj(ABORT, comm.get_ttp_rank(), comm.ttp_group)
-        comm.ttp_initialized = False  # so shutdown sends no "terminate" after it
-    try:
-        crypten.uninit()
-    finally:
-        TTPClient.uninit()
-        forget_session()
+    if crypten.is_initialized():
+        comm = crypten.comm.get()
+        if failed and comm.get_rank() == 0 and getattr(comm, "ttp_initialized", False):
+            with contextlib.suppress(RuntimeError):
+                comm.send_obj(ABORT, comm.get_ttp_rank(), comm.ttp_group)
+            comm.ttp_initialized = False  # so shutdown sends no "terminate" after it
+    crypten.uninit()
 
 
 def run_dealer_server(crypten: types.ModuleType, parties: Sequence[str]) -> None:
@@ -212,6 +206,79 @@ def _route_randomness(crypten: types.ModuleType) -> None:
                 setattr(module, name, replacement)
     crypten._setup_prng = lambda: setup_party_generators(crypten)
     provider.ttp_provider.TTPClient._TTPClient__TTPClient._setup_generators = receive_dealer_key
+
+
+class _TTPServer:
+    """What ``crypten.mpc.provider.TTPServer()`` starts under these patches: see :func:`_serve_as_dealer`.
+
+    A module-level class with no state, so that an instance pickles: CrypTen's ``run_multiprocess``
+    queues the dealer's return value (this instance) as it does a party's.
+    """
+
+    TERMINATE = -1  # crypten's TTPServer constant
+
+    def __init__(self) -> None:
+        crypten = import_crypten()
+        if not crypten.is_initialized():  # run_multiprocess has initialised it; the test harness has not
+            crypten.init()
+        failed = True
+        try:
+            world = crypten.comm.get().get_world_size()
+            run_dealer_server(crypten, [f"rank {rank}" for rank in range(world)])
+            failed = False
+        finally:
+            end_crypten(crypten, failed=failed)
+
+
+def _serve_as_dealer(crypten: types.ModuleType) -> None:
+    """``crypten.mpc.provider.TTPServer()``, which CrypTen scripts and CrypTen's own tests start
+    as the dealer process, serves as mpcfl's :class:`~mpcfl.mpc.providers.ttp.Dealer`.
+
+    Under these patches the parties speak mpcfl's dealer protocol (a 128-bit key each,
+    request digests, fixed masks), which crypten 0.4.1's server does not: it sends a 64-bit
+    seed where parties wait for a key, then reads their digests as requests and, on the error
+    that follows, closes, so party 0's ``crypten.uninit()`` fails sending "terminate" to it.
+    The dealer is the one ``mpcfl dealer`` runs (request table, digests checked, data never
+    seen). Who is authenticated is the caller's choice: a bare ``crypten.init()``
+    authenticates nobody, as in CrypTen, while mpcfl's sessions authenticate every peer before
+    their dealer serves (:func:`init_crypten`, :func:`run_dealer_server`). Served, it leaves the
+    process group as a party does, so its process exits cleanly.
+    """
+    provider = crypten.mpc.provider
+    provider.TTPServer = provider.ttp_provider.TTPServer = _TTPServer
+
+
+def _uninit_cleanly(crypten: types.ModuleType) -> None:
+    """``crypten.uninit()`` leaves the session if this process is still in one, and always drops
+    its dealer link (the TTP client and :func:`mpcfl.mpc.providers.ttp.forget_session`).
+
+    crypten 0.4.1 raises ValueError from ``torch.distributed`` where the session has already been
+    left, yet CrypTen code ends with ``crypten.uninit()`` there too: a party script after
+    :func:`mpcfl.join`'s block, CrypTen's ``run_multiprocess`` after the dealer's ``TTPServer``
+    (:func:`_serve_as_dealer`), which leaves by itself; now it returns, as ``crypten.init()`` in a
+    session does. And crypten keeps its TTP client, a singleton, past ``uninit``: a later
+    ``crypten.init()`` or :func:`mpcfl.join` in the same process would draw from the old dealer's
+    key, out of step with the new dealer's.
+    """
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    from mpcfl.mpc.providers.ttp import forget_session
+
+    shipped = crypten.uninit
+    if getattr(shipped, "_mpcfl_patched", False):
+        return
+
+    @functools.wraps(shipped)
+    def uninit() -> None:
+        try:
+            if crypten.is_initialized():
+                shipped()
+        finally:
+            TTPClient.uninit()
+            forget_session()
+
+    uninit._mpcfl_patched = True  # type: ignore[attr-defined]
+    crypten.uninit = uninit
 
 
 def _fix_negative_decoding(crypten: types.ModuleType) -> None:
@@ -461,8 +528,8 @@ def import_crypten(*, stock: bool = False) -> types.ModuleType:
     Args:
         stock: apply only what ``import crypten`` and ``from_pytorch`` need on this torch
             (the ONNX alias and exporter), none of the security, correctness and speed patches
-            (generators, point-to-point openings, dealer digests, decoding, timeouts, mask
-            reuse, packed comparisons):
+            (generators, point-to-point openings, dealer digests and the dealer behind ``TTPServer``,
+            decoding, timeouts, mask reuse, packed comparisons, a repeated ``uninit``):
             CrypTen as upstream ships it, for benchmarks that compare against it. Never for jobs.
 
     Raises:
@@ -492,6 +559,8 @@ def import_crypten(*, stock: bool = False) -> types.ModuleType:
     if not stock:
         _inject_process_group_timeout(crypten)
         _route_randomness(crypten)
+        _serve_as_dealer(crypten)
+        _uninit_cleanly(crypten)
         _open_point_to_point(crypten)
         _fix_negative_decoding(crypten)
         _announce_triple_requests(crypten)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, base_job, mpcfl, vertical_parties, write_job
+from conftest import REPO, SCRIPTS, assert_no_leftovers, base_job, mpcfl, vertical_parties, write_job
 from mpcfl.mpc import compat as _compat
 
 
@@ -126,6 +127,7 @@ assert not getattr(c.mpc.MPCTensor.matmul, "_mpcfl_patched", False)
 assert not hasattr(c.mpc.provider.ttp_provider.TrustedThirdParty, "generate_fixed_mask")
 assert not getattr(c.config.CrypTenConfig, "_mpcfl_patched", False)
 assert not getattr(c.mpc.MPCTensor.sigmoid, "_mpcfl_patched", False)
+assert c.mpc.provider.TTPServer.__module__.startswith("crypten") and not getattr(c.uninit, "_mpcfl_patched", False)
 try:
     import_crypten()
 except MpcflError as err:
@@ -286,3 +288,70 @@ def test_settings_read_natively_keep_what_was_set_before_the_patch() -> None:
     _compat._read_settings_natively(types.SimpleNamespace(config=types.SimpleNamespace(CrypTenConfig=fresh.CrypTenConfig), cfg=cfg))
     assert not isinstance(cfg.config, DictConfig)
     assert (cfg.mpc.provider, cfg.debug.extra, cfg.encoder.precision_bits) == ("TTP", "TTP", 16)
+
+
+_NOISE = ("Connection closed by peer", "terminate called", "Traceback")
+
+
+def test_crypten_s_own_ttp_server_is_mpcfl_s_dealer_and_its_processes_end_cleanly() -> None:
+    # CrypTen's run_multiprocess starts crypten.mpc.provider.TTPServer as the dealer and calls
+    # crypten.uninit() in every process after it returns. Unpatched, its server spoke another key
+    # protocol than the patched parties, closed early, and party 0's "terminate" hit a closed link.
+    code = """
+import torch
+from mpcfl.mpc.compat import import_crypten
+crypten = import_crypten()
+crypten.cfg.mpc.provider = "TTP"
+server = crypten.mpc.provider.TTPServer
+assert server is crypten.mpc.provider.ttp_provider.TTPServer and server.__module__ == "mpcfl.mpc.compat"
+
+@crypten.mpc.context.run_multiprocess(world_size=2)
+def product():
+    x = crypten.cryptensor(torch.arange(4.0), src=0)
+    y = crypten.cryptensor(torch.full((4,), 2.0), src=1)
+    return (x * y).get_plain_text().tolist()
+
+parties_and_dealer = product()
+print("result", parties_and_dealer[:2], type(parties_and_dealer[2]).__name__)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "result [[0.0, 2.0, 4.0, 6.0], [0.0, 2.0, 4.0, 6.0]] _TTPServer" in done.stdout
+    assert not [line for line in done.stderr.splitlines() if any(n in line for n in _NOISE)], done.stderr
+
+
+def test_uninit_outside_a_session_returns_and_always_drops_the_dealer_link(
+    crypten_single: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CrypTen scripts end with crypten.uninit(), also where the session was already left (after
+    # mpcfl.join's block; after the dealer left by itself): a no-op, as init() on an initialised one.
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    crypten = _compat.import_crypten()
+    assert getattr(crypten.uninit, "_mpcfl_patched", False)
+    crypten.uninit()
+    assert not crypten.is_initialized()
+    # crypten keeps its TTP client past uninit: a later session would draw from the old dealer's key.
+    monkeypatch.setattr(TTPClient, "_TTPClient__instance", object())
+    crypten.uninit()  # crypten 0.4.1: ValueError, "Default process group has not been initialized"
+    with pytest.raises(RuntimeError, match="TTPClient is not initialized"):
+        TTPClient.get()
+    monkeypatch.setenv("RENDEZVOUS", f"file://{tmp_path}/store")  # a fresh store for the new group
+    crypten.init()  # as the module fixture left it
+    assert crypten.is_initialized()
+
+
+def test_a_crypten_script_under_mpcfl_launch_ends_cleanly() -> None:
+    # The TTP session of a script in CrypTen's style (tests/scripts/crypten_party.py): CrypTen's
+    # tensors, comparison, model and optimiser, and crypten.uninit() inside and after mpcfl.join.
+    names = f"alice{os.getpid()},bob{os.getpid()}"  # in every process's environment, the dealer's too
+    script = str(SCRIPTS / "crypten_party.py")
+    done = mpcfl("launch", "--provider", "ttp", "--timeout-s", "30", "--parties", names, script, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if "crypten party" in line]
+    assert len(lines) == 2 and all("product [-2.0, -1.0, 3.0, 12.0] positive [0, 0, 1, 1] loss True" in line for line in lines), done.stdout
+    output = done.stdout + done.stderr
+    assert "dealer: party 0 ended the session" in output
+    assert not [line for line in output.splitlines() if any(n in line for n in _NOISE)], output[-3000:]
+    assert_no_leftovers(script)
+    assert_no_leftovers(f"MPCFL_PARTIES={names}", source="environ")
