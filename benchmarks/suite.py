@@ -287,7 +287,7 @@ def mpcfl_w1(me: Any, args: argparse.Namespace) -> dict[str, Any]:
         data = load_party_data(job, me.name)
         device = session_device()
         shared = share_dataset(job, data, rank=me.rank, device=device)
-        engine = training_step(job, shared.x_train.size(0))
+        engine = training_step(job, shared.n_features, shared.x_train.size(0))
         rss_before = maxrss_mb()
         with contextlib.ExitStack() as stack:
             prof = stack.enter_context(Profiler(crypten)) if args.profile else None
