@@ -74,8 +74,9 @@ class Run:
         """A predict job's ``predictions.csv`` at a receiver, by column."""
         with (self.folder(party) / "predictions.csv").open() as handle:
             rows = list(csv.reader(handle))
+        key, *others = rows[0]  # the row ID or position stays text; the rest are numbers where they can be
         columns = {name: [row[i] for row in rows[1:]] for i, name in enumerate(rows[0])}
-        return {name: values if name != "predicted" and name == rows[0][0] else _numbers(values) for name, values in columns.items()}
+        return {key: columns[key], **{name: _numbers(columns[name]) for name in others}}
 
 
 def _numbers(values: list[str]) -> list[Any]:
