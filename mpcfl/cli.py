@@ -154,7 +154,7 @@ def _job_file(args: argparse.Namespace) -> None:
 
 def _list_runs(job: JobBase, only: str | None) -> None:
     """Each party's runs, oldest first: status, times, how often resumed, final metrics; ``*`` marks ``latest``."""
-    shown = ("epoch", "round", "test_accuracy", "train_accuracy", "loss", "test_loss", "predictions")
+    shown = ("epoch", "round", "test_accuracy", "train_accuracy", "test_r2", "loss", "test_loss", "predictions")
     for name in [job.party_names[job.rank_of(only)]] if only else job.party_names:
         root = job.party_root(name)
         found = runs.run_ids(root, job.name)

@@ -50,7 +50,7 @@ def write_torch(path: Path, payload: Any) -> None:
 
 
 def plot_history(path: Path, history: list[dict[str, float]], *, title: str) -> None:
-    """A PNG of loss and accuracy per epoch."""
+    """A PNG of loss and accuracy (a regression: R^2) per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,13 +58,13 @@ def plot_history(path: Path, history: list[dict[str, float]], *, title: str) -> 
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
     keys = [("loss", ax_loss), ("test_loss", ax_loss), ("train_accuracy", ax_acc), ("test_accuracy", ax_acc),
-            ("test_auc", ax_acc), ("test_f1", ax_acc)]
+            ("test_auc", ax_acc), ("test_f1", ax_acc), ("test_r2", ax_acc)]
     for key, axis in keys:
         rows = [row for row in history if key in row]  # a DP job may release the final epoch's alone
         if rows:
             axis.plot([row["epoch"] for row in rows], [row[key] for row in rows], marker="o", label=key.replace("_", " "))
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy, AUC, F1", title="accuracy")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy, AUC, F1, R^2", title="scores")
     for axis in (ax_loss, ax_acc):
         axis.grid(alpha=0.3)
         if axis.lines:

@@ -20,6 +20,7 @@ from mpcfl.data.files import DataError, Table, check_ids, load_table
 
 if TYPE_CHECKING:
     from mpcfl.jobs.schema import TrainJob
+    from mpcfl.models.spec import Regression
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +72,43 @@ def _split(table: Table, *, job: TrainJob, party: str, holds_labels: bool) -> Sp
         return Split(table.path, table.columns, table.values, None, table.ids)
     index = _label_index(table, job.labels.column, party)
     y = table.values[:, index]
-    classes = job.model.num_classes
-    bad = (y != np.round(y)) | (y < 0) | (y >= classes)
-    if bad.any():
-        row = int(np.argmax(bad))
-        raise DataError(
-            f"party {party}: {table.path}: label column {table.columns[index]!r}, data row {row + 1}: "
-            f"{y[row]} is not a class label in 0..{classes - 1}"
-        )
+    where = f"party {party}: {table.path}: label column {table.columns[index]!r}"
+    regression = job.regression
+    if regression is None:
+        classes = job.model.num_classes
+        bad = (y != np.round(y)) | (y < 0) | (y >= classes)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise DataError(f"{where}, data row {row + 1}: {y[row]} is not a class label in 0..{classes - 1}")
+        y = y.astype(np.int64)
+    else:
+        y = _targets(y, regression, dp=job.dp is not None, where=where)
     x = np.delete(table.values, index, axis=1)
     columns = [c for i, c in enumerate(table.columns) if i != index]
     if x.shape[1] == 0 and job.partition == "horizontal":
         raise DataError(f"party {party}: {table.path}: no feature columns besides the label")
-    return Split(table.path, columns, x, y.astype(np.int64), table.ids)
+    return Split(table.path, columns, x, y, table.ids)
+
+
+def _targets(y: np.ndarray, regression: Regression, *, dp: bool, where: str) -> np.ndarray:
+    """A regression's targets scaled by ``labels.scaling``, within ``labels.max_abs``: refused beyond it,
+    or, under DP, clamped (a refusal would depend on one record, outside the guarantee)."""
+    bad = ~np.isfinite(y)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DataError(f"{where}, data row {row + 1}: {y[row]} is not a number")
+    scaled = (y - regression.center) / regression.scale
+    bound = regression.target_bound
+    if dp:
+        return np.clip(scaled, -bound, bound)
+    beyond = np.abs(scaled) > bound
+    if beyond.any():
+        row = int(np.argmax(beyond))
+        raise DataError(
+            f"{where}, data row {row + 1}: {y[row]:g} scales to {scaled[row]:g}, beyond labels.max_abs={bound:g}; "
+            "declare labels.scaling: [center, scale] (a typical target and spread) or raise labels.max_abs"
+        )
+    return scaled
 
 
 def holds_labels(job: TrainJob, party: str) -> bool:

@@ -32,7 +32,7 @@ from pydantic import (
 from mpcfl import runs
 from mpcfl.errors import ConfigError
 from mpcfl.models import sigmoid as sigmoids
-from mpcfl.models.spec import FactoryModelSpec, FactorySpec, ModelSpec
+from mpcfl.models.spec import REGRESSION_LOSSES, FactoryModelSpec, FactorySpec, ModelSpec, Regression
 from mpcfl.mpc import providers
 from mpcfl.mpc.compat import DEFAULT_TIMEOUT_S
 from mpcfl.mpc.keys import is_raw_key, read_public_key
@@ -72,6 +72,25 @@ class LabelSpec(_Strict):
         description="the label column's names of the classes, in class order (class i is classes[i]); "
         "model.num_classes and training.loss follow from it",
     )
+
+    scaling: tuple[float, float] | None = Field(
+        default=None,
+        description="regression: public [center, scale]; the model learns (y - center) / scale, and its "
+        "predictions and metrics are mapped back to the label column's units",
+    )
+
+    max_abs: float = Field(
+        default=5.0, gt=0, le=2.0**15,
+        description="regression: the largest scaled target |(y - center) / scale|; a target beyond it is refused "
+        "(with dp, clamped to it). It bounds the error a gradient is computed from",
+    )
+
+    @field_validator("scaling")
+    @classmethod
+    def _positive_scale(cls, scaling: tuple[float, float] | None) -> tuple[float, float] | None:
+        if scaling is not None and not (math.isfinite(scaling[0]) and math.isfinite(scaling[1]) and scaling[1] > 0):
+            raise ValueError(f"[center, scale] must be finite with scale > 0, got [{scaling[0]:g}, {scaling[1]:g}]")
+        return scaling
 
     @field_validator("classes")
     @classmethod
@@ -185,7 +204,15 @@ class TrainingSpec(_Strict):
     batch_size: PositiveInt = 32
     learning_rate: float = Field(default=0.1, gt=0)
     momentum: float = Field(default=0.0, ge=0, lt=1)
-    loss: Literal["bce", "cross_entropy"] = "bce"
+    loss: Literal["bce", "cross_entropy", "mse", "huber"] = Field(
+        default="bce",
+        description="bce (two classes), cross_entropy (more), or, for regression, mse or huber; follows from "
+        "model.num_classes, labels.classes and model.type linear_regression (mse) unless set",
+    )
+    huber_delta: float = Field(
+        default=1.0, gt=0,
+        description="loss huber: quadratic within +-delta of the target, linear beyond (in the scaled target's units)",
+    )
     sigmoid: str = Field(
         default=sigmoids.DEFAULT,
         description="two classes: the sigmoid of the gradient under MPC (metrics and `mpcfl baseline` stay exact): "
@@ -488,9 +515,54 @@ class TrainJob(JobBase):
         model = raw.get("model")
         if isinstance(model, dict) and (training is None or isinstance(training, dict)) and "loss" not in (training or {}):
             classes = model.get("num_classes", 2)
-            if isinstance(classes, int) and classes > 2:
+            if model.get("type") == "linear_regression":
+                raw = dict(raw, training={**(training or {}), "loss": "mse"})
+            elif isinstance(classes, int) and classes > 2:
                 raw = dict(raw, training={**(training or {}), "loss": "cross_entropy"})
         return raw
+
+    @property
+    def regression(self) -> Regression | None:
+        """The regression head's numbers (``training.loss`` mse or huber), or None for a classifier."""
+        if self.training.loss not in REGRESSION_LOSSES:
+            return None
+        center, scale = self.labels.scaling or (0.0, 1.0)
+        return Regression(
+            loss=self.training.loss, huber_delta=self.training.huber_delta, center=center, scale=scale,  # type: ignore[arg-type]
+            target_bound=self.labels.max_abs,
+        )
+
+    def _check_head(self) -> None:
+        """The loss, the model and the labels agree on classification or regression."""
+        kind = None if isinstance(self.model, FactoryModelSpec) else self.model.type
+        if self.training.loss in REGRESSION_LOSSES:
+            if kind == "logistic_regression":
+                raise ValueError(
+                    f"training.loss: {self.training.loss} fits a value; use model.type: linear_regression "
+                    "(logistic_regression classifies)"
+                )
+            if not self.model.binary or self.labels.classes is not None:
+                raise ValueError("model.num_classes, labels.classes: a regression (loss mse or huber) predicts a value, not classes")
+            if self.training.sigmoid != sigmoids.DEFAULT:
+                raise ValueError("training.sigmoid: a regression has no sigmoid; leave it out")
+            if self.dp is not None and self.training.loss == "mse":
+                raise ValueError(
+                    "training.loss: with dp, mse's gradient grows with the error, unbounded; use huber, whose "
+                    "gradient is at most training.huber_delta"
+                )
+            return
+        if kind == "linear_regression":
+            raise ValueError(f"training.loss: linear_regression fits a value with mse or huber, not {self.training.loss}")
+        for key in ("scaling", "max_abs"):  # compared with the defaults: a job re-validated from its dump sets every key
+            if getattr(self.labels, key) != LabelSpec.model_fields[key].default:
+                raise ValueError(f"labels.{key}: bounds and scales a regression's targets; a classifier's labels are classes")
+        binary = self.model.binary
+        if binary and self.training.loss != "bce":
+            raise ValueError("training.loss: two classes train with 'bce'")
+        if not binary and self.training.loss != "cross_entropy":
+            raise ValueError("training.loss: more than two classes train with 'cross_entropy'")
+        if not binary and self.training.sigmoid != sigmoids.DEFAULT:
+            raise ValueError("training.sigmoid: more than two classes train with a softmax, not a sigmoid; leave it out")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainJob:
@@ -521,13 +593,7 @@ class TrainJob(JobBase):
         if any(given) and not all(given):
             missing = given.index(False)
             raise ValueError(f"parties.{missing}.data.test: give test data for every party or for none")
-        binary = self.model.binary
-        if binary and self.training.loss != "bce":
-            raise ValueError("training.loss: two classes train with 'bce'")
-        if not binary and self.training.loss != "cross_entropy":
-            raise ValueError("training.loss: more than two classes train with 'cross_entropy'")
-        if not binary and self.training.sigmoid != sigmoids.DEFAULT:
-            raise ValueError("training.sigmoid: more than two classes train with a softmax, not a sigmoid; leave it out")
+        self._check_head()
         if self.dp is not None:
             self._check_dp(self.dp)
         return self
@@ -564,12 +630,12 @@ class TrainJob(JobBase):
             # per-example gradients of Linear layers (mpcfl.dp.clipping); neither covers conv layers
             # or arbitrary graphs, and unclipped gradients would void the guarantee.
             raise ValueError(
-                "dp: DP-SGD trains the logistic_regression and mlp model types; a model.factory module "
+                "dp: DP-SGD trains the logistic_regression, linear_regression and mlp model types; a model.factory module "
                 "cannot train with dp (drop dp, or use model.type: mlp)"
             )
         if "weight_bound" in dp.model_fields_set and self.model.type != "mlp":
             raise ValueError(
-                "dp.weight_bound: bounds an mlp's parameters; logistic regression's clip holds whatever its "
+                "dp.weight_bound: bounds an mlp's parameters; a linear model's clip holds whatever its "
                 "weights (its features are clipped), so remove it"
             )
         if self.outputs.metrics_to != "none" and dp.metrics is None:
@@ -776,6 +842,11 @@ class FederatedJob(JobBase):
         return "horizontal"
 
     @property
+    def regression(self) -> None:
+        """Federated training classifies (regression is refused by the validator)."""
+        return None
+
+    @property
     def summary(self) -> str:
         """What ``mpcfl validate`` says the job is."""
         model = getattr(self.model, "type", None) or self.model.factory
@@ -854,6 +925,8 @@ class FederatedJob(JobBase):
             raise ValueError("labels.party: in a federated job every party holds its own labels")
         if self.data.id_column is not None:
             raise ValueError("data.id_column: a federated job's rows are each party's own; nothing lines them up")
+        if getattr(self.model, "type", None) == "linear_regression" or self.labels.scaling is not None:
+            raise ValueError("model.type: federated training classifies; regression trains with task: train (not built for federated yet)")
         if isinstance(self.outputs.model_to, list):
             for name in self.outputs.model_to:
                 self._check_party("outputs.model_to", name)

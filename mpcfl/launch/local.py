@@ -389,7 +389,7 @@ def _headline(job: JobBase, run_id: str) -> str:
             headline = runs.Run(job.party_root(name), run_id).read().get("headline") or {}
         except MpcflError:
             continue
-        for key in ("test_accuracy", "train_accuracy", "accuracy", "predictions"):
+        for key in ("test_accuracy", "train_accuracy", "accuracy", "test_r2", "r2", "train_mae", "predictions"):
             if key in headline:
                 value = headline[key]
                 return f" ({name}: {key}={value:.4g})" if isinstance(value, float) else f" ({name}: {key}={value})"

@@ -1,23 +1,24 @@
-"""The output head: the one place that knows binary from multi-class classification.
+"""The output head: the one place that knows binary from multi-class classification and regression.
 
 Two classes: one logit, targets a 0/1 column, a sigmoid and BCE. More: one logit per
 class, targets one-hot under MPC (class indices for plain torch), a softmax and
-cross-entropy. Every other module asks :func:`head_of` instead of testing ``num_classes``.
-Methods named ``secure_*`` take CrypTensors, ``plain_*`` torch tensors.
+cross-entropy. Regression: one output, the (scaled) target as a column, MSE or Huber.
+Every other module asks :func:`head_of` (or :func:`job_head`) instead of testing ``num_classes``
+or the loss. Methods named ``secure_*`` take CrypTensors, ``plain_*`` torch tensors.
 """
 
 from __future__ import annotations
 
 import abc
 import math
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from mpcfl.models.sigmoid import DEFAULT as DEFAULT_SIGMOID
 from mpcfl.models.sigmoid import SIGMOIDS, Sigmoid
-from mpcfl.models.spec import TrainModel
+from mpcfl.models.spec import Regression, TrainModel
 
 # exp(-a) in CrypTen is (1 - a/2^8)^(2^8), which blows up for a > 256; terms this
 # far out contribute < e^-40 to a loss anyway.
@@ -30,11 +31,13 @@ def _min_with(a: Any, cap: float) -> Any:
 
 
 class Head(abc.ABC):
-    """Output size, target encoding, loss and correctness count of a classifier."""
+    """Output size, target encoding, loss and per-example summary (a hit, or an absolute error)."""
 
     loss_name: str  # the job's ``training.loss`` this head trains with
     gradient_bound: float  # L2 bound on one example's d(loss)/d(logits) as output_error computes it
     bounded_error: bool = False  # output_error keeps gradient_bound for any logit (no clamp needed first)
+    summary: str = "accuracy"  # what the mean of secure_summaries is, beside the loss, in metrics.json
+    classifies: bool = True
 
     def __init__(self, classes: int) -> None:
         self.classes = classes
@@ -67,8 +70,16 @@ class Head(abc.ABC):
         """
 
     @abc.abstractmethod
-    def secure_correct(self, logits: Any, y: Any) -> Any:
-        """The number of correct predictions, still encrypted."""
+    def secure_summaries(self, logits: Any, y: Any) -> Any:
+        """Per example, 1 for a correct prediction and 0 otherwise (a regression: its absolute error), still encrypted."""
+
+    def summary_bound(self, logit: float) -> float:
+        """A bound on one example's summary when every logit lies within +-``logit``."""
+        return 1.0
+
+    def plain_scores(self, logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """The split's ``summary`` (and a regression's R^2 and RMSE) in plain torch, in the label's units."""
+        return {"accuracy": float(self.plain_hits(logits, y).float().mean())}
 
     @abc.abstractmethod
     def plain_targets(self, y: np.ndarray) -> torch.Tensor:
@@ -125,10 +136,9 @@ class BinaryHead(Head):
         tail = (_min_with(magnitude, _EXP_FLOOR).neg().exp() + 1).log()
         return (relu - y * logits + tail).squeeze(1)
 
-    def secure_correct(self, logits: Any, y: Any) -> Any:
-        # Predictions and labels are 0/1, so each squared difference counts one error.
-        errors = (logits.gt(0.0) - y).square().sum()
-        return errors.neg() + y.size(0)
+    def secure_summaries(self, logits: Any, y: Any) -> Any:
+        # Predictions and labels are 0/1, so each squared difference is one error.
+        return ((logits.gt(0.0) - y).square().neg() + 1).squeeze(1)
 
     def plain_targets(self, y: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(y).float().reshape(-1, 1)
@@ -177,8 +187,8 @@ class MultiClassHead(Head):
         logsumexp = top.squeeze(1) + shifted.exp().sum(dim=1).log()
         return logsumexp - (logits * y).sum(dim=1)
 
-    def secure_correct(self, logits: Any, y: Any) -> Any:
-        return (logits.argmax(dim=1, one_hot=True) * y).sum()
+    def secure_summaries(self, logits: Any, y: Any) -> Any:
+        return (logits.argmax(dim=1, one_hot=True) * y).sum(dim=1)
 
     def plain_targets(self, y: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(y).long()
@@ -197,7 +207,117 @@ class MultiClassHead(Head):
         return torch.softmax(logits.double(), dim=1)
 
 
-def head_of(spec: TrainModel, sigmoid: str = DEFAULT_SIGMOID) -> Head:
-    """The head a model spec describes; a binary one computes its gradient with the named sigmoid
-    (a training job's ``training.sigmoid``)."""
+class RegressionHead(Head):
+    """One output, fitted to the scaled target ``(y - center) / scale`` with MSE or Huber.
+
+    The gradient of MSE, ``2 (z - y)``, grows with the error: its bound is a rule taken at the
+    initial weights (outputs near 0, targets within ``target_bound``), like an MLP's bounds in
+    :mod:`mpcfl.tasks.train.bounds`. Huber's, ``clamp(z - y, -delta, delta)``, is bounded for any
+    output, which DP-SGD needs. Scores are mapped back to the label column's units by ``scale``.
+    """
+
+    summary = "mae"
+    classifies = False
+
+    def __init__(self, spec: Regression) -> None:
+        super().__init__(1)
+        self.spec = spec
+        self.loss_name = spec.loss
+        huber = spec.loss == "huber"
+        self.bounded_error = huber
+        self.gradient_bound = spec.huber_delta if huber else 2 * (spec.target_bound + 1)
+
+    @property
+    def output_size(self) -> int:
+        return 1
+
+    def example_loss_bound(self, logit: float) -> float:
+        error = logit + self.spec.target_bound
+        return self.spec.huber_delta * error if self.spec.loss == "huber" else error**2
+
+    def summary_bound(self, logit: float) -> float:
+        return logit + self.spec.target_bound
+
+    def secure_targets(self, y: np.ndarray | None, rows: int) -> torch.Tensor:
+        out = torch.zeros(rows, 1)
+        if y is not None:
+            out[:, 0] = torch.from_numpy(y).float()
+        return out
+
+    def output_error(self, logits: Any, y: Any) -> Any:
+        error = logits - y
+        if self.spec.loss == "huber":
+            delta = self.spec.huber_delta
+            return error - (error - delta).relu() + (error.neg() - delta).relu()  # clamp to +-delta
+        return error * 2
+
+    def secure_example_losses(self, logits: Any, y: Any) -> Any:
+        error = logits - y
+        if self.spec.loss == "mse":
+            return error.square().squeeze(1)
+        magnitude = error.abs()
+        inside = _min_with(magnitude, self.spec.huber_delta)  # m = min(|e|, delta): m (|e| - m / 2)
+        return (inside * (magnitude - inside.div(2))).squeeze(1)
+
+    def secure_summaries(self, logits: Any, y: Any) -> Any:
+        return (logits - y).abs().squeeze(1)
+
+    def plain_targets(self, y: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(y, dtype=np.float32)).reshape(-1, 1)
+
+    def plain_loss(self, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        if self.spec.loss == "huber":
+            loss = torch.nn.functional.huber_loss(logits, y, reduction="none", delta=self.spec.huber_delta)
+        else:
+            loss = torch.nn.functional.mse_loss(logits, y, reduction="none")
+        loss = loss.squeeze(1)
+        return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+    def plain_hits(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise TypeError("a regression has no hits; see plain_scores")
+
+    def plain_scores(self, logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        return regression_scores(
+            self.to_label_units(logits).squeeze(1).double(), self.to_label_units(y).squeeze(1).double()
+        )
+
+    def to_label_units(self, values: torch.Tensor) -> torch.Tensor:
+        """Scaled outputs or targets back in the label column's units."""
+        return values * self.spec.scale + self.spec.center
+
+    def log_odds(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise TypeError("a regression has no log-odds")
+
+    def plain_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        raise TypeError("a regression predicts values, not probabilities")
+
+
+def regression_scores(predicted: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """MAE, RMSE and R^2 (1 - residual / total sum of squares) of ``predicted`` against ``target``."""
+    residual = predicted - target
+    total = float(((target - target.mean()) ** 2).sum())
+    return {
+        "mae": float(residual.abs().mean()),
+        "rmse": float(residual.pow(2).mean().sqrt()),
+        "r2": 1.0 - float(residual.pow(2).sum()) / total if total > 0 else math.nan,
+    }
+
+
+def head_of(spec: TrainModel, sigmoid: str = DEFAULT_SIGMOID, *, regression: Regression | None = None) -> Head:
+    """The head a model spec describes: a regression's when given its numbers, else a classifier's; a
+    binary one computes its gradient with the named sigmoid (a training job's ``training.sigmoid``)."""
+    if regression is not None:
+        return RegressionHead(regression)
     return BinaryHead(spec.num_classes, SIGMOIDS[sigmoid]) if spec.binary else MultiClassHead(spec.num_classes)
+
+
+class _Job(Protocol):
+    model: Any
+    training: Any
+
+
+def job_head(job: _Job, *, gradient: bool = False) -> Head:
+    """A training job's head (``training.loss``, ``labels.scaling``); with ``gradient``, the one its
+    gradient uses (``training.sigmoid``), else exact sigmoids for metrics and references."""
+    sigmoid = getattr(job.training, "sigmoid", DEFAULT_SIGMOID) if gradient else DEFAULT_SIGMOID
+    return head_of(job.model, sigmoid, regression=getattr(job, "regression", None))

@@ -1,4 +1,5 @@
-"""A trained model with the job's preprocessing in front: raw rows in, logits out, in plain PyTorch.
+"""A trained model with the job's preprocessing in front: raw rows in, logits (or a regression's
+values, in the label's units) out, in plain PyTorch.
 
 Training scales each party's columns (its own standardisation statistics, or the job's public
 ``data.scaling``), and under DP clamps them to ``data.max_abs`` and, for logistic regression, clips
@@ -24,7 +25,8 @@ class Preprocessed(nn.Module):
         center, scale: per column (scale 1 and center 0 where training did not scale).
         clamp: every preprocessed value clamped to ``[-clamp, clamp]`` (DP), or None.
         row_clip: per party, ``(start, stop, bound)``: that slice of a row scaled down to norm ``bound`` (DP
-            logistic regression).
+            linear models).
+        target: a regression's ``(center, scale)`` (``labels.scaling``): outputs become ``center + scale * z``.
     """
 
     def __init__(
@@ -36,6 +38,7 @@ class Preprocessed(nn.Module):
         *,
         clamp: float | None = None,
         row_clip: Sequence[tuple[int, int, float]] = (),
+        target: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -44,6 +47,7 @@ class Preprocessed(nn.Module):
         self.register_buffer("scale", torch.tensor(list(scale), dtype=torch.float32))
         self.clamp = clamp
         self.row_clip = [tuple(item) for item in row_clip]
+        self.target = target
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = (x - self.center) / self.scale
@@ -56,4 +60,5 @@ class Preprocessed(nn.Module):
                 norm = part.norm(dim=1, keepdim=True).clamp_min(1e-12)
                 parts.append(part * (bound / norm).clamp(max=1.0))
             z = torch.cat(parts, dim=1)
-        return self.model(z)
+        out = self.model(z)
+        return out if self.target is None else out * self.target[1] + self.target[0]

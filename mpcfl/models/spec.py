@@ -6,6 +6,7 @@ multi-class mean for outputs, targets and losses is :mod:`mpcfl.models.heads`'s.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
@@ -21,11 +22,11 @@ def is_binary(num_classes: int) -> bool:
 
 
 class ModelSpec(BaseModel):
-    """A job's ``model`` section for training: logistic regression or an MLP."""
+    """A job's ``model`` section for training: logistic or linear regression, or an MLP."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: Literal["logistic_regression", "mlp"]
+    type: Literal["logistic_regression", "linear_regression", "mlp"]
     hidden: list[PositiveInt] = Field(default_factory=list)
     activation: Literal["relu", "sigmoid"] = "relu"
     num_classes: Classes = 2
@@ -34,9 +35,16 @@ class ModelSpec(BaseModel):
     def _hidden_matches_type(self) -> ModelSpec:
         if self.type == "mlp" and not self.hidden:
             raise ValueError("model.hidden: an mlp needs at least one hidden layer size")
-        if self.type == "logistic_regression" and self.hidden:
-            raise ValueError("model.hidden: logistic_regression has no hidden layers")
+        if self.type != "mlp" and self.hidden:
+            raise ValueError(f"model.hidden: {self.type} has no hidden layers")
+        if self.type == "linear_regression" and not self.binary:
+            raise ValueError("model.num_classes: linear_regression predicts a value, not a class")
         return self
+
+    @property
+    def linear(self) -> bool:
+        """One Linear layer (logistic or linear regression)."""
+        return self.type != "mlp"
 
     @property
     def binary(self) -> bool:
@@ -87,6 +95,21 @@ class FactoryModelSpec(FactorySpec):
     def binary(self) -> bool:
         """Two classes (see :func:`mpcfl.models.heads.head_of`)."""
         return is_binary(self.num_classes)
+
+
+REGRESSION_LOSSES = ("mse", "huber")
+
+
+@dataclass(frozen=True)
+class Regression:
+    """What a regression job's head needs: its loss, and the public affine map from the
+    targets the model learns back to the label column's units (``labels.scaling``)."""
+
+    loss: Literal["mse", "huber"] = "mse"
+    huber_delta: float = 1.0
+    center: float = 0.0
+    scale: float = 1.0
+    target_bound: float = 5.0  # |scaled target| at most this (labels.max_abs)
 
 
 TrainModel = ModelSpec | FactoryModelSpec  # what a training job's ``model`` may be

@@ -30,6 +30,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema import PredictJob, TrainJob
 from mpcfl.jobs.session import session_of
 from mpcfl.models.build import build_torch_model, to_crypten
-from mpcfl.models.heads import head_of
+from mpcfl.models.heads import Head, job_head
 from mpcfl.mpc.compat import import_crypten
 from mpcfl.mpc.device import to_device
 from mpcfl.mpc.reveal import reveal
@@ -109,7 +110,8 @@ def load_rows(job: PredictJob, party: str, trained: TrainedRun) -> Split | None:
     columns, x, y = table.columns, table.values, None
     if label is not None and label in columns:
         index = columns.index(label)
-        y = x[:, index].astype(np.int64)
+        regression = train.regression  # scaled as training scaled it: the head maps both back to the label's units
+        y = x[:, index].astype(np.int64) if regression is None else (x[:, index] - regression.center) / regression.scale
         x = np.delete(x, index, axis=1)
         columns = [c for c in columns if c != label]
     if columns != trained.columns:
@@ -270,30 +272,39 @@ def _predict(job: PredictJob, party: str, split: Split | None, trained: TrainedR
 
 
 def _write_predictions(out: Path, train: TrainJob, logits: torch.Tensor, split: Split | None, ids: list[str] | None) -> dict[str, Any]:
-    """A receiver's ``predictions.csv``, and the accuracy and loss when it holds the rows' labels."""
-    head = head_of(train.model)
-    probabilities = head.plain_probabilities(logits)
-    predicted = probabilities.argmax(dim=1)
+    """A receiver's ``predictions.csv``, and the loss and scores when it holds the rows' labels."""
+    head = job_head(train)
     key = train.id_column_of(train.labels.party) if ids is not None else "row"
-    keys = ids if ids is not None else [str(i) for i in range(len(predicted))]
-    names = train.labels.classes or [str(c) for c in range(probabilities.shape[1])]
-
-    def write(handle: Any) -> None:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow([key, "predicted", *(f"p_{name}" for name in names)])
-        for name, label, row in zip(keys, predicted.tolist(), probabilities.tolist()):
-            writer.writerow([name, names[label], *(f"{p:.6g}" for p in row)])
-
-    atomic_write(out / "predictions.csv", write)
+    keys = ids if ids is not None else [str(i) for i in range(logits.shape[0])]
+    if head.classifies:
+        atomic_write(out / "predictions.csv", _class_rows(train, head, logits, key, keys))
+    else:
+        values = head.to_label_units(logits.double()).squeeze(1).tolist()  # type: ignore[attr-defined]
+        atomic_write(out / "predictions.csv", lambda handle: _write_rows(handle, [key, "predicted"], zip(keys, (f"{v:.6g}" for v in values))))
     log.info("saved %d predictions to %s", len(keys), out / "predictions.csv")
     record: dict[str, Any] = {"predictions": {"file": "predictions.csv", "rows": len(keys)}}
     if split is not None and split.y is not None and len(split.y) == len(keys):
         y = head.plain_targets(split.y)
-        record["metrics"] = {
-            "accuracy": float(head.plain_hits(logits.float(), y).float().mean()),
-            "loss": float(head.plain_loss(logits.float(), y)),
-        }
+        record["metrics"] = {"loss": float(head.plain_loss(logits.float(), y)), **head.plain_scores(logits.float(), y)}
     return record
+
+
+def _write_rows(handle: Any, header: list[str], rows: Iterable[Iterable[Any]]) -> None:
+    writer = csv.writer(handle, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+
+
+def _class_rows(train: TrainJob, head: Head, logits: torch.Tensor, key: str, keys: list[str]) -> Callable[[Any], None]:
+    """Writes each row's predicted class name and every class's probability."""
+    probabilities = head.plain_probabilities(logits)
+    predicted = probabilities.argmax(dim=1)
+    names = train.labels.classes or [str(c) for c in range(probabilities.shape[1])]
+    rows = (
+        [name, names[label], *(f"{p:.6g}" for p in row)]
+        for name, label, row in zip(keys, predicted.tolist(), probabilities.tolist())
+    )
+    return lambda handle: _write_rows(handle, [key, "predicted", *(f"p_{name}" for name in names)], rows)
 
 
 

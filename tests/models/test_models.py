@@ -69,7 +69,7 @@ def test_head_agrees_with_plain_torch(crypten_single: None, classes: int) -> Non
     assert head.secure_targets(None, 4).shape == (4, head.output_size)  # a party without labels shares zeros
     enc_logits, enc_y = crypten.cryptensor(logits), crypten.cryptensor(secure_y)
     losses = reveal(head.secure_example_losses(enc_logits, enc_y), to=[0], what="losses")
-    correct = reveal(head.secure_correct(enc_logits, enc_y), to=[0], what="correct")
+    correct = reveal(head.secure_summaries(enc_logits, enc_y).sum(), to=[0], what="correct")
     assert torch.allclose(losses, expected_loss, atol=2e-2), (losses, expected_loss)
     assert round(float(correct)) == int(expected_correct)
     # The output error is the gradient of the summed loss at the logits.
@@ -78,3 +78,42 @@ def test_head_agrees_with_plain_torch(crypten_single: None, classes: int) -> Non
     error = reveal(head.output_error(enc_logits, enc_y), to=[0], what="error")
     assert torch.allclose(error, grad_logits.grad, atol=1e-2)
     assert float(grad_logits.grad.norm(dim=1).max()) <= head.gradient_bound
+
+
+@pytest.mark.parametrize("loss", ["mse", "huber"])
+def test_regression_head_agrees_with_plain_torch(crypten_single: None, loss: str) -> None:
+    """Loss, absolute errors and the output error of a regression head against torch's losses, and
+    its scores mapped back to the label's units by labels.scaling."""
+    import numpy as np
+
+    from mpcfl.models.heads import head_of, regression_scores
+    from mpcfl.models.spec import Regression
+    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.reveal import reveal
+
+    crypten = import_crypten()
+    spec = Regression(loss=loss, huber_delta=0.5, center=150.0, scale=80.0)
+    head = head_of(ModelSpec(type="linear_regression"), regression=spec)
+    assert head.output_size == 1 and not head.classifies and head.loss_name == loss
+    targets = np.array([-1.5, 0.2, 0.0, 2.5, -0.3])
+    torch.manual_seed(0)
+    logits = torch.randn(len(targets), 1) * 2
+    plain_y = head.plain_targets(targets)
+    torch_loss = torch.nn.HuberLoss(reduction="none", delta=0.5) if loss == "huber" else torch.nn.MSELoss(reduction="none")
+    expected = torch_loss(logits, plain_y).squeeze(1)
+    assert torch.allclose(head.plain_loss(logits, plain_y, reduction="none"), expected)
+    enc_logits, enc_y = crypten.cryptensor(logits), crypten.cryptensor(head.secure_targets(targets, len(targets)))
+    losses = reveal(head.secure_example_losses(enc_logits, enc_y), to=[0], what="losses")
+    assert torch.allclose(losses, expected, atol=1e-2), (losses, expected)
+    errors = reveal(head.secure_summaries(enc_logits, enc_y), to=[0], what="errors")
+    assert torch.allclose(errors, (logits - plain_y).abs().squeeze(1), atol=1e-3)
+    grad_logits = logits.clone().requires_grad_()
+    head.plain_loss(grad_logits, plain_y, reduction="sum").backward()
+    error = reveal(head.output_error(enc_logits, enc_y), to=[0], what="error")
+    assert torch.allclose(error, grad_logits.grad, atol=1e-3)
+    if loss == "huber":  # bounded for any output, as DP-SGD needs
+        assert head.bounded_error and float(grad_logits.grad.abs().max()) <= head.gradient_bound
+    scores = head.plain_scores(logits, plain_y)
+    in_units = regression_scores((logits * 80 + 150).squeeze(1).double(), (plain_y * 80 + 150).squeeze(1).double())
+    assert scores == pytest.approx(in_units)
+    assert scores["mae"] == pytest.approx(80 * float((logits - plain_y).abs().mean()), rel=1e-5)

@@ -34,7 +34,7 @@ from mpcfl.tasks.train.baseline import prepared_data, train_plaintext
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.errors import MpcflError
 from mpcfl.models.build import build_torch_model
-from mpcfl.models.heads import head_of
+from mpcfl.models.heads import job_head
 from mpcfl.outputs import atomic_write, write_json
 
 log = logging.getLogger(__name__)
@@ -64,12 +64,12 @@ class AttackResult:
 def _confidence(job: TrainJob, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """Per-example logit-scaled confidence in the true label, log(p / (1 - p)) (LiRA's statistic)."""
     with torch.no_grad():
-        return head_of(job.model).log_odds(model(x), y).numpy()
+        return job_head(job).log_odds(model(x), y).numpy()
 
 
 def _loss(job: TrainJob, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
-        loss = head_of(job.model).plain_loss(model(x), y, reduction="none")
+        loss = job_head(job).plain_loss(model(x), y, reduction="none")
     return loss.reshape(len(x)).double().numpy()
 
 
@@ -132,7 +132,7 @@ def train_on_subsets(job: TrainJob, x: torch.Tensor, y: torch.Tensor, *, models:
     confidences, losses = np.zeros((models, n)), np.zeros((models, n))
     included = np.zeros((models, n), dtype=bool)
     accuracies = np.zeros(models)
-    head = head_of(job.model)
+    head = job_head(job)
     for s in range(models):
         keep = rng.permutation(n)[:size]
         included[s, keep] = True
@@ -183,8 +183,10 @@ def run_attacks(job: TrainJob, model_path: Path, *, shadows: int = 16, seed: int
     """Both attacks on the model at ``model_path``: train rows are members, test rows are not.
 
     Raises:
-        MpcflError: no model file, or the job has no test split to serve as non-members.
+        MpcflError: no model file, the job has no test split to serve as non-members, or it is a regression.
     """
+    if job.regression is not None:  # LiRA here scores a classifier's log-odds of the true label
+        raise MpcflError(f"{job.source}: the membership audit scores classifiers; a regression (training.loss: {job.training.loss}) is not audited yet")
     if not model_path.is_file():
         raise MpcflError(f"{model_path}: no model to audit (run the job with outputs.model_to naming a party)")
     x, y, x_test, y_test = prepared_data(job)

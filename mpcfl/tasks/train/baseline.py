@@ -20,7 +20,7 @@ from mpcfl.data.party import (
 from mpcfl.data.psi import align_plainly
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.build import build_torch_model
-from mpcfl.models.heads import Head, head_of
+from mpcfl.models.heads import Head, job_head
 from mpcfl.tasks.train.dataset import prepare
 from mpcfl.tasks.train.dp_sgd import calibration, clips_features, sampling
 from mpcfl.tasks.train.loop import batches
@@ -42,12 +42,13 @@ def _joined(job: TrainJob, parts: list[PartyData], which: str) -> tuple[np.ndarr
     return np.vstack([s.x for s in splits]), np.concatenate([s.y for s in splits])
 
 
-def _evaluate(head: Head, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def _evaluate(head: Head, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, prefix: str) -> dict[str, float]:
+    """The split's loss and scores (accuracy, or a regression's MAE, RMSE and R^2) as metrics.json names them."""
     with torch.no_grad():
         logits = model(x)
-        loss = head.plain_loss(logits, y)
-        correct = head.plain_hits(logits, y).float().mean()
-    return float(loss), float(correct)
+        scores = head.plain_scores(logits, y)
+        record = {"loss" if prefix == "train_" else "test_loss": float(head.plain_loss(logits, y))}
+    return record | {prefix + name: value for name, value in scores.items()}
 
 
 def prepared_data(job: TrainJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -77,7 +78,7 @@ def prepared_data(job: TrainJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     if job.data.scaling is not None:  # after each party named any column of its own left out
         n_columns = sum(feature_counts) if job.partition == "vertical" else feature_counts[0]
         check_scaling_covers(job.data.scaling, n_columns, job.source)
-    head = head_of(job.model)
+    head = job_head(job)
     x_np, y_np = _joined(job, parts, "train")
     x, y = torch.tensor(x_np, dtype=torch.float32), head.plain_targets(y_np)
     test = _joined(job, parts, "test")
@@ -87,14 +88,14 @@ def prepared_data(job: TrainJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def evaluate_state_dict(job: TrainJob, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Loss and accuracy of revealed weights on the job's (joined) train and test data."""
+    """Loss and scores of revealed weights on the job's (joined) train and test data."""
     x, y, x_test, y_test = prepared_data(job)
     model = build_torch_model(job.model, n_features=x.shape[1])
     model.load_state_dict(state_dict)
-    head = head_of(job.model)
-    record = dict(zip(("loss", "train_accuracy"), _evaluate(head, model, x, y)))
+    head = job_head(job)
+    record = _evaluate(head, model, x, y, "train_")
     if x_test is not None:
-        record.update(zip(("test_loss", "test_accuracy"), _evaluate(head, model, x_test, y_test)))
+        record.update(_evaluate(head, model, x_test, y_test, "test_"))
     return record
 
 
@@ -139,7 +140,7 @@ def train_plaintext(
     seed = spec.seed if seed is None else seed
     model = build_torch_model(job.model, n_features=x.shape[1], seed=seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)
-    head = head_of(job.model)
+    head = job_head(job)
     loss_fn = head.plain_loss
     noise_std = 0.0
     if job.dp is not None:  # what the secure run reveals: each of n parties adds sigma^2 / (n - t)
@@ -180,9 +181,8 @@ def train_plaintext(
                     param.grad += torch.randn(param.shape, generator=generator) * noise_std / denominator
             optimizer.step()
             project()
-        loss, accuracy = _evaluate(head, model, x, y)
-        record = {"epoch": epoch + 1, "loss": loss, "train_accuracy": accuracy}
+        record = {"epoch": epoch + 1, **_evaluate(head, model, x, y, "train_")}
         if x_test is not None:
-            record["test_loss"], record["test_accuracy"] = _evaluate(head, model, x_test, y_test)
+            record.update(_evaluate(head, model, x_test, y_test, "test_"))
         history.append(record)
     return PlainResult(model=model, history=history)

@@ -62,7 +62,7 @@ from mpcfl.errors import ConfigError, MpcflError
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.build import build_torch_model, to_crypten
 from mpcfl.models.convert import UnsupportedModelError
-from mpcfl.models.heads import Head, head_of
+from mpcfl.models.heads import Head, job_head
 from mpcfl.models.spec import ModelSpec
 
 PRODUCT_LIMIT = 2.0**31  # |a * b| at which an encoded product wraps
@@ -246,7 +246,7 @@ def dp_mlp_headroom(job: TrainJob, n_features: int) -> float:
     """
     assert job.dp is not None
     model = build_torch_model(job.model, n_features=n_features, seed=job.training.seed)
-    error = head_of(job.model, job.training.sigmoid).gradient_bound
+    error = job_head(job, gradient=True).gradient_bound
     try:
         layers = clipping.layer_bounds(
             model, input_bound=job.data.max_abs, weight_bound=job.dp.weight_bound, error_bound=error
@@ -268,7 +268,7 @@ def _bounds(job: TrainJob, chain: tuple[float, list[_Layer], float], *, n_rows: 
     step = job.training.learning_rate / (1 - job.training.momentum)
     if job.dp is not None and job.dp.sampling == "poisson":  # a step's sum over q n: up to 1/q means, if all rows join
         step /= poisson_rate(job.training.batch_size, n_rows)
-    error = head_of(job.model, job.training.sigmoid).gradient_bound * post
+    error = job_head(job, gradient=True).gradient_bound * post
     dp_mlp = _dp_mlp(job)
 
     def activate(norm: float, layer: _Layer) -> float:
@@ -332,7 +332,7 @@ def safe_input_norm(job: TrainJob, *, n_features: int, n_rows: int, metric_rows:
 
     if _dp_mlp(job):  # features are clamped to data.max_abs, and dp_mlp_headroom proved that safe
         return job.data.max_abs * math.sqrt(n_features)
-    head = head_of(job.model)
+    head = job_head(job)
     chain = _model_chain(job, n_features)
 
     def fits(norm: float) -> bool:

@@ -27,7 +27,7 @@ from mpcfl.data.party import (
     clamp_range, columns_hash, scale_publicly, standardize_locally,
 )
 from mpcfl.jobs.schema import TrainJob
-from mpcfl.models.heads import head_of
+from mpcfl.models.heads import job_head
 from mpcfl.models.spec import FactoryModelSpec
 from mpcfl.mpc.session import agreed, all_gather_public
 from mpcfl.tasks.train.bounds import PRODUCT_LIMIT, check_model, dp_mlp_headroom, safe_input_norm, steps
@@ -265,7 +265,7 @@ def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: torch.de
         DataError: shapes disagree across parties, or values are out of range.
     """
     crypten = _crypten()
-    head = head_of(job.model)
+    head = job_head(job)
     shapes = _public_shapes(job, data)
     vertical = job.partition == "vertical"
     n_features = sum(s[2] for s in shapes) if vertical else shapes[0][2]

@@ -67,7 +67,7 @@ from mpcfl.dp.sampling import poisson_rate, poisson_steps
 from mpcfl.errors import ConfigError, MpcflError
 from mpcfl.jobs.schema import FederatedJob, TrainJob
 from mpcfl.models.build import build_torch_model
-from mpcfl.models.heads import Head, head_of
+from mpcfl.models.heads import Head, job_head
 from mpcfl.models.sigmoid import clamp_symmetric
 from mpcfl.mpc.compat import import_crypten
 from mpcfl.mpc.prng import SecureGenerator, numpy_generator
@@ -83,7 +83,7 @@ _APPROXIMATION_MARGIN = 1.01
 def clips_features(job: TrainJob) -> bool:
     """DP logistic regression bounds its gradients by clipping features before sharing;
     an MLP clips each example's gradient inside MPC (:mod:`mpcfl.dp.clipping`)."""
-    return job.dp is not None and job.model.type == "logistic_regression"
+    return job.dp is not None and job.model.type in ("logistic_regression", "linear_regression")
 
 
 def bound_features(job: TrainJob, part: Any, feature_counts: list[int]) -> None:
@@ -114,14 +114,16 @@ def metrics_charge(job: TrainJob) -> tuple[Charge, float] | None:
     rows are counted separately, and the counts are public) moves the revealed [loss sums,
     correct counts] by at most the clipped loss bound L in one loss entry and 1 in one
     count, since each term lies in [0, L] or {0, 1}: a difference of two such terms, not
-    twice one as for gradients. L2 sensitivity sqrt(L^2 + 1), L1 sensitivity L + 1.
+    twice one as for gradients. L2 sensitivity sqrt(L^2 + 1), L1 sensitivity L + 1. A
+    regression's absolute errors are clipped to [0, L] too: sqrt(2) L and 2 L.
     """
     assert job.dp is not None
     spec = job.dp.metrics
     if spec is None:
         return None
     bound = spec.loss_bound
-    sensitivity = math.sqrt(bound**2 + 1) if spec.mechanism == "gaussian" else bound + 1
+    summary = 1.0 if job.regression is None else bound
+    sensitivity = math.hypot(bound, summary) if spec.mechanism == "gaussian" else bound + summary
     return Charge(spec.mechanism, spec.noise_multiplier), spec.noise_multiplier * sensitivity
 
 
@@ -312,7 +314,7 @@ class DpSgd(TrainingStep):
 
 def gradient_head(job: TrainJob) -> Head:
     """The head training's gradient uses: with the job's ``training.sigmoid``."""
-    return head_of(job.model, job.training.sigmoid)
+    return job_head(job, gradient=True)
 
 
 def bounded_gradients(model: Any, x: Any, y: Any, head: Head, selection: Selection | None = None, *, mean: bool = True) -> None:

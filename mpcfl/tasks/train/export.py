@@ -25,6 +25,7 @@ from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.build import build_torch_model
 from mpcfl.models.preprocessed import Preprocessed
 from mpcfl.models.spec import ModelSpec
+from mpcfl.tasks.train.dp_sgd import clips_features
 
 PREPROCESSING = "preprocessing.json"
 
@@ -33,13 +34,15 @@ def model_record(job: TrainJob, n_features: int, feature_counts: list[int]) -> d
     """``model.json``: what rebuilds the module, and the job's public preprocessing."""
     dp = job.dp
     row_clip = None
-    if dp is not None and job.model.type == "logistic_regression":
+    if clips_features(job):
         holders = sum(1 for c in feature_counts if c > 0) if job.partition == "vertical" else 1
         row_clip = dp.clip / math.sqrt(holders)  # each party's slice of a row (mpcfl.tasks.train.dp_sgd)
+    regression = job.regression
     return {
         "model": job.model.model_dump(), "n_features": n_features, "partition": job.partition,
         "parties": job.party_names, "feature_counts": feature_counts,
         "scaling": job.data.scaling, "max_abs": job.data.max_abs if dp is not None else None, "row_clip": row_clip,
+        "target": None if regression is None else {"loss": regression.loss, "center": regression.center, "scale": regression.scale},
     }
 
 
@@ -55,7 +58,8 @@ def export_onnx(model: nn.Module, state: dict[str, torch.Tensor], n_features: in
 
 
 def load_model(folder: str | Path, *others: str | Path) -> Preprocessed:
-    """The model a receiver holds, with the job's preprocessing in front (raw columns in, logits out).
+    """The model a receiver holds, with the job's preprocessing in front (raw columns in, logits out;
+    a regression's predictions in the label column's units).
 
     Args:
         folder: the receiver's run folder (``model.pt``, ``model.json``, its ``preprocessing.json``).
@@ -106,4 +110,8 @@ def load_model(folder: str | Path, *others: str | Path) -> Preprocessed:
         if record.get("row_clip") is not None:
             row_clip.append((start, start + count, record["row_clip"]))
         start += count
-    return Preprocessed(module, columns, center, scale, clamp=record.get("max_abs"), row_clip=row_clip)
+    target = record.get("target")
+    return Preprocessed(
+        module, columns, center, scale, clamp=record.get("max_abs"), row_clip=row_clip,
+        target=None if target is None else (target["center"], target["scale"]),
+    )

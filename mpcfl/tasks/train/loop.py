@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.build import build_torch_model, to_crypten
-from mpcfl.models.heads import Head, head_of
+from mpcfl.models.heads import Head, job_head
 from mpcfl.mpc import fixed_mask
 from mpcfl.mpc.compat import import_crypten
 from mpcfl.mpc.reveal import Privacy, budget_state, reveal, spend
@@ -54,26 +54,39 @@ def batches(n_rows: int, *, batch_size: int, seed: int, epoch: int, shuffle: boo
     return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
 
 
-def _loss_and_correct(head: Head, logits: Any, y: Any, *, loss_bound: float | None) -> list[Any]:
-    """Summed loss and number of correct predictions over a whole split's logits, still encrypted.
+def _clip(values: Any, bound: float) -> Any:
+    """Each value clipped to [0, bound] under MPC."""
+    return values.relu() - (values - bound).relu()
 
-    With ``loss_bound`` each example's loss is clipped to [0, loss_bound] first, so one
-    record moves the sum by at most that much (the sensitivity DP metrics rely on).
+
+def _loss_and_summary(head: Head, logits: Any, y: Any, *, loss_bound: float | None) -> list[Any]:
+    """Summed loss and summed summary (correct predictions, or a regression's absolute errors) over a
+    whole split's logits, still encrypted.
+
+    With ``loss_bound`` each example's loss (and absolute error) is clipped to [0, loss_bound] first,
+    so one record moves each sum by at most that much (the sensitivity DP metrics rely on).
     """
     losses = head.secure_example_losses(logits, y)
+    summaries = head.secure_summaries(logits, y)
     if loss_bound is not None:
-        losses = losses.relu() - (losses - loss_bound).relu()
-    correct = head.secure_correct(logits, y)
-    return [losses.sum().reshape(1), correct.reshape(1)]
+        losses = _clip(losses, loss_bound)
+        if not head.classifies:  # a hit is already 0 or 1
+            summaries = _clip(summaries, loss_bound)
+    return [losses.sum().reshape(1), summaries.sum().reshape(1)]
 
 
-def _metrics(opened: torch.Tensor, n_train: int, n_test: int | None) -> dict[str, float]:
-    """Means from the revealed sums. DP noise can push them out of range; clamping them
-    back is post-processing, so it costs no privacy."""
+def _metrics(opened: torch.Tensor, head: Head, n_train: int, n_test: int | None) -> dict[str, float]:
+    """Means from the revealed sums, a regression's absolute error in the label's units. DP noise can
+    push them out of range; clamping them back is post-processing, so it costs no privacy."""
     sums = opened.double().tolist()
-    record = {"loss": max(sums[0] / n_train, 0.0), "train_accuracy": min(max(sums[1] / n_train, 0.0), 1.0)}
+
+    def summary(total: float, rows: int) -> float:
+        mean = max(total / rows, 0.0)
+        return min(mean, 1.0) if head.classifies else mean * head.spec.scale  # type: ignore[attr-defined]
+
+    record = {"loss": max(sums[0] / n_train, 0.0), f"train_{head.summary}": summary(sums[1], n_train)}
     if n_test is not None:
-        record.update(test_loss=max(sums[2] / n_test, 0.0), test_accuracy=min(max(sums[3] / n_test, 0.0), 1.0))
+        record.update({"test_loss": max(sums[2] / n_test, 0.0), f"test_{head.summary}": summary(sums[3], n_test)})
     return record
 
 
@@ -85,10 +98,11 @@ _NOISE_SLACK = 40.0
 def _check_metrics(
     opened: torch.Tensor | None, limits: Bounds, rows: list[int], *, head: Head, noise: float, what: str
 ) -> None:
-    """Receivers only: refuse revealed [loss sum, correct count] pairs that show wrap-around.
+    """Receivers only: refuse revealed [loss sum, summary sum] pairs that show wrap-around.
 
-    A loss sum is at least 0 and at most ``limits.loss_sum``; a count lies in [0, rows].
-    The slack covers CrypTen's approximations (1e-2 per example) and any DP noise.
+    A loss sum is at least 0 and at most ``limits.loss_sum``; a count of hits lies in [0, rows], a
+    sum of absolute errors in [0, rows x the head's summary bound]. The slack covers CrypTen's
+    approximations (1e-2 per example) and any DP noise.
     """
     if opened is None:
         return
@@ -96,10 +110,11 @@ def _check_metrics(
     for n in rows:
         slack = 0.01 * n + _NOISE_SLACK * noise
         low += [-slack, -slack]
-        high += [limits.loss_sum(n, head) + slack, n + slack]
-    counts = opened.numel() - len(low)  # metrics' counts (no noise): each in [0, rows of the reported split]
-    low += [-0.01 * rows[-1]] * counts
-    high += [1.01 * rows[-1]] * counts
+        high += [limits.loss_sum(n, head) + slack, n * head.summary_bound(limits.logit) + slack]
+    if opened.numel() > len(low):  # the metrics' counts of the reported split (no noise)
+        count_low, count_high = metrics.count_range(head, rows[-1], limits.logit)
+        low += count_low
+        high += count_high
     check_revealed(opened, what=what, low=low, high=high)
 
 
@@ -108,7 +123,7 @@ def _warn_if_chance(record: dict[str, float], head: Head, *, noise: float, rows:
     classes (within 20% of 1/classes, beyond the metrics' own noise), as a model that predicts
     one class is; class frequencies are private, so chance is taken as uniform."""
     accuracy = record.get("test_accuracy", record.get("train_accuracy"))
-    if accuracy is not None and accuracy < 1.2 / head.classes + 3 * noise / rows:
+    if head.classifies and accuracy is not None and accuracy < 1.2 / head.classes + 3 * noise / rows:
         log.warning(
             "the trained model is barely better than chance (accuracy %.3g with %d classes): check the features' "
             "scale (data.scaling, data.max_abs), training.learning_rate and epochs, or, under DP, the budget",
@@ -152,7 +167,7 @@ def train(
     model = to_crypten(torch_model).encrypt(src=0).to(device)
     model.train()
     optimizer = crypten.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)
-    head = head_of(job.model)
+    head = job_head(job)
     metric_ranks = job.ranks(job.outputs.metrics_to)
     n_rows = shared.x_train.size(0)
     split_rows = [n_rows] + ([] if shared.x_test is None else [shared.x_test.size(0)])
@@ -203,7 +218,7 @@ def train(
                 splits = [(model(shared.x_train), shared.y_train)]
                 if shared.x_test is not None:
                     splits.append((model(shared.x_test), shared.y_test))
-                parts = [p for logits, y in splits for p in _loss_and_correct(head, logits, y, loss_bound=engine.loss_bound)]
+                parts = [p for logits, y in splits for p in _loss_and_summary(head, logits, y, loss_bound=engine.loss_bound)]
                 if privacy is None:
                     parts.append(metrics.secure_counts(head, *splits[-1]))
             opened = reveal(
@@ -216,7 +231,7 @@ def train(
                 lambda: _check_metrics(opened, limits, split_rows, head=head, noise=noise, what=what),
             )
             if opened is not None:
-                record.update(_metrics(opened, n_rows, None if shared.x_test is None else shared.x_test.size(0)))
+                record.update(_metrics(opened, head, n_rows, None if shared.x_test is None else shared.x_test.size(0)))
                 if privacy is None:
                     prefix = "test_" if shared.x_test is not None else "train_"
                     record.update(metrics.derive(head, opened[2 * len(split_rows):], split_rows[-1], prefix=prefix))
