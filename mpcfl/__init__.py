@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
 
 # Imported on first use: `mpcfl validate` and the launcher should not pay for torch.
 _API = {
@@ -47,6 +46,13 @@ __all__ = sorted(_API)
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # the installed distribution's, so pyproject.toml is the one place it is written
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("mpcfl")
+        except PackageNotFoundError:
+            return "unknown (not installed; `pip install -e .`)"
     if name in _API:
         import importlib
 
