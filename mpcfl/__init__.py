@@ -25,6 +25,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from mpcfl.mpc import on_import
+
+# `import crypten` anywhere in this process now imports it patched for the torch we run on (without,
+# it fails on torch >= 2.9). A finder, not the import itself: crypten and torch take seconds to load,
+# and the launcher and `mpcfl validate` never load them.
+on_import.install()
+
 
 # Imported on first use: `mpcfl validate` and the launcher should not pay for torch.
 _API = {
