@@ -195,7 +195,8 @@ def _launch(args: argparse.Namespace) -> int:
     if not args.script:
         raise MpcflError("launch: name the party script to run")
     return launch_script(
-        args.script, parties=parties, timeout_s=args.timeout_s, provider=args.provider, device=args.device
+        args.script, parties=parties, timeout_s=args.timeout_s, provider=args.provider, device=args.device,
+        debug=args.debug,
     )
 
 
