@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", parents=[common], help="membership-inference attacks on a trained model (reads every party's files)")
     audit.add_argument("job", help="the training job whose model to audit")
     audit.add_argument("--party", help="the receiver whose model.pt to audit (default: the first in model_to)")
-    audit.add_argument("--shadows", type=int, default=16, help="shadow models for the LiRA attack (0 skips it)")
+    audit.add_argument("--shadows", type=int, default=16, help="shadow models for the LiRA attack (default 16; fewer gives a noisy AUC; 0 skips it)")
 
     listing = sub.add_parser("runs", parents=[common], help="list a job's runs at each party: status, times, final metrics")
     listing.add_argument("job")
@@ -342,8 +342,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
     elif command == "audit":
         task.require(job, registry.AUDIT)
-        from mpcfl.tasks.train.audit import audit, print_report
+        from mpcfl.tasks.train.audit import audit, check_shadows, print_report
 
+        warning = check_shadows(args.shadows)
+        if warning:
+            print(f"mpcfl: warning: {warning}", file=sys.stderr)
         receivers = job.outputs.model_to if isinstance(job.outputs.model_to, list) else []
         party = args.party or (receivers[0] if receivers else None)
         if party is None:
