@@ -315,9 +315,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     command, party, rendezvous = args.command, getattr(args, "party", None), getattr(args, "rendezvous", None)
     if command == "worker":
-        from mpcfl.launch.worker import role_from_launcher_env
+        from mpcfl.launch.worker import prefix_log_lines, role_from_launcher_env
 
         party, rendezvous = role_from_launcher_env(job)
+        prefix_log_lines(party)
         command = "dealer" if party == providers.DEALER else "party"
     key = getattr(args, "key_file", None)
     key_file = Path(key.replace("{name}", party or providers.DEALER)) if key else None
