@@ -211,7 +211,6 @@ def _job_file(args: argparse.Namespace) -> None:
 
 def _list_runs(job: JobBase, only: str | None) -> None:
     """Each party's runs, oldest first: status, times, how often resumed, final metrics; ``*`` marks ``latest``."""
-    shown = ("epoch", "round", "test_accuracy", "train_accuracy", "loss", "test_loss", "predictions")
     for name in [job.party_names[job.rank_of(only)]] if only else job.party_names:
         root = job.party_root(name)
         found = runs.run_ids(root, job.name)
@@ -219,11 +218,7 @@ def _list_runs(job: JobBase, only: str | None) -> None:
         print(f"{name}: {len(found)} run(s) in {root}" + (" (* latest)" if latest else ""))
         for run_id in found:
             record = runs.Run(root, run_id).read()
-            headline = record.get("headline") or {}
-            metrics = " ".join(
-                f"{k}={headline[k]:.4f}" if isinstance(headline[k], float) else f"{k}={headline[k]}"
-                for k in shown if k in headline
-            )
+            metrics = runs.headline_text(record.get("headline") or {})
             resumed = f"resumed x{len(record['resumed'])}" if record.get("resumed") else ""
             why = f"({record['error']})" if record.get("error") else ""
             mark = "*" if run_id == latest else " "

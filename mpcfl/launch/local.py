@@ -358,8 +358,7 @@ def run_local(
         print(f"mpcfl: run {run_id} stopped{hint}", file=sys.stderr)
         raise
     if code == 0:
-        print(f"mpcfl: job {job.name} run {run_id} finished{_headline(job, run_id)}; outputs in "
-              f"{job.outputs.dir}/<party>/{run_id} (and <party>/latest)", file=sink)
+        print(summary_line(job, run_id), file=sink)
     return code
 
 
@@ -389,18 +388,32 @@ def run_to_resume(job: JobBase, resume: str | bool) -> str:
     return run_id
 
 
-def _headline(job: JobBase, run_id: str) -> str:
-    """The finished run's headline figure as the first party that saw it recorded it, e.g. `` (p1: test_accuracy=0.9737)``."""
+def summary_line(job: JobBase, run_id: str) -> str:
+    """What a finished run gave, in one line: its headline figures as the first party that recorded them
+    has them, where the model and the run's privacy ledger are (the parties that hold them), and the outputs.
+
+    e.g. ``mpcfl: job demo run R finished: epoch=10 test_accuracy=0.9737 loss=0.08 (hospital_b); model:
+    runs/demo/hospital_b/R/model.pt; outputs in runs/demo/<party>/R (and <party>/latest)``
+    """
+    headlines = {}
     for name in job.party_names:
-        try:
-            headline = runs.Run(job.party_root(name), run_id).read().get("headline") or {}
-        except MpcflError:
-            continue
-        for key in ("test_accuracy", "train_accuracy", "accuracy", "predictions"):
-            if key in headline:
-                value = headline[key]
-                return f" ({name}: {key}={value:.4g})" if isinstance(value, float) else f" ({name}: {key}={value})"
-    return ""
+        with contextlib.suppress(MpcflError):
+            headlines[name] = runs.Run(job.party_root(name), run_id).read().get("headline") or {}
+    first = next((name for name, headline in headlines.items() if runs.headline_text(headline)), None)
+    headline = f": {runs.headline_text(headlines[first])} ({first})" if first else ""
+    parts = [f"mpcfl: job {job.name} run {run_id} finished{headline}"]
+    # Each party's own test rows (federated): the figure across parties, where they differ.
+    accuracy = {name: h["test_accuracy"] for name, h in headlines.items() if isinstance(h.get("test_accuracy"), float)}
+    if len(set(accuracy.values())) > 1:
+        parts.append("test_accuracy by party: " + " ".join(f"{name}={value:.4f}" for name, value in accuracy.items()))
+    for what, file in (("model", "model.pt"), ("privacy ledger", "privacy.json")):
+        holders = [name for name in job.party_names if (job.party_root(name) / run_id / file).is_file()]
+        if len(holders) == 1:
+            parts.append(f"{what}: {job.party_root(holders[0]) / run_id / file}")
+        elif holders:
+            parts.append(f"{what}: {job.outputs.dir}/<party>/{run_id}/{file} at {', '.join(holders)}")  # type: ignore[attr-defined]
+    parts.append(f"outputs in {job.outputs.dir}/<party>/{run_id} (and <party>/latest)")  # type: ignore[attr-defined]
+    return "; ".join(parts)
 
 
 def launch_script(
