@@ -22,6 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: install
 	$(BIN)/mpcfl run configs/breast_cancer_lr.yaml
+	@echo "mpcfl is installed in $(VENV): run \`source $(VENV)/bin/activate\` to put it on PATH (then \`mpcfl --help\`), or call $(BIN)/mpcfl"
 
 test: install
 	$(BIN)/python -m pytest -q

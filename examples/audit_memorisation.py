@@ -9,7 +9,7 @@ code), each on a random half of a fixed pool of ``--pool`` digits; the other hal
 are its non-members. Each model in turn is the target and the others its LiRA
 shadows (Carlini et al.'s setup: every record is in about half the shadows), and
 the scores are pooled over targets. Prints a Markdown table and writes
-examples/figures/audit_memorisation.png.
+runs/examples/audit_memorisation.png (--update-figure: the tracked examples/figures/audit_memorisation.png).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _figures import add_figure_flags, figure_path
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.tasks.train.audit import AttackResult, plot_roc, pooled_attacks, train_on_subsets
 from mpcfl.tasks.train.dp_sgd import calibration
@@ -75,8 +76,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--learning-rate", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", type=Path, default=HERE / "figures" / "audit_memorisation.png")
+    add_figure_flags(parser, "audit_memorisation.png")
     args = parser.parse_args()
+    figure = figure_path(args, "audit_memorisation.png")
     torch.set_num_threads(1)  # one model at a time is too small to gain from threads
     x, y = load_digits()
     pool = torch.from_numpy(np.random.default_rng(args.seed).permutation(len(x))[: args.pool])
@@ -97,7 +99,8 @@ def main() -> None:
         for r in results:
             print(f"| {label} | {accuracy:.1%} | {noise} | {r.name} | {r.auc:.3f} | {r.tpr_at_1pct:.3f} | {r.tpr_at_01pct:.4f} | {r.epsilon_lower_bound:.2f} |")
     print(f"\nrun time {time.monotonic() - start:.0f} s")
-    plot_roc(args.plot, groups, title="digits MLP: membership inference, pooled")
+    plot_roc(figure, groups, title="digits MLP: membership inference, pooled")
+    print(f"wrote {figure}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@
 
 Every model is scored on the same 113 held-out patients (for federated jobs, the final model on all
 hospitals' test rows together: this script reads every file, as a measurement tool). Writes a markdown
-table and ``examples/figures/federated_utility.png``. Each federated job runs its parties and dealer
+table and ``runs/examples/federated_utility.png`` (``--update-figure``: the tracked ``examples/figures/federated_utility.png``). Each federated job runs its parties and dealer
 as processes on this machine.
 """
 
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import yaml
 
+from _figures import add_figure_flags, figure_path
 from mpcfl.jobs.schema import load_job
 from mpcfl.models.heads import head_of
 from mpcfl.tasks.federated.local import Rows, evaluate, initial_model
@@ -94,8 +95,9 @@ def main() -> None:
     parser.add_argument("--parties", type=int, nargs="+", default=[2, 3, 5])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 16.0])
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--figure", type=Path, default=REPO / "examples" / "figures" / "federated_utility.png")
+    add_figure_flags(parser, "federated_utility.png")
     args = parser.parse_args()
+    figure = figure_path(args, "federated_utility.png")
     table = []
     started = time.perf_counter()
     plain = train_plaintext(load_job(CONFIGS / "breast_cancer_lr.yaml")).history[-1]["test_accuracy"]
@@ -138,9 +140,8 @@ def main() -> None:
     axis.grid(alpha=0.3)
     axis.legend()
     fig.tight_layout()
-    args.figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.figure, dpi=110)
-    print(f"wrote {args.figure}")
+    fig.savefig(figure, dpi=110)
+    print(f"wrote {figure}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from mpcfl.mpc import on_import
+
+# `import crypten` anywhere in this process now imports it patched for the torch we run on (without,
+# it fails on torch >= 2.9). A finder, not the import itself: crypten and torch take seconds to load,
+# and the launcher and `mpcfl validate` never load them.
+on_import.install()
+
 
 # Imported on first use: `mpcfl validate` and the launcher should not pay for torch.
 _API = {
@@ -47,6 +53,13 @@ __all__ = sorted(_API)
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # the installed distribution's, so pyproject.toml is the one place it is written
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("mpcfl")
+        except PackageNotFoundError:
+            return "unknown (not installed; `pip install -e .`)"
     if name in _API:
         import importlib
 

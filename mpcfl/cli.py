@@ -1,4 +1,5 @@
-"""The ``mpcfl`` command: ``run``, ``party``, ``dealer``, ``worker``, ``launch``, ``keygen``, ``validate``, ``baseline``, ``audit``.
+"""The ``mpcfl`` command: ``init``, ``validate``, ``schema``, ``run``, ``party``, ``dealer``, ``worker``, ``launch``,
+``keygen``, ``baseline``, ``audit``, ``runs``, ``ledger``, ``predict``.
 
 Errors a user can act on print as one line, ``mpcfl: error: ...``, and exit 1;
 ``--debug`` shows the traceback instead. A party that lost a peer exits 3, so the
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpcfl", description="Secure multi-party training and inference on CrypTen.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--version", action="version", version=f"mpcfl {_version()}")
     # --debug is accepted after the subcommand too; SUPPRESS keeps a subcommand from resetting it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
@@ -89,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", parents=[common], help="membership-inference attacks on a trained model (reads every party's files)")
     audit.add_argument("job", help="the training job whose model to audit")
     audit.add_argument("--party", help="the receiver whose model.pt to audit (default: the first in model_to)")
-    audit.add_argument("--shadows", type=int, default=16, help="shadow models for the LiRA attack (0 skips it)")
+    audit.add_argument("--shadows", type=int, default=16, help="shadow models for the LiRA attack (default 16; fewer gives a noisy AUC; 0 skips it)")
 
     listing = sub.add_parser("runs", parents=[common], help="list a job's runs at each party: status, times, final metrics")
     listing.add_argument("job")
@@ -114,10 +116,64 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, help="outputs folder (default: the training job's outputs.dir/predictions)")
     predict.add_argument("--key-dir", type=Path, help="for runtime.identity: the folder holding NAME.key of every process")
 
+    init = sub.add_parser(
+        "init", parents=[common], help="write a commented job file from the parties' CSV files (then `mpcfl validate` it)"
+    )
+    init.add_argument(
+        "--party", action="append", required=True, metavar="NAME=FILE",
+        help="a party and its training CSV file, whose header row names its columns; once per party, in rank order",
+    )
+    init.add_argument("--test", action="append", default=[], metavar="NAME=FILE", help="a party's test CSV file (for every party or none)")
+    init.add_argument("--label", required=True, metavar="COLUMN", help="the label column")
+    init.add_argument("--partition", required=True, choices=["vertical", "horizontal"],
+                      help="vertical: each party holds some columns of the same rows; horizontal: whole rows")
+    init.add_argument("--task", choices=["train", "federated"], default="train",
+                      help="train: secure training under MPC (default); federated: local training, updates averaged under MPC")
+    init.add_argument("--id-column", metavar="COLUMN", help="vertical: a column of row IDs in every file, to line rows up by PSI")
+    init.add_argument("--name", help="the job's name (default: from the --out file's name)")
+    init.add_argument("--out", type=Path, required=True, help="the job file to write; an existing file is never overwritten")
+
+    schema = sub.add_parser("schema", parents=[common], help="print the JSON schema of job files (for editors)")
+    schema.add_argument("--task", help="only this task's jobs: train, federated, inference or predict (default: any)")
+
     validate = sub.add_parser("validate", parents=[common], help="check a job file without running it")
     validate.add_argument("job")
     validate.add_argument("--party", help="also load and check this party's data files")
     return parser
+
+
+def _version() -> str:
+    """This installation's version, from the package metadata."""
+    import mpcfl
+
+    return mpcfl.__version__
+
+
+def _init(args: argparse.Namespace) -> None:
+    """``mpcfl init``: a new, valid, commented job file from the parties' CSV headers."""
+    from mpcfl.jobs import scaffold
+
+    train = scaffold.party_files(args.party, "--party")
+    if len(train) < 2:
+        raise MpcflError("--party: give at least two parties, each as --party NAME=FILE")
+    name = scaffold.job_name(args.name, args.out)
+    text = scaffold.render(
+        name=name, train=train, test=scaffold.party_files(args.test, "--test"), label=args.label,
+        partition=args.partition, task=args.task, id_column=args.id_column, folder=args.out.parent,
+    )
+    scaffold.write_new(args.out, text)
+    print(f"wrote {args.out} (job {name}, {len(train)} parties, {args.partition}); check it with `mpcfl validate {args.out}`")
+
+
+def _schema(task: str | None) -> None:
+    """``mpcfl schema``: the job files' JSON schema on stdout."""
+    import json
+
+    from mpcfl.jobs import registry
+
+    if task is not None and task not in registry.TASKS:
+        raise MpcflError(f"--task: unknown task {task!r} (tasks: {', '.join(registry.TASKS)})")
+    print(json.dumps(registry.json_schema(task), indent=2))
 
 
 def _setup_logging(debug: bool) -> None:
@@ -139,7 +195,8 @@ def _launch(args: argparse.Namespace) -> int:
     if not args.script:
         raise MpcflError("launch: name the party script to run")
     return launch_script(
-        args.script, parties=parties, timeout_s=args.timeout_s, provider=args.provider, device=args.device
+        args.script, parties=parties, timeout_s=args.timeout_s, provider=args.provider, device=args.device,
+        debug=args.debug,
     )
 
 
@@ -154,7 +211,6 @@ def _job_file(args: argparse.Namespace) -> None:
 
 def _list_runs(job: JobBase, only: str | None) -> None:
     """Each party's runs, oldest first: status, times, how often resumed, final metrics; ``*`` marks ``latest``."""
-    shown = ("epoch", "round", "test_accuracy", "train_accuracy", "test_r2", "loss", "test_loss", "predictions")
     for name in [job.party_names[job.rank_of(only)]] if only else job.party_names:
         root = job.party_root(name)
         found = runs.run_ids(root, job.name)
@@ -162,11 +218,7 @@ def _list_runs(job: JobBase, only: str | None) -> None:
         print(f"{name}: {len(found)} run(s) in {root}" + (" (* latest)" if latest else ""))
         for run_id in found:
             record = runs.Run(root, run_id).read()
-            headline = record.get("headline") or {}
-            metrics = " ".join(
-                f"{k}={headline[k]:.4f}" if isinstance(headline[k], float) else f"{k}={headline[k]}"
-                for k in shown if k in headline
-            )
+            metrics = runs.headline_text(record.get("headline") or {})
             resumed = f"resumed x{len(record['resumed'])}" if record.get("resumed") else ""
             why = f"({record['error']})" if record.get("error") else ""
             mark = "*" if run_id == latest else " "
@@ -221,6 +273,12 @@ def _predict(args: argparse.Namespace) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "launch":
         return _launch(args)
+    if args.command == "init":
+        _init(args)
+        return 0
+    if args.command == "schema":
+        _schema(args.task)
+        return 0
     if args.command == "keygen":
         from mpcfl.mpc.keys import generate
 
@@ -252,9 +310,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     command, party, rendezvous = args.command, getattr(args, "party", None), getattr(args, "rendezvous", None)
     if command == "worker":
-        from mpcfl.launch.worker import role_from_launcher_env
+        from mpcfl.launch.worker import prefix_log_lines, role_from_launcher_env
 
         party, rendezvous = role_from_launcher_env(job)
+        prefix_log_lines(party)
         command = "dealer" if party == providers.DEALER else "party"
     key = getattr(args, "key_file", None)
     key_file = Path(key.replace("{name}", party or providers.DEALER)) if key else None
@@ -279,8 +338,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
     elif command == "audit":
         task.require(job, registry.AUDIT)
-        from mpcfl.tasks.train.audit import audit, print_report
+        from mpcfl.tasks.train.audit import audit, check_shadows, print_report
 
+        warning = check_shadows(args.shadows)
+        if warning:
+            print(f"mpcfl: warning: {warning}", file=sys.stderr)
         receivers = job.outputs.model_to if isinstance(job.outputs.model_to, list) else []
         party = args.party or (receivers[0] if receivers else None)
         if party is None:
@@ -312,7 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if isinstance(err, PeerFailure) and err.waiting_on is not None:
             print(f"{WAITING_ON}{err.waiting_on}", file=sys.stderr)
-        print(f"mpcfl: error: {err}", file=sys.stderr)  # the last line, as ever
+        for line in str(err).splitlines() or [""]:  # a job file's errors, one line each; the last line, as ever
+            print(f"mpcfl: error: {line}", file=sys.stderr)
         return exit_code(err)
     except KeyboardInterrupt:
         print("mpcfl: interrupted", file=sys.stderr)

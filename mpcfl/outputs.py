@@ -49,22 +49,22 @@ def write_torch(path: Path, payload: Any) -> None:
     atomic_write(path, lambda handle: torch.save(payload, handle), binary=True)
 
 
-def plot_history(path: Path, history: list[dict[str, float]], *, title: str) -> None:
-    """A PNG of loss and accuracy (a regression: R^2) per epoch."""
+def plot_history(path: Path, history: list[dict[str, float]], *, title: str, x: str = "epoch") -> None:
+    """A PNG of loss and accuracy (a regression: R^2) per ``x`` (``epoch``; a federated job's ``round``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    keys = [("loss", ax_loss), ("test_loss", ax_loss), ("train_accuracy", ax_acc), ("test_accuracy", ax_acc),
+    keys = [("loss", ax_loss), ("train_loss", ax_loss), ("test_loss", ax_loss), ("train_accuracy", ax_acc), ("test_accuracy", ax_acc),
             ("test_auc", ax_acc), ("test_f1", ax_acc), ("test_r2", ax_acc)]
     for key, axis in keys:
         rows = [row for row in history if key in row]  # a DP job may release the final epoch's alone
         if rows:
-            axis.plot([row["epoch"] for row in rows], [row[key] for row in rows], marker="o", label=key.replace("_", " "))
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy, AUC, F1, R^2", title="scores")
+            axis.plot([row[x] for row in rows], [row[key] for row in rows], marker="o", label=key.replace("_", " "))
+    ax_loss.set(xlabel=x, ylabel="loss", title="loss")
+    ax_acc.set(xlabel=x, ylabel="accuracy, AUC, F1, R^2", title="scores")
     for axis in (ax_loss, ax_acc):
         axis.grid(alpha=0.3)
         if axis.lines:

@@ -219,6 +219,21 @@ def latest(root: Path, job: str) -> Path:
     return link.resolve()
 
 
+#: The headline figures shown of a run, in this order (``mpcfl runs``, the launcher's summary line).
+HEADLINE_KEYS = (
+    "epoch", "round", "test_accuracy", "train_accuracy", "accuracy", "test_r2", "test_mae", "r2", "mae", "loss", "test_loss",
+    "predictions",
+)
+
+
+def headline_text(headline: Mapping[str, Any]) -> str:
+    """A run's headline figures as ``key=value`` words: ``epoch=10 test_accuracy=0.9737 loss=0.0812``."""
+    return " ".join(
+        f"{key}={headline[key]:.4f}" if isinstance(headline[key], float) else f"{key}={headline[key]}"
+        for key in HEADLINE_KEYS if key in headline
+    )
+
+
 def status_of(record: Mapping[str, Any]) -> str:
     """A record's status; a ``running`` one whose process is gone on this host was interrupted."""
     status = record.get("status", "?")

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from mpcfl.errors import MpcflError
-from mpcfl.jobs.schema import FederatedJob, InferenceJob, JobBase, PredictJob, TrainJob
+from mpcfl.jobs.schema import INTERNAL_KEYS, FederatedJob, InferenceJob, Job, JobBase, PredictJob, TrainJob
 
 #: Job-reading CLI features that only some tasks offer.
 RESUME, BASELINE, AUDIT = "--resume", "baseline", "audit"
@@ -76,3 +78,17 @@ TASKS: dict[str, Task] = {
 def task_of(job: JobBase) -> Task:
     """The registry entry of a loaded job, by its schema class."""
     return next(task for task in TASKS.values() if isinstance(job, task.job))
+
+
+def json_schema(task: str | None = None) -> dict[str, Any]:
+    """The JSON schema of a job file: one task's, or any task's (told apart by ``task``), for editors.
+
+    Keys that :func:`~mpcfl.jobs.schema.load_job` refuses in a file (set by the program) are left out.
+    """
+    schema = TASKS[task].job.model_json_schema() if task else TypeAdapter(Job).json_schema()
+    jobs = {spec.job.__name__ for spec in TASKS.values()}
+    for definition in [schema, *schema.get("$defs", {}).values()]:
+        if definition.get("title") in jobs:
+            for key in INTERNAL_KEYS:
+                definition.get("properties", {}).pop(key, None)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}

@@ -37,7 +37,8 @@ from mpcfl.mpc import providers
 from mpcfl.mpc.compat import DEFAULT_TIMEOUT_S
 from mpcfl.mpc.keys import is_raw_key, read_public_key
 
-Name = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"  # job, party and process names
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
@@ -286,8 +287,12 @@ class DPSpec(_Strict):
     )
 
 
+# None only until validation: JobBase._default_outputs_dir sets runs/<job name>.
+_OUTPUTS_DIR = "where the parties write, a folder each (default: runs/<job name>, beside the job file)"
+
+
 class OutputSpec(_Strict):
-    dir: Path
+    dir: Path | None = Field(default=None, description=_OUTPUTS_DIR)
     model_to: list[Name] | Literal["none"] = "none"
     metrics_to: list[Name] | Literal["all", "none"] = "all"
 
@@ -353,6 +358,13 @@ class JobBase(_Strict):
     runtime: RuntimeSpec = RuntimeSpec()
     source: Path | None = Field(default=None, exclude=True)
     run_id: str | None = Field(default=None, exclude=True)  # set by bound_to, never by the file
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_outputs_dir(cls, raw: Any) -> Any:
+        """``outputs.dir`` defaults to ``runs/<name>`` (a loaded file's is beside it: :func:`resolve_paths`),
+        so after validation it is never None."""
+        return default_outputs_dir(raw) if isinstance(raw, dict) else raw
 
     @field_validator("parties")
     @classmethod
@@ -492,7 +504,7 @@ class TrainJob(JobBase):
     data: DataSpec = DataSpec()
     model: TrainModelField
     training: TrainingSpec = TrainingSpec()
-    outputs: OutputSpec
+    outputs: OutputSpec = OutputSpec()
     dp: DPSpec | None = None
 
     @property
@@ -691,7 +703,7 @@ class InputSpec(_Strict):
 
 
 class InferenceOutputSpec(_Strict):
-    dir: Path
+    dir: Path | None = Field(default=None, description=_OUTPUTS_DIR)
 
 
 class InferenceJob(JobBase):
@@ -701,7 +713,7 @@ class InferenceJob(JobBase):
     model: ImportedModelSpec
     inputs: InputSpec
     batch_size: PositiveInt = 64
-    outputs: InferenceOutputSpec
+    outputs: InferenceOutputSpec = InferenceOutputSpec()
 
     @property
     def summary(self) -> str:
@@ -817,7 +829,7 @@ class FederatedDPSpec(_Strict):
 
 
 class FederatedOutputSpec(_Strict):
-    dir: Path
+    dir: Path | None = Field(default=None, description=_OUTPUTS_DIR)
     model_to: list[Name] | Literal["all"] = Field(
         default="all",
         description="who writes model.pt; every party receives each round's average, so each can compute "
@@ -833,7 +845,7 @@ class FederatedJob(JobBase):
     data: DataSpec = DataSpec()
     model: TrainModelField
     federated: FederatedSpec = FederatedSpec()
-    outputs: FederatedOutputSpec
+    outputs: FederatedOutputSpec = FederatedOutputSpec()
     dp: FederatedDPSpec | None = None
 
     @property
@@ -975,7 +987,7 @@ class PredictJob(JobBase):
         "training job has one; the label owner may add the label column, for metrics)"
     )
     predictions_to: list[Name] = Field(min_length=1, description="the parties that receive the predictions")
-    outputs: InferenceOutputSpec
+    outputs: InferenceOutputSpec = InferenceOutputSpec()
     train: TrainJob | None = Field(default=None, exclude=True)  # the loaded training job
 
     @model_validator(mode="before")
@@ -994,6 +1006,9 @@ class PredictJob(JobBase):
         raw.setdefault("name", f"{train.name}-predict")
         raw.setdefault("parties", [{"name": name} for name in train.party_names])
         raw.setdefault("runtime", train.runtime.model_dump(exclude_unset=True))
+        outputs = raw.get("outputs", {})
+        if isinstance(outputs, dict) and outputs.get("dir") is None:  # as `mpcfl predict` does
+            raw["outputs"] = dict(outputs, dir=str(train.outputs.dir / "predictions"))
         return raw
 
     @model_validator(mode="after")
@@ -1039,8 +1054,17 @@ Job = Annotated[Union[TrainJob, InferenceJob, FederatedJob, PredictJob], Field(d
 _JOB = TypeAdapter(Job)
 
 
+def default_outputs_dir(raw: dict) -> dict:
+    """``raw`` with ``outputs.dir`` set to ``runs/<name>`` where the job names itself and gives no folder."""
+    outputs = raw.get("outputs", {})
+    if isinstance(raw.get("name"), str) and isinstance(outputs, dict) and outputs.get("dir") is None:
+        raw = dict(raw, outputs=dict(outputs, dir=str(Path("runs") / raw["name"])))
+    return raw
+
+
 def resolve_paths(base: Path, raw: dict) -> dict:
-    """Makes the job's relative paths relative to the job file's folder."""
+    """Makes the job's relative paths relative to the job file's folder (``outputs.dir``'s default too)."""
+    raw.update(default_outputs_dir(raw))
 
     def fix(value: object) -> object:
         if isinstance(value, str) and value and not Path(value).is_absolute():
@@ -1085,28 +1109,34 @@ _NESTED_TAGS = {
 _REPLACED = {("runtime", "insecure_dealer"): "runtime.provider: tfp"}
 
 
+def _error_line(error: Any) -> str:
+    """One pydantic error as ``key: message``, the key as the job file spells it."""
+    loc = list(error["loc"])
+    if loc[:1] in (["train"], ["federated"]) and loc[1:2] == ["model"] and len(loc) > 2 and loc[2] in _MODEL_TAGS:
+        del loc[2]  # a training model's kind, not a key of the file
+    if loc and loc[0] in ("train", "inference", "federated", "predict"):
+        loc = loc[1:]  # the union's tag, not a key of the file
+    # Nested unions' tags are not keys of the file either: federated.strategy.fedavg.mu is strategy.mu.
+    loc = [part for i, part in enumerate(loc) if not (i and part in _NESTED_TAGS.get(str(loc[i - 1]), ()))]
+    if error["type"].startswith("union_tag") and not loc:
+        loc = ["task"]
+    key = ".".join(str(part) for part in loc) or "(top level)"
+    message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+    return f"{key}: {message}"
+
+
 def _format_error(path: Path, err: ValidationError) -> str:
+    """Every error of ``err``, one line each, ``path: key: message``, in the order pydantic found them."""
     for error in err.errors():
         loc = tuple(str(part) for part in error["loc"] if part not in ("train", "inference", "federated"))
         if error["type"] == "extra_forbidden" and loc in _REPLACED:
             return f"{path}: {'.'.join(loc)} was replaced by {_REPLACED[loc]}"
-    first = err.errors()[0]
-    loc = list(first["loc"])
-    if loc[:1] in (["train"], ["federated"]) and loc[1:2] == ["model"] and len(loc) > 2 and loc[2] in _MODEL_TAGS:
-        del loc[2]  # a training model's kind, not a key of the file
-    if loc and loc[0] in ("train", "inference", "federated"):
-        loc = loc[1:]  # the union's tag, not a key of the file
-    # Nested unions' tags are not keys of the file either: federated.strategy.fedavg.mu is strategy.mu.
-    loc = [part for i, part in enumerate(loc) if not (i and part in _NESTED_TAGS.get(str(loc[i - 1]), ()))]
-    if first["type"].startswith("union_tag") and not loc:
-        loc = ["task"]
-    key = ".".join(str(part) for part in loc) or "(top level)"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    more = len(err.errors()) - 1
-    suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
-    return f"{path}: {key}: {message}{suffix}"
+    lines = dict.fromkeys(_error_line(error) for error in err.errors())  # a union's members may repeat one
+    return "\n".join(f"{path}: {line}" for line in lines)
+
+
+#: Job attributes the program sets, never a job file.
+INTERNAL_KEYS = ("source", "run_id", "train")
 
 
 def load_job(path: str | Path) -> TrainJob | InferenceJob | FederatedJob | PredictJob:
@@ -1120,7 +1150,7 @@ def load_job(path: str | Path) -> TrainJob | InferenceJob | FederatedJob | Predi
 
     Raises:
         ConfigError: the file is missing, unreadable, not YAML, or not a valid job;
-            the message names the file and the first offending key.
+            the message names the file and every offending key, one line each.
     """
     path = Path(path)
     try:
@@ -1137,7 +1167,7 @@ def load_job(path: str | Path) -> TrainJob | InferenceJob | FederatedJob | Predi
         raise ConfigError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a job file is a YAML mapping of keys, got {type(raw).__name__}")
-    for key in ("source", "run_id", "train"):
+    for key in INTERNAL_KEYS:
         if key in raw:
             raise ConfigError(f"{path}: {key}: unknown key")
     raw = resolve_paths(path.resolve().parent, raw)

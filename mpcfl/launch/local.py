@@ -6,7 +6,9 @@ environment. All meet on a private file rendezvous, and every listener binds to
 loopback (:func:`local_rendezvous`). A child's
 output lines are prefixed with its name. If any child fails, the others are
 stopped and the launcher reports the child that failed first, or, if the others
-only followed it, the one they were waiting for. Children die
+only followed it, the one they were waiting for: in one line, the children's own error lines
+(each party, and the dealer, says it stopped) being kept off the console unless ``--debug``; each
+child still prints them, so a party's own log (run on its own host) has them. Children die
 with the launcher (PR_SET_PDEATHSIG) and are killed as process groups, so no
 process is left behind.
 """
@@ -97,6 +99,7 @@ class Child:
     waiting_on: str | None = None  # the peer it gave up waiting for, as it said (errors.WAITING_ON)
     ended_at: float | None = None
     pump: threading.Thread | None = field(default=None, repr=False)
+    relay_errors: bool = False  # copy its error lines to the console too (--debug); the launcher's own line says it
 
     @property
     def failed(self) -> bool:
@@ -122,6 +125,8 @@ def _pump(child: Child, stream: IO[bytes], sink: IO[str]) -> None:
                 continue
             if text.startswith("mpcfl: error: "):
                 child.error_line = text.removeprefix("mpcfl: error: ")
+                if not child.relay_errors:  # the launcher prints the failure once, naming its first cause
+                    continue
             child.last_line = text.strip()
             with _write_lock:
                 sink.write(prefix + text + end.decode())
@@ -136,9 +141,11 @@ def _mpcfl(*argv: str) -> list[str]:
     return [sys.executable, "-m", "mpcfl", *argv]
 
 
-def _spawn(name: str, command: list[str], *, sink: IO[str], secret: str, env: dict[str, str] | None = None) -> Child:
+def _spawn(
+    name: str, command: list[str], *, sink: IO[str], secret: str, env: dict[str, str] | None = None, debug: bool = False
+) -> Child:
     """Starts one supervised child in its own process group; ``env`` adds to a clean environment,
-    ``secret`` is the run's job secret."""
+    ``secret`` is the run's job secret; ``debug`` relays its error lines too."""
     full_env = dict(os.environ)
     # A contract inherited from an enclosing launcher, or torchrun's, would contradict this one.
     for key in (*KEYS, "MASTER_ADDR", "MASTER_PORT"):
@@ -155,7 +162,7 @@ def _spawn(name: str, command: list[str], *, sink: IO[str], secret: str, env: di
         start_new_session=True,
         preexec_fn=_die_with_parent,
     )
-    child = Child(name=name, process=process)
+    child = Child(name=name, process=process, relay_errors=debug)
     child.pump = threading.Thread(target=_pump, args=(child, process.stdout, sink), daemon=True)
     child.pump.start()
     return child
@@ -337,7 +344,7 @@ def run_local(
         started = []
         for name in _dealer_first(providers.get(job.runtime.provider).processes(job.party_names)):
             args = ("dealer",) if name == providers.DEALER else ("party", "--party", name, *which)
-            started.append(_spawn(name, command(name, *args), sink=sink, secret=secret))
+            started.append(_spawn(name, command(name, *args), sink=sink, secret=secret, debug=debug))
         return started
 
     resumable = registry.RESUME in registry.task_of(job).features
@@ -351,8 +358,7 @@ def run_local(
         print(f"mpcfl: run {run_id} stopped{hint}", file=sys.stderr)
         raise
     if code == 0:
-        print(f"mpcfl: job {job.name} run {run_id} finished{_headline(job, run_id)}; outputs in "
-              f"{job.outputs.dir}/<party>/{run_id} (and <party>/latest)", file=sink)
+        print(summary_line(job, run_id), file=sink)
     return code
 
 
@@ -382,18 +388,32 @@ def run_to_resume(job: JobBase, resume: str | bool) -> str:
     return run_id
 
 
-def _headline(job: JobBase, run_id: str) -> str:
-    """The finished run's headline figure as the first party that saw it recorded it, e.g. `` (p1: test_accuracy=0.9737)``."""
+def summary_line(job: JobBase, run_id: str) -> str:
+    """What a finished run gave, in one line: its headline figures as the first party that recorded them
+    has them, where the model and the run's privacy ledger are (the parties that hold them), and the outputs.
+
+    e.g. ``mpcfl: job demo run R finished: epoch=10 test_accuracy=0.9737 loss=0.08 (hospital_b); model:
+    runs/demo/hospital_b/R/model.pt; outputs in runs/demo/<party>/R (and <party>/latest)``
+    """
+    headlines = {}
     for name in job.party_names:
-        try:
-            headline = runs.Run(job.party_root(name), run_id).read().get("headline") or {}
-        except MpcflError:
-            continue
-        for key in ("test_accuracy", "train_accuracy", "accuracy", "test_r2", "r2", "train_mae", "predictions"):
-            if key in headline:
-                value = headline[key]
-                return f" ({name}: {key}={value:.4g})" if isinstance(value, float) else f" ({name}: {key}={value})"
-    return ""
+        with contextlib.suppress(MpcflError):
+            headlines[name] = runs.Run(job.party_root(name), run_id).read().get("headline") or {}
+    first = next((name for name, headline in headlines.items() if runs.headline_text(headline)), None)
+    headline = f": {runs.headline_text(headlines[first])} ({first})" if first else ""
+    parts = [f"mpcfl: job {job.name} run {run_id} finished{headline}"]
+    # Each party's own test rows (federated): the figure across parties, where they differ.
+    accuracy = {name: h["test_accuracy"] for name, h in headlines.items() if isinstance(h.get("test_accuracy"), float)}
+    if len(set(accuracy.values())) > 1:
+        parts.append("test_accuracy by party: " + " ".join(f"{name}={value:.4f}" for name, value in accuracy.items()))
+    for what, file in (("model", "model.pt"), ("privacy ledger", "privacy.json")):
+        holders = [name for name in job.party_names if (job.party_root(name) / run_id / file).is_file()]
+        if len(holders) == 1:
+            parts.append(f"{what}: {job.party_root(holders[0]) / run_id / file}")
+        elif holders:
+            parts.append(f"{what}: {job.outputs.dir}/<party>/{run_id}/{file} at {', '.join(holders)}")  # type: ignore[attr-defined]
+    parts.append(f"outputs in {job.outputs.dir}/<party>/{run_id} (and <party>/latest)")  # type: ignore[attr-defined]
+    return "; ".join(parts)
 
 
 def launch_script(
@@ -404,6 +424,7 @@ def launch_script(
     provider: str = providers.DEFAULT,
     device: str = "cpu",
     sink: IO[str] | None = None,
+    debug: bool = False,
 ) -> int:
     """Runs ``python SCRIPT ...`` once per party, plus the provider's dealer if it has one, on this machine.
 
@@ -419,7 +440,7 @@ def launch_script(
         started = []
         for name in _dealer_first(session.process_names):
             command = _mpcfl("dealer") if name == providers.DEALER else [sys.executable, *script]
-            started.append(_spawn(name, command, sink=sink, secret=secret, env=to_env(session, name)))
+            started.append(_spawn(name, command, sink=sink, secret=secret, env=to_env(session, name), debug=debug))
         return started
 
     secret = _local_secret()

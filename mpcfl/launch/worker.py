@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from mpcfl.errors import MpcflError
@@ -46,3 +47,12 @@ def role_from_launcher_env(job: JobBase) -> tuple[str, str]:
     os.environ[ENV_WORLD_SIZE] = str(job.world_size)
     role = processes[rank_number]
     return role, "env://"
+
+
+def prefix_log_lines(role: str) -> None:
+    """Starts each of this process's log lines with ``[role] ``, as the local launcher prefixes its children's
+    output: torchrun and srun interleave every rank's lines on one console."""
+    for handler in logging.getLogger().handlers:
+        form = handler.formatter._fmt if handler.formatter is not None and handler.formatter._fmt else "%(message)s"
+        if not form.startswith(f"[{role}] "):
+            handler.setFormatter(logging.Formatter(f"[{role}] {form}"))

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mpcfl.errors import MpcflError
+from mpcfl.mpc import on_import
 
 CRYPTEN_VERSION = "0.4.1"
 #: The environment crypten.init reads: this process's rank, the parties' count, where they
@@ -545,7 +546,8 @@ def import_crypten(*, stock: bool = False) -> types.ModuleType:
         return _state["crypten"]
     _alias_onnx_registration()
     try:
-        crypten = importlib.import_module("crypten")
+        with on_import.standing_aside():  # this import is the one that gets patched
+            crypten = importlib.import_module("crypten")
     except ModuleNotFoundError as err:
         raise MpcflError(
             f"crypten is not installed ({err}); run `make install`, or "
@@ -571,3 +573,4 @@ def import_crypten(*, stock: bool = False) -> types.ModuleType:
         _read_settings_natively(crypten)
     _state["crypten"], _state["stock"] = crypten, stock
     return crypten
+

@@ -67,7 +67,6 @@ CASES = [
     ("labels.party", "hospital_c", "labels.party: 'hospital_c' is not a party"),
     ("labels.party", _DELETE, "labels.party: a vertical job names the party"),
     ("outputs.model_to", ["nobody"], "outputs.model_to: 'nobody' is not a party"),
-    ("outputs.dir", _DELETE, "outputs.dir: Field required"),
     ("runtime.timeout_s", 0, "runtime.timeout_s"),
     ("runtime.insecure_dealer", True, "runtime.insecure_dealer was replaced by runtime.provider: tfp"),
     ("runtime.provider", "he", "runtime.provider: unknown provider 'he' (known: tfp, ttp)"),

@@ -23,6 +23,25 @@ def test_crypten_imports_on_current_torch() -> None:
     assert done.stdout.strip() == _compat.CRYPTEN_VERSION
 
 
+def test_a_plain_import_crypten_after_import_mpcfl_is_the_patched_one() -> None:
+    # `import mpcfl` installs a finder (mpcfl.mpc.on_import), not the import: no torch until crypten is imported.
+    code = """
+import sys
+import mpcfl
+assert "torch" not in sys.modules and "crypten" not in sys.modules
+import crypten
+import crypten.communicator
+from mpcfl.mpc import compat
+assert compat._state["crypten"] is crypten and not compat._state["stock"]
+assert getattr(crypten.common.rng.generate_random_ring_element, "_mpcfl_patched", False)
+assert crypten.__spec__.origin.endswith("crypten/__init__.py")
+print(crypten.__version__)
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == _compat.CRYPTEN_VERSION
+
+
 def test_registration_alias_points_at_the_moved_module() -> None:
     _compat.import_crypten()
     from torch.onnx._internal.torchscript_exporter import registration

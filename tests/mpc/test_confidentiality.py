@@ -102,7 +102,8 @@ def test_training_reveals_model_and_metrics_to_their_receiver_only(tmp_path: Pat
 
 def test_the_dealer_answers_no_request_the_other_parties_did_not_make(tmp_path: Path) -> None:
     # A deviating party 0 could otherwise read the other parties' next masks off the answers.
-    result = mpcfl("launch", "--timeout-s", "20", "--parties", "p0,p1", str(SCRIPTS / "rogue_party.py"), timeout=120)
+    # --debug: the launcher relays each process's own error line, not only its one-line blame.
+    result = mpcfl("--debug", "launch", "--timeout-s", "20", "--parties", "p0,p1", str(SCRIPTS / "rogue_party.py"), timeout=120)
     assert result.returncode != 0
     assert "rogue: the dealer answered" not in result.stdout
     # The dealer's own report: the launcher's one-line blame may name party 0 instead, when its
@@ -114,7 +115,7 @@ def test_the_dealer_answers_no_request_the_other_parties_did_not_make(tmp_path: 
 def test_the_dealer_serves_no_batch_the_other_parties_did_not_announce() -> None:
     # Prefetching: party 0 asks for a batch other than the one party 1 announced (runtime.prefetch).
     script = str(SCRIPTS / "rogue_batch_party.py")
-    result = mpcfl("launch", "--timeout-s", "20", "--parties", "p0,p1", script, timeout=120)
+    result = mpcfl("--debug", "launch", "--timeout-s", "20", "--parties", "p0,p1", script, timeout=120)
     assert result.returncode != 0
     assert "rogue: the dealer answered" not in result.stdout
     assert "[dealer] mpcfl: error: dealer: party 0 sent request 'batch' (1 requests) that party 1 did not make; refused" in result.stdout

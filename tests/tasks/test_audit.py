@@ -64,6 +64,8 @@ def test_audit_command_writes_report_and_plot(tmp_path: Path) -> None:
     done = mpcfl("audit", str(path), "--shadows", "4", timeout=120)
     assert done.returncode == 0, done.stderr
     assert "| loss threshold |" in done.stdout and "| LiRA (4 shadows) |" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == f"wrote {receiver / 'audit.json'} and {receiver / 'audit_roc.png'}"
+    assert "mpcfl: warning: --shadows 4: a LiRA AUC from fewer than 16 shadow models is noise" in done.stderr
     report = json.loads((receiver / "audit.json").read_text())
     assert report["members"] == 456 and report["non_members"] == 113
     for attack in report["attacks"].values():
@@ -100,3 +102,15 @@ def test_pooled_attacks_separate_a_memorising_model_from_a_dp_one() -> None:
     for attack in private:
         assert abs(attack.auc - 0.5) < 0.05, attack.name
     assert plain[1].auc > private[1].auc + 0.1
+
+
+@pytest.mark.parametrize(("shadows", "warned", "refused"), [(0, False, False), (3, False, True), (-1, False, True), (15, True, False), (16, False, False)])
+def test_too_few_shadows_are_refused_or_warned_about(shadows: int, warned: bool, refused: bool) -> None:
+    from mpcfl.errors import MpcflError
+    from mpcfl.tasks.train.audit import check_shadows
+
+    if refused:
+        with pytest.raises(MpcflError, match=rf"--shadows: {shadows}: LiRA needs at least 4"):
+            check_shadows(shadows)
+    else:
+        assert (check_shadows(shadows) is not None) == warned

@@ -140,6 +140,7 @@ def test_the_average_is_the_plaintext_weighted_average_and_nothing_else_leaves_m
         saved = torch.load(job.party_root(party) / "latest" / "model.pt", weights_only=True)
         assert torch.allclose(torch.cat([v.reshape(-1) for v in saved.values()]).double(), weights[-1], atol=1e-6)
         assert job_metrics(path, party)["final"]["test_accuracy"] > 0.85
+        assert (run_dir(path, party) / "metrics.png").read_bytes()[:4] == b"\x89PNG"  # as training jobs draw it
 
 
 def test_a_killed_party_fails_the_job_by_name_and_the_rounds_resume(tmp_path: Path) -> None:

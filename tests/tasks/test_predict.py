@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def test_a_secret_shared_model_predicts_new_rows_and_only_the_receiver_learns_th
     done = mpcfl("predict", str(job), "--rows", *_new_rows(job), "--to", "hospital_b", timeout=180)
     monkeypatch.delenv("MPCFL_SPY_DIR")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "(hospital_b: accuracy=" in done.stdout
+    assert re.search(r"finished: accuracy=0\.\d+ loss=[\d.]+ \(hospital_b\)", done.stdout), done.stdout[-500:]
     header, table = _read(out / "predictions" / "hospital_b" / "latest" / "predictions.csv")
     assert header == ["row", "predicted", "p_0", "p_1"]
     plain = torch.sigmoid(_plain_logits(job, state)).squeeze(1).numpy()

@@ -5,6 +5,7 @@ of new rows, and the checks that keep a target from wrapping fixed point or void
 from __future__ import annotations
 
 import csv
+import re
 import json
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def test_secure_linear_regression_matches_the_baseline_and_predicts_new_rows(tmp
         timeout=180,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "(clinic: r2=" in done.stdout
+    assert re.search(r"finished: r2=0\.\d+ mae=\d+\.\d+ loss=[\d.]+ \(clinic\)", done.stdout), done.stdout[-500:]
     out = tmp_path / "out" / "predictions"
     header, table = _read(out / "clinic" / "latest" / "predictions.csv")
     assert header == ["row", "predicted"]

@@ -40,7 +40,7 @@ from mpcfl.mpc.reveal import Disclosure, Privacy, budget_state
 from mpcfl.mpc.session import (
     agreed, all_gather_public, communication_stats, party_session, reformed, session_device,
 )
-from mpcfl.outputs import write_json, write_torch
+from mpcfl.outputs import plot_history, write_json, write_torch
 from mpcfl.tasks.federated import aggregate, checkpoint
 from mpcfl.tasks.federated.local import Rows, evaluate, flat, initial_model, load_flat, local_update
 from mpcfl.tasks.federated.strategies import strategy_of
@@ -406,6 +406,8 @@ def _write_outputs(job: FederatedJob, party: str, training: _Training, totals: d
         write_torch(out / "model.pt", model.state_dict())
         write_json(out / "model.json", {"model": job.model.model_dump(), "n_features": training.n_features})
         log.info("saved the federated model to %s", out / "model.pt")
+    # On this party's own rows: each party's figure differs (the launcher's summary line compares them).
+    plot_history(out / "metrics.png", history, title=f"{job.name}: federated training ({party}'s data)", x="round")
     write_json(out / "metrics.json", {
         "job": job.name, "party": party, "history": history, "final": history[-1] if history else {},
         "left": training.left, "communication": totals, "reveals": disclosure.ledger(),

@@ -39,6 +39,25 @@ from mpcfl.outputs import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
+#: What :func:`audit` writes beside the model.
+AUDIT_JSON, AUDIT_ROC = "audit.json", "audit_roc.png"
+#: LiRA needs this many shadow models to run at all, and this many for an AUC that is more than noise.
+MIN_SHADOWS, ENOUGH_SHADOWS = 4, 16
+
+
+def check_shadows(shadows: int) -> str | None:
+    """A warning to show for a LiRA attack from too few shadow models, if any.
+
+    Raises:
+        MpcflError: naming ``--shadows``: negative, or too few to run LiRA (0 skips it).
+    """
+    if shadows < 0 or 0 < shadows < MIN_SHADOWS:
+        raise MpcflError(f"--shadows: {shadows}: LiRA needs at least {MIN_SHADOWS} shadow models (0 skips it)")
+    if 0 < shadows < ENOUGH_SHADOWS:
+        return (f"--shadows {shadows}: a LiRA AUC from fewer than {ENOUGH_SHADOWS} shadow models is noise; "
+                f"use {ENOUGH_SHADOWS} or more for a figure to rely on")
+    return None
+
 
 @dataclass(frozen=True)
 class AttackResult:
@@ -198,7 +217,7 @@ def run_attacks(job: TrainJob, model_path: Path, *, shadows: int = 16, seed: int
     members = np.concatenate([np.ones(len(x), dtype=bool), np.zeros(len(x_test), dtype=bool)])
     delta = job.dp.delta if job.dp is not None else 1e-5
     results = [evaluate_attack("loss threshold", -_loss(job, model, x_all, y_all), members, delta=delta)]
-    if shadows >= 4:
+    if shadows >= MIN_SHADOWS:
         trained = train_on_subsets(job, x_all, y_all, models=shadows, size=len(x_all) // 2, seed=seed)
         target = _confidence(job, model, x_all, y_all)
         scores = lira_scores(target, trained.confidences, trained.included)
@@ -217,8 +236,8 @@ def audit(job: TrainJob, model_path: Path, *, shadows: int = 16, seed: int = 0) 
         "dp": None if job.dp is None else {"epsilon": job.dp.epsilon, "delta": job.dp.delta},
         "attacks": {r.name: r.summary() for r in results},
     }
-    write_json(model_path.parent / "audit.json", report)
-    plot_roc(model_path.parent / "audit_roc.png", {"": results}, title=f"{job.name}: membership inference")
+    write_json(model_path.parent / AUDIT_JSON, report)
+    plot_roc(model_path.parent / AUDIT_ROC, {"": results}, title=f"{job.name}: membership inference")
     return report
 
 
@@ -251,3 +270,5 @@ def print_report(report: dict[str, Any]) -> None:
     print("|---|---|---|---|---|")
     for name, r in report["attacks"].items():
         print(f"| {name} | {r['auc']:.3f} | {r['tpr_at_1pct_fpr']:.3f} | {r['tpr_at_0.1pct_fpr']:.3f} | {r['epsilon_lower_bound']:.2f} |")
+    folder = Path(report["model"]).parent
+    print(f"wrote {folder / AUDIT_JSON} and {folder / AUDIT_ROC}")
