@@ -3,7 +3,7 @@
     make demo && mpcfl run configs/breast_cancer_dp.yaml && python examples/audit_compare.py
 
 Attacks the model hospital B received from each job (both read every party's
-files: a measurement) and draws both ROC curves in examples/figures/audit_roc.png.
+files: a measurement) and draws both ROC curves in docs/figures/audit_roc.png.
 """
 
 from pathlib import Path
@@ -22,4 +22,4 @@ for label, path in JOBS.items():
     groups[label] = run_attacks(job, job.party_root("hospital_b") / "latest" / "model.pt", shadows=32)
     for r in groups[label]:
         print(f"| {label} | {r.name} | {r.auc:.3f} | {r.tpr_at_1pct:.3f} | {r.tpr_at_01pct:.3f} | {r.epsilon_lower_bound:.2f} |")
-plot_roc(REPO / "examples" / "figures" / "audit_roc.png", groups, title="breast cancer LR: membership inference")
+plot_roc(REPO / "docs" / "figures" / "audit_roc.png", groups, title="breast cancer LR: membership inference")

@@ -9,7 +9,7 @@ code), each on a random half of a fixed pool of ``--pool`` digits; the other hal
 are its non-members. Each model in turn is the target and the others its LiRA
 shadows (Carlini et al.'s setup: every record is in about half the shadows), and
 the scores are pooled over targets. Prints a Markdown table and writes
-examples/figures/audit_memorisation.png.
+docs/figures/audit_memorisation.png.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--learning-rate", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", type=Path, default=HERE / "figures" / "audit_memorisation.png")
+    parser.add_argument("--plot", type=Path, default=HERE.parent / "docs" / "figures" / "audit_memorisation.png")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one model at a time is too small to gain from threads
     x, y = load_digits()

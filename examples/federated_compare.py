@@ -11,7 +11,7 @@
 
 Every model is scored on the same 113 held-out patients (for federated jobs, the final model on all
 hospitals' test rows together: this script reads every file, as a measurement tool). Writes a markdown
-table and ``examples/figures/federated_utility.png``. Each federated job runs its parties and dealer
+table and ``docs/figures/federated_utility.png``. Each federated job runs its parties and dealer
 as processes on this machine.
 """
 
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--parties", type=int, nargs="+", default=[2, 3, 5])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 16.0])
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--figure", type=Path, default=REPO / "examples" / "figures" / "federated_utility.png")
+    parser.add_argument("--figure", type=Path, default=REPO / "docs" / "figures" / "federated_utility.png")
     args = parser.parse_args()
     table = []
     started = time.perf_counter()
