@@ -7,7 +7,7 @@ machine (one process each, plus the TTP dealer) and ``mpcfl run`` trains a feder
 one local epoch per round; logistic regression, or an MLP with ``--hidden``). Each party records,
 per round, the wall time (local training, the exchange of flags, the secure average, the reveal)
 and the bytes it sent. Printed: the medians over rounds after the first (which records the dealer's
-batch) and over parties, as a markdown table; drawn: ``examples/figures/federated_scale.png``.
+batch) and over parties, as a markdown table; drawn: ``docs/figures/federated_scale.png``.
 
 This folder is not a package: crypten's wheel installs a top-level `benchmarks`.
 """
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=0, help="an MLP with one hidden layer of this width (0: LR)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
-    parser.add_argument("--figure", type=Path, default=REPO / "examples" / "figures" / "federated_scale.png")
+    parser.add_argument("--figure", type=Path, default=REPO / "docs" / "figures" / "federated_scale.png")
     args = parser.parse_args()
     results = [measure(n, args.rounds, args.hidden) for n in args.parties]
     print("| parties | s per round | kB sent per party per round (median / busiest) | job wall s |")

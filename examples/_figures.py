@@ -1,6 +1,6 @@
 """Where an example draws its figure: ``runs/examples/`` unless told otherwise.
 
-The figures in ``examples/figures/`` are tracked: they document results in the README, so an
+The figures in ``docs/figures/`` are tracked: they document results in the docs, so an
 example overwrites one only when asked, with ``--update-figure``.
 """
 
@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TRACKED = REPO / "examples" / "figures"
+TRACKED = REPO / "docs" / "figures"
 SCRATCH = REPO / "runs" / "examples"  # runs/ is git-ignored
 
 
@@ -18,7 +18,7 @@ def add_figure_flags(parser: argparse.ArgumentParser, name: str) -> None:
     """``--figure PATH`` and ``--update-figure`` for the figure ``name``."""
     parser.add_argument("--figure", type=Path, help=f"where to write the figure (default: runs/examples/{name})")
     parser.add_argument(
-        "--update-figure", action="store_true", help=f"overwrite the tracked examples/figures/{name} that the README shows"
+        "--update-figure", action="store_true", help=f"overwrite the tracked docs/figures/{name} that the docs show"
     )
 
 

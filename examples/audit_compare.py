@@ -4,7 +4,7 @@
 
 Attacks the model hospital B received from each job (both read every party's
 files: a measurement) and draws both ROC curves in runs/examples/audit_roc.png
-(with --update-figure, the tracked examples/figures/audit_roc.png the README shows).
+(with --update-figure, the tracked docs/figures/audit_roc.png the docs show).
 """
 
 import argparse

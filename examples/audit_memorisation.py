@@ -9,7 +9,7 @@ code), each on a random half of a fixed pool of ``--pool`` digits; the other hal
 are its non-members. Each model in turn is the target and the others its LiRA
 shadows (Carlini et al.'s setup: every record is in about half the shadows), and
 the scores are pooled over targets. Prints a Markdown table and writes
-runs/examples/audit_memorisation.png (--update-figure: the tracked examples/figures/audit_memorisation.png).
+runs/examples/audit_memorisation.png (--update-figure: the tracked docs/figures/audit_memorisation.png).
 """
 
 from __future__ import annotations

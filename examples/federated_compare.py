@@ -11,7 +11,7 @@
 
 Every model is scored on the same 113 held-out patients (for federated jobs, the final model on all
 hospitals' test rows together: this script reads every file, as a measurement tool). Writes a markdown
-table and ``runs/examples/federated_utility.png`` (``--update-figure``: the tracked ``examples/figures/federated_utility.png``). Each federated job runs its parties and dealer
+table and ``runs/examples/federated_utility.png`` (``--update-figure``: the tracked ``docs/figures/federated_utility.png``). Each federated job runs its parties and dealer
 as processes on this machine.
 """
 

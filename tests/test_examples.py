@@ -17,14 +17,14 @@ from _figures import add_figure_flags, figure_path  # noqa: E402
 
 
 def test_no_example_names_a_tracked_figure_but_through_the_flag() -> None:
-    tracked = subprocess.run(["git", "ls-files", "examples/figures"], cwd=REPO, capture_output=True, text=True, check=True)
+    tracked = subprocess.run(["git", "ls-files", "docs/figures"], cwd=REPO, capture_output=True, text=True, check=True)
     names = [line.rsplit("/", 1)[-1] for line in tracked.stdout.split()]
     assert names
     for script in sorted((REPO / "examples").glob("*.py")):
         if script.name == "_figures.py":
             continue
         code = script.read_text()
-        assert not re.search(r"""["']figures["']""", code), f"{script.name} builds a path into examples/figures"
+        assert not re.search(r"""["']figures["']""", code), f"{script.name} builds a path into docs/figures"
         for name in names:
             if name in code:
                 assert f'figure_path(args, "{name}")' in code or f'figure_path(parser.parse_args(), "{name}")' in code, script.name
