@@ -272,7 +272,7 @@ def mpcfl_w1(me: Any, args: argparse.Namespace) -> dict[str, Any]:
     """mpcfl's training path on the generated job, as run_party calls it."""
     import mpcfl
     from mpcfl.data.party import load_party_data
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
     from mpcfl.mpc.reveal import Disclosure
     from mpcfl.mpc.session import session_device
     from mpcfl.tasks.train.dataset import share_dataset
@@ -365,7 +365,7 @@ def infer(crypten: Any, rank: int, args: argparse.Namespace, ways: list[str]) ->
 
 def party_main(args: argparse.Namespace) -> None:
     """A process started by launch_script (mpcfl) or by launch_stock (raw CrypTen as shipped)."""
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
 
     if os.environ.get(STOCK_ENV):
         crypten = import_crypten(stock=True)

@@ -20,7 +20,7 @@ import torch
 import mpcfl
 import sitecustomize
 from mpcfl.mpc import fixed_mask
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.providers.ttp import _prefetch, prefetched
 from mpcfl.mpc.session import communication_stats, session_device
 

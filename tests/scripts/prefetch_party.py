@@ -9,7 +9,7 @@ import torch
 
 import mpcfl
 from mpcfl.errors import MpcflError
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.providers.ttp import _prefetch, prefetched
 
 with mpcfl.join() as me:

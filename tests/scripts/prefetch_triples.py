@@ -9,7 +9,7 @@ party whose stream slipped against the dealer's by a single value breaks every l
 import torch
 
 import mpcfl
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.providers.ttp import _prefetch, prefetched
 
 with mpcfl.join() as me:

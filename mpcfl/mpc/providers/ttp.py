@@ -331,9 +331,8 @@ class Dealer:
         """Party 0's next message, refused before allocation if it is larger than any request."""
         import torch.distributed as dist
 
-        from mpcfl.mpc.compat import import_crypten, process_group_timeout
+        from mpcfl.mpc.compat import loaded_crypten, process_group_timeout
 
-        restricted_loads = import_crypten().common.serial.restricted_loads  # crypten only through compat
         size = torch.zeros((), dtype=torch.int32)
         wait = process_group_timeout() + datetime.timedelta(seconds=self._patience_s)
         dist.irecv(size, src=0, group=self.comm.ttp_group).wait(wait)
@@ -342,7 +341,7 @@ class Dealer:
             raise self._refuse(f"a request of {int(size)} bytes (limit {MAX_MESSAGE_BYTES})")
         data = torch.empty(int(size), dtype=torch.int8)
         dist.recv(data, src=0, group=self.comm.ttp_group)
-        return restricted_loads(data.numpy().tobytes())
+        return loaded_crypten().common.serial.restricted_loads(data.numpy().tobytes())  # crypten only through compat
 
     def _agree(self, message: dict[str, Any]) -> None:
         """Serves nothing that any party did not ask for too (see the module's docstring).
