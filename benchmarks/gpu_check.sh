@@ -129,7 +129,7 @@ rm -rf "$SITE"
 step install 60 "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
     --target "$SITE" --find-links gpu_wheels -r gpu_wheels/requirements.txt
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
-step imports 45 "$PY" -c "import mpcfl, torch; from mpcfl.mpc.compat import import_crypten; c = import_crypten(); print(mpcfl.__file__, c.__version__, torch.__version__, torch.cuda.is_available())"
+step imports 45 "$PY" -c "import mpcfl, torch; from mpcfl.mpc.engine import import_crypten; c = import_crypten(); print(mpcfl.__file__, c.__version__, torch.__version__, torch.cuda.is_available())"
 
 # 3. The cuda tests (they skip where torch sees no GPU).
 step pytest_cuda 200 "$PY" -m pytest -v -p no:cacheprovider -o addopts="" -rA --timeout 200 \

@@ -26,7 +26,7 @@ import time
 import torch
 
 import mpcfl
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.launch.local import launch_script
 from mpcfl.mpc.session import all_gather_public, communication_stats
 from mpcfl.models.zoo import lenet5, mlp_784

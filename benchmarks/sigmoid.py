@@ -28,7 +28,7 @@ import torch
 import mpcfl
 from mpcfl.launch.local import launch_script
 from mpcfl.models.sigmoid import NAMES, SIGMOIDS
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.reveal import Disclosure, reveal
 from mpcfl.mpc.session import communication_stats, prefetching
 

@@ -204,7 +204,7 @@ def crypten_single() -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "RENDEZVOUS", "DISTRIBUTED_BACKEND")}
     os.environ.update(RANK="0", WORLD_SIZE="1", DISTRIBUTED_BACKEND="gloo")
     os.environ["RENDEZVOUS"] = f"file:///tmp/mpcfl-test-convert-{os.getpid()}"
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
 
     crypten = import_crypten()
     crypten.init()

@@ -21,7 +21,7 @@ import sysconfig
 import unittest
 from pathlib import Path
 
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 
 SUITE = Path(sysconfig.get_paths()["purelib"]) / "test"
 SUMMARY = "crypten-suite:"

@@ -20,7 +20,7 @@ from mpcfl.models.convert import trainable
 from mpcfl.models.factory import build_factory_model
 from mpcfl.models.heads import head_of
 from mpcfl.models.spec import FactoryModelSpec, ModelSpec, TrainModel
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 
 _ACTIVATIONS = {"relu": torch.nn.ReLU, "sigmoid": torch.nn.Sigmoid}
 

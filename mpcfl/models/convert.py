@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpcfl.errors import MpcflError
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 
 
 class UnsupportedModelError(MpcflError):

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 
 if TYPE_CHECKING:  # torch is imported where a sigmoid runs: the job schema reads NAMES without it
     import torch

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from mpcfl.mpc import lockstep
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.compat import loaded_crypten
 from mpcfl.mpc.lockstep import Step
 
 WORD = 64  # bits in a share
@@ -116,7 +116,7 @@ def sign_bit_share(flat: torch.Tensor, rank: int, parties: int) -> Generator[Ste
 def applies(x: Any) -> bool:
     """Whether :func:`less_than_zero_steps` serves ``x``: two or more parties, an arithmetic tensor,
     shares on the CPU (on a GPU not yet run); elsewhere CrypTen's own comparison runs."""
-    crypten = import_crypten()
+    crypten = loaded_crypten()
     share = getattr(x._tensor, "share", None)
     return (crypten.comm.get().get_world_size() >= 2 and isinstance(x._tensor, crypten.mpc.primitives.ArithmeticSharedTensor)
             and isinstance(share, torch.Tensor) and not share.is_cuda)
@@ -129,7 +129,7 @@ def less_than_zero_steps(x: Any) -> Generator[Step, Any, Any]:
     An empty tensor needs no message and no dealer request (the dealer refuses empty sizes, so
     CrypTen's own would end the session).
     """
-    crypten = import_crypten()
+    crypten = loaded_crypten()
     comm = crypten.comm.get()
     arithmetic = crypten.mpc.primitives.ArithmeticSharedTensor
     share = x._tensor.share

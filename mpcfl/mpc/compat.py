@@ -1,9 +1,10 @@
 """Every adaptation of crypten 0.4.1 to the torch we run on, in one place.
 
-Import crypten only through :func:`import_crypten`: it applies the patches below
-first, once per process. Each patch names what upstream breaks and has a test in
-``tests/mpc/test_compat.py`` that fails if it regresses. No other module patches
-crypten or torch.
+Import crypten only through :func:`mpcfl.mpc.engine.import_crypten`: it applies the
+patches below (:func:`load`) first, once per process, and hands this module mpcfl's own
+protocols to install (:class:`Protocols`): they import this module, so it imports none of
+them. Each patch names what upstream breaks and has a test in ``tests/mpc/test_compat.py``
+that fails if it regresses. No other module patches crypten or torch.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import importlib
 import sys
 import types
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from mpcfl.errors import MpcflError
@@ -30,7 +32,19 @@ BACKEND = "gloo"
 #: How long a silent peer may block the others, unless a job or launcher says otherwise.
 DEFAULT_TIMEOUT_S = 60.0
 
-_state: dict[str, Any] = {"crypten": None, "stock": False, "timeout": datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)}
+_state: dict[str, Any] = {
+    "crypten": None, "stock": False, "protocols": None, "timeout": datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+}
+
+
+@dataclass(frozen=True)
+class Protocols:
+    """mpcfl's own protocols that the patches install, handed over by :mod:`mpcfl.mpc.engine`."""
+
+    less_than_zero: Callable[[Any], Any]  # mpcfl.mpc.comparison
+    sigmoid: Callable[[Any], Any]  # mpcfl.mpc.logistic
+    product: Callable[..., Any]  # mpcfl.mpc.fixed_mask
+    ttp: types.ModuleType  # mpcfl.mpc.providers.ttp: the dealer and its party side
 
 
 def _alias_onnx_registration() -> None:
@@ -155,13 +169,11 @@ def end_crypten(crypten: types.ModuleType, *, failed: bool) -> None:
     also where the script has already left: a process that joins a later session (federated
     survivors, :func:`mpcfl.mpc.session.reformed`) gets a fresh one.
     """
-    from mpcfl.mpc.providers.ttp import ABORT
-
     if crypten.is_initialized():
         comm = crypten.comm.get()
         if failed and comm.get_rank() == 0 and getattr(comm, "ttp_initialized", False):
             with contextlib.suppress(RuntimeError):
-                comm.send_obj(ABORT, comm.get_ttp_rank(), comm.ttp_group)
+                comm.send_obj(_state["protocols"].ttp.ABORT, comm.get_ttp_rank(), comm.ttp_group)
             comm.ttp_initialized = False  # so shutdown sends no "terminate" after it
     crypten.uninit()
 
@@ -174,12 +186,10 @@ def run_dealer_server(crypten: types.ModuleType, parties: Sequence[str]) -> None
     swallows link errors, so a dealer whose parties died would exit as if the job
     had finished. The Dealer raises both.
     """
-    from mpcfl.mpc.providers.ttp import Dealer
-
-    Dealer.start(crypten.comm.get(), parties).serve()
+    _state["protocols"].ttp.Dealer.start(crypten.comm.get(), parties).serve()
 
 
-def _route_randomness(crypten: types.ModuleType) -> None:
+def _route_randomness(crypten: types.ModuleType, ttp: types.ModuleType) -> None:
     """Every mask, zero-sharing and triple share comes from AES-CTR, never ``torch.Generator``.
 
     crypten 0.4.1 draws them with ``torch.randint`` on Mersenne Twister generators
@@ -189,7 +199,6 @@ def _route_randomness(crypten: types.ModuleType) -> None:
     generator set-up of the parties and of the TTP client is replaced too.
     """
     from mpcfl.mpc.generators import make_drawers, setup_party_generators
-    from mpcfl.mpc.providers.ttp import receive_dealer_key
 
     rng = crypten.common.rng
     if getattr(rng.generate_random_ring_element, "_mpcfl_patched", False):
@@ -206,7 +215,7 @@ def _route_randomness(crypten: types.ModuleType) -> None:
             if hasattr(module, name):
                 setattr(module, name, replacement)
     crypten._setup_prng = lambda: setup_party_generators(crypten)
-    provider.ttp_provider.TTPClient._TTPClient__TTPClient._setup_generators = receive_dealer_key
+    provider.ttp_provider.TTPClient._TTPClient__TTPClient._setup_generators = ttp.receive_dealer_key
 
 
 class _TTPServer:
@@ -219,7 +228,7 @@ class _TTPServer:
     TERMINATE = -1  # crypten's TTPServer constant
 
     def __init__(self) -> None:
-        crypten = import_crypten()
+        crypten = loaded_crypten()
         if not crypten.is_initialized():  # run_multiprocess has initialised it; the test harness has not
             crypten.init()
         failed = True
@@ -249,7 +258,7 @@ def _serve_as_dealer(crypten: types.ModuleType) -> None:
     provider.TTPServer = provider.ttp_provider.TTPServer = _TTPServer
 
 
-def _uninit_cleanly(crypten: types.ModuleType) -> None:
+def _uninit_cleanly(crypten: types.ModuleType, ttp: types.ModuleType) -> None:
     """``crypten.uninit()`` leaves the session if this process is still in one, and always drops
     its dealer link (the TTP client and :func:`mpcfl.mpc.providers.ttp.forget_session`).
 
@@ -263,8 +272,6 @@ def _uninit_cleanly(crypten: types.ModuleType) -> None:
     """
     from crypten.mpc.provider.ttp_provider import TTPClient
 
-    from mpcfl.mpc.providers.ttp import forget_session
-
     shipped = crypten.uninit
     if getattr(shipped, "_mpcfl_patched", False):
         return
@@ -276,7 +283,7 @@ def _uninit_cleanly(crypten: types.ModuleType) -> None:
                 shipped()
         finally:
             TTPClient.uninit()
-            forget_session()
+            ttp.forget_session()
 
     uninit._mpcfl_patched = True  # type: ignore[attr-defined]
     crypten.uninit = uninit
@@ -306,7 +313,7 @@ def _fix_negative_decoding(crypten: types.ModuleType) -> None:
     encoder.decode = decode
 
 
-def _announce_triple_requests(crypten: types.ModuleType) -> None:
+def _announce_triple_requests(crypten: types.ModuleType, ttp: types.ModuleType) -> None:
     """Parties 1..n-1 tell the dealer each request they make (see :mod:`mpcfl.mpc.providers.ttp`).
 
     crypten 0.4.1 lets party 0 alone talk to the dealer, so the dealer cannot tell
@@ -315,25 +322,22 @@ def _announce_triple_requests(crypten: types.ModuleType) -> None:
     ``ttp_request`` (:func:`mpcfl.mpc.providers.ttp.request`) answers a prefetched request
     from its queue, and hears whose digest the dealer gave up waiting for.
     """
-    from mpcfl.mpc.providers.ttp import PARTY_EXTENSIONS, PARTY_METHODS, announcing
-    from mpcfl.mpc.providers.ttp import request as party_request
-
     client = crypten.mpc.provider.ttp_provider.TTPClient._TTPClient__TTPClient
-    client.ttp_request = party_request
+    client.ttp_request = ttp.request
     provider = crypten.mpc.provider.ttp_provider.TrustedThirdParty
-    for method, function in PARTY_EXTENSIONS.items():  # the fixed-mask requests, wrapped below
+    for method, function in ttp.PARTY_EXTENSIONS.items():  # the fixed-mask requests, wrapped below
         if not hasattr(provider, method):
             setattr(provider, method, function)
     rank = lambda: crypten.comm.get().get_rank()  # noqa: E731
-    for request, method in PARTY_METHODS.items():
+    for request, method in ttp.PARTY_METHODS.items():
         original = getattr(provider, method)
         if not getattr(original, "_mpcfl_patched", False):
-            wrapped = announcing(original, request, rank)
+            wrapped = ttp.announcing(original, request, rank)
             wrapped._mpcfl_patched = True  # type: ignore[attr-defined]
             setattr(provider, method, wrapped)
 
 
-def _skip_unused_matmul_gradient(crypten: types.ModuleType) -> None:
+def _skip_unused_matmul_gradient(crypten: types.ModuleType, product: Callable[..., Any]) -> None:
     """crypten 0.4.1's matmul backward computes the gradient of both operands, and its
     ``backward`` then drops the one whose operand needs none. In a linear layer (``x @ W^T``)
     that operand is the data: a whole n x d Beaver product, with its dealer request and
@@ -341,8 +345,6 @@ def _skip_unused_matmul_gradient(crypten: types.ModuleType) -> None:
     require a gradient; every other case runs crypten's own backward. The gradient that
     remains, ``xᵀ·grad``, reuses the data's fixed mask where it has one (:func:`_reuse_data_masks`).
     """
-    from mpcfl.mpc.fixed_mask import product
-
     matmul = crypten.gradients.AutogradMatMul
     if getattr(matmul.backward, "_mpcfl_patched", False):
         return
@@ -361,7 +363,7 @@ def _skip_unused_matmul_gradient(crypten: types.ModuleType) -> None:
     matmul.backward = staticmethod(backward)
 
 
-def _reuse_data_masks(crypten: types.ModuleType) -> None:
+def _reuse_data_masks(crypten: types.ModuleType, product: Callable[..., Any]) -> None:
     """A product with a fixed data tensor takes a triple whose first factor is the data's
     fixed mask (:mod:`mpcfl.mpc.fixed_mask`): only the other factor is opened.
 
@@ -370,8 +372,6 @@ def _reuse_data_masks(crypten: types.ModuleType) -> None:
     operand runs crypten's own matmul. The data gradient's side is in
     :func:`_skip_unused_matmul_gradient`.
     """
-    from mpcfl.mpc.fixed_mask import product
-
     tensor = crypten.mpc.MPCTensor
     if getattr(tensor.matmul, "_mpcfl_patched", False):
         return
@@ -401,24 +401,20 @@ def _serve_first(tensor: type, name: str, ours: Callable[[Any], Any]) -> None:
     setattr(tensor, name, served)
 
 
-def _compare_on_packed_bits(crypten: types.ModuleType) -> None:
+def _compare_on_packed_bits(crypten: types.ModuleType, less_than_zero: Callable[[Any], Any]) -> None:
     """Parties compute ``x < 0`` with :mod:`mpcfl.mpc.comparison`: no more rounds than
     crypten 0.4.1's ``MPCTensor._ltz``, about a quarter of its bytes. Every comparison goes
     through ``_ltz`` (relu, sign, abs, where, max, the sigmoid's sign); any case that module
     declines runs crypten's own.
     """
-    from mpcfl.mpc.comparison import less_than_zero
-
     _serve_first(crypten.mpc.MPCTensor, "_ltz", less_than_zero)
 
 
-def _sigmoid_in_lockstep(crypten: types.ModuleType) -> None:
+def _sigmoid_in_lockstep(crypten: types.ModuleType, sigmoid: Callable[[Any], Any]) -> None:
     """``MPCTensor.sigmoid`` runs crypten's sigmoid with its sign and exp in the same rounds
     (:mod:`mpcfl.mpc.logistic`): 16 rounds instead of 24, the same function. Where that module
     declines (another method, a GPU, other than two parties) crypten's own runs.
     """
-    from mpcfl.mpc.logistic import sigmoid
-
     _serve_first(crypten.mpc.MPCTensor, "sigmoid", sigmoid)
 
 
@@ -523,15 +519,9 @@ def _open_point_to_point(crypten: types.ModuleType) -> None:
     crypten.communicator.distributed_communicator.DistributedCommunicator.reduce = reduce_point_to_point
 
 
-def import_crypten(*, stock: bool = False) -> types.ModuleType:
-    """Imports crypten with every adaptation applied.
-
-    Args:
-        stock: apply only what ``import crypten`` and ``from_pytorch`` need on this torch
-            (the ONNX alias and exporter), none of the security, correctness and speed patches
-            (generators, point-to-point openings, dealer digests and the dealer behind ``TTPServer``,
-            decoding, timeouts, mask reuse, packed comparisons, a repeated ``uninit``):
-            CrypTen as upstream ships it, for benchmarks that compare against it. Never for jobs.
+def load(protocols: Protocols, *, stock: bool = False) -> types.ModuleType:
+    """Imports crypten with every adaptation applied, ``protocols`` installed (see
+    :func:`mpcfl.mpc.engine.import_crypten`, which hands them over, for ``stock``).
 
     Raises:
         MpcflError: crypten is missing, is not the version these patches target, or was
@@ -559,18 +549,29 @@ def import_crypten(*, stock: bool = False) -> types.ModuleType:
         )
     _force_legacy_onnx_exporter(crypten)
     if not stock:
+        _state["protocols"] = protocols
         _inject_process_group_timeout(crypten)
-        _route_randomness(crypten)
+        _route_randomness(crypten, protocols.ttp)
         _serve_as_dealer(crypten)
-        _uninit_cleanly(crypten)
+        _uninit_cleanly(crypten, protocols.ttp)
         _open_point_to_point(crypten)
         _fix_negative_decoding(crypten)
-        _announce_triple_requests(crypten)
-        _skip_unused_matmul_gradient(crypten)
-        _reuse_data_masks(crypten)
-        _compare_on_packed_bits(crypten)
-        _sigmoid_in_lockstep(crypten)
+        _announce_triple_requests(crypten, protocols.ttp)
+        _skip_unused_matmul_gradient(crypten, protocols.product)
+        _reuse_data_masks(crypten, protocols.product)
+        _compare_on_packed_bits(crypten, protocols.less_than_zero)
+        _sigmoid_in_lockstep(crypten, protocols.sigmoid)
         _read_settings_natively(crypten)
     _state["crypten"], _state["stock"] = crypten, stock
     return crypten
 
+
+def loaded_crypten() -> types.ModuleType:
+    """crypten as :func:`load` imported it, for the protocols it installs: they run inside it.
+
+    Raises:
+        MpcflError: crypten is not imported yet (:func:`mpcfl.mpc.engine.import_crypten` imports it).
+    """
+    if _state["crypten"] is None:
+        raise MpcflError("crypten is not imported yet: import it with mpcfl.mpc.engine.import_crypten")
+    return _state["crypten"]

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from mpcfl.errors import MpcflError
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.compat import loaded_crypten
 from mpcfl.mpc.device import to_device
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def fix(x: Any, data: str) -> bool:
     """
     if _tag(x) is not None:
         return True
-    provider = import_crypten().mpc.get_default_provider()
+    provider = loaded_crypten().mpc.get_default_provider()
     if not hasattr(provider, "generate_fixed_mask") or x.dim() != 2:
         return False
     mask = provider.generate_fixed_mask(data, tuple(x.size()), device=x.device)
@@ -136,7 +136,7 @@ def product(x: Any, y: Any, *, transposed: bool) -> Any | None:
     fewer elements; then the caller takes the ordinary product.
     """
     tag = _tag(x)
-    crypten = import_crypten()
+    crypten = loaded_crypten()
     if tag is None or not isinstance(y, crypten.mpc.MPCTensor) or y.dim() != 2:
         return None
     scale = x.encoder.scale

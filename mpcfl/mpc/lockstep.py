@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.compat import loaded_crypten
 
 SUM, XOR = "sum", "xor"
 #: This party's shares of the values a protocol opens in one round, and how shares combine.
@@ -60,7 +60,7 @@ def _open(steps: list[Step]) -> list[list[torch.Tensor]]:
     """The values of every step, opened in one exchange."""
     import torch.distributed as dist
 
-    comm = import_crypten().comm.get()
+    comm = loaded_crypten().comm.get()
     shares = [share for step, _ in steps for share in step]
     kinds = [kind for step, kind in steps for _ in step]
     if len(set(kinds)) == 1:
@@ -75,12 +75,12 @@ def _open(steps: list[Step]) -> list[list[torch.Tensor]]:
 
 
 def _rank() -> int:
-    return import_crypten().comm.get().get_rank()
+    return loaded_crypten().comm.get().get_rank()
 
 
 def binary_and(x: torch.Tensor, y: torch.Tensor) -> Generator[Step, list[torch.Tensor], torch.Tensor]:
     """This party's XOR share of ``x & y`` from its shares of both: CrypTen's Beaver AND (``beaver.AND``)."""
-    provider = import_crypten().mpc.get_default_provider()
+    provider = loaded_crypten().mpc.get_default_provider()
     a, b, c = provider.generate_binary_triple(x.size(), y.size(), device=x.device)
     epsilon, delta = yield [x ^ a.share, y ^ b.share], XOR
     result = (b.share & epsilon) ^ (a.share & delta) ^ c.share
@@ -89,7 +89,7 @@ def binary_and(x: torch.Tensor, y: torch.Tensor) -> Generator[Step, list[torch.T
 
 def bit_to_arithmetic(bit: torch.Tensor) -> Generator[Step, list[torch.Tensor], torch.Tensor]:
     """This party's arithmetic share (scale 1) of a bit from its XOR share: CrypTen's ``B2A_single_bit``."""
-    provider = import_crypten().mpc.get_default_provider()
+    provider = loaded_crypten().mpc.get_default_provider()
     r_arithmetic, r_binary = provider.B2A_rng(bit.size(), device=bit.device)
     (z,) = yield [bit ^ r_binary.share], XOR
     share = r_arithmetic.share * (1 - 2 * z)  # r if the bit equals r, else 1 - r
@@ -98,7 +98,7 @@ def bit_to_arithmetic(bit: torch.Tensor) -> Generator[Step, list[torch.Tensor], 
 
 def square(x: Any) -> Generator[Step, list[torch.Tensor], Any]:
     """``x * x`` for an ArithmeticSharedTensor, truncated as CrypTen's ``square`` does (Beaver, then ``div_``)."""
-    crypten = import_crypten()
+    crypten = loaded_crypten()
     arithmetic = crypten.mpc.primitives.ArithmeticSharedTensor
     r, r2 = crypten.mpc.get_default_provider().square(x.size(), device=x.device)
     (epsilon,) = yield [x.share - r.share], SUM

@@ -21,7 +21,7 @@ from collections.abc import Generator
 from typing import Any
 
 from mpcfl.mpc import comparison, lockstep
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.compat import loaded_crypten
 
 #: What CrypTen's sigmoid sets for its reciprocal (crypten/common/functions/approximations.py).
 RECIPROCAL = {"functions.exp_iterations": 9, "functions.reciprocal_nr_iters": 3,
@@ -39,7 +39,7 @@ def sigmoid(x: Any) -> Any | None:
     """CrypTen's sigmoid of an MPCTensor, or None where CrypTen's own must run (another
     ``sigmoid_tanh_method``, a tensor the packed comparison does not serve, other than two parties, or one of more than
     ``comparison.CHUNK`` elements, whose doubled squarings would ask the dealer too much at once)."""
-    crypten = import_crypten()
+    crypten = loaded_crypten()
     cfg = crypten.cfg
     if cfg.functions.sigmoid_tanh_method != "reciprocal" or not comparison.applies(x):
         return None

@@ -1,4 +1,4 @@
-"""A plain ``import crypten`` goes through :func:`mpcfl.mpc.compat.import_crypten` once ``import mpcfl`` ran.
+"""A plain ``import crypten`` goes through :func:`mpcfl.mpc.engine.import_crypten` once ``import mpcfl`` ran.
 
 Without it, ``import crypten`` fails on torch >= 2.9 (the ONNX registration module moved), and a
 crypten imported some other way would miss mpcfl's patches. This module is a finder on
@@ -39,7 +39,7 @@ class _Patched:
 
     def create_module(self, spec: Any) -> types.ModuleType:
         # The module import_crypten made and patched; the import system then files it under "crypten" again.
-        from mpcfl.mpc.compat import import_crypten
+        from mpcfl.mpc.engine import import_crypten
 
         module = import_crypten()
         spec.loader_state = module.__spec__

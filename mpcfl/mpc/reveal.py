@@ -206,7 +206,7 @@ def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None 
         RevealPolicyError: bad receivers, or no privacy charge under a budget.
         BudgetExceeded: the charge would exceed the budget; nothing is revealed.
     """
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
     from mpcfl.mpc.device import to_host
     from mpcfl.dp.noise import add_noise_share, noise_share
     from mpcfl.mpc.prng import numpy_generator

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.prng import SecureGenerator
 
 _HALF_RING = 1 << 63

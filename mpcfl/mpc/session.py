@@ -29,12 +29,12 @@ from mpcfl.mpc.compat import (
     ENV_RENDEZVOUS,
     ENV_WORLD_SIZE,
     end_crypten,
-    import_crypten,
     init_crypten,
     process_group_timeout,
     run_dealer_server,
     set_process_group_timeout,
 )
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.wire import from_words, to_words
 from mpcfl.mpc.auth import Credentials, authenticate
 from mpcfl.errors import MpcflError, PeerFailure, first_line

@@ -45,7 +45,7 @@ from mpcfl.jobs.schema import PredictJob, TrainJob
 from mpcfl.jobs.session import session_of
 from mpcfl.models.build import build_torch_model, to_crypten
 from mpcfl.models.heads import Head, job_head
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.device import to_device
 from mpcfl.mpc.reveal import reveal
 from mpcfl.mpc.session import agreed, agreed_public, communication_stats, party_session, session_device

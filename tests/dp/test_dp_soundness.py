@@ -18,7 +18,7 @@ from mpcfl.jobs.schema import TrainJob, load_job
 from mpcfl.models.build import build_torch_model, to_crypten
 from mpcfl.models.heads import head_of
 from mpcfl.models.spec import ModelSpec
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.reveal import reveal
 from mpcfl.tasks.train.baseline import prepared_data
 from mpcfl.tasks.train.dataset import prepare

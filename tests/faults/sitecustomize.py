@@ -1,7 +1,7 @@
 """A deviating party, loaded into every process of a test job through PYTHONPATH.
 
 ``MPCFL_WITHHOLD_DIGESTS=NAME``: the process of ``mpcfl party ... --party NAME`` never sends
-the dealer the digests of its requests (:func:`mpcfl.mpc.providers.ttp._announce`), and goes
+the dealer the digests of its requests (:func:`mpcfl.mpc.providers.ttp.party._announce`), and goes
 on as if it had.
 """
 
@@ -18,9 +18,9 @@ def _party() -> str | None:
 
 
 def _withhold_digests() -> None:
-    from mpcfl.mpc.providers import ttp
+    from mpcfl.mpc.providers.ttp import party
 
-    ttp._announce = lambda words: None
+    party._announce = lambda words: None
 
 
 _WITHHOLDING = os.environ.get("MPCFL_WITHHOLD_DIGESTS")

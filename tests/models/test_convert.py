@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.models.convert import UnsupportedModelError, encrypt_model, trace
 from mpcfl.mpc.reveal import reveal
 

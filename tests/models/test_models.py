@@ -42,7 +42,7 @@ def test_head_agrees_with_plain_torch(crypten_single: None, classes: int) -> Non
     import numpy as np
 
     from mpcfl.models.heads import head_of
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
     from mpcfl.mpc.reveal import reveal
 
     crypten = import_crypten()
@@ -88,7 +88,7 @@ def test_regression_head_agrees_with_plain_torch(crypten_single: None, loss: str
 
     from mpcfl.models.heads import head_of, regression_scores
     from mpcfl.models.spec import Regression
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
     from mpcfl.mpc.reveal import reveal
 
     crypten = import_crypten()

@@ -10,7 +10,7 @@ import torch
 from mpcfl.models.heads import BinaryHead, head_of
 from mpcfl.models.sigmoid import NAMES, SIGMOIDS, fit_odd
 from mpcfl.models.spec import ModelSpec
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.reveal import reveal
 
 # name: (largest error inside the clamp, largest anywhere, output range)

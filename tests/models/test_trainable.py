@@ -32,7 +32,7 @@ class TinyCnn(nn.Module):
 
 
 def test_gradients_through_crypten_autograd_match_torch(crypten_single: None) -> None:
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
     from mpcfl.mpc.reveal import reveal
     from mpcfl.tasks.train import checkpoint
 

@@ -92,7 +92,7 @@ def test_the_sign_is_exact_for_every_split_and_carry_chain(parties: int, monkeyp
 
 
 def test_other_worlds_fall_back_to_crypten(crypten_single: None) -> None:
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
 
     x = import_crypten().cryptensor(torch.tensor([-1.0, 2.0]))
     assert comparison.less_than_zero(x) is None  # one party: crypten's own comparison runs

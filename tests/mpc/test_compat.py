@@ -13,11 +13,12 @@ import torch
 
 from conftest import REPO, SCRIPTS, assert_no_leftovers, base_job, mpcfl, vertical_parties, write_job
 from mpcfl.mpc import compat as _compat
+from mpcfl.mpc.engine import import_crypten
 
 
 def test_crypten_imports_on_current_torch() -> None:
     # Without the alias, `import crypten` fails on torch >= 2.9 (the registration module moved).
-    code = "from mpcfl.mpc.compat import import_crypten; c = import_crypten(); print(c.__version__)"
+    code = "from mpcfl.mpc.engine import import_crypten; c = import_crypten(); print(c.__version__)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == _compat.CRYPTEN_VERSION
@@ -43,14 +44,14 @@ print(crypten.__version__)
 
 
 def test_registration_alias_points_at_the_moved_module() -> None:
-    _compat.import_crypten()
+    import_crypten()
     from torch.onnx._internal.torchscript_exporter import registration
 
     assert sys.modules["torch.onnx._internal.registration"] is registration
 
 
 def test_from_pytorch_uses_the_legacy_exporter() -> None:
-    crypten = _compat.import_crypten()
+    crypten = import_crypten()
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)).eval()
     converted = crypten.nn.from_pytorch(model, torch.zeros(1, 4))
     converted.eval()
@@ -61,7 +62,7 @@ def test_from_pytorch_uses_the_legacy_exporter() -> None:
 
 
 def test_crypten_groups_get_the_job_timeout() -> None:
-    crypten = _compat.import_crypten()
+    crypten = import_crypten()
     dist_view = crypten.communicator.distributed_communicator.dist
     assert isinstance(dist_view, _compat._DistWithTimeout)
     seen: dict[str, object] = {}
@@ -123,7 +124,7 @@ def test_init_runs_the_hook_after_the_group_forms_and_before_any_seed_exchange()
     _compat.init_crypten(fake, lambda: calls.append("hook"))
     assert calls == ["group", "hook", "party seeds", "dealer seed"]
     # The names it relies on exist in the crypten it targets.
-    crypten = _compat.import_crypten()
+    crypten = import_crypten()
     assert callable(crypten._setup_prng) and callable(crypten.mpc.provider.ttp_provider.TTPClient._init)
 
 
@@ -133,7 +134,7 @@ def test_stock_mode_applies_the_import_fixes_only() -> None:
     code = """
 import sys
 from mpcfl.errors import MpcflError
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 c = import_crypten(stock=True)
 assert import_crypten(stock=True) is c
 assert sys.modules["torch.onnx._internal.registration"] is not None
@@ -159,7 +160,7 @@ except MpcflError as err:
 
 def test_a_linear_layer_backward_multiplies_once_and_gets_torch_gradients(crypten_single: None) -> None:
     # The data operand of x @ W^T needs no gradient: one Beaver matmul (W's), not two.
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
 
     crypten = import_crypten()
     beaver = crypten.mpc.primitives.beaver
@@ -198,7 +199,7 @@ def test_matmul_reuses_a_fixed_data_mask_only_where_the_provider_serves_one(cryp
     # MPCTensor.matmul and the matmul backward route fixed data to mpcfl.mpc.fixed_mask; the TTP
     # provider gains its two requests, announced as the others; without a dealer nothing is fixed.
     from mpcfl.mpc import fixed_mask
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
 
     crypten = import_crypten()
     assert getattr(crypten.mpc.MPCTensor.matmul, "_mpcfl_patched", False)
@@ -213,7 +214,7 @@ def test_matmul_reuses_a_fixed_data_mask_only_where_the_provider_serves_one(cryp
 def test_settings_read_natively_keep_crypten_s_interface(crypten_single: None, monkeypatch: pytest.MonkeyPatch) -> None:
     from omegaconf import DictConfig, OmegaConf
 
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
 
     crypten = import_crypten()
     cfg = crypten.cfg
@@ -257,7 +258,7 @@ def test_settings_read_natively_merge_sections_and_load_files_as_crypten_did(
     crypten_single: None, tmp_path: Path
 ) -> None:
     """Writes of a whole section merge into it, files load from their path, nested overrides unwind."""
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
 
     crypten = import_crypten()
     cfg = crypten.cfg
@@ -296,7 +297,7 @@ def test_settings_read_natively_keep_what_was_set_before_the_patch() -> None:
 
     from omegaconf import DictConfig
 
-    shipped = _compat.import_crypten().config.config.__file__
+    shipped = import_crypten().config.config.__file__
     spec = importlib.util.spec_from_file_location("_crypten_config_unpatched", shipped)
     fresh = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fresh)  # CrypTen's class as shipped, apart from the live, patched one
@@ -318,7 +319,7 @@ def test_crypten_s_own_ttp_server_is_mpcfl_s_dealer_and_its_processes_end_cleanl
     # protocol than the patched parties, closed early, and party 0's "terminate" hit a closed link.
     code = """
 import torch
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 crypten = import_crypten()
 crypten.cfg.mpc.provider = "TTP"
 server = crypten.mpc.provider.TTPServer
@@ -346,7 +347,7 @@ def test_uninit_outside_a_session_returns_and_always_drops_the_dealer_link(
     # mpcfl.join's block; after the dealer left by itself): a no-op, as init() on an initialised one.
     from crypten.mpc.provider.ttp_provider import TTPClient
 
-    crypten = _compat.import_crypten()
+    crypten = import_crypten()
     assert getattr(crypten.uninit, "_mpcfl_patched", False)
     crypten.uninit()
     assert not crypten.is_initialized()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mpcfl.errors import MpcflError
-from mpcfl.mpc import compat
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.device import resolve, to_device, to_host
 
 
@@ -31,7 +31,7 @@ def test_resolve_names_a_concrete_device() -> None:
 
 def _cuda_long_tensor_around(tensor: torch.Tensor):  # noqa: ANN202 (crypten's type)
     """CrypTen's CUDA share wrapper, holding a host tensor (no GPU needed to build it this way)."""
-    compat.import_crypten()  # first: it makes crypten importable on this torch
+    import_crypten()  # first: it makes crypten importable on this torch
     from crypten.cuda import CUDALongTensor
 
     wrapped = CUDALongTensor()
@@ -66,7 +66,7 @@ def test_to_device_on_the_cpu_is_the_plain_share() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (torch.cuda.is_available() is false)")
 def test_to_device_on_cuda_wraps_the_share_as_crypten_expects() -> None:
-    compat.import_crypten()
+    import_crypten()
     from crypten.cuda import CUDALongTensor
 
     moved = to_device(torch.arange(6).reshape(2, 3), resolve("cuda"))
@@ -84,7 +84,7 @@ def test_plain_sgd_gives_the_gradient_of_the_mean_loss(crypten_single: None, cla
     from mpcfl.mpc.reveal import reveal
     from mpcfl.tasks.train.steps import PlainSgd
 
-    crypten = compat.import_crypten()
+    crypten = import_crypten()
     spec = ModelSpec(type="mlp", hidden=[5], num_classes=classes)
     head = head_of(spec)
     torch_model = build_torch_model(spec, n_features=4, seed=0)

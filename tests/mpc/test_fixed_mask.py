@@ -116,7 +116,7 @@ class _OnePartyDealer:
 
 def test_products_with_a_fixed_tensor_match_plaintext_on_all_rows_and_on_batches(crypten_single: None, monkeypatch: pytest.MonkeyPatch) -> None:
     from mpcfl.mpc import fixed_mask
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
 
     crypten = import_crypten()
     dealer = _OnePartyDealer(crypten)

@@ -80,7 +80,7 @@ def _openings_and_masks(x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> lis
     """Each round of the sigmoid's lockstep protocols (sign, then exp's squarings) on ``x``, one party:
     what it opens, and the dealer masks it drew for that round (AND's a and b, square's r, B2A's r_binary)."""
     from mpcfl.mpc import comparison, logistic
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
 
     crypten = import_crypten()
     provider = crypten.mpc.provider.TrustedFirstParty()  # one party: triples drawn here, fresh each call

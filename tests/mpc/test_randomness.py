@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpcfl.mpc import compat as _compat
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.generators import InsecureGeneratorError, make_drawers
 from mpcfl.mpc.prng import SecureGenerator, key_to_words, new_key, numpy_generator, words_to_key
 from mpcfl.mpc.providers.ttp import PRODUCTS, Dealer, DealerRequestRefused
@@ -41,7 +41,7 @@ def test_ring_elements_cover_the_ring_and_kbit_values_their_range() -> None:
 
 
 def test_crypten_draws_only_from_secure_generators() -> None:
-    crypten = _compat.import_crypten()
+    crypten = import_crypten()
     for module in (crypten.common.rng, crypten.mpc.primitives.arithmetic, crypten.mpc.provider.ttp_provider):
         with pytest.raises(InsecureGeneratorError, match="only SecureGenerator"):
             module.generate_random_ring_element((3,), generator=torch.Generator())
@@ -53,7 +53,7 @@ def test_crypten_draws_only_from_secure_generators() -> None:
 
 
 def test_sharing_and_multiplying_draw_nothing_from_torch(crypten_single: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    crypten = _compat.import_crypten()
+    crypten = import_crypten()
     assert all(isinstance(crypten.generators[name][torch.device("cpu")], SecureGenerator) for name in ("prev", "next", "local", "global"))
 
     def refuse(*args: object, **kwargs: object) -> None:
@@ -66,7 +66,7 @@ def test_sharing_and_multiplying_draw_nothing_from_torch(crypten_single: None, m
 
 
 def test_negative_values_decode_exactly(crypten_single: None) -> None:
-    crypten = _compat.import_crypten()
+    crypten = import_crypten()
     encoded = torch.tensor([-64845865, -65536 * 990, -1, 65536 * 3 + 1])  # -989.469..., -990, -2^-16, 3 + 2^-16
     decoded = crypten.encoder.FixedPointEncoder().decode(encoded)
     expected = encoded.double() / 2**16

@@ -16,7 +16,7 @@ def test_under_a_budget_every_reveal_must_declare_its_charge(crypten_single: Non
     import pytest
     import torch
 
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
     from mpcfl.dp import Budget
     from mpcfl.mpc.reveal import Disclosure, RevealPolicyError, reveal
 
@@ -36,7 +36,7 @@ def test_each_run_has_its_own_ledger_and_budget(crypten_single: None) -> None:
     import torch
 
     from mpcfl.dp import Budget, Charge
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
     from mpcfl.mpc.reveal import Disclosure, Privacy, reveal
 
     crypten = import_crypten()

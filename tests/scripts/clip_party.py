@@ -16,7 +16,7 @@ from mpcfl.models.build import build_torch_model, to_crypten
 from mpcfl.models.heads import head_of
 from mpcfl.models.sigmoid import clamp_symmetric
 from mpcfl.models.spec import ModelSpec
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.reveal import Disclosure, reveal
 
 WEIGHT_BOUND, MAX_ABS, CLIP, ROWS = 4.0, 4.0, 1.0, 6

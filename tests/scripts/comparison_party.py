@@ -12,7 +12,7 @@ import torch
 import mpcfl
 import sitecustomize
 from mpcfl.mpc import comparison
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.session import communication_stats
 
 EDGES = [0.0, 2.0**-16, -(2.0**-16), 0.5, -0.5, 1e4, -1e4, 2.0**40, -(2.0**40), 2.0**46, -(2.0**46)]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import mpcfl
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.dp import Budget, BudgetExceeded, Charge
 from mpcfl.dp.noise import add_noise_share, share_variance, skellam
 from mpcfl.mpc.prng import numpy_generator

@@ -20,8 +20,9 @@ import torch
 import mpcfl
 import sitecustomize
 from mpcfl.mpc import fixed_mask
-from mpcfl.mpc.compat import import_crypten
-from mpcfl.mpc.providers.ttp import _prefetch, prefetched
+from mpcfl.mpc.engine import import_crypten
+from mpcfl.mpc.providers.ttp import prefetched
+from mpcfl.mpc.providers.ttp.party import _prefetch
 from mpcfl.mpc.session import communication_stats, session_device
 
 N, D, STEPS, LR = 512, 16, 3, 2.0**-14  # a learning rate fixed point holds exactly

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import mpcfl
 import sitecustomize
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.reveal import reveal
 
 SECRET = np.random.default_rng(7).uniform(-1000, 1000, size=1000)

@@ -12,7 +12,7 @@ import torch
 import mpcfl
 import sitecustomize
 from mpcfl.mpc import comparison
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.session import communication_stats
 
 with mpcfl.join() as me:

@@ -13,7 +13,7 @@ import os
 
 import mpcfl
 import sitecustomize
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.prng import SecureGenerator
 from mpcfl.mpc.sampling import inclusion_bits
 

@@ -9,8 +9,9 @@ import torch
 
 import mpcfl
 from mpcfl.errors import MpcflError
-from mpcfl.mpc.compat import import_crypten
-from mpcfl.mpc.providers.ttp import _prefetch, prefetched
+from mpcfl.mpc.engine import import_crypten
+from mpcfl.mpc.providers.ttp import prefetched
+from mpcfl.mpc.providers.ttp.party import _prefetch
 
 with mpcfl.join() as me:
     crypten = import_crypten()

@@ -11,7 +11,7 @@ import time
 import torch
 
 import mpcfl
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.session import quiet_dealer, recv_bytes, send_bytes
 
 BUSY_S = 6

@@ -8,7 +8,7 @@ values. mpcfl's dealer must refuse it.
 import torch
 
 import mpcfl
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.providers.ttp import prefetched
 
 with mpcfl.join() as me:

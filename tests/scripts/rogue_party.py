@@ -7,7 +7,7 @@ i.e. the mask of party 1's next input. mpcfl's dealer must refuse instead.
 import torch
 
 import mpcfl
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 
 with mpcfl.join() as me:
     crypten = import_crypten()  # crypten imports only through the compat module

@@ -137,9 +137,9 @@ def _install() -> None:
 
     torch.Generator = Generator
 
-    import mpcfl.mpc.compat as compat
+    import mpcfl.mpc.engine as engine
 
-    original_import = compat.import_crypten
+    original_import = engine.import_crypten
 
     def import_crypten():
         crypten = original_import()
@@ -148,7 +148,7 @@ def _install() -> None:
                 cls.reveal = _record_opened(cls.reveal)
         return crypten
 
-    compat.import_crypten = import_crypten
+    engine.import_crypten = import_crypten
 
     def ring(tensor):
         """Ring units: int64 as is, floating point scaled by 2^16, other types left out."""

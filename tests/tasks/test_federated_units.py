@@ -132,7 +132,7 @@ def test_a_torch_module_factory_is_a_federated_model(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("rows", [1, 7, 380, 5000, 49_152])
 def test_the_secure_divisor_is_exact_to_fixed_point_across_its_range(crypten_single: None, rows: int) -> None:
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
 
     crypten = import_crypten()
     bound = count_bound(3, 1 << 14)

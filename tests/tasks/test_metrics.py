@@ -9,7 +9,7 @@ import torch
 from conftest import mann_whitney
 from mpcfl.models.heads import head_of
 from mpcfl.models.spec import ModelSpec
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.reveal import reveal
 from mpcfl.tasks.train import metrics
 

@@ -1,8 +1,8 @@
 """Where Beaver triples and other correlated randomness come from, one module per provider.
 
 A provider is one entry in :data:`_PROVIDERS`, declaring what a session needs to know of
-it, plus a module here for any code of ours it runs (``ttp.py``: the dealer and the party
-side; TFP is CrypTen's own and has none). The modules are imported where their code runs,
+it, plus a module here for any code of ours it runs (``ttp/``: the request table, the dealer and
+the party side; TFP is CrypTen's own and has none). The modules are imported where their code runs,
 never to read those facts, so checking a job (the schema, the launcher, the CLI) does not
 import torch.
 """
@@ -44,7 +44,7 @@ class Provider:
 _PROVIDERS = {
     provider.name: provider
     for provider in (
-        Provider(name="ttp", needs_dealer=True, crypten_name="TTP"),  # providers/ttp.py
+        Provider(name="ttp", needs_dealer=True, crypten_name="TTP"),  # providers/ttp/
         Provider(  # CrypTen's trusted first party: no dealer process, for tests only
             name="tfp",
             needs_dealer=False,

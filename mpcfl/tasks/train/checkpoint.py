@@ -167,7 +167,7 @@ def restore(model: Any, optimizer: Any, checkpoint: Checkpoint, *, device: torch
     Raises:
         MpcflError: the checkpoint's parameters do not match the model.
     """
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
 
     crypten = import_crypten()
     named = dict(model.named_parameters())

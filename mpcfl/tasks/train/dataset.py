@@ -249,7 +249,7 @@ def _standardize_jointly(job: TrainJob, data: PartyData, shapes: list[list[int]]
 
 
 def _crypten() -> Any:
-    from mpcfl.mpc.compat import import_crypten
+    from mpcfl.mpc.engine import import_crypten
 
     return import_crypten()
 

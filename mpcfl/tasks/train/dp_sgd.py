@@ -69,7 +69,7 @@ from mpcfl.jobs.schema import FederatedJob, TrainJob
 from mpcfl.models.build import build_torch_model
 from mpcfl.models.heads import Head, job_head
 from mpcfl.models.sigmoid import clamp_symmetric
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.prng import SecureGenerator, numpy_generator
 from mpcfl.mpc.reveal import Privacy
 from mpcfl.mpc.sampling import Selection, inclusion_bits

@@ -24,7 +24,7 @@ from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.build import build_torch_model, to_crypten
 from mpcfl.models.heads import Head, job_head
 from mpcfl.mpc import fixed_mask
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.reveal import Privacy, budget_state, reveal, spend
 from mpcfl.mpc.session import agreed, communication_stats, prefetching
 from mpcfl.tasks.train import checkpoint, metrics

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mpcfl.models.heads import Head
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 
 BINS = 32  # probability thresholds b / BINS, b = 1 .. BINS - 1
 THRESHOLDS = BINS - 1

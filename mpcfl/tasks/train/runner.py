@@ -154,7 +154,7 @@ def _write_outputs(
         export_onnx(result.torch_model, result.state_dict, result.n_features, out / "model.onnx")
         log.info("saved the trained model to %s (and model.onnx)", out / "model.pt")
     if job.outputs.model_to == "none":
-        from mpcfl.mpc.compat import import_crypten
+        from mpcfl.mpc.engine import import_crypten
 
         write_torch(
             out / "model_shares.pt",

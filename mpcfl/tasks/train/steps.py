@@ -16,7 +16,7 @@ from torch import nn
 
 from mpcfl.dp.accountant import Charge
 from mpcfl.models.heads import Head
-from mpcfl.mpc.compat import import_crypten
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.reveal import Privacy
 
 

@@ -1,0 +1,317 @@
+"""The parties' side of the dealer: the key hand-out, each request's digest sent to the dealer,
+party 0's requests (and whose digest the dealer gave up on), the fixed-mask requests, and
+prefetching (see the package's docstring).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from mpcfl.errors import MpcflError, PeerFailure, first_line
+from mpcfl.mpc.prng import KEY_WORDS, SecureGenerator, words_to_key
+from mpcfl.mpc.providers import DEALER
+from mpcfl.mpc.providers.ttp.requests import (
+    MAX_BATCH_ELEMENTS,
+    MAX_BATCH_ITEMS,
+    NAME_BYTES,
+    NOTICE_S,
+    PARTY_METHODS,
+    _canonical,
+    _elements,
+    _plain,
+    answer_size,
+    batch_digest,
+    request_digest,
+)
+from mpcfl.mpc.wire import from_words
+
+log = logging.getLogger(__name__)
+
+
+def announcing(method: Callable[..., Any], request: str, rank: Callable[[], int]) -> Callable[..., Any]:
+    """Wraps a TrustedThirdParty method so parties 1..n-1 announce each request to the dealer.
+
+    The digest goes out with a send that is not waited on (the dealer receives it
+    when party 0's request arrives), so it costs no round trip. A request served
+    from a prefetched batch (see :func:`prefetched`) is not announced again: the
+    batch's digest covers it.
+    """
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs)
+        named = [v for k, v in bound.arguments.items() if k not in ("self", "device", "args", "kwargs")]
+        item = {
+            "function": request,
+            "device": None if bound.arguments.get("device") is None else str(bound.arguments["device"]),
+            "args": _plain((*named, *bound.arguments.get("args", ()))),
+            "kwargs": {k: _plain(v) for k, v in bound.arguments.get("kwargs", {}).items()},
+        }
+        if not _prefetch.take(self, item, rank() == 0) and rank() != 0:
+            _announce(request_digest(item["function"], item["device"], item["args"], item["kwargs"]))
+        return method(self, *args, **kwargs)
+
+    return call
+
+
+# Party side of the fixed-mask requests: TrustedThirdParty methods in CrypTen's pattern,
+# installed on it by mpcfl.mpc.compat (and wrapped by ``announcing``, as CrypTen's own).
+
+def generate_fixed_mask(self: Any, binding: str, size: Sequence[int], device: Any = None) -> Any:
+    """This party's share of a data tensor's fixed mask A, drawn from its dealer stream (request ``fixed_mask``)."""
+    from crypten.mpc.provider import ttp_provider as upstream
+
+    client = upstream.TTPClient.get()
+    a = upstream.generate_random_ring_element(size, generator=client.get_generator(device=device), device=device)
+    if upstream.comm.get().get_rank() == 0:
+        client.ttp_request("fixed_mask", device, binding, size)  # its answer is a placeholder
+    return upstream.ArithmeticSharedTensor.from_shares(a, precision=0)
+
+
+def generate_fixed_triple(self: Any, binding: str, size: Sequence[int], size1: Sequence[int], transposed: bool, device: Any = None) -> tuple[Any, Any]:
+    """Shares of a fresh b and of A·b (``transposed``: Aᵀ·b) for the fixed mask A of ``binding`` (request ``fixed_triple``)."""
+    from crypten.mpc.provider import ttp_provider as upstream
+
+    client = upstream.TTPClient.get()
+    generator = client.get_generator(device=device)
+    b = upstream.generate_random_ring_element(size1, generator=generator, device=device)
+    if upstream.comm.get().get_rank() == 0:
+        c = client.ttp_request("fixed_triple", device, binding, size, size1, transposed)
+    else:
+        answer = answer_size("fixed_triple", (binding, size, size1, transposed), {})
+        c = upstream.generate_random_ring_element(answer, generator=generator, device=device)
+    shares = upstream.ArithmeticSharedTensor
+    return shares.from_shares(b, precision=0), shares.from_shares(c, precision=0)
+
+
+#: What mpcfl.mpc.compat adds to CrypTen's TrustedThirdParty, by method name.
+PARTY_EXTENSIONS = {"generate_fixed_mask": generate_fixed_mask, "generate_fixed_triple": generate_fixed_triple}
+
+
+def request(self: Any, function: str, device: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Party 0's ``TTPClient.ttp_request``: CrypTen's, through the same calls (so its communication
+    statistics stay CrypTen's), except that a request taken from the prefetched queue is answered
+    from it, and that a missing answer is explained.
+
+    Raises:
+        PeerFailure: no answer came; it names the party whose digest the dealer gave up waiting for,
+            if the dealer says so, or else the dealer.
+    """
+    import crypten.communicator as comm
+
+    answer = _prefetch.answer
+    if answer is not None:
+        _prefetch.answer = None
+        if answer[0] != function:
+            raise MpcflError(f"prefetched answer for {answer[0]!r} taken by a {function!r} request")
+        return answer[1]
+    communicator = comm.get()
+    device = None if device is None else str(device)
+    dealer = communicator.get_ttp_rank()
+    try:
+        communicator.send_obj({"function": function, "device": device, "args": args, "kwargs": kwargs}, dealer, self.ttp_group)
+        size = communicator.recv_obj(dealer, self.ttp_group)
+    except RuntimeError as err:
+        raise _no_answer(function, err, dealer, self.comm_group) from err
+    result = torch.empty(size, dtype=torch.long, device=device)
+    communicator.broadcast(result, dealer, self.comm_group)
+    return result
+
+
+def _no_answer(function: str, err: RuntimeError, dealer: int, group: Any) -> PeerFailure:
+    """Why party 0 got no answer to ``function``: the dealer's notice (:meth:`Dealer._stalled`), if one
+    comes on ``group`` (party 0's and the dealer's own) within :data:`NOTICE_S`, or else ``err``."""
+    import torch.distributed as dist
+
+    notice = torch.zeros(NAME_BYTES // 8, dtype=torch.long)
+    try:
+        dist.irecv(notice, src=dealer, group=group).wait(datetime.timedelta(seconds=NOTICE_S))
+    except RuntimeError:
+        return PeerFailure(f"gave up waiting for the dealer (request {function!r}): {first_line(err)}", waiting_on=DEALER)
+    name = from_words(notice).rstrip(b"\0").decode(errors="replace")
+    return PeerFailure(
+        f"the dealer gave up waiting for party {name} (its dealer digest of request {function!r})", waiting_on=name
+    )
+
+
+class _Prefetch:
+    """Party side of prefetching: the recordings, the queue of the step under way."""
+
+    def __init__(self) -> None:
+        self.recordings: dict[Hashable, list[dict[str, Any]] | None] = {}
+        self.recording: list[dict[str, Any]] | None = None
+        self.queue: collections.deque = collections.deque()  # (item, canonical, party 0's answer)
+        self.answer: tuple[str, torch.Tensor] | None = None  # for serving_prefetched, one request long
+        self.key: Hashable = None
+        self.draining = False
+        self.broken = False  # a prefetched step failed part-way: the streams no longer match the dealer's
+        self.stats = collections.Counter()
+
+    def take(self, provider: Any, item: dict[str, Any], party_0: bool) -> bool:
+        """True when ``item`` is served from the queue (party 0: its answer is set for the dealer hook).
+
+        Raises:
+            MpcflError: an earlier prefetched step failed part-way, so the dealer streams are out of
+                step (reusing them would give party 0 stream values in other roles): nothing more is served.
+        """
+        if self.broken:
+            raise MpcflError("prefetch: an earlier step failed part-way; the dealer streams are out of step, so no triple is served")
+        if self.recording is not None:
+            self.recording.append(item)
+            return False
+        if not self.queue:
+            return False
+        canonical = _canonical(item["function"], item["device"], item["args"], item["kwargs"])
+        if self.queue[0][1] != canonical:
+            if self.draining:  # never: draining replays the queue's own items
+                raise MpcflError("prefetch: draining met a request not in the queue")
+            log.warning("prefetch: request %r differs from the recorded one; the rest of the batch is drawn and dropped", canonical)
+            self.stats["mismatches"] += 1
+            self.recordings.pop(self.key, None)  # record this step's kind afresh next time
+            self.drain(provider)
+            return False
+        _, _, answer = self.queue.popleft()
+        if party_0:
+            self.answer = (item["function"], answer.to(item["device"]) if item["device"] else answer)
+        self.stats["dropped" if self.draining else "served"] += 1
+        return True
+
+    def drain(self, provider: Any) -> None:
+        """Uses up the queue's items as the step would have: every party draws their stream values."""
+        self.draining = True
+        try:
+            while self.queue:
+                item = self.queue[0][0]
+                method = getattr(provider, PARTY_METHODS[item["function"]])
+                method(*item["args"], device=item["device"], **item["kwargs"])
+        finally:
+            self.draining = False
+
+    def fetch(self, items: list[dict[str, Any]], party_0: bool) -> None:
+        """Party 0 asks the dealer for the whole batch; the others announce its digest."""
+        from crypten.mpc.provider.ttp_provider import TTPClient
+
+        if party_0:
+            flat = TTPClient.get().ttp_request("batch", None, tuple(items))
+            offset = 0
+            for item in items:
+                size = answer_size(item["function"], item["args"], item["kwargs"])
+                count = int(size.numel())
+                answer = flat[offset:offset + count].view(size)
+                offset += count
+                self.queue.append((item, _canonical(**item), answer))
+            if offset != flat.numel():
+                raise MpcflError(f"prefetch: the dealer answered {flat.numel()} elements for {offset}")
+        else:
+            _announce(batch_digest(items))
+            self.queue.extend((item, _canonical(**item), None) for item in items)
+        self.stats["batches"] += 1
+
+
+_prefetch = _Prefetch()
+
+
+def _fits(items: list[dict[str, Any]]) -> bool:
+    """Whether a recording may go as one batch (every party decides the same from the same recording)."""
+    if not 0 < len(items) <= MAX_BATCH_ITEMS:
+        return False
+    return sum(_elements(i["function"], i["args"], i["kwargs"]) for i in items) <= MAX_BATCH_ELEMENTS
+
+
+@contextlib.contextmanager
+def prefetched(key: Hashable) -> Iterator[None]:
+    """Around a unit of work (a training step) whose dealer requests repeat for the same ``key``.
+
+    Every party calls it at the same point with the same key. The first unit with a key
+    is recorded and runs as usual; each later one fetches the recorded requests in one
+    batch first and is served from it. Nesting is a no-op for the inner unit.
+    """
+    import crypten.communicator as comm
+    from crypten.mpc import get_default_provider
+
+    state = _prefetch
+    if state.recording is not None or state.queue or state.key is not None:
+        yield
+        return
+    party_0 = comm.get().get_rank() == 0
+    recorded = state.recordings.get(key)
+    state.key = key
+    try:
+        if key not in state.recordings:
+            state.recording = []
+            try:
+                yield
+            finally:
+                items, state.recording = state.recording, None
+            state.recordings[key] = items if _fits(items) else None
+            return
+        try:
+            if recorded is not None:
+                state.fetch(recorded, party_0)
+            yield
+            state.drain(get_default_provider())  # requests the unit did not make: drawn and dropped
+        except BaseException:
+            # The dealer drew the whole batch; the parties did not: their streams are out of step.
+            state.broken = state.broken or recorded is not None
+            raise
+        finally:
+            state.queue.clear()
+            state.answer = None
+    finally:
+        state.key = None
+
+
+_pending: collections.deque = collections.deque()  # digests in flight, kept alive until sent
+
+
+def forget_session() -> None:
+    """Drops what a party's dealer link held (digests in flight, recorded batches), so the process
+    can join a later session, whose dealer starts from nothing, after this one ended."""
+    global _prefetch
+    _pending.clear()
+    _prefetch = _Prefetch()
+
+
+def _announce(words: torch.Tensor) -> None:
+    """Parties 1..n-1: sends the dealer a request's digest, without waiting for it to arrive."""
+    import torch.distributed as dist
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    client = TTPClient.get()
+    dealer = dist.get_world_size(client.ttp_group) - 1
+    _pending.append((words, dist.isend(words, dealer, group=client.ttp_group)))
+    while _pending and _pending[0][1].is_completed():
+        _pending.popleft()
+
+
+def announce_quiet(seconds: int) -> None:
+    """Party side of ``quiet``: party 0 asks, the others send its digest, as for any request."""
+    import crypten.communicator as comm
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    if comm.get().get_rank() == 0:
+        TTPClient.get().ttp_request("quiet", None, seconds)
+    else:
+        _announce(request_digest("quiet", None, (seconds,), {}))
+
+
+def receive_dealer_key(client: Any) -> None:
+    """Party side of the key hand-out, in place of CrypTen's ``TTPClient._setup_generators``."""
+    import torch.distributed as dist
+
+    dealer = dist.get_world_size(client.ttp_group) - 1  # the dealer is the group's last rank
+    words = torch.empty(KEY_WORDS, dtype=torch.long)
+    dist.irecv(tensor=words, src=dealer, group=client.ttp_group).wait()
+    dist.barrier(group=client.ttp_group)
+    # One stream for every device: values are made on the host and moved.
+    client.generator = client.generator_cuda = SecureGenerator(words_to_key(words))
