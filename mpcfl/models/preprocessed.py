@@ -10,10 +10,13 @@ without reading any of mpcfl's source. It traces to ONNX like any module.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
+_MISSING = frozenset({"", "na", "nan", "null", "none"})  # as mpcfl.data.encode reads them
 
 
 class Preprocessed(nn.Module):
@@ -27,6 +30,8 @@ class Preprocessed(nn.Module):
         row_clip: per party, ``(start, stop, bound)``: that slice of a row scaled down to norm ``bound`` (DP
             linear models).
         target: a regression's ``(center, scale)`` (``labels.scaling``): outputs become ``center + scale * z``.
+        imputed: each filled column's value (``data.missing``), for :meth:`encode`.
+        classes: the label's class names (``labels.classes``), or None.
     """
 
     def __init__(
@@ -39,6 +44,8 @@ class Preprocessed(nn.Module):
         clamp: float | None = None,
         row_clip: Sequence[tuple[int, int, float]] = (),
         target: tuple[float, float] | None = None,
+        imputed: Mapping[str, float] | None = None,
+        classes: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -48,6 +55,42 @@ class Preprocessed(nn.Module):
         self.clamp = clamp
         self.row_clip = [tuple(item) for item in row_clip]
         self.target = target
+        self.imputed = dict(imputed or {})
+        self.classes = None if classes is None else list(classes)
+
+    def encode(self, table: Mapping[str, Sequence[Any]]) -> torch.Tensor:
+        """Raw cells as the parties' files hold them (``{column: cells}``, e.g. a DataFrame), as this
+        model's input: categories one-hot (``column=category``; a value outside the list goes to
+        ``column=other`` when there is one), missing cells filled as training filled them.
+
+        Raises:
+            ValueError: a column is absent, a category unknown, or a cell missing or not a number.
+        """
+        out = []
+        for name in self.columns:
+            column, _, category = name.partition("=")
+            if column not in table:
+                raise ValueError(f"no column {column!r}: the model takes {self.columns}")
+            cells = [str(cell).strip() for cell in table[column]]
+            if category:
+                known = {c.partition("=")[2] for c in self.columns if c.partition("=")[0] == column}
+                unknown = [c for c in cells if c not in known]
+                if unknown and "other" not in known:
+                    raise ValueError(f"column {column!r}: {unknown[0]!r} is none of its categories {sorted(known)}")
+                out.append([1.0 if c == category or (category == "other" and c not in known) else 0.0 for c in cells])
+            else:
+                out.append([self._number(column, cell) for cell in cells])
+        return torch.tensor(out, dtype=torch.float32).T.reshape(-1, len(self.columns))
+
+    def _number(self, column: str, cell: str) -> float:
+        if cell.lower() in _MISSING:
+            if column not in self.imputed:
+                raise ValueError(f"column {column!r}: a missing cell, and training filled none in this column")
+            return self.imputed[column]
+        try:
+            return float(cell)
+        except ValueError:
+            raise ValueError(f"column {column!r}: {cell!r} is not a number") from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = (x - self.center) / self.scale

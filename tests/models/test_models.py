@@ -117,3 +117,24 @@ def test_regression_head_agrees_with_plain_torch(crypten_single: None, loss: str
     in_units = regression_scores((logits * 80 + 150).squeeze(1).double(), (plain_y * 80 + 150).squeeze(1).double())
     assert scores == pytest.approx(in_units)
     assert scores["mae"] == pytest.approx(80 * float((logits - plain_y).abs().mean()), rel=1e-5)
+
+
+def test_a_loaded_model_encodes_raw_cells_as_training_did() -> None:
+    """Preprocessed.encode: categories one-hot (unknown ones to `other`), blanks filled with the training fill."""
+    from mpcfl.models.preprocessed import Preprocessed
+
+    scorer = Preprocessed(
+        torch.nn.Identity(), ["age", "size=small", "size=large", "size=other"], [0.0] * 4, [1.0] * 4,
+        imputed={"age": 50.0}, classes=["benign", "malignant"],
+    )
+    table = {"age": ["61", "", "NA"], "size": ["large", "small", "huge"]}
+    assert scorer.encode(table).tolist() == [[61, 0, 1, 0], [50, 1, 0, 0], [50, 0, 0, 1]]
+    strict = Preprocessed(torch.nn.Identity(), ["age", "size=small", "size=large"], [0.0] * 3, [1.0] * 3)
+    with pytest.raises(ValueError, match=r"column 'size': 'huge' is none of its categories \['large', 'small'\]"):
+        strict.encode({"age": ["1"], "size": ["huge"]})
+    with pytest.raises(ValueError, match="column 'age': a missing cell, and training filled none"):
+        strict.encode({"age": [""], "size": ["small"]})
+    with pytest.raises(ValueError, match="no column 'size'"):
+        strict.encode({"age": ["1"]})
+    with pytest.raises(ValueError, match="column 'age': 'old' is not a number"):
+        strict.encode({"age": ["old"], "size": ["small"]})

@@ -43,6 +43,7 @@ def model_record(job: TrainJob, n_features: int, feature_counts: list[int]) -> d
         "parties": job.party_names, "feature_counts": feature_counts,
         "scaling": job.data.scaling, "max_abs": job.data.max_abs if dp is not None else None, "row_clip": row_clip,
         "target": None if regression is None else {"loss": regression.loss, "center": regression.center, "scale": regression.scale},
+        "classes": job.labels.classes,
     }
 
 
@@ -86,7 +87,7 @@ def load_model(folder: str | Path, *others: str | Path) -> Preprocessed:
     vertical = record.get("partition") == "vertical"
     parties = record["parties"] if vertical else [json.loads((folder / PREPROCESSING).read_text())["party"]]
     counts = record["feature_counts"] if vertical else [record["n_features"]]
-    columns, center, scale, row_clip, start = [], [], [], [], 0
+    columns, center, scale, row_clip, imputed, start = [], [], [], [], {}, 0
     for party, count in zip(parties, counts):
         if count == 0:
             continue
@@ -96,6 +97,7 @@ def load_model(folder: str | Path, *others: str | Path) -> Preprocessed:
         if len(part["columns"]) != count:
             raise MpcflError(f"party {party}'s preprocessing.json has {len(part['columns'])} columns, the model {count}")
         columns += part["columns"]
+        imputed.update(part.get("imputed") or {})
         scaler, scaling = part.get("scaler"), record.get("scaling")
         for i, column in enumerate(part["columns"]):
             if scaler is not None:
@@ -114,4 +116,5 @@ def load_model(folder: str | Path, *others: str | Path) -> Preprocessed:
     return Preprocessed(
         module, columns, center, scale, clamp=record.get("max_abs"), row_clip=row_clip,
         target=None if target is None else (target["center"], target["scale"]),
+        imputed=imputed, classes=record.get("classes"),
     )
