@@ -23,14 +23,22 @@ DataFrames where it takes tensors or row files)::
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 from mpcfl.mpc import on_import
 
+
+def _import_crypten() -> types.ModuleType:
+    from mpcfl.mpc.engine import import_crypten
+
+    return import_crypten()
+
+
 # `import crypten` anywhere in this process now imports it patched for the torch we run on (without,
 # it fails on torch >= 2.9). A finder, not the import itself: crypten and torch take seconds to load,
 # and the launcher and `mpcfl validate` never load them.
-on_import.install()
+on_import.install(_import_crypten)
 
 
 # Imported on first use: `mpcfl validate` and the launcher should not pay for torch.

@@ -16,20 +16,25 @@ def test_import_contracts_hold() -> None:
     assert "0 broken" in result.stdout
 
 
-def test_the_contracts_would_catch_an_upward_import(tmp_path: Path) -> None:
-    # The tool must see a violation when there is one: a copy of the package with
-    # the DP layer importing a task.
+def _lint_with(tmp_path: Path, module: str, addition: str) -> subprocess.CompletedProcess:
+    """import-linter on a copy of the package with ``addition`` appended to ``module`` (under mpcfl/)."""
     import shutil
 
     copy = tmp_path / "repo"
     shutil.copytree(REPO / "mpcfl", copy / "mpcfl")
     shutil.copy(REPO / "pyproject.toml", copy / "pyproject.toml")
-    noise = copy / "mpcfl" / "dp" / "noise.py"
-    noise.write_text(noise.read_text() + "\nfrom mpcfl.tasks.train import loop  # noqa\n")
+    target = copy / "mpcfl" / module
+    target.write_text(target.read_text() + addition)
     lint = Path(sys.executable).with_name("lint-imports")
-    result = subprocess.run(
+    return subprocess.run(
         [str(lint)], cwd=copy, capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(copy), "PATH": ""}
     )
+
+
+def test_the_contracts_would_catch_an_upward_import(tmp_path: Path) -> None:
+    # The tool must see a violation when there is one: a copy of the package with
+    # the DP layer importing a task.
+    result = _lint_with(tmp_path, "dp/noise.py", "\nfrom mpcfl.tasks.train import loop  # noqa\n")
     assert result.returncode != 0
     assert "mpcfl.dp is not allowed to import mpcfl.tasks" in result.stdout
 
@@ -37,17 +42,7 @@ def test_the_contracts_would_catch_an_upward_import(tmp_path: Path) -> None:
 def test_the_contracts_would_catch_an_import_cycle(tmp_path: Path) -> None:
     # Two modules of one layer importing each other (inside a function, as the circle through
     # mpcfl.mpc.compat did): no layer is crossed, yet the cycle contract names the import.
-    import shutil
-
-    copy = tmp_path / "repo"
-    shutil.copytree(REPO / "mpcfl", copy / "mpcfl")
-    shutil.copy(REPO / "pyproject.toml", copy / "pyproject.toml")
-    wire = copy / "mpcfl" / "mpc" / "wire.py"
-    wire.write_text(wire.read_text() + "\n\ndef _key_words():\n    from mpcfl.mpc.prng import KEY_WORDS  # noqa\n")
-    lint = Path(sys.executable).with_name("lint-imports")
-    result = subprocess.run(
-        [str(lint)], cwd=copy, capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(copy), "PATH": ""}
-    )
+    result = _lint_with(tmp_path, "mpc/wire.py", "\n\ndef _key_words():\n    from mpcfl.mpc.prng import KEY_WORDS  # noqa\n")
     assert result.returncode != 0
     assert "No cycles are allowed in mpcfl.mpc." in result.stdout
     assert ".prng -> .wire" in result.stdout or ".wire -> .prng" in result.stdout

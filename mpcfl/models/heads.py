@@ -30,6 +30,14 @@ def _min_with(a: Any, cap: float) -> Any:
     return a - (a - cap).relu()
 
 
+def _column(y: np.ndarray | None, rows: int) -> torch.Tensor:
+    """One target per row as a column (zeros where this party holds no labels)."""
+    out = torch.zeros(rows, 1)
+    if y is not None:
+        out[:, 0] = torch.from_numpy(y).float()
+    return out
+
+
 class Head(abc.ABC):
     """Output size, target encoding, loss and per-example summary (a hit, or an absolute error)."""
 
@@ -121,10 +129,7 @@ class BinaryHead(Head):
         return logit + math.log(self.classes)
 
     def secure_targets(self, y: np.ndarray | None, rows: int) -> torch.Tensor:
-        out = torch.zeros(rows, 1)
-        if y is not None:
-            out[:, 0] = torch.from_numpy(y).float()
-        return out
+        return _column(y, rows)
 
     def output_error(self, logits: Any, y: Any) -> Any:
         return self.sigmoid.secure(logits) - y
@@ -239,10 +244,7 @@ class RegressionHead(Head):
         return logit + self.spec.target_bound
 
     def secure_targets(self, y: np.ndarray | None, rows: int) -> torch.Tensor:
-        out = torch.zeros(rows, 1)
-        if y is not None:
-            out[:, 0] = torch.from_numpy(y).float()
-        return out
+        return _column(y, rows)
 
     def output_error(self, logits: Any, y: Any) -> Any:
         error = logits - y

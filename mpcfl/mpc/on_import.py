@@ -13,10 +13,11 @@ import importlib
 import importlib.machinery
 import sys
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 _aside = [False]  # True while import_crypten imports crypten itself
+_importer: list[Callable[[], types.ModuleType]] = []  # what install() was handed: imports crypten patched
 
 
 @contextlib.contextmanager
@@ -39,9 +40,7 @@ class _Patched:
 
     def create_module(self, spec: Any) -> types.ModuleType:
         # The module import_crypten made and patched; the import system then files it under "crypten" again.
-        from mpcfl.mpc.engine import import_crypten
-
-        module = import_crypten()
+        module = _importer[0]()
         spec.loader_state = module.__spec__
         return module
 
@@ -50,7 +49,9 @@ class _Patched:
         module.__spec__ = module.__spec__.loader_state
 
 
-def install() -> None:
-    """From now on in this process, ``import crypten`` imports it patched, as ``import_crypten()`` does."""
+def install(importer: Callable[[], types.ModuleType]) -> None:
+    """From now on in this process, ``import crypten`` is ``importer()``
+    (:func:`mpcfl.mpc.engine.import_crypten`, handed in: this module sits below it)."""
+    _importer[:] = [importer]
     if not any(isinstance(finder, _Patched) for finder in sys.meta_path):
         sys.meta_path.insert(0, _Patched())
