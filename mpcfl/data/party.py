@@ -6,6 +6,7 @@ communicates. Sharing is the training task's (:mod:`mpcfl.tasks.train.dataset`).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -125,19 +126,39 @@ def encoding_of(job: TrainJob, party: str) -> Encoding:
     )
 
 
+_LISTED_NAMES = 20  # a hint lists at most this many of a label column's names
+
+
+def _classes_hint(path: Path, label: str) -> str:
+    """The ``labels.classes`` line for a label column of names, as its owner's own file has them.
+
+    The owner alone reads this (its process's error; peers hear only that it failed). Writing the
+    names into the job is its decision to make them public: every party reads the job file. The
+    order chosen there is the class order; the sorted one is only a suggestion.
+    """
+    with path.open(newline="", encoding="utf-8") as handle:
+        names = sorted({row.get(label, "").strip() for row in csv.DictReader(handle)} - {""})
+    listed = ", ".join(names[:_LISTED_NAMES]) + (", ..." if len(names) > _LISTED_NAMES else "")
+    return (
+        f"its {len(names)} names are classes: declare them in the job, e.g. labels.classes: [{listed}] "
+        "(class i is the i-th name; the job file, and so the names, are public to every party)"
+    )
+
+
 def read_table(path: Path, *, party: str, id_column: str | None, encoding: Encoding) -> Table:
     """A party's table: numeric as it is, or through ``encoding`` when the job declares names,
     categories or missing cells (CSV only)."""
-    if not encoding.needed or path.suffix != ".csv":
-        try:
+    try:
+        if not encoding.needed or path.suffix != ".csv":
             return load_table(path, party=party, id_column=id_column)
-        except DataError as err:
-            if encoding.label is not None and f"column {encoding.label!r}:" in str(err):
-                raise DataError(f"{err}; name the label column's classes in labels.classes") from None
-            raise
-    if not path.is_file():
-        raise DataError(f"party {party}: {path}: data file not found")
-    columns, values, ids = read_encoded(path, party=party, encoding=encoding, keep=id_column)
+        if not path.is_file():
+            raise DataError(f"party {party}: {path}: data file not found")
+        columns, values, ids = read_encoded(path, party=party, encoding=encoding, keep=id_column)
+    except DataError as err:
+        if encoding.label is not None and encoding.classes is None and f"column {encoding.label!r}: '" in str(err):
+            reason = str(err).split("; ")[0]  # a cell of the label column that is not a number
+            raise DataError(f"{reason}; {_classes_hint(path, encoding.label)}") from None
+        raise
     if id_column is not None:
         assert ids is not None
         check_ids(ids, id_column, path, party)

@@ -11,6 +11,7 @@ import pytest
 from conftest import mpcfl, run_job, wdbc, write_csv, write_job
 from mpcfl.data.encode import Encoding, impute, read_encoded
 from mpcfl.data.files import DataError
+from mpcfl.data.party import read_table
 from mpcfl.jobs.schema import load_job
 
 
@@ -35,6 +36,13 @@ def test_names_categories_and_missing_cells_become_numbers_or_are_named(tmp_path
         read_encoded(path, party="a", encoding=Encoding(label="y", classes=("benign", "malignant"), categorical=encoding.categorical))
     with pytest.raises(DataError, match=r"line 2, column 'y': 'benign' is not a number; name the classes in labels.classes"):
         read_encoded(path, party="a", encoding=Encoding(label="y", categorical=encoding.categorical, missing={"x": 0.0}))
+    # at the label owner's own process, the names its file holds, as the job line to write
+    hint = r"line 2, column 'y': 'benign' is not a number; its 2 names are classes: declare them in the job, e\.g\. labels\.classes: \[benign, malignant\]"
+    with pytest.raises(DataError, match=hint):
+        read_table(path, party="a", id_column=None, encoding=Encoding(label="y", categorical=encoding.categorical, missing={"x": 0.0}))
+    plain = _table(tmp_path, [["x", "y"], ["1", "benign"], ["2", "malignant"]])  # read as numbers, no encoding
+    with pytest.raises(DataError, match=hint):
+        read_table(plain, party="a", id_column=None, encoding=Encoding(label="y"))
 
 
 def _parties(folder: Path) -> list[dict]:
