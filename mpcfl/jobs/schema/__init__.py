@@ -1,8 +1,10 @@
 """The job schema: one YAML file describes parties, data, model, the task and outputs.
 
-A job's ``task`` is ``train`` (the default; :class:`TrainJob`) or ``inference``
-(:class:`InferenceJob`). :func:`load_job` turns a file into an immutable job or raises a
-:class:`~mpcfl.errors.ConfigError` that names the file and the key. Unknown keys
+A job's ``task`` is ``train`` (the default; :class:`TrainJob`), ``inference``
+(:class:`InferenceJob`), ``federated`` (:class:`FederatedJob`) or ``predict``
+(:class:`PredictJob`), each in its own module; what they share is in
+:mod:`~mpcfl.jobs.schema.common`. :func:`load_job` turns a file into an immutable job or
+raises a :class:`~mpcfl.errors.ConfigError` that names the file and the key. Unknown keys
 are errors, so typos are caught. Relative paths are resolved against the folder
 of the job file, so a job runs the same from any working directory.
 """
