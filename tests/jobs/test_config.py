@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import DEMO, mpcfl
+from conftest import DEMO, mpcfl, write_job
 from mpcfl.jobs.schema import load_job
 from mpcfl.errors import ConfigError
 
@@ -261,3 +261,10 @@ def test_validate_names_a_missing_file_and_checks_any_task_at_a_party(tmp_path: 
     federated = mpcfl("validate", str(DEMO.parent / "breast_cancer_fed.yaml"), "--party", "hospital_a", timeout=60)
     assert federated.returncode == 0, federated.stderr
     assert "hospital_a: " in federated.stdout and "training rows" in federated.stdout
+
+
+def test_a_section_of_the_wrong_kind_is_named_not_a_traceback(tmp_path: Path) -> None:
+    spec = yaml.safe_load(DEMO.read_text())
+    spec["parties"] = 3
+    with pytest.raises(ConfigError, match=r"parties: Input should be a valid list"):
+        load_job(write_job(tmp_path, spec))

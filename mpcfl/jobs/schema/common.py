@@ -404,7 +404,8 @@ def resolve_paths(base: Path, raw: dict) -> dict:
             return str((base / value).resolve())
         return value
 
-    for party in raw.get("parties") or []:
+    parties = raw.get("parties")
+    for party in parties if isinstance(parties, list) else []:  # anything else: the schema names the key
         data = party.get("data") if isinstance(party, dict) else None
         if isinstance(data, dict):
             for key in ("train", "test"):
