@@ -187,9 +187,14 @@ def test_a_header_of_numbers_is_no_header(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_make_demo_ends_telling_how_to_put_mpcfl_on_path() -> None:
+    import os
     import subprocess
 
-    done = subprocess.run(["make", "-n", "demo"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    # Under `make test` (CI) the outer make's variables would make this one print its directory.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-n", "demo"], cwd=REPO, capture_output=True, text=True, timeout=60, env=env
+    )
     assert done.returncode == 0, done.stderr
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("echo ") and "source .venv/bin/activate" in last and ".venv/bin/mpcfl" in last
