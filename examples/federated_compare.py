@@ -1,13 +1,15 @@
 """Breast cancer, four ways, on the same train/test rows: accuracy and wall time.
 
-    python examples/federated_compare.py [--parties 2 3 5] [--epsilons 1 4 16] [--rounds 10]
+    python examples/federated_compare.py [--parties 2 3 5] [--epsilons 1 4 16] [--rounds 10] [--runs 5]
 
 1. centralised plaintext PyTorch (``mpcfl baseline configs/breast_cancer_lr.yaml``);
 2. full-MPC training, the data vertically split across two hospitals (``mpcfl run configs/breast_cancer_lr.yaml``);
 3. federated training with secure aggregation: the shipped three-hospital job (``configs/breast_cancer_fed.yaml``);
 4. federated training with client-level DP: the same train rows split evenly across 2, 3 or 5 hospitals,
    with the public scaling constants of ``configs/breast_cancer_dp.yaml``, at each epsilon (delta 1e-5),
-   next to the same split without DP.
+   next to the same split without DP; ``--runs`` times each, with ``federated.seed`` 0, 1, ... (initial
+   weights and local batch order; the DP noise is fresh every run): the table and the figure give the
+   median and the range, since one noisy run per point can show accuracy falling as epsilon rises.
 
 Every model is scored on the same 113 held-out patients (for federated jobs, the final model on all
 hospitals' test rows together: this script reads every file, as a measurement tool). Writes a markdown
@@ -66,7 +68,7 @@ def federated_accuracy(job_path: Path) -> float:
     return evaluate(model, pooled, head)[1]
 
 
-def split_job(folder: Path, parties: int, rounds: int, epsilon: float | None) -> Path:
+def split_job(folder: Path, parties: int, rounds: int, epsilon: float | None, seed: int = 0) -> Path:
     """The shipped federated job over ``parties`` even splits of the same rows, with public scaling (and DP)."""
     base = yaml.safe_load((CONFIGS / "breast_cancer_fed.yaml").read_text())
     header = (FED_DATA / "hospital_a_train.csv").read_text().splitlines()[0]
@@ -81,7 +83,7 @@ def split_job(folder: Path, parties: int, rounds: int, epsilon: float | None) ->
             files[which] = str(path)
         specs.append({"name": f"hospital_{i}", "data": files})
     base.update(parties=specs, outputs={"dir": str(folder / "out")})
-    base["federated"]["rounds"] = rounds
+    base["federated"].update(rounds=rounds, seed=seed)
     base["data"] = yaml.safe_load((CONFIGS / "breast_cancer_dp.yaml").read_text())["data"]
     if epsilon is not None:
         base["dp"] = {"epsilon": epsilon, "delta": 1e-5, "clip": 1.0}
@@ -95,6 +97,7 @@ def main() -> None:
     parser.add_argument("--parties", type=int, nargs="+", default=[2, 3, 5])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 16.0])
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=5, help="runs per federated setting (seeds 0, 1, ...)")
     add_figure_flags(parser, "federated_utility.png")
     args = parser.parse_args()
     figure = figure_path(args, "federated_utility.png")
@@ -109,23 +112,27 @@ def main() -> None:
     fed = CONFIGS / "breast_cancer_fed.yaml"
     seconds = run(fed)
     table.append(("federated, secure aggregation (3 hospitals)", "-", federated_accuracy(fed), seconds))
-    utility: dict[int, list[tuple[float, float]]] = {}
+    utility: dict[int, list[tuple[float, list[float]]]] = {}
     with tempfile.TemporaryDirectory(prefix="mpcfl-fed-compare-") as tmp:
         for parties in args.parties:
             for epsilon in [None, *args.epsilons]:
-                folder = Path(tmp) / f"{parties}-{epsilon}"
-                folder.mkdir()
-                job = split_job(folder, parties, args.rounds, epsilon)
-                seconds = run(job)
-                accuracy = federated_accuracy(job)
+                accuracies, times = [], []
+                for seed in range(args.runs):
+                    folder = Path(tmp) / f"{parties}-{epsilon}-{seed}"
+                    folder.mkdir()
+                    job = split_job(folder, parties, args.rounds, epsilon, seed)
+                    times.append(run(job))
+                    accuracies.append(federated_accuracy(job))
                 label = f"federated{'' if epsilon is None else ' + DP'} ({parties} hospitals)"
-                table.append((label, "-" if epsilon is None else f"{epsilon:g}", accuracy, seconds))
+                table.append((label, "-" if epsilon is None else f"{epsilon:g}", accuracies, float(np.median(times))))
                 if epsilon is not None:
-                    utility.setdefault(parties, []).append((epsilon, accuracy))
-    print("| training | epsilon | test accuracy | wall s |")
+                    utility.setdefault(parties, []).append((epsilon, accuracies))
+    print(f"| training | epsilon | test accuracy: median [min, max] of {args.runs} runs (one run above) | median wall s |")
     print("|---|---:|---:|---:|")
     for label, epsilon, accuracy, seconds in table:
-        print(f"| {label} | {epsilon} | {accuracy:.3f} | {seconds:.1f} |")
+        values = np.atleast_1d(accuracy)
+        spread = f" [{values.min():.3f}, {values.max():.3f}]" if len(values) > 1 else ""
+        print(f"| {label} | {epsilon} | {np.median(values):.3f}{spread} | {seconds:.1f} |")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,10 +140,13 @@ def main() -> None:
 
     fig, axis = plt.subplots(figsize=(5, 3.5))
     for parties, points in utility.items():
-        axis.plot(*zip(*points), marker="o", label=f"{parties} hospitals")
+        epsilons = [epsilon for epsilon, _ in points]
+        runs = np.array([accuracies for _, accuracies in points])
+        line = axis.plot(epsilons, np.median(runs, axis=1), marker="o", label=f"{parties} hospitals (median)")[0]
+        axis.fill_between(epsilons, runs.min(axis=1), runs.max(axis=1), color=line.get_color(), alpha=0.15)
     axis.axhline(plain, color="grey", linestyle="--", label="centralised plaintext")
     axis.set(xscale="log", xlabel="epsilon (client-level, delta 1e-5)", ylabel="test accuracy",
-             title=f"federated LR + DP, {args.rounds} rounds")
+             title=f"federated LR + DP, {args.rounds} rounds, {args.runs} runs (band: range)")
     axis.grid(alpha=0.3)
     axis.legend()
     fig.tight_layout()

@@ -188,10 +188,16 @@ def load_party_data(job: TrainJob, party: str) -> PartyData:
             raise DataError(
                 f"party {party}: {spec.test}: columns differ from the train file {spec.train}"
             )
-    imputed = impute(train.columns, [s.x for s in (train, test) if s is not None], encoding.missing, party=party)
+    joint = filled_jointly(job)
+    local = {column: how for column, how in encoding.missing.items() if column not in joint}
+    imputed = impute(train.columns, [s.x for s in (train, test) if s is not None], local, party=party)
     for split_ in (train, test):
-        if split_ is not None and np.isnan(split_.x).any():  # a declared column of another party is not ours
-            row, col = map(int, np.argwhere(np.isnan(split_.x))[0])
+        if split_ is None:
+            continue
+        gaps = np.isnan(split_.x)
+        gaps[:, [i for i, c in enumerate(split_.columns) if c in joint]] = False  # filled once the parties agree on the mean
+        if gaps.any():
+            row, col = map(int, np.argwhere(gaps)[0])
             raise DataError(f"party {party}: {split_.path}: column {split_.columns[col]!r}, data row {row + 1}: missing")
     for split in (train, test):
         if split is not None and split.ids is not None and len(split.ids) > job.data.max_ids:
@@ -199,6 +205,33 @@ def load_party_data(job: TrainJob, party: str) -> PartyData:
                 f"party {party}: {split.path}: {len(split.ids)} IDs in column {id_column!r}, beyond data.max_ids={job.data.max_ids}"
             )
     return PartyData(party=party, train=train, test=test, imputed=imputed)
+
+
+def filled_jointly(job: TrainJob) -> list[str]:
+    """The columns whose missing cells a horizontal training job fills with the mean over every party's
+    rows (``data.missing: {column: mean}``), computed under MPC (:mod:`mpcfl.tasks.train.dataset`):
+    each party's own mean would differ from the others'."""
+    if getattr(job, "task", None) != "train" or job.partition != "horizontal":
+        return []
+    return [column for column, how in (job.data.missing or {}).items() if how == "mean"]
+
+
+def present_sums(data: PartyData, columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per column, this party's sum of its present training cells and how many there are."""
+    index = [data.train.columns.index(c) for c in columns]
+    values = data.train.x[:, index]
+    present = ~np.isnan(values)
+    return np.where(present, values, 0.0).sum(axis=0), present.sum(axis=0).astype(np.float64)
+
+
+def fill_missing(data: PartyData, fills: dict[str, float]) -> None:
+    """Fills the named columns' missing cells of train and test with ``fills``, in place, and records them."""
+    for column, value in fills.items():
+        i = data.train.columns.index(column)
+        for split in (data.train, data.test):
+            if split is not None:
+                split.x[np.isnan(split.x[:, i]), i] = value
+    data.imputed.update(fills)
 
 
 def contents(data: PartyData) -> dict[str, bytes]:

@@ -12,7 +12,9 @@ from conftest import mpcfl, run_job, wdbc, write_csv, write_job
 from mpcfl.data.encode import Encoding, impute, read_encoded
 from mpcfl.data.files import DataError
 from mpcfl.data.party import read_table
+from mpcfl.errors import ConfigError
 from mpcfl.jobs.schema import load_job
+from mpcfl.tasks.train.baseline import train_plaintext
 
 
 def _table(tmp_path: Path, rows: list[list[str]]) -> Path:
@@ -96,3 +98,41 @@ def test_a_three_party_job_with_names_categories_and_missing_cells_trains_and_pr
     assert {line.split(",")[1] for line in predictions[1:]} == {"benign", "malignant"}
     scored = json.loads((tmp_path / "out" / "predictions" / "p2" / "latest" / "metrics.json").read_text())
     assert scored["metrics"]["accuracy"] == pytest.approx(final["test_accuracy"], abs=0.01)
+
+
+def test_a_horizontal_job_fills_missing_cells_with_the_mean_over_every_party_under_mpc(tmp_path: Path) -> None:
+    """Each party's own mean would differ: the fill is the mean of every party's present cells, computed
+    under MPC, opened to every party (and recorded), the same at each; the baseline fills alike."""
+    header, values = wdbc()
+    rng = np.random.default_rng(1)
+    column = header.index("mean_texture")
+    parties, present = [], []
+    for i, rows in enumerate(np.array_split(values, 2)):
+        rows = rows.astype(object)
+        gaps = rng.random(len(rows)) < [0.05, 0.3][i]  # unequal shares of gaps: the parties' own means differ
+        split = int(len(rows) * 0.8)
+        present.append(rows[:split][~gaps[:split], column].astype(float))  # the training cells a mean is taken of
+        rows[gaps, column] = ""
+        files = {w: str(write_csv(tmp_path / f"p{i}_{w}.csv", header, part)) for w, part in (("train", rows[:split]), ("test", rows[split:]))}
+        parties.append({"name": f"p{i}", "data": files})
+    spec = {
+        "name": "horizontal-gaps", "partition": "horizontal", "parties": parties, "labels": {"column": "malignant"},
+        "data": {"missing": {"mean_texture": "mean"}}, "model": {"type": "logistic_regression"},
+        "training": {"epochs": 2, "batch_size": 64, "learning_rate": 0.5, "momentum": 0.9},
+        "outputs": {"dir": str(tmp_path / "out"), "model_to": ["p0"], "metrics_to": "all"},
+    }
+    path = write_job(tmp_path, spec)
+    run_job(path)
+    job = load_job(path)
+    joint = float(np.concatenate(present).mean())
+    assert abs(joint - float(present[0].mean())) > 0.1  # a party's own mean would have been another fill
+    for party in ("p0", "p1"):
+        folder = job.party_root(party) / "latest"
+        assert json.loads((folder / "preprocessing.json").read_text())["imputed"] == {"mean_texture": pytest.approx(joint, abs=1e-3)}
+        openings = [json.loads(line) for line in (folder / "openings.jsonl").read_text().splitlines()]
+        assert any(o["what"] == "column means for missing cells" and sorted(o["to"]) == ["p0", "p1"] for o in openings), openings
+    final = json.loads((job.party_root("p0") / "latest" / "metrics.json").read_text())["final"]
+    assert final["test_accuracy"] == pytest.approx(train_plaintext(job).history[-1]["test_accuracy"], abs=0.02)
+    spec["data"]["missing"] = {"mean_texture": "median"}
+    with pytest.raises(ConfigError, match="a joint median under MPC is not built; fill with mean"):
+        load_job(write_job(tmp_path, spec, "median.yaml"))

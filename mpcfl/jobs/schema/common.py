@@ -123,7 +123,9 @@ class DataSpec(_Strict):
     missing: dict[str, Literal["mean", "median"] | float] | None = Field(
         default=None,
         description="{column: mean | median | constant}: how a column's missing cells (empty, NA, NaN) are filled, "
-        "at its owner from its own training rows (mean, median) or by a constant; any other missing cell is refused",
+        "at its owner from its own training rows (mean, median) or by a constant; in a horizontal training job, "
+        "mean is over every party's training rows, under MPC, and opened to every party (median is refused there); "
+        "any other missing cell is refused",
     )
     max_abs: float = Field(
         default=1e4,

@@ -193,10 +193,10 @@ class TrainJob(JobBase):
         classes = self.labels.classes
         if classes is not None and not isinstance(self.model, FactoryModelSpec) and self.model.num_classes != len(classes):
             raise ValueError(f"model.num_classes: {self.model.num_classes}, but labels.classes names {len(classes)}")
-        if self.data.missing and self.partition == "horizontal" and any(isinstance(v, str) for v in self.data.missing.values()):
+        if self.partition == "horizontal" and "median" in (self.data.missing or {}).values():
             raise ValueError(
-                "data.missing: in a horizontal job each party's own mean or median would differ from the others'; "
-                "fill with a constant (joint statistics under MPC are not built yet)"
+                "data.missing: in a horizontal job each party's own median would differ from the others', and a "
+                "joint median under MPC is not built; fill with mean (over every party's rows, under MPC) or a constant"
             )
         if self.partition == "vertical":
             if self.labels.party is None:

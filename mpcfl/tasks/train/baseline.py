@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from mpcfl.data.party import (
-    PartyData, apply_scaler, check_range, check_scaling_covers, load_party_data, standardize_locally,
+    PartyData, apply_scaler, check_range, check_scaling_covers, fill_missing, filled_jointly, load_party_data, present_sums,
+    standardize_locally,
 )
 from mpcfl.data.psi import align_plainly
 from mpcfl.jobs.schema import TrainJob
@@ -58,6 +59,10 @@ def prepared_data(job: TrainJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         DataError: a party's files are unusable.
     """
     parts = [load_party_data(job, name) for name in job.party_names]
+    if joint := filled_jointly(job):  # the means over every party's present cells, as the secure run computes
+        sums, counts = (np.sum(values, axis=0) for values in zip(*(present_sums(p, joint) for p in parts)))
+        for part in parts:
+            fill_missing(part, {column: float(t / n) for column, t, n in zip(joint, sums, counts)})
     if job.keyed:
         align_plainly(job, parts)
     feature_counts = [p.train.x.shape[1] for p in parts]

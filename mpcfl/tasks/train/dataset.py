@@ -24,7 +24,7 @@ from mpcfl.data.files import DataError
 from mpcfl.errors import ConfigError
 from mpcfl.data.party import (
     PartyData, Split, apply_scaler, check_joint_stats_range, check_range, check_scaled_columns, check_scaling_covers,
-    clamp_range, columns_hash, scale_publicly, standardize_locally,
+    clamp_range, columns_hash, fill_missing, filled_jointly, present_sums, scale_publicly, standardize_locally,
 )
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.heads import job_head
@@ -140,6 +140,9 @@ def check_alone(job: TrainJob, data: PartyData) -> str:
     Raises:
         DataError: as :func:`check_range`, :func:`check_joint_stats_range` or :func:`check_bounds`.
     """
+    if joint := filled_jointly(job):  # as if this party's rows were all rows: its own means fill its gaps here
+        sums, counts = present_sums(data, joint)
+        fill_missing(data, {c: float(t / n) for c, t, n in zip(joint, sums, counts) if n})
     if job.data.standardize and job.partition == "horizontal":
         check_joint_stats_range(data)
         return "raw values fit joint standardisation; training bounds are checked at run time, after it"
@@ -248,6 +251,23 @@ def _standardize_jointly(job: TrainJob, data: PartyData, shapes: list[list[int]]
     apply_scaler(data, mean, np.sqrt(np.clip(var, 0.0, None)))
 
 
+def _impute_jointly(job: TrainJob, data: PartyData, columns: list[str], total: int, device: torch.device) -> None:
+    """Horizontal partition, ``data.missing: {column: mean}``: the mean of every party's present cells,
+    under MPC. Revealed to every party (and recorded): each column's mean and the fraction of the
+    training cells that are present, the same fill at every party."""
+    from mpcfl.mpc.reveal import reveal
+    from mpcfl.mpc.session import shared_sum
+
+    sums, counts = present_sums(data, columns)
+    shared = shared_sum(torch.tensor(np.concatenate([sums, counts]) / total), world=job.world_size, device=device)
+    opened = reveal(shared, to=list(range(job.world_size)), what="column means for missing cells").double().numpy()
+    means, present = opened[: len(columns)], opened[len(columns):]
+    for column, fraction in zip(columns, present):
+        if fraction * total < 0.5:
+            raise DataError(f"{job.source}: data.missing: column {column!r}: every training cell is missing at every party; no mean to fill with")
+    fill_missing(data, {column: float(m / p) for column, m, p in zip(columns, means, present)})
+
+
 def _crypten() -> Any:
     from mpcfl.mpc.engine import import_crypten
 
@@ -277,6 +297,9 @@ def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: torch.de
     if scaling is not None:
         agreed("scaling check", job.party_names, lambda: check_scaled_columns(data, scaling, job.source))
         check_scaling_covers(scaling, n_features, job.source)
+
+    if joint := filled_jointly(job):
+        _impute_jointly(job, data, joint, n_rows, device)  # n_rows: every party's training rows, public
 
     def standardize(part: PartyData) -> None:
         if vertical:
