@@ -536,6 +536,19 @@ def load(protocols: Protocols, *, stock: bool = False) -> types.ModuleType:
         return _state["crypten"]
     _alias_onnx_registration()
     try:
+        crypten = _import_and_patch(protocols, stock=stock)
+    except BaseException:
+        # A crypten left in sys.modules half patched would be what the next plain `import crypten` gets,
+        # without the finder of mpcfl.mpc.on_import ever being asked: it must not outlive the failure.
+        for name in [n for n in sys.modules if n == "crypten" or n.startswith("crypten.")]:
+            del sys.modules[name]
+        raise
+    _state["crypten"], _state["stock"] = crypten, stock
+    return crypten
+
+
+def _import_and_patch(protocols: Protocols, *, stock: bool) -> types.ModuleType:
+    try:
         with on_import.standing_aside():  # this import is the one that gets patched
             crypten = importlib.import_module("crypten")
     except ModuleNotFoundError as err:
@@ -562,7 +575,6 @@ def load(protocols: Protocols, *, stock: bool = False) -> types.ModuleType:
         _compare_on_packed_bits(crypten, protocols.less_than_zero)
         _sigmoid_in_lockstep(crypten, protocols.sigmoid)
         _read_settings_natively(crypten)
-    _state["crypten"], _state["stock"] = crypten, stock
     return crypten
 
 

@@ -43,6 +43,32 @@ print(crypten.__version__)
     assert done.stdout.strip() == _compat.CRYPTEN_VERSION
 
 
+def test_a_failed_patch_leaves_no_unpatched_crypten_behind() -> None:
+    # A crypten left half patched in sys.modules would be what the next plain `import crypten` gets.
+    code = """
+import sys
+import mpcfl
+from mpcfl.mpc import compat
+real = compat._open_point_to_point
+def broken(crypten):
+    raise RuntimeError("patch failed")
+compat._open_point_to_point = broken
+try:
+    import crypten
+except RuntimeError:
+    pass
+assert not [n for n in sys.modules if n == "crypten" or n.startswith("crypten.")], "a half-patched crypten stayed"
+compat._open_point_to_point = real
+import crypten
+assert compat._state["crypten"] is crypten
+assert getattr(crypten.common.rng.generate_random_ring_element, "_mpcfl_patched", False)
+print("patched")
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "patched"
+
+
 def test_registration_alias_points_at_the_moved_module() -> None:
     import_crypten()
     from torch.onnx._internal.torchscript_exporter import registration
