@@ -35,6 +35,7 @@ class Encoding:
     classes: tuple[str, ...] | None = None  # label names, index = class
     categorical: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     missing: Mapping[str, str | float] = field(default_factory=dict)
+    values: bool = False  # the label column holds a regression's numbers, never class names
 
     @property
     def needed(self) -> bool:

@@ -123,6 +123,7 @@ def encoding_of(job: TrainJob, party: str) -> Encoding:
     return Encoding(
         label=label, classes=None if classes is None or label is None else tuple(classes),
         categorical={k: tuple(v) for k, v in (job.data.categorical or {}).items()}, missing=dict(job.data.missing or {}),
+        values=getattr(job, "regression", None) is not None,
     )
 
 
@@ -137,7 +138,7 @@ def _classes_hint(path: Path, label: str) -> str:
     order chosen there is the class order; the sorted one is only a suggestion.
     """
     with path.open(newline="", encoding="utf-8") as handle:
-        names = sorted({row.get(label, "").strip() for row in csv.DictReader(handle)} - {""})
+        names = sorted({(row.get(label) or "").strip() for row in csv.DictReader(handle)} - {""})  # a short row has None
     listed = ", ".join(names[:_LISTED_NAMES]) + (", ..." if len(names) > _LISTED_NAMES else "")
     return (
         f"its {len(names)} names are classes: declare them in the job, e.g. labels.classes: [{listed}] "
@@ -157,7 +158,8 @@ def read_table(path: Path, *, party: str, id_column: str | None, encoding: Encod
     except DataError as err:
         if encoding.label is not None and encoding.classes is None and f"column {encoding.label!r}: '" in str(err):
             reason = str(err).split("; ")[0]  # a cell of the label column that is not a number
-            raise DataError(f"{reason}; {_classes_hint(path, encoding.label)}") from None
+            fix = "a regression's targets are numbers" if encoding.values else _classes_hint(path, encoding.label)
+            raise DataError(f"{reason}; {fix}") from None
         raise
     if id_column is not None:
         assert ids is not None

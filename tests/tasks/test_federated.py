@@ -22,7 +22,8 @@ from mpcfl.data.party import apply_scaler, load_party_data
 from mpcfl.dp.accountant import Charge, RdpAccountant
 from mpcfl.jobs.schema import load_job
 from mpcfl.models.heads import head_of
-from mpcfl.tasks.federated.aggregate import MAX_AVERAGED, count_bound, divisor_scale
+from mpcfl.mpc.division import divisor_scale
+from mpcfl.tasks.federated.aggregate import MAX_AVERAGED, count_bound
 from mpcfl.tasks.federated.local import Rows, flat, initial_model, local_update
 from mpcfl.tasks.federated.simulate import plain_round, prepared_parties, simulate
 from mpcfl.tasks.federated.strategies import strategy_of

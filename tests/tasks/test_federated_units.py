@@ -15,7 +15,8 @@ from conftest import DEMO
 from mpcfl.errors import ConfigError
 from mpcfl.jobs.schema import FederatedJob, FederatedSpec, StrategySpec, load_job
 from mpcfl.mpc.reveal import Disclosure
-from mpcfl.tasks.federated.aggregate import count_bound, divisor_scale, scaled_reciprocal
+from mpcfl.mpc.division import divisor_scale, scaled_reciprocal
+from mpcfl.tasks.federated.aggregate import count_bound
 from mpcfl.tasks.federated.strategies import STRATEGIES, strategy_of
 
 FED = DEMO.parent / "breast_cancer_fed.yaml"

@@ -31,12 +31,11 @@ shrunk by the division: the sum's only rounding is the encoding (:func:`mpcfl.dp
 
 from __future__ import annotations
 
-import math
-from typing import Any
 
 import torch
 
 from mpcfl.errors import MpcflError
+from mpcfl.mpc.division import divisor_scale, scaled_reciprocal
 from mpcfl.mpc.reveal import Privacy, reveal
 from mpcfl.mpc.session import prefetching, shared_sum
 
@@ -47,19 +46,6 @@ MAX_AVERAGED = 2.0**12  # |entry| of what is averaged; the product's error proba
 def count_bound(parties: int, max_rows: int) -> int:
     """B: a public bound on the rows a round averages over (every party at most ``max_rows``)."""
     return parties * max_rows
-
-
-def divisor_scale(bound: int) -> int:
-    """s = ceil(sqrt(B)): the divisor is y = s/N, and the sum is divided by s before the product."""
-    return math.isqrt(bound - 1) + 1
-
-
-def newton_iterations(bound: int) -> int:
-    """Iterations taking y from 1/s to s/N within 2^-20 relative for any N in [1, B].
-
-    The relative error squares at each step: (1 - N/B)^(2^k) <= exp(-2^k / B) <= 2^-20 once 2^k >= 14 B.
-    """
-    return math.ceil(math.log2(14 * bound))
 
 
 def check_update(update: torch.Tensor, *, bound: float, who: str, what: str = "the local update") -> None:
@@ -78,16 +64,6 @@ def check_update(update: torch.Tensor, *, bound: float, who: str, what: str = "t
             f"takes (a product's truncation under MPC errs with probability |entry| / 2^32); lower "
             f"federated.lr or federated.local_epochs, or rescale the data"
         )
-
-
-def scaled_reciprocal(count: Any, bound: int) -> Any:
-    """``s / count`` for a secret-shared count in [1, B], s = :func:`divisor_scale` (see the module docstring)."""
-    scale = divisor_scale(bound)
-    x = count.div(scale)
-    y = x.div(scale * scale).neg() + 2.0 / scale  # the first step from y = 1/s
-    for _ in range(newton_iterations(bound) - 1):
-        y = y * ((x * y).neg() + 2)
-    return y
 
 
 def weighted_average(

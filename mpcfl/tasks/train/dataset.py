@@ -253,19 +253,43 @@ def _standardize_jointly(job: TrainJob, data: PartyData, shapes: list[list[int]]
 
 def _impute_jointly(job: TrainJob, data: PartyData, columns: list[str], total: int, device: torch.device) -> None:
     """Horizontal partition, ``data.missing: {column: mean}``: the mean of every party's present cells,
-    under MPC. Revealed to every party (and recorded): each column's mean and the fraction of the
-    training cells that are present, the same fill at every party."""
+    under MPC. Opened to every party (and recorded): first whether each column has a present cell at
+    all (one bit each: the division needs a count of at least 1), then each column's mean, divided
+    under MPC (:mod:`mpcfl.mpc.division`): neither a party's sums nor any count is opened.
+
+    Raises:
+        DataError: a present cell beyond :data:`MAX_IMPUTED` (fixed point's products), or a column
+            with no present cell at any party.
+    """
+    from mpcfl.mpc.division import divisor_scale, scaled_reciprocal
     from mpcfl.mpc.reveal import reveal
     from mpcfl.mpc.session import shared_sum
 
     sums, counts = present_sums(data, columns)
-    shared = shared_sum(torch.tensor(np.concatenate([sums, counts]) / total), world=job.world_size, device=device)
-    opened = reveal(shared, to=list(range(job.world_size)), what="column means for missing cells").double().numpy()
-    means, present = opened[: len(columns)], opened[len(columns):]
-    for column, fraction in zip(columns, present):
-        if fraction * total < 0.5:
-            raise DataError(f"{job.source}: data.missing: column {column!r}: every training cell is missing at every party; no mean to fill with")
-    fill_missing(data, {column: float(m / p) for column, m, p in zip(columns, means, present)})
+    peaks = [np.nanmax(np.abs(data.train.x[:, data.train.columns.index(c)]), initial=0.0) for c in columns]
+    agreed("imputation range check", job.party_names, lambda: _check_imputed(data, columns, peaks))
+    everyone = list(range(job.world_size))
+    shared = shared_sum(torch.tensor(np.concatenate([sums, counts])), world=job.world_size, device=device)
+    total_sums, total_counts = shared[: len(columns)], shared[len(columns):]
+    present = reveal(total_counts.gt(0.5), to=everyone, what="whether each column to fill has a present cell").cpu()
+    empty = [c for c, bit in zip(columns, present.tolist()) if bit < 0.5]
+    if empty:
+        raise DataError(f"{job.source}: data.missing: column {empty[0]!r}: every training cell is missing at every party; no mean to fill with")
+    means = total_sums.div(divisor_scale(total)) * scaled_reciprocal(total_counts, total)
+    opened = reveal(means, to=everyone, what="column means for missing cells").double().cpu().numpy()
+    fill_missing(data, {column: float(m) for column, m in zip(columns, opened)})
+
+
+MAX_IMPUTED = 2.0**12  # |present cell| averaged under MPC: a product's truncation errs with probability |v| / 2^32
+
+
+def _check_imputed(data: PartyData, columns: list[str], peaks: list[float]) -> None:
+    for column, peak in zip(columns, peaks):
+        if peak > MAX_IMPUTED:
+            raise DataError(
+                f"party {data.party}: {data.train.path}: column {column!r} reaches {peak:.4g}, beyond {MAX_IMPUTED:g}, the "
+                "largest value a mean under MPC takes; fill it with a constant in data.missing, or rescale the column"
+            )
 
 
 def _crypten() -> Any:
