@@ -223,6 +223,7 @@ class RegressionHead(Head):
 
     summary = "mae"
     classifies = False
+    error_clamp = 2.0**15  # |z - y| squared for losses and metrics: its square stays below 2^31, whatever z
 
     def __init__(self, spec: Regression) -> None:
         super().__init__(1)
@@ -237,7 +238,7 @@ class RegressionHead(Head):
         return 1
 
     def example_loss_bound(self, logit: float) -> float:
-        error = logit + self.spec.target_bound
+        error = min(logit + self.spec.target_bound, self.error_clamp)
         return self.spec.huber_delta * error if self.spec.loss == "huber" else error**2
 
     def summary_bound(self, logit: float) -> float:
@@ -253,8 +254,14 @@ class RegressionHead(Head):
             return error - (error - delta).relu() + (error.neg() - delta).relu()  # clamp to +-delta
         return error * 2
 
-    def secure_example_losses(self, logits: Any, y: Any) -> Any:
+    def secure_errors(self, logits: Any, y: Any) -> Any:
+        """``z - y`` clamped to +-:attr:`error_clamp`, so that squaring it cannot wrap fixed point (a
+        prediction that far off is reported as that far off)."""
         error = logits - y
+        return error - (error - self.error_clamp).relu() + (error.neg() - self.error_clamp).relu()
+
+    def secure_example_losses(self, logits: Any, y: Any) -> Any:
+        error = self.secure_errors(logits, y)
         if self.spec.loss == "mse":
             return error.square().squeeze(1)
         magnitude = error.abs()

@@ -113,6 +113,9 @@ def test_regression_head_agrees_with_plain_torch(crypten_single: None, loss: str
     assert torch.allclose(error, grad_logits.grad, atol=1e-3)
     if loss == "huber":  # bounded for any output, as DP-SGD needs
         assert head.bounded_error and float(grad_logits.grad.abs().max()) <= head.gradient_bound
+    # an error far beyond any sane prediction is clamped before it is squared: reported huge, never wrapped
+    far = reveal(head.secure_errors(crypten.cryptensor(torch.tensor([[1e5], [-1e5]])), crypten.cryptensor(torch.zeros(2, 1))), to=[0], what="far")
+    assert far.flatten().tolist() == [2.0**15, -(2.0**15)]
     scores = head.plain_scores(logits, plain_y)
     in_units = regression_scores((logits * 80 + 150).squeeze(1).double(), (plain_y * 80 + 150).squeeze(1).double())
     assert scores == pytest.approx(in_units)

@@ -337,7 +337,9 @@ def safe_input_norm(job: TrainJob, *, n_features: int, n_rows: int, metric_rows:
 
     def fits(norm: float) -> bool:
         bounds = _bounds(job, chain, n_rows=n_rows, input_norm=norm)
-        return bounds.largest_product < PRODUCT_LIMIT and bounds.loss_sum(metric_rows, head) < SUM_LIMIT
+        # a regression's metrics sum each error squared, clamped first (RegressionHead.secure_errors)
+        squared = 0.0 if head.classifies else min(head.summary_bound(bounds.logit), head.error_clamp) ** 2  # type: ignore[attr-defined]
+        return bounds.largest_product < PRODUCT_LIMIT and max(bounds.loss_sum(metric_rows, head), metric_rows * squared) < SUM_LIMIT
 
     low, high = 1e-6, math.sqrt(PRODUCT_LIMIT)
     if not fits(low):

@@ -14,9 +14,10 @@ From these counts alone the receivers derive ``test_confusion``, macro ``test_pr
 trapezoid rule over the ROC's :data:`THRESHOLDS` + 2 points: examples whose scores fall between two
 thresholds count as tied, so the AUC is that of scores rounded to ``1 / BINS`` (its resolution).
 
-A regression opens three sums instead, ``[sum (z - y)^2, sum y, sum y^2]`` over the scaled targets,
-from which ``test_rmse`` (in the label's units) and ``test_r2`` follow; its ``test_mae`` comes with
-the loss, as a classifier's accuracy does.
+A regression opens two sums instead over the scaled targets, ``sum (z - y)^2`` and the targets' spread
+``sum (y - mean y)^2`` (computed under MPC as ``sum y^2 - n mean^2``: their mean is not opened), from which
+``test_rmse`` (in the label's units) and ``test_r2`` follow; its ``test_mae`` comes with the loss, as a
+classifier's accuracy does.
 
 Counts of individual examples' predictions are what these metrics are; under DP they are not
 released (their sensitivity is not charged here), only the noisy loss and accuracy.
@@ -45,7 +46,7 @@ def _probabilities() -> torch.Tensor:
 def count_size(head: Head) -> int:
     """How many counts :func:`secure_counts` opens for this head."""
     if not head.classifies:
-        return 3
+        return 2
     if head.output_size == 1:
         return 3 + 2 * THRESHOLDS
     return head.classes**2 + 2 * head.classes * THRESHOLDS
@@ -57,8 +58,8 @@ def count_range(head: Head, rows: int, logit: float) -> tuple[list[float], list[
     slack = 0.01 * rows
     if head.classifies:
         return [-slack] * count_size(head), [rows + slack] * count_size(head)
-    error, target = head.summary_bound(logit), head.spec.target_bound  # type: ignore[attr-defined]
-    return [-slack, -rows * target - slack, -slack], [rows * error**2 + slack, rows * target + slack, rows * target**2 + slack]
+    error, target = min(head.summary_bound(logit), head.error_clamp), head.spec.target_bound  # type: ignore[attr-defined]
+    return [-slack, -slack], [rows * error**2 + slack, rows * target**2 + slack]
 
 
 def _fixed_point(bits: Any, like: Any) -> Any:
@@ -73,7 +74,10 @@ def secure_counts(head: Head, logits: Any, y: Any) -> Any:
     """The counts of the module docstring, secret-shared, flattened into one vector."""
     crypten = import_crypten()
     if not head.classifies:
-        return crypten.cat([(logits - y).square().sum().reshape(1), y.sum().reshape(1), y.square().sum().reshape(1)])
+        rows = y.size(0)
+        mean = y.sum().div(rows)  # a division by the public row count; its square stays below the target bound's
+        spread = y.square().sum() - mean.square() * rows
+        return crypten.cat([head.secure_errors(logits, y).square().sum().reshape(1), spread.reshape(1)])  # type: ignore[attr-defined]
     if head.output_size == 1:
         predicted = _fixed_point(logits.gt(0.0), y)
         thresholds = torch.logit(_probabilities()).float().reshape(1, -1).to(logits.device)
@@ -104,8 +108,7 @@ def _auc(positives_above: np.ndarray, above: np.ndarray, positives: float, negat
 def derive(head: Head, counts: torch.Tensor, rows: int, prefix: str = "test_") -> dict[str, Any]:
     """The reported metrics from the opened counts (plaintext post-processing)."""
     if not head.classifies:
-        squares, total, total_squares = counts.double().cpu().tolist()
-        spread = total_squares - total**2 / rows
+        squares, spread = counts.double().cpu().tolist()
         return {
             f"{prefix}rmse": math.sqrt(max(squares, 0.0) / rows) * head.spec.scale,  # type: ignore[attr-defined]
             f"{prefix}r2": 1.0 - squares / spread if spread > 0 else math.nan,
