@@ -290,17 +290,29 @@ def channel_store(inner: object, relay: Relay) -> object:
             super().__init__()
             self.own: dict[str, int] = {}  # key prefix of a group's addresses -> this process's gloo port
 
-        def set(self, key: str, value: bytes | str) -> None:
+        def _outgoing(self, key: str, value: bytes | str) -> bytes:
             blob = value.encode() if isinstance(value, str) else bytes(value)
             address = parse_address(blob)
             if address is not None and owner_of(blob) is None:
                 self.own[key.rsplit("/", 1)[0]] = address[1]
                 public = relay.serve(address[1])
                 blob = rewrite_address(blob, relay.public_host, public, owner=relay.rank)
-            inner.set(key, blob)
+            return blob
+
+        def set(self, key: str, value: bytes | str) -> None:
+            inner.set(key, self._outgoing(key, value))
+
+        def multi_set(self, keys: list[str], values: list[bytes]) -> None:
+            inner.multi_set(keys, [self._outgoing(k, v) for k, v in zip(keys, values)])
+
+        def multi_get(self, keys: list[str]) -> list[bytes]:
+            return [self._incoming(k, v) for k, v in zip(keys, inner.multi_get(keys))]
 
         def get(self, key: str) -> bytes:
-            blob = bytes(inner.get(key))
+            return self._incoming(key, inner.get(key))
+
+        def _incoming(self, key: str, value: bytes) -> bytes:
+            blob = bytes(value)
             owner = owner_of(blob)
             if owner is None:
                 return blob
@@ -311,6 +323,15 @@ def channel_store(inner: object, relay: Relay) -> object:
 
         def add(self, key: str, amount: int) -> int:
             return inner.add(key, amount)
+
+        def append(self, key: str, value: bytes) -> None:
+            inner.append(key, value)
+
+        def has_extended_api(self) -> bool:
+            return True
+
+        def list_keys(self) -> list[str]:
+            return inner.list_keys()
 
         def compare_set(self, key: str, expected: str, desired: str) -> bytes:
             return inner.compare_set(key, expected, desired)
@@ -333,3 +354,59 @@ def channel_store(inner: object, relay: Relay) -> object:
     return ChannelStore()
 
 
+
+
+_CERT_KEY = "mpcfl-channel/certificate/{rank}"
+_relays: list[Relay] = []  # this process's, for naming a failed link when gloo reports only a reset
+
+
+def first_failure() -> str | None:
+    """The first link failure this process's relays recorded (which two processes, and why), if any."""
+    return next((failure for relay in _relays for failure in relay.failures), None)
+
+
+def public_host(rendezvous: str) -> str:
+    """The address peers reach this process at: its interface towards the rendezvous host (loopback
+    for a local ``file://`` rendezvous)."""
+    import os
+    from urllib.parse import urlparse
+
+    if rendezvous.startswith("env://"):
+        host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "1"))
+    elif rendezvous.startswith("tcp://"):
+        parsed = urlparse(rendezvous)
+        host, port = parsed.hostname or "127.0.0.1", parsed.port or 1
+    else:
+        return GLOO_HOST
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect((socket.gethostbyname(host), port))  # no packet: it only picks the route
+        return probe.getsockname()[0]
+    finally:
+        probe.close()
+
+
+def secured(
+    store: object, *, rank: int, names: list[str], key: Ed25519PrivateKey, public_keys: dict[str, object],
+    fingerprint: str, run: str, public_host: str,
+) -> object:
+    """``store`` with gloo's links through TLS: this process's certificate published, every peer's read
+    and checked against the job's keys, and a :class:`Relay` serving them.
+
+    Raises:
+        ChannelError: a peer's published certificate is not of its listed key, this job or this run.
+    """
+    own = certificate(key, name=names[rank], rank=rank, fingerprint=fingerprint, run_id=run)
+    store.set(_CERT_KEY.format(rank=rank), own)  # type: ignore[attr-defined]
+    peers = {}
+    for peer, name in enumerate(names):
+        if peer == rank:
+            continue
+        pem = bytes(store.get(_CERT_KEY.format(rank=peer)))  # type: ignore[attr-defined]
+        raw = public_keys[name].public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)  # type: ignore[attr-defined]
+        check_certificate(pem, public_key=raw, fingerprint=fingerprint, run_id=run, rank=peer, who=f"process {name} (rank {peer})")
+        peers[peer] = pem
+    relay = Relay(rank, names, own, key, peers, public_host)
+    _relays.append(relay)
+    log.info("channel: mutual TLS 1.3 to %d peers, this process's listeners on %s", len(peers), public_host)
+    return channel_store(store, relay)
