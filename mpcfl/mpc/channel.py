@@ -157,18 +157,22 @@ class Relay:
         """A TLS listener on the public host forwarding every accepted link to ``local_port`` (gloo's)."""
         context = self._context(True, list(self.peer_certs.values()))
         listener = socket.create_server((self.public_host, 0))
+        self._accept(listener, lambda raw: self._inbound(context, raw, local_port))
+        return listener.getsockname()[1]
+
+    def _accept(self, listener: socket.socket, handle: Callable[[socket.socket], None]) -> None:
+        """Hands every link ``listener`` accepts to ``handle``, each in a thread of its own, until closed."""
         self._sockets.append(listener)
 
         def accept() -> None:
             while not self._stopping.is_set():
                 try:
-                    raw, _ = listener.accept()
+                    link, _ = listener.accept()
                 except OSError:
                     return
-                threading.Thread(target=self._inbound, args=(context, raw, local_port), daemon=True).start()
+                threading.Thread(target=handle, args=(link,), daemon=True).start()
 
-        threading.Thread(target=accept, daemon=True, name=f"channel-serve-{local_port}").start()
-        return listener.getsockname()[1]
+        threading.Thread(target=accept, daemon=True).start()
 
     def _inbound(self, context: ssl.SSLContext, raw: socket.socket, local_port: int) -> None:
         try:
@@ -191,19 +195,8 @@ class Relay:
         """
         context = self._context(False, [self.peer_certs[peer]])
         listener = socket.create_server(("127.0.0.2" if peer > self.rank else "127.0.0.0", 0))
-        self._sockets.append(listener)
-        address = listener.getsockname()
-
-        def accept() -> None:
-            while not self._stopping.is_set():
-                try:
-                    plain, _ = listener.accept()
-                except OSError:
-                    return
-                threading.Thread(target=self._outbound, args=(context, plain, peer, host, port), daemon=True).start()
-
-        threading.Thread(target=accept, daemon=True, name=f"channel-to-{peer}").start()
-        return address
+        self._accept(listener, lambda plain: self._outbound(context, plain, peer, host, port))
+        return listener.getsockname()
 
     def _outbound(self, context: ssl.SSLContext, plain: socket.socket, peer: int, host: str, port: int) -> None:
         try:
@@ -226,7 +219,7 @@ class Relay:
         for sock in (secure, plain):  # MPC rounds are small messages: Nagle's delay would cost each 40 ms
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-        def copy(source: socket.socket, sink: socket.socket, decrypting: bool) -> None:
+        def copy(source: socket.socket, sink: socket.socket) -> None:
             try:
                 while True:
                     data = source.recv(_CHUNK)
@@ -241,8 +234,8 @@ class Relay:
                 for sock in (source, sink):
                     _close(sock)
 
-        threading.Thread(target=copy, args=(secure, plain, True), daemon=True).start()
-        threading.Thread(target=copy, args=(plain, secure, False), daemon=True).start()
+        threading.Thread(target=copy, args=(secure, plain), daemon=True).start()
+        threading.Thread(target=copy, args=(plain, secure), daemon=True).start()
 
     def _fail(self, what: str) -> None:
         if not self._stopping.is_set():

@@ -162,9 +162,21 @@ def _configure(session: Session, rank: int) -> Any:
 
     set_process_group_timeout(session.timeout_s)
     set_store_wrapper(_channel(session, rank) if session.channel == "tls" else None)
+    if session.channel == "plain" and not _loopback(session.rendezvous or os.environ.get(ENV_RENDEZVOUS, "")):
+        log.warning("links between the hosts are plain TCP (runtime.channel: plain): the network can read and change "
+                    "them; run them inside a tunnel, or set runtime.channel: tls")
     cfg.mpc.provider = session.provider.crypten_name
     cfg.communicator.verbose = True
     return crypten
+
+
+def _loopback(rendezvous: str) -> bool:
+    """Whether every process meets on this host: a ``file://`` rendezvous, or a loopback address."""
+    from urllib.parse import urlparse
+
+    if rendezvous.startswith("tcp://"):
+        return (urlparse(rendezvous).hostname or "").startswith(("127.", "localhost"))
+    return not rendezvous.startswith("env://") or os.environ.get("MASTER_ADDR", "127.0.0.1").startswith(("127.", "localhost"))
 
 
 def _channel(session: Session, rank: int) -> Callable[[Any], Any]:
