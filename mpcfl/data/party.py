@@ -94,7 +94,7 @@ def _split(table: Table, *, job: TrainJob, party: str, holds_labels: bool) -> Sp
 def _targets(y: np.ndarray, regression: Regression, *, dp: bool, where: str) -> np.ndarray:
     """A regression's targets scaled by ``labels.scaling``, within ``labels.max_abs``: refused beyond it,
     or, under DP, clamped (a refusal would depend on one record, outside the guarantee)."""
-    bad = ~np.isfinite(y)
+    bad = np.isnan(y) if dp else ~np.isfinite(y)  # under DP an infinite target is clamped like any far one
     if bad.any():
         row = int(np.argmax(bad))
         raise DataError(f"{where}, data row {row + 1}: {y[row]} is not a number")
