@@ -136,6 +136,12 @@ def test_a_target_beyond_its_bound_is_refused_or_under_dp_clamped(tmp_path: Path
     job = load_job(write_job(tmp_path, spec, "dp.yaml"))
     y = load_party_data(job, "clinic").train.y
     assert y.max() == 5.0 and y.min() == -5.0  # (346 - 150) / 10 and (25 - 150) / 10, clamped
+    from mpcfl.data.party import _targets
+
+    spec_of = job.regression
+    assert _targets(np.array([np.inf, -np.inf, 160.0]), spec_of, dp=True, where="w").tolist() == [5.0, -5.0, 1.0]
+    with pytest.raises(DataError, match="data row 1: inf is not a number"):
+        _targets(np.array([np.inf]), spec_of, dp=False, where="w")
     # linear regression clips features, as logistic regression does; Huber's gradient bound delta prices the clip
     assert clips_features(job)
     noise, sensitivity = calibration(job, 10, 354)
