@@ -22,6 +22,7 @@ def session_of(job: JobBase, *, rendezvous: str | None = None, key_file: Path | 
         label=f"job {job.name} ({job.source})",
         credentials=_credentials(job, key_file),
         fingerprint=job.fingerprint(),
+        channel=job.runtime.channel,
     )
 
 

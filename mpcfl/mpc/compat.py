@@ -118,6 +118,16 @@ class _DistWithTimeout(types.ModuleType):
 
     def init_process_group(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("timeout", _state["timeout"])
+        wrapper = _state.get("store_wrapper")
+        if wrapper is not None and "store" not in kwargs:
+            # The rendezvous crypten names, as torch would reach it, handed to the wrapper (a TLS channel's
+            # relays): gloo then finds its peers through what the wrapper publishes.
+            store, rank, world = next(self._dist.rendezvous(
+                kwargs.pop("init_method"), kwargs.pop("rank"), kwargs.pop("world_size"), timeout=kwargs["timeout"]
+            ))
+            # A store written in Python lives only as long as a Python reference to it: kept here, as the group is.
+            _state["store"] = wrapper(store)
+            kwargs.update(store=_state["store"], rank=rank, world_size=world)
         return self._dist.init_process_group(*args, **kwargs)
 
     def new_group(self, *args: Any, **kwargs: Any) -> Any:
@@ -129,6 +139,11 @@ def _inject_process_group_timeout(crypten: types.ModuleType) -> None:
     module = crypten.communicator.distributed_communicator
     if not isinstance(module.dist, _DistWithTimeout):
         module.dist = _DistWithTimeout()
+
+
+def set_store_wrapper(wrapper: Callable[[Any], Any] | None) -> None:
+    """What the process group's rendezvous store goes through from now on (None: nothing)."""
+    _state["store_wrapper"] = wrapper
 
 
 def set_process_group_timeout(seconds: float) -> None:

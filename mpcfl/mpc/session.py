@@ -30,6 +30,7 @@ from mpcfl.mpc.compat import (
     ENV_WORLD_SIZE,
     end_crypten,
     init_crypten,
+    set_store_wrapper,
     process_group_timeout,
     run_dealer_server,
     set_process_group_timeout,
@@ -71,6 +72,7 @@ class Session:
     label: str = "mpcfl"
     credentials: Credentials = field(default_factory=Credentials)
     fingerprint: str = ""
+    channel: str = "plain"  # "tls": every link through this process's relays (mpcfl.mpc.channel)
 
     def __post_init__(self) -> None:
         # Job files check this too (jobs.schema); party scripts and the fork harness come here only.
@@ -154,18 +156,56 @@ def _set_env(session: Session, *, rank: int, who: str) -> None:
     os.environ[ENV_BACKEND] = BACKEND
 
 
-def _configure(session: Session) -> Any:
+def _configure(session: Session, rank: int) -> Any:
     crypten = import_crypten()
     from crypten.config import cfg
 
     set_process_group_timeout(session.timeout_s)
+    set_store_wrapper(_channel(session, rank) if session.channel == "tls" else None)
+    if session.channel == "plain" and not _loopback(session.rendezvous or os.environ.get(ENV_RENDEZVOUS, "")):
+        log.warning("links between the hosts are plain TCP (runtime.channel: plain): the network can read and change "
+                    "them; run them inside a tunnel, or set runtime.channel: tls")
     cfg.mpc.provider = session.provider.crypten_name
     cfg.communicator.verbose = True
     return crypten
 
 
+def _loopback(rendezvous: str) -> bool:
+    """Whether every process meets on this host: a ``file://`` rendezvous, or a loopback address."""
+    from urllib.parse import urlparse
+
+    if rendezvous.startswith("tcp://"):
+        return (urlparse(rendezvous).hostname or "").startswith(("127.", "localhost"))
+    return not rendezvous.startswith("env://") or os.environ.get("MASTER_ADDR", "127.0.0.1").startswith(("127.", "localhost"))
+
+
+def _channel(session: Session, rank: int) -> Callable[[Any], Any]:
+    """What wraps the rendezvous store so that gloo's links go through TLS relays (:mod:`mpcfl.mpc.channel`)."""
+    from mpcfl.mpc import channel
+
+    credentials = session.credentials
+    names = session.process_names
+    if credentials.private_key is None:
+        raise MpcflError(f"{session.label}: runtime.channel: tls needs this process's identity key (--key-file)")
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo listens on loopback: only this process's relays reach it
+    binding = (session.fingerprint, session.rendezvous or os.environ.get(ENV_RENDEZVOUS, ""))
+
+    def wrap(store: Any) -> Any:
+        return channel.secured(
+            store, rank=rank, names=names, key=credentials.private_key, public_keys=credentials.public_keys,
+            fingerprint=binding[0], run=binding[1], public_host=channel.public_host(binding[1]),
+        )
+
+    return wrap
+
+
 def _translate(err: RuntimeError, who: str, session: Session) -> MpcflError:
     text = first_line(err)
+    if session.channel == "tls":
+        from mpcfl.mpc.channel import ChannelError, first_failure
+
+        if (failure := first_failure()) is not None:  # gloo saw a reset; the relay saw why
+            return ChannelError(f"{who}: channel {failure}")
     rendezvous = os.environ.get(ENV_RENDEZVOUS, "the rendezvous")
     if "EADDRINUSE" in str(err) or "address already in use" in str(err):
         return MpcflError(f"{who}: cannot host the rendezvous {rendezvous}: the port is already in use; pick another port")
@@ -215,7 +255,7 @@ def party_session(session: Session, party: str) -> Iterator[int]:
     rank = session.rank_of(party)
     who = f"party {party}"
     _set_env(session, rank=rank, who=who)
-    crypten = _configure(session)
+    crypten = _configure(session, rank)
     if session.provider.insecure:
         log.warning(session.provider.warning.format(first=session.parties[0]))
     from mpcfl.mpc.device import resolve
@@ -260,7 +300,7 @@ def _serve(session: Session) -> None:
     if not session.provider.needs_dealer:
         raise MpcflError(f"{who}: {session.label} uses provider {session.provider.name}, which runs without a dealer process")
     _set_env(session, rank=session.world_size, who=who)
-    crypten = _configure(session)
+    crypten = _configure(session, session.world_size)
     with _crypten_session(crypten, session, who):
         init_crypten(crypten, lambda: session.authenticate(crypten, session.world_size))
         run_dealer_server(crypten, session.parties)  # returns when party 0 sends "terminate"

@@ -236,12 +236,24 @@ class RuntimeSpec(_Strict):
         description="ttp: open the training features masked once and give every later product with them a "
         "triple whose first factor is that mask (SecureML), so a step opens O(n + d) elements, not O(n·d)",
     )
+    channel: Literal["plain", "tls"] = Field(
+        default="plain",
+        description="tls: every link between the job's processes is mutual TLS 1.3, each process's certificate "
+        "made for this run from its runtime.identity key and pinned by its peers (needs runtime.identity); "
+        "plain: gloo's links as they are, readable and changeable by the network (loopback, or a tunnel)",
+    )
 
 
     @field_validator("provider")
     @classmethod
     def _known_provider(cls, name: str) -> str:
         return providers.known(name)
+
+    @model_validator(mode="after")
+    def _channel_needs_identities(self) -> RuntimeSpec:
+        if self.channel == "tls" and self.identity is None:
+            raise ValueError("channel: tls binds each link to a process's key: declare runtime.identity (mpcfl keygen)")
+        return self
 
 
 class JobBase(_Strict):
