@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import datetime
 import logging
+import select
 import socket
 import ssl
 import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -49,6 +51,7 @@ _AF_INET = 2
 _TAG = b"mpcfl-ch"  # written into the sockaddr's unused padding, with the owner's global rank
 _TAG_AT = _SOCKADDR + 16
 _CHUNK = 1 << 20
+_POLL_S = 0.5  # a waiting relay thread looks again this often (the lock may have been released meanwhile)
 GLOO_HOST = "127.0.0.1"  # where gloo listens with the channel on (GLOO_SOCKET_IFNAME=lo): only relays reach it
 
 
@@ -214,28 +217,60 @@ class Relay:
         return -1  # unreachable: the handshake verified it against these certificates
 
     def _pump(self, secure: ssl.SSLSocket, plain: socket.socket, peer: int) -> None:
+        """Copies bytes both ways between a TLS link and its loopback end.
+
+        OpenSSL does not allow one connection to be read and written from two threads at once (a read may
+        write, a key update or a ticket; under load the two corrupt each other's records). The TLS socket is
+        therefore non-blocking, and every call on it holds one lock; the threads wait for readiness outside it.
+        """
         link = f"link {self.names[self.rank]} <-> {self.names[peer]}"
         self._sockets += [secure, plain]
         for sock in (secure, plain):  # MPC rounds are small messages: Nagle's delay would cost each 40 ms
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        secure.setblocking(False)
+        lock = threading.Lock()
 
-        def copy(source: socket.socket, sink: socket.socket) -> None:
+        def call(operation: Callable[[], Any]) -> Any:
+            """``operation`` on the TLS socket under the lock; None when it would block."""
+            with lock:
+                try:
+                    return operation()
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    return None
+
+        def decrypt() -> None:  # TLS -> loopback
+            while True:
+                data = call(lambda: secure.recv(_CHUNK))
+                if data is None:
+                    select.select([secure], [], [], _POLL_S)
+                    continue
+                if not data:
+                    return
+                plain.sendall(data)
+
+        def encrypt() -> None:  # loopback -> TLS
+            while data := plain.recv(_CHUNK):
+                view = memoryview(data)
+                while view:
+                    sent = call(lambda: secure.send(view))
+                    if sent:
+                        view = view[sent:]
+                    else:
+                        select.select([], [secure], [], _POLL_S)
+
+        def run(direction: Callable[[], None]) -> None:
             try:
-                while True:
-                    data = source.recv(_CHUNK)
-                    if not data:
-                        break
-                    sink.sendall(data)
+                direction()
             except ssl.SSLError as err:
                 self._fail(f"{link}: integrity failed ({_reason(err)})")
-            except OSError:
+            except (OSError, ValueError):  # the other direction closed the link
                 pass
             finally:
-                for sock in (source, sink):
+                for sock in (secure, plain):
                     _close(sock)
 
-        threading.Thread(target=copy, args=(secure, plain), daemon=True).start()
-        threading.Thread(target=copy, args=(plain, secure), daemon=True).start()
+        threading.Thread(target=run, args=(decrypt,), daemon=True).start()
+        threading.Thread(target=run, args=(encrypt,), daemon=True).start()
 
     def _fail(self, what: str) -> None:
         if not self._stopping.is_set():
