@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
         "--key-file", help="this process's private key, for jobs with runtime.identity; {name} in the path becomes "
         "the process's name (party or dealer), so one command line serves every rank under torchrun or srun",
     )
+    key_file.add_argument(
+        "--plain-network", action="store_true",
+        help="confirm that runtime.channel: plain links may cross hosts (only inside a tunnel: the network can read them)",
+    )
 
     party = sub.add_parser("party", parents=[common, key_file, resume], help="run one party of a job (one per host)")
     party.add_argument("job", nargs="?")
@@ -317,6 +321,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         command = "dealer" if party == providers.DEALER else "party"
     key = getattr(args, "key_file", None)
     key_file = Path(key.replace("{name}", party or providers.DEALER)) if key else None
+    if getattr(args, "plain_network", False):
+        from mpcfl.mpc.session import ENV_PLAIN_NETWORK
+
+        os.environ[ENV_PLAIN_NETWORK] = "1"
     if command == "run":
         from mpcfl.launch.local import run_local
 

@@ -59,11 +59,12 @@ class ChannelError(MpcflError):
     """A link's TLS failed: tampering, a wrong identity, or a peer that broke off mid-record."""
 
 
-def certificate(key: Ed25519PrivateKey, *, name: str, rank: int, fingerprint: str, run_id: str) -> bytes:
-    """A self-signed certificate (PEM) of ``key`` for this run: its subject names the process, its
-    alternative name the job fingerprint, the run and the rank, which every peer checks."""
+def certificate(key: Ed25519PrivateKey, *, rank: int, fingerprint: str, run_id: str) -> bytes:
+    """A self-signed certificate (PEM) of ``key`` for this run: its alternative name binds the job
+    fingerprint, the run and the rank, which every peer checks. It is published in the plain
+    rendezvous store, so it names the rank, never the party."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"mpcfl rank {rank}")])
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -145,6 +146,7 @@ class Relay:
     failures: list[str] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
     _sockets: list[socket.socket] = field(default_factory=list)
+    _links: list[tuple[ssl.SSLSocket, threading.Lock]] = field(default_factory=list)
 
     def _context(self, server: bool, trusted: list[bytes]) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
@@ -179,7 +181,7 @@ class Relay:
 
     def _inbound(self, context: ssl.SSLContext, raw: socket.socket, local_port: int) -> None:
         try:
-            secure = context.wrap_socket(raw, server_side=True)
+            secure = context.wrap_socket(raw, server_side=True, suppress_ragged_eofs=False)
         except (ssl.SSLError, OSError) as err:
             self._fail(f"{self.names[self.rank]} refused a link before any data: {err}")
             raw.close()
@@ -203,7 +205,7 @@ class Relay:
 
     def _outbound(self, context: ssl.SSLContext, plain: socket.socket, peer: int, host: str, port: int) -> None:
         try:
-            secure = context.wrap_socket(socket.create_connection((host, port)))
+            secure = context.wrap_socket(socket.create_connection((host, port)), suppress_ragged_eofs=False)
         except (ssl.SSLError, OSError) as err:
             self._fail(f"link {self.names[self.rank]} -> {self.names[peer]}: {_reason(err)}")
             plain.close()
@@ -229,6 +231,7 @@ class Relay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         secure.setblocking(False)
         lock = threading.Lock()
+        self._links.append((secure, lock))
 
         def call(operation: Callable[[], Any]) -> Any:
             """``operation`` on the TLS socket under the lock; None when it would block."""
@@ -257,10 +260,14 @@ class Relay:
                         view = view[sent:]
                     else:
                         select.select([], [secure], [], _POLL_S)
+            _close_notify(secure, lock)  # gloo closed its end: a TLS close tells the peer an end from a cut
 
         def run(direction: Callable[[], None]) -> None:
             try:
                 direction()
+            except ssl.SSLEOFError:  # TCP ended inside a record or without close_notify
+                self._fail(f"{link}: integrity failed (cut without a TLS close: truncated by the network, or the peer "
+                           "process died)")
             except ssl.SSLError as err:
                 self._fail(f"{link}: integrity failed ({_reason(err)})")
             except (OSError, ValueError):  # the other direction closed the link
@@ -278,10 +285,21 @@ class Relay:
             self.failures.append(what)
 
     def close(self) -> None:
-        """Closes every listener and link."""
+        """Closes every link with a TLS close (so no peer reads the end as a cut), then every socket."""
         self._stopping.set()
+        for secure, lock in self._links:
+            _close_notify(secure, lock)
         for sock in self._sockets:
             _close(sock)
+
+
+def _close_notify(secure: ssl.SSLSocket, lock: threading.Lock) -> None:
+    """Sends this end's TLS close_notify on a non-blocking link, without waiting for the peer's."""
+    with lock:
+        try:
+            secure.unwrap()
+        except (ssl.SSLError, OSError, ValueError):  # want-read (the peer's close is not awaited), or closed already
+            pass
 
 
 def _load_chain(context: ssl.SSLContext, cert: bytes, key: bytes) -> None:
@@ -388,6 +406,12 @@ _CERT_KEY = "mpcfl-channel/certificate/{rank}"
 _relays: list[Relay] = []  # this process's, for naming a failed link when gloo reports only a reset
 
 
+def close_all() -> None:
+    """Ends this process's links cleanly: at the end of a session that succeeded."""
+    while _relays:
+        _relays.pop().close()
+
+
 def first_failure() -> str | None:
     """The first link failure this process's relays recorded (which two processes, and why), if any."""
     return next((failure for relay in _relays for failure in relay.failures), None)
@@ -424,7 +448,7 @@ def secured(
     Raises:
         ChannelError: a peer's published certificate is not of its listed key, this job or this run.
     """
-    own = certificate(key, name=names[rank], rank=rank, fingerprint=fingerprint, run_id=run)
+    own = certificate(key, rank=rank, fingerprint=fingerprint, run_id=run)
     store.set(_CERT_KEY.format(rank=rank), own)  # type: ignore[attr-defined]
     peers = {}
     for peer, name in enumerate(names):

@@ -45,6 +45,9 @@ if TYPE_CHECKING:  # torch loads where a session runs; the launcher builds sessi
 
 log = logging.getLogger(__name__)
 
+# Set to "1" by --plain-network: the operator confirms that plain links across hosts run inside a tunnel.
+ENV_PLAIN_NETWORK = "MPCFL_PLAIN_NETWORK"
+
 _PEER_FAILURES = ("Connection reset", "Connection closed", "Broken pipe", "Timed out", "timed out", "Timeout", "timeout", "pair closure")
 T = TypeVar("T")
 
@@ -72,7 +75,7 @@ class Session:
     label: str = "mpcfl"
     credentials: Credentials = field(default_factory=Credentials)
     fingerprint: str = ""
-    channel: str = "plain"  # "tls": every link through this process's relays (mpcfl.mpc.channel)
+    channel: str = "auto"  # see channel_mode: "tls" puts every link through this process's relays (mpcfl.mpc.channel)
 
     def __post_init__(self) -> None:
         # Job files check this too (jobs.schema); party scripts and the fork harness come here only.
@@ -161,13 +164,42 @@ def _configure(session: Session, rank: int) -> Any:
     from crypten.config import cfg
 
     set_process_group_timeout(session.timeout_s)
-    set_store_wrapper(_channel(session, rank) if session.channel == "tls" else None)
-    if session.channel == "plain" and not _loopback(session.rendezvous or os.environ.get(ENV_RENDEZVOUS, "")):
-        log.warning("links between the hosts are plain TCP (runtime.channel: plain): the network can read and change "
-                    "them; run them inside a tunnel, or set runtime.channel: tls")
+    rendezvous = session.rendezvous or os.environ.get(ENV_RENDEZVOUS, "")
+    mode = channel_mode(session, rendezvous, plain_confirmed=os.environ.get(ENV_PLAIN_NETWORK) == "1")
+    set_store_wrapper(_channel(session, rank, rendezvous) if mode == "tls" else None)
+    if mode == "plain":
+        log.info("links are plain TCP (runtime.channel: %s): %s", session.channel,
+                 "on this host's loopback only" if _loopback(rendezvous) else "confirmed with --plain-network")
     cfg.mpc.provider = session.provider.crypten_name
     cfg.communicator.verbose = True
     return crypten
+
+
+def channel_mode(session: Session, rendezvous: str, *, plain_confirmed: bool) -> str:
+    """``tls`` or ``plain``: what the job's ``runtime.channel`` means for a run meeting at ``rendezvous``.
+
+    ``auto`` is plain on loopback (every process on this host) and TLS across hosts. Plain links
+    across hosts let the network read every share and key, so they run only when the operator
+    confirms them (``--plain-network``: the links are inside a tunnel).
+
+    Raises:
+        MpcflError: TLS without this process's identity key, or unconfirmed plain links across hosts.
+    """
+    local = _loopback(rendezvous)
+    mode = session.channel if session.channel != "auto" else ("plain" if local else "tls")
+    if mode == "tls" and session.credentials.private_key is None:
+        raise MpcflError(
+            f"{session.label}: links between hosts are TLS (runtime.channel: {session.channel}), which binds each link "
+            "to a process's key: declare runtime.identity (mpcfl keygen) and pass --key-file; or, inside a tunnel, "
+            "set runtime.channel: plain and start every process with --plain-network"
+        )
+    if mode == "plain" and not local and not plain_confirmed:
+        raise MpcflError(
+            f"{session.label}: runtime.channel: plain across hosts ({rendezvous}) lets the network read and change every "
+            "share and key: start every process with --plain-network to confirm the links are inside a tunnel, or use "
+            "runtime.channel: tls"
+        )
+    return mode
 
 
 def _loopback(rendezvous: str) -> bool:
@@ -179,21 +211,18 @@ def _loopback(rendezvous: str) -> bool:
     return not rendezvous.startswith("env://") or os.environ.get("MASTER_ADDR", "127.0.0.1").startswith(("127.", "localhost"))
 
 
-def _channel(session: Session, rank: int) -> Callable[[Any], Any]:
+def _channel(session: Session, rank: int, rendezvous: str) -> Callable[[Any], Any]:
     """What wraps the rendezvous store so that gloo's links go through TLS relays (:mod:`mpcfl.mpc.channel`)."""
     from mpcfl.mpc import channel
 
     credentials = session.credentials
     names = session.process_names
-    if credentials.private_key is None:
-        raise MpcflError(f"{session.label}: runtime.channel: tls needs this process's identity key (--key-file)")
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo listens on loopback: only this process's relays reach it
-    binding = (session.fingerprint, session.rendezvous or os.environ.get(ENV_RENDEZVOUS, ""))
 
     def wrap(store: Any) -> Any:
         return channel.secured(
             store, rank=rank, names=names, key=credentials.private_key, public_keys=credentials.public_keys,
-            fingerprint=binding[0], run=binding[1], public_host=channel.public_host(binding[1]),
+            fingerprint=session.fingerprint, run=rendezvous, public_host=channel.public_host(rendezvous),
         )
 
     return wrap
@@ -201,11 +230,10 @@ def _channel(session: Session, rank: int) -> Callable[[Any], Any]:
 
 def _translate(err: RuntimeError, who: str, session: Session) -> MpcflError:
     text = first_line(err)
-    if session.channel == "tls":
-        from mpcfl.mpc.channel import ChannelError, first_failure
+    from mpcfl.mpc.channel import ChannelError, first_failure
 
-        if (failure := first_failure()) is not None:  # gloo saw a reset; the relay saw why
-            return ChannelError(f"{who}: channel {failure}")
+    if (failure := first_failure()) is not None:  # gloo saw a reset; a TLS relay saw why
+        return ChannelError(f"{who}: channel {failure}")
     rendezvous = os.environ.get(ENV_RENDEZVOUS, "the rendezvous")
     if "EADDRINUSE" in str(err) or "address already in use" in str(err):
         return MpcflError(f"{who}: cannot host the rendezvous {rendezvous}: the port is already in use; pick another port")
@@ -242,6 +270,10 @@ def _crypten_session(crypten: Any, session: Session, who: str) -> Iterator[None]
     finally:
         with contextlib.suppress(RuntimeError):
             end_crypten(crypten, failed=failed)
+        if not failed:
+            from mpcfl.mpc.channel import close_all
+
+            close_all()
 
 
 @contextlib.contextmanager

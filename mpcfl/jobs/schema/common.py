@@ -236,11 +236,12 @@ class RuntimeSpec(_Strict):
         description="ttp: open the training features masked once and give every later product with them a "
         "triple whose first factor is that mask (SecureML), so a step opens O(n + d) elements, not O(n·d)",
     )
-    channel: Literal["plain", "tls"] = Field(
-        default="plain",
+    channel: Literal["auto", "plain", "tls"] = Field(
+        default="auto",
         description="tls: every link between the job's processes is mutual TLS 1.3, each process's certificate "
         "made for this run from its runtime.identity key and pinned by its peers (needs runtime.identity); "
-        "plain: gloo's links as they are, readable and changeable by the network (loopback, or a tunnel)",
+        "plain: gloo's links as they are, readable and changeable by the network, so across hosts every process "
+        "must be started with --plain-network (inside a tunnel); auto: plain on loopback, tls across hosts",
     )
 
 
