@@ -54,11 +54,13 @@ class Privacy:
             Laplace b); 0 when the noise went in earlier (DP-SGD steps).
         colluders: t, parties that may pool their noise shares; the shares are
             sized so the other n - t parties' noise alone reaches ``scale``.
+        source: who draws the noise (see :func:`add_noise`).
     """
 
     charge: Charge | None
     scale: float = 0.0
     colluders: int = 0
+    source: str = "parties"
 
     def __post_init__(self) -> None:
         if self.charge is None and self.scale > 0:
@@ -208,9 +210,6 @@ def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None 
     """
     from mpcfl.mpc.engine import import_crypten
     from mpcfl.mpc.device import to_host
-    from mpcfl.dp.noise import add_noise_share, noise_share
-    from mpcfl.mpc.prng import numpy_generator
-
     crypten = import_crypten()
     comm = crypten.comm.get()
     world, me = comm.get_world_size(), comm.get_rank()
@@ -232,11 +231,7 @@ def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None 
             epsilon = budget.charge(what, privacy.charge)
     if privacy is not None and privacy.charge is not None and privacy.scale > 0:
         value = value.clone()
-        share = noise_share(
-            privacy.charge.mechanism, tuple(value.size()), privacy.scale, parties=world,
-            colluders=privacy.colluders, fixed_point=value.encoder.scale, generator=numpy_generator(),
-        )
-        add_noise_share(value, share)
+        add_noise(value, privacy.charge.mechanism, privacy.scale, colluders=privacy.colluders, source=privacy.source)
     if disclosure is not None:
         disclosure.records.append(RevealRecord(what=what, shape=tuple(value.size()), to=receivers, epsilon_after=epsilon))
     log.debug("revealing %s %s to ranks %s", what, tuple(value.size()), receivers)
@@ -248,3 +243,35 @@ def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None 
         if rank == me:
             result = to_host(opened)
     return result
+
+
+def add_noise(value: Any, mechanism: str, scale: float, *, colluders: int, source: str, generator: Any = None) -> None:
+    """Adds DP noise of ``scale`` (in the value's units) to the secret ``value`` in place, drawn jointly.
+
+    ``source="dealer"``: the dealer draws Skellam noise of variance ``scale^2`` and shares it, so no
+    party knows it and its whole variance counts against any coalition of parties (a dealer that
+    colludes breaks every secret anyway). ``"parties"``: each party adds a share of its own,
+    sized so that any ``n - colluders`` honest shares reach ``scale`` (:mod:`mpcfl.dp.noise`).
+
+    Args:
+        mechanism: ``gaussian`` or ``laplace`` (``laplace``: parties only).
+        generator: the parties' numpy generator; default a fresh cryptographic one.
+    """
+    from mpcfl.dp.noise import add_noise_share, noise_share
+    from mpcfl.mpc.engine import import_crypten
+    from mpcfl.mpc.prng import numpy_generator
+
+    crypten = import_crypten()
+    fixed_point = value.encoder.scale
+    if source == "dealer":
+        if mechanism != "gaussian":
+            raise RevealPolicyError(f"the dealer draws Gaussian (Skellam) noise only, not {mechanism}")
+        provider = crypten.mpc.get_default_provider()
+        share = provider.generate_noise(tuple(value.size()), float((scale * fixed_point) ** 2), device=value.device)
+        value.share = value.share + share.reshape(value.share.shape)
+        return
+    share = noise_share(
+        mechanism, tuple(value.size()), scale, parties=crypten.comm.get().get_world_size(), colluders=colluders,
+        fixed_point=fixed_point, generator=generator if generator is not None else numpy_generator(),
+    )
+    add_noise_share(value, share)

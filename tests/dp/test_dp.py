@@ -139,6 +139,41 @@ def test_joint_noise_on_real_processes(tmp_path: Path) -> None:
     assert (tmp_path / "ledger.txt").read_text() == "['noise test', 'manual noise test']"
 
 
+def test_the_dealer_draws_noise_that_no_party_knows(tmp_path: Path) -> None:
+    """dp.noise: dealer. The revealed noise has the target variance sigma^2 (not the parties' n/(n-t)
+    sigma^2), and each party's share of it is uniform on the ring: alone, it says nothing of the noise."""
+    script = SCRIPTS / "dealer_noise_party.py"
+    done = mpcfl("launch", "--parties", "a,b", str(script), str(tmp_path), timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert_no_leftovers("dealer_noise_party.py")
+    sigma = 0.5
+    through = np.load(tmp_path / "through.npy")
+    assert abs(through.mean()) < 4 * math.sqrt(sigma**2 / through.size)
+    assert through.var() / sigma**2 == pytest.approx(1.0, abs=0.05)
+    units = through * SCALE
+    assert np.abs(units - np.round(units)).max() < 1e-6
+    total = np.round(np.load(tmp_path / "total.npy")).astype(np.int64)
+    shares = [np.load(tmp_path / f"own_{p}.npy") for p in "ab"]
+    np.testing.assert_array_equal(total, shares[0] + shares[1])  # the ring sum (int64 wraps as the ring does)
+    assert np.abs(total).max() < 2**40  # the noise itself is small...
+    for own in shares:  # ...each share is not: uniform on 2^64, so |share| < 2^40 with probability 2^-23
+        assert np.mean(np.abs(own.astype(np.float64)) < 2**40) < 1e-3
+        assert abs(np.corrcoef(own.astype(np.float64), total)[0, 1]) < 0.05
+
+
+def test_the_dealer_refuses_a_noise_request_outside_its_table() -> None:
+    from mpcfl.mpc.prng import SecureGenerator
+    from mpcfl.mpc.providers.ttp.requests import DealerRequestRefused, Requests
+
+    dealer = Requests([SecureGenerator(), SecureGenerator()])
+    good = {"function": "noise", "device": None, "args": ((4, 3), 1.0e6), "kwargs": {}}
+    handler, args, _ = dealer._check(good)
+    assert handler(*args).shape == (4, 3)
+    for args in [((4, 3), -1.0), ((4, 3), 0.0), ((4, 3), 1e30), ((4, 3), 100), ((4, 3),), ((1 << 29,), 1.0)]:
+        with pytest.raises(DealerRequestRefused, match="noise"):
+            dealer._check(good | {"args": args})
+
+
 def test_dp_training_job_records_a_ledger_that_matches_dp_accounting(tmp_path: Path) -> None:
     spec = dp_demo()
     spec["outputs"]["dir"] = str(tmp_path / "out")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -9,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from mpcfl.jobs.schema.common import _OUTPUTS_DIR, DataSpec, JobBase, LabelSpec, Name, PositiveInt, TrainModelField, _Strict
 from mpcfl.models import sigmoid as sigmoids
+from mpcfl.mpc import providers
 from mpcfl.models.spec import REGRESSION_LOSSES, FactoryModelSpec, Regression
 
 class TrainingSpec(_Strict):
@@ -79,11 +81,17 @@ class DPSpec(_Strict):
         description="mlp: every parameter is kept within [-weight_bound, weight_bound] (projected under MPC "
         "after each step), so the per-example clip holds for any weights the run reaches",
     )
+    noise: Literal["dealer", "parties"] | None = Field(
+        default=None,
+        description="who draws the DP-SGD noise: dealer (the TTP dealer draws it and shares it, so no party knows "
+        "any of it: the whole noise counts against any coalition of parties) or parties (each adds a share; "
+        "collusion_threshold sizes them); default dealer under runtime.provider: ttp, else parties",
+    )
     collusion_threshold: int | None = Field(
         default=None,
         ge=0,
-        description="t: parties that may pool their noise shares (receivers included: at least 1 when "
-        "anything is revealed); default n-1",
+        description="t, with dp.noise: parties: parties that may pool their noise shares (receivers included: at "
+        "least 1 when anything is revealed); default n-1",
     )
     metrics: DPMetricsSpec | None = Field(
         default=None, description="release per-epoch metrics with noise, charged; without it they are not revealed"
@@ -285,6 +293,9 @@ class TrainJob(JobBase):
         # share, so it is a coalition of one: with any receiver t must be at least 1 (t = 0 leaves it
         # (n - 1)/n sigma^2). Receivers that pool count as that many colluders, which t >= 1 covers
         # only up to t of them.
+        if dp.noise == "dealer" and not providers.get(self.runtime.provider).needs_dealer:
+            raise ValueError(f"dp.noise: dealer needs a dealer process; runtime.provider {self.runtime.provider} has none "
+                             "(use dp.noise: parties)")
         receives = self.outputs.model_to != "none" or self.outputs.metrics_to != "none"
         if receives and self.colluders < 1:
             raise ValueError(
@@ -297,3 +308,19 @@ class TrainJob(JobBase):
         """t for the DP noise: the job's collusion threshold, default n-1 (one honest party)."""
         assert self.dp is not None
         return self.world_size - 1 if self.dp.collusion_threshold is None else self.dp.collusion_threshold
+
+    @property
+    def noise_source(self) -> str:
+        """Who draws DP-SGD's Gaussian noise: ``dealer`` (no party knows it) or ``parties`` (shares)."""
+        assert self.dp is not None
+        if self.dp.noise is not None:
+            return self.dp.noise
+        return "dealer" if providers.get(self.runtime.provider).needs_dealer else "parties"
+
+    @property
+    def noise_inflation(self) -> float:
+        """The total noise's standard deviation over the one the accountant counts: sqrt(n / (n - t))
+        for shares drawn by the parties (any n - t honest shares reach it), 1 for the dealer's."""
+        if self.noise_source == "dealer":
+            return 1.0
+        return math.sqrt(self.world_size / (self.world_size - self.colluders))

@@ -148,8 +148,8 @@ def train_plaintext(
     head = job_head(job)
     loss_fn = head.plain_loss
     noise_std = 0.0
-    if job.dp is not None:  # what the secure run reveals: each of n parties adds sigma^2 / (n - t)
-        noise_std = math.prod(calibration(job, x.shape[1], len(x))) * math.sqrt(job.world_size / (job.world_size - job.colluders))
+    if job.dp is not None:  # what the secure run reveals: the dealer's sigma, or n parties' shares of sigma^2 / (n - t)
+        noise_std = math.prod(calibration(job, x.shape[1], len(x))) * job.noise_inflation
     steps, rate = sampling(job, len(x)) if job.dp is not None else (1, 1.0)
     generator = torch.Generator().manual_seed(seed)
     per_example = job.dp is not None and not clips_features(job)

@@ -62,7 +62,6 @@ from torch import nn
 from mpcfl.dp import clipping, rounding
 from mpcfl.dp.accountant import Charge, calibrate_noise_multiplier, replace_one
 from mpcfl.dp.budget import check_parameters
-from mpcfl.dp.noise import add_noise_share, noise_share
 from mpcfl.dp.sampling import poisson_rate, poisson_steps
 from mpcfl.errors import ConfigError, MpcflError
 from mpcfl.jobs.schema import FederatedJob, TrainJob
@@ -71,7 +70,7 @@ from mpcfl.models.heads import Head, job_head
 from mpcfl.models.sigmoid import clamp_symmetric
 from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.prng import SecureGenerator, numpy_generator
-from mpcfl.mpc.reveal import Privacy
+from mpcfl.mpc.reveal import Privacy, add_noise
 from mpcfl.mpc.sampling import Selection, inclusion_bits
 from mpcfl.tasks.train.steps import PlainSgd, TrainingStep
 
@@ -266,18 +265,15 @@ class DpSgd(TrainingStep):
         return self._selections.pop(0) if self.rate < 1 else None
 
     def _add_noise(self, value: Any, sigma: float) -> None:
-        share = noise_share(
-            "gaussian", tuple(value.size()), sigma, parties=self.job.world_size, colluders=self.job.colluders,
-            fixed_point=value.encoder.scale, generator=self.generator,
-        )
-        add_noise_share(value, share)
+        add_noise(value, "gaussian", sigma, colluders=self.job.colluders, source=self.job.noise_source, generator=self.generator)
 
     def metrics_privacy(self) -> Privacy | None:
         """Noise and charge for one metrics release, or None when the job does not release them."""
         metrics = metrics_charge(self.job)
         if metrics is None:
             return None
-        return Privacy(charge=metrics[0], scale=metrics[1], colluders=self.job.colluders)
+        source = self.job.noise_source if metrics[0].mechanism == "gaussian" else "parties"
+        return Privacy(charge=metrics[0], scale=metrics[1], colluders=self.job.colluders, source=source)
 
     def releases_metrics(self, epoch: int, epochs: int) -> bool:
         """Only what ``dp.metrics`` pays for: every epoch, or the final model's once."""
@@ -308,7 +304,7 @@ class DpSgd(TrainingStep):
 
     def notes(self) -> dict[str, Any]:
         return {"dp_sgd": {"noise_multiplier": self.noise_multiplier, "sensitivity": self.sensitivity,
-                           "colluders": self.job.colluders, "sampling": self.job.dp.sampling,
+                           "noise": self.job.noise_source, "colluders": self.job.colluders, "sampling": self.job.dp.sampling,
                            "sampling_probability": self.rate, "steps_per_epoch": self.steps}}
 
 

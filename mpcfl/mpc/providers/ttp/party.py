@@ -94,8 +94,21 @@ def generate_fixed_triple(self: Any, binding: str, size: Sequence[int], size1: S
     return shares.from_shares(b, precision=0), shares.from_shares(c, precision=0)
 
 
+def generate_noise(self: Any, size: Sequence[int], variance: float, device: Any = None) -> torch.Tensor:
+    """This party's share, in ring units, of DP noise the dealer draws (request ``noise``): party 0's
+    comes from the dealer, the others' from their dealer streams, so each share is uniform alone."""
+    from crypten.mpc.provider import ttp_provider as upstream
+
+    client = upstream.TTPClient.get()
+    if upstream.comm.get().get_rank() == 0:
+        return client.ttp_request("noise", device, size, variance)
+    return upstream.generate_random_ring_element(size, generator=client.get_generator(device=device), device=device)
+
+
 #: What mpcfl.mpc.compat adds to CrypTen's TrustedThirdParty, by method name.
-PARTY_EXTENSIONS = {"generate_fixed_mask": generate_fixed_mask, "generate_fixed_triple": generate_fixed_triple}
+PARTY_EXTENSIONS = {
+    "generate_fixed_mask": generate_fixed_mask, "generate_fixed_triple": generate_fixed_triple, "generate_noise": generate_noise,
+}
 
 
 def request(self: Any, function: str, device: Any, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from mpcfl.dp.noise import skellam
 from mpcfl.errors import MpcflError
-from mpcfl.mpc.prng import SecureGenerator
+from mpcfl.mpc.prng import SecureGenerator, numpy_generator
 from mpcfl.mpc.wire import to_words
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,11 @@ PARTY_METHODS = {
     "B2A": "B2A_rng",
     "fixed_mask": "generate_fixed_mask",
     "fixed_triple": "generate_fixed_triple",
+    "noise": "generate_noise",
 }
+#: The largest variance, in ring units squared, of the DP noise a ``noise`` request may ask for
+#: (a standard deviation of 2^30 ring units: 16384 in the value's units).
+MAX_NOISE_VARIANCE = float(1 << 60)
 DIGEST_WORDS = 4  # SHA-256 as int64 words
 #: The fixed masks the dealer keeps at once hold at most this many elements in all.
 MAX_MASK_ELEMENTS = MAX_ELEMENTS
@@ -189,6 +194,8 @@ def _operands(function: str, args: Sequence[Any]) -> Sequence[Any]:
         return args[1:2]
     if function == "fixed_triple":  # (binding, size of A, size of B, transposed): A is drawn already
         return args[2:3]
+    if function == "noise":  # (size, variance): the answer alone
+        return ()
     return args[:1]
 
 
@@ -221,7 +228,9 @@ class Requests:
             "batch": self.batch,
             "fixed_mask": self.fixed_mask,
             "fixed_triple": self.fixed_triple,
+            "noise": self.noise,
         }
+        self._own = numpy_generator()  # the dealer's alone: DP noise no party knows
         self.masks: dict[str, torch.Tensor] = {}  # fixed masks by data binding (see the package's docstring)
         self._patience_s = 0  # how much longer than the timeout the next request may take
 
@@ -244,6 +253,11 @@ class Requests:
             return self._check_batch(device, args, kwargs)
         if name in ("fixed_mask", "fixed_triple"):
             return self._check_fixed(name, args, kwargs, within)
+        if name == "noise":
+            if len(args) != 2 or kwargs or type(args[1]) is not float or not 0 < args[1] <= MAX_NOISE_VARIANCE:
+                raise self._refuse(f"request 'noise' with arguments {args!r} (a size and a variance in (0, 2^60])")
+            self._size(name, args[0])
+            return self.requests[name], args, kwargs
         if name == "quiet":
             if len(args) != 1 or type(args[0]) is not int or not 0 < args[0] <= MAX_QUIET_S or kwargs:
                 raise self._refuse(f"request 'quiet' with arguments {args!r} (one whole number of seconds up to {MAX_QUIET_S})")
@@ -427,6 +441,12 @@ class Requests:
 
         shares = [generator.ring(size) for generator in self.generators]
         return count_wraps(shares) - self._sum(size, self.generators[1:])
+
+    def noise(self, size: Sequence[int], variance: float) -> torch.Tensor:
+        """Shares of integer DP noise (Skellam of ``variance`` ring units squared) drawn from the dealer's
+        own generator: every party's share is uniform, so no coalition of parties knows the noise."""
+        drawn = torch.from_numpy(skellam(tuple(size), variance, self._own))
+        return drawn - self._sum(size, self.generators[1:])
 
     def b2a(self, size: Sequence[int]) -> torch.Tensor:
         """Party 0's arithmetic share of a random bit whose XOR shares the parties draw."""
