@@ -1,0 +1,328 @@
+"""Transformer operators on CrypTensors: LayerNorm, GELU, SiLU, masked softmax, attention,
+``nn.MultiheadAttention`` and ``nn.TransformerEncoder(Layer)``, in exact mode.
+
+Each function takes secret-shared activations (CrypTensors) and, where a layer has them, its
+secret-shared tensors by local name. Masks are public (plain torch tensors, the same at
+every party: they are part of the architecture). Fixed point has 16 fractional bits in a
+64-bit ring: a product of two secrets must stay below about 2^31 in magnitude or it wraps
+silently, and CrypTen's iterative functions return garbage outside their ranges, so each
+function clamps or rescales its input into the range where it is accurate and states the
+range it is valid on. The errors against float torch are measured in
+``tests/models/test_transformer.py`` and listed in ``docs/guides/transformers.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpcfl.errors import MpcflError
+from mpcfl.mpc.engine import import_crypten
+
+#: Softmax differences below this are clamped: exp(-64) < 2^-16 is zero in fixed point, and
+#: CrypTen's exp, (1 + x/256)^256, turns into garbage (a large positive number) below -256.
+SOFTMAX_FLOOR = 64.0
+#: Subtracted from masked entries: far below any kept logit, far inside the ring (2^20 * 2^16 < 2^63).
+MASK_OFFSET = float(2**20)
+#: CrypTen's reciprocal (10 Newton steps from 3 exp(1 - 2s) + 0.003) converges for a
+#: softmax denominator s in [1, ~256]: after the max is subtracted, s lies in [1, length].
+MAX_SOFTMAX_LENGTH = 256
+#: GELU's and SiLU's inputs are clamped here before the sigmoid (exact to 2^-16 beyond:
+#: GELU(x) = x and SiLU(x) = x above, 0 below), keeping x^3 and the sigmoid's argument in range.
+GELU_CLAMP = 16.0
+SILU_CLAMP = 64.0
+#: LayerNorm's inverse square root: CrypTen's (3 Newton steps from 2.2 exp(-v/2 - 0.2) + 0.2 - v/1024)
+#: is accurate to 3e-3 for v in [0.13, 130] and garbage above ~150. The variance is first scaled by
+#: 16^-k into (0.25, 4], k counted by secure comparisons against 4 * 16^k for k in these exponents,
+#: which covers variances from 4 * 16^-3 ~ 1e-3 (below, fixed point's 2^-16 resolution dominates)
+#: to 4 * 16^6 ~ 6.7e7 (above, x - mean nears the 2^15 where its square wraps the ring).
+_VARIANCE_EXPONENTS = range(-3, 6)
+
+
+class UnsupportedOperationError(MpcflError):
+    """An operator's input falls outside what it supports under MPC (a public property: shapes)."""
+
+
+def _crypten() -> Any:
+    return import_crypten()
+
+
+def clamp(x: Any, bound: float) -> Any:
+    """x clamped to [-bound, bound]: both relus in one comparison (stacked)."""
+    over = _crypten().stack([x - bound, -x - bound]).relu()
+    return x - over[0] + over[1]
+
+
+def gelu(x: Any, approximate: str = "none") -> Any:
+    """GELU as 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) = x sigmoid(2 sqrt(2/pi) (...)).
+
+    The tanh form differs from the erf form (``approximate='none'``) by at most 3e-4
+    (CrypTen's erf is a Taylor series, garbage beyond |x| ~ 2.5). Valid for any input below
+    the ring's 2^31: the cubic and the sigmoid see x clamped to [-16, 16].
+    """
+    if approximate not in ("none", "tanh"):
+        raise UnsupportedOperationError(f"GELU with approximate={approximate!r}")
+    xc = clamp(x, GELU_CLAMP)
+    inner = (xc + xc.square().mul(xc).mul(0.044715)).mul(2 * math.sqrt(2 / math.pi))
+    return x * inner.sigmoid()
+
+
+def silu(x: Any) -> Any:
+    """x sigmoid(x), with the sigmoid's input clamped to [-64, 64] (CrypTen's is garbage past 500)."""
+    return x * clamp(x, SILU_CLAMP).sigmoid()
+
+
+def _normalise(centred: Any, v: Any) -> Any:
+    """centred / sqrt(v) for v in [1e-3, 6.7e7] (v broadcasts against centred).
+
+    v is scaled into (0.25, 4] by a secret 16^-m, counted by one batched comparison against
+    4 * 16^k, and CrypTen's Newton iteration runs there; ``centred`` takes the matching 4^-m
+    before the product, so that neither factor leaves the range where 16 fractional bits are
+    precise (1/sqrt(v) alone has 65 units of 2^-16 at v = 1e6). Comparison bits carry scale 1
+    (exact 0/1), so the scales are built with integer coefficients times 16^top, 4^top, then divided.
+    """
+    crypten = _crypten()
+    exponents = list(_VARIANCE_EXPONENTS)
+    top = exponents[-1] + 1
+    above = crypten.stack([v - 4.0 * 16.0**k for k in exponents]).gt(0)
+    scale, root = 16 ** (top - exponents[0]), 4 ** (top - exponents[0])
+    for i, k in enumerate(exponents):  # one step down at each threshold passed
+        scale = above[i] * (16 ** (top - k - 1) - 16 ** (top - k)) + scale
+        root = above[i] * (4 ** (top - k - 1) - 4 ** (top - k)) + root
+    return (centred * root).div(4**top) * (v * scale).div(16**top).inv_sqrt()
+
+
+def layer_norm(x: Any, p: dict[str, Any], eps: float) -> Any:
+    """LayerNorm over the last dim. Valid while the variance (plus eps) lies in [1e-3, 6.7e7]
+    and |x - mean| < 2^15; relative error of the normalisation ~3e-3."""
+    centred = x - x.mean(-1, keepdim=True)
+    out = _normalise(centred, centred.square().mean(-1, keepdim=True) + eps)
+    if "weight" in p:
+        out = out * p["weight"]
+    return out + p["bias"] if "bias" in p else out
+
+
+def is_public_mask(t: Any) -> bool:
+    """A bool tensor or one holding -inf: an attention mask, public; never secret-shared
+    (fixed point cannot encode -inf)."""
+    return torch.is_tensor(t) and (t.dtype == torch.bool or bool(torch.isneginf(t).any()))
+
+
+@dataclass
+class MaskedScores:
+    """Secret scores plus a public additive mask holding -inf: only a softmax may consume them."""
+
+    scores: Any
+    keep: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+def add_public_mask(scores: Any, mask: torch.Tensor) -> MaskedScores:
+    """``scores + mask`` for a float mask with -inf entries, kept apart until the softmax."""
+    keep, bias = public_mask(mask, true_means_keep=True)
+    return MaskedScores(scores, keep, bias)
+
+
+def softmax(x: Any, dim: int = -1, keep: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> Any:
+    """Softmax along ``dim`` with an optional public mask: ``keep`` (bool, broadcast against x)
+    says which entries take part, ``bias`` is a public additive term (a float mask's finite part).
+
+    Differences from the row's maximum are clamped to [-64, 0] (CrypTen's softmax has no clamp: a
+    gap past 256 returns garbage). Valid for any logits below the ring's 2^31 and rows of at most
+    256 entries (the denominator's reciprocal); a fully masked row returns 0 where torch gives NaN.
+    Absolute error ~1e-3 (measured in the tests).
+    """
+    if isinstance(x, MaskedScores):
+        x, keep, bias = x.scores, _merge_keep(keep, x.keep), x.bias if bias is None else bias + x.bias
+    length = x.size(dim)
+    if length > MAX_SOFTMAX_LENGTH:
+        raise UnsupportedOperationError(
+            f"softmax over {length} entries: at most {MAX_SOFTMAX_LENGTH} are supported in fixed point"
+        )
+    if bias is not None:
+        x = x + bias
+    if keep is not None:  # masked entries sit below every kept one for the max, then drop out exactly
+        x = x + (~keep).to(torch.float32) * -MASK_OFFSET
+    gap = x - x.max(dim, keepdim=True)[0]
+    numerator = (gap + (-gap - SOFTMAX_FLOOR).relu()).exp()
+    if keep is not None:
+        numerator = numerator * keep.to(torch.float32)
+    crypten = _crypten()
+    with crypten.cfg.temp_override({"functions.reciprocal_all_pos": True}):
+        return numerator * numerator.sum(dim, keepdim=True).reciprocal()
+
+
+def public_mask(mask: torch.Tensor | None, *, true_means_keep: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A torch attention mask as (keep, bias): a bool mask (in SDPA True keeps, in
+    ``nn.MultiheadAttention`` True drops) or a float mask added to the scores, -inf dropping."""
+    if mask is None:
+        return None, None
+    if not torch.is_tensor(mask):
+        raise UnsupportedOperationError("an attention mask must be a public tensor (a buffer or a constant), not a secret")
+    if mask.dtype == torch.bool:
+        return (mask if true_means_keep else ~mask), None
+    keep = torch.isfinite(mask)
+    bias = torch.where(keep, mask, torch.zeros_like(mask)).float()
+    return (None if bool(keep.all()) else keep), (bias if bool(bias.any()) else None)
+
+
+def _causal(length: int, source: int) -> torch.Tensor:
+    return torch.ones(length, source, dtype=torch.bool).tril()
+
+
+def _merge_keep(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return a & b
+
+
+def attention(q: Any, k: Any, v: Any, keep: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+              scale: float | None = None) -> Any:
+    """softmax(q k^T * scale + mask) v over (..., L, E) CrypTensors: two products of secrets.
+
+    q is scaled before the product (a public scalar), which keeps the scores' magnitude down.
+    """
+    scale = 1 / math.sqrt(q.size(-1)) if scale is None else scale
+    scores = (q * scale).matmul(k.transpose(-2, -1))
+    return softmax(scores, -1, keep, bias).matmul(v)
+
+
+def scaled_dot_product_attention(q: Any, k: Any, v: Any, attn_mask: torch.Tensor | None = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> Any:
+    """``F.scaled_dot_product_attention`` in eval (dropout off); masks public."""
+    if enable_gqa:
+        raise UnsupportedOperationError("scaled_dot_product_attention with enable_gqa=True")
+    keep, bias = public_mask(attn_mask, true_means_keep=True)
+    if is_causal:
+        keep = _merge_keep(keep, _causal(q.size(-2), k.size(-2)))
+    return attention(q, k, v, keep, bias, scale)
+
+
+def _sub(p: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The tensors under ``prefix.`` with the prefix taken off."""
+    start = f"{prefix}."
+    return {name[len(start):]: t for name, t in p.items() if name.startswith(start)}
+
+
+def check_layer_norm(m: nn.LayerNorm) -> None:
+    """Refuses a LayerNorm over more than the last dim."""
+    if len(m.normalized_shape) != 1:
+        raise UnsupportedOperationError(f"LayerNorm over {len(m.normalized_shape)} dims (the last dim is supported)")
+
+
+def check_multihead(m: nn.MultiheadAttention) -> None:
+    """Refuses the settings not implemented here."""
+    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        raise UnsupportedOperationError("MultiheadAttention with kdim/vdim, add_bias_kv or add_zero_attn")
+
+
+def multihead_attention(m: nn.MultiheadAttention, query: Any, p: dict[str, Any], key: Any = None, value: Any = None,
+                        key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                        attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                        is_causal: bool = False) -> tuple[Any, None]:
+    """``nn.MultiheadAttention.forward`` in eval: (output, None); the weights are never returned
+    (they would be a secret the caller did not ask to open). Masks public, as torch takes them."""
+    key = query if key is None else key
+    value = key if value is None else value
+    if not m.batch_first:  # (L, N, E) -> (N, L, E)
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    embed, heads = m.embed_dim, m.num_heads
+    weight, bias = p["in_proj_weight"], p.get("in_proj_bias")
+
+    def project(t: Any, part: int) -> Any:
+        out = t.matmul(weight[part * embed:(part + 1) * embed].t())
+        return out if bias is None else out + bias[part * embed:(part + 1) * embed]
+
+    if key is query and value is query:  # self-attention: one product for q, k and v
+        qkv = query.matmul(weight.t())
+        if bias is not None:
+            qkv = qkv + bias
+        q, k, v = qkv[..., :embed], qkv[..., embed:2 * embed], qkv[..., 2 * embed:]
+    else:
+        q, k, v = project(query, 0), project(key, 1), project(value, 2)
+
+    def split_heads(t: Any) -> Any:  # (N, L, E) -> (N, H, L, E/H)
+        n, length, _ = t.size()
+        return t.reshape(n, length, heads, embed // heads).permute(0, 2, 1, 3)
+
+    keep, mask_bias = public_mask(attn_mask, true_means_keep=False)
+    if is_causal and attn_mask is None:
+        keep = _causal(q.size(1), k.size(1))
+    if key_padding_mask is not None:  # (N, S) -> (N, 1, 1, S)
+        pad_keep, pad_bias = public_mask(key_padding_mask, true_means_keep=False)
+        keep = _merge_keep(keep, None if pad_keep is None else pad_keep[:, None, None, :])
+        if pad_bias is not None:
+            mask_bias = pad_bias[:, None, None, :] if mask_bias is None else mask_bias + pad_bias[:, None, None, :]
+    if keep is not None and keep.dim() == 3:  # (N * H, L, S) per head -> (N, H, L, S)
+        keep = keep.reshape(-1, heads, *keep.shape[1:])
+    if mask_bias is not None and mask_bias.dim() == 3:
+        mask_bias = mask_bias.reshape(-1, heads, *mask_bias.shape[1:])
+    out = attention(split_heads(q), split_heads(k), split_heads(v), keep, mask_bias)
+    n, _, length, _ = out.size()
+    out = out.permute(0, 2, 1, 3).reshape(n, length, embed)
+    out = out.matmul(p["out_proj.weight"].t())
+    if "out_proj.bias" in p:
+        out = out + p["out_proj.bias"]
+    return (out if m.batch_first else out.transpose(0, 1)), None
+
+
+def _activation(layer: nn.TransformerEncoderLayer, x: Any) -> Any:
+    act = layer.activation
+    if act is F.relu or isinstance(act, nn.ReLU):
+        return x.relu()
+    if act is F.gelu:
+        return gelu(x)
+    if isinstance(act, nn.GELU):
+        return gelu(x, act.approximate)
+    raise UnsupportedOperationError(f"TransformerEncoderLayer with activation {act!r} (relu and gelu are supported)")
+
+
+def check_encoder_layer(layer: nn.TransformerEncoderLayer) -> None:
+    """Refuses an activation other than relu or gelu, or attention settings not implemented."""
+    act = layer.activation
+    if not (act in (F.relu, F.gelu) or isinstance(act, (nn.ReLU, nn.GELU))):
+        raise UnsupportedOperationError(f"TransformerEncoderLayer with activation {act!r} (relu and gelu are supported)")
+    check_multihead(layer.self_attn)
+    check_layer_norm(layer.norm1)
+    check_layer_norm(layer.norm2)
+
+
+def encoder_layer(m: nn.TransformerEncoderLayer, src: Any, p: dict[str, Any], src_mask: torch.Tensor | None = None,
+                  src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> Any:
+    """``nn.TransformerEncoderLayer.forward`` in eval, both ``norm_first`` settings."""
+
+    def attend(x: Any) -> Any:
+        return multihead_attention(m.self_attn, x, _sub(p, "self_attn"), x, x, src_key_padding_mask,
+                                   attn_mask=src_mask, is_causal=is_causal and src_mask is None)[0]
+
+    def feed_forward(x: Any) -> Any:
+        hidden = _activation(m, x.matmul(p["linear1.weight"].t()) + p["linear1.bias"])
+        return hidden.matmul(p["linear2.weight"].t()) + p["linear2.bias"]
+
+    def norm(x: Any, name: str) -> Any:
+        module = getattr(m, name)
+        return layer_norm(x, _sub(p, name), module.eps)
+
+    x = src
+    if m.norm_first:
+        x = x + attend(norm(x, "norm1"))
+        return x + feed_forward(norm(x, "norm2"))
+    x = norm(x + attend(x), "norm1")
+    return norm(x + feed_forward(x), "norm2")
+
+
+def encoder(m: nn.TransformerEncoder, src: Any, p: dict[str, Any], mask: torch.Tensor | None = None,
+            src_key_padding_mask: torch.Tensor | None = None, is_causal: bool | None = None) -> Any:
+    """``nn.TransformerEncoder.forward`` in eval: its layers in turn, then its final norm, if any."""
+    x = src
+    for i, layer in enumerate(m.layers):
+        x = encoder_layer(layer, x, _sub(p, f"layers.{i}"), mask, src_key_padding_mask, bool(is_causal))
+    if m.norm is not None:
+        x = layer_norm(x, _sub(p, "norm"), m.norm.eps)
+    return x
