@@ -1,0 +1,95 @@
+"""Secure ViT inference on the shipped digits: mpcfl's converter against raw CrypTen, same run.
+
+    python benchmarks/vit_digits.py [--repeats 3] [--batch 64]
+
+Two parties (the bank owns ``examples/data/digits_vit/bank_weights.pt``, the clinic the 197
+images of ``examples/data/digits_inference/clinic_inputs.npy``) plus the TTP dealer on this
+machine. Reports, on the clinic: secure and plaintext accuracy on all 197 images and the
+agreement of their classes, then median seconds, bytes and rounds per batch of ``--batch``
+images (share the weights, share the images, run, reveal to the clinic), for mpcfl and for
+raw CrypTen (``crypten.nn.from_pytorch``), or the error that stops CrypTen's converter.
+
+This folder is not a package: crypten's wheel installs a top-level `benchmarks`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import mpcfl
+from mpcfl.launch.local import launch_script
+from mpcfl.models.zoo import digits_vit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inference import measure_alternating, raw_crypten_batch  # noqa: E402  (this folder, not crypten's)
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO / "examples" / "data" / "digits_vit" / "bank_weights.pt"
+IMAGES = REPO / "examples" / "data" / "digits_inference"
+PARTIES = ["bank", "clinic"]
+
+
+def _predict(model: torch.nn.Module, x: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    return mpcfl.secure_predict(model, x, model_owner="bank", data_owner="clinic", batch_size=batch)
+
+
+def party(args: argparse.Namespace) -> None:
+    model = digits_vit().eval()
+    with mpcfl.join() as me:
+        if me.name == "bank":
+            model.load_state_dict(torch.load(WEIGHTS, weights_only=True))
+        clinic = me.name == "clinic"
+        images = torch.from_numpy(np.load(IMAGES / "clinic_inputs.npy")) if clinic else None
+        started = time.perf_counter()
+        secure = _predict(model, images, args.batch)
+        whole = time.perf_counter() - started
+        x = images[: args.batch] if clinic else None
+        shape = (args.batch, 64)
+        runs = {"mpcfl": lambda: _predict(model, x, args.batch)}
+        try:  # CrypTen's converter runs locally (ONNX export) before any message: every party fails alike
+            raw_crypten_batch(model, x, shape, "cpu")
+            runs["raw"] = lambda: raw_crypten_batch(model, x, shape, "cpu")
+            raw_error = None
+        except Exception as err:  # report whatever CrypTen raises: that is the result
+            raw_error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        timed = measure_alternating(runs, args.repeats)
+    if not clinic:
+        return
+    labels = np.load(IMAGES / "clinic_labels.npy")
+    model.load_state_dict(torch.load(WEIGHTS, weights_only=True))  # the clinic scores against the plaintext model here only
+    with torch.no_grad():
+        plain = model(images)
+    secure_classes, plain_classes = secure.argmax(1).numpy(), plain.argmax(1).numpy()
+    print(f"\nViT digits (2x2 patches, 2 layers, width 32), {len(labels)} images, 2 parties + TTP dealer, "
+          f"{torch.get_num_threads()} thread(s) per party")
+    print(f"plaintext accuracy {np.mean(plain_classes == labels):.4f}, secure accuracy {np.mean(secure_classes == labels):.4f}, "
+          f"classes agree on {np.mean(secure_classes == plain_classes):.2%}, largest logit difference "
+          f"{(secure - plain).abs().max().item():.3g}; all {len(labels)} images in {whole:.1f} s")
+    print("| way | s/batch | MB/batch | rounds/batch |")
+    print("|---|---|---|---|")
+    for name, row in timed.items():
+        print(f"| {name} (batch {args.batch}) | {row['seconds']:.2f} | {row['bytes'] / 1e6:.1f} | {row['rounds']:.0f} |")
+    if raw_error:
+        print(f"raw CrypTen (crypten.nn.from_pytorch) fails: {raw_error}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    if os.environ.get("MPCFL_PARTY"):
+        party(args)
+        return 0
+    return launch_script([os.path.abspath(__file__), *sys.argv[1:]], parties=PARTIES, timeout_s=600)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
