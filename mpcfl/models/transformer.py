@@ -14,6 +14,7 @@ range it is valid on. The errors against float torch are measured in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,13 +28,16 @@ from mpcfl.mpc.engine import import_crypten
 #: Softmax differences below this are clamped: exp(-64) < 2^-16 is zero in fixed point, and
 #: CrypTen's exp, (1 + x/256)^256, turns into garbage (a large positive number) below -256.
 SOFTMAX_FLOOR = 64.0
+#: 1 / d for d = 1 + exp(-t) in [1, 2]: Newton from 0.75 (error 0.5 at most), 4 steps: 0.5^16 < 2^-16.
+_RECIPROCAL_1_2 = {"functions.reciprocal_all_pos": True, "functions.reciprocal_initial": 0.75,
+                   "functions.reciprocal_nr_iters": 4}
 #: Subtracted from masked entries: far below any kept logit, far inside the ring (2^20 * 2^16 < 2^63).
 MASK_OFFSET = float(2**20)
 #: CrypTen's reciprocal (10 Newton steps from 3 exp(1 - 2s) + 0.003) converges for a
 #: softmax denominator s in [1, ~256]: after the max is subtracted, s lies in [1, length].
 MAX_SOFTMAX_LENGTH = 256
-#: GELU's and SiLU's inputs are clamped here before the sigmoid (exact to 2^-16 beyond:
-#: GELU(x) = x and SiLU(x) = x above, 0 below), keeping x^3 and the sigmoid's argument in range.
+#: GELU's and SiLU's |x| are clamped here inside the sigmoid (exact to 2^-16 beyond:
+#: GELU(x) = SiLU(x) = relu(x) there), keeping x^3 and the exp's argument in range.
 GELU_CLAMP = 16.0
 SILU_CLAMP = 64.0
 #: LayerNorm's inverse square root: CrypTen's (3 Newton steps from 2.2 exp(-v/2 - 0.2) + 0.2 - v/1024)
@@ -52,29 +56,39 @@ def _crypten() -> Any:
     return import_crypten()
 
 
-def clamp(x: Any, bound: float) -> Any:
-    """x clamped to [-bound, bound]: both relus in one comparison (stacked)."""
-    over = _crypten().stack([x - bound, -x - bound]).relu()
-    return x - over[0] + over[1]
+def _gated(x: Any, argument: Callable[[Any], Any], bound: float) -> Any:
+    """x * sigmoid(argument(x)) for an odd, increasing ``argument``, as relu(x) - |x| sigmoid(-argument(|x|)).
+
+    Two comparisons (x > 0, then |x| > bound) where clamping x and CrypTen's sigmoid took three:
+    the sigmoid's argument is known to be <= 0, so its own sign test is not needed. |x| is clamped
+    to ``bound`` first (exact: beyond it sigmoid(-argument) < 2^-16), which keeps CrypTen's exp,
+    (1 + t/256)^256, in [-256, 0] and any cube inside the ring.
+    """
+    crypten = _crypten()
+    positive = x.gt(0)  # 0/1 at scale 1: products with it are exact
+    magnitude = x * (positive * 2 - 1)
+    clamped = magnitude - (magnitude - bound).relu()
+    low = argument(clamped).neg().exp()  # exp(-argument(|x|)) in (0, 1]
+    with crypten.cfg.temp_override(_RECIPROCAL_1_2):
+        sigmoid_low = low * (low + 1).reciprocal()
+    return x * positive - magnitude * sigmoid_low
 
 
 def gelu(x: Any, approximate: str = "none") -> Any:
-    """GELU as 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) = x sigmoid(2 sqrt(2/pi) (...)).
+    """GELU as x sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)) (the tanh form).
 
     The tanh form differs from the erf form (``approximate='none'``) by at most 3e-4
-    (CrypTen's erf is a Taylor series, garbage beyond |x| ~ 2.5). Valid for any input below
-    the ring's 2^31: the cubic and the sigmoid see x clamped to [-16, 16].
+    (CrypTen's erf is a Taylor series, garbage beyond |x| ~ 2.5). Valid for |x| below the
+    ring's 2^31; beyond |x| = 16 it is exactly relu(x) (the sigmoid is below 2^-16 there).
     """
     if approximate not in ("none", "tanh"):
         raise UnsupportedOperationError(f"GELU with approximate={approximate!r}")
-    xc = clamp(x, GELU_CLAMP)
-    inner = (xc + xc.square().mul(xc).mul(0.044715)).mul(2 * math.sqrt(2 / math.pi))
-    return x * inner.sigmoid()
+    return _gated(x, lambda t: (t + t.square().mul(t).mul(0.044715)).mul(2 * math.sqrt(2 / math.pi)), GELU_CLAMP)
 
 
 def silu(x: Any) -> Any:
-    """x sigmoid(x), with the sigmoid's input clamped to [-64, 64] (CrypTen's is garbage past 500)."""
-    return x * clamp(x, SILU_CLAMP).sigmoid()
+    """x sigmoid(x); exactly relu(x) beyond |x| = 64 (CrypTen's sigmoid is garbage past 500)."""
+    return _gated(x, lambda t: t, SILU_CLAMP)
 
 
 def _normalise(centred: Any, v: Any) -> Any:
@@ -128,6 +142,20 @@ def add_public_mask(scores: Any, mask: torch.Tensor) -> MaskedScores:
     return MaskedScores(scores, keep, bias)
 
 
+def row_max(x: Any, dim: int) -> Any:
+    """The maximum along ``dim`` (kept as a dim of size 1) by a tree of pairwise maxima:
+    n - 1 comparisons per row in ceil(log2 n) rounds. CrypTen's ``max(dim)`` also builds the
+    argmax (an equality test on every entry, and a random tie-break): several times the traffic."""
+    crypten = _crypten()
+    while x.size(dim) > 1:
+        n = x.size(dim)
+        half = n // 2
+        a, b = x.narrow(dim, 0, half), x.narrow(dim, half, half)
+        paired = b + (a - b).relu()
+        x = paired if n % 2 == 0 else crypten.cat([paired, x.narrow(dim, n - 1, 1)], dim=dim)
+    return x
+
+
 def softmax(x: Any, dim: int = -1, keep: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> Any:
     """Softmax along ``dim`` with an optional public mask: ``keep`` (bool, broadcast against x)
     says which entries take part, ``bias`` is a public additive term (a float mask's finite part).
@@ -148,7 +176,7 @@ def softmax(x: Any, dim: int = -1, keep: torch.Tensor | None = None, bias: torch
         x = x + bias
     if keep is not None:  # masked entries sit below every kept one for the max, then drop out exactly
         x = x + (~keep).to(torch.float32) * -MASK_OFFSET
-    gap = x - x.max(dim, keepdim=True)[0]
+    gap = x - row_max(x, dim)
     numerator = (gap + (-gap - SOFTMAX_FLOOR).relu()).exp()
     if keep is not None:
         numerator = numerator * keep.to(torch.float32)
