@@ -1,23 +1,21 @@
 """Transformer operators under MPC against float torch, over the input ranges a model reaches.
 
-All cases run in one CrypTen process (one launch); each reports its max abs error, and
-the bounds here are the ones stated in docs/guides/transformers.md.
+All cases run in one CrypTen process (world size 1); each reports its max abs error, and
+the bounds here are the ones stated in docs/guides/transformers.md. The same operators between
+two parties and the dealer, and what each party's buffers hold: tests/tasks/test_transformer_inference.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import REPO
 from mpcfl.models.convert import UnsupportedModelError, encode_inputs, encrypt_model, trace
 from mpcfl.mpc.engine import import_crypten
-from mpcfl.models.zoo import digits_vit
 from mpcfl.mpc.reveal import reveal
 
 
@@ -139,38 +137,6 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], floa
     ),
     "token_encoder": (TokenEncoder, lambda: torch.randint(0, 11, (3, 5)).float(), 2e-2),
 }
-
-
-# The two-party tests come first: forked parties started after an in-process CrypTen session in the same
-# module were seen to join a stale one-member process group (gloo: expected length 1, got 3).
-
-VIT_WEIGHTS = REPO / "examples" / "data" / "digits_vit" / "bank_weights.pt"
-CLINIC_IMAGES = REPO / "examples" / "data" / "digits_inference" / "clinic_inputs.npy"
-
-
-def test_vit_between_two_parties_and_the_dealer_matches_plaintext() -> None:
-    """The shipped ViT on real processes (secret x secret products with dealer triples): same classes."""
-    import mpcfl as api
-
-    model = digits_vit()
-    model.load_state_dict(torch.load(VIT_WEIGHTS, weights_only=True))
-    images = torch.from_numpy(np.load(CLINIC_IMAGES)[:6])
-    secure = api.secure_predict_local(model, images, batch_size=6, timeout_s=60)
-    with torch.no_grad():
-        expected = model.eval()(images)
-    assert torch.equal(secure.argmax(1), expected.argmax(1))
-    assert (secure - expected).abs().max() < 0.1  # 2 layers of accumulated fixed-point error (0.055 on all 197)
-
-
-def test_token_ids_are_one_hot_encoded_at_their_owner_between_two_parties() -> None:
-    import mpcfl as api
-
-    torch.manual_seed(0)
-    model = TokenEncoder().eval()
-    ids = torch.randint(0, 11, (3, 5))
-    secure = api.secure_predict_local(model, ids.float(), batch_size=3, timeout_s=60)
-    with torch.no_grad():
-        assert (secure - model(ids)).abs().max() < 2e-2
 
 
 def test_operators_match_float_torch(crypten_single: None) -> None:
