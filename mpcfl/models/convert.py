@@ -206,6 +206,12 @@ def _add(a: Any, b: Any) -> Any:
     return a + b
 
 
+def _functional_layer_norm(x: Any, shape: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Any:
+    if len(tuple(shape)) != 1:
+        raise UnsupportedModelError(f"layer_norm over {len(tuple(shape))} dims (the last dim is supported)")
+    return tf.layer_norm(x, {k: v for k, v in (("weight", weight), ("bias", bias)) if v is not None}, eps)
+
+
 # functions a traced forward() may call -> how to run them (CrypTensors and plain values mixed)
 _FUNCTIONS: dict[Any, Callable[..., Any]] = {
     operator.add: _add,
@@ -224,9 +230,7 @@ _FUNCTIONS: dict[Any, Callable[..., Any]] = {
     torch.softmax: lambda x, *a, **k: tf.softmax(x, _dim_of((x, *a), k)),
     F.gelu: lambda x, approximate="none": tf.gelu(x, approximate),
     F.silu: lambda x, inplace=False: tf.silu(x),
-    F.layer_norm: lambda x, shape, weight=None, bias=None, eps=1e-5: tf.layer_norm(
-        x, {k: v for k, v in (("weight", weight), ("bias", bias)) if v is not None}, eps,
-    ),
+    F.layer_norm: _functional_layer_norm,
     F.scaled_dot_product_attention: tf.scaled_dot_product_attention,
     torch.matmul: lambda a, b: a.matmul(b),
     operator.matmul: lambda a, b: a.matmul(b),
@@ -298,8 +302,10 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
         UnsupportedModelError: names the first unsupported layer, function or method.
     """
     model = copy.deepcopy(model).eval()
-    if type(model).__module__.startswith("torch.nn.modules") and not isinstance(model, nn.Sequential):
-        model = nn.Sequential(model)  # a bare torch layer (an encoder layer...) is run as a leaf, as inside a model
+    if type(model).__module__.startswith("torch.nn.modules") and list(model.children()) and not isinstance(
+        model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    ):
+        model = nn.Sequential(model)  # a bare composite torch layer (an encoder layer...) runs as a leaf, as inside a model
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception as err:  # fx raises many types for data-dependent control flow

@@ -49,7 +49,7 @@ _VARIANCE_EXPONENTS = range(-3, 6)
 
 
 class UnsupportedOperationError(MpcflError):
-    """An operator's input falls outside what it supports under MPC (a public property: shapes)."""
+    """A setting or a (public) input shape that an operator does not support under MPC."""
 
 
 def _crypten() -> Any:
