@@ -190,6 +190,10 @@ _LAYERS: dict[type, tuple[Callable[[Any], dict[str, torch.Tensor]], Callable[[An
 }
 
 
+# layers whose shared tensors are not their parameters (folded by the owner before sharing)
+_TRANSFORMED = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
 def _dim_of(args: tuple, kwargs: dict, position: int = 1) -> int:
     dim = kwargs.get("dim", args[position] if len(args) > position else None)
     if dim is None:
@@ -294,6 +298,16 @@ def _pool_before_relu(gm: torch.fx.GraphModule) -> int:
     return swapped
 
 
+def _traced_root(model: nn.Module) -> nn.Module:
+    """The module fx traces: a bare composite torch layer (an encoder layer...) wrapped, so that
+    it runs as a leaf, as it does inside a model (fx traces the root's own forward)."""
+    if type(model).__module__.startswith("torch.nn.modules") and list(model.children()) and not isinstance(
+        model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    ):
+        return nn.Sequential(model)
+    return model
+
+
 def trace(model: nn.Module) -> torch.fx.GraphModule:
     """Traces an eval-mode copy of ``model``, checks that every node can run securely,
     and reorders relu/max-pool pairs to compare fewer values.
@@ -301,11 +315,7 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     Raises:
         UnsupportedModelError: names the first unsupported layer, function or method.
     """
-    model = copy.deepcopy(model).eval()
-    if type(model).__module__.startswith("torch.nn.modules") and list(model.children()) and not isinstance(
-        model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-    ):
-        model = nn.Sequential(model)  # a bare composite torch layer (an encoder layer...) runs as a leaf, as inside a model
+    model = _traced_root(copy.deepcopy(model).eval())
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception as err:  # fx raises many types for data-dependent control flow
@@ -469,6 +479,30 @@ def run_graph(gm: torch.fx.GraphModule, x: Any, tensors: Callable[[str], Any]) -
         elif node.op == "output":
             return load(node.args[0])
     raise UnsupportedModelError("the traced graph has no output")
+
+
+def emulate(model: nn.Module, x: torch.Tensor, approximations: tf.Approximations = "mpc_friendly") -> torch.Tensor:
+    """``model`` on ``x`` in plaintext with the operators of ``approximations``, differentiably
+    through ``model``'s own parameters: to score a model in the MPC-friendly mode before serving
+    it, and to distil it to that mode (examples/make_digits_vit.py). Token ids are one-hot encoded
+    as for sharing. Layers whose tensors the owner transforms before sharing (batch norm) take
+    those, detached.
+
+    Raises:
+        UnsupportedModelError: as :func:`trace`.
+    """
+    gm = trace(model)
+    root = _traced_root(model)
+    modules = dict(root.named_modules())
+
+    def tensors(target: str) -> Any:
+        if target not in modules:  # a get_attr: a parameter, buffer or mask
+            return _fetch_attr(root, target)
+        module = modules[target]
+        return _LAYERS[type(module)][0](module) if isinstance(module, _TRANSFORMED) else dict(module.named_parameters())
+
+    with tf.approximations(approximations):
+        return run_graph(gm, encode_inputs(gm, x), tensors)
 
 
 @dataclass

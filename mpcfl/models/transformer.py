@@ -13,10 +13,12 @@ range it is valid on. The errors against float torch are measured in
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,31 @@ SILU_CLAMP = 64.0
 #: which covers variances from 4 * 16^-3 ~ 1e-3 (below, fixed point's 2^-16 resolution dominates)
 #: to 4 * 16^6 ~ 6.7e7 (above, x - mean nears the 2^15 where its square wraps the ring).
 _VARIANCE_EXPONENTS = range(-3, 6)
+
+
+Approximations = Literal["exact", "mpc_friendly"]
+#: ``exact``: the operators above. ``mpc_friendly`` (MPCFormer, Li et al., ICLR 2023): GELU as the
+#: quadratic 0.125 x^2 + 0.25 x + 0.5 and softmax as "2Quad", (x + c)^2 / sum (x + c)^2 with c = 5:
+#: no comparison at all, but a different function, so the model needs distilling to it first
+#: (:func:`mpcfl.models.convert.emulate` runs it in plaintext, differentiably). LayerNorm stays exact.
+_APPROXIMATIONS: contextvars.ContextVar[str] = contextvars.ContextVar("approximations", default="exact")
+QUAD_SOFTMAX_SHIFT = 5.0
+
+
+@contextlib.contextmanager
+def approximations(mode: Approximations) -> Iterator[None]:
+    """Runs the operators in ``mode`` inside the block."""
+    if mode not in ("exact", "mpc_friendly"):
+        raise UnsupportedOperationError(f"approximations must be 'exact' or 'mpc_friendly', not {mode!r}")
+    token = _APPROXIMATIONS.set(mode)
+    try:
+        yield
+    finally:
+        _APPROXIMATIONS.reset(token)
+
+
+def _friendly() -> bool:
+    return _APPROXIMATIONS.get() == "mpc_friendly"
 
 
 class UnsupportedOperationError(MpcflError):
@@ -83,11 +110,17 @@ def gelu(x: Any, approximate: str = "none") -> Any:
     """
     if approximate not in ("none", "tanh"):
         raise UnsupportedOperationError(f"GELU with approximate={approximate!r}")
+    if _friendly():  # MPCFormer's "Quad": one product, no comparison
+        return x.square().mul(0.125) + x.mul(0.25) + 0.5
+    if torch.is_tensor(x):  # plaintext emulation (convert.emulate)
+        return F.gelu(x, approximate=approximate)
     return _gated(x, lambda t: (t + t.square().mul(t).mul(0.044715)).mul(2 * math.sqrt(2 / math.pi)), GELU_CLAMP)
 
 
 def silu(x: Any) -> Any:
     """x sigmoid(x); exactly relu(x) beyond |x| = 64 (CrypTen's sigmoid is garbage past 500)."""
+    if torch.is_tensor(x):  # plaintext emulation (convert.emulate)
+        return F.silu(x)
     return _gated(x, lambda t: t, SILU_CLAMP)
 
 
@@ -114,6 +147,8 @@ def _normalise(centred: Any, v: Any) -> Any:
 def layer_norm(x: Any, p: dict[str, Any], eps: float) -> Any:
     """LayerNorm over the last dim. Valid while the variance (plus eps) lies in [1e-3, 6.7e7]
     and |x - mean| < 2^15; relative error of the normalisation ~3e-3."""
+    if torch.is_tensor(x):  # plaintext emulation (convert.emulate)
+        return F.layer_norm(x, x.shape[-1:], p.get("weight"), p.get("bias"), eps)
     centred = x - x.mean(-1, keepdim=True)
     out = _normalise(centred, centred.square().mean(-1, keepdim=True) + eps)
     if "weight" in p:
@@ -174,6 +209,10 @@ def softmax(x: Any, dim: int = -1, keep: torch.Tensor | None = None, bias: torch
         )
     if bias is not None:
         x = x + bias
+    if _friendly():
+        return _quad_softmax(x, dim, keep)
+    if torch.is_tensor(x):  # plaintext emulation (convert.emulate)
+        return F.softmax(x if keep is None else x.masked_fill(~keep, float("-inf")), dim)
     if keep is not None:  # masked entries sit below every kept one for the max, then drop out exactly
         x = x + (~keep).to(torch.float32) * -MASK_OFFSET
     gap = x - row_max(x, dim)
@@ -183,6 +222,22 @@ def softmax(x: Any, dim: int = -1, keep: torch.Tensor | None = None, bias: torch
     crypten = _crypten()
     with crypten.cfg.temp_override({"functions.reciprocal_all_pos": True}):
         return numerator * numerator.sum(dim, keepdim=True).reciprocal()
+
+
+def _quad_softmax(x: Any, dim: int, keep: torch.Tensor | None) -> Any:
+    """MPCFormer's 2Quad: (x + 5)^2 / sum (x + 5)^2 along ``dim``, masked entries zeroed.
+
+    Valid while the row's mean of (x + 5)^2 lies in [1e-3, 256] (CrypTen's reciprocal; the
+    mean, not the sum, so that the length does not narrow the range).
+    """
+    numerator = (x + QUAD_SOFTMAX_SHIFT).square()
+    if keep is not None:
+        numerator = numerator * keep.to(torch.float32)
+    length = x.size(dim)
+    if torch.is_tensor(numerator):
+        return numerator / numerator.sum(dim, keepdim=True)
+    with _crypten().cfg.temp_override({"functions.reciprocal_all_pos": True}):
+        return numerator * numerator.sum(dim, keepdim=True).div(length).reciprocal().div(length)
 
 
 def public_mask(mask: torch.Tensor | None, *, true_means_keep: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -33,6 +33,7 @@ from mpcfl.mpc.engine import import_crypten
 from mpcfl.jobs.session import session_of
 from mpcfl.jobs.schema import InferenceJob
 from mpcfl.models.convert import encode_inputs, encrypt_model, one_hot_width, public_tensors, trace
+from mpcfl.models.transformer import Approximations, approximations as approximated
 from mpcfl.errors import MpcflError
 from mpcfl.models.factory import build_factory_model
 from mpcfl.outputs import write_json, write_npy
@@ -96,18 +97,19 @@ _SHAPE_OPTIONS = ("kernel_size", "stride", "padding", "dilation", "groups", "out
                   "approximate", "num_heads", "batch_first", "norm_first", "activation_relu_or_gelu", "num_layers")
 
 
-def _architecture(gm: torch.fx.GraphModule) -> int:
+def _architecture(gm: torch.fx.GraphModule, approximations: Approximations = "exact") -> int:
     """A public fingerprint of what decides a batch's dealer requests: the traced code (its
     literals every party runs anyway), each module's type and shaping options (an encoder
     layer's too: it runs as one leaf), the tensors' shapes, and the public attention masks'
-    values, as one signed 64-bit word. No weight value and no other option enters it."""
+    values, and the operators' approximations, as one signed 64-bit word. No weight value and no
+    other option enters it."""
     modules = [
         (name, type(m).__name__, [(k, repr(getattr(m, k))) for k in _SHAPE_OPTIONS if hasattr(m, k)])
         for name, m in gm.named_modules()
     ]
     tensors = [(name, tuple(t.shape), str(t.dtype)) for name, t in gm.state_dict().items()]
     masks = [(name, t.tolist()) for name, t in public_tensors(gm).items()]
-    digest = hashlib.sha256(repr((gm.code, modules, tensors, masks)).encode()).digest()
+    digest = hashlib.sha256(repr((gm.code, modules, tensors, masks, approximations)).encode()).digest()
     return int.from_bytes(digest[:8], "little", signed=True)
 
 
@@ -166,6 +168,7 @@ def secure_predict(
     data_owner: str,
     batch_size: int = 64,
     prefetch: bool = True,
+    approximations: Approximations = "exact",
 ) -> torch.Tensor | None:
     """Runs ``model`` on ``inputs`` under MPC, inside a joined session.
 
@@ -184,6 +187,9 @@ def secure_predict(
             one (later batches of this call, or later calls with the same architecture) is served from
             a single dealer round trip instead of one per triple. Only when every party's
             architecture fingerprint matches (exchanged with the input shape, no extra round).
+        approximations: the transformer operators, ``exact`` or ``mpc_friendly`` (quadratic GELU,
+            2Quad softmax: see :mod:`mpcfl.models.transformer`); part of the fingerprint, so the
+            parties agree on it.
 
     Returns:
         The model's outputs on the data owner; ``None`` on every other party.
@@ -209,7 +215,7 @@ def secure_predict(
     # party learns them in the same round (2 agreement rounds before sharing, not 4).
     (inputs, gm), public = agreed_public(
         "input and model checks", session.parties, checks,
-        lambda done: [*_shape_row(done[0]), _architecture(done[1]), int(prefetch)], width=_MAX_DIMS + 3,
+        lambda done: [*_shape_row(done[0]), _architecture(done[1], approximations), int(prefetch)], width=_MAX_DIMS + 3,
     )
     shape = tuple(public[data_rank][1 : 1 + public[data_rank][0]])  # as shared: one-hot token ids included
     fingerprints = {row[-2] for row in public}
@@ -228,7 +234,7 @@ def secure_predict(
     secure = encrypt_model(gm, src=owner_rank, device=device)
     outputs = []
     starts = range(0, shape[0], batch_size)
-    with crypten.no_grad():
+    with crypten.no_grad(), approximated(approximations):
         for start in tqdm(starts, desc="secure inference", unit="batch", disable=me.rank != data_rank or len(starts) < 2):
             rows = min(batch_size, shape[0] - start)
             local = inputs[start : start + rows] if me.rank == data_rank else torch.zeros(rows, *shape[1:])
@@ -313,7 +319,7 @@ def run_inference_party(
             with run.disclosure(None) as disclosure:
                 predictions = secure_predict(
                     model, inputs, model_owner=job.model.owner, data_owner=job.inputs.owner, batch_size=job.batch_size,
-                    prefetch=job.runtime.prefetch,
+                    prefetch=job.runtime.prefetch, approximations=job.model.approximations,
                 )
             totals = communication_stats()
         out = job.party_dir(party)

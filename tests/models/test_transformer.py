@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpcfl.models.convert import UnsupportedModelError, encode_inputs, encrypt_model, trace
+from mpcfl.models.convert import UnsupportedModelError, emulate, encode_inputs, encrypt_model, trace
+from mpcfl.models.transformer import approximations
 from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.reveal import reveal
 
@@ -155,6 +156,40 @@ def test_operators_match_float_torch(crypten_single: None) -> None:
     print("max abs error per case:", {k: f"{v:.1e}" for k, v in errors.items()})
     failed = {k: v for k, v in errors.items() if not v < CASES[k][2]}
     assert not failed, f"beyond tolerance: {failed}"
+
+
+FRIENDLY = ("gelu", "softmax_module", "softmax_additive_mask", "mha_seq_first_masked", "encoder_stack", "token_encoder")
+
+
+def test_mpc_friendly_operators_match_their_plaintext_emulation(crypten_single: None) -> None:
+    """Quadratic GELU and 2Quad softmax under MPC against the same functions in float (emulate),
+    and unlike the exact ones: the mode is in effect."""
+    crypten = import_crypten()
+    for name in FRIENDLY:
+        make, inputs, _ = CASES[name]
+        torch.manual_seed(0)
+        model, x = make().eval(), inputs()
+        if name == "gelu":
+            x = x / 10  # Quad is fitted on [-4, 4]: past it the square grows without bound
+        elif name.startswith("softmax"):
+            x = x / 4  # 2Quad's reciprocal needs the row's mean of (x + 5)^2 below 256
+        gm = trace(model)
+        with approximations("mpc_friendly"):
+            out = reveal(encrypt_model(gm, src=0)(crypten.cryptensor(encode_inputs(gm, x), src=0)), to=[0], what=name)
+        with torch.no_grad():
+            expected, exact = emulate(model, x, "mpc_friendly"), emulate(model, x, "exact")
+        assert (out - expected).abs().max() < 1e-2, name
+        assert (expected - exact).abs().max() > 1e-2, f"{name}: the MPC-friendly mode changed nothing"
+
+
+def test_exact_emulation_is_the_model_itself() -> None:
+    torch.manual_seed(0)
+    for name in ("encoder_post_norm_relu", "encoder_stack", "mha_seq_first_masked", "token_encoder"):
+        make, inputs, _ = CASES[name]
+        model, x = make().eval(), inputs()
+        with torch.no_grad():
+            reference = model(x.long() if name == "token_encoder" else x)
+            assert torch.allclose(emulate(model, x, "exact"), reference, atol=1e-5), name
 
 
 class MaskLeaks(nn.Module):

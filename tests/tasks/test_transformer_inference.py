@@ -6,35 +6,40 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
 from conftest import REPO, assert_no_leftovers, mpcfl, spy_views, write_job
+from mpcfl.models.convert import emulate
 from mpcfl.models.zoo import digits_vit
 
 VIT_WEIGHTS = REPO / "examples" / "data" / "digits_vit" / "bank_weights.pt"
+VIT_FRIENDLY_WEIGHTS = REPO / "examples" / "data" / "digits_vit" / "bank_weights_mpc_friendly.pt"
 CLINIC_IMAGES = REPO / "examples" / "data" / "digits_inference" / "clinic_inputs.npy"
 DEMO = REPO / "configs" / "digits_vit_inference.yaml"
 SMALLEST_TELLING = 1 << 12  # ring values below this can be public small integers (shapes, flags)
 
 
-def _vit() -> torch.nn.Module:
+def _vit(weights: Path = VIT_WEIGHTS) -> torch.nn.Module:
     model = digits_vit()
-    model.load_state_dict(torch.load(VIT_WEIGHTS, weights_only=True))
+    model.load_state_dict(torch.load(weights, weights_only=True))
     return model.eval()
 
 
-def test_vit_between_two_parties_and_the_dealer_matches_plaintext() -> None:
-    """The shipped ViT on real processes (secret x secret products with dealer triples): same classes."""
+@pytest.mark.parametrize(("weights", "mode"), [(VIT_WEIGHTS, "exact"), (VIT_FRIENDLY_WEIGHTS, "mpc_friendly")])
+def test_vit_between_two_parties_and_the_dealer_matches_plaintext(weights: Path, mode: str) -> None:
+    """The shipped ViT on real processes (secret x secret products with dealer triples): same classes
+    as in plaintext with the same operators (0.048 and 0.097 the largest logit differences on all 197)."""
     import mpcfl as api
 
-    model = _vit()
+    model = _vit(weights)
     images = torch.from_numpy(np.load(CLINIC_IMAGES)[:6])
-    secure = api.secure_predict_local(model, images, batch_size=6, timeout_s=60)
+    secure = api.secure_predict_local(model, images, batch_size=6, timeout_s=60, approximations=mode)
     with torch.no_grad():
-        expected = model(images)
+        expected = emulate(model, images, mode)
     assert torch.equal(secure.argmax(1), expected.argmax(1))
-    assert (secure - expected).abs().max() < 0.1  # 2 layers of accumulated fixed-point error (0.047 on all 197)
+    assert (secure - expected).abs().max() < 0.2
 
 
 def test_token_ids_are_one_hot_encoded_at_their_owner_between_two_parties() -> None:
