@@ -104,7 +104,7 @@ def _gated(x: Any, argument: Callable[[Any], Any], bound: float) -> Any:
 def gelu(x: Any, approximate: str = "none") -> Any:
     """GELU as x sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)) (the tanh form).
 
-    The tanh form differs from the erf form (``approximate='none'``) by at most 3e-4
+    The tanh form differs from the erf form (``approximate='none'``) by at most 4.7e-4
     (CrypTen's erf is a Taylor series, garbage beyond |x| ~ 2.5). Valid for |x| below the
     ring's 2^31; beyond |x| = 16 it is exactly relu(x) (the sigmoid is below 2^-16 there).
     """

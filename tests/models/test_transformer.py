@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpcfl.errors import MpcflError
 from mpcfl.models.convert import UnsupportedModelError, emulate, encode_inputs, encrypt_model, trace
 from mpcfl.models.transformer import approximations
 from mpcfl.mpc.engine import import_crypten
@@ -180,6 +181,17 @@ def test_mpc_friendly_operators_match_their_plaintext_emulation(crypten_single: 
             expected, exact = emulate(model, x, "mpc_friendly"), emulate(model, x, "exact")
         assert (out - expected).abs().max() < 1e-2, name
         assert (expected - exact).abs().max() > 1e-2, f"{name}: the MPC-friendly mode changed nothing"
+
+
+def test_shapes_outside_the_fixed_point_ranges_are_refused_when_run(crypten_single: None) -> None:
+    """Refusals that depend on the (public) input shape, raised at the same point at every party."""
+    crypten = import_crypten()
+    too_long = encrypt_model(trace(nn.Sequential(nn.Softmax(dim=-1))), src=0)
+    with pytest.raises(MpcflError, match="softmax over 300 entries: at most 256"):
+        too_long(crypten.cryptensor(torch.zeros(1, 300), src=0))
+    two_dims = encrypt_model(trace(Fn(lambda x: F.layer_norm(x, x.shape[-2:]))), src=0)
+    with pytest.raises(MpcflError, match="layer_norm over 2 dims"):
+        two_dims(crypten.cryptensor(torch.zeros(2, 3, 4), src=0))
 
 
 def test_exact_emulation_is_the_model_itself() -> None:
