@@ -89,6 +89,19 @@ class TokenEncoder(nn.Module):
         return self.head(self.encoder(self.embed(x) + self.position).mean(1))
 
 
+class ClassToken(nn.Module):
+    """A ViT's class token: a parameter expanded over the batch and concatenated before the tokens."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.encoder = nn.TransformerEncoderLayer(dim, 2, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = torch.cat([self.cls.expand(x.size(0), -1, -1), x], dim=1)
+        return self.encoder(tokens)[:, 0]
+
+
 def _encoder_layer(norm_first: bool, activation: str, batch_first: bool) -> nn.Module:
     return nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=activation, norm_first=norm_first,
                                       batch_first=batch_first)
@@ -137,6 +150,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], floa
                                               enable_nested_tensor=False)),
         lambda: torch.randn(2, 5, 8), 3e-2,
     ),
+    "class_token": (ClassToken, lambda: torch.randn(2, 4, 8), 2e-2),
     "token_encoder": (TokenEncoder, lambda: torch.randint(0, 11, (3, 5)).float(), 2e-2),
 }
 
