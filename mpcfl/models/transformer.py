@@ -384,9 +384,12 @@ def encoder_layer(m: nn.TransformerEncoderLayer, src: Any, p: dict[str, Any], sr
         return multihead_attention(m.self_attn, x, _sub(p, "self_attn"), x, x, src_key_padding_mask,
                                    attn_mask=src_mask, is_causal=is_causal and src_mask is None)[0]
 
+    def linear(x: Any, name: str) -> Any:  # bias=False layers have none
+        out = x.matmul(p[f"{name}.weight"].t())
+        return out + p[f"{name}.bias"] if f"{name}.bias" in p else out
+
     def feed_forward(x: Any) -> Any:
-        hidden = _activation(m, x.matmul(p["linear1.weight"].t()) + p["linear1.bias"])
-        return hidden.matmul(p["linear2.weight"].t()) + p["linear2.bias"]
+        return linear(_activation(m, linear(x, "linear1")), "linear2")
 
     def norm(x: Any, name: str) -> Any:
         module = getattr(m, name)

@@ -63,15 +63,20 @@ class Attention(nn.Module):
 
 
 class MHA(nn.Module):
-    def __init__(self, batch_first: bool, masked: bool) -> None:
+    """Self-attention, unmasked, causal (a bool attn_mask buffer) or with padding (key_padding_mask)."""
+
+    def __init__(self, batch_first: bool, masked: str = "") -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
         self.register_buffer("mask", torch.ones(5, 5, dtype=torch.bool).triu(1))
+        self.register_buffer("padding", torch.tensor([[False] * 5, [False] * 3 + [True] * 2]))
         self.masked = masked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.masked:
+        if self.masked == "causal":
             return self.attn(x, x, x, attn_mask=self.mask, need_weights=False)[0]
+        if self.masked == "padding":
+            return self.attn(x, x, x, key_padding_mask=self.padding)[0]
         return self.attn(x, x, x)[0]
 
 
@@ -102,9 +107,9 @@ class ClassToken(nn.Module):
         return self.encoder(tokens)[:, 0]
 
 
-def _encoder_layer(norm_first: bool, activation: str, batch_first: bool) -> nn.Module:
+def _encoder_layer(norm_first: bool, activation: str, batch_first: bool, bias: bool = True) -> nn.Module:
     return nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=activation, norm_first=norm_first,
-                                      batch_first=batch_first)
+                                      batch_first=batch_first, bias=bias)
 
 
 def _ranges(low: float, high: float, shape: tuple[int, ...]) -> torch.Tensor:
@@ -141,10 +146,12 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], floa
     "softmax_additive_mask": (lambda: MaskedScores(6), lambda: torch.randn(3, 6, 6) * 4, 5e-3),
     "sdpa_causal": (lambda: Attention(causal=True), lambda: torch.randn(2, 5, 8), 1e-2),
     "sdpa_bool_mask": (lambda: Attention(causal=False), lambda: torch.randn(2, 5, 8), 1e-2),
-    "mha_batch_first": (lambda: MHA(True, False), lambda: torch.randn(2, 5, 8), 1e-2),
-    "mha_seq_first_masked": (lambda: MHA(False, True), lambda: torch.randn(5, 2, 8), 1e-2),
+    "mha_batch_first": (lambda: MHA(True), lambda: torch.randn(2, 5, 8), 1e-2),
+    "mha_seq_first_masked": (lambda: MHA(False, "causal"), lambda: torch.randn(5, 2, 8), 1e-2),
+    "mha_key_padding": (lambda: MHA(True, "padding"), lambda: torch.randn(2, 5, 8), 1e-2),
     "encoder_post_norm_relu": (lambda: _affine(_encoder_layer(False, "relu", True)), lambda: torch.randn(2, 5, 8), 2e-2),
     "encoder_pre_norm_gelu": (lambda: _affine(_encoder_layer(True, "gelu", False)), lambda: torch.randn(5, 2, 8), 2e-2),
+    "encoder_without_bias": (lambda: _encoder_layer(True, "relu", True, bias=False), lambda: torch.randn(2, 5, 8), 2e-2),
     "encoder_stack": (
         lambda: _affine(nn.TransformerEncoder(_encoder_layer(True, "gelu", True), 2, norm=nn.LayerNorm(8),
                                               enable_nested_tensor=False)),
