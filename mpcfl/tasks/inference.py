@@ -349,6 +349,8 @@ def check_party(job: InferenceJob, party: str) -> list[str]:
     if party == job.inputs.owner:
         where = f"party {party}"
         inputs = check_inputs(load_inputs(job.inputs.file, party=party), where)
-        check_shape(trace(model), tuple(inputs.shape), where=where, data_owner=where)
+        gm = trace(model)
+        check_shape(gm, tuple(inputs.shape), where=where, data_owner=where)
+        encode_inputs(gm, inputs)  # token ids: integers within the vocabulary
         lines.append(f"inputs of shape {tuple(inputs.shape)} fit the model")
     return lines or ["reads no file in this job"]
