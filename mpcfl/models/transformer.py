@@ -269,6 +269,8 @@ def attention(q: Any, k: Any, v: Any, keep: torch.Tensor | None = None, bias: to
     """softmax(q k^T * scale + mask) v over (..., L, E) CrypTensors: two products of secrets.
 
     q is scaled before the product (a public scalar), which keeps the scores' magnitude down.
+    Valid for at most 256 keys (the softmax) while each score stays below ~2^31 (the ring);
+    error about 1e-3 (measured: scaled_dot_product_attention, MultiheadAttention).
     """
     scale = 1 / math.sqrt(q.size(-1)) if scale is None else scale
     scores = (q * scale).matmul(k.transpose(-2, -1))
@@ -310,7 +312,8 @@ def multihead_attention(m: nn.MultiheadAttention, query: Any, p: dict[str, Any],
                         attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
                         is_causal: bool = False) -> tuple[Any, None]:
     """``nn.MultiheadAttention.forward`` in eval: (output, None); the weights are never returned
-    (they would be a secret the caller did not ask to open). Masks public, as torch takes them."""
+    (they would be a secret the caller did not ask to open). Masks public, as torch takes them.
+    Valid as :func:`attention`."""
     key = query if key is None else key
     value = key if value is None else value
     if not m.batch_first:  # (L, N, E) -> (N, L, E)
@@ -378,7 +381,8 @@ def check_encoder_layer(layer: nn.TransformerEncoderLayer) -> None:
 
 def encoder_layer(m: nn.TransformerEncoderLayer, src: Any, p: dict[str, Any], src_mask: torch.Tensor | None = None,
                   src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> Any:
-    """``nn.TransformerEncoderLayer.forward`` in eval, both ``norm_first`` settings."""
+    """``nn.TransformerEncoderLayer.forward`` in eval, both ``norm_first`` settings; valid as its
+    parts (:func:`attention`, :func:`layer_norm`, :func:`gelu`)."""
 
     def attend(x: Any) -> Any:
         return multihead_attention(m.self_attn, x, _sub(p, "self_attn"), x, x, src_key_padding_mask,
