@@ -201,7 +201,9 @@ def softmax(x: Any, dim: int = -1, keep: torch.Tensor | None = None, bias: torch
     Absolute error ~1e-3 (measured in the tests).
     """
     if isinstance(x, MaskedScores):
-        x, keep, bias = x.scores, _merge_keep(keep, x.keep), x.bias if bias is None else bias + x.bias
+        extra = x.bias
+        x, keep = x.scores, _merge_keep(keep, x.keep)
+        bias = extra if bias is None else (bias if extra is None else bias + extra)
     length = x.size(dim)
     if length > MAX_SOFTMAX_LENGTH:
         raise UnsupportedOperationError(
