@@ -145,7 +145,8 @@ def _refuse_other_architectures(gm: torch.fx.GraphModule, parties: list[str], ra
         where = f"its {len(layers)} layers, where {parties[owner_rank]}'s model has {len(theirs)}"
     raise MpcflError(
         f"party {parties[rank]}: its model's architecture differs from model owner {parties[owner_rank]}'s at "
-        f"{where}, or in the code between layers; every party must build the same architecture"
+        f"{where}, or in the code between layers, its attention masks or its approximations; every party must "
+        "build the same architecture and choose the same approximations"
     )
 
 

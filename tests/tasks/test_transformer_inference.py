@@ -11,8 +11,9 @@ import torch
 import yaml
 
 from conftest import REPO, assert_no_leftovers, mpcfl, spy_views, write_job
-from mpcfl.models.convert import emulate
+from mpcfl.models.convert import emulate, trace
 from mpcfl.models.zoo import digits_vit
+from mpcfl.tasks.inference import _architecture
 
 VIT_WEIGHTS = REPO / "examples" / "data" / "digits_vit" / "bank_weights.pt"
 VIT_FRIENDLY_WEIGHTS = REPO / "examples" / "data" / "digits_vit" / "bank_weights_mpc_friendly.pt"
@@ -90,3 +91,23 @@ def test_the_vit_job_shows_the_bank_no_pixel_or_prediction_and_the_clinic_no_wei
         assert int(received.sum()) == 0, f"rank {rank} received data during an opening"
     assert int(np.isin(views["1"]["seen_protocol"], _ring(weights)).sum()) == 0, "the clinic holds the bank's weights"
     assert_no_leftovers(str(job))
+
+
+
+def test_the_fingerprint_the_parties_compare_covers_approximations_and_mask_values() -> None:
+    """What the parties compare before sharing: a different mode or mask is refused, not run."""
+    model = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    exact = _architecture(trace(model), "exact")
+    assert exact == _architecture(trace(model), "exact")
+    assert exact != _architecture(trace(model), "mpc_friendly")
+
+    class Causal(torch.nn.Module):
+        def __init__(self, keep: torch.Tensor) -> None:
+            super().__init__()
+            self.register_buffer("keep", keep)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(x, x, x, attn_mask=self.keep)
+
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    assert _architecture(trace(Causal(causal))) != _architecture(trace(Causal(~causal | torch.eye(4, dtype=torch.bool))))
