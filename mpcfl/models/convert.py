@@ -184,6 +184,10 @@ _LAYERS: dict[type, tuple[Callable[[Any], dict[str, torch.Tensor]], Callable[[An
     nn.TransformerEncoder: (
         _checked(lambda m: [tf.check_encoder_layer(layer) for layer in m.layers], _all_params), tf.encoder,
     ),
+    nn.TransformerDecoderLayer: (_checked(tf.check_encoder_layer, _all_params), tf.decoder_layer),
+    nn.TransformerDecoder: (
+        _checked(lambda m: [tf.check_encoder_layer(layer) for layer in m.layers], _all_params), tf.decoder,
+    ),
     # the data owner one-hot encodes its token ids before sharing (encode_inputs): a lookup is a product
     nn.Embedding: (_checked(_embedding_check, _own_params), lambda m, x, p: x.matmul(p["weight"])),
     nn.LogSoftmax: (_no_params, lambda m, x, p: x.log_softmax(m.dim)),
@@ -536,7 +540,8 @@ def encrypt_model(gm: torch.fx.GraphModule, *, src: int, device: torch.device | 
 # Layers whose training behaviour differs from eval: CrypTen would train them as in eval.
 _EVAL_ONLY = (nn.Dropout, nn.modules.batchnorm._BatchNorm)
 # Composite layers and one-hot inputs: their training under MPC is not built yet (issue 25).
-_NOT_TRAINABLE_YET = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.Embedding)
+_NOT_TRAINABLE_YET = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder,
+                      nn.TransformerDecoderLayer, nn.TransformerDecoder, nn.Embedding)
 
 
 def trainable(model: nn.Module) -> Any:

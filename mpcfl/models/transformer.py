@@ -1,5 +1,6 @@
 """Transformer operators on CrypTensors: LayerNorm, GELU, SiLU, masked softmax, attention,
-``nn.MultiheadAttention`` and ``nn.TransformerEncoder(Layer)``, in exact mode.
+``nn.MultiheadAttention``, ``nn.TransformerEncoder(Layer)`` and ``nn.TransformerDecoder(Layer)``,
+in exact mode and in an MPC-friendly one.
 
 Each function takes secret-shared activations (CrypTensors) and, where a layer has them, its
 secret-shared tensors by local name. Masks are public (plain torch tensors, the same at
@@ -373,14 +374,32 @@ def _activation(layer: nn.TransformerEncoderLayer, x: Any) -> Any:
     raise UnsupportedOperationError(f"TransformerEncoderLayer with activation {act!r} (relu and gelu are supported)")
 
 
-def check_encoder_layer(layer: nn.TransformerEncoderLayer) -> None:
-    """Refuses an activation other than relu or gelu, or attention settings not implemented."""
+def check_encoder_layer(layer: nn.TransformerEncoderLayer | nn.TransformerDecoderLayer) -> None:
+    """Refuses an activation other than relu or gelu, or attention settings not implemented
+    (a decoder layer's too: its attention to the memory and its third norm)."""
     act = layer.activation
     if not (act in (F.relu, F.gelu) or isinstance(act, (nn.ReLU, nn.GELU))):
         raise UnsupportedOperationError(f"TransformerEncoderLayer with activation {act!r} (relu and gelu are supported)")
     check_multihead(layer.self_attn)
     check_layer_norm(layer.norm1)
     check_layer_norm(layer.norm2)
+    if isinstance(layer, nn.TransformerDecoderLayer):
+        check_multihead(layer.multihead_attn)
+        check_layer_norm(layer.norm3)
+
+
+def _feed_forward(m: nn.Module, p: dict[str, Any], x: Any) -> Any:
+    """An encoder or decoder layer's linear2(activation(linear1(x))); bias=False layers have no biases."""
+
+    def linear(x: Any, name: str) -> Any:
+        out = x.matmul(p[f"{name}.weight"].t())
+        return out + p[f"{name}.bias"] if f"{name}.bias" in p else out
+
+    return linear(_activation(m, linear(x, "linear1")), "linear2")
+
+
+def _norm(m: nn.Module, p: dict[str, Any], x: Any, name: str) -> Any:
+    return layer_norm(x, _sub(p, name), getattr(m, name).eps)
 
 
 def encoder_layer(m: nn.TransformerEncoderLayer, src: Any, p: dict[str, Any], src_mask: torch.Tensor | None = None,
@@ -392,23 +411,52 @@ def encoder_layer(m: nn.TransformerEncoderLayer, src: Any, p: dict[str, Any], sr
         return multihead_attention(m.self_attn, x, _sub(p, "self_attn"), x, x, src_key_padding_mask,
                                    attn_mask=src_mask, is_causal=is_causal and src_mask is None)[0]
 
-    def linear(x: Any, name: str) -> Any:  # bias=False layers have none
-        out = x.matmul(p[f"{name}.weight"].t())
-        return out + p[f"{name}.bias"] if f"{name}.bias" in p else out
-
-    def feed_forward(x: Any) -> Any:
-        return linear(_activation(m, linear(x, "linear1")), "linear2")
-
-    def norm(x: Any, name: str) -> Any:
-        module = getattr(m, name)
-        return layer_norm(x, _sub(p, name), module.eps)
-
     x = src
     if m.norm_first:
-        x = x + attend(norm(x, "norm1"))
-        return x + feed_forward(norm(x, "norm2"))
-    x = norm(x + attend(x), "norm1")
-    return norm(x + feed_forward(x), "norm2")
+        x = x + attend(_norm(m, p, x, "norm1"))
+        return x + _feed_forward(m, p, _norm(m, p, x, "norm2"))
+    x = _norm(m, p, x + attend(x), "norm1")
+    return _norm(m, p, x + _feed_forward(m, p, x), "norm2")
+
+
+def decoder_layer(m: nn.TransformerDecoderLayer, tgt: Any, p: dict[str, Any], memory: Any,
+                  tgt_mask: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
+                  tgt_key_padding_mask: torch.Tensor | None = None, memory_key_padding_mask: torch.Tensor | None = None,
+                  tgt_is_causal: bool = False, memory_is_causal: bool = False) -> Any:
+    """``nn.TransformerDecoderLayer.forward`` in eval: self-attention, attention to ``memory`` (a
+    secret the same model computed), feed-forward; both ``norm_first`` settings. Valid as its parts."""
+
+    def attend(x: Any) -> Any:
+        return multihead_attention(m.self_attn, x, _sub(p, "self_attn"), x, x, tgt_key_padding_mask,
+                                   attn_mask=tgt_mask, is_causal=tgt_is_causal and tgt_mask is None)[0]
+
+    def attend_memory(x: Any) -> Any:
+        return multihead_attention(m.multihead_attn, x, _sub(p, "multihead_attn"), memory, memory,
+                                   memory_key_padding_mask, attn_mask=memory_mask,
+                                   is_causal=memory_is_causal and memory_mask is None)[0]
+
+    x = tgt
+    if m.norm_first:
+        x = x + attend(_norm(m, p, x, "norm1"))
+        x = x + attend_memory(_norm(m, p, x, "norm2"))
+        return x + _feed_forward(m, p, _norm(m, p, x, "norm3"))
+    x = _norm(m, p, x + attend(x), "norm1")
+    x = _norm(m, p, x + attend_memory(x), "norm2")
+    return _norm(m, p, x + _feed_forward(m, p, x), "norm3")
+
+
+def decoder(m: nn.TransformerDecoder, tgt: Any, p: dict[str, Any], memory: Any, tgt_mask: torch.Tensor | None = None,
+            memory_mask: torch.Tensor | None = None, tgt_key_padding_mask: torch.Tensor | None = None,
+            memory_key_padding_mask: torch.Tensor | None = None, tgt_is_causal: bool | None = None,
+            memory_is_causal: bool = False) -> Any:
+    """``nn.TransformerDecoder.forward`` in eval: its layers in turn, then its final norm, if any."""
+    x = tgt
+    for i, layer in enumerate(m.layers):
+        x = decoder_layer(layer, x, _sub(p, f"layers.{i}"), memory, tgt_mask, memory_mask, tgt_key_padding_mask,
+                          memory_key_padding_mask, bool(tgt_is_causal), memory_is_causal)
+    if m.norm is not None:
+        x = layer_norm(x, _sub(p, "norm"), m.norm.eps)
+    return x
 
 
 def encoder(m: nn.TransformerEncoder, src: Any, p: dict[str, Any], mask: torch.Tensor | None = None,

@@ -94,6 +94,21 @@ class TokenEncoder(nn.Module):
         return self.head(self.encoder(self.embed(x) + self.position).mean(1))
 
 
+class EncoderDecoder(nn.Module):
+    """An encoder over the sequence, then a causal decoder (a bool mask buffer) attending to it."""
+
+    def __init__(self, norm_first: bool, layers: int = 1) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=norm_first)
+        layer = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=norm_first,
+                                           activation="gelu")
+        self.decoder = nn.TransformerDecoder(layer, layers, norm=nn.LayerNorm(8)) if layers > 1 else layer
+        self.register_buffer("causal", torch.ones(5, 5, dtype=torch.bool).triu(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(x, self.encoder(x), tgt_mask=self.causal)
+
+
 class ClassToken(nn.Module):
     """A ViT's class token: a parameter expanded over the batch and concatenated before the tokens."""
 
@@ -157,6 +172,8 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], floa
                                               enable_nested_tensor=False)),
         lambda: torch.randn(2, 5, 8), 3e-2,
     ),
+    "decoder_layer_post_norm": (lambda: _affine(EncoderDecoder(False)), lambda: torch.randn(2, 5, 8), 2e-2),
+    "decoder_stack_pre_norm": (lambda: _affine(EncoderDecoder(True, 2)), lambda: torch.randn(2, 5, 8), 2e-2),
     "class_token": (ClassToken, lambda: torch.randn(2, 4, 8), 2e-2),
     "token_encoder": (TokenEncoder, lambda: torch.randint(0, 11, (3, 5)).float(), 2e-2),
 }
@@ -246,8 +263,8 @@ class EmbedsHidden(nn.Module):
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        (nn.TransformerDecoderLayer(8, 2), r"layer '0' \(TransformerDecoderLayer\) is not supported under MPC"),
-        (nn.Sequential(nn.TransformerDecoder(nn.TransformerDecoderLayer(8, 2), 1)), r"'0' \(TransformerDecoder\)"),
+        (nn.Transformer(8, 2, 1, 1, 16, batch_first=True), r"layer '0' \(Transformer\) is not supported under MPC"),
+        (nn.Sequential(nn.TransformerDecoderLayer(8, 2, activation=F.elu)), r"activation"),
         (nn.Sequential(nn.LayerNorm((2, 4))), r"LayerNorm over 2 dims"),
         (nn.Sequential(nn.Mish()), r"'0' \(Mish\) is not supported"),
         (nn.Sequential(nn.TransformerEncoderLayer(8, 2, activation=F.elu)), r"activation"),
