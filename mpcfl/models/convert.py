@@ -539,9 +539,12 @@ def encrypt_model(gm: torch.fx.GraphModule, *, src: int, device: torch.device | 
 
 # Layers whose training behaviour differs from eval: CrypTen would train them as in eval.
 _EVAL_ONLY = (nn.Dropout, nn.modules.batchnorm._BatchNorm)
-# Composite layers and one-hot inputs: their training under MPC is not built yet (issue 25).
+# Transformer operators: their training under MPC is not built yet (issue 25). GELU's and SiLU's
+# gradients through the comparison bits come out wrong under CrypTen's autograd, LayerNorm's
+# inverse square root works in place (which it refuses); softmax's gradient is right (3e-3).
 _NOT_TRAINABLE_YET = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder,
-                      nn.TransformerDecoderLayer, nn.TransformerDecoder, nn.Embedding)
+                      nn.TransformerDecoderLayer, nn.TransformerDecoder, nn.Embedding, nn.LayerNorm, nn.GELU, nn.SiLU)
+_NOT_TRAINABLE_FUNCTIONS = {F.gelu, F.silu, F.layer_norm, F.scaled_dot_product_attention}
 
 
 def trainable(model: nn.Module) -> Any:
@@ -562,7 +565,9 @@ def trainable(model: nn.Module) -> Any:
                 f"{_describe(gm, node)} behaves differently in training and cannot be trained under MPC here; "
                 "remove it (it works for secure inference)"
             )
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _NOT_TRAINABLE_YET):
+        if (node.op == "call_module" and isinstance(gm.get_submodule(node.target), _NOT_TRAINABLE_YET)) or (
+            node.op == "call_function" and node.target in _NOT_TRAINABLE_FUNCTIONS
+        ):
             raise UnsupportedModelError(f"{_describe(gm, node)} cannot be trained under MPC yet (it works for secure inference)")
     if public_tensors(gm):
         raise UnsupportedModelError("a model with attention masks cannot be trained under MPC yet (it works for secure inference)")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpcfl.errors import MpcflError
-from mpcfl.models.convert import UnsupportedModelError, emulate, encode_inputs, encrypt_model, trace
+from mpcfl.models.convert import UnsupportedModelError, emulate, encode_inputs, encrypt_model, trace, trainable
 from mpcfl.models.transformer import approximations
 from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.reveal import reveal
@@ -275,6 +275,20 @@ class EmbedsHidden(nn.Module):
 def test_unsupported_transformer_parts_are_refused_by_name(model: nn.Module, message: str) -> None:
     with pytest.raises(UnsupportedModelError, match=message):
         trace(model)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (nn.Sequential(nn.Linear(4, 4), nn.GELU()), r"layer '1' \(GELU\) cannot be trained under MPC yet"),
+        (nn.Sequential(nn.LayerNorm(4)), r"layer '0' \(LayerNorm\) cannot be trained"),
+        (Fn(F.silu), r"function 'silu' \(node silu\) cannot be trained"),
+        (_encoder_layer(True, "relu", True), r"\(TransformerEncoderLayer\) cannot be trained"),
+    ],
+)
+def test_training_transformer_operators_is_refused_by_name(model: nn.Module, message: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=message):
+        trainable(model)
 
 
 def test_token_ids_are_checked_before_one_hot_encoding() -> None:
