@@ -26,6 +26,7 @@ from mpcfl.mpc import providers
 from mpcfl.mpc.auth import Credentials, new_secret
 from mpcfl.mpc.compat import CRYPTEN_ENV, DEFAULT_TIMEOUT_S
 from mpcfl.mpc.session import Session, party_session, run_dealer
+from mpcfl.models.transformer import Approximations, is_public_mask
 from mpcfl.tasks.inference import check_shape, check_inputs, secure_predict
 
 
@@ -53,6 +54,7 @@ def secure_predict_local(
     batch_size: int = 64,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     provider: str = providers.DEFAULT,
+    approximations: Approximations = "exact",
 ) -> torch.Tensor:
     """One call: secure inference with both parties and the dealer on this machine.
 
@@ -67,6 +69,7 @@ def secure_predict_local(
         batch_size: examples per secure forward pass.
         timeout_s: how long a silent peer may block the others.
         provider: where the triples come from: ``ttp`` (a dealer process) or ``tfp`` (no dealer; tests only).
+        approximations: ``exact`` or ``mpc_friendly`` transformer operators (see :mod:`mpcfl.models.transformer`).
 
     Returns:
         The model's outputs, computed under MPC.
@@ -93,15 +96,18 @@ def secure_predict_local(
         blank = copy.deepcopy(model)
         with torch.no_grad():
             for tensor in [*blank.parameters(), *blank.buffers()]:
-                tensor.zero_()  # the data owner holds the architecture, never the weights
+                if not is_public_mask(tensor):  # attention masks are architecture, the same at every party
+                    tensor.zero_()  # the data owner holds the architecture, never the weights
 
         def model_owner() -> None:
             with party_session(session, _MODEL_OWNER):
-                secure_predict(model, None, model_owner=_MODEL_OWNER, data_owner=_DATA_OWNER, batch_size=batch_size)
+                secure_predict(model, None, model_owner=_MODEL_OWNER, data_owner=_DATA_OWNER, batch_size=batch_size,
+                               approximations=approximations)
 
         def data_owner() -> None:
             with party_session(session, _DATA_OWNER):
-                out = secure_predict(blank, inputs, model_owner=_MODEL_OWNER, data_owner=_DATA_OWNER, batch_size=batch_size)
+                out = secure_predict(blank, inputs, model_owner=_MODEL_OWNER, data_owner=_DATA_OWNER, batch_size=batch_size,
+                                     approximations=approximations)
             send.send(out.numpy())  # numpy, not torch: torch would share memory with a process about to exit
 
         work = {_MODEL_OWNER: model_owner, _DATA_OWNER: data_owner, providers.DEALER: lambda: run_dealer(session)}

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpcfl.errors import MpcflError
+from mpcfl.models import transformer as tf
 from mpcfl.mpc.engine import import_crypten
 
 
@@ -50,6 +51,29 @@ def _no_params(m: nn.Module) -> dict[str, torch.Tensor]:
 
 def _own_params(m: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.detach() for name, t in m.named_parameters(recurse=False)}
+
+
+def _all_params(m: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of a composite layer run as one leaf, by dotted local name."""
+    return {name: t.detach() for name, t in m.named_parameters()}
+
+
+def _checked(check: Callable[[Any], None], params: Callable[[Any], dict[str, torch.Tensor]]) -> Callable[[Any], dict[str, torch.Tensor]]:
+    """A params function that first refuses the layer's unsupported settings."""
+
+    def checked(m: nn.Module) -> dict[str, torch.Tensor]:
+        try:
+            check(m)
+        except tf.UnsupportedOperationError as err:
+            raise UnsupportedModelError(str(err)) from None
+        return params(m)
+
+    return checked
+
+
+def _embedding_check(m: nn.Embedding) -> None:
+    if m.max_norm is not None:
+        raise tf.UnsupportedOperationError("Embedding with max_norm (it renormalises the table at lookup)")
 
 
 def _linear(m: nn.Linear, x: Any, p: dict[str, Any]) -> Any:
@@ -151,9 +175,27 @@ _LAYERS: dict[type, tuple[Callable[[Any], dict[str, torch.Tensor]], Callable[[An
     nn.Unflatten: (_unflatten_params, _unflatten),
     nn.Dropout: (_no_params, lambda m, x, p: x),
     nn.Identity: (_no_params, lambda m, x, p: x),
-    nn.Softmax: (_no_params, lambda m, x, p: x.softmax(m.dim)),
+    nn.Softmax: (_no_params, lambda m, x, p: tf.softmax(x, m.dim)),
+    nn.LayerNorm: (_checked(tf.check_layer_norm, _own_params), lambda m, x, p: tf.layer_norm(x, p, m.eps)),
+    nn.GELU: (_no_params, lambda m, x, p: tf.gelu(x, m.approximate)),
+    nn.SiLU: (_no_params, lambda m, x, p: tf.silu(x)),
+    nn.MultiheadAttention: (_checked(tf.check_multihead, _all_params), tf.multihead_attention),
+    nn.TransformerEncoderLayer: (_checked(tf.check_encoder_layer, _all_params), tf.encoder_layer),
+    nn.TransformerEncoder: (
+        _checked(lambda m: [tf.check_encoder_layer(layer) for layer in m.layers], _all_params), tf.encoder,
+    ),
+    nn.TransformerDecoderLayer: (_checked(tf.check_encoder_layer, _all_params), tf.decoder_layer),
+    nn.TransformerDecoder: (
+        _checked(lambda m: [tf.check_encoder_layer(layer) for layer in m.layers], _all_params), tf.decoder,
+    ),
+    # the data owner one-hot encodes its token ids before sharing (encode_inputs): a lookup is a product
+    nn.Embedding: (_checked(_embedding_check, _own_params), lambda m, x, p: x.matmul(p["weight"])),
     nn.LogSoftmax: (_no_params, lambda m, x, p: x.log_softmax(m.dim)),
 }
+
+
+# layers whose shared tensors are not their parameters (folded by the owner before sharing)
+_TRANSFORMED = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def _dim_of(args: tuple, kwargs: dict, position: int = 1) -> int:
@@ -163,28 +205,60 @@ def _dim_of(args: tuple, kwargs: dict, position: int = 1) -> int:
     return dim
 
 
+def _add(a: Any, b: Any) -> Any:
+    """a + b, where an operand that is a public mask with -inf stays apart until the softmax."""
+    if tf.is_public_mask(b):
+        return tf.add_public_mask(a, b)
+    if tf.is_public_mask(a):
+        return tf.add_public_mask(b, a)
+    return a + b
+
+
+def _functional_layer_norm(x: Any, shape: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Any:
+    if len(tuple(shape)) != 1:
+        raise UnsupportedModelError(f"layer_norm over {len(tuple(shape))} dims (the last dim is supported)")
+    return tf.layer_norm(x, {k: v for k, v in (("weight", weight), ("bias", bias)) if v is not None}, eps)
+
+
 # functions a traced forward() may call -> how to run them (CrypTensors and plain values mixed)
 _FUNCTIONS: dict[Any, Callable[..., Any]] = {
-    operator.add: operator.add,
+    operator.add: _add,
     operator.sub: operator.sub,
     operator.mul: operator.mul,
     operator.truediv: operator.truediv,
     operator.getitem: operator.getitem,
-    torch.add: lambda a, b: a + b,
+    operator.floordiv: operator.floordiv,  # shape arithmetic (CrypTensors have no floor division)
+    torch.add: _add,
     torch.flatten: lambda x, start_dim=0, end_dim=-1: x.flatten(start_dim, end_dim),
     torch.relu: lambda x: x.relu(),
     F.relu: lambda x, inplace=False: x.relu(),
     torch.sigmoid: lambda x: x.sigmoid(),
     torch.tanh: lambda x: x.tanh(),
-    F.softmax: lambda x, *a, **k: x.softmax(_dim_of((x, *a), k)),
+    F.softmax: lambda x, *a, **k: tf.softmax(x, _dim_of((x, *a), k)),
+    torch.softmax: lambda x, *a, **k: tf.softmax(x, _dim_of((x, *a), k)),
+    F.gelu: lambda x, approximate="none": tf.gelu(x, approximate),
+    F.silu: lambda x, inplace=False: tf.silu(x),
+    F.layer_norm: _functional_layer_norm,
+    F.scaled_dot_product_attention: tf.scaled_dot_product_attention,
+    torch.matmul: lambda a, b: a.matmul(b),
+    operator.matmul: lambda a, b: a.matmul(b),
+    torch.transpose: lambda x, a, b: x.transpose(a, b),
+    getattr: lambda x, name: x.size(),  # ``x.shape``, the only attribute trace() lets through
+    torch.cat: lambda tensors, dim=0: import_crypten().cat(list(tensors), dim=dim),
     F.log_softmax: lambda x, *a, **k: x.log_softmax(_dim_of((x, *a), k)),
 }
 
 _METHODS = {
     "view", "reshape", "flatten", "size", "relu", "sigmoid", "tanh", "mean", "sum",
     "permute", "transpose", "squeeze", "unsqueeze", "add", "sub", "mul", "dim",
+    "matmul", "split", "expand", "unbind",
 }
 _IDENTITY_METHODS = {"contiguous"}
+# methods run by our operators rather than CrypTen's (its softmax has no clamp)
+_OWN_METHODS: dict[str, Callable[..., Any]] = {
+    "softmax": lambda x, *a, **k: tf.softmax(x, _dim_of((x, *a), k)),
+    "chunk": lambda x, chunks, dim=0: x.split(-(-x.size(dim) // chunks), dim),  # as torch sizes the chunks
+}
 
 
 def _describe(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
@@ -228,6 +302,16 @@ def _pool_before_relu(gm: torch.fx.GraphModule) -> int:
     return swapped
 
 
+def _traced_root(model: nn.Module) -> nn.Module:
+    """The module fx traces: a bare composite torch layer (an encoder layer...) wrapped, so that
+    it runs as a leaf, as it does inside a model (fx traces the root's own forward)."""
+    if type(model).__module__.startswith("torch.nn.modules") and list(model.children()) and not isinstance(
+        model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    ):
+        return nn.Sequential(model)
+    return model
+
+
 def trace(model: nn.Module) -> torch.fx.GraphModule:
     """Traces an eval-mode copy of ``model``, checks that every node can run securely,
     and reorders relu/max-pool pairs to compare fewer values.
@@ -235,7 +319,7 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     Raises:
         UnsupportedModelError: names the first unsupported layer, function or method.
     """
-    model = copy.deepcopy(model).eval()
+    model = _traced_root(copy.deepcopy(model).eval())
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception as err:  # fx raises many types for data-dependent control flow
@@ -254,12 +338,81 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
                     f"{_describe(gm, node)} is not supported under MPC (supported layers: {supported})"
                 )
             _LAYERS[type(layer)][0](layer)  # refuses unsupported settings early
-        elif node.op == "call_function" and node.target not in _FUNCTIONS:
+        elif node.op == "call_function" and (
+            node.target not in _FUNCTIONS or (node.target is getattr and node.args[1] != "shape")
+        ):
             raise UnsupportedModelError(f"{_describe(gm, node)} is not supported under MPC")
-        elif node.op == "call_method" and node.target not in _METHODS | _IDENTITY_METHODS:
+        elif node.op == "call_method" and node.target not in _METHODS | _IDENTITY_METHODS | _OWN_METHODS.keys():
             raise UnsupportedModelError(f"{_describe(gm, node)} is not supported under MPC")
+    _check_masks(gm)
+    _check_embeddings(gm, inputs[0])
     _pool_before_relu(gm)
     return gm
+
+
+def _is_softmax(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.Softmax)
+    return (node.op == "call_function" and node.target in (F.softmax, torch.softmax)) or (
+        node.op == "call_method" and node.target == "softmax"
+    )
+
+
+def _check_masks(gm: torch.fx.GraphModule) -> None:
+    """A public mask added to scores (a float mask holding -inf) must go straight to a softmax:
+    fixed point cannot hold -inf, so the sum exists only inside the softmax."""
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or not tf.is_public_mask(_fetch_attr(gm, node.target)):
+            continue
+        for user in node.users:
+            if user.op == "call_function" and user.target in (operator.add, torch.add):
+                if not all(_is_softmax(gm, n) for n in user.users):
+                    raise UnsupportedModelError(
+                        f"the mask {node.target!r} is added in node {user.name}, whose result must go straight "
+                        "to a softmax (a mask with -inf is public and cannot be secret-shared)"
+                    )
+
+
+def _check_embeddings(gm: torch.fx.GraphModule, placeholder: torch.fx.Node) -> None:
+    """nn.Embedding only on the model's input (token ids), all of one vocabulary: the data owner
+    one-hot encodes its ids before sharing (encode_inputs), so a lookup is a product."""
+    embeddings = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Embedding)]
+    for node in embeddings:
+        if node.args[0] is not placeholder:
+            raise UnsupportedModelError(
+                f"{_describe(gm, node)} must take the model's input (token ids owned by the data owner) directly"
+            )
+    if embeddings:
+        others = [u for u in placeholder.users if u not in embeddings]
+        sizes = {gm.get_submodule(n.target).num_embeddings for n in embeddings}
+        if others or len(sizes) > 1:
+            raise UnsupportedModelError(
+                "a model whose input feeds nn.Embedding must use it only there, with one vocabulary size"
+            )
+
+
+def one_hot_width(gm: torch.fx.GraphModule) -> int | None:
+    """The vocabulary size where the model's input is token ids (it feeds nn.Embedding), else None."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Embedding):
+            return gm.get_submodule(node.target).num_embeddings
+    return None
+
+
+def encode_inputs(gm: torch.fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
+    """What the data owner secret-shares: ``x`` itself, or, for a model that embeds token ids,
+    their one-hot encoding (float, one more dim of the vocabulary's size), made locally in plaintext.
+
+    Raises:
+        UnsupportedModelError: token ids that are not integers in [0, vocabulary).
+    """
+    width = one_hot_width(gm)
+    if width is None:
+        return x
+    ids = x.long()
+    if not torch.equal(ids.to(x.dtype), x) or bool((ids < 0).any()) or bool((ids >= width).any()):
+        raise UnsupportedModelError(f"token ids must be integers in [0, {width}) for the model's nn.Embedding")
+    return F.one_hot(ids, width).float()
 
 
 def plain_parameters(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
@@ -271,8 +424,20 @@ def plain_parameters(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
             for name, value in _LAYERS[type(layer)][0](layer).items():
                 tensors.setdefault(f"{node.target}.{name}", value.float())
         elif node.op == "get_attr":
-            tensors.setdefault(node.target, _fetch_attr(gm, node.target).detach().float())
+            value = _fetch_attr(gm, node.target)
+            if not tf.is_public_mask(value):
+                tensors.setdefault(node.target, value.detach().float())
     return tensors
+
+
+def public_tensors(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The attention masks the model reads (bool, or holding -inf): part of the public
+    architecture, used in plaintext at every party, never shared."""
+    return {
+        node.target: _fetch_attr(gm, node.target).detach()
+        for node in gm.graph.nodes
+        if node.op == "get_attr" and tf.is_public_mask(_fetch_attr(gm, node.target))
+    }
 
 
 def _fetch_attr(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
@@ -303,19 +468,45 @@ def run_graph(gm: torch.fx.GraphModule, x: Any, tensors: Callable[[str], Any]) -
             env[node.name] = tensors(node.target)
         elif node.op == "call_module":
             layer = gm.get_submodule(node.target)
-            (arg,) = load(node.args)
-            env[node.name] = _LAYERS[type(layer)][1](layer, arg, tensors(node.target))
+            arg, *rest = load(node.args)
+            env[node.name] = _LAYERS[type(layer)][1](layer, arg, tensors(node.target), *rest, **load(node.kwargs))
         elif node.op == "call_function":
             env[node.name] = _FUNCTIONS[node.target](*load(node.args), **load(node.kwargs))
         elif node.op == "call_method":
             target, *rest = load(node.args)
             if node.target in _IDENTITY_METHODS:
                 env[node.name] = target
+            elif node.target in _OWN_METHODS:
+                env[node.name] = _OWN_METHODS[node.target](target, *rest, **load(node.kwargs))
             else:
                 env[node.name] = getattr(target, node.target)(*rest, **load(node.kwargs))
         elif node.op == "output":
             return load(node.args[0])
     raise UnsupportedModelError("the traced graph has no output")
+
+
+def emulate(model: nn.Module, x: torch.Tensor, approximations: tf.Approximations = "mpc_friendly") -> torch.Tensor:
+    """``model`` on ``x`` in plaintext with the operators of ``approximations``, differentiably
+    through ``model``'s own parameters: to score a model in the MPC-friendly mode before serving
+    it, and to distil it to that mode (examples/make_digits_vit.py). Token ids are one-hot encoded
+    as for sharing. Layers whose tensors the owner transforms before sharing (batch norm) take
+    those, detached.
+
+    Raises:
+        UnsupportedModelError: as :func:`trace`.
+    """
+    gm = trace(model)
+    root = _traced_root(model)
+    modules = dict(root.named_modules())
+
+    def tensors(target: str) -> Any:
+        if target not in modules:  # a get_attr: a parameter, buffer or mask
+            return _fetch_attr(root, target)
+        module = modules[target]
+        return _LAYERS[type(module)][0](module) if isinstance(module, _TRANSFORMED) else dict(module.named_parameters())
+
+    with tf.approximations(approximations):
+        return run_graph(gm, encode_inputs(gm, x), tensors)
 
 
 @dataclass
@@ -328,8 +519,8 @@ class SecureModel:
     def _tensors_of(self, target: str) -> Any:
         if target in self.tensors:
             return self.tensors[target]
-        prefix = f"{target}."
-        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.rpartition(".")[0] == target}
+        prefix = f"{target}."  # a leaf's tensors, nested ones too (attention, encoder layers)
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
     def __call__(self, x: Any) -> Any:
         return run_graph(self.graph_module, x, self._tensors_of)
@@ -343,11 +534,17 @@ def encrypt_model(gm: torch.fx.GraphModule, *, src: int, device: torch.device | 
     """
     crypten = import_crypten()
     tensors = {name: crypten.cryptensor(t, src=src, device=device) for name, t in plain_parameters(gm).items()}
-    return SecureModel(graph_module=gm, tensors=tensors)
+    return SecureModel(graph_module=gm, tensors={**tensors, **public_tensors(gm)})
 
 
 # Layers whose training behaviour differs from eval: CrypTen would train them as in eval.
 _EVAL_ONLY = (nn.Dropout, nn.modules.batchnorm._BatchNorm)
+# Transformer operators: their training under MPC is not built yet (issue 25). GELU's and SiLU's
+# gradients through the comparison bits come out wrong under CrypTen's autograd, LayerNorm's
+# inverse square root works in place (which it refuses); softmax's gradient is right (3e-3).
+_NOT_TRAINABLE_YET = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder,
+                      nn.TransformerDecoderLayer, nn.TransformerDecoder, nn.Embedding, nn.LayerNorm, nn.GELU, nn.SiLU)
+_NOT_TRAINABLE_FUNCTIONS = {F.gelu, F.silu, F.layer_norm, F.scaled_dot_product_attention}
 
 
 def trainable(model: nn.Module) -> Any:
@@ -368,6 +565,12 @@ def trainable(model: nn.Module) -> Any:
                 f"{_describe(gm, node)} behaves differently in training and cannot be trained under MPC here; "
                 "remove it (it works for secure inference)"
             )
+        if (node.op == "call_module" and isinstance(gm.get_submodule(node.target), _NOT_TRAINABLE_YET)) or (
+            node.op == "call_function" and node.target in _NOT_TRAINABLE_FUNCTIONS
+        ):
+            raise UnsupportedModelError(f"{_describe(gm, node)} cannot be trained under MPC yet (it works for secure inference)")
+    if public_tensors(gm):
+        raise UnsupportedModelError("a model with attention masks cannot be trained under MPC yet (it works for secure inference)")
     return _trainable_class()(gm, dict(model.named_parameters()))
 
 

@@ -32,7 +32,8 @@ from tqdm import tqdm
 from mpcfl.mpc.engine import import_crypten
 from mpcfl.jobs.session import session_of
 from mpcfl.jobs.schema import InferenceJob
-from mpcfl.models.convert import encrypt_model, trace
+from mpcfl.models.convert import encode_inputs, encrypt_model, one_hot_width, public_tensors, trace
+from mpcfl.models.transformer import Approximations, approximations as approximated
 from mpcfl.errors import MpcflError
 from mpcfl.models.factory import build_factory_model
 from mpcfl.outputs import write_json, write_npy
@@ -92,20 +93,23 @@ def _shape_row(inputs: torch.Tensor | None) -> list[int]:
 #: Module options that shape a layer's computation, and so its dealer requests (the rest, such as
 #: BatchNorm's eps or Dropout's p, stay out of the fingerprint: they are the model owner's own).
 _SHAPE_OPTIONS = ("kernel_size", "stride", "padding", "dilation", "groups", "output_padding", "ceil_mode",
-                  "count_include_pad", "output_size", "start_dim", "end_dim", "dim", "unflattened_size")
+                  "count_include_pad", "output_size", "start_dim", "end_dim", "dim", "unflattened_size",
+                  "approximate", "num_heads", "batch_first", "norm_first", "activation_relu_or_gelu", "num_layers")
 
 
-def _architecture(gm: torch.fx.GraphModule) -> int:
+def _architecture(gm: torch.fx.GraphModule, approximations: Approximations = "exact") -> int:
     """A public fingerprint of what decides a batch's dealer requests: the traced code (its
-    literals every party runs anyway), each leaf module's type and shaping options, and the
-    tensors' shapes, as one signed 64-bit word. No weight value and no other option enters it."""
+    literals every party runs anyway), each module's type and shaping options (an encoder
+    layer's too: it runs as one leaf), the tensors' shapes, and the public attention masks'
+    values, and the operators' approximations, as one signed 64-bit word. No weight value and no
+    other option enters it."""
     modules = [
         (name, type(m).__name__, [(k, repr(getattr(m, k))) for k in _SHAPE_OPTIONS if hasattr(m, k)])
         for name, m in gm.named_modules()
-        if not list(m.children())
     ]
     tensors = [(name, tuple(t.shape), str(t.dtype)) for name, t in gm.state_dict().items()]
-    digest = hashlib.sha256(repr((gm.code, modules, tensors)).encode()).digest()
+    masks = [(name, t.tolist()) for name, t in public_tensors(gm).items()]
+    digest = hashlib.sha256(repr((gm.code, modules, tensors, masks, approximations)).encode()).digest()
     return int.from_bytes(digest[:8], "little", signed=True)
 
 
@@ -141,15 +145,17 @@ def _refuse_other_architectures(gm: torch.fx.GraphModule, parties: list[str], ra
         where = f"its {len(layers)} layers, where {parties[owner_rank]}'s model has {len(theirs)}"
     raise MpcflError(
         f"party {parties[rank]}: its model's architecture differs from model owner {parties[owner_rank]}'s at "
-        f"{where}, or in the code between layers; every party must build the same architecture"
+        f"{where}, or in the code between layers, its attention masks or its approximations; every party must "
+        "build the same architecture and choose the same approximations"
     )
 
 
 def check_shape(gm: torch.fx.GraphModule, shape: tuple[int, ...], *, where: str, data_owner: str) -> None:
     """Runs the architecture in plaintext on zeros, so a shape mismatch fails clearly, before sharing."""
+    dtype = torch.float32 if one_hot_width(gm) is None else torch.long  # token ids for nn.Embedding
     try:
         with torch.no_grad():
-            gm(torch.zeros(min(shape[0], 2), *shape[1:]))
+            gm(torch.zeros(min(shape[0], 2), *shape[1:], dtype=dtype))
     except Exception as err:  # torch raises RuntimeError, ValueError, IndexError... for bad shapes
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MpcflError(f"{where}: {data_owner}'s inputs of shape {shape} do not fit the model: {first}") from None
@@ -163,6 +169,7 @@ def secure_predict(
     data_owner: str,
     batch_size: int = 64,
     prefetch: bool = True,
+    approximations: Approximations = "exact",
 ) -> torch.Tensor | None:
     """Runs ``model`` on ``inputs`` under MPC, inside a joined session.
 
@@ -181,6 +188,9 @@ def secure_predict(
             one (later batches of this call, or later calls with the same architecture) is served from
             a single dealer round trip instead of one per triple. Only when every party's
             architecture fingerprint matches (exchanged with the input shape, no extra round).
+        approximations: the transformer operators, ``exact`` or ``mpc_friendly`` (quadratic GELU,
+            2Quad softmax: see :mod:`mpcfl.models.transformer`); part of the fingerprint, so the
+            parties agree on it.
 
     Returns:
         The model's outputs on the data owner; ``None`` on every other party.
@@ -198,15 +208,17 @@ def secure_predict(
     where = f"party {me.name}"
 
     def checks() -> tuple[torch.Tensor | None, torch.fx.GraphModule]:
-        return (check_inputs(inputs, where) if me.rank == data_rank else None), trace(model)
+        gm = trace(model)
+        # token ids become one-hot rows here, at their owner, in plaintext: what is shared is (..., vocabulary)
+        return (encode_inputs(gm, check_inputs(inputs, where)) if me.rank == data_rank else None), gm
 
     # The checks' agreement carries the input shape and the architecture's fingerprint: every
     # party learns them in the same round (2 agreement rounds before sharing, not 4).
     (inputs, gm), public = agreed_public(
         "input and model checks", session.parties, checks,
-        lambda done: [*_shape_row(done[0]), _architecture(done[1]), int(prefetch)], width=_MAX_DIMS + 3,
+        lambda done: [*_shape_row(done[0]), _architecture(done[1], approximations), int(prefetch)], width=_MAX_DIMS + 3,
     )
-    shape = tuple(public[data_rank][1 : 1 + public[data_rank][0]])
+    shape = tuple(public[data_rank][1 : 1 + public[data_rank][0]])  # as shared: one-hot token ids included
     fingerprints = {row[-2] for row in public}
     # A batch's dealer requests depend on public shapes only: the same architecture on the same
     # batch shape repeats them, so every batch after the first of its shape is prefetched, if
@@ -214,7 +226,8 @@ def secure_predict(
     if len(fingerprints) > 1:
         _refuse_other_architectures(gm, list(session.parties), me.rank, owner_rank)
     prefetch = all(row[-1] for row in public)
-    agreed("shape checks", session.parties, lambda: check_shape(gm, shape, where=where, data_owner=f"party {data_owner}"))
+    ids_shape = shape if one_hot_width(gm) is None else shape[:-1]
+    agreed("shape checks", session.parties, lambda: check_shape(gm, ids_shape, where=where, data_owner=f"party {data_owner}"))
 
     crypten = import_crypten()
     device = me.device
@@ -222,7 +235,7 @@ def secure_predict(
     secure = encrypt_model(gm, src=owner_rank, device=device)
     outputs = []
     starts = range(0, shape[0], batch_size)
-    with crypten.no_grad():
+    with crypten.no_grad(), approximated(approximations):
         for start in tqdm(starts, desc="secure inference", unit="batch", disable=me.rank != data_rank or len(starts) < 2):
             rows = min(batch_size, shape[0] - start)
             local = inputs[start : start + rows] if me.rank == data_rank else torch.zeros(rows, *shape[1:])
@@ -307,7 +320,7 @@ def run_inference_party(
             with run.disclosure(None) as disclosure:
                 predictions = secure_predict(
                     model, inputs, model_owner=job.model.owner, data_owner=job.inputs.owner, batch_size=job.batch_size,
-                    prefetch=job.runtime.prefetch,
+                    prefetch=job.runtime.prefetch, approximations=job.model.approximations,
                 )
             totals = communication_stats()
         out = job.party_dir(party)
@@ -337,6 +350,8 @@ def check_party(job: InferenceJob, party: str) -> list[str]:
     if party == job.inputs.owner:
         where = f"party {party}"
         inputs = check_inputs(load_inputs(job.inputs.file, party=party), where)
-        check_shape(trace(model), tuple(inputs.shape), where=where, data_owner=where)
+        gm = trace(model)
+        check_shape(gm, tuple(inputs.shape), where=where, data_owner=where)
+        encode_inputs(gm, inputs)  # token ids: integers within the vocabulary
         lines.append(f"inputs of shape {tuple(inputs.shape)} fit the model")
     return lines or ["reads no file in this job"]

@@ -101,7 +101,7 @@ def test_training_mode_models_are_evaluated_in_eval_mode(crypten_single: None) -
 class Unknown(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Linear(4, 4), nn.GELU())
+        self.features = nn.Sequential(nn.Linear(4, 4), nn.ELU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -122,7 +122,7 @@ class Branchy(nn.Module):
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        (Unknown(), r"layer 'features.1' \(GELU\) is not supported under MPC"),
+        (Unknown(), r"layer 'features.1' \(ELU\) is not supported under MPC"),
         (UsesFunction(), r"function 'erf' \(node erf\) is not supported under MPC"),
         (Branchy(), r"Branchy cannot be traced with torch.fx"),
         (nn.Sequential(nn.Conv2d(1, 1, 3, padding="same")), r"Conv2d with padding='same'"),

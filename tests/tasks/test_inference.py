@@ -107,8 +107,8 @@ def test_one_call_local_api_matches_plaintext() -> None:
 def test_one_call_refuses_an_unsupported_model_before_starting_anything() -> None:
     import mpcfl as api
 
-    model = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.GELU())
-    with pytest.raises(api.UnsupportedModelError, match=r"layer '1' \(GELU\) is not supported"):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.ELU())
+    with pytest.raises(api.UnsupportedModelError, match=r"layer '1' \(ELU\) is not supported"):
         api.secure_predict_local(model, torch.zeros(2, 64))
     with pytest.raises(MpcflError, match="inputs contain NaN"):
         api.secure_predict_local(digits_mlp(), torch.full((2, 64), float("nan")))

@@ -15,6 +15,11 @@ class ImportedModelSpec(FactorySpec):
 
     weights: Path = Field(description="a state_dict saved with torch.save; read only by the owner")
     owner: Name
+    approximations: Literal["exact", "mpc_friendly"] = Field(
+        "exact",
+        description="transformer operators: exact, or mpc_friendly (quadratic GELU, 2Quad softmax; "
+        "faster, but the model must be distilled to them first; see docs/guides/transformers.md)",
+    )
 
 
 class InputSpec(_Strict):

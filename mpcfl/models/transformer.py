@@ -1,0 +1,470 @@
+"""Transformer operators on CrypTensors: LayerNorm, GELU, SiLU, masked softmax, attention,
+``nn.MultiheadAttention``, ``nn.TransformerEncoder(Layer)`` and ``nn.TransformerDecoder(Layer)``,
+in exact mode and in an MPC-friendly one.
+
+Each function takes secret-shared activations (CrypTensors) and, where a layer has them, its
+secret-shared tensors by local name. Masks are public (plain torch tensors, the same at
+every party: they are part of the architecture). Fixed point has 16 fractional bits in a
+64-bit ring: a product of two secrets must stay below about 2^31 in magnitude or it wraps
+silently, and CrypTen's iterative functions return garbage outside their ranges, so each
+function clamps or rescales its input into the range where it is accurate and states the
+range it is valid on. The errors against float torch are measured in
+``tests/models/test_transformer.py`` and listed in ``docs/guides/transformers.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpcfl.errors import MpcflError
+from mpcfl.mpc.engine import import_crypten
+
+#: Softmax differences below this are clamped: exp(-64) < 2^-16 is zero in fixed point, and
+#: CrypTen's exp, (1 + x/256)^256, turns into garbage (a large positive number) below -256.
+SOFTMAX_FLOOR = 64.0
+#: 1 / d for d = 1 + exp(-t) in [1, 2]: Newton from 0.75 (error 0.5 at most), 4 steps: 0.5^16 < 2^-16.
+_RECIPROCAL_1_2 = {"functions.reciprocal_all_pos": True, "functions.reciprocal_initial": 0.75,
+                   "functions.reciprocal_nr_iters": 4}
+#: Subtracted from masked entries: far below any kept logit, far inside the ring (2^20 * 2^16 < 2^63).
+MASK_OFFSET = float(2**20)
+#: CrypTen's reciprocal (10 Newton steps from 3 exp(1 - 2s) + 0.003) converges for a
+#: softmax denominator s in [1, ~256]: after the max is subtracted, s lies in [1, length].
+MAX_SOFTMAX_LENGTH = 256
+#: GELU's and SiLU's |x| are clamped here inside the sigmoid (exact to 2^-16 beyond:
+#: GELU(x) = SiLU(x) = relu(x) there), keeping x^3 and the exp's argument in range.
+GELU_CLAMP = 8.0
+SILU_CLAMP = 64.0
+#: LayerNorm's inverse square root: CrypTen's (3 Newton steps from 2.2 exp(-v/2 - 0.2) + 0.2 - v/1024)
+#: is accurate to 3e-3 for v in [0.13, 130] and garbage above ~150. The variance is first scaled by
+#: 16^-k into (0.25, 4], k counted by secure comparisons against 4 * 16^k for k in these exponents,
+#: which covers variances from 4 * 16^-3 ~ 1e-3 (below, fixed point's 2^-16 resolution dominates)
+#: to 4 * 16^6 ~ 6.7e7 (above, x - mean nears the 2^15 where its square wraps the ring).
+_VARIANCE_EXPONENTS = range(-3, 6)
+
+
+Approximations = Literal["exact", "mpc_friendly"]
+#: ``exact``: the operators above. ``mpc_friendly`` (MPCFormer, Li et al., ICLR 2023): GELU as the
+#: quadratic 0.125 x^2 + 0.25 x + 0.5 and softmax as "2Quad", (x + c)^2 / sum (x + c)^2 with c = 5:
+#: no comparison at all, but a different function, so the model needs distilling to it first
+#: (:func:`mpcfl.models.convert.emulate` runs it in plaintext, differentiably). LayerNorm stays exact.
+_APPROXIMATIONS: contextvars.ContextVar[str] = contextvars.ContextVar("approximations", default="exact")
+QUAD_SOFTMAX_SHIFT = 5.0
+
+
+@contextlib.contextmanager
+def approximations(mode: Approximations) -> Iterator[None]:
+    """Runs the operators in ``mode`` inside the block."""
+    if mode not in ("exact", "mpc_friendly"):
+        raise UnsupportedOperationError(f"approximations must be 'exact' or 'mpc_friendly', not {mode!r}")
+    token = _APPROXIMATIONS.set(mode)
+    try:
+        yield
+    finally:
+        _APPROXIMATIONS.reset(token)
+
+
+def _friendly() -> bool:
+    return _APPROXIMATIONS.get() == "mpc_friendly"
+
+
+class UnsupportedOperationError(MpcflError):
+    """A setting or a (public) input shape that an operator does not support under MPC."""
+
+
+def _crypten() -> Any:
+    return import_crypten()
+
+
+def _gated(x: Any, argument: Callable[[Any], Any], bound: float) -> Any:
+    """x * sigmoid(argument(x)) for an odd, increasing ``argument``, as relu(x) - |x| sigmoid(-argument(|x|)).
+
+    Two comparisons (x > 0, then |x| > bound) where clamping x and CrypTen's sigmoid took three:
+    the sigmoid's argument is known to be <= 0, so its own sign test is not needed. |x| is clamped
+    to ``bound`` first (exact: beyond it sigmoid(-argument) < 2^-16), which keeps CrypTen's exp,
+    (1 + t/256)^256, in [-256, 0] and any cube inside the ring.
+    """
+    crypten = _crypten()
+    positive = x.gt(0)  # 0/1 at scale 1: products with it are exact
+    magnitude = x * (positive * 2 - 1)
+    clamped = magnitude - (magnitude - bound).relu()
+    low = argument(clamped).neg().exp()  # exp(-argument(|x|)) in (0, 1]
+    with crypten.cfg.temp_override(_RECIPROCAL_1_2):
+        sigmoid_low = low * (low + 1).reciprocal()
+    return x * positive - magnitude * sigmoid_low
+
+
+def gelu(x: Any, approximate: str = "none") -> Any:
+    """GELU as x sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)) (the tanh form).
+
+    The tanh form differs from the erf form (``approximate='none'``) by at most 4.7e-4
+    (CrypTen's erf is a Taylor series, garbage beyond |x| ~ 2.5). Valid for |x| below the
+    ring's 2^31; beyond |x| = 8 it is exactly relu(x) (the sigmoid is below e^-49 there).
+    """
+    if approximate not in ("none", "tanh"):
+        raise UnsupportedOperationError(f"GELU with approximate={approximate!r}")
+    if _friendly():  # MPCFormer's "Quad": one product, no comparison
+        return x.square().mul(0.125) + x.mul(0.25) + 0.5
+    if torch.is_tensor(x):  # plaintext emulation (convert.emulate)
+        return F.gelu(x, approximate=approximate)
+    # t (1 + 0.044715 t^2): no product past 64 in magnitude, where t^2 * t reached 512 (a two-party
+    # truncation goes wrong with probability ~|a b| / 2^32, so large products are avoided)
+    return _gated(x, lambda t: t.mul(t.square().mul(0.044715) + 1).mul(2 * math.sqrt(2 / math.pi)), GELU_CLAMP)
+
+
+def silu(x: Any) -> Any:
+    """x sigmoid(x); exactly relu(x) beyond |x| = 64 (CrypTen's sigmoid is garbage past 500)."""
+    if torch.is_tensor(x):  # plaintext emulation (convert.emulate)
+        return F.silu(x)
+    return _gated(x, lambda t: t, SILU_CLAMP)
+
+
+def _normalise(centred: Any, v: Any) -> Any:
+    """centred / sqrt(v) for v in [1e-3, 6.7e7] (v broadcasts against centred).
+
+    v is scaled into (0.25, 4] by a secret 16^-m, counted by one batched comparison against
+    4 * 16^k, and CrypTen's Newton iteration runs there; ``centred`` takes the matching 4^-m
+    before the product, so that neither factor leaves the range where 16 fractional bits are
+    precise (1/sqrt(v) alone has 65 units of 2^-16 at v = 1e6). Comparison bits carry scale 1
+    (exact 0/1), so the scales are built with integer coefficients times 16^top, 4^top, then divided.
+    """
+    crypten = _crypten()
+    exponents = list(_VARIANCE_EXPONENTS)
+    top = exponents[-1] + 1
+    above = crypten.stack([v - 4.0 * 16.0**k for k in exponents]).gt(0)
+    scale, root = 16 ** (top - exponents[0]), 4 ** (top - exponents[0])
+    for i, k in enumerate(exponents):  # one step down at each threshold passed
+        scale = above[i] * (16 ** (top - k - 1) - 16 ** (top - k)) + scale
+        root = above[i] * (4 ** (top - k - 1) - 4 ** (top - k)) + root
+    return (centred * root).div(4**top) * (v * scale).div(16**top).inv_sqrt()
+
+
+def layer_norm(x: Any, p: dict[str, Any], eps: float) -> Any:
+    """LayerNorm over the last dim. Valid while the variance (plus eps) lies in [1e-3, 6.7e7]
+    and |x - mean| < 2^15; relative error of the normalisation ~3e-3."""
+    if torch.is_tensor(x):  # plaintext emulation (convert.emulate)
+        return F.layer_norm(x, x.shape[-1:], p.get("weight"), p.get("bias"), eps)
+    centred = x - x.mean(-1, keepdim=True)
+    out = _normalise(centred, centred.square().mean(-1, keepdim=True) + eps)
+    if "weight" in p:
+        out = out * p["weight"]
+    return out + p["bias"] if "bias" in p else out
+
+
+def is_public_mask(t: Any) -> bool:
+    """A bool tensor or one holding -inf: an attention mask, public; never secret-shared
+    (fixed point cannot encode -inf)."""
+    return torch.is_tensor(t) and (t.dtype == torch.bool or bool(torch.isneginf(t).any()))
+
+
+@dataclass
+class MaskedScores:
+    """Secret scores plus a public additive mask holding -inf: only a softmax may consume them."""
+
+    scores: Any
+    keep: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+def add_public_mask(scores: Any, mask: torch.Tensor) -> MaskedScores:
+    """``scores + mask`` for a float mask with -inf entries, kept apart until the softmax."""
+    keep, bias = public_mask(mask, true_means_keep=True)
+    return MaskedScores(scores, keep, bias)
+
+
+def row_max(x: Any, dim: int) -> Any:
+    """The maximum along ``dim`` (kept as a dim of size 1) by a tree of pairwise maxima:
+    n - 1 comparisons per row in ceil(log2 n) rounds. CrypTen's ``max(dim)`` also builds the
+    argmax (an equality test on every entry, and a random tie-break): several times the traffic."""
+    crypten = _crypten()
+    while x.size(dim) > 1:
+        n = x.size(dim)
+        half = n // 2
+        a, b = x.narrow(dim, 0, half), x.narrow(dim, half, half)
+        paired = b + (a - b).relu()
+        x = paired if n % 2 == 0 else crypten.cat([paired, x.narrow(dim, n - 1, 1)], dim=dim)
+    return x
+
+
+def softmax(x: Any, dim: int = -1, keep: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> Any:
+    """Softmax along ``dim`` with an optional public mask: ``keep`` (bool, broadcast against x)
+    says which entries take part, ``bias`` is a public additive term (a float mask's finite part).
+
+    Differences from the row's maximum are clamped to [-64, 0] (CrypTen's softmax has no clamp: a
+    gap past 256 returns garbage). Valid for any logits below the ring's 2^31 and rows of at most
+    256 entries (the denominator's reciprocal); a fully masked row returns 0 where torch gives NaN.
+    Absolute error ~1e-3 (measured in the tests).
+    """
+    if isinstance(x, MaskedScores):
+        extra = x.bias
+        x, keep = x.scores, _merge_keep(keep, x.keep)
+        bias = extra if bias is None else (bias if extra is None else bias + extra)
+    length = x.size(dim)
+    if length > MAX_SOFTMAX_LENGTH:
+        raise UnsupportedOperationError(
+            f"softmax over {length} entries: at most {MAX_SOFTMAX_LENGTH} are supported in fixed point"
+        )
+    if bias is not None:
+        x = x + bias
+    if _friendly():
+        return _quad_softmax(x, dim, keep)
+    if torch.is_tensor(x):  # plaintext emulation (convert.emulate)
+        return F.softmax(x if keep is None else x.masked_fill(~keep, float("-inf")), dim)
+    if keep is not None:  # masked entries sit below every kept one for the max, then drop out exactly
+        x = x + (~keep).to(torch.float32) * -MASK_OFFSET
+    gap = x - row_max(x, dim)
+    numerator = (gap + (-gap - SOFTMAX_FLOOR).relu()).exp()
+    if keep is not None:
+        numerator = numerator * keep.to(torch.float32)
+    crypten = _crypten()
+    with crypten.cfg.temp_override({"functions.reciprocal_all_pos": True}):
+        return numerator * numerator.sum(dim, keepdim=True).reciprocal()
+
+
+def _quad_softmax(x: Any, dim: int, keep: torch.Tensor | None) -> Any:
+    """MPCFormer's 2Quad: (x + 5)^2 / sum (x + 5)^2 along ``dim``, masked entries zeroed.
+
+    Valid while the row's mean of (x + 5)^2 lies in [1e-3, 256] (CrypTen's reciprocal; the
+    mean, not the sum, so that the length does not narrow the range).
+    """
+    numerator = (x + QUAD_SOFTMAX_SHIFT).square()
+    if keep is not None:
+        numerator = numerator * keep.to(torch.float32)
+    length = x.size(dim)
+    if torch.is_tensor(numerator):
+        return numerator / numerator.sum(dim, keepdim=True)
+    with _crypten().cfg.temp_override({"functions.reciprocal_all_pos": True}):
+        return numerator * numerator.sum(dim, keepdim=True).div(length).reciprocal().div(length)
+
+
+def public_mask(mask: torch.Tensor | None, *, true_means_keep: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A torch attention mask as (keep, bias): a bool mask (in SDPA True keeps, in
+    ``nn.MultiheadAttention`` True drops) or a float mask added to the scores, -inf dropping."""
+    if mask is None:
+        return None, None
+    if not torch.is_tensor(mask):
+        raise UnsupportedOperationError("an attention mask must be a public tensor (a buffer or a constant), not a secret")
+    if mask.dtype == torch.bool:
+        return (mask if true_means_keep else ~mask), None
+    keep = torch.isfinite(mask)
+    bias = torch.where(keep, mask, torch.zeros_like(mask)).float()
+    return (None if bool(keep.all()) else keep), (bias if bool(bias.any()) else None)
+
+
+def _causal(length: int, source: int) -> torch.Tensor:
+    return torch.ones(length, source, dtype=torch.bool).tril()
+
+
+def _merge_keep(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return a & b
+
+
+def attention(q: Any, k: Any, v: Any, keep: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+              scale: float | None = None) -> Any:
+    """softmax(q k^T * scale + mask) v over (..., L, E) CrypTensors: two products of secrets.
+
+    q is scaled before the product (a public scalar), which keeps the scores' magnitude down.
+    Valid for at most 256 keys (the softmax) while each score stays below ~2^31 (the ring);
+    error about 1e-3 (measured: scaled_dot_product_attention, MultiheadAttention).
+    """
+    scale = 1 / math.sqrt(q.size(-1)) if scale is None else scale
+    scores = (q * scale).matmul(k.transpose(-2, -1))
+    return softmax(scores, -1, keep, bias).matmul(v)
+
+
+def scaled_dot_product_attention(q: Any, k: Any, v: Any, attn_mask: torch.Tensor | None = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> Any:
+    """``F.scaled_dot_product_attention`` in eval (dropout off); masks public."""
+    if enable_gqa:
+        raise UnsupportedOperationError("scaled_dot_product_attention with enable_gqa=True")
+    keep, bias = public_mask(attn_mask, true_means_keep=True)
+    if is_causal:
+        keep = _merge_keep(keep, _causal(q.size(-2), k.size(-2)))
+    return attention(q, k, v, keep, bias, scale)
+
+
+def _sub(p: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The tensors under ``prefix.`` with the prefix taken off."""
+    start = f"{prefix}."
+    return {name[len(start):]: t for name, t in p.items() if name.startswith(start)}
+
+
+def check_layer_norm(m: nn.LayerNorm) -> None:
+    """Refuses a LayerNorm over more than the last dim."""
+    if len(m.normalized_shape) != 1:
+        raise UnsupportedOperationError(f"LayerNorm over {len(m.normalized_shape)} dims (the last dim is supported)")
+
+
+def check_multihead(m: nn.MultiheadAttention) -> None:
+    """Refuses the settings not implemented here."""
+    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        raise UnsupportedOperationError("MultiheadAttention with kdim/vdim, add_bias_kv or add_zero_attn")
+
+
+def multihead_attention(m: nn.MultiheadAttention, query: Any, p: dict[str, Any], key: Any = None, value: Any = None,
+                        key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                        attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                        is_causal: bool = False) -> tuple[Any, None]:
+    """``nn.MultiheadAttention.forward`` in eval: (output, None); the weights are never returned
+    (they would be a secret the caller did not ask to open). Masks public, as torch takes them.
+    Valid as :func:`attention`."""
+    key = query if key is None else key
+    value = key if value is None else value
+    if not m.batch_first:  # (L, N, E) -> (N, L, E)
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    embed, heads = m.embed_dim, m.num_heads
+    weight, bias = p["in_proj_weight"], p.get("in_proj_bias")
+
+    def project(t: Any, part: int) -> Any:
+        out = t.matmul(weight[part * embed:(part + 1) * embed].t())
+        return out if bias is None else out + bias[part * embed:(part + 1) * embed]
+
+    if key is query and value is query:  # self-attention: one product for q, k and v
+        qkv = query.matmul(weight.t())
+        if bias is not None:
+            qkv = qkv + bias
+        q, k, v = qkv[..., :embed], qkv[..., embed:2 * embed], qkv[..., 2 * embed:]
+    else:
+        q, k, v = project(query, 0), project(key, 1), project(value, 2)
+
+    def split_heads(t: Any) -> Any:  # (N, L, E) -> (N, H, L, E/H)
+        n, length, _ = t.size()
+        return t.reshape(n, length, heads, embed // heads).permute(0, 2, 1, 3)
+
+    keep, mask_bias = public_mask(attn_mask, true_means_keep=False)
+    if is_causal and attn_mask is None:
+        keep = _causal(q.size(1), k.size(1))
+    if key_padding_mask is not None:  # (N, S) -> (N, 1, 1, S)
+        pad_keep, pad_bias = public_mask(key_padding_mask, true_means_keep=False)
+        keep = _merge_keep(keep, None if pad_keep is None else pad_keep[:, None, None, :])
+        if pad_bias is not None:
+            mask_bias = pad_bias[:, None, None, :] if mask_bias is None else mask_bias + pad_bias[:, None, None, :]
+    if keep is not None and keep.dim() == 3:  # (N * H, L, S) per head -> (N, H, L, S)
+        keep = keep.reshape(-1, heads, *keep.shape[1:])
+    if mask_bias is not None and mask_bias.dim() == 3:
+        mask_bias = mask_bias.reshape(-1, heads, *mask_bias.shape[1:])
+    out = attention(split_heads(q), split_heads(k), split_heads(v), keep, mask_bias)
+    n, _, length, _ = out.size()
+    out = out.permute(0, 2, 1, 3).reshape(n, length, embed)
+    out = out.matmul(p["out_proj.weight"].t())
+    if "out_proj.bias" in p:
+        out = out + p["out_proj.bias"]
+    return (out if m.batch_first else out.transpose(0, 1)), None
+
+
+def _activation(layer: nn.TransformerEncoderLayer, x: Any) -> Any:
+    act = layer.activation
+    if act is F.relu or isinstance(act, nn.ReLU):
+        return x.relu()
+    if act is F.gelu:
+        return gelu(x)
+    if isinstance(act, nn.GELU):
+        return gelu(x, act.approximate)
+    raise UnsupportedOperationError(f"TransformerEncoderLayer with activation {act!r} (relu and gelu are supported)")
+
+
+def check_encoder_layer(layer: nn.TransformerEncoderLayer | nn.TransformerDecoderLayer) -> None:
+    """Refuses an activation other than relu or gelu, or attention settings not implemented
+    (a decoder layer's too: its attention to the memory and its third norm)."""
+    act = layer.activation
+    if not (act in (F.relu, F.gelu) or isinstance(act, (nn.ReLU, nn.GELU))):
+        raise UnsupportedOperationError(f"TransformerEncoderLayer with activation {act!r} (relu and gelu are supported)")
+    check_multihead(layer.self_attn)
+    check_layer_norm(layer.norm1)
+    check_layer_norm(layer.norm2)
+    if isinstance(layer, nn.TransformerDecoderLayer):
+        check_multihead(layer.multihead_attn)
+        check_layer_norm(layer.norm3)
+
+
+def _feed_forward(m: nn.Module, p: dict[str, Any], x: Any) -> Any:
+    """An encoder or decoder layer's linear2(activation(linear1(x))); bias=False layers have no biases."""
+
+    def linear(x: Any, name: str) -> Any:
+        out = x.matmul(p[f"{name}.weight"].t())
+        return out + p[f"{name}.bias"] if f"{name}.bias" in p else out
+
+    return linear(_activation(m, linear(x, "linear1")), "linear2")
+
+
+def _norm(m: nn.Module, p: dict[str, Any], x: Any, name: str) -> Any:
+    return layer_norm(x, _sub(p, name), getattr(m, name).eps)
+
+
+def encoder_layer(m: nn.TransformerEncoderLayer, src: Any, p: dict[str, Any], src_mask: torch.Tensor | None = None,
+                  src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> Any:
+    """``nn.TransformerEncoderLayer.forward`` in eval, both ``norm_first`` settings; valid as its
+    parts (:func:`attention`, :func:`layer_norm`, :func:`gelu`)."""
+
+    def attend(x: Any) -> Any:
+        return multihead_attention(m.self_attn, x, _sub(p, "self_attn"), x, x, src_key_padding_mask,
+                                   attn_mask=src_mask, is_causal=is_causal and src_mask is None)[0]
+
+    x = src
+    if m.norm_first:
+        x = x + attend(_norm(m, p, x, "norm1"))
+        return x + _feed_forward(m, p, _norm(m, p, x, "norm2"))
+    x = _norm(m, p, x + attend(x), "norm1")
+    return _norm(m, p, x + _feed_forward(m, p, x), "norm2")
+
+
+def decoder_layer(m: nn.TransformerDecoderLayer, tgt: Any, p: dict[str, Any], memory: Any,
+                  tgt_mask: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
+                  tgt_key_padding_mask: torch.Tensor | None = None, memory_key_padding_mask: torch.Tensor | None = None,
+                  tgt_is_causal: bool = False, memory_is_causal: bool = False) -> Any:
+    """``nn.TransformerDecoderLayer.forward`` in eval: self-attention, attention to ``memory`` (a
+    secret the same model computed), feed-forward; both ``norm_first`` settings. Valid as its parts."""
+
+    def attend(x: Any) -> Any:
+        return multihead_attention(m.self_attn, x, _sub(p, "self_attn"), x, x, tgt_key_padding_mask,
+                                   attn_mask=tgt_mask, is_causal=tgt_is_causal and tgt_mask is None)[0]
+
+    def attend_memory(x: Any) -> Any:
+        return multihead_attention(m.multihead_attn, x, _sub(p, "multihead_attn"), memory, memory,
+                                   memory_key_padding_mask, attn_mask=memory_mask,
+                                   is_causal=memory_is_causal and memory_mask is None)[0]
+
+    x = tgt
+    if m.norm_first:
+        x = x + attend(_norm(m, p, x, "norm1"))
+        x = x + attend_memory(_norm(m, p, x, "norm2"))
+        return x + _feed_forward(m, p, _norm(m, p, x, "norm3"))
+    x = _norm(m, p, x + attend(x), "norm1")
+    x = _norm(m, p, x + attend_memory(x), "norm2")
+    return _norm(m, p, x + _feed_forward(m, p, x), "norm3")
+
+
+def decoder(m: nn.TransformerDecoder, tgt: Any, p: dict[str, Any], memory: Any, tgt_mask: torch.Tensor | None = None,
+            memory_mask: torch.Tensor | None = None, tgt_key_padding_mask: torch.Tensor | None = None,
+            memory_key_padding_mask: torch.Tensor | None = None, tgt_is_causal: bool | None = None,
+            memory_is_causal: bool = False) -> Any:
+    """``nn.TransformerDecoder.forward`` in eval: its layers in turn, then its final norm, if any."""
+    x = tgt
+    for i, layer in enumerate(m.layers):
+        x = decoder_layer(layer, x, _sub(p, f"layers.{i}"), memory, tgt_mask, memory_mask, tgt_key_padding_mask,
+                          memory_key_padding_mask, bool(tgt_is_causal), memory_is_causal)
+    if m.norm is not None:
+        x = layer_norm(x, _sub(p, "norm"), m.norm.eps)
+    return x
+
+
+def encoder(m: nn.TransformerEncoder, src: Any, p: dict[str, Any], mask: torch.Tensor | None = None,
+            src_key_padding_mask: torch.Tensor | None = None, is_causal: bool | None = None) -> Any:
+    """``nn.TransformerEncoder.forward`` in eval: its layers in turn, then its final norm, if any."""
+    x = src
+    for i, layer in enumerate(m.layers):
+        x = encoder_layer(layer, x, _sub(p, f"layers.{i}"), mask, src_key_padding_mask, bool(is_causal))
+    if m.norm is not None:
+        x = layer_norm(x, _sub(p, "norm"), m.norm.eps)
+    return x

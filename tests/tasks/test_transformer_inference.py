@@ -1,0 +1,113 @@
+"""Transformers served securely between real processes: the shipped ViT, token ids, and what
+each party's buffers hold (the recorder of tests/spy, as in tests/mpc/test_confidentiality.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, assert_no_leftovers, mpcfl, spy_views, write_job
+from mpcfl.models.convert import emulate, trace
+from mpcfl.models.zoo import digits_vit
+from mpcfl.tasks.inference import _architecture
+
+VIT_WEIGHTS = REPO / "examples" / "data" / "digits_vit" / "bank_weights.pt"
+VIT_FRIENDLY_WEIGHTS = REPO / "examples" / "data" / "digits_vit" / "bank_weights_mpc_friendly.pt"
+CLINIC_IMAGES = REPO / "examples" / "data" / "digits_inference" / "clinic_inputs.npy"
+DEMO = REPO / "configs" / "digits_vit_inference.yaml"
+SMALLEST_TELLING = 1 << 12  # ring values below this can be public small integers (shapes, flags)
+
+
+def _vit(weights: Path = VIT_WEIGHTS) -> torch.nn.Module:
+    model = digits_vit()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    return model.eval()
+
+
+@pytest.mark.parametrize(("weights", "mode"), [(VIT_WEIGHTS, "exact"), (VIT_FRIENDLY_WEIGHTS, "mpc_friendly")])
+def test_vit_between_two_parties_and_the_dealer_matches_plaintext(weights: Path, mode: str) -> None:
+    """The shipped ViT on real processes (secret x secret products with dealer triples): same classes
+    as in plaintext with the same operators (0.048 and 0.097 the largest logit differences on all 197)."""
+    import mpcfl as api
+
+    model = _vit(weights)
+    images = torch.from_numpy(np.load(CLINIC_IMAGES)[:6])
+    secure = api.secure_predict_local(model, images, batch_size=6, timeout_s=60, approximations=mode)
+    with torch.no_grad():
+        expected = emulate(model, images, mode)
+    assert torch.equal(secure.argmax(1), expected.argmax(1))
+    assert (secure - expected).abs().max() < 0.2
+
+
+def test_token_ids_are_one_hot_encoded_at_their_owner_between_two_parties() -> None:
+    import mpcfl as api
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(11, 8),
+        torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+        torch.nn.Flatten(),
+        torch.nn.Linear(40, 3),
+    ).eval()
+    ids = torch.randint(0, 11, (3, 5))
+    secure = api.secure_predict_local(model, ids.float(), batch_size=3, timeout_s=60)
+    with torch.no_grad():
+        assert (secure - model(ids)).abs().max() < 2e-2
+
+
+def _ring(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Values as CrypTen encodes them (2^16 units), the telling ones only, with +-2 units of rounding."""
+    encoded = np.round(np.asarray(values, dtype=np.float64).reshape(-1) * 2**16).astype(np.int64)
+    telling = encoded[np.abs(encoded) >= SMALLEST_TELLING]
+    return np.unique(np.concatenate([telling + delta for delta in range(-2, 3)]))
+
+
+def test_the_vit_job_shows_the_bank_no_pixel_or_prediction_and_the_clinic_no_weight(tmp_path: Path, spied: Path) -> None:
+    images = np.random.default_rng(0).uniform(0.05, 1.0, size=(4, 64)).astype(np.float32)  # distinct ring values
+    np.save(tmp_path / "images.npy", images)
+    spec = yaml.safe_load(DEMO.read_text())
+    spec["model"]["weights"] = str(VIT_WEIGHTS)
+    spec["inputs"]["file"] = str(tmp_path / "images.npy")
+    spec["outputs"]["dir"] = str(tmp_path / "out")
+    job = write_job(tmp_path, spec)
+    done = mpcfl("run", str(job), timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    views = spy_views(spied)  # rank 0: bank (model owner), 1: clinic (data owner), 2: the dealer
+    predictions = np.load(tmp_path / "out" / "clinic" / "latest" / "predictions.npy")
+    opened = views["1"]["opened_protocol"]
+    encoded = np.round(predictions.astype(np.float64).reshape(-1) * 2**16).astype(np.int64)
+    assert np.isin(encoded, opened).all(), "the predictions were not opened to the clinic"
+    weights = np.concatenate([t.reshape(-1).numpy() for t in _vit().state_dict().values()])
+    for rank in ("0", "2"):
+        seen = views[rank]["seen_protocol"]
+        assert seen.size > 0
+        assert int(np.isin(seen, _ring(images)).sum()) == 0, f"rank {rank} holds the clinic's pixels"
+        assert int(np.isin(seen, opened).sum()) == 0, f"rank {rank} holds values opened to the clinic"
+        received = views[rank].get("received_protocol", np.zeros(0, dtype=np.int64))
+        assert int(received.sum()) == 0, f"rank {rank} received data during an opening"
+    assert int(np.isin(views["1"]["seen_protocol"], _ring(weights)).sum()) == 0, "the clinic holds the bank's weights"
+    assert_no_leftovers(str(job))
+
+
+
+def test_the_fingerprint_the_parties_compare_covers_approximations_and_mask_values() -> None:
+    """What the parties compare before sharing: a different mode or mask is refused, not run."""
+    model = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    exact = _architecture(trace(model), "exact")
+    assert exact == _architecture(trace(model), "exact")
+    assert exact != _architecture(trace(model), "mpc_friendly")
+
+    class Causal(torch.nn.Module):
+        def __init__(self, keep: torch.Tensor) -> None:
+            super().__init__()
+            self.register_buffer("keep", keep)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(x, x, x, attn_mask=self.keep)
+
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    assert _architecture(trace(Causal(causal))) != _architecture(trace(Causal(~causal | torch.eye(4, dtype=torch.bool))))
