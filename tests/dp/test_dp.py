@@ -229,6 +229,19 @@ def test_dp_config_errors(tmp_path: Path, change: dict, message: str) -> None:
         load_job(write_job(tmp_path, spec))
 
 
+def test_the_noise_source_follows_the_provider_and_dealer_noise_needs_a_dealer(tmp_path: Path) -> None:
+    spec = dp_demo()
+    assert load_job(write_job(tmp_path, spec)).noise_source == "dealer"  # the default provider has a dealer
+    assert load_job(write_job(tmp_path, spec)).noise_inflation == 1.0
+    spec["runtime"]["provider"] = "tfp"
+    spec["dp"].pop("noise", None)
+    job = load_job(write_job(tmp_path, spec))
+    assert job.noise_source == "parties" and job.noise_inflation == pytest.approx(math.sqrt(2))  # 2 parties, t = 1
+    spec["dp"]["noise"] = "dealer"
+    with pytest.raises(ConfigError, match="dp.noise: dealer needs a dealer process; runtime.provider tfp has none"):
+        load_job(write_job(tmp_path, spec))
+
+
 def test_dp_refuses_free_metrics(tmp_path: Path) -> None:
     spec = dp_demo()
     spec["outputs"]["metrics_to"] = "all"
