@@ -1,6 +1,6 @@
 """Test accuracy against epsilon for DP-SGD under MPC on the breast-cancer demo, by batch sampling.
 
-    python examples/dp_utility.py [--sampling shuffle,poisson] [--epsilons inf,8,4,2,1,0.5] [--runs 5]
+    python examples/dp_utility.py [--sampling shuffle,poisson,poisson+dealer] [--epsilons inf,8,4,2,1,0.5] [--runs 5]
 
 Runs configs/breast_cancer_dp.yaml (2 hospitals + the TTP dealer, logistic regression) with
 each batch sampling (``dp.sampling``: public shuffled batches, or secret Poisson sampling, each
@@ -51,11 +51,12 @@ def job_file(sampling: str, epsilon: float, run: int) -> Path:
         party["data"] = {k: str((JOB.parent / v).resolve()) for k, v in party["data"].items()}
     name = f"{sampling}_eps_{epsilon}_run_{run}"
     spec["outputs"]["dir"] = str(OUT / name)
-    spec["training"].update(TRAINING[sampling], seed=run)
+    base, _, noise = sampling.partition("+")
+    spec["training"].update(TRAINING[base], seed=run)
     if math.isinf(epsilon):
         del spec["dp"]
     else:
-        spec["dp"].update(epsilon=epsilon, sampling=sampling)
+        spec["dp"].update(epsilon=epsilon, sampling=base, noise=noise or "parties")
     path = OUT / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -81,7 +82,8 @@ def measure(sampling: str, epsilon: float, run: int) -> tuple[float, list[float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sampling", default="shuffle,poisson", help="comma-separated: shuffle, poisson")
+    parser.add_argument("--sampling", default="shuffle,poisson,poisson+dealer",
+                        help="comma-separated: shuffle, poisson; +dealer: the dealer draws the noise")
     parser.add_argument("--epsilons", default="inf,8,4,2,1,0.5", help="comma-separated; inf: no DP")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
@@ -112,8 +114,9 @@ def _plot(rows: list[tuple[str, float, list[float], float, float | None]]) -> No
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for (sampling, style), label in zip({"shuffle": "o-", "poisson": "s-"}.items(),
-                                        ["public shuffled batches (replace-one)", "secret Poisson sampling (add/remove)"]):
+    for (sampling, style), label in zip({"shuffle": "o-", "poisson": "s-", "poisson+dealer": "^-"}.items(),
+                                        ["public shuffled batches (replace-one)", "secret Poisson sampling (add/remove)",
+                                         "secret Poisson sampling, noise the dealer draws"]):
         points = sorted((e, a) for s, e, a, _, _ in rows if s == sampling and not math.isinf(e))
         if points:
             xs = [e for e, _ in points]

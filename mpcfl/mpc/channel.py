@@ -30,6 +30,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,6 +134,25 @@ def owner_of(blob: bytes) -> int | None:
 
 
 @dataclass
+class _Link:
+    """One TLS link's socket, the lock every call on it holds, and what is still to be encrypted."""
+
+    secure: ssl.SSLSocket
+    plain: socket.socket
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    busy: bool = False  # the encrypting thread holds bytes gloo wrote that are not yet sent
+
+    def drained(self) -> bool:
+        """Nothing gloo wrote is waiting: neither held by the encrypting thread nor unread on loopback."""
+        if self.busy:
+            return False
+        try:
+            return not select.select([self.plain], [], [], 0)[0]
+        except (OSError, ValueError):  # closed already
+            return True
+
+
+@dataclass
 class Relay:
     """This process's TLS endpoints: a listener per gloo listener (peers connect to it), and a loopback
     listener per peer address (gloo connects to it), each pumping bytes to the other side."""
@@ -146,7 +166,7 @@ class Relay:
     failures: list[str] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
     _sockets: list[socket.socket] = field(default_factory=list)
-    _links: list[tuple[ssl.SSLSocket, threading.Lock]] = field(default_factory=list)
+    _links: list[_Link] = field(default_factory=list)
 
     def _context(self, server: bool, trusted: list[bytes]) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
@@ -230,8 +250,9 @@ class Relay:
         for sock in (secure, plain):  # MPC rounds are small messages: Nagle's delay would cost each 40 ms
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         secure.setblocking(False)
-        lock = threading.Lock()
-        self._links.append((secure, lock))
+        state = _Link(secure, plain)
+        lock = state.lock
+        self._links.append(state)
 
         def call(operation: Callable[[], Any]) -> Any:
             """``operation`` on the TLS socket under the lock; None when it would block."""
@@ -253,6 +274,7 @@ class Relay:
 
         def encrypt() -> None:  # loopback -> TLS
             while data := plain.recv(_CHUNK):
+                state.busy = True
                 view = memoryview(data)
                 while view:
                     sent = call(lambda: secure.send(view))
@@ -260,6 +282,7 @@ class Relay:
                         view = view[sent:]
                     else:
                         select.select([], [secure], [], _POLL_S)
+                state.busy = False
             _close_notify(secure, lock)  # gloo closed its end: a TLS close tells the peer an end from a cut
 
         def run(direction: Callable[[], None]) -> None:
@@ -284,11 +307,15 @@ class Relay:
             log.error("channel: %s", what)
             self.failures.append(what)
 
-    def close(self) -> None:
-        """Closes every link with a TLS close (so no peer reads the end as a cut), then every socket."""
+    def close(self, drain_s: float = 2.0) -> None:
+        """Closes every link with a TLS close (so no peer reads the end as a cut), once what gloo wrote
+        has been sent (up to ``drain_s``), then every socket."""
         self._stopping.set()
-        for secure, lock in self._links:
-            _close_notify(secure, lock)
+        deadline = time.monotonic() + drain_s
+        for link in self._links:
+            while not link.drained() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            _close_notify(link.secure, link.lock)
         for sock in self._sockets:
             _close(sock)
 
@@ -361,6 +388,9 @@ def channel_store(inner: object, relay: Relay) -> object:
             blob = bytes(value)
             owner = owner_of(blob)
             if owner is None:
+                if parse_address(blob) is not None:  # gloo would dial it in the clear: someone wrote the store
+                    raise ChannelError(f"the rendezvous store holds a peer address {key!r} that no relay published "
+                                       "(changed on the network?); refusing to connect outside TLS")
                 return blob
             if owner == relay.rank:  # its own entry, as gloo published it
                 return rewrite_address(blob, GLOO_HOST, self.own[key.rsplit("/", 1)[0]])

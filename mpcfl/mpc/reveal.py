@@ -267,7 +267,9 @@ def add_noise(value: Any, mechanism: str, scale: float, *, colluders: int, sourc
         if mechanism != "gaussian":
             raise RevealPolicyError(f"the dealer draws Gaussian (Skellam) noise only, not {mechanism}")
         provider = crypten.mpc.get_default_provider()
-        share = provider.generate_noise(tuple(value.size()), float((scale * fixed_point) ** 2), device=value.device)
+        # whole ring units squared: every party digests the same request, whatever rounding its z carried
+        variance = float(round((scale * fixed_point) ** 2))
+        share = provider.generate_noise(tuple(value.size()), variance, device=value.device)
         value.share = value.share + share.reshape(value.share.shape)
         return
     share = noise_share(

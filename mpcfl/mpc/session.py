@@ -165,11 +165,16 @@ def _configure(session: Session, rank: int) -> Any:
 
     set_process_group_timeout(session.timeout_s)
     rendezvous = session.rendezvous or os.environ.get(ENV_RENDEZVOUS, "")
-    mode = channel_mode(session, rendezvous, plain_confirmed=os.environ.get(ENV_PLAIN_NETWORK) == "1")
+    confirmed = os.environ.get(ENV_PLAIN_NETWORK) == "1"
+    mode = channel_mode(session, rendezvous, plain_confirmed=confirmed)
     set_store_wrapper(_channel(session, rank, rendezvous) if mode == "tls" else None)
+    if mode == "plain" and not confirmed:
+        # Unconfirmed plain links stay on this host whatever the rendezvous looks like (a store on a shared
+        # file system, a forwarded port): a peer on another host then cannot connect, rather than read them.
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     if mode == "plain":
         log.info("links are plain TCP (runtime.channel: %s): %s", session.channel,
-                 "on this host's loopback only" if _loopback(rendezvous) else "confirmed with --plain-network")
+                 "confirmed with --plain-network" if confirmed else "on this host's loopback only")
     cfg.mpc.provider = session.provider.crypten_name
     cfg.communicator.verbose = True
     return crypten
@@ -203,12 +208,23 @@ def channel_mode(session: Session, rendezvous: str, *, plain_confirmed: bool) ->
 
 
 def _loopback(rendezvous: str) -> bool:
-    """Whether every process meets on this host: a ``file://`` rendezvous, or a loopback address."""
+    """Whether the rendezvous is on this host: a ``file://`` store, or a host every address of which is
+    loopback. (Only a hint: with plain links unconfirmed, gloo is bound to loopback anyway.)"""
+    import ipaddress
+    import socket
     from urllib.parse import urlparse
 
     if rendezvous.startswith("tcp://"):
-        return (urlparse(rendezvous).hostname or "").startswith(("127.", "localhost"))
-    return not rendezvous.startswith("env://") or os.environ.get("MASTER_ADDR", "127.0.0.1").startswith(("127.", "localhost"))
+        host = urlparse(rendezvous).hostname or ""
+    elif rendezvous.startswith("env://"):
+        host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    else:
+        return True
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
 def _channel(session: Session, rank: int, rendezvous: str) -> Callable[[Any], Any]:
@@ -270,10 +286,9 @@ def _crypten_session(crypten: Any, session: Session, who: str) -> Iterator[None]
     finally:
         with contextlib.suppress(RuntimeError):
             end_crypten(crypten, failed=failed)
-        if not failed:
-            from mpcfl.mpc.channel import close_all
+        from mpcfl.mpc.channel import close_all
 
-            close_all()
+        close_all()  # after a failure too: a later session (a federated re-formation) gets fresh relays
 
 
 @contextlib.contextmanager

@@ -93,6 +93,20 @@ def test_skellam_noise_is_integer_with_the_right_moments() -> None:
         share_variance(0.5, parties=3, colluders=3, scale=SCALE)
 
 
+def test_skellam_stays_exact_at_large_variances_and_refuses_beyond() -> None:
+    """numpy's Poisson drifts above a mean of 2^46 and loses low bits above 2^53: a large variance is
+    drawn as a sum of smaller Poissons, its low bits stay random, and beyond 2^56 it is refused."""
+    from mpcfl.dp.noise import MAX_VARIANCE
+
+    generator = numpy_generator()
+    for variance in (2.0**54.8, MAX_VARIANCE):
+        draws = skellam((20_000,), variance, generator)
+        assert draws.var() / variance == pytest.approx(1.0, abs=0.05)
+        assert np.mean(draws % 2) == pytest.approx(0.5, abs=0.02)  # a multiple of 2 would be 0
+    with pytest.raises(ValueError, match="outside"):
+        skellam((4,), 2 * MAX_VARIANCE, generator)
+
+
 def test_discrete_laplace_shares_sum_to_the_target() -> None:
     from mpcfl.dp.noise import noise_share
 
@@ -229,15 +243,15 @@ def test_dp_config_errors(tmp_path: Path, change: dict, message: str) -> None:
         load_job(write_job(tmp_path, spec))
 
 
-def test_the_noise_source_follows_the_provider_and_dealer_noise_needs_a_dealer(tmp_path: Path) -> None:
+def test_the_parties_draw_the_noise_unless_the_job_asks_the_dealer_which_needs_one(tmp_path: Path) -> None:
     spec = dp_demo()
-    assert load_job(write_job(tmp_path, spec)).noise_source == "dealer"  # the default provider has a dealer
-    assert load_job(write_job(tmp_path, spec)).noise_inflation == 1.0
-    spec["runtime"]["provider"] = "tfp"
     spec["dp"].pop("noise", None)
     job = load_job(write_job(tmp_path, spec))
     assert job.noise_source == "parties" and job.noise_inflation == pytest.approx(math.sqrt(2))  # 2 parties, t = 1
     spec["dp"]["noise"] = "dealer"
+    job = load_job(write_job(tmp_path, spec))
+    assert job.noise_source == "dealer" and job.noise_inflation == 1.0
+    spec["runtime"]["provider"] = "tfp"
     with pytest.raises(ConfigError, match="dp.noise: dealer needs a dealer process; runtime.provider tfp has none"):
         load_job(write_job(tmp_path, spec))
 

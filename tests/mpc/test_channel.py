@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -59,6 +60,26 @@ def test_gloo_addresses_are_rewritten_and_tagged_in_place() -> None:
     assert channel.parse_address(moved) == ("127.0.0.2", 5555) and channel.owner_of(moved) == 7
     assert len(moved) == len(blob) and moved[:18] == blob[:18] and moved[46:] == blob[46:]
     assert channel.parse_address(b"not an address") is None and channel.owner_of(blob) is None
+
+
+def test_an_address_no_relay_published_is_refused_not_dialled_in_the_clear() -> None:
+    """A man in the middle on the rendezvous store strips the tag from a peer's address (so gloo would
+    connect to it outside TLS): the process refuses it."""
+    import torch.distributed as dist
+
+    relay0, relay1, _ = _relays()
+    try:
+        inner = dist.HashStore()
+        blob = bytes(18) + struct.pack("<H", 2) + struct.pack(">H", 4242) + socket.inet_aton("10.0.0.9") + bytes(8) + bytes(20)
+        inner.set("0//cpu//0/1", blob)  # untagged: as gloo writes it, never as a relay publishes it
+        store = channel.channel_store(inner, relay0)
+        with pytest.raises(channel.ChannelError, match="no relay published"):
+            store.get("0//cpu//0/1")
+        inner.set("0//cpu//0/2", channel.rewrite_address(blob, "127.0.0.1", 4243, owner=1))
+        host, port = channel.parse_address(store.get("0//cpu//0/2"))  # a relay's address: routed to p0's relay
+        assert host.startswith("127.0.0.") and port != 4243
+    finally:
+        relay0.close(), relay1.close()
 
 
 def _relays() -> tuple[channel.Relay, channel.Relay, list[Ed25519PrivateKey]]:

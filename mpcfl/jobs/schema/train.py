@@ -81,11 +81,13 @@ class DPSpec(_Strict):
         description="mlp: every parameter is kept within [-weight_bound, weight_bound] (projected under MPC "
         "after each step), so the per-example clip holds for any weights the run reaches",
     )
-    noise: Literal["dealer", "parties"] | None = Field(
-        default=None,
-        description="who draws the DP-SGD noise: dealer (the TTP dealer draws it and shares it, so no party knows "
-        "any of it: the whole noise counts against any coalition of parties) or parties (each adds a share; "
-        "collusion_threshold sizes them); default dealer under runtime.provider: ttp, else parties",
+    noise: Literal["parties", "dealer"] = Field(
+        default="parties",
+        description="who draws the DP-SGD noise. parties: each adds a share, sized by collusion_threshold, so DP "
+        "holds against the dealer and any t parties. dealer (runtime.provider: ttp): the dealer draws it all and "
+        "shares it, so no party knows any of it and half the noise of two parties' shares does; DP then holds "
+        "against every coalition of parties, receivers included, but not against the dealer once it sees a "
+        "release (it knows the noise)",
     )
     collusion_threshold: int | None = Field(
         default=None,
@@ -311,11 +313,9 @@ class TrainJob(JobBase):
 
     @property
     def noise_source(self) -> str:
-        """Who draws DP-SGD's Gaussian noise: ``dealer`` (no party knows it) or ``parties`` (shares)."""
+        """Who draws DP-SGD's Gaussian noise: ``parties`` (shares) or ``dealer`` (no party knows it)."""
         assert self.dp is not None
-        if self.dp.noise is not None:
-            return self.dp.noise
-        return "dealer" if providers.get(self.runtime.provider).needs_dealer else "parties"
+        return self.dp.noise
 
     @property
     def noise_inflation(self) -> float:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mpcfl.dp.noise import skellam
+from mpcfl.dp.noise import MAX_VARIANCE, skellam
 from mpcfl.errors import MpcflError
 from mpcfl.mpc.prng import SecureGenerator, numpy_generator
 from mpcfl.mpc.wire import to_words
@@ -53,9 +53,6 @@ PARTY_METHODS = {
     "fixed_triple": "generate_fixed_triple",
     "noise": "generate_noise",
 }
-#: The largest variance, in ring units squared, of the DP noise a ``noise`` request may ask for
-#: (a standard deviation of 2^30 ring units: 16384 in the value's units).
-MAX_NOISE_VARIANCE = float(1 << 60)
 DIGEST_WORDS = 4  # SHA-256 as int64 words
 #: The fixed masks the dealer keeps at once hold at most this many elements in all.
 MAX_MASK_ELEMENTS = MAX_ELEMENTS
@@ -254,8 +251,8 @@ class Requests:
         if name in ("fixed_mask", "fixed_triple"):
             return self._check_fixed(name, args, kwargs, within)
         if name == "noise":
-            if len(args) != 2 or kwargs or type(args[1]) is not float or not 0 < args[1] <= MAX_NOISE_VARIANCE:
-                raise self._refuse(f"request 'noise' with arguments {args!r} (a size and a variance in (0, 2^60])")
+            if len(args) != 2 or kwargs or type(args[1]) is not float or not 0 < args[1] <= MAX_VARIANCE:
+                raise self._refuse(f"request 'noise' with arguments {args!r} (a size and a variance in (0, 2^56])")
             self._size(name, args[0])
             return self.requests[name], args, kwargs
         if name == "quiet":
