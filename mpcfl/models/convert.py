@@ -268,12 +268,15 @@ def _describe(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
     return f"{node.op.replace('call_', '')} {name!r} (node {node.name})"
 
 
-def _is_relu(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+def _is(gm: torch.fx.GraphModule, node: torch.fx.Node, module: type, functions: tuple, method: str) -> bool:
+    """Whether ``node`` is one operation in any of its three spellings: a module, a function, a method."""
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), nn.ReLU)
-    return (node.op == "call_function" and node.target in (torch.relu, F.relu)) or (
-        node.op == "call_method" and node.target == "relu"
-    )
+        return isinstance(gm.get_submodule(node.target), module)
+    return (node.op == "call_function" and node.target in functions) or (node.op == "call_method" and node.target == method)
+
+
+def _is_relu(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    return _is(gm, node, nn.ReLU, (torch.relu, F.relu), "relu")
 
 
 def _pool_before_relu(gm: torch.fx.GraphModule) -> int:
@@ -351,11 +354,7 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
 
 
 def _is_softmax(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), nn.Softmax)
-    return (node.op == "call_function" and node.target in (F.softmax, torch.softmax)) or (
-        node.op == "call_method" and node.target == "softmax"
-    )
+    return _is(gm, node, nn.Softmax, (F.softmax, torch.softmax), "softmax")
 
 
 def _check_masks(gm: torch.fx.GraphModule) -> None:
