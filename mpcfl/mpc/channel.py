@@ -447,22 +447,30 @@ def first_failure() -> str | None:
     return next((failure for relay in _relays for failure in relay.failures), None)
 
 
-def public_host(rendezvous: str) -> str:
-    """The address peers reach this process at: its interface towards the rendezvous host (loopback
-    for a local ``file://`` rendezvous)."""
+def rendezvous_address(rendezvous: str) -> tuple[str, int] | None:
+    """The host ("" when the URL names none) and port of a ``tcp://`` or ``env://`` rendezvous (``env://``:
+    ``MASTER_ADDR`` and ``MASTER_PORT``); None for a ``file://`` store, which names no host."""
     import os
     from urllib.parse import urlparse
 
     if rendezvous.startswith("env://"):
-        host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "1"))
-    elif rendezvous.startswith("tcp://"):
+        return os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "1"))
+    if rendezvous.startswith("tcp://"):
         parsed = urlparse(rendezvous)
-        host, port = parsed.hostname or "127.0.0.1", parsed.port or 1
-    else:
+        return parsed.hostname or "", parsed.port or 1
+    return None
+
+
+def public_host(rendezvous: str) -> str:
+    """The address peers reach this process at: its interface towards the rendezvous host (loopback
+    for a local ``file://`` rendezvous)."""
+    address = rendezvous_address(rendezvous)
+    if address is None:
         return GLOO_HOST
+    host, port = address
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        probe.connect((socket.gethostbyname(host), port))  # no packet: it only picks the route
+        probe.connect((socket.gethostbyname(host or "127.0.0.1"), port))  # no packet: it only picks the route
         return probe.getsockname()[0]
     finally:
         probe.close()

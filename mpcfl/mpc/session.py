@@ -212,14 +212,13 @@ def _loopback(rendezvous: str) -> bool:
     loopback. (Only a hint: with plain links unconfirmed, gloo is bound to loopback anyway.)"""
     import ipaddress
     import socket
-    from urllib.parse import urlparse
 
-    if rendezvous.startswith("tcp://"):
-        host = urlparse(rendezvous).hostname or ""
-    elif rendezvous.startswith("env://"):
-        host = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    else:
+    from mpcfl.mpc.channel import rendezvous_address
+
+    address = rendezvous_address(rendezvous)
+    if address is None:
         return True
+    host = address[0]
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
     except (OSError, UnicodeError):
@@ -245,9 +244,9 @@ def _channel(session: Session, rank: int, rendezvous: str) -> Callable[[Any], An
 
 
 def _translate(err: RuntimeError, who: str, session: Session) -> MpcflError:
-    text = first_line(err)
     from mpcfl.mpc.channel import ChannelError, first_failure
 
+    text = first_line(err)
     if (failure := first_failure()) is not None:  # gloo saw a reset; a TLS relay saw why
         return ChannelError(f"{who}: channel {failure}")
     rendezvous = os.environ.get(ENV_RENDEZVOUS, "the rendezvous")
