@@ -127,7 +127,9 @@ def test_every_opened_value_is_masked_by_its_own_fresh_dealer_value(crypten_sing
     # One party holds the whole value, so every unmasked value is the same in two runs on the same x while
     # the masks differ: each opening must be exactly one fresh mask over such a value, in the order drawn,
     # and nothing else (an extra share, an unmasked value, a mask used twice) is opened.
-    x = torch.tensor([-3.5, 0.0, 2.25, 40.0, -40.0])
+    # 80 elements: the B2A opening is one masked bit per element, so two runs' openings coincide with
+    # probability 2^-80 (with 5 elements it was 1/32, and CI met it)
+    x = torch.tensor([-3.5, 0.0, 2.25, 40.0, -40.0]).repeat(16)
     first, second = _openings_and_masks(x, monkeypatch), _openings_and_masks(x, monkeypatch)
     assert len(first) == len(second) == 8  # 7 ANDs then the B2A, the 8 squarings alongside
     for (opened, masks), (opened_again, masks_again) in zip(first, second):
