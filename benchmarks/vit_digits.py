@@ -1,6 +1,6 @@
 """Secure ViT inference on the shipped digits: mpcfl's converter against raw CrypTen, same run.
 
-    python benchmarks/vit_digits.py [--repeats 3] [--batch 64]
+    python benchmarks/vit_digits.py [--repeats 3] [--batch 64] [--truncation local|dealer]
 
 Two parties (the bank owns the weights under ``examples/data/digits_vit/``, the clinic the 197
 images of ``examples/data/digits_inference/clinic_inputs.npy``) plus the TTP dealer on this
@@ -10,7 +10,9 @@ and plaintext accuracy on all 197 images (plaintext run with the mode's operator
 ``mpcfl.models.convert.emulate``) and the agreement of their classes; then median seconds,
 bytes and rounds per batch of ``--batch`` images (share the weights, share the images, run,
 reveal to the clinic), for both modes and for raw CrypTen (``crypten.nn.from_pytorch``), or
-the error that stops CrypTen's converter.
+the error that stops CrypTen's converter. ``--truncation`` divides every product's shares locally
+(CrypTen's own, the 2-party default) or through the dealer's exact truncation pairs
+(:mod:`mpcfl.mpc.truncation`).
 
 This folder is not a package: crypten's wheel installs a top-level `benchmarks`.
 """
@@ -28,6 +30,7 @@ import torch
 
 import mpcfl
 from mpcfl.launch.local import launch_script
+from mpcfl.mpc import truncation
 from mpcfl.models.convert import emulate
 from mpcfl.models.zoo import digits_vit
 
@@ -54,6 +57,7 @@ def _model(mode: str, owner: bool) -> torch.nn.Module:
 
 def party(args: argparse.Namespace) -> None:
     with mpcfl.join() as me:
+        truncation.set_mode(args.truncation)
         clinic = me.name == "clinic"
         models = {mode: _model(mode, me.name == "bank") for mode in WEIGHTS}
         images = torch.from_numpy(np.load(IMAGES / "clinic_inputs.npy")) if clinic else None
@@ -76,7 +80,7 @@ def party(args: argparse.Namespace) -> None:
         return
     labels = np.load(IMAGES / "clinic_labels.npy")
     print(f"\nViT digits (2x2 patches, 2 layers, width 32), {len(labels)} images, 2 parties + TTP dealer, "
-          f"{torch.get_num_threads()} thread(s) per party")
+          f"{torch.get_num_threads()} thread(s) per party, truncation {args.truncation}")
     for mode in WEIGHTS:
         with torch.no_grad():  # the clinic scores against the plaintext model here only
             plain = emulate(_model(mode, True), images, mode)
@@ -96,6 +100,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--truncation", choices=("local", "dealer"), default="local")
     args = parser.parse_args()
     if os.environ.get("MPCFL_PARTY"):
         party(args)
