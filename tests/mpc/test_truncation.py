@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import typing
 
 import pytest
 import torch
 
-from conftest import SCRIPTS, assert_no_leftovers, mpcfl
+from conftest import party_lines
 from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema.common import RuntimeSpec
 from mpcfl.mpc import truncation
@@ -99,14 +98,7 @@ def test_modes_are_the_job_s_and_an_unknown_one_is_refused() -> None:
 
 @pytest.mark.parametrize("parties", [2, 3])
 def test_dealer_truncation_is_exact_where_local_division_wraps(parties: int) -> None:
-    script = str(SCRIPTS / "truncation_party.py")
-    names = ",".join(f"p{i}" for i in range(parties))
-    result = mpcfl("launch", "--timeout-s", "30", "--parties", names, script, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_no_leftovers(script)
-    lines = dict(re.findall(r"truncation party (\d): (.*)", result.stdout))
-    assert sorted(lines) == [str(i) for i in range(parties)], result.stdout[-2000:]
-    for rank, line in lines.items():
+    for rank, line in party_lines("truncation_party.py", parties, "truncation party").items():
         report = json.loads(line)
         # Values up to 2^62 in magnitude: crypten's own division (2 parties: each share divided
         # alone; 3: the wrap of x + r ignored) is wrong by about 2^48 on about 1 entry in 8.
