@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import random
 import typing
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import party_lines
+from conftest import party_lines, spy_views
 from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema.common import RuntimeSpec
 from mpcfl.mpc import truncation
@@ -97,7 +99,9 @@ def test_modes_are_the_job_s_and_an_unknown_one_is_refused() -> None:
 
 
 @pytest.mark.parametrize("parties", [2, 3])
-def test_dealer_truncation_is_exact_where_local_division_wraps(parties: int) -> None:
+def test_dealer_truncation_is_exact_where_local_division_wraps(parties: int, spied: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("RANK", "WORLD_SIZE", "RENDEZVOUS", "DISTRIBUTED_BACKEND"):  # crypten_single's, if it ran first
+        monkeypatch.delenv(key, raising=False)
     for rank, line in party_lines("truncation_party.py", parties, "truncation party").items():
         report = json.loads(line)
         # Values up to 2^62 in magnitude: crypten's own division (2 parties: each share divided
@@ -111,3 +115,14 @@ def test_dealer_truncation_is_exact_where_local_division_wraps(parties: int) -> 
         # dividing locally with two parties costs nothing.
         assert report["dealer"]["rounds"] == (4 if rank == "0" else 1), report
         assert report["local"]["rounds"] == (0 if parties == 2 else 4 if rank == "0" else 1), report
+    # The dealer deals randomness only: nothing it received is a value divided or a party's share of one.
+    views = spy_views(spied)
+    dealer = views[str(parties)]["seen_protocol"]
+    assert dealer.size > 0
+
+    def large(values: np.ndarray) -> np.ndarray:
+        return values[np.abs(values) >= 1 << 20]  # small words (the edges, sizes) would match by chance
+
+    for rank in map(str, range(parties)):
+        assert int(np.isin(dealer, large(views[rank]["own_share"])).sum()) == 0, f"the dealer holds party {rank}'s share"
+    assert int(np.isin(dealer, large(views["0"]["own_plain"])).sum()) == 0, "the dealer holds values divided"

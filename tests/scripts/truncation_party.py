@@ -6,7 +6,9 @@ divides them by D in each truncation mode (:mod:`mpcfl.mpc.truncation`): ``local
 own, which errs on about |x| / 2^64 of the entries) and ``dealer`` (truncation pairs), then
 ``auto``. It prints, per mode, the worst distance from floor(x / D) in ring units, how many
 entries are off by more than 2, and the rounds and bytes the division took; then the worst
-error of a fixed-point product under dealer mode, against plaintext.
+error of a fixed-point product under dealer mode, against plaintext. Under the spy of
+``tests/spy`` it records the values divided and its share of them (``own``), for the test to look
+for at the dealer.
 """
 
 import json
@@ -14,6 +16,7 @@ import json
 import torch
 
 import mpcfl
+import sitecustomize
 from mpcfl.mpc import truncation
 from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.session import communication_stats
@@ -28,10 +31,12 @@ with mpcfl.join() as me:
     generator = torch.Generator().manual_seed(7)  # the same public test values at every party
     plain = torch.cat([torch.tensor(EDGES), torch.randint(-LIMIT, LIMIT, (N - len(EDGES),), generator=generator)])
     exact = plain.div(D, rounding_mode="floor")
+    sitecustomize._records["own"].append(("plain", plain.clone()))
     report = {}
     for mode in ("local", "dealer", "auto"):
         truncation.set_mode(mode)
         x = shares(plain, precision=0, src=0)
+        sitecustomize._records["own"].append(("share", x.share.clone()))
         before = communication_stats()
         divided = x.div_(D)
         after = communication_stats()
