@@ -11,8 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from conftest import party_lines, spy_views
+from conftest import DEMO, party_lines, spy_views, write_job
+from mpcfl.jobs.schema import load_job
+from mpcfl.jobs.session import session_of
 from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema.common import RuntimeSpec
 from mpcfl.mpc import truncation
@@ -87,12 +90,20 @@ def test_the_dealer_refuses_a_truncation_request_outside_its_table(message: dict
     assert "refused" in caplog.text
 
 
-def test_modes_are_the_job_s_and_an_unknown_one_is_refused() -> None:
+def test_modes_are_the_job_s_and_an_unknown_one_is_refused(tmp_path: Path) -> None:
     assert typing.get_args(RuntimeSpec.model_fields["truncation"].annotation) == truncation.MODES
     assert RuntimeSpec().truncation == "auto"
     with pytest.raises(ValueError, match="truncation: dealer needs the dealer process; provider tfp has none"):
         RuntimeSpec(provider="tfp", truncation="dealer")
     assert RuntimeSpec(provider="tfp", truncation="local").truncation == "local"
+    # A job's processes divide as its runtime.truncation says (mpcfl.mpc.session._configure sets it),
+    # and every party's copy of the job must say the same.
+    spec = yaml.safe_load(DEMO.read_text())
+    spec["runtime"] = spec.get("runtime") or {}
+    spec["runtime"]["truncation"] = "dealer"
+    path = write_job(tmp_path, spec)
+    job = load_job(path)
+    assert session_of(job).truncation == "dealer" and job.fingerprint() != load_job(DEMO).fingerprint()
     with pytest.raises(MpcflError, match="truncation mode 'exact'"):
         truncation.set_mode("exact")
     assert truncation.mode() == "auto"
