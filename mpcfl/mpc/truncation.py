@@ -21,8 +21,10 @@ of ``floor(r / d)`` and of r's top bit m, r read as an unsigned 64-bit number. T
 party 0 adding the public terms. The carry is linear in m: w = 1 needs r > 2^64 - y > 2^63
 and then z' < y < 2^63, while w = 0 with z' < 2^63 needs r <= z' < 2^63; so
 ``w = (1 - msb(z')) m``. Each floor is off by less than one, so the result lies strictly within
-2 units of x / d, for every x in (-2^62, 2^62), never wrapping. Outside that range it is wrong
-(as is any fixed point there: a product's x is at scale 2^32, so |x| < 2^62 means |ab| < 2^30).
+2 units of x / d, for every x in (-2^62, 2^62), never wrapping. That is one bit short of the ring:
+a product's x is at scale 2^32, so it holds products |ab| < 2^30, where the ring holds 2^31.
+Beyond it the carry is misread on a fraction of the entries that grows with |x| - 2^62, each then
+off by about 2^64 / d (simulated in plaintext: 12% at -(2^62 + 2^60), 23% at 2^62 + 2^61).
 
 Hiding: r is uniform on the ring and used once, so the opened z is uniform whatever x is
 (perfect hiding, statistical distance 0; no range slack is needed for it). The dealer deals
