@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpcfl.errors import MpcflError
+from mpcfl.mpc import compat
 from mpcfl.mpc.engine import import_crypten
 
 #: Softmax differences below this are clamped: exp(-64) < 2^-16 is zero in fixed point, and
@@ -91,9 +92,14 @@ def _gated(x: Any, argument: Callable[[Any], Any], bound: float) -> Any:
     the sigmoid's argument is known to be <= 0, so its own sign test is not needed. |x| is clamped
     to ``bound`` first (exact: beyond it sigmoid(-argument) < 2^-16), which keeps CrypTen's exp,
     (1 + t/256)^256, in [-256, 0] and any cube inside the ring.
+
+    The sign is taken on a detached copy: a piecewise constant, its derivative is 0 almost
+    everywhere, and CrypTen's autograd would otherwise record the comparison's inner
+    arithmetic and send a wrong gradient through it. The clamp is a relu, whose gradient
+    CrypTen knows, so training differentiates the smooth parts only.
     """
     crypten = _crypten()
-    positive = x.gt(0)  # 0/1 at scale 1: products with it are exact
+    positive = x.detach().gt(0)  # 0/1 at scale 1: products with it are exact
     magnitude = x * (positive * 2 - 1)
     clamped = magnitude - (magnitude - bound).relu()
     low = argument(clamped).neg().exp()  # exp(-argument(|x|)) in (0, 1]
@@ -127,8 +133,9 @@ def silu(x: Any) -> Any:
     return _gated(x, lambda t: t, SILU_CLAMP)
 
 
-def _normalise(centred: Any, v: Any) -> Any:
-    """centred / sqrt(v) for v in [1e-3, 6.7e7] (v broadcasts against centred).
+def _inverse_std(v: Any) -> tuple[Any, Any]:
+    """1 / sqrt(v) for v in [1e-3, 6.7e7] as two factors (root, inverse): apply them with
+    :func:`_divide_by_std`, root first.
 
     v is scaled into (0.25, 4] by a secret 16^-m, counted by one batched comparison against
     4 * 16^k, and CrypTen's Newton iteration runs there; ``centred`` takes the matching 4^-m
@@ -144,7 +151,34 @@ def _normalise(centred: Any, v: Any) -> Any:
     for i, k in enumerate(exponents):  # one step down at each threshold passed
         scale = above[i] * (16 ** (top - k - 1) - 16 ** (top - k)) + scale
         root = above[i] * (4 ** (top - k - 1) - 4 ** (top - k)) + root
-    return (centred * root).div(4**top) * (v * scale).div(16**top).inv_sqrt()
+    return root, (v * scale).div(16**top).inv_sqrt()
+
+
+def _divide_by_std(t: Any, factors: tuple[Any, Any]) -> Any:
+    """t / sqrt(v) with :func:`_inverse_std`'s factors of v."""
+    root, inverse = factors
+    return (t * root).div(4 ** (_VARIANCE_EXPONENTS[-1] + 1)) * inverse
+
+
+class _Normalise:
+    """(x - mean) / sqrt(var + eps) over the last dim as one CrypTen autograd function, with the
+    closed-form backward dx = (g - mean(g) - xhat mean(g xhat)) / sigma, which reuses the
+    forward's 1/sigma factors: CrypTen cannot differentiate the inverse square root (it runs
+    in place), and a second one would cost as much again."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Any, eps: float) -> Any:
+        centred = x - x.mean(-1, keepdim=True)
+        factors = _inverse_std(centred.square().mean(-1, keepdim=True) + eps)
+        normalised = _divide_by_std(centred, factors)
+        ctx.save_multiple_for_backward([normalised, factors])
+        return normalised
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any) -> Any:
+        normalised, factors = ctx.saved_tensors
+        inner = grad - grad.mean(-1, keepdim=True) - normalised * (grad * normalised).mean(-1, keepdim=True)
+        return _divide_by_std(inner, factors)
 
 
 def layer_norm(x: Any, p: dict[str, Any], eps: float) -> Any:
@@ -152,8 +186,7 @@ def layer_norm(x: Any, p: dict[str, Any], eps: float) -> Any:
     and |x - mean| < 2^15; relative error of the normalisation ~3e-3."""
     if torch.is_tensor(x):  # plaintext emulation (convert.emulate)
         return F.layer_norm(x, x.shape[-1:], p.get("weight"), p.get("bias"), eps)
-    centred = x - x.mean(-1, keepdim=True)
-    out = _normalise(centred, centred.square().mean(-1, keepdim=True) + eps)
+    out = compat.apply_function(_Normalise, x, eps)
     if "weight" in p:
         out = out * p["weight"]
     return out + p["bias"] if "bias" in p else out
@@ -220,7 +253,9 @@ def softmax(x: Any, dim: int = -1, keep: torch.Tensor | None = None, bias: torch
         return F.softmax(x if keep is None else x.masked_fill(~keep, float("-inf")), dim)
     if keep is not None:  # masked entries sit below every kept one for the max, then drop out exactly
         x = x + (~keep).to(torch.float32) * -MASK_OFFSET
-    gap = x - row_max(x, dim)
+    # the max only shifts the row (softmax is invariant to it): a constant for autograd, so that
+    # training neither differentiates its comparisons nor pays for their backward
+    gap = x - row_max(x.detach(), dim % x.dim())
     numerator = (gap + (-gap - SOFTMAX_FLOOR).relu()).exp()
     if keep is not None:
         numerator = numerator * keep.to(torch.float32)
