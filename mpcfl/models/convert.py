@@ -226,7 +226,8 @@ _FUNCTIONS: dict[Any, Callable[..., Any]] = {
     operator.sub: operator.sub,
     operator.mul: operator.mul,
     operator.truediv: operator.truediv,
-    operator.getitem: operator.getitem,
+    # called by name: Python's indexing looks __getitem__ up on the type, past CrypTen's autograd
+    operator.getitem: lambda a, index: a.__getitem__(index),
     operator.floordiv: operator.floordiv,  # shape arithmetic (CrypTensors have no floor division)
     torch.add: _add,
     torch.flatten: lambda x, start_dim=0, end_dim=-1: x.flatten(start_dim, end_dim),
@@ -250,19 +251,9 @@ _FUNCTIONS: dict[Any, Callable[..., Any]] = {
 
 _METHODS = {
     "view", "reshape", "flatten", "size", "relu", "sigmoid", "tanh", "mean", "sum",
-    "permute", "transpose", "squeeze", "unsqueeze", "add", "sub", "mul", "dim", "matmul",
+    "transpose", "squeeze", "unsqueeze", "add", "sub", "mul", "dim", "matmul",
 }
 _IDENTITY_METHODS = {"contiguous"}
-
-
-def _split(x: Any, size: int | list[int], dim: int = 0) -> tuple[Any, ...]:
-    """``x.split`` by ``narrow``: CrypTen's own split and unbind record no gradient, narrow does
-    (given a dim counted from the front: its backward pads by it)."""
-    dim %= x.dim()
-    length = x.size(dim)
-    sizes = list(size) if isinstance(size, (list, tuple)) else [min(size, length - i) for i in range(0, length, size)]
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return tuple(x.narrow(dim, start, n) for start, n in zip(starts, sizes))
 
 
 def _expand(x: Any, *sizes: Any) -> Any:
@@ -274,14 +265,20 @@ def _expand(x: Any, *sizes: Any) -> Any:
     return x + torch.zeros(shape)
 
 
+def _permute(x: Any, *dims: Any) -> Any:
+    """``x.permute`` with the dims as varargs or one sequence: CrypTen's autograd takes one tuple."""
+    return x.permute(tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims)
+
+
 # methods run by our operators rather than CrypTen's (its softmax has no clamp; its split, unbind
 # and expand have no gradient)
 _OWN_METHODS: dict[str, Callable[..., Any]] = {
     "softmax": lambda x, *a, **k: tf.softmax(x, _dim_of((x, *a), k)),
-    "chunk": lambda x, chunks, dim=0: _split(x, -(-x.size(dim) // chunks), dim),  # as torch sizes the chunks
-    "split": _split,
-    "unbind": lambda x, dim=0: tuple(t.squeeze(dim) for t in _split(x, 1, dim)),
+    "chunk": lambda x, chunks, dim=0: tf.split(x, -(-x.size(dim) // chunks), dim),  # as torch sizes the chunks
+    "split": tf.split,
+    "unbind": lambda x, dim=0: tuple(t.squeeze(dim) for t in tf.split(x, 1, dim)),
     "expand": _expand,
+    "permute": _permute,
 }
 
 

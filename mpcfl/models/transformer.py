@@ -192,6 +192,17 @@ def layer_norm(x: Any, p: dict[str, Any], eps: float) -> Any:
     return out + p["bias"] if "bias" in p else out
 
 
+def split(x: Any, size: int | list[int], dim: int = 0) -> tuple[Any, ...]:
+    """``x.split`` by ``narrow``: CrypTen's own split (and slicing with ``[]``, which Python looks
+    up on the type) record no gradient; narrow does, given a dim counted from the front (its
+    backward pads by it)."""
+    dim %= x.dim()
+    length = x.size(dim)
+    sizes = list(size) if isinstance(size, (list, tuple)) else [min(size, length - i) for i in range(0, length, size)]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return tuple(x.narrow(dim, start, n) for start, n in zip(starts, sizes))
+
+
 def is_public_mask(t: Any) -> bool:
     """A bool tensor or one holding -inf: an attention mask, public; never secret-shared
     (fixed point cannot encode -inf)."""
@@ -361,21 +372,20 @@ def multihead_attention(m: nn.MultiheadAttention, query: Any, p: dict[str, Any],
     embed, heads = m.embed_dim, m.num_heads
     weight, bias = p["in_proj_weight"], p.get("in_proj_bias")
 
-    def project(t: Any, part: int) -> Any:
-        out = t.matmul(weight[part * embed:(part + 1) * embed].t())
-        return out if bias is None else out + bias[part * embed:(part + 1) * embed]
-
     if key is query and value is query:  # self-attention: one product for q, k and v
         qkv = query.matmul(weight.t())
         if bias is not None:
             qkv = qkv + bias
-        q, k, v = qkv[..., :embed], qkv[..., embed:2 * embed], qkv[..., 2 * embed:]
+        q, k, v = split(qkv, embed, -1)
     else:
-        q, k, v = project(query, 0), project(key, 1), project(value, 2)
+        weights = split(weight, embed, 0)
+        biases = (None,) * 3 if bias is None else split(bias, embed, 0)
+        q, k, v = (t.matmul(w.t()) if b is None else t.matmul(w.t()) + b
+                   for t, w, b in zip((query, key, value), weights, biases))
 
     def split_heads(t: Any) -> Any:  # (N, L, E) -> (N, H, L, E/H)
         n, length, _ = t.size()
-        return t.reshape(n, length, heads, embed // heads).permute(0, 2, 1, 3)
+        return t.reshape(n, length, heads, embed // heads).permute((0, 2, 1, 3))
 
     keep, mask_bias = public_mask(attn_mask, true_means_keep=False)
     if is_causal and attn_mask is None:
@@ -391,7 +401,7 @@ def multihead_attention(m: nn.MultiheadAttention, query: Any, p: dict[str, Any],
         mask_bias = mask_bias.reshape(-1, heads, *mask_bias.shape[1:])
     out = attention(split_heads(q), split_heads(k), split_heads(v), keep, mask_bias)
     n, _, length, _ = out.size()
-    out = out.permute(0, 2, 1, 3).reshape(n, length, embed)
+    out = out.permute((0, 2, 1, 3)).reshape(n, length, embed)
     out = out.matmul(p["out_proj.weight"].t())
     if "out_proj.bias" in p:
         out = out + p["out_proj.bias"]
