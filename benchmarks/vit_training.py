@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,12 +36,13 @@ from mpcfl.models.heads import MultiClassHead
 from mpcfl.models.zoo import DigitsViT
 from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.reveal import reveal
-from mpcfl.mpc.session import communication_stats
+from mpcfl.mpc.session import communication_stats, prefetching
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "examples" / "data" / "digits8x8.csv"
 PARTIES = ["p0", "p1"]  # p0: the weights, p1: the data
 TRAIN_ROWS = 1500
+FIRST = "forward, backward, SGD step"
 
 
 def model_of(args: argparse.Namespace) -> DigitsViT:
@@ -57,9 +59,11 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def batches(args: argparse.Namespace) -> list[torch.Tensor]:
-    """Row indices of each step's batch: a seeded shuffle of the training rows, public."""
+    """Row indices of each step's batch: a seeded shuffle of the training rows (public), cut into
+    full batches (every step the same shape: its triples are prefetched after the first)."""
     order = torch.randperm(TRAIN_ROWS, generator=torch.Generator().manual_seed(args.seed))
-    return [order[(i * args.batch) % TRAIN_ROWS:][: args.batch] for i in range(args.steps)]
+    per_epoch = TRAIN_ROWS // args.batch
+    return [order[(i % per_epoch) * args.batch:][: args.batch] for i in range(args.steps)]
 
 
 def train_plaintext(args: argparse.Namespace) -> tuple[DigitsViT, list[float]]:
@@ -72,8 +76,36 @@ def train_plaintext(args: argparse.Namespace) -> tuple[DigitsViT, list[float]]:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return model, losses
+
+
+class _Meter:
+    """Seconds, bytes sent and rounds of this party, by phase of a step."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, tuple[float, int, int]] = {}
+        self._stats, self._time = communication_stats(), time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        stats, now = communication_stats(), time.perf_counter()
+        self.laps[name] = (now - self._time, stats["bytes"] - self._stats["bytes"], stats["rounds"] - self._stats["rounds"])
+        self._stats, self._time = stats, now
+
+
+def _step(secure: Any, optimizer: Any, head: MultiClassHead, x: torch.Tensor, y: torch.Tensor | None,
+          rows: torch.Tensor) -> tuple[Any, Any]:
+    """One SGD step on a batch p1 shares; returns the logits and targets (secret)."""
+    crypten = import_crypten()
+    images = crypten.cryptensor(x[rows], src=1)
+    targets = crypten.cryptensor(head.secure_targets(None if y is None else y[rows].numpy(), len(rows)), src=1)
+    logits = secure(images)
+    with crypten.no_grad():  # mean cross-entropy's gradient at the logits: (softmax - one-hot) / n
+        error = head.output_error(logits, targets).div(len(rows))
+    optimizer.zero_grad()
+    logits.backward(error)
+    optimizer.step()
+    return logits, targets
 
 
 def party(args: argparse.Namespace) -> None:
@@ -87,44 +119,48 @@ def party(args: argparse.Namespace) -> None:
         optimizer = crypten.optim.SGD(secure.parameters(), lr=args.lr)
         losses, costs = [], []
         for step, rows in enumerate(batches(args)):
-            before, started = communication_stats(), time.perf_counter()
-            images = crypten.cryptensor(x[rows], src=1)
-            targets = crypten.cryptensor(head.secure_targets(None if y is None else y[rows].numpy(), len(rows)), src=1)
-            logits = secure(images)
-            with crypten.no_grad():  # mean cross-entropy's gradient at the logits: (softmax - one-hot) / n
-                error = head.output_error(logits, targets).div(len(rows))
-                loss = head.secure_example_losses(logits, targets).mean()
-            optimizer.zero_grad()
-            logits.backward(error)
-            optimizer.step()
-            losses.append(float(reveal(loss, to=[0, 1], what=f"step {step} mean training loss")))
-            after = communication_stats()
-            costs.append((time.perf_counter() - started, after["bytes"] - before["bytes"], after["rounds"] - before["rounds"]))
+            meter = _Meter()
+            with prefetching(("vit training step", args.batch), enabled=not args.no_prefetch):
+                logits, targets = _step(secure, optimizer, head, x, y, rows)
+            meter.lap(FIRST)
+            if args.losses:
+                with crypten.no_grad():
+                    loss = head.secure_example_losses(logits, targets).mean()
+                losses.append(float(reveal(loss, to=[0, 1], what=f"step {step} mean training loss")))
+                meter.lap("loss (--losses)")
+            costs.append(meter.laps)
         trained = {name: reveal(p, to=[0], what=f"trained {name}") for name, p in secure.named_parameters()}
     if me.name != "p0":
         return
     torch_model.load_state_dict(trained)
     plain, plain_losses = train_plaintext(args)
     if args.out:
-        torch.save({"weights": trained, "losses": torch.tensor(losses)}, args.out)
+        torch.save({"weights": trained, "losses": torch.tensor(losses), "plain_losses": torch.tensor(plain_losses)},
+                   args.out)
     report(args, torch_model, plain, losses, plain_losses, costs)
 
 
 def report(args: argparse.Namespace, secure: DigitsViT, plain: DigitsViT, losses: list[float],
-           plain_losses: list[float], costs: list[tuple[float, int, int]]) -> None:
+           plain_losses: list[float], costs: list[dict[str, tuple[float, int, int]]]) -> None:
     x, y = digits()
     with torch.no_grad():
         accuracy = {name: float((m(x[TRAIN_ROWS:]).argmax(1) == y[TRAIN_ROWS:]).float().mean()) for name, m in
                     (("secure", secure), ("plaintext", plain))}
     plain_state = plain.state_dict()
     gap = max(float((value - plain_state[name]).abs().max()) for name, value in secure.state_dict().items())
-    seconds, sent, rounds = (statistics.median(c[i] for c in costs) for i in range(3))
     print(f"\nViT digits ({args.patch}x{args.patch} patches, width {args.dim}, {args.heads} heads, {args.layers} "
           f"layer(s), hidden {args.hidden}, {sum(p.numel() for p in plain.parameters())} parameters), {args.steps} SGD "
           f"steps of {args.batch} images, lr {args.lr}, 2 parties + TTP dealer, {torch.get_num_threads()} thread(s) per party")
-    print(f"per step (median, p0): {seconds:.2f} s, {sent / 1e6:.1f} MB sent, {rounds:.0f} rounds")
-    print(f"loss first/last: secure {losses[0]:.4f}/{losses[-1]:.4f}, plaintext {plain_losses[0]:.4f}/{plain_losses[-1]:.4f}; "
-          f"largest loss difference {max(abs(a - b) for a, b in zip(losses, plain_losses)):.2g}")
+    later = costs[1:] or costs  # the first step records the triples the later ones prefetch
+    print(f"| phase of a step (p0, median of {len(later)}) | s | MB sent | rounds |")
+    print("|---|---|---|---|")
+    print(f"| first step | {costs[0][FIRST][0]:.2f} | {costs[0][FIRST][1] / 1e6:.2f} | {costs[0][FIRST][2]} |")
+    for phase in costs[0]:
+        seconds, sent, rounds = (statistics.median(c[phase][i] for c in later) for i in range(3))
+        print(f"| {phase} | {seconds:.2f} | {sent / 1e6:.2f} | {rounds:.0f} |")
+    if losses:
+        print(f"loss first/last: secure {losses[0]:.4f}/{losses[-1]:.4f}, plaintext {plain_losses[0]:.4f}/"
+              f"{plain_losses[-1]:.4f}; largest difference {max(abs(a - b) for a, b in zip(losses, plain_losses)):.2g}")
     print(f"largest weight difference from plaintext torch: {gap:.2g}")
     print(f"test accuracy ({len(y) - TRAIN_ROWS} images): secure {accuracy['secure']:.4f}, plaintext {accuracy['plaintext']:.4f}")
 
@@ -140,6 +176,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--losses", action="store_true", help="reveal each step's mean loss (costs a max and a log)")
+    parser.add_argument("--no-prefetch", action="store_true", help="fetch each triple when used (see runtime.prefetch)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     if os.environ.get("MPCFL_PARTY"):
