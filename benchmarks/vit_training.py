@@ -178,12 +178,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--losses", action="store_true", help="reveal each step's mean loss (costs a max and a log)")
     parser.add_argument("--no-prefetch", action="store_true", help="fetch each triple when used (see runtime.prefetch)")
-    parser.add_argument("--out", default="")
+    parser.add_argument("--out", default="", help="p0 saves the revealed weights and the losses here")
     args = parser.parse_args()
-    if os.environ.get("MPCFL_PARTY"):
-        party(args)
-        return 0
-    return launch_script([os.path.abspath(__file__), *sys.argv[1:]], parties=PARTIES, timeout_s=600)
+    if not os.environ.get("MPCFL_PARTY"):  # the launcher: this script again per party, and the dealer
+        return launch_script([os.path.abspath(__file__), *sys.argv[1:]], parties=PARTIES, timeout_s=600)
+    party(args)
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ silently, and CrypTen's iterative functions return garbage outside their ranges,
 function clamps or rescales its input into the range where it is accurate and states the
 range it is valid on. The errors against float torch are measured in
 ``tests/models/test_transformer.py`` and listed in ``docs/guides/transformers.md``.
+
+Each operator also trains under CrypTen's autograd (``mpcfl.models.convert.trainable``): the
+comparisons (signs, clamps' tests, the softmax's row max) run on detached copies, and LayerNorm's
+normalisation is one autograd function with its closed-form backward. The gradients against
+torch's are measured in ``tests/models/test_transformer_training.py``.
 """
 
 from __future__ import annotations
