@@ -546,6 +546,26 @@ def _open_point_to_point(crypten: types.ModuleType) -> None:
     crypten.communicator.distributed_communicator.DistributedCommunicator.reduce = reduce_point_to_point
 
 
+def apply_function(function: type, *inputs: Any) -> Any:
+    """``function.forward(ctx, *inputs)`` recorded on CrypTen's autograd tape, as CrypTen records
+    its registered functions, without registering a name in its global registry.
+
+    ``function`` has CrypTen's ``AutogradFunction`` shape: static ``forward(ctx, *inputs)``
+    returning one CrypTensor and ``backward(ctx, grad)`` returning one gradient per CrypTensor
+    input, in order (CrypTen's ``backward`` pairs them with the result's children). It runs
+    without a tape where no input needs a gradient, or autograd is off (inference).
+    """
+    crypten = loaded_crypten()
+    children = [t for t in inputs if isinstance(t, crypten.CrypTensor)]
+    recording = crypten.CrypTensor.AUTOGRAD_ENABLED and any(t.requires_grad for t in children)
+    ctx = crypten.gradients.AutogradContext() if recording else crypten.gradients.BaseAutogradContext()
+    with crypten.no_grad():  # the forward's own operations are not recorded one by one
+        result = function.forward(ctx, *inputs)
+    if recording:
+        result.requires_grad, result.children, result.grad_fn, result.ctx = True, children, function, ctx
+    return result
+
+
 def load(protocols: Protocols, *, stock: bool = False) -> types.ModuleType:
     """Imports crypten with every adaptation applied, ``protocols`` installed (see
     :func:`mpcfl.mpc.engine.import_crypten`, which hands them over, for ``stock``).
