@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, SCRIPTS, assert_no_leftovers, base_job, mpcfl, vertical_parties, write_job
+from mpcfl.launch.local import free_port
 from mpcfl.mpc import compat as _compat
 from mpcfl.mpc.engine import import_crypten
 
@@ -120,7 +121,8 @@ def test_a_party_without_peers_gives_up_at_the_job_timeout(tmp_path: Path) -> No
     job = write_job(tmp_path, base_job(parties=parties, labels={"party": "p1", "column": "malignant"},
                                        runtime={"timeout_s": 3}))
     started = time.monotonic()
-    done = mpcfl("party", str(job), "--party", "p0", "--rendezvous", "tcp://127.0.0.1:29599", timeout=60)
+    # A free port: a fixed one may be another run's rendezvous, which this party would then join.
+    done = mpcfl("party", str(job), "--party", "p0", "--rendezvous", f"tcp://127.0.0.1:{free_port()}", timeout=120)
     elapsed = time.monotonic() - started
     assert done.returncode != 0
     assert elapsed < 30, f"took {elapsed:.0f}s: the 3 s job timeout did not apply"
