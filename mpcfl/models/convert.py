@@ -324,15 +324,25 @@ def _pool_before_relu(gm: torch.fx.GraphModule) -> int:
     return swapped
 
 
+def _from_transformers(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("transformers.")
+
+
 def _traced_root(model: nn.Module) -> nn.Module:
     """The module fx traces: a bare composite torch layer (an encoder layer...) wrapped, so that
     it runs as a leaf, as it does inside a model (fx traces the root's own forward); a Hugging Face
     model rewritten with a forward fx traces, on the model's own submodules (:mod:`.huggingface`)."""
-    if type(model).__module__.startswith("transformers."):
+    if _from_transformers(model):
         from mpcfl.models import huggingface  # only here: transformers is an optional dependency
 
         with _refusing():
             return huggingface.traceable(model)
+    inside = next(((name, m) for name, m in model.named_modules() if _from_transformers(m)), None)
+    if inside is not None:  # fx would trace into it and fail on HF's internals, far from its name
+        raise UnsupportedModelError(
+            f"layer {inside[0]!r} ({type(inside[1]).__name__}) is not supported under MPC: Hugging Face layers "
+            "run only inside the Hugging Face models supported (see mpcfl.models.huggingface)"
+        )
     if type(model).__module__.startswith("torch.nn.modules") and list(model.children()) and not isinstance(
         model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
     ):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from mpcfl.models.convert import UnsupportedModelError, emulate, encode_inputs, encrypt_model, trace
+from mpcfl.models.convert import UnsupportedModelError, emulate, encode_inputs, encrypt_model, trace, trainable
 from mpcfl.models.transformer import approximations
 from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.reveal import reveal
@@ -117,9 +117,16 @@ def test_models_match_float_torch_under_mpc(crypten_single: None) -> None:
          r"Hugging Face model BertForMaskedLM is not supported under MPC \(supported: BertForSequenceClassification"),
         (lambda: _gpt2(add_cross_attention=True), r"GPT2LMHeadModel with add_cross_attention=True"),
         (lambda: _bert(output_attentions=True), r"output_attentions=True: secure inference returns one tensor"),
+        (lambda: nn.Sequential(nn.Linear(32, 32), _vit().vit.layers[0]),
+         r"layer '1' \(ViTLayer\) is not supported under MPC: Hugging Face layers run only inside"),
     ],
 )
 def test_unsupported_huggingface_parts_are_refused_by_name(make: Callable[[], nn.Module], message: str) -> None:
     with pytest.raises(UnsupportedModelError, match=message):
         trace(make())
 
+
+
+def test_training_huggingface_models_is_refused_by_name() -> None:
+    with pytest.raises(UnsupportedModelError, match=r"layer 'vit.layers.0.layernorm_before' \(LayerNorm\) cannot be trained"):
+        trainable(_vit())
