@@ -3,7 +3,7 @@
     python benchmarks/suite.py [--quick] [--workloads w1 w2 w3 w4] [--providers ttp tfp]
                                [--repeats 3] [--rows 4096 --features 32 --parties 2]
                                [--device cpu|cuda] [--profile] [--json PATH]
-                               [--sigmoid crypten|piecewise|poly]
+                               [--sigmoid crypten|piecewise|poly] [--truncation auto|local|dealer]
 
 Workloads
     w1  secure logistic-regression training. X is rows x features standard normal
@@ -168,7 +168,7 @@ def report(results: dict[str, Any]) -> str:
     if "w1" in results:
         w1 = results["w1"]
         rows.append(("W1 LR train " + f"{w1['rows']}x{w1['features']}, {w1['parties']} parties, mpcfl sigmoid "
-                     f"{w1['sigmoid']} (s/iter)", "plaintext", "-",
+                     f"{w1['sigmoid']}, truncation {w1['truncation']} (s/iter)", "plaintext", "-",
                      w1["plaintext"], None))
         for provider in results["providers"]:
             for way in ("raw", "raw+patches", "mpcfl", NO_PREFETCH):
@@ -240,6 +240,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sigmoid", choices=SIGMOID_NAMES, default=SIGMOID_DEFAULT,
                         help="W1 and W4, mpcfl way: the job's training.sigmoid (raw CrypTen keeps its own; "
                         "plaintext and `mpcfl baseline` the exact one)")
+    parser.add_argument("--truncation", choices=("auto", "local", "dealer"), default="auto",
+                        help="W1, mpcfl way: the job's runtime.truncation (raw CrypTen keeps its own)")
     parser.add_argument("--json", help="write the results here")
     # Internal: the party processes' role.
     for name in ("--role", "--out", "--provider", "--job"):

@@ -107,7 +107,10 @@ def mpcfl_w1(me: Any, args: argparse.Namespace) -> dict[str, Any]:
     from mpcfl.tasks.train.loop import train
 
     crypten = import_crypten()
+    from mpcfl.mpc import truncation
+
     job = mpcfl.load_job(args.job).bound_to("w1")  # train() checkpoints into a run's folder: this one's
+    truncation.set_mode(job.runtime.truncation)  # as a job's session sets it (this is a script session)
     seconds, sent, rounds, comm_s = [], [], [], 0.0
     weights = None
     with Disclosure(None):
@@ -194,7 +197,7 @@ def write_w1_job(args: argparse.Namespace, work: Path, parties: list[str], *, pr
         "training": {"epochs": ITERATIONS, "batch_size": args.rows, "learning_rate": LEARNING_RATE, "momentum": 0.0,
                      "loss": "bce", "sigmoid": args.sigmoid, "seed": 0, "shuffle": False},
         "outputs": {"dir": str(work / "w1-runs"), "model_to": [parties[-1]], "metrics_to": "none"},
-        "runtime": {"timeout_s": 300, "device": args.device, "prefetch": prefetch},
+        "runtime": {"timeout_s": 300, "device": args.device, "prefetch": prefetch, "truncation": args.truncation},
     }
     path = work / ("w1.yaml" if prefetch else "w1-no-prefetch.yaml")
     path.write_text(yaml.safe_dump(job, sort_keys=False))
@@ -223,7 +226,8 @@ def run_w1(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     unprefetched = write_w1_job(args, work, parties, prefetch=False)
     plain = plaintext_w1(args)
     result: dict[str, Any] = {"plaintext": plain, "rows": args.rows, "features": args.features, "parties": args.parties,
-                              "iterations": ITERATIONS, "sigmoid": args.sigmoid}
+                              "iterations": ITERATIONS, "sigmoid": args.sigmoid,
+                              "truncation": args.truncation}
     for provider in args.providers:
         ways = {
             "raw": lambda: launch_stock(args, work, "w1-raw", provider, args.parties),

@@ -1,6 +1,6 @@
 """Secure ViT inference on the shipped digits: mpcfl's converter against raw CrypTen, same run.
 
-    python benchmarks/vit_digits.py [--repeats 3] [--batch 64]
+    python benchmarks/vit_digits.py [--repeats 3] [--batch 64] [--truncation local|dealer] [--modes exact mpc_friendly]
 
 Two parties (the bank owns the weights under ``examples/data/digits_vit/``, the clinic the 197
 images of ``examples/data/digits_inference/clinic_inputs.npy``) plus the TTP dealer on this
@@ -10,7 +10,9 @@ and plaintext accuracy on all 197 images (plaintext run with the mode's operator
 ``mpcfl.models.convert.emulate``) and the agreement of their classes; then median seconds,
 bytes and rounds per batch of ``--batch`` images (share the weights, share the images, run,
 reveal to the clinic), for both modes and for raw CrypTen (``crypten.nn.from_pytorch``), or
-the error that stops CrypTen's converter.
+the error that stops CrypTen's converter. ``--truncation`` divides every product's shares locally
+(CrypTen's own, the 2-party default) or through the dealer's exact truncation pairs
+(:mod:`mpcfl.mpc.truncation`).
 
 This folder is not a package: crypten's wheel installs a top-level `benchmarks`.
 """
@@ -28,6 +30,7 @@ import torch
 
 import mpcfl
 from mpcfl.launch.local import launch_script
+from mpcfl.mpc import truncation
 from mpcfl.models.convert import emulate
 from mpcfl.models.zoo import digits_vit
 
@@ -54,8 +57,9 @@ def _model(mode: str, owner: bool) -> torch.nn.Module:
 
 def party(args: argparse.Namespace) -> None:
     with mpcfl.join() as me:
+        truncation.set_mode(args.truncation)
         clinic = me.name == "clinic"
-        models = {mode: _model(mode, me.name == "bank") for mode in WEIGHTS}
+        models = {mode: _model(mode, me.name == "bank") for mode in args.modes}
         images = torch.from_numpy(np.load(IMAGES / "clinic_inputs.npy")) if clinic else None
         secure, whole = {}, {}
         for mode, model in models.items():
@@ -65,9 +69,10 @@ def party(args: argparse.Namespace) -> None:
         x = images[: args.batch] if clinic else None
         shape = (args.batch, 64)
         runs = {mode: (lambda m=model, mode=mode: _predict(m, x, args.batch, mode)) for mode, model in models.items()}
+        raw = _model("exact", me.name == "bank")
         try:  # CrypTen's converter runs locally (ONNX export) before any message: every party fails alike
-            raw_crypten_batch(models["exact"], x, shape, "cpu")
-            runs["raw CrypTen"] = lambda: raw_crypten_batch(models["exact"], x, shape, "cpu")
+            raw_crypten_batch(raw, x, shape, "cpu")
+            runs["raw CrypTen"] = lambda: raw_crypten_batch(raw, x, shape, "cpu")
             raw_error = None
         except Exception as err:  # report whatever CrypTen raises: that is the result
             raw_error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
@@ -76,8 +81,8 @@ def party(args: argparse.Namespace) -> None:
         return
     labels = np.load(IMAGES / "clinic_labels.npy")
     print(f"\nViT digits (2x2 patches, 2 layers, width 32), {len(labels)} images, 2 parties + TTP dealer, "
-          f"{torch.get_num_threads()} thread(s) per party")
-    for mode in WEIGHTS:
+          f"{torch.get_num_threads()} thread(s) per party, truncation {args.truncation}")
+    for mode in args.modes:
         with torch.no_grad():  # the clinic scores against the plaintext model here only
             plain = emulate(_model(mode, True), images, mode)
         ours, theirs = secure[mode].argmax(1).numpy(), plain.argmax(1).numpy()
@@ -96,6 +101,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--truncation", choices=("local", "dealer"), default="local")
+    parser.add_argument("--modes", nargs="+", choices=list(WEIGHTS), default=list(WEIGHTS))
     args = parser.parse_args()
     if os.environ.get("MPCFL_PARTY"):
         party(args)

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from mpcfl.data.files import DataError
+from mpcfl.models.preprocessed import MISSING_CELLS
 
-MISSING_CELLS = frozenset({"", "na", "nan", "null", "none"})
 OTHER = "other"
 
 

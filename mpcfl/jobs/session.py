@@ -23,6 +23,7 @@ def session_of(job: JobBase, *, rendezvous: str | None = None, key_file: Path | 
         credentials=_credentials(job, key_file),
         fingerprint=job.fingerprint(),
         channel=job.runtime.channel,
+        truncation=job.runtime.truncation,
     )
 
 

@@ -245,7 +245,8 @@ _FUNCTIONS: dict[Any, Callable[..., Any]] = {
     operator.sub: operator.sub,
     operator.mul: operator.mul,
     operator.truediv: operator.truediv,
-    operator.getitem: operator.getitem,
+    # called by name: Python's indexing looks __getitem__ up on the type, past CrypTen's autograd
+    operator.getitem: lambda a, index: a.__getitem__(index),
     operator.floordiv: operator.floordiv,  # shape arithmetic (CrypTensors have no floor division)
     torch.add: _add,
     torch.flatten: lambda x, start_dim=0, end_dim=-1: x.flatten(start_dim, end_dim),
@@ -269,14 +270,34 @@ _FUNCTIONS: dict[Any, Callable[..., Any]] = {
 
 _METHODS = {
     "view", "reshape", "flatten", "size", "relu", "sigmoid", "tanh", "mean", "sum",
-    "permute", "transpose", "squeeze", "unsqueeze", "add", "sub", "mul", "dim",
-    "matmul", "split", "expand", "unbind",
+    "transpose", "squeeze", "unsqueeze", "add", "sub", "mul", "dim", "matmul",
 }
 _IDENTITY_METHODS = {"contiguous"}
-# methods run by our operators rather than CrypTen's (its softmax has no clamp)
+
+
+def _expand(x: Any, *sizes: Any) -> Any:
+    """``x.expand`` as a sum with public zeros of the expanded shape: free, and its gradient sums
+    back over the broadcast dims (CrypTen's expand records none)."""
+    sizes = tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (list, tuple, torch.Size)) else sizes
+    lead = len(sizes) - x.dim()
+    shape = [x.size(i - lead) if n == -1 else n for i, n in enumerate(sizes)]
+    return x + torch.zeros(shape)
+
+
+def _permute(x: Any, *dims: Any) -> Any:
+    """``x.permute`` with the dims as varargs or one sequence: CrypTen's autograd takes one tuple."""
+    return x.permute(tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims)
+
+
+# methods run by our operators rather than CrypTen's (its softmax has no clamp; its split, unbind
+# and expand have no gradient)
 _OWN_METHODS: dict[str, Callable[..., Any]] = {
     "softmax": lambda x, *a, **k: tf.softmax(x, _dim_of((x, *a), k)),
-    "chunk": lambda x, chunks, dim=0: x.split(-(-x.size(dim) // chunks), dim),  # as torch sizes the chunks
+    "chunk": lambda x, chunks, dim=0: tf.split(x, -(-x.size(dim) // chunks), dim),  # as torch sizes the chunks
+    "split": tf.split,
+    "unbind": lambda x, dim=0: tuple(t.squeeze(dim) for t in tf.split(x, 1, dim)),
+    "expand": _expand,
+    "permute": _permute,
 }
 
 
@@ -573,12 +594,15 @@ def encrypt_model(gm: torch.fx.GraphModule, *, src: int, device: torch.device | 
 
 # Layers whose training behaviour differs from eval: CrypTen would train them as in eval.
 _EVAL_ONLY = (nn.Dropout, nn.modules.batchnorm._BatchNorm)
-# Transformer operators: their training under MPC is not built yet (issue 25). GELU's and SiLU's
-# gradients through the comparison bits come out wrong under CrypTen's autograd, LayerNorm's
-# inverse square root works in place (which it refuses); softmax's gradient is right (3e-3).
-_NOT_TRAINABLE_YET = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder,
-                      nn.TransformerDecoderLayer, nn.TransformerDecoder, nn.Embedding, nn.LayerNorm, nn.GELU, nn.SiLU)
-_NOT_TRAINABLE_FUNCTIONS = {F.gelu, F.silu, F.layer_norm, F.scaled_dot_product_attention}
+# Layers with dropout inside them (attention, encoder and decoder layers): trainable when it is 0.
+_DROPOUT_INSIDE = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder,
+                   nn.TransformerDecoderLayer, nn.TransformerDecoder)
+
+
+def _dropout_inside(layer: nn.Module) -> bool:
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in layer.modules()) or (
+        isinstance(layer, nn.MultiheadAttention) and layer.dropout > 0
+    )
 
 
 def trainable(model: nn.Module) -> Any:
@@ -599,12 +623,15 @@ def trainable(model: nn.Module) -> Any:
                 f"{_describe(gm, node)} behaves differently in training and cannot be trained under MPC here; "
                 "remove it (it works for secure inference)"
             )
-        if (node.op == "call_module" and isinstance(gm.get_submodule(node.target), _NOT_TRAINABLE_YET)) or (
-            node.op == "call_function" and node.target in _NOT_TRAINABLE_FUNCTIONS
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _DROPOUT_INSIDE) and _dropout_inside(
+            gm.get_submodule(node.target)
         ):
-            raise UnsupportedModelError(f"{_describe(gm, node)} cannot be trained under MPC yet (it works for secure inference)")
-    if public_tensors(gm):
-        raise UnsupportedModelError("a model with attention masks cannot be trained under MPC yet (it works for secure inference)")
+            raise UnsupportedModelError(
+                f"{_describe(gm, node)} has dropout > 0, which behaves differently in training and cannot be trained "
+                "under MPC here; set dropout=0.0 (it works for secure inference)"
+            )
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention and node.kwargs.get("dropout_p"):
+            raise UnsupportedModelError(f"{_describe(gm, node)} with dropout_p > 0 cannot be trained under MPC here")
     return _trainable_class()(gm, dict(model.named_parameters()))
 
 
@@ -619,6 +646,8 @@ def _trainable_class() -> type:
         def __init__(self, gm: torch.fx.GraphModule, parameters: dict[str, torch.Tensor]) -> None:
             super().__init__()
             object.__setattr__(self, "graph_module", gm)  # not a CrypTen submodule
+            # attention masks: public, the same at every party, never encrypted (nor trained)
+            object.__setattr__(self, "masks", public_tensors(gm))
             for name, value in plain_parameters(gm).items():
                 where, _, local = name.rpartition(".")
                 holder = self._holder(where, create=True)
@@ -639,12 +668,22 @@ def _trainable_class() -> type:
             return module
 
         def _tensors_of(self, target: str) -> Any:
+            if target in self.masks:
+                return self.masks[target]
             where, _, local = target.rpartition(".")
             holder = self._holder(where)
             if holder is not None and (local in holder._parameters or local in holder._buffers):  # a get_attr
                 return holder._parameters.get(local, holder._buffers.get(local))
             layer = self._holder(target)
-            return {} if layer is None else {**layer._parameters, **layer._buffers}
+            return {} if layer is None else self._nested(layer)
+
+        @staticmethod
+        def _nested(module: Any, prefix: str = "") -> dict[str, Any]:
+            """A leaf layer's tensors by dotted local name, its sublayers' too (attention, encoder layers)."""
+            tensors = {f"{prefix}{k}": v for k, v in {**module._parameters, **module._buffers}.items()}
+            for name, child in module._modules.items():
+                tensors.update(TrainableGraph._nested(child, f"{prefix}{name}."))
+            return tensors
 
         def forward(self, x: Any) -> Any:
             return run_graph(self.graph_module, x, self._tensors_of)

@@ -46,6 +46,7 @@ class Head(abc.ABC):
     bounded_error: bool = False  # output_error keeps gradient_bound for any logit (no clamp needed first)
     summary: str = "accuracy"  # what the mean of secure_summaries is, beside the loss, in metrics.json
     classifies: bool = True
+    label_scale: float = 1.0  # a regression's target units per scaled unit (errors are reported in the label's units)
 
     def __init__(self, classes: int) -> None:
         self.classes = classes
@@ -228,6 +229,7 @@ class RegressionHead(Head):
     def __init__(self, spec: Regression) -> None:
         super().__init__(1)
         self.spec = spec
+        self.label_scale = spec.scale
         self.loss_name = spec.loss
         huber = spec.loss == "huber"
         self.bounded_error = huber

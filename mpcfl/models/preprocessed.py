@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-_MISSING = frozenset({"", "na", "nan", "null", "none"})  # as mpcfl.data.encode reads them
+#: Cells read as missing, here and by mpcfl.data.encode (case-insensitive).
+MISSING_CELLS = frozenset({"", "na", "nan", "null", "none"})
 
 
 class Preprocessed(nn.Module):
@@ -83,7 +84,7 @@ class Preprocessed(nn.Module):
         return torch.tensor(out, dtype=torch.float32).T.reshape(-1, len(self.columns))
 
     def _number(self, column: str, cell: str) -> float:
-        if cell.lower() in _MISSING:
+        if cell.lower() in MISSING_CELLS:
             if column not in self.imputed:
                 raise ValueError(f"column {column!r}: a missing cell, and training filled none in this column")
             return self.imputed[column]

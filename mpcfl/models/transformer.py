@@ -10,6 +10,11 @@ silently, and CrypTen's iterative functions return garbage outside their ranges,
 function clamps or rescales its input into the range where it is accurate and states the
 range it is valid on. The errors against float torch are measured in
 ``tests/models/test_transformer.py`` and listed in ``docs/guides/transformers.md``.
+
+Each operator also trains under CrypTen's autograd (``mpcfl.models.convert.trainable``): the
+comparisons (signs, clamps' tests, the softmax's row max) run on detached copies, and LayerNorm's
+normalisation is one autograd function with its closed-form backward. The gradients against
+torch's are measured in ``tests/models/test_transformer_training.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpcfl.errors import MpcflError
+from mpcfl.mpc import compat
 from mpcfl.mpc.engine import import_crypten
 
 #: Softmax differences below this are clamped: exp(-64) < 2^-16 is zero in fixed point, and
@@ -91,9 +97,14 @@ def _gated(x: Any, argument: Callable[[Any], Any], bound: float) -> Any:
     the sigmoid's argument is known to be <= 0, so its own sign test is not needed. |x| is clamped
     to ``bound`` first (exact: beyond it sigmoid(-argument) < 2^-16), which keeps CrypTen's exp,
     (1 + t/256)^256, in [-256, 0] and any cube inside the ring.
+
+    The sign is taken on a detached copy: a piecewise constant, its derivative is 0 almost
+    everywhere, and CrypTen's autograd would otherwise record the comparison's inner
+    arithmetic and send a wrong gradient through it. The clamp is a relu, whose gradient
+    CrypTen knows, so training differentiates the smooth parts only.
     """
     crypten = _crypten()
-    positive = x.gt(0)  # 0/1 at scale 1: products with it are exact
+    positive = x.detach().gt(0)  # 0/1 at scale 1: products with it are exact
     magnitude = x * (positive * 2 - 1)
     clamped = magnitude - (magnitude - bound).relu()
     low = argument(clamped).neg().exp()  # exp(-argument(|x|)) in (0, 1]
@@ -127,8 +138,9 @@ def silu(x: Any) -> Any:
     return _gated(x, lambda t: t, SILU_CLAMP)
 
 
-def _normalise(centred: Any, v: Any) -> Any:
-    """centred / sqrt(v) for v in [1e-3, 6.7e7] (v broadcasts against centred).
+def _inverse_std(v: Any) -> tuple[Any, Any]:
+    """1 / sqrt(v) for v in [1e-3, 6.7e7] as two factors (root, inverse): apply them with
+    :func:`_divide_by_std`, root first.
 
     v is scaled into (0.25, 4] by a secret 16^-m, counted by one batched comparison against
     4 * 16^k, and CrypTen's Newton iteration runs there; ``centred`` takes the matching 4^-m
@@ -144,7 +156,34 @@ def _normalise(centred: Any, v: Any) -> Any:
     for i, k in enumerate(exponents):  # one step down at each threshold passed
         scale = above[i] * (16 ** (top - k - 1) - 16 ** (top - k)) + scale
         root = above[i] * (4 ** (top - k - 1) - 4 ** (top - k)) + root
-    return (centred * root).div(4**top) * (v * scale).div(16**top).inv_sqrt()
+    return root, (v * scale).div(16**top).inv_sqrt()
+
+
+def _divide_by_std(t: Any, factors: tuple[Any, Any]) -> Any:
+    """t / sqrt(v) with :func:`_inverse_std`'s factors of v."""
+    root, inverse = factors
+    return (t * root).div(4 ** (_VARIANCE_EXPONENTS[-1] + 1)) * inverse
+
+
+class _Normalise:
+    """(x - mean) / sqrt(var + eps) over the last dim as one CrypTen autograd function, with the
+    closed-form backward dx = (g - mean(g) - xhat mean(g xhat)) / sigma, which reuses the
+    forward's 1/sigma factors: CrypTen cannot differentiate the inverse square root (it runs
+    in place), and a second one would cost as much again."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Any, eps: float) -> Any:
+        centred = x - x.mean(-1, keepdim=True)
+        factors = _inverse_std(centred.square().mean(-1, keepdim=True) + eps)
+        normalised = _divide_by_std(centred, factors)
+        ctx.save_multiple_for_backward([normalised, factors])
+        return normalised
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any) -> Any:
+        normalised, factors = ctx.saved_tensors
+        inner = grad - grad.mean(-1, keepdim=True) - normalised * (grad * normalised).mean(-1, keepdim=True)
+        return _divide_by_std(inner, factors)
 
 
 def layer_norm(x: Any, p: dict[str, Any], eps: float) -> Any:
@@ -152,11 +191,21 @@ def layer_norm(x: Any, p: dict[str, Any], eps: float) -> Any:
     and |x - mean| < 2^15; relative error of the normalisation ~3e-3."""
     if torch.is_tensor(x):  # plaintext emulation (convert.emulate)
         return F.layer_norm(x, x.shape[-1:], p.get("weight"), p.get("bias"), eps)
-    centred = x - x.mean(-1, keepdim=True)
-    out = _normalise(centred, centred.square().mean(-1, keepdim=True) + eps)
+    out = compat.apply_function(_Normalise, x, eps)
     if "weight" in p:
         out = out * p["weight"]
     return out + p["bias"] if "bias" in p else out
+
+
+def split(x: Any, size: int | list[int], dim: int = 0) -> tuple[Any, ...]:
+    """``x.split`` by ``narrow``: CrypTen's own split (and slicing with ``[]``, which Python looks
+    up on the type) record no gradient; narrow does, given a dim counted from the front (its
+    backward pads by it)."""
+    dim %= x.dim()
+    length = x.size(dim)
+    sizes = list(size) if isinstance(size, (list, tuple)) else [min(size, length - i) for i in range(0, length, size)]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return tuple(x.narrow(dim, start, n) for start, n in zip(starts, sizes))
 
 
 def is_public_mask(t: Any) -> bool:
@@ -220,7 +269,9 @@ def softmax(x: Any, dim: int = -1, keep: torch.Tensor | None = None, bias: torch
         return F.softmax(x if keep is None else x.masked_fill(~keep, float("-inf")), dim)
     if keep is not None:  # masked entries sit below every kept one for the max, then drop out exactly
         x = x + (~keep).to(torch.float32) * -MASK_OFFSET
-    gap = x - row_max(x, dim)
+    # the max only shifts the row (softmax is invariant to it): a constant for autograd, so that
+    # training neither differentiates its comparisons nor pays for their backward
+    gap = x - row_max(x.detach(), dim % x.dim())
     numerator = (gap + (-gap - SOFTMAX_FLOOR).relu()).exp()
     if keep is not None:
         numerator = numerator * keep.to(torch.float32)
@@ -326,21 +377,20 @@ def multihead_attention(m: nn.MultiheadAttention, query: Any, p: dict[str, Any],
     embed, heads = m.embed_dim, m.num_heads
     weight, bias = p["in_proj_weight"], p.get("in_proj_bias")
 
-    def project(t: Any, part: int) -> Any:
-        out = t.matmul(weight[part * embed:(part + 1) * embed].t())
-        return out if bias is None else out + bias[part * embed:(part + 1) * embed]
-
     if key is query and value is query:  # self-attention: one product for q, k and v
         qkv = query.matmul(weight.t())
         if bias is not None:
             qkv = qkv + bias
-        q, k, v = qkv[..., :embed], qkv[..., embed:2 * embed], qkv[..., 2 * embed:]
+        q, k, v = split(qkv, embed, -1)
     else:
-        q, k, v = project(query, 0), project(key, 1), project(value, 2)
+        weights = split(weight, embed, 0)
+        biases = (None,) * 3 if bias is None else split(bias, embed, 0)
+        q, k, v = (t.matmul(w.t()) if b is None else t.matmul(w.t()) + b
+                   for t, w, b in zip((query, key, value), weights, biases))
 
     def split_heads(t: Any) -> Any:  # (N, L, E) -> (N, H, L, E/H)
         n, length, _ = t.size()
-        return t.reshape(n, length, heads, embed // heads).permute(0, 2, 1, 3)
+        return t.reshape(n, length, heads, embed // heads).permute((0, 2, 1, 3))
 
     keep, mask_bias = public_mask(attn_mask, true_means_keep=False)
     if is_causal and attn_mask is None:
@@ -356,7 +406,7 @@ def multihead_attention(m: nn.MultiheadAttention, query: Any, p: dict[str, Any],
         mask_bias = mask_bias.reshape(-1, heads, *mask_bias.shape[1:])
     out = attention(split_heads(q), split_heads(k), split_heads(v), keep, mask_bias)
     n, _, length, _ = out.size()
-    out = out.permute(0, 2, 1, 3).reshape(n, length, embed)
+    out = out.permute((0, 2, 1, 3)).reshape(n, length, embed)
     out = out.matmul(p["out_proj.weight"].t())
     if "out_proj.bias" in p:
         out = out + p["out_proj.bias"]

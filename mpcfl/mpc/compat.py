@@ -45,6 +45,7 @@ class Protocols:
     sigmoid: Callable[[Any], Any]  # mpcfl.mpc.logistic
     product: Callable[..., Any]  # mpcfl.mpc.fixed_mask
     ttp: types.ModuleType  # mpcfl.mpc.providers.ttp: the dealer and its party side
+    divide: Callable[[Any, Any], Any]  # mpcfl.mpc.truncation
 
 
 def _alias_onnx_registration() -> None:
@@ -400,7 +401,7 @@ def _reuse_data_masks(crypten: types.ModuleType, product: Callable[..., Any]) ->
     tensor.matmul = matmul
 
 
-def _serve_first(tensor: type, name: str, ours: Callable[[Any], Any]) -> None:
+def _serve_first(tensor: type, name: str, ours: Callable[..., Any]) -> None:
     """``tensor.name`` tries ``ours`` first and runs crypten's own where it returns None
     (crypten's stays reachable as ``__wrapped__``, for tests that compare the two)."""
     original = getattr(tensor, name)
@@ -408,9 +409,9 @@ def _serve_first(tensor: type, name: str, ours: Callable[[Any], Any]) -> None:
         return
 
     @functools.wraps(original)
-    def served(self: Any) -> Any:
-        result = ours(self)
-        return original(self) if result is None else result
+    def served(self: Any, *args: Any) -> Any:
+        result = ours(self, *args)
+        return original(self, *args) if result is None else result
 
     served._mpcfl_patched = True  # type: ignore[attr-defined]
     setattr(tensor, name, served)
@@ -431,6 +432,17 @@ def _sigmoid_in_lockstep(crypten: types.ModuleType, sigmoid: Callable[[Any], Any
     declines (another method, a GPU, other than two parties) crypten's own runs.
     """
     _serve_first(crypten.mpc.MPCTensor, "sigmoid", sigmoid)
+
+
+def _truncate_exactly(crypten: types.ModuleType, divide: Callable[[Any, Any], Any]) -> None:
+    """``ArithmeticSharedTensor.div_`` by a public integer (the truncation after every fixed-point
+    product) goes through the dealer's truncation pairs where the job's ``runtime.truncation``
+    asks for it (:mod:`mpcfl.mpc.truncation`). crypten 0.4.1 divides each share locally with two
+    parties, which returns garbage when the shares wrap (about |x| / 2^64 per entry), and with
+    more ignores the wrap of the masked value it opens. Where that module declines (mode
+    ``local``, no dealer, a GPU, a tensor divisor) crypten's own runs.
+    """
+    _serve_first(crypten.mpc.primitives.arithmetic.ArithmeticSharedTensor, "div_", divide)
 
 
 class _Section(types.SimpleNamespace):
@@ -534,6 +546,26 @@ def _open_point_to_point(crypten: types.ModuleType) -> None:
     crypten.communicator.distributed_communicator.DistributedCommunicator.reduce = reduce_point_to_point
 
 
+def apply_function(function: type, *inputs: Any) -> Any:
+    """``function.forward(ctx, *inputs)`` recorded on CrypTen's autograd tape, as CrypTen records
+    its registered functions, without registering a name in its global registry.
+
+    ``function`` has CrypTen's ``AutogradFunction`` shape: static ``forward(ctx, *inputs)``
+    returning one CrypTensor and ``backward(ctx, grad)`` returning one gradient per CrypTensor
+    input, in order (CrypTen's ``backward`` pairs them with the result's children). It runs
+    without a tape where no input needs a gradient, or autograd is off (inference).
+    """
+    crypten = loaded_crypten()
+    children = [t for t in inputs if isinstance(t, crypten.CrypTensor)]
+    recording = crypten.CrypTensor.AUTOGRAD_ENABLED and any(t.requires_grad for t in children)
+    ctx = crypten.gradients.AutogradContext() if recording else crypten.gradients.BaseAutogradContext()
+    with crypten.no_grad():  # the forward's own operations are not recorded one by one
+        result = function.forward(ctx, *inputs)
+    if recording:
+        result.requires_grad, result.children, result.grad_fn, result.ctx = True, children, function, ctx
+    return result
+
+
 def load(protocols: Protocols, *, stock: bool = False) -> types.ModuleType:
     """Imports crypten with every adaptation applied, ``protocols`` installed (see
     :func:`mpcfl.mpc.engine.import_crypten`, which hands them over, for ``stock``).
@@ -589,6 +621,7 @@ def _import_and_patch(protocols: Protocols, *, stock: bool) -> types.ModuleType:
         _reuse_data_masks(crypten, protocols.product)
         _compare_on_packed_bits(crypten, protocols.less_than_zero)
         _sigmoid_in_lockstep(crypten, protocols.sigmoid)
+        _truncate_exactly(crypten, protocols.divide)
         _read_settings_natively(crypten)
     return crypten
 

@@ -65,6 +65,7 @@ class Session:
         label: names the job in error messages.
         credentials: what this process proves itself with (see :mod:`mpcfl.mpc.auth`).
         fingerprint: what every process's copy of the job agrees on.
+        truncation: how shares are divided by public integers (:mod:`mpcfl.mpc.truncation`'s modes).
     """
 
     parties: tuple[str, ...]
@@ -76,6 +77,7 @@ class Session:
     credentials: Credentials = field(default_factory=Credentials)
     fingerprint: str = ""
     channel: str = "auto"  # see channel_mode: "tls" puts every link through this process's relays (mpcfl.mpc.channel)
+    truncation: str = "auto"
 
     def __post_init__(self) -> None:
         # Job files check this too (jobs.schema); party scripts and the fork harness come here only.
@@ -163,6 +165,8 @@ def _configure(session: Session, rank: int) -> Any:
     crypten = import_crypten()
     from crypten.config import cfg
 
+    from mpcfl.mpc import truncation  # imports torch, as crypten has just done
+
     set_process_group_timeout(session.timeout_s)
     rendezvous = session.rendezvous or os.environ.get(ENV_RENDEZVOUS, "")
     confirmed = os.environ.get(ENV_PLAIN_NETWORK) == "1"
@@ -177,6 +181,7 @@ def _configure(session: Session, rank: int) -> Any:
                  "confirmed with --plain-network" if confirmed else "on this host's loopback only")
     cfg.mpc.provider = session.provider.crypten_name
     cfg.communicator.verbose = True
+    truncation.set_mode(session.truncation)
     return crypten
 
 

@@ -280,13 +280,13 @@ def test_unsupported_transformer_parts_are_refused_by_name(model: nn.Module, mes
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        (nn.Sequential(nn.Linear(4, 4), nn.GELU()), r"layer '1' \(GELU\) cannot be trained under MPC yet"),
-        (nn.Sequential(nn.LayerNorm(4)), r"layer '0' \(LayerNorm\) cannot be trained"),
-        (Fn(F.silu), r"function 'silu' \(node silu\) cannot be trained"),
-        (_encoder_layer(True, "relu", True), r"\(TransformerEncoderLayer\) cannot be trained"),
+        (nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)),
+         r"layer '0' \(TransformerEncoderLayer\) has dropout > 0"),
+        (nn.Sequential(nn.MultiheadAttention(8, 2, dropout=0.1)), r"\(MultiheadAttention\) has dropout > 0"),
+        (Fn(lambda x: F.scaled_dot_product_attention(x, x, x, dropout_p=0.1)), r"with dropout_p > 0 cannot be trained"),
     ],
 )
-def test_training_transformer_operators_is_refused_by_name(model: nn.Module, message: str) -> None:
+def test_training_attention_with_dropout_is_refused_by_name(model: nn.Module, message: str) -> None:
     with pytest.raises(UnsupportedModelError, match=message):
         trainable(model)
 

@@ -173,6 +173,8 @@ assert not getattr(c.mpc.MPCTensor.matmul, "_mpcfl_patched", False)
 assert not hasattr(c.mpc.provider.ttp_provider.TrustedThirdParty, "generate_fixed_mask")
 assert not getattr(c.config.CrypTenConfig, "_mpcfl_patched", False)
 assert not getattr(c.mpc.MPCTensor.sigmoid, "_mpcfl_patched", False)
+assert not getattr(c.mpc.primitives.arithmetic.ArithmeticSharedTensor.div_, "_mpcfl_patched", False)
+assert not hasattr(c.mpc.provider.ttp_provider.TrustedThirdParty, "generate_truncation")
 assert c.mpc.provider.TTPServer.__module__.startswith("crypten") and not getattr(c.uninit, "_mpcfl_patched", False)
 try:
     import_crypten()
@@ -235,6 +237,29 @@ def test_matmul_reuses_a_fixed_data_mask_only_where_the_provider_serves_one(cryp
     assert not fixed_mask.fix(x, "ab" * 32)  # this process has no dealer
     assert fixed_mask.product(x, crypten.cryptensor(torch.ones(3, 1)), transposed=False) is None
     assert torch.allclose(x.matmul(crypten.cryptensor(torch.ones(3, 1))).get_plain_text(), torch.full((4, 1), 3.0))
+
+
+def test_division_by_a_public_integer_falls_back_to_crypten_s_own_without_a_dealer(crypten_single: None) -> None:
+    # div_ asks mpcfl.mpc.truncation first; under TFP (no dealer) even mode dealer divides crypten's way,
+    # and a tensor divisor or a divisor out of range always does.
+    from mpcfl.mpc import truncation
+    from mpcfl.mpc.engine import import_crypten
+
+    crypten = import_crypten()
+    shares = crypten.mpc.primitives.arithmetic.ArithmeticSharedTensor
+    assert getattr(shares.div_, "_mpcfl_patched", False)
+    assert getattr(crypten.mpc.provider.ttp_provider.TrustedThirdParty.generate_truncation, "_mpcfl_patched", False)
+    plain = torch.tensor([1.5, -3.25, 100.0])
+    try:
+        for mode in truncation.MODES:
+            truncation.set_mode(mode)
+            x = shares(plain)
+            assert truncation.divide(x, 2) is None and truncation.divide(x, 1) is None
+            assert torch.allclose(x.div(2).get_plain_text(), plain / 2)
+            assert torch.allclose(x.div(2.0).get_plain_text(), plain / 2)
+            assert torch.allclose(x.div(torch.tensor([2, 4, 5])).get_plain_text(), plain / torch.tensor([2.0, 4.0, 5.0]))
+    finally:
+        truncation.set_mode("auto")
 
 
 def test_settings_read_natively_keep_crypten_s_interface(crypten_single: None, monkeypatch: pytest.MonkeyPatch) -> None:

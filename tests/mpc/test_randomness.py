@@ -194,6 +194,7 @@ def test_a_batch_answers_what_its_items_answer_one_by_one(parties: int) -> None:
     items = [
         _item("additive", (4, 3), (3, 2), "matmul"), _item("square", (5,)), _item("binary", (2, 1), (1, 3)),
         _item("wraps", (3,)), _item("B2A", (4,)), _item("additive", (1, 1, 4, 4), (1, 1, 2, 2), "conv2d", padding=1),
+        _item("truncation", (2, 3), 1 << 16),
     ]
     keys = [new_key() for _ in range(parties)]
     batched = Dealer(SimpleNamespace(), [SecureGenerator(k) for k in keys], NAMES)

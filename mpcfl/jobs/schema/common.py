@@ -236,6 +236,13 @@ class RuntimeSpec(_Strict):
         description="ttp: open the training features masked once and give every later product with them a "
         "triple whose first factor is that mask (SecureML), so a step opens O(n + d) elements, not O(n·d)",
     )
+    truncation: Literal["auto", "dealer", "local"] = Field(
+        default="auto",
+        description="how a shared value is divided by a public integer (after every fixed-point product): dealer: "
+        "an exact truncation pair from the dealer (ttp only; within 2 units, never a wrap; one dealer request and "
+        "one opening per division); local: CrypTen's own (two parties divide their shares locally, which returns "
+        "garbage with probability about |x| / 2^64 per entry); auto: dealer with three or more parties, local with two",
+    )
     channel: Literal["auto", "plain", "tls"] = Field(
         default="auto",
         description="tls: every link between the job's processes is mutual TLS 1.3, each process's certificate "
@@ -249,6 +256,12 @@ class RuntimeSpec(_Strict):
     @classmethod
     def _known_provider(cls, name: str) -> str:
         return providers.known(name)
+
+    @model_validator(mode="after")
+    def _dealer_truncation_needs_a_dealer(self) -> RuntimeSpec:
+        if self.truncation == "dealer" and not providers.get(self.provider).needs_dealer:
+            raise ValueError(f"truncation: dealer needs the dealer process; provider {self.provider} has none")
+        return self
 
     @model_validator(mode="after")
     def _channel_needs_identities(self) -> RuntimeSpec:

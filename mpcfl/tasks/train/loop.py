@@ -82,7 +82,7 @@ def _metrics(opened: torch.Tensor, head: Head, n_train: int, n_test: int | None)
 
     def summary(total: float, rows: int) -> float:
         mean = max(total / rows, 0.0)
-        return min(mean, 1.0) if head.classifies else mean * head.spec.scale  # type: ignore[attr-defined]
+        return min(mean, 1.0) if head.classifies else mean * head.label_scale
 
     record = {"loss": max(sums[0] / n_train, 0.0), f"train_{head.summary}": summary(sums[1], n_train)}
     if n_test is not None:

@@ -110,7 +110,7 @@ def derive(head: Head, counts: torch.Tensor, rows: int, prefix: str = "test_") -
     if not head.classifies:
         squares, spread = counts.double().cpu().tolist()
         return {
-            f"{prefix}rmse": math.sqrt(max(squares, 0.0) / rows) * head.spec.scale,  # type: ignore[attr-defined]
+            f"{prefix}rmse": math.sqrt(max(squares, 0.0) / rows) * head.label_scale,
             f"{prefix}r2": 1.0 - squares / spread if spread > 0 else math.nan,
         }
     values = np.clip(np.rint(counts.double().cpu().numpy()), 0, rows)

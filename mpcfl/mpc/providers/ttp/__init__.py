@@ -55,6 +55,12 @@ once (a second mask for the same data is refused, and a registration never goes 
 batch), and serves triples only for a registered identifier and the size it was
 registered with. It sees neither the data nor any share of it, and never the opened
 difference X - A: it knows A, so that would be X.
+
+Truncation pairs (:mod:`mpcfl.mpc.truncation`, the job's ``runtime.truncation``): a
+``truncation`` request (a size and a public divisor d in [2, 2^62]) makes every party draw
+its share of a uniform r, then of floor(r / d) and of r's top bit (r read unsigned); the
+dealer draws the same r and answers party 0 its shares of the last two. It deals randomness
+only: the parties open x + r among themselves, never to it.
 """
 
 from mpcfl.mpc.providers.ttp.party import (

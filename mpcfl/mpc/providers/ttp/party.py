@@ -105,9 +105,26 @@ def generate_noise(self: Any, size: Sequence[int], variance: float, device: Any 
     return upstream.generate_random_ring_element(size, generator=client.get_generator(device=device), device=device)
 
 
+def generate_truncation(self: Any, size: Sequence[int], divisor: int, device: Any = None) -> tuple[Any, Any, Any]:
+    """Shares of a random r, of floor(r / divisor) and of r's top bit, r read unsigned (request
+    ``truncation``, :mod:`mpcfl.mpc.truncation`): party 0 gets its last two from the dealer."""
+    from crypten.mpc.provider import ttp_provider as upstream
+
+    client = upstream.TTPClient.get()
+    generator = client.get_generator(device=device)
+    r = upstream.generate_random_ring_element(size, generator=generator, device=device)
+    if upstream.comm.get().get_rank() == 0:
+        quotient, top = client.ttp_request("truncation", device, tuple(size), divisor).unbind(0)
+    else:
+        quotient, top = (upstream.generate_random_ring_element(size, generator=generator, device=device) for _ in range(2))
+    shares = upstream.ArithmeticSharedTensor
+    return tuple(shares.from_shares(share, precision=0) for share in (r, quotient, top))
+
+
 #: What mpcfl.mpc.compat adds to CrypTen's TrustedThirdParty, by method name.
 PARTY_EXTENSIONS = {
     "generate_fixed_mask": generate_fixed_mask, "generate_fixed_triple": generate_fixed_triple, "generate_noise": generate_noise,
+    "generate_truncation": generate_truncation,
 }
 
 

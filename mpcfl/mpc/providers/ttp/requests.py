@@ -16,6 +16,7 @@ import torch
 from mpcfl.dp.noise import MAX_VARIANCE, skellam
 from mpcfl.errors import MpcflError
 from mpcfl.mpc.prng import SecureGenerator, numpy_generator
+from mpcfl.mpc.truncation import MAX_DIVISOR, unsigned_floordiv
 from mpcfl.mpc.wire import to_words
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ PARTY_METHODS = {
     "fixed_mask": "generate_fixed_mask",
     "fixed_triple": "generate_fixed_triple",
     "noise": "generate_noise",
+    "truncation": "generate_truncation",
 }
 DIGEST_WORDS = 4  # SHA-256 as int64 words
 #: The fixed masks the dealer keeps at once hold at most this many elements in all.
@@ -168,6 +170,8 @@ def answer_size(function: str, args: Sequence[Any], kwargs: dict[str, Any]) -> t
     """
     if function == "fixed_mask":
         return torch.Size([1])
+    if function == "truncation":  # party 0's shares of floor(r / d) and of r's top bit
+        return torch.Size([2, *args[0]])
     if function == "fixed_triple":
         mask, other = (tuple(size) for size in args[1:3])
         if args[3] and len(mask) > 2:
@@ -193,6 +197,8 @@ def _operands(function: str, args: Sequence[Any]) -> Sequence[Any]:
         return args[2:3]
     if function == "noise":  # (size, variance): the answer alone
         return ()
+    if function == "truncation":  # (size, divisor): r besides the answer
+        return args[:1]
     return args[:1]
 
 
@@ -226,6 +232,7 @@ class Requests:
             "fixed_mask": self.fixed_mask,
             "fixed_triple": self.fixed_triple,
             "noise": self.noise,
+            "truncation": self.truncation,
         }
         self._own = numpy_generator()  # the dealer's alone: DP noise no party knows
         self.masks: dict[str, torch.Tensor] = {}  # fixed masks by data binding (see the package's docstring)
@@ -254,6 +261,12 @@ class Requests:
             if len(args) != 2 or kwargs or type(args[1]) is not float or not 0 < args[1] <= MAX_VARIANCE:
                 raise self._refuse(f"request 'noise' with arguments {args!r} (a size and a variance in (0, 2^56])")
             self._size(name, args[0])
+            return self.requests[name], args, kwargs
+        if name == "truncation":
+            if len(args) != 2 or kwargs or type(args[1]) is not int or not 2 <= args[1] <= MAX_DIVISOR:
+                raise self._refuse(f"request 'truncation' with arguments {args!r} (a size and an int divisor in [2, 2^62])")
+            self._size(name, args[0])
+            self._size(name, answer_size(name, args, kwargs))
             return self.requests[name], args, kwargs
         if name == "quiet":
             if len(args) != 1 or type(args[0]) is not int or not 0 < args[0] <= MAX_QUIET_S or kwargs:
@@ -444,6 +457,13 @@ class Requests:
         own generator: every party's share is uniform, so no coalition of parties knows the noise."""
         drawn = torch.from_numpy(skellam(tuple(size), variance, self._own))
         return drawn - self._sum(size, self.generators[1:])
+
+    def truncation(self, size: Sequence[int], divisor: int) -> torch.Tensor:
+        """Party 0's shares of floor(r / divisor) and of r's top bit (r read unsigned) for a random
+        sharing r (:mod:`mpcfl.mpc.truncation`): randomness only, nothing of the value divided."""
+        r = self._sum(size, self.generators)
+        quotient, top = unsigned_floordiv(r, divisor), (r < 0).long()
+        return torch.stack([quotient - self._sum(size, self.generators[1:]), top - self._sum(size, self.generators[1:])])
 
     def b2a(self, size: Sequence[int]) -> torch.Tensor:
         """Party 0's arithmetic share of a random bit whose XOR shares the parties draw."""
