@@ -616,6 +616,9 @@ def trainable(model: nn.Module) -> Any:
     Raises:
         UnsupportedModelError: a layer or construct cannot run under MPC, or cannot be trained.
     """
+    if _from_transformers(model):  # the rewrite (mpcfl.models.huggingface) runs as in eval: no dropout
+        raise UnsupportedModelError(f"{type(model).__name__}: Hugging Face models run under MPC for inference only "
+                                    "(their rewrite leaves out dropout)")
     gm = trace(model)
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _EVAL_ONLY):
