@@ -15,10 +15,11 @@ autograd; layers that behave differently in training (dropout, batch norm) are r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,13 +63,20 @@ def _checked(check: Callable[[Any], None], params: Callable[[Any], dict[str, tor
     """A params function that first refuses the layer's unsupported settings."""
 
     def checked(m: nn.Module) -> dict[str, torch.Tensor]:
-        try:
+        with _refusing():
             check(m)
-        except tf.UnsupportedOperationError as err:
-            raise UnsupportedModelError(str(err)) from None
         return params(m)
 
     return checked
+
+
+@contextlib.contextmanager
+def _refusing() -> Iterator[None]:
+    """An operator's refusal (UnsupportedOperationError) as the converter's, with the same message."""
+    try:
+        yield
+    except tf.UnsupportedOperationError as err:
+        raise UnsupportedModelError(str(err)) from None
 
 
 def _embedding_check(m: nn.Embedding) -> None:
@@ -88,7 +96,10 @@ def _conv_params(m: nn.Conv1d | nn.Conv2d) -> dict[str, torch.Tensor]:
 
 
 def _conv(m: nn.Conv1d | nn.Conv2d, x: Any, p: dict[str, Any]) -> Any:
-    conv = x.conv1d if isinstance(m, nn.Conv1d) else x.conv2d
+    if torch.is_tensor(x):  # plaintext emulation (emulate): the same call on torch's functions
+        conv = functools.partial(F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d, x)
+    else:
+        conv = x.conv1d if isinstance(m, nn.Conv1d) else x.conv2d
     out = conv(p["weight"], stride=_pair(m.stride), padding=_pair(m.padding), dilation=_pair(m.dilation), groups=m.groups)
     return out + _channel_view(p["bias"], out) if "bias" in p else out
 
@@ -220,6 +231,14 @@ def _functional_layer_norm(x: Any, shape: Any, weight: Any = None, bias: Any = N
     return tf.layer_norm(x, {k: v for k, v in (("weight", weight), ("bias", bias)) if v is not None}, eps)
 
 
+def _cat(tensors: Any, dim: int = 0) -> Any:
+    """torch.cat on CrypTensors, or on plain tensors in emulation (crypten.cat drops ``dim`` for those)."""
+    tensors = list(tensors)
+    if all(torch.is_tensor(t) for t in tensors):
+        return torch.cat(tensors, dim=dim)
+    return import_crypten().cat(tensors, dim=dim)
+
+
 # functions a traced forward() may call -> how to run them (CrypTensors and plain values mixed)
 _FUNCTIONS: dict[Any, Callable[..., Any]] = {
     operator.add: _add,
@@ -245,7 +264,7 @@ _FUNCTIONS: dict[Any, Callable[..., Any]] = {
     operator.matmul: lambda a, b: a.matmul(b),
     torch.transpose: lambda x, a, b: x.transpose(a, b),
     getattr: lambda x, name: x.size(),  # ``x.shape``, the only attribute trace() lets through
-    torch.cat: lambda tensors, dim=0: import_crypten().cat(list(tensors), dim=dim),
+    torch.cat: _cat,
     F.log_softmax: lambda x, *a, **k: x.log_softmax(_dim_of((x, *a), k)),
 }
 
@@ -326,9 +345,25 @@ def _pool_before_relu(gm: torch.fx.GraphModule) -> int:
     return swapped
 
 
+def _from_transformers(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("transformers.")
+
+
 def _traced_root(model: nn.Module) -> nn.Module:
     """The module fx traces: a bare composite torch layer (an encoder layer...) wrapped, so that
-    it runs as a leaf, as it does inside a model (fx traces the root's own forward)."""
+    it runs as a leaf, as it does inside a model (fx traces the root's own forward); a Hugging Face
+    model rewritten with a forward fx traces, on the model's own submodules (:mod:`.huggingface`)."""
+    if _from_transformers(model):
+        from mpcfl.models import huggingface  # only here: transformers is an optional dependency
+
+        with _refusing():
+            return huggingface.traceable(model)
+    inside = next(((name, m) for name, m in model.named_modules() if _from_transformers(m)), None)
+    if inside is not None:  # fx would trace into it and fail on HF's internals, far from its name
+        raise UnsupportedModelError(
+            f"layer {inside[0]!r} ({type(inside[1]).__name__}) is not supported under MPC: Hugging Face layers "
+            "run only inside the Hugging Face models supported (see mpcfl.models.huggingface)"
+        )
     if type(model).__module__.startswith("torch.nn.modules") and list(model.children()) and not isinstance(
         model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
     ):
@@ -581,6 +616,9 @@ def trainable(model: nn.Module) -> Any:
     Raises:
         UnsupportedModelError: a layer or construct cannot run under MPC, or cannot be trained.
     """
+    if _from_transformers(model):  # the rewrite (mpcfl.models.huggingface) runs as in eval: no dropout
+        raise UnsupportedModelError(f"{type(model).__name__}: Hugging Face models run under MPC for inference only "
+                                    "(their rewrite leaves out dropout)")
     gm = trace(model)
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _EVAL_ONLY):
