@@ -22,6 +22,7 @@ from mpcfl.models.convert import trainable
 from mpcfl.models.zoo import DigitsViT
 from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.reveal import reveal
+from test_transformer import EncoderDecoder
 
 BENCHMARK = REPO / "benchmarks" / "vit_training.py"
 
@@ -91,20 +92,22 @@ class Tokens(nn.Module):
         return self.head(F.silu(self.encoder(h)[:, 0]))
 
 
-@pytest.mark.parametrize("model", ["vit", "tokens"])
+@pytest.mark.parametrize("model", ["vit", "tokens", "decoder"])
 def test_every_parameter_gradient_matches_torch(crypten_single: None, model: str) -> None:
-    """Attention, softmax, LayerNorm, GELU and SiLU backward through whole models, as torch's within 1e-2
-    (gradients up to ~2: about 3e-3 relative; measured 7e-3 at most)."""
+    """Attention (self and to a memory), softmax, LayerNorm, GELU and SiLU backward through whole
+    models, as torch's within 1e-2 (gradients up to ~2: about 3e-3 relative; measured 7e-3 at most)."""
     crypten = import_crypten()
     torch.manual_seed(0)
     if model == "vit":
         torch_model: nn.Module = DigitsViT(patch=4, dim=8, heads=2, layers=1, hidden=16, dropout=0.0)
         x, shared = torch.rand(6, 64), None
+    elif model == "decoder":  # post-norm, a causal mask buffer
+        torch_model, x, shared = EncoderDecoder(norm_first=False), torch.randn(2, 5, 8), None
     else:
         torch_model = Tokens()
         x = torch.randint(0, 7, (6, 4))
         shared = F.one_hot(x, 7).float()  # as the data owner shares token ids (convert.encode_inputs)
-    error = torch.randn(6, 10 if model == "vit" else 3) * 0.3
+    error = torch.randn(torch_model(x).shape) * 0.3
     secure = trainable(torch_model).encrypt(src=0)
     secure.train()
     logits = secure(crypten.cryptensor(x if shared is None else shared))
