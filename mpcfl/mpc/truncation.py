@@ -34,8 +34,9 @@ streams) and one opening of z, where local division costs nothing.
 
 Modes (the job's ``runtime.truncation``): ``local`` is CrypTen's own (above); ``dealer`` is this;
 ``auto`` is ``dealer`` with three or more parties (where CrypTen asks the dealer anyway) and
-``local`` with two, because the dealer round costs two parties about 1.7x the rounds and 1.5x
-the bytes of a transformer's inference (docs/guides/transformers.md). Without a dealer (TFP)
+``local`` with two, because the dealer round costs two parties 1.7x the rounds and bytes of the
+digits ViT's inference and 2x those of W1's training (docs/guides/transformers.md,
+docs/performance/benchmarks.md). Without a dealer (TFP)
 or on a GPU (CrypTen's ``CUDALongTensor`` shares; not tested), CrypTen's own runs.
 """
 
