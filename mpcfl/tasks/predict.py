@@ -103,7 +103,7 @@ def load_rows(job: PredictJob, party: str, trained: TrainedRun) -> Split | None:
     assert train is not None
     path = job.rows.get(party)
     if path is None:
-        if trained.columns or train.keyed:
+        if (trained.columns and train.partition == "vertical") or train.keyed:  # horizontal: one party's rows
             what = "its training feature columns" if trained.columns else "its ID column (rows are lined up by ID)"
             raise DataError(f"party {party}: rows: no file of new rows, and the model needs {what}")
         return None

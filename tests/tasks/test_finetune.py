@@ -70,16 +70,15 @@ def test_the_head_trains_on_the_backbone_as_in_plaintext_and_scores_raw_rows(tmp
     assert torch.load(job.party_root("clinic_a") / "latest" / "model.pt", weights_only=True)["0.weight"].shape == (1, 32)
     # Raw pixel rows in: the receiver's load_model (the backbone rebuilt in front, checked by its digest),
     # and a secure predict job, each party's rows through the backbone at that party before sharing.
-    files = [tmp_path / f"{clinic}_test.csv" for clinic in ("clinic_a", "clinic_b")]
-    raw = np.vstack([np.loadtxt(f, delimiter=",", skiprows=1) for f in files])
+    raw = np.loadtxt(tmp_path / "clinic_b_test.csv", delimiter=",", skiprows=1)
     scorer = load_model(job.party_root("clinic_a") / "latest")
     with torch.no_grad():
         plain = (scorer(torch.tensor(raw[:, :-1], dtype=torch.float32)).squeeze(1) > 0).numpy()
     assert (plain == (raw[:, -1] == 1)).mean() > 0.9
-    rows = [f"{clinic}={f}" for clinic, f in zip(("clinic_a", "clinic_b"), files)]
-    done = mpcfl("predict", str(path), "--rows", *rows, "--to", "clinic_a", "--out", str(tmp_path / "pred"), timeout=240)
+    pixels = write_csv(tmp_path / "new_rows.csv", scorer.columns, raw[:, :-1])  # clinic_b's new images, no labels
+    done = mpcfl("predict", str(path), "--rows", f"clinic_b={pixels}", "--to", "clinic_b", "--out", str(tmp_path / "pred"), timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    with next((tmp_path / "pred").glob("clinic_a/*/predictions.csv")).open() as handle:
+    with next((tmp_path / "pred").glob("clinic_b/*/predictions.csv")).open() as handle:
         secure = np.array([row["predicted"] == "1" for row in csv.DictReader(handle)])
     assert len(secure) == len(raw) and (secure == plain).mean() > 0.99
     assert_no_leftovers(str(path))
