@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from make_digits_model import write_inference_files  # this folder, as a script's
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "data" / "text_lookup"
 SEED, TRAIN, HELD_OUT, EPOCHS = 0, 4000, 256, 40
@@ -56,13 +58,7 @@ def main() -> None:
             opt.zero_grad()
             nn.functional.cross_entropy(model(xt[start:start + 100]), yt[start:start + 100]).backward()
             opt.step()
-    model.eval()
-    with torch.no_grad():
-        accuracy = (model(torch.tensor(x[TRAIN:])).argmax(1).numpy() == y[TRAIN:]).mean()
-    OUT.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), OUT / "bank_weights.pt")
-    np.save(OUT / "clinic_inputs.npy", x[TRAIN:])
-    np.save(OUT / "clinic_labels.npy", y[TRAIN:])
+    accuracy = write_inference_files(OUT, model, x[TRAIN:], y[TRAIN:])
     print(f"wrote {OUT}: held-out accuracy {accuracy:.4f} on {HELD_OUT} sequences")
 
 

@@ -43,7 +43,7 @@ def identity_job(tmp_path: Path) -> tuple[str, Path]:
 
 
 def run_processes(roles: list[tuple[list[str], str | None]]) -> list[subprocess.CompletedProcess]:
-    """:func:`conftest.run_processes` within half the process-group timeout: every refusal must come at once."""
+    """:func:`conftest.run_roles` within half the process-group timeout: every refusal must come at once."""
     return run_roles(roles, within=TIMEOUT_S / 2)
 
 
