@@ -37,14 +37,21 @@ def main() -> None:
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(features[batch]), labels[batch]).backward()
             optimizer.step()
+    accuracy = write_inference_files(OUT, model, x[TRAIN_ROWS:], y[TRAIN_ROWS:])
+    print(f"wrote {OUT}; plaintext accuracy on the clinic's {len(x) - TRAIN_ROWS} inputs: {accuracy:.4f}")
+
+
+def write_inference_files(out: Path, model: torch.nn.Module, inputs: np.ndarray, labels: np.ndarray) -> float:
+    """An inference demo's files in ``out``: the bank's weights, the clinic's inputs and their labels;
+    returns the model's plaintext accuracy on them."""
     model.eval()
     with torch.no_grad():
-        accuracy = (model(torch.from_numpy(x[TRAIN_ROWS:])).argmax(1).numpy() == y[TRAIN_ROWS:]).mean()
-    OUT.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), OUT / "bank_weights.pt")
-    np.save(OUT / "clinic_inputs.npy", x[TRAIN_ROWS:])
-    np.save(OUT / "clinic_labels.npy", y[TRAIN_ROWS:])
-    print(f"wrote {OUT}; plaintext accuracy on the clinic's {len(x) - TRAIN_ROWS} inputs: {accuracy:.4f}")
+        accuracy = float((model(torch.from_numpy(inputs)).argmax(1).numpy() == labels).mean())
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / "bank_weights.pt")
+    np.save(out / "clinic_inputs.npy", inputs)
+    np.save(out / "clinic_labels.npy", labels)
+    return accuracy
 
 
 if __name__ == "__main__":

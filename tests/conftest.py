@@ -273,6 +273,37 @@ def run_job(path: Path, *args: str, timeout: float = 240) -> subprocess.Complete
     return done
 
 
+def run_roles(roles: list[tuple[list[str], str | None]], *, within: float) -> list[subprocess.CompletedProcess]:
+    """Starts `mpcfl ARGS` per role with its own secret (None: none), on one fresh rendezvous; waits for all.
+
+    Fails if they take more than ``within`` seconds (a refusal that waited for the timeout).
+    """
+    from mpcfl.launch.local import free_port
+
+    rendezvous = f"tcp://127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "RENDEZVOUS", "MPCFL_JOB_SECRET")}
+    started = time.monotonic()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mpcfl", *args, "--rendezvous", rendezvous],
+            env={**env, **({"MPCFL_JOB_SECRET": secret} if secret else {})},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for args, secret in roles
+    ]
+    results = []
+    for process in processes:
+        try:
+            out, err = process.communicate(timeout=within - (time.monotonic() - started))
+        except (subprocess.TimeoutExpired, ValueError):
+            for other in processes:
+                other.kill()
+                other.communicate()
+            pytest.fail(f"the processes ran past {within}s: a refusal waited for the timeout")
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return results
+
+
 def run_dir(job_path: Path, party: str) -> Path:
     """A party's folder of the newest run of the job at ``job_path`` (finished or not)."""
     from mpcfl import runs

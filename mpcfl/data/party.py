@@ -18,6 +18,7 @@ import numpy as np
 
 from mpcfl.data.encode import Encoding, impute, read_encoded
 from mpcfl.data.files import DataError, Table, check_ids, load_table
+from mpcfl.errors import ConfigError, MpcflError
 
 if TYPE_CHECKING:
     from mpcfl.jobs.schema import TrainJob
@@ -53,6 +54,8 @@ class PartyData:
     test: Split | None
     scaler: dict[str, Any] = field(default_factory=dict)
     imputed: dict[str, float] = field(default_factory=dict)  # each filled column's value (data.missing)
+    inputs: list[str] | None = None  # the columns its backbone took (data.backbone), when it ran one
+    loaded: dict[str, bytes] | None = None  # :func:`contents` of the rows as read, before the backbone
 
 
 def _label_index(table: Table, column: str | int, party: str) -> int:
@@ -206,7 +209,57 @@ def load_party_data(job: TrainJob, party: str) -> PartyData:
             raise DataError(
                 f"party {party}: {split.path}: {len(split.ids)} IDs in column {id_column!r}, beyond data.max_ids={job.data.max_ids}"
             )
-    return PartyData(party=party, train=train, test=test, imputed=imputed)
+    data = PartyData(party=party, train=train, test=test, imputed=imputed)
+    if runs_backbone(job, party, train.x.shape[1]):
+        data.inputs, data.loaded = train.columns, contents(data)  # the data, not a view of it, names its budget
+        module = backbone_of(job)
+        for split_ in (train, test):
+            if split_ is not None:
+                split_.x, split_.columns = through_backbone(job, party, module, split_)
+    return data
+
+
+def runs_backbone(job: TrainJob, party: str, n_columns: int) -> bool:
+    """Whether ``party``'s feature columns go through the job's backbone: every party in a horizontal
+    job; in a vertical one the listed parties (``all``: every party holding feature columns)."""
+    backbone = job.data.backbone
+    if backbone is None:
+        return False
+    return party in backbone.parties if backbone.parties != "all" else n_columns > 0
+
+
+def backbone_of(job: TrainJob) -> Any:
+    """The job's backbone module (:func:`mpcfl.models.backbone.build_backbone`).
+
+    Raises:
+        ConfigError: the factory or the weights fail (naming the job file and the key).
+    """
+    from mpcfl.models.backbone import build_backbone
+
+    spec = job.data.backbone
+    assert spec is not None
+    try:
+        return build_backbone(spec.factory, spec.weights)
+    except MpcflError as err:
+        raise ConfigError(f"{job.source}: data.backbone: {err}") from None
+
+
+def through_backbone(job: TrainJob, party: str, module: Any, split: Split) -> tuple[np.ndarray, list[str]]:
+    """A split's features through the backbone, in plaintext at its owner, and their column names
+    (``backbone_i``; vertical: ``PARTY_backbone_i``, as a vertical job's columns are every party's together).
+
+    Raises:
+        DataError: the backbone fails on the rows or returns anything but finite float features,
+            naming the party, the file and the key.
+    """
+    from mpcfl.models.backbone import run_backbone
+
+    try:
+        features = run_backbone(module, split.x)
+    except ValueError as err:
+        raise DataError(f"party {party}: {split.path}: data.backbone: {err}") from None
+    prefix = f"{party}_backbone_" if job.partition == "vertical" else "backbone_"
+    return features, [f"{prefix}{i}" for i in range(features.shape[1])]
 
 
 def filled_jointly(job: TrainJob) -> list[str]:
@@ -239,7 +292,10 @@ def fill_missing(data: PartyData, fills: dict[str, float]) -> None:
 def contents(data: PartyData) -> dict[str, bytes]:
     """What a party's run is made from, by the job key naming each file, as loaded: columns, row IDs,
     values and labels. A run commits to these (:mod:`mpcfl.tasks.run`), not to the files' bytes, so a
-    file changed after it was read cannot pass for the one the run used."""
+    file changed after it was read cannot pass for the one the run used. With a backbone, the rows as read
+    before it: the same data through another backbone is the same data (its privacy ledger included)."""
+    if data.loaded is not None:
+        return data.loaded
     parts = {}
     for key, split in (("data.train", data.train), ("data.test", data.test)):
         if split is not None:

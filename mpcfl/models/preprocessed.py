@@ -3,8 +3,9 @@ values, in the label's units) out, in plain PyTorch.
 
 Training scales each party's columns (its own standardisation statistics, or the job's public
 ``data.scaling``), and under DP clamps them to ``data.max_abs`` and, for logistic regression, clips
-each party's slice of a row to a norm. :class:`Preprocessed` does the same to the raw columns of all
-parties, in the training order, then runs the model, so whoever holds all the columns scores rows
+each party's slice of a row to a norm; with a backbone (``data.backbone``), its outputs are those columns.
+:class:`Preprocessed` does the same to the raw columns of all parties (through the backbone first where
+training ran it), in the training order, then runs the model, so whoever holds all the columns scores rows
 without reading any of mpcfl's source. It traces to ONNX like any module.
 """
 
@@ -33,6 +34,9 @@ class Preprocessed(nn.Module):
         target: a regression's ``(center, scale)`` (``labels.scaling``): outputs become ``center + scale * z``.
         imputed: each filled column's value (``data.missing``), for :meth:`encode`.
         classes: the label's class names (``labels.classes``), or None.
+        backbone: the job's public backbone (``data.backbone``), run first on the raw columns of the
+            parties ``inputs`` marks, or None.
+        inputs: per party, in order: its number of raw columns, and whether they go through ``backbone``.
     """
 
     def __init__(
@@ -47,6 +51,8 @@ class Preprocessed(nn.Module):
         target: tuple[float, float] | None = None,
         imputed: Mapping[str, float] | None = None,
         classes: Sequence[str] | None = None,
+        backbone: nn.Module | None = None,
+        inputs: Sequence[tuple[int, bool]] = (),
     ) -> None:
         super().__init__()
         self.model = model
@@ -58,6 +64,8 @@ class Preprocessed(nn.Module):
         self.target = target
         self.imputed = dict(imputed or {})
         self.classes = None if classes is None else list(classes)
+        self.backbone = backbone
+        self.inputs = [tuple(item) for item in inputs]
 
     def encode(self, table: Mapping[str, Sequence[Any]]) -> torch.Tensor:
         """Raw cells as the parties' files hold them (``{column: cells}``, e.g. a DataFrame), as this
@@ -94,6 +102,13 @@ class Preprocessed(nn.Module):
             raise ValueError(f"column {column!r}: {cell!r} is not a number") from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backbone is not None:  # each party's raw columns, through the backbone where training ran it
+            parts, start = [], 0
+            for count, runs in self.inputs:
+                part = x[:, start:start + count]
+                parts.append(self.backbone(part) if runs else part)
+                start += count
+            x = torch.cat(parts, dim=1)
         z = (x - self.center) / self.scale
         if self.clamp is not None:
             z = z.clamp(-self.clamp, self.clamp)

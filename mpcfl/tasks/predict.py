@@ -38,7 +38,9 @@ import torch
 
 from mpcfl import runs
 from mpcfl.data.files import DataError
-from mpcfl.data.party import PartyData, Split, apply_scaler, check_range, contents, encoding_of, read_table
+from mpcfl.data.party import (
+    PartyData, Split, apply_scaler, backbone_of, check_range, contents, encoding_of, read_table, through_backbone,
+)
 from mpcfl.data.psi import intersect, job_salt, salted
 from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema import PredictJob, TrainJob
@@ -64,6 +66,7 @@ class TrainedRun:
     columns: list[str]  # this party's training feature columns, in order
     scaler: dict[str, Any] | None  # its standardisation statistics, when training standardised
     imputed: dict[str, float]  # what filled each declared column's missing cells in training
+    inputs: list[str] | None = None  # with a backbone: the raw columns it took (``columns`` are its outputs)
 
 
 def training_run(job: PredictJob, party: str) -> TrainedRun:
@@ -86,7 +89,7 @@ def training_run(job: PredictJob, party: str) -> TrainedRun:
         saved = json.loads((folder / PREPROCESSING).read_text())
     except FileNotFoundError:
         raise MpcflError(f"{where}: no {PREPROCESSING} (the run predates predictions); train again") from None
-    return TrainedRun(folder, saved["columns"], saved.get("scaler"), saved.get("imputed") or {})
+    return TrainedRun(folder, saved["columns"], saved.get("scaler"), saved.get("imputed") or {}, saved.get("inputs"))
 
 
 def load_rows(job: PredictJob, party: str, trained: TrainedRun) -> Split | None:
@@ -100,7 +103,7 @@ def load_rows(job: PredictJob, party: str, trained: TrainedRun) -> Split | None:
     assert train is not None
     path = job.rows.get(party)
     if path is None:
-        if trained.columns or train.keyed:
+        if (trained.columns and train.partition == "vertical") or train.keyed:  # horizontal: one party's rows
             what = "its training feature columns" if trained.columns else "its ID column (rows are lined up by ID)"
             raise DataError(f"party {party}: rows: no file of new rows, and the model needs {what}")
         return None
@@ -114,12 +117,13 @@ def load_rows(job: PredictJob, party: str, trained: TrainedRun) -> Split | None:
         y = x[:, index].astype(np.int64) if regression is None else (x[:, index] - regression.center) / regression.scale
         x = np.delete(x, index, axis=1)
         columns = [c for c in columns if c != label]
-    if columns != trained.columns:
-        missing = [c for c in trained.columns if c not in columns]
-        extra = [c for c in columns if c not in trained.columns]
+    expected = trained.inputs if trained.inputs is not None else trained.columns
+    if columns != expected:
+        missing = [c for c in expected if c not in columns]
+        extra = [c for c in columns if c not in expected]
         detail = f"missing {missing}" if missing else f"extra {extra}" if extra else "in another order"
         raise DataError(
-            f"party {party}: {path}: columns must be this party's training feature columns {trained.columns}: {detail}"
+            f"party {party}: {path}: columns must be this party's training feature columns {expected}: {detail}"
         )
     for column, fill in trained.imputed.items():  # training's fills, not the new rows' own statistics
         values = x[:, columns.index(column)]
@@ -127,7 +131,10 @@ def load_rows(job: PredictJob, party: str, trained: TrainedRun) -> Split | None:
     if np.isnan(x).any():
         row, col = map(int, np.argwhere(np.isnan(x))[0])
         raise DataError(f"party {party}: {path}: column {columns[col]!r}, data row {row + 1}: missing")
-    return Split(Path(path), columns, x, y, table.ids)
+    split = Split(Path(path), columns, x, y, table.ids)
+    if trained.inputs is not None:  # the rows through the training job's backbone, as training's were
+        split.x, split.columns = through_backbone(train, party, backbone_of(train), split)
+    return split
 
 
 def _preprocess(train: TrainJob, party: str, split: Split, trained: TrainedRun, feature_counts: list[int]) -> None:

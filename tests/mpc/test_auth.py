@@ -3,21 +3,17 @@ process, or a process without credentials is refused by name, at once."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, assert_no_leftovers, mpcfl, write_job
+from conftest import REPO, assert_no_leftovers, mpcfl, run_roles, write_job
 from mpcfl.mpc.auth import load_secret, transcript
 from mpcfl.jobs.schema import load_job
 from mpcfl.errors import ConfigError, MpcflError
 from mpcfl.mpc.keys import generate
-from mpcfl.launch.local import free_port
 
 GOOD = "a" * 32
 TIMEOUT_S = 60  # refusals must come well before it
@@ -47,32 +43,8 @@ def identity_job(tmp_path: Path) -> tuple[str, Path]:
 
 
 def run_processes(roles: list[tuple[list[str], str | None]]) -> list[subprocess.CompletedProcess]:
-    """Starts `mpcfl ARGS` per role with its own secret (None: none), on one fresh rendezvous; waits for all.
-
-    Fails if they take half the process-group timeout: every refusal must come at once.
-    """
-    rendezvous = f"tcp://127.0.0.1:{free_port()}"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "RENDEZVOUS", "MPCFL_JOB_SECRET")}
-    started = time.monotonic()
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "mpcfl", *args, "--rendezvous", rendezvous],
-            env={**env, **({"MPCFL_JOB_SECRET": secret} if secret else {})},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for args, secret in roles
-    ]
-    results = []
-    for process in processes:
-        try:
-            out, err = process.communicate(timeout=TIMEOUT_S / 2 - (time.monotonic() - started))
-        except (subprocess.TimeoutExpired, ValueError):
-            for other in processes:
-                other.kill()
-                other.communicate()
-            pytest.fail(f"the processes ran past {TIMEOUT_S / 2}s: a refusal waited for the timeout")
-        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
-    return results
+    """:func:`conftest.run_roles` within half the process-group timeout: every refusal must come at once."""
+    return run_roles(roles, within=TIMEOUT_S / 2)
 
 
 def key_roles(job: str, keys: Path, **key_files: Path | None) -> list[tuple[list[str], str | None]]:

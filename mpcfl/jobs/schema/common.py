@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from mpcfl.errors import ConfigError
-from mpcfl.models.spec import FactoryModelSpec, ModelSpec
+from mpcfl.errors import ConfigError, MpcflError
+from mpcfl.models.spec import FactoryModelSpec, FactorySpec, ModelSpec
 from mpcfl.mpc import providers
 from mpcfl.mpc.compat import DEFAULT_TIMEOUT_S
 from mpcfl.mpc.keys import is_raw_key, read_public_key
@@ -89,8 +89,41 @@ class LabelSpec(_Strict):
 MAX_ABS_LIMIT = 2.0**15
 
 
+class BackboneSpec(FactorySpec):
+    """``data.backbone``: a public, frozen torch module each party runs on its own rows, in plaintext,
+    before sharing (:mod:`mpcfl.models.backbone`); its outputs are the features trained on under MPC."""
+
+    weights: Path | None = Field(
+        default=None,
+        description="a state dict (torch.save of module.state_dict()) loaded into the factory's module; the "
+        "fingerprint counts the module's values, not the file's path",
+    )
+    parties: list[Name] | Literal["all"] = Field(
+        default="all",
+        description="whose feature columns go through it: all (a horizontal job's only choice), or, in a vertical "
+        "job, a list: each listed party runs it on its own columns, the others' columns enter as they are",
+    )
+
+    @model_validator(mode="after")
+    def _weights_fit(self) -> BackboneSpec:
+        if self.weights is not None:
+            from mpcfl.models.backbone import build_backbone  # torch: only for a job that has a backbone
+
+            try:
+                build_backbone(self.factory, self.weights)
+            except MpcflError as err:
+                raise ValueError(f"weights: {err}") from None
+        return self
+
+
 class DataSpec(_Strict):
     standardize: bool = True
+    backbone: BackboneSpec | None = Field(
+        default=None,
+        description="private fine-tuning: a public torch module {factory, weights, parties} each party runs on "
+        "its own rows before sharing; its outputs replace that party's feature columns (backbone_0, ...; "
+        "vertical: PARTY_backbone_0, ...), which every later step (scaling, DP clamping, training) sees",
+    )
     id_column: str | None = Field(
         default=None,
         min_length=1,
@@ -368,11 +401,15 @@ class JobBase(_Strict):
                 data[section].pop(key, None)
         model = data.get("model")
         if isinstance(model, dict) and isinstance(model.get("factory"), str):
-            # The factory file's contents, not where it lies: hosts keep it in different folders, and
-            # every party must run the same code (only this file: modules it imports are not covered).
-            where, _, function = model["factory"].rpartition(":")
-            if where.endswith(".py") and Path(where).is_file():
-                model["factory"] = f"sha256 {hashlib.sha256(Path(where).read_bytes()).hexdigest()}:{function}"
+            model["factory"] = _by_contents(model["factory"])
+        backbone = (data.get("data") or {}).get("backbone")
+        if backbone is not None:
+            # The backbone by what it computes: its code, architecture and weights, wherever each host keeps them.
+            from mpcfl.models.backbone import backbone_digest, build_backbone
+
+            spec = self.data.backbone  # type: ignore[attr-defined]
+            backbone["factory"] = _by_contents(backbone["factory"])
+            backbone["weights"] = backbone_digest(build_backbone(spec.factory, spec.weights))
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def files(self, party: str | None = None) -> dict[str, Path]:
@@ -400,6 +437,15 @@ class JobBase(_Strict):
     def bound_to(self, run_id: str) -> JobBase:
         """This job, its outputs going to run ``run_id``'s folders."""
         return self.model_copy(update={"run_id": run_id})
+
+
+def _by_contents(factory: str) -> str:
+    """A factory file's contents, not where it lies: hosts keep it in different folders, and every party
+    must run the same code (only this file: modules it imports are not covered)."""
+    where, _, function = factory.rpartition(":")
+    if where.endswith(".py") and Path(where).is_file():
+        return f"sha256 {hashlib.sha256(Path(where).read_bytes()).hexdigest()}:{function}"
+    return factory
 
 
 def _model_kind(value: object) -> str:
@@ -454,9 +500,13 @@ def resolve_paths(base: Path, raw: dict) -> dict:
         for name, value in keys.items():
             if isinstance(value, str) and not is_raw_key(value):
                 keys[name] = fix(value)
-    model = raw.get("model")
-    if isinstance(model, dict) and isinstance(model.get("factory"), str):
-        where, _, function = model["factory"].rpartition(":")
-        if where.endswith(".py"):
-            model["factory"] = f"{fix(where)}:{function}"
+    data = raw.get("data")
+    backbone = data.get("backbone") if isinstance(data, dict) else None
+    for node in (raw.get("model"), backbone):
+        if isinstance(node, dict) and isinstance(node.get("factory"), str):
+            where, _, function = node["factory"].rpartition(":")
+            if where.endswith(".py"):
+                node["factory"] = f"{fix(where)}:{function}"
+    if isinstance(backbone, dict) and "weights" in backbone:
+        backbone["weights"] = fix(backbone["weights"])
     return raw

@@ -203,6 +203,9 @@ class FederatedJob(JobBase):
                 raise ValueError(f"parties.{i}.data: a federated job gives every party its data files")
             if party.data.id_column is not None:
                 raise ValueError(f"parties.{i}.data.id_column: a federated job's rows are each party's own")
+        if self.data.backbone is not None:
+            raise ValueError("data.backbone: private fine-tuning trains the head under MPC (task: train); a federated "
+                             "job's model.factory can hold the frozen layers itself")
         if self.labels.party is not None:
             raise ValueError("labels.party: in a federated job every party holds its own labels")
         if self.data.id_column is not None:

@@ -208,6 +208,7 @@ class TrainJob(JobBase):
                 "data.missing: in a horizontal job each party's own median would differ from the others', and a "
                 "joint median under MPC is not built; fill with mean (over every party's rows, under MPC) or a constant"
             )
+        self._check_backbone()
         if self.partition == "vertical":
             if self.labels.party is None:
                 raise ValueError("labels.party: a vertical job names the party that holds the labels")
@@ -228,6 +229,21 @@ class TrainJob(JobBase):
         if self.dp is not None:
             self._check_dp(self.dp)
         return self
+
+    def _check_backbone(self) -> None:
+        backbone = self.data.backbone
+        if backbone is None:
+            return
+        if backbone.parties != "all":
+            if self.partition == "horizontal":
+                raise ValueError("data.backbone.parties: in a horizontal job every party's rows go through the backbone; leave it out")
+            for name in backbone.parties:
+                self._check_party("data.backbone.parties", name)
+        if self.partition == "horizontal" and "mean" in (self.data.missing or {}).values():
+            raise ValueError(
+                "data.missing: with data.backbone, each party's rows go through the backbone as it loads them, before a "
+                "joint mean could fill them; fill with a constant"
+            )
 
     def _check_ids(self) -> None:
         keyed = [self.id_column_of(p.name) is not None for p in self.parties]

@@ -22,6 +22,8 @@ from torch import nn
 
 from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema import TrainJob
+from mpcfl.data.party import backbone_of
+from mpcfl.models.backbone import backbone_digest, build_backbone
 from mpcfl.models.build import build_torch_model
 from mpcfl.models.preprocessed import Preprocessed
 from mpcfl.models.spec import ModelSpec
@@ -44,6 +46,10 @@ def model_record(job: TrainJob, n_features: int, feature_counts: list[int]) -> d
         "scaling": job.data.scaling, "max_abs": job.data.max_abs if dp is not None else None, "row_clip": row_clip,
         "target": None if regression is None else {"loss": regression.loss, "center": regression.center, "scale": regression.scale},
         "classes": job.labels.classes,
+        "backbone": None if job.data.backbone is None else {  # rebuilt from the job's own files, checked by its digest
+            "factory": job.data.backbone.factory, "weights": None if job.data.backbone.weights is None else str(job.data.backbone.weights),
+            "digest": backbone_digest(backbone_of(job)),
+        },
     }
 
 
@@ -88,6 +94,7 @@ def load_model(folder: str | Path, *others: str | Path) -> Preprocessed:
     parties = record["parties"] if vertical else [json.loads((folder / PREPROCESSING).read_text())["party"]]
     counts = record["feature_counts"] if vertical else [record["n_features"]]
     columns, center, scale, row_clip, imputed, start = [], [], [], [], {}, 0
+    inputs: list[tuple[int, bool]] = []  # per party: its raw columns' count, and whether they go through the backbone
     for party, count in zip(parties, counts):
         if count == 0:
             continue
@@ -96,7 +103,8 @@ def load_model(folder: str | Path, *others: str | Path) -> Preprocessed:
         part = saved[party]
         if len(part["columns"]) != count:
             raise MpcflError(f"party {party}'s preprocessing.json has {len(part['columns'])} columns, the model {count}")
-        columns += part["columns"]
+        columns += part.get("inputs") or part["columns"]
+        inputs.append((len(part.get("inputs") or part["columns"]), part.get("inputs") is not None))
         imputed.update(part.get("imputed") or {})
         scaler, scaling = part.get("scaler"), record.get("scaling")
         for i, column in enumerate(part["columns"]):
@@ -116,5 +124,24 @@ def load_model(folder: str | Path, *others: str | Path) -> Preprocessed:
     return Preprocessed(
         module, columns, center, scale, clamp=record.get("max_abs"), row_clip=row_clip,
         target=None if target is None else (target["center"], target["scale"]),
-        imputed=imputed, classes=record.get("classes"),
+        imputed=imputed, classes=record.get("classes"), inputs=inputs,
+        backbone=_backbone(record.get("backbone"), folder, ran=any(runs for _, runs in inputs)),
     )
+
+
+def _backbone(saved: dict[str, Any] | None, folder: Path, *, ran: bool) -> nn.Module | None:
+    """The training job's backbone, rebuilt from its factory and weights and checked against the digest
+    training recorded (the files may have changed since); None when no party ``ran`` one.
+
+    Raises:
+        MpcflError: it cannot be built, or it is not the one the model was trained on.
+    """
+    if saved is None:
+        if ran:
+            raise MpcflError(f"{folder}: its model.json does not name the backbone the model was trained behind; train again")
+        return None
+    weights = None if saved["weights"] is None else Path(saved["weights"])
+    module = build_backbone(saved["factory"], weights)
+    if backbone_digest(module) != saved["digest"]:
+        raise MpcflError(f"{folder}: data.backbone {saved['factory']} is not the backbone this model was trained on (its code or weights changed)")
+    return module

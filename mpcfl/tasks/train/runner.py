@@ -147,6 +147,7 @@ def _write_outputs(
     # what a predict job applies to this party's new rows (mpcfl.tasks.predict), and mpcfl.load_model to all columns
     write_json(out / PREPROCESSING, {
         "party": party, "columns": data.train.columns, "scaler": data.scaler or None, "imputed": data.imputed,
+        "inputs": data.inputs,  # with a backbone: the raw columns it takes (its outputs are "columns")
     })
     if result.state_dict is not None:
         write_torch(out / "model.pt", result.state_dict)
