@@ -102,9 +102,11 @@ def mode() -> str:
 
 def applies(x: Any, divisor: Any) -> bool:
     """Whether dividing the ArithmeticSharedTensor ``x`` by ``divisor`` goes through the dealer:
-    the mode asks for it, ``divisor`` is an int in [2, 2^62], the provider deals pairs and the
-    shares are on the host."""
+    the mode asks for it, ``divisor`` is an int in [2, 2^62], the tensor is not empty, the provider
+    deals pairs and the shares are on the host."""
     if _state["mode"] == "local" or type(divisor) is not int or not 2 <= divisor <= MAX_DIVISOR:
+        return False
+    if x.share.numel() == 0:  # nothing to divide; the dealer refuses an empty request
         return False
     crypten = loaded_crypten()
     if _state["mode"] == "auto" and crypten.comm.get().get_world_size() < 3:

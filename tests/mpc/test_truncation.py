@@ -7,6 +7,7 @@ import json
 import random
 import typing
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -44,6 +45,15 @@ def test_unsigned_floordiv_refuses_divisors_outside_its_range(divisor: int) -> N
 
 def _request(*args: object, **kwargs: object) -> dict:
     return {"function": "truncation", "device": None, "args": args, "kwargs": kwargs}
+
+
+def test_an_empty_tensor_is_left_to_crypten_s_own_division() -> None:
+    # The dealer refuses a zero-size request as malformed; an empty tensor never asks (nor needs a session).
+    truncation.set_mode("dealer")
+    try:
+        assert not truncation.applies(SimpleNamespace(share=torch.empty(0, 3, dtype=torch.long)), 1 << 16)
+    finally:
+        truncation.set_mode("auto")
 
 
 @pytest.mark.parametrize("parties", [2, 3])
