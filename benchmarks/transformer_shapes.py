@@ -152,6 +152,14 @@ def onnx_batch(model: nn.Module, ids: torch.Tensor | None, shape: tuple[int, int
 # ---------------------------------------------------------------- party side
 
 
+def shape_of(size: str) -> tuple[int, int]:
+    """(layers, width) of a named size or of ``LAYERSxWIDTH``."""
+    if size in SIZES:
+        return SIZES[size]
+    layers, width = size.split("x")
+    return int(layers), int(width)
+
+
 def _peak_rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -188,7 +196,7 @@ def bert_point(args: argparse.Namespace, me: Any) -> dict[str, Any] | None:
     import mpcfl
     from mpcfl.mpc.session import all_gather_public
 
-    layers, width = SIZES[args.size] if args.size in SIZES else (2, int(args.size.split("x")[1]))
+    layers, width = shape_of(args.size)
     torch.manual_seed(0)
     model = BertLike(args.vocab, args.length, layers, width).eval()  # same seed: the client rebuilds it to score
     client = me.name == "client"
@@ -364,7 +372,8 @@ def _machine() -> dict[str, Any]:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="*", default=["tiny", "mini"], help=f"of {list(SIZES)} (default tiny mini)")
+    parser.add_argument("--sizes", nargs="*", default=["tiny", "mini"],
+                        help=f"of {list(SIZES)} or LAYERSxWIDTH (default tiny mini)")
     parser.add_argument("--lengths", nargs="*", type=int, default=[32, 128])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="sequences per inference")
