@@ -310,7 +310,7 @@ def _launch(args: argparse.Namespace, extra: list[str], work: Path, label: str) 
 
 
 def table(points: list[dict[str, Any]]) -> str:
-    lines = ["| shape | seq | way | s / inference | MB | rounds | peak RSS MB (owner / client) | max logit diff | vs raw (by hand) |",
+    lines = ["| shape | seq | way | s / inference | MB | rounds | peak RSS MB (owner / client) | max logit diff | raw (by hand) s / this s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         if "error" in p:
@@ -319,7 +319,7 @@ def table(points: list[dict[str, Any]]) -> str:
         shape = f"{p['size']} ({p['layers']} x {p['width']})"
         raw = p["ways"].get("raw CrypTen (by hand)")
         for name, row in p["ways"].items():
-            ratio = f"{raw['seconds'] / row['seconds']:.2f}x faster" if raw and row is not raw else "-"
+            ratio = f"{raw['seconds'] / row['seconds']:.2f}" if raw and row is not raw else "-"
             lines.append(f"| {shape} | {p['length']} | {name} | {row['seconds']:.2f} | {row['bytes'] / 1e6:.0f} | "
                          f"{row['rounds']:.0f} | {' / '.join(f'{m:.0f}' for m in row['peak_rss_mb'])} | "
                          f"{row['max_logit_diff']:.3g} | {ratio} |")
