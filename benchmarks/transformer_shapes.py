@@ -2,6 +2,7 @@
 
     python benchmarks/transformer_shapes.py [--sizes tiny mini base] [--lengths 32 128] [--repeats 3]
         [--sweep] [--gpt] [--json OUT] [--plots DIR]
+    python benchmarks/transformer_shapes.py --from RUN/*-*.json [--plots DIR]   # report finished points again
 
 Two parties (``owner`` holds the weights, ``client`` the token ids) plus the TTP dealer on this
 machine, one launch per point (size, sequence length), so each point's peak RSS is its own.
@@ -391,6 +392,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--point-timeout", type=float, default=3600)
     parser.add_argument("--json", type=Path, help="write every point here")
     parser.add_argument("--plots", type=Path, help="draw the sweeps into this folder (docs/figures/ for the docs)")
+    parser.add_argument("--from", dest="points_from", type=Path, nargs="+", metavar="JSON",
+                        help="run nothing: report the point files of earlier runs (each launch's <size>-<length>.json)")
     # one point, inside the party processes
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
@@ -404,7 +407,14 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("MPCFL_PARTY"):
         party(args)
         return 0
+    if args.points_from:
+        points = [json.loads(path.read_text()) for path in args.points_from]
+        print(table(points))
+        for path in plot(points, args.plots) if args.plots else []:
+            print(f"wrote {path}")
+        return 0
     work = Path(tempfile.mkdtemp(prefix="transformer-shapes-"))
+    print(f"point files in {work}", flush=True)
     extra = (["--no-raw"] if args.no_raw else []) + (["--no-warm-up"] if args.no_warm_up else [])
     points = []
     for size, length in plan(args):
