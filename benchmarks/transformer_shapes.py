@@ -330,7 +330,8 @@ def table(points: list[dict[str, Any]]) -> str:
 
 
 def plot(points: list[dict[str, Any]], folder: Path) -> list[Path]:
-    """Seconds per inference against sequence length (tiny) and width (2 layers, seq 32), one PNG each."""
+    """Seconds, bytes and peak RSS per inference against sequence length (2 layers, width 128) and width
+    (2 layers, seq 32), one PNG each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -345,19 +346,22 @@ def plot(points: list[dict[str, Any]], folder: Path) -> list[Path]:
         on_axis.sort(key=lambda p: p[axis])
         if len(on_axis) < 2:
             continue
-        figure, plots = plt.subplots(1, 2, figsize=(8.4, 3.4))
+        panels = (("s / inference (batch 1)", lambda row: row["seconds"]), ("MB / inference (both parties)",
+                  lambda row: row["bytes"] / 1e6), ("peak RSS MB (larger party)", lambda row: max(row["peak_rss_mb"])))
+        figure, plots = plt.subplots(1, len(panels), figsize=(12.6, 3.4))
         for way in WAYS:
             xs = [p[axis] for p in on_axis if way in p["ways"]]
-            plots[0].plot(xs, [p["ways"][way]["seconds"] for p in on_axis if way in p["ways"]], marker="o", label=way)
-            plots[1].plot(xs, [max(p["ways"][way]["peak_rss_mb"]) for p in on_axis if way in p["ways"]], marker="o")
-        for ax, label in zip(plots, ("s / inference (batch 1)", "peak RSS MB (larger party)")):
+            for ax, (_, value) in zip(plots, panels):
+                ax.plot(xs, [value(p["ways"][way]) for p in on_axis if way in p["ways"]], marker="o", label=way)
+        for ax, (label, _) in zip(plots, panels):
             ax.set_xlabel("sequence length" if axis == "length" else "width")
             ax.set_ylabel(label)
             ax.set_xscale("log", base=2)
             ax.set_xticks([p[axis] for p in on_axis], [str(p[axis]) for p in on_axis])
             ax.grid(alpha=0.3)
         plots[0].legend(fontsize=8)
-        figure.suptitle(f"BERT-shaped encoder under MPC ({fixed}), 2 parties + TTP dealer")
+        vocab = on_axis[0]["vocab"]
+        figure.suptitle(f"BERT-shaped encoder under MPC ({fixed}, vocabulary {vocab}), 2 parties + TTP dealer")
         figure.tight_layout()
         path = folder / name
         figure.savefig(path, dpi=110)

@@ -167,7 +167,7 @@ def test_transformer_shapes_plans_the_sweeps_and_draws_them(tmp_path: Path) -> N
         layers, width = shapes.shape_of(size)
         ways = {way: {"seconds": length * width / 1e3 * (i + 1), "bytes": 1e6, "rounds": 100, "peak_rss_mb": [400, 410],
                       "max_logit_diff": 1e-3} for i, way in enumerate(shapes.WAYS)}
-        points.append({"size": size, "layers": layers, "width": width, "length": length, "onnx_error": "ValueError: x",
+        points.append({"size": size, "layers": layers, "width": width, "length": length, "onnx_error": "ValueError: x", "vocab": 100,
                        "ways": ways})
     points.append({"size": "mini", "length": 128, "error": "exit 1; boom"})
     text = shapes.table(points)
