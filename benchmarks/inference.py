@@ -62,12 +62,13 @@ def measure(run, repeats: int, stats=communication_stats, gather=all_gather_publ
 
 
 def measure_alternating(runs: dict, repeats: int, stats=communication_stats, gather=all_gather_public,
-                        around: dict | None = None) -> dict[str, dict]:
+                        around: dict | None = None, warm_up: bool = True) -> dict[str, dict]:
     """:func:`measure` for several ways in the same processes, one batch of each in turn (the order
     rotating each repeat), so that a change of load on a shared machine falls on every way alike.
     ``around`` maps a way to a context-manager factory entered around each of its timed batches
-    (not the warm-up): benchmarks/suite.py's profiler."""
-    for run in runs.values():
+    (not the warm-up): benchmarks/suite.py's profiler. ``warm_up=False`` times the first calls too
+    (benchmarks/transformer_shapes.py on models too slow to run twice)."""
+    for run in runs.values() if warm_up else ():
         run()  # warm-up: first calls pay for imports and allocator growth
     samples: dict[str, list] = {name: [] for name in runs}
     names = list(runs)

@@ -124,3 +124,55 @@ def test_scaling_report_table_and_curves(tmp_path: Path) -> None:
     pictures = scaling.plot(points, sweep, tmp_path)
     assert [p.name for p in pictures] == ["scaling-rows.png", "scaling-features.png", "scaling-parties.png"]
     assert all(p.stat().st_size > 10_000 for p in pictures)
+
+
+def _transformer_shapes() -> Any:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import transformer_shapes
+
+    return transformer_shapes
+
+
+def test_transformer_shapes_runs_every_way_and_the_decoder_on_a_tiny_model(tmp_path: Path) -> None:
+    """One BERT-shaped point (1 layer, width 32, 6 tokens) and 2 decoder steps, in real processes under TTP."""
+    out = tmp_path / "tf.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "transformer_shapes.py"), "--sizes", "1x32", "--lengths", "6",
+               "--vocab", "40", "--repeats", "1", "--no-warm-up", "--gpt", "--gpt-shape", "1", "32", "--gpt-vocab", "40",
+               "--prompt", "3", "--generate", "2", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    [point] = results["points"]
+    assert (point["layers"], point["width"], point["length"]) == (1, 32, 6)
+    assert set(point["ways"]) == {"exact", "mpc_friendly", "raw CrypTen (by hand)"}
+    assert point["onnx_error"] and "Identity" in point["onnx_error"]  # CrypTen's converter, recorded as the result
+    for name, way in point["ways"].items():
+        assert way["seconds"] > 0 and way["bytes"] > 0 and way["rounds"] > 0, name
+        assert way["max_logit_diff"] < 0.05, name  # each against plaintext with its own operators
+        assert len(way["peak_rss_mb"]) == 2 and min(way["peak_rss_mb"]) > 50, name
+    # the MPC-friendly mode compares nothing in GELU and softmax: fewer bytes than exact
+    assert point["ways"]["mpc_friendly"]["bytes"] < point["ways"]["exact"]["bytes"]
+    gpt = results["gpt"]
+    assert len(gpt["seconds_per_token"]) == 2 and gpt["argmax_agrees_with_plaintext"] == 2
+    assert "| 1x32 (1 x 32) | 6 | exact |" in done.stdout
+
+
+def test_transformer_shapes_plans_the_sweeps_and_draws_them(tmp_path: Path) -> None:
+    shapes = _transformer_shapes()
+    args = shapes.parse(["--sizes", "tiny", "--lengths", "32", "--sweep"])
+    assert shapes.plan(args) == [("tiny", 32), ("tiny", 16), ("tiny", 64), ("tiny", 128), ("2x64", 32), ("2x256", 32)]
+    assert shapes.shape_of("base") == (12, 768) and shapes.shape_of("3x96") == (3, 96)
+    points = []
+    for size, length in shapes.plan(args):
+        layers, width = shapes.shape_of(size)
+        ways = {way: {"seconds": length * width / 1e3 * (i + 1), "bytes": 1e6, "rounds": 100, "peak_rss_mb": [400, 410],
+                      "max_logit_diff": 1e-3} for i, way in enumerate(shapes.WAYS)}
+        points.append({"size": size, "layers": layers, "width": width, "length": length, "onnx_error": "ValueError: x", "vocab": 100,
+                       "ways": ways})
+    points.append({"size": "mini", "length": 128, "error": "exit 1; boom"})
+    text = shapes.table(points)
+    assert "| tiny (2 x 128) | 32 | exact | 4.10 | 1 | 100 | 400 / 410 | 0.001 | 3.00 |" in text
+    assert "| mini | 128 | failed: exit 1; boom |" in text and "fails: `ValueError: x`" in text
+    pictures = shapes.plot(points, tmp_path)
+    assert [p.name for p in pictures] == ["transformer-length.png", "transformer-width.png"]
+    assert all(p.stat().st_size > 10_000 for p in pictures)

@@ -51,11 +51,11 @@ MAX_ABS_INPUT = 1e4
 _MAX_DIMS = 8
 
 
-def check_inputs(inputs: Any, where: str) -> torch.Tensor:
+def check_inputs(inputs: Any, where: str, max_abs: float = MAX_ABS_INPUT) -> torch.Tensor:
     """The inputs as a float CPU tensor (from a tensor, a numpy array or a DataFrame), checked.
 
     Raises:
-        MpcflError: not numeric, no batch dimension, no values, non-finite or beyond :data:`MAX_ABS_INPUT`.
+        MpcflError: not numeric, no batch dimension, no values, non-finite or beyond ``max_abs`` (:func:`input_bound`).
     """
     if hasattr(inputs, "to_numpy") and not torch.is_tensor(inputs):  # a DataFrame, without importing pandas
         inputs = inputs.to_numpy()
@@ -76,11 +76,18 @@ def check_inputs(inputs: Any, where: str) -> torch.Tensor:
     if not (math.isfinite(low) and math.isfinite(high)):
         raise MpcflError(f"{where}: inputs contain NaN or infinite values")
     peak = max(-low, high)
-    if peak > MAX_ABS_INPUT:
+    if peak > max_abs:
         raise MpcflError(
-            f"{where}: inputs reach {peak:.4g}, beyond {MAX_ABS_INPUT:g}: fixed point would overflow; rescale them"
+            f"{where}: inputs reach {peak:.4g}, beyond {max_abs:g}: fixed point would overflow; rescale them"
         )
     return inputs
+
+
+def input_bound(gm: torch.fx.GraphModule) -> float:
+    """How large the data owner's values may be. Token ids are shared as one-hot rows, so
+    fixed point does not bound them (a vocabulary of 30,522 is BERT's); encode_inputs checks them
+    against the vocabulary."""
+    return math.inf if one_hot_width(gm) is not None else MAX_ABS_INPUT
 
 
 def _shape_row(inputs: torch.Tensor | None) -> list[int]:
@@ -210,7 +217,7 @@ def secure_predict(
     def checks() -> tuple[torch.Tensor | None, torch.fx.GraphModule]:
         gm = trace(model)
         # token ids become one-hot rows here, at their owner, in plaintext: what is shared is (..., vocabulary)
-        return (encode_inputs(gm, check_inputs(inputs, where)) if me.rank == data_rank else None), gm
+        return (encode_inputs(gm, check_inputs(inputs, where, input_bound(gm))) if me.rank == data_rank else None), gm
 
     # The checks' agreement carries the input shape and the architecture's fingerprint: every
     # party learns them in the same round (2 agreement rounds before sharing, not 4).
@@ -349,8 +356,8 @@ def check_party(job: InferenceJob, party: str) -> list[str]:
         lines.append(f"weights {job.model.weights} fit the model")
     if party == job.inputs.owner:
         where = f"party {party}"
-        inputs = check_inputs(load_inputs(job.inputs.file, party=party), where)
         gm = trace(model)
+        inputs = check_inputs(load_inputs(job.inputs.file, party=party), where, input_bound(gm))
         check_shape(gm, tuple(inputs.shape), where=where, data_owner=where)
         encode_inputs(gm, inputs)  # token ids: integers within the vocabulary
         lines.append(f"inputs of shape {tuple(inputs.shape)} fit the model")

@@ -250,6 +250,22 @@ def test_input_checks_catch_non_finite_and_out_of_range_values_anywhere(bad: flo
         check_inputs(inputs, "here")
 
 
+def test_token_ids_of_a_bert_sized_vocabulary_pass_the_checks_other_inputs_keep_the_bound() -> None:
+    """Ids are shared one-hot, so fixed point does not bound them: BERT's 30,522 ids were refused as overflow."""
+    from torch import nn
+
+    from mpcfl.models.convert import encode_inputs, trace
+    from mpcfl.tasks.inference import MAX_ABS_INPUT, check_inputs, input_bound
+
+    gm = trace(nn.Sequential(nn.Embedding(30522, 4), nn.Linear(4, 2)))
+    ids = torch.tensor([[0.0, 30521.0, 101.0]])
+    assert input_bound(gm) == float("inf")
+    assert encode_inputs(gm, check_inputs(ids, "here", input_bound(gm))).shape == (1, 3, 30522)
+    with pytest.raises(MpcflError, match="NaN or infinite"):
+        check_inputs(torch.tensor([[float("inf")]]), "here", input_bound(gm))
+    assert input_bound(trace(nn.Sequential(nn.Linear(4, 2)))) == MAX_ABS_INPUT
+
+
 def test_inputs_that_hold_no_values_are_refused_by_name() -> None:
     from mpcfl.tasks.inference import check_inputs
 

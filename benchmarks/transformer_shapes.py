@@ -1,0 +1,453 @@
+"""BERT- and GPT-2-shaped transformers under MPC: mpcfl (exact, MPC-friendly) against raw CrypTen, same run.
+
+    python benchmarks/transformer_shapes.py [--sizes tiny mini base] [--lengths 32 128] [--repeats 3]
+        [--sweep] [--gpt] [--json OUT] [--plots DIR]
+    python benchmarks/transformer_shapes.py --from RUN/*-*.json [--plots DIR]   # report finished points again
+
+Two parties (``owner`` holds the weights, ``client`` the token ids) plus the TTP dealer on this
+machine, one launch per point (size, sequence length), so each point's peak RSS is its own.
+BERT shapes (``SIZES``: layers, width; 4x width hidden, width/64 heads, vocabulary 30,522,
+post-norm GELU encoder, learnt positions, embedding LayerNorm, tanh pooler on the first token, 2
+classes), random weights from a fixed seed. Per inference (``--batch`` sequences, default 1; share
+the weights, share the one-hot ids, run, reveal the logits to the client), the median seconds of
+``--repeats`` and the bytes and rounds of both parties, for:
+
+- mpcfl ``exact`` and ``mpc_friendly`` (``mpcfl.secure_predict``);
+- raw CrypTen: ``crypten.nn.from_pytorch`` (recorded as the error it raises, or run if it imports),
+  and the same model written by hand with CrypTensor ops as a CrypTen user would (:func:`raw_forward`:
+  CrypTen's softmax, ``inv_sqrt`` and sigmoid; CrypTen has no GELU, so x sigmoid(1.702 x)).
+
+Each way's peak RSS per party (VmHWM, reset before each of its runs) and its largest logit
+difference from the plaintext model (the client rebuilds it from the seed, for scoring here only).
+``--sweep`` adds the time-against-length (16-128, tiny) and -width (64-256, 2 layers, seq 32)
+points; ``--gpt`` the decoder: seconds per generated token (``--prompt`` tokens, ``--generate``
+steps; each step a secure forward of the whole prefix, the last position's logits revealed to the
+client, which takes the argmax in plaintext). ``--plots DIR`` draws the sweeps.
+
+This folder is not a package: crypten's wheel installs a top-level `benchmarks`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+PARTIES = ["owner", "client"]
+SIZES = {"tiny": (2, 128), "mini": (4, 256), "base": (12, 768)}  # BERT's (layers, width)
+VOCAB = 30522  # BERT's WordPiece vocabulary
+GPT_VOCAB = 50257
+WAYS = ("exact", "mpc_friendly", "raw CrypTen (by hand)")
+SWEEP_LENGTHS = [16, 32, 64, 128]  # at tiny
+SWEEP_WIDTHS = [64, 128, 256]  # 2 layers, seq 32
+
+
+class BertLike(nn.Module):
+    """BERT's shape from torch's layers: what docs/guides/transformers.md says mpcfl runs."""
+
+    def __init__(self, vocab: int, length: int, layers: int, width: int, classes: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(torch.randn(1, length, width) * 0.02)
+        self.norm = nn.LayerNorm(width)
+        layer = nn.TransformerEncoderLayer(width, max(1, width // 64), 4 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=False)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.pooler = nn.Linear(width, width)
+        self.classifier = nn.Linear(width, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(self.norm(self.embed(ids) + self.position))
+        return self.classifier(torch.tanh(self.pooler(h[:, 0])))
+
+
+class GptLike(nn.Module):
+    """GPT-2's block (pre-norm, GELU, causal) as a torch encoder with a public causal mask, for a prefix of ``length``."""
+
+    def __init__(self, vocab: int, context: int, layers: int, width: int, length: int) -> None:
+        super().__init__()
+        self.length = length
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(torch.randn(1, context, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, max(1, width // 64), 4 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids) + self.position[:, : self.length]
+        return self.head(self.norm(self.encoder(h, mask=self.mask))[:, -1])
+
+
+# ---------------------------------------------------------------- raw CrypTen, by hand
+
+
+def _layer_norm(x: Any, weight: Any, bias: Any, eps: float) -> Any:
+    centred = x - x.mean(-1, keepdim=True)
+    return centred * ((centred * centred).mean(-1, keepdim=True) + eps).inv_sqrt() * weight + bias
+
+
+def _linear(x: Any, p: dict[str, Any], name: str) -> Any:
+    return x.matmul(p[f"{name}.weight"].t()) + p[f"{name}.bias"]
+
+
+def raw_forward(model: BertLike, p: dict[str, Any], onehot: Any) -> Any:
+    """``model`` on one-hot ids with CrypTensor ops only, its parameters ``p`` (by name) shared."""
+    h = onehot.matmul(p["embed.weight"]) + p["position"]
+    h = _layer_norm(h, p["norm.weight"], p["norm.bias"], model.norm.eps)
+    n, length, width = h.size()
+    for i, layer in enumerate(model.encoder.layers):
+        q = f"encoder.layers.{i}."
+        heads = layer.self_attn.num_heads
+        qkv = h.matmul(p[q + "self_attn.in_proj_weight"].t()) + p[q + "self_attn.in_proj_bias"]
+        split = [qkv[:, :, j * width:(j + 1) * width].reshape(n, length, heads, width // heads).transpose(1, 2)
+                 for j in range(3)]
+        scores = split[0].matmul(split[1].transpose(-2, -1)) * (1.0 / math.sqrt(width // heads))
+        context = scores.softmax(-1).matmul(split[2]).transpose(1, 2).reshape(n, length, width)
+        h = _layer_norm(h + _linear(context, p, q + "self_attn.out_proj"), p[q + "norm1.weight"], p[q + "norm1.bias"],
+                        layer.norm1.eps)
+        hidden = _linear(h, p, q + "linear1")
+        hidden = hidden * (hidden * 1.702).sigmoid()  # CrypTen has no GELU: its sigmoid form
+        h = _layer_norm(h + _linear(hidden, p, q + "linear2"), p[q + "norm2.weight"], p[q + "norm2.bias"],
+                        layer.norm2.eps)
+    return _linear(_linear(h[:, 0], p, "pooler").tanh(), p, "classifier")
+
+
+def raw_batch(model: BertLike, ids: torch.Tensor | None, shape: tuple[int, int], owner: int, client: int) -> torch.Tensor | None:
+    """Shares the weights and the one-hot ids, runs :func:`raw_forward`, reveals to the client
+    (CrypTen's own ``get_plain_text(dst=)``, as raw CrypTen users do)."""
+    from mpcfl.mpc.engine import import_crypten
+
+    crypten = import_crypten()
+    vocab = model.embed.num_embeddings
+    with crypten.no_grad():
+        p = {name: crypten.cryptensor(t.detach(), src=owner) for name, t in model.named_parameters()}
+        onehot = nn.functional.one_hot(ids.long(), vocab).float() if ids is not None else torch.zeros(*shape, vocab)
+        return raw_forward(model, p, crypten.cryptensor(onehot, src=client)).get_plain_text(dst=client)
+
+
+def onnx_batch(model: nn.Module, ids: torch.Tensor | None, shape: tuple[int, int], owner: int, client: int) -> torch.Tensor | None:
+    """CrypTen's converter (ONNX import) on the model, as ``crypten.nn.from_pytorch`` is meant to be used."""
+    from mpcfl.mpc.engine import import_crypten
+
+    crypten = import_crypten()
+    secure = crypten.nn.from_pytorch(model, torch.zeros(*shape, dtype=torch.long)).encrypt(src=owner)
+    secure.eval()
+    with crypten.no_grad():
+        x = crypten.cryptensor(ids.float() if ids is not None else torch.zeros(*shape), src=client)
+        return secure(x).get_plain_text(dst=client)
+
+
+# ---------------------------------------------------------------- party side
+
+
+def shape_of(size: str) -> tuple[int, int]:
+    """(layers, width) of a named size or of ``LAYERSxWIDTH``."""
+    if size in SIZES:
+        return SIZES[size]
+    layers, width = size.split("x")
+    return int(layers), int(width)
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    try:  # Linux >= 4.0: "5" resets the peak RSS (VmHWM) to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _with_peak(run: Callable[[], Any], peaks: dict[str, float], name: str) -> Callable[[], Any]:
+    def measured() -> Any:
+        _reset_peak()
+        try:
+            return run()
+        finally:
+            peaks[name] = max(peaks.get(name, 0.0), _peak_rss_mb())
+
+    return measured
+
+
+def _error(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def bert_point(args: argparse.Namespace, me: Any) -> dict[str, Any] | None:
+    from inference import measure_alternating  # this folder's
+
+    import mpcfl
+    from mpcfl.mpc.session import all_gather_public
+
+    layers, width = shape_of(args.size)
+    torch.manual_seed(0)
+    model = BertLike(args.vocab, args.length, layers, width).eval()  # same seed: the client rebuilds it to score
+    client = me.name == "client"
+    ids = torch.randint(0, args.vocab, (args.batch, args.length)) if client else None
+    shape = (args.batch, args.length)
+    owner_rank, client_rank = me.session.rank_of("owner"), me.session.rank_of("client")
+    runs: dict[str, Callable[[], Any]] = {}
+    for mode in ("exact", "mpc_friendly"):
+        runs[mode] = (lambda mode=mode: mpcfl.secure_predict(model, ids, model_owner="owner", data_owner="client",
+                                                               batch_size=args.batch, approximations=mode))
+    if not args.no_raw:
+        runs["raw CrypTen (by hand)"] = lambda: raw_batch(model, ids, shape, owner_rank, client_rank)
+    onnx_error = None
+    try:  # CrypTen's converter exports to ONNX locally, before any message: every party fails alike
+        onnx_batch(model, ids, shape, owner_rank, client_rank)
+        runs["raw CrypTen (from_pytorch)"] = lambda: onnx_batch(model, ids, shape, owner_rank, client_rank)
+    except Exception as err:  # whatever CrypTen raises is the result
+        onnx_error = _error(err)
+    peaks: dict[str, float] = {}
+    outputs: dict[str, Any] = {}
+
+    def keep(name: str, run: Callable[[], Any]) -> Callable[[], Any]:
+        def kept() -> Any:
+            outputs[name] = run()
+        return kept
+
+    timed = measure_alternating({name: _with_peak(keep(name, run), peaks, name) for name, run in runs.items()},
+                                args.repeats, warm_up=not args.no_warm_up)
+    rss = {name: [row[0] / 1024.0 for row in all_gather_public([int(peaks[name] * 1024)])] for name in runs}
+    if not client:
+        return None
+    from mpcfl.models.convert import emulate
+
+    with torch.no_grad():
+        plain = {mode: emulate(model, ids, mode) for mode in ("exact", "mpc_friendly")}
+    result: dict[str, Any] = {"size": args.size, "layers": layers, "width": width, "length": args.length,
+                              "batch": args.batch, "vocab": args.vocab, "onnx_error": onnx_error, "ways": {}}
+    for name, row in timed.items():
+        reference = plain["mpc_friendly" if name == "mpc_friendly" else "exact"]
+        result["ways"][name] = {**row, "peak_rss_mb": rss[name],
+                                "max_logit_diff": float((outputs[name] - reference).abs().max())}
+    return result
+
+
+def gpt_point(args: argparse.Namespace, me: Any) -> dict[str, Any] | None:
+    import mpcfl
+
+    layers, width = args.gpt_shape
+    torch.manual_seed(0)
+    base = GptLike(args.gpt_vocab, args.prompt + args.generate, layers, width, args.prompt).eval()
+    client = me.name == "client"
+    tokens = torch.randint(0, args.gpt_vocab, (1, args.prompt)) if client else None
+    seconds, plain_agree = [], 0
+    _reset_peak()
+    for step in range(args.generate):
+        length = args.prompt + step
+        model = GptLike(args.gpt_vocab, args.prompt + args.generate, layers, width, length).eval()
+        model.load_state_dict(base.state_dict())
+        started = time.perf_counter()
+        logits = mpcfl.secure_predict(model, tokens, model_owner="owner", data_owner="client", batch_size=1,
+                                      approximations=args.gpt_mode)
+        if client:  # the client alone sees the logits and picks the next token in plaintext
+            nxt = logits.argmax(-1, keepdim=True)
+            with torch.no_grad():
+                plain_agree += int(model(tokens).argmax(-1).item() == nxt.item())
+            tokens = torch.cat([tokens, nxt], 1)
+        seconds.append(time.perf_counter() - started)
+    if not client:
+        return None
+    return {"layers": layers, "width": width, "vocab": args.gpt_vocab, "prompt": args.prompt, "generate": args.generate,
+            "mode": args.gpt_mode, "seconds_per_token": seconds, "argmax_agrees_with_plaintext": plain_agree,
+            "client_peak_rss_mb": _peak_rss_mb()}
+
+
+def party(args: argparse.Namespace) -> None:
+    import mpcfl
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    torch.set_num_threads(args.threads)
+    with mpcfl.join() as me:
+        result = gpt_point(args, me) if args.gpt_point else bert_point(args, me)
+    if result is not None:
+        Path(args.result).write_text(json.dumps(result, indent=1))
+
+
+# ---------------------------------------------------------------- orchestration and report
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(size, length) points: the requested grid, then the sweeps (widths as ``2x<width>``), without repeats."""
+    points = [(size, length) for size in args.sizes for length in args.lengths]
+    if args.sweep:
+        points += [("tiny", length) for length in SWEEP_LENGTHS]
+        points += [(f"2x{width}" if width != 128 else "tiny", 32) for width in SWEEP_WIDTHS]
+    return list(dict.fromkeys(points))
+
+
+def _launch(args: argparse.Namespace, extra: list[str], work: Path, label: str) -> dict[str, Any]:
+    from mpcfl.launch.local import launch_script
+
+    out = work / f"{label}.json"
+    log = work / f"{label}.log"
+    argv = [os.path.abspath(__file__), "--repeats", str(args.repeats), "--batch", str(args.batch), "--vocab",
+            str(args.vocab), "--threads", str(args.threads), "--result", str(out), *extra]
+    with log.open("w") as sink:
+        code = launch_script(argv, parties=PARTIES, timeout_s=args.point_timeout, sink=sink)
+    if code != 0 or not out.is_file():
+        tail = log.read_text(errors="replace")[-1500:]
+        return {"error": f"exit {code}; log tail: {tail}"}
+    return json.loads(out.read_text())
+
+
+def table(points: list[dict[str, Any]]) -> str:
+    lines = ["| shape | seq | way | s / inference | MB | rounds | peak RSS MB (owner / client) | max logit diff | raw (by hand) s / this s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        if "error" in p:
+            lines.append(f"| {p.get('size')} | {p.get('length')} | failed: {p['error'][:200]} |||||||")
+            continue
+        shape = f"{p['size']} ({p['layers']} x {p['width']})"
+        raw = p["ways"].get("raw CrypTen (by hand)")
+        for name, row in p["ways"].items():
+            ratio = f"{raw['seconds'] / row['seconds']:.2f}" if raw and row is not raw else "-"
+            lines.append(f"| {shape} | {p['length']} | {name} | {row['seconds']:.2f} | {row['bytes'] / 1e6:.0f} | "
+                         f"{row['rounds']:.0f} | {' / '.join(f'{m:.0f}' for m in row['peak_rss_mb'])} | "
+                         f"{row['max_logit_diff']:.3g} | {ratio} |")
+        if p["onnx_error"]:
+            lines.append(f"| {shape} | {p['length']} | raw CrypTen (from_pytorch) | fails: `{p['onnx_error']}` |||||||")
+    return "\n".join(lines)
+
+
+def plot(points: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """Seconds, bytes and peak RSS per inference against sequence length (2 layers, width 128) and width
+    (2 layers, seq 32), one PNG each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [p for p in points if "error" not in p and p["layers"] == 2]
+    axes = (("length", [p for p in done if p["width"] == 128], "transformer-length.png", "2 layers, width 128"),
+            ("width", [p for p in done if p["length"] == 32], "transformer-width.png", "2 layers, seq 32"))
+    written = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for axis, on_axis, name, fixed in axes:
+        on_axis.sort(key=lambda p: p[axis])
+        if len(on_axis) < 2:
+            continue
+        panels = (("s / inference (batch 1)", lambda row: row["seconds"]), ("MB / inference (both parties)",
+                  lambda row: row["bytes"] / 1e6), ("peak RSS MB (larger party)", lambda row: max(row["peak_rss_mb"])))
+        figure, plots = plt.subplots(1, len(panels), figsize=(12.6, 3.4))
+        for way in WAYS:
+            xs = [p[axis] for p in on_axis if way in p["ways"]]
+            for ax, (_, value) in zip(plots, panels):
+                ax.plot(xs, [value(p["ways"][way]) for p in on_axis if way in p["ways"]], marker="o", label=way)
+        for ax, (label, _) in zip(plots, panels):
+            ax.set_xlabel("sequence length" if axis == "length" else "width")
+            ax.set_ylabel(label)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([p[axis] for p in on_axis], [str(p[axis]) for p in on_axis])
+            ax.grid(alpha=0.3)
+        plots[0].legend(fontsize=8)
+        vocab = on_axis[0]["vocab"]
+        figure.suptitle(f"BERT-shaped encoder under MPC ({fixed}, vocabulary {vocab}), 2 parties + TTP dealer")
+        figure.tight_layout()
+        path = folder / name
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def _machine() -> dict[str, Any]:
+    return {"cores": os.cpu_count(), "load_average": list(os.getloadavg()), "torch": torch.__version__,
+            "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="*", default=["tiny", "mini"],
+                        help=f"of {list(SIZES)} or LAYERSxWIDTH (default tiny mini)")
+    parser.add_argument("--lengths", nargs="*", type=int, default=[32, 128])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1, help="sequences per inference")
+    parser.add_argument("--vocab", type=int, default=VOCAB)
+    parser.add_argument("--sweep", action="store_true", help="also time against length (tiny) and width")
+    parser.add_argument("--gpt", action="store_true", help="also the GPT-2-shaped decoder")
+    parser.add_argument("--gpt-shape", nargs=2, type=int, default=[2, 128], metavar=("LAYERS", "WIDTH"))
+    parser.add_argument("--gpt-vocab", type=int, default=GPT_VOCAB)
+    parser.add_argument("--gpt-mode", choices=["exact", "mpc_friendly"], default="exact")
+    parser.add_argument("--prompt", type=int, default=8)
+    parser.add_argument("--generate", type=int, default=4)
+    parser.add_argument("--no-raw", action="store_true", help="skip raw CrypTen by hand (it is the slowest way)")
+    parser.add_argument("--no-warm-up", action="store_true", help="time the first inference too (for base at 128)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per party")
+    parser.add_argument("--point-timeout", type=float, default=3600)
+    parser.add_argument("--json", type=Path, help="write every point here")
+    parser.add_argument("--plots", type=Path, help="draw the sweeps into this folder (docs/figures/ for the docs)")
+    parser.add_argument("--from", dest="points_from", type=Path, nargs="+", metavar="JSON",
+                        help="run nothing: report the point files of earlier runs (each launch's <size>-<length>.json)")
+    # one point, inside the party processes
+    parser.add_argument("--size", help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--gpt-point", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if os.environ.get("MPCFL_PARTY"):
+        party(args)
+        return 0
+    if args.points_from:
+        points = [json.loads(path.read_text()) for path in args.points_from]
+        print(table(points))
+        for path in plot(points, args.plots) if args.plots else []:
+            print(f"wrote {path}")
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="transformer-shapes-"))
+    print(f"point files in {work}", flush=True)
+    extra = (["--no-raw"] if args.no_raw else []) + (["--no-warm-up"] if args.no_warm_up else [])
+    points = []
+    for size, length in plan(args):
+        started = time.perf_counter()
+        point = _launch(args, ["--size", size, "--length", str(length), *extra], work, f"{size}-{length}")
+        point.setdefault("size", size)
+        point.setdefault("length", length)
+        point["launch_s"] = time.perf_counter() - started
+        points.append(point)
+        print(f"{size} seq {length}: {'failed' if 'error' in point else 'done'} in {point['launch_s']:.0f} s, "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
+    results: dict[str, Any] = {"machine": _machine(), "points": points}
+    if args.gpt:
+        gpt = ["--gpt-point", "--gpt-shape", *map(str, args.gpt_shape), "--gpt-vocab", str(args.gpt_vocab),
+               "--gpt-mode", args.gpt_mode, "--prompt", str(args.prompt), "--generate", str(args.generate)]
+        results["gpt"] = _launch(args, gpt, work, "gpt")
+    print(f"\n2 parties + TTP dealer, {args.threads} torch thread(s) per party, batch {args.batch}, median of "
+          f"{args.repeats}; machine {results['machine']}")
+    print(table(points))
+    if args.gpt:
+        print(f"\nGPT-2-shaped decoder: {json.dumps(results['gpt'])}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if args.plots:
+        for path in plot(points, args.plots):
+            print(f"wrote {path}")
+    failed = [p for p in points if "error" in p] + ([results["gpt"]] if args.gpt and "error" in results["gpt"] else [])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
