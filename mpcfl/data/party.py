@@ -255,7 +255,7 @@ def through_backbone(job: TrainJob, party: str, module: Any, split: Split) -> tu
     from mpcfl.models.backbone import run_backbone
 
     try:
-        features = run_backbone(module, split.x)
+        features = run_backbone(module, split.x, dp=job.dp is not None)
     except ValueError as err:
         raise DataError(f"party {party}: {split.path}: data.backbone: {err}") from None
     prefix = f"{party}_backbone_" if job.partition == "vertical" else "backbone_"

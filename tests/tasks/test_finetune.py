@@ -19,6 +19,7 @@ from mpcfl.data.files import DataError
 from mpcfl.data.party import contents, load_party_data
 from mpcfl.errors import ConfigError
 from mpcfl.jobs.schema import load_job
+from mpcfl.models.backbone import backbone_digest, run_backbone
 from mpcfl.tasks.train.baseline import train_plaintext
 from mpcfl.tasks.train.export import load_model
 
@@ -135,7 +136,7 @@ def test_backbone_errors_name_the_key(tmp_path: Path, backbone: dict[str, Any], 
 @pytest.mark.parametrize(
     ("body", "error"),
     [
-        ("return nn.Flatten(0)", r"returned a 1-D torch.float32 tensor; a backbone returns a 2-D float tensor"),
+        ("return nn.Flatten(0)", r"returned a 1-D torch.float32 tensor for one row; a backbone returns a 2-D float tensor"),
         ("return Rounded()", r"returned a 2-D torch.int64 tensor"),
         ("return Nan()", r"returned nan \(feature 0, data row 1\); features must be finite"),
     ],
@@ -176,3 +177,68 @@ def test_vertical_listed_parties_run_it_on_their_own_columns_and_the_rows_as_rea
     del spec["data"]["backbone"]["weights"]
     other = load_party_data(load_job(write_job(tmp_path, spec, "other.yaml")), "imaging")
     assert other.train.x.shape[1] == 10 and contents(other) == contents(imaging)
+
+
+_CENTRED = """
+import torch
+from torch import nn
+
+
+class Centred(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros(1))
+
+    def forward(self, x):
+        return self.linear(x - x.mean(0))
+
+
+class Counting(Centred):
+    def forward(self, x):
+        self.calls += 1
+        return self.linear(x)
+"""
+
+
+def _load(tmp_path: Path, source: str, name: str) -> torch.nn.Module:
+    import importlib.util
+
+    path = tmp_path / f"{name.lower()}_{abs(hash(source))}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    torch.manual_seed(0)
+    return getattr(module, name)().eval()
+
+
+def test_one_record_changes_only_its_own_features_even_through_a_forward_that_mixes_rows(tmp_path: Path) -> None:
+    # Per-example DP bounds each feature row: a backbone mixing rows (batch statistics) would let one record
+    # move every row's features. Each row runs alone, so x - x.mean(0) sees that row only.
+    centred = _load(tmp_path, _CENTRED, "Centred")
+    rows = np.random.default_rng(0).normal(size=(6, 4))
+    changed = rows.copy()
+    changed[0] = 1e3
+    before, after = run_backbone(centred, rows), run_backbone(centred, changed)
+    np.testing.assert_array_equal(before[1:], after[1:])
+    with pytest.raises(ValueError, match="changed its own parameters or buffers while running"):
+        run_backbone(_load(tmp_path, _CENTRED, "Counting"), rows)
+
+
+def test_under_dp_non_finite_features_become_zero_and_only_this_party_s_log_says_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    centred = _load(tmp_path, _CENTRED, "Centred")
+    rows = np.ones((3, 4))
+    rows[1] = np.inf  # one record: a refusal (seen by every peer) would depend on it
+    with pytest.raises(ValueError, match="features must be finite"):
+        run_backbone(centred, rows)
+    features = run_backbone(centred, rows, dp=True)
+    assert np.isfinite(features).all() and (features[1] == 0).all()
+    assert "3 non-finite features in 1 rows set to 0" in caplog.text
+
+
+def test_the_backbone_digest_covers_the_forward_code_not_only_the_layers(tmp_path: Path) -> None:
+    other = _CENTRED.replace("self.linear(x - x.mean(0))", "self.linear(2 * x)")
+    assert backbone_digest(_load(tmp_path, _CENTRED, "Centred")) != backbone_digest(_load(tmp_path, other, "Centred"))
+    assert backbone_digest(_load(tmp_path, _CENTRED, "Centred")) == backbone_digest(_load(tmp_path, _CENTRED, "Centred"))

@@ -284,7 +284,6 @@ class RuntimeSpec(_Strict):
         "must be started with --plain-network (inside a tunnel); auto: plain on loopback, tls across hosts",
     )
 
-
     @field_validator("provider")
     @classmethod
     def _known_provider(cls, name: str) -> str:
