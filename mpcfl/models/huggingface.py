@@ -98,21 +98,8 @@ def traceable(model: nn.Module) -> nn.Module:
         if type(module) not in _layers():
             raise UnsupportedOperationError(f"layer {name!r} ({type(module).__name__}) of {type(model).__name__} "
                                             "is not supported under MPC")
-    _check_default_buffers(model)
     rewrite, base = families[type(model)]
     return rewrite(model, base)
-
-
-def _check_default_buffers(model: nn.Module) -> None:
-    """Refuses position and token-type buffers other than HF's defaults (0..n-1, all zeros): the rewrite
-    takes positions 0..L-1 and token type 0, so a changed buffer would make it differ from HF's forward."""
-    for name, buffer in model.named_buffers():
-        leaf = name.rpartition(".")[2]
-        default = {"position_ids": torch.arange(buffer.shape[-1]).expand_as(buffer),
-                   "token_type_ids": torch.zeros_like(buffer)}.get(leaf)
-        if default is not None and not torch.equal(buffer.long(), default.long()):
-            raise UnsupportedOperationError(f"buffer {name!r} of {type(model).__name__} differs from Hugging Face's "
-                                            "default; the rewrite takes positions 0..L-1 and token type 0")
 
 
 def _activation(module: nn.Module) -> Activation:

@@ -107,12 +107,6 @@ def test_models_match_float_torch_under_mpc(crypten_single: None) -> None:
     assert all(v < 2e-2 for v in friendly.values()), friendly
 
 
-def _shifted_positions(model: nn.Module) -> nn.Module:
-    """HF's forward reads positions from this buffer; the rewrite takes 0..L-1."""
-    model.bert.embeddings.position_ids.add_(1)
-    return model
-
-
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -123,8 +117,6 @@ def _shifted_positions(model: nn.Module) -> nn.Module:
          r"Hugging Face model BertForMaskedLM is not supported under MPC \(supported: BertForSequenceClassification"),
         (lambda: _gpt2(add_cross_attention=True), r"GPT2LMHeadModel with add_cross_attention=True"),
         (lambda: _bert(output_attentions=True), r"output_attentions=True: secure inference returns one tensor"),
-        (lambda: _shifted_positions(_bert()), r"buffer 'bert.embeddings.position_ids' of BertForSequenceClassification "
-                                               r"differs from Hugging Face's default"),
         (lambda: nn.Sequential(nn.Linear(32, 32), _vit().vit.layers[0]),
          r"layer '1' \(ViTLayer\) is not supported under MPC: Hugging Face layers run only inside"),
     ],
