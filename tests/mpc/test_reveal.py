@@ -8,8 +8,10 @@ from conftest import package_files_matching
 
 def test_only_the_reveal_module_opens_secrets() -> None:
     # fixed_mask.py opens only Beaver differences padded by uniform dealer masks (x - a, w - b),
-    # as CrypTen's multiplication does; nothing it opens is a secret value.
-    assert package_files_matching(r"get_plain_text|\.reveal\(\)") == ["mpcfl/mpc/fixed_mask.py", "mpcfl/mpc/reveal.py"]
+    # as CrypTen's multiplication does; truncation.py opens only x + r, r a fresh uniform ring element
+    # from the dealer (a one-time pad). Nothing either opens is a secret value.
+    assert package_files_matching(r"get_plain_text|\.reveal\(\)") == [
+        "mpcfl/mpc/fixed_mask.py", "mpcfl/mpc/reveal.py", "mpcfl/mpc/truncation.py"]
 
 
 def test_under_a_budget_every_reveal_must_declare_its_charge(crypten_single: None) -> None:
