@@ -16,10 +16,17 @@
 #   4. benchmarks/suite.py on cuda (TTP): W1 at 65,536 (profiled) and 4,096 rows (raw CrypTen and mpcfl),
 #      W2/W3 inference (raw, raw+patches, mpcfl); each writes $OUT/<step>.json;
 #   5. the breast-cancer demo job on cuda (W4): seconds per epoch, test accuracy, traffic
-#      (GPU_DEMO_CPU=1 also runs it on the cpu first).
-# $OUT/gpu_results.json is written whatever happens (on exit), with every step's exit status;
-# the steps' limits add up to 590 s and the usual run takes about 450 s; a step past its limit
-# is killed and the rest go on; logs are in $OUT/*.log.
+#      (GPU_DEMO_CPU=1 also runs it on the cpu first);
+#   6. transformers: the cuda transformer tests (dealer truncation of CUDA shares and a Hugging Face
+#      BERT with three parties; two steps of secure ViT training), then benchmarks/transformer_shapes.py
+#      on cuda, one launch per way so that each finished way is kept: BERT-base at sequence length 128
+#      (GPU_BERT_SIZE, GPU_BERT_LENGTH), first inference timed (no warm-up).
+# GPU_STEPS picks steps 3-6 by name (default "tests suite demo"; "transformers" is step 6), as a
+# device's 15 minutes hold about one of them at the full sizes.
+# $OUT/gpu_results.json is written whatever happens (on exit), with every step's exit status, the
+# tail of every log and every JSON a step wrote (folded in: the device tool brings back 8 files at
+# most); the default steps' limits add up to 590 s and their usual run takes about 450 s; a step
+# past its limit is killed and the rest go on.
 set -u
 set -x
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -104,11 +111,16 @@ for device in ("cpu", "cuda"):
     if device in results["steps"] or record:
         record["job_seconds"] = results["steps"].get(f"demo_{device}", {}).get("seconds")
         results[f"demo_{device}"] = record
-for name in ("versions", "install", "imports", "w1_cuda_65k", "w1_cuda_4k", "w23_cuda"):
-    log = out / f"{name}.log"  # folded in here: the device tool brings back 8 files at most
-    if log.exists():
-        results.setdefault("logs", {})[name] = log.read_text().splitlines()[-40:]
-        log.unlink()
+for path in sorted(out.glob("*.json")):  # folded in here: the device tool brings back 8 files at most
+    if path.name != "gpu_results.json":
+        try:
+            results.setdefault("json", {})[path.stem] = json.loads(path.read_text())
+        except ValueError as err:
+            results.setdefault("json", {})[path.stem] = f"unreadable: {err}"
+        path.unlink()
+for log in sorted(out.glob("*.log")):
+    results.setdefault("logs", {})[log.stem] = log.read_text(errors="replace").splitlines()[-40:]
+    log.unlink()
 (out / "gpu_results.json").write_text(json.dumps(results, indent=2) + "\n")
 print(json.dumps(results, indent=2))
 junit.unlink(missing_ok=True)  # read into gpu_results.json; the device tool brings back 8 files at most
@@ -129,10 +141,13 @@ rm -rf "$SITE"
 step install 60 "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
     --target "$SITE" --find-links gpu_wheels -r gpu_wheels/requirements.txt
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
-step imports 45 "$PY" -c "import mpcfl, torch; from mpcfl.mpc.engine import import_crypten; c = import_crypten(); print(mpcfl.__file__, c.__version__, torch.__version__, torch.cuda.is_available())"
+step imports 45 "$PY" -c "import mpcfl, torch; from mpcfl.mpc.engine import import_crypten; c = import_crypten(); import transformers; print(mpcfl.__file__, c.__version__, torch.__version__, torch.cuda.is_available(), transformers.__version__)"
+
+STEPS=" ${GPU_STEPS:-tests suite demo} "
+wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 
 # 3. The cuda tests (they skip where torch sees no GPU).
-step pytest_cuda 200 "$PY" -m pytest -v -p no:cacheprovider -o addopts="" -rA --timeout 200 \
+wanted tests && step pytest_cuda 200 "$PY" -m pytest -v -p no:cacheprovider -o addopts="" -rA --timeout 200 \
     --junitxml="$OUT/pytest_cuda.xml" tests/mpc/test_device.py tests/tasks/test_cuda.py
 
 # 4. The benchmark suite on cuda: W1 at two sizes (the issue's 65,536-row target), W2/W3.
@@ -141,12 +156,16 @@ suite() {  # suite NAME SECONDS ARGS...: one suite.py run, its JSON in $OUT/NAME
     shift 2
     step "$name" "$seconds" "$PY" benchmarks/suite.py --providers ttp --device cuda --json "$OUT/$name.json" "$@"
 }
-suite w1_cuda_65k 100 --workloads w1 --rows 65536 --quick --ways raw mpcfl --profile  # where the gap to raw goes
-suite w1_cuda_4k 50 --workloads w1 --quick --ways raw mpcfl
-suite w23_cuda 90 --workloads w2 w3 --repeats 2
+if wanted suite; then
+    suite w1_cuda_65k 100 --workloads w1 --rows 65536 --quick --ways raw mpcfl --profile  # where the gap to raw goes
+    suite w1_cuda_4k 50 --workloads w1 --quick --ways raw mpcfl
+    suite w23_cuda 90 --workloads w2 w3 --repeats 2
+fi
 
 # 5. The demo job, on cuda (and first on the cpu if asked): the same job but for runtime.device.
-for device in ${GPU_DEMO_CPU:+cpu} cuda; do
+demo_devices=""
+wanted demo && demo_devices="${GPU_DEMO_CPU:+cpu} cuda"
+for device in $demo_devices; do
     mkdir -p "$WORK/demo_$device"
     "$PY" - "$device" "$WORK/demo_$device" <<'EOF'
 import sys
@@ -164,3 +183,15 @@ spec["runtime"]["device"] = device
 EOF
     step "demo_$device" 60 "$PY" -m mpcfl run "$WORK/demo_$device/job.yaml"
 done
+
+# 6. Transformers: the cuda tests, then BERT-base on cuda, one way per launch (friendly first: the goal's numerator).
+if wanted transformers; then
+    step pytest_transformers 150 "$PY" -m pytest -v -p no:cacheprovider -o addopts="" -rA --timeout 140 \
+        "tests/tasks/test_cuda.py::test_dealer_truncation_and_a_huggingface_bert_on_cuda" \
+        "tests/models/test_transformer_training.py::test_two_parties_and_the_dealer_train_a_vit_like_plaintext_torch[cuda]"
+    for way in mpc_friendly raw exact; do
+        step "bert_$way" "${GPU_BERT_SECONDS:-120}" "$PY" benchmarks/transformer_shapes.py --device cuda --threads 4 \
+            --sizes "${GPU_BERT_SIZE:-base}" --lengths "${GPU_BERT_LENGTH:-128}" --repeats 1 --no-warm-up --ways "$way" \
+            --point-timeout 110 --json "$OUT/bert_$way.json"
+    done
+fi

@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 PIP=${PIP:-.venv/bin/pip}
 DEST=gpu_wheels
 PACKAGES=(crypten omegaconf pydantic pydantic_core annotated-types typing-inspection typing_extensions
-          dp-accounting dm-tree randomgen cryptography cffi pycparser openmined-psi)
+          dp-accounting dm-tree randomgen cryptography cffi pycparser openmined-psi
+          transformers huggingface_hub httpx2 httpcore2 truststore)  # the image's transformers is another minor: mpcfl.models.huggingface reads its internals
 
 pins=()
 frozen=$("$PIP" freeze)

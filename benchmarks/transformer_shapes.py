@@ -1,7 +1,7 @@
 """BERT- and GPT-2-shaped transformers under MPC: mpcfl (exact, MPC-friendly) against raw CrypTen, same run.
 
     python benchmarks/transformer_shapes.py [--sizes tiny mini base] [--lengths 32 128] [--repeats 3]
-        [--sweep] [--gpt] [--json OUT] [--plots DIR]
+        [--ways exact mpc_friendly raw] [--device cuda] [--sweep] [--gpt] [--json OUT] [--plots DIR]
     python benchmarks/transformer_shapes.py --from RUN/*-*.json [--plots DIR]   # report finished points again
 
 Two parties (``owner`` holds the weights, ``client`` the token ids) plus the TTP dealer on this
@@ -130,24 +130,31 @@ def raw_batch(model: BertLike, ids: torch.Tensor | None, shape: tuple[int, int],
     (CrypTen's own ``get_plain_text(dst=)``, as raw CrypTen users do)."""
     from mpcfl.mpc.engine import import_crypten
 
+    from mpcfl.mpc.session import session_device
+
     crypten = import_crypten()
-    vocab = model.embed.num_embeddings
+    vocab, device = model.embed.num_embeddings, session_device()
     with crypten.no_grad():
-        p = {name: crypten.cryptensor(t.detach(), src=owner) for name, t in model.named_parameters()}
+        p = {name: crypten.cryptensor(t.detach(), src=owner, device=device) for name, t in model.named_parameters()}
         onehot = nn.functional.one_hot(ids.long(), vocab).float() if ids is not None else torch.zeros(*shape, vocab)
-        return raw_forward(model, p, crypten.cryptensor(onehot, src=client)).get_plain_text(dst=client)
+        out = raw_forward(model, p, crypten.cryptensor(onehot, src=client, device=device)).get_plain_text(dst=client)
+        return None if out is None else out.cpu()
 
 
 def onnx_batch(model: nn.Module, ids: torch.Tensor | None, shape: tuple[int, int], owner: int, client: int) -> torch.Tensor | None:
     """CrypTen's converter (ONNX import) on the model, as ``crypten.nn.from_pytorch`` is meant to be used."""
     from mpcfl.mpc.engine import import_crypten
 
+    from mpcfl.mpc.session import session_device
+
     crypten = import_crypten()
-    secure = crypten.nn.from_pytorch(model, torch.zeros(*shape, dtype=torch.long)).encrypt(src=owner)
+    device = session_device()
+    secure = crypten.nn.from_pytorch(model, torch.zeros(*shape, dtype=torch.long)).encrypt(src=owner).to(device)
     secure.eval()
     with crypten.no_grad():
-        x = crypten.cryptensor(ids.float() if ids is not None else torch.zeros(*shape), src=client)
-        return secure(x).get_plain_text(dst=client)
+        x = crypten.cryptensor(ids.float() if ids is not None else torch.zeros(*shape), src=client, device=device)
+        out = secure(x).get_plain_text(dst=client)
+        return None if out is None else out.cpu()
 
 
 # ---------------------------------------------------------------- party side
@@ -206,9 +213,10 @@ def bert_point(args: argparse.Namespace, me: Any) -> dict[str, Any] | None:
     owner_rank, client_rank = me.session.rank_of("owner"), me.session.rank_of("client")
     runs: dict[str, Callable[[], Any]] = {}
     for mode in ("exact", "mpc_friendly"):
-        runs[mode] = (lambda mode=mode: mpcfl.secure_predict(model, ids, model_owner="owner", data_owner="client",
-                                                               batch_size=args.batch, approximations=mode))
-    if not args.no_raw:
+        if mode in args.ways:
+            runs[mode] = (lambda mode=mode: mpcfl.secure_predict(model, ids, model_owner="owner", data_owner="client",
+                                                                   batch_size=args.batch, approximations=mode))
+    if "raw" in args.ways:
         runs["raw CrypTen (by hand)"] = lambda: raw_batch(model, ids, shape, owner_rank, client_rank)
     onnx_error = None
     try:  # CrypTen's converter exports to ONNX locally, before any message: every party fails alike
@@ -303,7 +311,7 @@ def _launch(args: argparse.Namespace, extra: list[str], work: Path, label: str) 
     argv = [os.path.abspath(__file__), "--repeats", str(args.repeats), "--batch", str(args.batch), "--vocab",
             str(args.vocab), "--threads", str(args.threads), "--result", str(out), *extra]
     with log.open("w") as sink:
-        code = launch_script(argv, parties=PARTIES, timeout_s=args.point_timeout, sink=sink)
+        code = launch_script(argv, parties=PARTIES, timeout_s=args.point_timeout, sink=sink, device=args.device)
     if code != 0 or not out.is_file():
         tail = log.read_text(errors="replace")[-1500:]
         return {"error": f"exit {code}; log tail: {tail}"}
@@ -370,9 +378,10 @@ def plot(points: list[dict[str, Any]], folder: Path) -> list[Path]:
     return written
 
 
-def _machine() -> dict[str, Any]:
+def _machine(device: str) -> dict[str, Any]:
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     return {"cores": os.cpu_count(), "load_average": list(os.getloadavg()), "torch": torch.__version__,
-            "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+            "device": device, "gpu": gpu, "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -390,7 +399,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpt-mode", choices=["exact", "mpc_friendly"], default="exact")
     parser.add_argument("--prompt", type=int, default=8)
     parser.add_argument("--generate", type=int, default=4)
-    parser.add_argument("--no-raw", action="store_true", help="skip raw CrypTen by hand (it is the slowest way)")
+    parser.add_argument("--ways", nargs="+", choices=["exact", "mpc_friendly", "raw"], default=["exact", "mpc_friendly", "raw"],
+                        help="which ways to time (raw: CrypTen by hand, the slowest)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the parties compute")
     parser.add_argument("--no-warm-up", action="store_true", help="time the first inference too (for base at 128)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per party")
     parser.add_argument("--point-timeout", type=float, default=3600)
@@ -419,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = Path(tempfile.mkdtemp(prefix="transformer-shapes-"))
     print(f"point files in {work}", flush=True)
-    extra = (["--no-raw"] if args.no_raw else []) + (["--no-warm-up"] if args.no_warm_up else [])
+    extra = ["--ways", *args.ways] + (["--no-warm-up"] if args.no_warm_up else [])
     points = []
     for size, length in plan(args):
         started = time.perf_counter()
@@ -430,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         points.append(point)
         print(f"{size} seq {length}: {'failed' if 'error' in point else 'done'} in {point['launch_s']:.0f} s, "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
-    results: dict[str, Any] = {"machine": _machine(), "points": points}
+    results: dict[str, Any] = {"machine": _machine(args.device), "points": points}
     if args.gpt:
         gpt = ["--gpt-point", "--gpt-shape", *map(str, args.gpt_shape), "--gpt-vocab", str(args.gpt_vocab),
                "--gpt-mode", args.gpt_mode, "--prompt", str(args.prompt), "--generate", str(args.generate)]

@@ -1,6 +1,6 @@
 """Secure training of a ViT on the shipped digits, against plaintext torch trained identically.
 
-    python benchmarks/vit_training.py [--steps 20] [--batch 32] [--dim 16] [--layers 1] ...
+    python benchmarks/vit_training.py [--steps 20] [--batch 32] [--dim 16] [--layers 1] [--device cuda] ...
 
 Two parties plus the TTP dealer on this machine: ``p0`` owns the initial weights (public here:
 both build them from ``--seed``, as a training job's parties do) and receives the trained ones;
@@ -36,7 +36,7 @@ from mpcfl.models.heads import MultiClassHead
 from mpcfl.models.zoo import DigitsViT
 from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.reveal import reveal
-from mpcfl.mpc.session import communication_stats, prefetching
+from mpcfl.mpc.session import communication_stats, prefetching, session_device
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "examples" / "data" / "digits8x8.csv"
@@ -97,8 +97,10 @@ def _step(secure: Any, optimizer: Any, head: MultiClassHead, x: torch.Tensor, y:
           rows: torch.Tensor) -> tuple[Any, Any]:
     """One SGD step on a batch p1 shares; returns the logits and targets (secret)."""
     crypten = import_crypten()
-    images = crypten.cryptensor(x[rows], src=1)
-    targets = crypten.cryptensor(head.secure_targets(None if y is None else y[rows].numpy(), len(rows)), src=1)
+    device = session_device()  # mpcfl launch --device
+    images = crypten.cryptensor(x[rows], src=1, device=device)
+    targets = crypten.cryptensor(head.secure_targets(None if y is None else y[rows].numpy(), len(rows)), src=1,
+                                 device=device)
     logits = secure(images)
     with crypten.no_grad():  # mean cross-entropy's gradient at the logits: (softmax - one-hot) / n
         error = head.output_error(logits, targets).div(len(rows))
@@ -114,7 +116,7 @@ def party(args: argparse.Namespace) -> None:
         head = MultiClassHead(10)
         x, y = digits() if me.name == "p1" else (torch.zeros(TRAIN_ROWS, 64), None)
         torch_model = model_of(args)
-        secure = trainable(torch_model).encrypt(src=0)
+        secure = trainable(torch_model).encrypt(src=0).to(session_device())
         secure.train()
         optimizer = crypten.optim.SGD(secure.parameters(), lr=args.lr)
         losses, costs = [], []
@@ -179,9 +181,11 @@ def main() -> int:
     parser.add_argument("--losses", action="store_true", help="reveal each step's mean loss (costs a max and a log)")
     parser.add_argument("--no-prefetch", action="store_true", help="fetch each triple when used (see runtime.prefetch)")
     parser.add_argument("--out", default="", help="p0 saves the revealed weights and the losses here")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the parties compute")
     args = parser.parse_args()
     if not os.environ.get("MPCFL_PARTY"):  # the launcher: this script again per party, and the dealer
-        return launch_script([os.path.abspath(__file__), *sys.argv[1:]], parties=PARTIES, timeout_s=600)
+        return launch_script([os.path.abspath(__file__), *sys.argv[1:]], parties=PARTIES, timeout_s=600,
+                             device=args.device)
     party(args)
     return 0
 

@@ -192,12 +192,12 @@ def mpcfl(*args: str, timeout: float = 240, cwd: Path | None = None) -> subproce
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
-def party_lines(script_name: str, parties: int, marker: str) -> dict[str, str]:
-    """Runs ``tests/scripts/script_name`` under ``mpcfl launch`` with parties p0..p{n-1}; the text after
-    ``"{marker} {rank}: "`` in each party's output, by rank (every party's, else the test fails)."""
+def party_lines(script_name: str, parties: int, marker: str, *options: str) -> dict[str, str]:
+    """Runs ``tests/scripts/script_name`` under ``mpcfl launch [options]`` with parties p0..p{n-1}; the
+    text after ``"{marker} {rank}: "`` in each party's output, by rank (every party's, else the test fails)."""
     script = str(SCRIPTS / script_name)
     names = ",".join(f"p{i}" for i in range(parties))
-    result = mpcfl("launch", "--timeout-s", "30", "--parties", names, script, timeout=180)
+    result = mpcfl("launch", "--timeout-s", "60", *options, "--parties", names, script, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_no_leftovers(script)
     lines = dict(re.findall(rf"{re.escape(marker)} (\d+): (.*)", result.stdout))

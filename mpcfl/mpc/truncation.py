@@ -36,8 +36,13 @@ Modes (the job's ``runtime.truncation``): ``local`` is CrypTen's own (above); ``
 ``auto`` is ``dealer`` with three or more parties (where CrypTen asks the dealer anyway) and
 ``local`` with two, because the dealer round costs two parties 1.7x the rounds and bytes of the
 digits ViT's inference and 2x those of W1's training (docs/guides/transformers.md,
-docs/performance/benchmarks.md). Without a dealer (TFP)
-or on a GPU (CrypTen's ``CUDALongTensor`` shares; not tested), CrypTen's own runs.
+docs/performance/benchmarks.md). Without a dealer (TFP), CrypTen's own runs.
+
+On a GPU (CrypTen's ``CUDALongTensor`` shares) the pair is dealt and used on the host: the share
+crosses to the host and the result back (:mod:`mpcfl.mpc.device`), so every party draws r from
+its host stream, as the dealer does for a request without a device, and the opening travels
+through host memory as every opening does on gloo. Checked on an H200 by
+``tests/tasks/test_cuda.py``.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import torch
 
 from mpcfl.errors import MpcflError
 from mpcfl.mpc.compat import loaded_crypten
+from mpcfl.mpc.device import to_device, to_host
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +108,8 @@ def mode() -> str:
 
 def applies(x: Any, divisor: Any) -> bool:
     """Whether dividing the ArithmeticSharedTensor ``x`` by ``divisor`` goes through the dealer:
-    the mode asks for it, ``divisor`` is an int in [2, 2^62], the tensor is not empty, the provider
-    deals pairs and the shares are on the host."""
+    the mode asks for it, ``divisor`` is an int in [2, 2^62], the tensor is not empty and the provider
+    deals pairs."""
     if _state["mode"] == "local" or type(divisor) is not int or not 2 <= divisor <= MAX_DIVISOR:
         return False
     if x.share.numel() == 0:  # nothing to divide; the dealer refuses an empty request
@@ -112,7 +118,7 @@ def applies(x: Any, divisor: Any) -> bool:
     if _state["mode"] == "auto" and crypten.comm.get().get_world_size() < 3:
         return False
     provider = crypten.mpc.get_default_provider()
-    return hasattr(provider, "generate_truncation") and isinstance(x.share, torch.Tensor) and not x.share.is_cuda
+    return hasattr(provider, "generate_truncation")
 
 
 def divide(x: Any, divisor: Any) -> Any | None:
@@ -123,12 +129,14 @@ def divide(x: Any, divisor: Any) -> Any | None:
     if not applies(x, divisor):
         return None
     provider = loaded_crypten().mpc.get_default_provider()
-    r, quotient, top = provider.generate_truncation(tuple(x.size()), divisor, device=x.device)
+    device = x.device
+    own = to_host(x.share) if device.type == "cuda" else x.share
+    r, quotient, top = provider.generate_truncation(tuple(x.size()), divisor, device=None)
     # The one opening: z = x + r, a one-time pad of x (r uniform, fresh).
-    opened = (type(r).from_shares(x.share, precision=0) + r).reveal() + OFFSET
+    opened = (type(r).from_shares(own, precision=0) + r).reveal() + OFFSET
     carry_possible = (opened >= 0).long()  # msb(z') = 0
     share = carry_possible * top.share * _ring((1 << 64) // divisor) - quotient.share
     if x.rank == 0:
         share += unsigned_floordiv(opened, divisor) - OFFSET // divisor
-    x.share = share
+    x.share = to_device(share, device) if device.type == "cuda" else share
     return x

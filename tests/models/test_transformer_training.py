@@ -131,15 +131,20 @@ def _benchmark() -> object:
     return module
 
 
-def test_two_parties_and_the_dealer_train_a_vit_like_plaintext_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU: torch.cuda.is_available() is false"))])
+def test_two_parties_and_the_dealer_train_a_vit_like_plaintext_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      device: str) -> None:
     """Two SGD steps of a ViT (4 tokens, width 8) on digits between real processes: every revealed
-    weight within 2e-3 of plaintext torch's from the same start and batches (measured 3.3e-4)."""
+    weight within 2e-3 of plaintext torch's from the same start and batches (measured 3.3e-4 on the
+    CPU); the shares on the GPU with ``device: cuda`` (benchmarks/gpu_check.sh)."""
     for key in ("RANK", "WORLD_SIZE", "RENDEZVOUS", "DISTRIBUTED_BACKEND"):  # crypten_single's
         monkeypatch.delenv(key, raising=False)
     options = ["--steps", "2", "--batch", "4", "--lr", "0.2", "--patch", "4", "--dim", "8", "--heads", "2",
                "--hidden", "16", "--seed", "1"]
     out = tmp_path / "trained.pt"
-    done = mpcfl("launch", "--timeout-s", "60", "--parties", "p0,p1", str(BENCHMARK), *options, "--out", str(out),
+    done = mpcfl("launch", "--timeout-s", "60", "--device", device, "--parties", "p0,p1", str(BENCHMARK), *options,
+                 "--out", str(out),
                  timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert_no_leftovers(str(BENCHMARK))

@@ -18,7 +18,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import DEMO, REPO, base_job, crash_after_epoch, demo_against_plaintext, job_metrics, run_job, vertical_parties, write_job
+from conftest import (DEMO, REPO, base_job, crash_after_epoch, demo_against_plaintext, job_metrics, party_lines, run_job,
+                      vertical_parties, write_job)
 from mpcfl.jobs.schema import load_job
 from mpcfl.models.build import build_torch_model
 from mpcfl.tasks.train.baseline import train_plaintext
@@ -130,3 +131,18 @@ def test_inference_on_cuda_matches_plaintext(tmp_path: Path) -> None:
     assert predictions.shape == expected.shape
     assert np.abs(predictions - expected).max() < 1e-2
     assert (predictions.argmax(1) == expected.argmax(1)).all()
+
+
+def test_dealer_truncation_and_a_huggingface_bert_on_cuda() -> None:
+    """Three parties on the GPU (tests/scripts/cuda_transformer_party.py): the dealer's truncation pairs
+    divide CUDA shares exactly where CrypTen's own division errs, the quotient's share stays on the
+    GPU; a Hugging Face BERT served from p0 to p1 matches float torch (exact) and its emulation
+    (mpc_friendly). Secure training of a ViT on the GPU: tests/models/test_transformer_training.py."""
+    reports = {rank: json.loads(line) for rank, line in
+               party_lines("cuda_transformer_party.py", 3, "cuda party", "--device", "cuda").items()}
+    for rank, report in reports.items():
+        assert report["device"].startswith("cuda"), report
+        assert report["local"]["wrong"] > 10 and report["dealer"]["wrong"] == 0, report
+        assert report["local"]["share_on"] == report["dealer"]["share_on"] == "cuda", report
+    assert reports["1"]["bert_exact"]["error"] < 2e-2 and reports["1"]["bert_mpc_friendly"]["error"] < 2e-2, reports["1"]
+    assert reports["1"]["bert_exact"]["on"] == "cpu"  # revealed values come back to the host
