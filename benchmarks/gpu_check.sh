@@ -20,9 +20,11 @@
 #   6. transformers: the cuda transformer tests (dealer truncation of CUDA shares and a Hugging Face
 #      BERT with three parties; two steps of secure ViT training), then benchmarks/transformer_shapes.py
 #      on cuda, one launch per way so that each finished way is kept: BERT-base at sequence length 128
-#      (GPU_BERT_SIZE, GPU_BERT_LENGTH), first inference timed (no warm-up).
-# GPU_STEPS picks steps 3-6 by name (default "tests suite demo"; "transformers" is step 6), as a
-# device's 15 minutes hold about one of them at the full sizes.
+#      (GPU_BERT_SIZE, GPU_BERT_LENGTH), first inference timed (no warm-up);
+#   7. transformer_grid: BERT-tiny and -mini at 32 and 128 on cuda, and a GPT-2-small-shaped decoder.
+# GPU_STEPS picks steps 3-7 by name (default "tests suite demo"; "transformers" is step 6 and
+# "transformer_grid" step 7), as a device's 15 minutes hold about one of them at the full sizes;
+# GPU_BERT_WAYS the ways of step 6.
 # $OUT/gpu_results.json is written whatever happens (on exit), with every step's exit status, the
 # tail of every log and every JSON a step wrote (folded in: the device tool brings back 8 files at
 # most); the default steps' limits add up to 590 s and their usual run takes about 450 s; a step
@@ -189,9 +191,18 @@ if wanted transformers; then
     step pytest_transformers 150 "$PY" -m pytest -v -p no:cacheprovider -o addopts="" -rA --timeout 140 \
         "tests/tasks/test_cuda.py::test_dealer_truncation_and_a_huggingface_bert_on_cuda" \
         "tests/models/test_transformer_training.py::test_two_parties_and_the_dealer_train_a_vit_like_plaintext_torch[cuda]"
-    for way in mpc_friendly raw exact; do
+    for way in ${GPU_BERT_WAYS:-mpc_friendly raw exact}; do
         step "bert_$way" "${GPU_BERT_SECONDS:-120}" "$PY" benchmarks/transformer_shapes.py --device cuda --threads 4 \
             --sizes "${GPU_BERT_SIZE:-base}" --lengths "${GPU_BERT_LENGTH:-128}" --repeats 1 --no-warm-up --ways "$way" \
             --point-timeout 110 --json "$OUT/bert_$way.json"
     done
+fi
+
+# 7. The transformer grid on cuda: BERT-tiny and -mini at 32 and 128 (every way, median of 3 after a
+#    warm-up), then a GPT-2-small-shaped decoder (12 x 768, GPT-2's vocabulary): seconds per token.
+if wanted transformer_grid; then
+    step transformer_grid 110 "$PY" benchmarks/transformer_shapes.py --device cuda --threads 4 --sizes tiny mini \
+        --lengths 32 128 --point-timeout 50 --json "$OUT/transformer_grid.json"
+    step gpt_small 120 "$PY" benchmarks/transformer_shapes.py --device cuda --threads 4 --sizes --gpt \
+        --gpt-shape 12 768 --prompt 8 --generate 4 --point-timeout 110 --json "$OUT/gpt_small.json"
 fi

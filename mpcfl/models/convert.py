@@ -281,7 +281,7 @@ def _expand(x: Any, *sizes: Any) -> Any:
     sizes = tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (list, tuple, torch.Size)) else sizes
     lead = len(sizes) - x.dim()
     shape = [x.size(i - lead) if n == -1 else n for i, n in enumerate(sizes)]
-    return x + torch.zeros(shape)
+    return x + torch.zeros(shape, device=x.device)  # a share's device: CUDA refuses a host operand
 
 
 def _permute(x: Any, *dims: Any) -> Any:

@@ -256,6 +256,9 @@ def softmax(x: Any, dim: int = -1, keep: torch.Tensor | None = None, bias: torch
         extra = x.bias
         x, keep = x.scores, _merge_keep(keep, x.keep)
         bias = extra if bias is None else (bias if extra is None else bias + extra)
+    # public masks are built on the host (buffers, _causal); the scores may be CUDA shares
+    keep = None if keep is None else keep.to(x.device)
+    bias = None if bias is None else bias.to(x.device)
     length = x.size(dim)
     if length > MAX_SOFTMAX_LENGTH:
         raise UnsupportedOperationError(
