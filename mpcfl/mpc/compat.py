@@ -379,6 +379,30 @@ def _skip_unused_matmul_gradient(crypten: types.ModuleType, product: Callable[..
     matmul.backward = staticmethod(backward)
 
 
+def _keep_gradients_on_the_device(crypten: types.ModuleType) -> None:
+    """crypten 0.4.1's backward of ``sum`` multiplies the gradient by ``torch.ones(size)`` made on
+    the host: with CUDA shares the product mixes devices and fails (secure ViT training on an
+    H200, where softmax sums each row). Here the ones are made on the gradient's device; on the
+    CPU nothing changes.
+    """
+    import torch  # crypten is imported, so torch is
+
+    function = crypten.gradients.AutogradSum
+    if getattr(function.backward, "_mpcfl_patched", False):
+        return
+
+    def backward(ctx: Any, grad_output: Any) -> Any:
+        size, dim, keepdim = ctx.saved_tensors
+        if len(size) == 0:
+            return grad_output
+        if not keepdim and dim is not None:
+            grad_output = grad_output.unsqueeze(dim)
+        return grad_output.mul(torch.ones(size, device=grad_output.device))
+
+    backward._mpcfl_patched = True  # type: ignore[attr-defined]
+    function.backward = staticmethod(backward)
+
+
 def _reuse_data_masks(crypten: types.ModuleType, product: Callable[..., Any]) -> None:
     """A product with a fixed data tensor takes a triple whose first factor is the data's
     fixed mask (:mod:`mpcfl.mpc.fixed_mask`): only the other factor is opened.
@@ -618,6 +642,7 @@ def _import_and_patch(protocols: Protocols, *, stock: bool) -> types.ModuleType:
         _fix_negative_decoding(crypten)
         _announce_triple_requests(crypten, protocols.ttp)
         _skip_unused_matmul_gradient(crypten, protocols.product)
+        _keep_gradients_on_the_device(crypten)
         _reuse_data_masks(crypten, protocols.product)
         _compare_on_packed_bits(crypten, protocols.less_than_zero)
         _sigmoid_in_lockstep(crypten, protocols.sigmoid)

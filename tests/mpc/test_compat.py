@@ -225,6 +225,32 @@ def test_a_linear_layer_backward_multiplies_once_and_gets_torch_gradients(crypte
     assert len(calls) == 3 and data.grad is not None
 
 
+def test_the_sum_gradient_is_made_on_the_gradient_s_device(crypten_single: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # crypten's own made its public ones on the host, which fails with CUDA shares; the patched
+    # one asks for the gradient's device (recorded here) and keeps torch's gradients.
+    from mpcfl.mpc.engine import import_crypten
+
+    crypten = import_crypten()
+    made = []
+    ones = torch.ones
+
+    def recording(*args: object, **kwargs: object) -> torch.Tensor:
+        made.append(kwargs.get("device"))
+        return ones(*args, **kwargs)
+
+    torch.manual_seed(0)
+    x, grad = torch.randn(3, 4), torch.randn(3)
+    secret = crypten.cryptensor(x, requires_grad=True)
+    out, upstream = secret.sum(1), crypten.cryptensor(grad)
+    monkeypatch.setattr(torch, "ones", recording)
+    out.backward(upstream)
+    monkeypatch.undo()
+    assert made == [torch.device("cpu")]
+    plain = x.clone().requires_grad_(True)
+    plain.sum(1).backward(grad)
+    assert torch.allclose(secret.grad.get_plain_text(), plain.grad, atol=1e-3)
+
+
 def test_matmul_reuses_a_fixed_data_mask_only_where_the_provider_serves_one(crypten_single: None) -> None:
     # MPCTensor.matmul and the matmul backward route fixed data to mpcfl.mpc.fixed_mask; the TTP
     # provider gains its two requests, announced as the others; without a dealer nothing is fixed.
