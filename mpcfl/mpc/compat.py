@@ -14,6 +14,7 @@ import copy
 import datetime
 import functools
 import importlib
+import importlib.util
 import sys
 import types
 from collections.abc import Callable, Sequence
@@ -67,14 +68,13 @@ def _alias_onnx_registration() -> None:
     sys.modules[old] = moved
 
 
-def _force_legacy_onnx_exporter(crypten: types.ModuleType) -> None:
+def _force_legacy_onnx_exporter(converter: types.ModuleType) -> None:
     """``crypten.nn.from_pytorch`` calls ``torch.onnx.export`` with TorchScript-only
     arguments (operator_export_type, custom symbolic registry).
 
     torch >= 2.9 defaults to the dynamo exporter, which ignores that registry and
     emits graphs crypten cannot read; ask for the legacy exporter explicitly.
     """
-    converter = crypten.nn.onnx_converter
     if getattr(converter._export_pytorch_model, "_mpcfl_patched", False):
         return
     import torch
@@ -96,6 +96,51 @@ def _force_legacy_onnx_exporter(crypten: types.ModuleType) -> None:
 
     export_legacy._mpcfl_patched = True  # type: ignore[attr-defined]
     converter._export_pytorch_model = export_legacy
+
+
+_CONVERTER = "crypten.nn.onnx_converter"
+
+
+def _converter() -> types.ModuleType:
+    """crypten's ONNX converter, imported (with :func:`_alias_onnx_registration` first) and patched
+    by :func:`_force_legacy_onnx_exporter` on first use."""
+    module = sys.modules.get(_CONVERTER)
+    if isinstance(module, _DeferredConverter):
+        del sys.modules[_CONVERTER]
+        _alias_onnx_registration()
+        module = importlib.import_module(_CONVERTER)  # binds crypten.nn.onnx_converter to it
+        _force_legacy_onnx_exporter(module)
+    return module
+
+
+def _deferred(name: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(_converter(), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+class _DeferredConverter(types.ModuleType):
+    """Stands in for ``crypten.nn.onnx_converter`` until something uses it.
+
+    ``import crypten`` imports that converter, and with it the onnx package: about 1.5 s of CPU
+    in every party and dealer process here, most of a process's start after torch's. mpcfl
+    converts models by tracing (:mod:`mpcfl.models.convert`) and never calls it; a user's
+    ``crypten.nn.from_pytorch`` (or any attribute of the module) imports the real one then.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_CONVERTER)
+        # what crypten.nn imports from it, without importing it
+        for name in ("from_onnx", "from_pytorch", "from_tensorflow"):
+            setattr(self, name, _deferred(name))
+        self.TF_AND_TF2ONNX = all(importlib.util.find_spec(n) is not None for n in ("tensorflow", "tf2onnx"))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # module protocol lookups (inspect.getmodule walks sys.modules asking for __file__)
+            raise AttributeError(name)
+        return getattr(_converter(), name)
 
 
 class _DistWithTimeout(types.ModuleType):
@@ -605,7 +650,6 @@ def load(protocols: Protocols, *, stock: bool = False) -> types.ModuleType:
                 f"process; a process runs one or the other"
             )
         return _state["crypten"]
-    _alias_onnx_registration()
     try:
         crypten = _import_and_patch(protocols, stock=stock)
     except BaseException:
@@ -620,6 +664,7 @@ def load(protocols: Protocols, *, stock: bool = False) -> types.ModuleType:
 
 def _import_and_patch(protocols: Protocols, *, stock: bool) -> types.ModuleType:
     try:
+        sys.modules.setdefault(_CONVERTER, _DeferredConverter())
         with on_import.standing_aside():  # this import is the one that gets patched
             crypten = importlib.import_module("crypten")
     except ModuleNotFoundError as err:
@@ -631,7 +676,8 @@ def _import_and_patch(protocols: Protocols, *, stock: bool) -> types.ModuleType:
         raise MpcflError(
             f"mpcfl needs crypten {CRYPTEN_VERSION}, found {crypten.__version__}"
         )
-    _force_legacy_onnx_exporter(crypten)
+    if not hasattr(crypten.nn, "onnx_converter"):  # the import bound what it found in sys.modules to nothing
+        crypten.nn.onnx_converter = sys.modules[_CONVERTER]
     if not stock:
         _state["protocols"] = protocols
         _inject_process_group_timeout(crypten)

@@ -71,7 +71,7 @@ print("patched")
 
 
 def test_registration_alias_points_at_the_moved_module() -> None:
-    import_crypten()
+    import_crypten().nn.onnx_converter._OPSET_VERSION  # noqa: B018 (crypten's converter imports it: loaded on first use)
     from torch.onnx._internal.torchscript_exporter import registration
 
     assert sys.modules["torch.onnx._internal.registration"] is registration
@@ -165,8 +165,9 @@ from mpcfl.errors import MpcflError
 from mpcfl.mpc.engine import import_crypten
 c = import_crypten(stock=True)
 assert import_crypten(stock=True) is c
-assert sys.modules["torch.onnx._internal.registration"] is not None
+assert "onnx" not in sys.modules  # crypten's ONNX converter loads on first use (about 1 s of a start)
 assert getattr(c.nn.onnx_converter._export_pytorch_model, "_mpcfl_patched", False)
+assert sys.modules["torch.onnx._internal.registration"] is not None and "onnx" in sys.modules
 assert not getattr(c.common.rng.generate_random_ring_element, "_mpcfl_patched", False)
 assert not getattr(c.encoder.FixedPointEncoder.decode, "_mpcfl_patched", False)
 assert c.communicator.distributed_communicator.DistributedCommunicator.reduce.__module__.startswith("crypten")
