@@ -229,17 +229,15 @@ def runs_backbone(job: TrainJob, party: str, n_columns: int) -> bool:
 
 
 def backbone_of(job: TrainJob) -> Any:
-    """The job's backbone module (:func:`mpcfl.models.backbone.build_backbone`).
+    """The job's backbone module, the instance its fingerprint digested (:meth:`BackboneSpec.module`).
 
     Raises:
         ConfigError: the factory or the weights fail (naming the job file and the key).
     """
-    from mpcfl.models.backbone import build_backbone
-
     spec = job.data.backbone
     assert spec is not None
     try:
-        return build_backbone(spec.factory, spec.weights)
+        return spec.module()
     except MpcflError as err:
         raise ConfigError(f"{job.source}: data.backbone: {err}") from None
 

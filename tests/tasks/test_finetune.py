@@ -16,7 +16,7 @@ import yaml
 
 from conftest import REPO, assert_no_leftovers, job_metrics, mpcfl, run_job, run_roles, write_csv, write_job
 from mpcfl.data.files import DataError
-from mpcfl.data.party import contents, load_party_data
+from mpcfl.data.party import backbone_of, contents, load_party_data
 from mpcfl.errors import ConfigError
 from mpcfl.jobs.schema import load_job
 from mpcfl.models.backbone import backbone_digest, run_backbone
@@ -115,6 +115,19 @@ def test_the_fingerprint_counts_the_backbone_by_its_values_not_its_folder(tmp_pa
     assert prints[0] == prints[1]
     (tmp_path / "b" / "net.py").write_text((tmp_path / "b" / "net.py").read_text().replace("nn.Tanh()", "nn.Sigmoid()"))
     assert load_job(tmp_path / "b" / "job.yaml").fingerprint() != prints[0]  # another architecture, the same weights
+
+
+def test_the_backbone_that_runs_is_the_one_fingerprinted(tmp_path: Path) -> None:
+    # Built once per loaded job: weights swapped after loading change neither the fingerprint the
+    # parties agreed on nor the module that runs on the rows (a second build would have run them).
+    shutil.copy(WEIGHTS, tmp_path / "w.pt")
+    job = load_job(write_job(tmp_path, finetune_job(tmp_path, weights=tmp_path / "w.pt")))
+    agreed, digest = job.fingerprint(), backbone_digest(backbone_of(job))
+    state = torch.load(WEIGHTS, weights_only=True)
+    torch.save({name: value + 1.0 for name, value in state.items()}, tmp_path / "w.pt")
+    assert job.fingerprint() == agreed and backbone_digest(backbone_of(job)) == digest
+    assert backbone_of(job) is backbone_of(job)
+    assert load_job(tmp_path / "job.yaml").fingerprint() != agreed  # the swap, seen by a job loaded after it
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, field_validator, model_validator
 
 from mpcfl.errors import ConfigError, MpcflError
 from mpcfl.models.spec import FactoryModelSpec, FactorySpec, ModelSpec
@@ -104,16 +104,30 @@ class BackboneSpec(FactorySpec):
         "job, a list: each listed party runs it on its own columns, the others' columns enter as they are",
     )
 
+    _built: Any = PrivateAttr(default=None)
+
     @model_validator(mode="after")
     def _weights_fit(self) -> BackboneSpec:
         if self.weights is not None:
-            from mpcfl.models.backbone import build_backbone  # torch: only for a job that has a backbone
-
             try:
-                build_backbone(self.factory, self.weights)
+                self.module()
             except MpcflError as err:
                 raise ValueError(f"weights: {err}") from None
         return self
+
+    def module(self) -> Any:
+        """The module (:func:`mpcfl.models.backbone.build_backbone`), built once per loaded job: the
+        fingerprint's digest and every run on the party's rows use this one instance, so a factory or
+        weights file changed in between is never run under the fingerprint of the one before.
+
+        Raises:
+            MpcflError: the factory fails, or the weights are missing or do not fit it.
+        """
+        if self._built is None:
+            from mpcfl.models.backbone import build_backbone  # torch: only for a job that has a backbone
+
+            self._built = build_backbone(self.factory, self.weights)
+        return self._built
 
 
 class DataSpec(_Strict):
@@ -404,11 +418,10 @@ class JobBase(_Strict):
         backbone = (data.get("data") or {}).get("backbone")
         if backbone is not None:
             # The backbone by what it computes: its code, architecture and weights, wherever each host keeps them.
-            from mpcfl.models.backbone import backbone_digest, build_backbone
+            from mpcfl.models.backbone import backbone_digest
 
-            spec = self.data.backbone  # type: ignore[attr-defined]
             backbone["factory"] = _by_contents(backbone["factory"])
-            backbone["weights"] = backbone_digest(build_backbone(spec.factory, spec.weights))
+            backbone["weights"] = backbone_digest(self.data.backbone.module())  # type: ignore[attr-defined]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def files(self, party: str | None = None) -> dict[str, Path]:
