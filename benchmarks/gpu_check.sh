@@ -21,7 +21,8 @@
 #      BERT with three parties; two steps of secure ViT training), then benchmarks/transformer_shapes.py
 #      on cuda, one launch per way so that each finished way is kept: BERT-base at sequence length 128
 #      (GPU_BERT_SIZE, GPU_BERT_LENGTH), first inference timed (no warm-up);
-#   7. transformer_grid: BERT-tiny and -mini at 32 and 128 on cuda, and a GPT-2-small-shaped decoder.
+#   7. transformer_grid: BERT-tiny and -mini at 32 and 128 on cuda (a warm-up and one timed inference of each
+#      way; the median of 3 did not fit its slot on an H200), and a GPT-2-small-shaped decoder.
 # GPU_STEPS picks steps 3-7 by name (default "tests suite demo"; "transformers" is step 6 and
 # "transformer_grid" step 7), as a device's 15 minutes hold about one of them at the full sizes;
 # GPU_BERT_WAYS the ways of step 6.
@@ -198,10 +199,10 @@ if wanted transformers; then
     done
 fi
 
-# 7. The transformer grid on cuda: BERT-tiny and -mini at 32 and 128 (every way, median of 3 after a
+# 7. The transformer grid on cuda: BERT-tiny and -mini at 32 and 128 (every way, one timed after a
 #    warm-up), then a GPT-2-small-shaped decoder (12 x 768, GPT-2's vocabulary): seconds per token.
 if wanted transformer_grid; then
-    step transformer_grid 110 "$PY" benchmarks/transformer_shapes.py --device cuda --threads 4 --sizes tiny mini \
+    step transformer_grid 110 "$PY" benchmarks/transformer_shapes.py --device cuda --threads 4 --sizes tiny mini --repeats 1 \
         --lengths 32 128 --point-timeout 50 --json "$OUT/transformer_grid.json"
     step gpt_small 120 "$PY" benchmarks/transformer_shapes.py --device cuda --threads 4 --sizes --gpt \
         --gpt-shape 12 768 --prompt 8 --generate 4 --point-timeout 110 --json "$OUT/gpt_small.json"
