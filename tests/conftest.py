@@ -104,11 +104,6 @@ def package_files_matching(pattern: str) -> list[str]:
     )
 
 
-# Under pytest-xdist each worker sees only the processes it started (they inherit its
-# PYTEST_XDIST_WORKER): another worker's parties may run the same script at the same time.
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-
-
 def live_processes(marker: str, *, source: str = "cmdline") -> list[int]:
     """Pids of processes whose command line mentions ``marker`` (e.g. a tmp job path); with
     ``source="environ"``, whose environment does (a dealer's command line names no script)."""
@@ -117,12 +112,11 @@ def live_processes(marker: str, *, source: str = "cmdline") -> list[int]:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            text = (entry / source).read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = (entry / source).read_bytes().replace(b"\0", b" ").decode(errors="replace")
             state = (entry / "stat").read_text().split(") ", 1)[1].split()[0]
-            ours = _WORKER is None or f"PYTEST_XDIST_WORKER={_WORKER}\0".encode() in (entry / "environ").read_bytes()
         except OSError:
             continue
-        if marker in text and state != "Z" and ours:
+        if marker in cmdline and state != "Z":
             pids.append(int(entry.name))
     return pids
 
