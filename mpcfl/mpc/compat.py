@@ -45,6 +45,7 @@ class Protocols:
     less_than_zero: Callable[[Any], Any]  # mpcfl.mpc.comparison
     sigmoid: Callable[[Any], Any]  # mpcfl.mpc.logistic
     product: Callable[..., Any]  # mpcfl.mpc.fixed_mask
+    transposed: Callable[[Any, Any], Any]  # mpcfl.mpc.fixed_mask: tags x.t() of a fixed x
     ttp: types.ModuleType  # mpcfl.mpc.providers.ttp: the dealer and its party side
     divide: Callable[[Any, Any], Any]  # mpcfl.mpc.truncation
 
@@ -448,26 +449,32 @@ def _keep_gradients_on_the_device(crypten: types.ModuleType) -> None:
     function.backward = staticmethod(backward)
 
 
-def _reuse_data_masks(crypten: types.ModuleType, product: Callable[..., Any]) -> None:
-    """A product with a fixed data tensor takes a triple whose first factor is the data's
-    fixed mask (:mod:`mpcfl.mpc.fixed_mask`): only the other factor is opened.
+def _reuse_data_masks(crypten: types.ModuleType, product: Callable[..., Any], transposed: Callable[[Any, Any], Any]) -> None:
+    """A product with a fixed tensor (training features, a served model's weights) takes a
+    triple whose fixed factor is that tensor's mask (:mod:`mpcfl.mpc.fixed_mask`): only the
+    other factor is opened.
 
     ``MPCTensor.matmul`` is where both CrypTen's autograd (``AutogradMatMul.forward``, which
     passes the same tensor objects) and a forward under ``no_grad`` multiply; any other
     operand runs crypten's own matmul. The data gradient's side is in
-    :func:`_skip_unused_matmul_gradient`.
+    :func:`_skip_unused_matmul_gradient`. ``MPCTensor.t`` keeps the fixed tag, as the
+    transpose's (a linear layer multiplies by ``weight.t()``); under autograd crypten's
+    ``AutogradT`` runs instead, and its result is not fixed.
     """
     tensor = crypten.mpc.MPCTensor
     if getattr(tensor.matmul, "_mpcfl_patched", False):
         return
-    original = tensor.matmul
+    original, original_t = tensor.matmul, tensor.t
 
     def matmul(self: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
         result = None if args or kwargs else product(self, y, transposed=False)
         return original(self, y, *args, **kwargs) if result is None else result
 
-    matmul._mpcfl_patched = True  # type: ignore[attr-defined]
-    tensor.matmul = matmul
+    def t(self: Any) -> Any:
+        return transposed(self, original_t(self))
+
+    matmul._mpcfl_patched = t._mpcfl_patched = True  # type: ignore[attr-defined]
+    tensor.matmul, tensor.t = matmul, t
 
 
 def _serve_first(tensor: type, name: str, ours: Callable[..., Any]) -> None:
@@ -689,7 +696,7 @@ def _import_and_patch(protocols: Protocols, *, stock: bool) -> types.ModuleType:
         _announce_triple_requests(crypten, protocols.ttp)
         _skip_unused_matmul_gradient(crypten, protocols.product)
         _keep_gradients_on_the_device(crypten)
-        _reuse_data_masks(crypten, protocols.product)
+        _reuse_data_masks(crypten, protocols.product, protocols.transposed)
         _compare_on_packed_bits(crypten, protocols.less_than_zero)
         _sigmoid_in_lockstep(crypten, protocols.sigmoid)
         _truncate_exactly(crypten, protocols.divide)

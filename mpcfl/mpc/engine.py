@@ -33,7 +33,7 @@ def import_crypten(*, stock: bool = False) -> types.ModuleType:
     from mpcfl.mpc.providers import ttp
 
     protocols = compat.Protocols(
-        less_than_zero=comparison.less_than_zero, sigmoid=logistic.sigmoid, product=fixed_mask.product, ttp=ttp,
-        divide=truncation.divide,
+        less_than_zero=comparison.less_than_zero, sigmoid=logistic.sigmoid, product=fixed_mask.product,
+        transposed=fixed_mask.transposed, ttp=ttp, divide=truncation.divide,
     )
     return compat.load(protocols, stock=stock)

@@ -20,6 +20,12 @@ training, the whole n x d feature matrix in every product, twice per step. Here 
   reveals nothing, B being uniform). That moves n·k elements where an ordinary triple
   moves batch·(d + k): it is used only where it moves fewer.
 
+A served model's weights are fixed the same way (:func:`fix_weights`, once per
+``secure_predict`` call of two or more batches): W - A is opened once, and each batch's
+product x·W (or x·Wᵀ, through the tag that :func:`transposed` carries to ``W.t()``) takes
+a fresh B with B·A from the dealer as the transposed triple Aᵀ·Bᵀ (A·Bᵀ), so it opens only
+x - B: a weight matrix's elements are opened once per call, not once per batch.
+
 The product keeps CrypTen's fixed point: the ring product at scale s^2 is divided by s as
 ``ArithmeticSharedTensor`` divides any private product. Under the TFP provider (no
 dealer) nothing is fixed and every product takes ordinary triples.
@@ -61,17 +67,19 @@ class FixedMask:
 
 @dataclass(frozen=True)
 class _Fixed:
-    """What a tagged tensor is: rows of a fixed data tensor (``rows`` None: all, in order), whose
-    share was ``share`` at ``version`` when tagged (a later in-place change leaves E stale)."""
+    """What a tagged tensor is: rows of a fixed data tensor (``rows`` None: all, in order), or
+    (``flipped``) its transpose, whose share was ``share`` at ``version`` when tagged (a later
+    in-place change leaves E stale; a transpose shares its base's version counter)."""
 
     mask: FixedMask
     rows: torch.Tensor | None
     share: Any
     version: int
+    flipped: bool = False
 
     @classmethod
-    def of(cls, x: Any, mask: FixedMask, rows: torch.Tensor | None) -> _Fixed:
-        return cls(mask, rows, x._tensor.share, x._tensor.share._version)
+    def of(cls, x: Any, mask: FixedMask, rows: torch.Tensor | None, flipped: bool = False) -> _Fixed:
+        return cls(mask, rows, x._tensor.share, x._tensor.share._version, flipped)
 
 
 def binding(*public: object) -> str:
@@ -93,7 +101,7 @@ def _tag(x: Any) -> _Fixed | None:
     raise MpcflError("a fixed data tensor (mask reuse) changed in place; its opened E = X - A no longer holds")
 
 
-def fix(x: Any, data: str) -> bool:
+def fix(x: Any, data: str, *, quiet: bool = False) -> bool:
     """Opens the n x d data tensor ``x`` masked, once, so that its later products reuse the mask.
 
     Every party calls it at the same point. ``data`` is :func:`binding` of the tensor; the
@@ -110,8 +118,49 @@ def fix(x: Any, data: str) -> bool:
     mask = provider.generate_fixed_mask(data, tuple(x.size()), device=x.device)
     opened = _open_padded(x._tensor.share, mask)
     vars(x)[_TAG] = _Fixed.of(x, FixedMask(data, opened, mask.share), None)
-    log.info("fixed mask for %s (%d x %d): later products open O(n + d) elements", data[:16], *x.size())
+    (log.debug if quiet else log.info)("fixed mask for %s (%d x %d): later products open O(n + d) elements", data[:16], *x.size())
     return True
+
+
+def fix_weights(tensors: dict[str, Any], *, label: str) -> str | None:
+    """Fixes the mask of each shared weight matrix of a served model (2-D, named ``*weight``: the
+    factors of linear layers, attention projections and embedding tables), so that every later
+    product with it opens only the activations.
+
+    Every party calls it at the same point, with the same tensors. The dealer keeps each mask
+    until the session ends, within a cap on their elements in all: a model that would not fit
+    beside the masks kept already is not fixed (its products take ordinary triples).
+
+    Returns:
+        This fixing's identifier (unique in the session: a prefetch key), or None where nothing
+        was fixed (no dealer, no weight matrix, or no room left at the dealer).
+    """
+    crypten = loaded_crypten()
+    provider = crypten.mpc.get_default_provider()
+    weights = {name: t for name, t in tensors.items()
+               if name.endswith("weight") and isinstance(t, crypten.mpc.MPCTensor) and t.dim() == 2}
+    if not weights or not hasattr(provider, "fixed_mask_room"):
+        return None
+    count, room = provider.fixed_mask_room()
+    size = sum(t.nelement() for t in weights.values())
+    if size > room:
+        log.info("served weights take ordinary triples: their %d elements exceed the %d the dealer would still keep "
+                 "as fixed masks", size, room)
+        return None
+    serial = binding(label, count)  # the session's count of masks: no binding repeats in it
+    for name, tensor in weights.items():
+        fix(tensor, binding(serial, name, *tensor.size()), quiet=True)
+    log.info("fixed the masks of %d weight matrices (%d elements): each later batch opens only its activations",
+             len(weights), size)
+    return serial
+
+
+def transposed(x: Any, result: Any) -> Any:
+    """Tags ``result``, ``x.t()`` of a fixed tensor ``x`` (all rows), as its transpose; returns it."""
+    tag = _tag(x)
+    if tag is not None and tag.rows is None:
+        vars(result)[_TAG] = _Fixed.of(result, tag.mask, None, not tag.flipped)
+    return result
 
 
 def _open_padded(share: Any, pad: Any) -> Any:
@@ -131,16 +180,18 @@ def rows(x: Any, index: torch.Tensor) -> Any:
 
 
 def product(x: Any, y: Any, *, transposed: bool) -> Any | None:
-    """``x·y`` (``transposed``: ``xᵀ·y``) by a fixed-mask triple, or None: ``x`` is not fixed,
-    ``y`` is not an encrypted matrix of the same fixed-point scale, or an ordinary triple moves
-    fewer elements; then the caller takes the ordinary product.
+    """``x·y`` (``transposed``: ``xᵀ·y``) by a fixed-mask triple, or None: neither ``x`` nor (for
+    ``x·y``) ``y`` is fixed, the other is not an encrypted tensor of the same fixed-point scale,
+    or an ordinary triple moves fewer elements; then the caller takes the ordinary product.
     """
-    tag = _tag(x)
     crypten = loaded_crypten()
-    if tag is None or not isinstance(y, crypten.mpc.MPCTensor) or y.dim() != 2:
+    tag = _tag(x)
+    if tag is None and not transposed and isinstance(y, crypten.mpc.MPCTensor) and _same_scale(x, y):
+        right = _tag(y)
+        return None if right is None or right.rows is not None else _right_product(x, right)
+    if tag is None or tag.flipped or not isinstance(y, crypten.mpc.MPCTensor) or y.dim() != 2:
         return None
-    scale = x.encoder.scale
-    if scale <= 1 or y.encoder.scale != scale:
+    if not _same_scale(x, y):
         return None
     mask, picked = tag.mask, tag.rows
     n, d = mask.opened.shape
@@ -163,7 +214,44 @@ def product(x: Any, y: Any, *, transposed: bool) -> Any | None:
     c.share += torch.matmul(e, b.share)
     c.share += torch.matmul(a, delta)
     c += torch.matmul(e, delta)
+    return _scaled(x, c)
+
+
+def _same_scale(x: Any, y: Any) -> bool:
+    return x.encoder.scale > 1 and y.encoder.scale == x.encoder.scale
+
+
+def _scaled(x: Any, c: Any) -> Any:
+    """``c``, a ring product at scale s^2, as an MPCTensor at ``x``'s scale s."""
     c.encoder = x.encoder
     result = x.shallow_copy()
-    result._tensor = c.div_(scale)
+    result._tensor = c.div_(x.encoder.scale)
     return result
+
+
+def _right_product(x: Any, tag: _Fixed) -> Any | None:
+    """``x·M`` for a fixed matrix M (W, or Wᵀ where ``tag.flipped``) and any x of shape (..., r).
+
+    The dealer multiplies its kept A on the left only: B·A comes as (Aᵀ·Bᵀ)ᵀ and B·Aᵀ as
+    (A·Bᵀ)ᵀ, for a fresh Bᵀ of r x n. The rows of x (its leading dimensions flattened) are
+    opened padded by B, as in any Beaver product; M's E = W - A was opened once, by :func:`fix`.
+    """
+    mask = tag.mask
+    e, a = mask.opened, mask.share
+    if tag.flipped:
+        e, a = e.t(), a.t()
+    r, k = e.shape
+    if x.dim() < 2 or x.size(-1) != r:
+        return None  # crypten's own product names the mismatch
+    lead = tuple(x.size())[:-1]
+    first = x._tensor.share.reshape(-1, r)
+    b, c = loaded_crypten().mpc.get_default_provider().generate_fixed_triple(
+        mask.binding, tuple(mask.opened.shape), (r, first.size(0)), not tag.flipped, device=x.device
+    )
+    b = type(b).from_shares(b.share.t(), precision=0)
+    delta = _open_padded(first, b)
+    # z = c + b·e + delta·a + delta·e: the Beaver sum, with M - A = e opened once.
+    c = type(c).from_shares(c.share.t() + torch.matmul(b.share, e) + torch.matmul(delta, a), precision=0)
+    c += torch.matmul(delta, e)
+    c.share = c.share.reshape(*lead, k)
+    return _scaled(x, c)

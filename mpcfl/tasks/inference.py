@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from mpcfl.mpc import fixed_mask
 from mpcfl.mpc.engine import import_crypten
 from mpcfl.jobs.session import session_of
 from mpcfl.jobs.schema import InferenceJob
@@ -177,6 +178,7 @@ def secure_predict(
     batch_size: int = 64,
     prefetch: bool = True,
     approximations: Approximations = "exact",
+    mask_reuse: bool = True,
 ) -> torch.Tensor | None:
     """Runs ``model`` on ``inputs`` under MPC, inside a joined session.
 
@@ -198,6 +200,10 @@ def secure_predict(
         approximations: the transformer operators, ``exact`` or ``mpc_friendly`` (quadratic GELU,
             2Quad softmax: see :mod:`mpcfl.models.transformer`); part of the fingerprint, so the
             parties agree on it.
+        mask_reuse: under the TTP dealer, with two or more batches (a job's ``runtime.mask_reuse``):
+            open each weight matrix masked once for the whole call (:func:`mpcfl.mpc.fixed_mask.fix_weights`),
+            so that every batch opens only its activations, not the weights again. Every party must pass
+            the same value.
 
     Returns:
         The model's outputs on the data owner; ``None`` on every other party.
@@ -242,11 +248,14 @@ def secure_predict(
     secure = encrypt_model(gm, src=owner_rank, device=device)
     outputs = []
     starts = range(0, shape[0], batch_size)
+    # Before the first batch: a mask is registered alone, never inside a prefetched batch.
+    fixed = fixed_mask.fix_weights(secure.tensors, label="served weights") if mask_reuse and len(starts) > 1 else None
     with crypten.no_grad(), approximated(approximations):
         for start in tqdm(starts, desc="secure inference", unit="batch", disable=me.rank != data_rank or len(starts) < 2):
             rows = min(batch_size, shape[0] - start)
             local = inputs[start : start + rows] if me.rank == data_rank else torch.zeros(rows, *shape[1:])
-            with prefetching(("secure_predict", *fingerprints, rows, *shape[1:]), enabled=prefetch):
+            # The fixed masks' binding is in the key: another call's recording names other masks.
+            with prefetching(("secure_predict", *fingerprints, rows, *shape[1:], fixed), enabled=prefetch):
                 outputs.append(secure(crypten.cryptensor(local, src=data_rank, device=device)))
     joined = crypten.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
     return reveal(joined, to=[data_rank], what="predictions")  # on the host, whatever the device
@@ -327,7 +336,7 @@ def run_inference_party(
             with run.disclosure(None) as disclosure:
                 predictions = secure_predict(
                     model, inputs, model_owner=job.model.owner, data_owner=job.inputs.owner, batch_size=job.batch_size,
-                    prefetch=job.runtime.prefetch, approximations=job.model.approximations,
+                    prefetch=job.runtime.prefetch, approximations=job.model.approximations, mask_reuse=job.runtime.mask_reuse,
                 )
             totals = communication_stats()
         out = job.party_dir(party)

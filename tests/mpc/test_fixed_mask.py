@@ -147,6 +147,43 @@ def test_products_with_a_fixed_tensor_match_plaintext_on_all_rows_and_on_batches
         data.matmul(crypten.cryptensor(w).t())
 
 
+def test_products_with_fixed_weights_match_plaintext_for_w_and_its_transpose(crypten_single: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpcfl.mpc import fixed_mask
+    from mpcfl.mpc.engine import import_crypten
+
+    crypten = import_crypten()
+    dealer = _OnePartyDealer(crypten)
+    monkeypatch.setattr(crypten.mpc, "get_default_provider", lambda: dealer)
+    monkeypatch.setattr(_OnePartyDealer, "fixed_mask_room", lambda self: (len(self.masks), 1 << 20), raising=False)
+    torch.manual_seed(0)
+    w, table, bias = torch.randn(5, 7), torch.randn(11, 5), torch.randn(5)
+    tensors = {name: crypten.cryptensor(t) for name, t in (("fc.weight", w), ("emb.weight", table), ("fc.bias", bias))}
+    served = fixed_mask.fix_weights(tensors, label="served weights")
+    assert served is not None and sorted(dealer.masks) != [] and len(dealer.masks) == 2  # the bias is no matrix
+    assert fixed_mask.fix_weights(tensors, label="served weights") != served  # a second call: other bindings
+    for activations in (torch.randn(4, 7), torch.randn(2, 3, 7)):  # a linear layer: x·Wᵀ, leading dims flattened
+        dealer.triples = 0
+        out = crypten.cryptensor(activations).matmul(tensors["fc.weight"].t())
+        assert dealer.triples == 1
+        assert torch.allclose(out.get_plain_text(), activations @ w.t(), atol=1e-3)
+    one_hot = torch.nn.functional.one_hot(torch.tensor([[3, 0, 10], [7, 7, 1]]), 11).float()  # an embedding: x·W
+    dealer.triples = 0
+    looked_up = crypten.cryptensor(one_hot).matmul(tensors["emb.weight"])
+    assert dealer.triples == 1 and torch.allclose(looked_up.get_plain_text(), one_hot @ table, atol=1e-3)
+    # On the left, the weight takes the data's fixed product; a slice of it (attention's split) ordinary triples.
+    ones = crypten.cryptensor(torch.ones(7, 2))
+    for factor, plain, triples in ((tensors["fc.weight"], w, 1), (tensors["fc.weight"][:2], w[:2], 0)):
+        dealer.triples = 0
+        expected = plain @ torch.ones(7, 2)
+        assert torch.allclose(factor.matmul(ones).get_plain_text(), expected, atol=1e-3)
+        assert torch.allclose(ones.t().matmul(factor.t()).get_plain_text(), expected.t(), atol=1e-3)
+        assert dealer.triples == 2 * triples
+    # Changed in place after its mask was opened: refused, the transpose too.
+    tensors["fc.weight"].add_(1.0)
+    with pytest.raises(MpcflError, match="changed in place"):
+        crypten.cryptensor(torch.randn(4, 7)).matmul(tensors["fc.weight"].t())
+
+
 def _encoded(values: np.ndarray) -> np.ndarray:
     """Ring units of values, with their neighbours (fixed-point rounding), the telling ones only."""
     ring = np.round(values.reshape(-1) * 2**16).astype(np.int64)

@@ -121,7 +121,9 @@ def test_inference_on_cuda_matches_plaintext(tmp_path: Path) -> None:
     spec["outputs"]["dir"] = str(tmp_path / "out")
     spec["runtime"]["device"] = "cuda"
     path = write_job(tmp_path, spec)
-    run_on_cuda(path)
+    done = run_on_cuda(path)
+    # Four batches: the weights' fixed masks (runtime.mask_reuse) serve every product on the GPU.
+    assert "[clinic] INFO mpcfl.mpc.fixed_mask: fixed the masks of 2 weight matrices" in done.stdout, done.stdout[-3000:]
     model = digits_mlp()
     model.load_state_dict(torch.load(INFERENCE_DATA / "bank_weights.pt", weights_only=True))
     inputs = np.load(INFERENCE_DATA / "clinic_inputs.npy")

@@ -69,18 +69,27 @@ def _served(done: Any) -> int:
     return int(found.group(1))
 
 
-def test_prefetch_fetches_each_repeated_batch_in_one_dealer_request(tmp_path: Path) -> None:
+def test_prefetch_fetches_each_repeated_batch_in_one_dealer_request_and_weights_are_opened_once(tmp_path: Path) -> None:
     # 197 rows in batches of 64: shapes 64, 64, 64, 5. Each shape's first batch is recorded (r single
     # requests: the same architecture, so the same r for both shapes), each later one is one request.
+    # With mask reuse, each weight matrix's mask is registered first, in one request of its own.
     runs = {}
-    for prefetch in (True, False):
-        path = job(tmp_path / str(prefetch), runtime__prefetch=prefetch)
+    for prefetch, reuse in ((True, True), (False, False)):
+        path = job(tmp_path / str(prefetch), runtime__prefetch=prefetch, runtime__mask_reuse=reuse)
         done = mpcfl("run", str(path), timeout=180)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        runs[prefetch] = (_served(done), np.load(tmp_path / str(prefetch) / "out" / "clinic" / "latest" / "predictions.npy"))
+        metrics = json.loads((tmp_path / str(prefetch) / "out" / "bank" / "latest" / "metrics.json").read_text())
+        runs[prefetch] = (_served(done), np.load(tmp_path / str(prefetch) / "out" / "clinic" / "latest" / "predictions.npy"),
+                          done.stdout.count("[dealer] INFO mpcfl.mpc.providers.ttp.requests: dealer: keeps a fixed mask"),
+                          metrics["communication"]["bytes"])
     per_batch = runs[False][0] // 4
-    assert runs[False][0] == 4 * per_batch and per_batch > 2
-    assert runs[True][0] == 2 * per_batch + 2
+    assert runs[False][0] == 4 * per_batch and per_batch > 2 and runs[False][2] == 0
+    masks = len([m for m in digits_mlp().modules() if isinstance(m, torch.nn.Linear)])
+    assert runs[True][2] == masks
+    assert runs[True][0] == masks + 2 * per_batch + 2
+    # The weights go out once, not once per batch: a weight element opened costs each party 8 bytes sent.
+    weights = sum(m.weight.numel() for m in digits_mlp().modules() if isinstance(m, torch.nn.Linear))
+    assert runs[False][3] - runs[True][3] >= 3 * weights * 8, (runs[False][3], runs[True][3], weights)
     assert np.abs(runs[True][1] - runs[False][1]).max() < 1e-2
 
 

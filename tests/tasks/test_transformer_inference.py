@@ -3,6 +3,8 @@ each party's buffers hold (the recorder of tests/spy, as in tests/mpc/test_confi
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +75,11 @@ def test_the_vit_job_shows_the_bank_no_pixel_or_prediction_and_the_clinic_no_wei
     spec["model"]["weights"] = str(VIT_WEIGHTS)
     spec["inputs"]["file"] = str(tmp_path / "images.npy")
     spec["outputs"]["dir"] = str(tmp_path / "out")
+    spec["batch_size"] = 2  # two batches: the weights' masks are fixed (runtime.mask_reuse), E = W - A opened once
     job = write_job(tmp_path, spec)
     done = mpcfl("run", str(job), timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert re.search(r"\[clinic\] INFO mpcfl.mpc.fixed_mask: fixed the masks of \d+ weight matrices", done.stdout), done.stdout[-3000:]
     views = spy_views(spied)  # rank 0: bank (model owner), 1: clinic (data owner), 2: the dealer
     predictions = np.load(tmp_path / "out" / "clinic" / "latest" / "predictions.npy")
     opened = views["1"]["opened_protocol"]
@@ -89,7 +93,8 @@ def test_the_vit_job_shows_the_bank_no_pixel_or_prediction_and_the_clinic_no_wei
         assert int(np.isin(seen, opened).sum()) == 0, f"rank {rank} holds values opened to the clinic"
         received = views[rank].get("received_protocol", np.zeros(0, dtype=np.int64))
         assert int(received.sum()) == 0, f"rank {rank} received data during an opening"
-    assert int(np.isin(views["1"]["seen_protocol"], _ring(weights)).sum()) == 0, "the clinic holds the bank's weights"
+    for rank, who in (("1", "the clinic"), ("2", "the dealer")):  # the dealer knows A: E = W - A would be W to it
+        assert int(np.isin(views[rank]["seen_protocol"], _ring(weights)).sum()) == 0, f"{who} holds the bank's weights"
     assert_no_leftovers(str(job))
 
 

@@ -281,7 +281,8 @@ class RuntimeSpec(_Strict):
     mask_reuse: bool = Field(
         default=True,
         description="ttp: open the training features masked once and give every later product with them a "
-        "triple whose first factor is that mask (SecureML), so a step opens O(n + d) elements, not O(n·d)",
+        "triple whose first factor is that mask (SecureML), so a step opens O(n + d) elements, not O(n·d); "
+        "inference of two or more batches: open each weight matrix masked once, so a batch opens only its activations",
     )
     truncation: Literal["auto", "dealer", "local"] = Field(
         default="auto",

@@ -22,6 +22,7 @@ from mpcfl.mpc.providers import DEALER
 from mpcfl.mpc.providers.ttp.requests import (
     MAX_BATCH_ELEMENTS,
     MAX_BATCH_ITEMS,
+    MAX_MASK_ELEMENTS,
     NAME_BYTES,
     NOTICE_S,
     PARTY_METHODS,
@@ -75,7 +76,22 @@ def generate_fixed_mask(self: Any, binding: str, size: Sequence[int], device: An
     a = upstream.generate_random_ring_element(size, generator=client.get_generator(device=device), device=device)
     if upstream.comm.get().get_rank() == 0:
         client.ttp_request("fixed_mask", device, binding, size)  # its answer is a placeholder
+    kept = vars(client).setdefault(_KEPT, [0, 0])
+    kept[0], kept[1] = kept[0] + 1, kept[1] + a.numel()
     return upstream.ArithmeticSharedTensor.from_shares(a, precision=0)
+
+
+# The masks the dealer keeps in this session, as the parties count them (on the session's
+# client, which a new session replaces): [count, elements].
+_KEPT = "_mpcfl_fixed_masks_kept"
+
+
+def fixed_mask_room(self: Any) -> tuple[int, int]:
+    """How many fixed masks the dealer keeps for this session, and how many more elements it would keep."""
+    from crypten.mpc.provider import ttp_provider as upstream
+
+    count, elements = vars(upstream.TTPClient.get()).get(_KEPT, (0, 0))
+    return count, MAX_MASK_ELEMENTS - elements
 
 
 def generate_fixed_triple(self: Any, binding: str, size: Sequence[int], size1: Sequence[int], transposed: bool, device: Any = None) -> tuple[Any, Any]:
@@ -124,7 +140,7 @@ def generate_truncation(self: Any, size: Sequence[int], divisor: int, device: An
 #: What mpcfl.mpc.compat adds to CrypTen's TrustedThirdParty, by method name.
 PARTY_EXTENSIONS = {
     "generate_fixed_mask": generate_fixed_mask, "generate_fixed_triple": generate_fixed_triple, "generate_noise": generate_noise,
-    "generate_truncation": generate_truncation,
+    "generate_truncation": generate_truncation, "fixed_mask_room": fixed_mask_room,
 }
 
 
