@@ -1,7 +1,7 @@
 """BERT- and GPT-2-shaped transformers under MPC: mpcfl (exact, MPC-friendly) against raw CrypTen, same run.
 
     python benchmarks/transformer_shapes.py [--sizes tiny mini base] [--lengths 32 128] [--repeats 3]
-        [--ways exact mpc_friendly raw] [--device cuda] [--sweep] [--gpt] [--json OUT] [--plots DIR]
+        [--ways exact mpc_friendly raw] [--device cuda] [--sweep] [--gpt] [--serve K] [--json OUT] [--plots DIR]
     python benchmarks/transformer_shapes.py --from RUN/*-*.json [--plots DIR]   # report finished points again
 
 Two parties (``owner`` holds the weights, ``client`` the token ids) plus the TTP dealer on this
@@ -19,7 +19,9 @@ the weights, share the one-hot ids, run, reveal the logits to the client), the m
 
 Each way's peak RSS per party (VmHWM, reset before each of its runs) and its largest logit
 difference from the plaintext model (the client rebuilds it from the seed, for scoring here only).
-``--sweep`` adds the time-against-length (16-128, tiny) and -width (64-256, 2 layers, seq 32)
+``--serve K`` adds, per mpcfl way, one call of K batches (the same ids K times), with the weights'
+masks fixed once for the call (``mask_reuse``, the default) and without: the table gives its figures
+per batch, the first batch's fixing included. ``--sweep`` adds the time-against-length (16-128, tiny) and -width (64-256, 2 layers, seq 32)
 points; ``--gpt`` the decoder: seconds per generated token (``--prompt`` tokens, ``--generate``
 steps; each step a secure forward of the whole prefix, the last position's logits revealed to the
 client, which takes the argmax in plaintext). ``--plots DIR`` draws the sweeps.
@@ -212,10 +214,19 @@ def bert_point(args: argparse.Namespace, me: Any) -> dict[str, Any] | None:
     shape = (args.batch, args.length)
     owner_rank, client_rank = me.session.rank_of("owner"), me.session.rank_of("client")
     runs: dict[str, Callable[[], Any]] = {}
+    batches: dict[str, int] = {}
     for mode in ("exact", "mpc_friendly"):
-        if mode in args.ways:
-            runs[mode] = (lambda mode=mode: mpcfl.secure_predict(model, ids, model_owner="owner", data_owner="client",
-                                                                   batch_size=args.batch, approximations=mode))
+        if mode not in args.ways:
+            continue
+        runs[mode] = (lambda mode=mode: mpcfl.secure_predict(model, ids, model_owner="owner", data_owner="client",
+                                                               batch_size=args.batch, approximations=mode))
+        for reuse in (True, False) if args.serve > 1 else ():
+            name = f"{mode}, {args.serve} batches per call" + ("" if reuse else ", no mask reuse")
+            served = None if ids is None else ids.repeat(args.serve, 1)
+            runs[name] = (lambda mode=mode, reuse=reuse, served=served: mpcfl.secure_predict(
+                model, served, model_owner="owner", data_owner="client", batch_size=args.batch, approximations=mode,
+                mask_reuse=reuse))
+            batches[name] = args.serve
     if "raw" in args.ways:
         runs["raw CrypTen (by hand)"] = lambda: raw_batch(model, ids, shape, owner_rank, client_rank)
     onnx_error = None
@@ -244,9 +255,10 @@ def bert_point(args: argparse.Namespace, me: Any) -> dict[str, Any] | None:
     result: dict[str, Any] = {"size": args.size, "layers": layers, "width": width, "length": args.length,
                               "batch": args.batch, "vocab": args.vocab, "onnx_error": onnx_error, "ways": {}}
     for name, row in timed.items():
-        reference = plain["mpc_friendly" if name == "mpc_friendly" else "exact"]
-        result["ways"][name] = {**row, "peak_rss_mb": rss[name],
-                                "max_logit_diff": float((outputs[name] - reference).abs().max())}
+        reference = plain["mpc_friendly" if name.startswith("mpc_friendly") else "exact"]
+        count = batches.get(name, 1)  # a served call's figures are its whole call's: K batches
+        result["ways"][name] = {**row, "batches": count, "peak_rss_mb": rss[name],
+                                "max_logit_diff": float((outputs[name].reshape(count, *reference.shape) - reference).abs().max())}
     return result
 
 
@@ -328,9 +340,10 @@ def table(points: list[dict[str, Any]]) -> str:
         shape = f"{p['size']} ({p['layers']} x {p['width']})"
         raw = p["ways"].get("raw CrypTen (by hand)")
         for name, row in p["ways"].items():
-            ratio = f"{raw['seconds'] / row['seconds']:.2f}" if raw and row is not raw else "-"
-            lines.append(f"| {shape} | {p['length']} | {name} | {row['seconds']:.2f} | {row['bytes'] / 1e6:.0f} | "
-                         f"{row['rounds']:.0f} | {' / '.join(f'{m:.0f}' for m in row['peak_rss_mb'])} | "
+            k = row.get("batches", 1)  # per inference: a served call's figures over its batches
+            ratio = f"{raw['seconds'] / (row['seconds'] / k):.2f}" if raw and row is not raw else "-"
+            lines.append(f"| {shape} | {p['length']} | {name} | {row['seconds'] / k:.2f} | {row['bytes'] / k / 1e6:.0f} | "
+                         f"{row['rounds'] / k:.0f} | {' / '.join(f'{m:.0f}' for m in row['peak_rss_mb'])} | "
                          f"{row['max_logit_diff']:.3g} | {ratio} |")
         if p["onnx_error"]:
             lines.append(f"| {shape} | {p['length']} | raw CrypTen (from_pytorch) | fails: `{p['onnx_error']}` |||||||")
@@ -391,6 +404,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lengths", nargs="*", type=int, default=[32, 128])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="sequences per inference")
+    parser.add_argument("--serve", type=int, default=0, metavar="K",
+                        help="also each mpcfl way as one call of K batches, with and without mask reuse (figures per batch)")
     parser.add_argument("--vocab", type=int, default=VOCAB)
     parser.add_argument("--sweep", action="store_true", help="also time against length (tiny) and width")
     parser.add_argument("--gpt", action="store_true", help="also the GPT-2-shaped decoder")
@@ -430,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = Path(tempfile.mkdtemp(prefix="transformer-shapes-"))
     print(f"point files in {work}", flush=True)
-    extra = ["--ways", *args.ways] + (["--no-warm-up"] if args.no_warm_up else [])
+    extra = ["--ways", *args.ways, "--serve", str(args.serve)] + (["--no-warm-up"] if args.no_warm_up else [])
     points = []
     for size, length in plan(args):
         started = time.perf_counter()

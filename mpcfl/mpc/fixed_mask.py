@@ -128,12 +128,13 @@ def fix_weights(tensors: dict[str, Any], *, label: str) -> str | None:
     product with it opens only the activations.
 
     Every party calls it at the same point, with the same tensors. The dealer keeps each mask
-    until the session ends, within a cap on their elements in all: a model that would not fit
+    until :func:`release_weights` or the session's end, within a cap on their elements in all: a model that would not fit
     beside the masks kept already is not fixed (its products take ordinary triples).
 
     Returns:
-        This fixing's identifier (unique in the session: a prefetch key), or None where nothing
-        was fixed (no dealer, no weight matrix, or no room left at the dealer).
+        This fixing's identifier (the count of masks kept before it: a prefetch key, the same for
+        each call after :func:`release_weights`), or None where nothing was fixed (no dealer, no
+        weight matrix, or no room left at the dealer).
     """
     crypten = loaded_crypten()
     provider = crypten.mpc.get_default_provider()
@@ -147,12 +148,23 @@ def fix_weights(tensors: dict[str, Any], *, label: str) -> str | None:
         log.info("served weights take ordinary triples: their %d elements exceed the %d the dealer would still keep "
                  "as fixed masks", size, room)
         return None
-    serial = binding(label, count)  # the session's count of masks: no binding repeats in it
+    serial = binding(label, count)  # no binding repeats among the masks kept
     for name, tensor in weights.items():
         fix(tensor, binding(serial, name, *tensor.size()), quiet=True)
     log.info("fixed the masks of %d weight matrices (%d elements): each later batch opens only its activations",
              len(weights), size)
     return serial
+
+
+def release_weights(tensors: dict[str, Any]) -> None:
+    """Has the dealer forget the masks :func:`fix_weights` fixed for ``tensors`` (their products
+    then take ordinary triples), so that the next call fixes under the same bindings: its
+    prefetch recordings match this call's, and the dealer's room for masks is back."""
+    provider = loaded_crypten().mpc.get_default_provider()
+    for tensor in tensors.values():
+        tag = vars(tensor).pop(_TAG, None) if hasattr(tensor, "__dict__") else None
+        if tag is not None:
+            provider.release_fixed_mask(tag.mask.binding, device=tensor.device)
 
 
 def transposed(x: Any, result: Any) -> Any:

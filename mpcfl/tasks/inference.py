@@ -254,9 +254,11 @@ def secure_predict(
         for start in tqdm(starts, desc="secure inference", unit="batch", disable=me.rank != data_rank or len(starts) < 2):
             rows = min(batch_size, shape[0] - start)
             local = inputs[start : start + rows] if me.rank == data_rank else torch.zeros(rows, *shape[1:])
-            # The fixed masks' binding is in the key: another call's recording names other masks.
+            # The fixed masks' binding is in the key: a recording names the masks it was made with.
             with prefetching(("secure_predict", *fingerprints, rows, *shape[1:], fixed), enabled=prefetch):
                 outputs.append(secure(crypten.cryptensor(local, src=data_rank, device=device)))
+    if fixed is not None:
+        fixed_mask.release_weights(secure.tensors)
     joined = crypten.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
     return reveal(joined, to=[data_rank], what="predictions")  # on the host, whatever the device
 

@@ -49,6 +49,17 @@ def test_a_fixed_mask_triple_multiplies_the_kept_mask(transposed: bool) -> None:
         assert c0.shape == answer_size("fixed_triple", (BINDING, (5, 3), size1, transposed), {})
 
 
+def test_a_released_mask_is_forgotten_and_its_binding_takes_a_fresh_one() -> None:
+    dealer, streams = _dealer()
+    _serve(dealer, _request("fixed_mask", BINDING, (5, 3)))
+    first = sum(g.ring((5, 3)) for g in streams)
+    assert _serve(dealer, _request("fixed_release", BINDING)).tolist() == [0] and dealer.masks == {}
+    _serve(dealer, _request("fixed_mask", BINDING, (5, 3)))  # the parties draw a new A from their streams
+    again = sum(g.ring((5, 3)) for g in streams)
+    assert torch.equal(dealer.masks[BINDING], again) and not torch.equal(again, first)
+    assert answer_size("fixed_release", (BINDING,), {}) == torch.Size([1])
+
+
 @pytest.mark.parametrize(
     ("messages", "reason"),
     [
@@ -61,7 +72,13 @@ def test_a_fixed_mask_triple_multiplies_the_kept_mask(transposed: bool) -> None:
         ([_request("fixed_mask", "data", (5, 3))], "malformed arguments"),
         ([_request("fixed_mask", BINDING, (5,))], "a mask is a matrix"),
         ([_request("fixed_mask", BINDING, (1 << 20, 1 << 9))], "elements"),
-        ([{"function": "batch", "device": None, "args": ((_request("fixed_mask", BINDING, (5, 3)),),), "kwargs": {}}], "registered alone"),
+        ([{"function": "batch", "device": None, "args": ((_request("fixed_mask", BINDING, (5, 3)),),), "kwargs": {}}], "registered and released alone"),
+        ([_request("fixed_release", BINDING)], "'fixed_release' for data abababababababab that has no mask"),
+        ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_release", BINDING), _request("fixed_release", BINDING)], "that has no mask"),
+        ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_release", BINDING), _request("fixed_triple", BINDING, (5, 3), (3, 1), False)], "that has no mask"),
+        ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_release", BINDING, (5, 3))], "malformed arguments"),
+        ([_request("fixed_mask", BINDING, (5, 3)),
+          {"function": "batch", "device": None, "args": ((_request("fixed_release", BINDING),),), "kwargs": {}}], "registered and released alone"),
     ],
 )
 def test_the_dealer_keeps_each_mask_to_its_one_data_tensor(messages: list[dict], reason: str, caplog: pytest.LogCaptureFixture) -> None:

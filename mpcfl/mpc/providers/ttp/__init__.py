@@ -53,7 +53,9 @@ fresh B: the parties draw B (and parties 1..n-1 their share of the product) and 
 gets its share of the product, as for ``additive``. The dealer registers an identifier
 once (a second mask for the same data is refused, and a registration never goes in a
 batch), and serves triples only for a registered identifier and the size it was
-registered with. It sees neither the data nor any share of it, and never the opened
+registered with. A ``fixed_release`` (alone, never in a batch) makes it forget a registered
+mask: a served model's masks last one ``secure_predict`` call, whose next call registers fresh
+ones under the same identifiers. It sees neither the data nor any share of it, and never the opened
 difference X - A: it knows A, so that would be X.
 
 Truncation pairs (:mod:`mpcfl.mpc.truncation`, the job's ``runtime.truncation``): a

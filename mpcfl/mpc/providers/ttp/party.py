@@ -76,13 +76,23 @@ def generate_fixed_mask(self: Any, binding: str, size: Sequence[int], device: An
     a = upstream.generate_random_ring_element(size, generator=client.get_generator(device=device), device=device)
     if upstream.comm.get().get_rank() == 0:
         client.ttp_request("fixed_mask", device, binding, size)  # its answer is a placeholder
-    kept = vars(client).setdefault(_KEPT, [0, 0])
-    kept[0], kept[1] = kept[0] + 1, kept[1] + a.numel()
+    vars(client).setdefault(_KEPT, {})[binding] = a.numel()
     return upstream.ArithmeticSharedTensor.from_shares(a, precision=0)
 
 
+def release_fixed_mask(self: Any, binding: str, device: Any = None) -> None:
+    """Has the dealer forget the fixed mask of ``binding``, so that its room and its binding serve
+    again (request ``fixed_release``)."""
+    from crypten.mpc.provider import ttp_provider as upstream
+
+    client = upstream.TTPClient.get()
+    if upstream.comm.get().get_rank() == 0:
+        client.ttp_request("fixed_release", device, binding)  # its answer is a placeholder
+    del vars(client)[_KEPT][binding]
+
+
 # The masks the dealer keeps in this session, as the parties count them (on the session's
-# client, which a new session replaces): [count, elements].
+# client, which a new session replaces): elements by binding.
 _KEPT = "_mpcfl_fixed_masks_kept"
 
 
@@ -90,8 +100,8 @@ def fixed_mask_room(self: Any) -> tuple[int, int]:
     """How many fixed masks the dealer keeps for this session, and how many more elements it would keep."""
     from crypten.mpc.provider import ttp_provider as upstream
 
-    count, elements = vars(upstream.TTPClient.get()).get(_KEPT, (0, 0))
-    return count, MAX_MASK_ELEMENTS - elements
+    kept = vars(upstream.TTPClient.get()).get(_KEPT, {})
+    return len(kept), MAX_MASK_ELEMENTS - sum(kept.values())
 
 
 def generate_fixed_triple(self: Any, binding: str, size: Sequence[int], size1: Sequence[int], transposed: bool, device: Any = None) -> tuple[Any, Any]:
@@ -141,6 +151,7 @@ def generate_truncation(self: Any, size: Sequence[int], divisor: int, device: An
 PARTY_EXTENSIONS = {
     "generate_fixed_mask": generate_fixed_mask, "generate_fixed_triple": generate_fixed_triple, "generate_noise": generate_noise,
     "generate_truncation": generate_truncation, "fixed_mask_room": fixed_mask_room,
+    "release_fixed_mask": release_fixed_mask,
 }
 
 

@@ -52,6 +52,7 @@ PARTY_METHODS = {
     "B2A": "B2A_rng",
     "fixed_mask": "generate_fixed_mask",
     "fixed_triple": "generate_fixed_triple",
+    "fixed_release": "release_fixed_mask",
     "noise": "generate_noise",
     "truncation": "generate_truncation",
 }
@@ -168,7 +169,7 @@ def answer_size(function: str, args: Sequence[Any], kwargs: dict[str, Any]) -> t
     dealer and in party 0 on the first request of a job. Raises ValueError for operands the
     product refuses.
     """
-    if function == "fixed_mask":
+    if function in ("fixed_mask", "fixed_release"):
         return torch.Size([1])
     if function == "truncation":  # party 0's shares of floor(r / d) and of r's top bit
         return torch.Size([2, *args[0]])
@@ -195,7 +196,7 @@ def _operands(function: str, args: Sequence[Any]) -> Sequence[Any]:
         return args[1:2]
     if function == "fixed_triple":  # (binding, size of A, size of B, transposed): A is drawn already
         return args[2:3]
-    if function == "noise":  # (size, variance): the answer alone
+    if function in ("noise", "fixed_release"):  # (size, variance): the answer alone; (binding,): nothing drawn
         return ()
     if function == "truncation":  # (size, divisor): r besides the answer
         return args[:1]
@@ -231,6 +232,7 @@ class Requests:
             "batch": self.batch,
             "fixed_mask": self.fixed_mask,
             "fixed_triple": self.fixed_triple,
+            "fixed_release": self.fixed_release,
             "noise": self.noise,
             "truncation": self.truncation,
         }
@@ -255,7 +257,7 @@ class Requests:
         self._check_device(name, device)
         if name == "batch":
             return self._check_batch(device, args, kwargs)
-        if name in ("fixed_mask", "fixed_triple"):
+        if name in ("fixed_mask", "fixed_triple", "fixed_release"):
             return self._check_fixed(name, args, kwargs, within)
         if name == "noise":
             if len(args) != 2 or kwargs or type(args[1]) is not float or not 0 < args[1] <= MAX_VARIANCE:
@@ -308,15 +310,20 @@ class Requests:
         return self.batch, (tuple(checked),), {}
 
     def _check_fixed(self, name: str, args: tuple, kwargs: dict, within: str | None) -> tuple[Callable[..., torch.Tensor], tuple, dict]:
-        """A fixed mask's registration, or a triple whose first factor is a registered mask.
+        """A fixed mask's registration or release, or a triple whose first factor is a registered mask.
 
-        Each mask belongs to one data tensor (its binding) and is registered once; a
-        registration never goes in a batch, whose items are all checked before any is served.
+        Each mask belongs to one data tensor (its binding) and is registered once until released;
+        neither a registration nor a release goes in a batch, whose items are all checked before
+        any is served.
         """
-        if name == "fixed_mask" and within is not None:
-            raise self._refuse(f"request 'fixed_mask'{within} (a mask is registered alone)")
-        if kwargs or len(args) != (2 if name == "fixed_mask" else 4) or not _is_binding(args[0]):
+        if name != "fixed_triple" and within is not None:
+            raise self._refuse(f"request {name!r}{within} (a mask is registered and released alone)")
+        if kwargs or len(args) != {"fixed_mask": 2, "fixed_triple": 4, "fixed_release": 1}[name] or not _is_binding(args[0]):
             raise self._refuse(f"request {name!r} with malformed arguments")
+        if name == "fixed_release":
+            if args[0] not in self.masks:
+                raise self._refuse(f"request 'fixed_release' for data {args[0][:16]} that has no mask")
+            return self.requests[name], args, kwargs
         binding, size = args[0], args[1]
         self._size(name, size)
         if len(size) != 2:
@@ -413,6 +420,12 @@ class Requests:
         """Draws and keeps the mask A of one data tensor, as the parties draw their shares of it; answers nothing of it."""
         self.masks[binding] = self._sum(size, self.generators)
         log.info("dealer: keeps a fixed mask of %s for data %s until the session ends", "x".join(map(str, size)), binding[:16])
+        return torch.zeros(1, dtype=torch.long)
+
+    def fixed_release(self, binding: str) -> torch.Tensor:
+        """Forgets the mask of one data tensor (the parties are done with it); answers a placeholder."""
+        del self.masks[binding]
+        log.debug("dealer: released the fixed mask for data %s", binding[:16])
         return torch.zeros(1, dtype=torch.long)
 
     def fixed_triple(self, binding: str, size: Sequence[int], size1: Sequence[int], transposed: bool) -> torch.Tensor:
