@@ -52,6 +52,7 @@ _API = {
     "join": "mpcfl.launch.env",
     "Session": "mpcfl.mpc.session",
     "secure_predict": "mpcfl.tasks.inference",
+    "serve": "mpcfl.tasks.inference",
     "secure_predict_local": "mpcfl.launch.fork",
     "load_job": "mpcfl.jobs.schema",
     "MpcflError": "mpcfl.errors",

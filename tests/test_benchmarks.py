@@ -134,17 +134,25 @@ def _transformer_shapes() -> Any:
 
 
 def test_transformer_shapes_runs_every_way_and_the_decoder_on_a_tiny_model(tmp_path: Path) -> None:
-    """One BERT-shaped point (1 layer, width 32, 6 tokens) and 2 decoder steps, in real processes under TTP."""
+    """One BERT-shaped point (1 layer, width 32, 6 tokens), served too, and 2 decoder steps, in real processes under TTP."""
     out = tmp_path / "tf.json"
     command = [sys.executable, str(REPO / "benchmarks" / "transformer_shapes.py"), "--sizes", "1x32", "--lengths", "6",
-               "--vocab", "40", "--repeats", "1", "--no-warm-up", "--gpt", "--gpt-shape", "1", "32", "--gpt-vocab", "40",
-               "--prompt", "3", "--generate", "2", "--json", str(out)]
+               "--vocab", "40", "--repeats", "2", "--no-warm-up", "--serve", "2", "--gpt", "--gpt-shape", "1", "32",
+               "--gpt-vocab", "40", "--prompt", "3", "--generate", "2", "--json", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads(out.read_text())
     [point] = results["points"]
     assert (point["layers"], point["width"], point["length"]) == (1, 32, 6)
-    assert set(point["ways"]) == {"exact", "mpc_friendly", "raw CrypTen (by hand)"}
+    served = {f"{mode}{way}" for mode in ("exact", "mpc_friendly")
+              for way in (", 2 batches per call", ", 2 batches per call, no mask reuse", ", served (weights fixed once)")}
+    assert set(point["ways"]) == {"exact", "mpc_friendly", "raw CrypTen (by hand)", *served}
+    for mode in ("exact", "mpc_friendly"):
+        ways = point["ways"]
+        assert ways[f"{mode}, 2 batches per call"]["batches"] == 2 and ways[mode]["batches"] == 1
+        # Weights opened once per call (or, served, once: the median of 2 calls, the first fixing them).
+        assert ways[f"{mode}, 2 batches per call"]["bytes"] < ways[f"{mode}, 2 batches per call, no mask reuse"]["bytes"]
+        assert ways[f"{mode}, served (weights fixed once)"]["bytes"] < ways[mode]["bytes"]
     assert point["onnx_error"] and "Identity" in point["onnx_error"]  # CrypTen's converter, recorded as the result
     for name, way in point["ways"].items():
         assert way["seconds"] > 0 and way["bytes"] > 0 and way["rounds"] > 0, name

@@ -8,7 +8,8 @@ and the input shape is exchanged before sharing.
 Three ways in:
 
 - :func:`secure_predict` inside a party process (a script started by ``mpcfl launch``
-  and joined with :func:`mpcfl.join`, or a job's party);
+  and joined with :func:`mpcfl.join`, or a job's party), or :func:`serve` there for many calls
+  with the weights shared once;
 - :func:`mpcfl.launch.fork.secure_predict_local`, one call that spawns both parties and the dealer on
   this machine and returns the predictions to the caller, for trying things out;
 - a YAML job with ``task: inference`` (:func:`run_inference_party`).
@@ -21,6 +22,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +171,93 @@ def check_shape(gm: torch.fx.GraphModule, shape: tuple[int, ...], *, where: str,
         raise MpcflError(f"{where}: {data_owner}'s inputs of shape {shape} do not fit the model: {first}") from None
 
 
+class SecureServer:
+    """A model shared under MPC for one call of :func:`secure_predict` or many (:func:`serve`).
+
+    Every party makes the same calls in the same order. The first call traces the model, shares the
+    model owner's weights and, under the TTP dealer with ``mask_reuse``, fixes their masks
+    (:func:`mpcfl.mpc.fixed_mask.fix_weights`): for the server's whole life when it serves ``many``
+    calls, else only when that one call has two or more batches. Later calls reuse those shares and
+    masks, so a call opens only its activations; the model owner's later changes to ``model`` are not
+    seen. :meth:`close` has the dealer forget the masks.
+    """
+
+    def __init__(
+        self, model: nn.Module, *, model_owner: str, data_owner: str, prefetch: bool = True,
+        approximations: Approximations = "exact", mask_reuse: bool = True, many: bool = False,
+    ) -> None:
+        self._me = current_party()
+        session = self._me.session
+        self._owner_rank, self._data_rank = session.rank_of(model_owner), session.rank_of(data_owner)
+        if self._owner_rank == self._data_rank:
+            raise MpcflError("secure_predict: model_owner and data_owner must be different parties")
+        self._model, self._data_owner, self._approximations = model, data_owner, approximations
+        self._prefetch, self._mask_reuse, self._many = prefetch, mask_reuse, many
+        self._gm: torch.fx.GraphModule | None = None
+        self._secure: Any = None
+        self._fixed: str | None = None
+
+    def __call__(self, inputs: torch.Tensor | None, *, batch_size: int = 64) -> torch.Tensor | None:
+        """The model's outputs on ``inputs`` (the data owner's; ``None`` elsewhere), to the data owner alone.
+
+        Raises:
+            MpcflError: an unsupported model, bad inputs, or a peer failed.
+        """
+        if batch_size < 1:
+            raise MpcflError(f"secure_predict: batch_size must be positive, got {batch_size}")
+        me, data_rank = self._me, self._data_rank
+        session, where = me.session, f"party {me.name}"
+
+        def checks() -> tuple[torch.Tensor | None, torch.fx.GraphModule]:
+            gm = self._gm or trace(self._model)
+            # token ids become one-hot rows here, at their owner, in plaintext: what is shared is (..., vocabulary)
+            return (encode_inputs(gm, check_inputs(inputs, where, input_bound(gm))) if me.rank == data_rank else None), gm
+
+        # The checks' agreement carries the input shape and the architecture's fingerprint: every
+        # party learns them in the same round (2 agreement rounds before sharing, not 4).
+        (inputs, gm), public = agreed_public(
+            "input and model checks", session.parties, checks,
+            lambda done: [*_shape_row(done[0]), _architecture(done[1], self._approximations), int(self._prefetch)],
+            width=_MAX_DIMS + 3,
+        )
+        shape = tuple(public[data_rank][1 : 1 + public[data_rank][0]])  # as shared: one-hot token ids included
+        fingerprints = {row[-2] for row in public}
+        # A batch's dealer requests depend on public shapes only: the same architecture on the same
+        # batch shape repeats them, so every batch after the first of its shape is prefetched, if
+        # every party asked for it (a party alone would look to the dealer like a deviating party 0).
+        if len(fingerprints) > 1:
+            _refuse_other_architectures(gm, list(session.parties), me.rank, self._owner_rank)
+        prefetch = all(row[-1] for row in public)
+        ids_shape = shape if one_hot_width(gm) is None else shape[:-1]
+        agreed("shape checks", session.parties, lambda: check_shape(gm, ids_shape, where=where, data_owner=f"party {self._data_owner}"))
+
+        crypten = import_crypten()
+        device = me.device
+        starts = range(0, shape[0], batch_size)
+        if self._secure is None:
+            log.info("computing on %s", device)
+            self._gm, self._secure = gm, encrypt_model(gm, src=self._owner_rank, device=device)
+            # Before the first batch: a mask is registered alone, never inside a prefetched batch.
+            if self._mask_reuse and (self._many or len(starts) > 1):
+                self._fixed = fixed_mask.fix_weights(self._secure.tensors, label="served weights")
+        outputs = []
+        with crypten.no_grad(), approximated(self._approximations):
+            for start in tqdm(starts, desc="secure inference", unit="batch", disable=me.rank != data_rank or len(starts) < 2):
+                rows = min(batch_size, shape[0] - start)
+                local = inputs[start : start + rows] if me.rank == data_rank else torch.zeros(rows, *shape[1:])
+                # The fixed masks' binding is in the key: a recording names the masks it was made with.
+                with prefetching(("secure_predict", *fingerprints, rows, *shape[1:], self._fixed), enabled=prefetch):
+                    outputs.append(self._secure(crypten.cryptensor(local, src=data_rank, device=device)))
+        joined = crypten.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
+        return reveal(joined, to=[data_rank], what="predictions")  # on the host, whatever the device
+
+    def close(self) -> None:
+        """Has the dealer forget the weights' masks; every party calls it at the same point."""
+        if self._fixed is not None:
+            fixed_mask.release_weights(self._secure.tensors)
+            self._fixed = None
+
+
 def secure_predict(
     model: nn.Module,
     inputs: torch.Tensor | None,
@@ -184,7 +273,7 @@ def secure_predict(
 
     Every party calls it at the same point. Each passes a model of the same
     architecture; only the model owner's weights are used. Only the data owner
-    passes inputs.
+    passes inputs. To serve many calls with the weights shared once, see :func:`serve`.
 
     Args:
         model: a ``torch.nn.Module`` built from supported layers (see :mod:`mpcfl.models.convert`).
@@ -211,56 +300,39 @@ def secure_predict(
     Raises:
         MpcflError: not in a session, an unsupported model, bad inputs, or a peer failed.
     """
-    me = current_party()
-    session = me.session
-    owner_rank, data_rank = session.rank_of(model_owner), session.rank_of(data_owner)
-    if owner_rank == data_rank:
-        raise MpcflError("secure_predict: model_owner and data_owner must be different parties")
-    if batch_size < 1:
-        raise MpcflError(f"secure_predict: batch_size must be positive, got {batch_size}")
-    where = f"party {me.name}"
+    server = SecureServer(model, model_owner=model_owner, data_owner=data_owner, prefetch=prefetch,
+                          approximations=approximations, mask_reuse=mask_reuse)
+    predictions = server(inputs, batch_size=batch_size)
+    server.close()  # not after a failure: the session is ending, and its dealer with it
+    return predictions
 
-    def checks() -> tuple[torch.Tensor | None, torch.fx.GraphModule]:
-        gm = trace(model)
-        # token ids become one-hot rows here, at their owner, in plaintext: what is shared is (..., vocabulary)
-        return (encode_inputs(gm, check_inputs(inputs, where, input_bound(gm))) if me.rank == data_rank else None), gm
 
-    # The checks' agreement carries the input shape and the architecture's fingerprint: every
-    # party learns them in the same round (2 agreement rounds before sharing, not 4).
-    (inputs, gm), public = agreed_public(
-        "input and model checks", session.parties, checks,
-        lambda done: [*_shape_row(done[0]), _architecture(done[1], approximations), int(prefetch)], width=_MAX_DIMS + 3,
-    )
-    shape = tuple(public[data_rank][1 : 1 + public[data_rank][0]])  # as shared: one-hot token ids included
-    fingerprints = {row[-2] for row in public}
-    # A batch's dealer requests depend on public shapes only: the same architecture on the same
-    # batch shape repeats them, so every batch after the first of its shape is prefetched, if
-    # every party asked for it (a party alone would look to the dealer like a deviating party 0).
-    if len(fingerprints) > 1:
-        _refuse_other_architectures(gm, list(session.parties), me.rank, owner_rank)
-    prefetch = all(row[-1] for row in public)
-    ids_shape = shape if one_hot_width(gm) is None else shape[:-1]
-    agreed("shape checks", session.parties, lambda: check_shape(gm, ids_shape, where=where, data_owner=f"party {data_owner}"))
+@contextlib.contextmanager
+def serve(
+    model: nn.Module,
+    *,
+    model_owner: str,
+    data_owner: str,
+    prefetch: bool = True,
+    approximations: Approximations = "exact",
+    mask_reuse: bool = True,
+) -> Iterator[SecureServer]:
+    """Serves ``model`` to many calls, inside a joined session: ``served(inputs, batch_size=64)``
+    answers as :func:`secure_predict` does, with the weights shared once (at the first call) and,
+    under the TTP dealer with ``mask_reuse``, each weight matrix opened masked once for all calls,
+    so that each call opens only its activations.
 
-    crypten = import_crypten()
-    device = me.device
-    log.info("computing on %s", device)
-    secure = encrypt_model(gm, src=owner_rank, device=device)
-    outputs = []
-    starts = range(0, shape[0], batch_size)
-    # Before the first batch: a mask is registered alone, never inside a prefetched batch.
-    fixed = fixed_mask.fix_weights(secure.tensors, label="served weights") if mask_reuse and len(starts) > 1 else None
-    with crypten.no_grad(), approximated(approximations):
-        for start in tqdm(starts, desc="secure inference", unit="batch", disable=me.rank != data_rank or len(starts) < 2):
-            rows = min(batch_size, shape[0] - start)
-            local = inputs[start : start + rows] if me.rank == data_rank else torch.zeros(rows, *shape[1:])
-            # The fixed masks' binding is in the key: a recording names the masks it was made with.
-            with prefetching(("secure_predict", *fingerprints, rows, *shape[1:], fixed), enabled=prefetch):
-                outputs.append(secure(crypten.cryptensor(local, src=data_rank, device=device)))
-    if fixed is not None:
-        fixed_mask.release_weights(secure.tensors)
-    joined = crypten.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
-    return reveal(joined, to=[data_rank], what="predictions")  # on the host, whatever the device
+    Every party enters it and makes the same calls in the same order. The arguments are
+    :func:`secure_predict`'s; the model owner's later changes to ``model`` are not served. On
+    leaving (without an error), the dealer forgets the weights' masks.
+
+    Raises:
+        MpcflError: not in a session, or the two owners are the same party.
+    """
+    server = SecureServer(model, model_owner=model_owner, data_owner=data_owner, prefetch=prefetch,
+                          approximations=approximations, mask_reuse=mask_reuse, many=True)
+    yield server
+    server.close()
 
 
 # --- the YAML task -----------------------------------------------------------------------

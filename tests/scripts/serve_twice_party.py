@@ -1,8 +1,9 @@
-"""Two secure_predict calls of three batches each in one session, run by p0 (model owner) and p1
-(data owner) under ``mpcfl launch``: each call fixes the weights' masks and releases them, so the
-second call fixes under the same bindings and its first batch is served from the first call's
-prefetch recording. Each party prints the prefetch statistics, the masks the dealer keeps after
-each call, the bytes each call sent and, on p1, how far the predictions are from plaintext.
+"""Serving in one session, run by p0 (model owner) and p1 (data owner) under ``mpcfl launch``:
+two secure_predict calls of three batches each (each call fixes the weights' masks and releases
+them, so the second fixes under the same bindings and is prefetched from the first's recording),
+one without mask reuse, then ``mpcfl.serve`` for two calls (the weights shared and fixed once).
+Each party prints the masks the dealer keeps after each call, the bytes each call moved, the
+prefetch statistics and, on p1, how far the predictions are from plaintext.
 """
 
 import json
@@ -20,15 +21,25 @@ INPUTS = torch.randn(9, 12)
 
 with mpcfl.join() as me:
     provider = import_crypten().mpc.get_default_provider()
-    kept, sent, error = [], [], 0.0
-    for reuse in (True, True, False):
+    mine = INPUTS if me.rank == 1 else None
+    kept, moved, error = [], [], 0.0
+
+    def measured(call):
+        global error
         before = communication_stats()["bytes"]
-        out = mpcfl.secure_predict(MODEL, INPUTS if me.rank == 1 else None, model_owner="p0", data_owner="p1",
-                                   batch_size=3, mask_reuse=reuse)
-        sent.append(communication_stats()["bytes"] - before)
+        out = call()
+        moved.append(communication_stats()["bytes"] - before)
         kept.append(provider.fixed_mask_room()[0])
         if out is not None:
             with torch.no_grad():
                 error = max(error, float((out - MODEL(INPUTS)).abs().max()))
-    print(f"serve twice party {me.rank}: kept={kept} sent={json.dumps(sent)} error={error:.2e} "
+
+    for reuse in (True, True, False):
+        measured(lambda: mpcfl.secure_predict(MODEL, mine, model_owner="p0", data_owner="p1", batch_size=3,
+                                              mask_reuse=reuse))
+    with mpcfl.serve(MODEL, model_owner="p0", data_owner="p1") as served:
+        for _ in range(2):
+            measured(lambda: served(mine, batch_size=3))
+    kept.append(provider.fixed_mask_room()[0])
+    print(f"serve twice party {me.rank}: kept={kept} moved={json.dumps(moved)} error={error:.2e} "
           f"stats={dict(sorted(_prefetch.stats.items()))}", flush=True)

@@ -93,21 +93,26 @@ def test_prefetch_fetches_each_repeated_batch_in_one_dealer_request_and_weights_
     assert np.abs(runs[True][1] - runs[False][1]).max() < 1e-2
 
 
-def test_a_second_call_in_a_session_fixes_the_weights_afresh_and_is_prefetched_from_the_first() -> None:
+def test_calls_in_a_session_fix_the_weights_afresh_or_once_when_served_and_are_prefetched() -> None:
     lines = party_lines("serve_twice_party.py", 2, "serve twice party")
     parsed = {}
     for rank, line in lines.items():
-        found = re.fullmatch(r"kept=\[0, 0, 0\] sent=\[(\d+), (\d+), (\d+)\] error=(\S+) stats=\{'batches': 7, 'served': \d+\}", line)
-        # Each call's two masks were released: the dealer keeps none between calls. Batches 2 and 3 of
-        # the first call and all three of the second come from one recording (the same bindings: 5
-        # fetches); the third call (no mask reuse) records its own kind of batch and fetches 2.
+        found = re.fullmatch(r"kept=\[0, 0, 0, 2, 2, 0\] moved=\[(\d+), (\d+), (\d+), (\d+), (\d+)\] error=(\S+) "
+                             r"stats=\{'batches': 13, 'served': \d+\}", line)
+        # Each secure_predict call's two masks were released: the dealer keeps none between calls;
+        # mpcfl.serve keeps them for its calls and releases them on leaving. Batches 2 and 3 of the
+        # first call and all three of the second come from one recording (the same bindings: 5
+        # fetches); the call without mask reuse records its own kind of batch and fetches 2; the
+        # served calls fix under the same bindings again (no mask is kept before them): 6 fetches.
         assert found, line
-        parsed[rank] = [int(found.group(i)) for i in (1, 2, 3)]
+        parsed[rank] = [int(found.group(i)) for i in range(1, 6)]
     # p1 talks to p0 alone (p0's figures include the dealer's answers, fewer once prefetched). The
     # calls with fixed masks move the same bytes, and each batch after the first leaves out the
-    # weights (12 x 16 + 16 x 3 elements, each sent and received as 8 bytes: CrypTen's count).
-    fixed, again, ordinary = parsed["1"]
-    assert fixed == again and ordinary - fixed == 2 * (12 * 16 + 16 * 3) * 16, parsed
+    # weights (12 x 16 + 16 x 3 elements, each sent and received as 8 bytes: CrypTen's count); a
+    # served call after the first leaves them out of its first batch too.
+    fixed, again, ordinary, served, served_again = parsed["1"]
+    weights = (12 * 16 + 16 * 3) * 16
+    assert fixed == again == served and ordinary - fixed == 2 * weights and served - served_again == weights, parsed
     assert float(re.search(r"error=(\S+)", lines["1"]).group(1)) < 1e-2, lines["1"]
 
 
