@@ -458,8 +458,8 @@ def _reuse_data_masks(crypten: types.ModuleType, product: Callable[..., Any], tr
     passes the same tensor objects) and a forward under ``no_grad`` multiply; any other
     operand runs crypten's own matmul. The data gradient's side is in
     :func:`_skip_unused_matmul_gradient`. ``MPCTensor.t`` keeps the fixed tag, as the
-    transpose's (a linear layer multiplies by ``weight.t()``); under autograd crypten's
-    ``AutogradT`` runs instead, and its result is not fixed.
+    transpose's (a linear layer multiplies by ``weight.t()``); crypten's ``AutogradT`` calls it
+    too, so a transpose under autograd is tagged alike.
     """
     tensor = crypten.mpc.MPCTensor
     if getattr(tensor.matmul, "_mpcfl_patched", False):

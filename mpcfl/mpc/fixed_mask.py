@@ -34,8 +34,9 @@ dealer) nothing is fixed and every product takes ordinary triples.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,23 +64,30 @@ class FixedMask:
     binding: str
     opened: Any
     share: Any
+    released: list[bool] = field(default_factory=lambda: [False], compare=False)  # set by release_weights
+
+
+def _state(share: Any) -> tuple[Any, Any, int]:
+    """What an in-place change alters: the share object, its torch tensor (a ``CUDALongTensor``
+    wraps one, and its ``set_`` replaces it) and that tensor's version counter."""
+    inner = getattr(share, "_tensor", share)
+    return share, inner, inner._version
 
 
 @dataclass(frozen=True)
 class _Fixed:
     """What a tagged tensor is: rows of a fixed data tensor (``rows`` None: all, in order), or
-    (``flipped``) its transpose, whose share was ``share`` at ``version`` when tagged (a later
-    in-place change leaves E stale; a transpose shares its base's version counter)."""
+    (``flipped``) its transpose, whose share was in ``state`` when tagged (a later in-place change
+    leaves E stale; a transpose shares its base's version counter)."""
 
     mask: FixedMask
     rows: torch.Tensor | None
-    share: Any
-    version: int
+    state: tuple[Any, Any, int]
     flipped: bool = False
 
     @classmethod
     def of(cls, x: Any, mask: FixedMask, rows: torch.Tensor | None, flipped: bool = False) -> _Fixed:
-        return cls(mask, rows, x._tensor.share, x._tensor.share._version, flipped)
+        return cls(mask, rows, _state(x._tensor.share), flipped)
 
 
 def binding(*public: object) -> str:
@@ -96,7 +104,10 @@ def _tag(x: Any) -> _Fixed | None:
             disagree on which triple to ask for.
     """
     tag = vars(x).get(_TAG)
-    if tag is None or (x._tensor.share is tag.share and x._tensor.share._version == tag.version):
+    if tag is None or tag.mask.released[0]:  # a view kept past its mask's release: ordinary triples
+        return None
+    share, inner, version = _state(x._tensor.share)
+    if share is tag.state[0] and inner is tag.state[1] and version == tag.state[2]:
         return tag
     raise MpcflError("a fixed data tensor (mask reuse) changed in place; its opened E = X - A no longer holds")
 
@@ -132,8 +143,8 @@ def fix_weights(tensors: dict[str, Any], *, label: str) -> str | None:
     beside the masks kept already is not fixed (its products take ordinary triples).
 
     Returns:
-        This fixing's identifier (the count of masks kept before it: a prefetch key, the same for
-        each call after :func:`release_weights`), or None where nothing was fixed (no dealer, no
+        This fixing's identifier (a prefetch key: the same for each call after :func:`release_weights`),
+        or None where nothing was fixed (no dealer, no
         weight matrix, or no room left at the dealer).
     """
     crypten = loaded_crypten()
@@ -142,15 +153,21 @@ def fix_weights(tensors: dict[str, Any], *, label: str) -> str | None:
                if name.endswith("weight") and isinstance(t, crypten.mpc.MPCTensor) and t.dim() == 2}
     if not weights or not hasattr(provider, "fixed_mask_room"):
         return None
-    count, room = provider.fixed_mask_room()
+    kept, room = provider.fixed_mask_room()
     size = sum(t.nelement() for t in weights.values())
     if size > room:
         log.info("served weights take ordinary triples: their %d elements exceed the %d the dealer would still keep "
                  "as fixed masks", size, room)
         return None
-    serial = binding(label, count)  # no binding repeats among the masks kept
+    # The first serial none of whose bindings the dealer keeps (another server's may be live): the
+    # same one call after call once each call releases its masks.
+    for count in itertools.count():
+        serial = binding(label, count)
+        bindings = {name: binding(serial, name, *tensor.size()) for name, tensor in weights.items()}
+        if kept.isdisjoint(bindings.values()):
+            break
     for name, tensor in weights.items():
-        fix(tensor, binding(serial, name, *tensor.size()), quiet=True)
+        fix(tensor, bindings[name], quiet=True)
     log.info("fixed the masks of %d weight matrices (%d elements): each later batch opens only its activations",
              len(weights), size)
     return serial
@@ -164,6 +181,7 @@ def release_weights(tensors: dict[str, Any]) -> None:
     for tensor in tensors.values():
         tag = vars(tensor).pop(_TAG, None) if hasattr(tensor, "__dict__") else None
         if tag is not None:
+            tag.mask.released[0] = True
             provider.release_fixed_mask(tag.mask.binding, device=tensor.device)
 
 
@@ -185,7 +203,7 @@ def rows(x: Any, index: torch.Tensor) -> Any:
     """``x[index]``, still known by its fixed mask when ``x`` is fixed (``index``: public row numbers)."""
     picked = x[index]
     tag = _tag(x)
-    if tag is not None and tag.rows is None:
+    if tag is not None and tag.rows is None and not tag.flipped:
         whole = torch.equal(index, torch.arange(x.size(0), device=index.device))
         vars(picked)[_TAG] = _Fixed.of(picked, tag.mask, None if whole else index)
     return picked

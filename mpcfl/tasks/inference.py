@@ -217,17 +217,23 @@ class SecureServer:
         # party learns them in the same round (2 agreement rounds before sharing, not 4).
         (inputs, gm), public = agreed_public(
             "input and model checks", session.parties, checks,
-            lambda done: [*_shape_row(done[0]), _architecture(done[1], self._approximations), int(self._prefetch)],
-            width=_MAX_DIMS + 3,
+            lambda done: [*_shape_row(done[0]), _architecture(done[1], self._approximations), int(self._prefetch),
+                          int(self._mask_reuse), int(self._many)],
+            width=_MAX_DIMS + 5,
         )
         shape = tuple(public[data_rank][1 : 1 + public[data_rank][0]])  # as shared: one-hot token ids included
-        fingerprints = {row[-2] for row in public}
+        fingerprints = {row[-4] for row in public}
         # A batch's dealer requests depend on public shapes only: the same architecture on the same
         # batch shape repeats them, so every batch after the first of its shape is prefetched, if
         # every party asked for it (a party alone would look to the dealer like a deviating party 0).
         if len(fingerprints) > 1:
             _refuse_other_architectures(gm, list(session.parties), me.rank, self._owner_rank)
-        prefetch = all(row[-1] for row in public)
+        prefetch = all(row[-3] for row in public)
+        mask_reuse = all(row[-2] for row in public)  # any party may decline it, as prefetch
+        if len({row[-1] for row in public}) > 1:  # one would keep the masks the other releases
+            serving = [name for name, row in zip(session.parties, public) if row[-1]]
+            raise MpcflError(f"{where}: {', '.join(serving)} serve the model for many calls (mpcfl.serve), the other "
+                             "parties for one (secure_predict); every party must call the same")
         ids_shape = shape if one_hot_width(gm) is None else shape[:-1]
         agreed("shape checks", session.parties, lambda: check_shape(gm, ids_shape, where=where, data_owner=f"party {self._data_owner}"))
 
@@ -238,7 +244,7 @@ class SecureServer:
             log.info("computing on %s", device)
             self._gm, self._secure = gm, encrypt_model(gm, src=self._owner_rank, device=device)
             # Before the first batch: a mask is registered alone, never inside a prefetched batch.
-            if self._mask_reuse and (self._many or len(starts) > 1):
+            if mask_reuse and (self._many or len(starts) > 1):
                 self._fixed = fixed_mask.fix_weights(self._secure.tensors, label="served weights")
         outputs = []
         with crypten.no_grad(), approximated(self._approximations):
@@ -256,6 +262,9 @@ class SecureServer:
         if self._fixed is not None:
             fixed_mask.release_weights(self._secure.tensors)
             self._fixed = None
+            # Party 0 hears the dealer's answer only once every party's digest of the release arrived:
+            # until this round, no party ends its session (and drops a digest still in flight).
+            agreed("releasing the weights' masks", self._me.session.parties, lambda: None)
 
 
 def secure_predict(
@@ -291,8 +300,8 @@ def secure_predict(
             parties agree on it.
         mask_reuse: under the TTP dealer, with two or more batches (a job's ``runtime.mask_reuse``):
             open each weight matrix masked once for the whole call (:func:`mpcfl.mpc.fixed_mask.fix_weights`),
-            so that every batch opens only its activations, not the weights again. Every party must pass
-            the same value.
+            so that every batch opens only its activations, not the weights again. Only if every party
+            asks for it (exchanged with the input shape, no extra round).
 
     Returns:
         The model's outputs on the data owner; ``None`` on every other party.

@@ -171,13 +171,14 @@ def test_products_with_fixed_weights_match_plaintext_for_w_and_its_transpose(cry
     crypten = import_crypten()
     dealer = _OnePartyDealer(crypten)
     monkeypatch.setattr(crypten.mpc, "get_default_provider", lambda: dealer)
-    monkeypatch.setattr(_OnePartyDealer, "fixed_mask_room", lambda self: (len(self.masks), 1 << 20), raising=False)
+    monkeypatch.setattr(_OnePartyDealer, "fixed_mask_room", lambda self: (frozenset(self.masks), 1 << 20), raising=False)
+    monkeypatch.setattr(_OnePartyDealer, "release_fixed_mask", lambda self, binding, device=None: self.masks.pop(binding),
+                        raising=False)
     torch.manual_seed(0)
     w, table, bias = torch.randn(5, 7), torch.randn(11, 5), torch.randn(5)
     tensors = {name: crypten.cryptensor(t) for name, t in (("fc.weight", w), ("emb.weight", table), ("fc.bias", bias))}
     served = fixed_mask.fix_weights(tensors, label="served weights")
     assert served is not None and sorted(dealer.masks) != [] and len(dealer.masks) == 2  # the bias is no matrix
-    assert fixed_mask.fix_weights(tensors, label="served weights") != served  # a second call: other bindings
     for activations in (torch.randn(4, 7), torch.randn(2, 3, 7)):  # a linear layer: x·Wᵀ, leading dims flattened
         dealer.triples = 0
         out = crypten.cryptensor(activations).matmul(tensors["fc.weight"].t())
@@ -195,7 +196,26 @@ def test_products_with_fixed_weights_match_plaintext_for_w_and_its_transpose(cry
         assert torch.allclose(factor.matmul(ones).get_plain_text(), expected, atol=1e-3)
         assert torch.allclose(ones.t().matmul(factor.t()).get_plain_text(), expected.t(), atol=1e-3)
         assert dealer.triples == 2 * triples
+    # Two live fixings never share a binding (the dealer would refuse it): after releasing the first,
+    # a third takes the first's bindings, not the second's; a transpose kept past its release is
+    # multiplied on ordinary triples, not with the forgotten mask.
+    kept_view = tensors["fc.weight"].t()
+    others = {name: crypten.cryptensor(t) for name, t in (("fc.weight", w), ("emb.weight", table))}
+    second = fixed_mask.fix_weights(others, label="served weights")
+    assert len(dealer.masks) == 4 and second not in (None, served)
+    fixed_mask.release_weights(tensors)
+    assert len(dealer.masks) == 2
+    dealer.triples = 0
+    stale = crypten.cryptensor(torch.ones(4, 7)).matmul(kept_view)
+    assert dealer.triples == 0 and torch.allclose(stale.get_plain_text(), torch.ones(4, 7) @ w.t(), atol=1e-3)
+    third = {name: crypten.cryptensor(t) for name, t in (("fc.weight", w), ("emb.weight", table))}
+    assert fixed_mask.fix_weights(third, label="served weights") == served and len(dealer.masks) == 4
+    # No room left at the dealer: nothing fixed, ordinary triples.
+    monkeypatch.setattr(_OnePartyDealer, "fixed_mask_room", lambda self: (frozenset(self.masks), 5 * 7 + 11 * 5 - 1))
+    assert fixed_mask.fix_weights({"fc.weight": crypten.cryptensor(w), "emb.weight": crypten.cryptensor(table)},
+                                  label="served weights") is None
     # Changed in place after its mask was opened: refused, the transpose too.
+    tensors = third
     tensors["fc.weight"].add_(1.0)
     with pytest.raises(MpcflError, match="changed in place"):
         crypten.cryptensor(torch.randn(4, 7)).matmul(tensors["fc.weight"].t())

@@ -29,7 +29,7 @@ with mpcfl.join() as me:
         before = communication_stats()["bytes"]
         out = call()
         moved.append(communication_stats()["bytes"] - before)
-        kept.append(provider.fixed_mask_room()[0])
+        kept.append(len(provider.fixed_mask_room()[0]))
         if out is not None:
             with torch.no_grad():
                 error = max(error, float((out - MODEL(INPUTS)).abs().max()))
@@ -40,6 +40,6 @@ with mpcfl.join() as me:
     with mpcfl.serve(MODEL, model_owner="p0", data_owner="p1") as served:
         for _ in range(2):
             measured(lambda: served(mine, batch_size=3))
-    kept.append(provider.fixed_mask_room()[0])
+    kept.append(len(provider.fixed_mask_room()[0]))
     print(f"serve twice party {me.rank}: kept={kept} moved={json.dumps(moved)} error={error:.2e} "
           f"stats={dict(sorted(_prefetch.stats.items()))}", flush=True)

@@ -96,12 +96,12 @@ def release_fixed_mask(self: Any, binding: str, device: Any = None) -> None:
 _KEPT = "_mpcfl_fixed_masks_kept"
 
 
-def fixed_mask_room(self: Any) -> tuple[int, int]:
-    """How many fixed masks the dealer keeps for this session, and how many more elements it would keep."""
+def fixed_mask_room(self: Any) -> tuple[frozenset[str], int]:
+    """The bindings of the fixed masks the dealer keeps for this session, and how many more elements it would keep."""
     from crypten.mpc.provider import ttp_provider as upstream
 
     kept = vars(upstream.TTPClient.get()).get(_KEPT, {})
-    return len(kept), MAX_MASK_ELEMENTS - sum(kept.values())
+    return frozenset(kept), MAX_MASK_ELEMENTS - sum(kept.values())
 
 
 def generate_fixed_triple(self: Any, binding: str, size: Sequence[int], size1: Sequence[int], transposed: bool, device: Any = None) -> tuple[Any, Any]:
