@@ -139,13 +139,12 @@ def fix_weights(tensors: dict[str, Any], *, label: str) -> str | None:
     product with it opens only the activations.
 
     Every party calls it at the same point, with the same tensors. The dealer keeps each mask
-    until :func:`release_weights` or the session's end, within a cap on their elements in all: a model that would not fit
-    beside the masks kept already is not fixed (its products take ordinary triples).
+    until :func:`release_weights` or the session's end, within a cap on their elements in all: a
+    model that would not fit beside the masks kept already is not fixed (ordinary triples then).
 
     Returns:
         This fixing's identifier (a prefetch key: the same for each call after :func:`release_weights`),
-        or None where nothing was fixed (no dealer, no
-        weight matrix, or no room left at the dealer).
+        or None where nothing was fixed (no dealer, no weight matrix, or no room left at the dealer).
     """
     crypten = loaded_crypten()
     provider = crypten.mpc.get_default_provider()
@@ -179,7 +178,7 @@ def release_weights(tensors: dict[str, Any]) -> None:
     prefetch recordings match this call's, and the dealer's room for masks is back."""
     provider = loaded_crypten().mpc.get_default_provider()
     for tensor in tensors.values():
-        tag = vars(tensor).pop(_TAG, None) if hasattr(tensor, "__dict__") else None
+        tag = vars(tensor).pop(_TAG, None)  # shared tensors and public ones (torch tensors) alike
         if tag is not None:
             tag.mask.released[0] = True
             provider.release_fixed_mask(tag.mask.binding, device=tensor.device)

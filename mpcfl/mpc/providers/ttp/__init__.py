@@ -54,8 +54,8 @@ gets its share of the product, as for ``additive``. The dealer registers an iden
 once (a second mask for the same data is refused, and a registration never goes in a
 batch), and serves triples only for a registered identifier and the size it was
 registered with. A ``fixed_release`` (alone, never in a batch) makes it forget a registered
-mask: a served model's masks last one ``secure_predict`` call, whose next call registers fresh
-ones under the same identifiers. It sees neither the data nor any share of it, and never the opened
+mask: a served model's masks last one ``secure_predict`` call (or one ``mpcfl.serve`` server), and
+the next registers fresh ones under the same identifiers. It sees neither the data nor any share of it, and never the opened
 difference X - A: it knows A, so that would be X.
 
 Truncation pairs (:mod:`mpcfl.mpc.truncation`, the job's ``runtime.truncation``): a
