@@ -24,9 +24,10 @@ masks fixed once, in the warm-up call, so each timed inference opens only its ac
 K > 1, one call of K batches (the same ids K times), with the weights' masks fixed once for the call
 (``mask_reuse``, the default) and without: the table gives its figures per batch, the first batch's
 fixing included. ``--sweep`` adds the time-against-length (16-128, tiny) and -width (64-256, 2 layers, seq 32)
-points; ``--gpt`` the decoder: seconds per generated token (``--prompt`` tokens, ``--generate``
-steps; each step a secure forward of the whole prefix, the last position's logits revealed to the
-client, which takes the argmax in plaintext). ``--plots DIR`` draws the sweeps.
+points; ``--gpt`` the decoder (Hugging Face's GPT-2 at ``--gpt-shape``, from a config): seconds,
+bytes and rounds per generated token (``--prompt`` tokens, ``--generate`` greedy steps, each a secure
+forward of the whole prefix, no key-value cache), one ``secure_predict`` per token against one
+``mpcfl.serve`` server's ``generate`` (:func:`gpt_point`). ``--plots DIR`` draws the sweeps.
 
 This folder is not a package: crypten's wheel installs a top-level `benchmarks`.
 """
@@ -74,26 +75,6 @@ class BertLike(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.encoder(self.norm(self.embed(ids) + self.position))
         return self.classifier(torch.tanh(self.pooler(h[:, 0])))
-
-
-class GptLike(nn.Module):
-    """GPT-2's block (pre-norm, GELU, causal) as a torch encoder with a public causal mask, for a prefix of ``length``."""
-
-    def __init__(self, vocab: int, context: int, layers: int, width: int, length: int) -> None:
-        super().__init__()
-        self.length = length
-        self.embed = nn.Embedding(vocab, width)
-        self.position = nn.Parameter(torch.randn(1, context, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, max(1, width // 64), 4 * width, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab, bias=False)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length), persistent=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(ids) + self.position[:, : self.length]
-        return self.head(self.norm(self.encoder(h, mask=self.mask))[:, -1])
 
 
 # ---------------------------------------------------------------- raw CrypTen, by hand
@@ -270,34 +251,80 @@ def bert_point(args: argparse.Namespace, me: Any) -> dict[str, Any] | None:
     return result
 
 
+def gpt_model(vocab: int, context: int, layers: int, width: int) -> nn.Module:
+    """GPT-2 (Hugging Face's, from a config: random weights, head tied to the token embedding) at this shape."""
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=vocab, n_positions=context, n_embd=width, n_layer=layers,
+                                     n_head=max(1, width // 64), bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+GPT_WAYS = ("one secure_predict per token", "served: tokens only, first call", "served: tokens only, again",
+            "served: logits to the client, again")
+
+
 def gpt_point(args: argparse.Namespace, me: Any) -> dict[str, Any] | None:
+    """Greedy generation of ``--generate`` tokens after a ``--prompt``-token prompt, each way in turn:
+    a ``secure_predict`` of the whole prefix per token (the weights shared and opened each time, every
+    position's logits to the client), and one ``mpcfl.serve`` server's ``generate`` calls (the weights
+    shared and fixed once, in its first call; the argmax under MPC, or the logits opened)."""
     import mpcfl
+    from mpcfl.mpc.session import all_gather_public, communication_stats
 
     layers, width = args.gpt_shape
     torch.manual_seed(0)
-    base = GptLike(args.gpt_vocab, args.prompt + args.generate, layers, width, args.prompt).eval()
+    model = gpt_model(args.gpt_vocab, args.prompt + args.generate, layers, width)
     client = me.name == "client"
-    tokens = torch.randint(0, args.gpt_vocab, (1, args.prompt)) if client else None
-    seconds, plain_agree = [], 0
+    prompt = torch.randint(0, args.gpt_vocab, (1, args.prompt)) if client else None
+    options = {"model_owner": "owner", "data_owner": "client", "approximations": args.gpt_mode}
+
+    def per_call() -> torch.Tensor | None:
+        ids = prompt
+        for _ in range(args.generate):
+            logits = mpcfl.secure_predict(model, ids, batch_size=1, **options)
+            if client:  # the client alone sees the logits and picks the next token in plaintext
+                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        return ids
+
+    figures, made = {}, {}
     _reset_peak()
-    for step in range(args.generate):
-        length = args.prompt + step
-        model = GptLike(args.gpt_vocab, args.prompt + args.generate, layers, width, length).eval()
-        model.load_state_dict(base.state_dict())
-        started = time.perf_counter()
-        logits = mpcfl.secure_predict(model, tokens, model_owner="owner", data_owner="client", batch_size=1,
-                                      approximations=args.gpt_mode)
-        if client:  # the client alone sees the logits and picks the next token in plaintext
-            nxt = logits.argmax(-1, keepdim=True)
-            with torch.no_grad():
-                plain_agree += int(model(tokens).argmax(-1).item() == nxt.item())
-            tokens = torch.cat([tokens, nxt], 1)
-        seconds.append(time.perf_counter() - started)
+    with mpcfl.serve(model, **options) as served:
+        runs = dict(zip(GPT_WAYS, (per_call, lambda: served.generate(prompt, args.generate),
+                                   lambda: served.generate(prompt, args.generate),
+                                   lambda: served.generate(prompt, args.generate, reveal_logits=True))))
+        for name, run in runs.items():
+            before, started = communication_stats(), time.perf_counter()
+            made[name] = run()
+            seconds = time.perf_counter() - started
+            after = communication_stats()
+            both = all_gather_public([after["bytes"] - before["bytes"], after["rounds"] - before["rounds"]])
+            figures[name] = {"seconds_per_token": seconds / args.generate,
+                             "mb_per_token": sum(row[0] for row in both) / args.generate / 1e6,
+                             "rounds_per_token": sum(row[1] for row in both) / args.generate}
     if not client:
         return None
+    for name, ids in made.items():  # each chosen token against plaintext's logits on the same prefix
+        with torch.no_grad():
+            logits = model(ids[:, :-1]).logits[:, args.prompt - 1 :]
+        chosen = logits.gather(-1, ids[:, args.prompt :, None])[..., 0]
+        figures[name]["argmax_agrees_with_plaintext"] = int((chosen == logits.max(-1).values).sum())
+        figures[name]["largest_regret"] = float((logits.max(-1).values - chosen).max())
     return {"layers": layers, "width": width, "vocab": args.gpt_vocab, "prompt": args.prompt, "generate": args.generate,
-            "mode": args.gpt_mode, "seconds_per_token": seconds, "argmax_agrees_with_plaintext": plain_agree,
-            "client_peak_rss_mb": _peak_rss_mb()}
+            "mode": args.gpt_mode, "ways": figures, "client_peak_rss_mb": _peak_rss_mb()}
+
+
+def gpt_table(point: dict[str, Any]) -> str:
+    if "error" in point:
+        return f"GPT-2-shaped decoder failed: {point['error'][:300]}"
+    lines = [f"GPT-2 ({point['layers']} x {point['width']}, vocabulary {point['vocab']}, {point['mode']}): "
+             f"{point['generate']} tokens after a {point['prompt']}-token prompt",
+             "| way | s / token | MB / token | rounds / token | tokens = plaintext argmax | largest regret |",
+             "|---|---|---|---|---|---|"]
+    for name, row in point["ways"].items():
+        lines.append(f"| {name} | {row['seconds_per_token']:.2f} | {row['mb_per_token']:.1f} | {row['rounds_per_token']:.0f} | "
+                     f"{row['argmax_agrees_with_plaintext']} of {point['generate']} | {row['largest_regret']:.2g} |")
+    return "\n".join(lines)
 
 
 def party(args: argparse.Namespace) -> None:
@@ -474,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.repeats}; machine {results['machine']}")
     print(table(points))
     if args.gpt:
-        print(f"\nGPT-2-shaped decoder: {json.dumps(results['gpt'])}")
+        print("\n" + gpt_table(results["gpt"]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     if args.plots:

@@ -243,6 +243,38 @@ def row_max(x: Any, dim: int) -> Any:
     return x
 
 
+def row_argmax(x: Any) -> Any:
+    """The index of each row's largest entry along the last dimension, secret-shared (shape ``x``'s
+    without it), the first on ties, as ``torch.argmax``: a tournament of neighbours, n - 1
+    comparisons in ceil(log2 n) rounds, each round's winners and their indices picked by one
+    product. Only the indices may then be opened: the values never are. Valid for entries below
+    the ring's 2^31 (differences are compared)."""
+    crypten = _crypten()
+    index = _public_shares(torch.arange(x.size(-1), dtype=torch.float32).expand(x.size()), like=x)
+    while x.size(-1) > 1:
+        n = x.size(-1)
+        pairs = n - n % 2
+        a, b = x[..., 0:pairs:2], x[..., 1:pairs:2]
+        ia, ib = index[..., 0:pairs:2], index[..., 1:pairs:2]
+        first = a.ge(b)  # 1 where the lower index wins: ties go to it
+        both = crypten.stack([a - b, ia - ib]) * first
+        winners, indices = b + both[0], ib + both[1]
+        if n % 2:  # the odd one out goes on to the next round as it is
+            winners, indices = crypten.cat([winners, x[..., n - 1 :]], dim=-1), crypten.cat([indices, index[..., n - 1 :]], dim=-1)
+        x, index = winners, indices
+    return index[..., 0]
+
+
+def _public_shares(value: torch.Tensor, *, like: Any) -> Any:
+    """A public tensor as shares on ``like``'s device and scale, without communication: party 0
+    holds its encoding, every other party zeros."""
+    crypten = _crypten()
+    share = like.encoder.encode(value.contiguous()).to(like.device)
+    if crypten.communicator.get().get_rank() != 0:
+        share.zero_()
+    return crypten.mpc.MPCTensor.from_shares(share)
+
+
 def softmax(x: Any, dim: int = -1, keep: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> Any:
     """Softmax along ``dim`` with an optional public mask: ``keep`` (bool, broadcast against x)
     says which entries take part, ``bias`` is a public additive term (a float mask's finite part).

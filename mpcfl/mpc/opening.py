@@ -35,7 +35,8 @@ def _open_to(communicator: Any, share: Any, dst: int, combine: Any) -> Any:
         # gloo's send works on host memory: a CUDA share is copied out first.
         dist.send(data.detach().cpu().contiguous(), dst, group=communicator.main_group)
         return None
-    total = data.detach().cpu().clone()
+    # gloo receives into contiguous memory only; a share may be a strided view (a transposed product's)
+    total = data.detach().cpu().clone(memory_format=torch.contiguous_format)
     incoming = torch.empty_like(total)
     for peer in range(world):
         if peer != dst:

@@ -22,7 +22,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from mpcfl.mpc.engine import import_crypten
 from mpcfl.jobs.session import session_of
 from mpcfl.jobs.schema import InferenceJob
 from mpcfl.models.convert import encode_inputs, encrypt_model, one_hot_width, public_tensors, trace
-from mpcfl.models.transformer import Approximations, approximations as approximated
+from mpcfl.models.transformer import Approximations, approximations as approximated, row_argmax
 from mpcfl.errors import MpcflError
 from mpcfl.models.factory import build_factory_model
 from mpcfl.outputs import write_json, write_npy
@@ -171,6 +171,35 @@ def check_shape(gm: torch.fx.GraphModule, shape: tuple[int, ...], *, where: str,
         raise MpcflError(f"{where}: {data_owner}'s inputs of shape {shape} do not fit the model: {first}") from None
 
 
+def _check_prompt(prompt: Any, where: str) -> torch.Tensor:
+    """The data owner's prompt as N x L token ids (int64), checked; the vocabulary is checked where ids are encoded.
+
+    Raises:
+        MpcflError: not a tensor or array of non-negative integers with N, L >= 1.
+    """
+    ids = torch.as_tensor(np.asarray(prompt)) if isinstance(prompt, (np.ndarray, list)) else prompt
+    if not torch.is_tensor(ids) or ids.dim() != 2 or ids.numel() == 0:
+        shape = tuple(ids.shape) if torch.is_tensor(ids) else type(prompt).__name__
+        raise MpcflError(f"{where}: generate: the prompt must be N x L token ids (N, L >= 1), got {shape}")
+    ids = ids.detach().cpu()
+    if ids.is_floating_point() and not bool((ids == ids.round()).all()) or ids.is_complex() or bool((ids < 0).any()):
+        raise MpcflError(f"{where}: generate: the prompt's token ids must be non-negative integers")
+    return ids.long()
+
+
+def _sampled(sample: Callable[[torch.Tensor], torch.Tensor] | None, logits: torch.Tensor, where: str) -> torch.Tensor:
+    """The data owner's next tokens from the opened N x V logits: ``sample``'s, or their argmax."""
+    if sample is None:
+        return logits.argmax(-1)
+    chosen = torch.as_tensor(sample(logits))
+    rows, vocabulary = logits.shape
+    if (chosen.numel() != rows or chosen.is_floating_point() or chosen.is_complex()
+            or bool(((chosen < 0) | (chosen >= vocabulary)).any())):
+        raise MpcflError(f"{where}: generate: sample must return {rows} integer token ids below {vocabulary}, "
+                         f"got {tuple(chosen.shape)} of {chosen.dtype}")
+    return chosen.long().reshape(rows)
+
+
 class SecureServer:
     """A model shared under MPC for one call of :func:`secure_predict` or many (:func:`serve`).
 
@@ -205,11 +234,84 @@ class SecureServer:
         """
         if batch_size < 1:
             raise MpcflError(f"secure_predict: batch_size must be positive, got {batch_size}")
+        return reveal(self._outputs(inputs, batch_size), to=[self._data_rank], what="predictions")
+
+    def generate(
+        self, prompt: torch.Tensor | None, steps: int, *, reveal_logits: bool = False,
+        sample: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor | None:
+        """Extends the data owner's token ids ``prompt`` (N x L; ``None`` elsewhere) by ``steps`` tokens,
+        one model call each, the weights shared and their masks fixed once for all of them.
+
+        The model gives next-token logits: (N, L, V), as a language model's head (the last position
+        is used), or (N, V). By default each next token is the logits' argmax taken under MPC
+        (:func:`~mpcfl.models.transformer.row_argmax`), and only the token ids are opened, to the data
+        owner: it learns the tokens and nothing else of the logits. With ``reveal_logits`` (every party
+        must pass the same: the model owner consents to it), the last position's logits are opened to
+        the data owner, whose ``sample`` (logits N x V -> token ids N; default argmax) picks each token.
+        Every party makes the call with the same ``steps``; the shapes are public, so the model owner
+        learns N, L and ``steps``, never a token.
+
+        Returns:
+            The data owner's N x (L + steps) token ids; ``None`` elsewhere.
+
+        Raises:
+            MpcflError: bad arguments or prompt, a mismatch between the parties' ``steps`` or
+                ``reveal_logits``, a model that gives no next-token logits, or a peer failed.
+        """
+        me, data_rank = self._me, self._data_rank
+        where, parties = f"party {me.name}", list(me.session.parties)
+        if not isinstance(steps, int) or steps < 1:
+            raise MpcflError(f"{where}: generate: steps must be a positive integer, got {steps!r}")
+
+        def checks() -> torch.Tensor | None:
+            return _check_prompt(prompt, where) if me.rank == data_rank else None
+
+        ids, public = agreed_public("generation checks", parties, checks,
+                                    lambda done: [steps, int(reveal_logits), *(done.shape if done is not None else (0, 0))],
+                                    width=4)
+        for column, what in ((0, "steps"), (1, "reveal_logits")):
+            if len({row[column] for row in public}) > 1:
+                told = ", ".join(f"{name} {row[column]}" for name, row in zip(parties, public))
+                raise MpcflError(f"{where}: the parties asked for different {what} ({told}); every party must pass the same")
+        rows, length = public[data_rank][2:]
+        gm = self._graph()
+        agreed("generation shape checks", parties, lambda: check_shape(
+            gm, (rows, length + steps - 1), where=where,
+            data_owner=f"party {self._data_owner}: a prompt of {length} tokens and {steps} steps"))
+        crypten = import_crypten()
+        for _ in tqdm(range(steps), desc="secure generation", unit="token", disable=me.rank != data_rank or steps < 2):
+            logits = self._outputs(ids, rows, calls=steps)
+            if logits.dim() == 3:
+                logits = logits[:, -1]
+            if logits.dim() != 2:
+                raise MpcflError(f"{where}: generate needs next-token logits, (N, L, V) or (N, V); the model gives "
+                                 f"{tuple(logits.size())}")
+            if reveal_logits:
+                opened = reveal(logits, to=[data_rank], what="next-token logits")
+                chosen = None if opened is None else _sampled(sample, opened, where)
+            else:
+                with crypten.no_grad():
+                    token = row_argmax(logits)
+                opened = reveal(token, to=[data_rank], what="generated tokens")
+                chosen = None if opened is None else opened.round().long()
+            if ids is not None:
+                ids = torch.cat([ids, chosen.reshape(-1, 1)], dim=1)
+        return ids
+
+    def _graph(self) -> torch.fx.GraphModule:
+        if self._gm is None:
+            self._gm = trace(self._model)
+        return self._gm
+
+    def _outputs(self, inputs: torch.Tensor | None, batch_size: int, *, calls: int = 1) -> Any:
+        """The model's outputs on ``inputs``, secret-shared; ``calls``: how many such calls are planned
+        (a first call of several fixes the weights' masks, as a call of several batches does)."""
         me, data_rank = self._me, self._data_rank
         session, where = me.session, f"party {me.name}"
 
         def checks() -> tuple[torch.Tensor | None, torch.fx.GraphModule]:
-            gm = self._gm or trace(self._model)
+            gm = self._graph()
             # token ids become one-hot rows here, at their owner, in plaintext: what is shared is (..., vocabulary)
             return (encode_inputs(gm, check_inputs(inputs, where, input_bound(gm))) if me.rank == data_rank else None), gm
 
@@ -242,9 +344,9 @@ class SecureServer:
         starts = range(0, shape[0], batch_size)
         if self._secure is None:
             log.info("computing on %s", device)
-            self._gm, self._secure = gm, encrypt_model(gm, src=self._owner_rank, device=device)
+            self._secure = encrypt_model(gm, src=self._owner_rank, device=device)
             # Before the first batch: a mask is registered alone, never inside a prefetched batch.
-            if mask_reuse and (self._many or len(starts) > 1):
+            if mask_reuse and (self._many or len(starts) > 1 or calls > 1):
                 self._fixed = fixed_mask.fix_weights(self._secure.tensors, label="served weights")
         outputs = []
         with crypten.no_grad(), approximated(self._approximations):
@@ -254,8 +356,7 @@ class SecureServer:
                 # The fixed masks' binding is in the key: a recording names the masks it was made with.
                 with prefetching(("secure_predict", *fingerprints, rows, *shape[1:], self._fixed), enabled=prefetch):
                     outputs.append(self._secure(crypten.cryptensor(local, src=data_rank, device=device)))
-        joined = crypten.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
-        return reveal(joined, to=[data_rank], what="predictions")  # on the host, whatever the device
+        return crypten.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
 
     def close(self) -> None:
         """Has the dealer forget the weights' masks; every party calls it at the same point."""
