@@ -245,10 +245,11 @@ def row_max(x: Any, dim: int) -> Any:
 
 def row_argmax(x: Any) -> Any:
     """The index of each row's largest entry along the last dimension, secret-shared (shape ``x``'s
-    without it), the first on ties, as ``torch.argmax``: a tournament of neighbours, n - 1
-    comparisons in ceil(log2 n) rounds, each round's winners and their indices picked by one
-    product. Only the indices may then be opened: the values never are. Valid for entries below
-    the ring's 2^31 (differences are compared)."""
+    without it), the first of entries equal in fixed point, as ``torch.argmax``: a tournament of
+    neighbours, n - 1 comparisons in ceil(log2 n) rounds, each round's winners and their indices
+    picked by one product. Only the indices may then be opened: the values never are. Exact while
+    entries differ by less than 2^47 in fixed point (their differences are compared); near-ties
+    within the inputs' own MPC error may go either way."""
     crypten = _crypten()
     index = _public_shares(torch.arange(x.size(-1), dtype=torch.float32).expand(x.size()), like=x)
     while x.size(-1) > 1:
@@ -272,7 +273,7 @@ def _public_shares(value: torch.Tensor, *, like: Any) -> Any:
     share = like.encoder.encode(value.contiguous()).to(like.device)
     if crypten.communicator.get().get_rank() != 0:
         share.zero_()
-    return crypten.mpc.MPCTensor.from_shares(share)
+    return crypten.mpc.MPCTensor.from_shares(share, precision=round(math.log2(like.encoder.scale)))
 
 
 def softmax(x: Any, dim: int = -1, keep: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> Any:

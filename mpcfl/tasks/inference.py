@@ -177,7 +177,10 @@ def _check_prompt(prompt: Any, where: str) -> torch.Tensor:
     Raises:
         MpcflError: not a tensor or array of non-negative integers with N, L >= 1.
     """
-    ids = torch.as_tensor(np.asarray(prompt)) if isinstance(prompt, (np.ndarray, list)) else prompt
+    try:
+        ids = torch.as_tensor(np.asarray(prompt)) if isinstance(prompt, (np.ndarray, list)) else prompt
+    except (ValueError, TypeError) as err:
+        raise MpcflError(f"{where}: generate: the prompt is not a table of token ids: {err}") from None
     if not torch.is_tensor(ids) or ids.dim() != 2 or ids.numel() == 0:
         shape = tuple(ids.shape) if torch.is_tensor(ids) else type(prompt).__name__
         raise MpcflError(f"{where}: generate: the prompt must be N x L token ids (N, L >= 1), got {shape}")
@@ -191,13 +194,32 @@ def _sampled(sample: Callable[[torch.Tensor], torch.Tensor] | None, logits: torc
     """The data owner's next tokens from the opened N x V logits: ``sample``'s, or their argmax."""
     if sample is None:
         return logits.argmax(-1)
-    chosen = torch.as_tensor(sample(logits))
+    try:
+        chosen = torch.as_tensor(sample(logits))
+    except Exception as err:  # the caller's code: any failure is reported as this party's, by name
+        raise MpcflError(f"{where}: generate: sample failed: {type(err).__name__}: {err}") from None
     rows, vocabulary = logits.shape
     if (chosen.numel() != rows or chosen.is_floating_point() or chosen.is_complex()
             or bool(((chosen < 0) | (chosen >= vocabulary)).any())):
         raise MpcflError(f"{where}: generate: sample must return {rows} integer token ids below {vocabulary}, "
                          f"got {tuple(chosen.shape)} of {chosen.dtype}")
     return chosen.long().reshape(rows)
+
+
+def _check_next_token_logits(gm: torch.fx.GraphModule, rows: int, length: int, steps: int, *, where: str,
+                             data_owner: str) -> None:
+    """Runs the architecture in plaintext on zeros: the longest prefix fits, and the output is
+    next-token logits for each of the ``rows`` prompts, (N, L, V) or (N, V), before anything is shared."""
+    check_shape(gm, (rows, length + steps - 1), where=where,
+                data_owner=f"{data_owner}: a prompt of {length} tokens and {steps} steps")
+    n = min(rows, 2)
+    with torch.no_grad():
+        out = gm(torch.zeros(n, length, dtype=torch.float32 if one_hot_width(gm) is None else torch.long))
+    if not torch.is_tensor(out) or not (out.dim() == 3 and tuple(out.shape[:2]) == (n, length)
+                                        or out.dim() == 2 and out.shape[0] == n):
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise MpcflError(f"{where}: generate needs next-token logits, (N, L, V) or (N, V); on {n} prompts of "
+                         f"{length} tokens the model gives {shape}")
 
 
 class SecureServer:
@@ -261,10 +283,12 @@ class SecureServer:
         """
         me, data_rank = self._me, self._data_rank
         where, parties = f"party {me.name}", list(me.session.parties)
-        if not isinstance(steps, int) or steps < 1:
-            raise MpcflError(f"{where}: generate: steps must be a positive integer, got {steps!r}")
 
-        def checks() -> torch.Tensor | None:
+        def checks() -> torch.Tensor | None:  # every party's arguments, and the data owner's prompt, in one round
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise MpcflError(f"{where}: generate: steps must be a positive integer, got {steps!r}")
+            if not isinstance(reveal_logits, bool):
+                raise MpcflError(f"{where}: generate: reveal_logits must be True or False, got {reveal_logits!r}")
             return _check_prompt(prompt, where) if me.rank == data_rank else None
 
         ids, public = agreed_public("generation checks", parties, checks,
@@ -276,20 +300,16 @@ class SecureServer:
                 raise MpcflError(f"{where}: the parties asked for different {what} ({told}); every party must pass the same")
         rows, length = public[data_rank][2:]
         gm = self._graph()
-        agreed("generation shape checks", parties, lambda: check_shape(
-            gm, (rows, length + steps - 1), where=where,
-            data_owner=f"party {self._data_owner}: a prompt of {length} tokens and {steps} steps"))
+        agreed("generation shape checks", parties, lambda: _check_next_token_logits(
+            gm, rows, length, steps, where=where, data_owner=f"party {self._data_owner}"))
         crypten = import_crypten()
         for _ in tqdm(range(steps), desc="secure generation", unit="token", disable=me.rank != data_rank or steps < 2):
             logits = self._outputs(ids, rows, calls=steps)
-            if logits.dim() == 3:
-                logits = logits[:, -1]
-            if logits.dim() != 2:
-                raise MpcflError(f"{where}: generate needs next-token logits, (N, L, V) or (N, V); the model gives "
-                                 f"{tuple(logits.size())}")
+            logits = logits[:, -1] if logits.dim() == 3 else logits  # the shapes were checked in plaintext above
             if reveal_logits:
                 opened = reveal(logits, to=[data_rank], what="next-token logits")
-                chosen = None if opened is None else _sampled(sample, opened, where)
+                # in an agreement round: a failing sampler stops every party at the same step, named
+                chosen = agreed("sampling", parties, lambda: None if opened is None else _sampled(sample, opened, where))
             else:
                 with crypten.no_grad():
                     token = row_argmax(logits)

@@ -14,6 +14,7 @@ import transformers
 
 import mpcfl
 from mpcfl.errors import MpcflError
+from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.session import communication_stats
 
 try:
@@ -41,7 +42,7 @@ def regret(ids: torch.Tensor) -> float:
 def main() -> None:
     with mpcfl.join() as me:
         mine = PROMPT if me.rank == 1 else None
-        got, moved = [], []
+        got, moved, kept = [], [], []
         with mpcfl.serve(MODEL, model_owner="p0", data_owner="p1") as served:
             for steps, logits in ((3, False), (2, True)):
                 if logits and spy is not None and hasattr(spy, "phase"):
@@ -50,13 +51,14 @@ def main() -> None:
                 out = served.generate(mine, steps, reveal_logits=logits, sample=(lambda x: x.argmax(-1)) if logits else None)
                 moved.append(communication_stats()["bytes"] - before)
                 got.append(None if out is None else out.tolist())
+                kept.append(len(import_crypten().mpc.get_default_provider().fixed_mask_room()[0]))
             try:
                 served.generate(mine, 2 + me.rank)
                 refused = ""
             except MpcflError as err:
                 refused = str(err)
         regrets = [regret(torch.tensor(ids)) for ids in got] if me.rank == 1 else []
-        print(f"generate party {me.rank}: got={json.dumps(got)} moved={json.dumps(moved)} regrets={json.dumps(regrets)} "
+        print(f"generate party {me.rank}: got={json.dumps(got)} moved={json.dumps(moved)} kept={kept} regrets={json.dumps(regrets)} "
               f"refused={refused}", flush=True)
 
 

@@ -7,6 +7,7 @@ import json
 import re
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -104,28 +105,43 @@ def test_generation_opens_only_the_tokens_to_their_owner_and_the_weights_once(sp
     """tests/scripts/generate_party.py: a served GPT-2 generates 3 tokens for 2 prompts (the argmax under
     MPC), then 2 with the logits opened to p1, then refuses parties that ask for different steps."""
     lines = party_lines("generate_party.py", 2, "generate party")
-    found = {rank: re.fullmatch(r"got=(.*) moved=(.*) regrets=(.*) refused=(.*)", line) for rank, line in lines.items()}
+    found = {rank: re.fullmatch(r"got=(.*) moved=(.*) kept=\[(\d+), (\d+)\] regrets=(.*) refused=(.*)", line)
+             for rank, line in lines.items()}
     assert all(found.values()), lines
     tokens, logits = json.loads(found["1"].group(1))
     assert json.loads(found["0"].group(1)) == [None, None], "the model owner got tokens"
     assert [len(row) for row in tokens] == [6, 6] and [len(row) for row in logits] == [5, 5]
     # Each token plaintext's argmax on the same prefix, or within fixed point's error of a near tie.
-    assert max(json.loads(found["1"].group(3))) < 0.02, lines["1"]
+    assert max(json.loads(found["1"].group(5))) < 0.02, lines["1"]
     # The weights were shared and their masks fixed in the first generation: the second moves less
     # per token (its 256 logits opened to p1 cost less than the first's sharing and fixing).
     first, second = json.loads(found["1"].group(2))
     assert second / 2 < first / 3, lines["1"]
+    # The dealer kept the weights' masks through both generations (released when the server closed).
+    assert found["1"].group(3) == found["1"].group(4) != "0", "the weights' masks were not kept for both generations"
     for rank in ("0", "1"):
-        refused = found[rank].group(4)
+        refused = found[rank].group(6)
         assert "asked for different steps (p0 2, p1 3); every party must pass the same" in refused, lines[rank]
 
     views = spy_views(spied)  # rank 0: p0 (model owner), 1: p1 (data owner), 2: the dealer
     generated = np.array([row[3:] for row in tokens], dtype=np.int64)
     opened = views["1"]["opened_protocol"]
-    # Only the 6 token ids were opened to p1 in the first generation, never a logit: each within a
-    # few ring units of id x 2^16 (the tournament's products truncate).
+    # Only the 6 token ids were opened to p1 in the first generation, never a logit: exactly id x 2^16
+    # (the comparison bits have scale 1: nothing on the index path truncates).
     assert opened.size == generated.size, opened.size
-    assert np.abs(np.sort(opened) - np.sort(generated.reshape(-1) * 2**16)).max() <= 64
+    assert np.array_equal(np.sort(opened), np.sort(generated.reshape(-1) * 2**16)), opened
+    # Nor did any process hold the first generation's logits in plaintext (opened to all, say):
+    # plaintext's, within 2^10 ring units (MPC's error is under 2^9 here).
+    module = _generating_module()
+    with torch.no_grad():
+        first_logits = np.concatenate([module.MODEL(torch.tensor(tokens)[:, :end]).logits[:, -1].numpy().reshape(-1)
+                                       for end in range(3, 6)])
+    encoded = np.round(first_logits.astype(np.float64) * 2**16).astype(np.int64)
+    encoded = encoded[np.abs(encoded) >= SMALLEST_TELLING + 2**10]
+    for rank in ("0", "1", "2"):
+        seen = np.sort(views[rank]["seen_protocol"])
+        near = np.searchsorted(seen, encoded + 2**10, side="right") - np.searchsorted(seen, encoded - 2**10)
+        assert int(near.sum()) == 0, f"rank {rank} holds a logit of the tokens-only generation"
     assert views["1"]["opened_logits"].size == 2 * 2 * 40  # then 2 steps of 2 rows of 40 logits, as asked
     prompt_and_tokens = _ring(np.array(tokens, dtype=np.float64))
     for rank in ("0", "2"):
@@ -134,20 +150,21 @@ def test_generation_opens_only_the_tokens_to_their_owner_and_the_weights_once(sp
         received = np.concatenate([views[rank].get(f"received_{phase}", np.zeros(0, dtype=np.int64))
                                    for phase in ("protocol", "logits")])
         assert int(received.sum()) == 0, f"rank {rank} received data during an opening"
-    weights = _ring(np.concatenate([t.reshape(-1).numpy() for t in _generating_model().state_dict().values()]))
+    weights = _ring(np.concatenate([t.reshape(-1).numpy() for t in _generating_module().MODEL.state_dict().values()]))
     for rank, who in (("1", "p1"), ("2", "the dealer")):
         seen = np.concatenate([views[rank][key] for key in views[rank] if key.startswith("seen_")])
         assert int(np.isin(seen, weights).sum()) == 0, f"{who} holds p0's weights"
 
 
-def _generating_model() -> torch.nn.Module:
-    """The script's model (built from its seed at import; its session runs only as a script)."""
+def _generating_module() -> Any:
+    """tests/scripts/generate_party.py as a module: its model and prompt, built from its seed (its
+    session runs only as a script)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("generate_party", REPO / "tests" / "scripts" / "generate_party.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module.MODEL
+    return module
 
 
 def test_the_fingerprint_the_parties_compare_covers_approximations_and_mask_values() -> None:
