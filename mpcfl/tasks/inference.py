@@ -160,12 +160,13 @@ def _refuse_other_architectures(gm: torch.fx.GraphModule, parties: list[str], ra
     )
 
 
-def check_shape(gm: torch.fx.GraphModule, shape: tuple[int, ...], *, where: str, data_owner: str) -> None:
-    """Runs the architecture in plaintext on zeros, so a shape mismatch fails clearly, before sharing."""
+def check_shape(gm: torch.fx.GraphModule, shape: tuple[int, ...], *, where: str, data_owner: str) -> Any:
+    """Runs the architecture in plaintext on zeros (at most 2 rows of ``shape``), so a shape mismatch
+    fails clearly, before sharing; returns that output."""
     dtype = torch.float32 if one_hot_width(gm) is None else torch.long  # token ids for nn.Embedding
     try:
         with torch.no_grad():
-            gm(torch.zeros(min(shape[0], 2), *shape[1:], dtype=dtype))
+            return gm(torch.zeros(min(shape[0], 2), *shape[1:], dtype=dtype))
     except Exception as err:  # torch raises RuntimeError, ValueError, IndexError... for bad shapes
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MpcflError(f"{where}: {data_owner}'s inputs of shape {shape} do not fit the model: {first}") from None
@@ -208,18 +209,17 @@ def _sampled(sample: Callable[[torch.Tensor], torch.Tensor] | None, logits: torc
 
 def _check_next_token_logits(gm: torch.fx.GraphModule, rows: int, length: int, steps: int, *, where: str,
                              data_owner: str) -> None:
-    """Runs the architecture in plaintext on zeros: the longest prefix fits, and the output is
-    next-token logits for each of the ``rows`` prompts, (N, L, V) or (N, V), before anything is shared."""
-    check_shape(gm, (rows, length + steps - 1), where=where,
-                data_owner=f"{data_owner}: a prompt of {length} tokens and {steps} steps")
+    """Runs the architecture in plaintext on zeros of the longest prefix (:func:`check_shape`): it fits,
+    and the output is next-token logits for each of the ``rows`` prompts, (N, L, V) or (N, V), before
+    anything is shared."""
+    longest = length + steps - 1
+    out = check_shape(gm, (rows, longest), where=where, data_owner=f"{data_owner}: a prompt of {length} tokens and {steps} steps")
     n = min(rows, 2)
-    with torch.no_grad():
-        out = gm(torch.zeros(n, length, dtype=torch.float32 if one_hot_width(gm) is None else torch.long))
-    if not torch.is_tensor(out) or not (out.dim() == 3 and tuple(out.shape[:2]) == (n, length)
+    if not torch.is_tensor(out) or not (out.dim() == 3 and tuple(out.shape[:2]) == (n, longest)
                                         or out.dim() == 2 and out.shape[0] == n):
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise MpcflError(f"{where}: generate needs next-token logits, (N, L, V) or (N, V); on {n} prompts of "
-                         f"{length} tokens the model gives {shape}")
+                         f"{longest} tokens the model gives {shape}")
 
 
 class SecureServer:

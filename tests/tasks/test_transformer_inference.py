@@ -156,6 +156,33 @@ def test_generation_opens_only_the_tokens_to_their_owner_and_the_weights_once(sp
         assert int(np.isin(seen, weights).sum()) == 0, f"{who} holds p0's weights"
 
 
+def test_generate_refuses_before_sharing_a_head_that_is_not_next_token_logits_and_a_bad_prompt() -> None:
+    """A flattened head (N·L, V) would have every position opened: it is refused in plaintext, on zeros
+    of the longest prefix, as is a prompt longer than the model's positions or not N x L integer ids."""
+    from mpcfl.errors import MpcflError
+    from mpcfl.tasks.inference import _check_next_token_logits, _check_prompt
+
+    class Head(torch.nn.Module):
+        def __init__(self, flat: bool) -> None:
+            super().__init__()
+            self.flat, self.embed, self.head = flat, torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            out = self.head(self.embed(ids))
+            return out.flatten(0, 1) if self.flat else out
+
+    _check_next_token_logits(trace(Head(False)), 3, 4, 2, where="party p0", data_owner="party p1")
+    with pytest.raises(MpcflError, match=r"party p0: generate needs next-token logits.*gives \(10, 10\)"):
+        _check_next_token_logits(trace(Head(True)), 3, 4, 2, where="party p0", data_owner="party p1")
+    gpt2 = _generating_module().MODEL  # 12 positions
+    with pytest.raises(MpcflError, match=r"party p1: a prompt of 3 tokens and 11 steps's inputs of shape \(2, 13\) do not fit"):
+        _check_next_token_logits(trace(gpt2), 2, 3, 11, where="party p0", data_owner="party p1")
+    for bad in ([[1, 2], [3]], torch.tensor([1, 2]), torch.tensor([[1.5, 2.0]]), torch.tensor([[-1, 2]]), "12"):
+        with pytest.raises(MpcflError, match=r"party p1: generate: the prompt"):
+            _check_prompt(bad, "party p1")
+    assert _check_prompt(np.array([[1, 2, 3]]), "party p1").dtype == torch.int64
+
+
 def _generating_module() -> Any:
     """tests/scripts/generate_party.py as a module: its model and prompt, built from its seed (its
     session runs only as a script)."""
