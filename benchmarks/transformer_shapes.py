@@ -261,6 +261,7 @@ def gpt_model(vocab: int, context: int, layers: int, width: int) -> nn.Module:
 
 
 GPT_WAYS = ("one secure_predict per token", "served: tokens only, first call", "served: tokens only, again",
+            "served: tokens only, no key-value cache, first call", "served: tokens only, no key-value cache, again",
             "served: logits to the client, again")
 
 
@@ -268,7 +269,8 @@ def gpt_point(args: argparse.Namespace, me: Any) -> dict[str, Any] | None:
     """Greedy generation of ``--generate`` tokens after a ``--prompt``-token prompt, each way in turn:
     a ``secure_predict`` of the whole prefix per token (the weights shared and opened each time, every
     position's logits to the client), and one ``mpcfl.serve`` server's ``generate`` calls (the weights
-    shared and fixed once, in its first call; the argmax under MPC, or the logits opened)."""
+    shared and fixed once, in its first call; the argmax under MPC, or the logits opened; with the
+    key-value cache, one new position per token, or without it, the whole prefix)."""
     import mpcfl
     from mpcfl.mpc.session import all_gather_public, communication_stats
 
@@ -292,6 +294,8 @@ def gpt_point(args: argparse.Namespace, me: Any) -> dict[str, Any] | None:
     with mpcfl.serve(model, **options) as served:
         runs = dict(zip(GPT_WAYS, (per_call, lambda: served.generate(prompt, args.generate),
                                    lambda: served.generate(prompt, args.generate),
+                                   lambda: served.generate(prompt, args.generate, key_value_cache=False),
+                                   lambda: served.generate(prompt, args.generate, key_value_cache=False),
                                    lambda: served.generate(prompt, args.generate, reveal_logits=True))))
         for name, run in runs.items():
             before, started = communication_stats(), time.perf_counter()

@@ -169,6 +169,8 @@ def test_transformer_shapes_runs_every_way_and_the_decoder_on_a_tiny_model(tmp_p
     # and fewer again once fixed; the argmax under MPC costs rounds, not bytes, beside opening the logits.
     first, again = gpt["served: tokens only, first call"]["mb_per_token"], gpt["served: tokens only, again"]["mb_per_token"]
     assert again < first < gpt["one secure_predict per token"]["mb_per_token"], gpt
+    # the key-value cache runs a token's one new position: fewer bytes than the whole prefix
+    assert again < gpt["served: tokens only, no key-value cache, again"]["mb_per_token"], gpt
     assert "| one secure_predict per token |" in done.stdout
     assert "| 1x32 (1 x 32) | 6 | exact |" in done.stdout
 

@@ -260,6 +260,7 @@ _FUNCTIONS: dict[Any, Callable[..., Any]] = {
     F.silu: lambda x, inplace=False: tf.silu(x),
     F.layer_norm: _functional_layer_norm,
     F.scaled_dot_product_attention: tf.scaled_dot_product_attention,
+    tf.decoder_positions: tf.decoder_positions,
     torch.matmul: lambda a, b: a.matmul(b),
     operator.matmul: lambda a, b: a.matmul(b),
     torch.transpose: lambda x, a, b: x.transpose(a, b),

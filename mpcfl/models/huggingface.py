@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpcfl.models.transformer import UnsupportedOperationError
+from mpcfl.models.transformer import UnsupportedOperationError, decoder_positions
+
+# a leaf in the traced graph: GPT-2's positions continue after a key-value cache's (mpcfl.models.transformer)
+torch.fx.wrap("decoder_positions")
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -162,7 +165,7 @@ class _GPT2(_Rewrite):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         gpt = self._base()
         x = gpt.wte(ids)
-        x = x + gpt.wpe.weight[: x.shape[1]]
+        x = x + decoder_positions(gpt.wpe.weight, x.shape[1])
         for block in gpt.h:
             a = block.attn
             qkv = _conv1d(a.c_attn, block.ln_1(x)).split(a.embed_dim, dim=-1)

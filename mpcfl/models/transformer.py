@@ -23,7 +23,7 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -80,6 +80,70 @@ def approximations(mode: Approximations) -> Iterator[None]:
 
 def _friendly() -> bool:
     return _APPROXIMATIONS.get() == "mpc_friendly"
+
+
+@dataclass
+class KeyValueCache:
+    """A causal decoder's keys and values of the positions already run, kept secret-shared between
+    calls, so that each generated token runs the model on that one new position only.
+
+    Inside :func:`decoding`, every causal attention call (in graph order) appends its new keys and
+    values to its entry and attends over all of them, and :func:`decoder_positions` continues at
+    ``past``. Nothing is opened: the entries are the attention's own shares.
+    """
+
+    past: int = 0  # positions run so far: public, as every shape is
+    entries: list[tuple[Any, Any]] = field(default_factory=list)  # (keys, values) per attention call
+    _calls: int = 0
+
+    def extend(self, k: Any, v: Any) -> tuple[Any, Any]:
+        """This call's keys and values after the cached ones, along the sequence dim (-2)."""
+        if self._calls < len(self.entries):
+            old_k, old_v = self.entries[self._calls]
+            cat = torch.cat if torch.is_tensor(k) else _crypten().cat  # plain in emulation
+            k, v = cat([old_k, k], dim=-2), cat([old_v, v], dim=-2)
+            self.entries[self._calls] = (k, v)
+        else:
+            self.entries.append((k, v))
+        self._calls += 1
+        return k, v
+
+
+_CACHE: contextvars.ContextVar[KeyValueCache | None] = contextvars.ContextVar("key_value_cache", default=None)
+
+
+@contextlib.contextmanager
+def decoding(cache: KeyValueCache, length: int) -> Iterator[None]:
+    """Runs one call of a cacheable decoder (:func:`cacheable`) on ``length`` new positions, after ``cache.past``."""
+    cache._calls = 0
+    token = _CACHE.set(cache)
+    try:
+        yield
+    finally:
+        _CACHE.reset(token)
+    cache.past += length
+
+
+def decoder_positions(table: Any, length: int) -> Any:
+    """Rows ``past .. past + length - 1`` of a learnt position table: ``past`` is 0 but inside
+    :func:`decoding`. A leaf under torch.fx (:mod:`mpcfl.models.huggingface` wraps it), so a decoder
+    that uses it runs with a :class:`KeyValueCache`."""
+    cache = _CACHE.get()
+    past = 0 if cache is None else cache.past
+    return table[past : past + length]
+
+
+def cacheable(gm: torch.fx.GraphModule) -> bool:
+    """Whether the traced model runs one position at a time with a :class:`KeyValueCache`: its positions
+    come from :func:`decoder_positions` (Hugging Face's GPT-2) and every attention is causal SDPA."""
+    calls = [node for node in gm.graph.nodes if node.op == "call_function"]
+    sdpa = [node for node in calls if node.target is F.scaled_dot_product_attention]
+    attending = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer,
+                 nn.TransformerDecoder)  # attention the cache does not see
+    return (any(node.target is decoder_positions for node in calls) and bool(sdpa)
+            and all(node.kwargs.get("is_causal") is True and len(node.args) <= 3 for node in sdpa)
+            and not any(node.op == "call_module" and isinstance(gm.get_submodule(node.target), attending)
+                        for node in gm.graph.nodes))
 
 
 class UnsupportedOperationError(MpcflError):
@@ -346,8 +410,9 @@ def public_mask(mask: torch.Tensor | None, *, true_means_keep: bool) -> tuple[to
     return (None if bool(keep.all()) else keep), (bias if bool(bias.any()) else None)
 
 
-def _causal(length: int, source: int) -> torch.Tensor:
-    return torch.ones(length, source, dtype=torch.bool).tril()
+def _causal(length: int, source: int, past: int = 0) -> torch.Tensor:
+    """Query i sees keys 0 .. past + i: torch's ``is_causal`` (aligned at the start) where ``past`` is 0."""
+    return torch.ones(length, source, dtype=torch.bool).tril(past)
 
 
 def _merge_keep(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -375,9 +440,15 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, attn_mask: torch.Tensor
     """``F.scaled_dot_product_attention`` in eval (dropout off); masks public."""
     if enable_gqa:
         raise UnsupportedOperationError("scaled_dot_product_attention with enable_gqa=True")
+    cache, past = _CACHE.get(), 0
+    if cache is not None:  # query i is position past + i, after the cached keys
+        if not is_causal or attn_mask is not None:
+            raise UnsupportedOperationError("a key-value cache needs causal attention without another mask")
+        k, v = cache.extend(k, v)
+        past = k.size(-2) - q.size(-2)
     keep, bias = public_mask(attn_mask, true_means_keep=True)
     if is_causal:
-        keep = _merge_keep(keep, _causal(q.size(-2), k.size(-2)))
+        keep = _merge_keep(keep, _causal(q.size(-2), k.size(-2), past))
     return attention(q, k, v, keep, bias, scale)
 
 

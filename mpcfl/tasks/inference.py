@@ -36,7 +36,8 @@ from mpcfl.mpc.engine import import_crypten
 from mpcfl.jobs.session import session_of
 from mpcfl.jobs.schema import InferenceJob
 from mpcfl.models.convert import encode_inputs, encrypt_model, one_hot_width, public_tensors, trace
-from mpcfl.models.transformer import Approximations, approximations as approximated, row_argmax
+from mpcfl.models.transformer import (Approximations, KeyValueCache, approximations as approximated, cacheable,
+                                      decoding, row_argmax)
 from mpcfl.errors import MpcflError
 from mpcfl.models.factory import build_factory_model
 from mpcfl.outputs import write_json, write_npy
@@ -260,10 +261,15 @@ class SecureServer:
 
     def generate(
         self, prompt: torch.Tensor | None, steps: int, *, reveal_logits: bool = False,
-        sample: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        sample: Callable[[torch.Tensor], torch.Tensor] | None = None, key_value_cache: bool = True,
     ) -> torch.Tensor | None:
         """Extends the data owner's token ids ``prompt`` (N x L; ``None`` elsewhere) by ``steps`` tokens,
         one model call each, the weights shared and their masks fixed once for all of them.
+
+        A decoder that :func:`~mpcfl.models.transformer.cacheable` accepts (Hugging Face's GPT-2) keeps
+        its attention's keys and values secret-shared from call to call (``key_value_cache``, every
+        party the same): the prompt runs once, then each token on its one new position. Any other
+        model, or ``key_value_cache=False``, runs the whole prefix for each token.
 
         The model gives next-token logits: (N, L, V), as a language model's head (the last position
         is used), or (N, V). By default each next token is the logits' argmax taken under MPC
@@ -278,8 +284,9 @@ class SecureServer:
             The data owner's N x (L + steps) token ids; ``None`` elsewhere.
 
         Raises:
-            MpcflError: bad arguments or prompt, a mismatch between the parties' ``steps`` or
-                ``reveal_logits``, a model that gives no next-token logits, or a peer failed.
+            MpcflError: bad arguments or prompt, a mismatch between the parties' ``steps``,
+                ``reveal_logits`` or ``key_value_cache``, a model that gives no next-token logits, or a
+                peer failed.
         """
         me, data_rank = self._me, self._data_rank
         where, parties = f"party {me.name}", list(me.session.parties)
@@ -287,24 +294,32 @@ class SecureServer:
         def checks() -> torch.Tensor | None:  # every party's arguments, and the data owner's prompt, in one round
             if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
                 raise MpcflError(f"{where}: generate: steps must be a positive integer, got {steps!r}")
-            if not isinstance(reveal_logits, bool):
-                raise MpcflError(f"{where}: generate: reveal_logits must be True or False, got {reveal_logits!r}")
+            for name, flag in (("reveal_logits", reveal_logits), ("key_value_cache", key_value_cache)):
+                if not isinstance(flag, bool):
+                    raise MpcflError(f"{where}: generate: {name} must be True or False, got {flag!r}")
             return _check_prompt(prompt, where) if me.rank == data_rank else None
 
         ids, public = agreed_public("generation checks", parties, checks,
-                                    lambda done: [steps, int(reveal_logits), *(done.shape if done is not None else (0, 0))],
-                                    width=4)
-        for column, what in ((0, "steps"), (1, "reveal_logits")):
+                                    lambda done: [steps, int(reveal_logits), int(key_value_cache),
+                                                  *(done.shape if done is not None else (0, 0))],
+                                    width=5)
+        for column, what in ((0, "steps"), (1, "reveal_logits"), (2, "key_value_cache")):
             if len({row[column] for row in public}) > 1:
                 told = ", ".join(f"{name} {row[column]}" for name, row in zip(parties, public))
                 raise MpcflError(f"{where}: the parties asked for different {what} ({told}); every party must pass the same")
-        rows, length = public[data_rank][2:]
+        rows, length = public[data_rank][3:]
         gm = self._graph()
         agreed("generation shape checks", parties, lambda: _check_next_token_logits(
             gm, rows, length, steps, where=where, data_owner=f"party {self._data_owner}"))
+        cache = KeyValueCache() if key_value_cache and cacheable(gm) else None
+        if key_value_cache and cache is None:
+            log.info("generate: %s is not a decoder the key-value cache serves; each token runs the whole prefix",
+                     type(self._model).__name__)
         crypten = import_crypten()
-        for _ in tqdm(range(steps), desc="secure generation", unit="token", disable=me.rank != data_rank or steps < 2):
-            logits = self._outputs(ids, rows, calls=steps)
+        for step in tqdm(range(steps), desc="secure generation", unit="token", disable=me.rank != data_rank or steps < 2):
+            # with the cache, a token runs its one new position (the data owner's last id)
+            new = ids[:, -1:] if cache is not None and step > 0 and ids is not None else ids
+            logits = self._outputs(new, rows, calls=steps, cache=cache)
             logits = logits[:, -1] if logits.dim() == 3 else logits  # the shapes were checked in plaintext above
             if reveal_logits:
                 opened = reveal(logits, to=[data_rank], what="next-token logits")
@@ -324,9 +339,11 @@ class SecureServer:
             self._gm = trace(self._model)
         return self._gm
 
-    def _outputs(self, inputs: torch.Tensor | None, batch_size: int, *, calls: int = 1) -> Any:
+    def _outputs(self, inputs: torch.Tensor | None, batch_size: int, *, calls: int = 1,
+                 cache: KeyValueCache | None = None) -> Any:
         """The model's outputs on ``inputs``, secret-shared; ``calls``: how many such calls are planned
-        (a first call of several fixes the weights' masks, as a call of several batches does)."""
+        (a first call of several fixes the weights' masks, as a call of several batches does); ``cache``:
+        the decoder's keys and values so far, for inputs that are its next positions (one batch)."""
         me, data_rank = self._me, self._data_rank
         session, where = me.session, f"party {me.name}"
 
@@ -369,12 +386,16 @@ class SecureServer:
             if mask_reuse and (self._many or len(starts) > 1 or calls > 1):
                 self._fixed = fixed_mask.fix_weights(self._secure.tensors, label="served weights")
         outputs = []
+        if cache is not None and len(starts) > 1:
+            raise MpcflError(f"{where}: a key-value cache runs one batch per call, not {len(starts)}")
+        past = None if cache is None else cache.past  # the dealer's requests depend on it: part of the key
         with crypten.no_grad(), approximated(self._approximations):
             for start in tqdm(starts, desc="secure inference", unit="batch", disable=me.rank != data_rank or len(starts) < 2):
                 rows = min(batch_size, shape[0] - start)
                 local = inputs[start : start + rows] if me.rank == data_rank else torch.zeros(rows, *shape[1:])
                 # The fixed masks' binding is in the key: a recording names the masks it was made with.
-                with prefetching(("secure_predict", *fingerprints, rows, *shape[1:], self._fixed), enabled=prefetch):
+                with prefetching(("secure_predict", *fingerprints, rows, *shape[1:], self._fixed, past), enabled=prefetch), \
+                        decoding(cache, shape[1]) if cache is not None else contextlib.nullcontext():
                     outputs.append(self._secure(crypten.cryptensor(local, src=data_rank, device=device)))
         return crypten.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
 

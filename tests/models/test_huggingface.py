@@ -130,3 +130,32 @@ def test_training_huggingface_models_is_refused_by_name() -> None:
     with pytest.raises(UnsupportedModelError, match=r"ViTForImageClassification: Hugging Face models run under MPC for "
                                                      r"inference only"):
         trainable(_vit())
+
+
+@pytest.mark.parametrize("mode", ["exact", "mpc_friendly"])
+def test_a_key_value_cache_gives_the_whole_prefix_s_logits_one_position_at_a_time(mode: str) -> None:
+    """GPT-2 run on a prompt and then one token per call, its keys and values cached (positions continuing
+    after them), gives the logits of one run on the whole sequence; the other models are not cacheable."""
+    from mpcfl.models import transformer as tf
+
+    torch.manual_seed(0)
+    model, ids = _gpt2().eval(), _ids()
+    assert tf.cacheable(trace(model)) and tf.cacheable(trace(_gpt2(head=False)))
+    assert not any(tf.cacheable(trace(m)) for m in (_bert(), _vit(), nn.TransformerDecoderLayer(8, 2, batch_first=True)))
+    with torch.no_grad():
+        whole = emulate(model, ids, mode)
+        cache, parts = tf.KeyValueCache(), []
+        for start, end in ((0, 3), (3, 4), (4, 5), (5, 6)):
+            with tf.decoding(cache, end - start):
+                parts.append(emulate(model, ids[:, start:end], mode))
+    assert cache.past == LENGTH and len(cache.entries) == 2  # one (keys, values) per layer
+    assert cache.entries[0][0].shape == (2, 4, LENGTH, 8)  # N, heads, positions, head width
+    assert (torch.cat(parts, dim=1) - whole).abs().max() < 1e-4
+    if mode == "exact":  # the friendly mode's operators are other functions
+        assert (whole - _reference(model, ids)).abs().max() < 1e-4
+    # Attention that is not causal would see later positions a cache has not run: refused.
+    with tf.decoding(tf.KeyValueCache(), 1), pytest.raises(tf.UnsupportedOperationError, match="needs causal attention"):
+        tf.scaled_dot_product_attention(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), torch.zeros(1, 1, 2))
+    # Query i of 2 after 3 cached keys sees keys 0 .. 3 + i; without a cache, torch's own causal mask.
+    assert tf._causal(2, 5, 3).tolist() == [[True] * 4 + [False], [True] * 5]
+    assert torch.equal(tf._causal(3, 3), torch.ones(3, 3, dtype=torch.bool).tril())

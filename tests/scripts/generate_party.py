@@ -1,10 +1,11 @@
 """Secure generation in one session, run by p0 (model owner) and p1 (data owner) under ``mpcfl launch``:
 one ``mpcfl.serve`` server of a small Hugging Face GPT-2 generates 3 tokens for 2 prompts with only the
-tokens opened (the argmax under MPC), then 2 with the logits opened to p1 and picked by its sampler;
+tokens opened (the argmax under MPC; the key-value cache on), the same again without the cache (each
+token runs the whole prefix) and with it, then 2 with the logits opened to p1 and picked by its sampler;
 then the parties ask for different ``steps`` and are refused. Each party prints what it got, the
 bytes of each generation, and, on p1, each token's regret against plaintext's logits on the same prefix.
-Under the recorder (tests/spy), the logits generation is tagged phase ``logits``. A test imports
-``MODEL`` and ``PROMPT`` from here.
+Under the recorder (tests/spy), the later generations are tagged phases ``prefix``, ``cached`` and
+``logits``. A test imports ``MODEL``, ``PROMPT`` and ``GENERATIONS`` from here.
 """
 
 import json
@@ -29,6 +30,9 @@ with torch.no_grad():  # distinct weights far from zero: a recorder can tell the
     for parameter in MODEL.parameters():
         parameter.uniform_(-0.5, 0.5)
 PROMPT = torch.randint(0, 40, (2, 3))
+# (recorder phase, steps, reveal_logits, key_value_cache) of each generation, in order
+GENERATIONS = (("protocol", 3, False, True), ("prefix", 3, False, False), ("cached", 3, False, True),
+               ("logits", 2, True, True))
 
 
 def regret(ids: torch.Tensor) -> float:
@@ -44,11 +48,12 @@ def main() -> None:
         mine = PROMPT if me.rank == 1 else None
         got, moved, kept = [], [], []
         with mpcfl.serve(MODEL, model_owner="p0", data_owner="p1") as served:
-            for steps, logits in ((3, False), (2, True)):
-                if logits and spy is not None and hasattr(spy, "phase"):
-                    spy.phase("logits")
+            for phase, steps, logits, cache in GENERATIONS:
+                if spy is not None and hasattr(spy, "phase"):
+                    spy.phase(phase)
                 before = communication_stats()["bytes"]
-                out = served.generate(mine, steps, reveal_logits=logits, sample=(lambda x: x.argmax(-1)) if logits else None)
+                out = served.generate(mine, steps, reveal_logits=logits, sample=(lambda x: x.argmax(-1)) if logits else None,
+                                      key_value_cache=cache)
                 moved.append(communication_stats()["bytes"] - before)
                 got.append(None if out is None else out.tolist())
                 kept.append(len(import_crypten().mpc.get_default_provider().fixed_mask_room()[0]))

@@ -103,33 +103,39 @@ def test_the_vit_job_shows_the_bank_no_pixel_or_prediction_and_the_clinic_no_wei
 
 def test_generation_opens_only_the_tokens_to_their_owner_and_the_weights_once(spied: Path) -> None:
     """tests/scripts/generate_party.py: a served GPT-2 generates 3 tokens for 2 prompts (the argmax under
-    MPC), then 2 with the logits opened to p1, then refuses parties that ask for different steps."""
+    MPC, with the key-value cache), the same without the cache and with it again, then 2 with the logits
+    opened to p1, then refuses parties that ask for different steps."""
     lines = party_lines("generate_party.py", 2, "generate party")
-    found = {rank: re.fullmatch(r"got=(.*) moved=(.*) kept=\[(\d+), (\d+)\] regrets=(.*) refused=(.*)", line)
+    found = {rank: re.fullmatch(r"got=(.*) moved=(.*) kept=\[([\d, ]+)\] regrets=(.*) refused=(.*)", line)
              for rank, line in lines.items()}
     assert all(found.values()), lines
-    tokens, logits = json.loads(found["1"].group(1))
-    assert json.loads(found["0"].group(1)) == [None, None], "the model owner got tokens"
-    assert [len(row) for row in tokens] == [6, 6] and [len(row) for row in logits] == [5, 5]
-    # Each token plaintext's argmax on the same prefix, or within fixed point's error of a near tie.
-    assert max(json.loads(found["1"].group(5))) < 0.02, lines["1"]
-    # The weights were shared and their masks fixed in the first generation: the second moves less
-    # per token (its 256 logits opened to p1 cost less than the first's sharing and fixing).
-    first, second = json.loads(found["1"].group(2))
-    assert second / 2 < first / 3, lines["1"]
-    # The dealer kept the weights' masks through both generations (released when the server closed).
-    assert found["1"].group(3) == found["1"].group(4) != "0", "the weights' masks were not kept for both generations"
+    tokens, prefix, cached, logits = json.loads(found["1"].group(1))
+    assert json.loads(found["0"].group(1)) == [None] * 4, "the model owner got tokens"
+    assert [len(row) for row in tokens + prefix + cached] == [6] * 6 and [len(row) for row in logits] == [5, 5]
+    # Each token plaintext's argmax on the same prefix, or within fixed point's error of a near tie:
+    # with the cache (one new position per token) as without it (the whole prefix).
+    assert max(json.loads(found["1"].group(4))) < 0.02, lines["1"]
+    # The weights were shared and their masks fixed in the first generation: the same one again moves
+    # less; with the cache, a token shares and runs one position, not the prefix (2.3x fewer bytes here).
+    first, whole_prefix, again, opened_logits = json.loads(found["1"].group(2))
+    assert again < first and 2 * again < whole_prefix and opened_logits / 2 < first / 3, lines["1"]
+    # The dealer kept the weights' masks through every generation (released when the server closed).
+    kept = found["1"].group(3).split(", ")
+    assert len(set(kept)) == 1 and kept[0] != "0", "the weights' masks were not kept for every generation"
     for rank in ("0", "1"):
-        refused = found[rank].group(6)
+        refused = found[rank].group(5)
         assert "asked for different steps (p0 2, p1 3); every party must pass the same" in refused, lines[rank]
 
     views = spy_views(spied)  # rank 0: p0 (model owner), 1: p1 (data owner), 2: the dealer
     generated = np.array([row[3:] for row in tokens], dtype=np.int64)
     opened = views["1"]["opened_protocol"]
-    # Only the 6 token ids were opened to p1 in the first generation, never a logit: exactly id x 2^16
+    # Only the 6 token ids were opened to p1 in each tokens-only generation, never a logit: exactly id x 2^16
     # (the comparison bits have scale 1: nothing on the index path truncates).
     assert opened.size == generated.size, opened.size
     assert np.array_equal(np.sort(opened), np.sort(generated.reshape(-1) * 2**16)), opened
+    for phase, ids in (("prefix", prefix), ("cached", cached)):
+        again = np.array([row[3:] for row in ids], dtype=np.int64).reshape(-1) * 2**16
+        assert np.array_equal(np.sort(views["1"][f"opened_{phase}"]), np.sort(again)), phase
     # Nor did any process hold the first generation's logits in plaintext (opened to all, say):
     # plaintext's, within 2^10 ring units (MPC's error is under 2^9 here).
     module = _generating_module()
@@ -148,7 +154,7 @@ def test_generation_opens_only_the_tokens_to_their_owner_and_the_weights_once(sp
         seen = np.concatenate([views[rank][key] for key in views[rank] if key.startswith("seen_")])
         assert int(np.isin(seen, prompt_and_tokens).sum()) == 0, f"rank {rank} holds p1's tokens"
         received = np.concatenate([views[rank].get(f"received_{phase}", np.zeros(0, dtype=np.int64))
-                                   for phase in ("protocol", "logits")])
+                                   for phase in ("protocol", "prefix", "cached", "logits")])
         assert int(received.sum()) == 0, f"rank {rank} received data during an opening"
     weights = _ring(np.concatenate([t.reshape(-1).numpy() for t in _generating_module().MODEL.state_dict().values()]))
     for rank, who in (("1", "p1"), ("2", "the dealer")):
