@@ -386,6 +386,7 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
         raise UnsupportedModelError(
             f"{type(model).__name__} cannot be traced with torch.fx: {str(err).splitlines()[0]}"
         ) from None
+    gm.meta["key_value_cache"] = getattr(type(model), "key_value_cache", False) is True  # see tf.cacheable
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         raise UnsupportedModelError(f"{type(model).__name__}.forward takes {len(inputs)} inputs; one is supported")

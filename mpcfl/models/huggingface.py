@@ -162,6 +162,9 @@ class _Bert(_Rewrite):
 class _GPT2(_Rewrite):
     """GPT2Model (the last hidden state) or GPT2LMHeadModel (the logits over the vocabulary); causal."""
 
+    # positions mix only in causal SDPA: generation may run one new position at a time (transformer.cacheable)
+    key_value_cache = True
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         gpt = self._base()
         x = gpt.wte(ids)

@@ -130,17 +130,23 @@ def decoder_positions(table: Any, length: int) -> Any:
     that uses it runs with a :class:`KeyValueCache`."""
     cache = _CACHE.get()
     past = 0 if cache is None else cache.past
+    if past + length > table.size(0):  # a slice would quietly come out short, and broadcast
+        raise UnsupportedOperationError(f"positions {past} to {past + length - 1}: the model has {table.size(0)}")
     return table[past : past + length]
 
 
 def cacheable(gm: torch.fx.GraphModule) -> bool:
-    """Whether the traced model runs one position at a time with a :class:`KeyValueCache`: its positions
-    come from :func:`decoder_positions` (Hugging Face's GPT-2) and every attention is causal SDPA."""
+    """Whether the traced model runs one position at a time with a :class:`KeyValueCache`: its class says
+    its positions mix only through causal SDPA (``key_value_cache = True``, which
+    :func:`mpcfl.models.convert.trace` records in ``gm.meta``: Hugging Face's GPT-2 rewrite alone), its
+    positions come from :func:`decoder_positions`, and every attention is causal SDPA without a mask.
+    The graph alone cannot show it: a mean over the positions, or attention written out by hand,
+    would mix them unseen."""
     calls = [node for node in gm.graph.nodes if node.op == "call_function"]
     sdpa = [node for node in calls if node.target is F.scaled_dot_product_attention]
     attending = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer,
                  nn.TransformerDecoder)  # attention the cache does not see
-    return (any(node.target is decoder_positions for node in calls) and bool(sdpa)
+    return (gm.meta.get("key_value_cache") is True and any(node.target is decoder_positions for node in calls) and bool(sdpa)
             and all(node.kwargs.get("is_causal") is True and len(node.args) <= 3 for node in sdpa)
             and not any(node.op == "call_module" and isinstance(gm.get_submodule(node.target), attending)
                         for node in gm.graph.nodes))
@@ -309,25 +315,51 @@ def row_max(x: Any, dim: int) -> Any:
 
 def row_argmax(x: Any) -> Any:
     """The index of each row's largest entry along the last dimension, secret-shared (shape ``x``'s
-    without it), the first of entries equal in fixed point, as ``torch.argmax``: a tournament of
-    neighbours, n - 1 comparisons in ceil(log2 n) rounds, each round's winners and their indices
-    picked by one product. Only the indices may then be opened: the values never are. Exact while
-    entries differ by less than 2^47 in fixed point (their differences are compared); near-ties
-    within the inputs' own MPC error may go either way."""
+    without it), the first of entries equal in fixed point, as ``torch.argmax``: a tournament of groups
+    of four (two of the last entries where fewer remain), ceil(log4 n) rounds of comparisons, each of
+    a round's groups compared pairwise (6 comparisons) in one go and its winner and index picked by
+    three products (:func:`_group_winners`). Only the indices may then be opened: the values never are.
+    Exact while entries differ by less than 2^47 in fixed point (their differences are compared);
+    near-ties within the inputs' own MPC error may go either way."""
     crypten = _crypten()
     index = _public_shares(torch.arange(x.size(-1), dtype=torch.float32).expand(x.size()), like=x)
     while x.size(-1) > 1:
         n = x.size(-1)
-        pairs = n - n % 2
-        a, b = x[..., 0:pairs:2], x[..., 1:pairs:2]
-        ia, ib = index[..., 0:pairs:2], index[..., 1:pairs:2]
-        first = a.ge(b)  # 1 where the lower index wins: ties go to it
-        both = crypten.stack([a - b, ia - ib]) * first
-        winners, indices = b + both[0], ib + both[1]
-        if n % 2:  # the odd one out goes on to the next round as it is
-            winners, indices = crypten.cat([winners, x[..., n - 1 :]], dim=-1), crypten.cat([indices, index[..., n - 1 :]], dim=-1)
+        width = 4 if n >= 4 else 2
+        whole = n - n % width  # entries in whole groups; the rest go on to the next round as they are
+        winners, indices = _group_winners(x[..., :whole], index[..., :whole], width)
+        if whole < n:
+            winners, indices = crypten.cat([winners, x[..., whole:]], dim=-1), crypten.cat([indices, index[..., whole:]], dim=-1)
         x, index = winners, indices
     return index[..., 0]
+
+
+def _group_winners(x: Any, index: Any, width: int) -> tuple[Any, Any]:
+    """Each group of ``width`` (2 or 4) neighbours' first largest entry and its index.
+
+    One comparison per pair of a group, all in one call: ``beats[p, q] = x_p >= x_q`` for p < q, so a
+    tie goes to the lower index. Entry p wins if it beats every later entry and no earlier one beats
+    it: a product of ``width - 1`` such bits (scale 1, so no truncation), taken in one product for
+    width 2 and two for width 4; then one product picks the winner and its index from the ``width``
+    entries (exactly one wins: the order is total).
+    """
+    crypten = _crypten()
+    groups = [x[..., p::width] for p in range(width)]
+    places = [index[..., p::width] for p in range(width)]
+    pairs = [(p, q) for p in range(width) for q in range(p + 1, width)]
+    beats = crypten.stack([groups[p] for p, _ in pairs]).ge(crypten.stack([groups[q] for _, q in pairs]))
+    bit = {pair: beats[i] for i, pair in enumerate(pairs)}
+    # wins[p]: the factors that say p beats each other entry of its group
+    wins = [[bit[p, q] if p < q else 1 - bit[q, p] for q in range(width) if q != p] for p in range(width)]
+    if width == 2:
+        first = wins[0][0]  # 1 where the lower index wins: the other's bit is 1 - it
+        both = crypten.stack([groups[0] - groups[1], places[0] - places[1]]) * first
+        return groups[1] + both[0], places[1] + both[1]
+    halves = crypten.stack([f[0] for f in wins]) * crypten.stack([f[1] for f in wins])
+    won = halves * crypten.stack([f[2] for f in wins])  # (width, ...): exactly one 1 per group
+    values = crypten.stack([crypten.stack(groups), crypten.stack(places)]) * won  # (2, width, ...)
+    picked = values.sum(1)
+    return picked[0], picked[1]
 
 
 def _public_shares(value: torch.Tensor, *, like: Any) -> Any:

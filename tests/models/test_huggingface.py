@@ -13,14 +13,16 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mpcfl.models.convert import UnsupportedModelError, emulate, encode_inputs, encrypt_model, trace, trainable
-from mpcfl.models.transformer import approximations
+from mpcfl.models.transformer import approximations, decoder_positions
 from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.reveal import reveal
 
 transformers = pytest.importorskip("transformers")
+torch.fx.wrap("decoder_positions")  # a leaf in this module's models too, as in GPT-2's rewrite
 
 VOCAB, LENGTH = 40, 6
 #: 2 layers, width 32, 4 heads; initializer_range 0.1 (HF's 0.02 makes BERT's first LayerNorm see variances
@@ -142,6 +144,19 @@ def test_a_key_value_cache_gives_the_whole_prefix_s_logits_one_position_at_a_tim
     model, ids = _gpt2().eval(), _ids()
     assert tf.cacheable(trace(model)) and tf.cacheable(trace(_gpt2(head=False)))
     assert not any(tf.cacheable(trace(m)) for m in (_bert(), _vit(), nn.TransformerDecoderLayer(8, 2, batch_first=True)))
+
+    class Mixing(nn.Module):  # GPT-2's positions and causal SDPA, and a mean over the positions the graph does not flag
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.positions = nn.Embedding(VOCAB, 8), nn.Parameter(torch.randn(16, 8))
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            x = self.embed(ids)
+            x = x + decoder_positions(self.positions, x.shape[1])
+            x = x + x.mean(1, keepdim=True)
+            return F.scaled_dot_product_attention(x, x, x, is_causal=True)
+
+    assert not tf.cacheable(trace(Mixing()))  # its class does not declare key_value_cache
     with torch.no_grad():
         whole = emulate(model, ids, mode)
         cache, parts = tf.KeyValueCache(), []
@@ -153,6 +168,9 @@ def test_a_key_value_cache_gives_the_whole_prefix_s_logits_one_position_at_a_tim
     assert (torch.cat(parts, dim=1) - whole).abs().max() < 1e-4
     if mode == "exact":  # the friendly mode's operators are other functions
         assert (whole - _reference(model, ids)).abs().max() < 1e-4
+    # Positions past the model's table (a data owner that sent more than one id a step) are refused.
+    with tf.decoding(cache, 11), pytest.raises(tf.UnsupportedOperationError, match="positions 6 to 16: the model has 16"):
+        emulate(model, torch.zeros(2, 11))
     # Attention that is not causal would see later positions a cache has not run: refused.
     with tf.decoding(tf.KeyValueCache(), 1), pytest.raises(tf.UnsupportedOperationError, match="needs causal attention"):
         tf.scaled_dot_product_attention(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), torch.zeros(1, 1, 2))

@@ -298,3 +298,18 @@ def test_token_ids_are_checked_before_one_hot_encoding() -> None:
         with pytest.raises(UnsupportedModelError, match=r"integers in \[0, 11\)"):
             encode_inputs(gm, bad)
 
+
+
+def test_the_secret_argmax_is_torch_s_first_maximum(crypten_single: None) -> None:
+    """``row_argmax`` on rows of every length up to 17, and 1,000 and 50,257 entries, with ties (drawn from
+    few values, and a row of one value): each row's index of its first largest entry, exactly."""
+    from mpcfl.models.transformer import row_argmax
+
+    crypten = import_crypten()
+    torch.manual_seed(0)
+    rows = [torch.randint(-3, 4, (3, n)).float() / 4 for n in range(1, 18)]  # many ties
+    rows += [torch.randn(2, n) * 50 for n in (5, 16, 1000, 50257)] + [torch.full((1, 9), 2.5)]
+    rows.append(torch.randn(2, 3, 6))  # leading dims
+    for x in rows:
+        index = reveal(row_argmax(crypten.cryptensor(x, src=0)), to=[0], what="test argmax")
+        assert torch.equal(index.round().long(), x.argmax(-1)), (x.shape, index, x.argmax(-1))
