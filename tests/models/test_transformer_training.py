@@ -52,21 +52,22 @@ _KEEP = torch.tensor([[True, True, False, True, True]] * 4)
 @pytest.mark.parametrize(
     ("name", "secure_fn", "plain_fn", "x", "tolerance"),
     [
-        ("gelu", tf.gelu, lambda t: F.gelu(t, approximate="tanh"), _SPREAD, 5e-3),
-        ("gelu erf", tf.gelu, F.gelu, _SPREAD, 5e-3),  # the tanh form's derivative is within 1.2e-3 of erf's
-        ("silu", tf.silu, F.silu, _SPREAD, 5e-3),
-        ("softmax", lambda t: tf.softmax(t, -1), lambda t: F.softmax(t, -1), torch.randn(4, 5) * 4, 3e-3),
+        ("gelu", tf.gelu, lambda t: F.gelu(t, approximate="tanh"), lambda: _SPREAD, 5e-3),
+        ("gelu erf", tf.gelu, F.gelu, lambda: _SPREAD, 5e-3),  # the tanh form's derivative is within 1.2e-3 of erf's
+        ("silu", tf.silu, F.silu, lambda: _SPREAD, 5e-3),
+        ("softmax", lambda t: tf.softmax(t, -1), lambda t: F.softmax(t, -1), lambda: torch.randn(4, 5) * 4, 3e-3),
         ("masked softmax", lambda t: tf.softmax(t, -1, keep=_KEEP), lambda t: F.softmax(t.masked_fill(~_KEEP, -torch.inf), -1),
-         torch.randn(4, 5) * 4, 3e-3),
+         lambda: torch.randn(4, 5) * 4, 3e-3),
         # rows with variances from ~1e-2 to ~1e4: the backward reuses the forward's rescaled 1/sigma
         ("layer_norm", lambda t: tf.layer_norm(t, {}, 1e-5), lambda t: F.layer_norm(t, (16,)),
-         torch.randn(6, 16) * torch.logspace(-1, 2, 6)[:, None] + 3, 5e-3),
+         lambda: torch.randn(6, 16) * torch.logspace(-1, 2, 6)[:, None] + 3, 5e-3),
     ],
 )
 def test_operator_gradients_match_torch(crypten_single: None, name: str, secure_fn: Callable, plain_fn: Callable,
-                                        x: torch.Tensor, tolerance: float) -> None:
-    torch.manual_seed(0)
-    forward, backward = _gradients(secure_fn, plain_fn, x, torch.randn(x.shape))
+                                        x: Callable[[], torch.Tensor], tolerance: float) -> None:
+    torch.manual_seed(0)  # the inputs are drawn here: drawn at collection, they hung on every module imported before
+    inputs = x()
+    forward, backward = _gradients(secure_fn, plain_fn, inputs, torch.randn(inputs.shape))
     assert forward < tolerance and backward < tolerance, (name, forward, backward)
 
 
