@@ -147,7 +147,8 @@ def cacheable(gm: torch.fx.GraphModule) -> bool:
     attending = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer,
                  nn.TransformerDecoder)  # attention the cache does not see
     return (gm.meta.get("key_value_cache") is True and any(node.target is decoder_positions for node in calls) and bool(sdpa)
-            and all(node.kwargs.get("is_causal") is True and len(node.args) <= 3 for node in sdpa)
+            and all(node.kwargs.get("is_causal") is True and node.kwargs.get("attn_mask") is None and len(node.args) <= 3
+                    for node in sdpa)
             and not any(node.op == "call_module" and isinstance(gm.get_submodule(node.target), attending)
                         for node in gm.graph.nodes))
 
