@@ -25,9 +25,10 @@ K > 1, one call of K batches (the same ids K times), with the weights' masks fix
 (``mask_reuse``, the default) and without: the table gives its figures per batch, the first batch's
 fixing included. ``--sweep`` adds the time-against-length (16-128, tiny) and -width (64-256, 2 layers, seq 32)
 points; ``--gpt`` the decoder (Hugging Face's GPT-2 at ``--gpt-shape``, from a config): seconds,
-bytes and rounds per generated token (``--prompt`` tokens, ``--generate`` greedy steps, each a secure
-forward of the whole prefix, no key-value cache), one ``secure_predict`` per token against one
-``mpcfl.serve`` server's ``generate`` (:func:`gpt_point`). ``--plots DIR`` draws the sweeps.
+bytes and rounds per generated token (``--prompt`` tokens, ``--generate`` greedy steps), one
+``secure_predict`` per token (the whole prefix each time) against one ``mpcfl.serve`` server's
+``generate``, with its key-value cache and without (:func:`gpt_point`); ``--sizes`` with no size
+runs the decoder alone. ``--plots DIR`` draws the sweeps.
 
 This folder is not a package: crypten's wheel installs a top-level `benchmarks`.
 """

@@ -35,7 +35,7 @@ from mpcfl.mpc import fixed_mask
 from mpcfl.mpc.engine import import_crypten
 from mpcfl.jobs.session import session_of
 from mpcfl.jobs.schema import InferenceJob
-from mpcfl.models.convert import encode_inputs, encrypt_model, one_hot_width, public_tensors, trace
+from mpcfl.models.convert import UnsupportedModelError, encode_inputs, encrypt_model, one_hot_width, public_tensors, trace
 from mpcfl.models.transformer import (Approximations, KeyValueCache, approximations as approximated, cacheable,
                                       decoding, row_argmax)
 from mpcfl.errors import MpcflError
@@ -161,16 +161,19 @@ def _refuse_other_architectures(gm: torch.fx.GraphModule, parties: list[str], ra
     )
 
 
-def check_shape(gm: torch.fx.GraphModule, shape: tuple[int, ...], *, where: str, data_owner: str) -> Any:
+def check_shape(gm: torch.fx.GraphModule, shape: tuple[int, ...], *, where: str, data_owner: str,
+                inputs: str | None = None) -> Any:
     """Runs the architecture in plaintext on zeros (at most 2 rows of ``shape``), so a shape mismatch
-    fails clearly, before sharing; returns that output."""
+    fails clearly, before sharing; returns that output. ``inputs`` names them in the error (default:
+    the data owner's inputs of that shape)."""
     dtype = torch.float32 if one_hot_width(gm) is None else torch.long  # token ids for nn.Embedding
     try:
         with torch.no_grad():
             return gm(torch.zeros(min(shape[0], 2), *shape[1:], dtype=dtype))
     except Exception as err:  # torch raises RuntimeError, ValueError, IndexError... for bad shapes
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MpcflError(f"{where}: {data_owner}'s inputs of shape {shape} do not fit the model: {first}") from None
+        inputs = inputs or f"{data_owner}'s inputs of shape {shape}"
+        raise MpcflError(f"{where}: {inputs} do not fit the model: {first}") from None
 
 
 def _check_prompt(prompt: Any, where: str) -> torch.Tensor:
@@ -214,7 +217,8 @@ def _check_next_token_logits(gm: torch.fx.GraphModule, rows: int, length: int, s
     and the output is next-token logits for each of the ``rows`` prompts, (N, L, V) or (N, V), before
     anything is shared."""
     longest = length + steps - 1
-    out = check_shape(gm, (rows, longest), where=where, data_owner=f"{data_owner}: a prompt of {length} tokens and {steps} steps")
+    out = check_shape(gm, (rows, longest), where=where, data_owner=data_owner,
+                      inputs=f"generate: the {longest} positions of {data_owner}'s prompt of {length} tokens and {steps} steps")
     n = min(rows, 2)
     if not torch.is_tensor(out) or not (out.dim() == 3 and tuple(out.shape[:2]) == (n, longest)
                                         or out.dim() == 2 and out.shape[0] == n):
@@ -305,7 +309,7 @@ class SecureServer:
                                     width=5)
         for column, what in ((0, "steps"), (1, "reveal_logits"), (2, "key_value_cache")):
             if len({row[column] for row in public}) > 1:
-                told = ", ".join(f"{name} {row[column]}" for name, row in zip(parties, public))
+                told = ", ".join(f"{name} {bool(row[column]) if column else row[column]}" for name, row in zip(parties, public))
                 raise MpcflError(f"{where}: the parties asked for different {what} ({told}); every party must pass the same")
         rows, length = public[data_rank][3:]
         gm = self._graph()
@@ -349,8 +353,13 @@ class SecureServer:
 
         def checks() -> tuple[torch.Tensor | None, torch.fx.GraphModule]:
             gm = self._graph()
-            # token ids become one-hot rows here, at their owner, in plaintext: what is shared is (..., vocabulary)
-            return (encode_inputs(gm, check_inputs(inputs, where, input_bound(gm))) if me.rank == data_rank else None), gm
+            if me.rank != data_rank:
+                return None, gm
+            checked = check_inputs(inputs, where, input_bound(gm))
+            try:  # token ids become one-hot rows here, at their owner, in plaintext: what is shared is (..., vocabulary)
+                return encode_inputs(gm, checked), gm
+            except UnsupportedModelError as err:  # ids outside the vocabulary: named as this party's inputs
+                raise MpcflError(f"{where}: {err}") from None
 
         # The checks' agreement carries the input shape and the architecture's fingerprint: every
         # party learns them in the same round (2 agreement rounds before sharing, not 4).

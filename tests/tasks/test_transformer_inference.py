@@ -183,7 +183,7 @@ def test_generate_refuses_before_sharing_a_head_that_is_not_next_token_logits_an
     with pytest.raises(MpcflError, match=r"party p0: generate needs next-token logits.*gives \(10, 10\)"):
         _check_next_token_logits(trace(Head(True)), 3, 4, 2, where="party p0", data_owner="party p1")
     gpt2 = _generating_module().MODEL  # 12 positions
-    with pytest.raises(MpcflError, match=r"party p1: a prompt of 3 tokens and 11 steps's inputs of shape \(2, 13\) do not fit"):
+    with pytest.raises(MpcflError, match=r"party p0: generate: the 13 positions of party p1's prompt of 3 tokens and 11 steps do not fit the model"):
         _check_next_token_logits(trace(gpt2), 2, 3, 11, where="party p0", data_owner="party p1")
     for bad in ([[1, 2], [3]], torch.tensor([1, 2]), torch.tensor([[1.5, 2.0]]), torch.tensor([[-1, 2]]), "12"):
         with pytest.raises(MpcflError, match=r"party p1: generate: the prompt"):

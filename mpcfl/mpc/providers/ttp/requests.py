@@ -419,7 +419,8 @@ class Requests:
     def fixed_mask(self, binding: str, size: Sequence[int]) -> torch.Tensor:
         """Draws and keeps the mask A of one data tensor, as the parties draw their shares of it; answers nothing of it."""
         self.masks[binding] = self._sum(size, self.generators)
-        log.info("dealer: keeps a fixed mask of %s for data %s until the session ends", "x".join(map(str, size)), binding[:16])
+        log.info("dealer: keeps a fixed mask of %s for data %s until the parties release it (at the latest, the session's end)",
+                 "x".join(map(str, size)), binding[:16])
         return torch.zeros(1, dtype=torch.long)
 
     def fixed_release(self, binding: str) -> torch.Tensor:
