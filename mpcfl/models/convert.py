@@ -231,14 +231,6 @@ def _functional_layer_norm(x: Any, shape: Any, weight: Any = None, bias: Any = N
     return tf.layer_norm(x, {k: v for k, v in (("weight", weight), ("bias", bias)) if v is not None}, eps)
 
 
-def _cat(tensors: Any, dim: int = 0) -> Any:
-    """torch.cat on CrypTensors, or on plain tensors in emulation (crypten.cat drops ``dim`` for those)."""
-    tensors = list(tensors)
-    if all(torch.is_tensor(t) for t in tensors):
-        return torch.cat(tensors, dim=dim)
-    return import_crypten().cat(tensors, dim=dim)
-
-
 # functions a traced forward() may call -> how to run them (CrypTensors and plain values mixed)
 _FUNCTIONS: dict[Any, Callable[..., Any]] = {
     operator.add: _add,
@@ -265,7 +257,7 @@ _FUNCTIONS: dict[Any, Callable[..., Any]] = {
     operator.matmul: lambda a, b: a.matmul(b),
     torch.transpose: lambda x, a, b: x.transpose(a, b),
     getattr: lambda x, name: x.size(),  # ``x.shape``, the only attribute trace() lets through
-    torch.cat: _cat,
+    torch.cat: tf.cat,
     F.log_softmax: lambda x, *a, **k: x.log_softmax(_dim_of((x, *a), k)),
 }
 

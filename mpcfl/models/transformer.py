@@ -100,7 +100,6 @@ class KeyValueCache:
         """This call's keys and values after the cached ones, along the sequence dim (-2)."""
         if self._calls < len(self.entries):
             old_k, old_v = self.entries[self._calls]
-            cat = torch.cat if torch.is_tensor(k) else _crypten().cat  # plain in emulation
             k, v = cat([old_k, k], dim=-2), cat([old_v, v], dim=-2)
             self.entries[self._calls] = (k, v)
         else:
@@ -266,6 +265,14 @@ def layer_norm(x: Any, p: dict[str, Any], eps: float) -> Any:
     if "weight" in p:
         out = out * p["weight"]
     return out + p["bias"] if "bias" in p else out
+
+
+def cat(tensors: Any, dim: int = 0) -> Any:
+    """torch.cat on CrypTensors, or on plain tensors in emulation (crypten.cat drops ``dim`` for those)."""
+    tensors = list(tensors)
+    if all(torch.is_tensor(t) for t in tensors):
+        return torch.cat(tensors, dim=dim)
+    return _crypten().cat(tensors, dim=dim)
 
 
 def split(x: Any, size: int | list[int], dim: int = 0) -> tuple[Any, ...]:
