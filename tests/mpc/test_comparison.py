@@ -100,14 +100,16 @@ def test_other_worlds_fall_back_to_crypten(crypten_single: None) -> None:
 
 
 def _expected_openings(n: int, parties: int) -> list[int]:
-    """The elements of each opening (all_reduce) a comparison of n values makes, in order."""
-    words, sizes = parties, []
+    """The elements of each message a party sends while comparing n values, in order: one per round
+    to each other party (mpcfl.mpc.opening.all_reduce_by_exchange: a round's masked values in one)."""
+    words, rounds = parties, []
     while words > 2:  # carry-save rounds: 2 words per triple of summands
-        sizes += [2 * (words // 3) * n] * 2  # x ^ a, then y ^ b
+        rounds.append(2 * 2 * (words // 3) * n)  # x ^ a and y ^ b
         words -= words // 3
-    sizes += [n, n]  # generate bits
-    sizes += [size for width in (32, 16, 8, 4, 2) for size in [-(-2 * n * width // 64)] * 2]
-    return sizes + [-(-n // 64)] * 2 + [n]  # the last level; then B2A opens the sign bit masked
+    rounds.append(2 * n)  # generate bits
+    rounds += [2 * -(-2 * n * width // 64) for width in (32, 16, 8, 4, 2)]
+    rounds += [2 * -(-n // 64), n]  # the last level; then B2A opens the sign bit masked
+    return [size for size in rounds for _ in range(parties - 1)]
 
 
 @pytest.mark.parametrize("parties", [2, 3])
@@ -125,7 +127,8 @@ def test_parties_compare_exactly_with_a_fraction_of_the_bytes_and_see_no_share(p
             assert int(np.isin(seen, share).sum()) == 0, f"rank {watcher} holds party {rank}'s share"
         # What the others receive from this party while comparing: exactly the protocol's
         # masked openings, nothing besides (an extra message would carry something else).
-        openings = [int(w.split(":")[-1]) for w in views[rank]["where"] if w.startswith("compare:all_reduce:")]
+        peers = tuple(f"compare:isend:sent>{peer}:" for peer in range(parties) if str(peer) != rank)  # not the dealer
+        openings = [int(w.split(":")[-1]) for w in views[rank]["where"] if w.startswith(peers)]
         assert openings == _expected_openings(4110, parties), openings
     for rank, line in lines.items():
         assert "exact=True crypten_exact=True relu=True shapes=(3, 4, 5),() scalar=1 empty=(3, 0) pieces=True " in line, line

@@ -455,3 +455,20 @@ def test_a_crypten_script_under_mpcfl_launch_ends_cleanly() -> None:
     assert not [line for line in output.splitlines() if any(n in line for n in _NOISE)], output[-3000:]
     assert_no_leftovers(script)
     assert_no_leftovers(f"MPCFL_PARTIES={names}", source="environ")
+
+
+def test_an_empty_shell_makes_no_zero_sharing_and_copies_keep_their_values(crypten_single: None,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every CrypTen operation fills an MPCTensor([]) shell; crypten 0.4.1 shared the empty list each time.
+    crypten = import_crypten()
+    arithmetic = crypten.mpc.primitives.ArithmeticSharedTensor
+    x = crypten.cryptensor(torch.tensor([1.5, -2.0]))
+    draws = []
+    original = arithmetic.PRZS
+    monkeypatch.setattr(arithmetic, "PRZS", staticmethod(lambda *a, **k: draws.append(a) or original(*a, **k)))
+    copies = [x.shallow_copy(), x.clone(), crypten.mpc.MPCTensor.from_shares(x._tensor.share.clone(), precision=16)]
+    assert draws == []
+    for copy in copies:
+        assert torch.equal(copy.get_plain_text(), torch.tensor([1.5, -2.0]))
+    crypten.cryptensor(torch.tensor([3.0]))  # sharing a value still draws its zero-sharing
+    assert len(draws) == 1

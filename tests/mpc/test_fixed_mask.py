@@ -258,7 +258,9 @@ def test_the_dealer_never_holds_the_data_and_each_step_opens_o_n_plus_d(spied: P
         share, opened = views[rank]["own_share"], views[rank]["own_opened"]
         assert int(np.isin(dealer, share).sum()) == 0, f"the dealer holds party {rank}'s share of the data"
         assert int(np.isin(dealer, opened).sum()) == 0, "the dealer holds the opened E = X - A (it knows A: that is X)"
-    # The spy does see such values where they go: each party holds E, and its peer's part of it.
+        assert int(np.isin(dealer, views[rank]["own_masked"]).sum()) == 0, f"the dealer holds party {rank}'s part of E"
+    # The spy does see such values where they go: each party receives its peer's part of E (E is then
+    # their sum), never the peer's share of X.
     assert int(np.isin(views["1"]["seen_protocol"], views["0"]["own_share"]).sum()) == 0
-    assert int(np.isin(views["1"]["seen_protocol"], views["1"]["own_opened"]).sum()) >= n * d // 2
+    assert int(np.isin(views["1"]["seen_protocol"], views["0"]["own_masked"]).sum()) >= n * d // 2
     assert_no_leftovers(script)

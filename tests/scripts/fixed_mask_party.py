@@ -7,7 +7,7 @@ first on all rows, then on a batch of rows, and the same steps again on ordinary
 (``x[rows]``, not fixed). Each party prints the bytes it sent and received for the fix and
 for each fixed step, how far the fixed steps' gradients are from plaintext's, and how far
 the two trained weights are apart, in fixed-point units (2^-16). Under
-the spy of ``tests/spy`` it records its share of X and the opened E = X - A (``own``), for
+the spy of ``tests/spy`` it records its share of X, its part of E = X - A and the opened E (``own``), for
 the test to look for at the dealer.
 """
 
@@ -47,7 +47,10 @@ with mpcfl.join() as me:
     before = sent()
     fixed = fixed_mask.fix(x, fixed_mask.binding("fixed_mask_party", N, D))
     costs = {"fix": sent() - before, "steps": []}
-    sitecustomize._records["own"].append(("opened", vars(x)["_mpcfl_fixed_mask"].mask.opened.data.cpu().clone()))
+    mask = vars(x)["_mpcfl_fixed_mask"].mask
+    sitecustomize._records["own"].append(("opened", mask.opened.data.cpu().clone()))
+    pad = getattr(mask.share, "share", mask.share)  # this party's share of A
+    sitecustomize._records["own"].append(("masked", (x._tensor.share.data - pad.data).cpu().clone()))  # its part of E
     # The same training twice, from the same weights: on the fixed x, and on ordinary triples.
     layers = []
     for _ in range(2):

@@ -3,7 +3,7 @@
 Active only when ``MPCFL_SPY_DIR`` is set. It records what this process actually
 holds, not what the code means to do:
 
-- ``seen``: every buffer that passes through ``torch.distributed``: what is sent,
+- ``seen``: every buffer that passes through ``torch.distributed``: what is sent (``where`` names its rank),
   as it is sent, and every buffer once the operation has filled it (received,
   reduced, gathered, broadcast); int64 as ring values, floating point scaled to
   ring units (2^16), so a plaintext in any of these forms is caught;
@@ -80,8 +80,8 @@ def _install() -> None:
             tensors = [t for value in (*args, *kwargs.values()) for t in _tensors(value)]
             if _opening[0] and name in _RECEIVING:
                 _records["received"].append((_phase[0], torch.tensor([sum(t.nelement() for t in tensors)])))
-            if name in ("send", "isend"):
-                keep(tensors, "sent")  # what leaves, as it leaves
+            if name in ("send", "isend"):  # what leaves, as it leaves, and to which rank
+                keep(tensors, f"sent>{kwargs.get('dst', args[1] if len(args) > 1 else '?')}")
             work = original(*args, **kwargs)
             # Read buffers once filled: before, a receive buffer holds whatever the
             # allocator left there (uninitialised memory is not what a peer sent).
