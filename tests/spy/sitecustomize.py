@@ -5,7 +5,8 @@ holds, not what the code means to do:
 
 - ``seen``: every buffer that passes through ``torch.distributed``: what is sent (``where`` names its rank),
   as it is sent, and every buffer once the operation has filled it (received,
-  reduced, gathered, broadcast); int64 as ring values, floating point scaled to
+  reduced, gathered, broadcast), and what an opening toward every party combined here
+  (CrypTen's ``all_reduce``, which mpcfl serves by point-to-point messages); int64 as ring values, floating point scaled to
   ring units (2^16), so a plaintext in any of these forms is caught;
 - ``opened``: what CrypTen's ``reveal(dst=...)`` returned here, i.e. the ring
   values this process received as the sole receiver (ground truth for the test);
@@ -146,6 +147,9 @@ def _install() -> None:
         for cls in (crypten.mpc.primitives.ArithmeticSharedTensor, crypten.mpc.primitives.BinarySharedTensor):
             if not getattr(cls.reveal, "_spy", False):
                 cls.reveal = _record_opened(cls.reveal)
+        communicator = crypten.communicator.distributed_communicator.DistributedCommunicator
+        if not getattr(communicator.all_reduce, "_spy", False):
+            communicator.all_reduce = _record_combined(communicator.all_reduce)
         return crypten
 
     engine.import_crypten = import_crypten
@@ -177,6 +181,20 @@ def _install() -> None:
         )
 
     atexit.register(dump)
+
+
+def _record_combined(all_reduce):
+    """What an opening toward every party leaves here: mpcfl combines the peers' shares in the
+    process (no torch.distributed buffer ever holds the sum), so its result is recorded as seen."""
+    def spy(self, *args, **kwargs):
+        result = all_reduce(self, *args, **kwargs)
+        for tensor in _tensors(result):
+            _records["seen"].append((_phase[0], tensor.detach().cpu().clone().reshape(-1)))
+            _records["where"].append(f"{_phase[0]}:all_reduce:combined:{tensor.dtype}:{tensor.nelement()}")
+        return result
+
+    spy._spy = True
+    return spy
 
 
 def _record_opened(reveal):
