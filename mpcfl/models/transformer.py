@@ -49,9 +49,11 @@ GELU_CLAMP = 8.0
 SILU_CLAMP = 64.0
 #: LayerNorm's variance is brought into (1/2, 2] by a secret power of 4 (mpcfl.mpc.division.inverse_power),
 #: found by comparisons against 2 * 4^k for k in these exponents: variances from 2 * 4^-6 ~ 5e-4
-#: (below, fixed point's 2^-16 resolution dominates) to 2 * 4^12 ~ 3.4e7 (above, x - mean nears the
-#: 2^15 where its square wraps the ring, and the scaled variance's shares the size where a two-party
-#: truncation errs with probability 2^-23).
+#: (below, fixed point's 2^-16 resolution dominates: at 5e-4 the variance's encoding alone is off by
+#: 1.5%) to 2 * 4^12 ~ 3.4e7 (above, x - mean nears the 2^15 where its square wraps the ring; near the
+#: top the square's own two-party truncation errs on about 1 element in 128). The scaled variance
+#: v * 4^(12 - j) is about 2^40 in ring units whatever v is, so its two-party local division errs on
+#: about one LayerNorm row in 2^23 (as the powers of 16 before; runtime.truncation: dealer makes it exact).
 _VARIANCE_EXPONENTS = range(-5, 12)
 #: Softmax's denominator: a sum of exps of at most 0 with one exp(0), so in [1, MAX_SOFTMAX_LENGTH]
 #: (a fully masked row's 0 gives 0); 2Quad's: the row's mean of (x + 5)^2, in [5e-4, 512].
@@ -253,7 +255,7 @@ class _Ratio:
 
 def layer_norm(x: Any, p: dict[str, Any], eps: float) -> Any:
     """LayerNorm over the last dim. Valid while the variance (plus eps) lies in [5e-4, 3.4e7]
-    and |x - mean| < 2^15; relative error of the normalisation ~3e-3."""
+    and |x - mean| < 2^15; relative error of the normalisation ~3e-3 for variances above ~1e-2."""
     if torch.is_tensor(x):  # plaintext emulation (convert.emulate)
         return F.layer_norm(x, x.shape[-1:], p.get("weight"), p.get("bias"), eps)
     out = compat.apply_function(_Normalise, x, eps)

@@ -652,7 +652,7 @@ def _open_point_to_point(crypten: types.ModuleType) -> None:
     communicator = crypten.communicator.distributed_communicator.DistributedCommunicator
     communicator.reduce = reduce_point_to_point
     if not getattr(communicator.all_reduce, "_mpcfl_patched", False):
-        communicator._gloo_all_reduce = communicator.all_reduce
+        communicator._gloo_all_reduce = communicator.all_reduce.__wrapped__  # counted once, by the wrapper below
 
         def all_reduce(self: Any, *args: Any, **kwargs: Any) -> Any:  # the name crypten's _logging counts by
             return all_reduce_by_exchange(self, *args, **kwargs)
