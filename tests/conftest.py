@@ -205,6 +205,17 @@ def party_lines(script_name: str, parties: int, marker: str, *options: str) -> d
     return lines
 
 
+def assert_shares_stay_home(views: dict[str, dict[str, np.ndarray]], parties: int) -> None:
+    """No other party and not the dealer (rank ``parties``) holds any of a party's recorded own shares."""
+    ranks = [str(i) for i in range(parties + 1)]
+    for rank in ranks[:-1]:
+        share = views[rank]["own_share"]
+        share = share[np.abs(share) >= 1 << 20]  # small words would match by chance
+        for watcher in set(ranks) - {rank}:
+            seen = np.concatenate([v for k, v in views[watcher].items() if k.startswith("seen_")])
+            assert int(np.isin(seen, share).sum()) == 0, f"rank {watcher} holds party {rank}'s share"
+
+
 def assert_no_leftovers(marker: str, within: float = 10.0, *, source: str = "cmdline") -> None:
     deadline = time.monotonic() + within
     while live_processes(marker, source=source) and time.monotonic() < deadline:

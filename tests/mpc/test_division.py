@@ -14,23 +14,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import SCRIPTS, assert_no_leftovers, mpcfl, spy_views
+from conftest import assert_shares_stay_home, party_lines, spy_views
 
 
 def test_two_parties_divide_over_the_whole_range_in_fifteen_rounds_and_see_no_share(spied: Path,
                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     for key in ("RANK", "WORLD_SIZE", "RENDEZVOUS", "DISTRIBUTED_BACKEND"):  # crypten_single's, if it ran first
         monkeypatch.delenv(key, raising=False)
-    script = str(SCRIPTS / "division_party.py")
-    result = mpcfl("launch", "--timeout-s", "30", "--parties", "p0,p1", script, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_no_leftovers(script)
-    lines = dict(re.findall(r"division party (\d): (.*)", result.stdout))
-    assert sorted(lines) == ["0", "1"], result.stdout[-2000:]
-    for rank, line in lines.items():
+    for rank, line in party_lines("division_party.py", 2, "division party").items():
         figures = {k: float(v) for k, v in re.findall(r"([\w.]+)=([-\d.e+]+)", line)}
         assert figures["error_out1"] < 2e-3 and figures["error_times1"] < 2e-3, line
         assert figures["error_out0.5"] < 2e-3 and figures["error_times0.5"] < 2e-3, line
@@ -41,10 +34,4 @@ def test_two_parties_divide_over_the_whole_range_in_fifteen_rounds_and_see_no_sh
             assert figures["rounds_near1"] == figures["rounds_near0.5"] == 5, line
             assert figures["rounds_products"] == 1, line
             assert figures["rounds_1"] < figures["rounds_crypten_reciprocal"], line
-    views = spy_views(spied)
-    for rank in ("0", "1"):
-        share = views[rank]["own_share"]
-        share = share[np.abs(share) >= 1 << 20]  # small words would match by chance
-        for watcher in {"0", "1", "2"} - {rank}:  # the other party and the dealer
-            seen = np.concatenate([v for k, v in views[watcher].items() if k.startswith("seen_")])
-            assert int(np.isin(seen, share).sum()) == 0, f"rank {watcher} holds party {rank}'s share"
+    assert_shares_stay_home(spy_views(spied), 2)
