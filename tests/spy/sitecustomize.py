@@ -30,6 +30,7 @@ _DIR = os.environ.get("MPCFL_SPY_DIR")
 _records: dict[str, list] = {"seen": [], "opened": [], "draws": [], "received": [], "where": [], "own": []}
 _phase = ["protocol"]
 _opening = [0]  # depth of reveal(dst=...) calls under way
+_collectives = [0]  # torch.distributed all_reduce calls so far (their buffers hold the sums already)
 # Functions whose buffers come back filled with what peers sent.
 _RECEIVING = {"recv", "irecv", "reduce", "all_reduce", "broadcast", "all_gather", "gather", "scatter",
               "reduce_scatter", "all_to_all", "reduce_scatter_tensor", "all_gather_into_tensor",
@@ -78,6 +79,8 @@ def _install() -> None:
                 _records["where"].append(f"{_phase[0]}:{name}:{when}:{tensor.dtype}:{tensor.nelement()}")
 
         def spy(*args, **kwargs):
+            if name == "all_reduce":
+                _collectives[0] += 1
             tensors = [t for value in (*args, *kwargs.values()) for t in _tensors(value)]
             if _opening[0] and name in _RECEIVING:
                 _records["received"].append((_phase[0], torch.tensor([sum(t.nelement() for t in tensors)])))
@@ -184,10 +187,14 @@ def _install() -> None:
 
 
 def _record_combined(all_reduce):
-    """What an opening toward every party leaves here: mpcfl combines the peers' shares in the
-    process (no torch.distributed buffer ever holds the sum), so its result is recorded as seen."""
+    """What an opening toward every party leaves here: between two parties mpcfl combines the peer's
+    share in the process (no torch.distributed buffer holds the sum), so its result is recorded as
+    seen; where gloo's all_reduce ran, its buffers were recorded already (not twice)."""
     def spy(self, *args, **kwargs):
+        before = _collectives[0]
         result = all_reduce(self, *args, **kwargs)
+        if _collectives[0] != before:  # gloo's ring ran: its buffers, recorded, hold these sums
+            return result
         for tensor in _tensors(result):
             _records["seen"].append((_phase[0], tensor.detach().cpu().clone().reshape(-1)))
             _records["where"].append(f"{_phase[0]}:all_reduce:combined:{tensor.dtype}:{tensor.nelement()}")
