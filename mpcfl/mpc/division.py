@@ -83,10 +83,16 @@ def inverse_power(v: Any, power: float, exponents: range, times: Any = None) -> 
     base = {1: 4, 0.5: 2}[power]
     top = exponents[-1] + 1
     above = loaded_crypten().stack([v - 2.0 * 4.0**k for k in exponents]).gt(0)  # 0/1 at scale 1
-    scale, factor = 4 ** (top - exponents[0]), base ** (top - exponents[0])
-    for i, k in enumerate(exponents):  # a quarter (a half) less at each threshold passed
-        scale = above[i] * (4 ** (top - k - 1) - 4 ** (top - k)) + scale
-        factor = above[i] * (base ** (top - k - 1) - base ** (top - k)) + factor
+
+    def powers(base: int) -> Any:
+        """base^(top - j) as an integer secret: one step down at each threshold passed."""
+        value = base ** (top - exponents[0])
+        for i, k in enumerate(exponents):
+            value = above[i] * (base ** (top - k - 1) - base ** (top - k)) + value
+        return value
+
+    scale = powers(4)
+    factor = scale if base == 4 else powers(base)
     pairs = [(v, scale)] + ([] if times is None else [(times, factor)])
     scaled, *rest = lockstep.products(pairs)
     y = inverse_power_near_one(scaled.div(4**top), power)

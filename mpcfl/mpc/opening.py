@@ -89,16 +89,13 @@ def all_reduce_by_exchange(self: Any, input: Any, op: Any = dist.ReduceOp.SUM, b
                                              for d in datas):
         return self._gloo_all_reduce(input, op=op, batched=batched)
     mine = torch.cat([d.detach().reshape(-1) for d in datas]) if datas else torch.empty(0, dtype=torch.int64)
-    total = mine.clone()
+    total = mine
     if mine.numel():
-        me, world, group = self.get_rank(), self.get_world_size(), self.main_group
-        sent = [dist.isend(mine, peer, group=group) for peer in range(world) if peer != me]
-        incoming = torch.empty_like(mine)
-        for peer in range(world):
-            if peer != me:
-                dist.recv(incoming, src=peer, group=group)
-                total = combine(total, incoming)
-        for work in sent:
-            work.wait()
+        peer = 1 - self.get_rank()
+        sent = dist.isend(mine, peer, group=self.main_group)
+        theirs = torch.empty_like(mine)
+        dist.recv(theirs, src=peer, group=self.main_group)
+        sent.wait()
+        total = combine(mine, theirs)
     results = [piece.view_as(d) for piece, d in zip(total.split([d.numel() for d in datas]), datas)]
     return results if batched else results[0]
