@@ -5,8 +5,8 @@ round (:func:`mpcfl.mpc.lockstep.products`) open nothing of a party's share.
 
 Measured with ``tests/scripts/division_party.py`` (601 divisors from 6.3e-4 to 3.2e7, 2 parties, TTP,
 no prefetch), party 1: 8 + 7 rounds for both powers; largest errors 7.5e-4 (t / v) and 3.5e-4
-(t / sqrt(v)), relative or absolute below 0.01, against the encoded values; 5.0e-5 and 3.1e-5 for
-divisors in [1/2, 2].
+(t / sqrt(v)), relative to |t / v^power| + 0.03 (so that fixed point's unit, 1.5e-5, does not
+dominate near 0), against the encoded values; 5.0e-5 and 3.1e-5 for divisors in [1/2, 2].
 """
 
 from __future__ import annotations
