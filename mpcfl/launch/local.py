@@ -16,7 +16,6 @@ process is left behind.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import shutil
@@ -37,6 +36,7 @@ from mpcfl.errors import WAITING_ON, MpcflError, first_own_failure
 from mpcfl.jobs import registry
 from mpcfl.jobs.schema import JobBase
 from mpcfl.launch.env import KEYS, script_session, to_env
+from mpcfl.launch.zygote import ForkedProcess, Zygote, die_with_parent, warm_starts
 from mpcfl.mpc import providers
 from mpcfl.mpc.auth import ENV_SECRET, Credentials, new_secret
 from mpcfl.mpc.compat import DEFAULT_TIMEOUT_S
@@ -81,19 +81,12 @@ def local_rendezvous() -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL it if the launcher dies."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
 @dataclass
 class Child:
     """One supervised process and what it last said."""
 
     name: str
-    process: subprocess.Popen
+    process: subprocess.Popen | ForkedProcess
     error_line: str = ""
     last_line: str = ""  # a script's traceback ends with its exception
     waiting_on: str | None = None  # the peer it gave up waiting for, as it said (errors.WAITING_ON)
@@ -141,27 +134,34 @@ def _mpcfl(*argv: str) -> list[str]:
     return [sys.executable, "-m", "mpcfl", *argv]
 
 
+def _clean_env() -> dict[str, str]:
+    """This process's environment for a child, without any launcher contract: one inherited from an
+    enclosing launcher, or torchrun's, would contradict this one."""
+    env = {k: v for k, v in os.environ.items() if k not in (*KEYS, "MASTER_ADDR", "MASTER_PORT") or k == ENV_SECRET}
+    return env | {"PYTHONUNBUFFERED": "1", **LOOPBACK_ENV}
+
+
 def _spawn(
-    name: str, command: list[str], *, sink: IO[str], secret: str, env: dict[str, str] | None = None, debug: bool = False
+    name: str, command: list[str], *, sink: IO[str], secret: str, env: dict[str, str] | None = None, debug: bool = False,
+    zygote: Zygote | None = None,
 ) -> Child:
-    """Starts one supervised child in its own process group; ``env`` adds to a clean environment,
-    ``secret`` is the run's job secret; ``debug`` relays its error lines too."""
-    full_env = dict(os.environ)
-    # A contract inherited from an enclosing launcher, or torchrun's, would contradict this one.
-    for key in (*KEYS, "MASTER_ADDR", "MASTER_PORT"):
-        if key != ENV_SECRET:
-            full_env.pop(key, None)
-    full_env.update(env or {}, PYTHONUNBUFFERED="1", **LOOPBACK_ENV)
+    """Starts one supervised child in its own process group, forked by ``zygote`` if one is given;
+    ``env`` adds to a clean environment, ``secret`` is the run's job secret; ``debug`` relays its error lines too."""
+    full_env = _clean_env() | (env or {})
     full_env[ENV_SECRET] = secret
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env=full_env,
-        start_new_session=True,
-        preexec_fn=_die_with_parent,
-    )
+    process: subprocess.Popen | ForkedProcess
+    if zygote is not None:
+        process = zygote.spawn(command, full_env)
+    else:
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
     child = Child(name=name, process=process, relay_errors=debug)
     child.pump = threading.Thread(target=_pump, args=(child, process.stdout, sink), daemon=True)
     child.pump.start()
@@ -344,13 +344,15 @@ def run_local(
         started = []
         for name in _dealer_first(providers.get(job.runtime.provider).processes(job.party_names)):
             args = ("dealer",) if name == providers.DEALER else ("party", "--party", name, *which)
-            started.append(_spawn(name, command(name, *args), sink=sink, secret=secret, debug=debug))
+            started.append(_spawn(name, command(name, *args), sink=sink, secret=secret, debug=debug, zygote=zygote))
         return started
 
     resumable = registry.RESUME in registry.task_of(job).features
     hint = f"; `mpcfl run {job.source} --resume {run_id}` continues it" if resumable else ""
     try:
-        with local_rendezvous() as rendezvous:
+        # The zygote gets no secret: the environment every child starts from, less the run's secret.
+        zygote_env = {k: v for k, v in _clean_env().items() if k != ENV_SECRET}
+        with local_rendezvous() as rendezvous, warm_starts(zygote_env) as zygote:
             needed = job.survivors_needed
             spare = 0 if needed is None else job.world_size - needed
             code = _run(children, sink=sink, expendable=frozenset(job.party_names), spare=spare)

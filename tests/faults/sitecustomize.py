@@ -15,34 +15,39 @@ import sys
 
 
 def _party() -> str | None:
-    """This process's party name, from its command line."""
+    """This process's party name, from its command line: read when a patched function runs, not
+    here, since the local launcher forks its processes from one interpreter that loaded this file
+    with a command line of its own (:mod:`mpcfl.launch.zygote`)."""
     argv = sys.argv
     return argv[argv.index("--party") + 1] if "--party" in argv[:-1] else None
 
 
-def _withhold_digests() -> None:
+def _withhold_digests(name: str) -> None:
     from mpcfl.mpc.providers.ttp import party
 
-    party._announce = lambda words: None
+    announce = party._announce
+    party._announce = lambda words: None if _party() == name else announce(words)
 
 
 _WITHHOLDING = os.environ.get("MPCFL_WITHHOLD_DIGESTS")
-if _WITHHOLDING is not None and _WITHHOLDING == _party():
-    _withhold_digests()
+if _WITHHOLDING is not None:
+    _withhold_digests(_WITHHOLDING)
 
 
-def _tamper_links(attack: str) -> None:
+def _tamper_links(name: str, attack: str) -> None:
     from mpcfl.mpc import channel
     from tamper import man_in_the_middle
 
     connect = channel.Relay.connect
 
     def through_the_attacker(self: channel.Relay, peer: int, host: str, port: int) -> tuple[str, int]:
+        if _party() != name:
+            return connect(self, peer, host, port)
         return connect(self, peer, "127.0.0.1", man_in_the_middle(host, port, attack, bytearray()))
 
     channel.Relay.connect = through_the_attacker
 
 
 _TAMPERED, _, _ATTACK = os.environ.get("MPCFL_TAMPER_LINKS", "").partition(":")
-if _TAMPERED and _TAMPERED == _party():
-    _tamper_links(_ATTACK)
+if _TAMPERED:
+    _tamper_links(_TAMPERED, _ATTACK)

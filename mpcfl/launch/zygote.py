@@ -1,0 +1,274 @@
+"""Warm starts: the local launcher's parties and dealer forked from one interpreter that has imported torch.
+
+A cold ``python -m mpcfl party`` spends about 2 CPU-seconds importing torch, crypten and mpcfl
+before it does anything: most of a small job's CPU on a 2-core machine, once per process. The
+local launcher instead starts one *zygote* per run (``python -m mpcfl.launch.zygote``), which
+imports torch, numpy and mpcfl's modules but not crypten, then forks each of the run's processes on request.
+What the zygote holds is what every child loads anyway: it reads no job file, no data and no
+secret, and imports no crypten (its patches, generators and keys are made in each child, after
+the fork). A child gets its command, environment and working folder in its request.
+
+Right after the fork each child takes its own session (the launcher stops it by process group),
+dies with the zygote (which dies with the launcher), writes to the launcher's pipe, takes the
+environment and command line it would have had cold (its title shows the command, so ``ps`` and
+``/proc`` find it as before), reseeds numpy's global generator from the OS (Python's ``random``
+reseeds itself on fork), and runs ``python -m mpcfl``'s code. The zygote reaps the children and
+reports each exit status; :class:`ForkedProcess` gives the launcher the part of
+``subprocess.Popen`` it uses. ``MPCFL_COLD_START=1`` starts every process cold instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import IO, Any
+
+ENV_COLD_START = "MPCFL_COLD_START"
+_MESSAGE_BYTES = 1 << 20  # one request: a command and an environment
+_POLL_S = 0.02
+_START_TIMEOUT_S = 120.0  # the zygote's own imports come first
+_PRELOAD = ("numpy", "torch", "mpcfl.cli", "mpcfl.tasks.run", "mpcfl.mpc.session")
+
+
+def die_with_parent() -> None:
+    """In a child: SIGKILL it when its parent dies."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+class ForkedProcess:
+    """A process forked by the zygote: the part of ``subprocess.Popen``'s interface the launcher uses."""
+
+    def __init__(self, pid: int, stdout: IO[bytes]) -> None:
+        self.pid = pid
+        self.stdout = stdout
+        self.returncode: int | None = None
+        self._ended = threading.Event()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._ended.wait(timeout):
+            raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def ended(self, code: int) -> None:
+        self.returncode = code
+        self._ended.set()
+
+
+class Zygote:
+    """The launcher's end: starts the zygote, asks it for children, and learns how each ended."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._channel = ours
+        self._process = subprocess.Popen(
+            [sys.executable, "-u", "-m", "mpcfl.launch.zygote", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        theirs.close()
+        self._lock = threading.Lock()  # one request in flight: its answer is the next "started"
+        self._started: list[int] = []
+        self._arrived = threading.Condition()
+        self._children: dict[int, ForkedProcess] = {}
+        self._exits: dict[int, int] = {}  # exits heard before their child was registered
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self._channel.recv(_MESSAGE_BYTES)
+            except OSError:
+                data = b""
+            if not data:  # the zygote is gone, and its children with it (they die with it)
+                with self._arrived:
+                    for pid, child in self._children.items():
+                        if child.returncode is None:
+                            child.ended(-signal.SIGKILL)
+                    self._started.append(-1)
+                    self._arrived.notify_all()
+                return
+            message = json.loads(data)
+            with self._arrived:
+                if "started" in message:
+                    self._started.append(message["started"])
+                    self._arrived.notify_all()
+                elif message["exit"] in self._children:
+                    self._children[message["exit"]].ended(message["code"])
+                else:
+                    self._exits[message["exit"]] = message["code"]
+
+    def spawn(self, command: list[str], env: dict[str, str]) -> ForkedProcess:
+        """Forks ``command`` (``python -m mpcfl ...``) with ``env``, its output on a new pipe."""
+        read_end, write_end = os.pipe()
+        request = json.dumps({"argv": command, "env": env, "cwd": os.getcwd()}).encode()
+        with self._lock:
+            try:
+                socket.send_fds(self._channel, [request], [write_end])
+            finally:
+                os.close(write_end)
+            deadline = time.monotonic() + _START_TIMEOUT_S
+            with self._arrived:
+                while not self._started:
+                    if not self._arrived.wait(timeout=max(0.0, deadline - time.monotonic())):
+                        break
+                pid = self._started.pop(0) if self._started else -1
+                if pid < 0:
+                    os.close(read_end)
+                    raise RuntimeError(f"the launcher's zygote (pid {self._process.pid}) did not start {command[3:5]}")
+                child = ForkedProcess(pid, os.fdopen(read_end, "rb"))
+                self._children[pid] = child
+                if pid in self._exits:
+                    child.ended(self._exits.pop(pid))
+        return child
+
+    def close(self) -> None:
+        """Lets the zygote go once its children are done (the launcher has stopped or waited for each)."""
+        with contextlib.suppress(OSError):
+            self._channel.shutdown(socket.SHUT_WR)
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+        self._reader.join(timeout=2)
+        self._channel.close()
+
+
+@contextlib.contextmanager
+def warm_starts(env: dict[str, str]) -> Iterator[Zygote | None]:
+    """A zygote for one run, started with ``env`` (no run's secret, no process's role), or None when
+    ``MPCFL_COLD_START=1`` asks for cold starts."""
+    if os.environ.get(ENV_COLD_START) == "1":
+        yield None
+        return
+    zygote = Zygote(env)
+    try:
+        yield zygote
+    finally:
+        zygote.close()
+
+
+def _become(request: dict[str, Any], output: int, channel: socket.socket) -> None:
+    """In a fresh fork: turn into the process ``request`` describes, run it, and exit with its status."""
+    code = 1
+    try:
+        channel.close()
+        os.setsid()
+        die_with_parent()
+        for number in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(number, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(output, 1)
+        os.dup2(output, 2)
+        os.close(null)
+        os.close(output)
+        argv = request["argv"]
+        if argv[1:3] != ["-m", "mpcfl"]:
+            raise ValueError(f"the zygote starts `python -m mpcfl ...` only, not {argv}")
+        import importlib.util
+        import runpy
+
+        import numpy as np
+        import setproctitle
+
+        # Before the environment changes: the title takes the space of the inherited environment block.
+        setproctitle.setproctitle(" ".join(argv))
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        np.random.seed()  # numpy's legacy global generator would otherwise repeat in every child
+        spec = importlib.util.find_spec("mpcfl.__main__")
+        sys.argv = [spec.origin if spec else "mpcfl", *argv[3:]]  # argv[0] as `python -m mpcfl` sets it
+        try:
+            runpy.run_module("mpcfl", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as stop:
+            if stop.code is None or isinstance(stop.code, int):
+                code = stop.code or 0
+            else:
+                print(stop.code, file=sys.stderr)
+    except BaseException:  # as a cold interpreter would: the traceback, then status 1
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            import atexit
+
+            atexit._run_exitfuncs()  # what a cold interpreter runs at exit (logging, recorders)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def serve(channel: socket.socket) -> None:
+    """The zygote's loop: fork on each request, report each child's start and exit, and return when the
+    launcher has closed its end and every child has ended."""
+    children: set[int] = set()
+    listening = True
+
+    def tell(message: dict[str, int]) -> None:
+        with contextlib.suppress(OSError):
+            channel.send(json.dumps(message).encode())
+
+    while listening or children:
+        if listening and select.select([channel], [], [], _POLL_S)[0]:
+            data, fds, _, _ = socket.recv_fds(channel, _MESSAGE_BYTES, 1)
+            if not data:
+                listening = False
+            else:
+                pid = os.fork()
+                if pid == 0:
+                    _become(json.loads(data), fds[0], channel)
+                for fd in fds:
+                    os.close(fd)
+                children.add(pid)
+                tell({"started": pid})
+        elif not listening:
+            time.sleep(_POLL_S)
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            children.discard(pid)
+            tell({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+
+
+def main() -> None:
+    channel = socket.socket(fileno=int(sys.argv[1]))
+    # What every child imports, crypten excepted (its patches and generators are made in each child).
+    # None of these modules reads the environment, draws randomness or opens a file when imported.
+    import gc
+    import importlib
+
+    for module in _PRELOAD:
+        importlib.import_module(module)
+    gc.freeze()  # the children's collections then leave these objects, and so their shared pages, alone
+    serve(channel)
+    os._exit(0)  # the children ran this interpreter's exit handlers; it has nothing of its own to run
+
+
+if __name__ == "__main__":
+    main()
