@@ -147,12 +147,13 @@ def _spawn(
 ) -> Child:
     """Starts one supervised child in its own process group, forked by ``zygote`` if one is given;
     ``env`` adds to a clean environment, ``secret`` is the run's job secret; ``debug`` relays its error lines too."""
-    full_env = _clean_env() | (env or {})
-    full_env[ENV_SECRET] = secret
+    full_env = _clean_env() | (env or {}) | LOOPBACK_ENV
     process: subprocess.Popen | ForkedProcess
     if zygote is not None:
-        process = zygote.spawn(command, full_env)
+        full_env.pop(ENV_SECRET, None)
+        process = zygote.spawn(command, full_env, private={ENV_SECRET: secret})
     else:
+        full_env[ENV_SECRET] = secret
         process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
@@ -352,6 +353,8 @@ def run_local(
     try:
         # The zygote gets no secret: the environment every child starts from, less the run's secret.
         zygote_env = {k: v for k, v in _clean_env().items() if k != ENV_SECRET}
+        if not debug:  # as each party's CLI sets it, but torch reads it when it loads: in the zygote
+            zygote_env.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
         with local_rendezvous() as rendezvous, warm_starts(zygote_env) as zygote:
             needed = job.survivors_needed
             spare = 0 if needed is None else job.world_size - needed

@@ -4,15 +4,17 @@ A cold ``python -m mpcfl party`` spends about 2 CPU-seconds importing torch, cry
 before it does anything: most of a small job's CPU on a 2-core machine, once per process. The
 local launcher instead starts one *zygote* per run (``python -m mpcfl.launch.zygote``), which
 imports torch, numpy and mpcfl's modules but not crypten, then forks each of the run's processes on request.
-What the zygote holds is what every child loads anyway: it reads no job file, no data and no
-secret, and imports no crypten (its patches, generators and keys are made in each child, after
+What the zygote holds is what every child loads anyway: it reads no job file, no data, no key
+and no secret, and imports no crypten (its patches, generators and keys are made in each child, after
 the fork). A child gets its command, environment and working folder in its request.
 
-Right after the fork each child takes its own session (the launcher stops it by process group),
+Right after the fork each child takes its own process group (the launcher stops it by group),
 dies with the zygote (which dies with the launcher), writes to the launcher's pipe, takes the
 environment and command line it would have had cold (its title shows the command, so ``ps`` and
-``/proc`` find it as before), reseeds numpy's global generator from the OS (Python's ``random``
-reseeds itself on fork), and runs ``python -m mpcfl``'s code. The zygote reaps the children and
+``/proc`` find it as before; the run's secret comes through a pipe the zygote never reads),
+reseeds numpy's and torch's global generators from the OS (Python's ``random`` reseeds itself on
+fork), and runs ``python -m mpcfl``'s code. The children share what a fork shares: the address
+layout and ``str`` hash seed of the zygote. The zygote reaps the children and
 reports each exit status; :class:`ForkedProcess` gives the launcher the part of
 ``subprocess.Popen`` it uses. ``MPCFL_COLD_START=1`` starts every process cold instead.
 """
@@ -87,6 +89,7 @@ class Zygote:
         self._arrived = threading.Condition()
         self._children: dict[int, ForkedProcess] = {}
         self._exits: dict[int, int] = {}  # exits heard before their child was registered
+        self._gone = False
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -102,10 +105,10 @@ class Zygote:
                 data = b""
             if not data:  # the zygote is gone, and its children with it (they die with it)
                 with self._arrived:
-                    for pid, child in self._children.items():
+                    for child in self._children.values():
                         if child.returncode is None:
                             child.ended(-signal.SIGKILL)
-                    self._started.append(-1)
+                    self._gone = True
                     self._arrived.notify_all()
                 return
             message = json.loads(data)
@@ -118,28 +121,37 @@ class Zygote:
                 else:
                     self._exits[message["exit"]] = message["code"]
 
-    def spawn(self, command: list[str], env: dict[str, str]) -> ForkedProcess:
-        """Forks ``command`` (``python -m mpcfl ...``) with ``env``, its output on a new pipe."""
+    def spawn(self, command: list[str], env: dict[str, str], private: dict[str, str] | None = None) -> ForkedProcess:
+        """Forks ``command`` (``python -m mpcfl ...``) with ``env``, its output on a new pipe. ``private``
+        entries (the run's secret) join its environment through a pipe of their own that only the
+        child reads: the zygote passes it on unread, so they never enter its memory."""
         read_end, write_end = os.pipe()
+        secret_read, secret_write = os.pipe()
+        os.write(secret_write, json.dumps(private or {}).encode())  # far below a pipe's buffer
+        os.close(secret_write)
         request = json.dumps({"argv": command, "env": env, "cwd": os.getcwd()}).encode()
-        with self._lock:
-            try:
-                socket.send_fds(self._channel, [request], [write_end])
-            finally:
-                os.close(write_end)
-            deadline = time.monotonic() + _START_TIMEOUT_S
-            with self._arrived:
-                while not self._started:
-                    if not self._arrived.wait(timeout=max(0.0, deadline - time.monotonic())):
-                        break
-                pid = self._started.pop(0) if self._started else -1
-                if pid < 0:
-                    os.close(read_end)
-                    raise RuntimeError(f"the launcher's zygote (pid {self._process.pid}) did not start {command[3:5]}")
-                child = ForkedProcess(pid, os.fdopen(read_end, "rb"))
-                self._children[pid] = child
-                if pid in self._exits:
-                    child.ended(self._exits.pop(pid))
+        try:
+            with self._lock:
+                try:
+                    socket.send_fds(self._channel, [request], [write_end, secret_read])
+                finally:
+                    os.close(write_end)
+                    os.close(secret_read)
+                deadline = time.monotonic() + _START_TIMEOUT_S
+                with self._arrived:
+                    while not self._started and not self._gone:
+                        if not self._arrived.wait(timeout=max(0.0, deadline - time.monotonic())):
+                            break
+                    if not self._started:
+                        raise RuntimeError(f"the launcher's zygote (pid {self.pid}) did not start {' '.join(command[3:5])}")
+                    pid = self._started.pop(0)
+                    child = ForkedProcess(pid, os.fdopen(read_end, "rb"))
+                    self._children[pid] = child
+                    if pid in self._exits:
+                        child.ended(self._exits.pop(pid))
+        except BaseException:
+            os.close(read_end)
+            raise
         return child
 
     def close(self) -> None:
@@ -169,21 +181,28 @@ def warm_starts(env: dict[str, str]) -> Iterator[Zygote | None]:
         zygote.close()
 
 
-def _become(request: dict[str, Any], output: int, channel: socket.socket) -> None:
-    """In a fresh fork: turn into the process ``request`` describes, run it, and exit with its status."""
+def _become(data: bytes, fds: list[int], channel: socket.socket, zygote: int) -> None:
+    """In a fresh fork: turn into the process the request ``data`` describes (``fds``: its output pipe and
+    the pipe of its private environment entries), run it, and exit with its status."""
     code = 1
     try:
         channel.close()
-        os.setsid()
+        os.setpgid(0, 0)  # its own process group, as the zygote also sets: killpg(pid) stops it alone
         die_with_parent()
+        if os.getppid() != zygote:  # the zygote died before the line above: do not outlive it
+            os._exit(1)
         for number in (signal.SIGCHLD, signal.SIGTERM):
             signal.signal(number, signal.SIG_DFL)
+        output, secret = fds
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(output, 1)
         os.dup2(output, 2)
         os.close(null)
         os.close(output)
+        with os.fdopen(secret, "rb") as pipe:
+            private = json.loads(pipe.read())
+        request = json.loads(data)
         argv = request["argv"]
         if argv[1:3] != ["-m", "mpcfl"]:
             raise ValueError(f"the zygote starts `python -m mpcfl ...` only, not {argv}")
@@ -192,13 +211,17 @@ def _become(request: dict[str, Any], output: int, channel: socket.socket) -> Non
 
         import numpy as np
         import setproctitle
+        import torch
 
         # Before the environment changes: the title takes the space of the inherited environment block.
         setproctitle.setproctitle(" ".join(argv))
         os.environ.clear()
-        os.environ.update(request["env"])
+        os.environ.update(request["env"] | private)
         os.chdir(request["cwd"])
-        np.random.seed()  # numpy's legacy global generator would otherwise repeat in every child
+        # Generators seeded from the OS at import would otherwise repeat in every child (no protocol
+        # draws from them: its randomness is AES-CTR keyed per process after the fork).
+        np.random.seed()
+        torch.seed()
         spec = importlib.util.find_spec("mpcfl.__main__")
         sys.argv = [spec.origin if spec else "mpcfl", *argv[3:]]  # argv[0] as `python -m mpcfl` sets it
         try:
@@ -217,6 +240,7 @@ def _become(request: dict[str, Any], output: int, channel: socket.socket) -> Non
         with contextlib.suppress(BaseException):
             import atexit
 
+            threading._shutdown()  # type: ignore[attr-defined]  # joins non-daemon threads, as at a cold exit
             atexit._run_exitfuncs()  # what a cold interpreter runs at exit (logging, recorders)
             sys.stdout.flush()
             sys.stderr.flush()
@@ -235,13 +259,16 @@ def serve(channel: socket.socket) -> None:
 
     while listening or children:
         if listening and select.select([channel], [], [], _POLL_S)[0]:
-            data, fds, _, _ = socket.recv_fds(channel, _MESSAGE_BYTES, 1)
+            data, fds, _, _ = socket.recv_fds(channel, _MESSAGE_BYTES, 2)
             if not data:
                 listening = False
             else:
+                zygote = os.getpid()
                 pid = os.fork()
                 if pid == 0:
-                    _become(json.loads(data), fds[0], channel)
+                    _become(data, fds, channel, zygote)
+                with contextlib.suppress(OSError):  # the child may have set it, or exited, already
+                    os.setpgid(pid, pid)
                 for fd in fds:
                     os.close(fd)
                 children.add(pid)
@@ -259,7 +286,8 @@ def serve(channel: socket.socket) -> None:
 def main() -> None:
     channel = socket.socket(fileno=int(sys.argv[1]))
     # What every child imports, crypten excepted (its patches and generators are made in each child).
-    # None of these modules reads the environment, draws randomness or opens a file when imported.
+    # None of them opens a file or holds a key; torch and numpy seed generators from the OS at import,
+    # which each child reseeds, and read settings from the environment, which every child shares.
     import gc
     import importlib
 

@@ -1,5 +1,5 @@
 """Warm starts (:mod:`mpcfl.launch.zygote`): a run's processes are forked from one interpreter that holds
-no secret, each in its own session and named by its command; the launcher learns each exit status as
+no secret, each in its own process group and named by its command; the launcher learns each exit status as
 from a process it started itself; ``MPCFL_COLD_START=1`` starts them cold."""
 
 from __future__ import annotations
@@ -28,6 +28,23 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _memory_holds(pid: int, needle: bytes) -> bool:
+    """Whether any readable mapping of the process holds ``needle``."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
+        for line in maps:
+            span, permissions = line.split()[:2]
+            if not permissions.startswith("r") or line.rstrip().endswith(("[vvar]", "[vsyscall]")):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                memory.seek(start)
+                if needle in memory.read(end - start):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
 def _stat(pid: int) -> tuple[int, int]:
     """(parent pid, process group) of a live process."""
     fields = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].split()
@@ -38,6 +55,8 @@ def _processes_of_a_running_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     """Starts a long job, and once it trains: role -> (pid, parent pid, process group) of the launcher,
     the dealer and both parties, and of their parent where it is not the launcher (``"zygote"``)."""
     monkeypatch.setenv("MPCFL_COLD_START", "1" if cold else "0")
+    secret = new_secret()
+    monkeypatch.setenv(ENV_SECRET, secret)  # the run's secret, known here so it can be looked for
     job = small_job(tmp_path)
     launcher = start(job)
     found: dict[str, tuple[int, int, int]] = {}
@@ -52,8 +71,11 @@ def _processes_of_a_running_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         (parent,) = parents
         if parent != found["run"][0]:
             found["zygote"] = (parent, *_stat(parent))
-            environ = Path(f"/proc/{parent}/environ").read_bytes()
-            assert f"{ENV_SECRET}=".encode() not in environ  # the zygote never held the run's secret
+            # The zygote never held the run's secret, in its environment or anywhere in its memory,
+            # while each party did (the control: the search finds it where it is).
+            assert f"{ENV_SECRET}=".encode() not in Path(f"/proc/{parent}/environ").read_bytes()
+            assert not _memory_holds(parent, secret.encode())
+            assert _memory_holds(found["--party p0"][0], secret.encode())
             assert b"mpcfl.launch.zygote" in Path(f"/proc/{parent}/cmdline").read_bytes()
         return found
     finally:
@@ -82,6 +104,7 @@ def test_cold_starts_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 def test_the_launcher_learns_each_child_s_exit_status_and_output(tmp_path: Path) -> None:
     env = {k: v for k, v in _clean_env().items() if k != ENV_SECRET}
+    job = small_job(tmp_path)
     zygote = Zygote(env)
     try:
         version = zygote.spawn([sys.executable, "-m", "mpcfl", "--version"], env)
@@ -94,10 +117,9 @@ def test_the_launcher_learns_each_child_s_exit_status_and_output(tmp_path: Path)
         assert other.wait(timeout=60) == 1
         assert b"the zygote starts `python -m mpcfl ...` only" in other.stdout.read()
         # A child that runs until killed: its group, as the launcher stops it, and the signal as its status.
-        job = small_job(tmp_path)
-        env[ENV_SECRET] = new_secret()
+        private = {ENV_SECRET: new_secret()}
         waiting = zygote.spawn([sys.executable, "-m", "mpcfl", "party", str(job), "--party", "p0",
-                                "--rendezvous", f"file://{tmp_path}/store"], env)
+                                "--rendezvous", f"file://{tmp_path}/store"], env, private)
         deadline = time.monotonic() + 60
         while waiting.poll() is None and not live_processes(f"{job} --party p0 "):
             assert time.monotonic() < deadline
@@ -106,7 +128,7 @@ def test_the_launcher_learns_each_child_s_exit_status_and_output(tmp_path: Path)
         assert waiting.wait(timeout=30) == -signal.SIGKILL
         # A child still running when the zygote dies goes with it (the launcher's death takes both).
         orphan = zygote.spawn([sys.executable, "-m", "mpcfl", "party", str(job), "--party", "p1",
-                               "--rendezvous", f"file://{tmp_path}/other"], env)
+                               "--rendezvous", f"file://{tmp_path}/other"], env, private)
         with pytest.raises(subprocess.TimeoutExpired):  # waiting for p0 at the rendezvous
             orphan.wait(timeout=0.5)
         os.kill(zygote.pid, signal.SIGKILL)
