@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO
 
 ENV_COLD_START = "MPCFL_COLD_START"
 _MESSAGE_BYTES = 1 << 20  # one request: a command and an environment
