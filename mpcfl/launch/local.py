@@ -135,9 +135,10 @@ def _mpcfl(*argv: str) -> list[str]:
 
 
 def _clean_env() -> dict[str, str]:
-    """This process's environment for a child, without any launcher contract: one inherited from an
-    enclosing launcher, or torchrun's, would contradict this one."""
-    env = {k: v for k, v in os.environ.items() if k not in (*KEYS, "MASTER_ADDR", "MASTER_PORT") or k == ENV_SECRET}
+    """This process's environment for a child, without any launcher contract (one inherited from an
+    enclosing launcher, or torchrun's, would contradict this one) and without a secret: each child gets
+    the run's own."""
+    env = {k: v for k, v in os.environ.items() if k not in (*KEYS, "MASTER_ADDR", "MASTER_PORT")}
     return env | {"PYTHONUNBUFFERED": "1", **LOOPBACK_ENV}
 
 
@@ -150,7 +151,6 @@ def _spawn(
     full_env = _clean_env() | (env or {}) | LOOPBACK_ENV
     process: subprocess.Popen | ForkedProcess
     if zygote is not None:
-        full_env.pop(ENV_SECRET, None)
         process = zygote.spawn(command, full_env, private={ENV_SECRET: secret})
     else:
         full_env[ENV_SECRET] = secret
@@ -351,8 +351,7 @@ def run_local(
     resumable = registry.RESUME in registry.task_of(job).features
     hint = f"; `mpcfl run {job.source} --resume {run_id}` continues it" if resumable else ""
     try:
-        # The zygote gets no secret: the environment every child starts from, less the run's secret.
-        zygote_env = {k: v for k, v in _clean_env().items() if k != ENV_SECRET}
+        zygote_env = _clean_env()  # what every child starts from; no secret
         if not debug:  # as each party's CLI sets it, but torch reads it when it loads: in the zygote
             zygote_env.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
         with local_rendezvous() as rendezvous, warm_starts(zygote_env) as zygote:
