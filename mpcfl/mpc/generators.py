@@ -8,6 +8,11 @@ and ``global`` (shared by all). Upstream they are ``torch.Generator`` objects wi
 :class:`~mpcfl.mpc.prng.SecureGenerator` with its own 128-bit key, and CrypTen's
 two drawing functions (``common.rng``) are replaced by :func:`ring_element` and
 :func:`kbit_tensor`, which refuse anything but a secure generator.
+
+With more than two parties every pair of parties also shares a key (not only neighbours), for
+:func:`pairwise_zero_sharing`: a zero-sharing that only all the other parties together could strip
+from one party's share, which :func:`mpcfl.mpc.reveal.reveal` adds before every reveal (a protocol's
+own openings are of values masked by the dealer's randomness instead).
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ import torch
 from mpcfl.mpc.prng import KEY_WORDS, SecureGenerator, key_to_words, new_key, words_to_key
 
 RING_SIZE = 2**64
+
+# This party's generator shared with each other party, and the sign its draws take in a zero-sharing
+# (+ toward higher ranks, - toward lower): keyed per session by setup_party_generators.
+_pairwise: list[tuple[SecureGenerator, int]] = []
 
 
 class InsecureGeneratorError(RuntimeError):
@@ -54,6 +63,42 @@ def setup_party_generators(crypten: Any) -> None:
     keys = {"prev": prev_key, "next": next_key, "local": new_key(), "global": global_key}
     for name, key in keys.items():
         crypten.generators[name] = _every_device(SecureGenerator(key))
+    _pairwise[:] = pair_generators(comm, world, rank) if world > 2 else []
+
+
+def pair_generators(comm: Any, world: int, rank: int) -> list[tuple[SecureGenerator, int]]:
+    """A fresh key with every other party: the lower rank of each pair draws it and sends it up."""
+    mine = {peer: new_key() for peer in range(rank + 1, world)}
+    theirs = {peer: torch.zeros(KEY_WORDS, dtype=torch.long) for peer in range(rank)}
+    works = [comm.isend(key_to_words(key), peer) for peer, key in mine.items()]
+    works += [comm.irecv(words, src=peer) for peer, words in theirs.items()]
+    for work in works:
+        work.wait()
+    keys = {**mine, **{peer: words_to_key(words) for peer, words in theirs.items()}}
+    return [(SecureGenerator(keys[peer]), 1 if peer > rank else -1) for peer in sorted(keys)]
+
+
+def pairwise_zero_sharing(size: tuple[int, ...] | torch.Size, *, xor: bool = False,
+                          pairs: list[tuple[SecureGenerator, int]] | None = None) -> torch.Tensor:
+    """This party's share of a fresh zero-sharing over every pair of parties (host int64).
+
+    Each pair's draw enters both parties' shares, with opposite signs (``xor``: as is), so the
+    shares sum (XOR) to zero; a coalition learns nothing of one party's share unless it holds that
+    party's key with every other party, i.e. it is every other party. Every party must call it at
+    the same point with the same size: the pair streams advance together. ``pairs``: this party's
+    generators with each other party and their signs (default: the session's).
+
+    Raises:
+        RuntimeError: no pairwise keys (a session of two parties, or generators not set up).
+    """
+    pairs = _pairwise if pairs is None else pairs
+    if not pairs:
+        raise RuntimeError("mpcfl: pairwise zero-sharings need a session of three or more parties")
+    total = torch.zeros(tuple(size), dtype=torch.int64)
+    for generator, sign in pairs:
+        draw = generator.ring(tuple(size))
+        total = total ^ draw if xor else total + sign * draw
+    return total
 
 
 def _secure(generator: Any, crypten: Any) -> SecureGenerator:

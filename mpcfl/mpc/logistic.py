@@ -46,7 +46,8 @@ def sigmoid(x: Any) -> Any | None:
     if crypten.comm.get().get_world_size() != 2:
         # With more parties a mixed round's all_gather moves (P - 1) shares where all_reduce moves
         # about 2, and each squaring's truncation gathers at party 0: W1 at 3-5 parties moved 1.8-2.5x
-        # the bytes for 8 fewer of its 48-50 rounds, no faster. CrypTen's own runs there.
+        # the bytes for 8 fewer of its 48-50 rounds, no faster (measured when openings among 3+ parties
+        # still took gloo's ring; not rerun since they are one exchange). CrypTen's own runs there.
         return None
     if x.share.numel() > comparison.CHUNK:  # the stacked squarings' requests would pass the dealer's size cap
         return None

@@ -210,6 +210,7 @@ def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None 
     """
     from mpcfl.mpc.engine import import_crypten
     from mpcfl.mpc.device import to_host
+    from mpcfl.mpc.opening import rerandomized
     crypten = import_crypten()
     comm = crypten.comm.get()
     world, me = comm.get_world_size(), comm.get_rank()
@@ -235,6 +236,8 @@ def reveal(value: Any, *, to: Sequence[int], what: str, privacy: Privacy | None 
     if disclosure is not None:
         disclosure.records.append(RevealRecord(what=what, shape=tuple(value.size()), to=receivers, epsilon_after=epsilon))
     log.debug("revealing %s %s to ranks %s", what, tuple(value.size()), receivers)
+    if world > 2:  # what an opening shows of a share must not be strippable by a few colluders
+        value = rerandomized(value)
     if len(receivers) == world:
         return to_host(value.get_plain_text())
     result = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import numpy as np
@@ -327,3 +328,52 @@ def test_a_huge_convolution_is_sized_without_allocating(monkeypatch: pytest.Monk
     monkeypatch.setattr(torch, "zeros", lambda *a, **k: pytest.fail("allocated"))
     monkeypatch.setattr(torch, "empty", lambda *a, **k: pytest.fail("allocated"))
     assert answer_size("additive", ((1, 1 << 14, 1), (1 << 14, 1 << 14, 1), "conv1d"), {}) == torch.Size([1, 1 << 14, 1])
+
+
+class _KeyPost:
+    """A fake communicator for :func:`pair_generators`: sends land in a mailbox the test reads."""
+
+    def __init__(self) -> None:
+        self.mail: dict[tuple[int, int], torch.Tensor] = {}
+
+    def at(self, rank: int) -> SimpleNamespace:
+        def isend(words: torch.Tensor, dst: int) -> SimpleNamespace:
+            self.mail[rank, dst] = words.clone()
+            return SimpleNamespace(wait=lambda: None)
+
+        def irecv(words: torch.Tensor, src: int) -> SimpleNamespace:
+            return SimpleNamespace(wait=lambda: words.copy_(self.mail[src, rank]))
+
+        return SimpleNamespace(isend=isend, irecv=irecv)
+
+
+@pytest.mark.parametrize("parties", [3, 4, 5])
+@pytest.mark.parametrize("xor", [False, True])
+def test_a_pairwise_zero_sharing_resists_every_coalition_short_of_all_other_parties(parties: int, xor: bool) -> None:
+    import itertools
+
+    from mpcfl.mpc.generators import pair_generators, pairwise_zero_sharing
+
+    post = _KeyPost()
+    pairs = {rank: pair_generators(post.at(rank), parties, rank) for rank in range(parties)}  # lower ranks send first
+    size = (1000,)
+    shares = {rank: pairwise_zero_sharing(size, xor=xor, pairs=pairs[rank]) for rank in range(parties)}
+    combined = functools.reduce(torch.bitwise_xor if xor else torch.add, shares.values())
+    assert torch.equal(combined, torch.zeros(size, dtype=torch.int64))
+
+    def stream(low: int, high: int) -> torch.Tensor:  # what either party of a pair draws with the other
+        key = post.mail.get((low, high))
+        return torch.zeros(size, dtype=torch.int64) if key is None else SecureGenerator(words_to_key(key)).ring(size)
+
+    for owner in range(parties):
+        others = [rank for rank in range(parties) if rank != owner]
+        for coalition in itertools.combinations(others, parties - 2):
+            # Strip from the owner's share every draw the coalition also drew: one pair stream is left.
+            left = shares[owner]
+            for member in coalition:
+                drawn = stream(min(owner, member), max(owner, member))
+                left = left ^ drawn if xor else left - (1 if member > owner else -1) * drawn
+            assert bool((left != 0).all()), f"parties {coalition} strip party {owner}'s zero-sharing"
+            (missing,) = set(others) - set(coalition)
+            residue = stream(min(owner, missing), max(owner, missing))
+            assert torch.equal(left, residue if xor or missing > owner else -residue)
