@@ -24,8 +24,12 @@ demo: install
 	$(BIN)/mpcfl run configs/breast_cancer_lr.yaml
 	@echo "mpcfl is installed in $(VENV): run \`source $(VENV)/bin/activate\` to put it on PATH (then \`mpcfl --help\`), or call $(BIN)/mpcfl"
 
+# Two workers even on 2 cores: a test's parties mostly wait on each other's rounds. More workers on a
+# bigger machine: `make test TEST_WORKERS=4`.
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 bench: install
 	$(BIN)/python benchmarks/inference.py

@@ -106,7 +106,10 @@ def package_files_matching(pattern: str) -> list[str]:
 
 def live_processes(marker: str, *, source: str = "cmdline") -> list[int]:
     """Pids of processes whose command line mentions ``marker`` (e.g. a tmp job path); with
-    ``source="environ"``, whose environment does (a dealer's command line names no script)."""
+    ``source="environ"``, whose environment does (a dealer's command line names no script).
+
+    Under pytest-xdist, processes another worker's tests started (they inherit its
+    ``PYTEST_XDIST_WORKER``) are not this test's: two workers may run the same script at once."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -114,11 +117,22 @@ def live_processes(marker: str, *, source: str = "cmdline") -> list[int]:
         try:
             cmdline = (entry / source).read_bytes().replace(b"\0", b" ").decode(errors="replace")
             state = (entry / "stat").read_text().split(") ", 1)[1].split()[0]
+            if marker in cmdline and state != "Z" and not _another_workers(entry):
+                pids.append(int(entry.name))
         except OSError:
             continue
-        if marker in cmdline and state != "Z":
-            pids.append(int(entry.name))
     return pids
+
+
+def _another_workers(process: Path) -> bool:
+    """Whether ``process`` (a /proc entry) was started under another pytest-xdist worker than this one."""
+    mine = os.environ.get("PYTEST_XDIST_WORKER")
+    if mine is None:
+        return False
+    for item in (process / "environ").read_bytes().split(b"\0"):
+        if item.startswith(b"PYTEST_XDIST_WORKER="):
+            return item != f"PYTEST_XDIST_WORKER={mine}".encode()
+    return False
 
 
 def descendants(pid: int) -> list[int]:
