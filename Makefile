@@ -24,12 +24,13 @@ demo: install
 	$(BIN)/mpcfl run configs/breast_cancer_lr.yaml
 	@echo "mpcfl is installed in $(VENV): run \`source $(VENV)/bin/activate\` to put it on PATH (then \`mpcfl --help\`), or call $(BIN)/mpcfl"
 
-# Two workers even on 2 cores: a test's parties mostly wait on each other's rounds. More workers on a
+# Two workers even on 2 cores: a test's parties mostly wait on each other's rounds. A file's tests stay in
+# one worker: some build on what earlier ones left (the docs pages run in order in one workspace). More workers on a
 # bigger machine: `make test TEST_WORKERS=4`.
 TEST_WORKERS ?= 2
 
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	$(BIN)/python benchmarks/inference.py
