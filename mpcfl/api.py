@@ -179,12 +179,22 @@ def predict(
 
 
 def predict_job(
-    train_job: Path, rows: Mapping[str, Any], *, to: list[str], model_run: str, out: Path | None, folder: Path
+    train_job: Path, rows: Mapping[str, Any], *, to: list[str], model_run: str, out: Path | None, folder: Path,
+    names: tuple[str, str] = ("rows", "to"),
 ) -> dict[str, Any]:
-    """A predict job for :func:`predict` and ``mpcfl predict``; arrays and DataFrames are written to ``folder``."""
+    """A predict job for :func:`predict` and ``mpcfl predict``; arrays and DataFrames are written to ``folder``.
+
+    Raises:
+        MpcflError: ``rows`` or ``to`` names a party the training job lacks (the error names the
+            argument as the caller spells it, ``names``), or the job is not a training job.
+    """
     train = load_job(train_job)
     if not isinstance(train, TrainJob):
         raise MpcflError(f"{train_job}: predict takes a training job; this one is {train.summary}")
+    for argument, parties in zip(names, (list(rows), list(to))):
+        for name in parties:
+            if name not in train.party_names:
+                raise MpcflError(f"{argument}: {name!r} is not a party of {train_job} (its parties: {', '.join(train.party_names)})")
     files = {name: _rows_file(train, name, value, model_run, folder) for name, value in rows.items()}
     return {
         "task": "predict", "train_job": str(Path(train_job).resolve()), "model_run": model_run, "rows": files,

@@ -231,27 +231,29 @@ def _list_runs(job: JobBase, only: str | None) -> None:
 
 
 def _ledger(job: JobBase, party: str, action: str, reason: str | None) -> None:
-    """``mpcfl ledger show|reset``: the privacy ledger of ``party``'s dataset."""
-    from mpcfl.data.party import contents, dataset_digest, load_party_data
-    from mpcfl.dp.ledger import DatasetLedger
+    """``mpcfl ledger show|reset``: the privacy ledgers of ``party``'s data files."""
+    from mpcfl.data.party import contents, dataset_digest, ledger_keys, load_party_data
+    from mpcfl.dp.ledger import DatasetLedger, open_ledgers
 
     dp = getattr(job, "dp", None)
     if dp is None:
         raise MpcflError(f"{job.source}: no dp section: the ledger's total comes from a DP job's epsilon and delta")
     name = job.party_names[job.rank_of(party)]
-    ledger = DatasetLedger.open(dataset_digest(contents(load_party_data(job, name))), epsilon=dp.epsilon, delta=dp.delta, accountant=dp.accountant)
-    if action == "reset":
-        if not reason:
-            raise MpcflError("ledger reset: say why with --reason (it is kept in the ledger)")
-        ledger.reset(reason)
-        print(f"{name}: started a fresh budget for dataset {ledger.dataset[:16]}; the earlier charges stay in {ledger.path}")
-        return
-    print(f"{name}: dataset {ledger.dataset[:16]} in {ledger.path}: epsilon {ledger.spent():.4g} spent of "
-          f"{ledger.epsilon:g} at delta {ledger.delta:g} ({ledger.accountant}); {len(ledger.resets)} reset(s)")
-    for run_id, run in ledger.runs.items():
-        alone = DatasetLedger(ledger.path, ledger.dataset, ledger.epsilon, ledger.delta, ledger.accountant, {run_id: run})
-        print(f"  run {run_id}  job {run['job']}  {len(run['charges'])} charge(s)  epsilon {alone.spent():.4g} alone  "
-              f"updated {run['updated']}")
+    if action == "reset" and not reason:
+        raise MpcflError("ledger reset: say why with --reason (it is kept in the ledger)")
+    ledgers = open_ledgers(ledger_keys(job, name), epsilon=dp.epsilon, delta=dp.delta, accountant=dp.accountant,
+                           legacy=dataset_digest(contents(load_party_data(job, name))))
+    for ledger in ledgers:
+        if action == "reset":
+            ledger.reset(reason)
+            print(f"{name}: started a fresh budget for dataset {ledger.dataset[:16]}; the earlier charges stay in {ledger.path}")
+            continue
+        print(f"{name}: dataset {ledger.dataset[:16]} in {ledger.path}: epsilon {ledger.spent():.4g} spent of "
+              f"{ledger.epsilon:g} at delta {ledger.delta:g} ({ledger.accountant}); {len(ledger.resets)} reset(s)")
+        for run_id, run in ledger.runs.items():
+            alone = DatasetLedger(ledger.path, ledger.dataset, ledger.epsilon, ledger.delta, ledger.accountant, {run_id: run})
+            print(f"  run {run_id}  job {run['job']}  {len(run['charges'])} charge(s)  epsilon {alone.spent():.4g} alone  "
+                  f"updated {run['updated']}")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -269,7 +271,8 @@ def _predict(args: argparse.Namespace) -> int:
             raise MpcflError(f"--rows: {item!r} is not PARTY=FILE")
         rows[name] = Path(path)
     with tempfile.TemporaryDirectory(prefix="mpcfl-rows-") as folder:
-        spec = predict_job(Path(args.job), rows, to=args.to, model_run=args.model_run, out=args.out, folder=Path(folder))
+        spec = predict_job(Path(args.job), rows, to=args.to, model_run=args.model_run, out=args.out, folder=Path(folder),
+                           names=("--rows", "--to"))
         with job_file(spec) as path:
             return run_local(load_job(path), debug=args.debug, key_dir=args.key_dir)
 
@@ -388,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mpcfl: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mpcfl schema | head`: the reader left; nothing more to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's flush at exit is quiet
+        return 0
     finally:
         # A launcher's SIGTERM to a process already on its way out ends it, with no traceback at shutdown.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

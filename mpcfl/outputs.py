@@ -32,6 +32,11 @@ def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool = Fal
         raise
 
 
+def lock_file(path: Path) -> Any:
+    """``path`` opened for ``fcntl.flock`` (created owner-only, as every file written here)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+
+
 def write_json(path: Path, payload: Any) -> None:
     atomic_write(path, lambda handle: json.dump(payload, handle, indent=2, sort_keys=True))
 

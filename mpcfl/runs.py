@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from mpcfl.errors import MpcflError
-from mpcfl.outputs import atomic_write, write_json
+from mpcfl.outputs import atomic_write, lock_file, write_json
 
 RECORD = "run.json"
 JOURNAL = "openings.jsonl"
@@ -145,7 +145,7 @@ class Run:
         Raises:
             MpcflError: another process holds it.
         """
-        handle = open(self.dir / ".lock", "ab")
+        handle = lock_file(self.dir / ".lock")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

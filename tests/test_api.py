@@ -54,6 +54,10 @@ def test_train_predict_validate_and_baseline_from_python(tmp_path: Path, monkeyp
         raw = torch.tensor(np.hstack([a_rows, b_rows[:, :-1]]), dtype=torch.float32)
         plain = torch.sigmoid(model(raw)).squeeze(1).numpy()
     assert np.abs(plain - np.array(predictions["p_1"])).max() < 1e-3
+    # Found by an attacker: model.onnx holds the receiver's weights, and was the one file others could read.
+    for path in run.folder("hospital_b").iterdir():
+        if path.is_file():
+            assert path.stat().st_mode & 0o077 == 0, f"{path.name} is readable by others"
     exported = onnx.load(run.folder("hospital_b") / "model.onnx")
     onnx.checker.check_model(exported)
     assert [i.name for i in exported.graph.input] == ["features"]

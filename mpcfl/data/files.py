@@ -9,6 +9,7 @@ from the numbers, for private set intersection (:mod:`mpcfl.data.psi`).
 from __future__ import annotations
 
 import csv
+import hashlib
 import unicodedata
 import warnings
 from dataclasses import dataclass
@@ -197,3 +198,40 @@ def load_table(path: Path, *, party: str, id_column: str | None = None) -> Table
         assert id_column is not None
         check_ids(ids, id_column, path, party)
     return Table(path=path, columns=columns, values=values, ids=ids)
+
+
+def _cell(text: str) -> str:
+    """A CSV cell as the ledger key compares it: a number by its value (1, 1.0 and 1e0 alike), else its text."""
+    text = text.strip()
+    try:
+        return (float(text) + 0.0).hex()  # + 0.0: -0 is 0
+    except ValueError:
+        return "t:" + canonical_id(text)
+
+
+def rows_key(path: Path, *, party: str) -> str:
+    """A data file's name in its owner's privacy ledgers (:mod:`mpcfl.dp.ledger`): a digest of its rows
+    as a multiset, each row the multiset of its cells, numbers compared by value.
+
+    Reordering rows or columns, renaming headers, writing numbers another way, and any job's view of the
+    file (which columns it takes, its label scaling, class order, categories or missing-cell fills) keep
+    the name, so none of them opens a fresh budget; changing, adding or removing a row gives another.
+
+    Raises:
+        DataError: the file is missing or unreadable.
+    """
+    if path.suffix == ".npy":
+        values = np.atleast_2d(load_array(path, party=party))
+        rows = np.sort(values.reshape(len(values), -1).astype(np.float64) + 0.0, axis=1)
+        digests = [hashlib.sha256(row.tobytes()).digest() for row in rows]
+    else:
+        if not path.is_file():
+            raise DataError(f"party {party}: {path}: data file not found")
+        try:
+            with path.open(newline="", encoding="utf-8") as handle:
+                reader = csv.reader(handle)
+                next(reader, None)  # the header names columns; the rows are the data
+                digests = [hashlib.sha256("\x1f".join(sorted(map(_cell, row))).encode()).digest() for row in reader if row]
+        except (OSError, UnicodeDecodeError, csv.Error) as err:
+            raise DataError(f"party {party}: {path}: cannot read: {err}") from None
+    return hashlib.sha256(b"".join(sorted(digests))).hexdigest()

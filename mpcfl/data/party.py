@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mpcfl.data.encode import Encoding, impute, read_encoded
-from mpcfl.data.files import DataError, Table, check_ids, load_table
+from mpcfl.data.files import DataError, Table, check_ids, load_table, rows_key
 from mpcfl.errors import ConfigError, MpcflError
 
 if TYPE_CHECKING:
@@ -304,13 +304,23 @@ def contents(data: PartyData) -> dict[str, bytes]:
 
 
 def dataset_digest(parts: dict[str, bytes]) -> str:
-    """Names a party's dataset across runs and jobs (its privacy ledger's key): a digest of its rows as
-    loaded (:func:`contents`). Unsalted, so the same data always has the same name; it stays in the
-    party's own folder."""
+    """A digest of a party's rows as loaded (:func:`contents`): what earlier versions named its privacy
+    ledger by (:func:`mpcfl.dp.ledger.open_ledgers` carries such a ledger into :func:`ledger_keys`')."""
     digest = hashlib.sha256()
     for key, value in sorted(parts.items()):
         digest.update(key.encode() + b"\0" + len(value).to_bytes(8, "big") + value)
     return digest.hexdigest()
+
+
+def ledger_keys(job: TrainJob, party: str) -> list[str]:
+    """The names of ``party``'s privacy ledgers: one per data file the job reads (train, and test if
+    any), :func:`mpcfl.data.files.rows_key` each.
+
+    Raises:
+        DataError: a file is missing or unreadable.
+    """
+    spec = job.parties[job.rank_of(party)].data
+    return [rows_key(path, party=party) for path in (spec.train, spec.test) if path is not None]
 
 
 def _column_stats(data: PartyData) -> tuple[np.ndarray, np.ndarray]:

@@ -58,8 +58,8 @@ class Budget:
                 f"reveal of {what} refused: it would spend epsilon {after:.4g} at delta {self.delta:g}, "
                 f"beyond the budget of {self.epsilon:g} (spent so far: {self.spent():.4g})"
             )
-        if self.dataset is not None:
-            self.dataset.check(self.accountant.history, charge)
+        if self.dataset is not None:  # checked and written under the ledgers' locks, before anything is revealed
+            self.dataset.charge(self.accountant.history, charge)
         self.accountant.compose(charge)
         self.ledger.append({"what": what, **charge.as_dict(), "epsilon_after": after})
         self.persist()

@@ -1,25 +1,34 @@
-"""A data owner's privacy ledger for one dataset, across runs, jobs and resumes.
+"""A data owner's privacy ledger for each of its data files, across runs, jobs and resumes.
 
 The budget belongs to the data, not the run. Each party keeps, in a folder it controls
-(``$MPCFL_LEDGER_DIR``, default ``~/.mpcfl/ledgers``), one ledger per dataset, named by a digest
-of the data as loaded: every DP run on that data charges it, and a run whose charges would take
-the dataset past its total is refused. The total is set by the first DP run on the data (that
-job's epsilon and delta) and is composed at that delta by that accountant. Starting a fresh
-budget is an explicit act (:meth:`DatasetLedger.reset`, ``mpcfl ledger reset``), kept in the file.
+(``$MPCFL_LEDGER_DIR``, default ``~/.mpcfl/ledgers``, made owner-only), one ledger per data file,
+named by the file's rows (:func:`mpcfl.data.files.rows_key`: whatever their order, format or a job's
+view of them). Every DP run charges the ledger of every file it reads, and a charge that would take
+any of them past its total is refused before anything is revealed. The total is set by the first DP
+run on the file (that job's epsilon and delta) and is composed at that delta by that accountant.
+
+A run's charges are kept under its run id. A new run may not take an id a ledger has seen (its
+charges would replace the earlier run's): only a resume continues one. Every check and write rereads
+the ledger under an exclusive lock, so runs at the same time compose with each other rather than the
+last writer's view winning. Starting a fresh budget is an explicit act (:meth:`DatasetLedger.reset`,
+``mpcfl ledger reset``), kept in the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mpcfl.dp.accountant import Charge, create_accountant
 from mpcfl.errors import MpcflError
-from mpcfl.outputs import write_json
+from mpcfl.outputs import lock_file, write_json
 from mpcfl.runs import utc_now
 
 log = logging.getLogger(__name__)
@@ -55,15 +64,35 @@ class DatasetLedger:
         Raises:
             MpcflError: the ledger file is unreadable.
         """
-        path = (folder or ledger_dir()) / f"{dataset}.json"
-        if not path.is_file():
-            return cls(path=path, dataset=dataset, epsilon=epsilon, delta=delta, accountant=accountant)
+        ledger = cls(path=(folder or ledger_dir()) / f"{dataset}.json", dataset=dataset, epsilon=epsilon, delta=delta,
+                     accountant=accountant)
+        ledger._reload()
+        return ledger
+
+    def _reload(self) -> None:
+        """The ledger as its file has it now (another run may have charged since this one read it)."""
+        if not self.path.is_file():
+            self.runs, self.resets = {}, []
+            return
         try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-            return cls(path=path, dataset=dataset, epsilon=state["epsilon"], delta=state["delta"],
-                       accountant=state["accountant"], runs=state["runs"], resets=state.get("resets", []))
+            state = json.loads(self.path.read_text(encoding="utf-8"))
+            self.epsilon, self.delta, self.accountant = state["epsilon"], state["delta"], state["accountant"]
+            self.runs, self.resets = state["runs"], state.get("resets", [])
         except (OSError, ValueError, KeyError) as err:
-            raise MpcflError(f"{path}: unreadable privacy ledger: {err}") from None
+            raise MpcflError(f"{self.path}: unreadable privacy ledger: {err}") from None
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Holds the ledger's lock (a ``.lock`` file beside it) with the ledger reread inside."""
+        if not self.path.parent.is_dir():
+            self.path.parent.mkdir(mode=0o700, parents=True)  # the file names are digests of the data: owner-only
+        with lock_file(self.path.with_suffix(".lock")) as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._reload()
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def spent(self, *, without: str | None = None, extra: list[Charge] | None = None) -> float:
         """Epsilon at the ledger's delta of every run's charges but ``without``'s, plus ``extra``."""
@@ -74,19 +103,33 @@ class DatasetLedger:
                     accountant.compose(Charge(**charge))
         return accountant.epsilon(self.delta, extra=extra) if accountant.history or extra else 0.0
 
+    def seen(self, run_id: str) -> bool:
+        """Whether a run of this id charged the ledger, before a reset or since."""
+        return run_id in self.runs or any(run_id in reset["runs"] for reset in self.resets)
+
+    def _where(self, who: str) -> str:
+        return f"{who}: dataset {self.dataset[:16]} ({self.path})"
+
     def _refusal(self, who: str, earlier: float, asked: float) -> str:
         return (
-            f"{who}: dataset {self.dataset[:16]} ({self.path}): earlier runs spent epsilon {earlier:.4g} of its "
+            f"{self._where(who)}: earlier runs spent epsilon {earlier:.4g} of its "
             f"total {self.epsilon:g} (delta {self.delta:g}), and this run asks {asked:.4g}; refused before anything "
             "is revealed (`mpcfl ledger show` lists the charges; only `mpcfl ledger reset` starts a fresh budget)"
         )
 
-    def check_run(self, run_id: str, asked: float, *, who: str) -> None:
-        """Refuses, before anything is shared, a run whose whole budget does not fit beside the earlier runs'.
+    def check_run(self, run_id: str, asked: float, *, who: str, new: bool) -> None:
+        """Refuses, before anything is shared, a new run under an id the ledger has seen, and a run
+        whose whole budget does not fit beside the earlier runs'. Call it holding :meth:`locked`.
 
         Raises:
+            MpcflError: a new run under a seen id.
             LedgerExhausted: the earlier runs' epsilon plus ``asked`` exceeds the total.
         """
+        if new and self.seen(run_id):
+            raise MpcflError(
+                f"{self._where(who)}: run id {run_id} has charged this dataset before; a new run takes a new id "
+                "(only a resume continues a run's charges)"
+            )
         earlier = self.spent(without=run_id)
         if earlier + asked > self.epsilon * (1 + 1e-9):
             raise LedgerExhausted(self._refusal(who, earlier, asked))
@@ -101,20 +144,18 @@ class DatasetLedger:
         if after > self.epsilon * (1 + 1e-9):
             raise LedgerExhausted(self._refusal(who, self.spent(without=run_id), after - self.spent(without=run_id)))
 
-    def record(self, run_id: str, *, job: str, party: str, charges: list[Charge]) -> None:
-        """Writes this run's charges so far (replacing what it recorded before), atomically."""
+    def put(self, run_id: str, *, job: str, party: str, charges: list[Charge]) -> None:
+        """Writes this run's charges so far (replacing what it wrote before), atomically. Call it holding :meth:`locked`."""
         self.runs[run_id] = {"job": job, "party": party, "charges": [c.as_dict() for c in charges], "updated": utc_now()}
         self.save()
 
     def reset(self, reason: str) -> None:
         """Starts a fresh budget: the charges so far are kept in the file, under ``resets``."""
-        self.resets.append({"at": utc_now(), "reason": reason, "spent": self.spent(), "runs": self.runs})
-        self.runs = {}
-        self.save()
+        with self.locked():
+            self.resets.append({"at": utc_now(), "reason": reason, "spent": self.spent(), "runs": self.runs})
+            self.runs = {}
+            self.save()
         log.warning("privacy ledger of dataset %s reset: %s", self.dataset[:16], reason)
-
-    def bind(self, run_id: str, *, job: str, party: str) -> Binding:
-        return Binding(self, run_id, job, party)
 
     def save(self) -> None:
         write_json(self.path, {
@@ -123,17 +164,79 @@ class DatasetLedger:
         })
 
 
+@contextlib.contextmanager
+def _all_locked(ledgers: tuple[DatasetLedger, ...]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for ledger in sorted(ledgers, key=lambda ledger: str(ledger.path)):  # one order: no two runs deadlock
+            stack.enter_context(ledger.locked())
+        yield
+
+
+def open_ledgers(datasets: list[str], *, epsilon: float, delta: float, accountant: str, legacy: str | None = None,
+                 folder: Path | None = None) -> tuple[DatasetLedger, ...]:
+    """The ledgers of a party's data files (:func:`mpcfl.data.files.rows_key` each).
+
+    ``legacy`` names the ledger an earlier mpcfl kept for the files together (a digest of the rows as
+    a job loaded them): its runs are carried into each file's ledger, once, and its file renamed
+    ``.migrated``, so upgrading never starts a fresh budget by the way.
+    """
+    ledgers = tuple(DatasetLedger.open(d, epsilon=epsilon, delta=delta, accountant=accountant, folder=folder)
+                    for d in dict.fromkeys(datasets))
+    old = (folder or ledger_dir()) / f"{legacy}.json" if legacy else None
+    if old is not None and old.is_file():
+        earlier = DatasetLedger.open(legacy, epsilon=epsilon, delta=delta, accountant=accountant, folder=folder)
+        with _all_locked(ledgers):
+            for ledger in ledgers:
+                ledger.runs = {**earlier.runs, **ledger.runs}
+                ledger.resets = [*earlier.resets, *ledger.resets]
+                ledger.save()
+        old.rename(old.with_name(old.name + ".migrated"))
+        log.warning("privacy ledger %s carried into the ledgers of each data file (%s)", old,
+                    ", ".join(ledger.dataset[:16] for ledger in ledgers))
+    return ledgers
+
+
 @dataclass(frozen=True)
 class Binding:
-    """One run's place in a dataset's ledger: what a :class:`~mpcfl.dp.budget.Budget` charges through."""
+    """One run's place in its data files' ledgers: what a :class:`~mpcfl.dp.budget.Budget` charges through."""
 
-    ledger: DatasetLedger
+    ledgers: tuple[DatasetLedger, ...]
     run_id: str
     job: str
     party: str
 
-    def check(self, charges: list[Charge], charge: Charge) -> None:
-        self.ledger.check_charge(self.run_id, charges, charge, who=f"party {self.party}")
+    @classmethod
+    def begin(cls, ledgers: tuple[DatasetLedger, ...], run_id: str, *, job: str, party: str, asked: float,
+              new: bool) -> Binding:
+        """Checks the run against every ledger (:meth:`DatasetLedger.check_run`) and, for a new run,
+        records its id in each (no charge yet), all under the ledgers' locks.
+
+        Raises:
+            MpcflError: a new run under an id a ledger has seen.
+            LedgerExhausted: a ledger has less than ``asked`` left.
+        """
+        with _all_locked(ledgers):
+            for ledger in ledgers:
+                ledger.check_run(run_id, asked, who=f"party {party}", new=new)
+            for ledger in ledgers:
+                if new:
+                    ledger.put(run_id, job=job, party=party, charges=[])
+        return cls(ledgers, run_id, job, party)
+
+    def charge(self, charges: list[Charge], charge: Charge) -> None:
+        """Checks ``charge`` after ``charges`` against every ledger, then records both in each, under their locks.
+
+        Raises:
+            LedgerExhausted: a ledger would pass its total; nothing was recorded.
+        """
+        with _all_locked(self.ledgers):
+            for ledger in self.ledgers:
+                ledger.check_charge(self.run_id, charges, charge, who=f"party {self.party}")
+            for ledger in self.ledgers:
+                ledger.put(self.run_id, job=self.job, party=self.party, charges=[*charges, charge])
 
     def record(self, charges: list[Charge]) -> None:
-        self.ledger.record(self.run_id, job=self.job, party=self.party, charges=charges)
+        """Writes the run's charges so far into every ledger."""
+        with _all_locked(self.ledgers):
+            for ledger in self.ledgers:
+                ledger.put(self.run_id, job=self.job, party=self.party, charges=charges)

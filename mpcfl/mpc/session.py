@@ -262,10 +262,11 @@ def _translate(err: RuntimeError, who: str, session: Session) -> MpcflError:
             f"{who}: cannot reach the rendezvous {rendezvous} within timeout_s={session.timeout_s:g}s: "
             f"is rank 0 ({session.parties[0]}) running there, and can this host reach it?"
         )
-    if any(marker in str(err) for marker in _PEER_FAILURES):
+    if cause := next((marker for marker in _PEER_FAILURES if marker in str(err)), None):
+        # gloo's own text (its source path, the peer's port, a farewell) is for --debug's traceback
         return PeerFailure(
             f"{who}: lost a peer of {session.label} (it died, hung past "
-            f"timeout_s={session.timeout_s:g}s, or the link was cut): {text}"
+            f"timeout_s={session.timeout_s:g}s, or the link was cut): {cause.lower()}"
         )
     return MpcflError(f"{who}: {text}")
 

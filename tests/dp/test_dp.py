@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -15,11 +16,12 @@ from dp_accounting import pld, rdp
 
 from conftest import SCRIPTS, assert_no_leftovers, dp_demo, mpcfl, write_job
 from mpcfl.jobs.schema import load_job
+from mpcfl.launch.local import run_local
 from mpcfl.dp import Budget, BudgetExceeded, Charge, calibrate_noise_multiplier, create_accountant
 from mpcfl.dp.noise import share_variance, skellam
 from mpcfl.mpc.prng import numpy_generator
 from mpcfl.dp.clipping import clip_rows
-from mpcfl.errors import ConfigError
+from mpcfl.errors import ConfigError, MpcflError
 
 SCALE = 2**16
 
@@ -421,7 +423,9 @@ def test_implausible_budgets_are_refused_or_warned(tmp_path: Path) -> None:
     assert "dp: delta 0.0005 is above 1/(10 n)" in done.stderr and "dp: epsilon 1000 is above 10" in done.stderr
 
 
-def test_the_budget_belongs_to_the_data_a_rerun_is_refused_until_the_ledger_is_reset(tmp_path: Path) -> None:
+def test_the_budget_belongs_to_the_data_a_rerun_is_refused_until_the_ledger_is_reset(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """Two runs of an epsilon-3 job on the same data would give the receiver two models, composed
     epsilon 4.4, each run's privacy.json saying 3 of 3. The data owners' ledgers refuse the second
     run before anything is shared; after an explicit reset it runs, with fresh noise."""
@@ -440,8 +444,22 @@ def test_the_budget_belongs_to_the_data_a_rerun_is_refused_until_the_ledger_is_r
     assert not (second.party_root("hospital_b") / "latest").exists()
     [folder] = [p for p in second.party_root("hospital_b").iterdir() if p.is_dir()]
     assert not (folder / "openings.jsonl").exists(), "something was opened before the refusal"
+    # Found by an attacker: the same training rows without the test file, and a new run under the first
+    # run's id (which party 0 proposes) in another folder, each opened a fresh budget.
+    spec = dp_demo()
+    spec["training"]["epochs"] = 1
+    spec["outputs"]["dir"] = str(tmp_path / "no_test")
+    for party in spec["parties"]:
+        del party["data"]["test"]
+    refused = mpcfl("run", str(write_job(tmp_path / "no_test", spec)), timeout=120)
+    assert refused.returncode == 1 and "earlier runs spent epsilon 3 of its total 3" in refused.stderr, refused.stderr
+    first_id = (load_job(paths[0]).party_root("hospital_b") / "latest").resolve().name
+    capfd.readouterr()
+    assert run_local(second, run_id=first_id, sink=io.StringIO()) != 0
+    assert f"run id {first_id} has charged this dataset before; a new run takes a new id" in capfd.readouterr().err
     shown = mpcfl("ledger", "show", str(paths[1]), "--party", "hospital_b", timeout=60)
     assert "epsilon 3 spent of 3 at delta 1e-05 (rdp); 0 reset(s)" in shown.stdout, shown.stdout + shown.stderr
+    assert shown.stdout.count(f"run {first_id}") == 2, shown.stdout  # the train file's ledger and the test file's
     for party in ("hospital_a", "hospital_b"):
         reset = mpcfl("ledger", "reset", str(paths[1]), "--party", party, "--reason", "test: a second model", timeout=60)
         assert reset.returncode == 0 and "started a fresh budget" in reset.stdout, reset.stderr
@@ -460,32 +478,116 @@ def test_the_budget_belongs_to_the_data_a_rerun_is_refused_until_the_ledger_is_r
 
 
 def test_a_dataset_ledger_composes_every_run_and_keeps_its_resets(tmp_path: Path) -> None:
-    from mpcfl.dp.ledger import DatasetLedger, LedgerExhausted
+    from mpcfl.dp.ledger import Binding, DatasetLedger, LedgerExhausted
 
-    def opened() -> DatasetLedger:
-        return DatasetLedger.open("d" * 64, epsilon=3.0, delta=1e-5, accountant="rdp", folder=tmp_path)
+    def opened() -> tuple[DatasetLedger, ...]:
+        return (DatasetLedger.open("d" * 64, epsilon=3.0, delta=1e-5, accountant="rdp", folder=tmp_path),)
+
+    def begin(run_id: str, asked: float, *, new: bool = True) -> Binding:
+        return Binding.begin(opened(), run_id, job="j", party="p", asked=asked, new=new)
 
     z = calibrate_noise_multiplier(epsilon=2.0, delta=1e-5, count=10, accountant="rdp")
     first = Budget.create(epsilon=3.0, delta=1e-5, accountant="rdp")
-    first.dataset = opened().bind("run-1", job="j", party="p")
+    first.dataset = begin("run-1", 3.0)
     first.charge("epoch steps", Charge("gaussian", z, 10))
-    ledger = opened()  # as the next run reads it from disk
+    [ledger] = opened()  # as the next run reads it from disk
     assert ledger.spent() == pytest.approx(2.0, rel=1e-3)
-    ledger.check_run("run-1", 3.0, who="p")  # a resume of run-1: its own charges are not counted twice
+    begin("run-1", 3.0, new=False)  # a resume of run-1: its own charges are not counted twice
     with pytest.raises(LedgerExhausted, match=r"earlier runs spent epsilon 2 of its total 3 \(delta 1e-05\), and this run asks 3"):
-        ledger.check_run("run-2", 3.0, who="party p")
-    ledger.check_run("run-2", 0.9, who="p")
+        begin("run-2", 3.0)
     # Each charge is composed with every earlier run's: one that would take the dataset past 3 is refused.
     z1 = calibrate_noise_multiplier(epsilon=2.5, delta=1e-5, count=1, accountant="rdp")
     second = Budget.create(epsilon=2.5, delta=1e-5, accountant="rdp")  # its own budget allows the charge
-    second.dataset = ledger.bind("run-2", job="j", party="p")
+    second.dataset = begin("run-2", 0.9)
     with pytest.raises(LedgerExhausted, match="party p: dataset dddddddddddddddd"):
         second.charge("a release", Charge("gaussian", z1, 1))
-    assert opened().runs.keys() == {"run-1"}, "a refused charge was recorded"
+    assert opened()[0].runs["run-2"]["charges"] == [], "a refused charge was recorded"
     ledger.reset("test: start again")
-    again = opened()
+    [again] = opened()
     assert again.spent() == 0.0 and again.resets[0]["reason"] == "test: start again"
     assert again.resets[0]["runs"]["run-1"]["charges"] == [{"mechanism": "gaussian", "noise_multiplier": z, "count": 10}]
+    # An id the ledger has seen, before the reset too, is not a new run's: its charges would replace the earlier ones.
+    for seen in ("run-1", "run-2"):
+        with pytest.raises(MpcflError, match=f"run id {seen} has charged this dataset before; a new run takes a new id"):
+            begin(seen, 0.5)
+
+
+def test_a_ledger_read_before_another_run_charged_still_composes_with_it(tmp_path: Path) -> None:
+    """Found by an attacker: each run read its ledger once, so of two runs at the same time the last
+    writer's view won (two epsilon-3 models, the ledger saying 3 of 3). Every check rereads it under a lock."""
+    from mpcfl.dp.ledger import Binding, DatasetLedger, LedgerExhausted
+
+    def begin(run_id: str) -> Binding:
+        ledgers = (DatasetLedger.open("e" * 64, epsilon=3.0, delta=1e-5, accountant="rdp", folder=tmp_path),)
+        return Binding.begin(ledgers, run_id, job="j", party="p", asked=3.0, new=True)
+
+    z = calibrate_noise_multiplier(epsilon=3.0, delta=1e-5, count=1, accountant="rdp")
+    early, late = begin("early"), begin("late")  # both started before either charged: each alone fits
+    early.charge([], Charge("gaussian", z, 1))
+    with pytest.raises(LedgerExhausted, match="earlier runs spent epsilon 3 of its total 3"):
+        late.charge([], Charge("gaussian", z, 1))
+    [ledger] = (DatasetLedger.open("e" * 64, epsilon=3.0, delta=1e-5, accountant="rdp", folder=tmp_path),)
+    assert ledger.runs["late"]["charges"] == [] and len(ledger.runs["early"]["charges"]) == 1
+
+
+def test_processes_charging_one_ledger_at_once_lose_no_charge(tmp_path: Path) -> None:
+    """Real processes, started together, each charging its own run many times: every charge stays."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom mpcfl.dp import Charge\nfrom mpcfl.dp.ledger import Binding, DatasetLedger\n"
+        "ledgers = (DatasetLedger.open('f' * 64, epsilon=1000.0, delta=1e-5, accountant='rdp', folder=Path(sys.argv[1])),)\n"
+        "run = Binding.begin(ledgers, sys.argv[2], job='j', party='p', asked=1.0, new=True)\n"
+        "charges = []\n"
+        "for _ in range(20):\n"
+        "    run.charge(charges, Charge('gaussian', 50.0, 1)); charges.append(Charge('gaussian', 50.0, 1))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), f"run-{i}"]) for i in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    state = json.loads((tmp_path / f"{'f' * 64}.json").read_text())
+    assert {run: len(entry["charges"]) for run, entry in state["runs"].items()} == {f"run-{i}": 20 for i in range(4)}
+
+
+def test_a_data_files_ledger_name_is_its_rows_not_their_order_format_or_job(tmp_path: Path) -> None:
+    """Found by an attacker: the ledger was named by the rows as a job loaded them, so reversing the rows,
+    renaming a header, dropping the test file or moving a job's label scaling by 0.001 opened a fresh budget."""
+    from mpcfl.data.files import DataError, rows_key
+
+    def key(text: str, name: str = "t.csv") -> str:
+        path = tmp_path / name
+        path.write_text(text)
+        return rows_key(path, party="p")
+
+    original = key("a,b,label\n1,2.5,0\n3,4,1\n-0.0,7,1\n")
+    same = ["b,a,label\n2.5,1,0\n4,3,1\n7,0,1\n",  # columns swapped, -0 written 0
+            "x,y,z\n3,4,1\n1,2.5,0\n0,7,1\n",  # rows reordered, headers renamed
+            "a,b,label\n1.0,2.50,0e0\n 3 ,4,1\n0,7.0,1\n\n"]  # numbers written another way, a blank line
+    assert all(key(text) == original for text in same)
+    for changed in ("a,b,label\n1,2.5,0\n3,4,1\n", "a,b,label\n1,2.5,0\n3,4,1\n0,7,0\n", "a,b,label\n1,2.5,0\n3,4,1\n0,7,1\n0,7,1\n"):
+        assert key(changed) != original  # a row removed, changed, or added twice
+    np.save(tmp_path / "t.npy", np.array([[1.0, 2.0], [3.0, 4.0]]))
+    np.save(tmp_path / "u.npy", np.array([[4.0, 3.0], [2.0, 1.0]]))
+    assert rows_key(tmp_path / "t.npy", party="p") == rows_key(tmp_path / "u.npy", party="p")
+    with pytest.raises(DataError, match="party p: .*missing.csv: data file not found"):
+        rows_key(tmp_path / "missing.csv", party="p")
+
+
+def test_an_earlier_versions_ledger_is_carried_into_each_files_ledger(tmp_path: Path) -> None:
+    """Upgrading must not start a fresh budget by the way: the ledger named by the loaded rows' digest
+    is carried into the ledger of each data file, once."""
+    from mpcfl.dp.ledger import open_ledgers
+
+    legacy = {"dataset": "0" * 64, "epsilon": 3.0, "delta": 1e-5, "accountant": "rdp", "spent": 3.0, "resets": [],
+              "runs": {"old-run": {"job": "j", "party": "p", "charges": [{"mechanism": "gaussian", "noise_multiplier": 1.0,
+                                                                           "count": 3}], "updated": "then"}}}
+    (tmp_path / f"{'0' * 64}.json").write_text(json.dumps(legacy))
+    ledgers = open_ledgers(["1" * 64, "2" * 64], epsilon=8.0, delta=1e-6, accountant="rdp", legacy="0" * 64, folder=tmp_path)
+    for ledger in ledgers:
+        assert ledger.runs.keys() == {"old-run"} and ledger.spent() > 1.0
+    assert not (tmp_path / f"{'0' * 64}.json").exists() and (tmp_path / f"{'0' * 64}.json.migrated").is_file()
+    again = open_ledgers(["1" * 64], epsilon=8.0, delta=1e-6, accountant="rdp", legacy="0" * 64, folder=tmp_path)
+    assert again[0].runs.keys() == {"old-run"}
 
 
 def test_a_final_model_no_better_than_chance_is_flagged(caplog: pytest.LogCaptureFixture) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -198,3 +201,26 @@ def test_make_demo_ends_telling_how_to_put_mpcfl_on_path() -> None:
     assert done.returncode == 0, done.stderr
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("echo ") and "source .venv/bin/activate" in last and ".venv/bin/mpcfl" in last
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback() -> None:
+    """`mpcfl schema | head` printed a BrokenPipeError traceback (a new user's trial): a pipe with no reader left."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before mpcfl writes: its first write fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "mpcfl", "schema"], stdout=write, stderr=subprocess.PIPE, text=True,
+                              timeout=60)
+    finally:
+        os.close(write)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_a_misspelt_required_key_is_one_error_naming_the_key_meant(tmp_path: Path) -> None:
+    """A new user's `partiton:` gave "partition: Field required" first, then "partiton: unknown key"."""
+    spec = yaml.safe_load(DEMO.read_text())
+    spec["partiton"] = spec.pop("partition")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError) as caught:
+        load_job(path)
+    assert str(caught.value) == f"{path}: partiton: unknown key (did you mean partition?)"

@@ -62,3 +62,18 @@ def test_no_session_without_the_dealer_or_enough_parties(tmp_path: Path, alive: 
 def test_only_a_file_rendezvous_outlives_a_lost_process(tmp_path: Path) -> None:
     with pytest.raises(PeerFailure, match="only over a file:// rendezvous .* not tcp://127.0.0.1:1"):
         reformed(_session(tmp_path, "tcp://127.0.0.1:1"), "p0", epoch=1, min_parties=2)
+
+
+def test_a_lost_peer_is_one_line_without_gloos_own_text() -> None:
+    """A new user's `mpcfl runs` printed gloo's source path, the peer's port and its "GLHF!" as the run's error."""
+    from types import SimpleNamespace
+
+    from mpcfl.mpc.session import _translate
+
+    raw = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                       "[127.0.0.1]:33967: Connection reset by peer. This may indicate a possible application crash "
+                       "on rank 0 or a network set up issue. GLHF! \U0001f3d6")
+    error = _translate(raw, "party a", SimpleNamespace(label="job x", timeout_s=60.0))
+    assert isinstance(error, PeerFailure)
+    assert str(error) == ("party a: lost a peer of job x (it died, hung past timeout_s=60s, or the link was cut): "
+                          "connection reset")

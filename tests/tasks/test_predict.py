@@ -114,6 +114,11 @@ def test_a_revealed_model_predicts_from_its_holder_and_bad_rows_are_named(tmp_pa
     assert done.returncode != 0
     assert f"party hospital_a: {cut}: columns must be this party's training feature columns" in done.stderr
     assert "missing ['mean_radius']" in done.stderr
+    # A party the job lacks is named by the flag the user typed, not a key of a temporary job file
+    for flags, line in (([f"hospitl_a={cut}", "--to", "hospital_b"], "--rows: 'hospitl_a' is not a party of"),
+                        ([f"hospital_a={cut}", "--to", "hospital_c"], "--to: 'hospital_c' is not a party of")):
+        done = mpcfl("predict", str(job), "--rows", *flags, timeout=60)
+        assert done.returncode == 1 and f"mpcfl: error: {line} {job} (its parties: hospital_a, hospital_b)" in done.stderr, done.stderr
     assert_no_leftovers(str(job))
 
 

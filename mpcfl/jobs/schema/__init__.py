@@ -11,6 +11,8 @@ of the job file, so a job runs the same from any working directory.
 
 from __future__ import annotations
 
+import difflib
+
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Union
@@ -66,7 +68,22 @@ def _format_error(path: Path, err: ValidationError) -> str:
         loc = tuple(str(part) for part in error["loc"] if part not in ("train", "inference", "federated"))
         if error["type"] == "extra_forbidden" and loc in _REPLACED:
             return f"{path}: {'.'.join(loc)} was replaced by {_REPLACED[loc]}"
-    lines = dict.fromkeys(_error_line(error) for error in err.errors())  # a union's members may repeat one
+    # A misspelt required key is one mistake, not two: "partiton: unknown key (did you mean partition?)",
+    # without "partition: Field required" besides.
+    missing = [tuple(error["loc"]) for error in err.errors() if error["type"] == "missing"]
+    meant: dict[tuple, str] = {}
+    for error in err.errors():
+        loc = tuple(error["loc"])
+        if error["type"] == "extra_forbidden":
+            siblings = [str(other[-1]) for other in missing if other[:-1] == loc[:-1]]
+            if close := difflib.get_close_matches(str(loc[-1]), siblings, n=1):
+                meant[loc] = close[0]
+    fixed = {loc[:-1] + (name,) for loc, name in meant.items()}
+    lines = dict.fromkeys(  # a union's members may repeat one
+        _error_line(error) + (f" (did you mean {meant[tuple(error['loc'])]}?)" if tuple(error["loc"]) in meant else "")
+        for error in err.errors()
+        if not (error["type"] == "missing" and tuple(error["loc"]) in fixed)
+    )
     return "\n".join(f"{path}: {line}" for line in lines)
 
 

@@ -27,6 +27,7 @@ from mpcfl.models.backbone import backbone_digest, build_backbone
 from mpcfl.models.build import build_torch_model
 from mpcfl.models.preprocessed import Preprocessed
 from mpcfl.models.spec import ModelSpec
+from mpcfl.outputs import atomic_write
 from mpcfl.tasks.train.dp_sgd import clips_features
 
 PREPROCESSING = "preprocessing.json"
@@ -57,11 +58,14 @@ def export_onnx(model: nn.Module, state: dict[str, torch.Tensor], n_features: in
     """``model.onnx``: the trained module on preprocessed features, batch size free."""
     model.load_state_dict(state)
     model.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(
-        model, (torch.zeros(1, n_features),), str(path), input_names=["features"], output_names=["logits"],
-        dynamic_axes={"features": {0: "rows"}, "logits": {0: "rows"}}, dynamo=False,
-    )
+
+    def write(handle: Any) -> None:  # through atomic_write: owner-only (as model.pt), never half-written
+        torch.onnx.export(
+            model, (torch.zeros(1, n_features),), handle, input_names=["features"], output_names=["logits"],
+            dynamic_axes={"features": {0: "rows"}, "logits": {0: "rows"}}, dynamo=False,
+        )
+
+    atomic_write(path, write, binary=True)
 
 
 def load_model(folder: str | Path, *others: str | Path) -> Preprocessed:

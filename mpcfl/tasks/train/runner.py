@@ -8,10 +8,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mpcfl.data.party import PartyData, contents, dataset_digest, load_party_data
+from mpcfl.data.party import PartyData, contents, dataset_digest, ledger_keys, load_party_data
 from mpcfl.data.psi import align
 from mpcfl.dp.budget import Budget
-from mpcfl.dp.ledger import DatasetLedger
+from mpcfl.dp.ledger import Binding, open_ledgers
 from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema import FederatedJob, TrainJob
 from mpcfl.jobs.session import session_of
@@ -43,11 +43,9 @@ def privacy_budget(job: TrainJob | FederatedJob, party: str, parts: dict[str, by
     assert job.run_id is not None  # a run's budget
     budget = Budget.create(epsilon=job.dp.epsilon, delta=job.dp.delta, accountant=job.dp.accountant)
     budget.path = job.party_dir(party) / "privacy.json"
-    dataset = DatasetLedger.open(
-        dataset_digest(parts), epsilon=job.dp.epsilon, delta=job.dp.delta, accountant=job.dp.accountant
-    )
-    dataset.check_run(job.run_id, job.dp.epsilon, who=f"party {party}")
-    budget.dataset = dataset.bind(job.run_id, job=job.name, party=party)
+    ledgers = open_ledgers(ledger_keys(job, party), epsilon=job.dp.epsilon, delta=job.dp.delta,
+                           accountant=job.dp.accountant, legacy=dataset_digest(parts))
+    budget.dataset = Binding.begin(ledgers, job.run_id, job=job.name, party=party, asked=job.dp.epsilon, new=not resume)
     if resume:
         if not budget.path.is_file():
             raise MpcflError(f"party {party}: {budget.path}: missing; refusing to resume a dp job without its privacy ledger")
