@@ -200,30 +200,41 @@ def load_table(path: Path, *, party: str, id_column: str | None = None) -> Table
     return Table(path=path, columns=columns, values=values, ids=ids)
 
 
-def _cell(text: str) -> str:
-    """A CSV cell as the ledger key compares it: a number by its value (1, 1.0 and 1e0 alike), else its text."""
-    text = text.strip()
+def _row_digest(cells: list[str]) -> bytes:
+    """One CSV row as :func:`rows_key` compares it: an all-numeric row as a ``.npy`` row of the same numbers
+    (so the same rows in either format find one ledger), any other by its cells' texts, numbers by value."""
     try:
-        return (float(text) + 0.0).hex()  # + 0.0: -0 is 0
+        return _numbers_digest(np.array([float(cell) for cell in cells]))
     except ValueError:
-        return "t:" + canonical_id(text)
+        pass
+    canonical = []
+    for cell in cells:
+        try:
+            canonical.append((float(cell) + 0.0).hex())  # + 0.0: -0 is 0
+        except ValueError:
+            canonical.append("t:" + canonical_id(cell))
+    return hashlib.sha256("\x1f".join(sorted(canonical)).encode()).digest()
+
+
+def _numbers_digest(row: np.ndarray) -> bytes:
+    return hashlib.sha256(np.sort(row.astype(np.float64) + 0.0).tobytes()).digest()
 
 
 def rows_key(path: Path, *, party: str) -> str:
     """A data file's name in its owner's privacy ledgers (:mod:`mpcfl.dp.ledger`): a digest of its rows
     as a multiset, each row the multiset of its cells, numbers compared by value.
 
-    Reordering rows or columns, renaming headers, writing numbers another way, and any job's view of the
-    file (which columns it takes, its label scaling, class order, categories or missing-cell fills) keep
-    the name, so none of them opens a fresh budget; changing, adding or removing a row gives another.
+    Reordering rows or columns, renaming headers, writing numbers another way (a CSV or a ``.npy`` file
+    of the same numbers), and any job's view of the file (which columns it takes, its label scaling,
+    class order, categories or missing-cell fills) keep the name, so none of them opens a fresh budget;
+    changing, adding or removing a row gives another.
 
     Raises:
         DataError: the file is missing or unreadable.
     """
     if path.suffix == ".npy":
         values = np.atleast_2d(load_array(path, party=party))
-        rows = np.sort(values.reshape(len(values), -1).astype(np.float64) + 0.0, axis=1)
-        digests = [hashlib.sha256(row.tobytes()).digest() for row in rows]
+        digests = [_numbers_digest(row) for row in values.reshape(len(values), -1)]
     else:
         if not path.is_file():
             raise DataError(f"party {party}: {path}: data file not found")
@@ -231,7 +242,7 @@ def rows_key(path: Path, *, party: str) -> str:
             with path.open(newline="", encoding="utf-8") as handle:
                 reader = csv.reader(handle)
                 next(reader, None)  # the header names columns; the rows are the data
-                digests = [hashlib.sha256("\x1f".join(sorted(map(_cell, row))).encode()).digest() for row in reader if row]
+                digests = [_row_digest(row) for row in reader if row]
         except (OSError, UnicodeDecodeError, csv.Error) as err:
             raise DataError(f"party {party}: {path}: cannot read: {err}") from None
     return hashlib.sha256(b"".join(sorted(digests))).hexdigest()

@@ -84,8 +84,11 @@ class DatasetLedger:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Holds the ledger's lock (a ``.lock`` file beside it) with the ledger reread inside."""
-        if not self.path.parent.is_dir():
-            self.path.parent.mkdir(mode=0o700, parents=True)  # the file names are digests of the data: owner-only
+        folder = self.path.parent
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if folder.stat().st_mode & 0o077:  # the file names are digests of the data: a listing confirms a guess
+            log.warning("privacy ledger folder %s was readable by others; made owner-only", folder)
+            folder.chmod(0o700)
         with lock_file(self.path.with_suffix(".lock")) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -176,23 +179,30 @@ def open_ledgers(datasets: list[str], *, epsilon: float, delta: float, accountan
                  folder: Path | None = None) -> tuple[DatasetLedger, ...]:
     """The ledgers of a party's data files (:func:`mpcfl.data.files.rows_key` each).
 
-    ``legacy`` names the ledger an earlier mpcfl kept for the files together (a digest of the rows as
-    a job loaded them): its runs are carried into each file's ledger, once, and its file renamed
-    ``.migrated``, so upgrading never starts a fresh budget by the way.
+    ``legacy`` names the ledger an earlier mpcfl kept for one job's view of the files (a digest of the
+    rows as that job loaded them). Its runs are carried into each file's ledger, once, under the
+    locks, each as ``legacy:<run id>`` (so no later run's id can replace them), and a file's ledger
+    that did not exist yet takes its total; the old file is renamed ``.migrated``. Upgrading never
+    starts a fresh budget by the way.
     """
     ledgers = tuple(DatasetLedger.open(d, epsilon=epsilon, delta=delta, accountant=accountant, folder=folder)
                     for d in dict.fromkeys(datasets))
     old = (folder or ledger_dir()) / f"{legacy}.json" if legacy else None
-    if old is not None and old.is_file():
+    if old is None or not old.is_file():
+        return ledgers
+    with _all_locked(ledgers):
+        if not old.is_file():  # another process carried it over while this one waited for the locks
+            return ledgers
         earlier = DatasetLedger.open(legacy, epsilon=epsilon, delta=delta, accountant=accountant, folder=folder)
-        with _all_locked(ledgers):
-            for ledger in ledgers:
-                ledger.runs = {**earlier.runs, **ledger.runs}
-                ledger.resets = [*earlier.resets, *ledger.resets]
-                ledger.save()
+        for ledger in ledgers:
+            if not ledger.path.is_file():  # the data's total is the one its owner set before the upgrade
+                ledger.epsilon, ledger.delta, ledger.accountant = earlier.epsilon, earlier.delta, earlier.accountant
+            ledger.runs = {**{f"legacy:{run_id}": run for run_id, run in earlier.runs.items()}, **ledger.runs}
+            ledger.resets = [*earlier.resets, *ledger.resets]
+            ledger.save()
         old.rename(old.with_name(old.name + ".migrated"))
-        log.warning("privacy ledger %s carried into the ledgers of each data file (%s)", old,
-                    ", ".join(ledger.dataset[:16] for ledger in ledgers))
+    log.warning("privacy ledger %s carried into the ledgers of each data file (%s)", old,
+                ", ".join(ledger.dataset[:16] for ledger in ledgers))
     return ledgers
 
 

@@ -568,26 +568,52 @@ def test_a_data_files_ledger_name_is_its_rows_not_their_order_format_or_job(tmp_
         assert key(changed) != original  # a row removed, changed, or added twice
     np.save(tmp_path / "t.npy", np.array([[1.0, 2.0], [3.0, 4.0]]))
     np.save(tmp_path / "u.npy", np.array([[4.0, 3.0], [2.0, 1.0]]))
-    assert rows_key(tmp_path / "t.npy", party="p") == rows_key(tmp_path / "u.npy", party="p")
+    assert rows_key(tmp_path / "t.npy", party="p") == rows_key(tmp_path / "u.npy", party="p") == key("a,b\n1,2\n4,3\n")
+    assert key("id,a\nx7,1\n") == key("a,id\n1.0,x7\n") != key("id,a\nx8,1\n")  # text cells too
     with pytest.raises(DataError, match="party p: .*missing.csv: data file not found"):
         rows_key(tmp_path / "missing.csv", party="p")
 
 
 def test_an_earlier_versions_ledger_is_carried_into_each_files_ledger(tmp_path: Path) -> None:
     """Upgrading must not start a fresh budget by the way: the ledger named by the loaded rows' digest
-    is carried into the ledger of each data file, once."""
-    from mpcfl.dp.ledger import open_ledgers
+    is carried into the ledger of each data file, once, with its total; its runs can be neither
+    replaced by a later run of the same id nor dropped (both found by an attacker's review)."""
+    from mpcfl.dp.ledger import Binding, LedgerExhausted, open_ledgers
 
-    legacy = {"dataset": "0" * 64, "epsilon": 3.0, "delta": 1e-5, "accountant": "rdp", "spent": 3.0, "resets": [],
-              "runs": {"old-run": {"job": "j", "party": "p", "charges": [{"mechanism": "gaussian", "noise_multiplier": 1.0,
+    z = calibrate_noise_multiplier(epsilon=1.0, delta=1e-5, count=3, accountant="rdp")
+    legacy = {"dataset": "0" * 64, "epsilon": 1.0, "delta": 1e-5, "accountant": "rdp", "spent": 1.0, "resets": [],
+              "runs": {"old-run": {"job": "j", "party": "p", "charges": [{"mechanism": "gaussian", "noise_multiplier": z,
                                                                            "count": 3}], "updated": "then"}}}
     (tmp_path / f"{'0' * 64}.json").write_text(json.dumps(legacy))
-    ledgers = open_ledgers(["1" * 64, "2" * 64], epsilon=8.0, delta=1e-6, accountant="rdp", legacy="0" * 64, folder=tmp_path)
+    ledgers = open_ledgers(["1" * 64, "2" * 64], epsilon=10.0, delta=1e-6, accountant="rdp", legacy="0" * 64, folder=tmp_path)
     for ledger in ledgers:
-        assert ledger.runs.keys() == {"old-run"} and ledger.spent() > 1.0
+        assert ledger.runs.keys() == {"legacy:old-run"} and ledger.spent() == pytest.approx(1.0, rel=1e-3)
+        assert (ledger.epsilon, ledger.delta) == (1.0, 1e-5), "the old total was dropped"
+        with pytest.raises(LedgerExhausted):
+            Binding.begin((ledger,), "new-run", job="j", party="p", asked=0.5, new=True)
     assert not (tmp_path / f"{'0' * 64}.json").exists() and (tmp_path / f"{'0' * 64}.json.migrated").is_file()
     again = open_ledgers(["1" * 64], epsilon=8.0, delta=1e-6, accountant="rdp", legacy="0" * 64, folder=tmp_path)
-    assert again[0].runs.keys() == {"old-run"}
+    assert again[0].runs.keys() == {"legacy:old-run"}
+    # A file's ledger that exists keeps its own total; a run that took the old run's id before the
+    # carrying over (party 0 proposes ids) keeps its charges beside the old ones.
+    (tmp_path / f"{'0' * 64}.json").write_text(json.dumps(legacy))
+    Binding.begin(open_ledgers(["3" * 64], epsilon=10.0, delta=1e-5, accountant="rdp", folder=tmp_path), "old-run",
+                  job="j2", party="p", asked=0.5, new=True).charge([], Charge("gaussian", z, 3))
+    [merged] = open_ledgers(["3" * 64], epsilon=10.0, delta=1e-5, accountant="rdp", legacy="0" * 64, folder=tmp_path)
+    assert merged.runs.keys() == {"old-run", "legacy:old-run"} and merged.epsilon == 10.0
+
+
+def test_a_ledger_folder_readable_by_others_is_made_owner_only(tmp_path: Path) -> None:
+    """The ledgers' names are digests of the data: a listing would confirm a guess of a party's rows."""
+    from mpcfl.dp.ledger import Binding, open_ledgers
+
+    folder = tmp_path / "ledgers"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    Binding.begin(open_ledgers(["4" * 64], epsilon=1.0, delta=1e-5, accountant="rdp", folder=folder), "r", job="j",
+                  party="p", asked=0.5, new=True)
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert all(path.stat().st_mode & 0o077 == 0 for path in folder.iterdir())
 
 
 def test_a_final_model_no_better_than_chance_is_flagged(caplog: pytest.LogCaptureFixture) -> None:
