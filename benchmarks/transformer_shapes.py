@@ -20,7 +20,9 @@ the weights, share the one-hot ids, run, reveal the logits to the client), the m
 Each way's peak RSS per party (VmHWM, reset before each of its runs) and its largest logit
 difference from the plaintext model (the client rebuilds it from the seed, for scoring here only).
 ``--serve K`` adds, per mpcfl way, the way served (``mpcfl.serve``: the weights shared and their
-masks fixed once, in the warm-up call, so each timed inference opens only its activations) and, for
+masks fixed once, in the warm-up call, so each timed inference opens only its activations), raw
+CrypTen keeping its weights shared between calls (the served ways' fair match: CrypTen has no mask
+reuse, so each product still opens its weight's difference) and, for
 K > 1, one call of K batches (the same ids K times), with the weights' masks fixed once for the call
 (``mask_reuse``, the default) and without: the table gives its figures per batch, the first batch's
 fixing included. ``--sweep`` adds the time-against-length (16-128, tiny) and -width (64-256, 2 layers, seq 32)
@@ -55,6 +57,7 @@ SIZES = {"tiny": (2, 128), "mini": (4, 256), "base": (12, 768)}  # BERT's (layer
 VOCAB = 30522  # BERT's WordPiece vocabulary
 GPT_VOCAB = 50257
 WAYS = ("exact", "mpc_friendly", "raw CrypTen (by hand)")
+RAW_SERVED = "raw CrypTen (by hand), weights shared once"
 SWEEP_LENGTHS = [16, 32, 64, 128]  # at tiny
 SWEEP_WIDTHS = [64, 128, 256]  # 2 layers, seq 32
 
@@ -112,8 +115,21 @@ def raw_forward(model: BertLike, p: dict[str, Any], onehot: Any) -> Any:
     return _linear(_linear(h[:, 0], p, "pooler").tanh(), p, "classifier")
 
 
-def raw_batch(model: BertLike, ids: torch.Tensor | None, shape: tuple[int, int], owner: int, client: int) -> torch.Tensor | None:
-    """Shares the weights and the one-hot ids, runs :func:`raw_forward`, reveals to the client
+def raw_weights(model: BertLike, owner: int) -> dict[str, Any]:
+    """The model's parameters as CrypTensors shared by ``owner``, by name."""
+    from mpcfl.mpc.engine import import_crypten
+
+    from mpcfl.mpc.session import session_device
+
+    crypten = import_crypten()
+    with crypten.no_grad():
+        return {name: crypten.cryptensor(t.detach(), src=owner, device=session_device()) for name, t in model.named_parameters()}
+
+
+def raw_batch(model: BertLike, ids: torch.Tensor | None, shape: tuple[int, int], owner: int, client: int,
+              shared: dict[str, Any] | None = None) -> torch.Tensor | None:
+    """Shares the weights (unless ``shared`` holds them, shared once for every call, as a raw CrypTen
+    server would keep them) and the one-hot ids, runs :func:`raw_forward`, reveals to the client
     (CrypTen's own ``get_plain_text(dst=)``, as raw CrypTen users do)."""
     from mpcfl.mpc.engine import import_crypten
 
@@ -122,7 +138,7 @@ def raw_batch(model: BertLike, ids: torch.Tensor | None, shape: tuple[int, int],
     crypten = import_crypten()
     vocab, device = model.embed.num_embeddings, session_device()
     with crypten.no_grad():
-        p = {name: crypten.cryptensor(t.detach(), src=owner, device=device) for name, t in model.named_parameters()}
+        p = shared if shared is not None else raw_weights(model, owner)
         onehot = nn.functional.one_hot(ids.long(), vocab).float() if ids is not None else torch.zeros(*shape, vocab)
         out = raw_forward(model, p, crypten.cryptensor(onehot, src=client, device=device)).get_plain_text(dst=client)
         return None if out is None else out.cpu()
@@ -218,6 +234,9 @@ def bert_point(args: argparse.Namespace, me: Any) -> dict[str, Any] | None:
             runs[f"{mode}, served (weights fixed once)"] = lambda server=server: server(ids, batch_size=args.batch)
     if "raw" in args.ways:
         runs["raw CrypTen (by hand)"] = lambda: raw_batch(model, ids, shape, owner_rank, client_rank)
+        if args.serve:  # the fair match for a served way: raw CrypTen keeping its shared weights between calls
+            shared = raw_weights(model, owner_rank)
+            runs[RAW_SERVED] = lambda: raw_batch(model, ids, shape, owner_rank, client_rank, shared=shared)
     onnx_error = None
     try:  # CrypTen's converter exports to ONNX locally, before any message: every party fails alike
         onnx_batch(model, ids, shape, owner_rank, client_rank)
@@ -371,22 +390,23 @@ def _launch(args: argparse.Namespace, extra: list[str], work: Path, label: str) 
 
 
 def table(points: list[dict[str, Any]]) -> str:
-    lines = ["| shape | seq | way | s / inference | MB | rounds | peak RSS MB (owner / client) | max logit diff | raw (by hand) s / this s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | seq | way | s / inference | MB | rounds | peak RSS MB (owner / client) | max logit diff "
+             "| raw (by hand) s / this s | raw, weights shared once, s / this s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         if "error" in p:
-            lines.append(f"| {p.get('size')} | {p.get('length')} | failed: {p['error'][:200]} |||||||")
+            lines.append(f"| {p.get('size')} | {p.get('length')} | failed: {p['error'][:200]} ||||||||")
             continue
         shape = f"{p['size']} ({p['layers']} x {p['width']})"
-        raw = p["ways"].get("raw CrypTen (by hand)")
+        raws = [p["ways"].get(name) for name in ("raw CrypTen (by hand)", RAW_SERVED)]
         for name, row in p["ways"].items():
             k = row.get("batches", 1)  # per inference: a served call's figures over its batches
-            ratio = f"{raw['seconds'] / (row['seconds'] / k):.2f}" if raw and row is not raw else "-"
+            ratios = [f"{raw['seconds'] / (row['seconds'] / k):.2f}" if raw and row is not raw else "-" for raw in raws]
             lines.append(f"| {shape} | {p['length']} | {name} | {row['seconds'] / k:.2f} | {row['bytes'] / k / 1e6:.0f} | "
                          f"{row['rounds'] / k:.0f} | {' / '.join(f'{m:.0f}' for m in row['peak_rss_mb'])} | "
-                         f"{row['max_logit_diff']:.3g} | {ratio} |")
+                         f"{row['max_logit_diff']:.3g} | {' | '.join(ratios)} |")
         if p["onnx_error"]:
-            lines.append(f"| {shape} | {p['length']} | raw CrypTen (from_pytorch) | fails: `{p['onnx_error']}` |||||||")
+            lines.append(f"| {shape} | {p['length']} | raw CrypTen (from_pytorch) | fails: `{p['onnx_error']}` ||||||||")
     return "\n".join(lines)
 
 

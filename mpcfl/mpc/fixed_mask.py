@@ -58,7 +58,9 @@ class FixedMask:
     Args:
         binding: the public identifier the dealer keeps the mask under.
         opened: E = X - A, public to the parties, a ring tensor on the data's device.
-        share: this party's share of A, a ring tensor on the same device.
+        share: this party's share of A + E, a ring tensor on the same device: party 0 holds the
+            public E in its share of the mask, so a Beaver sum's public term E·D (or D·E) comes
+            within its [A]·D product (two products a party where three were).
     """
 
     binding: str
@@ -128,7 +130,7 @@ def fix(x: Any, data: str, *, quiet: bool = False) -> bool:
         return False
     mask = provider.generate_fixed_mask(data, tuple(x.size()), device=x.device)
     opened = _open_padded(x._tensor.share, mask)
-    vars(x)[_TAG] = _Fixed.of(x, FixedMask(data, opened, mask.share), None)
+    vars(x)[_TAG] = _Fixed.of(x, FixedMask(data, opened, _with_public(mask.share, opened)), None)
     (log.debug if quiet else log.info)("fixed mask for %s (%d x %d): later products open O(n + d) elements", data[:16], *x.size())
     return True
 
@@ -234,16 +236,21 @@ def product(x: Any, y: Any, *, transposed: bool) -> Any | None:
         mask.binding, (n, d), tuple(second.size()), transposed, device=x.device
     )
     delta = _open_padded(second, b)
-    e, a = mask.opened, mask.share
+    e, summed = mask.opened, mask.share
     if transposed:
-        e, a = e.t(), a.t()
+        e, summed = e.t(), summed.t()
     elif picked is not None:
-        e, a, c = e[picked], a[picked], c[picked]
-    # z = c + e·b + a·delta + e·delta: the Beaver sum, with x - a = e opened once.
+        e, summed, c = e[picked], summed[picked], c[picked]
+    # z = c + e·b + (a + e)·delta: the Beaver sum c + e·b + a·delta + e·delta, with x - a = e opened
+    # once and e·delta taken by party 0 within its share of a + e.
     c.share += torch.matmul(e, b.share)
-    c.share += torch.matmul(a, delta)
-    c += torch.matmul(e, delta)
+    c.share += torch.matmul(summed, delta)
     return _scaled(x, c)
+
+
+def _with_public(share: Any, public: Any) -> Any:
+    """``share + public`` at party 0 and ``share`` elsewhere: a sharing of A + E from one of A."""
+    return share + public if loaded_crypten().communicator.get().get_rank() == 0 else share
 
 
 def _same_scale(x: Any, y: Any) -> bool:
@@ -266,9 +273,9 @@ def _right_product(x: Any, tag: _Fixed) -> Any | None:
     opened padded by B, as in any Beaver product; M's E = W - A was opened once, by :func:`fix`.
     """
     mask = tag.mask
-    e, a = mask.opened, mask.share
+    e, summed = mask.opened, mask.share
     if tag.flipped:
-        e, a = e.t(), a.t()
+        e, summed = e.t(), summed.t()
     r, k = e.shape
     if x.dim() < 2 or x.size(-1) != r:
         return None  # crypten's own product names the mismatch
@@ -279,8 +286,8 @@ def _right_product(x: Any, tag: _Fixed) -> Any | None:
     )
     b = type(b).from_shares(b.share.t(), precision=0)
     delta = _open_padded(first, b)
-    # z = c + b·e + delta·a + delta·e: the Beaver sum, with M - A = e opened once.
-    c = type(c).from_shares(c.share.t() + torch.matmul(b.share, e) + torch.matmul(delta, a), precision=0)
-    c += torch.matmul(delta, e)
+    # z = c + b·e + delta·(a + e): the Beaver sum, with M - A = e opened once and delta·e taken by
+    # party 0 within its share of a + e.
+    c = type(c).from_shares(c.share.t() + torch.matmul(b.share, e) + torch.matmul(delta, summed), precision=0)
     c.share = c.share.reshape(*lead, k)
     return _scaled(x, c)

@@ -49,7 +49,9 @@ with mpcfl.join() as me:
     costs = {"fix": sent() - before, "steps": []}
     mask = vars(x)["_mpcfl_fixed_mask"].mask
     sitecustomize._records["own"].append(("opened", mask.opened.data.cpu().clone()))
-    pad = getattr(mask.share, "share", mask.share)  # this party's share of A
+    pad = getattr(mask.share, "share", mask.share)  # this party's share of A (+ E at party 0)
+    if me.rank == 0:
+        pad = pad - mask.opened.data
     sitecustomize._records["own"].append(("masked", (x._tensor.share.data - pad.data).cpu().clone()))  # its part of E
     # The same training twice, from the same weights: on the fixed x, and on ordinary triples.
     layers = []
