@@ -32,7 +32,7 @@ class Budget:
     ledger: list[dict[str, Any]] = field(default_factory=list)
     path: Path | None = None  # where every charge is persisted at once, so a crash loses none
     notes: dict[str, Any] = field(default_factory=dict)  # mechanism details saved with the ledger
-    dataset: Binding | None = None  # the data owner's ledger of this dataset, across runs (mpcfl.dp.ledger)
+    dataset: Binding | None = None  # the data owner's ledgers of its data files, across runs (mpcfl.dp.ledger)
 
     @classmethod
     def create(cls, *, epsilon: float, delta: float, accountant: str) -> Budget:

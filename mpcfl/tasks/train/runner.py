@@ -30,12 +30,13 @@ log = logging.getLogger(__name__)
 
 
 def privacy_budget(job: TrainJob | FederatedJob, party: str, parts: dict[str, bytes], *, resume: bool) -> Budget | None:
-    """The run's privacy budget, persisted on every charge, and charged to the ledger of this party's
-    dataset (``parts``, :func:`mpcfl.data.party.contents`; see :mod:`mpcfl.dp.ledger`) too; on resume,
-    the run's ledger so far.
+    """The run's privacy budget, persisted on every charge, and charged to the ledgers of this party's
+    data files too (:func:`mpcfl.data.party.ledger_keys`, :mod:`mpcfl.dp.ledger`; an earlier version's
+    ledger of ``parts``, :func:`mpcfl.data.party.contents`, carried over); on resume, the run's ledger so far.
 
     Raises:
-        MpcflError: no ledger to resume from, or one that does not match.
+        MpcflError: no ledger to resume from, or one that does not match; a new run under an id a
+            ledger has seen.
         LedgerExhausted: earlier runs on this party's data leave less than this run's epsilon.
     """
     if job.dp is None:
