@@ -460,6 +460,7 @@ def test_the_budget_belongs_to_the_data_a_rerun_is_refused_until_the_ledger_is_r
     shown = mpcfl("ledger", "show", str(paths[1]), "--party", "hospital_b", timeout=60)
     assert "epsilon 3 spent of 3 at delta 1e-05 (rdp); 0 reset(s)" in shown.stdout, shown.stdout + shown.stderr
     assert shown.stdout.count(f"run {first_id}") == 2, shown.stdout  # the train file's ledger and the test file's
+    assert "hospital_b_train.csv: dataset" in shown.stdout and "hospital_b_test.csv: dataset" in shown.stdout, shown.stdout
     for party in ("hospital_a", "hospital_b"):
         reset = mpcfl("ledger", "reset", str(paths[1]), "--party", party, "--reason", "test: a second model", timeout=60)
         assert reset.returncode == 0 and "started a fresh budget" in reset.stdout, reset.stderr
