@@ -242,19 +242,16 @@ def _ledger(job: JobBase, party: str, action: str, reason: str | None) -> None:
     if action == "reset" and not reason:
         raise MpcflError("ledger reset: say why with --reason (it is kept in the ledger)")
     keys = ledger_keys(job, name)
-    ledgers = open_ledgers(keys, epsilon=dp.epsilon, delta=dp.delta, accountant=dp.accountant,
+    ledgers = open_ledgers(list(keys), epsilon=dp.epsilon, delta=dp.delta, accountant=dp.accountant,
                            legacy=dataset_digest(contents(load_party_data(job, name))))
-    spec = job.parties[job.rank_of(name)].data
-    files: dict[str, list[str]] = {}  # each ledger's files (train and test with the same rows share one)
-    for key, path in zip(keys, [p for p in (spec.train, spec.test) if p is not None]):
-        files.setdefault(key, []).append(str(path))
     for ledger in ledgers:
+        files = ", ".join(map(str, keys[ledger.dataset]))
         if action == "reset":
             ledger.reset(reason)
-            print(f"{name}: {', '.join(files[ledger.dataset])}: started a fresh budget for dataset {ledger.dataset[:16]}; "
+            print(f"{name}: {files}: started a fresh budget for dataset {ledger.dataset[:16]}; "
                   f"the earlier charges stay in {ledger.path}")
             continue
-        print(f"{name}: {', '.join(files[ledger.dataset])}: dataset {ledger.dataset[:16]} in {ledger.path}: epsilon {ledger.spent():.4g} spent of "
+        print(f"{name}: {files}: dataset {ledger.dataset[:16]} in {ledger.path}: epsilon {ledger.spent():.4g} spent of "
               f"{ledger.epsilon:g} at delta {ledger.delta:g} ({ledger.accountant}); {len(ledger.resets)} reset(s)")
         for run_id, run in ledger.runs.items():
             alone = DatasetLedger(ledger.path, ledger.dataset, ledger.epsilon, ledger.delta, ledger.accountant, {run_id: run})

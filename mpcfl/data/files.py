@@ -203,16 +203,15 @@ def load_table(path: Path, *, party: str, id_column: str | None = None) -> Table
 def _row_digest(cells: list[str]) -> bytes:
     """One CSV row as :func:`rows_key` compares it: an all-numeric row as a ``.npy`` row of the same numbers
     (so the same rows in either format find one ledger), any other by its cells' texts, numbers by value."""
-    try:
-        return _numbers_digest(np.array([float(cell) for cell in cells]))
-    except ValueError:
-        pass
-    canonical = []
+    numbers, texts = [], []
     for cell in cells:
         try:
-            canonical.append((float(cell) + 0.0).hex())  # + 0.0: -0 is 0
+            numbers.append(float(cell))
         except ValueError:
-            canonical.append("t:" + canonical_id(cell))
+            texts.append("t:" + canonical_id(cell))
+    if not texts:
+        return _numbers_digest(np.array(numbers))
+    canonical = [(number + 0.0).hex() for number in numbers] + texts  # + 0.0: -0 is 0
     return hashlib.sha256("\x1f".join(sorted(canonical)).encode()).digest()
 
 

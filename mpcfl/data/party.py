@@ -312,15 +312,19 @@ def dataset_digest(parts: dict[str, bytes]) -> str:
     return digest.hexdigest()
 
 
-def ledger_keys(job: TrainJob, party: str) -> list[str]:
-    """The names of ``party``'s privacy ledgers: one per data file the job reads (train, and test if
-    any), :func:`mpcfl.data.files.rows_key` each.
+def ledger_keys(job: TrainJob, party: str) -> dict[str, list[Path]]:
+    """The names of ``party``'s privacy ledgers, each with its files: one per data file the job reads
+    (train, and test if any), :func:`mpcfl.data.files.rows_key` each (files of the same rows share one).
 
     Raises:
         DataError: a file is missing or unreadable.
     """
     spec = job.parties[job.rank_of(party)].data
-    return [rows_key(path, party=party) for path in (spec.train, spec.test) if path is not None]
+    keys: dict[str, list[Path]] = {}
+    for path in (spec.train, spec.test):
+        if path is not None:
+            keys.setdefault(rows_key(path, party=party), []).append(path)
+    return keys
 
 
 def _column_stats(data: PartyData) -> tuple[np.ndarray, np.ndarray]:

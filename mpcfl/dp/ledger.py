@@ -228,9 +228,8 @@ class Binding:
         with _all_locked(ledgers):
             for ledger in ledgers:
                 ledger.check_run(run_id, asked, who=f"party {party}", new=new)
-            for ledger in ledgers:
-                if new:
-                    ledger.put(run_id, job=job, party=party, charges=[])
+            for ledger in ledgers if new else ():
+                ledger.put(run_id, job=job, party=party, charges=[])
         return cls(ledgers, run_id, job, party)
 
     def charge(self, charges: list[Charge], charge: Charge) -> None:

@@ -44,7 +44,7 @@ def privacy_budget(job: TrainJob | FederatedJob, party: str, parts: dict[str, by
     assert job.run_id is not None  # a run's budget
     budget = Budget.create(epsilon=job.dp.epsilon, delta=job.dp.delta, accountant=job.dp.accountant)
     budget.path = job.party_dir(party) / "privacy.json"
-    ledgers = open_ledgers(ledger_keys(job, party), epsilon=job.dp.epsilon, delta=job.dp.delta,
+    ledgers = open_ledgers(list(ledger_keys(job, party)), epsilon=job.dp.epsilon, delta=job.dp.delta,
                            accountant=job.dp.accountant, legacy=dataset_digest(parts))
     budget.dataset = Binding.begin(ledgers, job.run_id, job=job.name, party=party, asked=job.dp.epsilon, new=not resume)
     if resume:
