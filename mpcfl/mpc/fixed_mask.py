@@ -24,7 +24,9 @@ A served model's weights are fixed the same way (:func:`fix_weights`, once per
 ``secure_predict`` call of two or more batches): W - A is opened once, and each batch's
 product x·W (or x·Wᵀ, through the tag that :func:`transposed` carries to ``W.t()``) takes
 a fresh B with B·A from the dealer as the transposed triple Aᵀ·Bᵀ (A·Bᵀ), so it opens only
-x - B: a weight matrix's elements are opened once per call, not once per batch.
+x - B: a weight matrix's elements are opened once per call, not once per batch. With two
+parties, the model owner holds W in plaintext: its products are one-sided
+(:func:`_one_sided_product`), x - B opened to the owner alone and one matrix product a party.
 
 The product keeps CrypTen's fixed point: the ring product at scale s^2 is divided by s as
 ``ArithmeticSharedTensor`` divides any private product. Under the TFP provider (no
@@ -67,6 +69,10 @@ class FixedMask:
     opened: Any
     share: Any
     released: list[bool] = field(default_factory=lambda: [False], compare=False)  # set by release_weights
+    #: With two parties, the rank that holds the tensor in plaintext (a model owner's weights), or None.
+    owner: int | None = None
+    #: At ``owner``, the tensor itself in ring units (None elsewhere).
+    plain: Any = field(default=None, compare=False)
 
 
 def _state(share: Any) -> tuple[Any, Any, int]:
@@ -114,11 +120,13 @@ def _tag(x: Any) -> _Fixed | None:
     raise MpcflError("a fixed data tensor (mask reuse) changed in place; its opened E = X - A no longer holds")
 
 
-def fix(x: Any, data: str, *, quiet: bool = False) -> bool:
+def fix(x: Any, data: str, *, quiet: bool = False, owner: int | None = None, plain: torch.Tensor | None = None) -> bool:
     """Opens the n x d data tensor ``x`` masked, once, so that its later products reuse the mask.
 
     Every party calls it at the same point. ``data`` is :func:`binding` of the tensor; the
-    dealer refuses a second mask for it. A tensor already fixed stays as it is.
+    dealer refuses a second mask for it. A tensor already fixed stays as it is. With two parties
+    of which ``owner`` holds ``x`` in plaintext (``plain``, there; None elsewhere), its later products
+    on the right of an activation are one-sided (:func:`_one_sided_product`).
 
     Returns:
         Whether ``x`` is fixed (False where the provider serves no fixed masks: TFP).
@@ -130,17 +138,23 @@ def fix(x: Any, data: str, *, quiet: bool = False) -> bool:
         return False
     mask = provider.generate_fixed_mask(data, tuple(x.size()), device=x.device)
     opened = _open_padded(x._tensor.share, mask)
-    vars(x)[_TAG] = _Fixed.of(x, FixedMask(data, opened, _with_public(mask.share, opened)), None)
+    comm = loaded_crypten().communicator.get()
+    if comm.get_world_size() != 2:
+        owner = None
+    encoded = None if owner is None or comm.get_rank() != owner else to_device(x.encoder.encode(plain), opened.device)
+    vars(x)[_TAG] = _Fixed.of(x, FixedMask(data, opened, _with_public(mask.share, opened), owner=owner, plain=encoded), None)
     (log.debug if quiet else log.info)("fixed mask for %s (%d x %d): later products open O(n + d) elements", data[:16], *x.size())
     return True
 
 
-def fix_weights(tensors: dict[str, Any], *, label: str) -> str | None:
+def fix_weights(tensors: dict[str, Any], *, label: str, owner: int | None = None,
+                plain: dict[str, torch.Tensor] | None = None) -> str | None:
     """Fixes the mask of each shared weight matrix of a served model (2-D, named ``*weight``: the
     factors of linear layers, attention projections and embedding tables), so that every later
     product with it opens only the activations.
 
-    Every party calls it at the same point, with the same tensors. The dealer keeps each mask
+    Every party calls it at the same point, with the same tensors and ``owner``, the rank that shared
+    them (``plain``: its plaintext tensors by name, at ``owner``; see :func:`fix`). The dealer keeps each mask
     until :func:`release_weights` or the session's end, within a cap on their elements in all: a
     model that would not fit beside the masks kept already is not fixed (ordinary triples then).
 
@@ -168,7 +182,7 @@ def fix_weights(tensors: dict[str, Any], *, label: str) -> str | None:
         if kept.isdisjoint(bindings.values()):
             break
     for name, tensor in weights.items():
-        fix(tensor, bindings[name], quiet=True)
+        fix(tensor, bindings[name], quiet=True, owner=owner, plain=None if plain is None else plain[name])
     log.info("fixed the masks of %d weight matrices (%d elements): each later batch opens only its activations",
              len(weights), size)
     return serial
@@ -194,10 +208,11 @@ def transposed(x: Any, result: Any) -> Any:
     return result
 
 
-def _open_padded(share: Any, pad: Any) -> Any:
-    """Opens ``x - pad`` to every party, ``share`` being this party's share of x: a Beaver
-    opening, one-time padded by the uniform ``pad`` (the one opening of this module)."""
-    return (type(pad).from_shares(share, precision=0) - pad).reveal()
+def _open_padded(share: Any, pad: Any, to: int | None = None) -> Any:
+    """Opens ``x - pad`` to every party (or to the rank ``to`` alone: None elsewhere), ``share``
+    being this party's share of x: a Beaver opening, one-time padded by the uniform ``pad`` (the
+    one opening of this module)."""
+    return (type(pad).from_shares(share, precision=0) - pad).reveal(dst=to)
 
 
 def rows(x: Any, index: torch.Tensor) -> Any:
@@ -281,6 +296,8 @@ def _right_product(x: Any, tag: _Fixed) -> Any | None:
         return None  # crypten's own product names the mismatch
     lead = tuple(x.size())[:-1]
     first = x._tensor.share.reshape(-1, r)
+    if mask.owner is not None:
+        return _one_sided_product(x, mask, tag.flipped, first, lead)
     b, c = loaded_crypten().mpc.get_default_provider().generate_fixed_triple(
         mask.binding, tuple(mask.opened.shape), (r, first.size(0)), not tag.flipped, device=x.device
     )
@@ -289,5 +306,28 @@ def _right_product(x: Any, tag: _Fixed) -> Any | None:
     # z = c + b·e + delta·(a + e): the Beaver sum, with M - A = e opened once and delta·e taken by
     # party 0 within its share of a + e.
     c = type(c).from_shares(c.share.t() + torch.matmul(b.share, e) + torch.matmul(delta, summed), precision=0)
+    c.share = c.share.reshape(*lead, k)
+    return _scaled(x, c)
+
+
+def _one_sided_product(x: Any, mask: FixedMask, flipped: bool, first: Any, lead: tuple[int, ...]) -> Any:
+    """``x·M`` for a fixed M that one of two parties, ``mask.owner``, holds in plaintext: one matrix
+    product a party where the Beaver sum takes two, and one message, toward the owner.
+
+    The other party draws B alone (the owner's share of it is 0) and the dealer deals shares of B·A
+    (a one-sided ``fixed_triple``). x - B is opened to the owner alone: B is uniform and unknown to
+    it, a one-time pad. Then x·M = (x - B)·M + B·A + B·E, since M = A + E: the owner takes the first
+    term, the other party B·E (E = M - A was opened once, by :func:`fix`), and each adds its share of
+    B·A. The other party receives nothing; the dealer sees neither x nor E, as in any fixed product.
+    """
+    owner, e = mask.owner, (mask.opened.t() if flipped else mask.opened)
+    r, k = e.shape
+    b, c = loaded_crypten().mpc.get_default_provider().generate_fixed_triple(
+        mask.binding, tuple(mask.opened.shape), (r, first.size(0)), not flipped, drawer=1 - owner, device=x.device
+    )
+    b = type(b).from_shares(b.share.t(), precision=0)
+    opened = _open_padded(first, b, to=owner)
+    term = torch.matmul(opened, mask.plain.t() if flipped else mask.plain) if opened is not None else torch.matmul(b.share, e)
+    c = type(c).from_shares(c.share.t() + term, precision=0)
     c.share = c.share.reshape(*lead, k)
     return _scaled(x, c)

@@ -35,7 +35,8 @@ from mpcfl.mpc import fixed_mask
 from mpcfl.mpc.engine import import_crypten
 from mpcfl.jobs.session import session_of
 from mpcfl.jobs.schema import InferenceJob
-from mpcfl.models.convert import UnsupportedModelError, encode_inputs, encrypt_model, one_hot_width, public_tensors, trace
+from mpcfl.models.convert import (UnsupportedModelError, encode_inputs, encrypt_model, one_hot_width, plain_parameters,
+                                  public_tensors, trace)
 from mpcfl.models.transformer import (Approximations, KeyValueCache, approximations as approximated, cacheable,
                                       decoding, row_argmax)
 from mpcfl.errors import MpcflError
@@ -393,7 +394,10 @@ class SecureServer:
             self._secure = encrypt_model(gm, src=self._owner_rank, device=device)
             # Before the first batch: a mask is registered alone, never inside a prefetched batch.
             if mask_reuse and (self._many or len(starts) > 1 or calls > 1):
-                self._fixed = fixed_mask.fix_weights(self._secure.tensors, label="served weights")
+                # The model owner multiplies with its own plaintext weights (one-sided products, two parties)
+                plain = plain_parameters(gm) if me.rank == self._owner_rank else None
+                self._fixed = fixed_mask.fix_weights(self._secure.tensors, label="served weights",
+                                                     owner=self._owner_rank, plain=plain)
         outputs = []
         if cache is not None and len(starts) > 1:
             raise MpcflError(f"{where}: a key-value cache runs one batch per call, not {len(starts)}")

@@ -49,6 +49,20 @@ def test_a_fixed_mask_triple_multiplies_the_kept_mask(transposed: bool) -> None:
         assert c0.shape == answer_size("fixed_triple", (BINDING, (5, 3), size1, transposed), {})
 
 
+@pytest.mark.parametrize(("transposed", "drawer"), [(False, 1), (True, 1), (False, 0)])
+def test_a_one_sided_triple_takes_b_from_its_drawer_alone(transposed: bool, drawer: int) -> None:
+    """The model owner's products (mpcfl.mpc.fixed_mask._one_sided_product): the other party's stream
+    alone draws b, the owner's share of b is 0, and the shares of A·b still sum to it."""
+    dealer, streams = _dealer()
+    _serve(dealer, _request("fixed_mask", BINDING, (5, 3)))
+    a = sum(g.ring((5, 3)) for g in streams)
+    size1 = (5, 2) if transposed else (3, 2)
+    c0 = _serve(dealer, _request("fixed_triple", BINDING, (5, 3), size1, transposed, drawer))
+    b = streams[drawer].ring(size1)  # the drawer's draw, in the order it draws
+    c = c0 + streams[1].ring(tuple(c0.shape))
+    assert torch.equal(c, (a.t() if transposed else a) @ b)
+
+
 def test_a_released_mask_is_forgotten_and_its_binding_takes_a_fresh_one() -> None:
     dealer, streams = _dealer()
     _serve(dealer, _request("fixed_mask", BINDING, (5, 3)))
@@ -69,6 +83,9 @@ def test_a_released_mask_is_forgotten_and_its_binding_takes_a_fresh_one() -> Non
         ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_triple", BINDING, (6, 3), (3, 1), False)], r"of size \(6, 3\), its mask is \(5, 3\)"),
         ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_triple", BINDING, (5, 3), (4, 1), False)], "cannot be computed"),
         ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_triple", BINDING, (5, 3), (3, 1), 1)], "malformed arguments"),
+        ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_triple", BINDING, (5, 3), (3, 1), False, 2)], "malformed arguments"),
+        ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_triple", BINDING, (5, 3), (3, 1), False, True)], "malformed arguments"),
+        ([_request("fixed_mask", BINDING, (5, 3)), _request("fixed_triple", BINDING, (5, 3), (3, 1), False, 1, 1)], "malformed arguments"),
         ([_request("fixed_mask", "data", (5, 3))], "malformed arguments"),
         ([_request("fixed_mask", BINDING, (5,))], "a mask is a matrix"),
         ([_request("fixed_mask", BINDING, (1 << 20, 1 << 9))], "elements"),

@@ -1,7 +1,8 @@
 """Serving in one session, run by p0 (model owner) and p1 (data owner) under ``mpcfl launch``:
 two secure_predict calls of three batches each (each call fixes the weights' masks and releases
 them, so the second fixes under the same bindings and is prefetched from the first's recording),
-one without mask reuse, then ``mpcfl.serve`` for two calls (the weights shared and fixed once).
+one without mask reuse, then ``mpcfl.serve`` for two calls (the weights shared and fixed once), then
+one served call with the roles swapped (p1 owns the model).
 Each party prints the masks the dealer keeps after each call, the bytes each call moved, the
 prefetch statistics and, on p1, how far the predictions are from plaintext.
 """
@@ -41,5 +42,11 @@ with mpcfl.join() as me:
         for _ in range(2):
             measured(lambda: served(mine, batch_size=3))
     kept.append(len(provider.fixed_mask_room()[0]))
+    stats = dict(sorted(_prefetch.stats.items()))
+    # The model owner at rank 1: its one-sided products' b is drawn by rank 0, which asks the dealer.
+    with mpcfl.serve(MODEL, model_owner="p1", data_owner="p0") as swapped:
+        out = swapped(INPUTS if me.rank == 0 else None, batch_size=3)
+    with torch.no_grad():
+        swapped_error = None if out is None else float((out - MODEL(INPUTS)).abs().max())
     print(f"serve twice party {me.rank}: kept={kept} moved={json.dumps(moved)} error={error:.2e} "
-          f"stats={dict(sorted(_prefetch.stats.items()))}", flush=True)
+          f"stats={stats} swapped={swapped_error}", flush=True)

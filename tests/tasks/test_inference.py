@@ -98,7 +98,7 @@ def test_calls_in_a_session_fix_the_weights_afresh_or_once_when_served_and_are_p
     parsed = {}
     for rank, line in lines.items():
         found = re.fullmatch(r"kept=\[0, 0, 0, 2, 2, 0\] moved=\[(\d+), (\d+), (\d+), (\d+), (\d+)\] error=(\S+) "
-                             r"stats=\{'batches': 13, 'served': \d+\}", line)
+                             r"stats=\{'batches': 13, 'served': \d+\} swapped=(\S+)", line)
         # Each secure_predict call's two masks were released: the dealer keeps none between calls;
         # mpcfl.serve keeps them for its calls and releases them on leaving. Batches 2 and 3 of the
         # first call and all three of the second come from one recording (the same bindings: 5
@@ -109,13 +109,16 @@ def test_calls_in_a_session_fix_the_weights_afresh_or_once_when_served_and_are_p
     # p1 talks to p0 alone (p0's figures include the dealer's answers, fewer once prefetched). The
     # calls with fixed masks move the same bytes, and each batch after the first leaves out the
     # weights (12 x 16 + 16 x 3 elements, each sent and received as 8 bytes: CrypTen's count); a
-    # served call after the first leaves them out of its first batch too. A call that releases its
+    # served call after the first leaves them out of its first batch too. With fixed masks p0
+    # multiplies with its own weights (one-sided products), so p1 sends its part of each product's
+    # activations (9 rows of 12 and of 16) and receives none of p0's. A call that releases its
     # masks ends with one agreement round (a few bytes) that the served calls leave to the server's end.
     fixed, again, ordinary, served, served_again = parsed["1"]
-    weights, release = (12 * 16 + 16 * 3) * 16, fixed - served
+    weights, activations, release = (12 * 16 + 16 * 3) * 16, 9 * (12 + 16) * 8, fixed - served
     assert fixed == again and 0 < release <= 64, parsed
-    assert ordinary - served == 2 * weights and served - served_again == weights, parsed
+    assert ordinary - served == 2 * weights + activations and served - served_again == weights, parsed
     assert float(re.search(r"error=(\S+)", lines["1"]).group(1)) < 1e-2, lines["1"]
+    assert float(re.search(r"swapped=(\S+)", lines["0"]).group(1)) < 1e-2, lines["0"]  # the model owner at rank 1
 
 
 def test_party_script_through_mpcfl_launch() -> None:

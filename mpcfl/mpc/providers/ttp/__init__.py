@@ -50,7 +50,9 @@ share of a mask A from its stream, as for a triple's first factor; the dealer dr
 same values, keeps A under that identifier and answers nothing of it. Each later
 ``fixed_triple`` for that identifier is a triple (A, B, A·B) or (Aᵀ, B, Aᵀ·B) with a
 fresh B: the parties draw B (and parties 1..n-1 their share of the product) and party 0
-gets its share of the product, as for ``additive``. The dealer registers an identifier
+gets its share of the product, as for ``additive``; a ``fixed_triple`` that names a drawer (a rank)
+has that party alone draw B (a one-sided product: the other holds the fixed tensor in plaintext, and
+its share of B is 0). The dealer registers an identifier
 once (a second mask for the same data is refused, and a registration never goes in a
 batch), and serves triples only for a registered identifier and the size it was
 registered with. A ``fixed_release`` (alone, never in a batch) makes it forget a registered

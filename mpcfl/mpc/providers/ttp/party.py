@@ -104,15 +104,21 @@ def fixed_mask_room(self: Any) -> tuple[frozenset[str], int]:
     return frozenset(kept), MAX_MASK_ELEMENTS - sum(kept.values())
 
 
-def generate_fixed_triple(self: Any, binding: str, size: Sequence[int], size1: Sequence[int], transposed: bool, device: Any = None) -> tuple[Any, Any]:
-    """Shares of a fresh b and of A·b (``transposed``: Aᵀ·b) for the fixed mask A of ``binding`` (request ``fixed_triple``)."""
+def generate_fixed_triple(self: Any, binding: str, size: Sequence[int], size1: Sequence[int], transposed: bool,
+                          drawer: int | None = None, device: Any = None) -> tuple[Any, Any]:
+    """Shares of a fresh b and of A·b (``transposed``: Aᵀ·b) for the fixed mask A of ``binding`` (request
+    ``fixed_triple``). With a ``drawer`` (a rank), b is that party's alone: the others' shares of it are 0."""
     from crypten.mpc.provider import ttp_provider as upstream
 
     client = upstream.TTPClient.get()
     generator = client.get_generator(device=device)
-    b = upstream.generate_random_ring_element(size1, generator=generator, device=device)
-    if upstream.comm.get().get_rank() == 0:
-        c = client.ttp_request("fixed_triple", device, binding, size, size1, transposed)
+    rank = upstream.comm.get().get_rank()
+    if drawer is None or drawer == rank:
+        b = upstream.generate_random_ring_element(size1, generator=generator, device=device)
+    else:
+        b = torch.zeros(tuple(size1), dtype=torch.long, device=device)
+    if rank == 0:
+        c = client.ttp_request("fixed_triple", device, binding, size, size1, transposed, *(() if drawer is None else (drawer,)))
     else:
         answer = answer_size("fixed_triple", (binding, size, size1, transposed), {})
         c = upstream.generate_random_ring_element(answer, generator=generator, device=device)

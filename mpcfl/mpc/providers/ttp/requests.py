@@ -194,7 +194,7 @@ def _operands(function: str, args: Sequence[Any]) -> Sequence[Any]:
         return args[:2]
     if function == "fixed_mask":  # (binding, size of A)
         return args[1:2]
-    if function == "fixed_triple":  # (binding, size of A, size of B, transposed): A is drawn already
+    if function == "fixed_triple":  # (binding, size of A, size of B, transposed[, drawer]): A is drawn already
         return args[2:3]
     if function in ("noise", "fixed_release"):  # (size, variance): the answer alone; (binding,): nothing drawn
         return ()
@@ -318,7 +318,8 @@ class Requests:
         """
         if name != "fixed_triple" and within is not None:
             raise self._refuse(f"request {name!r}{within} (a mask is registered and released alone)")
-        if kwargs or len(args) != {"fixed_mask": 2, "fixed_triple": 4, "fixed_release": 1}[name] or not _is_binding(args[0]):
+        arity = {"fixed_mask": (2,), "fixed_triple": (4, 5), "fixed_release": (1,)}[name]
+        if kwargs or len(args) not in arity or not _is_binding(args[0]):
             raise self._refuse(f"request {name!r} with malformed arguments")
         if name == "fixed_release":
             if args[0] not in self.masks:
@@ -340,7 +341,7 @@ class Requests:
             raise self._refuse(f"request 'fixed_triple' for data {binding[:16]} that has no mask")
         if tuple(mask.shape) != tuple(size):
             raise self._refuse(f"request 'fixed_triple' for data {binding[:16]} of size {tuple(size)}, its mask is {tuple(mask.shape)}")
-        if type(args[3]) is not bool:
+        if type(args[3]) is not bool or (len(args) == 5 and (type(args[4]) is not int or not 0 <= args[4] < len(self.generators))):
             raise self._refuse("request 'fixed_triple' with malformed arguments")
         self._size(name, args[2])
         if len(args[2]) != 2:
@@ -429,10 +430,12 @@ class Requests:
         log.debug("dealer: released the fixed mask for data %s", binding[:16])
         return torch.zeros(1, dtype=torch.long)
 
-    def fixed_triple(self, binding: str, size: Sequence[int], size1: Sequence[int], transposed: bool) -> torch.Tensor:
-        """Party 0's share of c = A·b (``transposed``: Aᵀ·b) for the data's kept mask A and a fresh random b."""
+    def fixed_triple(self, binding: str, size: Sequence[int], size1: Sequence[int], transposed: bool,
+                     drawer: int | None = None) -> torch.Tensor:
+        """Party 0's share of c = A·b (``transposed``: Aᵀ·b) for the data's kept mask A and a fresh random b,
+        which every party draws a share of, or the party ``drawer`` alone (a one-sided triple)."""
         mask = self.masks[binding]
-        b = self._sum(size1, self.generators)
+        b = self._sum(size1, self.generators if drawer is None else self.generators[drawer : drawer + 1])
         c = torch.matmul(mask.t() if transposed else mask, b)
         return c - self._sum(c.size(), self.generators[1:])
 
