@@ -73,3 +73,12 @@ def test_every_kind_of_prefetched_triple_holds_exactly(names: str) -> None:
     # deviation's rest and the short unit's), 28 served; 51 triples checked in all.
     expected = "ok=True checks=51 stats={'batches': 6, 'dropped': 8, 'mismatches': 1, 'served': 28}"
     assert all(line.endswith(expected) for line in lines), lines
+
+
+def test_segments_fetched_one_ahead_keep_every_stream_in_step() -> None:
+    # prefetch_triples.py with each request a segment of its own, asked for as the one before it is first
+    # used: the same 51 exact checks and 28 triples served; the deviating and the short unit draw and drop
+    # only the one segment asked for ahead (2 items, where whole batches dropped 8); 30 segment requests.
+    lines = _launch("prefetch_segments.py", "p0,p1,p2,p3", "prefetch triples party")
+    expected = "ok=True checks=51 stats={'batches': 30, 'dropped': 2, 'mismatches': 1, 'served': 28}"
+    assert all(line.endswith(expected) for line in lines), lines

@@ -276,7 +276,8 @@ class RuntimeSpec(_Strict):
     prefetch: bool = Field(
         default=True,
         description="ttp: fetch each training step's (inference: each batch's) triples from the dealer in one "
-        "batch, recorded on the first step (batch) of its size, instead of one round trip per triple",
+        "batch (too many for one: in segments, each asked for as the step starts on the one before it), "
+        "recorded on the first step (batch) of its size, instead of one round trip per triple",
     )
     mask_reuse: bool = Field(
         default=True,

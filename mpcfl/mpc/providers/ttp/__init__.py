@@ -33,14 +33,20 @@ differ here:
 Prefetching (:func:`prefetched`, the job's ``runtime.prefetch``): the dealer's requests
 depend only on public shapes, so every party records the requests of a unit of work
 (a training step) and, for each later unit with the same key, party 0 asks for the
-whole recorded list at once (a ``batch`` request) while the others announce one
-digest of that list. The dealer checks every item as it would a single request, caps
-the batch's size, serves it only if the digests match, and computes the items in
-order: each party's stream is drawn in the order the party draws it later. Party 0
-then takes each answer from its queue. A request that differs from the next recorded
-item (every honest party sees the same difference) first drains the rest of the
-queue on every party, drawing each item's stream values as if it had been used, so
-the streams stay in step with the dealer's; then it goes to the dealer as usual.
+recorded list in one ``batch`` request, or, where it is too large for one, in segments
+of at most ``SEGMENT_ELEMENTS``, while the others announce one digest of each. A
+segment is asked for when the unit takes the first item of the one before it (the
+parties know each batch's size from its items, so the dealer sends none, and party 0
+receives it when it first needs it): the dealer computes a segment while the parties
+use the previous one. The dealer checks every
+item as it would a single request, caps the batch's size, serves it only if the
+digests match, and computes the items in order: each party's stream is drawn in the
+order the party draws it later. Party 0 then takes each answer from its queue. A
+request that differs from the next recorded item (every honest party sees the same
+difference) first drains the rest of the queue (the segments asked for) on every
+party, drawing each item's stream values as if it had been used, so the streams stay
+in step with the dealer's; the segments not asked for are dropped; then it goes to
+the dealer as usual.
 Every triple is still covered by a digest of every party: the dealer's trust model
 is unchanged.
 

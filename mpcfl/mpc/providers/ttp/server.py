@@ -78,7 +78,8 @@ class Dealer(Requests):
             function, args, kwargs = self._check(message)
             self._agree(message)
             result = function(*args, **kwargs)  # on the host: see the package's docstring
-            self.comm.send_obj(result.size(), 0, self.comm.ttp_group)
+            if message["function"] != "batch":  # party 0 knows a batch's size and is not waiting for it
+                self.comm.send_obj(result.size(), 0, self.comm.ttp_group)
             self.comm.broadcast(result, ttp_rank, self.comm.ttp_comm_group)
             served += 1
 
