@@ -82,3 +82,34 @@ def test_segments_fetched_one_ahead_keep_every_stream_in_step() -> None:
     lines = _launch("prefetch_segments.py", "p0,p1,p2,p3", "prefetch triples party")
     expected = "ok=True checks=51 stats={'batches': 30, 'dropped': 2, 'mismatches': 1, 'served': 28}"
     assert all(line.endswith(expected) for line in lines), lines
+
+
+def test_a_recording_goes_whole_if_it_fits_one_batch_else_in_segments(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpcfl.mpc.providers.ttp import party
+    from mpcfl.mpc.providers.ttp.requests import MAX_BATCH_ELEMENTS
+
+    def item(rows: int) -> dict:  # a matmul triple: rows x 4 by 4 x 4, its answer rows x 4
+        return {"function": "additive", "device": None, "args": ((rows, 4), (4, 4), "matmul"), "kwargs": {}}
+
+    items = [item(1), item(2), item(3)]  # 24, 32 and 40 elements, operands and answers
+    assert party._segments(items) == [items] and party._segments([]) is None
+    monkeypatch.setattr(party, "_fits", lambda items: False)  # as if too large for one batch
+    monkeypatch.setattr(party, "SEGMENT_ELEMENTS", 56)
+    assert party._segments(items) == [[item(1), item(2)], [item(3)]]
+    monkeypatch.setattr(party, "SEGMENT_ELEMENTS", 10)  # an item above a segment goes alone
+    assert party._segments(items) == [[item(1)], [item(2)], [item(3)]]
+    huge = {"function": "additive", "device": None, "args": ((MAX_BATCH_ELEMENTS, 1), (1, 1), "matmul"), "kwargs": {}}
+    assert party._segments([item(1), huge]) is None  # one request larger than any batch: not prefetched
+
+
+def test_a_batch_answer_must_end_in_its_digest(crypten_single: None) -> None:
+    from types import SimpleNamespace
+
+    from mpcfl.errors import MpcflError
+    from mpcfl.mpc.providers.ttp import party
+
+    done, digest = SimpleNamespace(wait=lambda: None), torch.tensor([5, -6, 7, -8])
+    assert party._Segment(digest, torch.tensor([7, 8, 9, 5, -6, 7, -8]), done).answers().tolist() == [7, 8, 9]
+    short = party._Segment(digest, torch.tensor([7, 8, 5, -6, 7, -8, 0]), done)  # a short message leaves zeros
+    with pytest.raises(MpcflError, match="does not end in that batch's digest"):
+        short.answers()

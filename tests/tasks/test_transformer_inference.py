@@ -70,11 +70,13 @@ def _ring(values: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.unique(np.concatenate([telling + delta for delta in range(-2, 3)]))
 
 
-def _assert_masked(opened: np.ndarray) -> None:
+def _assert_masked(opened: np.ndarray, secrets: np.ndarray) -> None:
     """The model owner multiplies with its own weights (one-sided products): what is opened to it alone is
     each activation x - B, padded by the data owner's uniform B, so it looks uniform over the ring (|v| < 2^48
-    has probability 2^-15 there; activations, pixels, token ids and logits are far smaller)."""
+    has probability 2^-15 there; activations, pixels, token ids and logits are far smaller) and holds none of
+    the data owner's ``secrets`` (ring values)."""
     assert opened.size > 0 and float(np.mean(np.abs(opened) < 2**48)) < 1e-3, "the model owner received unmasked values"
+    assert int(np.isin(opened, secrets).sum()) == 0, "the model owner was opened a value of the data owner's"
 
 
 def test_the_vit_job_shows_the_bank_no_pixel_or_prediction_and_the_clinic_no_weight(tmp_path: Path, spied: Path) -> None:
@@ -102,7 +104,7 @@ def test_the_vit_job_shows_the_bank_no_pixel_or_prediction_and_the_clinic_no_wei
         assert int(np.isin(seen, opened).sum()) == 0, f"rank {rank} holds values opened to the clinic"
     received = views["2"].get("received_protocol", np.zeros(0, dtype=np.int64))
     assert int(received.sum()) == 0, "the dealer received data during an opening"
-    _assert_masked(views["0"]["opened_protocol"])
+    _assert_masked(views["0"]["opened_protocol"], np.concatenate([_ring(images), opened]))
     for rank, who in (("1", "the clinic"), ("2", "the dealer")):  # the dealer knows A: E = W - A would be W to it
         assert int(np.isin(views[rank]["seen_protocol"], _ring(weights)).sum()) == 0, f"{who} holds the bank's weights"
     assert_no_leftovers(str(job))
@@ -166,7 +168,8 @@ def test_generation_opens_only_the_tokens_to_their_owner_and_the_weights_once(sp
     phases = ("protocol", "prefix", "cached", "logits")
     received = np.concatenate([views["2"].get(f"received_{phase}", np.zeros(0, dtype=np.int64)) for phase in phases])
     assert int(received.sum()) == 0, "the dealer received data during an opening"
-    _assert_masked(np.concatenate([views["0"].get(f"opened_{phase}", np.zeros(0, dtype=np.int64)) for phase in phases]))
+    _assert_masked(np.concatenate([views["0"].get(f"opened_{phase}", np.zeros(0, dtype=np.int64)) for phase in phases]),
+                   prompt_and_tokens)
     weights = _ring(np.concatenate([t.reshape(-1).numpy() for t in _generating_module().MODEL.state_dict().values()]))
     for rank, who in (("1", "p1"), ("2", "the dealer")):
         seen = np.concatenate([views[rank][key] for key in views[rank] if key.startswith("seen_")])

@@ -36,9 +36,9 @@ depend only on public shapes, so every party records the requests of a unit of w
 recorded list in one ``batch`` request, or, where it is too large for one, in segments
 of at most ``SEGMENT_ELEMENTS``, while the others announce one digest of each. A
 segment is asked for when the unit takes the first item of the one before it (the
-parties know each batch's size from its items, so the dealer sends none, and party 0
-receives it when it first needs it): the dealer computes a segment while the parties
-use the previous one. The dealer checks every
+parties know each batch's size from its items, so the dealer sends none; party 0 posts
+its receive as it asks, and the answer ends in the batch's digest, which it checks):
+the dealer computes a segment while the parties use the previous one. The dealer checks every
 item as it would a single request, caps the batch's size, serves it only if the
 digests match, and computes the items in order: each party's stream is drawn in the
 order the party draws it later. Party 0 then takes each answer from its queue. A

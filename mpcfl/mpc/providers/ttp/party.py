@@ -219,48 +219,53 @@ SEGMENT_ELEMENTS = 1 << 24
 
 
 class _Segment:
-    """Party 0's pending answer to one batch request (:func:`request_batch`): its items' answers, flat,
-    received when the first of them is needed. The dealer computes it meanwhile; its broadcast
-    waits for party 0, whose own wait (and timeout) starts only when it needs the answers."""
+    """Party 0's answer to one batch request (:func:`request_batch`): its items' answers, flat, then the
+    batch's digest, received point-to-point on the dealer's request link into a buffer posted when the
+    batch was asked for, so the dealer sends it as soon as it is computed, whenever party 0 needs it."""
 
-    def __init__(self, elements: int) -> None:
-        self._flat: torch.Tensor | None = None
-        self._elements = elements
+    def __init__(self, digest: torch.Tensor, buffer: torch.Tensor, work: Any) -> None:
+        self._digest, self._buffer, self._work = digest, buffer, work
 
     def answers(self) -> torch.Tensor:
-        """The flat answers, received from the dealer the first time.
+        """The flat answers, once they arrived.
 
         Raises:
-            PeerFailure: none came (naming the party whose digest the dealer gave up on, if it says so).
+            PeerFailure: they did not (naming the party whose digest the dealer gave up on, if it says so).
+            MpcflError: the answer does not end in the batch's digest (a short one leaves the buffer's zeros).
         """
-        if self._flat is None:
+        if self._work is not None:
             import crypten.communicator as comm
             from crypten.mpc.provider.ttp_provider import TTPClient
 
-            communicator, client = comm.get(), TTPClient.get()
-            dealer = communicator.get_ttp_rank()
-            flat = torch.empty(self._elements, dtype=torch.long)
-            try:
-                communicator.broadcast(flat, dealer, client.comm_group)
+            communicator = comm.get()
+            try:  # a timeout here closes the request link; the dealer's notice comes on the other
+                self._work.wait()
             except RuntimeError as err:
-                raise _no_answer("batch", err, dealer, client.comm_group) from err
-            self._flat = flat
-        return self._flat
+                raise _no_answer("batch", err, communicator.get_ttp_rank(), TTPClient.get().comm_group) from err
+            self._work = None
+            communicator._log_communication(self._buffer.nelement())  # as CrypTen counts what it receives
+            if not torch.equal(self._buffer[-len(self._digest):], self._digest):
+                raise MpcflError("prefetch: the dealer's answer to a batch does not end in that batch's digest")
+        return self._buffer[: -len(self._digest)]
 
 
 def request_batch(items: tuple[dict[str, Any], ...], elements: int) -> _Segment:
-    """Party 0 asks the dealer for a batch and returns at once, its answer pending. The parties know a
-    batch's size (``elements``) from its items' shapes, so the dealer sends none."""
+    """Party 0 asks the dealer for a batch and returns at once, its receive posted: the answer (the
+    items' ``elements``, which the parties know from their shapes, then the batch's digest) arrives meanwhile."""
     import crypten.communicator as comm
+    import torch.distributed as dist
     from crypten.mpc.provider.ttp_provider import TTPClient
 
     communicator, client = comm.get(), TTPClient.get()
     dealer = communicator.get_ttp_rank()
+    digest = batch_digest(items)
+    buffer = torch.zeros(elements + len(digest), dtype=torch.long)
     try:
         communicator.send_obj({"function": "batch", "device": None, "args": (items,), "kwargs": {}}, dealer, client.ttp_group)
+        work = dist.irecv(buffer, src=dealer, group=client.ttp_group)
     except RuntimeError as err:
         raise _no_answer("batch", err, dealer, client.comm_group) from err
-    return _Segment(elements)
+    return _Segment(digest, buffer, work)
 
 
 def _fits(items: list[dict[str, Any]]) -> bool:
@@ -332,9 +337,7 @@ class _Prefetch:
             segment, offset, size = answer
             answer = segment.answers()[offset : offset + size.numel()].view(size)
             self.answer = (item["function"], answer.to(item["device"]) if item["device"] else answer)
-        # Only now, its answer received (the dealer's broadcast of it waited for party 0): the dealer
-        # computes the next segment while the parties use this one.
-        if first and self.upcoming and not self.draining:
+        if first and self.upcoming and not self.draining:  # the dealer computes it while the parties use this one
             self.fetch(self.upcoming.popleft(), party_0)
         self.stats["dropped" if self.draining else "served"] += 1
         return True
@@ -351,7 +354,7 @@ class _Prefetch:
             self.draining = False
 
     def fetch(self, items: list[dict[str, Any]], party_0: bool) -> None:
-        """Party 0 asks the dealer for one segment, its answer pending; the others announce its digest."""
+        """Party 0 asks the dealer for one segment, its answer arriving meanwhile; the others announce its digest."""
         sizes = [answer_size(item["function"], item["args"], item["kwargs"]) for item in items]
         if party_0:
             segment = request_batch(tuple(items), sum(int(size.numel()) for size in sizes))

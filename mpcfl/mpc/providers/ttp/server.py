@@ -66,6 +66,8 @@ class Dealer(Requests):
             PeerFailure: a party's digest did not come (naming that party).
             RuntimeError: the link to party 0 failed (gloo's error, not swallowed).
         """
+        import torch.distributed as dist
+
         ttp_rank = self.comm.get_ttp_rank()
         served = 0
         while True:
@@ -78,9 +80,11 @@ class Dealer(Requests):
             function, args, kwargs = self._check(message)
             self._agree(message)
             result = function(*args, **kwargs)  # on the host: see the package's docstring
-            if message["function"] != "batch":  # party 0 knows a batch's size and is not waiting for it
+            if message["function"] == "batch":  # party 0 posted its receive when it asked (party.request_batch)
+                dist.send(torch.cat([result, batch_digest(message["args"][0])]), 0, group=self.comm.ttp_group)
+            else:
                 self.comm.send_obj(result.size(), 0, self.comm.ttp_group)
-            self.comm.broadcast(result, ttp_rank, self.comm.ttp_comm_group)
+                self.comm.broadcast(result, ttp_rank, self.comm.ttp_comm_group)
             served += 1
 
     def _receive(self) -> Any:
