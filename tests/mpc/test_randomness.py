@@ -190,7 +190,7 @@ def _batch(*items: object) -> dict:
 @pytest.mark.parametrize("parties", [2, 3])
 def test_a_batch_answers_what_its_items_answer_one_by_one(parties: int) -> None:
     """The dealer computes a batch's items in order: each stream is drawn in the parties' order."""
-    from mpcfl.mpc.providers.ttp import answer_size
+    from mpcfl.mpc.providers.ttp import answer_size, batch_digest
 
     items = [
         _item("additive", (4, 3), (3, 2), "matmul"), _item("square", (5,)), _item("binary", (2, 1), (1, 3)),
@@ -208,7 +208,7 @@ def test_a_batch_answers_what_its_items_answer_one_by_one(parties: int) -> None:
         answer = f(*a, **k)
         assert answer.shape == answer_size(item["function"], item["args"], item["kwargs"])
         one_by_one.append(answer.flatten())
-    assert torch.equal(flat, torch.cat(one_by_one))
+    assert torch.equal(flat, torch.cat([*one_by_one, batch_digest(tuple(items))]))  # then the batch's digest
     # The next request may come a whole step later: the dealer waits the timeout per item served.
     from mpcfl.mpc.compat import process_group_timeout
 

@@ -306,8 +306,8 @@ class Requests:
             total += _elements(item["function"], item_args, item_kwargs)
             if total > MAX_BATCH_ELEMENTS:
                 raise self._refuse(f"request 'batch' of more than {MAX_BATCH_ELEMENTS} elements (at item {index})")
-            checked.append((function, item_args, item_kwargs))
-        return self.batch, (tuple(checked),), {}
+            checked.append((function, item_args, item_kwargs, int(answer_size(item["function"], item_args, item_kwargs).numel())))
+        return self.batch, (tuple(checked), batch_digest(items)), {}
 
     def _check_fixed(self, name: str, args: tuple, kwargs: dict, within: str | None) -> tuple[Callable[..., torch.Tensor], tuple, dict]:
         """A fixed mask's registration or release, or a triple whose first factor is a registered mask.
@@ -400,8 +400,11 @@ class Requests:
         self._patience_s = seconds
         return torch.zeros(1, dtype=torch.long)
 
-    def batch(self, items: Sequence[tuple[Callable[..., torch.Tensor], tuple, dict]]) -> torch.Tensor:
-        """Party 0's shares of every item, in order (so each stream is drawn in the parties' order), flat.
+    def batch(self, items: Sequence[tuple[Callable[..., torch.Tensor], tuple, dict, int]], digest: torch.Tensor) -> torch.Tensor:
+        """Party 0's shares of every item (each with its answer's element count), in order (so each
+        stream is drawn in the parties' order), flat, then the batch's ``digest``, which party 0 checks
+        (a short message would leave the end of its buffer unfilled). Each answer goes into its place
+        as it is computed: one copy of the batch at a time.
 
         The next request may come a whole step later, where single requests came every
         multiplication: the dealer waits up to the timeout per item served, as it would have.
@@ -409,7 +412,13 @@ class Requests:
         from mpcfl.mpc.compat import process_group_timeout
 
         self._patience_s = int(process_group_timeout().total_seconds() * (len(items) - 1))
-        return torch.cat([function(*args, **kwargs).flatten() for function, args, kwargs in items])
+        flat = torch.empty(sum(count for *_, count in items) + len(digest), dtype=torch.long)
+        offset = 0
+        for function, args, kwargs, count in items:
+            flat[offset : offset + count] = function(*args, **kwargs).flatten()
+            offset += count
+        flat[offset:] = digest
+        return flat
 
     def _sum(self, size: Sequence[int], parties: Sequence[SecureGenerator]) -> torch.Tensor:
         total = torch.zeros(tuple(size), dtype=torch.long)
