@@ -297,7 +297,7 @@ def _right_product(x: Any, tag: _Fixed) -> Any | None:
     lead = tuple(x.size())[:-1]
     first = x._tensor.share.reshape(-1, r)
     if mask.owner is not None:
-        return _one_sided_product(x, mask, tag.flipped, first, lead)
+        return _one_sided_product(x, mask, tag.flipped, first, lead, e)
     b, c = loaded_crypten().mpc.get_default_provider().generate_fixed_triple(
         mask.binding, tuple(mask.opened.shape), (r, first.size(0)), not tag.flipped, device=x.device
     )
@@ -310,7 +310,7 @@ def _right_product(x: Any, tag: _Fixed) -> Any | None:
     return _scaled(x, c)
 
 
-def _one_sided_product(x: Any, mask: FixedMask, flipped: bool, first: Any, lead: tuple[int, ...]) -> Any:
+def _one_sided_product(x: Any, mask: FixedMask, flipped: bool, first: Any, lead: tuple[int, ...], e: Any) -> Any:
     """``x·M`` for a fixed M that one of two parties, ``mask.owner``, holds in plaintext: one matrix
     product a party where the Beaver sum takes two, and one message, toward the owner.
 
@@ -320,8 +320,7 @@ def _one_sided_product(x: Any, mask: FixedMask, flipped: bool, first: Any, lead:
     term, the other party B·E (E = M - A was opened once, by :func:`fix`), and each adds its share of
     B·A. The other party receives nothing; the dealer sees neither x nor E, as in any fixed product.
     """
-    owner, e = mask.owner, (mask.opened.t() if flipped else mask.opened)
-    r, k = e.shape
+    owner, (r, k) = mask.owner, e.shape  # e: M's E, transposed with M
     b, c = loaded_crypten().mpc.get_default_provider().generate_fixed_triple(
         mask.binding, tuple(mask.opened.shape), (r, first.size(0)), not flipped, drawer=1 - owner, device=x.device
     )

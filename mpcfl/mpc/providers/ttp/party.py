@@ -355,8 +355,8 @@ class _Prefetch:
 
     def fetch(self, items: list[dict[str, Any]], party_0: bool) -> None:
         """Party 0 asks the dealer for one segment, its answer arriving meanwhile; the others announce its digest."""
-        sizes = [answer_size(item["function"], item["args"], item["kwargs"]) for item in items]
         if party_0:
+            sizes = [answer_size(item["function"], item["args"], item["kwargs"]) for item in items]
             segment = request_batch(tuple(items), sum(int(size.numel()) for size in sizes))
             offsets = itertools.accumulate((int(size.numel()) for size in sizes), initial=0)
             answers = [(segment, offset, size) for offset, size in zip(offsets, sizes)]
@@ -376,9 +376,10 @@ def prefetched(key: Hashable) -> Iterator[None]:
     """Around a unit of work (a training step) whose dealer requests repeat for the same ``key``.
 
     Every party calls it at the same point with the same key. The first unit with a key
-    is recorded and runs as usual; each later one fetches the recorded requests in
-    segments (:data:`SEGMENT_ELEMENTS`), each asked for as the unit starts on the one
-    before it, and is served from them. Nesting is a no-op for the inner unit.
+    is recorded and runs as usual; each later one fetches the recorded requests in one
+    batch, or, too many for one, in segments (:data:`SEGMENT_ELEMENTS`), each asked for
+    as the unit starts on the one before it, and is served from them. Nesting is a no-op
+    for the inner unit.
     """
     import crypten.communicator as comm
     from crypten.mpc import get_default_provider
