@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpcfl.errors import MpcflError
-from mpcfl.mpc import compat, lockstep
+from mpcfl.mpc import comparison, compat, lockstep
 from mpcfl.mpc.division import inverse_power, inverse_power_near_one
 from mpcfl.mpc.engine import import_crypten
 
@@ -47,6 +47,12 @@ MAX_SOFTMAX_LENGTH = 4096
 #: GELU(x) = SiLU(x) = relu(x) there), keeping x^3 and the exp's argument in range.
 GELU_CLAMP = 8.0
 SILU_CLAMP = 64.0
+#: GELU's and SiLU's comparisons decide from the low 48 bits of their inputs
+#: (:func:`mpcfl.mpc.comparison.bounded`, 0.73x the bytes): exact for |x| below 2^31 - 64, beyond
+#: the 2^30 where the products that make their inputs (a linear layer's output) hold, and far beyond
+#: the 2^15 where the LayerNorm after them holds. The softmax keeps all 64 bits: its scores may
+#: carry a model's own large masking constants (-1e12, -2^32), which are not products.
+ACTIVATION_BITS = 48
 #: LayerNorm's variance is brought into (1/2, 2] by a secret power of 4 (mpcfl.mpc.division.inverse_power),
 #: found by comparisons against 2 * 4^k for k in these exponents: variances from 2 * 4^-6 ~ 5e-4
 #: (below, fixed point's 2^-16 resolution dominates: at 5e-4 the variance's encoding alone is off by
@@ -182,7 +188,8 @@ def _gated(x: Any, argument: Callable[[Any], Any], bound: float) -> Any:
     """
     crypten = _crypten()
     plain = x.detach()
-    positive, above, inside = crypten.stack([plain, plain - bound, plain + bound]).gt(0)  # 0/1 at scale 1: exact products
+    with comparison.bounded(ACTIVATION_BITS):
+        positive, above, inside = crypten.stack([plain, plain - bound, plain + bound]).gt(0)  # 0/1 at scale 1: exact products
     relu, signed = lockstep.products([(x, positive), (x, positive * 2 - above - inside)])
     clamped = signed + (above - inside + 1) * bound
     low = argument(clamped).neg().exp()  # exp(-argument(|x|)) in (0, 1]
@@ -194,8 +201,9 @@ def gelu(x: Any, approximate: str = "none") -> Any:
     """GELU as x sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)) (the tanh form).
 
     The tanh form differs from the erf form (``approximate='none'``) by at most 4.7e-4
-    (CrypTen's erf is a Taylor series, garbage beyond |x| ~ 2.5). Valid for |x| below the
-    ring's 2^31; beyond |x| = 8 it is exactly relu(x) (the sigmoid is below e^-49 there).
+    (CrypTen's erf is a Taylor series, garbage beyond |x| ~ 2.5). Valid for |x| below 2^31 - 8
+    (its comparisons' 48 bits, :data:`ACTIVATION_BITS`); beyond |x| = 8 it is exactly relu(x) (the
+    sigmoid is below e^-49 there).
     """
     if approximate not in ("none", "tanh"):
         raise UnsupportedOperationError(f"GELU with approximate={approximate!r}")
@@ -209,7 +217,8 @@ def gelu(x: Any, approximate: str = "none") -> Any:
 
 
 def silu(x: Any) -> Any:
-    """x sigmoid(x); exactly relu(x) beyond |x| = 64 (CrypTen's sigmoid is garbage past 500)."""
+    """x sigmoid(x); exactly relu(x) beyond |x| = 64 (CrypTen's sigmoid is garbage past 500). Valid
+    for |x| below 2^31 - 64 (its comparisons' 48 bits, :data:`ACTIVATION_BITS`)."""
     if torch.is_tensor(x):  # plaintext emulation (convert.emulate)
         return F.silu(x)
     return _gated(x, lambda t: t, SILU_CLAMP)

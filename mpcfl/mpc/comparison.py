@@ -1,31 +1,42 @@
-"""Secure ``x < 0``: the sign bit from a carry tree on bit-packed shares.
+"""Secure ``x < 0``: the sign bit from a carry tree on bit-sliced shares.
 
 ``x`` is the sum of the parties' arithmetic shares in the 64-bit ring. Each share is an XOR
 sharing of itself (its party holds it, the others hold 0), so no party shares anything to
-start. With more than two parties, rounds of carry-save adders (a Wallace tree, one AND per
-round) turn every three summands into two. The sign of the sum of two XOR-shared words
-``a + b`` is ``msb(a) ^ msb(b) ^ carry``, the carry into bit 63. The generate bits ``g = a & b`` take one Beaver AND, and the propagate
-bits ``p = a ^ b`` are local. The carry is the generate bit of the whole group, reduced
-pairwise in six levels: ``(g, p)_hi o (g, p)_lo = (g_hi ^ p_hi & g_lo, p_hi & p_lo)`` (``g``
-and ``p`` are never both 1, so ``^`` stands for ``|``). Bit 63 itself is set to
-``(g, p) = (0, 1)``, the identity, so the group's generate bit is the carry out of bit 62.
+start. A party first transposes its share into bit planes: plane ``j`` holds bit ``j`` of 64
+elements per word (a 64 x 64 bit-matrix transpose per 64 elements, six swap steps; an XOR
+sharing of the words is one of the planes, as the transpose is linear). With more than two
+parties, rounds of carry-save adders (a Wallace tree, one AND per round) turn every three
+summands into two. The sign of the sum of two XOR-shared words ``a + b`` is ``msb(a) ^ msb(b) ^
+carry``, the carry into the top bit. The generate bits ``g = a & b`` take one Beaver AND, the
+propagate bits ``p = a ^ b`` are local, and the carry is the generate bit of the whole group of
+lower positions, reduced pairwise: ``(g, p)_hi o (g, p)_lo = (g_hi ^ p_hi & g_lo, p_hi & p_lo)``
+(``g`` and ``p`` are never both 1, so ``^`` stands for ``|``). On planes a level's pairs are
+every other plane, so every AND is over dense words with no gathering of bits, and the lowest
+group's propagate bit is never computed (no carry enters below bit 0).
 
-CrypTen's own comparison (``A2B``, then 64-bit Kogge-Stone adders) keeps every element's 64
-bit positions in its word through all six levels, although each level halves the positions
-still needed. Here each level's live bits are packed densely across elements before the AND,
-so the ANDs open about 3 words per element instead of 13: a quarter of the bytes, the same 8
-rounds for two parties and fewer for more (crypten adds the P summands pairwise, 7 rounds
-per adder level); figures in ``tests/mpc/test_comparison.py``. Packing is local: an XOR
-sharing of a word is an XOR sharing of each of its bits.
+CrypTen's own comparison (``A2B``, then 64-bit Kogge-Stone adders) keeps every element's 64 bit
+positions in its word through all six levels, although each level halves the positions still
+needed. Here the ANDs open about 5.7 words per element where crypten's open 13, in the same 8
+rounds for two parties (fewer for more parties: crypten adds the P summands pairwise, 7 rounds
+per adder level), and the final bit conversion opens one bit per element, not a word; figures in
+``tests/mpc/test_comparison.py``.
 
-Every opened value is a Beaver AND's ``x ^ a`` and ``y ^ b`` (fresh dealer masks) or the
-final bit's ``b ^ r`` of CrypTen's ``B2A``: uniform, as in CrypTen's own comparison. The
-dealer sees only triple sizes, which depend on the element count and party count alone.
+:func:`bounded` narrows the comparison to the inputs' low bits where a caller knows their
+encodings are small: the sign of ``x`` is bit ``k - 1`` of ``x mod 2^k`` while ``|x| < 2^(k-1)``,
+and the low ``k`` bits of the shares add up to ``x mod 2^k``. A transformer's activations come
+out of fixed-point products, which hold only below 2^30 (encodings below 2^46), so 48 bits
+decide them, and differences of two of them, exactly, with about 0.73 times the bytes.
+
+Every opened value is a Beaver AND's ``x ^ a`` and ``y ^ b`` (fresh dealer masks) or the final
+bit's ``b ^ r`` of CrypTen's ``B2A``: uniform, as in CrypTen's own comparison. The dealer sees
+only triple sizes, which depend on the element count, the width and the party count alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import contextlib
+from collections.abc import Generator, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -35,82 +46,98 @@ from mpcfl.mpc.compat import loaded_crypten
 from mpcfl.mpc.lockstep import Step
 
 WORD = 64  # bits in a share
-_SIGN = WORD - 1
-_LOW = (1 << _SIGN) - 1  # every bit but the sign
-_TOP = -(1 << _SIGN)  # the sign bit alone, as an int64
-#: Elements compared in one go: the carry-save ANDs of P parties ask the dealer for about
-#: 2 (P / 3) times this many words, which stays far below its limit (``MAX_ELEMENTS``, 2^28).
+#: Elements compared in one go (a multiple of 64): the carry-save ANDs of P parties ask the dealer
+#: for about 2 (P / 3) times this many words, far below its limit (``MAX_ELEMENTS``, 2^28).
 CHUNK = 1 << 22
-# Masks that gather a word's even-position bits into its low half, one halving at a time.
-_GATHER = (0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F, 0x00FF00FF00FF00FF,
-           0x0000FFFF0000FFFF, 0x00000000FFFFFFFF)
+#: Each swap step of the bit-matrix transpose: its span j, and the low half of every group of 2j
+#: bits (never the top bit, so the masks are positive int64 values).
+_SWAPS = [(j, sum(((1 << j) - 1) << s for s in range(0, WORD, 2 * j))) for j in (32, 16, 8, 4, 2, 1)]
+_width: ContextVar[int] = ContextVar("mpcfl_comparison_width", default=WORD)
 
 
-def _even_bits(words: torch.Tensor) -> torch.Tensor:
-    """Each word's bits 0, 2, 4, ... moved to bits 0, 1, 2, ... (the rest zero)."""
-    words = words & _GATHER[0]
-    for step, mask in enumerate(_GATHER[1:]):
-        words = (words | (words >> (1 << step))) & mask
-    return words
+@contextlib.contextmanager
+def bounded(bits: int) -> Iterator[None]:
+    """Comparisons in the block decide from their inputs' low ``bits`` bits: exact while every
+    input's fixed-point encoding is below 2^(bits - 1) in magnitude, garbage beyond. For callers
+    whose inputs come out of products (below 2^30, encodings below 2^46): 48 bits."""
+    if not 2 <= bits <= WORD:
+        raise ValueError(f"a comparison takes 2 to {WORD} bits, not {bits}")
+    token = _width.set(bits)
+    try:
+        yield
+    finally:
+        _width.reset(token)
 
 
-def _pack(values: torch.Tensor, width: int) -> torch.Tensor:
-    """Values of ``width`` live low bits, ``64 // width`` to a word (the last word zero-padded)."""
-    per = WORD // width
-    values = torch.nn.functional.pad(values, (0, -values.numel() % per))
-    shifts = torch.arange(per, device=values.device) * width
-    return (values.view(-1, per) << shifts).sum(-1)  # disjoint bits: the sum is their OR
+def _planes(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """The low ``bits`` bit planes of 1-d ``words``, shape ``(bits, ceil(n / 64))``: bit r of plane
+    j's word b is bit j of ``words[64 b + r]`` (the last block zero-padded)."""
+    blocks = -(-words.numel() // WORD)
+    matrix = words.new_zeros(blocks * WORD)  # a buffer of its own: the swaps below work in place
+    matrix[: words.numel()] = words
+    matrix = matrix.view(blocks, WORD)
+    for span, mask in _SWAPS:  # swap the off-diagonal span x span blocks of each 2 span x 2 span block
+        pairs = matrix.view(blocks, WORD // (2 * span), 2, span)
+        low, high = pairs[:, :, 0], pairs[:, :, 1]
+        swapped = ((low >> span) ^ high) & mask
+        high ^= swapped
+        low ^= swapped << span
+    return matrix.t()[:bits].contiguous()
 
 
-def _unpack(words: torch.Tensor, width: int, count: int) -> torch.Tensor:
-    """The first ``count`` values of ``width`` bits from words packed by :func:`_pack`."""
-    shifts = torch.arange(WORD // width, device=words.device) * width
-    mask = (1 << width) - 1 if width < WORD else -1  # all 64 bits: -1, as an int64
-    return ((words.unsqueeze(-1) >> shifts) & mask).reshape(-1)[:count]
+def _and(left: torch.Tensor, right: torch.Tensor) -> Generator[Step, Any, torch.Tensor]:
+    """This party's share of ``left & right`` (XOR-shared planes of the same shape), in one Beaver AND."""
+    both = yield from lockstep.binary_and(left.reshape(-1), right.reshape(-1))
+    return both.view(left.shape)
 
 
-def _and(left: torch.Tensor, right: torch.Tensor, width: int) -> Generator[Step, Any, torch.Tensor]:
-    """This party's share of ``left & right``, XOR-shared values of ``width`` bits, in one Beaver AND."""
-    packed = yield from lockstep.binary_and(_pack(left, width), _pack(right, width))
-    return _unpack(packed, width, left.numel())
-
-
-def _carry_save(words: list[torch.Tensor]) -> Generator[Step, Any, list[torch.Tensor]]:
-    """One AND round in which every three summands become two, their sum bits and their carries.
+def _carry_save(summands: list[torch.Tensor]) -> Generator[Step, Any, list[torch.Tensor]]:
+    """One AND round in which every three summands (plane stacks) become two, their sum bits and
+    their carries, each carry moved up a plane (the top plane's carry leaves the ring).
 
     A Wallace tree: all of a round's triples share one AND, so P summands take about
     log_1.5(P / 2) rounds, not P - 2.
     """
-    n, k = words[0].numel(), len(words) // 3
-    a, b, c = (torch.cat(words[i : 3 * k : 3]) for i in range(3))
+    k = len(summands) // 3
+    a, b, c = (torch.stack(summands[i : 3 * k : 3]) for i in range(3))
     sum_ab = a ^ b
-    both = yield from _and(torch.cat([a, c]), torch.cat([b, sum_ab]), WORD)  # a & b and c & (a ^ b): never both 1
-    carries = (both[: a.numel()] ^ both[a.numel() :]) << 1
-    return [*(sum_ab ^ c).split(n), *carries.split(n), *words[3 * k :]]
+    both = yield from _and(torch.cat([a, c])[:, :-1], torch.cat([b, sum_ab])[:, :-1])  # never both 1
+    carries = torch.nn.functional.pad(both[:k] ^ both[k:], (0, 0, 1, 0))  # plane j's carry goes to plane j + 1
+    return [*(sum_ab ^ c).unbind(), *carries.unbind(), *summands[3 * k :]]
 
 
-def sign_bit_share(flat: torch.Tensor, rank: int, parties: int) -> Generator[Step, Any, torch.Tensor]:
-    """This party's XOR share of the sign bit of each ``x``, given its arithmetic shares ``flat`` (1-d).
+def _group_generate(g: torch.Tensor, p: torch.Tensor) -> Generator[Step, Any, torch.Tensor]:
+    """The generate bit of all positions together (the carry out of the top one), from the planes
+    of each position's generate and propagate bits, lowest first: pairs combined in each AND,
+    an odd top position carried up as it is."""
+    while g.size(0) > 1:
+        half = g.size(0) // 2
+        high_g, low_g = g[1 : 2 * half : 2], g[0 : 2 * half : 2]
+        high_p, low_p = p[1 : 2 * half : 2], p[0 : 2 * half : 2]
+        # The lowest group's propagate bit is never needed (no carry enters below bit 0): not computed.
+        both = yield from _and(torch.cat([high_p, high_p[1:]]), torch.cat([low_g, low_p[1:]]))
+        next_g, next_p = high_g ^ both[:half], torch.cat([torch.zeros_like(both[:1]), both[half:]])
+        g, p = torch.cat([next_g, g[2 * half :]]), torch.cat([next_p, p[2 * half :]])
+    return g[0]
+
+
+def sign_bit_share(flat: torch.Tensor, rank: int, parties: int, bits: int = WORD) -> Generator[Step, Any, torch.Tensor]:
+    """This party's XOR share of the sign bit of each ``x``, as a bit plane (:func:`unpack_bits`),
+    given its arithmetic shares ``flat`` (1-d), from their low ``bits`` bits (:func:`bounded`).
 
     A :mod:`~mpcfl.mpc.lockstep` protocol; every party runs it on its own shares, in step: the
-    carry-save rounds, then 7 ANDs.
+    carry-save rounds, then the generate bits' AND and one AND a level.
     """
-    n, zeros = flat.numel(), torch.zeros_like(flat)
+    own = _planes(flat, bits)
+    zeros = torch.zeros_like(own)
     # Party i's share is an XOR sharing of itself: i holds it, every other party holds 0.
-    words = [flat if rank == i else zeros for i in range(parties)]
-    while len(words) > 2:
-        words = yield from _carry_save(words)
-    first, second = words
-    g = (yield from _and(first, second, WORD)) & _LOW
-    p = ((first ^ second) & _LOW) | (_TOP if rank == 0 else 0)  # bit 63: (g, p) = (0, 1)
-    width = WORD
-    while width > 2:  # (g, p) of groups of 1, 2, 4, 8, 16 bits into groups of twice that
-        width //= 2
-        p_high = _even_bits(p >> 1)
-        both = yield from _and(torch.cat([p_high, p_high]), torch.cat([_even_bits(g), _even_bits(p)]), width)
-        g, p = _even_bits(g >> 1) ^ both[:n], both[n:]
-    carry = (g >> 1) ^ (yield from _and(p >> 1, g & 1, 1))  # the last level needs the generate bit only
-    return (((first ^ second) >> _SIGN) & 1) ^ carry
+    summands = [own if rank == i else zeros for i in range(parties)]
+    while len(summands) > 2:
+        summands = yield from _carry_save(summands)
+    first, second = summands
+    g = yield from _and(first[:-1], second[:-1])
+    carry = yield from _group_generate(g, first[:-1] ^ second[:-1])
+    return first[-1] ^ second[-1] ^ carry
 
 
 def applies(x: Any) -> bool:
@@ -124,7 +151,8 @@ def applies(x: Any) -> bool:
 
 def less_than_zero_steps(x: Any) -> Generator[Step, Any, Any]:
     """``x < 0`` as an arithmetic MPCTensor of 0/1 (scale 1), as CrypTen's ``_ltz`` returns it, for
-    ``x`` that :func:`applies`; a :mod:`~mpcfl.mpc.lockstep` protocol (8 rounds for two parties).
+    ``x`` that :func:`applies`; a :mod:`~mpcfl.mpc.lockstep` protocol (8 rounds for two parties),
+    on the width :func:`bounded` sets (all 64 bits by default).
 
     An empty tensor needs no message and no dealer request (the dealer refuses empty sizes, so
     CrypTen's own would end the session).
@@ -133,17 +161,20 @@ def less_than_zero_steps(x: Any) -> Generator[Step, Any, Any]:
     comm = crypten.comm.get()
     arithmetic = crypten.mpc.primitives.ArithmeticSharedTensor
     share = x._tensor.share
-    parties, rank = comm.get_world_size(), comm.get_rank()
+    parties, rank, bits = comm.get_world_size(), comm.get_rank(), _width.get()
     if share.numel() == 0:
-        bits = torch.zeros_like(share)
+        result_share = torch.zeros_like(share)
     else:
-        # Pieces keep each dealer request well under its size limit (public sizes: every party splits alike).
+        # Pieces keep each dealer request well under its size limit (public sizes: every party splits
+        # alike), each a whole number of 64-element blocks, so their planes join into one.
+        piece = max(WORD, CHUNK // max(1, parties // 3) // WORD * WORD)
         signs = []
-        for piece in share.reshape(-1).split(CHUNK // max(1, parties // 3)):
-            signs.append((yield from sign_bit_share(piece, rank, parties)))
-        bits = yield from lockstep.bit_to_arithmetic(torch.cat(signs).view(share.shape))
+        for part in share.reshape(-1).split(piece):
+            signs.append((yield from sign_bit_share(part, rank, parties, bits)))
+        result_share = yield from lockstep.bits_to_arithmetic(torch.cat(signs), share.numel())
+        result_share = result_share.view(share.shape)
     result = x.shallow_copy()
-    result._tensor = arithmetic.from_shares(bits, precision=0)
+    result._tensor = arithmetic.from_shares(result_share, precision=0)
     result.ptype = crypten.mpc.ptype.arithmetic
     result.encoder._scale = 1
     return result

@@ -523,7 +523,7 @@ def _serve_first(tensor: type, name: str, ours: Callable[..., Any]) -> None:
 
 def _compare_on_packed_bits(crypten: types.ModuleType, less_than_zero: Callable[[Any], Any]) -> None:
     """Parties compute ``x < 0`` with :mod:`mpcfl.mpc.comparison`: no more rounds than
-    crypten 0.4.1's ``MPCTensor._ltz``, about a quarter of its bytes. Every comparison goes
+    crypten 0.4.1's ``MPCTensor._ltz``, about a fifth of its bytes. Every comparison goes
     through ``_ltz`` (relu, sign, abs, where, max, the sigmoid's sign); any case that module
     declines runs crypten's own.
     """

@@ -87,12 +87,28 @@ def binary_and(x: torch.Tensor, y: torch.Tensor) -> Generator[Step, list[torch.T
     return result ^ (epsilon & delta) if _rank() == 0 else result  # the public term, once
 
 
-def bit_to_arithmetic(bit: torch.Tensor) -> Generator[Step, list[torch.Tensor], torch.Tensor]:
-    """This party's arithmetic share (scale 1) of a bit from its XOR share: CrypTen's ``B2A_single_bit``."""
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """0/1 values (1-d) as one bit plane: bit r of word b is ``bits[64 b + r]``."""
+    blocks = -(-bits.numel() // 64)
+    padded = torch.nn.functional.pad(bits, (0, blocks * 64 - bits.numel())).view(blocks, 64)
+    return (padded << torch.arange(64, device=bits.device)).sum(1)  # disjoint bits: the sum is their OR
+
+
+def unpack_bits(plane: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` 0/1 values of a bit plane (:func:`pack_bits`)."""
+    return ((plane.unsqueeze(1) >> torch.arange(64, device=plane.device)) & 1).reshape(-1)[:count]
+
+
+def bits_to_arithmetic(plane: torch.Tensor, count: int) -> Generator[Step, list[torch.Tensor], torch.Tensor]:
+    """This party's arithmetic shares (scale 1) of ``count`` bits from its XOR shares packed in a
+    bit plane (:func:`pack_bits`): CrypTen's ``B2A_single_bit``, opening one bit per value (crypten
+    opens a word). The dealer's random bits r cover the plane's padding too, so every opened word
+    is uniform, a short last one included."""
     provider = loaded_crypten().mpc.get_default_provider()
-    r_arithmetic, r_binary = provider.B2A_rng(bit.size(), device=bit.device)
-    (z,) = yield [bit ^ r_binary.share], XOR
-    share = r_arithmetic.share * (1 - 2 * z)  # r if the bit equals r, else 1 - r
+    r_arithmetic, r_binary = provider.B2A_rng(torch.Size([plane.numel() * 64]), device=plane.device)
+    (z,) = yield [plane ^ pack_bits(r_binary.share & 1)], XOR
+    z = unpack_bits(z, count)
+    share = r_arithmetic.share[:count] * (1 - 2 * z)  # r if the bit equals r, else 1 - r
     return share + z if _rank() == 0 else share
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from mpcfl.errors import MpcflError
 from mpcfl.models.convert import UnsupportedModelError, emulate, encode_inputs, encrypt_model, trace, trainable
+from mpcfl.models import transformer
 from mpcfl.models.transformer import approximations
 from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.reveal import reveal
@@ -196,6 +197,21 @@ def test_operators_match_float_torch(crypten_single: None) -> None:
     print("max abs error per case:", {k: f"{v:.1e}" for k, v in errors.items()})
     failed = {k: v for k, v in errors.items() if not v < CASES[k][2]}
     assert not failed, f"beyond tolerance: {failed}"
+
+
+def test_gelu_and_silu_compare_on_48_bits_and_the_softmax_on_64(crypten_single: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GELU's and SiLU's comparisons decide from the low 48 bits (comparison.bounded); the softmax's
+    scores may carry a model's large masking constants, so its comparisons keep all 64."""
+    from mpcfl.mpc import comparison
+
+    crypten, widths, bounded = import_crypten(), [], comparison.bounded
+    monkeypatch.setattr(comparison, "bounded", lambda bits: widths.append(bits) or bounded(bits))
+    x = crypten.cryptensor(torch.randn(2, 4))
+    transformer.gelu(x)
+    transformer.silu(x)
+    assert widths == [48, 48]
+    transformer.softmax(x)
+    assert widths == [48, 48]
 
 
 FRIENDLY = ("gelu", "softmax_module", "softmax_additive_mask", "mha_seq_first_masked", "encoder_stack", "token_encoder")
