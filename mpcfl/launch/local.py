@@ -196,6 +196,15 @@ def stop_all(children: list[Child]) -> None:
 
 
 _SETTLE_S = 3.0
+#: The longest the launcher waits for the other processes to report after a first failure: a peer
+#: of a hung process gives up about a job's timeout after it started waiting, which may be later
+#: than the first witness started (it was computing), so up to the job's timeout, within these bounds.
+_SETTLE_MAX_S = 15.0
+
+
+def _settle_s(timeout_s: float) -> float:
+    """How long the launcher lets the others report after a first failure, for a job's ``timeout_s``."""
+    return max(_SETTLE_S, min(timeout_s, _SETTLE_MAX_S))
 
 
 def _blame(children: list[Child]) -> str:
@@ -234,8 +243,10 @@ def _left_behind(children: list[Child], expendable: frozenset[str], spare: int) 
     return dead if len(dead) == len(failed) and len(dead) <= spare else []
 
 
-def supervise(children: list[Child], *, sink: IO[str], expendable: frozenset[str] = frozenset(), spare: int = 0) -> int:
-    """Waits for all children; on the first failure stops the rest. Returns the exit code.
+def supervise(children: list[Child], *, sink: IO[str], expendable: frozenset[str] = frozenset(), spare: int = 0,
+              settle: float = _SETTLE_S) -> int:
+    """Waits for all children; on the first failure lets the others report for up to ``settle``
+    seconds (:func:`_settle_s`), then stops the rest. Returns the exit code.
 
     Up to ``spare`` of the ``expendable`` children (parties of a job that survives them) may die
     without stopping the others; the launcher names each, and the exit code is 0 if the rest succeed.
@@ -259,8 +270,8 @@ def supervise(children: list[Child], *, sink: IO[str], expendable: frozenset[str
             if any(c.failed for c in children) and not behind:
                 # Let the other processes report before blaming: a peer's own error may trail
                 # by a poll, and the peers of a hung process give up at about the same time.
-                settle = time.monotonic() + _SETTLE_S
-                while time.monotonic() < settle:
+                until = time.monotonic() + settle
+                while time.monotonic() < until:
                     note_exits()
                     ended = [(c, c.process.returncode) for c in children if c.failed]
                     if first_own_failure(ended) is not None or all(c.ended_at is not None for c in children):
@@ -357,7 +368,8 @@ def run_local(
         with local_rendezvous() as rendezvous, warm_starts(zygote_env) as zygote:
             needed = job.survivors_needed
             spare = 0 if needed is None else job.world_size - needed
-            code = _run(children, sink=sink, expendable=frozenset(job.party_names), spare=spare)
+            code = _run(children, sink=sink, expendable=frozenset(job.party_names), spare=spare,
+                        settle=_settle_s(job.runtime.timeout_s))
     except KeyboardInterrupt:
         print(f"mpcfl: run {run_id} stopped{hint}", file=sys.stderr)
         raise
@@ -453,4 +465,4 @@ def launch_script(
             tuple(parties), rendezvous=rendezvous, timeout_s=timeout_s, provider=provider, device=device,
             credentials=Credentials(secret=secret.encode()),
         )
-        return _run(children, sink=sink)
+        return _run(children, sink=sink, settle=_settle_s(timeout_s))
