@@ -5,7 +5,9 @@ The budget belongs to the data, not the run. Each party keeps, in a folder it co
 named by the file's rows (:func:`mpcfl.data.files.rows_key`: whatever their order, format or a job's
 view of them). Every DP run charges the ledger of every file it reads, and a charge that would take
 any of them past its total is refused before anything is revealed. The total is set by the first DP
-run on the file (that job's epsilon and delta) and is composed at that delta by that accountant.
+run that charges the file (that job's epsilon and delta) and is composed at that delta by that
+accountant; a run refused before its first charge (a bad delta, a typo found at run time) writes
+nothing, and after a reset the next run that charges sets the total again.
 
 A run's charges are kept under its run id. A new run may not take an id a ledger has seen (its
 charges would replace the earlier run's): only a resume continues one. Every check and write rereads
@@ -56,16 +58,17 @@ class DatasetLedger:
     accountant: str
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # run id -> job, party, charges, updated
     resets: list[dict[str, Any]] = field(default_factory=list)
+    asked: tuple[float, float, str] | None = None  # this run's budget: the total while nothing is charged
 
     @classmethod
     def open(cls, dataset: str, *, epsilon: float, delta: float, accountant: str, folder: Path | None = None) -> DatasetLedger:
-        """The dataset's ledger; a dataset never charged before starts one with this job's budget as its total.
+        """The dataset's ledger; one with no charge (never charged, or reset since) takes this job's budget as its total.
 
         Raises:
             MpcflError: the ledger file is unreadable.
         """
         ledger = cls(path=(folder or ledger_dir()) / f"{dataset}.json", dataset=dataset, epsilon=epsilon, delta=delta,
-                     accountant=accountant)
+                     accountant=accountant, asked=(epsilon, delta, accountant))
         ledger._reload()
         return ledger
 
@@ -76,10 +79,12 @@ class DatasetLedger:
             return
         try:
             state = json.loads(self.path.read_text(encoding="utf-8"))
-            self.epsilon, self.delta, self.accountant = state["epsilon"], state["delta"], state["accountant"]
             self.runs, self.resets = state["runs"], state.get("resets", [])
-        except (OSError, ValueError, KeyError) as err:
+            total = (state["epsilon"], state["delta"], state["accountant"])
+            charged = any(run["charges"] for run in self.runs.values())
+        except (OSError, ValueError, KeyError, TypeError) as err:
             raise MpcflError(f"{self.path}: unreadable privacy ledger: {err}") from None
+        self.epsilon, self.delta, self.accountant = total if charged or self.asked is None else self.asked
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -218,8 +223,9 @@ class Binding:
     @classmethod
     def begin(cls, ledgers: tuple[DatasetLedger, ...], run_id: str, *, job: str, party: str, asked: float,
               new: bool) -> Binding:
-        """Checks the run against every ledger (:meth:`DatasetLedger.check_run`) and, for a new run,
-        records its id in each (no charge yet), all under the ledgers' locks.
+        """Checks the run against every ledger (:meth:`DatasetLedger.check_run`), under the ledgers'
+        locks. It writes nothing: the run enters a ledger with its first charge, so a run refused
+        before that (a bad delta, a missing column) leaves no trace and sets no total.
 
         Raises:
             MpcflError: a new run under an id a ledger has seen.
@@ -228,8 +234,6 @@ class Binding:
         with _all_locked(ledgers):
             for ledger in ledgers:
                 ledger.check_run(run_id, asked, who=f"party {party}", new=new)
-            for ledger in ledgers if new else ():
-                ledger.put(run_id, job=job, party=party, charges=[])
         return cls(ledgers, run_id, job, party)
 
     def charge(self, charges: list[Charge], charge: Charge) -> None:
@@ -245,7 +249,9 @@ class Binding:
                 ledger.put(self.run_id, job=self.job, party=self.party, charges=[*charges, charge])
 
     def record(self, charges: list[Charge]) -> None:
-        """Writes the run's charges so far into every ledger."""
+        """Writes the run's charges so far into every ledger (none yet: nothing to write)."""
+        if not charges:
+            return
         with _all_locked(self.ledgers):
             for ledger in self.ledgers:
                 ledger.put(self.run_id, job=self.job, party=self.party, charges=charges)

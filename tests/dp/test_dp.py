@@ -502,15 +502,41 @@ def test_a_dataset_ledger_composes_every_run_and_keeps_its_resets(tmp_path: Path
     second.dataset = begin("run-2", 0.9)
     with pytest.raises(LedgerExhausted, match="party p: dataset dddddddddddddddd"):
         second.charge("a release", Charge("gaussian", z1, 1))
-    assert opened()[0].runs["run-2"]["charges"] == [], "a refused charge was recorded"
+    assert "run-2" not in opened()[0].runs, "a refused charge was recorded"
     ledger.reset("test: start again")
     [again] = opened()
     assert again.spent() == 0.0 and again.resets[0]["reason"] == "test: start again"
     assert again.resets[0]["runs"]["run-1"]["charges"] == [{"mechanism": "gaussian", "noise_multiplier": z, "count": 10}]
-    # An id the ledger has seen, before the reset too, is not a new run's: its charges would replace the earlier ones.
-    for seen in ("run-1", "run-2"):
-        with pytest.raises(MpcflError, match=f"run id {seen} has charged this dataset before; a new run takes a new id"):
-            begin(seen, 0.5)
+    # An id that charged the ledger, before the reset too, is not a new run's: its charges would replace the earlier ones.
+    with pytest.raises(MpcflError, match="run id run-1 has charged this dataset before; a new run takes a new id"):
+        begin("run-1", 0.5)
+
+
+def test_a_run_refused_before_its_first_charge_sets_no_total_and_a_reset_frees_it(tmp_path: Path) -> None:
+    """Found by a new user: a DP run refused at run time (delta 0.01 >= 1/n) had already written each
+    data file's ledger with its budget as the total, so the corrected run was checked against delta 0.01,
+    and a reset kept that total. A run enters a ledger with its first charge; a reset ledger takes the
+    next charging run's budget."""
+    from mpcfl.dp.ledger import Binding, DatasetLedger, LedgerExhausted
+
+    def opened(epsilon: float, delta: float) -> tuple[DatasetLedger, ...]:
+        return (DatasetLedger.open("c" * 64, epsilon=epsilon, delta=delta, accountant="rdp", folder=tmp_path),)
+
+    Binding.begin(opened(2.0, 0.01), "typo", job="j", party="p", asked=2.0, new=True).record([])  # then refused
+    assert not (tmp_path / f"{'c' * 64}.json").exists(), "a run that charged nothing wrote the ledger"
+    z = calibrate_noise_multiplier(epsilon=2.0, delta=1e-5, count=1, accountant="rdp")
+    Binding.begin(opened(2.0, 1e-5), "fixed", job="j", party="p", asked=2.0, new=True).charge([], Charge("gaussian", z, 1))
+    [ledger] = opened(8.0, 0.01)  # what a later job asks does not move a charged ledger's total
+    assert (ledger.epsilon, ledger.delta) == (2.0, 1e-5) and ledger.spent() == pytest.approx(2.0, rel=1e-3)
+    with pytest.raises(LedgerExhausted, match=r"earlier runs spent epsilon 2 of its total 2 \(delta 1e-05\)"):
+        Binding.begin(opened(8.0, 0.01), "more", job="j", party="p", asked=0.5, new=True)
+    ledger.reset("test: the total was a typo")
+    [fresh] = opened(1.0, 1e-6)  # nothing charged since the reset: the next run's budget is the total
+    assert (fresh.epsilon, fresh.delta, fresh.spent()) == (1.0, 1e-6, 0.0)
+    z1 = calibrate_noise_multiplier(epsilon=1.0, delta=1e-6, count=1, accountant="rdp")
+    Binding.begin(opened(1.0, 1e-6), "after", job="j", party="p", asked=1.0, new=True).charge([], Charge("gaussian", z1, 1))
+    assert json.loads((tmp_path / f"{'c' * 64}.json").read_text())["delta"] == 1e-6
+    assert opened(5.0, 1e-5)[0].epsilon == 1.0 and len(opened(5.0, 1e-5)[0].resets) == 1
 
 
 def test_a_ledger_read_before_another_run_charged_still_composes_with_it(tmp_path: Path) -> None:
@@ -528,7 +554,7 @@ def test_a_ledger_read_before_another_run_charged_still_composes_with_it(tmp_pat
     with pytest.raises(LedgerExhausted, match="earlier runs spent epsilon 3 of its total 3"):
         late.charge([], Charge("gaussian", z, 1))
     [ledger] = (DatasetLedger.open("e" * 64, epsilon=3.0, delta=1e-5, accountant="rdp", folder=tmp_path),)
-    assert ledger.runs["late"]["charges"] == [] and len(ledger.runs["early"]["charges"]) == 1
+    assert "late" not in ledger.runs and len(ledger.runs["early"]["charges"]) == 1
 
 
 def test_processes_charging_one_ledger_at_once_lose_no_charge(tmp_path: Path) -> None:
