@@ -184,6 +184,12 @@ def train(
         result.history, first = list(resume.history), resume.epoch
     else:
         engine.project(model)  # the initial weights too: every step's bounds hold from the first
+        if spec.momentum:
+            # Zero momentum to start (the same update: 0 m + g = g), so the first step asks the dealer
+            # what every later step asks (crypten's SGD copies the first gradient instead, two fewer
+            # truncations) and the prefetched recording of a step fits the next.
+            for param in model.parameters():
+                optimizer.state[id(param)]["momentum_buffer"] = param.detach().mul(0)
 
     if job.runtime.mask_reuse:
         # Bound to this job's training features: the dealer keeps one mask per binding per run.
