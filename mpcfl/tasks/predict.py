@@ -93,8 +93,9 @@ def training_run(job: PredictJob, party: str) -> TrainedRun:
 
 
 def load_rows(job: PredictJob, party: str, trained: TrainedRun) -> Split | None:
-    """This party's new rows, their columns checked against its training columns; the label owner's
-    labels when its file has the label column. None when the party gives no file.
+    """This party's new rows, their columns checked against its training columns; their labels when
+    the file has the label column (vertical: at the label owner; horizontal: at any party, its own
+    rows'). None when the party gives no file.
 
     Raises:
         DataError: names the party, the file and the columns that differ.
@@ -109,7 +110,7 @@ def load_rows(job: PredictJob, party: str, trained: TrainedRun) -> Split | None:
         return None
     encoding = encoding_of(train, party)
     table = read_table(Path(path), party=party, id_column=train.id_column_of(party), encoding=encoding)
-    label = encoding.label if train.partition == "vertical" else None
+    label = encoding.label  # vertical: the label owner's; horizontal: every party holds its own rows' labels
     columns, x, y = table.columns, table.values, None
     if label is not None and label in columns:
         index = columns.index(label)

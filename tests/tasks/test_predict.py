@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import DEMO, REPO, SPY, assert_no_leftovers, mpcfl, run_job, spy_views, write_job
+from conftest import DEMO, REPO, SPY, assert_no_leftovers, base_job, horizontal_parties, mpcfl, run_job, spy_views, write_job
 from mpcfl.errors import ConfigError
 from mpcfl.jobs.schema import load_job
 from mpcfl.tasks.train.baseline import prepared_data
@@ -120,6 +120,23 @@ def test_a_revealed_model_predicts_from_its_holder_and_bad_rows_are_named(tmp_pa
         done = mpcfl("predict", str(job), "--rows", *flags, timeout=60)
         assert done.returncode == 1 and f"mpcfl: error: {line} {job} (its parties: hospital_a, hospital_b)" in done.stderr, done.stderr
     assert_no_leftovers(str(job))
+
+
+def test_a_horizontal_party_predicts_its_own_labelled_rows_and_scores_them(tmp_path: Path) -> None:
+    """Found by a new user: in a horizontal job every party's file has the label column, and predict
+    refused it as an extra column. The rows' owner reads its own labels; the scores are its alone."""
+    spec = base_job(partition="horizontal", parties=horizontal_parties(tmp_path, 2), labels={"column": "malignant"})
+    spec["training"]["epochs"] = 1
+    spec["outputs"]["model_to"] = ["p1"]
+    job = write_job(tmp_path, spec)
+    run_job(job)
+    rows = load_job(job).parties[0].data.test
+    done = mpcfl("predict", str(job), "--rows", f"p0={rows}", "--to", "p0", timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    record = json.loads(next((tmp_path / "out" / "predictions" / "p0" / "latest").glob("*.json")).read_text())
+    assert record["metrics"]["accuracy"] > 0.85, record
+    header, table = _read(tmp_path / "out" / "predictions" / "p0" / "latest" / "predictions.csv")
+    assert header[:2] == ["row", "predicted"] and len(table) == len(rows.read_text().splitlines()) - 1
 
 
 @pytest.mark.parametrize(
