@@ -194,7 +194,7 @@ def cnn_demo(tmp_path: Path, **model: Any) -> Path:
     [
         ({"factory": "{tmp}/factories.py:answer"}, None, "model.factory: {tmp}/factories.py:answer: returned int, not a torch.nn.Module"),
         ({"hidden": [4]}, None, "model.hidden: unknown key"),
-        ({}, {"epsilon": 1.0, "delta": 1e-5}, "(top level): dp: DP-SGD trains the logistic_regression, linear_regression and mlp model types; a model.factory module cannot train with dp (drop dp, or use model.type: mlp)"),
+        ({}, {"epsilon": 1.0, "delta": 1e-5}, "dp: DP-SGD trains the logistic_regression, linear_regression and mlp model types; a model.factory module cannot train with dp (drop dp, or use model.type: mlp)"),
     ],
     ids=["not-a-module", "spec-key", "dp"],
 )

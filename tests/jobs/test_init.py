@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,9 +65,9 @@ def test_every_validation_error_is_listed_each_with_its_key(tmp_path: Path, caps
     with pytest.raises(ConfigError) as caught:
         load_job(path)
     assert str(caught.value).splitlines() == [
-        f"{path}: model.typo: unknown key",
+        f"{path}: model.typo: unknown key (did you mean type?)",
         f"{path}: training.epochs: Input should be greater than 0",
-        f"{path}: training.batch_sise: unknown key",
+        f"{path}: training.batch_sise: unknown key (did you mean batch_size?)",
     ]
     code, _, err = run_cli(capsys, "validate", str(path))
     assert code == 1
@@ -224,3 +225,27 @@ def test_a_misspelt_required_key_is_one_error_naming_the_key_meant(tmp_path: Pat
     with pytest.raises(ConfigError) as caught:
         load_job(path)
     assert str(caught.value) == f"{path}: partiton: unknown key (did you mean partition?)"
+
+
+def test_a_misspelt_optional_key_names_the_key_meant_in_its_own_section(tmp_path: Path) -> None:
+    """Found by a new user: only a missing required key was suggested; `training.epoch` and
+    `outputs.models_to` (both keys with defaults) got a bare "unknown key", and a whole-job check's
+    line started "(top level): labels.party: ..."."""
+    spec = yaml.safe_load(DEMO.read_text())
+    spec["training"]["epoch"] = spec["training"].pop("epochs")
+    spec["outputs"]["models_to"] = spec["outputs"].pop("model_to")
+    spec["outputs"]["xyz"] = 1  # nothing close: no suggestion
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError) as caught:
+        load_job(path)
+    assert sorted(str(caught.value).splitlines()) == [
+        f"{path}: outputs.models_to: unknown key (did you mean model_to?)",
+        f"{path}: outputs.xyz: unknown key",
+        f"{path}: training.epoch: unknown key (did you mean epochs?)",
+    ]
+    spec = yaml.safe_load(DEMO.read_text())
+    spec["labels"]["party"] = "hospital_c"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: labels.party: 'hospital_c' is not a party of this job"):
+        load_job(path)

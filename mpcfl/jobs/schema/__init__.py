@@ -12,13 +12,13 @@ of the job file, so a job runs the same from any working directory.
 from __future__ import annotations
 
 import difflib
-
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from mpcfl.errors import ConfigError
 from mpcfl.jobs.schema.common import _MODEL_TAGS, NAME_PATTERN, JobBase, ModelSpec, resolve_paths
@@ -57,9 +57,32 @@ def _error_line(error: Any) -> str:
     loc = [part for i, part in enumerate(loc) if not (i and part in _NESTED_TAGS.get(str(loc[i - 1]), ()))]
     if error["type"].startswith("union_tag") and not loc:
         loc = ["task"]
-    key = ".".join(str(part) for part in loc) or "(top level)"
     message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+    if not loc and re.match(r"[\w.]+: ", message):  # a whole-job check that names its key itself
+        return message
+    key = ".".join(str(part) for part in loc) or "(top level)"
     return f"{key}: {message}"
+
+
+_TASKS: dict[str, type[BaseModel]] = {"train": TrainJob, "inference": InferenceJob, "federated": FederatedJob,
+                                      "predict": PredictJob}
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's annotation may hold (through optionals, unions, lists, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
+
+
+def _keys_at(loc: tuple) -> list[str]:
+    """Every key a job file may write in the section at an error's location (each union member's)."""
+    models: list[type[BaseModel]] = [_TASKS[loc[0]]] if loc and loc[0] in _TASKS else list(_TASKS.values())
+    for part in loc[1:] if loc and loc[0] in _TASKS else loc:
+        fields = [model.model_fields[part] for model in models if isinstance(part, str) and part in model.model_fields]
+        if fields:  # else a list index or a union's tag: the same section
+            models = [model for field in fields for model in _models_in(field.annotation)]
+    return sorted({key for model in models for key in model.model_fields} - set(INTERNAL_KEYS))
 
 
 def _format_error(path: Path, err: ValidationError) -> str:
@@ -76,7 +99,10 @@ def _format_error(path: Path, err: ValidationError) -> str:
         loc = tuple(error["loc"])
         if error["type"] == "extra_forbidden":
             siblings = [str(other[-1]) for other in missing if other[:-1] == loc[:-1]]
-            if close := difflib.get_close_matches(str(loc[-1]), siblings, n=1):
+            # a missing required key first (the typo is most likely it), else any key the section takes
+            close = (difflib.get_close_matches(str(loc[-1]), siblings, n=1)
+                     or difflib.get_close_matches(str(loc[-1]), _keys_at(loc[:-1]), n=1, cutoff=0.75))
+            if close:
                 meant[loc] = close[0]
     fixed = {loc[:-1] + (name,) for loc, name in meant.items()}
     lines = dict.fromkeys(  # a union's members may repeat one
