@@ -228,8 +228,9 @@ def _rows_file(train: TrainJob, party: str, value: Any, model_run: str, folder: 
 
 
 def validate(job: JobLike, party: str | None = None) -> list[str]:
-    """``mpcfl validate``: checks the job and the files it names (``party``'s alone, loaded as its process
-    would, with ``party``); returns what the CLI prints.
+    """``mpcfl validate``: checks the job and the files it names, and loads each party's files as its
+    process would (``party``'s alone, with ``party``: on a multi-host job each host holds only its
+    own); returns what the CLI prints.
 
     Raises:
         MpcflError: the first problem, in one line naming the file and the key.
@@ -243,11 +244,18 @@ def validate(job: JobLike, party: str | None = None) -> list[str]:
             except OSError as err:
                 hint = "" if party else "; on a multi-host job, validate each party on its own host with --party NAME"
                 raise MpcflError(f"{loaded.source}: {key}: {file}: {err.strerror or err}{hint}") from None
-        lines = []
         if party:
             loaded.rank_of(party)
-            lines = [f"{party}: {line}" for line in registry.task_of(loaded).check_party()(loaded, party)]
-        elif getattr(loaded, "dp", None) is not None:
+        # Every file named is readable here (else refused above): each party's own checks run, its
+        # label column, scaling columns and rows, as its process would run them.
+        check = registry.task_of(loaded).check_party()
+        lines = [f"{name}: {line}" for name in ([party] if party else loaded.party_names) for line in check(loaded, name)]
+        if not party and isinstance(loaded, TrainJob) and not loaded.keyed:  # rows lined up by position: they must fit
+            from mpcfl.data.party import load_party_data
+            from mpcfl.tasks.train.dataset import check_shapes, public_shape
+
+            check_shapes(loaded, [public_shape(loaded, load_party_data(loaded, name)) for name in loaded.party_names])
+        if not party and getattr(loaded, "dp", None) is not None:
             from mpcfl.tasks.train.dp_sgd import calibration, check_plausible
 
             check_plausible(loaded, None)

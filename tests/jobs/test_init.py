@@ -249,3 +249,28 @@ def test_a_misspelt_optional_key_names_the_key_meant_in_its_own_section(tmp_path
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: labels.party: 'hospital_c' is not a party of this job"):
         load_job(path)
+
+
+def test_validate_with_every_file_here_runs_each_party_s_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by a new user: `mpcfl validate` said "valid" for a wrong label column and a file a row
+    short, which only the run refused. With every file here it loads each party's as its process would."""
+    spec = yaml.safe_load(DEMO.read_text())
+    for party in spec["parties"]:
+        party["data"] = {key: str((DEMO.parent / value).resolve()) for key, value in party["data"].items()}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    code, out, _ = run_cli(capsys, "validate", str(path))
+    assert code == 0 and "hospital_a: 456 training rows, 20 feature columns" in out
+    assert "hospital_b: 456 training rows, 10 feature columns" in out and f"{path}: valid job" in out
+    wrong = {**spec, "labels": {**spec["labels"], "column": "diagnosis"}}
+    path.write_text(yaml.safe_dump(wrong))
+    code, _, err = run_cli(capsys, "validate", str(path))
+    assert code == 1 and "party hospital_b: " in err and "no label column 'diagnosis'" in err, err
+    train = Path(spec["parties"][0]["data"]["train"])
+    short = tmp_path / "short.csv"
+    short.write_text("\n".join(train.read_text().splitlines()[:-1]) + "\n")
+    spec["parties"][0]["data"]["train"] = str(short)
+    path.write_text(yaml.safe_dump(spec))
+    code, _, err = run_cli(capsys, "validate", str(path))
+    assert code == 1, err
+    assert "party hospital_b: its train file has 456 rows, party hospital_a has 455; a vertical partition needs" in err

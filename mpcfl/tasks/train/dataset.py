@@ -197,20 +197,35 @@ class SharedData:
 
 
 def _public_shapes(job: TrainJob, data: PartyData) -> list[list[int]]:
-    """Every party's public shape metadata: [train rows, test rows, columns, hash].
+    """Every party's public shape metadata (:func:`public_shape`), exchanged and checked (:func:`check_shapes`)."""
+    shapes = all_gather_public(public_shape(job, data))
+    check_shapes(job, shapes)
+    return shapes
+
+
+def public_shape(job: TrainJob, data: PartyData) -> list[int]:
+    """A party's public shape metadata: [train rows, test rows, columns, hash].
 
     The hash of the column names goes out only in a horizontal job, where every
     party holds the same columns anyway; in a vertical one it would let a peer test
     guesses of this party's schema (an unsalted hash of, say, "hiv_status"), so 0
     is sent instead.
     """
-    mine = [
+    return [
         data.train.x.shape[0],
         -1 if data.test is None else data.test.x.shape[0],
         data.train.x.shape[1],
         columns_hash(data.train.columns) if job.partition == "horizontal" else 0,
     ]
-    shapes = all_gather_public(mine)
+
+
+def check_shapes(job: TrainJob, shapes: list[list[int]]) -> None:
+    """Refuses parties whose shapes do not fit together: the same rows at every party (vertical), the
+    same columns (horizontal).
+
+    Raises:
+        DataError: names the party that differs from the first.
+    """
     names = job.party_names
     if job.partition == "vertical":
         for r, other in enumerate(shapes):
@@ -227,7 +242,6 @@ def _public_shapes(job: TrainJob, data: PartyData) -> list[list[int]]:
                     f"party {names[r]}: its columns differ from party {names[0]}'s; a horizontal "
                     f"partition needs the same columns at every party"
                 )
-    return shapes
 
 
 def _standardize_jointly(job: TrainJob, data: PartyData, shapes: list[list[int]], device: torch.device) -> None:
