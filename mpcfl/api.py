@@ -243,7 +243,9 @@ def validate(job: JobLike, party: str | None = None) -> list[str]:
                     handle.read(1)
             except OSError as err:
                 hint = "" if party else "; on a multi-host job, validate each party on its own host with --party NAME"
-                raise MpcflError(f"{loaded.source}: {key}: {file}: {err.strerror or err}{hint}") from None
+                owner = key.split(".")[1] if key.startswith("parties.") else None
+                who = f" (party {loaded.parties[int(owner)].name})" if owner is not None else ""
+                raise MpcflError(f"{loaded.source}: {key}{who}: {file}: {err.strerror or err}{hint}") from None
         if party:
             loaded.rank_of(party)
         # Every file named is readable here (else refused above): each party's own checks run, its

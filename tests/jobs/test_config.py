@@ -251,7 +251,7 @@ def test_validate_names_a_missing_file_and_checks_any_task_at_a_party(tmp_path: 
     done = mpcfl("validate", str(path), timeout=60)  # it was "valid" with a data file that does not exist
     assert done.returncode == 1
     assert done.stderr.strip() == (
-        f"mpcfl: error: {path}: parties.0.data.test: {tmp_path / 'gone.csv'}: No such file or directory; on a "
+        f"mpcfl: error: {path}: parties.0.data.test (party hospital_a): {tmp_path / 'gone.csv'}: No such file or directory; on a "
         "multi-host job, validate each party on its own host with --party NAME"
     )
     assert mpcfl("validate", str(path), "--party", "hospital_b", timeout=60).returncode == 0  # not its file
