@@ -257,6 +257,8 @@ def _ledger(job: JobBase, party: str, action: str, reason: str | None) -> None:
             alone = DatasetLedger(ledger.path, ledger.dataset, ledger.epsilon, ledger.delta, ledger.accountant, {run_id: run})
             print(f"  run {run_id}  job {run['job']}  {len(run['charges'])} charge(s)  epsilon {alone.spent():.4g} alone  "
                   f"updated {run['updated']}")
+        for entry in ledger.outside_dp:  # no budget covers these
+            print(f"  outside DP: run {entry['run']}  job {entry['job']}  released {entry['what']}  at {entry['at']}")
 
 
 def _predict(args: argparse.Namespace) -> int:

@@ -13,7 +13,9 @@ A run's charges are kept under its run id. A new run may not take an id a ledger
 charges would replace the earlier run's): only a resume continues one. Every check and write rereads
 the ledger under an exclusive lock, so runs at the same time compose with each other rather than the
 last writer's view winning. Starting a fresh budget is an explicit act (:meth:`DatasetLedger.reset`,
-``mpcfl ledger reset``), kept in the file.
+``mpcfl ledger reset``), kept in the file. A run that releases from a file with a ledger without DP
+(a training job without ``dp``, a prediction of its rows) is noted in it too (:func:`note_outside_dp`):
+no budget covers what it released.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class DatasetLedger:
     accountant: str
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # run id -> job, party, charges, updated
     resets: list[dict[str, Any]] = field(default_factory=list)
+    outside_dp: list[dict[str, Any]] = field(default_factory=list)  # runs that released from the file without DP
     asked: tuple[float, float, str] | None = None  # this run's budget: the total while nothing is charged
 
     @classmethod
@@ -75,11 +78,11 @@ class DatasetLedger:
     def _reload(self) -> None:
         """The ledger as its file has it now (another run may have charged since this one read it)."""
         if not self.path.is_file():
-            self.runs, self.resets = {}, []
+            self.runs, self.resets, self.outside_dp = {}, [], []
             return
         try:
             state = json.loads(self.path.read_text(encoding="utf-8"))
-            self.runs, self.resets = state["runs"], state.get("resets", [])
+            self.runs, self.resets, self.outside_dp = state["runs"], state.get("resets", []), state.get("outside_dp", [])
             total = (state["epsilon"], state["delta"], state["accountant"])
             charged = any(run["charges"] for run in self.runs.values())
         except (OSError, ValueError, KeyError, TypeError) as err:
@@ -168,7 +171,7 @@ class DatasetLedger:
     def save(self) -> None:
         write_json(self.path, {
             "dataset": self.dataset, "epsilon": self.epsilon, "delta": self.delta, "accountant": self.accountant,
-            "spent": self.spent(), "runs": self.runs, "resets": self.resets,
+            "spent": self.spent(), "runs": self.runs, "resets": self.resets, "outside_dp": self.outside_dp,
         })
 
 
@@ -209,6 +212,27 @@ def open_ledgers(datasets: list[str], *, epsilon: float, delta: float, accountan
     log.warning("privacy ledger %s carried into the ledgers of each data file (%s)", old,
                 ", ".join(ledger.dataset[:16] for ledger in ledgers))
     return ledgers
+
+
+def note_outside_dp(datasets: list[str], run_id: str, *, job: str, party: str, what: str,
+                    folder: Path | None = None) -> list[DatasetLedger]:
+    """Notes, in each of these files' ledgers that exists, that run ``run_id`` releases ``what`` from the
+    file without DP (once a run); a file never used under DP gets no ledger. Returns the ledgers noted.
+
+    The run is not refused: the data owner chose a job without DP. Its releases are outside every
+    budget the ledger keeps, and ``mpcfl ledger show`` says so.
+    """
+    noted = []
+    for dataset in dict.fromkeys(datasets):
+        ledger = DatasetLedger((folder or ledger_dir()) / f"{dataset}.json", dataset, 0.0, 0.0, "rdp")
+        if not ledger.path.is_file():
+            continue
+        with ledger.locked():
+            if not any(entry["run"] == run_id for entry in ledger.outside_dp):
+                ledger.outside_dp.append({"run": run_id, "job": job, "party": party, "what": what, "at": utc_now()})
+                ledger.save()
+        noted.append(ledger)
+    return noted
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from mpcfl import runs
-from mpcfl.data.files import DataError
+from mpcfl.data.files import DataError, rows_key
 from mpcfl.data.party import (
     PartyData, Split, apply_scaler, backbone_of, check_range, contents, encoding_of, read_table, through_backbone,
 )
@@ -55,6 +55,7 @@ from mpcfl.outputs import atomic_write, write_json
 from mpcfl.tasks.run import begin_run, run_words, words_text
 from mpcfl.tasks.train.dataset import prepare
 from mpcfl.tasks.train.export import PREPROCESSING
+from mpcfl.tasks.train.runner import note_releases_outside_dp
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +226,8 @@ def run_party(
             run = begin_run(job, party, loaded, run_id=run_id)
             stack.enter_context(run.recorded())
             job = run.job
+            if split is not None:  # predictions are exact functions of these rows: no DP covers them
+                note_releases_outside_dp(job, party, [rows_key(split.path, party=party)], "predictions of its rows")
             with run.disclosure(None) as disclosure:
                 ids = _line_up(job, split, rank)
                 n_rows = 0 if split is None else split.x.shape[0]

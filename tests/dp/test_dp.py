@@ -655,3 +655,34 @@ def test_a_final_model_no_better_than_chance_is_flagged(caplog: pytest.LogCaptur
     assert not caplog.records
     _warn_if_chance({"test_accuracy": 0.336}, head, noise=0.0, rows=113)
     assert "barely better than chance (accuracy 0.336 with 3 classes)" in caplog.text
+
+
+def test_a_release_without_dp_from_data_with_a_ledger_is_noted_there(tmp_path: Path) -> None:
+    """Found by a new user: after a DP run spent a file's whole budget, a training job without dp and a
+    prediction of the test rows released exact models and outputs, and the ledger said nothing. They
+    are not refused (the data owner chose a job without DP), but each is noted in the ledgers of the
+    files it read, once a run, and its party's operator is warned; data never used under DP gets no ledger."""
+    from mpcfl.dp.ledger import ledger_dir, note_outside_dp
+
+    assert note_outside_dp(["9" * 64], "r", job="j", party="p", what="x") == []
+    assert not (ledger_dir() / f"{'9' * 64}.json").exists(), "a ledger was made for data never used under DP"
+    spec = dp_demo()
+    spec["training"]["epochs"] = 1
+    spec["outputs"]["dir"] = str(tmp_path / "dp")
+    dp_job = write_job(tmp_path / "dp", spec)
+    assert mpcfl("run", str(dp_job), timeout=240).returncode == 0
+    del spec["dp"]
+    spec["outputs"] = {"dir": str(tmp_path / "plain"), "model_to": ["hospital_b"], "metrics_to": ["hospital_b"]}
+    plain = write_job(tmp_path / "plain", spec)
+    done = mpcfl("run", str(plain), timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "[hospital_a] WARNING mpcfl.tasks.train.runner: party hospital_a: 2 of its data files have privacy ledgers" in done.stdout
+    shown = mpcfl("ledger", "show", str(dp_job), "--party", "hospital_a", timeout=60)
+    run_id = (load_job(plain).party_root("hospital_a") / "latest").resolve().name
+    noted = f"outside DP: run {run_id}  job breast-cancer-lr-dp  released a model and metrics trained without DP"
+    assert shown.stdout.count(noted) == 2, shown.stdout  # the train file's ledger and the test file's
+    rows = [f"{p['name']}={p['data']['test']}" for p in spec["parties"]]
+    done = mpcfl("predict", str(plain), "--rows", *rows, "--to", "hospital_b", timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    shown = mpcfl("ledger", "show", str(dp_job), "--party", "hospital_b", timeout=60)
+    assert shown.stdout.count("released predictions of its rows") == 1, shown.stdout  # the test file's ledger alone

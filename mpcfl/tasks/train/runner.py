@@ -11,7 +11,7 @@ from typing import Any
 from mpcfl.data.party import PartyData, contents, dataset_digest, ledger_keys, load_party_data
 from mpcfl.data.psi import align
 from mpcfl.dp.budget import Budget
-from mpcfl.dp.ledger import Binding, open_ledgers
+from mpcfl.dp.ledger import Binding, note_outside_dp, open_ledgers
 from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema import FederatedJob, TrainJob
 from mpcfl.jobs.session import session_of
@@ -40,6 +40,8 @@ def privacy_budget(job: TrainJob | FederatedJob, party: str, parts: dict[str, by
         LedgerExhausted: earlier runs on this party's data leave less than this run's epsilon.
     """
     if job.dp is None:
+        if job.run_id is not None:
+            note_releases_outside_dp(job, party, list(ledger_keys(job, party)), "a model and metrics trained without DP")
         return None
     assert job.run_id is not None  # a run's budget
     budget = Budget.create(epsilon=job.dp.epsilon, delta=job.dp.delta, accountant=job.dp.accountant)
@@ -56,6 +58,16 @@ def privacy_budget(job: TrainJob | FederatedJob, party: str, parts: dict[str, by
             raise MpcflError(f"party {party}: {budget.path}: cannot resume its privacy ledger: {err}") from None
         log.info("resumed the privacy ledger: epsilon %.4g spent of %g", budget.spent(), budget.epsilon)
     return budget
+
+
+def note_releases_outside_dp(job: Any, party: str, datasets: list[str], what: str) -> None:
+    """Notes in the ledgers of ``party``'s data files, where it has any (they were used under DP), that
+    this run releases ``what`` from them without DP, and warns its operator (:func:`mpcfl.dp.ledger.note_outside_dp`)."""
+    noted = note_outside_dp(datasets, job.run_id, job=job.name, party=party, what=what)
+    if noted:
+        log.warning("party %s: %d of its data files have privacy ledgers (used under DP before); this run releases "
+                    "%s from them, outside any DP budget: noted in their ledgers (`mpcfl ledger show`)",
+                    party, len(noted), what)
 
 
 def _resume_point(job: TrainJob, party: str, rank: int, budget: Budget | None) -> checkpoint.Checkpoint:
