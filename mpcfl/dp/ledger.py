@@ -214,6 +214,12 @@ def open_ledgers(datasets: list[str], *, epsilon: float, delta: float, accountan
     return ledgers
 
 
+def any_ledger(folder: Path | None = None) -> bool:
+    """Whether this process keeps any privacy ledger (else no data file of it was used under DP)."""
+    folder = folder or ledger_dir()
+    return folder.is_dir() and any(folder.glob("*.json"))
+
+
 def note_outside_dp(datasets: list[str], run_id: str, *, job: str, party: str, what: str,
                     folder: Path | None = None) -> list[DatasetLedger]:
     """Notes, in each of these files' ledgers that exists, that run ``run_id`` releases ``what`` from the

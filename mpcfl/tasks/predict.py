@@ -42,6 +42,7 @@ from mpcfl.data.party import (
     PartyData, Split, apply_scaler, backbone_of, check_range, contents, encoding_of, read_table, through_backbone,
 )
 from mpcfl.data.psi import intersect, job_salt, salted
+from mpcfl.dp.ledger import any_ledger
 from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema import PredictJob, TrainJob
 from mpcfl.jobs.session import session_of
@@ -226,7 +227,7 @@ def run_party(
             run = begin_run(job, party, loaded, run_id=run_id)
             stack.enter_context(run.recorded())
             job = run.job
-            if split is not None:  # predictions are exact functions of these rows: no DP covers them
+            if split is not None and any_ledger():  # predictions are exact functions of these rows: no DP covers them
                 note_releases_outside_dp(job, party, [rows_key(split.path, party=party)], "predictions of its rows")
             with run.disclosure(None) as disclosure:
                 ids = _line_up(job, split, rank)

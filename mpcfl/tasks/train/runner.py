@@ -11,7 +11,7 @@ from typing import Any
 from mpcfl.data.party import PartyData, contents, dataset_digest, ledger_keys, load_party_data
 from mpcfl.data.psi import align
 from mpcfl.dp.budget import Budget
-from mpcfl.dp.ledger import Binding, note_outside_dp, open_ledgers
+from mpcfl.dp.ledger import Binding, any_ledger, note_outside_dp, open_ledgers
 from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema import FederatedJob, TrainJob
 from mpcfl.jobs.session import session_of
@@ -40,7 +40,7 @@ def privacy_budget(job: TrainJob | FederatedJob, party: str, parts: dict[str, by
         LedgerExhausted: earlier runs on this party's data leave less than this run's epsilon.
     """
     if job.dp is None:
-        if job.run_id is not None:
+        if job.run_id is not None and any_ledger():  # else no file was used under DP: no need to read them for keys
             note_releases_outside_dp(job, party, list(ledger_keys(job, party)), "a model and metrics trained without DP")
         return None
     assert job.run_id is not None  # a run's budget
