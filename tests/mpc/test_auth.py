@@ -191,7 +191,7 @@ def test_identity_keys_are_validated_by_name(tmp_path: Path) -> None:
     job, keys = identity_job(tmp_path)
     spec = yaml.safe_load(Path(job).read_text())
     del spec["runtime"]["identity"]["public_keys"]["dealer"]
-    with pytest.raises(ConfigError, match=r"job.yaml: \(top level\): runtime.identity.public_keys: no public key for dealer$"):
+    with pytest.raises(ConfigError, match=r"job.yaml: runtime.identity.public_keys: no public key for dealer$"):
         load_job(write_job(tmp_path, spec))
     spec["runtime"]["identity"]["public_keys"]["dealer"] = "keys/missing.pub"
     with pytest.raises(ConfigError, match=r"runtime.identity.public_keys: dealer: cannot read public key file .*missing.pub"):
