@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported on use: the launcher and the CLI write run records and load no torch
     import numpy as np
+
+
+#: Set by a local launcher for its processes: "1" when its own output is a terminal (bars redraw in
+#: place there), "0" when it goes to a file or a pipe (a batch job's log), where each redraw would be
+#: text glued to the next log line.
+ENV_PROGRESS = "MPCFL_PROGRESS"
+
+
+def progress_bars() -> bool:
+    """Whether this process draws progress bars: as its launcher says, else whether stderr is a terminal."""
+    setting = os.environ.get(ENV_PROGRESS)
+    return sys.stderr.isatty() if setting is None else setting == "1"
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool = False) -> None:

@@ -79,3 +79,15 @@ def _write(folder: Path, spec: dict) -> Path:
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(mpcfl.api.resolve_paths(Path.cwd(), yaml.safe_load(yaml.safe_dump(spec)))))
     return path
+
+
+def test_progress_bars_follow_the_launcher_then_the_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from mpcfl.outputs import ENV_PROGRESS, progress_bars
+
+    for setting, expected in (("1", True), ("0", False)):
+        monkeypatch.setenv(ENV_PROGRESS, setting)
+        assert progress_bars() is expected
+    monkeypatch.delenv(ENV_PROGRESS)
+    assert progress_bars() is sys.stderr.isatty()

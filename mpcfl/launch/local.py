@@ -40,6 +40,7 @@ from mpcfl.launch.zygote import ForkedProcess, Zygote, die_with_parent, warm_sta
 from mpcfl.mpc import providers
 from mpcfl.mpc.auth import ENV_SECRET, Credentials, new_secret
 from mpcfl.mpc.compat import DEFAULT_TIMEOUT_S
+from mpcfl.outputs import ENV_PROGRESS
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def _clean_env() -> dict[str, str]:
     enclosing launcher, or torchrun's, would contradict this one) and without a secret: each child gets
     the run's own."""
     env = {k: v for k, v in os.environ.items() if k not in (*KEYS, "MASTER_ADDR", "MASTER_PORT")}
-    return env | {"PYTHONUNBUFFERED": "1", **LOOPBACK_ENV}
+    return env | {"PYTHONUNBUFFERED": "1", ENV_PROGRESS: "1" if sys.stdout.isatty() else "0", **LOOPBACK_ENV}
 
 
 def _spawn(

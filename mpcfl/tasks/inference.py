@@ -41,7 +41,7 @@ from mpcfl.models.transformer import (Approximations, KeyValueCache, approximati
                                       decoding, row_argmax)
 from mpcfl.errors import MpcflError
 from mpcfl.models.factory import build_factory_model
-from mpcfl.outputs import write_json, write_npy
+from mpcfl.outputs import progress_bars, write_json, write_npy
 from mpcfl.tasks.run import begin_run
 from mpcfl.mpc.reveal import reveal
 from mpcfl.mpc.session import (
@@ -321,7 +321,7 @@ class SecureServer:
             log.info("generate: %s is not a decoder the key-value cache serves; each token runs the whole prefix",
                      type(self._model).__name__)
         crypten = import_crypten()
-        for step in tqdm(range(steps), desc="secure generation", unit="token", disable=me.rank != data_rank or steps < 2):
+        for step in tqdm(range(steps), desc="secure generation", unit="token", disable=me.rank != data_rank or steps < 2 or not progress_bars()):
             # with the cache, a token runs its one new position (the data owner's last id)
             new = ids[:, -1:] if cache is not None and step > 0 and ids is not None else ids
             logits = self._outputs(new, rows, calls=steps, cache=cache)
@@ -403,7 +403,7 @@ class SecureServer:
             raise MpcflError(f"{where}: a key-value cache runs one batch per call, not {len(starts)}")
         past = None if cache is None else cache.past  # the dealer's requests depend on it: part of the key
         with crypten.no_grad(), approximated(self._approximations):
-            for start in tqdm(starts, desc="secure inference", unit="batch", disable=me.rank != data_rank or len(starts) < 2):
+            for start in tqdm(starts, desc="secure inference", unit="batch", disable=me.rank != data_rank or not progress_bars() or len(starts) < 2):
                 rows = min(batch_size, shape[0] - start)
                 local = inputs[start : start + rows] if me.rank == data_rank else torch.zeros(rows, *shape[1:])
                 # The fixed masks' binding is in the key: a recording names the masks it was made with.

@@ -76,6 +76,9 @@ def test_partitions_and_models(tmp_path: Path, partition: str, n_parties: int, m
     # Every step asks the dealer the same requests, the first (momentum starting at zero) included, so
     # the recording of one step serves the next (with 3 parties truncations go through the dealer too).
     assert "differs from the recorded one" not in done.stdout + done.stderr
+    # Its output went to a pipe, not a terminal: no progress bar, whose redraws a log file would keep glued
+    # to the next log line (found by a new user); the launcher tells its processes (MPCFL_PROGRESS).
+    assert "batch/s" not in done.stdout + done.stderr and "epoch 1/1:" not in done.stdout + done.stderr
     job = load_job(path)
     final = job_metrics(path, "p0")["final"]
     plain = train_plaintext(job).history[-1]

@@ -27,6 +27,7 @@ from mpcfl.mpc import fixed_mask
 from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.reveal import Privacy, budget_state, reveal, spend
 from mpcfl.mpc.session import agreed, communication_stats, prefetching
+from mpcfl.outputs import progress_bars
 from mpcfl.tasks.train import checkpoint, metrics
 from mpcfl.tasks.train.bounds import Bounds, check_revealed, safe_input_norm, training_bounds
 from mpcfl.tasks.train.dataset import SharedData
@@ -202,7 +203,7 @@ def train(
             plan = batches(n_rows, batch_size=spec.batch_size, seed=spec.seed, epoch=epoch, shuffle=spec.shuffle)
         else:  # secret batches: every step sees every row, weighted by bits it never opens
             plan = [np.arange(n_rows)] * steps
-        bar = tqdm(plan, desc=f"epoch {epoch + 1}/{spec.epochs}", unit="batch", disable=rank != 0, mininterval=1.0)
+        bar = tqdm(plan, desc=f"epoch {epoch + 1}/{spec.epochs}", unit="batch", disable=rank != 0 or not progress_bars(), mininterval=1.0)
         for rows in bar:
             index = torch.from_numpy(rows).to(device)
             with prefetching(len(rows), enabled=job.runtime.prefetch):
