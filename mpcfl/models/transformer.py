@@ -48,7 +48,7 @@ MAX_SOFTMAX_LENGTH = 4096
 GELU_CLAMP = 8.0
 SILU_CLAMP = 64.0
 #: GELU's and SiLU's comparisons decide from the low 48 bits of their inputs
-#: (:func:`mpcfl.mpc.comparison.bounded`, 0.73x the bytes): exact for |x| below 2^31 - 64, beyond
+#: (:func:`mpcfl.mpc.comparison.bounded`, 0.75x the bytes): exact for |x| below 2^31 - 64, beyond
 #: the 2^30 where the products that make their inputs (a linear layer's output) hold, and far beyond
 #: the 2^15 where the LayerNorm after them holds. The softmax keeps all 64 bits: its scores may
 #: carry a model's own large masking constants (-1e12, -2^32), which are not products.
