@@ -237,6 +237,8 @@ def test_dp_training_job_records_a_ledger_that_matches_dp_accounting(tmp_path: P
         ({"collusion_threshold": 0}, "dp.collusion_threshold: must be at least 1 when outputs.model_to or metrics_to"),
         ({"delta": 1.0}, "dp.delta: Input should be less than 1"),
         ({"metrics": {"noise_multiplier": 0}}, "dp.metrics.noise_multiplier: Input should be greater than 0"),
+        ({"error_clip": 1.0}, "dp.error_clip: Input should be less than 1"),
+        ({"error_clip": 0.001}, "dp.error_clip: Input should be greater than or equal to 0.01"),
     ],
 )
 def test_dp_config_errors(tmp_path: Path, change: dict, message: str) -> None:
@@ -359,6 +361,30 @@ def test_calibration_uses_the_replace_one_sensitivity(tmp_path: Path) -> None:
     loose = rdp.RdpAccountant()
     loose.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma / bound), 10))
     assert loose.get_epsilon(1e-5) < 0.6 * ours.epsilon(1e-5)
+
+
+def test_error_clip_shrinks_the_sensitivity_and_only_a_logistic_regression_takes_it(tmp_path: Path) -> None:
+    """dp.error_clip c: one example's gradient bound, and so the noise, is c times the unclipped one
+    (binary: |p - y| <= 1); the noise multiplier (the budget's) is unchanged."""
+    from mpcfl.tasks.train.dp_sgd import calibration
+
+    plain = load_job(write_job(tmp_path, dp_demo(), "plain.yaml"))
+    spec = dp_demo()
+    spec["dp"]["error_clip"] = 0.2
+    clipped = load_job(write_job(tmp_path, spec))
+    (z, wide), (z_clipped, narrow) = calibration(plain, 30), calibration(clipped, 30)
+    assert z_clipped == z
+    bound = 1.01 * math.sqrt(2)
+    assert 2 * bound * 0.2 < narrow < 2 * bound * 0.2 * 1.001 and 2 * bound < wide < 2 * bound * 1.001
+    for model, fix in (({"type": "mlp", "hidden": [4]}, "an mlp's dp.clip bounds each example's whole gradient"),
+                       ({"type": "linear_regression"}, "regression.loss: huber with regression.huber_delta")):
+        spec["model"] = model
+        spec["training"]["loss"] = "huber" if model["type"] == "linear_regression" else "bce"
+        with pytest.raises(ConfigError) as caught:
+            load_job(write_job(tmp_path, spec))
+        text = str(caught.value)
+        assert "dp.error_clip: clamps a logistic_regression's prediction errors; " in text and fix in text, text
+        assert "\n" not in text
 
 
 def test_a_receiver_without_counted_collusion_gets_less_noise() -> None:

@@ -22,7 +22,7 @@ from mpcfl.mpc.engine import import_crypten
 from mpcfl.mpc.reveal import reveal
 from mpcfl.tasks.train.baseline import prepared_data
 from mpcfl.tasks.train.dataset import prepare
-from mpcfl.tasks.train.dp_sgd import _APPROXIMATION_MARGIN, bounded_gradients
+from mpcfl.tasks.train.dp_sgd import _APPROXIMATION_MARGIN, bounded_gradients, error_bound
 from mpcfl.tasks.train.steps import PlainSgd
 
 
@@ -112,7 +112,9 @@ def test_scaling_must_name_every_column_and_nothing_else(tmp_path: Path) -> None
         prepared_data(load_job(write_job(tmp_path, spec)))
 
 
-def _example_gradient_norm(classes: int, magnitude: float, clamp: bool, sigmoid: str = "crypten") -> float:
+def _example_gradient_norm(
+    classes: int, magnitude: float, clamp: bool, sigmoid: str = "crypten", error_clip: float | None = None,
+) -> float:
     """One example of norm 1 whose logits are +-1.4 magnitude: its revealed gradient norm."""
     crypten = import_crypten()
     spec = ModelSpec(type="logistic_regression", num_classes=classes)
@@ -130,7 +132,7 @@ def _example_gradient_norm(classes: int, magnitude: float, clamp: bool, sigmoid:
     # Logit 0 is the most negative: the true label is 1 (binary) or class 0, so |p - y| is near its bound.
     y = crypten.cryptensor(head.secure_targets(np.array([1 if classes == 2 else 0]), 1))
     if clamp:
-        bounded_gradients(model, x, y, head)
+        bounded_gradients(model, x, y, head, error_clip=error_clip)
     else:
         PlainSgd(head).step(model, torch_model, x, y)
     grads = [reveal(p.grad, to=[0], what="gradient test") for p in model.parameters()]
@@ -152,3 +154,48 @@ def test_logit_clamp_bounds_each_gradient_whatever_the_weights(crypten_single: N
         assert unclamped >= math.sqrt(2) * (head.gradient_bound - 1e-3)
     else:  # without the clamp, CrypTen's approximation breaks the bound the accountant relies on
         assert not unclamped <= bound
+
+
+@pytest.mark.parametrize(("classes", "error_clip"), [(2, 0.2), (2, 0.05), (3, 0.2), (3, 0.5)])
+def test_error_clip_bounds_each_gradient_by_its_own_bound(crypten_single: None, classes: int, error_clip: float) -> None:
+    """dp.error_clip c: an example's gradient is within c sqrt(outputs) (the head's bound where smaller),
+    whatever its logits, and a badly fitted example reaches it (the clamp is what bounds it)."""
+    head = head_of(ModelSpec(type="logistic_regression", num_classes=classes))
+    clipped = error_bound(head, error_clip)
+    assert clipped == min(head.gradient_bound, error_clip * math.sqrt(head.output_size)) < head.gradient_bound
+    bound = _APPROXIMATION_MARGIN * math.sqrt(1.0**2 + 1) * clipped
+    for magnitude in (0.0, 1.0, 600.0, 5000.0):
+        norm = _example_gradient_norm(classes, magnitude, clamp=True, error_clip=error_clip)
+        assert norm <= bound, (magnitude, norm, bound)
+    # At logits of +-1,400 every coordinate's |p - y| is 0 or 1: clamped to c, the norm is c times
+    # sqrt(2) (x and the bias) times sqrt(coordinates in error), which the bound must not exceed by much.
+    far = _example_gradient_norm(classes, 1000.0, clamp=True, error_clip=error_clip)
+    assert far >= math.sqrt(2) * error_clip * min(2, head.output_size) ** 0.5 * 0.99
+    assert _example_gradient_norm(classes, 1000.0, clamp=True) > bound  # without the clip: beyond it
+
+
+def test_the_plaintext_replica_clamps_errors_as_the_secure_step_does(crypten_single: None) -> None:
+    """`mpcfl baseline`'s DP simulation and the secure step compute the same error-clipped batch gradient."""
+    from mpcfl.tasks.train.baseline import _clamped_error_backward
+
+    crypten = import_crypten()
+    spec = ModelSpec(type="logistic_regression", num_classes=2)
+    head = head_of(spec)
+    torch_model = build_torch_model(spec, n_features=3, seed=0)
+    with torch.no_grad():
+        torch_model[0].weight.copy_(torch.tensor([[3.0, -2.0, 1.0]]))
+    x = torch.tensor([[0.5, 0.1, -0.2], [-0.4, 0.3, 0.1], [0.2, -0.5, 0.4], [0.0, 0.1, 0.0]])
+    y = torch.tensor([[0.0], [1.0], [1.0], [0.0]])
+    expected_error = (torch.sigmoid(torch_model(x)) - y).detach().clamp(-0.2, 0.2)
+    assert (expected_error.abs() == 0.2).any() and (expected_error.abs() < 0.2).any()  # both kinds of example
+    _clamped_error_backward(torch_model, head.plain_loss, x, y, 0.2)
+    plain = [p.grad.clone() for p in torch_model.parameters()]
+    torch.testing.assert_close(plain[0], (expected_error * x).mean(0, keepdim=True))
+    torch.testing.assert_close(plain[1], expected_error.mean(0))
+    model = to_crypten(torch_model).encrypt(src=0)
+    model.train()
+    model.zero_grad()
+    bounded_gradients(model, crypten.cryptensor(x), crypten.cryptensor(y), head, error_clip=0.2)
+    secure = [reveal(p.grad, to=[0], what="gradient test") for p in model.parameters()]
+    for ours, theirs in zip(secure, plain):
+        torch.testing.assert_close(ours.float(), theirs, atol=2e-3, rtol=0)

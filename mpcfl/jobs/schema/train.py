@@ -75,6 +75,15 @@ class DPSpec(_Strict):
         "clips its own slice of a row to clip/sqrt(parties holding features)); mlp: bound on each "
         "example's gradient L2 norm, clipped inside MPC",
     )
+    error_clip: float | None = Field(
+        default=None,
+        ge=0.01,  # fixed point encodes it within 2^-17, inside the 1% margin the bound carries
+        lt=1,
+        description="logistic_regression: each example's prediction error p - y (each class's, with several) is "
+        "clamped to [-error_clip, error_clip] inside MPC before it enters the gradient, so an example's gradient "
+        "and the noise shrink by that factor; examples fitted within it keep their whole gradient, the "
+        "worst-fitted are capped (as a Huber loss caps a regression's). Unset: |p - y| up to 1",
+    )
     weight_bound: float = Field(
         default=WEIGHT_BOUND,
         gt=0,
@@ -285,6 +294,10 @@ class TrainJob(JobBase):
                 "dp.weight_bound: bounds an mlp's parameters; a linear model's clip holds whatever its "
                 "weights (its features are clipped), so remove it"
             )
+        if dp.error_clip is not None and self.model.type != "logistic_regression":
+            fix = ("regression.loss: huber with regression.huber_delta clamps a regression's error the same way"
+                   if self.model.type == "linear_regression" else "an mlp's dp.clip bounds each example's whole gradient")
+            raise ValueError(f"dp.error_clip: clamps a logistic_regression's prediction errors; {fix}, so remove it")
         if self.outputs.metrics_to != "none" and dp.metrics is None:
             raise ValueError(
                 "outputs.metrics_to: with dp, per-epoch metrics spend budget; set it to none, or add dp.metrics"

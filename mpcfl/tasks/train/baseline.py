@@ -104,6 +104,16 @@ def evaluate_state_dict(job: TrainJob, state_dict: dict[str, torch.Tensor]) -> d
     return record
 
 
+def _clamped_error_backward(
+    model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor, error_clip: float,
+) -> None:
+    """Sets the gradient of the batch-mean loss with each example's d(loss)/d(logits) clamped to +-``error_clip``."""
+    logits = model(x)
+    free = logits.detach().requires_grad_()
+    (error,) = torch.autograd.grad(loss_fn(free, y, reduction="sum"), free)
+    logits.backward(error.clamp(-error_clip, error_clip) / len(x))
+
+
 def _clipped_sum_gradients(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, *, clip: float) -> None:
     """Sets each parameter's gradient to the batch mean of per-example gradients clipped to ``clip``."""
     params = {name: p.detach() for name, p in model.named_parameters()}
@@ -153,6 +163,7 @@ def train_plaintext(
     steps, rate = sampling(job, len(x)) if job.dp is not None else (1, 1.0)
     generator = torch.Generator().manual_seed(seed)
     per_example = job.dp is not None and not clips_features(job)
+    error_clip = job.dp.error_clip if job.dp is not None else None
 
     def project() -> None:  # the secure run's projection (PerExampleDpSgd.project), from the first step
         if per_example:
@@ -176,6 +187,8 @@ def train_plaintext(
                 pass  # an empty sample: no gradient, only noise
             elif per_example:
                 _clipped_sum_gradients(model, loss_fn, x[index], y[index], clip=job.dp.clip)
+            elif error_clip is not None:  # the secure step's clamp of each example's error (dp.error_clip)
+                _clamped_error_backward(model, loss_fn, x[index], y[index], error_clip)
             else:
                 loss_fn(model(x[index]), y[index]).backward()
             for param in model.parameters():

@@ -9,6 +9,9 @@ margin covers CrypTen's sigmoid approximation (measured error < 0.002, outputs
 within [0, 1]) and fixed-point rounding. With a cheap ``training.sigmoid``
 (:mod:`mpcfl.models.sigmoid`) the bound is that approximation's own: it clamps its
 input, so ``|p - y|`` stays within its range for every logit (``poly``: 1.016).
+``dp.error_clip`` c clamps each coordinate of ``p - y`` to +-c inside MPC, an exact
+comparison, so the bound becomes ``c sqrt(k)`` for k outputs where that is smaller
+(:func:`error_bound`): less noise, at the cost of capping the worst-fitted examples.
 
 Neighbouring datasets differ by replacing one record (one row of one party; in a
 vertical split, one patient across all parties): row counts are public and the
@@ -146,7 +149,7 @@ def gradient_rounding(job: TrainJob, n_features: int) -> tuple[rounding.Rounding
     truncation = rounding.truncation_error(parties, rounding.FIXED_POINT_SCALE)
     per_weight = truncation
     if clips_features(job):
-        per_weight += rounding.ENCODING * _APPROXIMATION_MARGIN * gradient_head(job).gradient_bound
+        per_weight += rounding.ENCODING * _APPROXIMATION_MARGIN * error_bound(gradient_head(job), job.dp.error_clip)
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     parameters = sum(p.numel() for p in model.parameters())
     return rounding.Rounding.per_coordinate(weights, 2 * per_weight), parameters
@@ -183,7 +186,7 @@ def calibration(job: TrainJob, n_features: int, rows: int | None = None) -> tupl
     """
     assert job.dp is not None
     if clips_features(job):
-        bound = _APPROXIMATION_MARGIN * math.sqrt(job.dp.clip**2 + 1) * gradient_head(job).gradient_bound
+        bound = _APPROXIMATION_MARGIN * math.sqrt(job.dp.clip**2 + 1) * error_bound(gradient_head(job), job.dp.error_clip)
     else:
         bound = clipping.sensitivity(job.dp.clip)
     steps, rate = sampling(job, rows)
@@ -313,7 +316,19 @@ def gradient_head(job: TrainJob) -> Head:
     return job_head(job, gradient=True)
 
 
-def bounded_gradients(model: Any, x: Any, y: Any, head: Head, selection: Selection | None = None, *, mean: bool = True) -> None:
+def error_bound(head: Head, error_clip: float | None) -> float:
+    """L2 bound on one example's output error ``p - y`` as a DP linear model's gradient uses it: the
+    head's, or, under ``dp.error_clip`` c, each of its ``k`` coordinates clamped to +-c, so at most
+    ``c sqrt(k)`` (whatever the sigmoid or softmax approximation returns)."""
+    if error_clip is None:
+        return head.gradient_bound
+    return min(head.gradient_bound, error_clip * math.sqrt(head.output_size))
+
+
+def bounded_gradients(
+    model: Any, x: Any, y: Any, head: Head, selection: Selection | None = None, *, mean: bool = True,
+    error_clip: float | None = None,
+) -> None:
     """Sets the batch-mean gradient (``mean``; else the sum) of a linear model from (p - y) at logits clamped to
     +-:data:`~mpcfl.dp.clipping.LOGIT_CLAMP` (CrypTen's sigmoid leaves [0, 1] beyond about 500,
     and nothing bounds a linear model's weights), so each example's part is ``(p - y) [x, 1]`` with ``|p - y|`` bounded
@@ -324,13 +339,16 @@ def bounded_gradients(model: Any, x: Any, y: Any, head: Head, selection: Selecti
     derivative); the output error is computed on the clamped logits and pushed back instead.
 
     With a secret ``selection`` (Poisson), x and y are every row, and the gradient is the sum over
-    the selected rows over the public expected batch size.
+    the selected rows over the public expected batch size. With ``error_clip`` each coordinate of
+    each example's error is clamped to +-error_clip (:func:`error_bound`).
     """
     crypten = import_crypten()
     logits = model(x)
     with crypten.no_grad():
         inside = logits if head.bounded_error else clamp_symmetric(logits, clipping.LOGIT_CLAMP)
         error = head.output_error(inside, y)
+        if error_clip is not None:
+            error = clamp_symmetric(error, error_clip)
         if selection is not None:  # 0/1 at scale 1: exact, and an unselected row adds nothing
             error = error * selection.bits
         if mean:
@@ -349,7 +367,7 @@ class FeatureClippedDpSgd(DpSgd):
 
     def step(self, model: Any, torch_model: nn.Sequential, x: Any, y: Any) -> None:
         selection = self._selection()
-        bounded_gradients(model, x, y, self.head, selection, mean=False)
+        bounded_gradients(model, x, y, self.head, selection, mean=False, error_clip=self.job.dp.error_clip)
         divisor = x.size(0) if selection is None else selection.expected
         for param in model.parameters():
             self._add_noise(param.grad, self.noise_multiplier * self.sensitivity)
