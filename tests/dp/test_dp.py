@@ -385,6 +385,18 @@ def test_error_clip_shrinks_the_sensitivity_and_only_a_logistic_regression_takes
         text = str(caught.value)
         assert "dp.error_clip: clamps a logistic_regression's prediction errors; " in text and fix in text, text
         assert "\n" not in text
+    # With k classes the clamped error vector is bounded by c sqrt(k): no use at or beyond the softmax's sqrt(2).
+    spec["model"], spec["training"]["loss"] = {"type": "logistic_regression", "num_classes": 3}, "cross_entropy"
+    assert load_job(write_job(tmp_path, spec)).dp.error_clip == 0.2
+    spec["dp"]["error_clip"] = 0.9
+    with pytest.raises(ConfigError, match=r"dp.error_clip: with 3 classes the clamped errors' bound, 0.9 x sqrt\(3\), "
+                       r"is no tighter than the softmax's sqrt\(2\).*below 0.816, or remove it"):
+        load_job(write_job(tmp_path, spec))
+    # So small a clamp that fixed point's rounding would move epsilon by more than 1%: refused, naming it.
+    spec = dp_demo()
+    spec["dp"]["error_clip"] = 0.01
+    with pytest.raises(ConfigError, match=r"dp.error_clip: fixed-point rounding .* raise error_clip\)$"):
+        calibration(load_job(write_job(tmp_path, spec)), 30)
 
 
 def test_a_receiver_without_counted_collusion_gets_less_noise() -> None:

@@ -199,3 +199,46 @@ def test_the_plaintext_replica_clamps_errors_as_the_secure_step_does(crypten_sin
     secure = [reveal(p.grad, to=[0], what="gradient test") for p in model.parameters()]
     for ours, theirs in zip(secure, plain):
         torch.testing.assert_close(ours.float(), theirs, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("sampling", "sigmoid"), [("shuffle", "crypten"), ("poisson", "crypten"), ("shuffle", "piecewise"), ("poisson", "poly")]
+)
+def test_the_training_step_applies_the_error_clip_its_noise_is_calibrated_to(
+    crypten_single: None, tmp_path: Path, sampling: str, sigmoid: str
+) -> None:
+    """The strategy a DP job trains with (not bounded_gradients alone): its noiseless summed gradient over
+    badly fitted rows is each selected row's clamped error times [x, 1], within the sensitivity's bound."""
+    from mpcfl.tasks.train.dp_sgd import FeatureClippedDpSgd, training_step
+
+    crypten = import_crypten()
+    spec = dp_demo()
+    spec["dp"].update(error_clip=0.2, sampling=sampling)
+    spec["training"].update(batch_size=4, sigmoid=sigmoid)
+    job = load_job(write_job(tmp_path, spec))
+    rows = 8
+    strategy = training_step(job, 2, rows)
+    assert isinstance(strategy, FeatureClippedDpSgd)
+    strategy._add_noise = lambda value, sigma: None  # type: ignore[method-assign]  # the sum itself, not its noise
+    model_spec = ModelSpec(type="logistic_regression", num_classes=2)
+    torch_model = build_torch_model(model_spec, n_features=2, seed=0)
+    with torch.no_grad():
+        torch_model[0].weight.copy_(torch.tensor([[-900.0, -1200.0]]))  # logit -1,500 for a positive row
+        torch_model[0].bias.zero_()
+    model = to_crypten(torch_model).encrypt(src=0)
+    model.train()
+    model.zero_grad()
+    x = torch.tensor([[0.6, 0.8]]).repeat(rows, 1)
+    divisor: float = rows
+    selected = rows
+    if sampling == "poisson":
+        assert strategy.secret_batches(rows, device="cpu") == 2
+        selection = strategy._selections[0]
+        selected = int(reveal(selection.bits, to=[0], what="test").sum())
+        divisor = selection.expected
+    strategy.step(model, torch_model, crypten.cryptensor(x), crypten.cryptensor(torch.ones(rows, 1)))
+    grads = [reveal(p.grad, to=[0], what="gradient test").double() * divisor for p in model.parameters()]
+    norm = float(torch.sqrt(sum((g**2).sum() for g in grads)))
+    per_example = 0.2 * math.sqrt(2)  # |p - y| = 1 clamped to 0.2, times |[x, 1]| = sqrt(2)
+    assert norm == pytest.approx(selected * per_example, abs=1e-2 * max(selected, 1))
+    assert norm <= selected * _APPROXIMATION_MARGIN * per_example

@@ -80,9 +80,10 @@ class DPSpec(_Strict):
         ge=0.01,  # fixed point encodes it within 2^-17, inside the 1% margin the bound carries
         lt=1,
         description="logistic_regression: each example's prediction error p - y (each class's, with several) is "
-        "clamped to [-error_clip, error_clip] inside MPC before it enters the gradient, so an example's gradient "
-        "and the noise shrink by that factor; examples fitted within it keep their whole gradient, the "
-        "worst-fitted are capped (as a Huber loss caps a regression's). Unset: |p - y| up to 1",
+        "clamped to [-error_clip, error_clip] inside MPC before it enters the gradient, so an example's error "
+        "is bounded by error_clip (binary) or error_clip x sqrt(classes) (several; refused unless below the "
+        "softmax's sqrt(2)), and the noise shrinks with it; examples fitted within it keep their whole gradient, "
+        "the worst-fitted are capped (as a Huber loss caps a regression's). Unset: |p - y| up to 1 (sqrt(2))",
     )
     weight_bound: float = Field(
         default=WEIGHT_BOUND,
@@ -298,6 +299,14 @@ class TrainJob(JobBase):
             fix = ("regression.loss: huber with regression.huber_delta clamps a regression's error the same way"
                    if self.model.type == "linear_regression" else "an mlp's dp.clip bounds each example's whole gradient")
             raise ValueError(f"dp.error_clip: clamps a logistic_regression's prediction errors; {fix}, so remove it")
+        classes = self.model.num_classes
+        if dp.error_clip is not None and classes > 2 and dp.error_clip * math.sqrt(classes) >= math.sqrt(2):
+            # k clamped errors bound the error vector by c sqrt(k); the softmax's own bound is sqrt(2)
+            raise ValueError(
+                f"dp.error_clip: with {classes} classes the clamped errors' bound, {dp.error_clip:g} x sqrt({classes}), "
+                f"is no tighter than the softmax's sqrt(2): it would cap gradients for no less noise; use an "
+                f"error_clip below {math.sqrt(2 / classes):.3g}, or remove it"
+            )
         if self.outputs.metrics_to != "none" and dp.metrics is None:
             raise ValueError(
                 "outputs.metrics_to: with dp, per-epoch metrics spend budget; set it to none, or add dp.metrics"

@@ -210,6 +210,11 @@ def calibration(job: TrainJob, n_features: int, rows: int | None = None) -> tupl
             sampling_probability=rate,
         )
     except ValueError as err:
+        if job.dp.error_clip is not None:  # the clamp shrank the sensitivity the rounding is set against
+            raise ConfigError(
+                f"{job.source}: dp.error_clip: {err} (dp.clip={job.dp.clip:g}, dp.error_clip={job.dp.error_clip:g}: "
+                "raise error_clip)"
+            ) from None
         raise ConfigError(f"{job.source}: dp.clip: {err} (dp.clip={job.dp.clip:g})") from None
     return noise_multiplier, sensitivity
 
