@@ -1,6 +1,6 @@
 """The BERT shapes of transformer_shapes.py under SPU (PUMA's engine), in SPU's own simulator.
 
-    /tmp/spu-venv/bin/python benchmarks/spu_bert.py [--sizes tiny mini] [--lengths 32 128] [--repeats 1]
+    /tmp/spu-venv/bin/python benchmarks/spu_bert.py [--sizes tiny mini] [--lengths 32 128] [--repeats 1] [--puma]
 
 Not part of mpcfl's environment: it needs ``spu`` (0.9.5, CPU wheel) and jax in a venv of their
 own (``python -m venv /tmp/spu-venv && /tmp/spu-venv/bin/pip install spu``). The same shape as
@@ -15,6 +15,7 @@ and the largest logit difference from jax in plaintext.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -45,7 +46,33 @@ def params(rng: np.random.Generator, vocab: int, length: int, layers: int, width
             "pooler": dense(width, width), "classifier": dense(width, 2)}
 
 
-def forward(p: dict, onehot: jnp.ndarray) -> jnp.ndarray:
+def _fit(degree: int, low: float, high: float) -> np.ndarray:
+    """Least-squares coefficients (highest power first) of GELU on [low, high]."""
+    x = np.linspace(low, high, 2001)
+    gelu = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    return np.polyfit(x, gelu, degree)
+
+
+# PUMA's GELU as its paper describes it (Dong et al. 2023, section 4): 0 below -4, a cubic on
+# [-4, -1.95], a degree-6 polynomial on [-1.95, 3], x above 3; the coefficients are our own fit.
+_LOW, _MID = _fit(3, -4.0, -1.95), _fit(6, -1.95, 3.0)
+
+
+def puma_gelu(x: jnp.ndarray) -> jnp.ndarray:
+    below, low, high = x < -4.0, x < -1.95, x > 3.0
+    in_low = jnp.logical_and(low, jnp.logical_not(below))
+    in_mid = jnp.logical_not(jnp.logical_or(low, high))
+    return high * x + in_low * jnp.polyval(_LOW, x) + in_mid * jnp.polyval(_MID, x)
+
+
+def puma_softmax(x: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
+    """PUMA's softmax: the row's maximum subtracted, exp of gaps below -14 taken as 0."""
+    gaps = x - jnp.max(x, axis, keepdims=True)
+    powers = jnp.exp(gaps) * (gaps > -14)
+    return powers / jnp.sum(powers, axis, keepdims=True)
+
+
+def forward(p: dict, onehot: jnp.ndarray, *, puma: bool = False) -> jnp.ndarray:
     def norm(x: jnp.ndarray, wb: tuple) -> jnp.ndarray:
         centred = x - x.mean(-1, keepdims=True)
         return centred * jax.lax.rsqrt((centred ** 2).mean(-1, keepdims=True) + 1e-5) * wb[0] + wb[1]
@@ -60,9 +87,9 @@ def forward(p: dict, onehot: jnp.ndarray) -> jnp.ndarray:
         q, k, v = (t.reshape(n, length, heads, width // heads).transpose(0, 2, 1, 3)
                    for t in jnp.split(linear(h, layer["qkv"]), 3, axis=-1))
         scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(width // heads)
-        context = (jax.nn.softmax(scores, axis=-1) @ v).transpose(0, 2, 1, 3).reshape(n, length, width)
+        context = ((puma_softmax if puma else jax.nn.softmax)(scores, axis=-1) @ v).transpose(0, 2, 1, 3).reshape(n, length, width)
         h = norm(h + linear(context, layer["out"]), layer["norm1"])
-        h = norm(h + linear(jax.nn.gelu(linear(h, layer["up"])), layer["down"]), layer["norm2"])
+        h = norm(h + linear((puma_gelu if puma else jax.nn.gelu)(linear(h, layer["up"])), layer["down"]), layer["norm2"])
     return linear(jnp.tanh(linear(h[:, 0], p["pooler"])), p["classifier"])
 
 
@@ -73,8 +100,11 @@ def main() -> int:
     parser.add_argument("--protocol", choices=list(PROTOCOLS), default="semi2k")
     parser.add_argument("--vocab", type=int, default=30522)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--puma", action="store_true", help="PUMA's GELU and softmax (our fit of its paper's pieces)")
     parser.add_argument("--json")
     args = parser.parse_args()
+    model = functools.partial(forward, puma=args.puma)
+    name = f"SPU {args.protocol}{', PUMA operators' if args.puma else ''}"
     world, kind = PROTOCOLS[args.protocol]
     simulator = spsim.Simulator.simple(world, kind, libspu.FieldType.FM64)
     rows = []
@@ -84,7 +114,7 @@ def main() -> int:
             rng = np.random.default_rng(0)
             p = params(rng, args.vocab, length, layers, width)
             onehot = np.eye(args.vocab, dtype=np.float32)[rng.integers(0, args.vocab, (1, length))]
-            secure = spsim.sim_jax(simulator, forward)
+            secure = spsim.sim_jax(simulator, model)
             started = time.perf_counter()
             out = secure(p, onehot)  # compiles, then runs
             first = time.perf_counter() - started
@@ -93,10 +123,10 @@ def main() -> int:
                 started = time.perf_counter()
                 out = secure(p, onehot)
                 seconds.append(time.perf_counter() - started)
-            diff = float(np.abs(np.asarray(out) - np.asarray(forward(p, onehot))).max())
-            rows.append({"size": size, "layers": layers, "width": width, "length": length, "protocol": args.protocol,
+            diff = float(np.abs(np.asarray(out) - np.asarray(forward(p, onehot))).max())  # against exact GELU, softmax
+            rows.append({"size": size, "layers": layers, "width": width, "length": length, "protocol": args.protocol, "puma": args.puma,
                          "first_s": first, "seconds": statistics.median(seconds), "max_logit_diff": diff})
-            print(f"| {size} ({layers} x {width}) | {length} | SPU {args.protocol} ({world} parties, simulator) | "
+            print(f"| {size} ({layers} x {width}) | {length} | {name} ({world} parties, simulator) | "
                   f"{rows[-1]['seconds']:.2f} | {diff:.3g} | load {os.getloadavg()[0]:.1f} |", flush=True)
     if args.json:
         with open(args.json, "w") as sink:
