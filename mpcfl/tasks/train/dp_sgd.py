@@ -29,9 +29,9 @@ would face the truncation of a division by the batch size against a sensitivity
 that division had shrunk.
 Batches are disjoint slices of a public permutation, so any one record is in one
 step per epoch and nobody's batch membership is secret: the accountant composes
-one Gaussian mechanism per epoch, with no amplification by subsampling (that
-would need batches drawn by secret Poisson masks inside MPC, not built). Each
-epoch is charged when it completes, before any release that depends on it.
+one Gaussian mechanism per epoch, with no amplification by subsampling (which
+secret Poisson batches earn: ``dp.sampling: poisson``, below). Each epoch is
+charged when it completes, before any release that depends on it.
 
 An MLP's gradients are not bounded by its features, so each example's gradient
 is clipped to ``clip`` inside MPC instead (:mod:`mpcfl.dp.clipping`), and the
