@@ -252,16 +252,21 @@ def validate(job: JobLike, party: str | None = None) -> list[str]:
         # label column, scaling columns and rows, as its process would run them.
         check = registry.task_of(loaded).check_party()
         lines = [f"{name}: {line}" for name in ([party] if party else loaded.party_names) for line in check(loaded, name)]
+        size = None  # the model's input features and training rows, where every file here gives them
         if not party and isinstance(loaded, TrainJob) and not loaded.keyed:  # rows lined up by position: they must fit
             from mpcfl.data.party import load_party_data
-            from mpcfl.tasks.train.dataset import check_shapes, public_shape
+            from mpcfl.tasks.train.dataset import check_shapes, joint_size, public_shape
 
-            check_shapes(loaded, [public_shape(loaded, load_party_data(loaded, name)) for name in loaded.party_names])
+            shapes = [public_shape(loaded, load_party_data(loaded, name)) for name in loaded.party_names]
+            check_shapes(loaded, shapes)
+            size = joint_size(loaded, shapes)[:2]
         if not party and getattr(loaded, "dp", None) is not None:
             from mpcfl.tasks.train.dp_sgd import calibration, check_plausible
 
-            check_plausible(loaded, None)
-            if isinstance(loaded, TrainJob) and loaded.data.scaling is not None and loaded.dp.sampling == "shuffle":
+            check_plausible(loaded, None if size is None else size[1])
+            if size is not None:  # the run's own calibration, rounding check included, for any sampling
+                calibration(loaded, *size)
+            elif isinstance(loaded, TrainJob) and loaded.data.scaling is not None and loaded.dp.sampling == "shuffle":
                 calibration(loaded, len(loaded.data.scaling))  # data.scaling names every column: the model's size is known
         return [*lines, f"{path}: valid job {loaded.name!r}: {loaded.world_size} parties, {loaded.summary}"]
 

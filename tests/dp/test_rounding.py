@@ -184,3 +184,23 @@ def test_validate_refuses_a_dp_sgd_model_its_scaling_sizes(tmp_path: Path) -> No
     with pytest.raises(MpcflError) as caught:
         validate(path)
     assert str(caught.value).startswith(f"{path}: dp.clip: fixed-point rounding")
+
+
+@pytest.mark.parametrize("party", [None, "hospital_a"])
+def test_validate_refuses_what_the_run_refuses_for_poisson_and_a_small_error_clip(tmp_path: Path, party: str | None) -> None:
+    """A new user's job: Poisson sampling (the rows known from the files) and dp.error_clip 0.022,
+    whose rounding moves epsilon by more than 1% for the whole model's 31 parameters. ``mpcfl validate``
+    said "valid" (it judged only a party's 21, or skipped Poisson) and the run refused; now both refuse,
+    naming dp.error_clip, with every file here and at hospital_a alone (data.scaling names every column)."""
+    from mpcfl.api import validate
+    from mpcfl.errors import MpcflError
+
+    path = _dp_sgd(tmp_path, **{"dp.epsilon": 1.0, "dp.sampling": "poisson", "dp.error_clip": 0.022,
+                                "training.batch_size": 228})
+    with pytest.raises(MpcflError) as caught:
+        validate(path, party)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: dp.error_clip: fixed-point rounding") and "in each of 31 parameters" in message
+    path = _dp_sgd(tmp_path, **{"dp.epsilon": 1.0, "dp.sampling": "poisson", "dp.error_clip": 0.03,
+                                "training.batch_size": 228})
+    assert validate(path, party)[-1].startswith(f"{path}: valid job")

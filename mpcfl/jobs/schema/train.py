@@ -78,12 +78,11 @@ class DPSpec(_Strict):
     error_clip: float | None = Field(
         default=None,
         ge=0.01,  # fixed point encodes it within 2^-17, inside the 1% margin the bound carries
-        lt=1,
         description="logistic_regression: each example's prediction error p - y (each class's, with several) is "
         "clamped to [-error_clip, error_clip] inside MPC before it enters the gradient, so an example's error "
         "is bounded by error_clip (binary) or error_clip x sqrt(classes) (several; refused unless below the "
         "softmax's sqrt(2)), and the noise shrinks with it; examples fitted within it keep their whole gradient, "
-        "the worst-fitted are capped (as a Huber loss caps a regression's). Unset: |p - y| up to 1 (sqrt(2))",
+        "every other is capped (as a Huber loss caps a regression's). Unset: |p - y| up to 1 (sqrt(2))",
     )
     weight_bound: float = Field(
         default=WEIGHT_BOUND,
@@ -116,6 +115,15 @@ class DPSpec(_Strict):
         "(training.batch_size is then the expected batch), by bits drawn jointly under MPC and never "
         "opened, round(1/q) steps per epoch, accounted as Poisson-subsampled Gaussians under add/remove",
     )
+
+    @field_validator("error_clip")
+    @classmethod
+    def _error_clip_below_one(cls, value: float | None) -> float | None:
+        if value is not None and value >= 1:
+            raise ValueError(
+                f"must be below 1: |p - y| never exceeds 1, so a clamp at {value:g} bounds nothing and saves no noise"
+            )
+        return value
 
 
 class OutputSpec(_Strict):

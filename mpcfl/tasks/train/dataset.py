@@ -171,7 +171,9 @@ def _dp_headroom(job: TrainJob, *, n_features: int, n_rows: int, metric_rows: in
         ConfigError: names the job file and the key to lower.
     """
     assert job.dp is not None
-    calibration(job, n_features, n_rows)  # refuses a model whose rounding would move epsilon by more than 1%
+    # Refuses a model whose rounding would move epsilon by more than 1%: the whole model's size where
+    # data.scaling names every column (a party of a vertical job holds only its own).
+    calibration(job, n_features if job.data.scaling is None else len(job.data.scaling), n_rows)
     if not clips_features(job):
         return dp_mlp_headroom(job, n_features)
     allowed = safe_input_norm(job, n_features=n_features, n_rows=n_rows, metric_rows=metric_rows)
@@ -242,6 +244,14 @@ def check_shapes(job: TrainJob, shapes: list[list[int]]) -> None:
                     f"party {names[r]}: its columns differ from party {names[0]}'s; a horizontal "
                     f"partition needs the same columns at every party"
                 )
+
+
+def joint_size(job: TrainJob, shapes: list[list[int]]) -> tuple[int, int, int]:
+    """The model's input features, training rows and test rows, from every party's :func:`public_shape`:
+    a vertical partition adds the parties' columns, a horizontal one their rows."""
+    if job.partition == "vertical":
+        return sum(s[2] for s in shapes), shapes[0][0], shapes[0][1]
+    return shapes[0][2], sum(s[0] for s in shapes), sum(s[1] for s in shapes)
 
 
 def _standardize_jointly(job: TrainJob, data: PartyData, shapes: list[list[int]], device: torch.device) -> None:
@@ -326,9 +336,7 @@ def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: torch.de
     head = job_head(job)
     shapes = _public_shapes(job, data)
     vertical = job.partition == "vertical"
-    n_features = sum(s[2] for s in shapes) if vertical else shapes[0][2]
-    n_rows = shapes[0][0] if vertical else sum(s[0] for s in shapes)
-    n_test = shapes[0][1] if vertical else sum(s[1] for s in shapes)
+    n_features, n_rows, n_test = joint_size(job, shapes)
     # n_features is public and the same at every party: each refuses a model that does not fit it
     agreed("model check", job.party_names, lambda: check_model(job, n_features))
     scaling = job.data.scaling

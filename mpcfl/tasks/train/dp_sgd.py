@@ -252,8 +252,8 @@ class DpSgd(TrainingStep):
         self.coins = SecureGenerator()  # this party's shares of the inclusion bits; its key never leaves
         self._selections: list[Selection] = []
         log.info(
-            "DP-SGD: noise multiplier %.4g for epsilon %g, delta %g over %d epochs of %d steps (%s, rate %.4g); "
-            "sensitivity %.4g",
+            "DP-SGD: noise multiplier %.4g for epsilon %g, delta %g over %d epochs, %d accounted release(s) an epoch (%s, "
+            "rate %.4g); sensitivity %.4g",
             self.noise_multiplier, job.dp.epsilon, job.dp.delta, job.training.epochs, self.steps,
             job.dp.sampling, self.rate, self.sensitivity,
         )
@@ -312,6 +312,7 @@ class DpSgd(TrainingStep):
 
     def notes(self) -> dict[str, Any]:
         return {"dp_sgd": {"noise_multiplier": self.noise_multiplier, "sensitivity": self.sensitivity,
+                           "clip": self.job.dp.clip, "error_clip": self.job.dp.error_clip,
                            "noise": self.job.noise_source, "colluders": self.job.colluders, "sampling": self.job.dp.sampling,
                            "sampling_probability": self.rate, "steps_per_epoch": self.steps}}
 
