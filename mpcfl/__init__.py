@@ -47,6 +47,7 @@ _API = {
     "predict": "mpcfl.api",
     "validate": "mpcfl.api",
     "baseline": "mpcfl.api",
+    "score": "mpcfl.api",
     "Run": "mpcfl.api",
     "load_model": "mpcfl.tasks.train.export",
     "join": "mpcfl.launch.env",

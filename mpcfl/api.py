@@ -1,4 +1,4 @@
-"""The Python API for what the CLI does: run a job, predict with a trained model, validate, baseline.
+"""The Python API for what the CLI does: run a job, predict with a trained model, validate, baseline, score.
 
 Every process of a job runs on this machine, as ``mpcfl run`` starts them; use it to try things
 out, in notebooks, and in tests. Jobs are given as a YAML path, a dict (paths in it relative to the
@@ -280,3 +280,30 @@ def baseline(job: JobLike) -> list[dict[str, float]]:
         from mpcfl.tasks.train.baseline import train_plaintext
 
         return train_plaintext(loaded).history
+
+
+def score(job: JobLike, model: str | Path | None = None) -> dict[str, float]:
+    """``mpcfl baseline --score``: a revealed model's loss and scores on the job's train and test rows,
+    reading every party's files (a measurement, never part of a secure run: under DP it is outside the
+    budget). ``model``: a ``model.pt``; default the first receiver's latest run.
+
+    Raises:
+        MpcflError: no receiver and no model given, or the model file is missing; names the path.
+    """
+    with job_file(job) as path:
+        loaded = load_job(path)
+        registry.task_of(loaded).require(loaded, registry.BASELINE)
+        if model is None:
+            receivers = loaded.outputs.model_to if isinstance(loaded.outputs.model_to, list) else []
+            if not receivers:
+                raise MpcflError(f"{path}: outputs.model_to is none, so no party holds a model to score; name a model.pt")
+            model = runs.latest(loaded.party_root(receivers[0]), loaded.name) / "model.pt"
+        model = Path(model)
+        if not model.is_file():
+            raise MpcflError(f"{model}: no such model file")
+        import torch
+
+        from mpcfl.tasks.train.baseline import evaluate_state_dict
+
+        return evaluate_state_dict(loaded, torch.load(model, weights_only=True))
+

@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
         "baseline", parents=[common], help="train the same job in plaintext PyTorch (reads every party's files; for measurement)"
     )
     baseline.add_argument("job")
+    baseline.add_argument(
+        "--score", nargs="?", const="latest", metavar="MODEL",
+        help="instead of training, score a revealed model.pt (default: the first receiver's latest) on every party's files",
+    )
 
     launch = sub.add_parser("launch", parents=[common], help="run a party script once per party, plus the dealer, on this machine")
     launch.add_argument("--parties", required=True, help="comma-separated party names, in rank order")
@@ -348,9 +352,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_dealer(session_of(job, rendezvous=rendezvous, key_file=key_file), min_parties=job.survivors_needed)
     elif command == "baseline":
         task.require(job, registry.BASELINE)
-        from mpcfl.tasks.train.baseline import train_plaintext
+        if args.score is not None:
+            from mpcfl.api import score
 
-        for record in train_plaintext(job).history:
+            records = [score(job, None if args.score == "latest" else args.score)]
+        else:
+            from mpcfl.tasks.train.baseline import train_plaintext
+
+            records = train_plaintext(job).history
+        for record in records:
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
     elif command == "audit":
         task.require(job, registry.AUDIT)

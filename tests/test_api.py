@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +70,16 @@ def test_train_predict_validate_and_baseline_from_python(tmp_path: Path, monkeyp
 
     assert mpcfl.validate(spec_path, party="hospital_a")[0] == "hospital_a: 456 training rows, 20 feature columns"
     assert len(mpcfl.baseline(spec_path)) == 2
+    # Scoring the revealed model on every party's files (a measurement, as baseline): the run's own test accuracy.
+    scores = mpcfl.score(spec_path)
+    assert scores["test_accuracy"] == pytest.approx(run.metrics("hospital_b")["test_accuracy"], abs=0.01)
+    assert mpcfl.score(spec_path, run.folder("hospital_b") / "model.pt") == scores
+    cli = subprocess.run([sys.executable, "-m", "mpcfl", "baseline", str(spec_path), "--score"],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0 and f"test_accuracy={scores['test_accuracy']:.4f}" in cli.stdout, cli.stderr
+    cli = subprocess.run([sys.executable, "-m", "mpcfl", "baseline", str(spec_path), "--score", str(tmp_path / "no.pt")],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode != 0 and cli.stderr.strip().splitlines() == [f"mpcfl: error: {tmp_path / 'no.pt'}: no such model file"]
     with pytest.raises(MpcflError, match=r"run \S+ of job breast-cancer-lr failed: before the run began"):
         broken = dict(spec, runtime={"timeout_s": 60, "provider": "ttp"})
         broken["parties"] = [dict(p, data=dict(p["data"])) for p in spec["parties"]]
