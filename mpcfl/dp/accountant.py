@@ -30,10 +30,11 @@ def _dropped_order(record: logging.LogRecord) -> bool:
 def _dp(module: str = "") -> types.ModuleType:
     """dp-accounting (or one of its modules), imported on first use: it pulls in scipy, about
     a second of start-up in every party and dealer process, which jobs without DP never need."""
-    absl = logging.getLogger("absl")
+    imported = importlib.import_module("dp_accounting" + (f".{module}" if module else ""))
+    absl = logging.getLogger("absl")  # after the import: absl has made it its own logger class by then
     if _dropped_order not in absl.filters:
         absl.addFilter(_dropped_order)
-    return importlib.import_module("dp_accounting" + (f".{module}" if module else ""))
+    return imported
 
 
 @dataclass(frozen=True)
