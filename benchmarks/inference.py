@@ -67,9 +67,13 @@ def measure_alternating(runs: dict, repeats: int, stats=communication_stats, gat
     rotating each repeat), so that a change of load on a shared machine falls on every way alike.
     ``around`` maps a way to a context-manager factory entered around each of its timed batches
     (not the warm-up): benchmarks/suite.py's profiler. ``warm_up=False`` times the first calls too
-    (benchmarks/transformer_shapes.py on models too slow to run twice)."""
-    for run in runs.values() if warm_up else ():
+    (benchmarks/transformer_shapes.py on models too slow to run twice). Each way's ``first_seconds``
+    is its first call's time (the warm-up's, or the first timed call's): what a served way pays once."""
+    first: dict[str, float] = {}
+    for name, run in runs.items() if warm_up else ():
+        started = time.perf_counter()
         run()  # warm-up: first calls pay for imports and allocator growth
+        first[name] = time.perf_counter() - started
     samples: dict[str, list] = {name: [] for name in runs}
     names = list(runs)
     for repeat in range(repeats):
@@ -81,7 +85,7 @@ def measure_alternating(runs: dict, repeats: int, stats=communication_stats, gat
                 seconds = time.perf_counter() - started
             after = stats()
             samples[name].append((seconds, gather([after["bytes"] - before["bytes"], after["rounds"] - before["rounds"]])))
-    return {name: _summary(taken) for name, taken in samples.items()}
+    return {name: {**_summary(taken), "first_seconds": first.get(name, taken[0][0])} for name, taken in samples.items()}
 
 
 def _summary(samples: list) -> dict[str, float]:

@@ -25,7 +25,10 @@ CrypTen keeping its weights shared between calls (the served ways' fair match: C
 reuse, so each product still opens its weight's difference) and, for
 K > 1, one call of K batches (the same ids K times), with the weights' masks fixed once for the call
 (``mask_reuse``, the default) and without: the table gives its figures per batch, the first batch's
-fixing included. ``--sweep`` adds the time-against-length (16-128, tiny) and -width (64-256, 2 layers, seq 32)
+fixing included. Each way's first call is timed too (the warm-up's, or with ``--no-warm-up`` the
+first timed call's), so a served way's one-time cost (its first call less a later one) and the
+inferences it takes to repay it against one ``secure_predict`` call each (:func:`break_even`) are in
+the table. ``--sweep`` adds the time-against-length (16-128, tiny) and -width (64-256, 2 layers, seq 32)
 points; ``--gpt`` the decoder (Hugging Face's GPT-2 at ``--gpt-shape``, from a config): seconds,
 bytes and rounds per generated token (``--prompt`` tokens, ``--generate`` greedy steps), one
 ``secure_predict`` per token (the whole prefix each time) against one ``mpcfl.serve`` server's
@@ -389,10 +392,23 @@ def _launch(args: argparse.Namespace, extra: list[str], work: Path, label: str) 
     return json.loads(out.read_text())
 
 
+def break_even(name: str, ways: dict[str, dict[str, Any]]) -> str:
+    """For a served way: after how many inferences its one-time cost (sharing the weights and fixing
+    their masks: its first call less a later one) is repaid by what each saves against one
+    ``secure_predict`` call of the same mode; "-" for any other way or without a first-call time."""
+    mode, served, _ = name.partition(", served")
+    row, single = ways[name], ways.get(mode)
+    if not served or single is None or row.get("first_seconds") is None:
+        return "-"
+    saving = single["seconds"] - row["seconds"]
+    once = row["first_seconds"] - row["seconds"]
+    return "never" if saving <= 0 else str(max(1, math.ceil(once / saving)))
+
+
 def table(points: list[dict[str, Any]]) -> str:
     lines = ["| shape | seq | way | s / inference | MB | rounds | peak RSS MB (owner / client) | max logit diff "
-             "| raw (by hand) s / this s | raw, weights shared once, s / this s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| raw (by hand) s / this s | raw, weights shared once, s / this s | first call s | served: calls to break even |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         if "error" in p:
             lines.append(f"| {p.get('size')} | {p.get('length')} | failed: {p['error'][:200]} ||||||||")
@@ -402,9 +418,11 @@ def table(points: list[dict[str, Any]]) -> str:
         for name, row in p["ways"].items():
             k = row.get("batches", 1)  # per inference: a served call's figures over its batches
             ratios = [f"{raw['seconds'] / (row['seconds'] / k):.2f}" if raw and row is not raw else "-" for raw in raws]
+            first = row.get("first_seconds")
             lines.append(f"| {shape} | {p['length']} | {name} | {row['seconds'] / k:.2f} | {row['bytes'] / k / 1e6:.0f} | "
                          f"{row['rounds'] / k:.0f} | {' / '.join(f'{m:.0f}' for m in row['peak_rss_mb'])} | "
-                         f"{row['max_logit_diff']:.3g} | {' | '.join(ratios)} |")
+                         f"{row['max_logit_diff']:.3g} | {' | '.join(ratios)} | {'-' if first is None else f'{first:.2f}'} "
+                         f"| {break_even(name, p['ways'])} |")
         if p["onnx_error"]:
             lines.append(f"| {shape} | {p['length']} | raw CrypTen (from_pytorch) | fails: `{p['onnx_error']}` ||||||||")
     return "\n".join(lines)

@@ -159,7 +159,7 @@ def test_transformer_shapes_runs_every_way_and_the_decoder_on_a_tiny_model(tmp_p
         assert ways[f"{mode}, served (weights fixed once)"]["bytes"] < ways[mode]["bytes"]
     assert point["onnx_error"] and "Identity" in point["onnx_error"]  # CrypTen's converter, recorded as the result
     for name, way in point["ways"].items():
-        assert way["seconds"] > 0 and way["bytes"] > 0 and way["rounds"] > 0, name
+        assert way["seconds"] > 0 and way["bytes"] > 0 and way["rounds"] > 0 and way["first_seconds"] > 0, name
         assert way["max_logit_diff"] < 0.05, name  # each against plaintext with its own operators
         assert len(way["peak_rss_mb"]) == 2 and min(way["peak_rss_mb"]) > 50, name
     # the MPC-friendly mode compares nothing in GELU and softmax: fewer bytes than exact
@@ -177,6 +177,21 @@ def test_transformer_shapes_runs_every_way_and_the_decoder_on_a_tiny_model(tmp_p
     assert again < gpt["served: tokens only, no key-value cache, again"]["mb_per_token"], gpt
     assert "| one secure_predict per token |" in done.stdout
     assert "| 1x32 (1 x 32) | 6 | exact |" in done.stdout
+
+
+def test_transformer_shapes_break_even_of_a_served_way() -> None:
+    """A served way's one-time cost (first call less a later one) over what each call saves against a
+    secure_predict call: 4 s once, 2 s saved a call, repaid after 2 calls; never when it saves nothing."""
+    break_even = _transformer_shapes().break_even
+    ways = {"exact": {"seconds": 3.0, "first_seconds": 6.0},
+            "exact, served (weights fixed once)": {"seconds": 1.0, "first_seconds": 5.0},
+            "mpc_friendly": {"seconds": 1.0, "first_seconds": 2.0},
+            "mpc_friendly, served (weights fixed once)": {"seconds": 1.5, "first_seconds": 3.0}}
+    assert break_even("exact, served (weights fixed once)", ways) == "2"
+    assert break_even("exact", ways) == "-"
+    assert break_even("mpc_friendly, served (weights fixed once)", ways) == "never"
+    ways["exact, served (weights fixed once)"]["first_seconds"] = 5.5  # 4.5 s over 2 s a call: 3 calls
+    assert break_even("exact, served (weights fixed once)", ways) == "3"
 
 
 def test_transformer_shapes_plans_the_sweeps_and_draws_them(tmp_path: Path) -> None:
