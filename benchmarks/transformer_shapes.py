@@ -242,8 +242,9 @@ def bert_point(args: argparse.Namespace, me: Any) -> dict[str, Any] | None:
             runs[RAW_SERVED] = lambda: raw_batch(model, ids, shape, owner_rank, client_rank, shared=shared)
     onnx_error = None
     try:  # CrypTen's converter exports to ONNX locally, before any message: every party fails alike
-        onnx_batch(model, ids, shape, owner_rank, client_rank)
-        runs["raw CrypTen (from_pytorch)"] = lambda: onnx_batch(model, ids, shape, owner_rank, client_rank)
+        if "raw" in args.ways:
+            onnx_batch(model, ids, shape, owner_rank, client_rank)
+            runs["raw CrypTen (from_pytorch)"] = lambda: onnx_batch(model, ids, shape, owner_rank, client_rank)
     except Exception as err:  # whatever CrypTen raises is the result
         onnx_error = _error(err)
     peaks: dict[str, float] = {}
@@ -405,13 +406,18 @@ def break_even(name: str, ways: dict[str, dict[str, Any]]) -> str:
     return "never" if saving <= 0 else str(max(1, math.ceil(once / saving)))
 
 
+def _short_row(*cells: Any) -> str:
+    """A table row of ``cells`` left-aligned, padded with empty cells to the table's 12 columns."""
+    return "| " + " | ".join(str(cell) for cell in cells) + " |" + "|" * (12 - len(cells))
+
+
 def table(points: list[dict[str, Any]]) -> str:
     lines = ["| shape | seq | way | s / inference | MB | rounds | peak RSS MB (owner / client) | max logit diff "
              "| raw (by hand) s / this s | raw, weights shared once, s / this s | first call s | served: calls to break even |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         if "error" in p:
-            lines.append(f"| {p.get('size')} | {p.get('length')} | failed: {p['error'][:200]} ||||||||")
+            lines.append(_short_row(p.get("size"), p.get("length"), f"failed: {p['error'][:200]}"))
             continue
         shape = f"{p['size']} ({p['layers']} x {p['width']})"
         raws = [p["ways"].get(name) for name in ("raw CrypTen (by hand)", RAW_SERVED)]
@@ -424,7 +430,7 @@ def table(points: list[dict[str, Any]]) -> str:
                          f"{row['max_logit_diff']:.3g} | {' | '.join(ratios)} | {'-' if first is None else f'{first:.2f}'} "
                          f"| {break_even(name, p['ways'])} |")
         if p["onnx_error"]:
-            lines.append(f"| {shape} | {p['length']} | raw CrypTen (from_pytorch) | fails: `{p['onnx_error']}` ||||||||")
+            lines.append(_short_row(shape, p["length"], "raw CrypTen (from_pytorch)", f"fails: `{p['onnx_error']}`"))
     return "\n".join(lines)
 
 

@@ -210,6 +210,7 @@ def test_transformer_shapes_plans_the_sweeps_and_draws_them(tmp_path: Path) -> N
     text = shapes.table(points)
     assert "| tiny (2 x 128) | 32 | exact | 4.10 | 1 | 100 | 400 / 410 | 0.001 | 3.00 |" in text
     assert "| mini | 128 | failed: exit 1; boom |" in text and "fails: `ValueError: x`" in text
+    assert {line.count("|") for line in text.splitlines()} == {13}, text  # every row, short ones padded, 12 cells
     pictures = shapes.plot(points, tmp_path)
     assert [p.name for p in pictures] == ["transformer-length.png", "transformer-width.png"]
     assert all(p.stat().st_size > 10_000 for p in pictures)
