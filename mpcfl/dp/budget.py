@@ -42,8 +42,11 @@ class Budget:
         """Epsilon spent so far at the budget's delta (0 before any charge)."""
         return self.accountant.epsilon(self.delta) if self.accountant.history else 0.0
 
-    def charge(self, what: str, charge: Charge) -> float:
-        """Records ``charge`` for the reveal ``what``, or refuses it.
+    def charge(self, what: str, charge: Charge, *, computation: bool = False) -> float:
+        """Records ``charge`` for the reveal ``what``, or refuses it. ``computation``: the charge is for
+        noisy computation that stays secret-shared (an epoch of DP-SGD steps), which later releases
+        depend on; the entry says so, and a resume drops it when no release followed it
+        (:meth:`drop_unreleased`).
 
         Returns:
             Epsilon spent after this charge.
@@ -61,7 +64,7 @@ class Budget:
         if self.dataset is not None:  # checked and written under the ledgers' locks, before anything is revealed
             self.dataset.charge(self.accountant.history, charge)
         self.accountant.compose(charge)
-        self.ledger.append({"what": what, **charge.as_dict(), "epsilon_after": after})
+        self.ledger.append({"what": what, **charge.as_dict(), "epsilon_after": after, **({"computation": True} if computation else {})})
         self.persist()
         log.info("privacy: %s costs epsilon %.4g of %g (delta %g)", what, after, self.epsilon, self.delta)
         return after
@@ -99,6 +102,23 @@ class Budget:
             raise ValueError("the saved budget has a different epsilon or delta")
         self.accountant.load_state_dict(state["accountant"])
         self.ledger = list(state["ledger"])
+
+    def drop_unreleased(self, earlier: dict[str, Any]) -> int:
+        """Goes back to ``earlier`` (a saved :meth:`state_dict` this ledger extends) when every later
+        entry charged secret computation and none recorded a release: a crash cut that computation
+        short, nothing of it left MPC (every release under a budget enters the ledger), and a resume
+        redoes it with fresh noise, charged anew. With any later release the ledger stays whole, since
+        that release depends on the computation. Persists a change.
+
+        Returns:
+            How many entries were dropped.
+        """
+        later = self.ledger[len(earlier.get("ledger", [])):]
+        if not later or not all(entry.get("computation") for entry in later):
+            return 0
+        self.load_state_dict(earlier)
+        self.persist()
+        return len(later)
 
     def extends(self, earlier: dict[str, Any]) -> bool:
         """Whether this ledger is ``earlier``'s (a saved :meth:`state_dict`) plus later charges:

@@ -164,7 +164,7 @@ def spend(what: str, charge: Charge) -> None:
     """
     budget = _budget()
     if budget is not None:
-        budget.charge(what, charge)
+        budget.charge(what, charge, computation=True)
 
 
 def budget_state() -> dict[str, Any] | None:

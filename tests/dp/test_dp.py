@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -83,6 +84,32 @@ def test_budget_refuses_before_anything_is_spent() -> None:
         budget.charge("second", Charge("gaussian", 0.5, 1))
     assert [entry["what"] for entry in budget.ledger] == ["first"]
     assert budget.spent() == spent
+
+
+def test_a_resume_drops_only_secret_computation_that_no_release_followed() -> None:
+    """After a checkpoint's ledger: charges for secret computation alone are dropped (the crash cut that
+    computation short and nothing of it left MPC); any later release, charged or post-processing, keeps all."""
+    def budget_after_checkpoint() -> tuple[Budget, dict]:
+        budget = Budget.create(epsilon=3.0, delta=1e-5, accountant="rdp")
+        budget.charge("epoch 1 DP-SGD steps", Charge("gaussian", 5.0, 1), computation=True)
+        budget.charge("epoch 1 loss and accuracy", Charge("gaussian", 30.0, 1))
+        return budget, copy.deepcopy(budget.state_dict())
+
+    budget, saved = budget_after_checkpoint()
+    spent = budget.spent()
+    budget.charge("epoch 2 DP-SGD steps", Charge("gaussian", 5.0, 1), computation=True)
+    assert budget.ledger[-1]["computation"] is True and "computation" not in budget.ledger[1]
+    assert budget.drop_unreleased(saved) == 1
+    assert [e["what"] for e in budget.ledger] == ["epoch 1 DP-SGD steps", "epoch 1 loss and accuracy"]
+    assert budget.spent() == spent and budget.drop_unreleased(saved) == 0
+    for release in ("charged", "post-processing"):
+        budget, saved = budget_after_checkpoint()
+        budget.charge("epoch 2 DP-SGD steps", Charge("gaussian", 5.0, 1), computation=True)
+        if release == "charged":
+            budget.charge("epoch 2 loss and accuracy", Charge("gaussian", 30.0, 1))
+        else:
+            budget.record("trained model parameters")
+        assert budget.drop_unreleased(saved) == 0 and len(budget.ledger) == 4, release
 
 
 def test_skellam_noise_is_integer_with_the_right_moments() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, DEMO, base_job, crash_after_epoch, mpcfl, run_dir, vertical_parties, write_job
+from conftest import REPO, DEMO, base_job, crash_after_epoch, crash_after_line, mpcfl, run_dir, vertical_parties, write_job
 
 
 def job_spec(tmp_path: Path, **training: Any) -> dict[str, Any]:
@@ -71,7 +71,10 @@ def test_a_changed_config_refuses_the_checkpoint(tmp_path: Path, crashed: Path) 
     assert "no unfinished run of job test-job to resume" in done.stderr
 
 
-def test_the_privacy_ledger_survives_a_crash_without_double_counting(tmp_path: Path) -> None:
+@pytest.mark.parametrize("crash", ["after epoch 1", "after epoch 2's charge"])
+def test_the_privacy_ledger_survives_a_crash_without_double_counting(crash: str, tmp_path: Path) -> None:
+    """A crash after a checkpoint, or after the next epoch's charge (made before its computation, which
+    the crash cuts short): the resumed run charges each epoch once, in privacy.json and in the data's ledger."""
     spec = yaml.safe_load((REPO / "configs" / "breast_cancer_dp.yaml").read_text())
     for party in spec["parties"]:
         party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
@@ -81,13 +84,22 @@ def test_the_privacy_ledger_survives_a_crash_without_double_counting(tmp_path: P
     spec["training"]["epochs"] = 2  # one epoch before the crash and one after are enough to double-count
     spec["dp"]["metrics"] = {"mechanism": "gaussian", "noise_multiplier": 30.0, "when": "every_epoch"}
     job = write_job(tmp_path, spec)
-    assert crash_after_epoch(job, 1) == 1
-    ledger = json.loads((run_dir(job, "p1") / "privacy.json").read_text())["ledger"]
     per_epoch = lambda i: [f"epoch {i} DP-SGD steps", f"epoch {i} loss and accuracy"]  # noqa: E731
-    assert [e["what"] for e in ledger] == per_epoch(1)
+    if crash == "after epoch 1":
+        assert crash_after_epoch(job, 1) == 1
+        # the kill follows p1's log line through the launcher's pipe: p1 may have charged epoch 2 by then
+        expected = (per_epoch(1), per_epoch(1) + ["epoch 2 DP-SGD steps"])
+    else:
+        assert crash_after_line(job, "[p1] INFO mpcfl.dp.budget: privacy: epoch 2 DP-SGD steps costs", "p1")[0] == 1
+        expected = (per_epoch(1) + ["epoch 2 DP-SGD steps"],)
+    ledger = json.loads((run_dir(job, "p1") / "privacy.json").read_text())["ledger"]
+    assert [e["what"] for e in ledger] in expected
     done = mpcfl("run", str(job), "--resume", timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     privacy = json.loads((tmp_path / "out" / "p1" / "latest" / "privacy.json").read_text())
     whats = [e["what"] for e in privacy["ledger"]]
     assert whats == [w for i in (1, 2) for w in per_epoch(i)] + ["trained model parameters"]
     assert privacy["spent"] <= 3.0
+    # the data's own ledger holds the run's charges once, whatever the crashed attempt charged
+    shown = mpcfl("ledger", "show", str(job), "--party", "p1", timeout=60)
+    assert shown.stdout.count(f"epsilon {privacy['spent']:.4g} spent of 3") == 2, shown.stdout + shown.stderr

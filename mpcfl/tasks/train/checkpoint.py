@@ -17,7 +17,10 @@ and ``privacy.json``, rewritten at every charge, holds the newest. A resume need
 both and that the file extends the checkpoint's ledger (the runner refuses it
 otherwise), and it continues from the file, so a release made after the last
 checkpoint is never lost, and one that is repeated after a resume (new noise, a
-new release) is charged again. The resumed model therefore equals an uninterrupted run's up to fixed point's
+new release) is charged again. Charges after the checkpoint that are all for secret
+computation, with no release after them (an epoch's DP-SGD steps, charged as the
+epoch ends, then a crash before its checkpoint), are dropped: nothing of that
+computation left MPC, and the resume redoes it. The resumed model therefore equals an uninterrupted run's up to fixed point's
 probabilistic truncation (and, with DP, up to the fresh noise).
 """
 

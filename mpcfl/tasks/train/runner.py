@@ -85,6 +85,10 @@ def _resume_point(job: TrainJob, party: str, rank: int, budget: Budget | None) -
             f"party {party}: {budget.path}: does not extend the privacy ledger of the epoch {epoch} checkpoint; "
             "refusing to resume"
         )
+    if budget is not None and (dropped := budget.drop_unreleased(start.privacy)):
+        log.info("privacy ledger: %d charge(s) after the epoch %d checkpoint were for computation the crash cut "
+                 "short and nothing revealed: dropped, redone with fresh noise (epsilon %.4g spent)",
+                 dropped, epoch, budget.spent())
     return start
 
 
