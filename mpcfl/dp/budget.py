@@ -46,7 +46,7 @@ class Budget:
         """Records ``charge`` for the reveal ``what``, or refuses it. ``computation``: the charge is for
         noisy computation that stays secret-shared (an epoch of DP-SGD steps), which later releases
         depend on; the entry says so, and a resume drops it when no release followed it
-        (:meth:`drop_unreleased`).
+        (the training runner's ``drop_unreleased``).
 
         Returns:
             Epsilon spent after this charge.
@@ -103,22 +103,20 @@ class Budget:
         self.accountant.load_state_dict(state["accountant"])
         self.ledger = list(state["ledger"])
 
-    def drop_unreleased(self, earlier: dict[str, Any]) -> int:
-        """Goes back to ``earlier`` (a saved :meth:`state_dict` this ledger extends) when every later
-        entry charged secret computation and none recorded a release: a crash cut that computation
-        short, nothing of it left MPC (every release under a budget enters the ledger), and a resume
-        redoes it with fresh noise, charged anew. With any later release the ledger stays whole, since
-        that release depends on the computation. Persists a change.
+    def later(self, earlier: dict[str, Any]) -> list[dict[str, Any]]:
+        """The entries after ``earlier``'s (a saved :meth:`state_dict` this ledger extends)."""
+        return self.ledger[len(earlier.get("ledger", [])):]
+
+    def rewind(self, earlier: dict[str, Any]) -> int:
+        """Goes back to ``earlier`` (a saved :meth:`state_dict` this ledger extends) and persists it.
 
         Returns:
             How many entries were dropped.
         """
-        later = self.ledger[len(earlier.get("ledger", [])):]
-        if not later or not all(entry.get("computation") for entry in later):
-            return 0
+        dropped = len(self.later(earlier))
         self.load_state_dict(earlier)
         self.persist()
-        return len(later)
+        return dropped
 
     def extends(self, earlier: dict[str, Any]) -> bool:
         """Whether this ledger is ``earlier``'s (a saved :meth:`state_dict`) plus later charges:
@@ -128,6 +126,13 @@ class Budget:
             and earlier.get("accountant", {}).get("accountant") == self.accountant.name
             and self.ledger[: len(earlier.get("ledger", []))] == earlier.get("ledger")
         )
+
+
+def is_release(entry: dict[str, Any]) -> bool:
+    """Whether a ledger entry records something opened from MPC under DP (a charged reveal, or one
+    that is post-processing of earlier charges): not a charge for secret computation, nor a
+    disclosure outside DP (a private set intersection, made again by a resumed run)."""
+    return not entry.get("computation") and not entry.get("outside_dp")
 
 
 def check_parameters(*, epsilon: float, delta: float, n: int | None, units: str = "rows") -> list[str]:

@@ -19,6 +19,7 @@ from conftest import SCRIPTS, assert_no_leftovers, dp_demo, mpcfl, write_job
 from mpcfl.jobs.schema import load_job
 from mpcfl.launch.local import run_local
 from mpcfl.dp import Budget, BudgetExceeded, Charge, calibrate_noise_multiplier, create_accountant
+from mpcfl.dp.budget import is_release
 from mpcfl.dp.noise import share_variance, skellam
 from mpcfl.mpc.prng import numpy_generator
 from mpcfl.dp.clipping import clip_rows
@@ -86,30 +87,22 @@ def test_budget_refuses_before_anything_is_spent() -> None:
     assert budget.spent() == spent
 
 
-def test_a_resume_drops_only_secret_computation_that_no_release_followed() -> None:
-    """After a checkpoint's ledger: charges for secret computation alone are dropped (the crash cut that
-    computation short and nothing of it left MPC); any later release, charged or post-processing, keeps all."""
-    def budget_after_checkpoint() -> tuple[Budget, dict]:
-        budget = Budget.create(epsilon=3.0, delta=1e-5, accountant="rdp")
-        budget.charge("epoch 1 DP-SGD steps", Charge("gaussian", 5.0, 1), computation=True)
-        budget.charge("epoch 1 loss and accuracy", Charge("gaussian", 30.0, 1))
-        return budget, copy.deepcopy(budget.state_dict())
-
-    budget, saved = budget_after_checkpoint()
-    spent = budget.spent()
+def test_a_ledger_marks_secret_computation_and_rewinds_to_a_checkpoint() -> None:
+    """An epoch's DP-SGD charge is marked computation, not a release; a charged reveal and a
+    post-processing record are releases, a disclosure outside DP is not; rewinding to a saved state
+    drops what followed it and restores the epsilon spent then."""
+    budget = Budget.create(epsilon=3.0, delta=1e-5, accountant="rdp")
+    budget.charge("epoch 1 DP-SGD steps", Charge("gaussian", 5.0, 1), computation=True)
+    budget.charge("epoch 1 loss and accuracy", Charge("gaussian", 30.0, 1))
+    saved, spent = copy.deepcopy(budget.state_dict()), budget.spent()
+    budget.disclosed("the intersection")
     budget.charge("epoch 2 DP-SGD steps", Charge("gaussian", 5.0, 1), computation=True)
-    assert budget.ledger[-1]["computation"] is True and "computation" not in budget.ledger[1]
-    assert budget.drop_unreleased(saved) == 1
+    budget.record("trained model parameters")
+    assert [is_release(e) for e in budget.ledger] == [False, True, False, False, True]
+    assert [e["what"] for e in budget.later(saved)] == ["the intersection", "epoch 2 DP-SGD steps", "trained model parameters"]
+    assert budget.rewind(saved) == 3
     assert [e["what"] for e in budget.ledger] == ["epoch 1 DP-SGD steps", "epoch 1 loss and accuracy"]
-    assert budget.spent() == spent and budget.drop_unreleased(saved) == 0
-    for release in ("charged", "post-processing"):
-        budget, saved = budget_after_checkpoint()
-        budget.charge("epoch 2 DP-SGD steps", Charge("gaussian", 5.0, 1), computation=True)
-        if release == "charged":
-            budget.charge("epoch 2 loss and accuracy", Charge("gaussian", 30.0, 1))
-        else:
-            budget.record("trained model parameters")
-        assert budget.drop_unreleased(saved) == 0 and len(budget.ledger) == 4, release
+    assert budget.spent() == spent and budget.later(saved) == []
 
 
 def test_skellam_noise_is_integer_with_the_right_moments() -> None:

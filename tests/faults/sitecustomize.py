@@ -4,6 +4,10 @@
 the dealer the digests of its requests (:func:`mpcfl.mpc.providers.ttp.party._announce`), and goes
 on as if it had.
 
+``MPCFL_DIE_AT_CHARGE=NAME:WHEN:WHAT``: the process of ``--party NAME`` dies (SIGKILL to itself) just
+``before`` or ``after`` its privacy budget charges the entry WHAT (:meth:`mpcfl.dp.budget.Budget.charge`):
+a crash at an exact point of a DP run.
+
 ``MPCFL_TAMPER_LINKS=NAME:ATTACK``: every TLS link the relays of ``--party NAME`` open goes through a
 man in the middle (:mod:`tamper`) doing ATTACK (flip, drop, replay, reorder, truncate) to it.
 """
@@ -11,6 +15,7 @@ man in the middle (:mod:`tamper`) doing ATTACK (flip, drop, replay, reorder, tru
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 
@@ -32,6 +37,27 @@ def _withhold_digests(name: str) -> None:
 _WITHHOLDING = os.environ.get("MPCFL_WITHHOLD_DIGESTS")
 if _WITHHOLDING is not None:
     _withhold_digests(_WITHHOLDING)
+
+
+def _die_at_charge(name: str, when: str, what: str) -> None:
+    from mpcfl.dp import budget
+
+    charge = budget.Budget.charge
+
+    def dying(self: budget.Budget, entry: str, *args: object, **kwargs: object) -> float:
+        if _party() == name and entry == what and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        spent = charge(self, entry, *args, **kwargs)
+        if _party() == name and entry == what and when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return spent
+
+    budget.Budget.charge = dying
+
+
+_DYING = os.environ.get("MPCFL_DIE_AT_CHARGE", "")
+if _DYING:
+    _die_at_charge(*_DYING.split(":", 2))
 
 
 def _tamper_links(name: str, attack: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, DEMO, base_job, crash_after_epoch, crash_after_line, mpcfl, run_dir, vertical_parties, write_job
+from conftest import REPO, DEMO, base_job, crash_after_epoch, mpcfl, run_dir, vertical_parties, write_job
 
 
 def job_spec(tmp_path: Path, **training: Any) -> dict[str, Any]:
@@ -71,10 +72,16 @@ def test_a_changed_config_refuses_the_checkpoint(tmp_path: Path, crashed: Path) 
     assert "no unfinished run of job test-job to resume" in done.stderr
 
 
-@pytest.mark.parametrize("crash", ["after epoch 1", "after epoch 2's charge"])
-def test_the_privacy_ledger_survives_a_crash_without_double_counting(crash: str, tmp_path: Path) -> None:
-    """A crash after a checkpoint, or after the next epoch's charge (made before its computation, which
-    the crash cuts short): the resumed run charges each epoch once, in privacy.json and in the data's ledger."""
+FAULTS = REPO / "tests" / "faults"  # a party that dies at an exact point (tests/faults/sitecustomize.py)
+
+
+@pytest.mark.parametrize("crash", ["after epoch 1", "after epoch 2's steps", "before p1 charges epoch 2's metrics"])
+def test_the_privacy_ledger_survives_a_crash_without_double_counting(
+    crash: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash after a checkpoint; after the next epoch's steps are charged (as they end) and before its
+    checkpoint; or when hospital_a has charged epoch 2's metrics and p1 has not (so they were never
+    opened): every resumed run charges each epoch once, in both parties' privacy.json and data ledgers."""
     spec = yaml.safe_load((REPO / "configs" / "breast_cancer_dp.yaml").read_text())
     for party in spec["parties"]:
         party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
@@ -88,18 +95,41 @@ def test_the_privacy_ledger_survives_a_crash_without_double_counting(crash: str,
     if crash == "after epoch 1":
         assert crash_after_epoch(job, 1) == 1
         # the kill follows p1's log line through the launcher's pipe: p1 may have charged epoch 2 by then
-        expected = (per_epoch(1), per_epoch(1) + ["epoch 2 DP-SGD steps"])
+        expected = {"p1": (per_epoch(1), per_epoch(1) + ["epoch 2 DP-SGD steps"])}
     else:
-        assert crash_after_line(job, "[p1] INFO mpcfl.dp.budget: privacy: epoch 2 DP-SGD steps costs", "p1")[0] == 1
-        expected = (per_epoch(1) + ["epoch 2 DP-SGD steps"],)
-    ledger = json.loads((run_dir(job, "p1") / "privacy.json").read_text())["ledger"]
-    assert [e["what"] for e in ledger] in expected
+        dying = "p1:after:epoch 2 DP-SGD steps" if crash == "after epoch 2's steps" else "p1:before:epoch 2 loss and accuracy"
+        with monkeypatch.context() as faulty:
+            faulty.setenv("MPCFL_DIE_AT_CHARGE", dying)
+            faulty.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), str(FAULTS), os.environ.get("PYTHONPATH")])))
+            assert mpcfl("run", str(job), timeout=180).returncode == 1
+        expected = {"p1": (per_epoch(1) + ["epoch 2 DP-SGD steps"],)}
+        if crash != "after epoch 2's steps":  # hospital_a charged the metrics, then found p1 gone before any opening
+            expected["hospital_a"] = ([*per_epoch(1), *per_epoch(2)],)
+    for party, ledgers in expected.items():
+        ledger = json.loads((run_dir(job, party) / "privacy.json").read_text())["ledger"]
+        assert [e["what"] for e in ledger] in ledgers, party
     done = mpcfl("run", str(job), "--resume", timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    privacy = json.loads((tmp_path / "out" / "p1" / "latest" / "privacy.json").read_text())
-    whats = [e["what"] for e in privacy["ledger"]]
-    assert whats == [w for i in (1, 2) for w in per_epoch(i)] + ["trained model parameters"]
-    assert privacy["spent"] <= 3.0
-    # the data's own ledger holds the run's charges once, whatever the crashed attempt charged
-    shown = mpcfl("ledger", "show", str(job), "--party", "p1", timeout=60)
-    assert shown.stdout.count(f"epsilon {privacy['spent']:.4g} spent of 3") == 2, shown.stdout + shown.stderr
+    for party in ("hospital_a", "p1"):
+        privacy = json.loads((tmp_path / "out" / party / "latest" / "privacy.json").read_text())
+        whats = [e["what"] for e in privacy["ledger"]]
+        assert whats == [w for i in (1, 2) for w in per_epoch(i)] + ["trained model parameters"], party
+        assert privacy["spent"] <= 3.0
+        # the data's own ledgers (train and test file) hold the run's charges once, whatever the crashed attempt charged
+        shown = mpcfl("ledger", "show", str(job), "--party", party, timeout=60)
+        assert shown.stdout.count(f"epsilon {privacy['spent']:.4g} spent of 3") == 2, shown.stdout + shown.stderr
+
+
+def test_a_resume_discards_its_own_checkpoints_newer_than_where_it_starts(tmp_path: Path) -> None:
+    """A party that saved epoch k+1 in a crashed attempt, where another did not, resumes from k; its
+    stale k+1 must go, or a later resume could pair it with another party's k+1 from a newer attempt."""
+    from types import SimpleNamespace
+
+    from mpcfl.tasks.train import checkpoint
+
+    job = SimpleNamespace(party_dir=lambda party: tmp_path / party)
+    (tmp_path / "a" / "checkpoints").mkdir(parents=True)
+    for epoch in (1, 2, 3):
+        (tmp_path / "a" / "checkpoints" / f"epoch-{epoch:04d}.pt").write_bytes(b"x")
+    checkpoint.discard_after(job, "a", 1)  # type: ignore[arg-type]
+    assert checkpoint.available_epochs(job, "a") == [1]  # type: ignore[arg-type]

@@ -212,8 +212,8 @@ def train(
                 optimizer.step()
                 engine.project(model)
         # Charged now, before the metrics and the checkpoint: every later release depends on
-        # these steps, and an epoch cut short by a crash is redone from the checkpoint with
-        # fresh noise, its model never released.
+        # these steps. A crash before the checkpoint: the resume redoes the epoch with fresh noise
+        # and drops this charge unless a release every party recorded followed it (runner.drop_unreleased).
         if (cost := engine.epoch_charge()) is not None:
             spend(f"epoch {epoch + 1} DP-SGD steps", cost)
         record: dict[str, float] = {"epoch": epoch + 1}

@@ -10,14 +10,14 @@ from typing import Any
 
 from mpcfl.data.party import PartyData, contents, dataset_digest, ledger_keys, load_party_data
 from mpcfl.data.psi import align
-from mpcfl.dp.budget import Budget
+from mpcfl.dp.budget import Budget, is_release
 from mpcfl.dp.ledger import Binding, any_ledger, note_outside_dp, open_ledgers
 from mpcfl.errors import MpcflError
 from mpcfl.jobs.schema import FederatedJob, TrainJob
 from mpcfl.jobs.session import session_of
 from mpcfl.mpc.device import to_host
 from mpcfl.mpc.reveal import Disclosure
-from mpcfl.mpc.session import agreed, communication_stats, party_session, session_device
+from mpcfl.mpc.session import agreed, agreed_public, communication_stats, party_session, session_device
 from mpcfl.outputs import plot_history, write_json, write_torch
 from mpcfl.tasks.run import begin_run
 from mpcfl.tasks.train import checkpoint
@@ -85,11 +85,30 @@ def _resume_point(job: TrainJob, party: str, rank: int, budget: Budget | None) -
             f"party {party}: {budget.path}: does not extend the privacy ledger of the epoch {epoch} checkpoint; "
             "refusing to resume"
         )
-    if budget is not None and (dropped := budget.drop_unreleased(start.privacy)):
-        log.info("privacy ledger: %d charge(s) after the epoch %d checkpoint were for computation the crash cut "
-                 "short and nothing revealed: dropped, redone with fresh noise (epsilon %.4g spent)",
-                 dropped, epoch, budget.spent())
+    checkpoint.discard_after(job, party, epoch)  # an earlier attempt's, never to be mixed with this one's
     return start
+
+
+def drop_unreleased(job: TrainJob, budget: Budget, start: checkpoint.Checkpoint) -> None:
+    """On resume, drops the charges after the checkpoint's ledger when nothing after it can have been
+    released, decided jointly so that every party's ledger goes the same way.
+
+    Every party charges a reveal before its share leaves it, and an opening needs every party's
+    share: a release that some party did not record was never opened. So the entries after the
+    checkpoint are dropped unless every party recorded a release among them (:func:`~mpcfl.dp.budget.is_release`);
+    what is dropped is secret computation (an epoch's DP-SGD steps, charged as its steps end, then a
+    crash before its checkpoint) or a release that never happened, and the resumed run redoes it
+    with fresh noise, charged once. Otherwise every entry stays.
+    """
+    later = budget.later(start.privacy or {})
+    first = next((i for i, entry in enumerate(later) if is_release(entry)), len(later))
+    _, tails = agreed_public("privacy ledger tails", job.party_names, lambda: None, lambda _: [len(later), first], width=2)
+    recorded_by_all = min(length for length, _ in tails)
+    if later and all(release >= recorded_by_all for _, release in tails):
+        dropped = budget.rewind(start.privacy or {})
+        log.info("privacy ledger: %d entr%s after the epoch %d checkpoint released nothing (secret computation, "
+                 "or a release some party never made): dropped, redone with fresh noise (epsilon %.4g spent)",
+                 dropped, "y" if dropped == 1 else "ies", start.epoch, budget.spent())
 
 
 def run_party(
@@ -128,6 +147,8 @@ def run_party(
                 start = None
                 if run.resumed:
                     start = agreed("checkpoint loading", job.party_names, lambda: _resume_point(job, party, rank, budget))
+                    if budget is not None:
+                        drop_unreleased(job, budget, start)
                 alignment = align(job, data, rank=rank) if job.keyed else None
                 device = session_device()
                 log.info("computing on %s", device)
