@@ -119,17 +119,3 @@ def test_the_privacy_ledger_survives_a_crash_without_double_counting(
         shown = mpcfl("ledger", "show", str(job), "--party", party, timeout=60)
         assert shown.stdout.count(f"epsilon {privacy['spent']:.4g} spent of 3") == 2, shown.stdout + shown.stderr
 
-
-def test_a_resume_discards_its_own_checkpoints_newer_than_where_it_starts(tmp_path: Path) -> None:
-    """A party that saved epoch k+1 in a crashed attempt, where another did not, resumes from k; its
-    stale k+1 must go, or a later resume could pair it with another party's k+1 from a newer attempt."""
-    from types import SimpleNamespace
-
-    from mpcfl.tasks.train import checkpoint
-
-    job = SimpleNamespace(party_dir=lambda party: tmp_path / party)
-    (tmp_path / "a" / "checkpoints").mkdir(parents=True)
-    for epoch in (1, 2, 3):
-        (tmp_path / "a" / "checkpoints" / f"epoch-{epoch:04d}.pt").write_bytes(b"x")
-    checkpoint.discard_after(job, "a", 1)  # type: ignore[arg-type]
-    assert checkpoint.available_epochs(job, "a") == [1]  # type: ignore[arg-type]

@@ -19,8 +19,7 @@ otherwise), and it continues from the file, so a release made after the last
 checkpoint is never lost, and one that is repeated after a resume (new noise, a
 new release) is charged again. What follows the checkpoint is dropped when no
 release every party recorded is among it (:func:`mpcfl.tasks.train.runner.drop_unreleased`):
-an epoch's DP-SGD steps, charged as they end, then a crash before the checkpoint.
-A resume deletes the party's checkpoints newer than where it starts. The resumed model therefore equals an uninterrupted run's up to fixed point's
+an epoch's DP-SGD steps, charged as they end, then a crash before the checkpoint. The resumed model therefore equals an uninterrupted run's up to fixed point's
 probabilistic truncation (and, with DP, up to the fresh noise).
 """
 
@@ -125,14 +124,6 @@ def load(job: TrainJob, party: str, rank: int, epoch: int) -> Checkpoint:
         epoch=data["epoch"], params=data["params"], momentum=data["momentum"], history=data["history"],
         privacy=data.get("privacy"),
     )
-
-
-def discard_after(job: TrainJob, party: str, epoch: int) -> None:
-    """Deletes this party's checkpoints newer than ``epoch``, where a resume starts: they are an
-    earlier attempt's, and a later resume must never pair one with another party's from a newer attempt."""
-    for newer in available_epochs(job, party):
-        if newer > epoch:
-            (folder(job, party) / f"epoch-{newer:04d}.pt").unlink(missing_ok=True)
 
 
 def common_epoch(job: JobBase, mine: list[int]) -> int:

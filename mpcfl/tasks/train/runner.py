@@ -85,7 +85,6 @@ def _resume_point(job: TrainJob, party: str, rank: int, budget: Budget | None) -
             f"party {party}: {budget.path}: does not extend the privacy ledger of the epoch {epoch} checkpoint; "
             "refusing to resume"
         )
-    checkpoint.discard_after(job, party, epoch)  # an earlier attempt's, never to be mixed with this one's
     return start
 
 
