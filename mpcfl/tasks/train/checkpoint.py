@@ -18,7 +18,7 @@ both and that the file extends the checkpoint's ledger (the runner refuses it
 otherwise), and it continues from the file, so a release made after the last
 checkpoint is never lost, and one that is repeated after a resume (new noise, a
 new release) is charged again. What follows the checkpoint is dropped when no
-release every party recorded is among it (:func:`mpcfl.tasks.train.runner.drop_unreleased`):
+party recorded a release among it (:func:`mpcfl.tasks.train.runner.drop_unreleased`):
 an epoch's DP-SGD steps, charged as they end, then a crash before the checkpoint. The resumed model therefore equals an uninterrupted run's up to fixed point's
 probabilistic truncation (and, with DP, up to the fresh noise).
 """

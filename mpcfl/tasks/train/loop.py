@@ -213,7 +213,7 @@ def train(
                 engine.project(model)
         # Charged now, before the metrics and the checkpoint: every later release depends on
         # these steps. A crash before the checkpoint: the resume redoes the epoch with fresh noise
-        # and drops this charge unless a release every party recorded followed it (runner.drop_unreleased).
+        # and drops this charge unless some party recorded a release after it (runner.drop_unreleased).
         if (cost := engine.epoch_charge()) is not None:
             spend(f"epoch {epoch + 1} DP-SGD steps", cost)
         record: dict[str, float] = {"epoch": epoch + 1}

@@ -89,24 +89,25 @@ def _resume_point(job: TrainJob, party: str, rank: int, budget: Budget | None) -
 
 
 def drop_unreleased(job: TrainJob, budget: Budget, start: checkpoint.Checkpoint) -> None:
-    """On resume, drops the charges after the checkpoint's ledger when nothing after it can have been
-    released, decided jointly so that every party's ledger goes the same way.
+    """On resume, drops the entries after the checkpoint's ledger when no party recorded a release
+    among them, decided jointly so that every party's ledger goes the same way.
 
-    Every party charges a reveal before its share leaves it, and an opening needs every party's
-    share: a release that some party did not record was never opened. So the entries after the
-    checkpoint are dropped unless every party recorded a release among them (:func:`~mpcfl.dp.budget.is_release`);
-    what is dropped is secret computation (an epoch's DP-SGD steps, charged as its steps end, then a
-    crash before its checkpoint) or a release that never happened, and the resumed run redoes it
-    with fresh noise, charged once. Otherwise every entry stays.
+    A party charges a reveal before its share leaves it, so a party whose entries after the
+    checkpoint hold no release (:func:`~mpcfl.dp.budget.is_release`) sent no share for any opening
+    since: what it holds there is secret computation (an epoch's DP-SGD steps, charged as they end,
+    then a crash before the checkpoint), which the resumed run redoes with fresh noise and charges
+    once. Each party decides on its own entries only, never on a peer's word (a peer that skipped a
+    charge could otherwise make it drop a release that reached the peer), and shares one bit so
+    that all keep or all drop: any release anywhere keeps every entry.
     """
-    later = budget.later(start.privacy or {})
-    first = next((i for i, entry in enumerate(later) if is_release(entry)), len(later))
-    _, tails = agreed_public("privacy ledger tails", job.party_names, lambda: None, lambda _: [len(later), first], width=2)
-    recorded_by_all = min(length for length, _ in tails)
-    if later and all(release >= recorded_by_all for _, release in tails):
-        dropped = budget.rewind(start.privacy or {})
-        log.info("privacy ledger: %d entr%s after the epoch %d checkpoint released nothing (secret computation, "
-                 "or a release some party never made): dropped, redone with fresh noise (epsilon %.4g spent)",
+    assert start.privacy is not None  # _resume_point refuses a DP checkpoint without its ledger
+    later = budget.later(start.privacy)
+    _, released = agreed_public("privacy ledger tails", job.party_names, lambda: None,
+                                lambda _: [int(any(is_release(entry) for entry in later))], width=1)
+    if later and not any(flag for flag, in released):
+        dropped = budget.rewind(start.privacy)
+        log.info("privacy ledger: %d entr%s after the epoch %d checkpoint released nothing (secret computation): "
+                 "dropped, redone with fresh noise (epsilon %.4g spent)",
                  dropped, "y" if dropped == 1 else "ies", start.epoch, budget.spent())
 
 
