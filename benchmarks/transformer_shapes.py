@@ -406,15 +406,17 @@ def break_even(name: str, ways: dict[str, dict[str, Any]]) -> str:
     return "never" if saving <= 0 else str(max(1, math.ceil(once / saving)))
 
 
+COLUMNS = ("shape", "seq", "way", "s / inference", "MB", "rounds", "peak RSS MB (owner / client)", "max logit diff",
+           "raw (by hand) s / this s", "raw, weights shared once, s / this s", "first call s", "served: calls to break even")
+
+
 def _short_row(*cells: Any) -> str:
-    """A table row of ``cells`` left-aligned, padded with empty cells to the table's 12 columns."""
-    return "| " + " | ".join(str(cell) for cell in cells) + " |" + "|" * (12 - len(cells))
+    """A table row of ``cells`` left-aligned, padded with empty cells to the table's columns."""
+    return "| " + " | ".join(str(cell) for cell in cells) + " |" + "|" * (len(COLUMNS) - len(cells))
 
 
 def table(points: list[dict[str, Any]]) -> str:
-    lines = ["| shape | seq | way | s / inference | MB | rounds | peak RSS MB (owner / client) | max logit diff "
-             "| raw (by hand) s / this s | raw, weights shared once, s / this s | first call s | served: calls to break even |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [_short_row(*COLUMNS), "|" + "---|" * len(COLUMNS)]
     for p in points:
         if "error" in p:
             lines.append(_short_row(p.get("size"), p.get("length"), f"failed: {p['error'][:200]}"))

@@ -26,9 +26,9 @@ from mpcfl.jobs.schema import TrainJob, load_job
 from mpcfl.tasks.train.baseline import prepared_data, train_plaintext
 
 
-def folds_accuracy(job: TrainJob, splits: int, seeds: int) -> float:
-    """Mean validation accuracy over random 80/20 splits of the job's training rows."""
-    x, y, _, _ = prepared_data(job)
+def folds_accuracy(job: TrainJob, data: tuple, splits: int, seeds: int) -> float:
+    """Mean validation accuracy over random 80/20 splits of the training rows of ``data`` (the job's prepared data)."""
+    x, y, _, _ = data
     order = np.random.default_rng(0)
     scores = []
     for _ in range(splits):
@@ -39,9 +39,9 @@ def folds_accuracy(job: TrainJob, splits: int, seeds: int) -> float:
     return statistics.fmean(scores)
 
 
-def test_median(job: TrainJob, seeds: int) -> float:
+def test_median(job: TrainJob, data: tuple, seeds: int) -> float:
     """Median test accuracy on the demo's held-out patients over training seeds 0, 1, ..."""
-    return statistics.median(train_plaintext(job, seed=seed).history[-1]["test_accuracy"] for seed in range(seeds))
+    return statistics.median(train_plaintext(job, data=data, seed=seed).history[-1]["test_accuracy"] for seed in range(seeds))
 
 
 def main() -> None:
@@ -58,8 +58,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for sampling in args.sampling.split(","):
         dp, plain = (load_job(job_file(sampling, epsilon, 0)) for epsilon in (args.epsilon, math.inf))
-        folds = [folds_accuracy(job, args.splits, args.seeds) for job in (dp, plain)]
-        test = [test_median(job, args.test_seeds) for job in (dp, plain)]
+        data = [prepared_data(job) for job in (dp, plain)]  # read and prepared once per job
+        folds = [folds_accuracy(job, d, args.splits, args.seeds) for job, d in zip((dp, plain), data)]
+        test = [test_median(job, d, args.test_seeds) for job, d in zip((dp, plain), data)]
         print(f"| {sampling} | {folds[0]:.2%} | {folds[1]:.2%} | {100 * (folds[1] - folds[0]):.2f} "
               f"| {test[0]:.2%} | {test[1]:.2%} | {100 * (test[1] - test[0]):.2f} |", flush=True)
 
