@@ -26,22 +26,35 @@ from mpcfl.jobs.schema import TrainJob, load_job
 from mpcfl.tasks.train.baseline import prepared_data, train_plaintext
 
 
-def folds_accuracy(job: TrainJob, data: tuple, splits: int, seeds: int) -> float:
-    """Mean validation accuracy over random 80/20 splits of the training rows of ``data`` (the job's prepared data)."""
-    x, y, _, _ = data
+class Prepared:
+    """A job's prepared data, read once; under ``dp.center``, centred afresh for each seed (its noise)."""
+
+    def __init__(self, job: TrainJob) -> None:
+        self.job, self.fixed = job, prepared_data(job)
+        self.centred = job.dp is not None and job.dp.center is not None
+
+    def __call__(self, seed: int) -> tuple:
+        return prepared_data(self.job, seed=seed) if self.centred else self.fixed
+
+
+def folds_accuracy(job: TrainJob, data: Prepared, splits: int, seeds: int) -> float:
+    """Mean validation accuracy over random 80/20 splits of the training rows of ``data`` (the job's
+    prepared data; a ``dp.center`` mean is taken over all of them, the held-out fifth's features included)."""
     order = np.random.default_rng(0)
+    rows_of = [order.permutation(len(data(0)[0])) for _ in range(splits)]
     scores = []
-    for _ in range(splits):
-        rows = order.permutation(len(x))
+    for seed in range(seeds):
+        x, y, _, _ = data(seed)
         cut = round(0.8 * len(x))
-        fold = (x[rows[:cut]], y[rows[:cut]], x[rows[cut:]], y[rows[cut:]])
-        scores += [train_plaintext(job, data=fold, seed=seed).history[-1]["test_accuracy"] for seed in range(seeds)]
+        for rows in rows_of:
+            fold = (x[rows[:cut]], y[rows[:cut]], x[rows[cut:]], y[rows[cut:]])
+            scores.append(train_plaintext(job, data=fold, seed=seed).history[-1]["test_accuracy"])
     return statistics.fmean(scores)
 
 
-def test_median(job: TrainJob, data: tuple, seeds: int) -> float:
+def test_median(job: TrainJob, data: Prepared, seeds: int) -> float:
     """Median test accuracy on the demo's held-out patients over training seeds 0, 1, ..."""
-    return statistics.median(train_plaintext(job, data=data, seed=seed).history[-1]["test_accuracy"] for seed in range(seeds))
+    return statistics.median(train_plaintext(job, data=data(seed), seed=seed).history[-1]["test_accuracy"] for seed in range(seeds))
 
 
 def main() -> None:
@@ -58,7 +71,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for sampling in args.sampling.split(","):
         dp, plain = (load_job(job_file(sampling, epsilon, 0)) for epsilon in (args.epsilon, math.inf))
-        data = [prepared_data(job) for job in (dp, plain)]  # read and prepared once per job
+        data = [Prepared(job) for job in (dp, plain)]
         folds = [folds_accuracy(job, d, args.splits, args.seeds) for job, d in zip((dp, plain), data)]
         test = [test_median(job, d, args.test_seeds) for job, d in zip((dp, plain), data)]
         print(f"| {sampling} | {folds[0]:.2%} | {folds[1]:.2%} | {100 * (folds[1] - folds[0]):.2f} "

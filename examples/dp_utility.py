@@ -25,14 +25,16 @@ import os
 import statistics
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 from mpcfl.dp.ledger import ENV_DIR
-from mpcfl.jobs.schema import load_job
+from mpcfl.jobs.schema import TrainJob, load_job
 from mpcfl.launch.local import run_local
 from mpcfl.outputs import atomic_write
 from mpcfl.tasks.train.baseline import evaluate_state_dict
+from mpcfl.tasks.train.export import PREPROCESSING
 
 REPO = Path(__file__).resolve().parent.parent
 JOB = REPO / "configs" / "breast_cancer_dp.yaml"
@@ -50,6 +52,9 @@ TRAINING = {
     "poisson+clip": {"batch_size": 228, "epochs": 10, "learning_rate": 8.0, "momentum": 0.9},
 }
 ERROR_CLIP = 0.2
+# dp.center's row bound: about the training rows' median norm after data.scaling (3.0), so that few rows are
+# clipped and the mean is not pulled towards 0; centring keeps each setting's other training settings.
+CENTER_BOUND = 3.0
 
 
 def job_file(sampling: str, epsilon: float, run: int) -> Path:
@@ -60,8 +65,8 @@ def job_file(sampling: str, epsilon: float, run: int) -> Path:
     spec["outputs"]["dir"] = str(OUT / name)
     base, *options = sampling.split("+")
     clipped = "clip" in options
-    if clipped and base != "poisson":
-        raise SystemExit(f"--sampling {sampling}: +clip has settings for poisson only")
+    if (clipped or "center" in options) and base != "poisson":
+        raise SystemExit(f"--sampling {sampling}: +clip and +center have settings for poisson only")
     spec["training"].update(TRAINING[f"{base}+clip" if clipped else base], seed=run)
     if math.isinf(epsilon):
         del spec["dp"]
@@ -69,6 +74,8 @@ def job_file(sampling: str, epsilon: float, run: int) -> Path:
         spec["dp"].update(epsilon=epsilon, sampling=base, noise="dealer" if "dealer" in options else "parties")
         if clipped:
             spec["dp"]["error_clip"] = ERROR_CLIP
+        if "center" in options:
+            spec["dp"]["center"] = {"bound": CENTER_BOUND}
     path = OUT / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -89,13 +96,22 @@ def measure(sampling: str, epsilon: float, run: int) -> tuple[float, list[float]
     multiplier = None
     if job.dp is not None:
         multiplier = json.loads((receiver / "privacy.json").read_text())["notes"]["dp_sgd"]["noise_multiplier"]
-    return evaluate_state_dict(job, state)["test_accuracy"], seconds, multiplier
+    return evaluate_state_dict(job, state, center=opened_center(job))["test_accuracy"], seconds, multiplier
+
+
+def opened_center(job: TrainJob) -> np.ndarray | None:
+    """The run's ``dp.center`` mean, every input's: the parties' own columns' (preprocessing.json), in rank order."""
+    if job.dp is None or job.dp.center is None:
+        return None
+    slices = [json.loads((job.party_root(name) / "latest" / PREPROCESSING).read_text())["center"] or [] for name in job.party_names]
+    return np.concatenate(slices) if job.partition == "vertical" else np.asarray(slices[0])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sampling", default="shuffle,poisson,poisson+dealer",
-                        help="comma-separated: shuffle, poisson; +clip: with dp.error_clip; +dealer: the dealer draws the noise")
+                        help="comma-separated: shuffle, poisson; +clip: with dp.error_clip; +center: with dp.center; "
+                             "+dealer: the dealer draws the noise")
     parser.add_argument("--epsilons", default="inf,8,4,2,1,0.5", help="comma-separated; inf: no DP")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
@@ -127,10 +143,13 @@ def _plot(rows: list[tuple[str, float, list[float], float, float | None]]) -> No
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for (sampling, style), label in zip({"shuffle": "o-", "poisson": "s-", "poisson+dealer": "^-", "poisson+clip": "s--",
-                                         "poisson+clip+dealer": "^--"}.items(),
+                                         "poisson+clip+dealer": "^--", "poisson+clip+center": "D-",
+                                         "poisson+clip+center+dealer": "v-"}.items(),
                                         ["public shuffled batches (replace-one)", "secret Poisson sampling (add/remove)",
                                          "secret Poisson sampling, noise the dealer draws",
-                                         f"Poisson, error clip {ERROR_CLIP:g}", f"Poisson, error clip {ERROR_CLIP:g}, dealer's noise"]):
+                                         f"Poisson, error clip {ERROR_CLIP:g}", f"Poisson, error clip {ERROR_CLIP:g}, dealer's noise",
+                                         f"Poisson, error clip {ERROR_CLIP:g}, centred (dp.center)",
+                                         f"Poisson, error clip {ERROR_CLIP:g}, centred, dealer's noise"]):
         points = sorted((e, a) for s, e, a, _, _ in rows if s == sampling and not math.isinf(e))
         if points:
             xs = [e for e, _ in points]

@@ -56,6 +56,7 @@ class PartyData:
     imputed: dict[str, float] = field(default_factory=dict)  # each filled column's value (data.missing)
     inputs: list[str] | None = None  # the columns its backbone took (data.backbone), when it ran one
     loaded: dict[str, bytes] | None = None  # :func:`contents` of the rows as read, before the backbone
+    center: list[float] | None = None  # its columns' noisy mean, subtracted after scaling (dp.center)
 
 
 def _label_index(table: Table, column: str | int, party: str) -> int:

@@ -55,6 +55,7 @@ from mpcfl.mpc.session import agreed, agreed_public, communication_stats, party_
 from mpcfl.outputs import atomic_write, write_json
 from mpcfl.tasks.run import begin_run, run_words, words_text
 from mpcfl.tasks.train.dataset import prepare
+from mpcfl.tasks.train.dp_sgd import apply_center
 from mpcfl.tasks.train.export import PREPROCESSING
 from mpcfl.tasks.train.runner import note_releases_outside_dp
 
@@ -69,6 +70,7 @@ class TrainedRun:
     scaler: dict[str, Any] | None  # its standardisation statistics, when training standardised
     imputed: dict[str, float]  # what filled each declared column's missing cells in training
     inputs: list[str] | None = None  # with a backbone: the raw columns it took (``columns`` are its outputs)
+    center: list[float] | None = None  # dp.center's noisy mean of its columns, subtracted after scaling
 
 
 def training_run(job: PredictJob, party: str) -> TrainedRun:
@@ -91,7 +93,9 @@ def training_run(job: PredictJob, party: str) -> TrainedRun:
         saved = json.loads((folder / PREPROCESSING).read_text())
     except FileNotFoundError:
         raise MpcflError(f"{where}: no {PREPROCESSING} (the run predates predictions); train again") from None
-    return TrainedRun(folder, saved["columns"], saved.get("scaler"), saved.get("imputed") or {}, saved.get("inputs"))
+    return TrainedRun(
+        folder, saved["columns"], saved.get("scaler"), saved.get("imputed") or {}, saved.get("inputs"), saved.get("center"),
+    )
 
 
 def load_rows(job: PredictJob, party: str, trained: TrainedRun) -> Split | None:
@@ -148,8 +152,13 @@ def _preprocess(train: TrainJob, party: str, split: Split, trained: TrainedRun, 
             apply_scaler(part, np.asarray(trained.scaler["mean"]), np.asarray(trained.scaler["std"]))
 
     check = None if train.dp is not None else (lambda part: check_range(part, train.data.max_abs))
+    def centre(part: PartyData) -> None:
+        if trained.center is None:
+            raise MpcflError(f"party {party}: {trained.folder / PREPROCESSING}: no dp.center mean (the run predates it); train again")
+        apply_center(part, np.asarray(trained.center))
+
     prepare(train, PartyData(party=party, train=split, test=None), feature_counts=feature_counts, standardize=saved,
-            check=check or (lambda part: None))
+            check=check or (lambda part: None), center=centre)
 
 
 def _shared_model(train: TrainJob, trained: TrainedRun, n_features: int, *, rank: int, device: torch.device) -> Any:

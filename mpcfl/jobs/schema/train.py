@@ -62,6 +62,24 @@ class DPMetricsSpec(_Strict):
 WEIGHT_BOUND = 4.0
 
 
+class DPCenterSpec(_Strict):
+    """Features centred on their mean over the training rows, released with Gaussian noise and charged."""
+
+    bound: float = Field(
+        gt=0,
+        description="each training row's features, after data.scaling and the data.max_abs clamp, are clipped to "
+        "L2 norm bound for the mean (each party clips its own slice to bound/sqrt(parties holding features)): "
+        "the sum's sensitivity. About the rows' typical norm: a smaller bound biases the mean towards 0",
+    )
+    noise_multiplier: float = Field(
+        default=16.0, gt=0,
+        description="the Gaussian noise on the summed rows over bound; the release is one Gaussian charge "
+        "composed with DP-SGD's, which is calibrated to what is left of dp.epsilon",
+    )
+
+
+
+
 class DPSpec(_Strict):
     """Differential privacy for the trained model (DP-SGD under MPC) and, optionally, the metrics."""
 
@@ -106,6 +124,13 @@ class DPSpec(_Strict):
     )
     metrics: DPMetricsSpec | None = Field(
         default=None, description="release per-epoch metrics with noise, charged; without it they are not revealed"
+    )
+    center: DPCenterSpec | None = Field(
+        default=None,
+        description="logistic_regression, linear_regression: before the row clip, every party's features are "
+        "centred on their noisy mean over the training rows (opened to every party with Gaussian noise drawn as "
+        "dp.noise says, charged). Public ranges rarely centre the rows, and the clip then spends most of each "
+        "row's norm on the offset they share; unset: no centring",
     )
     sampling: Literal["shuffle", "poisson"] = Field(
         default="shuffle",
@@ -302,6 +327,11 @@ class TrainJob(JobBase):
             raise ValueError(
                 "dp.weight_bound: bounds an mlp's parameters; a linear model's clip holds whatever its "
                 "weights (its features are clipped), so remove it"
+            )
+        if dp.center is not None and self.model.type not in ("logistic_regression", "linear_regression"):
+            raise ValueError(
+                "dp.center: centres the features that a logistic_regression's or linear_regression's row clip "
+                "bounds; an mlp clips each example's gradient instead, so remove it"
             )
         if dp.error_clip is not None and self.model.type != "logistic_regression":
             fix = ("regression.loss: huber with regression.huber_delta clamps a regression's error the same way"

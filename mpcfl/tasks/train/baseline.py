@@ -7,6 +7,8 @@ the same standardisation, initial weights, batch order, optimiser and loss.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.build import build_torch_model
 from mpcfl.models.heads import Head, job_head
 from mpcfl.tasks.train.dataset import prepare
-from mpcfl.tasks.train.dp_sgd import calibration, clips_features, sampling
+from mpcfl.tasks.train.dp_sgd import apply_center, calibration, center_noise, center_sums, clips_features, own_columns, sampling
 from mpcfl.tasks.train.loop import batches
 
 
@@ -52,8 +54,14 @@ def _evaluate(head: Head, model: torch.nn.Module, x: torch.Tensor, y: torch.Tens
     return record | {prefix + name: value for name, value in scores.items()}
 
 
-def prepared_data(job: TrainJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def prepared_data(
+    job: TrainJob, *, seed: int | None = None, center: np.ndarray | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """All parties' train and test data, joined and preprocessed as the secure run does.
+
+    With ``dp.center``: centred on ``center`` (a run's opened mean, every input's), or else on the
+    clipped rows' mean plus the noise the secure run adds, drawn from ``seed`` (default
+    ``training.seed``; a simulation, not a secure draw).
 
     Raises:
         DataError: a party's files are unusable.
@@ -75,10 +83,13 @@ def prepared_data(job: TrainJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         def standardize(part: PartyData) -> None:
             apply_scaler(part, mean, std)
 
-    for part in parts:
+    if job.dp is not None and job.dp.center is not None and center is None:
+        center = _simulated_center(job, parts, feature_counts, standardize, job.training.seed if seed is None else seed)
+    for rank, part in enumerate(parts):
         prepare(
             job, part, feature_counts=feature_counts, standardize=standardize,
             check=lambda p: check_range(p, job.data.max_abs),
+            center=lambda p, rank=rank: apply_center(p, np.asarray(center)[own_columns(job, feature_counts, rank)]),
         )
     if job.data.scaling is not None:  # after each party named any column of its own left out
         n_columns = sum(feature_counts) if job.partition == "vertical" else feature_counts[0]
@@ -92,9 +103,33 @@ def prepared_data(job: TrainJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return x, y, torch.tensor(test[0], dtype=torch.float32), head.plain_targets(test[1])
 
 
-def evaluate_state_dict(job: TrainJob, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Loss and scores of revealed weights on the job's (joined) train and test data."""
-    x, y, x_test, y_test = prepared_data(job)
+class _Summed(Exception):
+    """Stops :func:`prepare` at the centring step, once a party's term of the sum is taken."""
+
+
+def _simulated_center(job: TrainJob, parts: list[PartyData], feature_counts: list[int], standardize: Callable[[PartyData], None],
+                      seed: int) -> np.ndarray:
+    """``dp.center``'s opened mean in plaintext: every party's term (:func:`center_sums`, on copies
+    preprocessed up to the centring step) plus the secure run's total noise, over the row count."""
+    sums = []
+    for rank, part in enumerate(parts):
+        def take(p: PartyData, rank: int = rank) -> None:
+            sums.append(center_sums(job, p, feature_counts, rank))
+            raise _Summed
+
+        with contextlib.suppress(_Summed):
+            prepare(job, copy.deepcopy(part), feature_counts=feature_counts, standardize=standardize,
+                    check=lambda p: None, center=take)
+    total = np.sum(sums, axis=0)
+    noise = center_noise(job, total.size) * job.noise_inflation
+    rows = sum(p.train.x.shape[0] for p in parts) if job.partition == "horizontal" else parts[0].train.x.shape[0]
+    return (total + np.random.default_rng(seed).normal(0.0, noise, total.size)) / rows
+
+
+def evaluate_state_dict(job: TrainJob, state_dict: dict[str, torch.Tensor], *, center: np.ndarray | None = None) -> dict[str, float]:
+    """Loss and scores of revealed weights on the job's (joined) train and test data (``center``: the
+    run's ``dp.center`` mean, which its weights were trained on)."""
+    x, y, x_test, y_test = prepared_data(job, center=center)
     model = build_torch_model(job.model, n_features=x.shape[1])
     model.load_state_dict(state_dict)
     head = job_head(job)
@@ -150,9 +185,9 @@ def train_plaintext(
     Raises:
         DataError: a party's files are unusable.
     """
-    x, y, x_test, y_test = data if data is not None else prepared_data(job)
     spec = job.training
     seed = spec.seed if seed is None else seed
+    x, y, x_test, y_test = data if data is not None else prepared_data(job, seed=seed)
     model = build_torch_model(job.model, n_features=x.shape[1], seed=seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)
     head = job_head(job)

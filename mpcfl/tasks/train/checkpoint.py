@@ -53,6 +53,7 @@ class Checkpoint:
     momentum: dict[str, torch.Tensor]  # shares of the optimizer's momentum buffers
     history: list[dict[str, float]]
     privacy: dict[str, Any] | None = None  # the budget and ledger as of this epoch (a DP job's)
+    center: list[float] | None = None  # dp.center's opened mean, which a resume reuses rather than opens again
 
 
 def folder(job: TrainJob, party: str) -> Path:
@@ -81,6 +82,7 @@ def save(job: TrainJob, party: str, rank: int, checkpoint: Checkpoint) -> None:
         "momentum": checkpoint.momentum,
         "history": checkpoint.history,
         "privacy": checkpoint.privacy,
+        "center": checkpoint.center,
     }
     write_torch(folder(job, party) / f"epoch-{checkpoint.epoch:04d}.pt", payload)
     for old in available_epochs(job, party)[_KEEP:]:
@@ -122,7 +124,7 @@ def load(job: TrainJob, party: str, rank: int, epoch: int) -> Checkpoint:
     data = read_own(job, party, rank, folder(job, party) / f"epoch-{epoch:04d}.pt")
     return Checkpoint(
         epoch=data["epoch"], params=data["params"], momentum=data["momentum"], history=data["history"],
-        privacy=data.get("privacy"),
+        privacy=data.get("privacy"), center=data.get("center"),
     )
 
 

@@ -31,7 +31,9 @@ from mpcfl.models.heads import job_head
 from mpcfl.models.spec import FactoryModelSpec
 from mpcfl.mpc.session import agreed, all_gather_public
 from mpcfl.tasks.train.bounds import PRODUCT_LIMIT, check_model, dp_mlp_headroom, safe_input_norm, steps
-from mpcfl.tasks.train.dp_sgd import bound_features, calibration, clips_features
+from mpcfl.tasks.train.dp_sgd import (
+    apply_center, bound_features, calibration, center_charge, center_noise, center_sums, clips_features, own_columns,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +47,19 @@ def prepare(
     feature_counts: list[int],
     standardize: Callable[[PartyData], None],
     check: Callable[[PartyData], T],
+    center: Callable[[PartyData], None] | None = None,
 ) -> T:
     """Preprocesses one party's data in place, in the order every path uses.
 
     Standardise first (``standardize``: this path's statistics, local or joint; or the
-    job's public ``data.scaling`` constants), then, for DP, clamp every value to
-    ``data.max_abs`` and clip features (only DP logistic regression does), then ``check``
-    the values that will be shared: bounds hold for what goes into MPC, not for raw data.
+    job's public ``data.scaling`` constants), then, for DP, centre (``dp.center``: ``center``
+    subtracts this path's noisy mean), clamp every value to ``data.max_abs`` and clip
+    features (only DP logistic regression does), then ``check`` the values that will be
+    shared: bounds hold for what goes into MPC, not for raw data.
 
     Args:
         feature_counts: every party's number of feature columns (public).
+        center: required when the job has ``dp.center``.
 
     Returns:
         What ``check`` returns.
@@ -63,6 +68,9 @@ def prepare(
         standardize(data)
     elif job.data.scaling is not None:
         scale_publicly(data, job.data.scaling, job.source)
+    if job.dp is not None and job.dp.center is not None:
+        assert center is not None, "a dp.center job's preprocessing needs its mean"
+        center(data)
     if job.dp is not None and (clamped := clamp_range(data, job.data.max_abs)):
         # this party's operator alone learns it: the peers see the same run either way
         log.warning("party %s: clamped %d feature values to data.max_abs=%g (DP: clamped, not refused)",
@@ -157,8 +165,11 @@ def check_alone(job: TrainJob, data: PartyData) -> str:
         n_features = part.train.x.shape[1]
         return check_bounds(job, part, n_features=n_features, n_rows=rows, metric_rows=max(rows, test), share=1.0)
 
+    def centre(part: PartyData) -> None:  # its own rows' mean, noiseless: nothing here leaves the party
+        apply_center(part, center_sums(job, part, [part.train.x.shape[1]], 0) / max(rows, 1))
+
     headroom = prepare(
-        job, data, feature_counts=[data.train.x.shape[1]], standardize=standardize_locally, check=checks
+        job, data, feature_counts=[data.train.x.shape[1]], standardize=standardize_locally, check=checks, center=centre,
     )
     return f"fixed-point headroom {headroom:.3g}x on its own columns and rows (the run checks all parties together)"
 
@@ -196,6 +207,7 @@ class SharedData:
     y_test: Any | None
     n_features: int
     feature_counts: list[int]  # every party's number of feature columns (public), in rank order
+    center: list[float] | None = None  # dp.center's noisy mean of every input, as opened to every party
 
 
 def _public_shapes(job: TrainJob, data: PartyData) -> list[list[int]]:
@@ -275,6 +287,21 @@ def _standardize_jointly(job: TrainJob, data: PartyData, shapes: list[list[int]]
     apply_scaler(data, mean, np.sqrt(np.clip(var, 0.0, None)))
 
 
+def _noisy_mean(job: TrainJob, data: PartyData, counts: list[int], n_rows: int, *, rank: int, device: torch.device) -> np.ndarray:
+    """``dp.center``: the mean of the clipped training rows (:func:`~mpcfl.tasks.train.dp_sgd.center_sums`),
+    summed under MPC and opened to every party with Gaussian noise (the job's ``dp.noise``), charged
+    as one release; the division by the public row count is post-processing."""
+    from mpcfl.mpc.reveal import Privacy, reveal
+    from mpcfl.mpc.session import shared_sum
+
+    charge = center_charge(job)
+    assert charge is not None
+    summed = shared_sum(torch.tensor(center_sums(job, data, counts, rank)), world=job.world_size, device=device)
+    privacy = Privacy(charge=charge, scale=center_noise(job, summed.size(0)), colluders=job.colluders, source=job.noise_source)
+    sums = reveal(summed, to=list(range(job.world_size)), what="feature sums for centring (dp.center)", privacy=privacy)
+    return sums.double().numpy() / n_rows
+
+
 def _impute_jointly(job: TrainJob, data: PartyData, columns: list[str], total: int, device: torch.device) -> None:
     """Horizontal partition, ``data.missing: {column: mean}``: the mean of every party's present cells,
     under MPC. Opened to every party (and recorded): first whether each column has a present cell at
@@ -322,8 +349,13 @@ def _crypten() -> Any:
     return import_crypten()
 
 
-def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: torch.device) -> SharedData:
+def share_dataset(
+    job: TrainJob, data: PartyData, *, rank: int, device: torch.device, center: list[float] | None = None,
+) -> SharedData:
     """Agrees on shapes with the other parties, prepares the data and secret-shares it.
+
+    ``center``: ``dp.center``'s mean as a resumed run's checkpoint holds it, reused (not opened again:
+    the first opening is charged, and the checkpointed model was trained on it).
 
     Every party calls this at the same point with its own :class:`PartyData`. Features
     and labels (and the joint statistics of a horizontal job) are shared on ``device``,
@@ -360,9 +392,17 @@ def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: torch.de
         headroom = check_bounds(job, part, n_features=n_features, n_rows=n_rows, metric_rows=max(n_rows, n_test), share=share)
         log.info("fixed-point headroom: this party's feature norm may grow %.3g-fold before training could wrap", headroom)
 
+    counts = [s[2] for s in shapes]
+    opened: list[list[float]] = [] if center is None else [center]
+
+    def centre(part: PartyData) -> None:
+        if not opened:
+            opened.append(_noisy_mean(job, part, counts, n_rows, rank=rank, device=device).tolist())
+        apply_center(part, np.asarray(opened[0])[own_columns(job, counts, rank)])
+
     prepare(
-        job, data, feature_counts=[s[2] for s in shapes], standardize=standardize,
-        check=lambda part: agreed("range check", job.party_names, lambda: checks(part)),
+        job, data, feature_counts=counts, standardize=standardize,
+        check=lambda part: agreed("range check", job.party_names, lambda: checks(part)), center=centre,
     )
 
     def share(local: Split | None, which: int) -> tuple[Any, Any]:
@@ -393,4 +433,4 @@ def share_dataset(job: TrainJob, data: PartyData, *, rank: int, device: torch.de
     if shapes[0][1] >= 0:
         x_test, y_test = share(data.test, 1)
     log.info("shared %d training rows x %d features", x_train.size(0), n_features)
-    return SharedData(x_train, y_train, x_test, y_test, n_features, [s[2] for s in shapes])
+    return SharedData(x_train, y_train, x_test, y_test, n_features, counts, opened[0] if opened else None)

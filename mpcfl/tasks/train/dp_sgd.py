@@ -60,6 +60,7 @@ import logging
 import math
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from mpcfl.dp import clipping, rounding
@@ -107,6 +108,61 @@ def bound_features(job: TrainJob, part: Any, feature_counts: list[int]) -> None:
 def feature_parties(job: TrainJob, columns: list[int]) -> int:
     """k: how many parties hold part of each row (columns[i] = party i's feature count)."""
     return sum(1 for c in columns if c > 0) if job.partition == "vertical" else 1
+
+
+def center_charge(job: TrainJob) -> Charge | None:
+    """``dp.center``'s release, one Gaussian on the summed rows; None for a job that does not centre."""
+    if job.dp is None or job.dp.center is None:
+        return None
+    return Charge("gaussian", job.dp.center.noise_multiplier)
+
+
+def center_noise(job: TrainJob, n_features: int) -> float:
+    """The standard deviation of ``dp.center``'s noise on the summed rows: its multiplier times their L2
+    sensitivity under add/remove (one row's clipped norm, ``dp.center.bound``) with each coordinate's
+    encoding (:func:`mpcfl.dp.rounding.encoded_sum`; each party encodes its own sums once)."""
+    assert job.dp is not None and job.dp.center is not None
+    z = job.dp.center.noise_multiplier
+    return z * rounding.effective_sensitivity(
+        job.dp.center.bound, rounding.encoded_sum(n_features), dimension=n_features, noise_multiplier=z,
+    )
+
+
+def own_columns(job: TrainJob, feature_counts: list[int], rank: int) -> slice:
+    """Where this party's columns sit among the model's inputs: its own block in a vertical split, all of them in a horizontal one."""
+    if job.partition != "vertical":
+        return slice(0, feature_counts[rank])
+    start = sum(feature_counts[:rank])
+    return slice(start, start + feature_counts[rank])
+
+
+def center_sums(job: TrainJob, part: Any, feature_counts: list[int], rank: int) -> np.ndarray:
+    """This party's term of ``dp.center``'s sum: its training rows, each clipped to ``dp.center.bound``
+    (its slice of a vertical row to bound / sqrt(k)), summed, over every model input (zeros outside
+    its own columns). The parties' terms add up to the sum of the whole rows, clipped."""
+    assert job.dp is not None and job.dp.center is not None
+    width = sum(feature_counts) if job.partition == "vertical" else feature_counts[rank]
+    sums = np.zeros(width)
+    if part.train.x.shape[1]:
+        bound = job.dp.center.bound / math.sqrt(feature_parties(job, feature_counts))
+        sums[own_columns(job, feature_counts, rank)] = clipping.clip_rows(part.train.x, bound).sum(axis=0)
+    return sums
+
+
+def apply_center(part: Any, own: np.ndarray) -> None:
+    """Subtracts ``own``, the (noisy) mean of this party's columns, from its train and test rows, in place,
+    and folds it into the party's scaler (what the exported model applies): ``(x - c) / s - m`` is
+    ``(x - (c + s m)) / s``."""
+    own = np.asarray(own, dtype=np.float64)
+    if not own.size:
+        return
+    for split in (part.train, part.test):
+        if split is not None:
+            split.x = split.x - own
+    if not part.scaler:
+        part.scaler = {"columns": part.train.columns, "mean": [0.0] * own.size, "std": [1.0] * own.size}
+    part.scaler["mean"] = [c + s * m for c, s, m in zip(part.scaler["mean"], part.scaler["std"], own.tolist())]
+    part.center = own.tolist()
 
 
 def metrics_charge(job: TrainJob) -> tuple[Charge, float] | None:
@@ -195,13 +251,16 @@ def calibration(job: TrainJob, n_features: int, rows: int | None = None) -> tupl
     epochs = job.training.epochs
     releases = epochs if job.dp.metrics is not None and job.dp.metrics.when == "every_epoch" else 1
     extra = [] if metrics is None else [Charge(metrics[0].mechanism, metrics[0].noise_multiplier, releases)]
+    if (center := center_charge(job)) is not None:
+        extra.append(center)
     try:
         noise_multiplier = calibrate_noise_multiplier(
             epsilon=job.dp.epsilon, delta=job.dp.delta, count=epochs * steps, accountant=job.dp.accountant,
             extra=extra, sampling_probability=rate,
         )
     except ValueError as err:
-        raise MpcflError(f"{job.source}: dp.metrics: {err}; raise dp.metrics.noise_multiplier") from None
+        which = "dp.metrics" if metrics is not None else "dp.center"
+        raise MpcflError(f"{job.source}: {which}: {err}; raise {which}.noise_multiplier") from None
     rounded, parameters = gradient_rounding(job, n_features)
     try:
         sensitivity = rounding.check_rounding(

@@ -252,7 +252,7 @@ def train(
         )
         result.history.append(record)
         params, momentum = checkpoint.state_of(model, optimizer)
-        state = checkpoint.Checkpoint(epoch + 1, params, momentum, result.history, privacy=budget_state())
+        state = checkpoint.Checkpoint(epoch + 1, params, momentum, result.history, privacy=budget_state(), center=shared.center)
         checkpoint.save(job, party, rank, state)
         log.info("epoch %s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 

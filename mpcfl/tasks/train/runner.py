@@ -152,7 +152,7 @@ def run_party(
                 alignment = align(job, data, rank=rank) if job.keyed else None
                 device = session_device()
                 log.info("computing on %s", device)
-                shared = share_dataset(job, data, rank=rank, device=device)
+                shared = share_dataset(job, data, rank=rank, device=device, center=None if start is None else start.center)
                 if job.dp is not None:
                     check_plausible(job, shared.x_train.size(0))  # n is public, and the same at every party
                 engine = training_step(job, shared.n_features, shared.x_train.size(0))
@@ -184,6 +184,7 @@ def _write_outputs(
     write_json(out / PREPROCESSING, {
         "party": party, "columns": data.train.columns, "scaler": data.scaler or None, "imputed": data.imputed,
         "inputs": data.inputs,  # with a backbone: the raw columns it takes (its outputs are "columns")
+        "center": data.center,  # dp.center's noisy mean of its columns (folded into "scaler" too)
     })
     if result.state_dict is not None:
         write_torch(out / "model.pt", result.state_dict)

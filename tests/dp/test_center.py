@@ -1,0 +1,152 @@
+"""dp.center: features centred on their noisy mean before DP logistic regression's row clip.
+
+The unit tests bound what one row can move (the sum's sensitivity) and check the calibration
+composes the centring's charge with DP-SGD's; the real-process test spies on what the other
+hospital holds of hospital_a's columns, and checks a crash and a resume open the mean once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import DEMO, REPO, mpcfl, run_dir, write_job
+
+from mpcfl.data.party import PartyData, Split
+from mpcfl.dp.accountant import Charge, create_accountant
+from mpcfl.jobs.schema import load_job
+from mpcfl.models.build import build_torch_model
+from mpcfl.tasks.train.baseline import prepared_data
+from mpcfl.tasks.train.dp_sgd import apply_center, calibration, center_noise, center_sums, sampling
+
+
+FAULTS = REPO / "tests" / "faults"
+
+
+def dp_spec(tmp_path, **center) -> dict:
+    spec = yaml.safe_load((REPO / "configs" / "breast_cancer_dp.yaml").read_text())
+    for party in spec["parties"]:
+        party["data"] = {k: str((DEMO.parent / v).resolve()) for k, v in party["data"].items()}
+    spec["parties"][1]["name"] = "p1"
+    spec["labels"]["party"] = "p1"
+    spec["outputs"] = {"dir": str(tmp_path / "out"), "model_to": ["p1"], "metrics_to": "none"}
+    spec["training"].update(batch_size=228, epochs=2, learning_rate=8.0)
+    spec["dp"].update(epsilon=1.0, sampling="poisson", error_clip=0.2, center={"bound": 3.0, **center})
+    return spec
+
+
+def part_of(x: np.ndarray) -> PartyData:
+    columns = [f"c{i}" for i in range(x.shape[1])]
+    return PartyData(party="p", train=Split(path=None, columns=columns, x=x, y=None), test=None)
+
+
+@pytest.mark.parametrize("partition", ["vertical", "horizontal"])
+def test_one_row_moves_the_sum_by_at_most_the_bound(tmp_path, partition: str) -> None:
+    spec = dp_spec(tmp_path)
+    spec["partition"] = partition
+    job = load_job(write_job(tmp_path, spec)) if partition == "vertical" else None
+    if job is None:  # the sums' code reads only the partition and dp.center
+        job = load_job(write_job(tmp_path, dp_spec(tmp_path))).model_copy(update={"partition": "horizontal"})
+    counts = [20, 10] if partition == "vertical" else [30, 30]
+    rows = np.random.default_rng(0).normal(0, 2, (50, counts[1]))
+    adversarial = np.vstack([rows, 1e6 * np.ones((1, counts[1]))])  # one record more, as large as it likes
+    before, after = (center_sums(job, part_of(x), counts, 1) for x in (rows, adversarial))
+    k = 2 if partition == "vertical" else 1
+    assert np.linalg.norm(after - before) <= 3.0 / math.sqrt(k) + 1e-9
+    if partition == "vertical":  # p1's term lands on its own columns, after p0's 20
+        assert not before[:20].any() and before[20:].any()
+
+
+def test_the_centring_is_charged_with_dp_sgd_within_epsilon(tmp_path) -> None:
+    job = load_job(write_job(tmp_path, dp_spec(tmp_path)))
+    plain = load_job(write_job(tmp_path, {**dp_spec(tmp_path), "dp": {**dp_spec(tmp_path)["dp"], "center": None}}, "plain.yaml"))
+    z, _ = calibration(job, 30, 456)
+    z_alone, _ = calibration(plain, 30, 456)
+    assert z > z_alone  # DP-SGD gets what the centring leaves
+    steps, rate = sampling(job, 456)
+    spent = create_accountant("rdp", epsilon=1.0).epsilon(
+        1e-5, extra=[Charge("gaussian", 16.0), Charge("gaussian", z, 2 * steps, rate)])
+    assert 0.99 < spent <= 1.0 + 1e-6
+    # the noise covers the bound plus each coordinate's encoding, never less than the bound alone
+    assert 16.0 * 3.0 < center_noise(job, 30) < 16.0 * 3.0 * 1.001
+
+
+def test_mlp_refuses_dp_center(tmp_path) -> None:
+    spec = dp_spec(tmp_path)
+    spec["model"] = {"type": "mlp", "hidden": [4]}
+    del spec["dp"]["error_clip"]
+    done = mpcfl("validate", str(write_job(tmp_path, spec)), timeout=60)
+    assert done.returncode != 0 and "dp.center: centres the features" in done.stderr, done.stderr
+
+
+def test_the_mean_is_folded_into_the_scaler() -> None:
+    part = part_of(np.array([[1.0, 2.0], [3.0, 6.0]]))
+    part.scaler = {"columns": ["c0", "c1"], "mean": [10.0, 20.0], "std": [2.0, 4.0]}
+    apply_center(part, np.array([0.5, -1.0]))
+    assert part.train.x.tolist() == [[0.5, 3.0], [2.5, 7.0]]
+    assert part.scaler["mean"] == [11.0, 16.0] and part.center == [0.5, -1.0]
+
+
+def test_a_centred_dp_run_opens_a_noisy_mean_once_across_a_crash(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """p1 holds hospital_a's column means only with the noise the charge pays for; a crash in epoch 2 (after
+    its steps are charged, before its checkpoint) and a resume reuse the opened mean (charged once); the
+    exported model applies it."""
+    job_path = write_job(tmp_path, dp_spec(tmp_path))
+    job = load_job(job_path)
+    with monkeypatch.context() as faulty:  # p1 dies at an exact point (tests/faults/sitecustomize.py)
+        faulty.setenv("MPCFL_DIE_AT_CHARGE", "p1:after:epoch 2 DP-SGD steps")
+        faulty.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), str(FAULTS), os.environ.get("PYTHONPATH")])))
+        assert mpcfl("run", str(job_path), timeout=180).returncode == 1
+    first = torch.load(run_dir(job_path, "p1") / "checkpoints" / "epoch-0001.pt", weights_only=True)["center"]
+    done = mpcfl("run", str(job_path), "--resume", timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "[p1] INFO mpcfl.tasks.train.runner: resuming after epoch 1" in done.stdout
+    opened = {}
+    for party in ("hospital_a", "p1"):
+        latest = tmp_path / "out" / party / "latest"
+        privacy = json.loads((latest / "privacy.json").read_text())
+        whats = [e["what"] for e in privacy["ledger"]]
+        assert whats.count("feature sums for centring (dp.center)") == 1, whats
+        assert whats[0] == "feature sums for centring (dp.center)" and privacy["spent"] <= 1.0 + 1e-9
+        opened[party] = json.loads((latest / "preprocessing.json").read_text())["center"]
+    # each party kept its own columns' slice of what the crashed attempt opened: not opened again
+    assert opened["hospital_a"] + opened["p1"] == pytest.approx(first, abs=1e-12)
+    # p1's view of hospital_a's columns: the true clipped mean plus noise of the charged scale
+    true = center_sums(job, _scaled(job, "hospital_a"), [20, 10], 0)[:20] / 456
+    error = np.asarray(first[:20]) - true
+    sigma = center_noise(job, 30) * job.noise_inflation / 456
+    assert 0.5 * sigma < error.std() < 2 * sigma, (error.std(), sigma)
+    # the exported model (its scaler holds the mean) maps the raw test rows as training prepared them
+    from mpcfl import load_model
+
+    model = load_model(tmp_path / "out" / "p1" / "latest", tmp_path / "out" / "hospital_a" / "latest")
+    trained = build_torch_model(job.model, n_features=30)
+    trained.load_state_dict(torch.load(tmp_path / "out" / "p1" / "latest" / "model.pt", weights_only=True))
+    _, _, x_test, _ = prepared_data(job, center=np.asarray(first))
+    with torch.no_grad():
+        assert torch.allclose(model(model.encode(_raw_test_table(job))), trained(x_test), atol=1e-4)
+
+
+def _scaled(job, party: str) -> PartyData:
+    """A party's training rows after data.scaling, as the centring's sum takes them."""
+    from mpcfl.data.party import load_party_data, scale_publicly
+
+    data = load_party_data(job, party)
+    scale_publicly(data, job.data.scaling, job.source)
+    return data
+
+
+def _raw_test_table(job) -> dict[str, list[str]]:
+    """Both hospitals' raw test cells, by column (the label column left out)."""
+    table = {}
+    for party in job.parties:
+        with open(party.data.test, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        table |= {column: [row[column] for row in rows] for column in rows[0] if column != "malignant"}
+    return table
