@@ -12,7 +12,7 @@ model hospital B receives on the held-out patients (reading every party's test f
 measurement, not part of a secure run). Prints a Markdown table of median test accuracy and
 median seconds per epoch (as the parties' run records measure it, all runs in this one
 invocation), and writes runs/dp_utility/accuracy.png. Each run charges a privacy ledger of
-its own, kept under runs/dp_utility/ledgers/.
+its own, kept under runs/dp_utility/ledgers/<this invocation's time>/.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import json
 import math
 import os
 import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,8 @@ from mpcfl.tasks.train.export import PREPROCESSING
 REPO = Path(__file__).resolve().parent.parent
 JOB = REPO / "configs" / "breast_cancer_dp.yaml"
 OUT = REPO / "runs" / "dp_utility"
+# This invocation's ledgers: an earlier invocation's runs spent theirs (the ledgers refuse a second run)
+LEDGERS = OUT / "ledgers" / time.strftime("%Y%m%d-%H%M%S")
 # Each mechanism's training settings. Shuffle: the demo as it stood before secret sampling. Poisson:
 # amplification favours more, smaller steps; an expected batch of 64 over 5 epochs (35 steps) was
 # chosen by the plaintext replica's median train accuracy at epsilon 1 over 15 seeds.
@@ -87,7 +90,7 @@ def measure(sampling: str, epsilon: float, run: int) -> tuple[float, list[float]
     job = load_job(job_file(sampling, epsilon, run))
     # Each run is one alternative release, measured on its own: it gets a privacy ledger of its
     # own, where a real deployment's every run on this data would charge the owners' one ledger.
-    os.environ[ENV_DIR] = str(OUT / "ledgers" / f"{sampling}_eps_{epsilon}_run_{run}")
+    os.environ[ENV_DIR] = str(LEDGERS / f"{sampling}_eps_{epsilon}_run_{run}")
     if run_local(job, sink=io.StringIO()) != 0:
         raise SystemExit(f"the run at epsilon {epsilon} failed; rerun `mpcfl run {job.source}` to see why")
     receiver = job.party_root("hospital_b") / "latest"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import DEMO, REPO, mpcfl, run_dir, write_job
+from conftest import DEMO, REPO, base_job, horizontal_parties, mpcfl, run_dir, write_job
 
 from mpcfl.data.party import PartyData, Split
 from mpcfl.dp.accountant import Charge, create_accountant
@@ -150,3 +150,28 @@ def _raw_test_table(job) -> dict[str, list[str]]:
             rows = list(csv.DictReader(handle))
         table |= {column: [row[column] for row in rows] for column in rows[0] if column != "malignant"}
     return table
+
+
+def test_a_horizontal_job_centres_every_party_on_the_noisy_mean_of_all_rows(tmp_path) -> None:
+    """Rows split between two parties: the sum over both is opened to each, with noise; each keeps it whole."""
+    demo = dp_spec(tmp_path)
+    spec = base_job(partition="horizontal", parties=horizontal_parties(tmp_path, 2),
+                    labels={"column": "malignant"}, data={"standardize": False, "scaling": demo["data"]["scaling"]},
+                    dp={**demo["dp"], "noise": "dealer"}, runtime={"timeout_s": 60, "provider": "ttp"})
+    spec["outputs"] = {"dir": str(tmp_path / "out"), "model_to": ["p0"], "metrics_to": "none"}
+    spec["training"].update(batch_size=228, learning_rate=8.0)
+    job_path = write_job(tmp_path, spec)
+    done = mpcfl("run", str(job_path), timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    job = load_job(job_path)
+    centers = [json.loads((tmp_path / "out" / p / "latest" / "preprocessing.json").read_text())["center"] for p in ("p0", "p1")]
+    assert centers[0] == centers[1] and len(centers[0]) == 30
+    for party in ("p0", "p1"):
+        whats = [e["what"] for e in json.loads((tmp_path / "out" / party / "latest" / "privacy.json").read_text())["ledger"]]
+        assert whats.count("feature sums for centring (dp.center)") == 1, whats
+    parts = [_scaled(job, p) for p in ("p0", "p1")]
+    rows = sum(p.train.x.shape[0] for p in parts)
+    true = sum(center_sums(job, p, [30, 30], r) for r, p in enumerate(parts)) / rows
+    error = np.asarray(centers[0]) - true
+    sigma = center_noise(job, 30) / rows  # the dealer's noise: no inflation
+    assert 0.5 * sigma < error.std() < 2 * sigma, (error.std(), sigma)

@@ -67,7 +67,7 @@ class DPCenterSpec(_Strict):
 
     bound: float = Field(
         gt=0,
-        description="each training row's features, after data.scaling and the data.max_abs clamp, are clipped to "
+        description="each training row's features, after data.scaling (each value within data.max_abs), are clipped to "
         "L2 norm bound for the mean (each party clips its own slice to bound/sqrt(parties holding features)): "
         "the sum's sensitivity. About the rows' typical norm: a smaller bound biases the mean towards 0",
     )
@@ -374,11 +374,11 @@ class TrainJob(JobBase):
         if dp.noise == "dealer" and not providers.get(self.runtime.provider).needs_dealer:
             raise ValueError(f"dp.noise: dealer needs a dealer process; runtime.provider {self.runtime.provider} has none "
                              "(use dp.noise: parties)")
-        receives = self.outputs.model_to != "none" or self.outputs.metrics_to != "none"
+        receives = self.outputs.model_to != "none" or self.outputs.metrics_to != "none" or dp.center is not None
         if receives and self.colluders < 1:
             raise ValueError(
                 "dp.collusion_threshold: must be at least 1 when outputs.model_to or metrics_to names a "
-                "receiver, who knows its own noise share"
+                "receiver, or dp.center opens the mean to every party: a receiver knows its own noise share"
             )
 
     @property

@@ -32,7 +32,8 @@ from mpcfl.models.spec import FactoryModelSpec
 from mpcfl.mpc.session import agreed, all_gather_public
 from mpcfl.tasks.train.bounds import PRODUCT_LIMIT, check_model, dp_mlp_headroom, safe_input_norm, steps
 from mpcfl.tasks.train.dp_sgd import (
-    apply_center, bound_features, calibration, center_charge, center_noise, center_sums, clips_features, own_columns,
+    apply_center, bound_features, calibration, center_charge, center_noise, center_sums, check_plausible, clips_features,
+    own_columns,
 )
 
 log = logging.getLogger(__name__)
@@ -371,6 +372,11 @@ def share_dataset(
     n_features, n_rows, n_test = joint_size(job, shapes)
     # n_features is public and the same at every party: each refuses a model that does not fit it
     agreed("model check", job.party_names, lambda: check_model(job, n_features))
+    if center is None and center_charge(job) is not None:
+        # what public numbers refuse is refused before dp.center opens (and charges) the mean
+        calibration(job, n_features, n_rows)
+        check_plausible(job, n_rows)
+        _dp_headroom(job, n_features=n_features, n_rows=n_rows, metric_rows=max(n_rows, n_test))
     scaling = job.data.scaling
     if scaling is not None:
         agreed("scaling check", job.party_names, lambda: check_scaled_columns(data, scaling, job.source))

@@ -119,13 +119,13 @@ def center_charge(job: TrainJob) -> Charge | None:
 
 def center_noise(job: TrainJob, n_features: int) -> float:
     """The standard deviation of ``dp.center``'s noise on the summed rows: its multiplier times their L2
-    sensitivity under add/remove (one row's clipped norm, ``dp.center.bound``) with each coordinate's
-    encoding (:func:`mpcfl.dp.rounding.encoded_sum`; each party encodes its own sums once)."""
+    sensitivity (one row's clipped norm, ``dp.center.bound``, under add/remove; twice it under
+    ``sampling: shuffle``'s replace-one) with each coordinate's encoding
+    (:func:`mpcfl.dp.rounding.encoded_sum`; each party encodes its own sums once)."""
     assert job.dp is not None and job.dp.center is not None
-    z = job.dp.center.noise_multiplier
-    return z * rounding.effective_sensitivity(
-        job.dp.center.bound, rounding.encoded_sum(n_features), dimension=n_features, noise_multiplier=z,
-    )
+    z, bound = job.dp.center.noise_multiplier, job.dp.center.bound
+    l2 = replace_one(bound) if job.dp.sampling == "shuffle" else bound
+    return z * rounding.effective_sensitivity(l2, rounding.encoded_sum(n_features), dimension=n_features, noise_multiplier=z)
 
 
 def own_columns(job: TrainJob, feature_counts: list[int], rank: int) -> slice:
@@ -145,7 +145,10 @@ def center_sums(job: TrainJob, part: Any, feature_counts: list[int], rank: int) 
     sums = np.zeros(width)
     if part.train.x.shape[1]:
         bound = job.dp.center.bound / math.sqrt(feature_parties(job, feature_counts))
-        sums[own_columns(job, feature_counts, rank)] = clipping.clip_rows(part.train.x, bound).sum(axis=0)
+        # data.max_abs first: a value that scaling took to +-inf (or NaN) would make its row's clip NaN,
+        # which fixed point encodes as -2^63 and the noise cannot hide
+        rows = np.nan_to_num(np.clip(part.train.x, -job.data.max_abs, job.data.max_abs), nan=0.0)
+        sums[own_columns(job, feature_counts, rank)] = clipping.clip_rows(rows, bound).sum(axis=0)
     return sums
 
 
@@ -259,8 +262,8 @@ def calibration(job: TrainJob, n_features: int, rows: int | None = None) -> tupl
             extra=extra, sampling_probability=rate,
         )
     except ValueError as err:
-        which = "dp.metrics" if metrics is not None else "dp.center"
-        raise MpcflError(f"{job.source}: {which}: {err}; raise {which}.noise_multiplier") from None
+        which = [key for key, present in (("dp.metrics", metrics), ("dp.center", center)) if present is not None]
+        raise MpcflError(f"{job.source}: {', '.join(which)}: {err}; raise {' or '.join(k + '.noise_multiplier' for k in which)}") from None
     rounded, parameters = gradient_rounding(job, n_features)
     try:
         sensitivity = rounding.check_rounding(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import json
 import logging
 from pathlib import Path
@@ -22,7 +23,7 @@ from mpcfl.outputs import plot_history, write_json, write_torch
 from mpcfl.tasks.run import begin_run
 from mpcfl.tasks.train import checkpoint
 from mpcfl.tasks.train.dataset import share_dataset
-from mpcfl.tasks.train.dp_sgd import check_plausible, training_step
+from mpcfl.tasks.train.dp_sgd import center_noise, check_plausible, training_step
 from mpcfl.tasks.train.export import PREPROCESSING, export_onnx, model_record
 from mpcfl.tasks.train.loop import TrainResult, train
 
@@ -80,6 +81,10 @@ def _resume_point(job: TrainJob, party: str, rank: int, budget: Budget | None) -
     epoch = checkpoint.common_epoch(job, checkpoint.available_epochs(job, party))
     log.info("resuming after epoch %d", epoch)
     start = checkpoint.load(job, party, rank, epoch)
+    if job.dp is not None and job.dp.center is not None and (
+        start.center is None or not all(math.isfinite(v) for v in start.center)
+    ):  # opening it again would charge a release the calibration did not plan
+        raise MpcflError(f"party {party}: the epoch {epoch} checkpoint holds no dp.center mean; refusing to resume")
     if budget is not None and (start.privacy is None or not budget.extends(start.privacy)):
         raise MpcflError(
             f"party {party}: {budget.path}: does not extend the privacy ledger of the epoch {epoch} checkpoint; "
@@ -158,6 +163,8 @@ def run_party(
                 engine = training_step(job, shared.n_features, shared.x_train.size(0))
                 if budget is not None:
                     budget.notes.update(engine.notes())
+                    if job.dp.center is not None:
+                        budget.notes["dp_center"] = {**job.dp.center.model_dump(), "noise_std": center_noise(job, shared.n_features)}
                 result = train(job, shared, engine=engine, rank=rank, party=party, device=device, resume=start)
             shares = {name: to_host(param.share) for name, param in result.model.named_parameters()}
             totals = communication_stats()
