@@ -26,16 +26,14 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
 from mpcfl.dp.ledger import ENV_DIR
-from mpcfl.jobs.schema import TrainJob, load_job
+from mpcfl.jobs.schema import load_job
 from mpcfl.launch.local import run_local
 from mpcfl.outputs import atomic_write
-from mpcfl.tasks.train.baseline import evaluate_state_dict
-from mpcfl.tasks.train.export import PREPROCESSING
+from mpcfl.tasks.train.baseline import evaluate_state_dict, run_center
 
 REPO = Path(__file__).resolve().parent.parent
 JOB = REPO / "configs" / "breast_cancer_dp.yaml"
@@ -99,15 +97,7 @@ def measure(sampling: str, epsilon: float, run: int) -> tuple[float, list[float]
     multiplier = None
     if job.dp is not None:
         multiplier = json.loads((receiver / "privacy.json").read_text())["notes"]["dp_sgd"]["noise_multiplier"]
-    return evaluate_state_dict(job, state, center=opened_center(job))["test_accuracy"], seconds, multiplier
-
-
-def opened_center(job: TrainJob) -> np.ndarray | None:
-    """The run's ``dp.center`` mean, every input's: the parties' own columns' (preprocessing.json), in rank order."""
-    if job.dp is None or job.dp.center is None:
-        return None
-    slices = [json.loads((job.party_root(name) / "latest" / PREPROCESSING).read_text())["center"] or [] for name in job.party_names]
-    return np.concatenate(slices) if job.partition == "vertical" else np.asarray(slices[0])
+    return evaluate_state_dict(job, state, center=run_center(job, "latest"))["test_accuracy"], seconds, multiplier
 
 
 def main() -> None:

@@ -303,7 +303,7 @@ def score(job: JobLike, model: str | Path | None = None) -> dict[str, float]:
             raise MpcflError(f"{model}: no such model file")
         import torch
 
-        from mpcfl.tasks.train.baseline import evaluate_state_dict
+        from mpcfl.tasks.train.baseline import evaluate_state_dict, run_center
 
-        return evaluate_state_dict(loaded, torch.load(model, weights_only=True))
+        return evaluate_state_dict(loaded, torch.load(model, weights_only=True), center=run_center(loaded, model.parent.name))
 

@@ -22,7 +22,7 @@ from mpcfl.data.party import PartyData, Split
 from mpcfl.dp.accountant import Charge, create_accountant
 from mpcfl.jobs.schema import load_job
 from mpcfl.models.build import build_torch_model
-from mpcfl.tasks.train.baseline import prepared_data
+from mpcfl.tasks.train.baseline import evaluate_state_dict, prepared_data
 from mpcfl.tasks.train.dp_sgd import apply_center, calibration, center_noise, center_sums, sampling
 
 
@@ -75,6 +75,33 @@ def test_the_centring_is_charged_with_dp_sgd_within_epsilon(tmp_path) -> None:
     assert 0.99 < spent <= 1.0 + 1e-6
     # the noise covers the bound plus each coordinate's encoding, never less than the bound alone
     assert 16.0 * 3.0 < center_noise(job, 30) < 16.0 * 3.0 * 1.001
+
+
+def test_shuffled_batches_double_the_means_sensitivity(tmp_path) -> None:
+    """Under sampling: shuffle neighbours replace a row (n is fixed), which moves the sum by twice the bound."""
+    spec = dp_spec(tmp_path)
+    poisson = load_job(write_job(tmp_path, spec))
+    spec["dp"]["sampling"] = "shuffle"
+    shuffle = load_job(write_job(tmp_path, spec, "shuffle.yaml"))
+    assert center_noise(shuffle, 30) == pytest.approx(2 * center_noise(poisson, 30), rel=1e-4)  # the encoding term is not doubled
+
+
+def test_a_value_scaled_past_the_floats_moves_the_sum_by_the_bound_only(tmp_path) -> None:
+    job = load_job(write_job(tmp_path, dp_spec(tmp_path)))
+    rows = np.random.default_rng(1).uniform(-1, 1, (20, 10))
+    extreme = np.vstack([rows, [[np.inf] + [-np.inf] * 8 + [np.nan]]])  # what scaling 1e308 by 0.5 gives
+    moved = center_sums(job, part_of(extreme), [20, 10], 1) - center_sums(job, part_of(rows), [20, 10], 1)
+    assert np.isfinite(moved).all() and np.linalg.norm(moved) <= 3.0 / math.sqrt(2) + 1e-9
+
+
+def test_every_party_receives_the_mean_so_one_is_a_colluder(tmp_path) -> None:
+    spec = dp_spec(tmp_path)
+    spec["outputs"].update(model_to="none", metrics_to="none")
+    spec["dp"]["collusion_threshold"] = 0
+    done = mpcfl("validate", str(write_job(tmp_path, spec)), timeout=60)
+    assert done.returncode != 0 and "dp.center opens the mean to every party" in done.stderr, done.stderr
+    del spec["dp"]["center"]
+    assert mpcfl("validate", str(write_job(tmp_path, spec)), timeout=60).returncode == 0
 
 
 def test_mlp_refuses_dp_center(tmp_path) -> None:
@@ -131,6 +158,11 @@ def test_a_centred_dp_run_opens_a_noisy_mean_once_across_a_crash(tmp_path, monke
     _, _, x_test, _ = prepared_data(job, center=np.asarray(first))
     with torch.no_grad():
         assert torch.allclose(model(model.encode(_raw_test_table(job))), trained(x_test), atol=1e-4)
+    # `mpcfl baseline --score` scores it on the mean it was trained on, not on a fresh simulated one
+    from mpcfl import score
+
+    scored = score(job_path)
+    assert scored == evaluate_state_dict(job, trained.state_dict(), center=np.asarray(first))
 
 
 def _scaled(job, party: str) -> PartyData:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from mpcfl.tasks.train.baseline import prepared_data, train_plaintext
+from mpcfl.tasks.train.baseline import prepared_data, run_center, train_plaintext
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.errors import MpcflError
 from mpcfl.models.build import build_torch_model
@@ -208,7 +208,7 @@ def run_attacks(job: TrainJob, model_path: Path, *, shadows: int = 16, seed: int
         raise MpcflError(f"{job.source}: the membership audit scores classifiers; a regression (training.loss: {job.training.loss}) is not audited yet")
     if not model_path.is_file():
         raise MpcflError(f"{model_path}: no model to audit (run the job with outputs.model_to naming a party)")
-    x, y, x_test, y_test = prepared_data(job)
+    x, y, x_test, y_test = prepared_data(job, center=run_center(job, model_path.parent.name))
     if x_test is None:
         raise MpcflError(f"{job.source}: the audit needs test files as non-members")
     model = build_torch_model(job.model, n_features=x.shape[1])

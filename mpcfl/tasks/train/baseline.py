@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ from mpcfl.data.psi import align_plainly
 from mpcfl.jobs.schema import TrainJob
 from mpcfl.models.build import build_torch_model
 from mpcfl.models.heads import Head, job_head
+from mpcfl.errors import MpcflError
 from mpcfl.tasks.train.dataset import prepare
+from mpcfl.tasks.train.export import PREPROCESSING
 from mpcfl.tasks.train.dp_sgd import apply_center, calibration, center_noise, center_sums, clips_features, own_columns, sampling
 from mpcfl.tasks.train.loop import batches
 
@@ -101,6 +104,26 @@ def prepared_data(
     if test is None:
         return x, y, None, None
     return x, y, torch.tensor(test[0], dtype=torch.float32), head.plain_targets(test[1])
+
+
+def run_center(job: TrainJob, run: str) -> np.ndarray | None:
+    """The ``dp.center`` mean a run of ``job`` trained on, every input's: each party's columns' from its
+    ``preprocessing.json`` in its folder of ``run`` (a run id, or ``latest``), in rank order (a horizontal
+    party's is whole). None for a job that does not centre.
+
+    Raises:
+        MpcflError: a party's folder of the run has no readable mean.
+    """
+    if job.dp is None or job.dp.center is None:
+        return None
+    slices = []
+    for name in job.party_names if job.partition == "vertical" else job.party_names[:1]:
+        path = job.party_root(name) / run / PREPROCESSING
+        try:
+            slices.append(json.loads(path.read_text())["center"] or [])
+        except (OSError, ValueError, KeyError) as err:
+            raise MpcflError(f"{path}: no dp.center mean to score run {run} with ({err})") from None
+    return np.concatenate(slices)
 
 
 class _Summed(Exception):
