@@ -198,7 +198,7 @@ def calibrate_noise_multiplier(
         for charge in extra:
             alone.compose(charge)
         if alone.epsilon(delta) >= epsilon:
-            raise ValueError(f"the other charges alone spend epsilon {alone.epsilon(delta):.4g} of {epsilon:g}")
+            raise ValueError(f"the releases besides DP-SGD's steps alone spend epsilon {alone.epsilon(delta):.4g} of {epsilon:g}")
 
     def make(noise_multiplier: float) -> dp_accounting.DpEvent:
         charge = Charge("gaussian", noise_multiplier, count, sampling_probability)

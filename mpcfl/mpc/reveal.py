@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import asdict, dataclass
@@ -63,6 +64,8 @@ class Privacy:
     source: str = "parties"
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale >= 0):  # NaN > 0 is false: it would open with no noise
+            raise ValueError(f"noise scale must be finite and non-negative, got {self.scale}")
         if self.charge is None and self.scale > 0:
             raise ValueError("noise added at a reveal is a mechanism: it needs a charge")
 

@@ -104,6 +104,20 @@ def test_every_party_receives_the_mean_so_one_is_a_colluder(tmp_path) -> None:
     assert mpcfl("validate", str(write_job(tmp_path, spec)), timeout=60).returncode == 0
 
 
+@pytest.mark.parametrize("key", ["bound", "noise_multiplier"])
+def test_an_infinite_setting_is_refused_not_opened_without_noise(tmp_path, key: str) -> None:
+    """bound: .inf made the noise NaN, and a NaN scale skipped the noise: the exact mean was opened."""
+    spec = dp_spec(tmp_path)
+    spec["dp"]["center"][key] = float("inf")
+    done = mpcfl("validate", str(write_job(tmp_path, spec)), timeout=60)
+    assert done.returncode != 0 and f"dp.center.{key}" in done.stderr, done.stderr
+    from mpcfl.mpc.reveal import Privacy
+
+    for scale in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            Privacy(charge=Charge("gaussian", 16.0), scale=scale)
+
+
 def test_mlp_refuses_dp_center(tmp_path) -> None:
     spec = dp_spec(tmp_path)
     spec["model"] = {"type": "mlp", "hidden": [4]}

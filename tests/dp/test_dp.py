@@ -356,7 +356,7 @@ def test_metrics_that_alone_exceed_the_budget_are_refused(tmp_path: Path) -> Non
     spec["outputs"]["metrics_to"] = "all"
     spec["dp"]["metrics"] = {"mechanism": "gaussian", "noise_multiplier": 0.2}
     job = load_job(write_job(tmp_path, spec))
-    with pytest.raises(MpcflError, match=r"dp.metrics: the other charges alone spend epsilon .* of 3; raise dp.metrics.noise_multiplier"):
+    with pytest.raises(MpcflError, match=r"dp.metrics: the releases besides DP-SGD's steps alone spend epsilon .* of 3; raise dp.metrics.noise_multiplier"):
         calibration(job, 30)
 
 

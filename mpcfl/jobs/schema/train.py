@@ -48,9 +48,9 @@ class DPMetricsSpec(_Strict):
     """Metrics released with output perturbation, charged to the budget."""
 
     mechanism: Literal["gaussian", "laplace"] = "gaussian"
-    noise_multiplier: float = Field(gt=0, description="noise scale over the metrics' sensitivity")
+    noise_multiplier: float = Field(gt=0, allow_inf_nan=False, description="noise scale over the metrics' sensitivity")
     loss_bound: float = Field(
-        default=2.0, gt=0, description="each example's loss is clipped to [0, loss_bound] inside MPC"
+        default=2.0, gt=0, allow_inf_nan=False, description="each example's loss is clipped to [0, loss_bound] inside MPC"
     )
     when: Literal["final", "every_epoch"] = Field(
         default="final",
@@ -66,13 +66,13 @@ class DPCenterSpec(_Strict):
     """Features centred on their mean over the training rows, released with Gaussian noise and charged."""
 
     bound: float = Field(
-        gt=0,
+        gt=0, allow_inf_nan=False,
         description="each training row's features, after data.scaling (each value within data.max_abs), are clipped to "
         "L2 norm bound for the mean (each party clips its own slice to bound/sqrt(parties holding features)): "
         "the sum's sensitivity. About the rows' typical norm: a smaller bound biases the mean towards 0",
     )
     noise_multiplier: float = Field(
-        default=16.0, gt=0,
+        default=16.0, gt=0, allow_inf_nan=False,
         description="the Gaussian noise on the summed rows over bound; the release is one Gaussian charge "
         "composed with DP-SGD's, which is calibrated to what is left of dp.epsilon",
     )
@@ -83,19 +83,19 @@ class DPCenterSpec(_Strict):
 class DPSpec(_Strict):
     """Differential privacy for the trained model (DP-SGD under MPC) and, optionally, the metrics."""
 
-    epsilon: float = Field(gt=0, description="the privacy budget for the whole job")
-    delta: float = Field(gt=0, lt=1)
+    epsilon: float = Field(gt=0, allow_inf_nan=False, description="the privacy budget for the whole job")
+    delta: float = Field(gt=0, allow_inf_nan=False, lt=1)
     accountant: Literal["rdp", "pld"] = "rdp"
     clip: float = Field(
         default=1.0,
-        gt=0,
+        gt=0, allow_inf_nan=False,
         description="logistic_regression: bound on each example's feature-vector L2 norm (each party "
         "clips its own slice of a row to clip/sqrt(parties holding features)); mlp: bound on each "
         "example's gradient L2 norm, clipped inside MPC",
     )
     error_clip: float | None = Field(
         default=None,
-        ge=0.01,  # fixed point encodes it within 2^-17, inside the 1% margin the bound carries
+        ge=0.01, allow_inf_nan=False,  # fixed point encodes it within 2^-17, inside the 1% margin the bound carries
         description="logistic_regression: each example's prediction error p - y (each class's, with several) is "
         "clamped to [-error_clip, error_clip] inside MPC before it enters the gradient, so an example's error "
         "is bounded by error_clip (binary) or error_clip x sqrt(classes) (several; refused unless below the "
@@ -104,7 +104,7 @@ class DPSpec(_Strict):
     )
     weight_bound: float = Field(
         default=WEIGHT_BOUND,
-        gt=0,
+        gt=0, allow_inf_nan=False,
         description="mlp: every parameter is kept within [-weight_bound, weight_bound] (projected under MPC "
         "after each step), so the per-example clip holds for any weights the run reaches",
     )

@@ -164,7 +164,9 @@ def run_party(
                 if budget is not None:
                     budget.notes.update(engine.notes())
                     if job.dp.center is not None:
-                        budget.notes["dp_center"] = {**job.dp.center.model_dump(), "noise_std": center_noise(job, shared.n_features)}
+                        honest = center_noise(job, shared.n_features)  # what the accountant counts; the parties' shares add up to more
+                        budget.notes["dp_center"] = {**job.dp.center.model_dump(), "noise_std": honest,
+                                                     "noise_std_total": honest * job.noise_inflation}
                 result = train(job, shared, engine=engine, rank=rank, party=party, device=device, resume=start)
             shares = {name: to_host(param.share) for name, param in result.model.named_parameters()}
             totals = communication_stats()
