@@ -138,7 +138,11 @@ def test_a_centred_dp_run_opens_a_noisy_mean_once_across_a_crash(tmp_path, monke
     """p1 holds hospital_a's column means only with the noise the charge pays for; a crash in epoch 2 (after
     its steps are charged, before its checkpoint) and a resume reuse the opened mean (charged once); the
     exported model applies it."""
-    job_path = write_job(tmp_path, dp_spec(tmp_path))
+    spec = dp_spec(tmp_path)
+    # a third epoch: after epoch 2 hospital_a could otherwise record the model's release (never opened,
+    # p1 being dead) before it notices, and the resume then keeps epoch 2's charge, conservatively
+    spec["training"]["epochs"] = 3
+    job_path = write_job(tmp_path, spec)
     job = load_job(job_path)
     with monkeypatch.context() as faulty:  # p1 dies at an exact point (tests/faults/sitecustomize.py)
         faulty.setenv("MPCFL_DIE_AT_CHARGE", "p1:after:epoch 2 DP-SGD steps")
