@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, DEMO, base_job, crash_after_epoch, mpcfl, run_dir, vertical_parties, write_job
+
+from mpcfl.errors import MpcflError
 
 
 def job_spec(tmp_path: Path, **training: Any) -> dict[str, Any]:
@@ -127,3 +128,28 @@ def test_the_privacy_ledger_survives_a_crash_without_double_counting(
         shown = mpcfl("ledger", "show", str(job), "--party", party, timeout=60)
         assert shown.stdout.count(f"epsilon {privacy['spent']:.4g} spent of 3") == 2, shown.stdout + shown.stderr
 
+
+
+def test_checkpoints_pair_only_within_one_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attempt 7 wrote epochs 1-3 at p0 and 1-2 at p1; attempt 11 resumed from epoch 2 and died after p1
+    saved its epoch 3, before p0 did. Epoch 3's two files come from different sharings: epoch 2 is the
+    newest both hold from one attempt."""
+    from types import SimpleNamespace
+
+    from mpcfl.mpc import session
+    from mpcfl.tasks.train import checkpoint
+
+    job = SimpleNamespace(party_names=["p0", "p1"], run_id="r", name="j")
+    held = {"p0": [(3, 7), (2, 7)], "p1": [(3, 11), (2, 7)]}
+
+    def exchange(mine: list[tuple[int, int]]) -> int:
+        flat = lambda pairs: [v for pair in pairs for v in pair]  # noqa: E731
+        monkeypatch.setattr(session, "all_gather_public", lambda values: [flat(held["p0"]), flat(held["p1"])])
+        return checkpoint.common_epoch(job, mine)
+
+    assert exchange(held["p0"]) == 2
+    held["p1"] = [(3, 7), (2, 7)]  # one attempt wrote both parties' epoch 3
+    assert exchange(held["p0"]) == 3
+    held["p1"] = [(3, 11), (1, 11)]
+    with pytest.raises(MpcflError, match="no checkpoint common to all parties"):
+        exchange(held["p0"])

@@ -6,7 +6,9 @@ model and of the optimizer's momentum, the history so far, and the epoch, into t
 are plain int64 tensors with metadata, so ``torch.load(weights_only=True)`` reads
 them without unpickling code. The last two checkpoints are kept: a crash can hit
 after one party saved epoch k and before another did, and resuming then uses the
-newest epoch every party holds.
+newest epoch every party holds from one attempt at the run (:func:`new_attempt`: its start
+or a resume): a crash in a resumed attempt can leave one party's epoch k from it and
+another's from the attempt before, shares of different sharings.
 
 Randomness is not restored on purpose: share masks, Beaver triples and DP noise
 are drawn fresh after a resume (restoring a noise generator's state from disk
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,7 @@ class Checkpoint:
     history: list[dict[str, float]]
     privacy: dict[str, Any] | None = None  # the budget and ledger as of this epoch (a DP job's)
     center: list[float] | None = None  # dp.center's opened mean, which a resume reuses rather than opens again
+    attempt: int = 0  # the attempt at the run that wrote it (:func:`new_attempt`)
 
 
 def folder(job: TrainJob, party: str) -> Path:
@@ -83,6 +87,7 @@ def save(job: TrainJob, party: str, rank: int, checkpoint: Checkpoint) -> None:
         "history": checkpoint.history,
         "privacy": checkpoint.privacy,
         "center": checkpoint.center,
+        "attempt": checkpoint.attempt,
     }
     write_torch(folder(job, party) / f"epoch-{checkpoint.epoch:04d}.pt", payload)
     for old in available_epochs(job, party)[_KEEP:]:
@@ -124,25 +129,43 @@ def load(job: TrainJob, party: str, rank: int, epoch: int) -> Checkpoint:
     data = read_own(job, party, rank, folder(job, party) / f"epoch-{epoch:04d}.pt")
     return Checkpoint(
         epoch=data["epoch"], params=data["params"], momentum=data["momentum"], history=data["history"],
-        privacy=data.get("privacy"), center=data.get("center"),
+        privacy=data.get("privacy"), center=data.get("center"), attempt=int(data.get("attempt", 0)),
     )
 
 
-def common_epoch(job: JobBase, mine: list[int]) -> int:
-    """The newest epoch (or federated round) every party holds a checkpoint for (exchanged as public integers).
+def new_attempt() -> int:
+    """A public id for this attempt at the run (its start, or a resume), the same at every party:
+    rank 0's random draw, exchanged. Every party calls it at the same point."""
+    from mpcfl.mpc.session import all_gather_public
+
+    return all_gather_public([secrets.randbits(62)])[0][0]
+
+
+def held(job: TrainJob, party: str, rank: int) -> list[tuple[int, int]]:
+    """This party's checkpoints as (epoch, attempt) pairs, newest first (attempt 0: written before attempts)."""
+    return [(epoch, int(read_own(job, party, rank, folder(job, party) / f"epoch-{epoch:04d}.pt").get("attempt", 0)))
+            for epoch in available_epochs(job, party)]
+
+
+def common_epoch(job: JobBase, mine: list[int] | list[tuple[int, int]]) -> int:
+    """The newest epoch (or federated round) every party holds a checkpoint for (exchanged as public
+    integers); with (epoch, attempt) pairs, only checkpoints one attempt wrote at every party: a crash
+    in a resumed attempt can leave one party's epoch k from it and another's from the attempt before,
+    whose shares come from different sharings and would add up to garbage.
 
     Raises:
         MpcflError: some party has no checkpoint in common with the others.
     """
     from mpcfl.mpc.session import all_gather_public
 
-    padded = (mine + [-1] * _KEEP)[:_KEEP]
-    everyone = all_gather_public(padded)
-    common = set(everyone[0]) - {-1}
-    for held in everyone[1:]:
-        common &= set(held)
+    pairs = [item if isinstance(item, tuple) else (item, 0) for item in mine]
+    padded = [value for pair in (pairs + [(-1, 0)] * _KEEP)[:_KEEP] for value in pair]
+    everyone = [list(zip(flat[::2], flat[1::2])) for flat in all_gather_public(padded)]
+    common = {pair for pair in everyone[0] if pair[0] >= 0}
+    for other in everyone[1:]:
+        common &= set(other)
     if not common:
-        empty = [job.party_names[r] for r, held in enumerate(everyone) if max(held) < 0]
+        empty = [job.party_names[r] for r, other in enumerate(everyone) if max(e for e, _ in other) < 0]
         if empty:
             detail = f"{'parties' if len(empty) > 1 else 'party'} {', '.join(empty)} {'have' if len(empty) > 1 else 'has'} none"
         else:
@@ -151,7 +174,7 @@ def common_epoch(job: JobBase, mine: list[int]) -> int:
             f"cannot resume run {job.run_id} of job {job.name}: no checkpoint common to all parties ({detail}); "
             "start a new run"
         )
-    return max(common)
+    return max(epoch for epoch, _ in common)
 
 
 def state_of(model: Any, optimizer: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -147,6 +147,7 @@ def train(
     party: str,
     device: torch.device,
     resume: checkpoint.Checkpoint | None = None,
+    attempt: int = 0,
 ) -> TrainResult:
     """Trains the job's model on secret-shared data; every party calls it together.
 
@@ -154,7 +155,8 @@ def train(
     gradients and prices the metrics and model reveals.
 
     After each epoch the party checkpoints its shares (see :mod:`mpcfl.tasks.train.checkpoint`);
-    with ``resume`` it continues after the checkpoint's epoch. The model lives on ``device``,
+    with ``resume`` it continues after the checkpoint's epoch. ``attempt``: this attempt's id, written
+    into each checkpoint (:func:`~mpcfl.tasks.train.checkpoint.new_attempt`). The model lives on ``device``,
     where ``shared`` was shared (:func:`mpcfl.mpc.session.session_device`).
 
     Returns:
@@ -252,7 +254,8 @@ def train(
         )
         result.history.append(record)
         params, momentum = checkpoint.state_of(model, optimizer)
-        state = checkpoint.Checkpoint(epoch + 1, params, momentum, result.history, privacy=budget_state(), center=shared.center)
+        state = checkpoint.Checkpoint(epoch + 1, params, momentum, result.history, privacy=budget_state(), center=shared.center,
+                                      attempt=attempt)
         checkpoint.save(job, party, rank, state)
         log.info("epoch %s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 

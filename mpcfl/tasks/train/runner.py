@@ -78,7 +78,7 @@ def _resume_point(job: TrainJob, party: str, rank: int, budget: Budget | None) -
     Raises:
         MpcflError: no common checkpoint, or a ledger that does not match it.
     """
-    epoch = checkpoint.common_epoch(job, checkpoint.available_epochs(job, party))
+    epoch = checkpoint.common_epoch(job, checkpoint.held(job, party, rank))
     log.info("resuming after epoch %d", epoch)
     start = checkpoint.load(job, party, rank, epoch)
     if job.dp is not None and job.dp.center is not None and (
@@ -154,6 +154,7 @@ def run_party(
                     start = agreed("checkpoint loading", job.party_names, lambda: _resume_point(job, party, rank, budget))
                     if budget is not None:
                         drop_unreleased(job, budget, start)
+                attempt = checkpoint.new_attempt()  # this attempt's checkpoints pair only with each other
                 alignment = align(job, data, rank=rank) if job.keyed else None
                 device = session_device()
                 log.info("computing on %s", device)
@@ -167,7 +168,7 @@ def run_party(
                         honest = center_noise(job, shared.n_features)  # what the accountant counts; the parties' shares add up to more
                         budget.notes["dp_center"] = {**job.dp.center.model_dump(), "noise_std": honest,
                                                      "noise_std_total": honest * job.noise_inflation}
-                result = train(job, shared, engine=engine, rank=rank, party=party, device=device, resume=start)
+                result = train(job, shared, engine=engine, rank=rank, party=party, device=device, resume=start, attempt=attempt)
             shares = {name: to_host(param.share) for name, param in result.model.named_parameters()}
             totals = communication_stats()
         _write_outputs(job, party, rank, data, result, shares, totals, disclosure, alignment)
