@@ -33,6 +33,7 @@ class RoundCheckpoint:
     strategy: dict[str, torch.Tensor]
     history: list[dict[str, Any]]
     privacy: dict[str, Any] | None = None  # the budget and ledger as of this round
+    attempt: int = 0  # the attempt at the run that wrote it (mpcfl.tasks.train.checkpoint.new_attempt)
 
 
 def _folder(job: FederatedJob, party: str) -> Path:
@@ -56,7 +57,7 @@ def save(job: FederatedJob, party: str, rank: int, checkpoint: RoundCheckpoint) 
     write_torch(_path(job, party, checkpoint.round), {
         "fingerprint": job.fingerprint(), "run": job.run_id, "job": job.name, "party": party, "rank": rank,
         "round": checkpoint.round, "weights": checkpoint.weights, "strategy": checkpoint.strategy,
-        "history": checkpoint.history, "privacy": checkpoint.privacy,
+        "history": checkpoint.history, "privacy": checkpoint.privacy, "attempt": checkpoint.attempt,
     })
     for old in available_rounds(job, party)[_KEEP:]:
         _path(job, party, old).unlink(missing_ok=True)
@@ -71,5 +72,10 @@ def load(job: FederatedJob, party: str, rank: int, round_index: int) -> RoundChe
     data = read_own(job, party, rank, _path(job, party, round_index))
     return RoundCheckpoint(
         round=data["round"], weights=data["weights"], strategy=data["strategy"], history=data["history"],
-        privacy=data.get("privacy"),
+        privacy=data.get("privacy"), attempt=int(data.get("attempt", 0)),
     )
+
+
+def held_rounds(job: FederatedJob, party: str, rank: int) -> list[tuple[int, int]]:
+    """This party's checkpoints as (round, attempt) pairs, newest first."""
+    return [(r, int(read_own(job, party, rank, _path(job, party, r)).get("attempt", 0))) for r in available_rounds(job, party)]

@@ -45,7 +45,7 @@ from mpcfl.tasks.federated import aggregate, checkpoint
 from mpcfl.tasks.federated.local import Rows, evaluate, flat, initial_model, load_flat, local_update
 from mpcfl.tasks.federated.strategies import strategy_of
 from mpcfl.tasks.run import begin_run
-from mpcfl.tasks.train.checkpoint import common_epoch
+from mpcfl.tasks.train.checkpoint import common_epoch, new_attempt
 from mpcfl.tasks.train.dp_sgd import check_plausible
 from mpcfl.tasks.train.runner import privacy_budget
 
@@ -195,7 +195,7 @@ class _Privacy:
 
 def _resume_point(job: FederatedJob, party: str, rank: int, budget: Any) -> checkpoint.RoundCheckpoint:
     """The newest round every party holds; under DP, only if the ledger on disk extends its ledger."""
-    done = common_epoch(job, checkpoint.available_rounds(job, party))
+    done = common_epoch(job, checkpoint.held_rounds(job, party, rank))  # rounds one attempt wrote at every party
     start = checkpoint.load(job, party, rank, done)
     if budget is not None and (start.privacy is None or not budget.extends(start.privacy)):
         raise MpcflError(
@@ -246,11 +246,13 @@ class _Training:
         self.in_rounds = False
         self.update: tuple[torch.Tensor, float, MpcflError | None] | None = None  # the current round's, kept for a redo
         self.reveals_before = 0  # this party's reveals before the current round's average: one more means it began opening it
+        self.attempt = 0  # this attempt's id (new_attempt, in prepare): its checkpoints pair only with each other
 
     def prepare(self, rank: int, resume: bool, data: PartyData) -> None:
         """Scales this party's rows (``data``, as loaded) and builds the model, in the first session."""
         job, party = self.job, self.party
         start = None
+        self.attempt = new_attempt()
         if resume:
             start = agreed("checkpoint loading", job.party_names, lambda: _resume_point(job, party, rank, self.budget))
         self.data = data
@@ -339,7 +341,7 @@ class _Training:
         self.history.append(record)
         checkpoint.save(self.job, self.party, self.job.rank_of(self.party), checkpoint.RoundCheckpoint(
             round=round_index, weights=self.weights, strategy=self.strategy.state_dict(), history=self.history,
-            privacy=budget_state(),
+            privacy=budget_state(), attempt=self.attempt,
         ))
         # Logged once saved: a round in the log is a round a resume can start after.
         log.info("round %s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
