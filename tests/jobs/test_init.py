@@ -227,6 +227,18 @@ def test_a_misspelt_required_key_is_one_error_naming_the_key_meant(tmp_path: Pat
     assert str(caught.value) == f"{path}: partiton: unknown key (did you mean partition?)"
 
 
+def test_a_value_where_a_section_goes_names_the_sections_keys_not_a_class(tmp_path: Path) -> None:
+    """A new user's `center: 3.0` got "Input should be a valid dictionary or instance of DPCenterSpec"."""
+    spec = yaml.safe_load(DEMO.read_text())
+    spec["training"] = 3
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError) as caught:
+        load_job(path)
+    assert str(caught.value).startswith(f"{path}: training: expected a section of keys (batch_size, ")
+    assert str(caught.value).endswith("), got 3") and "Spec" not in str(caught.value)
+
+
 def test_a_misspelt_optional_key_names_the_key_meant_in_its_own_section(tmp_path: Path) -> None:
     """Found by a new user: only a missing required key was suggested; `training.epoch` and
     `outputs.models_to` (both keys with defaults) got a bare "unknown key", and a whole-job check's

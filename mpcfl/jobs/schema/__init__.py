@@ -58,6 +58,8 @@ def _error_line(error: Any) -> str:
     if error["type"].startswith("union_tag") and not loc:
         loc = ["task"]
     message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+    if error["type"] == "model_type":  # pydantic names its class ("instance of DPCenterSpec"), not the file's keys
+        message = f"expected a section of keys ({', '.join(_keys_at(tuple(error['loc'])))}), got {error['input']!r}"
     if not loc and re.match(r"[\w.]+: ", message):  # a whole-job check that names its key itself
         return message
     key = ".".join(str(part) for part in loc) or "(top level)"
