@@ -152,6 +152,7 @@ def _preprocess(train: TrainJob, party: str, split: Split, trained: TrainedRun, 
             apply_scaler(part, np.asarray(trained.scaler["mean"]), np.asarray(trained.scaler["std"]))
 
     check = None if train.dp is not None else (lambda part: check_range(part, train.data.max_abs))
+
     def centre(part: PartyData) -> None:
         if trained.center is None:
             raise MpcflError(f"party {party}: {trained.folder / PREPROCESSING}: no dp.center mean (the run predates it); train again")

@@ -78,8 +78,6 @@ class DPCenterSpec(_Strict):
     )
 
 
-
-
 class DPSpec(_Strict):
     """Differential privacy for the trained model (DP-SGD under MPC) and, optionally, the metrics."""
 

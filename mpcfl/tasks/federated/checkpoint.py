@@ -18,7 +18,7 @@ import torch
 
 from mpcfl.jobs.schema import FederatedJob
 from mpcfl.outputs import write_torch
-from mpcfl.tasks.train.checkpoint import read_own
+from mpcfl.tasks.train.checkpoint import read_own, with_attempts
 
 _KEEP = 2
 _NAME = re.compile(r"^round-(\d{4,})\.pt$")
@@ -78,4 +78,4 @@ def load(job: FederatedJob, party: str, rank: int, round_index: int) -> RoundChe
 
 def held_rounds(job: FederatedJob, party: str, rank: int) -> list[tuple[int, int]]:
     """This party's checkpoints as (round, attempt) pairs, newest first."""
-    return [(r, int(read_own(job, party, rank, _path(job, party, r)).get("attempt", 0))) for r in available_rounds(job, party)]
+    return with_attempts(job, party, rank, [(r, _path(job, party, r)) for r in available_rounds(job, party)])

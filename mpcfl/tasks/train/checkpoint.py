@@ -141,15 +141,20 @@ def new_attempt() -> int:
     return all_gather_public([secrets.randbits(62)])[0][0]
 
 
+def with_attempts(job: JobBase, party: str, rank: int, files: list[tuple[int, Path]]) -> list[tuple[int, int]]:
+    """(epoch or round, attempt) for each of this party's numbered checkpoint ``files`` (attempt 0: written
+    before attempts), as :func:`common_epoch` takes them."""
+    return [(number, int(read_own(job, party, rank, path).get("attempt", 0))) for number, path in files]
+
+
 def held(job: TrainJob, party: str, rank: int) -> list[tuple[int, int]]:
-    """This party's checkpoints as (epoch, attempt) pairs, newest first (attempt 0: written before attempts)."""
-    return [(epoch, int(read_own(job, party, rank, folder(job, party) / f"epoch-{epoch:04d}.pt").get("attempt", 0)))
-            for epoch in available_epochs(job, party)]
+    """This party's checkpoints as (epoch, attempt) pairs, newest first."""
+    return with_attempts(job, party, rank, [(e, folder(job, party) / f"epoch-{e:04d}.pt") for e in available_epochs(job, party)])
 
 
-def common_epoch(job: JobBase, mine: list[int] | list[tuple[int, int]]) -> int:
-    """The newest epoch (or federated round) every party holds a checkpoint for (exchanged as public
-    integers); with (epoch, attempt) pairs, only checkpoints one attempt wrote at every party: a crash
+def common_epoch(job: JobBase, mine: list[tuple[int, int]]) -> int:
+    """The newest epoch (or federated round) every party holds a checkpoint for, from ``mine``'s (epoch,
+    attempt) pairs (exchanged as public integers): only checkpoints one attempt wrote at every party: a crash
     in a resumed attempt can leave one party's epoch k from it and another's from the attempt before,
     whose shares come from different sharings and would add up to garbage.
 
@@ -158,8 +163,7 @@ def common_epoch(job: JobBase, mine: list[int] | list[tuple[int, int]]) -> int:
     """
     from mpcfl.mpc.session import all_gather_public
 
-    pairs = [item if isinstance(item, tuple) else (item, 0) for item in mine]
-    padded = [value for pair in (pairs + [(-1, 0)] * _KEEP)[:_KEEP] for value in pair]
+    padded = [value for pair in (mine + [(-1, 0)] * _KEEP)[:_KEEP] for value in pair]
     everyone = [list(zip(flat[::2], flat[1::2])) for flat in all_gather_public(padded)]
     common = {pair for pair in everyone[0] if pair[0] >= 0}
     for other in everyone[1:]:
