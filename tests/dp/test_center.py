@@ -225,3 +225,21 @@ def test_a_horizontal_job_centres_every_party_on_the_noisy_mean_of_all_rows(tmp_
     error = np.asarray(centers[0]) - true
     sigma = center_noise(job, 30) / rows  # the dealer's noise: no inflation
     assert 0.5 * sigma < error.std() < 2 * sigma, (error.std(), sigma)
+
+
+def test_a_second_run_on_the_same_data_pays_for_its_own_mean(tmp_path) -> None:
+    """Across runs: the mean's release enters each hospital's ledger of its data, so a second run on the
+    same rows, whose budget the first spent, is refused before it opens a second noisy mean (two
+    independent draws would average the noise away, outside any ledger)."""
+    job_path = write_job(tmp_path, dp_spec(tmp_path))
+    assert mpcfl("run", str(job_path), timeout=180).returncode == 0
+    ledgers = sorted((tmp_path / "ledgers").glob("*.json"))  # each hospital's, of its train and test files
+    assert len(ledgers) == 4
+    for path in ledgers:
+        (run,) = json.loads(path.read_text())["runs"].values()
+        assert run["charges"][0] == {"count": 1, "mechanism": "gaussian", "noise_multiplier": 16.0}, path
+    again = mpcfl("run", str(job_path), timeout=180)
+    assert again.returncode != 0 and "refused before anything is revealed" in again.stderr, again.stderr[-2000:]
+    assert "feature sums for centring" not in again.stdout  # no second opening, not even logged
+    written = {path.resolve() for path in (tmp_path / "out" / "p1").glob("*/preprocessing.json")}
+    assert len(written) == 1  # the refused run wrote no mean
